@@ -1,0 +1,801 @@
+//! SQLite storage for one caremesh node.
+//!
+//! Invariants:
+//! * Only documents whose signed heads verified are written here (the caller verifies; this
+//!   crate stores the signed statement beside the snapshot so every load can verify again).
+//! * A document and its read-model rows change in the same transaction, so the view never
+//!   shows items that are not backed by a stored, signed document.
+//! * Every document write takes a fresh `seq`, a node-local, strictly increasing position:
+//!   the changes feed that sync reads from.
+//! * The database runs in WAL mode with `synchronous=FULL`: a committed write survives a
+//!   kill -9 or a power cut.
+
+mod migrations;
+
+use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, Section, SignedHeads};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database {path}: {action} failed: {source}")]
+    Sqlite {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "database {path} has schema version {found}, newer than this caremesh understands ({known}); upgrade caremesh"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error(
+        "database {path}: row for document {doc} is damaged ({what}); run `caremesh verify` for a full report"
+    )]
+    DamagedRow {
+        path: PathBuf,
+        doc: String,
+        what: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, StorageError>;
+
+/// A document as stored: partition, Automerge snapshot, the publisher's signed heads.
+#[derive(Debug, Clone)]
+pub struct StoredDocument {
+    pub id: DocId,
+    pub meta: DocMeta,
+    pub snapshot: Vec<u8>,
+    pub signed: Vec<u8>,
+    pub seq: i64,
+    pub updated_at: i64,
+}
+
+impl StoredDocument {
+    pub fn signed_heads(&self) -> Option<SignedHeads> {
+        SignedHeads::decode(&self.signed)
+    }
+}
+
+/// One item of the read model with the document it came from.
+#[derive(Debug, Clone)]
+pub struct StoredItem {
+    pub doc_id: DocId,
+    pub publisher: OdsCode,
+    pub item: Item,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SourceRow {
+    pub publisher: String,
+    pub name: String,
+    pub kind: String,
+    pub source_system: String,
+    pub feed: String,
+    pub data_as_of: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IngestRow {
+    pub at: i64,
+    pub file: String,
+    pub outcome: String,
+    pub summary: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StoreStats {
+    pub patients: i64,
+    pub documents: i64,
+    pub items: i64,
+    /// (publisher, section, count)
+    pub items_by_source_and_section: Vec<(String, String, i64)>,
+    pub database_bytes: u64,
+    pub last_ingest: Option<IngestRow>,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the node database and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(|source| StorageError::Sqlite {
+            path: path.to_path_buf(),
+            action: "open",
+            source,
+        })?;
+        let mut store = Store {
+            conn,
+            path: path.to_path_buf(),
+        };
+        store.configure(false)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database for reading only (the view's connections).
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StorageError::Sqlite {
+            path: path.to_path_buf(),
+            action: "open read-only",
+            source,
+        })?;
+        let store = Store {
+            conn,
+            path: path.to_path_buf(),
+        };
+        store.configure(true)?;
+        let version = store.schema_version()?;
+        let known = migrations::MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StorageError::NewerSchema {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StorageError + '_ {
+        move |source| StorageError::Sqlite {
+            path: self.path.clone(),
+            action,
+            source,
+        }
+    }
+
+    fn configure(&self, read_only: bool) -> Result<()> {
+        let pragmas = if read_only {
+            "PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;"
+        } else {
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;"
+        };
+        self.conn
+            .execute_batch(pragmas)
+            .map_err(self.err("configure"))
+    }
+
+    fn schema_version(&self) -> Result<i64> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(self.err("read schema version"))
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let known = migrations::MIGRATIONS.len() as i64;
+        let current = self.schema_version()?;
+        if current > known {
+            return Err(StorageError::NewerSchema {
+                path: self.path.clone(),
+                found: current,
+                known,
+            });
+        }
+        for (index, sql) in migrations::MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(current as usize)
+        {
+            let version = index as i64 + 1;
+            let path = self.path.clone();
+            let fail = |source| StorageError::Sqlite {
+                path: path.clone(),
+                action: "migrate schema",
+                source,
+            };
+            let tx = self.conn.transaction().map_err(fail)?;
+            tx.execute_batch(sql).map_err(fail)?;
+            tx.pragma_update(None, "user_version", version)
+                .map_err(fail)?;
+            tx.commit().map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a write transaction. Everything written through it lands together or not at all.
+    pub fn write(&mut self) -> Result<WriteBatch<'_>> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|source| StorageError::Sqlite {
+                path: path.clone(),
+                action: "begin write",
+                source,
+            })?;
+        Ok(WriteBatch { tx, path })
+    }
+
+    pub fn document(&self, id: DocId) -> Result<Option<StoredDocument>> {
+        document_by_id(&self.conn, &self.path, id)
+    }
+
+    /// Documents in `seq` order after `after_seq`, at most `limit`: a page of the changes feed.
+    pub fn documents_after(&self, after_seq: i64, limit: usize) -> Result<Vec<StoredDocument>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            ))
+            .map_err(self.err("read documents"))?;
+        let rows = statement
+            .query_map(params![after_seq, limit as i64], raw_document)
+            .map_err(self.err("read documents"))?;
+        let mut documents = Vec::new();
+        for row in rows {
+            let raw = row.map_err(self.err("read documents"))?;
+            documents.push(raw.into_document(&self.path)?);
+        }
+        Ok(documents)
+    }
+
+    /// Every read-model item about one patient, newest first within each section.
+    pub fn patient_items(&self, nhs: &NhsNumber) -> Result<Vec<StoredItem>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT doc_id, publisher, body FROM items WHERE nhs = ?1 \
+                 ORDER BY section, effective DESC, item_id",
+            )
+            .map_err(self.err("read items"))?;
+        let rows = statement
+            .query_map([nhs.as_str()], |row| {
+                Ok((
+                    row.get::<_, Vec<u8>>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(self.err("read items"))?;
+        let mut items = Vec::new();
+        for row in rows {
+            let (doc_id, publisher, body) = row.map_err(self.err("read items"))?;
+            let doc_id = doc_id_from(&doc_id, &self.path)?;
+            let damaged = |what: String| StorageError::DamagedRow {
+                path: self.path.clone(),
+                doc: doc_id.to_string(),
+                what,
+            };
+            let publisher = OdsCode::parse(&publisher).map_err(|e| damaged(e.to_string()))?;
+            let item: Item = serde_json::from_str(&body).map_err(|e| damaged(e.to_string()))?;
+            items.push(StoredItem {
+                doc_id,
+                publisher,
+                item,
+            });
+        }
+        Ok(items)
+    }
+
+    /// Read-model item ids of one document, for checking the read model against documents.
+    pub fn item_bodies(&self, id: DocId) -> Result<Vec<(String, String)>> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT item_id, body FROM items WHERE doc_id = ?1 ORDER BY item_id")
+            .map_err(self.err("read items"))?;
+        let rows = statement
+            .query_map([&id.0[..]], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(self.err("read items"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err("read items"))
+    }
+
+    pub fn patient_known(&self, nhs: &NhsNumber) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM documents WHERE nhs = ?1)",
+                [nhs.as_str()],
+                |row| row.get(0),
+            )
+            .map_err(self.err("look up patient"))
+    }
+
+    pub fn sources(&self) -> Result<Vec<SourceRow>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT publisher, name, kind, source_system, feed, data_as_of FROM sources \
+                 ORDER BY publisher",
+            )
+            .map_err(self.err("read sources"))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(SourceRow {
+                    publisher: row.get(0)?,
+                    name: row.get(1)?,
+                    kind: row.get(2)?,
+                    source_system: row.get(3)?,
+                    feed: row.get(4)?,
+                    data_as_of: row.get(5)?,
+                })
+            })
+            .map_err(self.err("read sources"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err("read sources"))
+    }
+
+    pub fn patient_link(&self, source_key: &str) -> Result<Option<NhsNumber>> {
+        patient_link(&self.conn, &self.path, source_key)
+    }
+
+    pub fn stats(&self) -> Result<StoreStats> {
+        let count = |sql: &str| -> Result<i64> {
+            self.conn
+                .query_row(sql, [], |row| row.get(0))
+                .map_err(self.err("count"))
+        };
+        let mut by_source = self
+            .conn
+            .prepare(
+                "SELECT publisher, section, COUNT(*) FROM items GROUP BY publisher, section \
+                 ORDER BY publisher, section",
+            )
+            .map_err(self.err("count items"))?;
+        let items_by_source_and_section = by_source
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .map_err(self.err("count items"))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err("count items"))?;
+        let page_bytes = count("PRAGMA page_count")? * count("PRAGMA page_size")?;
+        let wal_bytes = std::fs::metadata(wal_path(&self.path))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        Ok(StoreStats {
+            patients: count("SELECT COUNT(DISTINCT nhs) FROM documents")?,
+            documents: count("SELECT COUNT(*) FROM documents")?,
+            items: count("SELECT COUNT(*) FROM items")?,
+            items_by_source_and_section,
+            database_bytes: page_bytes as u64 + wal_bytes,
+            last_ingest: self.last_ingest()?,
+        })
+    }
+
+    pub fn last_ingest(&self) -> Result<Option<IngestRow>> {
+        self.conn
+            .query_row(
+                "SELECT at, file, outcome, summary FROM ingests ORDER BY id DESC LIMIT 1",
+                [],
+                |row| {
+                    let summary: String = row.get(3)?;
+                    Ok(IngestRow {
+                        at: row.get(0)?,
+                        file: row.get(1)?,
+                        outcome: row.get(2)?,
+                        summary: serde_json::from_str(&summary)
+                            .unwrap_or(serde_json::Value::String(summary)),
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.err("read last ingest"))
+    }
+
+    /// Writes the WAL back into the main file; used before measuring or copying the file.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(self.err("checkpoint"))
+    }
+}
+
+fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+const DOCUMENT_COLUMNS: &str =
+    "doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at";
+
+struct RawDocument {
+    doc_id: Vec<u8>,
+    publisher: String,
+    nhs: String,
+    section: String,
+    class: String,
+    snapshot: Vec<u8>,
+    signed: Vec<u8>,
+    seq: i64,
+    updated_at: i64,
+}
+
+fn raw_document(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawDocument> {
+    Ok(RawDocument {
+        doc_id: row.get(0)?,
+        publisher: row.get(1)?,
+        nhs: row.get(2)?,
+        section: row.get(3)?,
+        class: row.get(4)?,
+        snapshot: row.get(5)?,
+        signed: row.get(6)?,
+        seq: row.get(7)?,
+        updated_at: row.get(8)?,
+    })
+}
+
+impl RawDocument {
+    fn into_document(self, path: &Path) -> Result<StoredDocument> {
+        let id = doc_id_from(&self.doc_id, path)?;
+        let damaged = |what: String| StorageError::DamagedRow {
+            path: path.to_path_buf(),
+            doc: id.to_string(),
+            what,
+        };
+        let meta = DocMeta {
+            publisher: self
+                .publisher
+                .parse()
+                .map_err(|e| damaged(format!("{e}")))?,
+            patient: self.nhs.parse().map_err(|e| damaged(format!("{e}")))?,
+            section: self
+                .section
+                .parse::<Section>()
+                .map_err(|e| damaged(format!("{e}")))?,
+            class: self
+                .class
+                .parse::<DataClass>()
+                .map_err(|e| damaged(format!("{e}")))?,
+        };
+        Ok(StoredDocument {
+            id,
+            meta,
+            snapshot: self.snapshot,
+            signed: self.signed,
+            seq: self.seq,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+fn doc_id_from(bytes: &[u8], path: &Path) -> Result<DocId> {
+    let id: [u8; 16] = bytes.try_into().map_err(|_| StorageError::DamagedRow {
+        path: path.to_path_buf(),
+        doc: format!("{bytes:02x?}"),
+        what: "document id is not 16 bytes".into(),
+    })?;
+    Ok(DocId(id))
+}
+
+fn document_by_id(conn: &Connection, path: &Path, id: DocId) -> Result<Option<StoredDocument>> {
+    let raw = conn
+        .prepare_cached(&format!(
+            "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = ?1"
+        ))
+        .and_then(|mut statement| statement.query_row([&id.0[..]], raw_document).optional())
+        .map_err(|source| StorageError::Sqlite {
+            path: path.to_path_buf(),
+            action: "read document",
+            source,
+        })?;
+    raw.map(|raw| raw.into_document(path)).transpose()
+}
+
+fn patient_link(conn: &Connection, path: &Path, source_key: &str) -> Result<Option<NhsNumber>> {
+    let nhs: Option<String> = conn
+        .prepare_cached("SELECT nhs FROM patient_links WHERE source_key = ?1")
+        .and_then(|mut statement| {
+            statement
+                .query_row([source_key], |row| row.get(0))
+                .optional()
+        })
+        .map_err(|source| StorageError::Sqlite {
+            path: path.to_path_buf(),
+            action: "read patient link",
+            source,
+        })?;
+    nhs.map(|nhs| {
+        nhs.parse().map_err(|e| StorageError::DamagedRow {
+            path: path.to_path_buf(),
+            doc: format!("patient link {source_key}"),
+            what: format!("{e}"),
+        })
+    })
+    .transpose()
+}
+
+/// One write transaction. Dropping it without [`WriteBatch::commit`] rolls everything back.
+pub struct WriteBatch<'a> {
+    tx: rusqlite::Transaction<'a>,
+    path: PathBuf,
+}
+
+impl WriteBatch<'_> {
+    fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StorageError + '_ {
+        move |source| StorageError::Sqlite {
+            path: self.path.clone(),
+            action,
+            source,
+        }
+    }
+
+    pub fn document(&self, id: DocId) -> Result<Option<StoredDocument>> {
+        document_by_id(&self.tx, &self.path, id)
+    }
+
+    /// Stores a document version and replaces its read-model rows with `items`, taking the
+    /// next feed position. The caller has verified `signed` against the trust registry and
+    /// checked that `snapshot` has exactly the signed heads.
+    pub fn put_document(
+        &self,
+        signed: &SignedHeads,
+        snapshot: &[u8],
+        items: &[Item],
+        updated_at: i64,
+    ) -> Result<i64> {
+        let meta = &signed.meta;
+        let id = meta.id();
+        let seq: i64 = self
+            .tx
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM documents",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(self.err("allocate feed position"))?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO documents (doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT(doc_id) DO UPDATE SET snapshot = excluded.snapshot, \
+                 signed = excluded.signed, seq = excluded.seq, updated_at = excluded.updated_at",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    &id.0[..],
+                    meta.publisher.as_str(),
+                    meta.patient.as_str(),
+                    meta.section.as_str(),
+                    meta.class.as_str(),
+                    snapshot,
+                    signed.encode(),
+                    seq,
+                    updated_at
+                ])
+            })
+            .map_err(self.err("store document"))?;
+        self.tx
+            .prepare_cached("DELETE FROM items WHERE doc_id = ?1")
+            .and_then(|mut statement| statement.execute([&id.0[..]]))
+            .map_err(self.err("replace read model"))?;
+        let mut insert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO items (doc_id, item_id, nhs, publisher, section, class, effective, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(self.err("update read model"))?;
+        for item in items {
+            debug_assert_eq!(item.section, meta.section);
+            debug_assert_eq!(item.class, meta.class);
+            let body = serde_json::to_string(item).expect("items always serialise");
+            insert
+                .execute(params![
+                    &id.0[..],
+                    item.id,
+                    meta.patient.as_str(),
+                    meta.publisher.as_str(),
+                    meta.section.as_str(),
+                    meta.class.as_str(),
+                    item.effective.as_deref().or(item.recorded.as_deref()),
+                    body
+                ])
+                .map_err(self.err("update read model"))?;
+        }
+        Ok(seq)
+    }
+
+    pub fn link_patient(&self, source_key: &str, nhs: &NhsNumber) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO patient_links (source_key, nhs) VALUES (?1, ?2) \
+                 ON CONFLICT(source_key) DO UPDATE SET nhs = excluded.nhs",
+            )
+            .and_then(|mut statement| statement.execute(params![source_key, nhs.as_str()]))
+            .map_err(self.err("store patient link"))?;
+        Ok(())
+    }
+
+    pub fn patient_link(&self, source_key: &str) -> Result<Option<NhsNumber>> {
+        patient_link(&self.tx, &self.path, source_key)
+    }
+
+    pub fn put_referenced(&self, source_key: &str, body: &str) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO referenced_resources (source_key, body) VALUES (?1, ?2) \
+                 ON CONFLICT(source_key) DO UPDATE SET body = excluded.body",
+            )
+            .and_then(|mut statement| statement.execute(params![source_key, body]))
+            .map_err(self.err("store referenced resource"))?;
+        Ok(())
+    }
+
+    pub fn referenced(&self, source_key: &str) -> Result<Option<String>> {
+        self.tx
+            .prepare_cached("SELECT body FROM referenced_resources WHERE source_key = ?1")
+            .and_then(|mut statement| {
+                statement
+                    .query_row([source_key], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(self.err("read referenced resource"))
+    }
+
+    /// The newest `meta.lastUpdated` seen for a resource, if any.
+    pub fn resource_version(&self, source_key: &str) -> Result<Option<String>> {
+        self.tx
+            .prepare_cached("SELECT last_updated FROM resource_versions WHERE source_key = ?1")
+            .and_then(|mut statement| {
+                statement
+                    .query_row([source_key], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(self.err("read resource version"))
+    }
+
+    pub fn set_resource_version(&self, source_key: &str, last_updated: &str) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO resource_versions (source_key, last_updated) VALUES (?1, ?2) \
+                 ON CONFLICT(source_key) DO UPDATE SET last_updated = excluded.last_updated",
+            )
+            .and_then(|mut statement| statement.execute(params![source_key, last_updated]))
+            .map_err(self.err("store resource version"))?;
+        Ok(())
+    }
+
+    pub fn touch_source(&self, source: &SourceRow) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO sources (publisher, name, kind, source_system, feed, data_as_of) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(publisher) DO UPDATE SET \
+                 name = excluded.name, kind = excluded.kind, source_system = excluded.source_system, \
+                 feed = excluded.feed, data_as_of = MAX(data_as_of, excluded.data_as_of)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    source.publisher,
+                    source.name,
+                    source.kind,
+                    source.source_system,
+                    source.feed,
+                    source.data_as_of
+                ])
+            })
+            .map_err(self.err("store source"))?;
+        Ok(())
+    }
+
+    pub fn record_ingest(&self, row: &IngestRow) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO ingests (at, file, outcome, summary) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    row.at,
+                    row.file,
+                    row.outcome,
+                    row.summary.to_string()
+                ])
+            })
+            .map_err(self.err("record ingest"))?;
+        Ok(())
+    }
+
+    pub fn commit(self) -> Result<()> {
+        let path = self.path;
+        self.tx.commit().map_err(|source| StorageError::Sqlite {
+            path,
+            action: "commit",
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caremesh_sync::{PublishedDocument, PublisherKey};
+
+    fn meta() -> DocMeta {
+        DocMeta {
+            publisher: OdsCode::parse("A81001").unwrap(),
+            patient: NhsNumber::parse("9912003888").unwrap(),
+            section: Section::Allergies,
+            class: DataClass::Coded,
+        }
+    }
+
+    fn item(id: &str) -> Item {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "section": "allergies", "class": "coded",
+            "resource_type": "AllergyIntolerance", "title": "Amoxicillin",
+            "source_system": "test", "source_id": id, "effective": "2020-01-01"
+        }))
+        .unwrap()
+    }
+
+    fn stored(store: &mut Store, items: &[Item], time: i64) -> i64 {
+        let key = PublisherKey::from_secret([9; 32]);
+        let mut doc = PublishedDocument::create(meta(), b"actor");
+        doc.update(items, &[], time);
+        let signed = key.sign_heads(&meta(), &doc.heads());
+        let batch = store.write().unwrap();
+        let seq = batch
+            .put_document(&signed, &doc.save(), items, time)
+            .unwrap();
+        batch.commit().unwrap();
+        seq
+    }
+
+    #[test]
+    fn migrations_run_once_and_reopen_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        drop(Store::open(&path).unwrap());
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.schema_version().unwrap(),
+            migrations::MIGRATIONS.len() as i64
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        drop(Store::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let error = Store::open(&path).err().unwrap();
+        assert!(error.to_string().contains("upgrade caremesh"), "{error}");
+    }
+
+    #[test]
+    fn documents_and_read_model_change_together_and_take_new_feed_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
+        let first = stored(&mut store, &[item("a/1")], 1);
+        let second = stored(&mut store, &[item("a/1"), item("a/2")], 2);
+        assert!(second > first);
+        let nhs = meta().patient;
+        assert_eq!(store.patient_items(&nhs).unwrap().len(), 2);
+        let feed = store.documents_after(0, 10).unwrap();
+        assert_eq!(feed.len(), 1, "one document, at its newest position");
+        assert_eq!(feed[0].seq, second);
+        assert!(store.documents_after(second, 10).unwrap().is_empty());
+        assert!(feed[0].signed_heads().is_some());
+    }
+
+    #[test]
+    fn an_uncommitted_batch_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
+        {
+            let batch = store.write().unwrap();
+            batch.link_patient("Patient/x", &meta().patient).unwrap();
+        }
+        assert_eq!(store.patient_link("Patient/x").unwrap(), None);
+    }
+}

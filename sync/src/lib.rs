@@ -1,0 +1,22 @@
+//! The pure core of caremesh.
+//!
+//! Everything here is a function of its inputs: no clock, no OS randomness, no sockets, no
+//! database. Callers pass time in (as seconds since the Unix epoch) and get bytes out. This is
+//! what lets the same logic run inside a node, a hub and a deterministic simulation.
+//!
+//! * [`model`]: identifiers (NHS number, ODS code), organisation kinds, sections, data classes,
+//!   items and document identity.
+//! * [`document`]: a publisher's Automerge document holding the items of one partition.
+//! * [`signing`]: signed heads, the authenticity statement a publisher makes about a document.
+//! * [`policy`]: the one decision function every outgoing document passes through.
+
+pub mod document;
+pub mod model;
+pub mod policy;
+pub mod signing;
+
+pub use document::{DocumentError, PublishedDocument};
+pub use model::{
+    Coding, DataClass, DocId, DocMeta, Item, ModelError, NhsNumber, OdsCode, OrgKind, Section,
+};
+pub use signing::{PublisherKey, SignatureError, SignedHeads};

@@ -1,0 +1,202 @@
+//! Signed heads: a publisher's statement "this is my document at these heads".
+//!
+//! Automerge does not sign changes. Each change's hash covers its dependencies, so the heads
+//! of a document commit to its whole history: one signature over (partition, heads) with the
+//! publisher's ed25519 key authenticates every change behind those heads. Relays such as hubs
+//! forward the publisher's statement unchanged, so authenticity holds end to end.
+
+use crate::model::{DocId, DocMeta};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// Domain separation: a signature made for one purpose never verifies for another.
+const HEADS_CONTEXT: &[u8] = b"caremesh/signed-heads/v1\0";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignatureError {
+    #[error(
+        "signature on document {doc} does not verify with key {key}: the document or its signature was altered"
+    )]
+    BadSignature { doc: DocId, key: String },
+    #[error(
+        "document {doc} was signed with key {key}, which is not a trusted key of publisher {publisher}"
+    )]
+    UntrustedKey {
+        doc: DocId,
+        key: String,
+        publisher: String,
+    },
+    #[error("public key bytes are not a valid ed25519 key")]
+    MalformedKey,
+}
+
+/// An organisation's signing key. The secret never leaves this type except to be written to
+/// the key file by the node.
+pub struct PublisherKey {
+    signing: SigningKey,
+}
+
+impl PublisherKey {
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        PublisherKey {
+            signing: SigningKey::from_bytes(&secret),
+        }
+    }
+
+    pub fn secret(&self) -> [u8; 32] {
+        self.signing.to_bytes()
+    }
+
+    pub fn public(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    pub fn sign_heads(&self, meta: &DocMeta, heads: &[[u8; 32]]) -> SignedHeads {
+        let payload = heads_payload(meta, heads);
+        let signature = self.signing.sign(&payload);
+        SignedHeads {
+            meta: meta.clone(),
+            heads: heads.to_vec(),
+            key: self.public(),
+            signature: signature.to_bytes(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PublisherKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublisherKey(public {})", hex::encode(self.public()))
+    }
+}
+
+/// What a publisher signs: the partition and the sorted heads of its document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedHeads {
+    pub meta: DocMeta,
+    pub heads: Vec<[u8; 32]>,
+    pub key: [u8; 32],
+    #[serde(with = "signature_bytes")]
+    pub signature: [u8; 64],
+}
+
+impl SignedHeads {
+    /// Checks the signature and that the signing key is one `is_trusted` accepts for the
+    /// document's publisher (the trust registry decides; revoked keys are not trusted).
+    pub fn verify(
+        &self,
+        is_trusted: impl FnOnce(&crate::OdsCode, &[u8; 32]) -> bool,
+    ) -> Result<(), SignatureError> {
+        let doc = self.meta.id();
+        if !is_trusted(&self.meta.publisher, &self.key) {
+            return Err(SignatureError::UntrustedKey {
+                doc,
+                key: hex::encode(self.key),
+                publisher: self.meta.publisher.to_string(),
+            });
+        }
+        let key = VerifyingKey::from_bytes(&self.key).map_err(|_| SignatureError::MalformedKey)?;
+        let signature = Signature::from_bytes(&self.signature);
+        key.verify_strict(&heads_payload(&self.meta, &self.heads), &signature)
+            .map_err(|_| SignatureError::BadSignature {
+                doc,
+                key: hex::encode(self.key),
+            })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(&(SIGNED_HEADS_VERSION, self)).expect("SignedHeads always encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        match postcard::from_bytes::<(u8, SignedHeads)>(bytes) {
+            Ok((SIGNED_HEADS_VERSION, heads)) => Some(heads),
+            _ => None,
+        }
+    }
+}
+
+const SIGNED_HEADS_VERSION: u8 = 1;
+
+fn heads_payload(meta: &DocMeta, heads: &[[u8; 32]]) -> Vec<u8> {
+    debug_assert!(heads.is_sorted(), "heads are signed in sorted order");
+    let mut payload = HEADS_CONTEXT.to_vec();
+    payload.extend(postcard::to_stdvec(&(meta, heads)).expect("meta and heads always encode"));
+    payload
+}
+
+mod signature_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        let bytes: Vec<u8> = Deserialize::deserialize(d)?;
+        bytes
+            .try_into()
+            .map_err(|_| serde::de::Error::custom("signature must be 64 bytes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DataClass, NhsNumber, OdsCode, Section};
+
+    fn meta() -> DocMeta {
+        DocMeta {
+            publisher: OdsCode::parse("A81001").unwrap(),
+            patient: NhsNumber::parse("9912003888").unwrap(),
+            section: Section::Problems,
+            class: DataClass::Coded,
+        }
+    }
+
+    #[test]
+    fn signed_heads_verify_and_round_trip() {
+        let key = PublisherKey::from_secret([7; 32]);
+        let signed = key.sign_heads(&meta(), &[[1; 32]]);
+        let decoded = SignedHeads::decode(&signed.encode()).unwrap();
+        assert_eq!(decoded, signed);
+        decoded.verify(|_, k| *k == key.public()).unwrap();
+    }
+
+    #[test]
+    fn any_altered_field_fails_verification() {
+        let key = PublisherKey::from_secret([7; 32]);
+        let signed = key.sign_heads(&meta(), &[[1; 32]]);
+        let trusted = |_: &OdsCode, k: &[u8; 32]| *k == key.public();
+
+        let mut heads = signed.clone();
+        heads.heads[0][5] ^= 1;
+        assert!(matches!(
+            heads.verify(trusted),
+            Err(SignatureError::BadSignature { .. })
+        ));
+
+        let mut moved = signed.clone();
+        moved.meta.class = DataClass::FreeText;
+        assert!(moved.verify(trusted).is_err());
+
+        let mut sig = signed.clone();
+        sig.signature[0] ^= 1;
+        assert!(sig.verify(trusted).is_err());
+    }
+
+    #[test]
+    fn untrusted_key_is_refused_before_checking_the_signature() {
+        let key = PublisherKey::from_secret([7; 32]);
+        let signed = key.sign_heads(&meta(), &[]);
+        assert!(matches!(
+            signed.verify(|_, _| false),
+            Err(SignatureError::UntrustedKey { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        assert!(SignedHeads::decode(&[0xff; 10]).is_none());
+        assert!(SignedHeads::decode(&[]).is_none());
+    }
+}
