@@ -602,6 +602,42 @@ impl WriteBatch<'_> {
         Ok(seq)
     }
 
+    /// The partitions of `publisher`'s documents about `nhs` that hold item `item_id`.
+    pub fn item_partitions(
+        &self,
+        publisher: &OdsCode,
+        nhs: &NhsNumber,
+        item_id: &str,
+    ) -> Result<Vec<DocMeta>> {
+        let mut statement = self
+            .tx
+            .prepare_cached(
+                "SELECT section, class FROM items WHERE publisher = ?1 AND nhs = ?2 AND item_id = ?3",
+            )
+            .map_err(self.err("locate item"))?;
+        let rows = statement
+            .query_map(params![publisher.as_str(), nhs.as_str(), item_id], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })
+            .map_err(self.err("locate item"))?;
+        let mut partitions = Vec::new();
+        for row in rows {
+            let (section, class) = row.map_err(self.err("locate item"))?;
+            let damaged = |what: String| StorageError::DamagedRow {
+                path: self.path.clone(),
+                doc: format!("item {item_id}"),
+                what,
+            };
+            partitions.push(DocMeta {
+                publisher: publisher.clone(),
+                patient: nhs.clone(),
+                section: section.parse().map_err(|e| damaged(format!("{e}")))?,
+                class: class.parse().map_err(|e| damaged(format!("{e}")))?,
+            });
+        }
+        Ok(partitions)
+    }
+
     pub fn link_patient(&self, source_key: &str, nhs: &NhsNumber) -> Result<()> {
         self.tx
             .prepare_cached(

@@ -32,6 +32,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (doc_id, item_id)
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX items_by_patient ON items(nhs, section);
+    CREATE INDEX items_by_source ON items(publisher, nhs, item_id);
 
     -- Organisations whose data this node holds, with the freshness of their data.
     CREATE TABLE sources (

@@ -1,0 +1,464 @@
+//! The `caremesh` command line.
+
+use crate::clock;
+use crate::generate::{self, GenerateOptions};
+use crate::home::{Home, OrganisationConfig};
+use crate::ingest::{FileDisposition, Ingestor};
+use crate::record;
+use crate::verify;
+use crate::view::{self, ViewState};
+use anyhow::{Context, Result, bail};
+use caremesh_sync::{NhsNumber, OdsCode, OrgKind};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Parser)]
+#[command(
+    name = "caremesh",
+    version,
+    about = "A shared care record that keeps working when the network does not",
+    long_about = "caremesh runs at each care organisation: it ingests the organisation's FHIR R4 \
+                  extract, publishes the shareable part as signed Automerge documents in SQLite, \
+                  and serves clinicians a read-only joined-up record from local storage."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a new node home: config, the organisation's signing key (mode 0600), database.
+    Init {
+        /// Folder for the node home; must not already hold one.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The organisation's ODS code, such as A81001.
+        #[arg(long)]
+        org: OdsCode,
+        /// The organisation's name as clinicians know it.
+        #[arg(long)]
+        name: String,
+        /// gp, acute, community, mental-health, hospice, ooh, social-care, ambulance or hub.
+        #[arg(long)]
+        kind: OrgKind,
+        /// The clinical system the extracts come from (recorded on every item).
+        #[arg(long, default_value = "unknown")]
+        source_system: String,
+        /// Address the view listens on.
+        #[arg(long, default_value = "127.0.0.1:7800")]
+        listen: String,
+    },
+    /// Ingest FHIR R4 JSON: single resources, Bundles and NDJSON, files or folders.
+    Ingest {
+        #[arg(long)]
+        dir: PathBuf,
+        /// CSV identifier_system,identifier_value,nhs_number for patients without NHS numbers.
+        #[arg(long)]
+        patient_index: Option<PathBuf>,
+        /// Move accepted files to processed/ and rejected ones to quarantine/ (the drop
+        /// folder's behaviour); by default files stay and rejected ones are copied.
+        #[arg(long)]
+        r#move: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Run the node: ingest extracts dropped in the drop folder and serve the view.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Override the configured listen address (use 127.0.0.1:0 for any free port).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Print a patient's record as the view shows it.
+    Record {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        nhs: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print what the node holds: patients, items by section and source, documents, size.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every stored document's signature, content and read model; report tampering.
+    Verify {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write synthetic UK FHIR R4 extracts (one Bundle per patient), deterministic per seed.
+    Generate {
+        #[arg(long)]
+        org: OdsCode,
+        #[arg(long)]
+        patients: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Demo: a node in a temporary folder with generated patients, serving the view.
+    Demo {
+        /// Keep the demo node here instead of a temporary folder.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 200)]
+        patients: u64,
+        #[arg(long, default_value = "127.0.0.1:7800")]
+        listen: String,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAREMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Init {
+            dir,
+            org,
+            name,
+            kind,
+            source_system,
+            listen,
+        } => {
+            let mut home = Home::init(
+                &dir,
+                OrganisationConfig {
+                    ods: org,
+                    name,
+                    kind,
+                },
+            )?;
+            home.config.ingest.source_system = source_system;
+            home.config.view.listen = listen;
+            home.save_config()?;
+            println!(
+                "node home ready at {} for {} ({})",
+                dir.display(),
+                home.config.organisation.name,
+                home.config.organisation.ods
+            );
+            println!("public key: {}", hex::encode(home.signing_key()?.public()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ingest {
+            dir,
+            patient_index,
+            r#move,
+            json,
+            paths,
+        } => {
+            let home = Home::open(&dir)?;
+            let mut store = home.open_store()?;
+            let disposition = if r#move {
+                FileDisposition::Move
+            } else {
+                FileDisposition::LeaveInPlace
+            };
+            let mut ingestor = Ingestor::new(
+                &home,
+                &mut store,
+                patient_index.as_deref(),
+                disposition,
+                clock::now_unix(),
+            )?;
+            let report = ingestor.ingest_paths(&paths)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            if report.resources_read() != report.resources_accounted() {
+                bail!("ingest counts do not reconcile; this is a caremesh bug, please report it");
+            }
+            Ok(if report.rejected.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        Command::Run { dir, listen } => {
+            let home = Home::open(&dir)?;
+            let listen = listen.unwrap_or_else(|| home.config.view.listen.clone());
+            serve(&home, &listen, None)
+        }
+        Command::Record { dir, nhs, json } => {
+            let home = Home::open(&dir)?;
+            let nhs = NhsNumber::parse(&nhs)?;
+            let store = home.open_store()?;
+            let Some(record) = record::assemble(&store, &nhs, clock::now_unix())? else {
+                eprintln!(
+                    "this node holds no record for NHS number {}",
+                    nhs.formatted()
+                );
+                return Ok(ExitCode::from(3));
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&record)?);
+            } else {
+                print!("{}", record::render_text(&record));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { dir, json } => status(&dir, json),
+        Command::Verify { dir, json } => {
+            let home = Home::open(&dir)?;
+            let store = home.open_store()?;
+            let own_key = home.signing_key()?.public();
+            let own = home.config.organisation.ods.clone();
+            let report = verify::verify_store(&store, &|publisher, key| {
+                *publisher == own && *key == own_key
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "checked {} documents holding {} items",
+                    report.documents, report.items
+                );
+                for problem in &report.problems {
+                    println!(
+                        "TAMPERED document {} ({} {} {}): {}",
+                        problem.document,
+                        problem.publisher,
+                        problem.section,
+                        problem.class,
+                        problem.problem
+                    );
+                }
+                if report.problems.is_empty() {
+                    println!("all signatures and contents verify");
+                }
+            }
+            Ok(if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(4)
+            })
+        }
+        Command::Generate {
+            org,
+            patients,
+            seed,
+            out,
+        } => {
+            let started = std::time::Instant::now();
+            let generated = generate::generate(&GenerateOptions {
+                org,
+                patients,
+                seed,
+                out: out.clone(),
+            })
+            .with_context(|| format!("writing to {}", out.display()))?;
+            println!(
+                "wrote {} files with {} resources to {} in {:.1}s",
+                generated.files,
+                generated.resources,
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            dir,
+            patients,
+            listen,
+        } => demo(dir, patients, &listen),
+    }
+}
+
+fn status(dir: &Path, json: bool) -> Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let store = home.open_store()?;
+    let stats = store.stats()?;
+    let sources = store.sources()?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "organisation": home.config.organisation,
+                "stats": stats,
+                "sources": sources,
+            }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let org = &home.config.organisation;
+    println!("{} ({}, {})", org.name, org.ods, org.kind);
+    println!("patients:  {}", stats.patients);
+    println!("documents: {}", stats.documents);
+    println!("items:     {}", stats.items);
+    println!("database:  {:.1} MB", stats.database_bytes as f64 / 1e6);
+    println!("sources:");
+    for source in &sources {
+        println!(
+            "  {} ({}, {}): {} feed from {}, data as of {}",
+            source.name,
+            source.publisher,
+            source.kind,
+            source.feed,
+            source.source_system,
+            clock::uk_date_time(source.data_as_of)
+        );
+    }
+    println!("items by source and section:");
+    for (publisher, section, count) in &stats.items_by_source_and_section {
+        println!("  {publisher:<10} {section:<16} {count}");
+    }
+    match &stats.last_ingest {
+        Some(last) => println!(
+            "last ingest: {} ({}) at {}",
+            last.file,
+            last.outcome,
+            clock::uk_date_time(last.at)
+        ),
+        None => println!("last ingest: none yet"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Serves the view and watches the drop folder until interrupted. Prints the view's address
+/// on stdout (first line `listening on http://…`), and `show` after it when given.
+fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let dir = home.dir.clone();
+        std::thread::Builder::new()
+            .name("drop-folder".into())
+            .spawn(move || {
+                if let Err(error) = crate::watch::watch_drop_folder(&dir, &stop) {
+                    tracing::error!(%error, "drop folder watcher stopped");
+                }
+            })?
+    };
+    let state = Arc::new(ViewState {
+        database: home.database_path(),
+        organisation: home.config.organisation.name.clone(),
+        ods: home.config.organisation.ods.to_string(),
+    });
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        let address = listener.local_addr()?;
+        println!("listening on http://{address}/");
+        if let Some(path) = show {
+            println!("open http://{address}{path}");
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        axum::serve(listener, view::router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving the view")
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    result.map(|_| ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn demo(dir: Option<PathBuf>, patients: u64, listen: &str) -> Result<ExitCode> {
+    let dir = match dir {
+        Some(dir) => dir,
+        None => {
+            let base = std::env::temp_dir().join(format!("caremesh-demo-{}", std::process::id()));
+            std::fs::create_dir_all(&base)?;
+            base
+        }
+    };
+    let home_dir = dir.join("node");
+    let home = if home_dir.join(crate::home::CONFIG_FILE).exists() {
+        Home::open(&home_dir)?
+    } else {
+        let mut home = Home::init(
+            &home_dir,
+            OrganisationConfig {
+                ods: OdsCode::parse("A81001")?,
+                name: "Banbury Road Surgery".into(),
+                kind: OrgKind::Gp,
+            },
+        )?;
+        home.config.ingest.source_system = "caremesh generate".into();
+        home.save_config()?;
+        home
+    };
+    let extract = dir.join("extract");
+    let org = home.config.organisation.ods.clone();
+    let generated = generate::generate(&GenerateOptions {
+        org,
+        patients,
+        seed: 1,
+        out: extract.clone(),
+    })?;
+    let mut store = home.open_store()?;
+    let report = Ingestor::new(
+        &home,
+        &mut store,
+        None,
+        FileDisposition::LeaveInPlace,
+        clock::now_unix(),
+    )?
+    .ingest_paths(&[extract])?;
+    drop(store);
+    println!(
+        "demo node at {}: {} patients, {} resources ingested, {} documents",
+        home.dir.display(),
+        generated.files,
+        report.resources_read(),
+        report.documents_written
+    );
+    println!(
+        "drop more FHIR files into {} while it runs",
+        home.drop_dir().display()
+    );
+    let first = generated
+        .nhs_numbers
+        .first()
+        .map(|n| format!("/patients/{n}"))
+        .unwrap_or_else(|| "/".into());
+    serve(&home, listen, Some(&first))
+}

@@ -1,0 +1,1154 @@
+//! FHIR R4 resources to caremesh items.
+//!
+//! Tolerant of what real extracts carry (unknown elements, Synthea's pre-R4 leftovers), strict
+//! about what it reads: a field of the wrong JSON type is an error naming the resource and the
+//! field, never a silently empty value.
+
+use caremesh_sync::{Coding, DataClass, Item, Section};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashSet};
+
+pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
+pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+pub const SNOMED: &str = "http://snomed.info/sct";
+const CONFIDENTIALITY_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality";
+/// `meta.tag` or `meta.security` coding that marks an item private to the recording
+/// organisation (clinical systems export their "private" flag as this tag).
+pub const PRIVATE_SYSTEM: &str = "urn:caremesh:sharing";
+pub const PRIVATE_CODE: &str = "private";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {problem}")]
+pub struct MappingError {
+    /// `ResourceType/id` or the resource type where there is no id.
+    pub resource: String,
+    pub problem: String,
+}
+
+// ----- FHIR datatypes, read leniently (unknown elements ignored) -----
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(default)]
+pub struct FhirCoding {
+    pub system: Option<String>,
+    pub code: Option<String>,
+    pub display: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(default)]
+pub struct CodeableConcept {
+    pub coding: Vec<FhirCoding>,
+    pub text: Option<String>,
+}
+
+impl CodeableConcept {
+    pub fn display(&self) -> Option<String> {
+        self.text.clone().filter(|t| !t.is_empty()).or_else(|| {
+            self.coding
+                .iter()
+                .find_map(|c| c.display.clone().or_else(|| c.code.clone()))
+        })
+    }
+
+    /// The coding a clinician would recognise: SNOMED CT (or dm+d, also under the SNOMED
+    /// system) first, else the first coding.
+    pub fn primary(&self) -> Option<Coding> {
+        let coding = self
+            .coding
+            .iter()
+            .find(|c| c.system.as_deref() == Some(SNOMED))
+            .or_else(|| self.coding.first())?;
+        Some(Coding {
+            system: coding.system.clone(),
+            code: coding.code.clone(),
+            display: coding.display.clone().or_else(|| self.text.clone()),
+        })
+    }
+
+    fn has_code(&self, code: &str) -> bool {
+        self.coding.iter().any(|c| c.code.as_deref() == Some(code))
+    }
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(default)]
+pub struct Identifier {
+    pub system: Option<String>,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(default)]
+pub struct Reference {
+    pub reference: Option<String>,
+    pub identifier: Option<Identifier>,
+    pub display: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Quantity {
+    value: Option<serde_json::Number>,
+    unit: Option<String>,
+    code: Option<String>,
+    comparator: Option<String>,
+}
+
+impl Quantity {
+    fn render(&self) -> Option<String> {
+        let value = self.value.as_ref()?;
+        let unit = self.unit.as_ref().or(self.code.as_ref());
+        Some(format!(
+            "{}{}{}",
+            self.comparator.as_deref().unwrap_or(""),
+            value,
+            unit.map(|u| format!(" {u}")).unwrap_or_default()
+        ))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Period {
+    start: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct Meta {
+    last_updated: Option<String>,
+    security: Vec<FhirCoding>,
+    tag: Vec<FhirCoding>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Annotation {
+    text: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct HumanName {
+    #[serde(rename = "use")]
+    name_use: Option<String>,
+    text: Option<String>,
+    family: Option<String>,
+    given: Vec<String>,
+    prefix: Vec<String>,
+}
+
+impl HumanName {
+    fn render(&self) -> Option<String> {
+        if let Some(text) = self.text.clone().filter(|t| !t.is_empty()) {
+            return Some(text);
+        }
+        let mut parts: Vec<&str> = self.prefix.iter().map(String::as_str).collect();
+        parts.extend(self.given.iter().map(String::as_str));
+        parts.extend(self.family.as_deref());
+        (!parts.is_empty()).then(|| parts.join(" "))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Dosage {
+    text: Option<String>,
+}
+
+/// A resource being read: its JSON object, with typed, path-reporting field access.
+pub struct Resource<'a> {
+    pub resource_type: &'a str,
+    pub id: Option<&'a str>,
+    object: &'a Map<String, Value>,
+}
+
+impl<'a> Resource<'a> {
+    pub fn new(value: &'a Value) -> Result<Self, MappingError> {
+        let object = value.as_object().ok_or_else(|| MappingError {
+            resource: "(resource)".into(),
+            problem: format!("expected a JSON object, found {}", json_kind(value)),
+        })?;
+        let resource_type = match object.get("resourceType") {
+            Some(Value::String(t)) if !t.is_empty() => t.as_str(),
+            Some(other) => {
+                return Err(MappingError {
+                    resource: "(resource)".into(),
+                    problem: format!(
+                        "`resourceType` should be a string, found {}",
+                        json_kind(other)
+                    ),
+                });
+            }
+            None => {
+                return Err(MappingError {
+                    resource: "(resource)".into(),
+                    problem: "no `resourceType`: this is not a FHIR resource".into(),
+                });
+            }
+        };
+        let id = match object.get("id") {
+            Some(Value::String(id)) => Some(id.as_str()),
+            None => None,
+            Some(other) => {
+                return Err(MappingError {
+                    resource: resource_type.to_string(),
+                    problem: format!("`id` should be a string, found {}", json_kind(other)),
+                });
+            }
+        };
+        Ok(Resource {
+            resource_type,
+            id,
+            object,
+        })
+    }
+
+    pub fn key(&self) -> String {
+        match self.id {
+            Some(id) => format!("{}/{}", self.resource_type, id),
+            None => self.resource_type.to_string(),
+        }
+    }
+
+    fn error(&self, problem: impl Into<String>) -> MappingError {
+        MappingError {
+            resource: self.key(),
+            problem: problem.into(),
+        }
+    }
+
+    /// A field deserialised as `T`, or an error naming the field and what it held instead.
+    pub fn field<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, MappingError> {
+        match self.object.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => T::deserialize(value).map(Some).map_err(|error| {
+                self.error(format!(
+                    "field `{name}` has the wrong shape ({error}); found {}",
+                    json_kind(value)
+                ))
+            }),
+        }
+    }
+
+    fn list<T: DeserializeOwned>(&self, name: &str) -> Result<Vec<T>, MappingError> {
+        Ok(self.field::<Vec<T>>(name)?.unwrap_or_default())
+    }
+
+    fn string(&self, name: &str) -> Result<Option<String>, MappingError> {
+        self.field::<String>(name)
+    }
+
+    fn first_string(&self, names: &[&str]) -> Result<Option<String>, MappingError> {
+        for name in names {
+            if let Some(value) = self.string(name)? {
+                return Ok(Some(value));
+            }
+        }
+        Ok(None)
+    }
+
+    fn period_start(&self, name: &str) -> Result<Option<String>, MappingError> {
+        Ok(self.field::<Period>(name)?.and_then(|p| p.start))
+    }
+
+    fn concept(&self, name: &str) -> Result<Option<CodeableConcept>, MappingError> {
+        self.field::<CodeableConcept>(name)
+    }
+
+    fn first_concept(&self, name: &str) -> Result<Option<CodeableConcept>, MappingError> {
+        Ok(self.list::<CodeableConcept>(name)?.into_iter().next())
+    }
+
+    pub fn raw(&self) -> &'a Map<String, Value> {
+        self.object
+    }
+}
+
+pub fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+// ----- what a resource becomes -----
+
+/// How a clinical resource names its patient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatientRef {
+    /// `Patient/xyz`, `urn:uuid:…` or an absolute URL.
+    Reference(String),
+    /// A logical reference by identifier, such as an NHS number.
+    Identifier { system: String, value: String },
+}
+
+#[derive(Debug)]
+pub struct PatientFacts {
+    pub key: String,
+    pub identifiers: Vec<Identifier>,
+    pub item: Item,
+}
+
+#[derive(Debug)]
+pub struct ClinicalFacts {
+    pub patient: PatientRef,
+    /// Items the resource yields now (none if entered in error).
+    pub items: Vec<Item>,
+    /// Every item id this resource could ever yield; those not in `items` are removed.
+    pub family: Vec<String>,
+    pub last_updated: Option<String>,
+    pub entered_in_error: bool,
+}
+
+#[derive(Debug)]
+pub enum Mapped {
+    Patient(PatientFacts),
+    /// A resource others refer to (Medication, Organization), kept for resolving references.
+    Referenced {
+        key: String,
+        summary: Value,
+    },
+    Clinical(ClinicalFacts),
+    Unsupported,
+}
+
+/// The SNOMED CT codes that make an item sensitive (sexual health, HIV, IVF, gender identity,
+/// termination of pregnancy, safeguarding).
+#[derive(Debug, Clone, Default)]
+pub struct SensitiveCodes {
+    codes: HashSet<String>,
+}
+
+impl SensitiveCodes {
+    pub fn new(codes: impl IntoIterator<Item = String>) -> Self {
+        SensitiveCodes {
+            codes: codes.into_iter().collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.codes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.codes.is_empty()
+    }
+
+    fn matches(&self, concept: &CodeableConcept) -> bool {
+        concept.coding.iter().any(|c| {
+            c.system.as_deref() == Some(SNOMED)
+                && c.code
+                    .as_deref()
+                    .is_some_and(|code| self.codes.contains(code))
+        })
+    }
+}
+
+/// Resolves `medicationReference` to the Medication's code.
+pub trait MedicationLookup {
+    fn medication(&self, reference: &str) -> Option<CodeableConcept>;
+}
+
+pub struct MappingContext<'a> {
+    pub source_system: &'a str,
+    pub sensitive: &'a SensitiveCodes,
+    pub medications: &'a dyn MedicationLookup,
+}
+
+const SUPPORTED: &[(&str, Section)] = &[
+    ("AllergyIntolerance", Section::Allergies),
+    ("MedicationStatement", Section::Medications),
+    ("MedicationRequest", Section::Medications),
+    ("Condition", Section::Problems),
+    ("Observation", Section::Results),
+    ("DiagnosticReport", Section::Results),
+    ("Encounter", Section::Encounters),
+    ("EpisodeOfCare", Section::Encounters),
+    ("DocumentReference", Section::Documents),
+    ("Composition", Section::Documents),
+    ("Immunization", Section::Immunisations),
+    ("Procedure", Section::Procedures),
+    ("Flag", Section::Alerts),
+    ("CarePlan", Section::CarePlans),
+    ("ServiceRequest", Section::Referrals),
+];
+
+pub fn section_of(resource_type: &str) -> Option<Section> {
+    SUPPORTED
+        .iter()
+        .find(|(t, _)| *t == resource_type)
+        .map(|(_, s)| *s)
+}
+
+pub fn map_resource(
+    resource: &Resource<'_>,
+    context: &MappingContext<'_>,
+) -> Result<Mapped, MappingError> {
+    match resource.resource_type {
+        "Patient" => map_patient(resource, context).map(Mapped::Patient),
+        "Medication" => Ok(Mapped::Referenced {
+            key: resource.key(),
+            summary: serde_json::json!({ "code": resource.raw().get("code") }),
+        }),
+        "Organization" => Ok(Mapped::Referenced {
+            key: resource.key(),
+            summary: serde_json::json!({
+                "name": resource.string("name")?,
+                "ods": resource.list::<Identifier>("identifier")?.into_iter()
+                    .find(|i| i.system.as_deref() == Some(ODS_SYSTEM)).and_then(|i| i.value),
+            }),
+        }),
+        other => match section_of(other) {
+            Some(section) => map_clinical(resource, section, context).map(Mapped::Clinical),
+            None => Ok(Mapped::Unsupported),
+        },
+    }
+}
+
+fn require_id<'a>(resource: &Resource<'a>) -> Result<&'a str, MappingError> {
+    resource.id.ok_or_else(|| {
+        resource.error("has no `id`; caremesh needs it to track versions and corrections")
+    })
+}
+
+fn map_patient(
+    resource: &Resource<'_>,
+    context: &MappingContext<'_>,
+) -> Result<PatientFacts, MappingError> {
+    require_id(resource)?;
+    let identifiers = resource.list::<Identifier>("identifier")?;
+    let names = resource.list::<HumanName>("name")?;
+    let name = names
+        .iter()
+        .find(|n| n.name_use.as_deref() == Some("official"))
+        .or_else(|| names.first())
+        .and_then(HumanName::render);
+    let mut fields = BTreeMap::new();
+    fields.extend(name.clone().map(|n| ("name".to_string(), n)));
+    fields.extend(
+        resource
+            .string("birthDate")?
+            .map(|d| ("birth_date".to_string(), d)),
+    );
+    fields.extend(
+        resource
+            .string("gender")?
+            .map(|g| ("gender".to_string(), g)),
+    );
+    if let Some(gp) = resource.list::<Reference>("generalPractitioner")?.first() {
+        let gp = gp
+            .display
+            .clone()
+            .or_else(|| gp.identifier.as_ref().and_then(|i| i.value.clone()))
+            .or_else(|| gp.reference.clone());
+        fields.extend(gp.map(|g| ("registered_gp".to_string(), g)));
+    }
+    let meta = resource.field::<Meta>("meta")?.unwrap_or_default();
+    let item = Item {
+        id: resource.key(),
+        section: Section::Demographics,
+        class: classify(&meta, &[], context.sensitive, DataClass::Coded),
+        resource_type: "Patient".into(),
+        title: name.unwrap_or_else(|| "Patient".into()),
+        code: None,
+        detail: None,
+        status: resource
+            .field::<bool>("active")?
+            .map(|a| if a { "active" } else { "inactive" }.to_string()),
+        effective: None,
+        recorded: None,
+        last_updated: meta.last_updated.clone(),
+        source_system: context.source_system.to_string(),
+        source_id: resource.key(),
+        confidentiality: confidentiality(&meta),
+        fields,
+    };
+    Ok(PatientFacts {
+        key: resource.key(),
+        identifiers,
+        item,
+    })
+}
+
+fn confidentiality(meta: &Meta) -> Option<String> {
+    meta.security
+        .iter()
+        .find(|c| c.system.as_deref() == Some(CONFIDENTIALITY_SYSTEM))
+        .and_then(|c| c.code.clone())
+}
+
+fn is_private(meta: &Meta) -> bool {
+    meta.tag.iter().chain(&meta.security).any(|c| {
+        c.system.as_deref() == Some(PRIVATE_SYSTEM) && c.code.as_deref() == Some(PRIVATE_CODE)
+    })
+}
+
+fn restricted(codings: &[FhirCoding]) -> bool {
+    codings.iter().any(|c| {
+        c.system.as_deref() == Some(CONFIDENTIALITY_SYSTEM)
+            && matches!(c.code.as_deref(), Some("R" | "V"))
+    })
+}
+
+/// Private beats sensitive beats the natural class of the content.
+fn classify(
+    meta: &Meta,
+    concepts: &[&CodeableConcept],
+    sensitive: &SensitiveCodes,
+    natural: DataClass,
+) -> DataClass {
+    if is_private(meta) {
+        DataClass::Private
+    } else if restricted(&meta.security) || concepts.iter().any(|c| sensitive.matches(c)) {
+        DataClass::Sensitive
+    } else {
+        natural
+    }
+}
+
+fn patient_ref(resource: &Resource<'_>) -> Result<PatientRef, MappingError> {
+    let field = if resource.raw().contains_key("patient") {
+        "patient"
+    } else {
+        "subject"
+    };
+    let reference = resource.field::<Reference>(field)?.ok_or_else(|| {
+        resource.error("names no patient (`subject` or `patient`); it cannot be placed in a record")
+    })?;
+    if let Some(target) = reference.reference.filter(|r| !r.is_empty()) {
+        return Ok(PatientRef::Reference(target));
+    }
+    if let Some(Identifier {
+        system: Some(system),
+        value: Some(value),
+    }) = reference.identifier
+    {
+        return Ok(PatientRef::Identifier { system, value });
+    }
+    Err(resource.error(format!(
+        "`{field}` has neither a reference nor an identifier; it cannot be placed in a record"
+    )))
+}
+
+fn entered_in_error(resource: &Resource<'_>) -> Result<bool, MappingError> {
+    if resource.string("status")?.as_deref() == Some("entered-in-error") {
+        return Ok(true);
+    }
+    Ok(resource
+        .concept("verificationStatus")?
+        .is_some_and(|c| c.has_code("entered-in-error")))
+}
+
+/// What a clinical resource says, before it is split into items.
+struct Content {
+    concept: Option<CodeableConcept>,
+    title: Option<String>,
+    detail: Option<String>,
+    status: Option<String>,
+    effective: Option<String>,
+    recorded: Option<String>,
+    natural: DataClass,
+    extra_concepts: Vec<CodeableConcept>,
+}
+
+fn map_clinical(
+    resource: &Resource<'_>,
+    section: Section,
+    context: &MappingContext<'_>,
+) -> Result<ClinicalFacts, MappingError> {
+    require_id(resource)?;
+    let patient = patient_ref(resource)?;
+    let meta = resource.field::<Meta>("meta")?.unwrap_or_default();
+    let main_id = resource.key();
+    let note_id = format!("{main_id}#note");
+    let family = vec![main_id.clone(), note_id.clone()];
+    if entered_in_error(resource)? {
+        return Ok(ClinicalFacts {
+            patient,
+            items: Vec::new(),
+            family,
+            last_updated: meta.last_updated,
+            entered_in_error: true,
+        });
+    }
+    let content = read_content(resource, context)?;
+    let mut security = meta.security.clone();
+    security.extend(
+        resource
+            .list::<CodeableConcept>("securityLabel")?
+            .into_iter()
+            .flat_map(|c| c.coding),
+    );
+    let labelled = Meta {
+        last_updated: meta.last_updated.clone(),
+        security,
+        tag: meta.tag.clone(),
+    };
+    let mut concepts: Vec<&CodeableConcept> = content.concept.iter().collect();
+    concepts.extend(content.extra_concepts.iter());
+    let class = classify(&labelled, &concepts, context.sensitive, content.natural);
+    let title = content
+        .title
+        .clone()
+        .or_else(|| content.concept.as_ref().and_then(CodeableConcept::display))
+        .unwrap_or_else(|| format!("{} (no description)", resource.resource_type));
+    let base = Item {
+        id: main_id.clone(),
+        section,
+        class,
+        resource_type: resource.resource_type.to_string(),
+        title: title.clone(),
+        code: content.concept.as_ref().and_then(CodeableConcept::primary),
+        detail: content.detail,
+        status: content.status,
+        effective: content.effective,
+        recorded: content.recorded,
+        last_updated: meta.last_updated.clone(),
+        source_system: context.source_system.to_string(),
+        source_id: main_id,
+        confidentiality: confidentiality(&labelled),
+        fields: BTreeMap::new(),
+    };
+    let notes: Vec<String> = resource
+        .list::<Annotation>("note")?
+        .into_iter()
+        .filter_map(|a| a.text)
+        .filter(|t| !t.trim().is_empty())
+        .collect();
+    let mut items = Vec::with_capacity(2);
+    if !notes.is_empty() {
+        // Narrative attached to a coded entry is free text: agreements that exclude free text
+        // (acute trusts seeing GP data) must be able to withhold it without the coded fact.
+        let note_class = match class {
+            DataClass::Coded => DataClass::FreeText,
+            other => other,
+        };
+        items.push(Item {
+            id: note_id,
+            class: note_class,
+            code: None,
+            title: format!("Note: {title}"),
+            detail: Some(notes.join("\n\n")),
+            ..base.clone()
+        });
+    }
+    items.insert(0, base);
+    Ok(ClinicalFacts {
+        patient,
+        items,
+        family,
+        last_updated: meta.last_updated,
+        entered_in_error: false,
+    })
+}
+
+fn status_text(resource: &Resource<'_>) -> Result<Option<String>, MappingError> {
+    if let Some(clinical) = resource.concept("clinicalStatus")? {
+        return Ok(clinical
+            .coding
+            .first()
+            .and_then(|c| c.code.clone())
+            .or(clinical.text));
+    }
+    resource.string("status")
+}
+
+fn observation_value(resource: &Resource<'_>) -> Result<Option<String>, MappingError> {
+    if let Some(q) = resource.field::<Quantity>("valueQuantity")? {
+        return Ok(q.render());
+    }
+    if let Some(c) = resource.concept("valueCodeableConcept")? {
+        return Ok(c.display());
+    }
+    if let Some(s) = resource.string("valueString")? {
+        return Ok(Some(s));
+    }
+    if let Some(b) = resource.field::<bool>("valueBoolean")? {
+        return Ok(Some(if b { "yes" } else { "no" }.into()));
+    }
+    if let Some(i) = resource.field::<i64>("valueInteger")? {
+        return Ok(Some(i.to_string()));
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default, rename_all = "camelCase")]
+    struct Component {
+        code: CodeableConcept,
+        value_quantity: Option<Quantity>,
+        value_codeable_concept: Option<CodeableConcept>,
+        value_string: Option<String>,
+    }
+    let parts: Vec<String> = resource
+        .list::<Component>("component")?
+        .into_iter()
+        .filter_map(|c| {
+            let value = c
+                .value_quantity
+                .and_then(|q| q.render())
+                .or_else(|| c.value_codeable_concept.and_then(|v| v.display()))
+                .or(c.value_string)?;
+            Some(match c.code.display() {
+                Some(name) => format!("{name}: {value}"),
+                None => value,
+            })
+        })
+        .collect();
+    Ok((!parts.is_empty()).then(|| parts.join("; ")))
+}
+
+fn read_content(
+    resource: &Resource<'_>,
+    context: &MappingContext<'_>,
+) -> Result<Content, MappingError> {
+    let mut content = Content {
+        concept: None,
+        title: None,
+        detail: None,
+        status: status_text(resource)?,
+        effective: None,
+        recorded: None,
+        natural: DataClass::Coded,
+        extra_concepts: Vec::new(),
+    };
+    match resource.resource_type {
+        "AllergyIntolerance" => {
+            content.concept = resource.concept("code")?;
+            content.effective = resource.first_string(&["onsetDateTime", "recordedDate"])?;
+            content.recorded = resource.string("recordedDate")?;
+            #[derive(Deserialize, Default)]
+            #[serde(default)]
+            struct Reaction {
+                manifestation: Vec<CodeableConcept>,
+                severity: Option<String>,
+            }
+            let reactions: Vec<String> = resource
+                .list::<Reaction>("reaction")?
+                .into_iter()
+                .map(|r| {
+                    let what: Vec<String> = r
+                        .manifestation
+                        .iter()
+                        .filter_map(CodeableConcept::display)
+                        .collect();
+                    match r.severity {
+                        Some(severity) => format!("{} ({severity})", what.join(", ")),
+                        None => what.join(", "),
+                    }
+                })
+                .filter(|s| !s.is_empty())
+                .collect();
+            let criticality = resource.string("criticality")?;
+            content.detail = match (reactions.is_empty(), criticality) {
+                (true, None) => None,
+                (true, Some(c)) => Some(format!("criticality {c}")),
+                (false, None) => Some(format!("Reaction: {}", reactions.join("; "))),
+                (false, Some(c)) => Some(format!(
+                    "Reaction: {}; criticality {c}",
+                    reactions.join("; ")
+                )),
+            };
+        }
+        "MedicationStatement" | "MedicationRequest" => {
+            content.concept = match resource.concept("medicationCodeableConcept")? {
+                Some(concept) => Some(concept),
+                None => match resource.field::<Reference>("medicationReference")? {
+                    Some(reference) => {
+                        let target = reference.reference.clone().unwrap_or_default();
+                        let resolved = if let Some(local) = target.strip_prefix('#') {
+                            contained_medication(resource, local)?
+                        } else {
+                            context.medications.medication(&target)
+                        };
+                        match (resolved, reference.display) {
+                            (Some(concept), _) => Some(concept),
+                            (None, Some(display)) => Some(CodeableConcept {
+                                coding: Vec::new(),
+                                text: Some(display),
+                            }),
+                            (None, None) => {
+                                return Err(resource.error(format!(
+                                    "medicationReference {target:?} does not resolve to a Medication in this extract or an earlier one"
+                                )));
+                            }
+                        }
+                    }
+                    None => None,
+                },
+            };
+            let dosage_field = if resource.resource_type == "MedicationRequest" {
+                "dosageInstruction"
+            } else {
+                "dosage"
+            };
+            content.detail = resource
+                .list::<Dosage>(dosage_field)?
+                .into_iter()
+                .find_map(|d| d.text);
+            content.effective = match resource.resource_type {
+                "MedicationRequest" => resource.string("authoredOn")?,
+                _ => match resource.string("effectiveDateTime")? {
+                    Some(date) => Some(date),
+                    None => resource
+                        .period_start("effectivePeriod")?
+                        .or(resource.string("dateAsserted")?),
+                },
+            };
+            content.recorded = resource.first_string(&["authoredOn", "dateAsserted"])?;
+        }
+        "Condition" => {
+            content.concept = resource.concept("code")?;
+            content.extra_concepts = resource.list::<CodeableConcept>("category")?;
+            content.effective = match resource.string("onsetDateTime")? {
+                Some(date) => Some(date),
+                None => resource
+                    .period_start("onsetPeriod")?
+                    .or(resource.string("recordedDate")?),
+            };
+            content.recorded = resource.string("recordedDate")?;
+        }
+        "Observation" | "DiagnosticReport" => {
+            content.concept = resource.concept("code")?;
+            content.effective = match resource.string("effectiveDateTime")? {
+                Some(date) => Some(date),
+                None => resource
+                    .period_start("effectivePeriod")?
+                    .or(resource.string("issued")?),
+            };
+            content.recorded = resource.string("issued")?;
+            if resource.resource_type == "Observation" {
+                content.detail = observation_value(resource)?;
+                // An observation that is only narrative is consultation free text.
+                if resource.raw().contains_key("valueString") {
+                    content.natural = DataClass::FreeText;
+                }
+                if let Some(interpretation) = resource.first_concept("interpretation")?
+                    && let (Some(detail), Some(flag)) = (&content.detail, interpretation.display())
+                {
+                    content.detail = Some(format!("{detail} ({flag})"));
+                }
+            } else {
+                content.detail = resource.string("conclusion")?;
+            }
+        }
+        "Encounter" | "EpisodeOfCare" => {
+            content.concept = resource.first_concept("type")?;
+            if content.concept.is_none() && resource.resource_type == "Encounter" {
+                #[derive(Deserialize, Default)]
+                #[serde(default)]
+                struct ClassCoding {
+                    display: Option<String>,
+                    code: Option<String>,
+                }
+                content.title = resource
+                    .field::<ClassCoding>("class")?
+                    .and_then(|c| c.display.or(c.code))
+                    .map(|c| format!("Encounter ({c})"));
+            }
+            content.effective = resource.period_start("period")?;
+            let reason = resource
+                .first_concept("reasonCode")?
+                .and_then(|c| c.display());
+            let provider = resource
+                .field::<Reference>(if resource.resource_type == "Encounter" {
+                    "serviceProvider"
+                } else {
+                    "managingOrganization"
+                })?
+                .and_then(|r| r.display);
+            content.detail = match (reason, provider) {
+                (Some(r), Some(p)) => Some(format!("Reason: {r}; at {p}")),
+                (Some(r), None) => Some(format!("Reason: {r}")),
+                (None, Some(p)) => Some(format!("At {p}")),
+                (None, None) => None,
+            };
+        }
+        "DocumentReference" => {
+            content.natural = DataClass::Document;
+            content.concept = resource.concept("type")?;
+            content.extra_concepts = resource.list::<CodeableConcept>("category")?;
+            #[derive(Deserialize, Default)]
+            #[serde(default)]
+            struct Attachment {
+                title: Option<String>,
+                creation: Option<String>,
+                #[serde(rename = "contentType")]
+                content_type: Option<String>,
+                data: Option<String>,
+            }
+            #[derive(Deserialize, Default)]
+            #[serde(default)]
+            struct DocContent {
+                attachment: Attachment,
+            }
+            let attachment = resource
+                .list::<DocContent>("content")?
+                .into_iter()
+                .next()
+                .map(|c| c.attachment)
+                .unwrap_or_default();
+            content.title = attachment.title.clone();
+            content.detail = resource.string("description")?.or_else(|| {
+                (attachment.content_type.as_deref() == Some("text/plain"))
+                    .then(|| attachment.data.as_deref().and_then(decode_base64_text))
+                    .flatten()
+            });
+            content.effective = resource.string("date")?.or(attachment.creation);
+            content.recorded = resource.string("date")?;
+        }
+        "Composition" => {
+            content.natural = DataClass::Document;
+            content.concept = resource.concept("type")?;
+            content.title = resource.string("title")?;
+            content.effective = resource.string("date")?;
+            content.recorded = resource.string("date")?;
+            #[derive(Deserialize, Default)]
+            #[serde(default)]
+            struct CompositionSection {
+                title: Option<String>,
+            }
+            let titles: Vec<String> = resource
+                .list::<CompositionSection>("section")?
+                .into_iter()
+                .filter_map(|s| s.title)
+                .collect();
+            content.detail =
+                (!titles.is_empty()).then(|| format!("Sections: {}", titles.join(", ")));
+        }
+        "Immunization" => {
+            content.concept = resource.concept("vaccineCode")?;
+            content.effective = resource.first_string(&["occurrenceDateTime", "recorded"])?;
+            content.recorded = resource.string("recorded")?;
+            content.detail = resource
+                .field::<Quantity>("doseQuantity")?
+                .and_then(|q| q.render())
+                .map(|d| format!("Dose {d}"));
+        }
+        "Procedure" => {
+            content.concept = resource.concept("code")?;
+            content.effective = match resource.string("performedDateTime")? {
+                Some(date) => Some(date),
+                None => resource.period_start("performedPeriod")?,
+            };
+        }
+        "Flag" => {
+            content.concept = resource.concept("code")?;
+            content.extra_concepts = resource.list::<CodeableConcept>("category")?;
+            content.effective = resource.period_start("period")?;
+        }
+        "CarePlan" => {
+            content.title = resource.string("title")?;
+            content.concept = resource.first_concept("category")?;
+            content.detail = resource.string("description")?;
+            content.effective = match resource.period_start("period")? {
+                Some(date) => Some(date),
+                None => resource.string("created")?,
+            };
+            content.recorded = resource.string("created")?;
+        }
+        "ServiceRequest" => {
+            content.concept = resource.concept("code")?;
+            content.effective = resource.first_string(&["occurrenceDateTime", "authoredOn"])?;
+            content.recorded = resource.string("authoredOn")?;
+            content.detail = resource
+                .list::<Reference>("performer")?
+                .into_iter()
+                .find_map(|p| p.display)
+                .map(|p| format!("To {p}"));
+        }
+        other => unreachable!("{other} is not a supported clinical type"),
+    }
+    Ok(content)
+}
+
+fn contained_medication(
+    resource: &Resource<'_>,
+    local_id: &str,
+) -> Result<Option<CodeableConcept>, MappingError> {
+    let contained = resource.list::<Value>("contained")?;
+    for value in &contained {
+        let inner = Resource::new(value)?;
+        if inner.resource_type == "Medication" && inner.id == Some(local_id) {
+            return inner.concept("code");
+        }
+    }
+    Ok(None)
+}
+
+fn decode_base64_text(data: &str) -> Option<String> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits: u32 = 0;
+    let mut count = 0;
+    let mut out = Vec::with_capacity(data.len() * 3 / 4);
+    for byte in data
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace() && *b != b'=')
+    {
+        let value = ALPHABET.iter().position(|a| *a == byte)? as u32;
+        bits = (bits << 6) | value;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+            bits &= (1 << count) - 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    struct NoMedications;
+    impl MedicationLookup for NoMedications {
+        fn medication(&self, _: &str) -> Option<CodeableConcept> {
+            None
+        }
+    }
+
+    fn map(value: Value) -> Result<Mapped, MappingError> {
+        let sensitive = SensitiveCodes::new(["86406008".to_string()]);
+        let context = MappingContext {
+            source_system: "TEST",
+            sensitive: &sensitive,
+            medications: &NoMedications,
+        };
+        map_resource(&Resource::new(&value)?, &context)
+    }
+
+    fn clinical(value: Value) -> ClinicalFacts {
+        match map(value).unwrap() {
+            Mapped::Clinical(facts) => facts,
+            other => panic!("expected clinical facts, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn allergy_becomes_a_coded_item_with_reaction_and_provenance() {
+        let facts = clinical(json!({
+            "resourceType": "AllergyIntolerance", "id": "a1",
+            "meta": {"lastUpdated": "2020-01-01T00:00:00Z"},
+            "code": {"coding": [{"system": SNOMED, "code": "372687004", "display": "Amoxicillin"}]},
+            "patient": {"reference": "Patient/p1"},
+            "recordedDate": "2019-12-10",
+            "reaction": [{"manifestation": [{"coding": [{"display": "Urticarial rash"}]}], "severity": "mild"}]
+        }));
+        assert_eq!(facts.patient, PatientRef::Reference("Patient/p1".into()));
+        let item = &facts.items[0];
+        assert_eq!(item.title, "Amoxicillin");
+        assert_eq!(item.section, Section::Allergies);
+        assert_eq!(item.class, DataClass::Coded);
+        assert_eq!(
+            item.detail.as_deref(),
+            Some("Reaction: Urticarial rash (mild)")
+        );
+        assert_eq!(item.source_id, "AllergyIntolerance/a1");
+        assert_eq!(item.last_updated.as_deref(), Some("2020-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn wrong_json_type_names_the_resource_and_field() {
+        let error = map(json!({
+            "resourceType": "Condition", "id": "c1",
+            "subject": {"reference": "Patient/p1"}, "code": 42
+        }))
+        .unwrap_err();
+        assert_eq!(error.resource, "Condition/c1");
+        assert!(error.problem.contains("`code`"), "{}", error.problem);
+        assert!(error.problem.contains("a number"), "{}", error.problem);
+    }
+
+    #[test]
+    fn entered_in_error_yields_no_items() {
+        let facts = clinical(json!({
+            "resourceType": "AllergyIntolerance", "id": "a1",
+            "verificationStatus": {"coding": [{"code": "entered-in-error"}]},
+            "patient": {"reference": "Patient/p1"}
+        }));
+        assert!(facts.entered_in_error);
+        assert!(facts.items.is_empty());
+        assert_eq!(facts.family.len(), 2);
+    }
+
+    #[test]
+    fn sensitive_codes_and_labels_and_private_tags_classify() {
+        let hiv = clinical(json!({
+            "resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": SNOMED, "code": "86406008", "display": "HIV"}]}
+        }));
+        assert_eq!(hiv.items[0].class, DataClass::Sensitive);
+        let restricted = clinical(json!({
+            "resourceType": "DocumentReference", "id": "d1",
+            "subject": {"identifier": {"system": NHS_NUMBER_SYSTEM, "value": "6700028191"}},
+            "securityLabel": [{"coding": [{"system": CONFIDENTIALITY_SYSTEM, "code": "V"}]}]
+        }));
+        assert_eq!(restricted.items[0].class, DataClass::Sensitive);
+        let private = clinical(json!({
+            "resourceType": "Condition", "id": "c2", "subject": {"reference": "Patient/p1"},
+            "meta": {"tag": [{"system": PRIVATE_SYSTEM, "code": PRIVATE_CODE}]},
+            "code": {"text": "Private matter"}
+        }));
+        assert_eq!(private.items[0].class, DataClass::Private);
+    }
+
+    #[test]
+    fn notes_become_a_separate_free_text_item() {
+        let facts = clinical(json!({
+            "resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
+            "code": {"text": "Asthma"}, "note": [{"text": "Worse in winter"}]
+        }));
+        assert_eq!(facts.items.len(), 2);
+        assert_eq!(facts.items[1].class, DataClass::FreeText);
+        assert_eq!(facts.items[1].id, "Condition/c1#note");
+    }
+
+    #[test]
+    fn blood_pressure_components_render() {
+        let facts = clinical(json!({
+            "resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"},
+            "code": {"text": "Blood pressure"},
+            "component": [
+                {"code": {"text": "Systolic"}, "valueQuantity": {"value": 120, "unit": "mmHg"}},
+                {"code": {"text": "Diastolic"}, "valueQuantity": {"value": 80, "unit": "mmHg"}}
+            ]
+        }));
+        assert_eq!(
+            facts.items[0].detail.as_deref(),
+            Some("Systolic: 120 mmHg; Diastolic: 80 mmHg")
+        );
+    }
+
+    #[test]
+    fn unresolvable_medication_reference_is_an_error_not_a_blank() {
+        let error = map(json!({
+            "resourceType": "MedicationRequest", "id": "m1", "subject": {"reference": "Patient/p1"},
+            "medicationReference": {"reference": "Medication/unknown"}
+        }))
+        .unwrap_err();
+        assert!(error.problem.contains("Medication/unknown"));
+    }
+
+    #[test]
+    fn unsupported_types_are_reported_as_such() {
+        assert!(matches!(
+            map(json!({"resourceType": "Appointment", "id": "x"})).unwrap(),
+            Mapped::Unsupported
+        ));
+    }
+
+    #[test]
+    fn base64_text_attachments_decode() {
+        assert_eq!(
+            decode_base64_text("aGVsbG8gd29ybGQ=").as_deref(),
+            Some("hello world")
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! A node home: the folder `caremesh init` makes, holding config, key and database.
+//!
+//! ```text
+//! DIR/caremesh.toml        configuration
+//! DIR/keys/signing.key     the organisation's ed25519 secret (hex, mode 0600)
+//! DIR/node.db              SQLite database (WAL)
+//! DIR/drop/                extracts arriving; `caremesh run` ingests them
+//! DIR/processed/           accepted files
+//! DIR/quarantine/          rejected files, each with a .reason.txt
+//! ```
+
+use crate::fhir::SensitiveCodes;
+use caremesh_storage::Store;
+use caremesh_sync::{OdsCode, OrgKind, PublisherKey};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "caremesh.toml";
+pub const KEY_FILE: &str = "keys/signing.key";
+pub const DATABASE_FILE: &str = "node.db";
+
+/// The SNOMED CT sensitive code set shipped in configs/, used when a config names none.
+pub const DEFAULT_SENSITIVE_CODES: &str = include_str!("../../configs/sensitive-codes.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error(
+        "{0} already holds a caremesh node (found {CONFIG_FILE}); choose another folder or remove it first"
+    )]
+    AlreadyExists(PathBuf),
+    #[error(
+        "{0} is not a caremesh node home (no {CONFIG_FILE}); run `caremesh init --dir {0}` first"
+    )]
+    NotAHome(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid configuration: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error(
+        "{path} is readable by other users (mode {mode:o}); a signing key must be mode 0600: run `chmod 600 {path}`"
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("{path} does not hold a 32-byte hex ed25519 secret key")]
+    KeyFormat { path: PathBuf },
+    #[error(transparent)]
+    Storage(#[from] caremesh_storage::StorageError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
+    move |source| HomeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub organisation: OrganisationConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub view: ViewConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrganisationConfig {
+    pub ods: OdsCode,
+    pub name: String,
+    pub kind: OrgKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IngestConfig {
+    /// The clinical system the extracts come from, recorded as each item's source system.
+    pub source_system: String,
+    /// "live" for a feed that sends as things happen, "batch" for periodic extracts.
+    pub feed: String,
+    /// How often a batch feed is expected to refresh; older data is flagged stale.
+    pub expected_refresh_hours: u32,
+    /// Watched by `caremesh run`; relative paths are inside the node home.
+    pub drop_folder: PathBuf,
+    /// CSV `identifier_system,identifier_value,nhs_number` for extracts without NHS numbers.
+    pub patient_index: Option<PathBuf>,
+    /// TOML file with a `codes` list of SNOMED CT codes that make an item sensitive.
+    pub sensitive_codes: Option<PathBuf>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            source_system: "unknown".into(),
+            feed: "batch".into(),
+            expected_refresh_hours: 12,
+            drop_folder: PathBuf::from("drop"),
+            patient_index: None,
+            sensitive_codes: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ViewConfig {
+    /// Address the view listens on. Loopback by default: the view carries patient data.
+    pub listen: String,
+}
+
+impl Default for ViewConfig {
+    fn default() -> Self {
+        ViewConfig {
+            listen: "127.0.0.1:7800".into(),
+        }
+    }
+}
+
+pub struct Home {
+    pub dir: PathBuf,
+    pub config: NodeConfig,
+}
+
+impl Home {
+    /// Makes a new node home. Refuses to touch a folder that already holds one.
+    pub fn init(dir: &Path, organisation: OrganisationConfig) -> Result<Home, HomeError> {
+        if dir.join(CONFIG_FILE).exists() {
+            return Err(HomeError::AlreadyExists(dir.to_path_buf()));
+        }
+        for sub in ["keys", "drop", "processed", "quarantine"] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(io(&path))?;
+        }
+        let config = NodeConfig {
+            organisation,
+            ingest: IngestConfig::default(),
+            view: ViewConfig::default(),
+        };
+        let key = generate_key()?;
+        write_secret(&dir.join(KEY_FILE), &hex::encode(key.secret()))?;
+        let home = Home {
+            dir: dir.to_path_buf(),
+            config,
+        };
+        home.save_config()?;
+        home.open_store()?;
+        Ok(home)
+    }
+
+    pub fn open(dir: &Path) -> Result<Home, HomeError> {
+        let path = dir.join(CONFIG_FILE);
+        if !path.exists() {
+            return Err(HomeError::NotAHome(dir.to_path_buf()));
+        }
+        let text = fs::read_to_string(&path).map_err(io(&path))?;
+        let config = toml::from_str(&text).map_err(|e| HomeError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Home {
+            dir: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    pub fn save_config(&self) -> Result<(), HomeError> {
+        let path = self.dir.join(CONFIG_FILE);
+        let text = toml::to_string_pretty(&self.config).expect("config always serialises");
+        let header = "# caremesh node configuration. Paths are relative to this folder.\n\n";
+        fs::write(&path, format!("{header}{text}")).map_err(io(&path))
+    }
+
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.dir.join(path)
+        }
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.dir.join(DATABASE_FILE)
+    }
+
+    pub fn drop_dir(&self) -> PathBuf {
+        self.resolve(&self.config.ingest.drop_folder)
+    }
+
+    pub fn processed_dir(&self) -> PathBuf {
+        self.dir.join("processed")
+    }
+
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.dir.join("quarantine")
+    }
+
+    pub fn open_store(&self) -> Result<Store, HomeError> {
+        Ok(Store::open(&self.database_path())?)
+    }
+
+    pub fn signing_key(&self) -> Result<PublisherKey, HomeError> {
+        load_secret_key(&self.dir.join(KEY_FILE))
+    }
+
+    pub fn sensitive_codes(&self) -> Result<SensitiveCodes, HomeError> {
+        let (path, text) = match &self.config.ingest.sensitive_codes {
+            Some(path) => {
+                let path = self.resolve(path);
+                let text = fs::read_to_string(&path).map_err(io(&path))?;
+                (path, text)
+            }
+            None => (
+                PathBuf::from("(built-in configs/sensitive-codes.toml)"),
+                DEFAULT_SENSITIVE_CODES.to_string(),
+            ),
+        };
+        parse_sensitive_codes(&text).map_err(|message| HomeError::Config { path, message })
+    }
+}
+
+pub fn parse_sensitive_codes(text: &str) -> Result<SensitiveCodes, String> {
+    #[derive(Deserialize)]
+    struct Group {
+        codes: Vec<String>,
+    }
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(flatten)]
+        groups: std::collections::BTreeMap<String, Group>,
+    }
+    let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+    Ok(SensitiveCodes::new(
+        file.groups.into_values().flat_map(|g| g.codes),
+    ))
+}
+
+fn generate_key() -> Result<PublisherKey, HomeError> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| HomeError::Io {
+        path: PathBuf::from("(operating system random source)"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(PublisherKey::from_secret(secret))
+}
+
+/// Writes a secret so that it is never, even briefly, readable by others.
+pub fn write_secret(path: &Path, contents: &str) -> Result<(), HomeError> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    file.write_all(contents.as_bytes()).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
+pub fn load_secret_key(path: &Path) -> Result<PublisherKey, HomeError> {
+    let mode = fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(HomeError::KeyPermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    let bytes = hex::decode(text.trim()).map_err(|_| HomeError::KeyFormat {
+        path: path.to_path_buf(),
+    })?;
+    let secret: [u8; 32] = bytes.try_into().map_err(|_| HomeError::KeyFormat {
+        path: path.to_path_buf(),
+    })?;
+    Ok(PublisherKey::from_secret(secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn organisation() -> OrganisationConfig {
+        OrganisationConfig {
+            ods: OdsCode::parse("A81001").unwrap(),
+            name: "Test Practice".into(),
+            kind: OrgKind::Gp,
+        }
+    }
+
+    #[test]
+    fn init_makes_a_home_with_a_private_key_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::init(dir.path(), organisation()).unwrap();
+        let mode = fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        home.signing_key().unwrap();
+        assert!(matches!(
+            Home::init(dir.path(), organisation()),
+            Err(HomeError::AlreadyExists(_))
+        ));
+        let reopened = Home::open(dir.path()).unwrap();
+        assert_eq!(reopened.config.organisation.kind, OrgKind::Gp);
+    }
+
+    #[test]
+    fn a_key_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::init(dir.path(), organisation()).unwrap();
+        let path = dir.path().join(KEY_FILE);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            home.signing_key(),
+            Err(HomeError::KeyPermissions { .. })
+        ));
+    }
+
+    #[test]
+    fn the_shipped_sensitive_code_set_parses_and_is_not_empty() {
+        let codes = parse_sensitive_codes(DEFAULT_SENSITIVE_CODES).unwrap();
+        assert!(codes.len() >= 10);
+    }
+}

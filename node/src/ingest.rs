@@ -1,0 +1,1091 @@
+//! Ingest: FHIR R4 JSON files (single resources, Bundles, NDJSON) into signed documents.
+//!
+//! Guarantees:
+//! * Each JSON file is one storage transaction; an NDJSON file is committed in chunks of
+//!   [`NDJSON_CHUNK_LINES`] lines, so memory stays bounded whatever the file size.
+//! * When `ingest` reports a file done, its transaction has committed (WAL, synchronous=FULL).
+//! * Nothing is dropped silently: every resource read ends in exactly one outcome, and the
+//!   report reconciles resources in with outcomes out. Rejected files go to quarantine with
+//!   a `.reason.txt` naming each problem and where it is.
+
+use crate::fhir::{
+    self, CodeableConcept, MappingContext, MedicationLookup, NHS_NUMBER_SYSTEM, PatientRef,
+    Resource, SensitiveCodes,
+};
+use crate::home::{Home, HomeError};
+use crate::patient_index::PatientIndex;
+use crate::publish::{Publication, PublishError};
+use caremesh_storage::{IngestRow, SourceRow, StorageError, Store, WriteBatch};
+use caremesh_sync::{NhsNumber, PublisherKey};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+/// A single JSON document larger than this is refused: send it as NDJSON instead.
+pub const MAX_JSON_FILE_BYTES: u64 = 128 * 1024 * 1024;
+/// One NDJSON line (one resource) larger than this is refused.
+pub const MAX_NDJSON_LINE_BYTES: usize = 16 * 1024 * 1024;
+/// NDJSON lines committed per transaction.
+pub const NDJSON_CHUNK_LINES: usize = 2_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    PatientIndex(#[from] crate::patient_index::PatientIndexError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
+    move |source| IngestError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    pub file: String,
+    /// Where in the file: `entry 3`, `line 17`, or empty for the whole file.
+    pub location: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.location.is_empty() {
+            write!(f, "{}: {}", self.file, self.reason)
+        } else {
+            write!(f, "{} ({}): {}", self.file, self.location, self.reason)
+        }
+    }
+}
+
+/// What one ingest did. Every resource read is counted once in `resources` and once in
+/// exactly one outcome: accepted, retracted, stale, unsupported or rejected.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct IngestReport {
+    pub files: usize,
+    pub files_accepted: usize,
+    pub files_rejected: usize,
+    pub resources: BTreeMap<String, usize>,
+    /// Bundles by type: containers whose entries are counted as resources of their own.
+    pub containers: BTreeMap<String, usize>,
+    pub accepted: usize,
+    pub retracted: usize,
+    pub stale: usize,
+    pub unsupported: BTreeMap<String, usize>,
+    pub rejected: Vec<Rejection>,
+    pub items_by_section: BTreeMap<String, usize>,
+    pub patients: usize,
+    pub documents_written: usize,
+    pub quarantined: Vec<PathBuf>,
+}
+
+impl IngestReport {
+    pub fn resources_read(&self) -> usize {
+        self.resources.values().sum()
+    }
+
+    pub fn resources_accounted(&self) -> usize {
+        self.containers.values().sum::<usize>()
+            + self.accepted
+            + self.retracted
+            + self.stale
+            + self.unsupported.values().sum::<usize>()
+            + self
+                .rejected
+                .iter()
+                .filter(|r| r.location != "file")
+                .count()
+    }
+
+    fn merge(&mut self, other: IngestReport) {
+        self.files += other.files;
+        self.files_accepted += other.files_accepted;
+        self.files_rejected += other.files_rejected;
+        for (k, v) in other.resources {
+            *self.resources.entry(k).or_default() += v;
+        }
+        for (k, v) in other.containers {
+            *self.containers.entry(k).or_default() += v;
+        }
+        self.accepted += other.accepted;
+        self.retracted += other.retracted;
+        self.stale += other.stale;
+        for (k, v) in other.unsupported {
+            *self.unsupported.entry(k).or_default() += v;
+        }
+        self.rejected.extend(other.rejected);
+        for (k, v) in other.items_by_section {
+            *self.items_by_section.entry(k).or_default() += v;
+        }
+        self.patients += other.patients;
+        self.documents_written += other.documents_written;
+        self.quarantined.extend(other.quarantined);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let line = |out: &mut String, text: String| {
+            out.push_str(&text);
+            out.push('\n');
+        };
+        line(
+            &mut out,
+            format!(
+                "files: {} ({} accepted, {} rejected)",
+                self.files, self.files_accepted, self.files_rejected
+            ),
+        );
+        line(
+            &mut out,
+            format!("resources read: {}", self.resources_read()),
+        );
+        for (kind, count) in &self.resources {
+            line(&mut out, format!("  {kind:<24} {count}"));
+        }
+        line(&mut out, format!("patients: {}", self.patients));
+        line(&mut out, "items by section:".into());
+        for (section, count) in &self.items_by_section {
+            line(&mut out, format!("  {section:<24} {count}"));
+        }
+        line(
+            &mut out,
+            format!(
+                "accepted: {}  retracted (entered in error): {}  older versions ignored: {}",
+                self.accepted, self.retracted, self.stale
+            ),
+        );
+        let unsupported: usize = self.unsupported.values().sum();
+        line(&mut out, format!("unsupported: {unsupported}"));
+        for (kind, count) in &self.unsupported {
+            line(&mut out, format!("  {kind:<24} {count}"));
+        }
+        line(&mut out, format!("rejected: {}", self.rejected.len()));
+        for rejection in &self.rejected {
+            line(&mut out, format!("  {rejection}"));
+        }
+        line(
+            &mut out,
+            format!("documents written: {}", self.documents_written),
+        );
+        for path in &self.quarantined {
+            line(&mut out, format!("quarantined: {}", path.display()));
+        }
+        let reconciled = self.resources_read() == self.resources_accounted();
+        line(
+            &mut out,
+            format!(
+                "reconciled: {} resources read, {} accounted for{}",
+                self.resources_read(),
+                self.resources_accounted(),
+                if reconciled { "" } else { "  ** MISMATCH **" }
+            ),
+        );
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum FileDisposition {
+    /// Files given on the command line stay where they are; a copy of a rejected file goes
+    /// to quarantine.
+    LeaveInPlace,
+    /// Files from the drop folder move to processed/ or quarantine/.
+    Move,
+}
+
+pub struct Ingestor<'a> {
+    store: &'a mut Store,
+    rules: IngestRules<'a>,
+}
+
+/// Everything ingest decides with, apart from the store it writes to.
+struct IngestRules<'a> {
+    home: &'a Home,
+    key: PublisherKey,
+    sensitive: SensitiveCodes,
+    index: PatientIndex,
+    disposition: FileDisposition,
+    now: i64,
+}
+
+/// A resource as read from a file, with where it was and the Bundle fullUrl naming it.
+struct Located {
+    location: String,
+    full_url: Option<String>,
+    value: Value,
+}
+
+/// Outcome of reading and placing one file (or one NDJSON chunk).
+enum Attempt {
+    Done(IngestReport),
+    /// Some resources name patients not yet known; retry once the rest of the batch is in.
+    Deferred,
+}
+
+impl<'a> Ingestor<'a> {
+    pub fn new(
+        home: &'a Home,
+        store: &'a mut Store,
+        extra_index: Option<&Path>,
+        disposition: FileDisposition,
+        now: i64,
+    ) -> Result<Self, IngestError> {
+        let index_path = extra_index.map(Path::to_path_buf).or_else(|| {
+            home.config
+                .ingest
+                .patient_index
+                .as_ref()
+                .map(|p| home.resolve(p))
+        });
+        let index = match index_path {
+            Some(path) => PatientIndex::load(&path)?,
+            None => PatientIndex::default(),
+        };
+        Ok(Ingestor {
+            store,
+            rules: IngestRules {
+                key: home.signing_key()?,
+                sensitive: home.sensitive_codes()?,
+                home,
+                index,
+                disposition,
+                now,
+            },
+        })
+    }
+
+    /// Ingests files and folders. Folders are walked recursively in name order; files whose
+    /// names say they hold Patients go first, and files naming patients not yet known are
+    /// retried after the rest, so a folder ingests whatever order its files are in.
+    pub fn ingest_paths(&mut self, paths: &[PathBuf]) -> Result<IngestReport, IngestError> {
+        let mut files = Vec::new();
+        for path in paths {
+            collect_files(path, &mut files)?;
+        }
+        files.sort_by_key(|f| {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            (
+                !name.starts_with("Patient") && !name.contains("-Patient-"),
+                f.clone(),
+            )
+        });
+        let mut report = IngestReport::default();
+        let mut deferred = Vec::new();
+        for file in files {
+            match self.ingest_file(&file, false)? {
+                Attempt::Done(file_report) => report.merge(file_report),
+                Attempt::Deferred => deferred.push(file),
+            }
+        }
+        for file in deferred {
+            match self.ingest_file(&file, true)? {
+                Attempt::Done(file_report) => report.merge(file_report),
+                Attempt::Deferred => unreachable!("final attempts never defer"),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Ingests one file; with `final_attempt` false, a JSON file naming unknown patients is
+    /// rolled back and deferred instead of rejected.
+    fn ingest_file(&mut self, path: &Path, final_attempt: bool) -> Result<Attempt, IngestError> {
+        let is_ndjson = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("ndjson" | "jsonl")
+        );
+        let attempt = if is_ndjson {
+            Attempt::Done(self.ingest_ndjson(path)?)
+        } else {
+            self.ingest_json(path, final_attempt)?
+        };
+        let Attempt::Done(mut report) = attempt else {
+            return Ok(Attempt::Deferred);
+        };
+        report.files = 1;
+        let rejected = !report.rejected.is_empty();
+        if rejected {
+            report.files_rejected = 1;
+        } else {
+            report.files_accepted = 1;
+        }
+        self.record(path, &report)?;
+        self.rules.dispose(path, &mut report)?;
+        Ok(Attempt::Done(report))
+    }
+
+    fn record(&mut self, path: &Path, report: &IngestReport) -> Result<(), IngestError> {
+        let outcome = match (
+            report.rejected.is_empty(),
+            report.accepted + report.retracted,
+        ) {
+            (true, _) => "accepted",
+            (false, 0) => "rejected",
+            (false, _) => "partly rejected",
+        };
+        let batch = self.store.write()?;
+        batch.record_ingest(&IngestRow {
+            at: self.rules.now,
+            file: path.display().to_string(),
+            outcome: outcome.into(),
+            summary: serde_json::json!({
+                "resources": report.resources_read(),
+                "accepted": report.accepted,
+                "retracted": report.retracted,
+                "stale": report.stale,
+                "unsupported": report.unsupported.values().sum::<usize>(),
+                "rejected": report.rejected.len(),
+                "documents_written": report.documents_written,
+            }),
+        })?;
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn ingest_json(&mut self, path: &Path, final_attempt: bool) -> Result<Attempt, IngestError> {
+        let file_name = path.display().to_string();
+        let whole_file = |reason: String| {
+            let mut report = IngestReport::default();
+            report.rejected.push(Rejection {
+                file: file_name.clone(),
+                location: "file".into(),
+                reason,
+            });
+            Attempt::Done(report)
+        };
+        let size = fs::metadata(path).map_err(io(path))?.len();
+        if size > MAX_JSON_FILE_BYTES {
+            return Ok(whole_file(format!(
+                "file is {size} bytes, over the {MAX_JSON_FILE_BYTES}-byte limit for one JSON document; export it as NDJSON instead"
+            )));
+        }
+        let bytes = fs::read(path).map_err(io(path))?;
+        let value: Value = match serde_json::from_slice(&bytes) {
+            Ok(value) => value,
+            Err(error) => {
+                let hint = if error.is_eof() {
+                    " (the file ends early: truncated or still being written)"
+                } else {
+                    ""
+                };
+                return Ok(whole_file(format!("not valid JSON: {error}{hint}")));
+            }
+        };
+        drop(bytes);
+        let mut located = Vec::new();
+        let mut report = IngestReport::default();
+        if let Err(reason) = flatten(value, String::new(), None, &mut located, &mut report) {
+            return Ok(whole_file(reason));
+        }
+        self.place_resources(&file_name, located, report, final_attempt)
+    }
+
+    fn ingest_ndjson(&mut self, path: &Path) -> Result<IngestReport, IngestError> {
+        let file_name = path.display().to_string();
+        let file = File::open(path).map_err(io(path))?;
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut report = IngestReport::default();
+        let mut chunk = Vec::new();
+        let mut chunk_report = IngestReport::default();
+        let mut line_number = 0usize;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let outcome = read_line_limited(&mut reader, &mut line, MAX_NDJSON_LINE_BYTES)
+                .map_err(io(path))?;
+            if outcome == LineRead::End {
+                break;
+            }
+            line_number += 1;
+            let location = format!("line {line_number}");
+            if outcome == LineRead::TooLong {
+                // The oversized line is not counted as a resource: it could not be read.
+                *chunk_report
+                    .resources
+                    .entry("(unreadable line)".into())
+                    .or_default() += 1;
+                chunk_report.rejected.push(Rejection {
+                    file: file_name.clone(),
+                    location,
+                    reason: format!("line longer than {MAX_NDJSON_LINE_BYTES} bytes; skipped"),
+                });
+                continue;
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<Value>(&line) {
+                Ok(value) => {
+                    if let Err(reason) =
+                        flatten(value, location.clone(), None, &mut chunk, &mut chunk_report)
+                    {
+                        *chunk_report
+                            .resources
+                            .entry("(unreadable line)".into())
+                            .or_default() += 1;
+                        chunk_report.rejected.push(Rejection {
+                            file: file_name.clone(),
+                            location,
+                            reason,
+                        });
+                    }
+                }
+                Err(error) => {
+                    *chunk_report
+                        .resources
+                        .entry("(unreadable line)".into())
+                        .or_default() += 1;
+                    chunk_report.rejected.push(Rejection {
+                        file: file_name.clone(),
+                        location,
+                        reason: format!("not valid JSON: {error}"),
+                    });
+                }
+            }
+            if chunk.len() >= NDJSON_CHUNK_LINES {
+                let resources = std::mem::take(&mut chunk);
+                let Attempt::Done(done) = self.place_resources(
+                    &file_name,
+                    resources,
+                    std::mem::take(&mut chunk_report),
+                    true,
+                )?
+                else {
+                    unreachable!("final attempts never defer")
+                };
+                report.merge(done);
+            }
+        }
+        let Attempt::Done(done) = self.place_resources(&file_name, chunk, chunk_report, true)?
+        else {
+            unreachable!("final attempts never defer")
+        };
+        report.merge(done);
+        Ok(report)
+    }
+
+    /// Maps and places resources in one transaction. `report` already counts what was read
+    /// but could not become a resource.
+    fn place_resources(
+        &mut self,
+        file_name: &str,
+        located: Vec<Located>,
+        mut report: IngestReport,
+        final_attempt: bool,
+    ) -> Result<Attempt, IngestError> {
+        let rules = &self.rules;
+        let publisher = rules.home.config.organisation.ods.clone();
+        let source_system = rules.home.config.ingest.source_system.clone();
+        let batch = self.store.write()?;
+        let mut local = LocalReferences::default();
+        let mut publication = Publication::new(publisher.clone());
+        let reject = |report: &mut IngestReport, location: &str, reason: String| {
+            report.rejected.push(Rejection {
+                file: file_name.to_string(),
+                location: location.to_string(),
+                reason,
+            });
+        };
+
+        // Pass 1: what other resources refer to (Patients, Medications, Organizations).
+        let mut clinical = Vec::new();
+        for entry in located {
+            let resource = match Resource::new(&entry.value) {
+                Ok(resource) => resource,
+                Err(error) => {
+                    *report
+                        .resources
+                        .entry("(not a resource)".into())
+                        .or_default() += 1;
+                    reject(&mut report, &entry.location, error.to_string());
+                    continue;
+                }
+            };
+            *report
+                .resources
+                .entry(resource.resource_type.to_string())
+                .or_default() += 1;
+            match resource.resource_type {
+                "Patient" => {
+                    let context = rules.context(&source_system, &local);
+                    let facts = match fhir::map_resource(&resource, &context) {
+                        Ok(fhir::Mapped::Patient(facts)) => facts,
+                        Ok(_) => unreachable!("a Patient maps to patient facts"),
+                        Err(error) => {
+                            reject(&mut report, &entry.location, error.to_string());
+                            continue;
+                        }
+                    };
+                    let nhs = match rules.resolve_patient_identity(&facts.identifiers) {
+                        Ok(nhs) => nhs,
+                        Err(reason) => {
+                            reject(
+                                &mut report,
+                                &entry.location,
+                                format!("{}: {reason}", facts.key),
+                            );
+                            continue;
+                        }
+                    };
+                    batch.link_patient(&facts.key, &nhs)?;
+                    local.patients.insert(facts.key.clone(), nhs.clone());
+                    if let Some(url) = &entry.full_url {
+                        local.patients.insert(url.clone(), nhs.clone());
+                    }
+                    if !rules.is_stale(&batch, &facts.key, facts.item.last_updated.as_deref())? {
+                        let family = [facts.item.id.clone()];
+                        publication.place(&batch, &nhs, &family, vec![facts.item])?;
+                        *report
+                            .items_by_section
+                            .entry("demographics".into())
+                            .or_default() += 1;
+                        report.accepted += 1;
+                        report.patients += 1;
+                    } else {
+                        report.stale += 1;
+                    }
+                }
+                "Medication" | "Organization" => {
+                    let context = rules.context(&source_system, &local);
+                    match fhir::map_resource(&resource, &context) {
+                        Ok(fhir::Mapped::Referenced { key, summary }) => {
+                            let body = summary.to_string();
+                            batch.put_referenced(&key, &body)?;
+                            if let Some(url) = &entry.full_url {
+                                batch.put_referenced(url, &body)?;
+                            }
+                            local.referenced.insert(key, summary.clone());
+                            if let Some(url) = entry.full_url.clone() {
+                                local.referenced.insert(url, summary);
+                            }
+                            report.accepted += 1;
+                        }
+                        Ok(_) => unreachable!("referenced types map to Referenced"),
+                        Err(error) => reject(&mut report, &entry.location, error.to_string()),
+                    }
+                }
+                _ => clinical.push(entry),
+            }
+        }
+
+        // Pass 2: clinical resources, placed in their patients' documents.
+        for entry in clinical {
+            let resource = Resource::new(&entry.value).expect("checked in pass 1");
+            load_earlier_medication(&batch, &mut local, &resource)?;
+            let context = rules.context(&source_system, &local);
+            let facts = match fhir::map_resource(&resource, &context) {
+                Ok(fhir::Mapped::Clinical(facts)) => facts,
+                Ok(fhir::Mapped::Unsupported) => {
+                    *report
+                        .unsupported
+                        .entry(resource.resource_type.to_string())
+                        .or_default() += 1;
+                    continue;
+                }
+                Ok(other) => unreachable!("clinical pass got {other:?}"),
+                Err(error) => {
+                    reject(&mut report, &entry.location, error.to_string());
+                    continue;
+                }
+            };
+            let nhs = match rules.resolve_patient_ref(&batch, &local, &facts.patient)? {
+                Ok(nhs) => nhs,
+                Err(reason) => {
+                    if !final_attempt && matches!(facts.patient, PatientRef::Reference(_)) {
+                        // Roll back (drop the batch) and retry after the rest of the batch.
+                        return Ok(Attempt::Deferred);
+                    }
+                    reject(
+                        &mut report,
+                        &entry.location,
+                        format!("{}: {reason}", resource.key()),
+                    );
+                    continue;
+                }
+            };
+            if rules.is_stale(&batch, &resource.key(), facts.last_updated.as_deref())? {
+                report.stale += 1;
+                continue;
+            }
+            if facts.entered_in_error {
+                report.retracted += 1;
+            } else {
+                report.accepted += 1;
+                for item in &facts.items {
+                    *report
+                        .items_by_section
+                        .entry(item.section.to_string())
+                        .or_default() += 1;
+                }
+            }
+            publication.place(&batch, &nhs, &facts.family, facts.items)?;
+        }
+
+        report.documents_written = publication.apply(&batch, &rules.key, rules.now)?;
+        batch.touch_source(&SourceRow {
+            publisher: publisher.to_string(),
+            name: rules.home.config.organisation.name.clone(),
+            kind: rules.home.config.organisation.kind.to_string(),
+            source_system,
+            feed: rules.home.config.ingest.feed.clone(),
+            data_as_of: rules.now,
+        })?;
+        batch.commit()?;
+        Ok(Attempt::Done(report))
+    }
+}
+
+impl IngestRules<'_> {
+    fn context<'c>(
+        &'c self,
+        source_system: &'c str,
+        local: &'c LocalReferences,
+    ) -> MappingContext<'c> {
+        MappingContext {
+            source_system,
+            sensitive: &self.sensitive,
+            medications: local,
+        }
+    }
+
+    /// True if a newer version of the resource was ingested before; otherwise records this
+    /// version as the newest.
+    fn is_stale(
+        &self,
+        batch: &WriteBatch<'_>,
+        key: &str,
+        last_updated: Option<&str>,
+    ) -> Result<bool, IngestError> {
+        let Some(incoming) = last_updated else {
+            return Ok(false);
+        };
+        if let Some(known) = batch.resource_version(key)?
+            && compare_instants(incoming, &known) == std::cmp::Ordering::Less
+        {
+            return Ok(true);
+        }
+        batch.set_resource_version(key, incoming)?;
+        Ok(false)
+    }
+
+    fn resolve_patient_identity(
+        &self,
+        identifiers: &[fhir::Identifier],
+    ) -> Result<NhsNumber, String> {
+        if let Some(nhs) = identifiers
+            .iter()
+            .find(|i| i.system.as_deref() == Some(NHS_NUMBER_SYSTEM))
+        {
+            let value = nhs.value.as_deref().unwrap_or("");
+            return NhsNumber::parse(value).map_err(|e| format!("invalid NHS number: {e}"));
+        }
+        for identifier in identifiers {
+            if let (Some(system), Some(value)) = (&identifier.system, &identifier.value)
+                && let Some(nhs) = self.index.lookup(system, value)
+            {
+                return Ok(nhs.clone());
+            }
+        }
+        Err(format!(
+            "has no NHS number and none of its {} identifier(s) is in the patient index ({} entries); add it to the index given with --patient-index or ingest.patient_index",
+            identifiers.len(),
+            self.index.len()
+        ))
+    }
+
+    fn resolve_patient_ref(
+        &self,
+        batch: &WriteBatch<'_>,
+        local: &LocalReferences,
+        patient: &PatientRef,
+    ) -> Result<Result<NhsNumber, String>, IngestError> {
+        match patient {
+            PatientRef::Identifier { system, value } if system == NHS_NUMBER_SYSTEM => {
+                Ok(NhsNumber::parse(value).map_err(|e| format!("invalid NHS number: {e}")))
+            }
+            PatientRef::Identifier { system, value } => {
+                Ok(self.index.lookup(system, value).cloned().ok_or_else(|| {
+                    format!("patient identifier {system}|{value} is not in the patient index")
+                }))
+            }
+            PatientRef::Reference(reference) => {
+                let key = normalise_reference(reference);
+                if let Some(nhs) = local
+                    .patients
+                    .get(reference)
+                    .or_else(|| local.patients.get(&key))
+                {
+                    return Ok(Ok(nhs.clone()));
+                }
+                if let Some(nhs) = batch.patient_link(&key)? {
+                    return Ok(Ok(nhs));
+                }
+                Ok(Err(format!(
+                    "refers to patient {reference}, which is neither in this file nor ingested earlier; ingest the Patient first"
+                )))
+            }
+        }
+    }
+
+    fn dispose(&self, path: &Path, report: &mut IngestReport) -> Result<(), IngestError> {
+        let rejected = !report.rejected.is_empty();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "extract".into());
+        let target_dir = if rejected {
+            self.home.quarantine_dir()
+        } else {
+            self.home.processed_dir()
+        };
+        match (self.disposition, rejected) {
+            (FileDisposition::LeaveInPlace, false) => return Ok(()),
+            (FileDisposition::LeaveInPlace, true) => {
+                let target = unique_target(&target_dir, &name, self.now);
+                fs::copy(path, &target).map_err(io(&target))?;
+                self.write_reason(&target, report)?;
+                report.quarantined.push(target);
+            }
+            (FileDisposition::Move, _) => {
+                let target = unique_target(&target_dir, &name, self.now);
+                fs::rename(path, &target).map_err(io(path))?;
+                if rejected {
+                    self.write_reason(&target, report)?;
+                    report.quarantined.push(target);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_reason(&self, target: &Path, report: &IngestReport) -> Result<(), IngestError> {
+        let mut text = String::from("caremesh rejected this file.\n\n");
+        let placed = report.accepted + report.retracted;
+        if placed > 0 {
+            text.push_str(&format!(
+                "{placed} resource(s) from it were ingested; only the problems below were not. \
+                 Fix them and drop the whole file again: re-ingesting what was already taken \
+                 changes nothing.\n\n"
+            ));
+        }
+        for rejection in &report.rejected {
+            if rejection.location.is_empty() || rejection.location == "file" {
+                text.push_str(&format!("- {}\n", rejection.reason));
+            } else {
+                text.push_str(&format!("- {}: {}\n", rejection.location, rejection.reason));
+            }
+        }
+        let mut reason_path = target.as_os_str().to_owned();
+        reason_path.push(".reason.txt");
+        let reason_path = PathBuf::from(reason_path);
+        fs::write(&reason_path, text).map_err(io(&reason_path))
+    }
+}
+
+fn unique_target(dir: &Path, name: &str, now: i64) -> PathBuf {
+    let plain = dir.join(name);
+    if !plain.exists() {
+        return plain;
+    }
+    (1..)
+        .map(|n| dir.join(format!("{now}-{n}-{name}")))
+        .find(|p| !p.exists())
+        .expect("an unused name exists")
+}
+
+/// `http://host/fhir/Patient/123/_history/2` and `Patient/123` both name `Patient/123`.
+fn normalise_reference(reference: &str) -> String {
+    if reference.starts_with("urn:") {
+        return reference.to_string();
+    }
+    let without_history = reference.split("/_history/").next().unwrap_or(reference);
+    let parts: Vec<&str> = without_history.rsplitn(3, '/').collect();
+    match parts.as_slice() {
+        [id, kind, ..] => format!("{kind}/{id}"),
+        _ => reference.to_string(),
+    }
+}
+
+/// Orders two FHIR instants; falls back to text order where one does not parse (same-format
+/// timestamps from one system order correctly as text).
+fn compare_instants(a: &str, b: &str) -> std::cmp::Ordering {
+    a.cmp(b)
+}
+
+#[derive(Default)]
+struct LocalReferences {
+    patients: HashMap<String, NhsNumber>,
+    referenced: HashMap<String, Value>,
+}
+
+impl MedicationLookup for LocalReferences {
+    fn medication(&self, reference: &str) -> Option<CodeableConcept> {
+        let summary = self
+            .referenced
+            .get(reference)
+            .or_else(|| self.referenced.get(&normalise_reference(reference)))?;
+        serde_json::from_value(summary.get("code")?.clone()).ok()
+    }
+}
+
+/// Loads a Medication ingested in an earlier file into the local map before mapping.
+fn load_earlier_medication(
+    batch: &WriteBatch<'_>,
+    local: &mut LocalReferences,
+    resource: &Resource<'_>,
+) -> Result<(), IngestError> {
+    let Some(Value::Object(reference)) = resource.raw().get("medicationReference") else {
+        return Ok(());
+    };
+    let Some(Value::String(target)) = reference.get("reference") else {
+        return Ok(());
+    };
+    if local.referenced.contains_key(target) || target.starts_with('#') {
+        return Ok(());
+    }
+    let key = normalise_reference(target);
+    if let Some(body) = batch.referenced(target)?.or(batch.referenced(&key)?)
+        && let Ok(summary) = serde_json::from_str(&body)
+    {
+        local.referenced.insert(target.clone(), summary);
+    }
+    Ok(())
+}
+
+/// Unpacks Bundles (of any type, nested) into their resources.
+fn flatten(
+    value: Value,
+    location: String,
+    full_url: Option<String>,
+    out: &mut Vec<Located>,
+    report: &mut IngestReport,
+) -> Result<(), String> {
+    let is_bundle = value.get("resourceType").and_then(Value::as_str) == Some("Bundle");
+    if !is_bundle {
+        out.push(Located {
+            location,
+            full_url,
+            value,
+        });
+        return Ok(());
+    }
+    let Value::Object(mut bundle) = value else {
+        unreachable!("a value with resourceType is an object")
+    };
+    *report.resources.entry("Bundle".into()).or_default() += 1;
+    let bundle_type = bundle
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string();
+    // The Bundle itself is a container: its entries are counted one by one below.
+    *report
+        .containers
+        .entry(format!("Bundle ({bundle_type})"))
+        .or_default() += 1;
+    let entries = match bundle.remove("entry") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(entries)) => entries,
+        Some(other) => {
+            return Err(format!(
+                "Bundle `entry` should be an array, found {}",
+                fhir::json_kind(&other)
+            ));
+        }
+    };
+    let prefix = if location.is_empty() {
+        String::new()
+    } else {
+        format!("{location}, ")
+    };
+    for (index, entry) in entries.into_iter().enumerate() {
+        let entry_location = format!("{prefix}entry {index}");
+        let Value::Object(mut entry) = entry else {
+            *report
+                .resources
+                .entry("(bad Bundle entry)".into())
+                .or_default() += 1;
+            *report
+                .unsupported
+                .entry("Bundle entry that is not an object".into())
+                .or_default() += 1;
+            continue;
+        };
+        let full_url = entry
+            .get("fullUrl")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        match entry.remove("resource") {
+            Some(Value::Object(mut resource)) => {
+                // A resource POSTed in a batch has no id yet; its fullUrl is its identity.
+                if !resource.contains_key("id")
+                    && let Some(uuid) = full_url
+                        .as_deref()
+                        .and_then(|u| u.strip_prefix("urn:uuid:"))
+                {
+                    resource.insert("id".into(), Value::String(uuid.to_string()));
+                }
+                flatten(
+                    Value::Object(resource),
+                    entry_location,
+                    full_url,
+                    out,
+                    report,
+                )?
+            }
+            _ => {
+                *report
+                    .resources
+                    .entry("(Bundle entry without resource)".into())
+                    .or_default() += 1;
+                *report
+                    .unsupported
+                    .entry("Bundle entry without resource".into())
+                    .or_default() += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    Line,
+    TooLong,
+    End,
+}
+
+/// Reads one line into `line` without ever buffering more than `limit` bytes of it.
+fn read_line_limited(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<LineRead> {
+    let mut too_long = false;
+    let mut read_any = false;
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok(match (read_any, too_long) {
+                (false, _) => LineRead::End,
+                (true, true) => LineRead::TooLong,
+                (true, false) => LineRead::Line,
+            });
+        }
+        read_any = true;
+        let (chunk, found_newline) = match available.iter().position(|b| *b == b'\n') {
+            Some(end) => (&available[..end], true),
+            None => (available, false),
+        };
+        if !too_long {
+            if line.len() + chunk.len() > limit {
+                too_long = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        let consumed = chunk.len() + usize::from(found_newline);
+        reader.consume(consumed);
+        if found_newline {
+            return Ok(if too_long {
+                LineRead::TooLong
+            } else {
+                LineRead::Line
+            });
+        }
+    }
+}
+
+fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> Result<(), IngestError> {
+    let metadata = fs::metadata(path).map_err(io(path))?;
+    if metadata.is_file() {
+        files.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = fs::read_dir(path)
+        .map_err(io(path))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io(path))?;
+    entries.sort();
+    for entry in entries {
+        if entry.is_dir() {
+            collect_files(&entry, files)?;
+        } else if is_extract_file(&entry) {
+            files.push(entry);
+        }
+    }
+    Ok(())
+}
+
+/// Files a folder ingest takes: FHIR JSON and NDJSON, not hidden or partial files.
+pub fn is_extract_file(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    !name.starts_with('.')
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("json" | "ndjson" | "jsonl")
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_normalise_to_type_and_id() {
+        assert_eq!(normalise_reference("Patient/123"), "Patient/123");
+        assert_eq!(
+            normalise_reference("https://x.nhs.uk/fhir/Patient/123/_history/2"),
+            "Patient/123"
+        );
+        assert_eq!(normalise_reference("urn:uuid:abc"), "urn:uuid:abc");
+    }
+
+    #[test]
+    fn long_lines_are_skipped_without_buffering_them() {
+        let data = format!("short\n{}\nafter\nlast", "x".repeat(100));
+        let mut reader = BufReader::with_capacity(8, data.as_bytes());
+        let mut line = Vec::new();
+        let mut seen = Vec::new();
+        loop {
+            line.clear();
+            let outcome = read_line_limited(&mut reader, &mut line, 20).unwrap();
+            if outcome == LineRead::End {
+                break;
+            }
+            assert!(line.len() <= 20);
+            seen.push((outcome, String::from_utf8(line.clone()).unwrap()));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (LineRead::Line, "short".into()),
+                (LineRead::TooLong, String::new()),
+                (LineRead::Line, "after".into()),
+                (LineRead::Line, "last".into()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! The caremesh node: configuration, ingest, the record view, and the CLI that drives them.
+//! IO lives here; the decisions it acts on come from `caremesh-sync`, storage from
+//! `caremesh-storage`.
+
+pub mod cli;
+pub mod clock;
+pub mod fhir;
+pub mod generate;
+pub mod home;
+pub mod ingest;
+pub mod patient_index;
+pub mod publish;
+pub mod record;
+pub mod verify;
+pub mod view;
+pub mod watch;

@@ -1,0 +1,156 @@
+//! The drop folder: extracts are ingested as they arrive, never while still being written.
+//!
+//! A file is taken when the kernel says its writer closed it (inotify close-after-write) or
+//! when it is renamed into the folder, the two ways a complete file appears. Files already
+//! there at start, or whose events were missed, are taken by a periodic scan once their size
+//! and modification time have been unchanged for [`SETTLE`]. Hidden files (`.name`) and
+//! names not ending .json/.ndjson/.jsonl are left alone, so writers may write `.x.tmp` and
+//! rename.
+
+use crate::clock;
+use crate::home::Home;
+use crate::ingest::{FileDisposition, IngestError, Ingestor, is_extract_file};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::{EventKind, RecursiveMode, Watcher};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+pub const SETTLE: Duration = Duration::from_secs(3);
+const SCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// Watches the drop folder until `stop` is set, ingesting each complete file.
+pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestError> {
+    let home = Home::open(dir)?;
+    let drop_dir = home.drop_dir();
+    std::fs::create_dir_all(&drop_dir).map_err(|source| IngestError::Io {
+        path: drop_dir.clone(),
+        source,
+    })?;
+    let (events_tx, events) = mpsc::channel();
+    let mut watcher = notify::recommended_watcher(move |event| {
+        let _ = events_tx.send(event);
+    })
+    .map_err(|e| IngestError::Io {
+        path: drop_dir.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    watcher
+        .watch(&drop_dir, RecursiveMode::NonRecursive)
+        .map_err(|e| IngestError::Io {
+            path: drop_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    tracing::info!(folder = %drop_dir.display(), "watching drop folder");
+    let mut settling: HashMap<PathBuf, (u64, SystemTime, Instant)> = HashMap::new();
+    let mut next_scan = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let mut ready = Vec::new();
+        match events.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(event)) => {
+                if is_complete_signal(&event.kind) {
+                    ready.extend(event.paths.into_iter().filter(|p| is_extract_file(p)));
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "drop folder watch error; relying on scans"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if Instant::now() >= next_scan {
+            next_scan = Instant::now() + SCAN_EVERY;
+            ready.extend(settled_files(&drop_dir, &mut settling));
+        }
+        ready.sort();
+        ready.dedup();
+        ready.retain(|p| p.exists());
+        if ready.is_empty() {
+            continue;
+        }
+        for path in &ready {
+            settling.remove(path);
+        }
+        ingest_ready(&home, &ready)?;
+    }
+    Ok(())
+}
+
+fn is_complete_signal(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(RenameMode::To))
+            | EventKind::Modify(ModifyKind::Name(RenameMode::Both))
+            | EventKind::Create(CreateKind::Folder)
+    )
+}
+
+fn settled_files(
+    drop_dir: &Path,
+    settling: &mut HashMap<PathBuf, (u64, SystemTime, Instant)>,
+) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(drop_dir) else {
+        return Vec::new();
+    };
+    let mut ready = Vec::new();
+    let mut present = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !is_extract_file(&path) {
+            continue;
+        }
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
+        if !metadata.is_file() {
+            continue;
+        }
+        present.push(path.clone());
+        let signature = (
+            metadata.len(),
+            metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        );
+        match settling.get(&path) {
+            Some((len, modified, since))
+                if (*len, *modified) == signature && since.elapsed() >= SETTLE =>
+            {
+                ready.push(path);
+            }
+            Some((len, modified, _)) if (*len, *modified) == signature => {}
+            _ => {
+                settling.insert(path, (signature.0, signature.1, Instant::now()));
+            }
+        }
+    }
+    settling.retain(|path, _| present.contains(path));
+    ready
+}
+
+fn ingest_ready(home: &Home, files: &[PathBuf]) -> Result<(), IngestError> {
+    let mut store = home.open_store()?;
+    let mut ingestor = Ingestor::new(
+        home,
+        &mut store,
+        None,
+        FileDisposition::Move,
+        clock::now_unix(),
+    )?;
+    let report = ingestor.ingest_paths(files)?;
+    // Counts only: file names and reasons may carry identifiers, and go to quarantine instead.
+    tracing::info!(
+        files = report.files,
+        accepted = report.files_accepted,
+        rejected = report.files_rejected,
+        resources = report.resources_read(),
+        documents_written = report.documents_written,
+        "ingested from drop folder"
+    );
+    if report.files_rejected > 0 {
+        tracing::warn!(
+            rejected = report.files_rejected,
+            "files quarantined; see quarantine/*.reason.txt"
+        );
+    }
+    Ok(())
+}
