@@ -1,1 +1,609 @@
+//! Ingest, end to end through the real binary: real FHIR data, bad input, versions,
+//! bounded memory, durability under kill -9, and tamper detection.
 
+mod support;
+
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+use support::*;
+
+fn node(ods: &str, kind: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    init_node(&dir.path().join("node"), ods, "Test Organisation", kind);
+    dir
+}
+
+fn home(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("node")
+}
+
+fn report_json(output: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("ingest JSON: {e}\n{}", stdout(output)))
+}
+
+#[test]
+fn uk_core_and_nrl_examples_ingest_with_concrete_results() {
+    let dir = node("A81001", "gp");
+    let output = ingest(
+        &home(&dir),
+        &[
+            "--json",
+            real_data("uk-core").to_str().unwrap(),
+            real_data("nrl").to_str().unwrap(),
+        ],
+    );
+    // Some UK Core examples are invalid as extracts (an NHS number failing Modulus 11), so
+    // the ingest reports rejections and exits non-zero, having ingested the rest.
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let report = report_json(&output);
+    let read: u64 = report["resources"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(read > 0);
+    let rejected = report["rejected"].as_array().unwrap();
+    let baby = rejected
+        .iter()
+        .find(|r| r["reason"].as_str().unwrap().contains("9912003890"))
+        .expect("the invalid NHS number is reported");
+    assert!(
+        baby["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("UKCore-Patient-BabyPatient-Example.json")
+    );
+    assert!(baby["reason"].as_str().unwrap().contains("Modulus 11"));
+
+    let record = record_json(&home(&dir), "9912003888").expect("Richard Smith's record is held");
+    assert_eq!(record["demographics"]["name"], "Richard SMITH");
+    let allergies = section(&record, "allergies");
+    let amoxicillin = allergies
+        .iter()
+        .find(|i| {
+            i["source"]["resource"]
+                == "AllergyIntolerance/UKCore-AllergyIntolerance-Amoxicillin-Example"
+        })
+        .expect("the amoxicillin allergy is under allergies");
+    assert_eq!(amoxicillin["title"], "Amoxicillin");
+    assert_eq!(amoxicillin["source"]["organisation"], "A81001");
+    assert_eq!(amoxicillin["source"]["system"], "TestSystem");
+    assert_eq!(amoxicillin["recorded"], "2019-12-10T13:00:00+00:00");
+    assert!(
+        !allergies.iter().any(|i| i["source"]["resource"]
+            == "AllergyIntolerance/UKCore-AllergyIntolerance-EnteredInError-Example"),
+        "an entered-in-error allergy is never shown as a fact"
+    );
+    // A MedicationRequest whose medicationReference names a Medication from another file.
+    let medications = section(&record, "medications");
+    assert!(
+        medications
+            .iter()
+            .any(|i| i["title"].as_str().unwrap().contains("Timoptol")),
+        "medication references resolve: {medications:?}"
+    );
+    assert_eq!(record["sources"][0]["ods"], "A81001");
+
+    // The NRL pointer names its patient by NHS number and is labelled very restricted.
+    let crisis = record_json(&home(&dir), "6700028191").expect("NRL patient held");
+    let documents = section(&crisis, "documents");
+    assert!(!documents.is_empty());
+    assert!(documents.iter().all(|d| d["data_class"] == "sensitive"));
+
+    // The rejected file is in quarantine with its reason; the original stays in place.
+    let quarantined = home(&dir).join("quarantine/UKCore-Patient-BabyPatient-Example.json");
+    assert!(quarantined.exists());
+    let reason = std::fs::read_to_string(
+        home(&dir).join("quarantine/UKCore-Patient-BabyPatient-Example.json.reason.txt"),
+    )
+    .unwrap();
+    assert!(reason.contains("9912003890"), "{reason}");
+}
+
+#[test]
+fn synthea_bundles_ingest_through_the_patient_index() {
+    let dir = node("RTH", "acute");
+    let data = real_data("synthea-r4");
+    let index = data.join("nhs-numbers.csv");
+    let output = ingest(
+        &home(&dir),
+        &[
+            "--json",
+            "--patient-index",
+            index.to_str().unwrap(),
+            data.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let report = report_json(&output);
+    assert!(report["rejected"].as_array().unwrap().is_empty());
+    assert!(
+        report["unsupported"]["Claim"].as_u64().unwrap() > 0,
+        "billing is unsupported, not fatal"
+    );
+    // Antonio Castellanos is in both the full set and the fixture copy.
+    let record = record_json(&home(&dir), "9990166137").expect("record held");
+    assert!(
+        record["demographics"]["name"]
+            .as_str()
+            .unwrap()
+            .contains("Castellanos")
+    );
+    for name in ["results", "encounters", "immunisations"] {
+        assert!(!section(&record, name).is_empty(), "{name} is empty");
+    }
+}
+
+#[test]
+fn a_patient_missing_from_the_index_is_rejected_with_the_reason() {
+    let dir = node("RTH", "acute");
+    let output = ingest(&home(&dir), &[real_data("synthea-r4").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stdout(&output);
+    assert!(text.contains("patient index"), "{text}");
+    assert!(record_json(&home(&dir), "9990166137").is_none());
+}
+
+fn condition(version_time: &str, text: &str, status: Option<&str>) -> serde_json::Value {
+    let mut condition = json!({
+        "resourceType": "Condition", "id": "c1",
+        "meta": { "lastUpdated": version_time },
+        "subject": { "reference": "Patient/p1" },
+        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "195967001", "display": text }] },
+        "onsetDateTime": "2020-01-01"
+    });
+    if let Some(status) = status {
+        condition["verificationStatus"] = json!({ "coding": [{ "code": status }] });
+    }
+    condition
+}
+
+fn patient_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("patient.json");
+    write_json(
+        &path,
+        &json!({
+            "resourceType": "Patient", "id": "p1",
+            "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9912003888" }],
+            "name": [{ "family": "Smith", "given": ["Richard"] }]
+        }),
+    );
+    path
+}
+
+fn problems(dir: &Path) -> Vec<String> {
+    record_json(dir, "9912003888")
+        .map(|r| {
+            section(&r, "problems")
+                .iter()
+                .map(|i| i["title"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn re_ingest_changes_nothing_newer_versions_replace_and_entered_in_error_disappears() {
+    let dir = node("A81001", "gp");
+    let files = tempfile::tempdir().unwrap();
+    let patient = patient_file(files.path());
+    let v1 = files.path().join("v1.json");
+    write_json(&v1, &condition("2024-01-01T00:00:00Z", "Asthma", None));
+    let first = ingest(
+        &home(&dir),
+        &["--json", patient.to_str().unwrap(), v1.to_str().unwrap()],
+    );
+    assert!(first.status.success(), "{}", stdout(&first));
+    assert_eq!(problems(&home(&dir)), ["Asthma"]);
+    let documents = status_json(&home(&dir))["stats"]["documents"].clone();
+
+    let again = ingest(
+        &home(&dir),
+        &["--json", patient.to_str().unwrap(), v1.to_str().unwrap()],
+    );
+    assert_eq!(
+        report_json(&again)["documents_written"],
+        0,
+        "re-ingest wrote documents"
+    );
+    assert_eq!(status_json(&home(&dir))["stats"]["documents"], documents);
+
+    let v2 = files.path().join("v2.json");
+    write_json(
+        &v2,
+        &condition("2024-02-01T00:00:00Z", "Asthma, well controlled", None),
+    );
+    assert!(
+        ingest(&home(&dir), &[v2.to_str().unwrap()])
+            .status
+            .success()
+    );
+    assert_eq!(problems(&home(&dir)), ["Asthma, well controlled"]);
+
+    // An older version arriving late is ignored, and counted as such.
+    let late = ingest(&home(&dir), &["--json", v1.to_str().unwrap()]);
+    assert_eq!(report_json(&late)["stale"], 1);
+    assert_eq!(problems(&home(&dir)), ["Asthma, well controlled"]);
+
+    let retracted = files.path().join("v3.json");
+    write_json(
+        &retracted,
+        &condition("2024-03-01T00:00:00Z", "Asthma", Some("entered-in-error")),
+    );
+    let output = ingest(&home(&dir), &["--json", retracted.to_str().unwrap()]);
+    assert_eq!(report_json(&output)["retracted"], 1);
+    assert!(
+        problems(&home(&dir)).is_empty(),
+        "entered-in-error resource still shown"
+    );
+}
+
+#[test]
+fn a_resource_that_becomes_sensitive_moves_and_is_never_held_twice() {
+    let dir = node("A81001", "gp");
+    let files = tempfile::tempdir().unwrap();
+    let patient = patient_file(files.path());
+    let plain = files.path().join("plain.json");
+    write_json(&plain, &condition("2024-01-01T00:00:00Z", "Asthma", None));
+    assert!(
+        ingest(
+            &home(&dir),
+            &[patient.to_str().unwrap(), plain.to_str().unwrap()]
+        )
+        .status
+        .success()
+    );
+    let mut restricted = condition("2024-02-01T00:00:00Z", "Asthma", None);
+    restricted["meta"]["security"] = json!([{ "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R" }]);
+    let path = files.path().join("restricted.json");
+    write_json(&path, &restricted);
+    assert!(
+        ingest(&home(&dir), &[path.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let record = record_json(&home(&dir), "9912003888").unwrap();
+    let items = section(&record, "problems");
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["data_class"], "sensitive");
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_loses_nothing() {
+    let dir = node("A81001", "gp");
+    let files = tempfile::tempdir().unwrap();
+    let f = files.path();
+    patient_file(f);
+    write_json(
+        &f.join("invalid-nhs.json"),
+        &json!({ "resourceType": "Patient", "id": "p2",
+                 "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9434765910" }] }),
+    );
+    std::fs::write(
+        f.join("malformed.json"),
+        b"{ \"resourceType\": \"Condition\", oops }",
+    )
+    .unwrap();
+    let full = serde_json::to_vec(&condition("2024-01-01T00:00:00Z", "Asthma", None)).unwrap();
+    std::fs::write(f.join("truncated.json"), &full[..full.len() / 2]).unwrap();
+    write_json(
+        &f.join("unknown-type.json"),
+        &json!({ "resourceType": "SpaceshipLaunch", "id": "x" }),
+    );
+    let mut wrong = condition("2024-01-01T00:00:00Z", "Asthma", None);
+    wrong["id"] = json!("c-wrong");
+    wrong["code"] = json!(42);
+    write_json(&f.join("wrong-types.json"), &wrong);
+    let mut good = condition("2024-01-01T00:00:00Z", "Hay fever", None);
+    good["id"] = json!("c-good");
+    write_json(&f.join("good.json"), &good);
+
+    let output = ingest(&home(&dir), &["--json", f.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let report = report_json(&output);
+    let reasons: Vec<(String, String)> = report["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["file"].as_str().unwrap().to_string(),
+                r["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let reason_for = |file: &str| {
+        reasons
+            .iter()
+            .find(|(f, _)| f.ends_with(file))
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| panic!("no rejection for {file}: {reasons:?}"))
+    };
+    assert!(reason_for("invalid-nhs.json").contains("9434765910"));
+    assert!(reason_for("malformed.json").contains("not valid JSON"));
+    assert!(reason_for("truncated.json").contains("ends early"));
+    let wrong_types = reason_for("wrong-types.json");
+    assert!(
+        wrong_types.contains("Condition/c-wrong") && wrong_types.contains("`code`"),
+        "{wrong_types}"
+    );
+    assert_eq!(
+        report["unsupported"]["SpaceshipLaunch"], 1,
+        "unknown types are counted, not fatal"
+    );
+    assert_eq!(report["files_rejected"], 4);
+
+    // Every rejected file has a copy and a reason in quarantine; the good data is in.
+    for name in [
+        "invalid-nhs.json",
+        "malformed.json",
+        "truncated.json",
+        "wrong-types.json",
+    ] {
+        assert!(
+            home(&dir).join("quarantine").join(name).exists(),
+            "{name} not quarantined"
+        );
+        assert!(
+            home(&dir)
+                .join("quarantine")
+                .join(format!("{name}.reason.txt"))
+                .exists()
+        );
+    }
+    assert_eq!(problems(&home(&dir)), ["Hay fever"]);
+    assert!(stdout(&ingest(&home(&dir), &[f.to_str().unwrap()])).contains("reconciled"));
+}
+
+#[test]
+fn a_200_megabyte_ndjson_file_ingests_with_bounded_memory() {
+    let dir = node("A81001", "gp");
+    let files = tempfile::tempdir().unwrap();
+    let patients = 2_000u64;
+    let mut numbers = Vec::new();
+    {
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(files.path().join("Patient.ndjson")).unwrap(),
+        );
+        for index in 0..patients {
+            let nhs = test_nhs_number(index);
+            numbers.push(nhs.clone());
+            let line = json!({ "resourceType": "Patient", "id": format!("p{index}"),
+                "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs }] });
+            writeln!(out, "{line}").unwrap();
+        }
+    }
+    let path = files.path().join("Observation.ndjson");
+    let mut written = 0u64;
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        let padding = "x".repeat(800);
+        let mut n = 0u64;
+        'outer: for index in 0..patients {
+            for k in 0..200 {
+                let line = json!({ "resourceType": "Observation", "id": format!("o{index}-{k}"),
+                    "status": "final", "subject": { "reference": format!("Patient/p{index}") },
+                    "code": { "text": "Heart rate" }, "valueQuantity": { "value": 60 + k % 40, "unit": "bpm" },
+                    "effectiveDateTime": "2024-01-01", "note": [{ "text": padding }] })
+                .to_string();
+                written += line.len() as u64 + 1;
+                writeln!(out, "{line}").unwrap();
+                n += 1;
+                if written >= 200 * 1024 * 1024 {
+                    break 'outer;
+                }
+            }
+        }
+        assert!(n > 100_000);
+    }
+    assert!(std::fs::metadata(&path).unwrap().len() >= 200 * 1024 * 1024);
+    let output = ingest(&home(&dir), &["--json", files.path().to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = report_json(&output);
+    let read: u64 = report["resources"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(read > 100_000, "read {read}");
+    // Memory must not grow with the file: well under the file's own size.
+    let peak_kb = report["peak_memory_kb"].as_u64().unwrap();
+    assert!(
+        peak_kb < 150 * 1024,
+        "peak memory {peak_kb} kB for a 200 MB file"
+    );
+    eprintln!("200 MB NDJSON: {read} resources, peak memory {peak_kb} kB");
+    let record = record_json(&home(&dir), &numbers[0]).unwrap();
+    let results = section(&record, "results");
+    // Each observation is a coded result plus its note as a separate free-text item.
+    let coded = results
+        .iter()
+        .filter(|i| i["data_class"] == "coded")
+        .count();
+    let notes = results
+        .iter()
+        .filter(|i| i["data_class"] == "free-text")
+        .count();
+    assert_eq!((coded, notes), (200, 200));
+}
+
+fn test_nhs_number(index: u64) -> String {
+    let mut body = 100_000 + index * 2;
+    loop {
+        let digits = format!("999{:06}", body);
+        let sum: u32 = digits
+            .bytes()
+            .zip((2..=10u32).rev())
+            .map(|(d, w)| u32::from(d - b'0') * w)
+            .sum();
+        match 11 - sum % 11 {
+            10 => body += 1,
+            11 => return format!("{digits}0"),
+            check => return format!("{digits}{check}"),
+        }
+    }
+}
+
+#[test]
+fn an_ingest_reported_done_survives_kill_9_straight_after() {
+    let dir = node("A81001", "gp");
+    let mut running = RunningNode::start(&home(&dir));
+    let files = tempfile::tempdir().unwrap();
+    let patient = patient_file(files.path());
+    let condition_path = files.path().join("condition.json");
+    write_json(
+        &condition_path,
+        &condition("2024-01-01T00:00:00Z", "Asthma", None),
+    );
+    // Writers drop files by rename, the way the drop folder expects complete files to appear.
+    for source in [&patient, &condition_path] {
+        let name = source.file_name().unwrap();
+        std::fs::copy(source, home(&dir).join("drop").join(name)).unwrap();
+    }
+    let processed = home(&dir).join("processed/condition.json");
+    assert!(
+        wait_for(Duration::from_secs(60), || processed.exists()),
+        "never processed"
+    );
+    running.kill_hard();
+    assert_eq!(problems(&home(&dir)), ["Asthma"]);
+    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
+}
+
+#[test]
+fn kill_9_during_a_large_ingest_leaves_a_consistent_database() {
+    let dir = node("A81001", "gp");
+    let extract = tempfile::tempdir().unwrap();
+    let generated = run(&[
+        "generate",
+        "--org",
+        "A81001",
+        "--patients",
+        "400",
+        "--seed",
+        "5",
+        "--out",
+        extract.path().to_str().unwrap(),
+    ]);
+    assert!(generated.status.success());
+    let mut child = caremesh()
+        .args([
+            "ingest",
+            "--dir",
+            home(&dir).to_str().unwrap(),
+            extract.path().to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill once some documents are committed, mid-way through the batch.
+    let db = home(&dir).join("node.db");
+    wait_for(Duration::from_secs(60), || {
+        std::fs::metadata(home(&dir).join("node.db-wal"))
+            .map(|m| m.len() > 1_000_000)
+            .unwrap_or(false)
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(db.exists());
+    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    assert!(
+        verify.status.success(),
+        "after kill -9: {}",
+        stdout(&verify)
+    );
+    // Ingesting again completes the batch, and writes nothing twice.
+    let again = ingest(&home(&dir), &["--json", extract.path().to_str().unwrap()]);
+    assert!(again.status.success());
+    let third = ingest(&home(&dir), &["--json", extract.path().to_str().unwrap()]);
+    assert_eq!(report_json(&third)["documents_written"], 0);
+}
+
+fn flip_byte(db: &Path, column: &str) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let (rowid, mut bytes): (i64, Vec<u8>) = conn
+        .query_row(
+            &format!("SELECT rowid, {column} FROM documents ORDER BY seq LIMIT 1"),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x04;
+    conn.execute(
+        &format!("UPDATE documents SET {column} = ?1 WHERE rowid = ?2"),
+        rusqlite::params![bytes, rowid],
+    )
+    .unwrap();
+}
+
+#[test]
+fn verify_reports_one_flipped_byte_in_stored_data() {
+    for column in ["snapshot", "signed"] {
+        let dir = node("A81001", "gp");
+        let files = tempfile::tempdir().unwrap();
+        let patient = patient_file(files.path());
+        let c = files.path().join("c.json");
+        write_json(&c, &condition("2024-01-01T00:00:00Z", "Asthma", None));
+        assert!(
+            ingest(
+                &home(&dir),
+                &[patient.to_str().unwrap(), c.to_str().unwrap()]
+            )
+            .status
+            .success()
+        );
+        let clean = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+        assert!(clean.status.success(), "{}", stdout(&clean));
+        flip_byte(&home(&dir).join("node.db"), column);
+        let output = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+        assert_eq!(
+            output.status.code(),
+            Some(4),
+            "flip in {column} not detected: {}",
+            stdout(&output)
+        );
+        assert!(stdout(&output).contains("TAMPERED"), "{}", stdout(&output));
+    }
+}
+
+#[test]
+fn verify_reports_a_read_model_that_differs_from_the_signed_documents() {
+    let dir = node("A81001", "gp");
+    let files = tempfile::tempdir().unwrap();
+    let patient = patient_file(files.path());
+    let c = files.path().join("c.json");
+    write_json(&c, &condition("2024-01-01T00:00:00Z", "Asthma", None));
+    assert!(
+        ingest(
+            &home(&dir),
+            &[patient.to_str().unwrap(), c.to_str().unwrap()]
+        )
+        .status
+        .success()
+    );
+    let conn = rusqlite::Connection::open(home(&dir).join("node.db")).unwrap();
+    conn.execute(
+        "UPDATE items SET body = replace(body, 'Asthma', 'Nothing') WHERE section = 'problems'",
+        [],
+    )
+    .unwrap();
+    let output = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(4));
+    assert!(
+        stdout(&output).contains("read model"),
+        "{}",
+        stdout(&output)
+    );
+}

@@ -191,10 +191,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 clock::now_unix(),
             )?;
             let report = ingestor.ingest_paths(&paths)?;
+            let peak_memory_kb = peak_memory_kb();
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut value = serde_json::to_value(&report)?;
+                value["peak_memory_kb"] = serde_json::json!(peak_memory_kb);
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print!("{}", report.render());
+                if let Some(kb) = peak_memory_kb {
+                    println!("peak memory: {:.1} MB", kb as f64 / 1024.0);
+                }
             }
             if report.resources_read() != report.resources_accounted() {
                 bail!("ingest counts do not reconcile; this is a caremesh bug, please report it");
@@ -461,4 +467,11 @@ fn demo(dir: Option<PathBuf>, patients: u64, listen: &str) -> Result<ExitCode> {
         .map(|n| format!("/patients/{n}"))
         .unwrap_or_else(|| "/".into());
     serve(&home, listen, Some(&first))
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), for ingest summaries.
+fn peak_memory_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -19,12 +19,24 @@ const CONFIDENTIALITY_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-C
 pub const PRIVATE_SYSTEM: &str = "urn:caremesh:sharing";
 pub const PRIVATE_CODE: &str = "private";
 
+impl MappingError {
+    pub fn new(resource: impl Into<String>, problem: impl Into<String>) -> Self {
+        MappingError {
+            resource: resource.into(),
+            problem: problem.into(),
+            retry_later: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{resource}: {problem}")]
 pub struct MappingError {
     /// `ResourceType/id` or the resource type where there is no id.
     pub resource: String,
     pub problem: String,
+    /// The resource refers to something not yet ingested; it may place once that arrives.
+    pub retry_later: bool,
 }
 
 // ----- FHIR datatypes, read leniently (unknown elements ignored) -----
@@ -168,25 +180,28 @@ pub struct Resource<'a> {
 
 impl<'a> Resource<'a> {
     pub fn new(value: &'a Value) -> Result<Self, MappingError> {
-        let object = value.as_object().ok_or_else(|| MappingError {
-            resource: "(resource)".into(),
-            problem: format!("expected a JSON object, found {}", json_kind(value)),
+        let object = value.as_object().ok_or_else(|| {
+            MappingError::new(
+                "(resource)",
+                format!("expected a JSON object, found {}", json_kind(value)),
+            )
         })?;
         let resource_type = match object.get("resourceType") {
             Some(Value::String(t)) if !t.is_empty() => t.as_str(),
             Some(other) => {
-                return Err(MappingError {
-                    resource: "(resource)".into(),
-                    problem: format!(
+                return Err(MappingError::new(
+                    "(resource)",
+                    format!(
                         "`resourceType` should be a string, found {}",
                         json_kind(other)
                     ),
-                });
+                ));
             }
             None => {
                 return Err(MappingError {
                     resource: "(resource)".into(),
                     problem: "no `resourceType`: this is not a FHIR resource".into(),
+                    retry_later: false,
                 });
             }
         };
@@ -197,6 +212,7 @@ impl<'a> Resource<'a> {
                 return Err(MappingError {
                     resource: resource_type.to_string(),
                     problem: format!("`id` should be a string, found {}", json_kind(other)),
+                    retry_later: false,
                 });
             }
         };
@@ -218,6 +234,7 @@ impl<'a> Resource<'a> {
         MappingError {
             resource: self.key(),
             problem: problem.into(),
+            retry_later: false,
         }
     }
 
@@ -773,9 +790,12 @@ fn read_content(
                                 text: Some(display),
                             }),
                             (None, None) => {
-                                return Err(resource.error(format!(
-                                    "medicationReference {target:?} does not resolve to a Medication in this extract or an earlier one"
-                                )));
+                                return Err(MappingError {
+                                    retry_later: true,
+                                    ..resource.error(format!(
+                                        "medicationReference {target:?} does not resolve to a Medication in this extract or an earlier one"
+                                    ))
+                                });
                             }
                         }
                     }

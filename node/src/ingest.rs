@@ -601,6 +601,7 @@ impl<'a> Ingestor<'a> {
                     continue;
                 }
                 Ok(other) => unreachable!("clinical pass got {other:?}"),
+                Err(error) if error.retry_later && !final_attempt => return Ok(Attempt::Deferred),
                 Err(error) => {
                     reject(&mut report, &entry.location, error.to_string());
                     continue;
