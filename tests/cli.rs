@@ -1,1 +1,233 @@
+//! The command line and the HTTP view, through the real binary and real sockets.
 
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+#[test]
+fn every_command_has_help() {
+    for command in [
+        "init", "ingest", "run", "record", "status", "verify", "generate", "demo",
+    ] {
+        let output = run(&[command, "--help"]);
+        assert!(output.status.success(), "{command} --help failed");
+        assert!(stdout(&output).contains("Usage: caremesh"), "{command}");
+    }
+}
+
+#[test]
+fn init_refuses_to_overwrite_and_rejects_unknown_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("node");
+    init_node(&home, "A81001", "Test Practice", "gp");
+    let config_before = std::fs::read_to_string(home.join("caremesh.toml")).unwrap();
+    let again = run(&[
+        "init",
+        "--dir",
+        home.to_str().unwrap(),
+        "--org",
+        "RTH",
+        "--name",
+        "Other",
+        "--kind",
+        "acute",
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("already holds a caremesh node"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.join("caremesh.toml")).unwrap(),
+        config_before
+    );
+
+    let bad_kind = run(&[
+        "init",
+        "--dir",
+        dir.path().join("x").to_str().unwrap(),
+        "--org",
+        "RTH",
+        "--name",
+        "X",
+        "--kind",
+        "surgery",
+    ]);
+    assert!(!bad_kind.status.success());
+    assert!(
+        stderr(&bad_kind).contains("mental-health"),
+        "lists the valid kinds"
+    );
+    let bad_ods = run(&[
+        "init",
+        "--dir",
+        dir.path().join("y").to_str().unwrap(),
+        "--org",
+        "rth!",
+        "--name",
+        "X",
+        "--kind",
+        "acute",
+    ]);
+    assert!(!bad_ods.status.success());
+    assert!(stderr(&bad_ods).contains("ODS code"));
+}
+
+#[test]
+fn record_explains_invalid_and_unknown_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("node");
+    init_node(&home, "A81001", "Test Practice", "gp");
+    let invalid = run(&[
+        "record",
+        "--dir",
+        home.to_str().unwrap(),
+        "--nhs",
+        "9434765910",
+    ]);
+    assert!(!invalid.status.success());
+    assert!(
+        stderr(&invalid).contains("Modulus 11"),
+        "{}",
+        stderr(&invalid)
+    );
+    let unknown = run(&[
+        "record",
+        "--dir",
+        home.to_str().unwrap(),
+        "--nhs",
+        "9434765919",
+    ]);
+    assert_eq!(unknown.status.code(), Some(3));
+    assert!(stderr(&unknown).contains("holds no record"));
+}
+
+#[test]
+fn generate_is_deterministic_per_seed_and_ingests_cleanly() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let c = tempfile::tempdir().unwrap();
+    for (dir, seed) in [(&a, "7"), (&b, "7"), (&c, "8")] {
+        let output = run(&[
+            "generate",
+            "--org",
+            "A81001",
+            "--patients",
+            "25",
+            "--seed",
+            seed,
+            "--out",
+            dir.path().to_str().unwrap(),
+        ]);
+        assert!(output.status.success());
+    }
+    let read = |dir: &tempfile::TempDir| {
+        let mut files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| std::fs::read(f).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(read(&a), read(&b));
+    assert_ne!(read(&a), read(&c));
+
+    let node = tempfile::tempdir().unwrap();
+    let home = node.path().join("node");
+    init_node(&home, "A81001", "Test Practice", "gp");
+    let output = ingest(&home, &["--json", a.path().to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stdout(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // Every section the generator promises is present across 25 patients.
+    for section in [
+        "demographics",
+        "allergies",
+        "medications",
+        "problems",
+        "results",
+        "encounters",
+        "immunisations",
+    ] {
+        assert!(
+            report["items_by_section"][section].as_u64().unwrap_or(0) > 0,
+            "{section} missing"
+        );
+    }
+    let status = status_json(&home);
+    assert_eq!(status["stats"]["patients"], 25);
+    let verify = run(&["verify", "--dir", home.to_str().unwrap()]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
+}
+
+#[test]
+fn run_serves_the_record_and_ingests_dropped_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("node");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let node = RunningNode::start(&home);
+
+    let (status, body) = http_get(&node.address, "/health");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"status\":\"ok\""));
+    let (status, _) = http_get(&node.address, "/api/patients/9912003888");
+    assert_eq!(status, 404, "nothing held yet");
+    let (status, body) = http_get(&node.address, "/api/patients/12345");
+    assert_eq!(status, 400);
+    assert!(body.contains("not 10 digits"), "{body}");
+
+    // Drop a file the way extract writers should: write a hidden temporary, then rename.
+    let fixture = fixtures().join("uk-core");
+    for name in [
+        "UKCore-Patient-RichardSmith-Example.json",
+        "UKCore-AllergyIntolerance-Amoxicillin-Example.json",
+    ] {
+        let temporary = home.join("drop").join(format!(".{name}.part"));
+        std::fs::copy(fixture.join(name), &temporary).unwrap();
+        std::fs::rename(&temporary, home.join("drop").join(name)).unwrap();
+    }
+    let served = wait_for(Duration::from_secs(60), || {
+        http_get(&node.address, "/api/patients/9912003888")
+            .1
+            .contains("Amoxicillin")
+    });
+    assert!(served, "dropped files never reached the view");
+    let (status, json) = http_get(&node.address, "/api/patients/9912003888");
+    assert_eq!(status, 200);
+    let record: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(record["sources"][0]["name"], "Banbury Road Surgery");
+    let (status, page) = http_get(&node.address, "/patients/9912003888");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("Richard SMITH") && page.contains("991 200 3888"),
+        "{page}"
+    );
+    assert!(page.contains("Banbury Road Surgery"));
+    assert!(
+        home.join("processed/UKCore-Patient-RichardSmith-Example.json")
+            .exists()
+    );
+    assert!(
+        !home
+            .join("drop/UKCore-Patient-RichardSmith-Example.json")
+            .exists()
+    );
+
+    // A broken file dropped in goes to quarantine with a reason, and the node keeps serving.
+    std::fs::write(home.join("drop/broken.json"), b"{\"resourceType\": ").unwrap();
+    let reason = home.join("quarantine/broken.json.reason.txt");
+    assert!(
+        wait_for(Duration::from_secs(60), || reason.exists()),
+        "broken file not quarantined"
+    );
+    assert!(
+        std::fs::read_to_string(reason)
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    assert_eq!(http_get(&node.address, "/health").0, 200);
+}

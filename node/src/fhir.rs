@@ -327,7 +327,7 @@ pub struct ClinicalFacts {
 
 #[derive(Debug)]
 pub enum Mapped {
-    Patient(PatientFacts),
+    Patient(Box<PatientFacts>),
     /// A resource others refer to (Medication, Organization), kept for resolving references.
     Referenced {
         key: String,
@@ -410,7 +410,7 @@ pub fn map_resource(
     context: &MappingContext<'_>,
 ) -> Result<Mapped, MappingError> {
     match resource.resource_type {
-        "Patient" => map_patient(resource, context).map(Mapped::Patient),
+        "Patient" => map_patient(resource, context).map(|p| Mapped::Patient(Box::new(p))),
         "Medication" => Ok(Mapped::Referenced {
             key: resource.key(),
             summary: serde_json::json!({ "code": resource.raw().get("code") }),

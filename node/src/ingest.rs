@@ -233,7 +233,7 @@ struct Located {
 
 /// Outcome of reading and placing one file (or one NDJSON chunk).
 enum Attempt {
-    Done(IngestReport),
+    Done(Box<IngestReport>),
     /// Some resources name patients not yet known; retry once the rest of the batch is in.
     Deferred,
 }
@@ -292,13 +292,13 @@ impl<'a> Ingestor<'a> {
         let mut deferred = Vec::new();
         for file in files {
             match self.ingest_file(&file, false)? {
-                Attempt::Done(file_report) => report.merge(file_report),
+                Attempt::Done(file_report) => report.merge(*file_report),
                 Attempt::Deferred => deferred.push(file),
             }
         }
         for file in deferred {
             match self.ingest_file(&file, true)? {
-                Attempt::Done(file_report) => report.merge(file_report),
+                Attempt::Done(file_report) => report.merge(*file_report),
                 Attempt::Deferred => unreachable!("final attempts never defer"),
             }
         }
@@ -313,13 +313,14 @@ impl<'a> Ingestor<'a> {
             Some("ndjson" | "jsonl")
         );
         let attempt = if is_ndjson {
-            Attempt::Done(self.ingest_ndjson(path)?)
+            Attempt::Done(Box::new(self.ingest_ndjson(path)?))
         } else {
             self.ingest_json(path, final_attempt)?
         };
-        let Attempt::Done(mut report) = attempt else {
+        let Attempt::Done(report) = attempt else {
             return Ok(Attempt::Deferred);
         };
+        let mut report = *report;
         report.files = 1;
         let rejected = !report.rejected.is_empty();
         if rejected {
@@ -329,7 +330,7 @@ impl<'a> Ingestor<'a> {
         }
         self.record(path, &report)?;
         self.rules.dispose(path, &mut report)?;
-        Ok(Attempt::Done(report))
+        Ok(Attempt::Done(Box::new(report)))
     }
 
     fn record(&mut self, path: &Path, report: &IngestReport) -> Result<(), IngestError> {
@@ -369,7 +370,7 @@ impl<'a> Ingestor<'a> {
                 location: "file".into(),
                 reason,
             });
-            Attempt::Done(report)
+            Attempt::Done(Box::new(report))
         };
         let size = fs::metadata(path).map_err(io(path))?.len();
         if size > MAX_JSON_FILE_BYTES {
@@ -471,14 +472,14 @@ impl<'a> Ingestor<'a> {
                 else {
                     unreachable!("final attempts never defer")
                 };
-                report.merge(done);
+                report.merge(*done);
             }
         }
         let Attempt::Done(done) = self.place_resources(&file_name, chunk, chunk_report, true)?
         else {
             unreachable!("final attempts never defer")
         };
-        report.merge(done);
+        report.merge(*done);
         Ok(report)
     }
 
@@ -650,7 +651,7 @@ impl<'a> Ingestor<'a> {
             data_as_of: rules.now,
         })?;
         batch.commit()?;
-        Ok(Attempt::Done(report))
+        Ok(Attempt::Done(Box::new(report)))
     }
 }
 
