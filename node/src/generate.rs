@@ -265,6 +265,15 @@ impl Builder<'_> {
     }
 }
 
+/// Titles are for adults; children's records carry none.
+fn title(female: bool, age_years: i64) -> Vec<&'static str> {
+    match (age_years >= 18, female) {
+        (false, _) => Vec::new(),
+        (true, true) => vec!["Ms"],
+        (true, false) => vec!["Mr"],
+    }
+}
+
 fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> Value {
     let female = rng.chance(52);
     let given = *rng.pick(if female { GIVEN_F } else { GIVEN_M });
@@ -287,7 +296,7 @@ fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> 
             "id": patient_id,
             "meta": { "lastUpdated": date_time(REFERENCE_DAY - 30, rng) },
             "identifier": [{ "system": NHS_NUMBER_SYSTEM, "value": nhs.as_str() }],
-            "name": [{ "use": "official", "family": family, "given": [given], "prefix": [if female { "Mrs" } else { "Mr" }] }],
+            "name": [{ "use": "official", "family": family, "given": [given], "prefix": title(female, age_years) }],
             "gender": if female { "female" } else { "male" },
             "birthDate": date(birth_day),
             "address": [{ "city": town, "postalCode": format!("{postcode} {}{}", rng.range(1, 9), ["AB", "JD", "TR", "XY"][rng.below(4) as usize]) }],
@@ -295,7 +304,10 @@ fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> 
         }
     }));
     let subject = json!({ "reference": builder.patient_ref.clone() });
-    let recent = |rng: &mut Rng, within_days: u64| REFERENCE_DAY - rng.below(within_days) as i64;
+    // Nothing can happen to a patient before they were born.
+    let recent = |rng: &mut Rng, within_days: u64| {
+        (REFERENCE_DAY - rng.below(within_days) as i64).max(birth_day + 1)
+    };
 
     for _ in 0..rng.range(0, 2) {
         let (code, display, reaction) = *rng.pick(ALLERGIES);
@@ -537,6 +549,39 @@ mod tests {
             let nhs = test_nhs_number(42, index);
             assert!(nhs.as_str().starts_with("999"));
             assert!(seen.insert(nhs), "duplicate at {index}");
+        }
+    }
+
+    #[test]
+    fn no_event_precedes_the_patients_birth() {
+        let org = OdsCode::parse("A81001").unwrap();
+        for index in 0..200 {
+            let nhs = test_nhs_number(3, index);
+            let bundle = patient_bundle(&org, &nhs, index, &mut Rng::new(index));
+            let entries = bundle["entry"].as_array().unwrap();
+            let birth = entries[0]["resource"]["birthDate"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            for entry in &entries[1..] {
+                let resource = &entry["resource"];
+                for field in [
+                    "onsetDateTime",
+                    "recordedDate",
+                    "authoredOn",
+                    "occurrenceDateTime",
+                    "effectiveDateTime",
+                    "performedDateTime",
+                    "date",
+                ] {
+                    if let Some(date) = resource[field].as_str() {
+                        assert!(
+                            date[..10] >= birth[..],
+                            "{field} {date} before birth {birth}"
+                        );
+                    }
+                }
+            }
         }
     }
 
