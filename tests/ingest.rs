@@ -19,6 +19,18 @@ fn home(dir: &tempfile::TempDir) -> std::path::PathBuf {
     dir.path().join("node")
 }
 
+/// Ingests files that must all be accepted.
+fn ingest_ok(dir: &Path, files: &[&Path]) {
+    let paths: Vec<&str> = files.iter().map(|f| f.to_str().unwrap()).collect();
+    let output = ingest(dir, &paths);
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+}
+
 fn report_json(output: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("ingest JSON: {e}\n{}", stdout(output)))
@@ -254,14 +266,7 @@ fn a_resource_that_becomes_sensitive_moves_and_is_never_held_twice() {
     let patient = patient_file(files.path());
     let plain = files.path().join("plain.json");
     write_json(&plain, &condition("2024-01-01T00:00:00Z", "Asthma", None));
-    assert!(
-        ingest(
-            &home(&dir),
-            &[patient.to_str().unwrap(), plain.to_str().unwrap()]
-        )
-        .status
-        .success()
-    );
+    ingest_ok(&home(&dir), &[&patient, &plain]);
     let mut restricted = condition("2024-02-01T00:00:00Z", "Asthma", None);
     restricted["meta"]["security"] = json!([{ "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R" }]);
     let path = files.path().join("restricted.json");
@@ -585,14 +590,7 @@ fn verify_reports_a_read_model_that_differs_from_the_signed_documents() {
     let patient = patient_file(files.path());
     let c = files.path().join("c.json");
     write_json(&c, &condition("2024-01-01T00:00:00Z", "Asthma", None));
-    assert!(
-        ingest(
-            &home(&dir),
-            &[patient.to_str().unwrap(), c.to_str().unwrap()]
-        )
-        .status
-        .success()
-    );
+    ingest_ok(&home(&dir), &[&patient, &c]);
     let conn = rusqlite::Connection::open(home(&dir).join("node.db")).unwrap();
     conn.execute(
         "UPDATE items SET body = replace(body, 'Asthma', 'Nothing') WHERE section = 'problems'",
@@ -606,4 +604,38 @@ fn verify_reports_a_read_model_that_differs_from_the_signed_documents() {
         "{}",
         stdout(&output)
     );
+}
+
+#[test]
+fn bad_ndjson_lines_are_rejected_by_line_and_the_rest_ingested() {
+    let dir = node("A81001", "gp");
+    let files = tempfile::tempdir().unwrap();
+    let patient = json!({ "resourceType": "Patient", "id": "p1",
+        "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9912003888" }] });
+    let good = condition("2024-01-01T00:00:00Z", "Asthma", None);
+    let truncated = good.to_string();
+    let lines = [
+        patient.to_string(),
+        "{ not json".to_string(),
+        good.to_string(),
+        truncated[..truncated.len() / 2].to_string(),
+    ];
+    let path = files.path().join("extract.ndjson");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let output = ingest(&home(&dir), &["--json", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let report = report_json(&output);
+    let locations: Vec<&str> = report["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["location"].as_str().unwrap())
+        .collect();
+    assert_eq!(locations, ["line 2", "line 4"]);
+    assert_eq!(report["accepted"], 2);
+    assert!(
+        stdout(&ingest(&home(&dir), &[path.to_str().unwrap()]))
+            .contains("reconciled: 4 resources read, 4 accounted for")
+    );
+    assert_eq!(problems(&home(&dir)), ["Asthma"]);
 }

@@ -113,6 +113,20 @@ impl IngestReport {
                 .count()
     }
 
+    /// A line that could not be read as a resource: counted as read, and rejected, so that
+    /// the counts still reconcile.
+    fn reject_unreadable(&mut self, file: &str, location: String, reason: String) {
+        *self
+            .resources
+            .entry("(unreadable line)".into())
+            .or_default() += 1;
+        self.rejected.push(Rejection {
+            file: file.to_string(),
+            location,
+            reason,
+        });
+    }
+
     fn merge(&mut self, other: IngestReport) {
         self.files += other.files;
         self.files_accepted += other.files_accepted;
@@ -418,48 +432,23 @@ impl<'a> Ingestor<'a> {
             line_number += 1;
             let location = format!("line {line_number}");
             if outcome == LineRead::TooLong {
-                // The oversized line is not counted as a resource: it could not be read.
-                *chunk_report
-                    .resources
-                    .entry("(unreadable line)".into())
-                    .or_default() += 1;
-                chunk_report.rejected.push(Rejection {
-                    file: file_name.clone(),
+                chunk_report.reject_unreadable(
+                    &file_name,
                     location,
-                    reason: format!("line longer than {MAX_NDJSON_LINE_BYTES} bytes; skipped"),
-                });
+                    format!("line longer than {MAX_NDJSON_LINE_BYTES} bytes; skipped"),
+                );
                 continue;
             }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match serde_json::from_slice::<Value>(&line) {
-                Ok(value) => {
-                    if let Err(reason) =
-                        flatten(value, location.clone(), None, &mut chunk, &mut chunk_report)
-                    {
-                        *chunk_report
-                            .resources
-                            .entry("(unreadable line)".into())
-                            .or_default() += 1;
-                        chunk_report.rejected.push(Rejection {
-                            file: file_name.clone(),
-                            location,
-                            reason,
-                        });
-                    }
-                }
-                Err(error) => {
-                    *chunk_report
-                        .resources
-                        .entry("(unreadable line)".into())
-                        .or_default() += 1;
-                    chunk_report.rejected.push(Rejection {
-                        file: file_name.clone(),
-                        location,
-                        reason: format!("not valid JSON: {error}"),
-                    });
-                }
+            let read = serde_json::from_slice::<Value>(&line)
+                .map_err(|error| format!("not valid JSON: {error}"))
+                .and_then(|value| {
+                    flatten(value, location.clone(), None, &mut chunk, &mut chunk_report)
+                });
+            if let Err(reason) = read {
+                chunk_report.reject_unreadable(&file_name, location, reason);
             }
             if chunk.len() >= NDJSON_CHUNK_LINES {
                 let resources = std::mem::take(&mut chunk);
