@@ -203,6 +203,18 @@ fn problems(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A node holding one patient (9912003888) with one asthma condition; also returns the folder
+/// holding the files it was ingested from.
+fn node_with_asthma() -> (tempfile::TempDir, tempfile::TempDir) {
+    let dir = node("A81001", "gp");
+    let files = tempfile::tempdir().unwrap();
+    let patient = patient_file(files.path());
+    let c = files.path().join("c.json");
+    write_json(&c, &condition("2024-01-01T00:00:00Z", "Asthma", None));
+    ingest_ok(&home(&dir), &[&patient, &c]);
+    (dir, files)
+}
+
 #[test]
 fn re_ingest_changes_nothing_newer_versions_replace_and_entered_in_error_disappears() {
     let dir = node("A81001", "gp");
@@ -261,12 +273,7 @@ fn re_ingest_changes_nothing_newer_versions_replace_and_entered_in_error_disappe
 
 #[test]
 fn a_resource_that_becomes_sensitive_moves_and_is_never_held_twice() {
-    let dir = node("A81001", "gp");
-    let files = tempfile::tempdir().unwrap();
-    let patient = patient_file(files.path());
-    let plain = files.path().join("plain.json");
-    write_json(&plain, &condition("2024-01-01T00:00:00Z", "Asthma", None));
-    ingest_ok(&home(&dir), &[&patient, &plain]);
+    let (dir, files) = node_with_asthma();
     let mut restricted = condition("2024-02-01T00:00:00Z", "Asthma", None);
     restricted["meta"]["security"] = json!([{ "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R" }]);
     let path = files.path().join("restricted.json");
@@ -556,19 +563,7 @@ fn flip_byte(db: &Path, column: &str) {
 #[test]
 fn verify_reports_one_flipped_byte_in_stored_data() {
     for column in ["snapshot", "signed"] {
-        let dir = node("A81001", "gp");
-        let files = tempfile::tempdir().unwrap();
-        let patient = patient_file(files.path());
-        let c = files.path().join("c.json");
-        write_json(&c, &condition("2024-01-01T00:00:00Z", "Asthma", None));
-        assert!(
-            ingest(
-                &home(&dir),
-                &[patient.to_str().unwrap(), c.to_str().unwrap()]
-            )
-            .status
-            .success()
-        );
+        let (dir, _files) = node_with_asthma();
         let clean = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
         assert!(clean.status.success(), "{}", stdout(&clean));
         flip_byte(&home(&dir).join("node.db"), column);
@@ -585,12 +580,7 @@ fn verify_reports_one_flipped_byte_in_stored_data() {
 
 #[test]
 fn verify_reports_a_read_model_that_differs_from_the_signed_documents() {
-    let dir = node("A81001", "gp");
-    let files = tempfile::tempdir().unwrap();
-    let patient = patient_file(files.path());
-    let c = files.path().join("c.json");
-    write_json(&c, &condition("2024-01-01T00:00:00Z", "Asthma", None));
-    ingest_ok(&home(&dir), &[&patient, &c]);
+    let (dir, _files) = node_with_asthma();
     let conn = rusqlite::Connection::open(home(&dir).join("node.db")).unwrap();
     conn.execute(
         "UPDATE items SET body = replace(body, 'Asthma', 'Nothing') WHERE section = 'problems'",

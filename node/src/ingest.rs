@@ -113,13 +113,25 @@ impl IngestReport {
                 .count()
     }
 
+    /// Counts one resource (or would-be resource) read. Every call must be matched by one
+    /// outcome, which is what makes the report reconcile.
+    fn count_read(&mut self, kind: &str) {
+        *self.resources.entry(kind.to_string()).or_default() += 1;
+    }
+
+    /// Something read that caremesh does not take, counted as read and as unsupported.
+    fn count_unsupported(&mut self, read_as: &str, unsupported_as: &str) {
+        self.count_read(read_as);
+        *self
+            .unsupported
+            .entry(unsupported_as.to_string())
+            .or_default() += 1;
+    }
+
     /// A line that could not be read as a resource: counted as read, and rejected, so that
     /// the counts still reconcile.
     fn reject_unreadable(&mut self, file: &str, location: String, reason: String) {
-        *self
-            .resources
-            .entry("(unreadable line)".into())
-            .or_default() += 1;
+        self.count_read("(unreadable line)");
         self.rejected.push(Rejection {
             file: file.to_string(),
             location,
@@ -501,18 +513,12 @@ impl<'a> Ingestor<'a> {
             let resource = match Resource::new(&entry.value) {
                 Ok(resource) => resource,
                 Err(error) => {
-                    *report
-                        .resources
-                        .entry("(not a resource)".into())
-                        .or_default() += 1;
+                    report.count_read("(not a resource)");
                     reject(&mut report, &entry.location, error.to_string());
                     continue;
                 }
             };
-            *report
-                .resources
-                .entry(resource.resource_type.to_string())
-                .or_default() += 1;
+            report.count_read(resource.resource_type);
             match resource.resource_type {
                 "Patient" => {
                     let context = rules.context(&source_system, &local);
@@ -881,7 +887,7 @@ fn flatten(
     let Value::Object(mut bundle) = value else {
         unreachable!("a value with resourceType is an object")
     };
-    *report.resources.entry("Bundle".into()).or_default() += 1;
+    report.count_read("Bundle");
     let bundle_type = bundle
         .get("type")
         .and_then(Value::as_str)
@@ -910,14 +916,7 @@ fn flatten(
     for (index, entry) in entries.into_iter().enumerate() {
         let entry_location = format!("{prefix}entry {index}");
         let Value::Object(mut entry) = entry else {
-            *report
-                .resources
-                .entry("(bad Bundle entry)".into())
-                .or_default() += 1;
-            *report
-                .unsupported
-                .entry("Bundle entry that is not an object".into())
-                .or_default() += 1;
+            report.count_unsupported("(bad Bundle entry)", "Bundle entry that is not an object");
             continue;
         };
         let full_url = entry
@@ -943,14 +942,10 @@ fn flatten(
                 )?
             }
             _ => {
-                *report
-                    .resources
-                    .entry("(Bundle entry without resource)".into())
-                    .or_default() += 1;
-                *report
-                    .unsupported
-                    .entry("Bundle entry without resource".into())
-                    .or_default() += 1;
+                report.count_unsupported(
+                    "(Bundle entry without resource)",
+                    "Bundle entry without resource",
+                );
             }
         }
     }
