@@ -218,13 +218,27 @@ impl PublishedDocument {
         self.doc.get_heads().into_iter().map(|h| h.0).collect()
     }
 
+    /// Whether every one of `heads` is a change this document holds: then a peer offering
+    /// those heads has nothing this document lacks.
+    pub fn contains_all(&self, heads: &[[u8; 32]]) -> bool {
+        heads
+            .iter()
+            .all(|head| self.doc.get_change_by_hash(&ChangeHash(*head)).is_some())
+    }
+
     pub fn save(&self) -> Vec<u8> {
         self.doc.save()
     }
 
     /// The changes a holder of `have` lacks, as raw change bytes.
+    /// Heads this document does not know are ignored: they say nothing about what the
+    /// holder lacks from this document.
     pub fn changes_since(&self, have: &[[u8; 32]]) -> Vec<Vec<u8>> {
-        let have: Vec<ChangeHash> = have.iter().map(|h| ChangeHash(*h)).collect();
+        let have: Vec<ChangeHash> = have
+            .iter()
+            .map(|h| ChangeHash(*h))
+            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .collect();
         self.doc
             .get_changes(&have)
             .into_iter()
@@ -283,23 +297,7 @@ mod tests {
     }
 
     fn item(id: &str, title: &str) -> Item {
-        Item {
-            id: id.into(),
-            section: Section::Allergies,
-            class: DataClass::Coded,
-            resource_type: "AllergyIntolerance".into(),
-            title: title.into(),
-            code: None,
-            detail: None,
-            status: None,
-            effective: None,
-            recorded: None,
-            last_updated: None,
-            source_system: "test".into(),
-            source_id: id.into(),
-            confidentiality: None,
-            fields: Default::default(),
-        }
+        crate::testing::allergy(id, title)
     }
 
     #[test]

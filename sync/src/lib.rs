@@ -9,14 +9,28 @@
 //! * [`document`]: a publisher's Automerge document holding the items of one partition.
 //! * [`signing`]: signed heads, the authenticity statement a publisher makes about a document.
 //! * [`policy`]: the one decision function every outgoing document passes through.
+//! * [`trust`]: the signed trust registry of organisations and their keys.
+//! * [`wire`]: versioned postcard messages and length-prefixed framing.
+//! * [`session`]: the sync protocol state machine, one per connected peer.
 
 pub mod document;
 pub mod model;
 pub mod policy;
+pub mod session;
 pub mod signing;
+#[cfg(test)]
+mod testing;
+pub mod trust;
+pub mod wire;
 
 pub use document::{DocumentError, PublishedDocument};
 pub use model::{
     Coding, DataClass, DocId, DocMeta, Item, ModelError, NhsNumber, OdsCode, OrgKind, Section,
 };
+pub use session::{
+    Checkpoint, Event, FeedEntry, HeldDocument, HostError, Session, SessionError, SessionStats,
+    SyncHost, VerifiedDocument,
+};
 pub use signing::{PublisherKey, SignatureError, SignedHeads};
+pub use trust::{KeyStanding, Organisation, Registry, RegistryFile, TrustError, VerifiedRegistry};
+pub use wire::{FeedId, Message, WireError};

@@ -1,0 +1,791 @@
+//! The sync session: one per connected peer, sans-IO.
+//!
+//! A session speaks both roles at once over one ordered byte stream:
+//!
+//! * **puller**: it subscribes to the peer's changes feed after its checkpoint, compares each
+//!   offered document version with what it holds, asks only for what it lacks, verifies every
+//!   document against the publisher's key in the trust registry, stores it, and only then
+//!   advances (and persists, in the same transaction) its checkpoint and acknowledges;
+//! * **provider**: it walks its own feed from the peer's position, passes every document
+//!   through the policy decision for this peer, offers what may be sent, and answers wants
+//!   with only the changes the peer lacks.
+//!
+//! ```text
+//!  puller                      provider
+//!    Hello, Pull{feed, since} ──▶
+//!                           ◀── Offer{entries, up_to, tip}     (≤ MAX_OUTSTANDING_OFFERS ahead)
+//!    Want{doc, have heads}   ──▶
+//!                           ◀── Changes{meta, changes, signed} (one per wanted document)
+//!    Ack{up_to}              ──▶                               (after the batch is durable)
+//! ```
+//!
+//! Cost: a round after a small change touches only the feed entries after the checkpoint and
+//! the changes the puller lacks; nothing is proportional to the number of documents held.
+//! Arrival order does not matter and a version arriving twice is skipped by the heads check.
+//!
+//! The session owns no IO: bytes go in through [`Session::handle_input`], frames come out of
+//! [`Session::poll_transmit`] (which produces data only as fast as the caller drains it: the
+//! backpressure), time goes in through [`Session::handle_timeout`] and storage is reached
+//! through [`SyncHost`].
+
+use crate::document::PublishedDocument;
+use crate::model::{DocId, DocMeta, Item, OdsCode};
+use crate::policy::{Decision, Recipient};
+use crate::signing::SignedHeads;
+use crate::wire::{
+    self, FeedId, FrameDecoder, MAX_FRAME_BYTES, MAX_OFFER_ENTRIES, Message, OfferEntry, WantEntry,
+    WireError,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Offers a provider sends before the puller acknowledges: bounds both sides' memory.
+pub const MAX_OUTSTANDING_OFFERS: usize = 4;
+/// Entries per offer the provider sends.
+pub const OFFER_BATCH: usize = 256;
+/// Wanted documents a provider queues; a peer asking for more is misbehaving.
+pub const MAX_QUEUED_WANTS: usize = MAX_OFFER_ENTRIES * MAX_OUTSTANDING_OFFERS;
+/// Received documents held before they are written in one transaction.
+pub const WRITE_BATCH: usize = 128;
+/// A peer must say Hello within this many milliseconds of the connection opening.
+pub const HELLO_TIMEOUT_MS: u64 = 10_000;
+/// How often a caught-up provider looks for new entries in its feed if not told sooner.
+pub const FEED_CHECK_INTERVAL_MS: u64 = 1_000;
+
+/// A host failure (storage, usually): the session cannot go on, the connection is closed and
+/// retried later. Nothing acknowledged is lost because acks follow durable writes.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{0}")]
+pub struct HostError(pub String);
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SessionError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("peer broke the protocol: {0}")]
+    Protocol(String),
+    #[error(
+        "peer introduced itself as {claimed} but its TLS key belongs to {authenticated}; connection refused"
+    )]
+    Impersonation {
+        claimed: String,
+        authenticated: String,
+    },
+    #[error("peer sent no Hello within {HELLO_TIMEOUT_MS} ms")]
+    HelloTimeout,
+    #[error("local storage failed during sync: {0}")]
+    Host(#[from] HostError),
+}
+
+/// One entry of a node's changes feed: a document version at a feed position.
+#[derive(Debug, Clone)]
+pub struct FeedEntry {
+    pub seq: u64,
+    pub meta: DocMeta,
+    pub heads: Vec<[u8; 32]>,
+}
+
+/// A document as held: partition, Automerge snapshot and the publisher's signed heads.
+#[derive(Debug, Clone)]
+pub struct HeldDocument {
+    pub meta: DocMeta,
+    pub snapshot: Vec<u8>,
+    pub signed: Vec<u8>,
+}
+
+/// A received document that verified, ready to be stored.
+#[derive(Debug, Clone)]
+pub struct VerifiedDocument {
+    pub signed: SignedHeads,
+    pub snapshot: Vec<u8>,
+    pub items: Vec<Item>,
+}
+
+/// Where a puller stands in a peer's feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    pub feed: FeedId,
+    pub up_to: u64,
+}
+
+/// What a session needs from the node around it: storage, trust and policy.
+pub trait SyncHost {
+    /// This node's feed identity.
+    fn feed_id(&self) -> FeedId;
+    /// The last position of this node's feed (0 when empty).
+    fn feed_tip(&mut self) -> Result<u64, HostError>;
+    /// At most `limit` feed entries after position `after`, in feed order.
+    fn feed_after(&mut self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, HostError>;
+    /// The heads this node holds for `doc`, from its stored signed heads.
+    fn held_heads(&mut self, doc: DocId) -> Result<Option<Vec<[u8; 32]>>, HostError>;
+    fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError>;
+    /// Stores verified documents and, when given, the puller's new checkpoint for `peer`, in
+    /// one transaction.
+    fn commit(
+        &mut self,
+        documents: Vec<VerifiedDocument>,
+        checkpoint: Option<(&OdsCode, Checkpoint)>,
+    ) -> Result<(), HostError>;
+    fn checkpoint(&mut self, peer: &OdsCode) -> Result<Option<Checkpoint>, HostError>;
+    /// Whether the trust registry lists `key` for `publisher` and has not revoked it.
+    fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool;
+    /// The policy decision for sending a document to `recipient`.
+    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision;
+    fn registry_version(&self) -> u64;
+    /// The signed registry to pass on to a peer that lacks this edition.
+    fn registry_bytes(&self) -> Option<Vec<u8>>;
+    /// A peer sent its registry; the host verifies it against the pinned authority and
+    /// adopts it if newer. Returns whether it was adopted.
+    fn offer_registry(&mut self, bytes: Vec<u8>) -> Result<bool, HostError>;
+}
+
+/// Something the driver should know about (log, count, persist).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Received documents were stored; `checkpoint` is the new position when it moved.
+    Stored {
+        documents: usize,
+        checkpoint: Option<u64>,
+    },
+    /// A received document failed verification; nothing of it was stored.
+    Rejected {
+        doc: DocId,
+        publisher: OdsCode,
+        reason: String,
+    },
+    /// The peer acknowledged our feed up to this position.
+    PeerAcked { up_to: u64 },
+    /// We hold everything the peer's feed had when it last told us its tip.
+    CaughtUp,
+    /// A newer trust registry from the peer was verified and adopted.
+    RegistryAdopted,
+    /// The peer sent a registry that was refused or not newer.
+    RegistryIgnored,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub documents_received: u64,
+    pub documents_sent: u64,
+    pub rejected: u64,
+    /// Our checkpoint in the peer's feed.
+    pub pulled_up_to: u64,
+    /// The peer's feed tip as last reported.
+    pub peer_tip: u64,
+    /// The peer's acknowledged position in our feed.
+    pub peer_acked: u64,
+    /// Our feed tip as last read.
+    pub local_tip: u64,
+}
+
+impl SessionStats {
+    /// Document versions in the peer's feed we have not yet pulled.
+    pub fn pending_in(&self) -> u64 {
+        self.peer_tip.saturating_sub(self.pulled_up_to)
+    }
+
+    /// Document versions in our feed the peer has not yet acknowledged (including ones
+    /// policy will withhold from it: positions, not documents).
+    pub fn pending_out(&self) -> u64 {
+        self.local_tip.saturating_sub(self.peer_acked)
+    }
+}
+
+struct Batch {
+    up_to: u64,
+    pending: BTreeSet<DocId>,
+}
+
+struct Serving {
+    /// Position in our feed offered so far.
+    offered_up_to: u64,
+    /// up_to of each offer not yet acknowledged.
+    outstanding: VecDeque<u64>,
+    /// No entries after `offered_up_to` when last checked.
+    caught_up: bool,
+    /// Last up_to told to the peer, so a caught-up notice is sent once.
+    announced: Option<u64>,
+    next_check_at: u64,
+}
+
+pub struct Session {
+    local: OdsCode,
+    peer: Recipient,
+    decoder: FrameDecoder,
+    control: VecDeque<Message>,
+    hello_received: bool,
+    hello_deadline: u64,
+    /// Puller side.
+    checkpoint: Checkpoint,
+    batches: VecDeque<Batch>,
+    writes: BTreeMap<DocId, VerifiedDocument>,
+    /// Provider side.
+    serving: Option<Serving>,
+    wanted: VecDeque<WantEntry>,
+    stats: SessionStats,
+    events: VecDeque<Event>,
+}
+
+impl Session {
+    /// Opens a session with `peer`, whose identity the transport has authenticated. Queues our
+    /// Hello and our Pull from the stored checkpoint.
+    pub fn new(
+        local: OdsCode,
+        peer: Recipient,
+        now: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<Session, SessionError> {
+        let checkpoint = host.checkpoint(&peer.ods)?.unwrap_or_default();
+        let mut session = Session {
+            local: local.clone(),
+            peer,
+            decoder: FrameDecoder::default(),
+            control: VecDeque::new(),
+            hello_received: false,
+            hello_deadline: now + HELLO_TIMEOUT_MS,
+            checkpoint,
+            batches: VecDeque::new(),
+            writes: BTreeMap::new(),
+            serving: None,
+            wanted: VecDeque::new(),
+            stats: SessionStats {
+                pulled_up_to: checkpoint.up_to,
+                local_tip: host.feed_tip()?,
+                ..Default::default()
+            },
+            events: VecDeque::new(),
+        };
+        session.control.push_back(Message::Hello {
+            node: local,
+            feed: host.feed_id(),
+            registry_version: host.registry_version(),
+        });
+        session.control.push_back(Message::Pull {
+            feed: checkpoint.feed,
+            since: checkpoint.up_to,
+        });
+        Ok(session)
+    }
+
+    pub fn peer(&self) -> &Recipient {
+        &self.peer
+    }
+
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Bytes from the peer. An error means the connection must be closed with its reason.
+    pub fn handle_input(
+        &mut self,
+        bytes: &[u8],
+        now: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        self.stats.bytes_received += bytes.len() as u64;
+        self.decoder.push(bytes);
+        while let Some(message) = self.decoder.next_message()? {
+            self.handle_message(message, now, host)?;
+        }
+        Ok(())
+    }
+
+    /// Our local feed grew: a caught-up provider looks again at once.
+    pub fn feed_changed(&mut self) {
+        if let Some(serving) = &mut self.serving {
+            serving.caught_up = false;
+        }
+    }
+
+    /// When the session next needs [`Session::handle_timeout`], in the caller's milliseconds.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if !self.hello_received {
+            return Some(self.hello_deadline);
+        }
+        match &self.serving {
+            Some(serving) if serving.caught_up => Some(serving.next_check_at),
+            _ => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: u64) -> Result<(), SessionError> {
+        if !self.hello_received && now >= self.hello_deadline {
+            return Err(SessionError::HelloTimeout);
+        }
+        if let Some(serving) = &mut self.serving
+            && serving.caught_up
+            && now >= serving.next_check_at
+        {
+            serving.caught_up = false;
+        }
+        Ok(())
+    }
+
+    /// The next frame to send, produced only when asked: a caller that stops draining (because
+    /// the peer is slow) stops the session producing. Control messages go first so the
+    /// pipeline keeps moving, then wanted changes, then new offers.
+    pub fn poll_transmit(
+        &mut self,
+        now: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<Option<Vec<u8>>, SessionError> {
+        let message = match self.control.pop_front() {
+            Some(message) => Some(message),
+            None => match self.next_changes(host)? {
+                Some(message) => Some(message),
+                None => self.next_offer(now, host)?,
+            },
+        };
+        let Some(message) = message else {
+            return Ok(None);
+        };
+        let frame = wire::encode_frame(&message)?;
+        self.stats.bytes_sent += frame.len() as u64;
+        Ok(Some(frame))
+    }
+
+    fn handle_message(
+        &mut self,
+        message: Message,
+        now: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        if !self.hello_received && !matches!(message, Message::Hello { .. }) {
+            return Err(SessionError::Protocol("first message was not Hello".into()));
+        }
+        match message {
+            Message::Hello {
+                node,
+                feed,
+                registry_version,
+            } => self.on_hello(node, feed, registry_version, host),
+            Message::Pull { feed, since } => self.on_pull(feed, since, now, host),
+            Message::Offer {
+                entries,
+                up_to,
+                tip,
+            } => self.on_offer(entries, up_to, tip, host),
+            Message::Want { docs } => self.on_want(docs),
+            Message::Changes {
+                meta,
+                changes,
+                signed,
+            } => self.on_changes(meta, changes, signed, host),
+            Message::Missing { doc } => {
+                self.resolve(doc)?;
+                self.advance(host)
+            }
+            Message::Ack { up_to } => self.on_ack(up_to),
+            Message::RegistryWanted => {
+                if let Some(bytes) = host.registry_bytes() {
+                    self.control.push_back(Message::Registry { bytes });
+                }
+                Ok(())
+            }
+            Message::Registry { bytes } => {
+                let event = if host.offer_registry(bytes)? {
+                    Event::RegistryAdopted
+                } else {
+                    Event::RegistryIgnored
+                };
+                self.events.push_back(event);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_hello(
+        &mut self,
+        node: OdsCode,
+        feed: FeedId,
+        registry_version: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        if self.hello_received {
+            return Err(SessionError::Protocol("second Hello".into()));
+        }
+        if node != self.peer.ods {
+            return Err(SessionError::Impersonation {
+                claimed: node.to_string(),
+                authenticated: self.peer.ods.to_string(),
+            });
+        }
+        self.hello_received = true;
+        if feed != self.checkpoint.feed {
+            // The peer's database is new to us (or was rebuilt): our Pull named another feed,
+            // so the peer serves from its start, and our checkpoint restarts with it.
+            self.checkpoint = Checkpoint { feed, up_to: 0 };
+            self.stats.pulled_up_to = 0;
+        }
+        if registry_version > host.registry_version() {
+            self.control.push_back(Message::RegistryWanted);
+        }
+        Ok(())
+    }
+
+    fn on_pull(
+        &mut self,
+        feed: FeedId,
+        since: u64,
+        now: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        if self.serving.is_some() {
+            return Err(SessionError::Protocol("second Pull".into()));
+        }
+        let tip = host.feed_tip()?;
+        // A position from another feed, or beyond our end (a database restored from an older
+        // backup), means nothing here: serve from the start, and the heads check keeps it cheap.
+        let start = if feed == host.feed_id() && since <= tip {
+            since
+        } else {
+            0
+        };
+        self.stats.local_tip = tip;
+        self.stats.peer_acked = start;
+        self.serving = Some(Serving {
+            offered_up_to: start,
+            outstanding: VecDeque::new(),
+            caught_up: false,
+            announced: None,
+            next_check_at: now,
+        });
+        Ok(())
+    }
+
+    fn on_offer(
+        &mut self,
+        entries: Vec<OfferEntry>,
+        up_to: u64,
+        tip: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        if entries.len() > MAX_OFFER_ENTRIES {
+            return Err(SessionError::Protocol(format!(
+                "offer of {} entries, over the limit of {MAX_OFFER_ENTRIES}",
+                entries.len()
+            )));
+        }
+        if self.batches.len() >= MAX_OUTSTANDING_OFFERS + 1 {
+            return Err(SessionError::Protocol(
+                "more offers outstanding than the protocol allows".into(),
+            ));
+        }
+        let last = self
+            .batches
+            .back()
+            .map_or(self.checkpoint.up_to, |b| b.up_to);
+        if up_to < last || tip < up_to {
+            return Err(SessionError::Protocol(format!(
+                "offer positions out of order (up to {up_to}, tip {tip}, after {last})"
+            )));
+        }
+        self.stats.peer_tip = tip;
+        let mut wants = Vec::new();
+        let mut pending = BTreeSet::new();
+        for entry in entries {
+            if pending.contains(&entry.doc) {
+                return Err(SessionError::Protocol(format!(
+                    "document {} offered twice in one offer",
+                    entry.doc
+                )));
+            }
+            if let Some(have) = self.lacks(&entry, host)? {
+                pending.insert(entry.doc);
+                wants.push(WantEntry {
+                    doc: entry.doc,
+                    have,
+                });
+            }
+        }
+        if !wants.is_empty() {
+            self.control.push_back(Message::Want { docs: wants });
+        }
+        self.batches.push_back(Batch { up_to, pending });
+        self.advance(host)
+    }
+
+    /// `Some(heads held)` if we lack part of what `entry` offers, `None` if we hold it all.
+    fn lacks(
+        &mut self,
+        entry: &OfferEntry,
+        host: &mut impl SyncHost,
+    ) -> Result<Option<Vec<[u8; 32]>>, SessionError> {
+        let held = match self.writes.get(&entry.doc) {
+            Some(written) => Some(written.signed.heads.clone()),
+            None => host.held_heads(entry.doc)?,
+        };
+        let Some(held) = held else {
+            return Ok(Some(Vec::new()));
+        };
+        if held == entry.heads {
+            return Ok(None);
+        }
+        // Different heads: we may be ahead (the offer is an older version that reached the
+        // peer by a slower path) or behind. Only the document's history can tell.
+        if let Some(document) = self.base_document(entry.doc, host)?
+            && document.contains_all(&entry.heads)
+        {
+            return Ok(None);
+        }
+        Ok(Some(held))
+    }
+
+    fn base_document(
+        &mut self,
+        doc: DocId,
+        host: &mut impl SyncHost,
+    ) -> Result<Option<PublishedDocument>, SessionError> {
+        let (meta, snapshot) = match self.writes.get(&doc) {
+            Some(written) => (written.signed.meta.clone(), written.snapshot.clone()),
+            None => match host.document(doc)? {
+                Some(held) => (held.meta, held.snapshot),
+                None => return Ok(None),
+            },
+        };
+        // A stored document that no longer loads is treated as absent: the peer's full copy
+        // replaces it once that verifies.
+        Ok(PublishedDocument::load(&meta, &snapshot).ok())
+    }
+
+    fn on_want(&mut self, docs: Vec<WantEntry>) -> Result<(), SessionError> {
+        if self.serving.is_none() {
+            return Err(SessionError::Protocol("Want before Pull".into()));
+        }
+        if self.wanted.len() + docs.len() > MAX_QUEUED_WANTS {
+            return Err(SessionError::Protocol(format!(
+                "more than {MAX_QUEUED_WANTS} documents wanted at once"
+            )));
+        }
+        self.wanted.extend(docs);
+        Ok(())
+    }
+
+    fn on_changes(
+        &mut self,
+        meta: DocMeta,
+        changes: Vec<Vec<u8>>,
+        signed: Vec<u8>,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        let doc = meta.id();
+        self.resolve(doc)?;
+        match self.verify_received(&meta, &changes, &signed, host)? {
+            Ok(verified) => {
+                self.writes.insert(doc, verified);
+                self.stats.documents_received += 1;
+            }
+            Err(reason) => {
+                self.stats.rejected += 1;
+                self.events.push_back(Event::Rejected {
+                    doc,
+                    publisher: meta.publisher.clone(),
+                    reason,
+                });
+            }
+        }
+        if self.writes.len() >= WRITE_BATCH {
+            self.flush(None, host)?;
+        }
+        self.advance(host)
+    }
+
+    /// Verifies a received document before anything of it is stored: the publisher's key is
+    /// in the registry, the signature holds, and the changes give exactly the signed heads.
+    /// The outer error is a local failure; the inner one is the rejection reason.
+    fn verify_received(
+        &mut self,
+        meta: &DocMeta,
+        changes: &[Vec<u8>],
+        signed: &[u8],
+        host: &mut impl SyncHost,
+    ) -> Result<Result<VerifiedDocument, String>, SessionError> {
+        let Some(signed) = SignedHeads::decode(signed) else {
+            return Ok(Err("signed heads do not decode".into()));
+        };
+        if signed.meta != *meta {
+            return Ok(Err("signed heads are for another document".into()));
+        }
+        if let Err(error) = signed.verify(|publisher, key| host.is_publisher_key(publisher, key)) {
+            return Ok(Err(error.to_string()));
+        }
+        let mut document = match self.base_document(meta.id(), host)? {
+            Some(document) => document,
+            None => PublishedDocument::create(meta.clone(), &[0]),
+        };
+        if let Err(error) = document.apply_changes(changes) {
+            return Ok(Err(error.to_string()));
+        }
+        if let Err(error) = document.matches(&signed) {
+            return Ok(Err(error.to_string()));
+        }
+        let items = match document.items() {
+            Ok(items) => items,
+            Err(error) => return Ok(Err(error.to_string())),
+        };
+        Ok(Ok(VerifiedDocument {
+            signed,
+            snapshot: document.save(),
+            items,
+        }))
+    }
+
+    /// Marks a wanted document as answered in the earliest batch waiting for it.
+    fn resolve(&mut self, doc: DocId) -> Result<(), SessionError> {
+        for batch in &mut self.batches {
+            if batch.pending.remove(&doc) {
+                return Ok(());
+            }
+        }
+        Err(SessionError::Protocol(format!(
+            "document {doc} sent but not wanted"
+        )))
+    }
+
+    /// Completes finished batches in order: writes what they brought together with the new
+    /// checkpoint, then acknowledges.
+    fn advance(&mut self, host: &mut impl SyncHost) -> Result<(), SessionError> {
+        let mut completed = None;
+        while self.batches.front().is_some_and(|b| b.pending.is_empty()) {
+            completed = self.batches.pop_front().map(|b| b.up_to);
+        }
+        let Some(up_to) = completed else {
+            return Ok(());
+        };
+        debug_assert!(up_to >= self.checkpoint.up_to);
+        self.checkpoint.up_to = up_to;
+        self.flush(Some(self.checkpoint), host)?;
+        self.stats.pulled_up_to = up_to;
+        self.control.push_back(Message::Ack { up_to });
+        if up_to >= self.stats.peer_tip && self.batches.is_empty() {
+            self.events.push_back(Event::CaughtUp);
+        }
+        Ok(())
+    }
+
+    fn flush(
+        &mut self,
+        checkpoint: Option<Checkpoint>,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        let documents: Vec<VerifiedDocument> =
+            std::mem::take(&mut self.writes).into_values().collect();
+        let count = documents.len();
+        host.commit(documents, checkpoint.map(|c| (&self.peer.ods, c)))?;
+        if checkpoint.is_some() || count > 0 {
+            self.events.push_back(Event::Stored {
+                documents: count,
+                checkpoint: checkpoint.map(|c| c.up_to),
+            });
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, up_to: u64) -> Result<(), SessionError> {
+        let Some(serving) = &mut self.serving else {
+            return Err(SessionError::Protocol("Ack before Pull".into()));
+        };
+        if up_to > serving.offered_up_to || up_to < self.stats.peer_acked {
+            return Err(SessionError::Protocol(format!(
+                "ack of position {up_to}, outside what was offered"
+            )));
+        }
+        while serving.outstanding.front().is_some_and(|&o| o <= up_to) {
+            serving.outstanding.pop_front();
+        }
+        self.stats.peer_acked = up_to;
+        self.events.push_back(Event::PeerAcked { up_to });
+        Ok(())
+    }
+
+    /// The changes for the next wanted document, re-checking policy: a peer may only ever get
+    /// what the decision function allows, whatever it asks for.
+    fn next_changes(&mut self, host: &mut impl SyncHost) -> Result<Option<Message>, SessionError> {
+        let Some(want) = self.wanted.pop_front() else {
+            return Ok(None);
+        };
+        let Some(held) = host.document(want.doc)? else {
+            return Ok(Some(Message::Missing { doc: want.doc }));
+        };
+        if host.decide(&held.meta, &self.peer) != Decision::Send {
+            return Ok(Some(Message::Missing { doc: want.doc }));
+        }
+        let Ok(document) = PublishedDocument::load(&held.meta, &held.snapshot) else {
+            return Ok(Some(Message::Missing { doc: want.doc }));
+        };
+        let changes = document.changes_since(&want.have);
+        let size: usize = changes.iter().map(Vec::len).sum::<usize>() + held.signed.len();
+        if size + 1024 > MAX_FRAME_BYTES {
+            return Ok(Some(Message::Missing { doc: want.doc }));
+        }
+        self.stats.documents_sent += 1;
+        Ok(Some(Message::Changes {
+            meta: held.meta,
+            changes,
+            signed: held.signed,
+        }))
+    }
+
+    /// The next offer from our feed, if the peer has room for one and the feed has more.
+    fn next_offer(
+        &mut self,
+        now: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<Option<Message>, SessionError> {
+        let Some(serving) = &mut self.serving else {
+            return Ok(None);
+        };
+        if serving.caught_up || serving.outstanding.len() >= MAX_OUTSTANDING_OFFERS {
+            return Ok(None);
+        }
+        let rows = host.feed_after(serving.offered_up_to, OFFER_BATCH)?;
+        let tip = host.feed_tip()?;
+        self.stats.local_tip = tip;
+        let Some(last) = rows.last() else {
+            serving.caught_up = true;
+            serving.next_check_at = now + FEED_CHECK_INTERVAL_MS;
+            if serving.announced == Some(serving.offered_up_to) {
+                return Ok(None);
+            }
+            // Tell the peer once that it has everything, so it can say when it last synced.
+            serving.announced = Some(serving.offered_up_to);
+            serving.outstanding.push_back(serving.offered_up_to);
+            return Ok(Some(Message::Offer {
+                entries: Vec::new(),
+                up_to: serving.offered_up_to,
+                tip: serving.offered_up_to,
+            }));
+        };
+        let up_to = last.seq;
+        assert!(up_to > serving.offered_up_to, "feed went backwards");
+        let entries = rows
+            .into_iter()
+            .filter(|row| host.decide(&row.meta, &self.peer) == Decision::Send)
+            .map(|row| OfferEntry {
+                doc: row.meta.id(),
+                heads: row.heads,
+            })
+            .collect();
+        serving.offered_up_to = up_to;
+        serving.announced = Some(up_to);
+        serving.outstanding.push_back(up_to);
+        Ok(Some(Message::Offer {
+            entries,
+            up_to,
+            tip: tip.max(up_to),
+        }))
+    }
+
+    pub fn local(&self) -> &OdsCode {
+        &self.local
+    }
+}
+
+#[cfg(test)]
+mod tests;

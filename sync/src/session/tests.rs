@@ -1,0 +1,568 @@
+//! Session tests over an in-memory host. The node's SQLite host and real QUIC are covered by
+//! the integration tests; here the protocol's own promises are checked exactly: what crosses
+//! the wire, what is stored, what is refused.
+
+use super::*;
+use crate::model::{DataClass, OrgKind, Section};
+use crate::policy;
+use crate::signing::PublisherKey;
+use crate::testing::{allergy, meta_for};
+use std::collections::HashMap;
+
+const PATIENTS: [&str; 3] = ["9912003888", "9434765919", "6700028191"];
+
+/// A node's storage and trust, in memory.
+struct MemoryHost {
+    feed: FeedId,
+    next_seq: u64,
+    docs: BTreeMap<DocId, (u64, HeldDocument)>,
+    checkpoints: HashMap<OdsCode, Checkpoint>,
+    trusted: Vec<(OdsCode, [u8; 32])>,
+    commits: usize,
+}
+
+impl MemoryHost {
+    fn new(feed: u8, trusted: &[(&str, &PublisherKey)]) -> MemoryHost {
+        MemoryHost {
+            feed: FeedId([feed; 16]),
+            next_seq: 1,
+            docs: BTreeMap::new(),
+            checkpoints: HashMap::new(),
+            trusted: trusted
+                .iter()
+                .map(|(ods, key)| (OdsCode::parse(ods).unwrap(), key.public()))
+                .collect(),
+            commits: 0,
+        }
+    }
+
+    fn put(&mut self, meta: DocMeta, snapshot: Vec<u8>, signed: &SignedHeads) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let held = HeldDocument {
+            meta: meta.clone(),
+            snapshot,
+            signed: signed.encode(),
+        };
+        self.docs.insert(meta.id(), (seq, held));
+    }
+
+    /// Publishes (or extends) a document with `items` as `key`'s organisation.
+    fn publish(&mut self, key: &PublisherKey, meta: &DocMeta, items: &[Item], time: i64) {
+        let mut document = match self.docs.get(&meta.id()) {
+            Some((_, held)) => {
+                PublishedDocument::load_for_writing(meta, &held.snapshot, b"publisher").unwrap()
+            }
+            None => PublishedDocument::create(meta.clone(), b"publisher"),
+        };
+        document.update(items, &[], time);
+        let signed = key.sign_heads(meta, &document.heads());
+        self.put(meta.clone(), document.save(), &signed);
+    }
+
+    fn heads(&self, doc: DocId) -> Option<Vec<[u8; 32]>> {
+        self.docs
+            .get(&doc)
+            .map(|(_, held)| SignedHeads::decode(&held.signed).unwrap().heads)
+    }
+}
+
+impl SyncHost for MemoryHost {
+    fn feed_id(&self) -> FeedId {
+        self.feed
+    }
+    fn feed_tip(&mut self) -> Result<u64, HostError> {
+        Ok(self.next_seq - 1)
+    }
+    fn feed_after(&mut self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, HostError> {
+        let mut rows: Vec<FeedEntry> = self
+            .docs
+            .values()
+            .filter(|(seq, _)| *seq > after)
+            .map(|(seq, held)| FeedEntry {
+                seq: *seq,
+                meta: held.meta.clone(),
+                heads: SignedHeads::decode(&held.signed).unwrap().heads,
+            })
+            .collect();
+        rows.sort_by_key(|row| row.seq);
+        rows.truncate(limit);
+        Ok(rows)
+    }
+    fn held_heads(&mut self, doc: DocId) -> Result<Option<Vec<[u8; 32]>>, HostError> {
+        Ok(self.heads(doc))
+    }
+    fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError> {
+        Ok(self.docs.get(&doc).map(|(_, held)| held.clone()))
+    }
+    fn commit(
+        &mut self,
+        documents: Vec<VerifiedDocument>,
+        checkpoint: Option<(&OdsCode, Checkpoint)>,
+    ) -> Result<(), HostError> {
+        self.commits += 1;
+        for document in documents {
+            let meta = document.signed.meta.clone();
+            self.put(meta, document.snapshot, &document.signed);
+        }
+        if let Some((peer, checkpoint)) = checkpoint {
+            self.checkpoints.insert(peer.clone(), checkpoint);
+        }
+        Ok(())
+    }
+    fn checkpoint(&mut self, peer: &OdsCode) -> Result<Option<Checkpoint>, HostError> {
+        Ok(self.checkpoints.get(peer).copied())
+    }
+    fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
+        self.trusted.iter().any(|(o, k)| o == publisher && k == key)
+    }
+    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision {
+        policy::decide(meta, recipient)
+    }
+    fn registry_version(&self) -> u64 {
+        1
+    }
+    fn registry_bytes(&self) -> Option<Vec<u8>> {
+        None
+    }
+    fn offer_registry(&mut self, _bytes: Vec<u8>) -> Result<bool, HostError> {
+        Ok(false)
+    }
+}
+
+fn recipient(ods: &str, kind: OrgKind) -> Recipient {
+    Recipient {
+        ods: OdsCode::parse(ods).unwrap(),
+        kind,
+    }
+}
+
+/// Two connected sessions and what crossed between them.
+struct Link {
+    a: Session,
+    b: Session,
+    frames_a_to_b: Vec<Message>,
+    frames_b_to_a: Vec<Message>,
+    now: u64,
+}
+
+impl Link {
+    fn open(a: (&str, &mut MemoryHost), b: (&str, &mut MemoryHost)) -> Link {
+        let a_session = Session::new(
+            OdsCode::parse(a.0).unwrap(),
+            recipient(b.0, OrgKind::Hub),
+            0,
+            a.1,
+        )
+        .unwrap();
+        let b_session = Session::new(
+            OdsCode::parse(b.0).unwrap(),
+            recipient(a.0, OrgKind::Gp),
+            0,
+            b.1,
+        )
+        .unwrap();
+        Link {
+            a: a_session,
+            b: b_session,
+            frames_a_to_b: Vec::new(),
+            frames_b_to_a: Vec::new(),
+            now: 0,
+        }
+    }
+
+    /// Moves frames both ways until neither side has anything to say.
+    fn run(&mut self, a: &mut MemoryHost, b: &mut MemoryHost) {
+        self.run_limited(a, b, usize::MAX);
+    }
+
+    /// As [`Link::run`], but stops after `limit` frames have been delivered.
+    fn run_limited(&mut self, a: &mut MemoryHost, b: &mut MemoryHost, limit: usize) -> usize {
+        let mut delivered = 0;
+        loop {
+            let mut moved = false;
+            while delivered < limit
+                && let Some(frame) = self.a.poll_transmit(self.now, a).unwrap()
+            {
+                self.frames_a_to_b.push(decode(&frame));
+                self.b.handle_input(&frame, self.now, b).unwrap();
+                delivered += 1;
+                moved = true;
+            }
+            while delivered < limit
+                && let Some(frame) = self.b.poll_transmit(self.now, b).unwrap()
+            {
+                self.frames_b_to_a.push(decode(&frame));
+                self.a.handle_input(&frame, self.now, a).unwrap();
+                delivered += 1;
+                moved = true;
+            }
+            if !moved || delivered >= limit {
+                return delivered;
+            }
+        }
+    }
+
+    /// Lets time pass so caught-up providers look at their feeds again.
+    fn tick(&mut self, a: &mut MemoryHost, b: &mut MemoryHost) {
+        self.now += FEED_CHECK_INTERVAL_MS;
+        self.a.handle_timeout(self.now).unwrap();
+        self.b.handle_timeout(self.now).unwrap();
+        self.run(a, b);
+    }
+}
+
+fn decode(frame: &[u8]) -> Message {
+    let mut decoder = FrameDecoder::default();
+    decoder.push(frame);
+    decoder.next_message().unwrap().unwrap()
+}
+
+fn changes_sent(frames: &[Message]) -> usize {
+    frames
+        .iter()
+        .filter(|m| matches!(m, Message::Changes { .. }))
+        .count()
+}
+
+fn wire_bytes(frames: &[Message]) -> usize {
+    frames
+        .iter()
+        .map(|m| wire::encode_frame(m).unwrap().len())
+        .sum()
+}
+
+fn gp_key() -> PublisherKey {
+    PublisherKey::from_secret([1; 32])
+}
+
+/// The `index`th valid test NHS number (999 range, Modulus 11 check digit).
+fn nhs_number(index: usize) -> crate::model::NhsNumber {
+    (0..)
+        .filter_map(|n| {
+            let stem = format!("{:09}", 999_000_000 + index * 11 + n);
+            let check = crate::model::NhsNumber::check_digit(stem.as_bytes())?;
+            crate::model::NhsNumber::parse(&format!("{stem}{check}")).ok()
+        })
+        .next()
+        .unwrap()
+}
+
+/// An item that belongs in `meta`'s document.
+fn item_for(meta: &DocMeta, id: &str, title: &str) -> Item {
+    let mut item = allergy(id, title);
+    item.section = meta.section;
+    item.class = meta.class;
+    item
+}
+
+/// A GP host holding `documents` documents, one per patient.
+fn gp_with(documents: usize) -> MemoryHost {
+    let key = gp_key();
+    let mut gp = MemoryHost::new(1, &[("A81001", &key)]);
+    for index in 0..documents {
+        let mut meta = meta_for("A81001", PATIENTS[0], Section::Allergies, DataClass::Coded);
+        meta.patient = nhs_number(index);
+        let item = item_for(&meta, &format!("i{index}"), "Penicillin allergy");
+        gp.publish(&key, &meta, &[item], index as i64);
+    }
+    gp
+}
+
+fn hub() -> MemoryHost {
+    MemoryHost::new(2, &[("A81001", &gp_key())])
+}
+
+#[test]
+fn a_first_sync_copies_every_document_and_persists_the_checkpoint() {
+    let mut gp = gp_with(20);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    assert_eq!(hub.docs.len(), 20);
+    for doc in gp.docs.keys() {
+        assert_eq!(hub.heads(*doc), gp.heads(*doc));
+    }
+    let checkpoint = hub.checkpoints[&OdsCode::parse("A81001").unwrap()];
+    assert_eq!(checkpoint.feed, gp.feed);
+    assert_eq!(checkpoint.up_to, 20);
+    assert_eq!(link.b.stats().pending_in(), 0);
+    assert_eq!(link.a.stats().pending_out(), 0);
+    // The GP pulled the hub's feed too; it holds all of it already, so nothing was sent back.
+    assert_eq!(changes_sent(&link.frames_b_to_a), 0);
+}
+
+#[test]
+fn an_incremental_round_costs_the_change_not_the_documents_held() {
+    let mut costs = Vec::new();
+    for held in [10, 300] {
+        let key = gp_key();
+        let mut gp = gp_with(held);
+        let mut hub = hub();
+        let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+        link.run(&mut gp, &mut hub);
+        let (before_ab, before_ba) = (link.frames_a_to_b.len(), link.frames_b_to_a.len());
+
+        let meta = gp.docs.values().next().unwrap().1.meta.clone();
+        let item = item_for(&meta, "new", "Latex allergy");
+        gp.publish(&key, &meta, &[item], 1_000);
+        link.a.feed_changed();
+        link.run(&mut gp, &mut hub);
+
+        let round_ab = &link.frames_a_to_b[before_ab..];
+        let round_ba = &link.frames_b_to_a[before_ba..];
+        assert_eq!(
+            changes_sent(round_ab),
+            1,
+            "only the changed document travels"
+        );
+        assert_eq!(hub.heads(meta.id()), gp.heads(meta.id()));
+        costs.push((
+            wire_bytes(round_ab) + wire_bytes(round_ba),
+            round_ab.len() + round_ba.len(),
+        ));
+    }
+    // Feed positions are varints, so a bigger feed may cost a byte or two more per message.
+    assert_eq!(costs[0].1, costs[1].1, "messages in an incremental round");
+    assert!(
+        costs[1].0.abs_diff(costs[0].0) <= 8,
+        "bytes of an incremental round at 10 and 300 documents held: {costs:?}"
+    );
+}
+
+#[test]
+fn an_interrupted_transfer_resumes_without_resending_what_was_stored() {
+    let mut gp = gp_with(300);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run_limited(&mut gp, &mut hub, 200);
+    let sent_before = changes_sent(&link.frames_a_to_b);
+    let held_before = hub.docs.len();
+    assert!(held_before > 0 && held_before < 300, "cut mid-transfer");
+    // The connection drops: whatever the hub had not committed is gone with its session.
+    drop(link);
+
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    assert_eq!(hub.docs.len(), 300);
+    let resent = changes_sent(&link.frames_a_to_b);
+    assert!(
+        resent <= 300 - held_before,
+        "{resent} documents sent after resuming with {held_before} of 300 stored ({sent_before} sent before)"
+    );
+}
+
+#[test]
+fn a_document_with_a_forged_signature_is_rejected_and_nothing_of_it_is_stored() {
+    let key = gp_key();
+    let forger = PublisherKey::from_secret([66; 32]);
+    let mut gp = gp_with(2);
+    let meta = meta_for("A81001", "9434765919", Section::Alerts, DataClass::Coded);
+    // Signed with a key the registry does not list for A81001.
+    let mut forged = PublishedDocument::create(meta.clone(), b"forger");
+    forged.update(&[item_for(&meta, "x", "forged")], &[], 5);
+    gp.put(
+        meta.clone(),
+        forged.save(),
+        &forger.sign_heads(&meta, &forged.heads()),
+    );
+    // And one whose signature bytes were altered.
+    let tampered_meta = meta_for("A81001", "9434765919", Section::Problems, DataClass::Coded);
+    let mut tampered = PublishedDocument::create(tampered_meta.clone(), b"publisher");
+    tampered.update(&[item_for(&tampered_meta, "y", "tampered")], &[], 5);
+    let mut signed = key.sign_heads(&tampered_meta, &tampered.heads());
+    signed.signature[3] ^= 1;
+    gp.put(tampered_meta.clone(), tampered.save(), &signed);
+
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    assert_eq!(
+        hub.docs.len(),
+        2,
+        "only the two genuine documents are stored"
+    );
+    assert!(!hub.docs.contains_key(&meta.id()));
+    assert!(!hub.docs.contains_key(&tampered_meta.id()));
+    assert_eq!(link.b.stats().rejected, 2);
+    let mut rejected = Vec::new();
+    while let Some(event) = link.b.poll_event() {
+        if let Event::Rejected { doc, reason, .. } = event {
+            rejected.push((doc, reason));
+        }
+    }
+    assert_eq!(rejected.len(), 2);
+    assert!(
+        rejected
+            .iter()
+            .any(|(doc, reason)| *doc == meta.id() && reason.contains("not a trusted key"))
+    );
+    assert!(
+        rejected
+            .iter()
+            .any(|(doc, reason)| *doc == tampered_meta.id() && reason.contains("does not verify"))
+    );
+}
+
+#[test]
+fn a_version_arriving_by_two_paths_is_stored_once_and_order_does_not_matter() {
+    let key = gp_key();
+    let mut gp = gp_with(5);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    // A newer version reaches the acute trust straight from the GP first...
+    let meta = gp.docs.values().next().unwrap().1.meta.clone();
+    let item = item_for(&meta, "later", "Latex allergy");
+    gp.publish(&key, &meta, &[item], 99);
+    let mut acute = MemoryHost::new(3, &[("A81001", &key)]);
+    let mut direct = Link::open(("A81001", &mut gp), ("RTH01", &mut acute));
+    direct.run(&mut gp, &mut acute);
+    assert_eq!(acute.docs.len(), 5);
+    // ...then the hub, still holding the older version, offers everything it has.
+    let mut via_hub = Link::open(("HUB01", &mut hub), ("RTH01", &mut acute));
+    via_hub.run(&mut hub, &mut acute);
+    assert_eq!(
+        changes_sent(&via_hub.frames_a_to_b),
+        0,
+        "the acute trust wants nothing older than it holds"
+    );
+    assert_eq!(acute.heads(meta.id()), gp.heads(meta.id()));
+}
+
+#[test]
+fn private_documents_are_never_offered_and_never_sent_even_when_asked_for() {
+    let key = gp_key();
+    let mut gp = gp_with(1);
+    let private = meta_for(
+        "A81001",
+        "9912003888",
+        Section::Problems,
+        DataClass::Private,
+    );
+    let item = item_for(&private, "p", "private note");
+    gp.publish(&key, &private, &[item], 1);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    assert_eq!(hub.docs.len(), 1);
+    assert!(!hub.docs.contains_key(&private.id()));
+    for frame in &link.frames_a_to_b {
+        if let Message::Offer { entries, .. } = frame {
+            assert!(entries.iter().all(|e| e.doc != private.id()));
+        }
+    }
+    // A peer that asks for the private document by id gets told it is missing.
+    link.b.control.push_back(Message::Want {
+        docs: vec![WantEntry {
+            doc: private.id(),
+            have: vec![],
+        }],
+    });
+    link.b.batches.push_back(Batch {
+        up_to: link.b.checkpoint.up_to,
+        pending: [private.id()].into(),
+    });
+    link.run(&mut gp, &mut hub);
+    assert!(!hub.docs.contains_key(&private.id()));
+    assert!(
+        link.frames_a_to_b
+            .iter()
+            .any(|m| *m == Message::Missing { doc: private.id() })
+    );
+}
+
+#[test]
+fn new_documents_flow_to_a_caught_up_peer_after_the_feed_check_interval() {
+    let key = gp_key();
+    let mut gp = gp_with(3);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    let meta = meta_for("A81001", "6700028191", Section::Alerts, DataClass::Coded);
+    let item = item_for(&meta, "late", "late alert");
+    gp.publish(&key, &meta, &[item], 7);
+    link.run(&mut gp, &mut hub);
+    assert!(!hub.docs.contains_key(&meta.id()), "not yet looked");
+    assert!(link.a.poll_timeout().is_some());
+    link.tick(&mut gp, &mut hub);
+    assert!(hub.docs.contains_key(&meta.id()));
+}
+
+#[test]
+fn a_peer_claiming_another_identity_or_sending_garbage_is_an_error_not_a_panic() {
+    let mut gp = gp_with(1);
+    let mut hub = hub();
+    let mut session = Session::new(
+        OdsCode::parse("HUB01").unwrap(),
+        recipient("A81001", OrgKind::Gp),
+        0,
+        &mut hub,
+    )
+    .unwrap();
+    let impostor = wire::encode_frame(&Message::Hello {
+        node: OdsCode::parse("B81002").unwrap(),
+        feed: gp.feed,
+        registry_version: 1,
+    })
+    .unwrap();
+    assert!(matches!(
+        session.handle_input(&impostor, 0, &mut hub),
+        Err(SessionError::Impersonation { .. })
+    ));
+
+    let mut session = Session::new(
+        OdsCode::parse("HUB01").unwrap(),
+        recipient("A81001", OrgKind::Gp),
+        0,
+        &mut hub,
+    )
+    .unwrap();
+    assert!(matches!(
+        session.handle_input(&[0, 0, 0, 2, 1, 200], 0, &mut hub),
+        Err(SessionError::Wire(_))
+    ));
+    let mut session = Session::new(
+        OdsCode::parse("HUB01").unwrap(),
+        recipient("A81001", OrgKind::Gp),
+        0,
+        &mut hub,
+    )
+    .unwrap();
+    assert!(matches!(
+        session.handle_input(&[0xff, 0xff, 0xff, 0xff], 0, &mut hub),
+        Err(SessionError::Wire(WireError::FrameTooLarge(_)))
+    ));
+    // Silence is an error once the Hello deadline passes.
+    let mut quiet = Session::new(
+        OdsCode::parse("HUB01").unwrap(),
+        recipient("A81001", OrgKind::Gp),
+        0,
+        &mut gp,
+    )
+    .unwrap();
+    assert_eq!(quiet.poll_timeout(), Some(HELLO_TIMEOUT_MS));
+    assert_eq!(
+        quiet.handle_timeout(HELLO_TIMEOUT_MS),
+        Err(SessionError::HelloTimeout)
+    );
+}
+
+#[test]
+fn a_slow_peer_bounds_what_the_provider_has_in_flight() {
+    let mut gp = gp_with(3000);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    // The hub never answers: the GP stops after its Hello, Pull and the offers allowed.
+    let mut frames = 0;
+    link.b.handle_input(&[], 0, &mut hub).unwrap();
+    let hub_hello = link.b.poll_transmit(0, &mut hub).unwrap().unwrap();
+    let hub_pull = link.b.poll_transmit(0, &mut hub).unwrap().unwrap();
+    link.a.handle_input(&hub_hello, 0, &mut gp).unwrap();
+    link.a.handle_input(&hub_pull, 0, &mut gp).unwrap();
+    while link.a.poll_transmit(0, &mut gp).unwrap().is_some() {
+        frames += 1;
+        assert!(frames < 100, "provider kept producing for a silent peer");
+    }
+    assert!(frames <= 2 + MAX_OUTSTANDING_OFFERS);
+}
