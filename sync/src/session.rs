@@ -472,7 +472,7 @@ impl Session {
                 entries.len()
             )));
         }
-        if self.batches.len() >= MAX_OUTSTANDING_OFFERS + 1 {
+        if self.batches.len() > MAX_OUTSTANDING_OFFERS {
             return Err(SessionError::Protocol(
                 "more offers outstanding than the protocol allows".into(),
             ));
