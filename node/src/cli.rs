@@ -51,6 +51,12 @@ enum Command {
         /// Address the view listens on.
         #[arg(long, default_value = "127.0.0.1:7800")]
         listen: String,
+        /// UDP address to accept sync peers on (hubs, and nodes taking direct peers).
+        #[arg(long)]
+        sync_listen: Option<String>,
+        /// ODS code of a peer to dial (the hub, or a direct peer); repeat for more.
+        #[arg(long = "peer")]
+        peers: Vec<OdsCode>,
     },
     /// Ingest FHIR R4 JSON: single resources, Bundles and NDJSON, files or folders.
     Ingest {
@@ -111,6 +117,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Regional authority tools: make, edit, sign, show, verify and install trust registries.
+    Trust {
+        #[command(subcommand)]
+        command: crate::trust_admin::TrustCommand,
+    },
     /// Demo: a node in a temporary folder with generated patients, serving the view.
     Demo {
         /// Keep the demo node here instead of a temporary folder.
@@ -149,6 +160,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kind,
             source_system,
             listen,
+            sync_listen,
+            peers,
         } => {
             let mut home = Home::init(
                 &dir,
@@ -160,6 +173,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             home.config.ingest.source_system = source_system;
             home.config.view.listen = listen;
+            home.config.sync.listen = sync_listen;
+            home.config.sync.peers = peers;
             home.save_config()?;
             println!(
                 "node home ready at {} for {} ({})",
@@ -241,8 +256,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let store = home.open_store()?;
             let own_key = home.signing_key()?.public();
             let own = home.config.organisation.ods.clone();
+            let trust = home.trust()?;
             let report = verify::verify_store(&store, &|publisher, key| {
-                *publisher == own && *key == own_key
+                (*publisher == own && *key == own_key)
+                    || trust.as_ref().is_some_and(|trust| {
+                        trust.current().registry().is_publisher_key(publisher, key)
+                    })
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -294,6 +313,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Trust { command } => crate::trust_admin::run(command),
         Command::Demo {
             dir,
             patients,
@@ -307,13 +327,31 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     let store = home.open_store()?;
     let stats = store.stats()?;
     let sources = store.sources()?;
+    let now = clock::now_unix();
+    let peers = current_peer_statuses(&store)?;
+    let registry = home.trust()?.map(|trust| trust.current());
     if json {
+        let peers: Vec<serde_json::Value> = peers
+            .iter()
+            .map(|peer| {
+                let mut value = serde_json::to_value(peer).expect("peer status serialises");
+                value["connected"] = serde_json::json!(peer.is_connected(now));
+                value["pending_in"] = serde_json::json!(peer.pending_in());
+                value["pending_out"] = serde_json::json!(peer.pending_out());
+                value
+            })
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "organisation": home.config.organisation,
                 "stats": stats,
                 "sources": sources,
+                "sync": {
+                    "registry_version": registry.as_ref().map(|r| r.version()),
+                    "peers": peers,
+                    "rejected_changes": store.rejected_changes(20)?,
+                },
             }))?
         );
         return Ok(ExitCode::SUCCESS);
@@ -349,7 +387,58 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
         ),
         None => println!("last ingest: none yet"),
     }
+    match &registry {
+        Some(registry) => println!(
+            "sync: trust registry {} edition {}",
+            registry.registry().region,
+            registry.version()
+        ),
+        None => println!("sync: off (no trust registry installed)"),
+    }
+    for peer in &peers {
+        println!(
+            "  peer {:<8} {:<12} last sync {:<20} pending in {:>6} out {:>6}  sent {} received {}  rejected {}",
+            peer.peer,
+            if peer.is_connected(now) {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            peer.last_sync_at
+                .map(clock::uk_date_time)
+                .unwrap_or_else(|| "never".into()),
+            peer.pending_in(),
+            peer.pending_out(),
+            human_bytes(peer.bytes_sent),
+            human_bytes(peer.bytes_received),
+            peer.rejected,
+        );
+        if let Some(error) = peer.last_error.as_ref().filter(|_| !peer.is_connected(now)) {
+            println!("       last disconnect: {error}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Peer rows with our feed's tip as it is now, so pending-out counts what was ingested while
+/// a peer was away.
+pub fn current_peer_statuses(
+    store: &caremesh_storage::Store,
+) -> Result<Vec<caremesh_storage::PeerStatus>, caremesh_storage::StorageError> {
+    let tip = store.feed_tip()?;
+    let mut peers = store.peer_statuses()?;
+    for peer in &mut peers {
+        peer.local_tip = peer.local_tip.max(tip);
+    }
+    Ok(peers)
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        b if b >= 1_000 => format!("{:.1} kB", b as f64 / 1e3),
+        b => format!("{b} B"),
+    }
 }
 
 /// Serves the view and watches the drop folder until interrupted. Prints the view's address
@@ -371,26 +460,59 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
                 }
             })?
     };
-    let state = Arc::new(ViewState {
-        database: home.database_path(),
-        organisation: home.config.organisation.name.clone(),
-        ods: home.config.organisation.ods.to_string(),
-    });
+    let trust = home.trust()?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let result = runtime.block_on(async {
+        let sync = match trust {
+            Some(trust) => Some(
+                crate::network::start(
+                    crate::network::SyncSettings {
+                        ods: home.config.organisation.ods.clone(),
+                        key: home.signing_key()?,
+                        trust,
+                        listen: home.config.sync.listen.clone(),
+                        peers: home.config.sync.peers.clone(),
+                        database: home.database_path(),
+                    },
+                    shutdown_rx,
+                )
+                .await?,
+            ),
+            None => {
+                tracing::info!(
+                    "sync is off: no trust registry installed (see `caremesh trust install`)"
+                );
+                None
+            }
+        };
+        let state = Arc::new(ViewState {
+            database: home.database_path(),
+            organisation: home.config.organisation.name.clone(),
+            ods: home.config.organisation.ods.to_string(),
+            sync: sync.as_ref().map(|s| s.counters.clone()),
+        });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
         let address = listener.local_addr()?;
         println!("listening on http://{address}/");
+        if let Some(sync_address) = sync.as_ref().and_then(|s| s.local_addr) {
+            println!("sync listening on udp {sync_address}");
+        }
         if let Some(path) = show {
             println!("open http://{address}{path}");
         }
         use std::io::Write;
         std::io::stdout().flush()?;
-        axum::serve(listener, view::router(state))
+        let served = axum::serve(listener, view::router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
-            .context("serving the view")
+            .context("serving the view");
+        let _ = shutdown_tx.send(true);
+        if let Some(sync) = sync {
+            let _ = tokio::task::spawn_blocking(move || sync.join()).await;
+        }
+        served
     });
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();

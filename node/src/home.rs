@@ -67,6 +67,33 @@ pub struct NodeConfig {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub view: ViewConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+}
+
+/// Sync with peers over QUIC. Off until the node has a trust registry and a pinned authority.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SyncConfig {
+    /// UDP address to accept peers on (hubs, and nodes that accept direct peers).
+    pub listen: Option<String>,
+    /// Organisations this node dials (by ODS code); their addresses come from the registry.
+    pub peers: Vec<OdsCode>,
+    /// The signed trust registry; relative paths are inside the node home.
+    pub registry: PathBuf,
+    /// The regional authority's public key (hex) that the registry must be signed with.
+    pub authority: Option<String>,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            listen: None,
+            peers: Vec::new(),
+            registry: PathBuf::from("trust/registry.json"),
+            authority: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +167,7 @@ impl Home {
             organisation,
             ingest: IngestConfig::default(),
             view: ViewConfig::default(),
+            sync: SyncConfig::default(),
         };
         let key = generate_key()?;
         write_secret(&dir.join(KEY_FILE), &hex::encode(key.secret()))?;
@@ -201,6 +229,22 @@ impl Home {
 
     pub fn open_store(&self) -> Result<Store, HomeError> {
         Ok(Store::open(&self.database_path())?)
+    }
+
+    pub fn registry_path(&self) -> PathBuf {
+        self.resolve(&self.config.sync.registry)
+    }
+
+    /// The trust registry in force, if sync is configured (an authority is pinned).
+    pub fn trust(
+        &self,
+    ) -> Result<Option<crate::trust::TrustState>, crate::trust::RegistryLoadError> {
+        match &self.config.sync.authority {
+            Some(authority) => {
+                crate::trust::TrustState::load(&self.registry_path(), authority).map(Some)
+            }
+            None => Ok(None),
+        }
     }
 
     pub fn signing_key(&self) -> Result<PublisherKey, HomeError> {

@@ -18,6 +18,8 @@ pub struct ViewState {
     pub database: PathBuf,
     pub organisation: String,
     pub ods: String,
+    /// The running sync engine's counters, when sync is on.
+    pub sync: Option<Arc<crate::network::SyncCounters>>,
 }
 
 pub fn router(state: Arc<ViewState>) -> Router {
@@ -27,6 +29,7 @@ pub fn router(state: Arc<ViewState>) -> Router {
         .route("/patients/{nhs}", get(patient_page))
         .route("/api/patients/{nhs}", get(patient_json))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .layer(axum::middleware::map_response(protect))
         .with_state(state)
 }
@@ -159,6 +162,31 @@ async fn search(Query(query): Query<SearchQuery>) -> Redirect {
 
 async fn index(State(state): State<Arc<ViewState>>) -> Html<String> {
     Html(page(&state, "Find a patient", &search_form()))
+}
+
+async fn metrics(State(state): State<Arc<ViewState>>) -> Response {
+    let database = state.database.clone();
+    let counters = state.sync.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        let store = Store::open_read_only(&database)?;
+        crate::metrics::render(&store, counters.as_deref())
+    })
+    .await;
+    match rendered {
+        Ok(Ok(text)) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics unavailable: the database could not be read",
+        )
+            .into_response(),
+    }
 }
 
 async fn health(State(state): State<Arc<ViewState>>) -> Response {

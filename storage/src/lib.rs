@@ -7,10 +7,15 @@
 //!   shows items that are not backed by a stored, signed document.
 //! * Every document write takes a fresh `seq`, a node-local, strictly increasing position:
 //!   the changes feed that sync reads from.
+//! * A peer's checkpoint is written in the same transaction as the documents it covers, so a
+//!   crash can never leave a checkpoint ahead of what is stored.
 //! * The database runs in WAL mode with `synchronous=FULL`: a committed write survives a
 //!   kill -9 or a power cut.
 
 mod migrations;
+mod peers;
+
+pub use peers::{FeedRow, PeerStatus, RejectedChange};
 
 use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, Section, SignedHeads};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};

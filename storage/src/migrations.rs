@@ -71,6 +71,45 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         summary     TEXT NOT NULL
     ) STRICT;
     "#,
+    // 2: sync. The feed identity, per-peer checkpoints and status, rejected changes.
+    r#"
+    CREATE TABLE node_meta (
+        key     TEXT PRIMARY KEY,
+        value   BLOB NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    -- Feed positions (documents.seq) mean something only within one database: peers keep
+    -- their checkpoints against this id, and a rebuilt database gets a new one.
+    INSERT INTO node_meta (key, value) VALUES ('feed_id', randomblob(16));
+
+    CREATE TABLE sync_peers (
+        peer              TEXT PRIMARY KEY,
+        peer_feed         BLOB,
+        pulled_up_to      INTEGER NOT NULL DEFAULT 0,
+        peer_tip          INTEGER NOT NULL DEFAULT 0,
+        peer_acked        INTEGER NOT NULL DEFAULT 0,
+        local_tip         INTEGER NOT NULL DEFAULT 0,
+        connected         INTEGER NOT NULL DEFAULT 0,
+        connected_since   INTEGER,
+        last_sync_at      INTEGER,
+        last_error        TEXT,
+        bytes_sent        INTEGER NOT NULL DEFAULT 0,
+        bytes_received    INTEGER NOT NULL DEFAULT 0,
+        documents_sent    INTEGER NOT NULL DEFAULT 0,
+        documents_received INTEGER NOT NULL DEFAULT 0,
+        rejected          INTEGER NOT NULL DEFAULT 0,
+        updated_at        INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+
+    -- Received changes that failed verification: what, from whom, why. Never their content.
+    CREATE TABLE rejected_changes (
+        id          INTEGER PRIMARY KEY,
+        at          INTEGER NOT NULL,
+        peer        TEXT NOT NULL,
+        doc_id      BLOB NOT NULL,
+        publisher   TEXT NOT NULL,
+        reason      TEXT NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 #[cfg(test)]

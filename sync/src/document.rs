@@ -226,6 +226,17 @@ impl PublishedDocument {
             .all(|head| self.doc.get_change_by_hash(&ChangeHash(*head)).is_some())
     }
 
+    /// When the publisher made the latest change behind the current heads (Unix seconds), as
+    /// it stamped it: how fresh a received copy's data is.
+    pub fn last_change_time(&self) -> Option<i64> {
+        self.doc
+            .get_heads()
+            .iter()
+            .filter_map(|head| self.doc.get_change_by_hash(head))
+            .map(|change| change.timestamp())
+            .max()
+    }
+
     pub fn save(&self) -> Vec<u8> {
         self.doc.save()
     }

@@ -98,6 +98,8 @@ pub struct VerifiedDocument {
     pub signed: SignedHeads,
     pub snapshot: Vec<u8>,
     pub items: Vec<Item>,
+    /// When the publisher made its latest change (Unix seconds, as the publisher stamped it).
+    pub published_at: Option<i64>,
 }
 
 /// Where a puller stands in a peer's feed.
@@ -633,6 +635,7 @@ impl Session {
             signed,
             snapshot: document.save(),
             items,
+            published_at: document.last_change_time(),
         }))
     }
 

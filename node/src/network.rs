@@ -1,0 +1,738 @@
+//! Sync over QUIC: the endpoint, dialling with backoff, and the engine thread that drives
+//! every peer's [`Session`] against the node's database.
+//!
+//! ```text
+//!  quinn connection ──reader task──▶ Command::Input ──▶ ┌──────────── engine thread ───────────┐
+//!                                                       │ one Store (the sync writer)          │
+//!  quinn connection ◀──writer task── Outgoing (≤ 8) ◀── │ Session per peer, pumped while its   │
+//!                                                       │ outgoing queue has room              │
+//!                                                       └──────────────────────────────────────┘
+//! ```
+//!
+//! Backpressure: each connection's outgoing queue holds at most [`OUTGOING_FRAMES`] frames and
+//! the engine asks a session for a frame only when there is room, so a slow peer stalls only
+//! its own session. Incoming bytes pass through a bounded channel; when the engine falls
+//! behind, readers stop reading and QUIC flow control slows the sender.
+
+use crate::clock;
+use crate::sync_host::StoreHost;
+use crate::tls::{self, NodeIdentity};
+use crate::trust::TrustState;
+use anyhow::{Context, Result};
+use caremesh_storage::{PeerStatus, Store};
+use caremesh_sync::policy::Recipient;
+use caremesh_sync::{Event, KeyStanding, OdsCode, PublisherKey, Session};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Frames queued towards one peer before its session stops producing.
+pub const OUTGOING_FRAMES: usize = 8;
+/// Largest chunk read from a stream at once.
+const READ_CHUNK: usize = 64 * 1024;
+/// Commands queued towards the engine before readers wait.
+const ENGINE_QUEUE: usize = 256;
+/// QUIC keep-alive: well under the 30 s many NATs forget a UDP flow after.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Reconnect backoff: doubles from the first to the last, with up to 50% jitter.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_LAST: Duration = Duration::from_secs(10);
+/// A connection that lasted this long resets the backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+/// How often the engine looks for local feed growth (ingests by other threads/processes).
+const FEED_POLL: Duration = Duration::from_millis(250);
+/// How often peer status is written for `caremesh status` and /metrics.
+const STATUS_FLUSH: Duration = Duration::from_secs(1);
+
+/// Counters the node keeps in memory for /metrics, beside the per-peer rows in the database.
+#[derive(Debug, Default)]
+pub struct SyncCounters {
+    pub handshakes_refused: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+pub struct SyncSettings {
+    pub ods: OdsCode,
+    pub key: PublisherKey,
+    pub trust: TrustState,
+    pub listen: Option<String>,
+    pub peers: Vec<OdsCode>,
+    pub database: PathBuf,
+}
+
+enum Command {
+    Open {
+        conn: u64,
+        peer: Recipient,
+        dialled_by_us: bool,
+        outgoing: mpsc::Sender<Outgoing>,
+        accepted: oneshot::Sender<bool>,
+    },
+    Input {
+        conn: u64,
+        bytes: Vec<u8>,
+    },
+    Closed {
+        conn: u64,
+        reason: String,
+    },
+}
+
+enum Outgoing {
+    Frame(Vec<u8>),
+    Close(String),
+}
+
+/// The running sync service; dropping the shutdown sender stops it.
+pub struct SyncService {
+    pub local_addr: Option<SocketAddr>,
+    pub counters: Arc<SyncCounters>,
+    engine: std::thread::JoinHandle<()>,
+}
+
+impl SyncService {
+    /// Waits for the engine to write its final peer status after shutdown was signalled.
+    pub fn join(self) {
+        let _ = self.engine.join();
+    }
+}
+
+/// Starts the endpoint, the dialers and the engine thread on the current tokio runtime.
+pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> Result<SyncService> {
+    let identity = NodeIdentity::from_key(&settings.key, &settings.ods)?;
+    let counters = Arc::new(SyncCounters::default());
+    let store = Store::open(&settings.database)?;
+    store.reset_connections()?;
+    let host = StoreHost::new(store, settings.trust.clone())?;
+    let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE);
+    let connected: Arc<Mutex<HashSet<OdsCode>>> = Default::default();
+    let engine = {
+        let ods = settings.ods.clone();
+        let connected = connected.clone();
+        let shutdown = shutdown.clone();
+        let counters = counters.clone();
+        std::thread::Builder::new()
+            .name("sync-engine".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("engine runtime builds");
+                runtime
+                    .block_on(Engine::new(ods, host, connected, counters).run(engine_rx, shutdown));
+            })?
+    };
+
+    let server = tls::server_config(&identity, &settings.trust)?;
+    let server = QuicServerConfig::try_from(server).context("QUIC server TLS configuration")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+    server.transport_config(transport_config());
+    let bind: SocketAddr = match &settings.listen {
+        Some(listen) => listen
+            .parse()
+            .with_context(|| format!("[sync] listen `{listen}` is not an IP:port address"))?,
+        None => "0.0.0.0:0".parse().expect("valid address"),
+    };
+    let endpoint = quinn::Endpoint::server(server, bind)
+        .with_context(|| format!("binding the sync endpoint on UDP {bind}"))?;
+    let local_addr = settings.listen.as_ref().and(endpoint.local_addr().ok());
+
+    let context = Arc::new(Shared {
+        identity,
+        trust: settings.trust.clone(),
+        engine: engine_tx,
+        counters: counters.clone(),
+        next_conn: AtomicU64::new(1),
+        connected,
+    });
+    if settings.listen.is_some() {
+        tokio::spawn(accept_loop(endpoint.clone(), context.clone()));
+    }
+    for peer in settings.peers {
+        tokio::spawn(dial_loop(
+            endpoint.clone(),
+            context.clone(),
+            peer,
+            shutdown.clone(),
+        ));
+    }
+    {
+        let endpoint = endpoint.clone();
+        let mut shutdown = shutdown;
+        tokio::spawn(async move {
+            let _ = shutdown.changed().await;
+            endpoint.close(0u32.into(), b"node shutting down");
+        });
+    }
+    Ok(SyncService {
+        local_addr,
+        counters,
+        engine,
+    })
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(
+        IDLE_TIMEOUT.try_into().expect("idle timeout fits QUIC"),
+    ));
+    // One sync stream per connection; bounded windows bound what a peer can make us buffer.
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.stream_receive_window((4u32 * 1024 * 1024).into());
+    transport.receive_window((8u32 * 1024 * 1024).into());
+    transport.send_window(8 * 1024 * 1024);
+    Arc::new(transport)
+}
+
+/// What the network tasks share.
+struct Shared {
+    identity: NodeIdentity,
+    trust: TrustState,
+    engine: mpsc::Sender<Command>,
+    counters: Arc<SyncCounters>,
+    next_conn: AtomicU64,
+    connected: Arc<Mutex<HashSet<OdsCode>>>,
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let context = context.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    context
+                        .counters
+                        .handshakes_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%remote, %error, "refused an incoming sync connection");
+                    return;
+                }
+            };
+            let Some(peer) = authenticated_peer(&connection, &context.trust) else {
+                connection.close(2u32.into(), b"unknown peer");
+                return;
+            };
+            let streams = tokio::time::timeout(IDLE_TIMEOUT, connection.accept_bi()).await;
+            match streams {
+                Ok(Ok((send, recv))) => {
+                    run_connection(&context, connection, send, recv, peer, false).await;
+                }
+                _ => tracing::info!(peer = %peer.ods, "peer opened no sync stream"),
+            }
+        });
+    }
+}
+
+/// The organisation behind a connection's verified certificate.
+fn authenticated_peer(connection: &quinn::Connection, trust: &TrustState) -> Option<Recipient> {
+    let identity = connection.peer_identity()?;
+    let certificates = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let key = tls::certificate_key(certificates.first()?)?;
+    let registry = trust.current();
+    match registry.registry().standing(&key) {
+        KeyStanding::Trusted(org) => Some(Recipient {
+            ods: org.ods.clone(),
+            kind: org.kind,
+        }),
+        _ => None,
+    }
+}
+
+async fn dial_loop(
+    endpoint: quinn::Endpoint,
+    context: Arc<Shared>,
+    peer: OdsCode,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let already = context
+            .connected
+            .lock()
+            .expect("lock never poisoned")
+            .contains(&peer);
+        let started = Instant::now();
+        if !already {
+            match dial(&endpoint, &context, &peer).await {
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::info!(%peer, error = %format!("{error:#}"), "sync peer unreachable")
+                }
+            }
+        }
+        if started.elapsed() >= STABLE_CONNECTION || already {
+            backoff = BACKOFF_FIRST;
+        } else {
+            backoff = (backoff * 2).min(BACKOFF_LAST);
+        }
+        let pause = if already {
+            Duration::from_secs(1)
+        } else {
+            with_jitter(backoff)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// `base` plus up to half again, so that nodes cut off together do not reconnect in step.
+fn with_jitter(base: Duration) -> Duration {
+    let mut bytes = [0u8; 4];
+    let fraction = match getrandom::fill(&mut bytes) {
+        Ok(()) => u32::from_le_bytes(bytes) as f64 / u32::MAX as f64,
+        Err(_) => 0.5,
+    };
+    base + base.mul_f64(fraction * 0.5)
+}
+
+async fn dial(endpoint: &quinn::Endpoint, context: &Arc<Shared>, peer: &OdsCode) -> Result<()> {
+    let registry = context.trust.current();
+    let organisation = registry
+        .registry()
+        .organisation(peer)
+        .with_context(|| format!("{peer} is not in the trust registry"))?;
+    let address = organisation
+        .addresses
+        .first()
+        .with_context(|| format!("the trust registry lists no address for {peer}"))?;
+    let address: SocketAddr = tokio::net::lookup_host(address)
+        .await
+        .with_context(|| format!("resolving {address}"))?
+        .next()
+        .with_context(|| format!("{address} resolves to nothing"))?;
+    let client = tls::client_config(&context.identity, &context.trust, Some(peer.clone()))?;
+    let client = QuicClientConfig::try_from(client).context("QUIC client TLS configuration")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client));
+    client.transport_config(transport_config());
+    let connection = endpoint
+        .connect_with(client, address, "caremesh.invalid")?
+        .await
+        .with_context(|| format!("connecting to {peer} at {address}"))?;
+    let Some(recipient) = authenticated_peer(&connection, &context.trust) else {
+        connection.close(2u32.into(), b"unknown peer");
+        anyhow::bail!("{peer} presented a key the registry does not trust");
+    };
+    let (send, recv) = connection.open_bi().await?;
+    tracing::info!(%peer, %address, "connected to sync peer");
+    run_connection(context, connection, send, recv, recipient, true).await;
+    Ok(())
+}
+
+/// Shovels bytes between one QUIC stream and the engine until either side ends.
+async fn run_connection(
+    context: &Arc<Shared>,
+    connection: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: Recipient,
+    dialled_by_us: bool,
+) {
+    let conn = context.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (outgoing_tx, mut outgoing_rx) = mpsc::channel(OUTGOING_FRAMES);
+    let (accepted_tx, accepted_rx) = oneshot::channel();
+    let opened = Command::Open {
+        conn,
+        peer: peer.clone(),
+        dialled_by_us,
+        outgoing: outgoing_tx,
+        accepted: accepted_tx,
+    };
+    if context.engine.send(opened).await.is_err() || !accepted_rx.await.unwrap_or(false) {
+        connection.close(3u32.into(), b"duplicate connection");
+        return;
+    }
+    let writer = {
+        let connection = connection.clone();
+        async move {
+            while let Some(outgoing) = outgoing_rx.recv().await {
+                match outgoing {
+                    Outgoing::Frame(frame) => {
+                        if let Err(error) = send.write_all(&frame).await {
+                            return format!("write failed: {error}");
+                        }
+                    }
+                    Outgoing::Close(reason) => {
+                        let _ = send.finish();
+                        connection.close(1u32.into(), reason.as_bytes());
+                        return reason;
+                    }
+                }
+            }
+            "engine closed the session".to_string()
+        }
+    };
+    let reader = async {
+        loop {
+            match recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    let input = Command::Input {
+                        conn,
+                        bytes: chunk.bytes.to_vec(),
+                    };
+                    if context.engine.send(input).await.is_err() {
+                        return "engine stopped".to_string();
+                    }
+                }
+                Ok(None) => return "peer finished the stream".to_string(),
+                Err(error) => return format!("read failed: {error}"),
+            }
+        }
+    };
+    let reason = tokio::select! {
+        reason = writer => reason,
+        reason = reader => reason,
+        error = connection.closed() => format!("connection closed: {error}"),
+    };
+    let _ = context.engine.send(Command::Closed { conn, reason }).await;
+}
+
+struct Live {
+    conn: u64,
+    session: Session,
+    outgoing: mpsc::Sender<Outgoing>,
+    /// Who dialled: decides which of two simultaneous connections survives.
+    dialler: OdsCode,
+    /// The status row as it stood when the session began; session counters add to it.
+    base: PeerStatus,
+    connected_since: i64,
+    last_sync_at: Option<i64>,
+}
+
+struct Engine {
+    ods: OdsCode,
+    host: StoreHost,
+    started: Instant,
+    sessions: BTreeMap<OdsCode, Live>,
+    connected: Arc<Mutex<HashSet<OdsCode>>>,
+    counters: Arc<SyncCounters>,
+    last_tip: u64,
+}
+
+impl Engine {
+    fn new(
+        ods: OdsCode,
+        host: StoreHost,
+        connected: Arc<Mutex<HashSet<OdsCode>>>,
+        counters: Arc<SyncCounters>,
+    ) -> Engine {
+        Engine {
+            ods,
+            host,
+            started: Instant::now(),
+            sessions: BTreeMap::new(),
+            connected,
+            counters,
+            last_tip: 0,
+        }
+    }
+
+    /// Closes a session the peer broke (bad frames, protocol violations, impersonation).
+    fn fail(&mut self, ods: &OdsCode, reason: &str) {
+        self.counters
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %ods, %reason, "closing sync connection");
+        self.close(ods, reason);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut next_feed_poll = Instant::now();
+        let mut next_flush = Instant::now() + STATUS_FLUSH;
+        loop {
+            let blocked = self.pump();
+            let mut wake = next_feed_poll.min(next_flush);
+            for live in self.sessions.values() {
+                if let Some(at) = live.session.poll_timeout() {
+                    wake = wake.min(self.started + Duration::from_millis(at));
+                }
+            }
+            if blocked {
+                wake = wake.min(Instant::now() + Duration::from_millis(5));
+            }
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = shutdown.changed() => break,
+            }
+            let now = self.now_ms();
+            let failed: Vec<(OdsCode, String)> = self
+                .sessions
+                .iter_mut()
+                .filter_map(|(ods, live)| {
+                    live.session
+                        .handle_timeout(now)
+                        .err()
+                        .map(|e| (ods.clone(), e.to_string()))
+                })
+                .collect();
+            for (ods, reason) in failed {
+                self.fail(&ods, &reason);
+            }
+            if Instant::now() >= next_feed_poll {
+                next_feed_poll = Instant::now() + FEED_POLL;
+                self.poll_feed();
+            }
+            if Instant::now() >= next_flush {
+                next_flush = Instant::now() + STATUS_FLUSH;
+                self.flush_status();
+            }
+        }
+        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+        for peer in peers {
+            self.close(&peer, "node shutting down");
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Open {
+                conn,
+                peer,
+                dialled_by_us,
+                outgoing,
+                accepted,
+            } => {
+                let dialler = if dialled_by_us {
+                    self.ods.clone()
+                } else {
+                    peer.ods.clone()
+                };
+                let _ = accepted.send(self.open(conn, peer, dialler, outgoing));
+            }
+            Command::Input { conn, bytes } => {
+                let Some(ods) = self.peer_of(conn) else {
+                    return;
+                };
+                let now = self.now_ms();
+                let live = self.sessions.get_mut(&ods).expect("peer_of found it");
+                let result = live.session.handle_input(&bytes, now, &mut self.host);
+                self.drain_events(&ods);
+                if let Err(error) = result {
+                    self.fail(&ods, &error.to_string());
+                }
+            }
+            Command::Closed { conn, reason } => {
+                if let Some(ods) = self.peer_of(conn) {
+                    tracing::info!(peer = %ods, %reason, "sync connection ended");
+                    self.close(&ods, &reason);
+                }
+            }
+        }
+    }
+
+    fn peer_of(&self, conn: u64) -> Option<OdsCode> {
+        self.sessions
+            .iter()
+            .find(|(_, live)| live.conn == conn)
+            .map(|(ods, _)| ods.clone())
+    }
+
+    /// Starts a session, unless a connection to the same peer exists that wins the tie-break
+    /// (the one dialled by the lower ODS code; between two from the same dialler, the newer).
+    fn open(
+        &mut self,
+        conn: u64,
+        peer: Recipient,
+        dialler: OdsCode,
+        outgoing: mpsc::Sender<Outgoing>,
+    ) -> bool {
+        if let Some(existing) = self.sessions.get(&peer.ods)
+            && existing.dialler < dialler
+        {
+            return false;
+        }
+        if self.sessions.contains_key(&peer.ods) {
+            self.close(&peer.ods, "replaced by a newer connection");
+        }
+        let now = self.now_ms();
+        let session = match Session::new(self.ods.clone(), peer.clone(), now, &mut self.host) {
+            Ok(session) => session,
+            Err(error) => {
+                tracing::error!(peer = %peer.ods, %error, "could not start a sync session");
+                return false;
+            }
+        };
+        let base = self
+            .host
+            .store
+            .peer_status(&peer.ods)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let live = Live {
+            conn,
+            session,
+            outgoing,
+            dialler,
+            last_sync_at: base.last_sync_at,
+            base,
+            connected_since: clock::now_unix(),
+        };
+        self.connected
+            .lock()
+            .expect("lock never poisoned")
+            .insert(peer.ods.clone());
+        self.sessions.insert(peer.ods.clone(), live);
+        self.save_status(&peer.ods, None);
+        true
+    }
+
+    fn close(&mut self, ods: &OdsCode, reason: &str) {
+        self.save_status(ods, Some(reason));
+        if let Some(live) = self.sessions.remove(ods) {
+            let _ = live.outgoing.try_send(Outgoing::Close(reason.to_string()));
+        }
+        self.connected
+            .lock()
+            .expect("lock never poisoned")
+            .remove(ods);
+    }
+
+    /// Lets every session send while its connection has room. Returns whether any session
+    /// is held back by a full queue.
+    fn pump(&mut self) -> bool {
+        let now = self.now_ms();
+        let mut blocked = false;
+        let mut failed = Vec::new();
+        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+        for ods in peers {
+            let live = self.sessions.get_mut(&ods).expect("listed above");
+            loop {
+                let permit = match live.outgoing.try_reserve() {
+                    Ok(permit) => permit,
+                    Err(mpsc::error::TrySendError::Full(())) => {
+                        blocked = true;
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(())) => break,
+                };
+                match live.session.poll_transmit(now, &mut self.host) {
+                    Ok(Some(frame)) => permit.send(Outgoing::Frame(frame)),
+                    Ok(None) => break,
+                    Err(error) => {
+                        failed.push((ods.clone(), error.to_string()));
+                        break;
+                    }
+                }
+            }
+            self.drain_events(&ods);
+        }
+        for (ods, reason) in failed {
+            self.fail(&ods, &reason);
+        }
+        blocked
+    }
+
+    fn poll_feed(&mut self) {
+        match self.host.store.feed_tip() {
+            Ok(tip) if tip != self.last_tip => {
+                self.last_tip = tip;
+                for live in self.sessions.values_mut() {
+                    live.session.feed_changed();
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "could not read the local feed"),
+        }
+    }
+
+    fn drain_events(&mut self, ods: &OdsCode) {
+        let Some(live) = self.sessions.get_mut(ods) else {
+            return;
+        };
+        while let Some(event) = live.session.poll_event() {
+            match event {
+                Event::Rejected {
+                    doc,
+                    publisher,
+                    reason,
+                } => {
+                    tracing::warn!(peer = %ods, %doc, %publisher, %reason, "rejected a received change; nothing of it was stored");
+                    let recorded = self.host.store.write().and_then(|batch| {
+                        batch.record_rejection(clock::now_unix(), ods, doc, &publisher, &reason)?;
+                        batch.commit()
+                    });
+                    if let Err(error) = recorded {
+                        tracing::error!(%error, "could not record a rejected change");
+                    }
+                }
+                Event::Stored {
+                    documents,
+                    checkpoint,
+                } => {
+                    tracing::debug!(peer = %ods, documents, ?checkpoint, "stored documents from peer");
+                }
+                Event::CaughtUp => live.last_sync_at = Some(clock::now_unix()),
+                Event::PeerAcked { .. } => {}
+                Event::RegistryAdopted => {
+                    tracing::info!(peer = %ods, version = self.host.trust().current().version(), "adopted a newer trust registry from a peer");
+                }
+                Event::RegistryIgnored => {}
+            }
+        }
+    }
+
+    fn flush_status(&mut self) {
+        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+        for ods in peers {
+            self.save_status(&ods, None);
+        }
+    }
+
+    /// Writes a peer's status row; `closing` marks it disconnected with the reason.
+    fn save_status(&mut self, ods: &OdsCode, closing: Option<&str>) {
+        let Some(live) = self.sessions.get(ods) else {
+            return;
+        };
+        let stats = live.session.stats();
+        let base = &live.base;
+        let status = PeerStatus {
+            peer: ods.to_string(),
+            connected: closing.is_none(),
+            connected_since: Some(live.connected_since),
+            last_sync_at: live.last_sync_at,
+            last_error: closing.map(str::to_string).or(base.last_error.clone()),
+            bytes_sent: base.bytes_sent + stats.bytes_sent,
+            bytes_received: base.bytes_received + stats.bytes_received,
+            documents_sent: base.documents_sent + stats.documents_sent,
+            documents_received: base.documents_received + stats.documents_received,
+            rejected: base.rejected + stats.rejected,
+            pulled_up_to: stats.pulled_up_to,
+            peer_tip: stats.peer_tip.max(stats.pulled_up_to),
+            peer_acked: stats.peer_acked,
+            local_tip: stats.local_tip,
+            updated_at: clock::now_unix(),
+        };
+        if let Err(error) = self.host.store.save_peer_status(&status) {
+            tracing::error!(%error, "could not save peer status");
+        }
+    }
+}

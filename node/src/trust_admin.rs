@@ -1,0 +1,322 @@
+//! `caremesh trust`: the regional authority's tools for making, editing, signing and checking
+//! a trust registry, and for installing it in a node home.
+
+use crate::clock;
+use crate::home::{Home, load_secret_key, write_secret};
+use crate::trust::write_atomically;
+use anyhow::{Context, Result, bail};
+use caremesh_sync::trust::{parse_key, public_key_of};
+use caremesh_sync::{OdsCode, OrgKind, Organisation, Registry, RegistryFile};
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum TrustCommand {
+    /// Create a regional authority key (ed25519 secret, mode 0600) and print its public key.
+    Authority {
+        /// Where to write the secret key; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Start a new, empty, unsigned registry for a region.
+    New {
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long)]
+        region: String,
+    },
+    /// Add an organisation, or add keys and addresses to one already listed. The registry is
+    /// unsigned again afterwards: sign it before handing it out.
+    Add {
+        #[arg(long)]
+        registry: PathBuf,
+        /// Take ODS code, name, kind, public key and sync address from this node home.
+        #[arg(long, conflicts_with_all = ["ods", "name", "kind", "key"])]
+        node: Option<PathBuf>,
+        #[arg(long, required_unless_present = "node")]
+        ods: Option<OdsCode>,
+        #[arg(long, required_unless_present = "node")]
+        name: Option<String>,
+        #[arg(long, required_unless_present = "node")]
+        kind: Option<OrgKind>,
+        /// The organisation's ed25519 public key, hex.
+        #[arg(long, required_unless_present = "node")]
+        key: Option<String>,
+        /// host:port where the organisation accepts sync connections.
+        #[arg(long)]
+        address: Vec<String>,
+    },
+    /// Revoke one key of an organisation (or all of its keys): peers refuse it from then on.
+    Revoke {
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long)]
+        ods: OdsCode,
+        /// The key to revoke, hex; every current key when left out.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Sign a new edition of the registry with the authority key (bumps the version).
+    Sign {
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long)]
+        authority_key: PathBuf,
+    },
+    /// Print the registry's organisations, keys and signature state.
+    Show {
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the registry's signature against an authority public key. Exit code 4 if it fails.
+    Verify {
+        #[arg(long)]
+        registry: PathBuf,
+        /// The authority's public key, hex.
+        #[arg(long)]
+        authority: String,
+    },
+    /// Install a signed registry in a node home and pin the authority key in its config.
+    Install {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long)]
+        authority: String,
+    },
+}
+
+pub fn run(command: TrustCommand) -> Result<ExitCode> {
+    match command {
+        TrustCommand::Authority { out } => {
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret)
+                .map_err(|e| anyhow::anyhow!("operating system random source: {e}"))?;
+            if let Some(parent) = out.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            write_secret(&out, &hex::encode(secret))?;
+            println!("authority key written to {} (mode 0600)", out.display());
+            println!(
+                "authority public key: {}",
+                hex::encode(public_key_of(&secret))
+            );
+        }
+        TrustCommand::New { registry, region } => {
+            if registry.exists() {
+                bail!(
+                    "{} already exists; edit it with `caremesh trust add` or choose another path",
+                    registry.display()
+                );
+            }
+            save(&registry, &RegistryFile::unsigned(Registry::new(&region)))?;
+            println!("new registry for {region} at {}", registry.display());
+        }
+        TrustCommand::Add {
+            registry,
+            node,
+            ods,
+            name,
+            kind,
+            key,
+            address,
+        } => {
+            let mut file = load(&registry)?;
+            let organisation = match node {
+                Some(dir) => organisation_of_node(&dir, address)?,
+                None => Organisation {
+                    ods: ods.expect("required by clap"),
+                    name: name.expect("required by clap"),
+                    kind: kind.expect("required by clap"),
+                    keys: vec![hex::encode(parse_key(
+                        "--key",
+                        &key.expect("required by clap"),
+                    )?)],
+                    revoked_keys: Vec::new(),
+                    addresses: address,
+                },
+            };
+            let ods = organisation.ods.clone();
+            merge(&mut file.registry, organisation);
+            file.registry.normalise()?;
+            file.signature = None;
+            save(&registry, &file)?;
+            println!(
+                "{ods} added to {}; sign the registry before handing it out",
+                registry.display()
+            );
+        }
+        TrustCommand::Revoke { registry, ods, key } => {
+            let mut file = load(&registry)?;
+            let Some(org) = file.registry.organisation_mut(&ods) else {
+                bail!("{ods} is not in {}", registry.display());
+            };
+            let revoking: Vec<String> = match key {
+                Some(key) => vec![hex::encode(parse_key("--key", &key)?)],
+                None => org.keys.clone(),
+            };
+            for key in &revoking {
+                if !org.keys.contains(key) {
+                    bail!("{key} is not a current key of {ods}");
+                }
+            }
+            org.keys.retain(|k| !revoking.contains(k));
+            org.revoked_keys.extend(revoking.iter().cloned());
+            file.registry.normalise()?;
+            file.signature = None;
+            save(&registry, &file)?;
+            println!(
+                "revoked {} key(s) of {ods}; sign the registry and hand it to at least one node",
+                revoking.len()
+            );
+        }
+        TrustCommand::Sign {
+            registry,
+            authority_key,
+        } => {
+            let mut file = load(&registry)?;
+            let secret = load_secret_key(&authority_key)?.secret();
+            file.sign(&secret, clock::now_unix())?;
+            save(&registry, &file)?;
+            println!(
+                "signed edition {} of {} ({} organisations)",
+                file.registry.version,
+                registry.display(),
+                file.registry.organisations.len()
+            );
+        }
+        TrustCommand::Show { registry, json } => {
+            let file = load(&registry)?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&file.to_json()));
+            } else {
+                print!("{}", render(&file));
+            }
+        }
+        TrustCommand::Verify {
+            registry,
+            authority,
+        } => {
+            let file = load(&registry)?;
+            let pinned = parse_key("--authority", &authority)?;
+            return Ok(match file.verify(&pinned) {
+                Ok(()) => {
+                    println!(
+                        "{}: edition {} verifies with authority {authority}",
+                        registry.display(),
+                        file.registry.version
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    println!("{}: FAILED: {error}", registry.display());
+                    ExitCode::from(4)
+                }
+            });
+        }
+        TrustCommand::Install {
+            dir,
+            registry,
+            authority,
+        } => {
+            let mut home = Home::open(&dir)?;
+            let bytes = std::fs::read(&registry)
+                .with_context(|| format!("reading {}", registry.display()))?;
+            let pinned = parse_key("--authority", &authority)?;
+            RegistryFile::parse(&bytes)?.verify(&pinned)?;
+            write_atomically(&home.registry_path(), &bytes)?;
+            home.config.sync.authority = Some(hex::encode(pinned));
+            home.save_config()?;
+            println!(
+                "installed the registry in {} and pinned authority {}",
+                dir.display(),
+                hex::encode(pinned)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load(path: &Path) -> Result<RegistryFile> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    RegistryFile::parse(&bytes).with_context(|| format!("reading {}", path.display()))
+}
+
+fn save(path: &Path, file: &RegistryFile) -> Result<()> {
+    write_atomically(path, &file.to_json())?;
+    Ok(())
+}
+
+fn organisation_of_node(dir: &Path, addresses: Vec<String>) -> Result<Organisation> {
+    let home = Home::open(dir)?;
+    let key = home.signing_key()?.public();
+    let organisation = &home.config.organisation;
+    let addresses = if addresses.is_empty() {
+        home.config.sync.listen.iter().cloned().collect()
+    } else {
+        addresses
+    };
+    Ok(Organisation {
+        ods: organisation.ods.clone(),
+        name: organisation.name.clone(),
+        kind: organisation.kind,
+        keys: vec![hex::encode(key)],
+        revoked_keys: Vec::new(),
+        addresses,
+    })
+}
+
+/// Adds `organisation`, or merges its keys and addresses into the entry already listed.
+fn merge(registry: &mut Registry, organisation: Organisation) {
+    match registry.organisation_mut(&organisation.ods) {
+        Some(existing) => {
+            existing.name = organisation.name;
+            existing.kind = organisation.kind;
+            for key in organisation.keys {
+                if !existing.keys.contains(&key) {
+                    existing.keys.push(key);
+                }
+            }
+            for address in organisation.addresses {
+                if !existing.addresses.contains(&address) {
+                    existing.addresses.push(address);
+                }
+            }
+        }
+        None => registry.organisations.push(organisation),
+    }
+}
+
+fn render(file: &RegistryFile) -> String {
+    let registry = &file.registry;
+    let mut out = format!(
+        "trust registry for {}, edition {}, {}\n",
+        registry.region,
+        registry.version,
+        match &file.signature {
+            Some(signature) => format!(
+                "signed by authority {} on {}",
+                signature.authority,
+                clock::uk_date_time(registry.issued_at)
+            ),
+            None => "NOT SIGNED".to_string(),
+        }
+    );
+    for org in &registry.organisations {
+        out.push_str(&format!("  {} {} ({})\n", org.ods, org.name, org.kind));
+        for key in &org.keys {
+            out.push_str(&format!("    key      {key}\n"));
+        }
+        for key in &org.revoked_keys {
+            out.push_str(&format!("    REVOKED  {key}\n"));
+        }
+        for address in &org.addresses {
+            out.push_str(&format!("    address  {address}\n"));
+        }
+    }
+    out
+}

@@ -1,0 +1,389 @@
+//! Sync state: the changes feed as peers read it, per-peer checkpoints and status, and the
+//! log of rejected changes.
+
+use crate::{Result, StorageError, Store, WriteBatch, doc_id_from};
+use caremesh_sync::{DocId, DocMeta, OdsCode};
+use rusqlite::{OptionalExtension, params};
+
+/// A feed row without the snapshot: what an offer needs.
+#[derive(Debug, Clone)]
+pub struct FeedRow {
+    pub seq: u64,
+    pub meta: DocMeta,
+    pub signed: Vec<u8>,
+}
+
+/// What `caremesh status` and /metrics show for one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PeerStatus {
+    pub peer: String,
+    pub connected: bool,
+    pub connected_since: Option<i64>,
+    pub last_sync_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub documents_sent: u64,
+    pub documents_received: u64,
+    pub rejected: u64,
+    /// Our checkpoint in the peer's feed.
+    pub pulled_up_to: u64,
+    pub peer_tip: u64,
+    /// The peer's acknowledged position in our feed.
+    pub peer_acked: u64,
+    pub local_tip: u64,
+    /// When a running node last wrote this row (Unix seconds).
+    pub updated_at: i64,
+}
+
+/// A running node rewrites its peer rows every second; a row older than this was left by a
+/// node that is no longer running, whatever its `connected` column says.
+pub const STATUS_STALE_AFTER_SECONDS: i64 = 10;
+
+impl PeerStatus {
+    /// Connected now: the row says so and a running node wrote it recently.
+    pub fn is_connected(&self, now: i64) -> bool {
+        self.connected && now - self.updated_at <= STATUS_STALE_AFTER_SECONDS
+    }
+
+    /// Document versions the peer's feed holds that we have not pulled.
+    pub fn pending_in(&self) -> u64 {
+        self.peer_tip.saturating_sub(self.pulled_up_to)
+    }
+
+    /// Positions of our feed the peer has not acknowledged.
+    pub fn pending_out(&self) -> u64 {
+        self.local_tip.saturating_sub(self.peer_acked)
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RejectedChange {
+    pub at: i64,
+    pub peer: String,
+    pub doc: String,
+    pub publisher: String,
+    pub reason: String,
+}
+
+const PEER_COLUMNS: &str = "peer, connected, connected_since, last_sync_at, last_error, \
+     bytes_sent, bytes_received, documents_sent, documents_received, rejected, pulled_up_to, \
+     peer_tip, peer_acked, local_tip, updated_at";
+
+fn peer_status(row: &rusqlite::Row<'_>) -> rusqlite::Result<PeerStatus> {
+    Ok(PeerStatus {
+        peer: row.get(0)?,
+        connected: row.get(1)?,
+        connected_since: row.get(2)?,
+        last_sync_at: row.get(3)?,
+        last_error: row.get(4)?,
+        bytes_sent: row.get(5)?,
+        bytes_received: row.get(6)?,
+        documents_sent: row.get(7)?,
+        documents_received: row.get(8)?,
+        rejected: row.get(9)?,
+        pulled_up_to: row.get(10)?,
+        peer_tip: row.get(11)?,
+        peer_acked: row.get(12)?,
+        local_tip: row.get(13)?,
+        updated_at: row.get(14)?,
+    })
+}
+
+impl Store {
+    /// This database's feed identity.
+    pub fn feed_id(&self) -> Result<[u8; 16]> {
+        let bytes: Vec<u8> = self
+            .conn
+            .query_row(
+                "SELECT value FROM node_meta WHERE key = 'feed_id'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(self.err("read feed id"))?;
+        bytes.try_into().map_err(|_| StorageError::DamagedRow {
+            path: self.path.clone(),
+            doc: "node_meta feed_id".into(),
+            what: "feed id is not 16 bytes".into(),
+        })
+    }
+
+    /// Sets the feed identity (simulations make it deterministic).
+    pub fn set_feed_id(&self, feed: [u8; 16]) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE node_meta SET value = ?1 WHERE key = 'feed_id'",
+                [&feed[..]],
+            )
+            .map_err(self.err("set feed id"))?;
+        Ok(())
+    }
+
+    /// The last position in this node's feed, 0 when empty.
+    pub fn feed_tip(&self) -> Result<u64> {
+        self.conn
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM documents")
+            .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
+            .map_err(self.err("read feed tip"))
+    }
+
+    /// A page of the feed after `after`, without snapshots.
+    pub fn feed_after(&self, after: u64, limit: usize) -> Result<Vec<FeedRow>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT doc_id, publisher, nhs, section, class, signed, seq FROM documents \
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(self.err("read feed"))?;
+        let rows = statement
+            .query_map(params![after, limit as i64], |row| {
+                Ok((
+                    row.get::<_, Vec<u8>>(0)?,
+                    [
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, String>(4)?,
+                    ],
+                    row.get::<_, Vec<u8>>(5)?,
+                    row.get::<_, u64>(6)?,
+                ))
+            })
+            .map_err(self.err("read feed"))?;
+        let mut feed = Vec::new();
+        for row in rows {
+            let (id, [publisher, nhs, section, class], signed, seq) =
+                row.map_err(self.err("read feed"))?;
+            let id = doc_id_from(&id, &self.path)?;
+            let damaged = |what: String| StorageError::DamagedRow {
+                path: self.path.clone(),
+                doc: id.to_string(),
+                what,
+            };
+            let meta = DocMeta {
+                publisher: publisher.parse().map_err(|e| damaged(format!("{e}")))?,
+                patient: nhs.parse().map_err(|e| damaged(format!("{e}")))?,
+                section: section.parse().map_err(|e| damaged(format!("{e}")))?,
+                class: class.parse().map_err(|e| damaged(format!("{e}")))?,
+            };
+            feed.push(FeedRow { seq, meta, signed });
+        }
+        Ok(feed)
+    }
+
+    /// The signed heads stored for a document, without loading its snapshot.
+    pub fn held_signed(&self, doc: DocId) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .prepare_cached("SELECT signed FROM documents WHERE doc_id = ?1")
+            .and_then(|mut statement| {
+                statement
+                    .query_row([&doc.0[..]], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(self.err("read signed heads"))
+    }
+
+    /// Our checkpoint in `peer`'s feed: (feed id, position).
+    pub fn peer_checkpoint(&self, peer: &OdsCode) -> Result<Option<([u8; 16], u64)>> {
+        let row: Option<(Option<Vec<u8>>, u64)> = self
+            .conn
+            .prepare_cached("SELECT peer_feed, pulled_up_to FROM sync_peers WHERE peer = ?1")
+            .and_then(|mut statement| {
+                statement
+                    .query_row([peer.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            })
+            .map_err(self.err("read checkpoint"))?;
+        Ok(row.and_then(|(feed, up_to)| Some((feed?.try_into().ok()?, up_to))))
+    }
+
+    pub fn peer_statuses(&self) -> Result<Vec<PeerStatus>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {PEER_COLUMNS} FROM sync_peers ORDER BY peer"
+            ))
+            .map_err(self.err("read peers"))?;
+        let rows = statement
+            .query_map([], peer_status)
+            .map_err(self.err("read peers"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err("read peers"))
+    }
+
+    pub fn peer_status(&self, peer: &OdsCode) -> Result<Option<PeerStatus>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {PEER_COLUMNS} FROM sync_peers WHERE peer = ?1"
+            ))
+            .and_then(|mut statement| statement.query_row([peer.as_str()], peer_status).optional())
+            .map_err(self.err("read peer"))
+    }
+
+    /// Writes a peer's status; the checkpoint columns are left to [`WriteBatch::save_checkpoint`].
+    pub fn save_peer_status(&self, status: &PeerStatus) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sync_peers (peer, connected, connected_since, last_sync_at, last_error, \
+                 bytes_sent, bytes_received, documents_sent, documents_received, rejected, \
+                 peer_tip, peer_acked, local_tip, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                 ON CONFLICT(peer) DO UPDATE SET connected = excluded.connected, \
+                 connected_since = excluded.connected_since, last_sync_at = excluded.last_sync_at, \
+                 last_error = excluded.last_error, bytes_sent = excluded.bytes_sent, \
+                 bytes_received = excluded.bytes_received, documents_sent = excluded.documents_sent, \
+                 documents_received = excluded.documents_received, rejected = excluded.rejected, \
+                 peer_tip = excluded.peer_tip, peer_acked = excluded.peer_acked, \
+                 local_tip = excluded.local_tip, updated_at = excluded.updated_at",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    status.peer,
+                    status.connected,
+                    status.connected_since,
+                    status.last_sync_at,
+                    status.last_error,
+                    status.bytes_sent,
+                    status.bytes_received,
+                    status.documents_sent,
+                    status.documents_received,
+                    status.rejected,
+                    status.peer_tip,
+                    status.peer_acked,
+                    status.local_tip,
+                    status.updated_at
+                ])
+            })
+            .map_err(self.err("save peer status"))?;
+        Ok(())
+    }
+
+    /// Marks every peer disconnected: a node starting up has no connections yet.
+    pub fn reset_connections(&self) -> Result<()> {
+        self.conn
+            .execute("UPDATE sync_peers SET connected = 0", [])
+            .map_err(self.err("reset peer connections"))?;
+        Ok(())
+    }
+
+    pub fn rejected_changes(&self, limit: usize) -> Result<Vec<RejectedChange>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT at, peer, doc_id, publisher, reason FROM rejected_changes \
+                 ORDER BY id DESC LIMIT ?1",
+            )
+            .map_err(self.err("read rejected changes"))?;
+        let rows = statement
+            .query_map([limit as i64], |row| {
+                Ok(RejectedChange {
+                    at: row.get(0)?,
+                    peer: row.get(1)?,
+                    doc: hex_of(&row.get::<_, Vec<u8>>(2)?),
+                    publisher: row.get(3)?,
+                    reason: row.get(4)?,
+                })
+            })
+            .map_err(self.err("read rejected changes"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err("read rejected changes"))
+    }
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl WriteBatch<'_> {
+    /// Saves our checkpoint in `peer`'s feed, in the transaction that stored what it covers.
+    pub fn save_checkpoint(&self, peer: &OdsCode, feed: [u8; 16], up_to: u64) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO sync_peers (peer, peer_feed, pulled_up_to) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(peer) DO UPDATE SET peer_feed = excluded.peer_feed, \
+                 pulled_up_to = excluded.pulled_up_to",
+            )
+            .and_then(|mut statement| statement.execute(params![peer.as_str(), &feed[..], up_to]))
+            .map_err(self.err("save checkpoint"))?;
+        Ok(())
+    }
+
+    pub fn record_rejection(
+        &self,
+        at: i64,
+        peer: &OdsCode,
+        doc: DocId,
+        publisher: &OdsCode,
+        reason: &str,
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO rejected_changes (at, peer, doc_id, publisher, reason) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    at,
+                    peer.as_str(),
+                    &doc.0[..],
+                    publisher.as_str(),
+                    reason
+                ])
+            })
+            .map_err(self.err("record rejected change"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_and_status_are_kept_apart_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let peer = OdsCode::parse("HUB01").unwrap();
+        {
+            let mut store = Store::open(&path).unwrap();
+            assert_eq!(store.feed_tip().unwrap(), 0);
+            assert!(store.peer_checkpoint(&peer).unwrap().is_none());
+            store
+                .save_peer_status(&PeerStatus {
+                    peer: "HUB01".into(),
+                    connected: true,
+                    bytes_sent: 10,
+                    ..Default::default()
+                })
+                .unwrap();
+            let batch = store.write().unwrap();
+            batch.save_checkpoint(&peer, [4; 16], 42).unwrap();
+            batch.commit().unwrap();
+            store
+                .save_peer_status(&PeerStatus {
+                    peer: "HUB01".into(),
+                    bytes_sent: 20,
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.peer_checkpoint(&peer).unwrap(), Some(([4; 16], 42)));
+        let status = store.peer_status(&peer).unwrap().unwrap();
+        assert_eq!(status.bytes_sent, 20);
+        assert_eq!(
+            status.pulled_up_to, 42,
+            "status writes leave the checkpoint alone"
+        );
+    }
+
+    #[test]
+    fn each_database_gets_its_own_feed_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a.db")).unwrap();
+        let b = Store::open(&dir.path().join("b.db")).unwrap();
+        assert_ne!(a.feed_id().unwrap(), b.feed_id().unwrap());
+        assert_eq!(a.feed_id().unwrap(), a.feed_id().unwrap());
+    }
+}
