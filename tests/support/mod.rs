@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: they run the real `caremesh` binary.
 #![allow(dead_code)]
 
+pub mod region;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,399 @@
+//! Sync between separate `caremesh run` processes over real QUIC on 127.0.0.1. Every test
+//! checks what ends up stored (documents, signatures, status rows), not only exit codes.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+use support::region::{Region, documents, peer, wait_for_documents};
+use support::*;
+
+const SYNC_WAIT: Duration = Duration::from_secs(60);
+
+fn generate(out: &Path, org: &str, patients: u64, seed: u64) {
+    let output = run(&[
+        "generate",
+        "--org",
+        org,
+        "--patients",
+        &patients.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+/// Generates and ingests `patients` patients at `dir` (as its own organisation).
+fn ingest_generated(dir: &Path, org: &str, patients: u64, seed: u64) {
+    let extract = dir.with_extension(format!("extract-{seed}"));
+    generate(&extract, org, patients, seed);
+    let output = ingest(dir, &[extract.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+fn database(dir: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(dir.join("node.db")).unwrap()
+}
+
+/// Documents `dir` holds that `publisher` may share (everything but private ones).
+fn shareable(dir: &Path, publisher: &str) -> i64 {
+    database(dir)
+        .query_row(
+            "SELECT count(*) FROM documents WHERE publisher = ?1 AND class != 'private'",
+            [publisher],
+            |row| row.get(0),
+        )
+        .unwrap()
+}
+
+fn held_from(dir: &Path, publisher: &str) -> i64 {
+    database(dir)
+        .query_row(
+            "SELECT count(*) FROM documents WHERE publisher = ?1",
+            [publisher],
+            |row| row.get(0),
+        )
+        .unwrap()
+}
+
+fn first_patient(dir: &Path) -> String {
+    database(dir)
+        .query_row(
+            "SELECT nhs FROM documents ORDER BY nhs LIMIT 1",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap()
+}
+
+fn verify_ok(dir: &Path) {
+    let output = run(&["verify", "--dir", dir.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "verify failed at {}: {}",
+        dir.display(),
+        stdout(&output)
+    );
+}
+
+fn metric(node: &RunningNode, name: &str) -> f64 {
+    let (status, body) = http_get(&node.address, "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .find(|line| line.starts_with(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.node("HUB01", "hub", true, &[]);
+    let gp = region.node("A81001", "gp", false, &["HUB01"]);
+    let acute = region.node("RTH01", "acute", false, &["HUB01"]);
+    for node in [&hub, &gp, &acute] {
+        region.register(node);
+    }
+    region.publish(&[&hub, &gp, &acute]);
+    ingest_generated(&gp, "A81001", 8, 1);
+    ingest_generated(&acute, "RTH01", 3, 1);
+
+    let _hub_process = RunningNode::start(&hub);
+    let _gp_process = RunningNode::start(&gp);
+    let acute_process = RunningNode::start(&acute);
+
+    let from_gp = shareable(&gp, "A81001");
+    assert!(from_gp > 0);
+    let reached = wait_for(SYNC_WAIT, || held_from(&acute, "A81001") == from_gp);
+    assert!(
+        reached,
+        "acute holds {} of {from_gp} GP documents",
+        held_from(&acute, "A81001")
+    );
+    assert!(wait_for(SYNC_WAIT, || held_from(&gp, "RTH01")
+        == shareable(&acute, "RTH01")));
+    assert_eq!(
+        held_from(&hub, "A81001"),
+        from_gp,
+        "the hub stores what it relays"
+    );
+    // Private documents never left the GP.
+    let private_at_acute: i64 = database(&acute)
+        .query_row(
+            "SELECT count(*) FROM documents WHERE class = 'private'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(private_at_acute, 0);
+
+    // The acute trust's view of a shared patient joins both organisations' data.
+    let nhs = first_patient(&gp);
+    let (status, body) = http_get(&acute_process.address, &format!("/api/patients/{nhs}"));
+    assert_eq!(status, 200, "{body}");
+    let record: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sources: Vec<&str> = record["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["ods"].as_str().unwrap())
+        .collect();
+    assert!(sources.contains(&"A81001"), "sources: {sources:?}");
+    assert!(sources.contains(&"RTH01"), "sources: {sources:?}");
+    verify_ok(&acute);
+    verify_ok(&hub);
+
+    // Data ingested while everything runs flows on its own.
+    ingest_generated(&gp, "A81001", 2, 77);
+    let from_gp = shareable(&gp, "A81001");
+    assert!(wait_for(SYNC_WAIT, || held_from(&acute, "A81001") == from_gp));
+
+    let status = peer(&acute, "HUB01").expect("acute keeps a status row for the hub");
+    assert_eq!(status["connected"], true);
+    assert!(status["bytes_received"].as_u64().unwrap() > 0);
+    assert!(status["last_sync_at"].as_i64().is_some());
+    assert_eq!(status["rejected"], 0);
+    assert!(metric(&acute_process, "caremesh_peer_connected{peer=\"HUB01\"}") == 1.0);
+}
+
+#[test]
+fn direct_peers_exchange_both_ways_without_a_hub() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let gp = region.node("A81001", "gp", true, &[]);
+    let community = region.node("RYX01", "community", false, &["A81001"]);
+    region.register(&gp);
+    region.register(&community);
+    region.publish(&[&gp, &community]);
+    ingest_generated(&gp, "A81001", 4, 1);
+    ingest_generated(&community, "RYX01", 4, 1);
+    let _gp = RunningNode::start(&gp);
+    let _community = RunningNode::start(&community);
+    let gp_shares = shareable(&gp, "A81001");
+    let community_shares = shareable(&community, "RYX01");
+    assert!(wait_for(SYNC_WAIT, || held_from(&community, "A81001") == gp_shares));
+    assert!(wait_for(SYNC_WAIT, || held_from(&gp, "RYX01") == community_shares));
+    verify_ok(&gp);
+    verify_ok(&community);
+}
+
+#[test]
+fn a_hub_killed_mid_transfer_resumes_without_resending_what_was_acknowledged() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.node("HUB01", "hub", true, &[]);
+    let gp = region.node("A81001", "gp", false, &["HUB01"]);
+    region.register(&hub);
+    region.register(&gp);
+    region.publish(&[&hub, &gp]);
+    ingest_generated(&gp, "A81001", 300, 3);
+    let total = shareable(&gp, "A81001");
+
+    let mut hub_process = RunningNode::start(&hub);
+    let _gp_process = RunningNode::start(&gp);
+    let started = wait_for(SYNC_WAIT, || documents(&hub) > 0);
+    hub_process.kill_hard();
+    let held_at_kill = documents(&hub);
+    assert!(started && held_at_kill > 0);
+    eprintln!("hub killed holding {held_at_kill} of {total} documents");
+
+    let _hub_process = RunningNode::start(&hub);
+    wait_for_documents(&hub, total, SYNC_WAIT);
+    assert_eq!(held_from(&hub, "A81001"), total);
+    verify_ok(&hub);
+    // What the hub had stored (and so acknowledged or held) is not sent again: the GP sends
+    // at most the documents plus those in flight when the hub died (bounded by the offer
+    // window of 4 × 256).
+    let status_settled = wait_for(Duration::from_secs(10), || {
+        peer(&gp, "HUB01").is_some_and(|p| p["pending_out"] == 0)
+    });
+    assert!(status_settled);
+    let sent = peer(&gp, "HUB01").unwrap()["documents_sent"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        sent <= total + 1024 && sent < 2 * total,
+        "GP sent {sent} document versions for {total} documents"
+    );
+}
+
+#[test]
+fn a_document_with_a_forged_signature_is_rejected_counted_and_not_stored() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.node("HUB01", "hub", true, &[]);
+    let gp = region.node("A81001", "gp", false, &["HUB01"]);
+    region.register(&hub);
+    region.register(&gp);
+    region.publish(&[&hub, &gp]);
+    ingest_generated(&gp, "A81001", 3, 1);
+    // Forge: flip one byte of one document's signature in the GP's database.
+    let (doc_id, mut signed): (Vec<u8>, Vec<u8>) = database(&gp)
+        .query_row(
+            "SELECT doc_id, signed FROM documents WHERE class = 'coded' ORDER BY seq LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    let last = signed.len() - 1;
+    signed[last] ^= 0x40;
+    database(&gp)
+        .execute(
+            "UPDATE documents SET signed = ?1 WHERE doc_id = ?2",
+            rusqlite::params![signed, doc_id],
+        )
+        .unwrap();
+    let total = shareable(&gp, "A81001");
+
+    let _hub = RunningNode::start(&hub);
+    let _gp = RunningNode::start(&gp);
+    assert!(wait_for(SYNC_WAIT, || {
+        peer(&hub, "A81001").is_some_and(|p| p["rejected"] == 1 && p["pending_in"] == 0)
+    }));
+    assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001") == total - 1));
+    let stored: i64 = database(&hub)
+        .query_row(
+            "SELECT count(*) FROM documents WHERE doc_id = ?1",
+            [&doc_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, 0, "nothing of the forged document is stored");
+    let items: i64 = database(&hub)
+        .query_row(
+            "SELECT count(*) FROM items WHERE doc_id = ?1",
+            [&doc_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(items, 0);
+    let rejected = status_json(&hub)["sync"]["rejected_changes"].clone();
+    assert_eq!(rejected[0]["peer"], "A81001");
+    assert!(
+        rejected[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not verify"),
+        "{rejected}"
+    );
+    verify_ok(&hub);
+}
+
+#[test]
+fn unknown_and_revoked_peers_are_refused_and_a_newer_registry_spreads() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.node("HUB01", "hub", true, &[]);
+    let gp = region.node("A81001", "gp", false, &["HUB01"]);
+    let revoked = region.node("B82005", "gp", false, &["HUB01"]);
+    let stranger = region.node("C83010", "gp", false, &["HUB01"]);
+    for node in [&hub, &gp, &revoked] {
+        region.register(node);
+    }
+    region.publish(&[&hub, &gp, &revoked, &stranger]);
+    // Edition 2 revokes B82005's key; only the hub gets it directly.
+    let output = run(&[
+        "trust",
+        "revoke",
+        "--registry",
+        region.registry.to_str().unwrap(),
+        "--ods",
+        "B82005",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    region.publish(&[&hub]);
+    for (dir, org) in [(&gp, "A81001"), (&revoked, "B82005"), (&stranger, "C83010")] {
+        ingest_generated(dir, org, 2, 1);
+    }
+
+    let hub_process = RunningNode::start(&hub);
+    let _gp = RunningNode::start(&gp);
+    let _revoked = RunningNode::start(&revoked);
+    let _stranger = RunningNode::start(&stranger);
+    let gp_shares = shareable(&gp, "A81001");
+    assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001") == gp_shares));
+    // The GP picks up edition 2 from the hub.
+    let adopted = wait_for(SYNC_WAIT, || {
+        let text = std::fs::read_to_string(gp.join("trust/registry.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["registry"]["version"] == 2
+    });
+    assert!(adopted, "the GP did not adopt the newer registry");
+    assert!(wait_for(SYNC_WAIT, || {
+        metric(&hub_process, "caremesh_handshakes_refused_total") >= 2.0
+    }));
+    assert_eq!(held_from(&hub, "B82005"), 0, "nothing from the revoked key");
+    assert_eq!(held_from(&hub, "C83010"), 0, "nothing from the unknown key");
+    assert!(peer(&hub, "B82005").is_none() && peer(&hub, "C83010").is_none());
+    for dir in [&revoked, &stranger] {
+        assert!(peer(dir, "HUB01").is_none_or(|p| p["connected"] == false));
+        assert_eq!(held_from(dir, "A81001"), 0);
+    }
+}
+
+#[test]
+fn garbage_and_oversized_frames_close_the_connection_and_leave_the_hub_serving() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.node("HUB01", "hub", true, &[]);
+    let rogue = region.node("D84000", "gp", false, &[]);
+    region.register(&hub);
+    region.register(&rogue);
+    region.publish(&[&hub, &rogue]);
+    let hub_process = RunningNode::start(&hub);
+    let hub_address: std::net::SocketAddr = {
+        let config = std::fs::read_to_string(hub.join("caremesh.toml")).unwrap();
+        let value: toml::Value = toml::from_str(&config).unwrap();
+        value["sync"]["listen"].as_str().unwrap().parse().unwrap()
+    };
+    let home = caremesh::home::Home::open(&rogue).unwrap();
+    let trust = home.trust().unwrap().unwrap();
+    let identity = caremesh::tls::NodeIdentity::from_key(
+        &home.signing_key().unwrap(),
+        &home.config.organisation.ods,
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let payloads: [&[u8]; 3] = [
+        // A frame whose body is not a caremesh message.
+        &[0, 0, 0, 6, 1, 0xfe, 0xfe, 0xfe, 0xfe, 0xfe],
+        // A frame announcing 4 GiB.
+        &[0xff, 0xff, 0xff, 0xff, 0, 0, 0],
+        // A frame from another protocol version.
+        &[0, 0, 0, 2, 9, 0],
+    ];
+    for payload in payloads {
+        let reason = runtime.block_on(async {
+            let client =
+                caremesh::tls::client_config(&identity, &trust, Some("HUB01".parse().unwrap()))
+                    .unwrap();
+            let client = quinn::crypto::rustls::QuicClientConfig::try_from(client).unwrap();
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            endpoint
+                .set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(client)));
+            let connection = endpoint
+                .connect(hub_address, "caremesh.invalid")
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut send, _recv) = connection.open_bi().await.unwrap();
+            send.write_all(payload).await.unwrap();
+            let closed = tokio::time::timeout(Duration::from_secs(20), connection.closed()).await;
+            closed.expect("the hub closes a connection that sends garbage")
+        });
+        eprintln!("hub closed the connection: {reason}");
+    }
+    let (status, _) = http_get(&hub_process.address, "/health");
+    assert_eq!(status, 200, "the hub still serves");
+    assert!(metric(&hub_process, "caremesh_protocol_errors_total") >= 3.0);
+    assert_eq!(documents(&hub), 0);
+    let row = peer(&hub, "D84000").expect("the hub keeps a status row for the peer");
+    assert_eq!(row["connected"], false);
+    assert!(
+        row["last_error"].as_str().unwrap().contains("version"),
+        "{row}"
+    );
+}
