@@ -122,15 +122,17 @@ enum Command {
         #[command(subcommand)]
         command: crate::trust_admin::TrustCommand,
     },
-    /// Demo: a node in a temporary folder with generated patients, serving the view.
+    /// Demo: a region (hub, GP, hospital, hospice) as separate processes on 127.0.0.1.
     Demo {
-        /// Keep the demo node here instead of a temporary folder.
+        /// Keep the region here (and reuse it on the next run) instead of a temporary folder.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Patients at the GP practice; the hospital holds a quarter of them, the hospice a tenth.
         #[arg(long, default_value_t = 200)]
         patients: u64,
-        #[arg(long, default_value = "127.0.0.1:7800")]
-        listen: String,
+        /// Views listen on this port and the next three; sync on this port + 100 onwards.
+        #[arg(long, default_value_t = 7800)]
+        port: u16,
     },
 }
 
@@ -317,8 +319,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo {
             dir,
             patients,
-            listen,
-        } => demo(dir, patients, &listen),
+            port,
+        } => crate::demo::run(dir, patients, port),
     }
 }
 
@@ -519,7 +521,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
     result.map(|_| ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler installs");
@@ -528,68 +530,6 @@ async fn shutdown_signal() {
         _ = terminate.recv() => {}
     }
     tracing::info!("shutting down");
-}
-
-fn demo(dir: Option<PathBuf>, patients: u64, listen: &str) -> Result<ExitCode> {
-    let dir = match dir {
-        Some(dir) => dir,
-        None => {
-            let base = std::env::temp_dir().join(format!("caremesh-demo-{}", std::process::id()));
-            std::fs::create_dir_all(&base)?;
-            base
-        }
-    };
-    let home_dir = dir.join("node");
-    let home = if home_dir.join(crate::home::CONFIG_FILE).exists() {
-        Home::open(&home_dir)?
-    } else {
-        let mut home = Home::init(
-            &home_dir,
-            OrganisationConfig {
-                ods: OdsCode::parse("A81001")?,
-                name: "Banbury Road Surgery".into(),
-                kind: OrgKind::Gp,
-            },
-        )?;
-        home.config.ingest.source_system = "caremesh generate".into();
-        home.save_config()?;
-        home
-    };
-    let extract = dir.join("extract");
-    let org = home.config.organisation.ods.clone();
-    let generated = generate::generate(&GenerateOptions {
-        org,
-        patients,
-        seed: 1,
-        out: extract.clone(),
-    })?;
-    let mut store = home.open_store()?;
-    let report = Ingestor::new(
-        &home,
-        &mut store,
-        None,
-        FileDisposition::LeaveInPlace,
-        clock::now_unix(),
-    )?
-    .ingest_paths(&[extract])?;
-    drop(store);
-    println!(
-        "demo node at {}: {} patients, {} resources ingested, {} documents",
-        home.dir.display(),
-        generated.files,
-        report.resources_read(),
-        report.documents_written
-    );
-    println!(
-        "drop more FHIR files into {} while it runs",
-        home.drop_dir().display()
-    );
-    let first = generated
-        .nhs_numbers
-        .first()
-        .map(|n| format!("/patients/{n}"))
-        .unwrap_or_else(|| "/".into());
-    serve(&home, listen, Some(&first))
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), for ingest summaries.

@@ -1,0 +1,243 @@
+//! `caremesh demo`: a small region on 127.0.0.1 — a hub, a GP practice, an acute trust and a
+//! hospice — each a separate `caremesh run` process with its own folder and ports, under a
+//! trust registry made and signed for them. The three care organisations hold overlapping
+//! synthetic patients, so one patient's record joins data from several of them.
+
+use crate::clock;
+use crate::generate::{self, GenerateOptions};
+use crate::home::{Home, OrganisationConfig};
+use crate::ingest::{FileDisposition, Ingestor};
+use anyhow::{Context, Result};
+use caremesh_sync::trust::public_key_of;
+use caremesh_sync::{OdsCode, OrgKind, Organisation, Registry, RegistryFile};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitCode, Stdio};
+
+struct DemoNode {
+    folder: &'static str,
+    ods: &'static str,
+    name: &'static str,
+    kind: OrgKind,
+    /// Offset from the base port: the view listens on base + offset, sync on base + 100 + offset.
+    port_offset: u16,
+    accepts_peers: bool,
+    peers: &'static [&'static str],
+    /// Share of the GP's patients this organisation also holds data for (percent).
+    patient_share: u64,
+    source_system: &'static str,
+}
+
+const REGION: &[DemoNode] = &[
+    DemoNode {
+        folder: "hub",
+        ods: "HUB01",
+        name: "Thames Valley Hub",
+        kind: OrgKind::Hub,
+        port_offset: 0,
+        accepts_peers: true,
+        peers: &[],
+        patient_share: 0,
+        source_system: "none",
+    },
+    DemoNode {
+        folder: "gp",
+        ods: "A81001",
+        name: "Banbury Road Surgery",
+        kind: OrgKind::Gp,
+        port_offset: 1,
+        accepts_peers: true,
+        peers: &["HUB01"],
+        patient_share: 100,
+        source_system: "GP system (generated)",
+    },
+    DemoNode {
+        folder: "acute",
+        ods: "RTH",
+        name: "Oxford University Hospitals",
+        kind: OrgKind::Acute,
+        port_offset: 2,
+        accepts_peers: false,
+        peers: &["HUB01"],
+        patient_share: 25,
+        source_system: "EPR (generated)",
+    },
+    DemoNode {
+        folder: "hospice",
+        ods: "8HA15",
+        name: "Sobell House Hospice",
+        kind: OrgKind::Hospice,
+        port_offset: 3,
+        accepts_peers: false,
+        // The hospice also talks to the GP directly: its link to the hub is the poor one.
+        peers: &["HUB01", "A81001"],
+        patient_share: 10,
+        source_system: "Hospice system (generated)",
+    },
+];
+
+pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
+    let dir = match dir {
+        Some(dir) => dir,
+        None => std::env::temp_dir().join(format!("caremesh-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let first_patient = if dir.join("region.done").exists() {
+        std::fs::read_to_string(dir.join("region.done"))?
+            .trim()
+            .to_string()
+    } else {
+        let first = set_up(&dir, patients, port)?;
+        std::fs::write(dir.join("region.done"), &first)?;
+        first
+    };
+    let mut children = Vec::new();
+    println!("demo region in {}", dir.display());
+    for node in REGION {
+        let (child, address) = start(&dir.join(node.folder))?;
+        let page = if node.kind == OrgKind::Hub {
+            format!("http://{address}/health")
+        } else {
+            format!("http://{address}/patients/{first_patient}")
+        };
+        println!(
+            "  {:<28} {:<7} pid {:<7} {page}",
+            node.name,
+            node.kind.as_str(),
+            child.id()
+        );
+        children.push(child);
+    }
+    let hub = &children[0];
+    println!();
+    println!("Open any of the patient pages: the record joins GP, hospital and hospice data.");
+    println!(
+        "Try working offline: stop the hub with `kill {}`; every view keeps serving.",
+        hub.id()
+    );
+    println!(
+        "Ingest while it is down: `caremesh generate --org A81001 --patients 5 --seed 9 --out {0}/more && caremesh ingest --dir {0}/gp {0}/more`",
+        dir.display()
+    );
+    println!(
+        "Bring the hub back with `caremesh run --dir {}`: what was ingested flows on. `caremesh status --dir {}/acute` shows each peer.",
+        dir.join("hub").display(),
+        dir.display()
+    );
+    println!("Ctrl-C stops the region.");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::cli::shutdown_signal());
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Makes the node homes, the authority and registry, and ingests each organisation's
+/// extract. Returns the NHS number of a patient known to every care organisation.
+fn set_up(dir: &Path, patients: u64, port: u16) -> Result<String> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+    let authority = public_key_of(&secret);
+    let mut registry = Registry::new("Thames Valley (demo)");
+    let mut homes = Vec::new();
+    for node in REGION {
+        let home_dir = dir.join(node.folder);
+        let mut home = Home::init(
+            &home_dir,
+            OrganisationConfig {
+                ods: OdsCode::parse(node.ods)?,
+                name: node.name.into(),
+                kind: node.kind,
+            },
+        )?;
+        let sync_address = format!("127.0.0.1:{}", port + 100 + node.port_offset);
+        home.config.view.listen = format!("127.0.0.1:{}", port + node.port_offset);
+        home.config.ingest.source_system = node.source_system.into();
+        home.config.sync.listen = node.accepts_peers.then(|| sync_address.clone());
+        home.config.sync.peers = node
+            .peers
+            .iter()
+            .map(|p| OdsCode::parse(p))
+            .collect::<Result<_, _>>()?;
+        home.config.sync.authority = Some(hex::encode(authority));
+        home.save_config()?;
+        registry.organisations.push(Organisation {
+            ods: home.config.organisation.ods.clone(),
+            name: node.name.into(),
+            kind: node.kind,
+            keys: vec![hex::encode(home.signing_key()?.public())],
+            revoked_keys: Vec::new(),
+            addresses: home.config.sync.listen.iter().cloned().collect(),
+        });
+        homes.push(home);
+    }
+    let mut file = RegistryFile::unsigned(registry);
+    file.sign(&secret, clock::now_unix())?;
+    crate::home::write_secret(&dir.join("authority.key"), &hex::encode(secret))?;
+    let mut first_patient = None;
+    for (node, home) in REGION.iter().zip(&homes) {
+        crate::trust::write_atomically(&home.registry_path(), &file.to_json())?;
+        let count = (patients * node.patient_share / 100).max(u64::from(node.patient_share > 0));
+        if node.patient_share == 0 {
+            continue;
+        }
+        let extract = dir.join(format!("{}-extract", node.folder));
+        let generated = generate::generate(&GenerateOptions {
+            org: home.config.organisation.ods.clone(),
+            patients: count,
+            seed: 1,
+            out: extract.clone(),
+        })?;
+        first_patient = first_patient.or(generated.nhs_numbers.first().map(|n| n.to_string()));
+        let mut store = home.open_store()?;
+        let report = Ingestor::new(
+            home,
+            &mut store,
+            None,
+            FileDisposition::LeaveInPlace,
+            clock::now_unix(),
+        )?
+        .ingest_paths(&[extract])?;
+        println!(
+            "{}: {} patients, {} documents",
+            node.name, count, report.documents_written
+        );
+    }
+    first_patient.context("the demo generated no patients; use --patients 10 or more")
+}
+
+/// Starts `caremesh run` for a node and reads the view address it prints.
+fn start(dir: &Path) -> Result<(Child, String)> {
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["run", "--dir"])
+        .arg(dir)
+        .env(
+            "CAREMESH_LOG",
+            std::env::var("CAREMESH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting the node in {}", dir.display()))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut reader = std::io::BufReader::new(stdout);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let Some(address) = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .and_then(|a| a.strip_suffix('/'))
+    else {
+        let _ = child.kill();
+        anyhow::bail!(
+            "the node in {} did not start (is its port taken? try `caremesh demo --port 8800`)",
+            dir.display()
+        );
+    };
+    let address = address.to_string();
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    Ok((child, address))
+}
