@@ -13,7 +13,7 @@
 use crate::model::{DocMeta, Item};
 use crate::signing::SignedHeads;
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Automerge, Change, ChangeHash, ObjType, ROOT, ReadDoc};
+use automerge::{ActorId, Automerge, ChangeHash, ObjType, ROOT, ReadDoc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentError {
@@ -257,23 +257,18 @@ impl PublishedDocument {
             .collect()
     }
 
-    /// Applies raw changes received from elsewhere. Applying a change twice is harmless.
-    pub fn apply_changes(&mut self, changes: &[Vec<u8>]) -> Result<(), DocumentError> {
-        let decoded = changes
-            .iter()
-            .map(|bytes| {
-                Change::from_bytes(bytes.clone()).map_err(|e| DocumentError::BadChange {
+    /// Applies chunks received from elsewhere: raw changes or a whole saved document (the
+    /// compressed form a first copy travels in). What results must still match the
+    /// publisher's signed heads before anything is stored; that check is the caller's.
+    pub fn apply_chunks(&mut self, chunks: &[Vec<u8>]) -> Result<(), DocumentError> {
+        for chunk in chunks {
+            self.doc
+                .load_incremental(chunk)
+                .map_err(|e| DocumentError::BadChange {
                     doc: self.meta.id().to_string(),
                     reason: e.to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.doc
-            .apply_changes(decoded)
-            .map_err(|e| DocumentError::BadChange {
-                doc: self.meta.id().to_string(),
-                reason: e.to_string(),
-            })?;
+                })?;
+        }
         self.check_declared_partition()
     }
 
@@ -347,12 +342,12 @@ mod tests {
 
         // A peer that held the first version receives only the second change.
         let mut peer = PublishedDocument::create(meta(), b"peer");
-        peer.apply_changes(&doc.changes_since(&[])[..1]).unwrap();
+        peer.apply_chunks(&doc.changes_since(&[])[..1]).unwrap();
         assert_eq!(peer.heads(), first_heads);
         let delta = doc.changes_since(&first_heads);
         assert_eq!(delta.len(), 1);
-        peer.apply_changes(&delta).unwrap();
-        peer.apply_changes(&delta).unwrap(); // twice is harmless
+        peer.apply_chunks(&delta).unwrap();
+        peer.apply_chunks(&delta).unwrap(); // twice is harmless
         peer.matches(&signed).unwrap();
         assert_eq!(peer.items().unwrap().len(), 2);
     }

@@ -621,7 +621,7 @@ impl Session {
             Some(document) => document,
             None => PublishedDocument::create(meta.clone(), &[0]),
         };
-        if let Err(error) = document.apply_changes(changes) {
+        if let Err(error) = document.apply_chunks(changes) {
             return Ok(Err(error.to_string()));
         }
         if let Err(error) = document.matches(&signed) {
@@ -719,10 +719,16 @@ impl Session {
         if host.decide(&held.meta, &self.peer) != Decision::Send {
             return Ok(Some(Message::Missing { doc: want.doc }));
         }
-        let Ok(document) = PublishedDocument::load(&held.meta, &held.snapshot) else {
-            return Ok(Some(Message::Missing { doc: want.doc }));
+        // A first copy travels as the stored snapshot (Automerge's compressed form, already
+        // saved); a holder of an older version gets only the changes it lacks.
+        let changes = if want.have.is_empty() {
+            vec![held.snapshot]
+        } else {
+            match PublishedDocument::load(&held.meta, &held.snapshot) {
+                Ok(document) => document.changes_since(&want.have),
+                Err(_) => return Ok(Some(Message::Missing { doc: want.doc })),
+            }
         };
-        let changes = document.changes_since(&want.have);
         let size: usize = changes.iter().map(Vec::len).sum::<usize>() + held.signed.len();
         if size + 1024 > MAX_FRAME_BYTES {
             return Ok(Some(Message::Missing { doc: want.doc }));

@@ -71,7 +71,8 @@ pub enum Message {
     Want {
         docs: Vec<WantEntry>,
     },
-    /// The changes a wanted document's holder lacks, with the publisher's signed heads.
+    /// What a wanted document's holder lacks (the whole saved document for a first copy, the
+    /// missing raw changes otherwise), with the publisher's signed heads.
     Changes {
         meta: DocMeta,
         changes: Vec<Vec<u8>>,

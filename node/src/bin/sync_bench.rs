@@ -1,0 +1,339 @@
+//! Sync benchmark.
+//!
+//! `cargo run --release -p caremesh --bin sync-bench [-- --patients N]`
+//!
+//! 1. Cold sync: a generated practice of N patients (default 10,000) is pulled by a hub, both
+//!    real `caremesh run` processes talking QUIC with mutual TLS on 127.0.0.1. Reported:
+//!    document versions per second, wire MB/s (both directions, from the peers' status rows),
+//!    and wire bytes against the saved size of the documents moved.
+//! 2. Incremental sync: practices holding about 1,000, 10,000 and 100,000 documents are first
+//!    synced to a hub; then one item changes in one document and one sync round runs. The
+//!    sessions run in-process over the same real SQLite storage (no QUIC), so every frame is
+//!    counted exactly: bytes each way, frames, and round trips (flights from the GP).
+
+use anyhow::{Context, Result};
+use caremesh::clock;
+use caremesh::generate::{GenerateOptions, generate};
+use caremesh::home::{Home, OrganisationConfig};
+use caremesh::ingest::{FileDisposition, Ingestor};
+use caremesh::sync_host::StoreHost;
+use caremesh::trust::TrustState;
+use caremesh_storage::Store;
+use caremesh_sync::policy::Recipient;
+use caremesh_sync::trust::public_key_of;
+use caremesh_sync::{
+    Item, OdsCode, OrgKind, Organisation, PublishedDocument, Registry, RegistryFile, Session,
+    SignedHeads,
+};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const AUTHORITY: [u8; 32] = [42; 32];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let patients: u64 = flag("--patients")
+        .map(|p| p.parse())
+        .transpose()?
+        .unwrap_or(10_000);
+    let work = std::env::temp_dir().join(format!("caremesh-sync-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    println!("work folder: {}", work.display());
+
+    let gp = practice(&work.join("gp-cold"), patients)?;
+    cold_sync(&work, &gp)?;
+
+    println!();
+    println!("incremental sync after one changed item (in-process sessions, real SQLite)");
+    println!(
+        "{:>10} {:>10} {:>12} {:>12} {:>8} {:>12}",
+        "documents", "patients", "bytes GP→hub", "bytes hub→GP", "frames", "round trips"
+    );
+    for smaller in [patients / 100, patients / 10] {
+        let dir = practice(&work.join(format!("gp-{smaller}")), smaller)?;
+        incremental(&work, &dir, smaller)?;
+    }
+    incremental(&work, &gp, patients)?;
+    std::fs::remove_dir_all(&work).ok();
+    Ok(())
+}
+
+fn gp_patients(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("patients.count"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A GP node home holding `patients` generated patients.
+fn practice(dir: &Path, patients: u64) -> Result<PathBuf> {
+    let home = Home::init(
+        dir,
+        OrganisationConfig {
+            ods: OdsCode::parse("A81001")?,
+            name: "Bench Practice".into(),
+            kind: OrgKind::Gp,
+        },
+    )?;
+    let extract = dir.join("extract");
+    generate(&GenerateOptions {
+        org: OdsCode::parse("A81001")?,
+        patients,
+        seed: 1,
+        out: extract.clone(),
+    })?;
+    let mut store = home.open_store()?;
+    let started = Instant::now();
+    let report = Ingestor::new(
+        &home,
+        &mut store,
+        None,
+        FileDisposition::LeaveInPlace,
+        clock::now_unix(),
+    )?
+    .ingest_paths(&[extract.clone()])?;
+    std::fs::remove_dir_all(&extract).ok();
+    std::fs::write(dir.join("patients.count"), patients.to_string())?;
+    eprintln!(
+        "prepared {patients} patients, {} documents in {:.1}s",
+        report.documents_written,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(dir.to_path_buf())
+}
+
+/// A hub home next to `gp`, and a signed registry listing both, installed in each.
+fn region(work: &Path, gp: &Path, name: &str, hub_listen: Option<String>) -> Result<PathBuf> {
+    let hub_dir = work.join(name);
+    let mut hub = Home::init(
+        &hub_dir,
+        OrganisationConfig {
+            ods: OdsCode::parse("HUB01")?,
+            name: "Bench Hub".into(),
+            kind: OrgKind::Hub,
+        },
+    )?;
+    let mut gp_home = Home::open(gp)?;
+    let mut registry = Registry::new("bench");
+    for home in [&hub, &gp_home] {
+        registry.organisations.push(Organisation {
+            ods: home.config.organisation.ods.clone(),
+            name: home.config.organisation.name.clone(),
+            kind: home.config.organisation.kind,
+            keys: vec![hex::encode(home.signing_key()?.public())],
+            revoked_keys: vec![],
+            addresses: vec![],
+        });
+    }
+    if let Some(listen) = &hub_listen {
+        registry.organisations[0].addresses = vec![listen.clone()];
+    }
+    let mut file = RegistryFile::unsigned(registry);
+    file.sign(&AUTHORITY, clock::now_unix())?;
+    for home in [&mut hub, &mut gp_home] {
+        caremesh::trust::write_atomically(&home.registry_path(), &file.to_json())?;
+        home.config.sync.authority = Some(hex::encode(public_key_of(&AUTHORITY)));
+        home.config.view.listen = "127.0.0.1:0".into();
+        home.save_config()?;
+    }
+    hub.config.sync.listen = hub_listen;
+    hub.save_config()?;
+    gp_home.config.sync.peers = vec![OdsCode::parse("HUB01")?];
+    gp_home.save_config()?;
+    Ok(hub_dir)
+}
+
+fn caremesh_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.with_file_name("caremesh"))
+}
+
+fn run_node(dir: &Path) -> Result<Child> {
+    Ok(Command::new(caremesh_binary()?)
+        .args(["run", "--dir"])
+        .arg(dir)
+        .env("CAREMESH_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting caremesh run (build the caremesh binary first)")?)
+}
+
+fn count(db: &Path, sql: &str) -> Result<i64> {
+    let conn = rusqlite::Connection::open(db)?;
+    Ok(conn.query_row(sql, [], |row| row.get(0))?)
+}
+
+fn cold_sync(work: &Path, gp: &Path) -> Result<()> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let hub = region(work, gp, "hub-cold", Some(format!("127.0.0.1:{port}")))?;
+    let gp_db = gp.join("node.db");
+    let shareable = count(
+        &gp_db,
+        "SELECT count(*) FROM documents WHERE class != 'private'",
+    )?;
+    let saved_bytes = count(
+        &gp_db,
+        "SELECT sum(length(snapshot) + length(signed)) FROM documents WHERE class != 'private'",
+    )?;
+    let mut hub_process = run_node(&hub)?;
+    let started = Instant::now();
+    let mut gp_process = run_node(gp)?;
+    let hub_db = hub.join("node.db");
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if hub_db.exists()
+            && count(&hub_db, "SELECT count(*) FROM documents").unwrap_or(0) >= shareable
+        {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "cold sync did not finish in 30 minutes"
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Let the status rows catch up (written every second), then read the wire totals.
+    std::thread::sleep(Duration::from_millis(2500));
+    let wire = count(
+        &gp_db,
+        "SELECT bytes_sent + bytes_received FROM sync_peers WHERE peer = 'HUB01'",
+    )?;
+    let _ = gp_process.kill();
+    let _ = hub_process.kill();
+    let _ = gp_process.wait();
+    let _ = hub_process.wait();
+    println!(
+        "cold sync of {} patients: {shareable} documents in {elapsed:.1}s over QUIC",
+        gp_patients(gp)
+    );
+    println!(
+        "  {:.0} document versions/s, {:.2} MB/s on the wire",
+        shareable as f64 / elapsed,
+        wire as f64 / 1e6 / elapsed
+    );
+    println!(
+        "  wire {:.1} MB for documents whose saved size is {:.1} MB (ratio {:.2})",
+        wire as f64 / 1e6,
+        saved_bytes as f64 / 1e6,
+        wire as f64 / saved_bytes as f64
+    );
+    Ok(())
+}
+
+/// Runs `gp` ⇄ `hub` sessions in-process until neither has anything to send; returns
+/// (bytes gp→hub, bytes hub→gp, frames, flights from the gp that carried something).
+fn exchange(
+    gp: &mut (Session, StoreHost),
+    hub: &mut (Session, StoreHost),
+    now: u64,
+) -> Result<(u64, u64, u64, u64)> {
+    let (mut up, mut down, mut frames, mut flights) = (0, 0, 0, 0);
+    loop {
+        let mut outgoing = Vec::new();
+        while let Some(frame) = gp.0.poll_transmit(now, &mut gp.1)? {
+            outgoing.push(frame);
+        }
+        if !outgoing.is_empty() {
+            flights += 1;
+        }
+        for frame in &outgoing {
+            up += frame.len() as u64;
+            frames += 1;
+            hub.0.handle_input(frame, now, &mut hub.1)?;
+        }
+        let mut back = Vec::new();
+        while let Some(frame) = hub.0.poll_transmit(now, &mut hub.1)? {
+            back.push(frame);
+        }
+        for frame in &back {
+            down += frame.len() as u64;
+            frames += 1;
+            gp.0.handle_input(frame, now, &mut gp.1)?;
+        }
+        if outgoing.is_empty() && back.is_empty() {
+            return Ok((up, down, frames, flights));
+        }
+    }
+}
+
+fn incremental(work: &Path, gp_dir: &Path, patients: u64) -> Result<()> {
+    let hub_dir = region(work, gp_dir, &format!("hub-incremental-{patients}"), None)?;
+    let gp_home = Home::open(gp_dir)?;
+    let hub_home = Home::open(&hub_dir)?;
+    let host = |home: &Home| -> Result<StoreHost> {
+        let trust = TrustState::load(
+            &home.registry_path(),
+            &hex::encode(public_key_of(&AUTHORITY)),
+        )?;
+        Ok(StoreHost::new(home.open_store()?, trust)?)
+    };
+    let gp_ods = gp_home.config.organisation.ods.clone();
+    let hub_ods = hub_home.config.organisation.ods.clone();
+    let mut gp_host = host(&gp_home)?;
+    let mut hub_host = host(&hub_home)?;
+    let gp_session = Session::new(
+        gp_ods.clone(),
+        Recipient {
+            ods: hub_ods.clone(),
+            kind: OrgKind::Hub,
+        },
+        0,
+        &mut gp_host,
+    )?;
+    let hub_session = Session::new(
+        hub_ods,
+        Recipient {
+            ods: gp_ods,
+            kind: OrgKind::Gp,
+        },
+        0,
+        &mut hub_host,
+    )?;
+    let mut gp = (gp_session, gp_host);
+    let mut hub = (hub_session, hub_host);
+    exchange(&mut gp, &mut hub, 0)?;
+    let documents = gp.1.store.stats()?.documents;
+
+    change_one_item(&gp_home, &mut gp.1.store)?;
+    gp.0.feed_changed();
+    let (up, down, frames, flights) = exchange(&mut gp, &mut hub, 1)?;
+    println!("{documents:>10} {patients:>10} {up:>12} {down:>12} {frames:>8} {flights:>12}");
+    Ok(())
+}
+
+/// Adds one item to the GP's first document and signs the new version, as an ingest would.
+fn change_one_item(home: &Home, store: &mut Store) -> Result<()> {
+    let stored = store
+        .documents_after(0, 1)?
+        .pop()
+        .context("practice holds no documents")?;
+    let key = home.signing_key()?;
+    let actor = caremesh::publish::actor_for(&key);
+    let mut document = PublishedDocument::load_for_writing(&stored.meta, &stored.snapshot, &actor)?;
+    let mut item: Item = document
+        .items()?
+        .into_iter()
+        .next()
+        .context("document holds no items")?;
+    item.id = format!("{}-bench-change", item.id);
+    item.title = "Changed for the benchmark".into();
+    assert!(document.update(&[item], &[], clock::now_unix()));
+    let signed: SignedHeads = key.sign_heads(&stored.meta, &document.heads());
+    let batch = store.write()?;
+    batch.put_document(
+        &signed,
+        &document.save(),
+        &document.items()?,
+        clock::now_unix(),
+    )?;
+    batch.commit()?;
+    Ok(())
+}
