@@ -97,7 +97,7 @@ fn practice(dir: &Path, patients: u64) -> Result<PathBuf> {
         FileDisposition::LeaveInPlace,
         clock::now_unix(),
     )?
-    .ingest_paths(&[extract.clone()])?;
+    .ingest_paths(std::slice::from_ref(&extract))?;
     std::fs::remove_dir_all(&extract).ok();
     std::fs::write(dir.join("patients.count"), patients.to_string())?;
     eprintln!(
@@ -155,13 +155,13 @@ fn caremesh_binary() -> Result<PathBuf> {
 }
 
 fn run_node(dir: &Path) -> Result<Child> {
-    Ok(Command::new(caremesh_binary()?)
+    Command::new(caremesh_binary()?)
         .args(["run", "--dir"])
         .arg(dir)
         .env("CAREMESH_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
-        .context("starting caremesh run (build the caremesh binary first)")?)
+        .context("starting caremesh run (build the caremesh binary first)")
 }
 
 fn count(db: &Path, sql: &str) -> Result<i64> {
