@@ -37,25 +37,28 @@ fn database(dir: &Path) -> rusqlite::Connection {
     rusqlite::Connection::open(dir.join("node.db")).unwrap()
 }
 
-/// Documents `dir` holds that `publisher` may share (everything but private ones).
-fn shareable(dir: &Path, publisher: &str) -> i64 {
+/// A count from `dir`'s database; `sql` takes one parameter.
+fn count(dir: &Path, sql: &str, parameter: impl rusqlite::ToSql) -> i64 {
     database(dir)
-        .query_row(
-            "SELECT count(*) FROM documents WHERE publisher = ?1 AND class != 'private'",
-            [publisher],
-            |row| row.get(0),
-        )
+        .query_row(sql, [parameter], |row| row.get(0))
         .unwrap()
 }
 
+/// Documents `dir` holds that `publisher` may share (everything but private ones).
+fn shareable(dir: &Path, publisher: &str) -> i64 {
+    count(
+        dir,
+        "SELECT count(*) FROM documents WHERE publisher = ?1 AND class != 'private'",
+        publisher,
+    )
+}
+
 fn held_from(dir: &Path, publisher: &str) -> i64 {
-    database(dir)
-        .query_row(
-            "SELECT count(*) FROM documents WHERE publisher = ?1",
-            [publisher],
-            |row| row.get(0),
-        )
-        .unwrap()
+    count(
+        dir,
+        "SELECT count(*) FROM documents WHERE publisher = ?1",
+        publisher,
+    )
 }
 
 fn first_patient(dir: &Path) -> String {
@@ -92,12 +95,9 @@ fn metric(node: &RunningNode, name: &str) -> f64 {
 fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified() {
     let temp = tempfile::tempdir().unwrap();
     let region = Region::new(temp.path());
-    let hub = region.node("HUB01", "hub", true, &[]);
-    let gp = region.node("A81001", "gp", false, &["HUB01"]);
-    let acute = region.node("RTH01", "acute", false, &["HUB01"]);
-    for node in [&hub, &gp, &acute] {
-        region.register(node);
-    }
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    let acute = region.registered("RTH01", "acute", false, &["HUB01"]);
     region.publish(&[&hub, &gp, &acute]);
     ingest_generated(&gp, "A81001", 8, 1);
     ingest_generated(&acute, "RTH01", 3, 1);
@@ -122,13 +122,11 @@ fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified(
         "the hub stores what it relays"
     );
     // Private documents never left the GP.
-    let private_at_acute: i64 = database(&acute)
-        .query_row(
-            "SELECT count(*) FROM documents WHERE class = 'private'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let private_at_acute = count(
+        &acute,
+        "SELECT count(*) FROM documents WHERE class = ?1",
+        "private",
+    );
     assert_eq!(private_at_acute, 0);
 
     // The acute trust's view of a shared patient joins both organisations' data.
@@ -164,10 +162,8 @@ fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified(
 fn direct_peers_exchange_both_ways_without_a_hub() {
     let temp = tempfile::tempdir().unwrap();
     let region = Region::new(temp.path());
-    let gp = region.node("A81001", "gp", true, &[]);
-    let community = region.node("RYX01", "community", false, &["A81001"]);
-    region.register(&gp);
-    region.register(&community);
+    let gp = region.registered("A81001", "gp", true, &[]);
+    let community = region.registered("RYX01", "community", false, &["A81001"]);
     region.publish(&[&gp, &community]);
     ingest_generated(&gp, "A81001", 4, 1);
     ingest_generated(&community, "RYX01", 4, 1);
@@ -185,10 +181,8 @@ fn direct_peers_exchange_both_ways_without_a_hub() {
 fn a_hub_killed_mid_transfer_resumes_without_resending_what_was_acknowledged() {
     let temp = tempfile::tempdir().unwrap();
     let region = Region::new(temp.path());
-    let hub = region.node("HUB01", "hub", true, &[]);
-    let gp = region.node("A81001", "gp", false, &["HUB01"]);
-    region.register(&hub);
-    region.register(&gp);
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
     region.publish(&[&hub, &gp]);
     ingest_generated(&gp, "A81001", 300, 3);
     let total = shareable(&gp, "A81001");
@@ -225,10 +219,8 @@ fn a_hub_killed_mid_transfer_resumes_without_resending_what_was_acknowledged() {
 fn a_document_with_a_forged_signature_is_rejected_counted_and_not_stored() {
     let temp = tempfile::tempdir().unwrap();
     let region = Region::new(temp.path());
-    let hub = region.node("HUB01", "hub", true, &[]);
-    let gp = region.node("A81001", "gp", false, &["HUB01"]);
-    region.register(&hub);
-    region.register(&gp);
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
     region.publish(&[&hub, &gp]);
     ingest_generated(&gp, "A81001", 3, 1);
     // Forge: flip one byte of one document's signature in the GP's database.
@@ -255,21 +247,17 @@ fn a_document_with_a_forged_signature_is_rejected_counted_and_not_stored() {
         peer(&hub, "A81001").is_some_and(|p| p["rejected"] == 1 && p["pending_in"] == 0)
     }));
     assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001") == total - 1));
-    let stored: i64 = database(&hub)
-        .query_row(
-            "SELECT count(*) FROM documents WHERE doc_id = ?1",
-            [&doc_id],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let stored = count(
+        &hub,
+        "SELECT count(*) FROM documents WHERE doc_id = ?1",
+        &doc_id,
+    );
     assert_eq!(stored, 0, "nothing of the forged document is stored");
-    let items: i64 = database(&hub)
-        .query_row(
-            "SELECT count(*) FROM items WHERE doc_id = ?1",
-            [&doc_id],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let items = count(
+        &hub,
+        "SELECT count(*) FROM items WHERE doc_id = ?1",
+        &doc_id,
+    );
     assert_eq!(items, 0);
     let rejected = status_json(&hub)["sync"]["rejected_changes"].clone();
     assert_eq!(rejected[0]["peer"], "A81001");
@@ -287,13 +275,11 @@ fn a_document_with_a_forged_signature_is_rejected_counted_and_not_stored() {
 fn unknown_and_revoked_peers_are_refused_and_a_newer_registry_spreads() {
     let temp = tempfile::tempdir().unwrap();
     let region = Region::new(temp.path());
-    let hub = region.node("HUB01", "hub", true, &[]);
-    let gp = region.node("A81001", "gp", false, &["HUB01"]);
-    let revoked = region.node("B82005", "gp", false, &["HUB01"]);
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    let revoked = region.registered("B82005", "gp", false, &["HUB01"]);
+    // Never listed: its key is unknown to everyone.
     let stranger = region.node("C83010", "gp", false, &["HUB01"]);
-    for node in [&hub, &gp, &revoked] {
-        region.register(node);
-    }
     region.publish(&[&hub, &gp, &revoked, &stranger]);
     // Edition 2 revokes B82005's key; only the hub gets it directly.
     let output = run(&[
@@ -338,10 +324,8 @@ fn unknown_and_revoked_peers_are_refused_and_a_newer_registry_spreads() {
 fn garbage_and_oversized_frames_close_the_connection_and_leave_the_hub_serving() {
     let temp = tempfile::tempdir().unwrap();
     let region = Region::new(temp.path());
-    let hub = region.node("HUB01", "hub", true, &[]);
-    let rogue = region.node("D84000", "gp", false, &[]);
-    region.register(&hub);
-    region.register(&rogue);
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let rogue = region.registered("D84000", "gp", false, &[]);
     region.publish(&[&hub, &rogue]);
     let hub_process = RunningNode::start(&hub);
     let hub_address: std::net::SocketAddr = {

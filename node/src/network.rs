@@ -23,7 +23,7 @@ use caremesh_storage::{PeerStatus, Store};
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::{Event, KeyStanding, OdsCode, PublisherKey, Session};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -420,6 +420,7 @@ struct Engine {
     host: StoreHost,
     started: Instant,
     sessions: BTreeMap<OdsCode, Live>,
+    peers_by_conn: HashMap<u64, OdsCode>,
     connected: Arc<Mutex<HashSet<OdsCode>>>,
     counters: Arc<SyncCounters>,
     last_tip: u64,
@@ -437,6 +438,7 @@ impl Engine {
             host,
             started: Instant::now(),
             sessions: BTreeMap::new(),
+            peers_by_conn: HashMap::new(),
             connected,
             counters,
             last_tip: 0,
@@ -548,11 +550,9 @@ impl Engine {
         }
     }
 
+    /// The peer a connection carries: a map lookup, as it runs for every chunk received.
     fn peer_of(&self, conn: u64) -> Option<OdsCode> {
-        self.sessions
-            .iter()
-            .find(|(_, live)| live.conn == conn)
-            .map(|(ods, _)| ods.clone())
+        self.peers_by_conn.get(&conn).cloned()
     }
 
     /// Starts a session, unless a connection to the same peer exists that wins the tie-break
@@ -600,6 +600,7 @@ impl Engine {
             .lock()
             .expect("lock never poisoned")
             .insert(peer.ods.clone());
+        self.peers_by_conn.insert(conn, peer.ods.clone());
         self.sessions.insert(peer.ods.clone(), live);
         self.save_status(&peer.ods, None);
         true
@@ -608,6 +609,7 @@ impl Engine {
     fn close(&mut self, ods: &OdsCode, reason: &str) {
         self.save_status(ods, Some(reason));
         if let Some(live) = self.sessions.remove(ods) {
+            self.peers_by_conn.remove(&live.conn);
             let _ = live.outgoing.try_send(Outgoing::Close(reason.to_string()));
         }
         self.connected

@@ -90,6 +90,13 @@ impl Region {
         dir
     }
 
+    /// A node home already listed in the registry (unsigned until [`Region::publish`]).
+    pub fn registered(&self, ods: &str, kind: &str, listen: bool, peers: &[&str]) -> PathBuf {
+        let dir = self.node(ods, kind, listen, peers);
+        self.register(&dir);
+        dir
+    }
+
     /// Lists a node in the registry (unsigned until [`Region::publish`]).
     pub fn register(&self, dir: &Path) {
         ok(run(&[

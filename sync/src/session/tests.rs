@@ -489,17 +489,22 @@ fn new_documents_flow_to_a_caught_up_peer_after_the_feed_check_interval() {
     assert!(hub.docs.contains_key(&meta.id()));
 }
 
+/// A hub's session with the GP, fresh (no Hello received yet).
+fn hub_session_with_gp(host: &mut MemoryHost) -> Session {
+    Session::new(
+        OdsCode::parse("HUB01").unwrap(),
+        recipient("A81001", OrgKind::Gp),
+        0,
+        host,
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_peer_claiming_another_identity_or_sending_garbage_is_an_error_not_a_panic() {
     let mut gp = gp_with(1);
     let mut hub = hub();
-    let mut session = Session::new(
-        OdsCode::parse("HUB01").unwrap(),
-        recipient("A81001", OrgKind::Gp),
-        0,
-        &mut hub,
-    )
-    .unwrap();
+    let mut session = hub_session_with_gp(&mut hub);
     let impostor = wire::encode_frame(&Message::Hello {
         node: OdsCode::parse("B81002").unwrap(),
         feed: gp.feed,
@@ -511,36 +516,18 @@ fn a_peer_claiming_another_identity_or_sending_garbage_is_an_error_not_a_panic()
         Err(SessionError::Impersonation { .. })
     ));
 
-    let mut session = Session::new(
-        OdsCode::parse("HUB01").unwrap(),
-        recipient("A81001", OrgKind::Gp),
-        0,
-        &mut hub,
-    )
-    .unwrap();
+    let mut session = hub_session_with_gp(&mut hub);
     assert!(matches!(
         session.handle_input(&[0, 0, 0, 2, 1, 200], 0, &mut hub),
         Err(SessionError::Wire(_))
     ));
-    let mut session = Session::new(
-        OdsCode::parse("HUB01").unwrap(),
-        recipient("A81001", OrgKind::Gp),
-        0,
-        &mut hub,
-    )
-    .unwrap();
+    let mut session = hub_session_with_gp(&mut hub);
     assert!(matches!(
         session.handle_input(&[0xff, 0xff, 0xff, 0xff], 0, &mut hub),
         Err(SessionError::Wire(WireError::FrameTooLarge(_)))
     ));
     // Silence is an error once the Hello deadline passes.
-    let mut quiet = Session::new(
-        OdsCode::parse("HUB01").unwrap(),
-        recipient("A81001", OrgKind::Gp),
-        0,
-        &mut gp,
-    )
-    .unwrap();
+    let mut quiet = hub_session_with_gp(&mut gp);
     assert_eq!(quiet.poll_timeout(), Some(HELLO_TIMEOUT_MS));
     assert_eq!(
         quiet.handle_timeout(HELLO_TIMEOUT_MS),
