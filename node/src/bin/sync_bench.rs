@@ -10,6 +10,16 @@
 //!    synced to a hub; then one item changes in one document and one sync round runs. The
 //!    sessions run in-process over the same real SQLite storage (no QUIC), so every frame is
 //!    counted exactly: bytes each way, frames, and round trips (flights from the GP).
+//! 3. Fan-in (`--fan-in N [--patients P]`, instead of 1 and 2): N GP nodes, each publishing
+//!    P generated patients, all dial one hub process over QUIC. The nodes run in this process
+//!    (each with its own key, certificate, SQLite file and sync engine, as `caremesh run` has
+//!    them); the hub is a real `caremesh run`. Reported: time until every node is connected,
+//!    until the hub holds every document, and until every node holds every other node's
+//!    documents through the hub (policy allows everything between GPs today); hub peak RSS.
+//! 4. Baseline, same run: samod 0.16 (automerge-repo in Rust) syncing the same documents of
+//!    each practice between two repos over TCP on 127.0.0.1 (`benches/samod-baseline`; build
+//!    it first with `cargo build --release --manifest-path benches/samod-baseline/Cargo.toml`,
+//!    or point `--samod PATH` at the binary; `--samod-limit SECONDS` caps its cold sync).
 
 use anyhow::{Context, Result};
 use caremesh::clock;
@@ -45,6 +55,27 @@ fn main() -> Result<()> {
     let work = std::env::temp_dir().join(format!("caremesh-sync-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     println!("work folder: {}", work.display());
+    if let Some(nodes) = flag("--fan-in") {
+        let per_node = flag("--patients")
+            .map(|p| p.parse())
+            .transpose()?
+            .unwrap_or(1);
+        fan_in(&work, nodes.parse()?, per_node)?;
+        std::fs::remove_dir_all(&work).ok();
+        return Ok(());
+    }
+
+    let samod = flag("--samod")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("benches/samod-baseline/target/release/samod-baseline"));
+    let samod_limit: u64 = flag("--samod-limit")
+        .map(|p| p.parse())
+        .transpose()?
+        .unwrap_or(600);
+    let samod = samod.exists().then_some(samod);
+    if samod.is_none() {
+        println!("samod baseline not built: no side-by-side figures (see the header of this file)");
+    }
 
     let gp = practice(&work.join("gp-cold"), patients)?;
     cold_sync(&work, &gp)?;
@@ -55,12 +86,97 @@ fn main() -> Result<()> {
         "{:>10} {:>10} {:>12} {:>12} {:>8} {:>12}",
         "documents", "patients", "bytes GP→hub", "bytes hub→GP", "frames", "round trips"
     );
+    let mut practices = Vec::new();
     for smaller in [patients / 100, patients / 10] {
         let dir = practice(&work.join(format!("gp-{smaller}")), smaller)?;
         incremental(&work, &dir, smaller)?;
+        practices.push(dir);
     }
     incremental(&work, &gp, patients)?;
+    practices.push(gp);
+
+    if let Some(samod) = samod {
+        println!();
+        println!(
+            "baseline: samod 0.16 over TCP, same documents (bytes counted at the receiver's socket)"
+        );
+        for dir in &practices {
+            samod_baseline(&samod, &dir.join("node.db"), samod_limit)?;
+        }
+    }
     std::fs::remove_dir_all(&work).ok();
+    Ok(())
+}
+
+/// Runs the samod baseline over one practice's database and prints its results.
+fn samod_baseline(binary: &Path, db: &Path, limit_seconds: u64) -> Result<()> {
+    let output = Command::new(binary)
+        .arg("--db")
+        .arg(db)
+        .arg("--limit-seconds")
+        .arg(limit_seconds.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if !output.status.success() {
+        println!("  samod baseline failed on {} (see stderr)", db.display());
+    }
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some(result) = line.strip_prefix("result ") else {
+            continue;
+        };
+        let mut fields = result.split_whitespace();
+        let kind = fields.next().unwrap_or_default();
+        let value = |key: &str| -> f64 {
+            result
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let (documents, wire) = (
+            value("documents"),
+            value("bytes_to_source") + value("bytes_from_source"),
+        );
+        match kind {
+            "cold" => println!(
+                "  {documents:>7} documents, cold: {:.1}s, {:.0} documents/s, wire {:.1} MB for {:.1} MB saved (ratio {:.2}), {} messages",
+                value("seconds"),
+                documents / value("seconds"),
+                wire / 1e6,
+                value("saved_bytes") / 1e6,
+                wire / value("saved_bytes"),
+                value("messages")
+            ),
+            "cold-incomplete" => println!(
+                "  {documents:>7} documents, cold: gave up after {:.0}s with {} found ({:.0} documents/s), wire {:.1} MB so far",
+                value("seconds"),
+                value("found"),
+                value("found") / value("seconds"),
+                wire / 1e6
+            ),
+            "live" => println!(
+                "  {documents:>7} documents, one change while connected: {} bytes to source, {} bytes from source, {} messages",
+                value("bytes_to_source"),
+                value("bytes_from_source"),
+                value("messages")
+            ),
+            "reconnect-incomplete" => println!(
+                "  {documents:>7} documents, one change then reconnect: change not held after {:.0}s; {} bytes to source, {} bytes from source, {} messages by then",
+                value("seconds"),
+                value("bytes_to_source"),
+                value("bytes_from_source"),
+                value("messages")
+            ),
+            "reconnect" => println!(
+                "  {documents:>7} documents, one change then reconnect: {} bytes to source, {} bytes from source, {} messages, change held after {:.2}s",
+                value("bytes_to_source"),
+                value("bytes_from_source"),
+                value("messages"),
+                value("seconds_to_change")
+            ),
+            _ => println!("  {line}"),
+        }
+    }
     Ok(())
 }
 
@@ -73,19 +189,23 @@ fn gp_patients(dir: &Path) -> u64 {
 
 /// A GP node home holding `patients` generated patients.
 fn practice(dir: &Path, patients: u64) -> Result<PathBuf> {
+    practice_of(dir, OdsCode::parse("A81001")?, patients, 1)
+}
+
+fn practice_of(dir: &Path, ods: OdsCode, patients: u64, seed: u64) -> Result<PathBuf> {
     let home = Home::init(
         dir,
         OrganisationConfig {
-            ods: OdsCode::parse("A81001")?,
-            name: "Bench Practice".into(),
+            ods: ods.clone(),
+            name: format!("Bench Practice {ods}"),
             kind: OrgKind::Gp,
         },
     )?;
     let extract = dir.join("extract");
     generate(&GenerateOptions {
-        org: OdsCode::parse("A81001")?,
+        org: ods,
         patients,
-        seed: 1,
+        seed,
         out: extract.clone(),
     })?;
     let mut store = home.open_store()?;
@@ -100,6 +220,9 @@ fn practice(dir: &Path, patients: u64) -> Result<PathBuf> {
     .ingest_paths(std::slice::from_ref(&extract))?;
     std::fs::remove_dir_all(&extract).ok();
     std::fs::write(dir.join("patients.count"), patients.to_string())?;
+    if patients < 10 {
+        return Ok(dir.to_path_buf());
+    }
     eprintln!(
         "prepared {patients} patients, {} documents in {:.1}s",
         report.documents_written,
@@ -108,10 +231,16 @@ fn practice(dir: &Path, patients: u64) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// A hub home next to `gp`, and a signed registry listing both, installed in each.
-fn region(work: &Path, gp: &Path, name: &str, hub_listen: Option<String>) -> Result<PathBuf> {
+/// A hub home in `work/name`, and a signed registry listing it and every member, installed in
+/// each; the members dial the hub.
+fn region(
+    work: &Path,
+    members: &[PathBuf],
+    name: &str,
+    hub_listen: Option<String>,
+) -> Result<PathBuf> {
     let hub_dir = work.join(name);
-    let mut hub = Home::init(
+    let hub = Home::init(
         &hub_dir,
         OrganisationConfig {
             ods: OdsCode::parse("HUB01")?,
@@ -119,9 +248,12 @@ fn region(work: &Path, gp: &Path, name: &str, hub_listen: Option<String>) -> Res
             kind: OrgKind::Hub,
         },
     )?;
-    let mut gp_home = Home::open(gp)?;
+    let mut homes = vec![hub];
+    for member in members {
+        homes.push(Home::open(member)?);
+    }
     let mut registry = Registry::new("bench");
-    for home in [&hub, &gp_home] {
+    for home in &homes {
         registry.organisations.push(Organisation {
             ods: home.config.organisation.ods.clone(),
             name: home.config.organisation.name.clone(),
@@ -136,17 +268,151 @@ fn region(work: &Path, gp: &Path, name: &str, hub_listen: Option<String>) -> Res
     }
     let mut file = RegistryFile::unsigned(registry);
     file.sign(&AUTHORITY, clock::now_unix())?;
-    for home in [&mut hub, &mut gp_home] {
+    for (index, home) in homes.iter_mut().enumerate() {
         caremesh::trust::write_atomically(&home.registry_path(), &file.to_json())?;
         home.config.sync.authority = Some(hex::encode(public_key_of(&AUTHORITY)));
         home.config.view.listen = "127.0.0.1:0".into();
+        if index == 0 {
+            home.config.sync.listen = hub_listen.clone();
+        } else {
+            home.config.sync.peers = vec![OdsCode::parse("HUB01")?];
+        }
         home.save_config()?;
     }
-    hub.config.sync.listen = hub_listen;
-    hub.save_config()?;
-    gp_home.config.sync.peers = vec![OdsCode::parse("HUB01")?];
-    gp_home.save_config()?;
     Ok(hub_dir)
+}
+
+fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
+    anyhow::ensure!(nodes > 0, "--fan-in needs at least one node");
+    let started = Instant::now();
+    let mut members = Vec::with_capacity(nodes);
+    for index in 0..nodes {
+        let ods = OdsCode::parse(&format!("G{:05}", index + 1))?;
+        let dir = work.join(ods.as_str().to_ascii_lowercase());
+        members.push(practice_of(&dir, ods, per_node, 1_000 + index as u64)?);
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let hub = region(
+        work,
+        &members,
+        "hub-fan-in",
+        Some(format!("127.0.0.1:{port}")),
+    )?;
+    let shareable = "SELECT count(*) FROM documents WHERE class != 'private'";
+    let mut total = 0;
+    for member in &members {
+        total += count(&member.join("node.db"), shareable)?;
+    }
+    println!(
+        "fan-in: {nodes} nodes × {per_node} patients, {total} shareable documents, prepared in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut hub_process = run_node(&hub)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let services = runtime.block_on(async {
+        let mut services = Vec::with_capacity(nodes);
+        for member in &members {
+            let home = Home::open(member)?;
+            let trust = home.trust()?.context("bench node has a registry")?;
+            services.push(
+                caremesh::network::start(
+                    caremesh::network::SyncSettings {
+                        ods: home.config.organisation.ods.clone(),
+                        key: home.signing_key()?,
+                        trust,
+                        listen: None,
+                        peers: home.config.sync.peers.clone(),
+                        database: home.database_path(),
+                    },
+                    shutdown_rx.clone(),
+                )
+                .await?,
+            );
+        }
+        anyhow::Ok(services)
+    })?;
+    let hub_db = hub.join("node.db");
+    let connected_sql = "SELECT count(*) FROM sync_peers WHERE connected = 1";
+    let (mut all_connected, mut hub_holds_all, mut everyone_holds_all) = (None, None, None);
+    while everyone_holds_all.is_none() {
+        std::thread::sleep(Duration::from_millis(250));
+        let elapsed = started.elapsed().as_secs_f64();
+        if all_connected.is_none() && count(&hub_db, connected_sql).unwrap_or(0) >= nodes as i64 {
+            all_connected = Some(elapsed);
+        }
+        if hub_holds_all.is_none()
+            && count(&hub_db, "SELECT count(*) FROM documents").unwrap_or(0) >= total
+        {
+            hub_holds_all = Some(elapsed);
+        }
+        if hub_holds_all.is_some() {
+            let mut everyone = true;
+            for member in &members {
+                if count(&member.join("node.db"), "SELECT count(*) FROM documents")? < total {
+                    everyone = false;
+                    break;
+                }
+            }
+            if everyone {
+                everyone_holds_all = Some(elapsed);
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "fan-in did not converge in 30 minutes (hub holds {} of {total})",
+            count(&hub_db, "SELECT count(*) FROM documents").unwrap_or(0)
+        );
+    }
+    let hub_peak_rss = peak_rss_kib(hub_process.id());
+    let rejected = count(&hub_db, "SELECT coalesce(sum(rejected), 0) FROM sync_peers")?;
+    let _ = shutdown_tx.send(true);
+    for service in services {
+        service.join();
+    }
+    let _ = hub_process.kill();
+    let _ = hub_process.wait();
+    let seconds = |at: Option<f64>| at.map_or("never".to_string(), |s| format!("{s:.1}s"));
+    println!(
+        "  every node connected to the hub after {}",
+        seconds(all_connected)
+    );
+    println!(
+        "  hub holds all {total} documents after {}",
+        seconds(hub_holds_all)
+    );
+    println!(
+        "  every node holds all {total} documents after {} ({} document copies relayed)",
+        seconds(everyone_holds_all),
+        total * (nodes as i64 - 1)
+    );
+    println!(
+        "  hub peak resident memory {:.0} MB, rejected changes {rejected}",
+        hub_peak_rss as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// Peak resident set (VmHWM) of a live process, in KiB; 0 when unreadable.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("VmHWM:")?
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(0)
 }
 
 fn caremesh_binary() -> Result<PathBuf> {
@@ -173,7 +439,12 @@ fn cold_sync(work: &Path, gp: &Path) -> Result<()> {
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let hub = region(work, gp, "hub-cold", Some(format!("127.0.0.1:{port}")))?;
+    let hub = region(
+        work,
+        &[gp.to_path_buf()],
+        "hub-cold",
+        Some(format!("127.0.0.1:{port}")),
+    )?;
     let gp_db = gp.join("node.db");
     let shareable = count(
         &gp_db,
@@ -265,7 +536,12 @@ fn exchange(
 }
 
 fn incremental(work: &Path, gp_dir: &Path, patients: u64) -> Result<()> {
-    let hub_dir = region(work, gp_dir, &format!("hub-incremental-{patients}"), None)?;
+    let hub_dir = region(
+        work,
+        &[gp_dir.to_path_buf()],
+        &format!("hub-incremental-{patients}"),
+        None,
+    )?;
     let gp_home = Home::open(gp_dir)?;
     let hub_home = Home::open(&hub_dir)?;
     let host = |home: &Home| -> Result<StoreHost> {
