@@ -44,13 +44,45 @@ fn count(dir: &Path, sql: &str, parameter: impl rusqlite::ToSql) -> i64 {
         .unwrap()
 }
 
-/// Documents `dir` holds that `publisher` may share (everything but private ones).
+/// Classes the shipped agreements share between direct-care organisations; acute trusts
+/// receive only coded GP data (the Oxfordshire rule). Sensitive and private items stay.
+const DIRECT_CARE: &[&str] = &["coded", "free-text", "document"];
+const CODED: &[&str] = &["coded"];
+
+/// Patients `org` has published about at `dir`: its caseload, which is all it receives.
+fn caseload(dir: &Path, org: &str) -> Vec<String> {
+    let db = database(dir);
+    let mut statement = db
+        .prepare("SELECT DISTINCT nhs FROM documents WHERE publisher = ?1")
+        .unwrap();
+    statement
+        .query_map([org], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Documents of `publisher` held at `dir` in `classes`, about `patients` (all when `None`).
+fn documents_of(dir: &Path, publisher: &str, classes: &[&str], patients: Option<&[String]>) -> i64 {
+    let db = database(dir);
+    let mut statement = db
+        .prepare("SELECT nhs, class FROM documents WHERE publisher = ?1")
+        .unwrap();
+    let rows: Vec<(String, String)> = statement
+        .query_map([publisher], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows.iter()
+        .filter(|(nhs, class)| {
+            classes.contains(&class.as_str()) && patients.is_none_or(|p| p.contains(nhs))
+        })
+        .count() as i64
+}
+
+/// What a hub may hold from `publisher`: everything some agreement shares.
 fn shareable(dir: &Path, publisher: &str) -> i64 {
-    count(
-        dir,
-        "SELECT count(*) FROM documents WHERE publisher = ?1 AND class != 'private'",
-        publisher,
-    )
+    documents_of(dir, publisher, DIRECT_CARE, None)
 }
 
 fn held_from(dir: &Path, publisher: &str) -> i64 {
@@ -59,16 +91,6 @@ fn held_from(dir: &Path, publisher: &str) -> i64 {
         "SELECT count(*) FROM documents WHERE publisher = ?1",
         publisher,
     )
-}
-
-fn first_patient(dir: &Path) -> String {
-    database(dir)
-        .query_row(
-            "SELECT nhs FROM documents ORDER BY nhs LIMIT 1",
-            [],
-            |row| row.get(0),
-        )
-        .unwrap()
 }
 
 fn verify_ok(dir: &Path) {
@@ -106,7 +128,10 @@ fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified(
     let _gp_process = RunningNode::start(&gp);
     let acute_process = RunningNode::start(&acute);
 
-    let from_gp = shareable(&gp, "A81001");
+    // The acute trust receives coded GP data about its own caseload only.
+    let acute_caseload = caseload(&acute, "RTH01");
+    assert_eq!(acute_caseload.len(), 3);
+    let from_gp = documents_of(&gp, "A81001", CODED, Some(&acute_caseload));
     assert!(from_gp > 0);
     let reached = wait_for(SYNC_WAIT, || held_from(&acute, "A81001") == from_gp);
     assert!(
@@ -114,23 +139,19 @@ fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified(
         "acute holds {} of {from_gp} GP documents",
         held_from(&acute, "A81001")
     );
-    assert!(wait_for(SYNC_WAIT, || held_from(&gp, "RTH01")
-        == shareable(&acute, "RTH01")));
-    assert_eq!(
-        held_from(&hub, "A81001"),
-        from_gp,
+    let to_gp = documents_of(&acute, "RTH01", DIRECT_CARE, Some(&caseload(&gp, "A81001")));
+    assert!(wait_for(SYNC_WAIT, || held_from(&gp, "RTH01") == to_gp));
+    assert!(
+        wait_for(SYNC_WAIT, || held_from(&hub, "A81001")
+            == shareable(&gp, "A81001")),
         "the hub stores what it relays"
     );
-    // Private documents never left the GP.
-    let private_at_acute = count(
-        &acute,
-        "SELECT count(*) FROM documents WHERE class = ?1",
-        "private",
-    );
-    assert_eq!(private_at_acute, 0);
+    // Private documents never left the GP, nor free text, documents or sensitive items
+    // (the Oxfordshire rule), nor anything about patients the acute trust does not treat.
+    assert_eq!(documents_of(&acute, "A81001", CODED, None), from_gp);
 
     // The acute trust's view of a shared patient joins both organisations' data.
-    let nhs = first_patient(&gp);
+    let nhs = acute_caseload.iter().min().unwrap();
     let (status, body) = http_get(&acute_process.address, &format!("/api/patients/{nhs}"));
     assert_eq!(status, 200, "{body}");
     let record: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -145,14 +166,17 @@ fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified(
     verify_ok(&acute);
     verify_ok(&hub);
 
-    // Data ingested while everything runs flows on its own.
+    // Data ingested while everything runs flows on its own, to the hub; patients the acute
+    // trust does not treat stay off its disk.
     ingest_generated(&gp, "A81001", 2, 77);
-    let from_gp = shareable(&gp, "A81001");
-    assert!(wait_for(SYNC_WAIT, || held_from(&acute, "A81001") == from_gp));
+    let from_gp_now = shareable(&gp, "A81001");
+    assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001") == from_gp_now));
+    assert_eq!(held_from(&acute, "A81001"), from_gp);
 
+    assert!(wait_for(SYNC_WAIT, || peer(&acute, "HUB01")
+        .is_some_and(|p| p["bytes_received"].as_u64().unwrap_or(0) > 0)));
     let status = peer(&acute, "HUB01").expect("acute keeps a status row for the hub");
     assert_eq!(status["connected"], true);
-    assert!(status["bytes_received"].as_u64().unwrap() > 0);
     assert!(status["last_sync_at"].as_i64().is_some());
     assert_eq!(status["rejected"], 0);
     assert!(metric(&acute_process, "caremesh_peer_connected{peer=\"HUB01\"}") == 1.0);
@@ -169,8 +193,18 @@ fn direct_peers_exchange_both_ways_without_a_hub() {
     ingest_generated(&community, "RYX01", 4, 1);
     let _gp = RunningNode::start(&gp);
     let _community = RunningNode::start(&community);
-    let gp_shares = shareable(&gp, "A81001");
-    let community_shares = shareable(&community, "RYX01");
+    let gp_shares = documents_of(
+        &gp,
+        "A81001",
+        DIRECT_CARE,
+        Some(&caseload(&community, "RYX01")),
+    );
+    let community_shares = documents_of(
+        &community,
+        "RYX01",
+        DIRECT_CARE,
+        Some(&caseload(&gp, "A81001")),
+    );
     assert!(wait_for(SYNC_WAIT, || held_from(&community, "A81001") == gp_shares));
     assert!(wait_for(SYNC_WAIT, || held_from(&gp, "RYX01") == community_shares));
     verify_ok(&gp);

@@ -475,6 +475,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
                         listen: home.config.sync.listen.clone(),
                         peers: home.config.sync.peers.clone(),
                         database: home.database_path(),
+                        consent_defaults: home.config.sharing.defaults(),
                     },
                     shutdown_rx,
                 )

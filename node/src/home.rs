@@ -69,6 +69,38 @@ pub struct NodeConfig {
     pub view: ViewConfig,
     #[serde(default)]
     pub sync: SyncConfig,
+    #[serde(default)]
+    pub sharing: SharingConfig,
+}
+
+/// This organisation's sharing defaults: what holds for a patient until a choice is recorded
+/// (from a FHIR Consent in the extract, or `caremesh consent set`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SharingConfig {
+    /// May data recorded here leave here.
+    pub share_out: bool,
+    /// May this organisation view what others made shareable.
+    pub share_in: bool,
+}
+
+impl Default for SharingConfig {
+    fn default() -> Self {
+        SharingConfig {
+            share_out: true,
+            share_in: true,
+        }
+    }
+}
+
+impl SharingConfig {
+    pub fn defaults(self) -> caremesh_sync::policy::Consent {
+        caremesh_sync::policy::Consent {
+            share_out: self.share_out,
+            share_in: self.share_in,
+            objection: false,
+        }
+    }
 }
 
 /// Sync with peers over QUIC. Off until the node has a trust registry and a pinned authority.
@@ -168,6 +200,7 @@ impl Home {
             ingest: IngestConfig::default(),
             view: ViewConfig::default(),
             sync: SyncConfig::default(),
+            sharing: SharingConfig::default(),
         };
         let key = generate_key()?;
         write_secret(&dir.join(KEY_FILE), &hex::encode(key.secret()))?;
@@ -325,6 +358,15 @@ pub fn load_secret_key(path: &Path) -> Result<PublisherKey, HomeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_example_config_parses_with_every_section_it_documents() {
+        let config: NodeConfig =
+            toml::from_str(include_str!("../../configs/example-gp.toml")).unwrap();
+        assert_eq!(config.organisation.kind, OrgKind::Gp);
+        assert_eq!(config.sync.peers.len(), 1);
+        assert!(config.sharing.share_out && config.sharing.share_in);
+    }
 
     fn organisation() -> OrganisationConfig {
         OrganisationConfig {

@@ -498,7 +498,8 @@ impl<'a> Ingestor<'a> {
         let source_system = rules.home.config.ingest.source_system.clone();
         let batch = self.store.write()?;
         let mut local = LocalReferences::default();
-        let mut publication = Publication::new(publisher.clone());
+        let mut publication =
+            Publication::new(publisher.clone(), rules.home.config.sharing.defaults());
         let reject = |report: &mut IngestReport, location: &str, reason: String| {
             report.rejected.push(Rejection {
                 file: file_name.to_string(),

@@ -20,7 +20,7 @@ use crate::tls::{self, NodeIdentity};
 use crate::trust::TrustState;
 use anyhow::{Context, Result};
 use caremesh_storage::{PeerStatus, Store};
-use caremesh_sync::policy::Recipient;
+use caremesh_sync::policy::{Consent, Recipient};
 use caremesh_sync::{Event, KeyStanding, OdsCode, PublisherKey, Session};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -64,6 +64,8 @@ pub struct SyncSettings {
     pub listen: Option<String>,
     pub peers: Vec<OdsCode>,
     pub database: PathBuf,
+    /// This organisation's consent defaults, for its patients without a recorded choice.
+    pub consent_defaults: Consent,
 }
 
 enum Command {
@@ -109,7 +111,12 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     let counters = Arc::new(SyncCounters::default());
     let store = Store::open(&settings.database)?;
     store.reset_connections()?;
-    let host = StoreHost::new(store, settings.trust.clone())?;
+    let host = StoreHost::new(
+        store,
+        settings.trust.clone(),
+        settings.ods.clone(),
+        settings.consent_defaults,
+    )?;
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE);
     let connected: Arc<Mutex<HashSet<OdsCode>>> = Default::default();
     let engine = {

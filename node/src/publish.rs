@@ -5,9 +5,10 @@
 //! item from wherever it was before placing it anew, so one fact is never held twice.
 
 use caremesh_storage::{StorageError, WriteBatch};
+use caremesh_sync::policy::Consent;
 use caremesh_sync::{
-    DocMeta, DocumentError, Item, NhsNumber, OdsCode, PublishedDocument, PublisherKey,
-    SignatureError,
+    DataClass, DocMeta, DocumentError, Item, NhsNumber, OdsCode, PublishedDocument, PublisherKey,
+    Section, SignatureError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -36,20 +37,55 @@ struct DocChanges {
 }
 
 /// Pending changes to one publisher's documents, applied in one storage transaction.
+///
+/// Every patient the publication touches gets a sharing record (the publisher's consent
+/// state for them, [`Section::Sharing`]): it is what tells peers and hubs that the publisher
+/// cares for the patient, and what carries a withdrawal to everyone holding copies.
 pub struct Publication {
     publisher: OdsCode,
     changes: BTreeMap<DocMeta, DocChanges>,
     /// Where an item id was placed earlier in this publication, per patient.
     placed: HashMap<(NhsNumber, String), DocMeta>,
+    /// Patients touched, each of whom must end up with a sharing record.
+    touched: BTreeSet<NhsNumber>,
+    /// Sharing choices recorded in this publication (from Consent resources or the CLI).
+    consents: BTreeMap<NhsNumber, Consent>,
+    /// The organisation's defaults, for a patient's first sharing record.
+    defaults: Consent,
 }
 
 impl Publication {
-    pub fn new(publisher: OdsCode) -> Self {
+    pub fn new(publisher: OdsCode, defaults: Consent) -> Self {
         Publication {
             publisher,
             changes: BTreeMap::new(),
             placed: HashMap::new(),
+            touched: BTreeSet::new(),
+            consents: BTreeMap::new(),
+            defaults,
         }
+    }
+
+    /// Records the patient's sharing choices at this organisation.
+    pub fn set_consent(&mut self, patient: &NhsNumber, consent: Consent) {
+        self.touched.insert(patient.clone());
+        self.consents.insert(patient.clone(), consent);
+    }
+
+    /// Queues the sharing record of every touched patient that lacks one or has a new choice.
+    fn record_sharing(&mut self, batch: &WriteBatch<'_>) -> Result<(), StorageError> {
+        for patient in std::mem::take(&mut self.touched) {
+            let meta = sharing_meta(&self.publisher, &patient);
+            let consent = match self.consents.get(&patient) {
+                Some(consent) => *consent,
+                None if batch.document(meta.id())?.is_some() => continue,
+                None => self.defaults,
+            };
+            let item = sharing_item(&self.publisher, consent);
+            let changes = self.changes.entry(meta).or_default();
+            changes.upserts.insert(item.id.clone(), item);
+        }
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -66,6 +102,7 @@ impl Publication {
         family: &[String],
         items: Vec<Item>,
     ) -> Result<(), StorageError> {
+        self.touched.insert(patient.clone());
         let mut targets: HashMap<String, (DocMeta, Item)> = HashMap::new();
         for item in items {
             assert!(
@@ -112,11 +149,12 @@ impl Publication {
     /// Writes a new signed version of every document whose content changed. Returns the
     /// number of documents written; documents whose content is unchanged are left alone.
     pub fn apply(
-        self,
+        mut self,
         batch: &WriteBatch<'_>,
         key: &PublisherKey,
         now: i64,
     ) -> Result<usize, PublishError> {
+        self.record_sharing(batch)?;
         let actor = actor_for(key);
         let mut written = 0;
         for (meta, changes) in self.changes {
@@ -152,6 +190,33 @@ impl Publication {
             written += 1;
         }
         Ok(written)
+    }
+}
+
+/// Where a publisher's sharing record for a patient lives.
+pub fn sharing_meta(publisher: &OdsCode, patient: &NhsNumber) -> DocMeta {
+    DocMeta {
+        publisher: publisher.clone(),
+        patient: patient.clone(),
+        section: Section::Sharing,
+        class: DataClass::Coded,
+    }
+}
+
+/// The one item of a sharing record. Nothing in it changes unless the choice does, so
+/// re-ingesting writes nothing.
+fn sharing_item(publisher: &OdsCode, consent: Consent) -> Item {
+    Item {
+        fields: consent.to_fields(),
+        ..Item::titled(
+            "sharing",
+            Section::Sharing,
+            DataClass::Coded,
+            "Consent",
+            "Sharing choices",
+            "caremesh",
+            &format!("Consent/sharing-{publisher}"),
+        )
     }
 }
 

@@ -117,7 +117,7 @@ pub fn assemble(store: &Store, nhs: &NhsNumber, now: i64) -> Result<Option<Recor
         });
     let sections = Section::ALL
         .iter()
-        .filter(|s| **s != Section::Demographics)
+        .filter(|s| !matches!(s, Section::Demographics | Section::Sharing))
         .map(|section| {
             let mut items: Vec<ItemView> = by_section
                 .remove(section)

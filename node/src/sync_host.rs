@@ -2,8 +2,8 @@
 
 use crate::clock;
 use crate::trust::TrustState;
-use caremesh_storage::{SourceRow, StorageError, Store};
-use caremesh_sync::policy::{self, Decision, Recipient};
+use caremesh_storage::{FeedRow, SourceRow, StorageError, Store};
+use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
 use caremesh_sync::{
     Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, OdsCode, SignedHeads,
     SyncHost, VerifiedDocument,
@@ -13,6 +13,10 @@ pub struct StoreHost {
     pub store: Store,
     trust: TrustState,
     feed: FeedId,
+    /// This node's organisation and its consent defaults, for its own patients without a
+    /// recorded sharing choice.
+    own: OdsCode,
+    own_defaults: Consent,
 }
 
 fn host_error(error: StorageError) -> HostError {
@@ -20,9 +24,63 @@ fn host_error(error: StorageError) -> HostError {
 }
 
 impl StoreHost {
-    pub fn new(store: Store, trust: TrustState) -> Result<StoreHost, StorageError> {
+    pub fn new(
+        store: Store,
+        trust: TrustState,
+        own: OdsCode,
+        own_defaults: Consent,
+    ) -> Result<StoreHost, StorageError> {
         let feed = FeedId(store.feed_id()?);
-        Ok(StoreHost { store, trust, feed })
+        Ok(StoreHost {
+            store,
+            trust,
+            feed,
+            own,
+            own_defaults,
+        })
+    }
+
+    /// What policy needs to know about one document and one recipient. A storage error is
+    /// answered with facts that withhold (deny unless allowed), and logged.
+    fn facts(&self, meta: &DocMeta, recipient: &Recipient) -> Facts {
+        let publisher_kind = self
+            .trust
+            .current()
+            .registry()
+            .organisation(&meta.publisher)
+            .map(|o| o.kind);
+        let looked_up = (|| -> Result<Facts, StorageError> {
+            let recorded = self
+                .store
+                .sharing_fields(&meta.publisher, &meta.patient)?
+                .and_then(|fields| Consent::from_fields(&fields));
+            let consent = match recorded {
+                Some(consent) => consent,
+                None if meta.publisher == self.own => self.own_defaults,
+                None => Consent::SENT_BY_PUBLISHER,
+            };
+            Ok(Facts {
+                publisher_kind,
+                consent,
+                recipient_cares_for_patient: self
+                    .store
+                    .has_published_about(&recipient.ods, &meta.patient)?,
+                direct_from_publisher: meta.publisher == self.own,
+            })
+        })();
+        looked_up.unwrap_or_else(|error| {
+            tracing::error!(%error, doc = %meta.id(), "policy facts unavailable; withholding");
+            Facts {
+                publisher_kind: None,
+                consent: Consent {
+                    share_out: false,
+                    share_in: false,
+                    objection: true,
+                },
+                recipient_cares_for_patient: false,
+                direct_from_publisher: false,
+            }
+        })
     }
 
     pub fn trust(&self) -> &TrustState {
@@ -48,6 +106,22 @@ impl StoreHost {
     }
 }
 
+fn feed_entry(row: FeedRow) -> Result<FeedEntry, HostError> {
+    let heads = SignedHeads::decode(&row.signed)
+        .ok_or_else(|| {
+            HostError(format!(
+                "stored document {} has unreadable signed heads; run `caremesh verify`",
+                row.meta.id()
+            ))
+        })?
+        .heads;
+    Ok(FeedEntry {
+        seq: row.seq,
+        meta: row.meta,
+        heads,
+    })
+}
+
 impl SyncHost for StoreHost {
     fn feed_id(&self) -> FeedId {
         self.feed
@@ -59,23 +133,16 @@ impl SyncHost for StoreHost {
 
     fn feed_after(&mut self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, HostError> {
         let rows = self.store.feed_after(after, limit).map_err(host_error)?;
-        rows.into_iter()
-            .map(|row| {
-                let heads = SignedHeads::decode(&row.signed)
-                    .ok_or_else(|| {
-                        HostError(format!(
-                            "stored document {} has unreadable signed heads; run `caremesh verify`",
-                            row.meta.id()
-                        ))
-                    })?
-                    .heads;
-                Ok(FeedEntry {
-                    seq: row.seq,
-                    meta: row.meta,
-                    heads,
-                })
-            })
-            .collect()
+        rows.into_iter().map(feed_entry).collect()
+    }
+
+    fn backfill(&mut self, peer: &OdsCode, limit: usize) -> Result<Vec<FeedEntry>, HostError> {
+        let rows = self.store.backfill_for(peer, limit).map_err(host_error)?;
+        rows.into_iter().map(feed_entry).collect()
+    }
+
+    fn backfill_done(&mut self, peer: &OdsCode, docs: &[DocId]) -> Result<(), HostError> {
+        self.store.backfill_done(peer, docs).map_err(host_error)
     }
 
     fn held_heads(&mut self, doc: DocId) -> Result<Option<Vec<[u8; 32]>>, HostError> {
@@ -107,10 +174,21 @@ impl SyncHost for StoreHost {
             .collect();
         let batch = self.store.write().map_err(host_error)?;
         for (document, source) in documents.iter().zip(&sources) {
+            let meta = &document.signed.meta;
+            let new_relationship = !batch
+                .has_published_about(&meta.publisher, &meta.patient)
+                .map_err(host_error)?;
             batch
                 .put_document(&document.signed, &document.snapshot, &document.items, now)
                 .map_err(host_error)?;
             batch.touch_source(source).map_err(host_error)?;
+            if new_relationship {
+                // The publisher now cares for the patient as far as this node knows: what
+                // its checkpoint passed while it did not may go to it now.
+                batch
+                    .queue_backfill(&meta.publisher, &meta.patient)
+                    .map_err(host_error)?;
+            }
         }
         if let Some((peer, checkpoint)) = checkpoint {
             batch
@@ -136,7 +214,13 @@ impl SyncHost for StoreHost {
     }
 
     fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision {
-        policy::decide(meta, recipient)
+        let facts = self.facts(meta, recipient);
+        policy::decide(
+            meta,
+            recipient,
+            &self.trust.current().registry().sharing,
+            &facts,
+        )
     }
 
     fn registry_version(&self) -> u64 {

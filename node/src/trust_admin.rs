@@ -5,6 +5,7 @@ use crate::clock;
 use crate::home::{Home, load_secret_key, write_secret};
 use crate::trust::write_atomically;
 use anyhow::{Context, Result, bail};
+use caremesh_sync::policy::Agreements;
 use caremesh_sync::trust::{parse_key, public_key_of};
 use caremesh_sync::{OdsCode, OrgKind, Organisation, Registry, RegistryFile};
 use clap::Subcommand;
@@ -19,7 +20,8 @@ pub enum TrustCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Start a new, empty, unsigned registry for a region.
+    /// Start a new unsigned registry for a region, with no organisations and the sharing
+    /// agreements shipped in configs/agreements.toml.
     New {
         #[arg(long)]
         registry: PathBuf,
@@ -56,6 +58,14 @@ pub enum TrustCommand {
         /// The key to revoke, hex; every current key when left out.
         #[arg(long)]
         key: Option<String>,
+    },
+    /// Replace the registry's sharing agreements with those in a TOML file (see
+    /// configs/agreements.toml). The registry is unsigned again afterwards.
+    Agreements {
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long)]
+        file: PathBuf,
     },
     /// Sign a new edition of the registry with the authority key (bumps the version).
     Sign {
@@ -113,7 +123,9 @@ pub fn run(command: TrustCommand) -> Result<ExitCode> {
                     registry.display()
                 );
             }
-            save(&registry, &RegistryFile::unsigned(Registry::new(&region)))?;
+            let mut new = Registry::new(&region);
+            new.sharing = shipped_agreements();
+            save(&registry, &RegistryFile::unsigned(new))?;
             println!("new registry for {region} at {}", registry.display());
         }
         TrustCommand::Add {
@@ -172,6 +184,25 @@ pub fn run(command: TrustCommand) -> Result<ExitCode> {
             println!(
                 "revoked {} key(s) of {ods}; sign the registry and hand it to at least one node",
                 revoking.len()
+            );
+        }
+        TrustCommand::Agreements {
+            registry,
+            file: agreements,
+        } => {
+            let mut file = load(&registry)?;
+            let text = std::fs::read_to_string(&agreements)
+                .with_context(|| format!("reading {}", agreements.display()))?;
+            file.registry.sharing = parse_agreements(&text)
+                .with_context(|| format!("reading {}", agreements.display()))?;
+            file.registry.normalise()?;
+            file.signature = None;
+            save(&registry, &file)?;
+            println!(
+                "{} agreements from {} set in {}; sign the registry before handing it out",
+                file.registry.sharing.agreements.len(),
+                agreements.display(),
+                registry.display()
             );
         }
         TrustCommand::Sign {
@@ -239,6 +270,19 @@ pub fn run(command: TrustCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The agreements shipped in configs/agreements.toml, which every new registry starts with.
+pub fn shipped_agreements() -> Agreements {
+    parse_agreements(include_str!("../../configs/agreements.toml"))
+        .expect("configs/agreements.toml is valid (checked by a unit test)")
+}
+
+/// Parses and checks an agreements TOML file.
+pub fn parse_agreements(text: &str) -> Result<Agreements> {
+    let agreements: Agreements = toml::from_str(text)?;
+    agreements.validate()?;
+    Ok(agreements)
 }
 
 fn load(path: &Path) -> Result<RegistryFile> {
@@ -318,5 +362,70 @@ fn render(file: &RegistryFile) -> String {
             out.push_str(&format!("    address  {address}\n"));
         }
     }
+    let sharing = &registry.sharing;
+    out.push_str("sharing agreements (deny unless listed)\n");
+    for agreement in &sharing.agreements {
+        let names = |list: Vec<&str>| list.join(", ");
+        out.push_str(&format!(
+            "  {} -> {}: {}{}\n",
+            agreement.publisher,
+            names(agreement.recipients.iter().map(|k| k.as_str()).collect()),
+            names(agreement.classes.iter().map(|c| c.as_str()).collect()),
+            if agreement.except_sections.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " except {}",
+                    names(
+                        agreement
+                            .except_sections
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect()
+                    )
+                )
+            }
+        ));
+    }
+    if !sharing.region_wide.is_empty() {
+        let kinds: Vec<&str> = sharing.region_wide.iter().map(|k| k.as_str()).collect();
+        out.push_str(&format!("  region-wide holders: {}\n", kinds.join(", ")));
+    }
+    for (ods, day) in &sharing.share_from {
+        out.push_str(&format!("  {ods} shares items from {day}\n"));
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caremesh_sync::{DataClass, OrgKind};
+
+    #[test]
+    fn the_shipped_agreements_parse_and_hold_the_oxfordshire_rule() {
+        let agreements = shipped_agreements();
+        let gp_to_acute: Vec<_> = agreements
+            .agreements
+            .iter()
+            .filter(|a| a.publisher == OrgKind::Gp && a.recipients.contains(&OrgKind::Acute))
+            .collect();
+        assert_eq!(gp_to_acute.len(), 1);
+        assert_eq!(gp_to_acute[0].classes, vec![DataClass::Coded]);
+        assert!(
+            agreements
+                .agreements
+                .iter()
+                .all(|a| !a.classes.contains(&DataClass::Sensitive))
+        );
+    }
+
+    #[test]
+    fn an_agreement_sharing_private_items_is_refused_with_the_reason() {
+        let error = parse_agreements(
+            "[[agreements]]\npublisher = \"gp\"\nrecipients = [\"acute\"]\nclasses = [\"private\"]\n",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("private"), "{error}");
+    }
 }

@@ -104,6 +104,15 @@ pub struct StoreStats {
     pub last_ingest: Option<IngestRow>,
 }
 
+fn published_about(
+    conn: &Connection,
+    organisation: &OdsCode,
+    nhs: &NhsNumber,
+) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM documents WHERE publisher = ?1 AND nhs = ?2)")?
+        .query_row([organisation.as_str(), nhs.as_str()], |row| row.get(0))
+}
+
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -301,6 +310,43 @@ impl Store {
             .map_err(self.err("read items"))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(self.err("read items"))
+    }
+
+    /// The sharing record `publisher` published for the patient: its one item's fields.
+    /// `None` when this node holds none.
+    pub fn sharing_fields(
+        &self,
+        publisher: &OdsCode,
+        nhs: &NhsNumber,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+        let body: Option<String> = self
+            .conn
+            .prepare_cached(
+                "SELECT body FROM items WHERE publisher = ?1 AND nhs = ?2 AND section = 'sharing' \
+                 ORDER BY item_id LIMIT 1",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row([publisher.as_str(), nhs.as_str()], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(self.err("read a sharing record"))?;
+        let Some(body) = body else {
+            return Ok(None);
+        };
+        let item: Item = serde_json::from_str(&body).map_err(|e| StorageError::DamagedRow {
+            path: self.path.clone(),
+            doc: format!("sharing record of {publisher}"),
+            what: e.to_string(),
+        })?;
+        Ok(Some(item.fields))
+    }
+
+    /// Whether `organisation` has published anything about the patient: the evidence of a
+    /// care relationship that puts the patient on its caseload.
+    pub fn has_published_about(&self, organisation: &OdsCode, nhs: &NhsNumber) -> Result<bool> {
+        published_about(&self.conn, organisation, nhs)
+            .map_err(self.err("look up a care relationship"))
     }
 
     pub fn patient_known(&self, nhs: &NhsNumber) -> Result<bool> {
@@ -605,6 +651,11 @@ impl WriteBatch<'_> {
                 .map_err(self.err("update read model"))?;
         }
         Ok(seq)
+    }
+
+    pub fn has_published_about(&self, organisation: &OdsCode, nhs: &NhsNumber) -> Result<bool> {
+        published_about(&self.tx, organisation, nhs)
+            .map_err(self.err("look up a care relationship"))
     }
 
     /// The partitions of `publisher`'s documents about `nhs` that hold item `item_id`.

@@ -110,6 +110,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         reason      TEXT NOT NULL
     ) STRICT;
     "#,
+    // 3: documents queued per peer outside the feed order, after a new care relationship
+    // made them sendable to it.
+    r#"
+    CREATE TABLE backfill (
+        peer    TEXT NOT NULL,
+        doc_id  BLOB NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE,
+        PRIMARY KEY (peer, doc_id)
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 #[cfg(test)]

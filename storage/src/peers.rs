@@ -2,7 +2,7 @@
 //! log of rejected changes.
 
 use crate::{Result, StorageError, Store, WriteBatch, doc_id_from};
-use caremesh_sync::{DocId, DocMeta, OdsCode};
+use caremesh_sync::{DocId, DocMeta, NhsNumber, OdsCode};
 use rusqlite::{OptionalExtension, params};
 
 /// A feed row without the snapshot: what an offer needs.
@@ -129,15 +129,46 @@ impl Store {
 
     /// A page of the feed after `after`, without snapshots.
     pub fn feed_after(&self, after: u64, limit: usize) -> Result<Vec<FeedRow>> {
+        self.feed_rows(
+            "SELECT doc_id, publisher, nhs, section, class, signed, seq FROM documents \
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            params![after, limit as i64],
+        )
+    }
+
+    /// At most `limit` documents queued for `peer` outside the feed order, as feed rows (with
+    /// their current positions): what a new care relationship made sendable to it after its
+    /// checkpoint had passed them.
+    pub fn backfill_for(&self, peer: &OdsCode, limit: usize) -> Result<Vec<FeedRow>> {
+        self.feed_rows(
+            "SELECT d.doc_id, d.publisher, d.nhs, d.section, d.class, d.signed, d.seq \
+             FROM backfill b JOIN documents d ON d.doc_id = b.doc_id \
+             WHERE b.peer = ?1 ORDER BY d.seq LIMIT ?2",
+            params![peer.as_str(), limit as i64],
+        )
+    }
+
+    /// Removes documents from `peer`'s backfill queue once it has taken or declined them.
+    pub fn backfill_done(&self, peer: &OdsCode, docs: &[DocId]) -> Result<()> {
         let mut statement = self
             .conn
-            .prepare_cached(
-                "SELECT doc_id, publisher, nhs, section, class, signed, seq FROM documents \
-                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
+            .prepare_cached("DELETE FROM backfill WHERE peer = ?1 AND doc_id = ?2")
+            .map_err(self.err("clear backfill"))?;
+        for doc in docs {
+            statement
+                .execute(params![peer.as_str(), &doc.0[..]])
+                .map_err(self.err("clear backfill"))?;
+        }
+        Ok(())
+    }
+
+    fn feed_rows(&self, sql: &str, parameters: impl rusqlite::Params) -> Result<Vec<FeedRow>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(sql)
             .map_err(self.err("read feed"))?;
         let rows = statement
-            .query_map(params![after, limit as i64], |row| {
+            .query_map(parameters, |row| {
                 Ok((
                     row.get::<_, Vec<u8>>(0)?,
                     [
@@ -296,6 +327,21 @@ fn hex_of(bytes: &[u8]) -> String {
 }
 
 impl WriteBatch<'_> {
+    /// Queues for `peer` every document about `nhs` it did not publish, if `peer` is one this
+    /// node syncs with directly; its session offers them outside the feed order, and policy
+    /// decides on each as always. Returns how many were queued.
+    pub fn queue_backfill(&self, peer: &OdsCode, nhs: &NhsNumber) -> Result<usize> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO backfill (peer, doc_id) \
+                 SELECT ?1, doc_id FROM documents \
+                 WHERE nhs = ?2 AND publisher != ?1 \
+                 AND EXISTS (SELECT 1 FROM sync_peers WHERE peer = ?1)",
+            )
+            .and_then(|mut statement| statement.execute([peer.as_str(), nhs.as_str()]))
+            .map_err(self.err("queue backfill"))
+    }
+
     /// Saves our checkpoint in `peer`'s feed, in the transaction that stored what it covers.
     pub fn save_checkpoint(&self, peer: &OdsCode, feed: [u8; 16], up_to: u64) -> Result<()> {
         self.tx

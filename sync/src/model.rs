@@ -231,6 +231,9 @@ vocabulary!(
         Procedures => "procedures",
         CarePlans => "care-plans",
         Referrals => "referrals",
+        // Not a clinical section: the publisher's sharing record for the patient (consent
+        // and what it withheld), which also serves as the purge notice.
+        Sharing => "sharing",
     }
 );
 
@@ -249,6 +252,7 @@ impl Section {
             Section::Procedures => "Procedures",
             Section::CarePlans => "Care plans",
             Section::Referrals => "Referrals",
+            Section::Sharing => "Sharing choices",
         }
     }
 }
@@ -314,6 +318,37 @@ pub struct Item {
     /// Named fields for items that are more than one fact, such as demographics.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub fields: std::collections::BTreeMap<String, String>,
+}
+
+impl Item {
+    /// An item with its identity, title and provenance, and nothing else yet.
+    pub fn titled(
+        id: &str,
+        section: Section,
+        class: DataClass,
+        resource_type: &str,
+        title: &str,
+        source_system: &str,
+        source_id: &str,
+    ) -> Item {
+        Item {
+            id: id.into(),
+            section,
+            class,
+            resource_type: resource_type.into(),
+            title: title.into(),
+            code: None,
+            detail: None,
+            status: None,
+            effective: None,
+            recorded: None,
+            last_updated: None,
+            source_system: source_system.into(),
+            source_id: source_id.into(),
+            confidentiality: None,
+            fields: Default::default(),
+        }
+    }
 }
 
 /// The partition a document covers: one publisher, one patient, one section, one class.

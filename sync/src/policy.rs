@@ -1,9 +1,21 @@
-//! The one decision every outgoing document passes through.
+//! Sharing rules: the decisions every document and every item pass through.
 //!
-//! The sharing-rules work fills this in (Share Out, objections, agreements, sensitive items).
-//! What holds already: private documents never leave their publisher.
+//! Two decision functions, pure and total, each returning its reason:
+//!
+//! - [`decide`]: may `recipient` *hold* this document? Asked by a publisher before it offers
+//!   or sends, by a hub before it forwards, and by a receiver before it stores. Inputs are the
+//!   document's metadata, the region's [`Agreements`] (signed inside the trust registry, so
+//!   every node enforces the same ones) and [`Facts`] the caller looks up: the publisher's
+//!   kind, the patient's consent at the publisher, whether the recipient cares for the patient.
+//! - [`decide_view`]: may a viewer at one organisation *see* an item held from another?
+//!   Share In at the viewing organisation, or an active break-glass.
+//!
+//! Deny unless allowed: an unknown publisher, a pair of kinds with no agreement, or a class an
+//! agreement does not name is withheld.
 
-use crate::model::{DataClass, DocMeta, OdsCode, OrgKind};
+use crate::model::{DataClass, DocMeta, OdsCode, OrgKind, Section};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Who a document would go to.
 #[derive(Debug, Clone)]
@@ -22,49 +34,321 @@ pub enum Decision {
 pub enum WithholdReason {
     /// Marked private at the recording organisation: visible only there.
     Private,
+    /// The patient objected to sharing for direct care at the publishing organisation.
+    Objection,
+    /// Share Out is off for the patient at the publishing organisation.
+    ShareOutOff,
+    /// Sensitive items are withheld unless an agreement names the sensitive class.
+    Sensitive,
+    /// The trust registry does not list the publisher.
+    UnknownPublisher,
+    /// No agreement lets this kind of recipient receive from this kind of publisher.
+    NoAgreement {
+        publisher: OrgKind,
+        recipient: OrgKind,
+    },
+    /// The agreement between the two kinds leaves this class or section out.
+    NotAgreed { class: DataClass, section: Section },
+    /// The recipient holds only its caseload, and the patient is not on it.
+    NotInCaseload,
 }
 
 impl std::fmt::Display for WithholdReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WithholdReason::Private => f.write_str("private to the recording organisation"),
+            WithholdReason::Objection => f.write_str("the patient objected to sharing"),
+            WithholdReason::ShareOutOff => f.write_str("Share Out is off for the patient"),
+            WithholdReason::Sensitive => f.write_str("sensitive, and no agreement shares it"),
+            WithholdReason::UnknownPublisher => {
+                f.write_str("the publisher is not in the trust registry")
+            }
+            WithholdReason::NoAgreement {
+                publisher,
+                recipient,
+            } => write!(f, "no agreement shares {publisher} data with {recipient}"),
+            WithholdReason::NotAgreed { class, section } => {
+                write!(f, "the agreement does not share {class} items in {section}")
+            }
+            WithholdReason::NotInCaseload => {
+                f.write_str("the patient is not on the recipient's caseload")
+            }
         }
     }
 }
 
-/// Decides whether `recipient` may hold the document described by `meta`.
-pub fn decide(meta: &DocMeta, recipient: &Recipient) -> Decision {
-    if meta.class == DataClass::Private && meta.publisher != recipient.ods {
-        return Decision::Withhold(WithholdReason::Private);
+/// One agreement: what recipients of some kinds may hold from publishers of one kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agreement {
+    pub publisher: OrgKind,
+    pub recipients: Vec<OrgKind>,
+    /// Classes shared; `sensitive` only where named. `private` can never be shared.
+    pub classes: Vec<DataClass>,
+    /// Sections left out even for the classes above.
+    #[serde(default)]
+    pub except_sections: Vec<Section>,
+}
+
+/// A region's sharing agreements, signed by the regional authority inside the trust registry.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Agreements {
+    #[serde(default)]
+    pub agreements: Vec<Agreement>,
+    /// Kinds that hold the whole region's shareable data rather than a caseload (an emergency
+    /// department, an ambulance service). Hubs always do: they relay.
+    #[serde(default)]
+    pub region_wide: Vec<OrgKind>,
+    /// Per publisher: items dated before this day (`YYYY-MM-DD`) stay at the publisher.
+    #[serde(default)]
+    pub share_from: BTreeMap<OdsCode, String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AgreementError {
+    #[error(
+        "an agreement lists `private` among its classes; private items never leave their publisher, remove it"
+    )]
+    PrivateShared,
+    #[error("an agreement names hub as a publisher or recipient; hubs relay and need no agreement")]
+    HubAgreement,
+    #[error("share_from for {0} is `{1}`, not a YYYY-MM-DD date")]
+    ShareFromDate(OdsCode, String),
+}
+
+impl Agreements {
+    /// Rejects agreements that could never be meant: sharing private items, agreements for
+    /// hubs, malformed dates.
+    pub fn validate(&self) -> Result<(), AgreementError> {
+        for agreement in &self.agreements {
+            if agreement.classes.contains(&DataClass::Private) {
+                return Err(AgreementError::PrivateShared);
+            }
+            if agreement.publisher == OrgKind::Hub || agreement.recipients.contains(&OrgKind::Hub) {
+                return Err(AgreementError::HubAgreement);
+            }
+        }
+        for (ods, day) in &self.share_from {
+            if !is_iso_day(day) {
+                return Err(AgreementError::ShareFromDate(ods.clone(), day.clone()));
+            }
+        }
+        Ok(())
     }
-    Decision::Send
+
+    /// Whether some agreement lets recipients of any kind hold sensitive items from this
+    /// kind of publisher (a hub may then hold them, to relay).
+    fn shares_sensitive_from(&self, publisher: OrgKind) -> bool {
+        self.agreements
+            .iter()
+            .any(|a| a.publisher == publisher && a.classes.contains(&DataClass::Sensitive))
+    }
+
+    fn between(&self, publisher: OrgKind, recipient: OrgKind) -> impl Iterator<Item = &Agreement> {
+        self.agreements
+            .iter()
+            .filter(move |a| a.publisher == publisher && a.recipients.contains(&recipient))
+    }
+
+    pub fn holds_region_wide(&self, kind: OrgKind) -> bool {
+        kind == OrgKind::Hub || self.region_wide.contains(&kind)
+    }
+
+    /// Whether an item dated `day` (`YYYY-MM-DD…`) may be shared by `publisher` at all.
+    pub fn shareable_date(&self, publisher: &OdsCode, day: Option<&str>) -> bool {
+        match (self.share_from.get(publisher), day) {
+            (None, _) => true,
+            // An undated item cannot be shown to fall after the date: it stays.
+            (Some(_), None) => false,
+            (Some(from), Some(day)) => day.get(..10).is_some_and(|d| d >= from.as_str()),
+        }
+    }
+}
+
+fn is_iso_day(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() == 10
+        && bytes[4] == b'-'
+        && bytes[7] == b'-'
+        && bytes
+            .iter()
+            .enumerate()
+            .all(|(i, b)| i == 4 || i == 7 || b.is_ascii_digit())
+}
+
+/// A patient's sharing choices recorded at one organisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    /// May data recorded here leave here.
+    pub share_out: bool,
+    /// May this organisation view what others made shareable.
+    pub share_in: bool,
+    /// The patient objects to sharing for direct care: nothing recorded here is shared.
+    pub objection: bool,
+}
+
+impl Consent {
+    /// Field names in the sharing record's item, as stored and sent.
+    const FIELDS: [&'static str; 3] = ["share_out", "share_in", "objection"];
+
+    /// What a recipient assumes of a publisher whose sharing record it does not hold yet:
+    /// the publisher decided before sending, so its sending is the evidence.
+    pub const SENT_BY_PUBLISHER: Consent = Consent {
+        share_out: true,
+        share_in: true,
+        objection: false,
+    };
+
+    pub fn to_fields(self) -> BTreeMap<String, String> {
+        let values = [self.share_out, self.share_in, self.objection];
+        Self::FIELDS
+            .iter()
+            .zip(values)
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    /// Reads a sharing record's fields; `None` if any is missing or not `true`/`false`.
+    pub fn from_fields(fields: &BTreeMap<String, String>) -> Option<Consent> {
+        let flag = |name: &str| fields.get(name)?.parse::<bool>().ok();
+        Some(Consent {
+            share_out: flag(Self::FIELDS[0])?,
+            share_in: flag(Self::FIELDS[1])?,
+            objection: flag(Self::FIELDS[2])?,
+        })
+    }
+
+    /// Whether the organisation's data about the patient may leave it at all.
+    pub fn withholds_everything(&self) -> Option<WithholdReason> {
+        if self.objection {
+            Some(WithholdReason::Objection)
+        } else if !self.share_out {
+            Some(WithholdReason::ShareOutOff)
+        } else {
+            None
+        }
+    }
+}
+
+/// What the caller looks up about one document and one recipient before deciding.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts {
+    /// The publisher's kind from the trust registry; `None` when it is not listed.
+    pub publisher_kind: Option<OrgKind>,
+    /// The patient's consent at the publisher (recorded, or the publisher's defaults).
+    pub consent: Consent,
+    /// Whether the recipient has a care relationship with the patient: it has published
+    /// something about them (data, or its own sharing record).
+    pub recipient_cares_for_patient: bool,
+    /// Whether the document travels straight from its publisher on this link.
+    pub direct_from_publisher: bool,
+}
+
+/// Decides whether `recipient` may hold the document described by `meta`.
+pub fn decide(
+    meta: &DocMeta,
+    recipient: &Recipient,
+    agreements: &Agreements,
+    facts: &Facts,
+) -> Decision {
+    use Decision::{Send, Withhold};
+    if meta.publisher == recipient.ods {
+        // A node's own documents, restored from a peer that holds them.
+        return Send;
+    }
+    let on_caseload =
+        facts.recipient_cares_for_patient || agreements.holds_region_wide(recipient.kind);
+    if meta.section == Section::Sharing {
+        // The sharing record carries consent, not clinical content. It must reach everyone
+        // holding the publisher's data about the patient (it is also the purge notice), and
+        // a publisher gives it to its direct peers so that each side learns the other's
+        // caseload; hubs relay it only to those caring for the patient.
+        return if on_caseload || facts.direct_from_publisher {
+            Send
+        } else {
+            Withhold(WithholdReason::NotInCaseload)
+        };
+    }
+    if meta.class == DataClass::Private {
+        return Withhold(WithholdReason::Private);
+    }
+    let Some(publisher_kind) = facts.publisher_kind else {
+        return Withhold(WithholdReason::UnknownPublisher);
+    };
+    if let Some(reason) = facts.consent.withholds_everything() {
+        return Withhold(reason);
+    }
+    if recipient.kind == OrgKind::Hub {
+        // A hub holds whatever some recipient may hold, and decides again when forwarding.
+        if meta.class == DataClass::Sensitive && !agreements.shares_sensitive_from(publisher_kind) {
+            return Withhold(WithholdReason::Sensitive);
+        }
+        return Send;
+    }
+    if !on_caseload {
+        return Withhold(WithholdReason::NotInCaseload);
+    }
+    let mut agreed = agreements
+        .between(publisher_kind, recipient.kind)
+        .peekable();
+    if agreed.peek().is_none() {
+        return Withhold(WithholdReason::NoAgreement {
+            publisher: publisher_kind,
+            recipient: recipient.kind,
+        });
+    }
+    if agreed.any(|a| a.classes.contains(&meta.class) && !a.except_sections.contains(&meta.section))
+    {
+        return Send;
+    }
+    if meta.class == DataClass::Sensitive {
+        Withhold(WithholdReason::Sensitive)
+    } else {
+        Withhold(WithholdReason::NotAgreed {
+            class: meta.class,
+            section: meta.section,
+        })
+    }
+}
+
+/// Why an item held at the viewing node is, or is not, shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ViewDecision {
+    /// The viewing organisation's own data.
+    Own,
+    /// Another organisation's data, shown because Share In is recorded here.
+    ShareIn,
+    /// Shown without Share In because a clinician invoked break-glass.
+    BreakGlass,
+    /// Hidden: Share In is not recorded at the viewing organisation.
+    NoShareIn,
+}
+
+impl ViewDecision {
+    pub fn shown(self) -> bool {
+        !matches!(self, ViewDecision::NoShareIn)
+    }
+}
+
+/// Decides whether a viewer at `viewer` sees an item published by `publisher`. Private
+/// items of other organisations and what an objection withheld never reach the viewing node
+/// ([`decide`]), so break-glass cannot reveal them.
+pub fn decide_view(
+    publisher: &OdsCode,
+    viewer: &OdsCode,
+    viewer_consent: &Consent,
+    break_glass_active: bool,
+) -> ViewDecision {
+    if publisher == viewer {
+        ViewDecision::Own
+    } else if viewer_consent.share_in {
+        ViewDecision::ShareIn
+    } else if break_glass_active {
+        ViewDecision::BreakGlass
+    } else {
+        ViewDecision::NoShareIn
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{NhsNumber, Section};
-
-    #[test]
-    fn private_documents_stay_with_their_publisher() {
-        let meta = DocMeta {
-            publisher: OdsCode::parse("A81001").unwrap(),
-            patient: NhsNumber::parse("9912003888").unwrap(),
-            section: Section::Problems,
-            class: DataClass::Private,
-        };
-        let hub = Recipient {
-            ods: OdsCode::parse("HUB01").unwrap(),
-            kind: OrgKind::Hub,
-        };
-        assert_eq!(
-            decide(&meta, &hub),
-            Decision::Withhold(WithholdReason::Private)
-        );
-        let itself = Recipient {
-            ods: meta.publisher.clone(),
-            kind: OrgKind::Gp,
-        };
-        assert_eq!(decide(&meta, &itself), Decision::Send);
-    }
-}
+mod tests;

@@ -117,6 +117,11 @@ pub trait SyncHost {
     fn feed_tip(&mut self) -> Result<u64, HostError>;
     /// At most `limit` feed entries after position `after`, in feed order.
     fn feed_after(&mut self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, HostError>;
+    /// At most `limit` documents queued for `peer` outside the feed order (a new care
+    /// relationship made them sendable after its checkpoint passed them).
+    fn backfill(&mut self, peer: &OdsCode, limit: usize) -> Result<Vec<FeedEntry>, HostError>;
+    /// The peer acknowledged an offer of these backfilled documents: dequeue them.
+    fn backfill_done(&mut self, peer: &OdsCode, docs: &[DocId]) -> Result<(), HostError>;
     /// The heads this node holds for `doc`, from its stored signed heads.
     fn held_heads(&mut self, doc: DocId) -> Result<Option<Vec<[u8; 32]>>, HostError>;
     fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError>;
@@ -210,6 +215,10 @@ struct Serving {
     /// Last up_to told to the peer, so a caught-up notice is sent once.
     announced: Option<u64>,
     next_check_at: u64,
+    /// Documents of the one backfill offer awaiting its ack. A backfill offer does not move
+    /// the feed position, so it goes alone (nothing else outstanding): its ack is then
+    /// unambiguous, and only an acked backfill leaves the queue.
+    backfill_in_flight: Option<Vec<DocId>>,
 }
 
 pub struct Session {
@@ -383,7 +392,7 @@ impl Session {
                 self.resolve(doc)?;
                 self.advance(host)
             }
-            Message::Ack { up_to } => self.on_ack(up_to),
+            Message::Ack { up_to } => self.on_ack(up_to, host),
             Message::RegistryWanted => {
                 if let Some(bytes) = host.registry_bytes() {
                     self.control.push_back(Message::Registry { bytes });
@@ -457,6 +466,7 @@ impl Session {
             caught_up: false,
             announced: None,
             next_check_at: now,
+            backfill_in_flight: None,
         });
         Ok(())
     }
@@ -690,7 +700,7 @@ impl Session {
         Ok(())
     }
 
-    fn on_ack(&mut self, up_to: u64) -> Result<(), SessionError> {
+    fn on_ack(&mut self, up_to: u64, host: &mut impl SyncHost) -> Result<(), SessionError> {
         let Some(serving) = &mut self.serving else {
             return Err(SessionError::Protocol("Ack before Pull".into()));
         };
@@ -701,6 +711,11 @@ impl Session {
         }
         while serving.outstanding.front().is_some_and(|&o| o <= up_to) {
             serving.outstanding.pop_front();
+        }
+        if serving.outstanding.is_empty()
+            && let Some(docs) = serving.backfill_in_flight.take()
+        {
+            host.backfill_done(&self.peer.ods, &docs)?;
         }
         self.stats.peer_acked = up_to;
         self.events.push_back(Event::PeerAcked { up_to });
@@ -750,8 +765,26 @@ impl Session {
         let Some(serving) = &mut self.serving else {
             return Ok(None);
         };
-        if serving.caught_up || serving.outstanding.len() >= MAX_OUTSTANDING_OFFERS {
+        if serving.caught_up
+            || serving.backfill_in_flight.is_some()
+            || serving.outstanding.len() >= MAX_OUTSTANDING_OFFERS
+        {
             return Ok(None);
+        }
+        if serving.outstanding.is_empty() {
+            let rows = host.backfill(&self.peer.ods, OFFER_BATCH)?;
+            if !rows.is_empty() {
+                let docs: Vec<DocId> = rows.iter().map(|row| row.meta.id()).collect();
+                let entries = sendable(rows, &self.peer, host);
+                let up_to = serving.offered_up_to;
+                serving.outstanding.push_back(up_to);
+                serving.backfill_in_flight = Some(docs);
+                return Ok(Some(Message::Offer {
+                    entries,
+                    up_to,
+                    tip: host.feed_tip()?.max(up_to),
+                }));
+            }
         }
         let rows = host.feed_after(serving.offered_up_to, OFFER_BATCH)?;
         let tip = host.feed_tip()?;
@@ -773,14 +806,7 @@ impl Session {
         };
         let up_to = last.seq;
         assert!(up_to > serving.offered_up_to, "feed went backwards");
-        let entries = rows
-            .into_iter()
-            .filter(|row| host.decide(&row.meta, &self.peer) == Decision::Send)
-            .map(|row| OfferEntry {
-                doc: row.meta.id(),
-                heads: row.heads,
-            })
-            .collect();
+        let entries = sendable(rows, &self.peer, host);
         serving.offered_up_to = up_to;
         serving.announced = Some(up_to);
         serving.outstanding.push_back(up_to);
@@ -794,6 +820,17 @@ impl Session {
     pub fn local(&self) -> &OdsCode {
         &self.local
     }
+}
+
+/// The offer entries among `rows` that policy lets `peer` hold.
+fn sendable(rows: Vec<FeedEntry>, peer: &Recipient, host: &impl SyncHost) -> Vec<OfferEntry> {
+    rows.into_iter()
+        .filter(|row| host.decide(&row.meta, peer) == Decision::Send)
+        .map(|row| OfferEntry {
+            doc: row.meta.id(),
+            heads: row.heads,
+        })
+        .collect()
 }
 
 #[cfg(test)]

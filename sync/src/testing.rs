@@ -13,21 +13,13 @@ pub fn meta_for(publisher: &str, patient: &str, section: Section, class: DataCla
 
 /// An allergy item with the given id and title.
 pub fn allergy(id: &str, title: &str) -> Item {
-    Item {
-        id: id.into(),
-        section: Section::Allergies,
-        class: DataClass::Coded,
-        resource_type: "AllergyIntolerance".into(),
-        title: title.into(),
-        code: None,
-        detail: None,
-        status: None,
-        effective: None,
-        recorded: None,
-        last_updated: None,
-        source_system: "test".into(),
-        source_id: id.into(),
-        confidentiality: None,
-        fields: Default::default(),
-    }
+    Item::titled(
+        id,
+        Section::Allergies,
+        DataClass::Coded,
+        "AllergyIntolerance",
+        title,
+        "test",
+        id,
+    )
 }

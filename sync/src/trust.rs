@@ -11,6 +11,7 @@
 //! so re-formatting the JSON never breaks it and re-ordering entries cannot change its meaning.
 
 use crate::model::{OdsCode, OrgKind};
+use crate::policy::{AgreementError, Agreements};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +48,8 @@ pub enum TrustError {
     },
     #[error("organisation {0} is not in the trust registry")]
     UnknownOrganisation(String),
+    #[error("the trust registry's sharing agreements are invalid: {0}")]
+    Agreements(#[from] AgreementError),
 }
 
 /// One organisation in the region.
@@ -74,6 +77,10 @@ pub struct Registry {
     /// Unix seconds when this edition was signed.
     pub issued_at: i64,
     pub organisations: Vec<Organisation>,
+    /// The region's sharing agreements: every node enforces the same ones because the
+    /// authority signs them with the organisations.
+    #[serde(default)]
+    pub sharing: Agreements,
 }
 
 /// The registry file: content plus the authority's signature, if signed.
@@ -114,11 +121,13 @@ impl Registry {
             version: 0,
             issued_at: 0,
             organisations: Vec::new(),
+            sharing: Agreements::default(),
         }
     }
 
     /// Sorts into canonical order and checks keys and uniqueness.
     pub fn normalise(&mut self) -> Result<(), TrustError> {
+        self.sharing.validate()?;
         self.organisations.sort_by(|a, b| a.ods.cmp(&b.ods));
         let mut owners: std::collections::HashMap<[u8; 32], &OdsCode> = Default::default();
         for pair in self.organisations.windows(2) {

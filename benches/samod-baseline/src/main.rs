@@ -2,7 +2,7 @@
 //!
 //! `samod-baseline --db NODE_DB [--work DIR] [--limit-seconds N]`
 //!
-//! Takes the shareable documents of a caremesh node database (the same Automerge documents the
+//! Takes the documents a hub may hold from a caremesh node database (the same Automerge documents the
 //! caremesh benchmark moves) and syncs them between two samod repos (automerge-repo in Rust)
 //! over TCP on 127.0.0.1, both with samod's filesystem storage:
 //!
@@ -152,7 +152,7 @@ fn shareable_snapshots(db: &Path) -> Result<Vec<Vec<u8>>> {
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("opening {}", db.display()))?;
     let mut statement =
-        conn.prepare("SELECT snapshot FROM documents WHERE class != 'private' ORDER BY seq")?;
+        conn.prepare("SELECT snapshot FROM documents WHERE class IN ('coded', 'free-text', 'document') ORDER BY seq")?;
     let rows = statement.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

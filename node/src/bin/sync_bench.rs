@@ -15,7 +15,8 @@
 //!    (each with its own key, certificate, SQLite file and sync engine, as `caremesh run` has
 //!    them); the hub is a real `caremesh run`. Reported: time until every node is connected,
 //!    until the hub holds every document, and until every node holds every other node's
-//!    documents through the hub (policy allows everything between GPs today); hub peak RSS.
+//!    documents through the hub (all nodes care for the same patients, and the shipped
+//!    agreements let GPs hold each other's coded, free-text and document items); hub peak RSS.
 //! 4. Baseline, same run: samod 0.16 (automerge-repo in Rust) syncing the same documents of
 //!    each practice between two repos over TCP on 127.0.0.1 (`benches/samod-baseline`; build
 //!    it first with `cargo build --release --manifest-path benches/samod-baseline/Cargo.toml`,
@@ -253,6 +254,7 @@ fn region(
         homes.push(Home::open(member)?);
     }
     let mut registry = Registry::new("bench");
+    registry.sharing = caremesh::trust_admin::shipped_agreements();
     for home in &homes {
         registry.organisations.push(Organisation {
             ods: home.config.organisation.ods.clone(),
@@ -289,7 +291,9 @@ fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
     for index in 0..nodes {
         let ods = OdsCode::parse(&format!("G{:05}", index + 1))?;
         let dir = work.join(ods.as_str().to_ascii_lowercase());
-        members.push(practice_of(&dir, ods, per_node, 1_000 + index as u64)?);
+        // The same seed everywhere: every node cares for the same patients, so the hub
+        // relays each node's documents to all the others (nodes hold their caseload only).
+        members.push(practice_of(&dir, ods, per_node, 1_000)?);
     }
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
@@ -300,7 +304,9 @@ fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
         "hub-fan-in",
         Some(format!("127.0.0.1:{port}")),
     )?;
-    let shareable = "SELECT count(*) FROM documents WHERE class != 'private'";
+    // What the shipped agreements let one GP hold from another.
+    let shareable =
+        "SELECT count(*) FROM documents WHERE class IN ('coded', 'free-text', 'document')";
     let mut total = 0;
     for member in &members {
         total += count(&member.join("node.db"), shareable)?;
@@ -330,6 +336,7 @@ fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
                         listen: None,
                         peers: home.config.sync.peers.clone(),
                         database: home.database_path(),
+                        consent_defaults: home.config.sharing.defaults(),
                     },
                     shutdown_rx.clone(),
                 )
@@ -448,11 +455,11 @@ fn cold_sync(work: &Path, gp: &Path) -> Result<()> {
     let gp_db = gp.join("node.db");
     let shareable = count(
         &gp_db,
-        "SELECT count(*) FROM documents WHERE class != 'private'",
+        "SELECT count(*) FROM documents WHERE class IN ('coded', 'free-text', 'document')",
     )?;
     let saved_bytes = count(
         &gp_db,
-        "SELECT sum(length(snapshot) + length(signed)) FROM documents WHERE class != 'private'",
+        "SELECT sum(length(snapshot) + length(signed)) FROM documents WHERE class IN ('coded', 'free-text', 'document')",
     )?;
     let mut hub_process = run_node(&hub)?;
     let started = Instant::now();
@@ -549,7 +556,12 @@ fn incremental(work: &Path, gp_dir: &Path, patients: u64) -> Result<()> {
             &home.registry_path(),
             &hex::encode(public_key_of(&AUTHORITY)),
         )?;
-        Ok(StoreHost::new(home.open_store()?, trust)?)
+        Ok(StoreHost::new(
+            home.open_store()?,
+            trust,
+            home.config.organisation.ods.clone(),
+            home.config.sharing.defaults(),
+        )?)
     };
     let gp_ods = gp_home.config.organisation.ods.clone();
     let hub_ods = hub_home.config.organisation.ods.clone();

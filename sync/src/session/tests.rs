@@ -19,6 +19,7 @@ struct MemoryHost {
     checkpoints: HashMap<OdsCode, Checkpoint>,
     trusted: Vec<(OdsCode, [u8; 32])>,
     commits: usize,
+    backfill: BTreeMap<OdsCode, Vec<DocId>>,
 }
 
 impl MemoryHost {
@@ -33,6 +34,7 @@ impl MemoryHost {
                 .map(|(ods, key)| (OdsCode::parse(ods).unwrap(), key.public()))
                 .collect(),
             commits: 0,
+            backfill: BTreeMap::new(),
         }
     }
 
@@ -89,6 +91,25 @@ impl SyncHost for MemoryHost {
         rows.truncate(limit);
         Ok(rows)
     }
+    fn backfill(&mut self, peer: &OdsCode, limit: usize) -> Result<Vec<FeedEntry>, HostError> {
+        let queued = self.backfill.get(peer).cloned().unwrap_or_default();
+        Ok(queued
+            .iter()
+            .take(limit)
+            .filter_map(|doc| self.docs.get(doc))
+            .map(|(seq, held)| FeedEntry {
+                seq: *seq,
+                meta: held.meta.clone(),
+                heads: SignedHeads::decode(&held.signed).unwrap().heads,
+            })
+            .collect())
+    }
+    fn backfill_done(&mut self, peer: &OdsCode, docs: &[DocId]) -> Result<(), HostError> {
+        if let Some(queued) = self.backfill.get_mut(peer) {
+            queued.retain(|doc| !docs.contains(doc));
+        }
+        Ok(())
+    }
     fn held_heads(&mut self, doc: DocId) -> Result<Option<Vec<[u8; 32]>>, HostError> {
         Ok(self.heads(doc))
     }
@@ -117,7 +138,24 @@ impl SyncHost for MemoryHost {
         self.trusted.iter().any(|(o, k)| o == publisher && k == key)
     }
     fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision {
-        policy::decide(meta, recipient)
+        // Every node here publishes as a GP that shares with GPs and cares for every patient,
+        // so the sharing rules that remain are the ones these tests are about (private items).
+        let agreements = policy::Agreements {
+            agreements: vec![policy::Agreement {
+                publisher: OrgKind::Gp,
+                recipients: vec![OrgKind::Gp],
+                classes: vec![DataClass::Coded, DataClass::FreeText, DataClass::Document],
+                except_sections: vec![],
+            }],
+            ..Default::default()
+        };
+        let facts = policy::Facts {
+            publisher_kind: Some(OrgKind::Gp),
+            consent: policy::Consent::SENT_BY_PUBLISHER,
+            recipient_cares_for_patient: true,
+            direct_from_publisher: false,
+        };
+        policy::decide(meta, recipient, &agreements, &facts)
     }
     fn registry_version(&self) -> u64 {
         1
@@ -487,6 +525,36 @@ fn new_documents_flow_to_a_caught_up_peer_after_the_feed_check_interval() {
     assert!(link.a.poll_timeout().is_some());
     link.tick(&mut gp, &mut hub);
     assert!(hub.docs.contains_key(&meta.id()));
+}
+
+#[test]
+fn backfilled_documents_reach_a_peer_whose_checkpoint_passed_them_and_leave_the_queue_on_ack() {
+    let mut gp = gp_with(6);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    assert_eq!(hub.docs.len(), 6);
+    // Two documents the hub's checkpoint has passed go missing there (as if withheld when
+    // offered); the GP queues them, and one the hub still holds, for the hub.
+    let gp_docs: Vec<DocId> = gp.docs.keys().copied().collect();
+    hub.docs.remove(&gp_docs[0]);
+    hub.docs.remove(&gp_docs[1]);
+    gp.backfill.insert(
+        OdsCode::parse("HUB01").unwrap(),
+        vec![gp_docs[0], gp_docs[1], gp_docs[2]],
+    );
+    let sent_before = changes_sent(&link.frames_a_to_b);
+    link.tick(&mut gp, &mut hub);
+    assert_eq!(hub.docs.len(), 6, "both missing documents came back");
+    assert_eq!(
+        changes_sent(&link.frames_a_to_b) - sent_before,
+        2,
+        "the one the hub held was skipped by its heads"
+    );
+    assert!(gp.backfill[&OdsCode::parse("HUB01").unwrap()].is_empty());
+    // The feed position did not move: the checkpoint is where it was.
+    let checkpoint = hub.checkpoints[&OdsCode::parse("A81001").unwrap()];
+    assert_eq!(checkpoint.up_to, 6);
 }
 
 /// A hub's session with the GP, fresh (no Hello received yet).
