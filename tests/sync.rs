@@ -415,3 +415,88 @@ fn garbage_and_oversized_frames_close_the_connection_and_leave_the_hub_serving()
         "{row}"
     );
 }
+
+/// A base port whose view ports (base..base+3) and sync ports (base+100..base+103) are free
+/// at the moment of asking.
+fn free_demo_port() -> u16 {
+    (20_000..40_000)
+        .step_by(211)
+        .find(|base| {
+            (0..4).all(|offset| {
+                std::net::TcpListener::bind(("127.0.0.1", base + offset)).is_ok()
+                    && std::net::UdpSocket::bind(("127.0.0.1", base + 100 + offset)).is_ok()
+            })
+        })
+        .expect("a free port range")
+}
+
+#[test]
+fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing_rules() {
+    let temp = tempfile::tempdir().unwrap();
+    let port = free_demo_port();
+    let mut demo = caremesh()
+        .args([
+            "demo",
+            "--patients",
+            "40",
+            "--port",
+            &port.to_string(),
+            "--dir",
+        ])
+        .arg(temp.path().join("region"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(demo.stdout.take().unwrap());
+    let mut pages = Vec::new();
+    let mut line = String::new();
+    while pages.len() < 3 && std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0 {
+        if let Some(url) = line.split_whitespace().find(|w| w.contains("/patients/")) {
+            pages.push(url.trim_start_matches("http://").to_string());
+        }
+        line.clear();
+    }
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let [gp_page, acute_page, hospice_page] = pages.try_into().expect("three patient pages");
+    let record = |page: &str| -> serde_json::Value {
+        let (address, path) = page.split_once('/').unwrap();
+        let (status, body) = http_get(address, &format!("/api/{path}"));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let items_from = |record: &serde_json::Value, ods: &str| -> Vec<String> {
+        record["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["items"].as_array().unwrap())
+            .filter(|item| item["source"]["organisation"] == ods)
+            .map(|item| item["data_class"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let joined = |page: &str| {
+        let record = record(page);
+        ["A81001", "RTH", "8HA15"]
+            .iter()
+            .all(|ods| !items_from(&record, ods).is_empty())
+    };
+    let all_joined = wait_for(SYNC_WAIT, || {
+        joined(&gp_page) && joined(&acute_page) && joined(&hospice_page)
+    });
+    let acute = record(&acute_page);
+    let hospice = record(&hospice_page);
+    // Stop the region (SIGTERM lets the demo stop its nodes) before asserting.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status();
+    let _ = demo.wait();
+    assert!(all_joined, "every page joins GP, hospital and hospice data");
+    // The Oxfordshire rule: the hospital sees coded GP data only; the hospice sees more.
+    assert!(items_from(&acute, "A81001").iter().all(|c| c == "coded"));
+    assert!(
+        items_from(&hospice, "A81001")
+            .iter()
+            .any(|c| c == "free-text" || c == "document")
+    );
+}

@@ -9,7 +9,7 @@ use crate::home::{Home, OrganisationConfig};
 use crate::ingest::{FileDisposition, Ingestor};
 use anyhow::{Context, Result};
 use caremesh_sync::trust::public_key_of;
-use caremesh_sync::{OdsCode, OrgKind, Organisation, Registry, RegistryFile};
+use caremesh_sync::{OdsCode, OrgKind, Organisation, RegistryFile};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
@@ -142,7 +142,7 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<String> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
     let authority = public_key_of(&secret);
-    let mut registry = Registry::new("Thames Valley (demo)");
+    let mut registry = crate::trust_admin::new_registry("Thames Valley (demo)");
     let mut homes = Vec::new();
     for node in REGION {
         let home_dir = dir.join(node.folder);

@@ -75,7 +75,13 @@ pub struct SourceView {
 
 /// Assembles the record, or `None` when this node holds nothing about the patient.
 pub fn assemble(store: &Store, nhs: &NhsNumber, now: i64) -> Result<Option<Record>, StorageError> {
-    let stored = store.patient_items(nhs)?;
+    // Sharing records are consent state for policy, not part of the clinical record: a node
+    // holding only those about a patient holds no record of them.
+    let stored: Vec<_> = store
+        .patient_items(nhs)?
+        .into_iter()
+        .filter(|s| s.item.section != Section::Sharing)
+        .collect();
     if stored.is_empty() {
         return Ok(None);
     }

@@ -123,9 +123,7 @@ pub fn run(command: TrustCommand) -> Result<ExitCode> {
                     registry.display()
                 );
             }
-            let mut new = Registry::new(&region);
-            new.sharing = shipped_agreements();
-            save(&registry, &RegistryFile::unsigned(new))?;
+            save(&registry, &RegistryFile::unsigned(new_registry(&region)))?;
             println!("new registry for {region} at {}", registry.display());
         }
         TrustCommand::Add {
@@ -270,6 +268,13 @@ pub fn run(command: TrustCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A new registry for a region: no organisations, the shipped sharing agreements.
+pub fn new_registry(region: &str) -> Registry {
+    let mut registry = Registry::new(region);
+    registry.sharing = shipped_agreements();
+    registry
 }
 
 /// The agreements shipped in configs/agreements.toml, which every new registry starts with.

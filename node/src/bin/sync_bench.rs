@@ -33,8 +33,7 @@ use caremesh_storage::Store;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::trust::public_key_of;
 use caremesh_sync::{
-    Item, OdsCode, OrgKind, Organisation, PublishedDocument, Registry, RegistryFile, Session,
-    SignedHeads,
+    Item, OdsCode, OrgKind, Organisation, PublishedDocument, RegistryFile, Session, SignedHeads,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -253,8 +252,7 @@ fn region(
     for member in members {
         homes.push(Home::open(member)?);
     }
-    let mut registry = Registry::new("bench");
-    registry.sharing = caremesh::trust_admin::shipped_agreements();
+    let mut registry = caremesh::trust_admin::new_registry("bench");
     for home in &homes {
         registry.organisations.push(Organisation {
             ods: home.config.organisation.ods.clone(),
