@@ -8,7 +8,8 @@ use support::*;
 #[test]
 fn every_command_has_help() {
     for command in [
-        "init", "ingest", "run", "record", "status", "verify", "generate", "demo",
+        "init", "ingest", "run", "record", "status", "verify", "generate", "demo", "consent",
+        "trust",
     ] {
         let output = run(&[command, "--help"]);
         assert!(output.status.success(), "{command} --help failed");
@@ -230,4 +231,39 @@ fn run_serves_the_record_and_ingests_dropped_files() {
             .contains("not valid JSON")
     );
     assert_eq!(http_get(&node.address, "/health").0, 200);
+}
+
+#[test]
+fn consent_set_records_choices_and_show_reports_them() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = temp.path().join("gp");
+    init_node(&node, "A81001", "Test Surgery", "gp");
+    let nhs = "9990000018";
+    let dir = node.to_str().unwrap();
+    let show = || stdout(&run(&["consent", "show", "--dir", dir, "--nhs", nhs]));
+    assert!(
+        show().contains("Share Out on, Share In on, objection none (defaults"),
+        "{}",
+        show()
+    );
+    let set = |switches: &[&str]| {
+        let mut args = vec!["consent", "set", "--dir", dir, "--nhs", nhs];
+        args.extend_from_slice(switches);
+        run(&args)
+    };
+    let recorded = set(&["--share-out", "off", "--objection", "on"]);
+    assert!(recorded.status.success(), "{}", stderr(&recorded));
+    assert!(
+        stdout(&recorded).starts_with("recorded: Share Out off, Share In on, objection recorded")
+    );
+    assert_eq!(
+        show().trim(),
+        "A81001 (this organisation): Share Out off, Share In on, objection recorded"
+    );
+    // The same choice again writes nothing; a bad switch or number is refused with its name.
+    assert!(stdout(&set(&["--share-out", "off"])).starts_with("unchanged"));
+    let bad = set(&["--share-in", "maybe"]);
+    assert!(!bad.status.success() && stderr(&bad).contains("--share-in"));
+    let invalid = run(&["consent", "show", "--dir", dir, "--nhs", "9990000019"]);
+    assert!(!invalid.status.success() && stderr(&invalid).contains("--nhs"));
 }

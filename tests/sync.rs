@@ -49,17 +49,24 @@ fn count(dir: &Path, sql: &str, parameter: impl rusqlite::ToSql) -> i64 {
 const DIRECT_CARE: &[&str] = &["coded", "free-text", "document"];
 const CODED: &[&str] = &["coded"];
 
-/// Patients `org` has published about at `dir`: its caseload, which is all it receives.
-fn caseload(dir: &Path, org: &str) -> Vec<String> {
+/// One text column from `dir`'s database; `sql` takes one parameter.
+fn strings(dir: &Path, sql: &str, parameter: &str) -> Vec<String> {
     let db = database(dir);
-    let mut statement = db
-        .prepare("SELECT DISTINCT nhs FROM documents WHERE publisher = ?1")
-        .unwrap();
+    let mut statement = db.prepare(sql).unwrap();
     statement
-        .query_map([org], |row| row.get(0))
+        .query_map([parameter], |row| row.get(0))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap()
+}
+
+/// Patients `org` has published about at `dir`: its caseload, which is all it receives.
+fn caseload(dir: &Path, org: &str) -> Vec<String> {
+    strings(
+        dir,
+        "SELECT DISTINCT nhs FROM documents WHERE publisher = ?1",
+        org,
+    )
 }
 
 /// Documents of `publisher` held at `dir` in `classes`, about `patients` (all when `None`).
@@ -91,6 +98,17 @@ fn held_from(dir: &Path, publisher: &str) -> i64 {
         "SELECT count(*) FROM documents WHERE publisher = ?1",
         publisher,
     )
+}
+
+/// A hub and a GP dialling it, registered and signed, the GP holding `patients` generated
+/// patients. Returns (hub home, GP home).
+fn hub_and_gp(root: &Path, patients: u64, seed: u64) -> (std::path::PathBuf, std::path::PathBuf) {
+    let region = Region::new(root);
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    region.publish(&[&hub, &gp]);
+    ingest_generated(&gp, "A81001", patients, seed);
+    (hub, gp)
 }
 
 fn verify_ok(dir: &Path) {
@@ -214,11 +232,7 @@ fn direct_peers_exchange_both_ways_without_a_hub() {
 #[test]
 fn a_hub_killed_mid_transfer_resumes_without_resending_what_was_acknowledged() {
     let temp = tempfile::tempdir().unwrap();
-    let region = Region::new(temp.path());
-    let hub = region.registered("HUB01", "hub", true, &[]);
-    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
-    region.publish(&[&hub, &gp]);
-    ingest_generated(&gp, "A81001", 300, 3);
+    let (hub, gp) = hub_and_gp(temp.path(), 300, 3);
     let total = shareable(&gp, "A81001");
 
     let mut hub_process = RunningNode::start(&hub);
@@ -252,11 +266,7 @@ fn a_hub_killed_mid_transfer_resumes_without_resending_what_was_acknowledged() {
 #[test]
 fn a_document_with_a_forged_signature_is_rejected_counted_and_not_stored() {
     let temp = tempfile::tempdir().unwrap();
-    let region = Region::new(temp.path());
-    let hub = region.registered("HUB01", "hub", true, &[]);
-    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
-    region.publish(&[&hub, &gp]);
-    ingest_generated(&gp, "A81001", 3, 1);
+    let (hub, gp) = hub_and_gp(temp.path(), 3, 1);
     // Forge: flip one byte of one document's signature in the GP's database.
     let (doc_id, mut signed): (Vec<u8>, Vec<u8>) = database(&gp)
         .query_row(
@@ -499,4 +509,45 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
             .iter()
             .any(|c| c == "free-text" || c == "document")
     );
+}
+
+#[test]
+fn share_out_off_and_an_objection_keep_a_patients_data_at_the_publisher_but_send_the_sharing_record()
+ {
+    let temp = tempfile::tempdir().unwrap();
+    let (hub, gp) = hub_and_gp(temp.path(), 3, 1);
+    let patients = caseload(&gp, "A81001");
+    let (withdrawn, objecting) = (&patients[0], &patients[1]);
+    for (nhs, switch) in [(withdrawn, "--share-out"), (objecting, "--objection")] {
+        let value = if switch == "--objection" { "on" } else { "off" };
+        let output = run(&[
+            "consent",
+            "set",
+            "--dir",
+            gp.to_str().unwrap(),
+            "--nhs",
+            nhs,
+            switch,
+            value,
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let _hub = RunningNode::start(&hub);
+    let _gp = RunningNode::start(&gp);
+    let others = std::slice::from_ref(&patients[2]);
+    let expected = documents_of(&gp, "A81001", DIRECT_CARE, Some(others)) + 2;
+    assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001") == expected));
+    // Let the GP finish offering (a leak would show as more documents once it has).
+    assert!(wait_for(SYNC_WAIT, || peer(&gp, "HUB01").is_some_and(
+        |p| p["pending_out"] == 0 && p["last_sync_at"].is_i64()
+    )));
+    assert_eq!(held_from(&hub, "A81001"), expected);
+    for nhs in [withdrawn, objecting] {
+        let held = strings(
+            &hub,
+            "SELECT section FROM documents WHERE publisher = 'A81001' AND nhs = ?1",
+            nhs,
+        );
+        assert_eq!(held, vec!["sharing".to_string()], "only the sharing record");
+    }
 }

@@ -117,6 +117,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A patient's sharing choices at this organisation: Share Out, Share In, objection.
+    Consent {
+        #[command(subcommand)]
+        command: crate::consent::ConsentCommand,
+    },
     /// Regional authority tools: make, edit, sign, show, verify and install trust registries.
     Trust {
         #[command(subcommand)]
@@ -316,6 +321,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Trust { command } => crate::trust_admin::run(command),
+        Command::Consent { command } => crate::consent::run(command),
         Command::Demo {
             dir,
             patients,

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod consent;
 pub mod demo;
 pub mod fhir;
 pub mod generate;

@@ -1,0 +1,138 @@
+//! `caremesh consent`: recording and showing a patient's sharing choices at this organisation.
+//!
+//! A choice is published as the patient's sharing record (a signed document like any other),
+//! so peers and hubs apply it too.
+
+use crate::clock;
+use crate::home::Home;
+use crate::publish::Publication;
+use anyhow::{Context, Result};
+use caremesh_sync::NhsNumber;
+use caremesh_sync::policy::Consent;
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum ConsentCommand {
+    /// Record a patient's choices here; choices not given keep their current value.
+    Set {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        nhs: NhsNumber,
+        /// May data recorded here leave here.
+        #[arg(long)]
+        share_out: Option<Switch>,
+        /// May this organisation view what others made shareable.
+        #[arg(long)]
+        share_in: Option<Switch>,
+        /// The patient objects to sharing for direct care: nothing recorded here is shared.
+        #[arg(long)]
+        objection: Option<Switch>,
+    },
+    /// Show the patient's choices here, and those this node holds from other organisations.
+    Show {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        nhs: NhsNumber,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    fn on(self) -> bool {
+        matches!(self, Switch::On)
+    }
+}
+
+pub fn run(command: ConsentCommand) -> Result<ExitCode> {
+    match command {
+        ConsentCommand::Set {
+            dir,
+            nhs,
+            share_out,
+            share_in,
+            objection,
+        } => {
+            let home = Home::open(&dir)?;
+            let mut store = home.open_store()?;
+            let current = effective(&home, &store, &nhs)?;
+            let consent = Consent {
+                share_out: share_out.map_or(current.share_out, Switch::on),
+                share_in: share_in.map_or(current.share_in, Switch::on),
+                objection: objection.map_or(current.objection, Switch::on),
+            };
+            let ods = home.config.organisation.ods.clone();
+            let mut publication = Publication::new(ods, home.config.sharing.defaults());
+            publication.set_consent(&nhs, consent);
+            let batch = store.write()?;
+            let written = publication.apply(&batch, &home.signing_key()?, clock::now_unix())?;
+            batch.commit()?;
+            println!(
+                "{}: {}",
+                if written > 0 { "recorded" } else { "unchanged" },
+                describe(consent)
+            );
+        }
+        ConsentCommand::Show { dir, nhs } => {
+            let home = Home::open(&dir)?;
+            let store = home.open_store()?;
+            let ods = &home.config.organisation.ods;
+            let recorded = store
+                .sharing_fields(ods, &nhs)?
+                .and_then(|fields| Consent::from_fields(&fields));
+            println!(
+                "{ods} (this organisation): {}{}",
+                describe(effective(&home, &store, &nhs)?),
+                if recorded.is_some() {
+                    ""
+                } else {
+                    " (defaults: nothing recorded)"
+                }
+            );
+            for source in store.sources()? {
+                if source.publisher == ods.as_str() {
+                    continue;
+                }
+                let publisher = source.publisher.parse().context("a stored source")?;
+                if let Some(consent) = store
+                    .sharing_fields(&publisher, &nhs)?
+                    .and_then(|fields| Consent::from_fields(&fields))
+                {
+                    println!("{publisher} ({}): {}", source.name, describe(consent));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The patient's choices here: recorded, or this organisation's defaults.
+fn effective(home: &Home, store: &caremesh_storage::Store, nhs: &NhsNumber) -> Result<Consent> {
+    let ods = &home.config.organisation.ods;
+    Ok(store
+        .sharing_fields(ods, nhs)?
+        .and_then(|fields| Consent::from_fields(&fields))
+        .unwrap_or_else(|| home.config.sharing.defaults()))
+}
+
+fn describe(consent: Consent) -> String {
+    let switch = |on: bool| if on { "on" } else { "off" };
+    format!(
+        "Share Out {}, Share In {}, objection {}",
+        switch(consent.share_out),
+        switch(consent.share_in),
+        if consent.objection {
+            "recorded"
+        } else {
+            "none"
+        }
+    )
+}
