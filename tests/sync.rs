@@ -551,3 +551,57 @@ fn share_out_off_and_an_objection_keep_a_patients_data_at_the_publisher_but_send
         assert_eq!(held, vec!["sharing".to_string()], "only the sharing record");
     }
 }
+
+#[test]
+fn items_dated_before_the_share_from_date_stay_at_the_publisher() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    let agreements = temp.path().join("agreements.toml");
+    let shipped = include_str!("../configs/agreements.toml");
+    std::fs::write(
+        &agreements,
+        shipped.replace("# A81001 = \"2015-01-01\"", "A81001 = \"2015-01-01\""),
+    )
+    .unwrap();
+    region.set_agreements(&agreements);
+    region.publish(&[&hub, &gp]);
+    ingest_generated(&gp, "A81001", 6, 1);
+    let older = |dir: &Path, classes: &str| {
+        count(
+            dir,
+            &format!(
+                "SELECT count(*) FROM items WHERE publisher = ?1 AND section NOT IN \
+                 ('demographics', 'sharing') AND coalesce(effective, '') < '2015-01-01' \
+                 AND class IN ({classes})"
+            ),
+            "A81001",
+        )
+    };
+    let held_back = older(&gp, "'private'");
+    assert!(held_back > 0, "the generated history reaches before 2015");
+    assert_eq!(
+        older(&gp, "'coded', 'free-text', 'document', 'sensitive'"),
+        0
+    );
+
+    let _hub = RunningNode::start(&hub);
+    let _gp = RunningNode::start(&gp);
+    assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001")
+        == shareable(&gp, "A81001")));
+    assert_eq!(
+        older(
+            &hub,
+            "'coded', 'free-text', 'document', 'sensitive', 'private'"
+        ),
+        0
+    );
+    assert!(
+        count(
+            &hub,
+            "SELECT count(*) FROM items WHERE publisher = ?1",
+            "A81001"
+        ) > 0
+    );
+}

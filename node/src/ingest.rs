@@ -16,7 +16,8 @@ use crate::home::{Home, HomeError};
 use crate::patient_index::PatientIndex;
 use crate::publish::{Publication, PublishError};
 use caremesh_storage::{IngestRow, SourceRow, StorageError, Store, WriteBatch};
-use caremesh_sync::{NhsNumber, PublisherKey};
+use caremesh_sync::policy::Agreements;
+use caremesh_sync::{DataClass, Item, NhsNumber, PublisherKey, Section};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -244,6 +245,8 @@ pub struct Ingestor<'a> {
 struct IngestRules<'a> {
     home: &'a Home,
     key: PublisherKey,
+    /// The region's agreements, for this publisher's share-from date.
+    sharing: Agreements,
     sensitive: SensitiveCodes,
     index: PatientIndex,
     disposition: FileDisposition,
@@ -283,9 +286,20 @@ impl<'a> Ingestor<'a> {
             Some(path) => PatientIndex::load(&path)?,
             None => PatientIndex::default(),
         };
+        // Without a registry (sync not set up) nothing is shared, so there is no date to apply.
+        let sharing = match home.trust() {
+            Ok(trust) => trust
+                .map(|t| t.current().registry().sharing.clone())
+                .unwrap_or_default(),
+            Err(error) => {
+                tracing::warn!(%error, "trust registry unreadable; share-from dates not applied");
+                Agreements::default()
+            }
+        };
         Ok(Ingestor {
             store,
             rules: IngestRules {
+                sharing,
                 key: home.signing_key()?,
                 sensitive: home.sensitive_codes()?,
                 home,
@@ -634,7 +648,8 @@ impl<'a> Ingestor<'a> {
                         .or_default() += 1;
                 }
             }
-            publication.place(&batch, &nhs, &facts.family, facts.items)?;
+            let items = rules.hold_back_before_share_from(facts.items);
+            publication.place(&batch, &nhs, &facts.family, items)?;
         }
 
         report.documents_written = publication.apply(&batch, &rules.key, rules.now)?;
@@ -666,6 +681,34 @@ impl IngestRules<'_> {
 
     /// True if a newer version of the resource was ingested before; otherwise records this
     /// version as the newest.
+    /// Items dated before this publisher's share-from date stay here: they are filed as
+    /// private, which no rule can share, and say why. Demographics are not dated entries and
+    /// always follow the sharing rules.
+    fn hold_back_before_share_from(&self, items: Vec<Item>) -> Vec<Item> {
+        let publisher = &self.home.config.organisation.ods;
+        items
+            .into_iter()
+            .map(|mut item| {
+                let day = item
+                    .effective
+                    .as_deref()
+                    .or(item.recorded.as_deref())
+                    .or(item.last_updated.as_deref());
+                if item.class != DataClass::Private
+                    && item.section != Section::Demographics
+                    && !self.sharing.shareable_date(publisher, day)
+                {
+                    item.class = DataClass::Private;
+                    item.fields.insert(
+                        "held_back".into(),
+                        "dated before the share-from date".into(),
+                    );
+                }
+                item
+            })
+            .collect()
+    }
+
     fn is_stale(
         &self,
         batch: &WriteBatch<'_>,

@@ -109,6 +109,18 @@ impl Region {
         ]));
     }
 
+    /// Replaces the registry's sharing agreements (unsigned until [`Region::publish`]).
+    pub fn set_agreements(&self, file: &Path) {
+        ok(run(&[
+            "trust",
+            "agreements",
+            "--registry",
+            self.registry.to_str().unwrap(),
+            "--file",
+            file.to_str().unwrap(),
+        ]));
+    }
+
     /// Signs a new edition and installs it in `nodes`.
     pub fn publish(&self, nodes: &[&Path]) {
         ok(run(&[
