@@ -36,6 +36,16 @@ fn report_json(output: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("ingest JSON: {e}\n{}", stdout(output)))
 }
 
+/// Resources an ingest report says it read, over every resource type.
+fn resources_read(report: &serde_json::Value) -> u64 {
+    report["resources"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum()
+}
+
 #[test]
 fn uk_core_and_nrl_examples_ingest_with_concrete_results() {
     let dir = node("A81001", "gp");
@@ -51,12 +61,7 @@ fn uk_core_and_nrl_examples_ingest_with_concrete_results() {
     // the ingest reports rejections and exits non-zero, having ingested the rest.
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     let report = report_json(&output);
-    let read: u64 = report["resources"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
+    let read = resources_read(&report);
     assert!(read > 0);
     let rejected = report["rejected"].as_array().unwrap();
     let baby = rejected
@@ -421,12 +426,7 @@ fn a_200_megabyte_ndjson_file_ingests_with_bounded_memory() {
     let output = ingest(&home(&dir), &["--json", files.path().to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     let report = report_json(&output);
-    let read: u64 = report["resources"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
+    let read = resources_read(&report);
     assert!(read > 100_000, "read {read}");
     // Memory must not grow with the file: well under the file's own size.
     let peak_kb = report["peak_memory_kb"].as_u64().unwrap();

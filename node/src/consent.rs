@@ -85,9 +85,7 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
             let home = Home::open(&dir)?;
             let store = home.open_store()?;
             let ods = &home.config.organisation.ods;
-            let recorded = store
-                .sharing_fields(ods, &nhs)?
-                .and_then(|fields| Consent::from_fields(&fields));
+            let recorded = store.recorded_consent(ods, &nhs)?;
             println!(
                 "{ods} (this organisation): {}{}",
                 describe(effective(&home, &store, &nhs)?),
@@ -102,10 +100,7 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
                     continue;
                 }
                 let publisher = source.publisher.parse().context("a stored source")?;
-                if let Some(consent) = store
-                    .sharing_fields(&publisher, &nhs)?
-                    .and_then(|fields| Consent::from_fields(&fields))
-                {
+                if let Some(consent) = store.recorded_consent(&publisher, &nhs)? {
                     println!("{publisher} ({}): {}", source.name, describe(consent));
                 }
             }
@@ -118,8 +113,7 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
 fn effective(home: &Home, store: &caremesh_storage::Store, nhs: &NhsNumber) -> Result<Consent> {
     let ods = &home.config.organisation.ods;
     Ok(store
-        .sharing_fields(ods, nhs)?
-        .and_then(|fields| Consent::from_fields(&fields))
+        .recorded_consent(ods, nhs)?
         .unwrap_or_else(|| home.config.sharing.defaults()))
 }
 

@@ -52,8 +52,7 @@ impl StoreHost {
         let looked_up = (|| -> Result<Facts, StorageError> {
             let recorded = self
                 .store
-                .sharing_fields(&meta.publisher, &meta.patient)?
-                .and_then(|fields| Consent::from_fields(&fields));
+                .recorded_consent(&meta.publisher, &meta.patient)?;
             let consent = match recorded {
                 Some(consent) => consent,
                 None if meta.publisher == self.own => self.own_defaults,

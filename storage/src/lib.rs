@@ -17,6 +17,7 @@ mod peers;
 
 pub use peers::{FeedRow, PeerStatus, RejectedChange};
 
+use caremesh_sync::policy::Consent;
 use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, Section, SignedHeads};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::{Path, PathBuf};
@@ -312,13 +313,13 @@ impl Store {
             .map_err(self.err("read items"))
     }
 
-    /// The sharing record `publisher` published for the patient: its one item's fields.
-    /// `None` when this node holds none.
-    pub fn sharing_fields(
+    /// The patient's consent as `publisher` recorded it in its sharing record. `None` when
+    /// this node holds no sharing record from it, or one whose fields do not read as consent.
+    pub fn recorded_consent(
         &self,
         publisher: &OdsCode,
         nhs: &NhsNumber,
-    ) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+    ) -> Result<Option<Consent>> {
         let body: Option<String> = self
             .conn
             .prepare_cached(
@@ -339,7 +340,7 @@ impl Store {
             doc: format!("sharing record of {publisher}"),
             what: e.to_string(),
         })?;
-        Ok(Some(item.fields))
+        Ok(Consent::from_fields(&item.fields))
     }
 
     /// Whether `organisation` has published anything about the patient: the evidence of a

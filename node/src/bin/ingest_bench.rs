@@ -22,32 +22,41 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+/// Ingest benchmark (see the header of this file).
+#[derive(clap::Parser)]
+struct Args {
+    /// Generated patients to ingest.
+    #[arg(long, default_value_t = 10_000)]
+    patients: u64,
+    /// The Synthea corpus to ingest as well.
+    #[arg(long, default_value = "../shared/data/synthea-r4")]
+    synthea: PathBuf,
+    /// Internal: measure one workload (`caremesh` or `baseline`) in this process.
+    #[arg(long, requires_all = ["input", "work"])]
+    measure: Option<String>,
+    #[arg(long)]
+    input: Option<PathBuf>,
+    #[arg(long)]
+    work: Option<PathBuf>,
+    #[arg(long)]
+    index: Option<PathBuf>,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
-    if let Some(mode) = flag("--measure") {
-        let input = PathBuf::from(flag("--input").context("--input")?);
-        let work = PathBuf::from(flag("--work").context("--work")?);
-        let index = flag("--index").map(PathBuf::from);
+    let args: Args = clap::Parser::parse();
+    if let Some(mode) = &args.measure {
+        let input = args.input.as_deref().context("--input")?;
+        let work = args.work.as_deref().context("--work")?;
         let result = match mode.as_str() {
-            "caremesh" => measure_caremesh(&input, index.as_deref(), &work)?,
-            "baseline" => measure_baseline(&input, &work)?,
+            "caremesh" => measure_caremesh(input, args.index.as_deref(), work)?,
+            "baseline" => measure_baseline(input, work)?,
             other => bail!("unknown mode {other}"),
         };
         println!("{}", serde_json::to_string(&result)?);
         return Ok(());
     }
-    let patients: u64 = flag("--patients")
-        .map(|p| p.parse())
-        .transpose()?
-        .unwrap_or(10_000);
-    let synthea = flag("--synthea")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("../shared/data/synthea-r4"));
+    let patients = args.patients;
+    let synthea = args.synthea;
     let work = std::env::temp_dir().join(format!("caremesh-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
 

@@ -41,37 +41,44 @@ use std::time::{Duration, Instant};
 
 const AUTHORITY: [u8; 32] = [42; 32];
 
+/// Sync benchmark (see the header of this file).
+#[derive(clap::Parser)]
+struct Args {
+    /// Patients in the practice (cold and largest incremental run); patients per node with
+    /// --fan-in. Defaults: 10,000, or 1 with --fan-in.
+    #[arg(long)]
+    patients: Option<u64>,
+    /// Run only the fan-in: this many nodes against one hub.
+    #[arg(long)]
+    fan_in: Option<usize>,
+    /// The samod baseline binary.
+    #[arg(
+        long,
+        default_value = "benches/samod-baseline/target/release/samod-baseline"
+    )]
+    samod: PathBuf,
+    /// Seconds the samod baseline may spend on each cold sync and reconnect.
+    #[arg(long, default_value_t = 600)]
+    samod_limit: u64,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
-    let patients: u64 = flag("--patients")
-        .map(|p| p.parse())
-        .transpose()?
-        .unwrap_or(10_000);
+    let Args {
+        patients,
+        fan_in: fan_in_nodes,
+        samod,
+        samod_limit,
+    } = clap::Parser::parse();
     let work = std::env::temp_dir().join(format!("caremesh-sync-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     println!("work folder: {}", work.display());
-    if let Some(nodes) = flag("--fan-in") {
-        let per_node = flag("--patients")
-            .map(|p| p.parse())
-            .transpose()?
-            .unwrap_or(1);
-        fan_in(&work, nodes.parse()?, per_node)?;
+    if let Some(nodes) = fan_in_nodes {
+        fan_in(&work, nodes, patients.unwrap_or(1))?;
         std::fs::remove_dir_all(&work).ok();
         return Ok(());
     }
+    let patients = patients.unwrap_or(10_000);
 
-    let samod = flag("--samod")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("benches/samod-baseline/target/release/samod-baseline"));
-    let samod_limit: u64 = flag("--samod-limit")
-        .map(|p| p.parse())
-        .transpose()?
-        .unwrap_or(600);
     let samod = samod.exists().then_some(samod);
     if samod.is_none() {
         println!("samod baseline not built: no side-by-side figures (see the header of this file)");
