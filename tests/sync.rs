@@ -518,20 +518,8 @@ fn share_out_off_and_an_objection_keep_a_patients_data_at_the_publisher_but_send
     let (hub, gp) = hub_and_gp(temp.path(), 3, 1);
     let patients = caseload(&gp, "A81001");
     let (withdrawn, objecting) = (&patients[0], &patients[1]);
-    for (nhs, switch) in [(withdrawn, "--share-out"), (objecting, "--objection")] {
-        let value = if switch == "--objection" { "on" } else { "off" };
-        let output = run(&[
-            "consent",
-            "set",
-            "--dir",
-            gp.to_str().unwrap(),
-            "--nhs",
-            nhs,
-            switch,
-            value,
-        ]);
-        assert!(output.status.success(), "{}", stderr(&output));
-    }
+    set_consent(&gp, withdrawn, "--share-out", "off");
+    set_consent(&gp, objecting, "--objection", "on");
     let _hub = RunningNode::start(&hub);
     let _gp = RunningNode::start(&gp);
     let others = std::slice::from_ref(&patients[2]);
@@ -604,4 +592,122 @@ fn items_dated_before_the_share_from_date_stay_at_the_publisher() {
             "A81001"
         ) > 0
     );
+}
+
+/// Whether `marker` appears anywhere in `dir`'s database files (main file and WAL), as
+/// someone copying them off a lost laptop would search.
+fn on_disk(dir: &Path, marker: &str) -> bool {
+    ["node.db", "node.db-wal"].iter().any(|name| {
+        std::fs::read(dir.join(name)).is_ok_and(|bytes| {
+            bytes
+                .windows(marker.len())
+                .any(|window| window == marker.as_bytes())
+        })
+    })
+}
+
+/// A GP condition about the generated patient `A81001-P0` whose text is `marker`.
+fn write_marked_condition(path: &Path, marker: &str) {
+    write_json(
+        path,
+        &serde_json::json!({
+            "resourceType": "Condition",
+            "id": "marker-condition",
+            "meta": {"lastUpdated": "2026-01-05T09:00:00Z"},
+            "clinicalStatus": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                "code": "active"
+            }]},
+            "code": {"text": marker},
+            "subject": {"reference": "Patient/A81001-P0"},
+            "recordedDate": "2026-01-05"
+        }),
+    );
+}
+
+fn set_consent(dir: &Path, nhs: &str, switch: &str, value: &str) {
+    let output = run(&[
+        "consent",
+        "set",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--nhs",
+        nhs,
+        switch,
+        value,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+/// Sections of the GP's documents about `nhs` held at `dir`.
+fn gp_sections(dir: &Path, nhs: &str) -> Vec<String> {
+    strings(
+        dir,
+        "SELECT section FROM documents WHERE publisher = 'A81001' AND nhs = ?1 ORDER BY section",
+        nhs,
+    )
+}
+
+#[test]
+fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_and_consent_again_backfills()
+ {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    let hospice = region.registered("HSP01", "hospice", false, &["HUB01"]);
+    region.publish(&[&hub, &gp, &hospice]);
+    ingest_generated(&gp, "A81001", 3, 1);
+    // The hospice cares for the first generated patient, P0.
+    ingest_generated(&hospice, "HSP01", 1, 1);
+    let nhs = caseload(&hospice, "HSP01").remove(0);
+    let marker = "PURGE-MARKER-5f1c9a0e";
+    let condition = temp.path().join("marked-condition.json");
+    write_marked_condition(&condition, marker);
+    let output = ingest(&gp, &[condition.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let about_p0 = documents_of(&gp, "A81001", DIRECT_CARE, Some(std::slice::from_ref(&nhs)));
+
+    let _hub_process = RunningNode::start(&hub);
+    let _gp_process = RunningNode::start(&gp);
+    let mut hospice_process = RunningNode::start(&hospice);
+    let hospice_has = |n: i64| documents_of(&hospice, "A81001", DIRECT_CARE, None) == n;
+    assert!(wait_for(SYNC_WAIT, || hospice_has(about_p0)));
+    assert!(on_disk(&hub, marker), "the test would not see a leak");
+    assert!(on_disk(&hospice, marker), "the test would not see a leak");
+
+    // The hospice goes offline; the patient objects at the GP meanwhile.
+    hospice_process.kill_hard();
+    set_consent(&gp, &nhs, "--objection", "on");
+    let only_sharing = vec!["sharing".to_string()];
+    assert!(
+        wait_for(SYNC_WAIT, || gp_sections(&hub, &nhs) == only_sharing
+            && !on_disk(&hub, marker)),
+        "the hub still holds {:?} (marker on disk: {})",
+        gp_sections(&hub, &nhs),
+        on_disk(&hub, marker)
+    );
+    assert!(on_disk(&gp, marker), "the GP keeps its own record");
+
+    // Back online, the hospice gets the notice and purges; its late copies are refused.
+    let _hospice_process = RunningNode::start(&hospice);
+    assert!(
+        wait_for(SYNC_WAIT, || gp_sections(&hospice, &nhs) == only_sharing
+            && !on_disk(&hospice, marker)),
+        "the hospice still holds {:?} (marker on disk: {})",
+        gp_sections(&hospice, &nhs),
+        on_disk(&hospice, marker)
+    );
+    assert_eq!(gp_sections(&hub, &nhs), only_sharing, "nothing came back");
+    verify_ok(&hospice);
+
+    // The objection is lifted: what was withheld is back-filled to both.
+    set_consent(&gp, &nhs, "--objection", "off");
+    assert!(
+        wait_for(SYNC_WAIT, || hospice_has(about_p0)),
+        "the hospice holds {} of {about_p0} GP documents",
+        documents_of(&hospice, "A81001", DIRECT_CARE, None)
+    );
+    assert!(on_disk(&hospice, marker));
+    verify_ok(&hub);
 }

@@ -85,7 +85,7 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
             let home = Home::open(&dir)?;
             let store = home.open_store()?;
             let ods = &home.config.organisation.ods;
-            let recorded = store.recorded_consent(ods, &nhs)?;
+            let recorded = store.care().recorded_consent(ods, &nhs)?;
             println!(
                 "{ods} (this organisation): {}{}",
                 describe(effective(&home, &store, &nhs)?),
@@ -100,7 +100,7 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
                     continue;
                 }
                 let publisher = source.publisher.parse().context("a stored source")?;
-                if let Some(consent) = store.recorded_consent(&publisher, &nhs)? {
+                if let Some(consent) = store.care().recorded_consent(&publisher, &nhs)? {
                     println!("{publisher} ({}): {}", source.name, describe(consent));
                 }
             }
@@ -113,6 +113,7 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
 fn effective(home: &Home, store: &caremesh_storage::Store, nhs: &NhsNumber) -> Result<Consent> {
     let ods = &home.config.organisation.ods;
     Ok(store
+        .care()
         .recorded_consent(ods, nhs)?
         .unwrap_or_else(|| home.config.sharing.defaults()))
 }

@@ -512,6 +512,7 @@ impl Engine {
             if Instant::now() >= next_flush {
                 next_flush = Instant::now() + STATUS_FLUSH;
                 self.flush_status();
+                self.host.compact_if_due();
             }
         }
         let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
@@ -692,6 +693,11 @@ impl Engine {
                     if let Err(error) = recorded {
                         tracing::error!(%error, "could not record a rejected change");
                     }
+                }
+                Event::Refused(refusal) => {
+                    // Normal after a withdrawal (a late copy) or when a peer decided on older
+                    // facts; the document id and reason carry no patient data.
+                    tracing::debug!(peer = %ods, doc = %refusal.doc, publisher = %refusal.publisher, reason = %refusal.reason, "refused a received document policy does not let this node hold");
                 }
                 Event::Stored {
                     documents,

@@ -52,6 +52,8 @@ pub struct Publication {
     consents: BTreeMap<NhsNumber, Consent>,
     /// The organisation's defaults, for a patient's first sharing record.
     defaults: Consent,
+    /// Patients whose new choice shares again what their previous one withheld.
+    reopened: Vec<NhsNumber>,
 }
 
 impl Publication {
@@ -63,6 +65,7 @@ impl Publication {
             touched: BTreeSet::new(),
             consents: BTreeMap::new(),
             defaults,
+            reopened: Vec::new(),
         }
     }
 
@@ -76,11 +79,16 @@ impl Publication {
     fn record_sharing(&mut self, batch: &WriteBatch<'_>) -> Result<(), StorageError> {
         for patient in std::mem::take(&mut self.touched) {
             let meta = sharing_meta(&self.publisher, &patient);
-            let consent = match self.consents.get(&patient) {
-                Some(consent) => *consent,
-                None if batch.document(meta.id())?.is_some() => continue,
-                None => self.defaults,
+            let previous = batch.care().recorded_consent(&self.publisher, &patient)?;
+            let consent = match (self.consents.get(&patient), previous) {
+                (Some(consent), _) => *consent,
+                (None, Some(_)) => continue,
+                (None, None) => self.defaults,
             };
+            let was = previous.unwrap_or(self.defaults);
+            if was.withholds_everything().is_some() && consent.withholds_everything().is_none() {
+                self.reopened.push(patient.clone());
+            }
             let item = sharing_item(&self.publisher, consent);
             let changes = self.changes.entry(meta).or_default();
             changes.upserts.insert(item.id.clone(), item);
@@ -188,6 +196,10 @@ impl Publication {
             let signed = key.sign_heads(&meta, &document.heads());
             batch.put_document(&signed, &document.save(), &document.items()?, now)?;
             written += 1;
+        }
+        for patient in &self.reopened {
+            // Peers' checkpoints passed these documents while they were withheld.
+            batch.queue_backfill_to_all_peers(&self.publisher, patient)?;
         }
         Ok(written)
     }

@@ -2,25 +2,118 @@
 
 use crate::clock;
 use crate::trust::TrustState;
-use caremesh_storage::{FeedRow, SourceRow, StorageError, Store};
+use caremesh_storage::{CareLookup, FeedRow, SourceRow, StorageError, Store};
 use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
 use caremesh_sync::{
-    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, OdsCode, SignedHeads,
-    SyncHost, VerifiedDocument,
+    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, OdsCode, Refusal,
+    Section, SignedHeads, SyncHost, VerifiedDocument,
 };
 
 pub struct StoreHost {
     pub store: Store,
-    trust: TrustState,
+    policy: PolicyContext,
     feed: FeedId,
+    /// A purge left pages of withdrawn documents in the WAL that a reader kept from being
+    /// truncated: compact again after the next commit.
+    compaction_due: bool,
+}
+
+/// What policy decisions need besides storage: the registry and who this node is.
+struct PolicyContext {
+    trust: TrustState,
     /// This node's organisation and its consent defaults, for its own patients without a
     /// recorded sharing choice.
     own: OdsCode,
     own_defaults: Consent,
 }
 
+type StorageResult<T> = Result<T, StorageError>;
+
 fn host_error(error: StorageError) -> HostError {
     HostError(error.to_string())
+}
+
+impl PolicyContext {
+    /// Decides whether `recipient` may hold the document, with facts from `lookup`.
+    /// `direct_from_publisher`: the document travels (or travelled) on a link from its
+    /// publisher. A storage error withholds (deny unless allowed), and is logged.
+    fn decide(
+        &self,
+        lookup: &CareLookup<'_>,
+        meta: &DocMeta,
+        recipient: &Recipient,
+        direct_from_publisher: bool,
+    ) -> Decision {
+        let registry = self.trust.current();
+        let facts = self
+            .facts(lookup, meta, recipient, direct_from_publisher)
+            .unwrap_or_else(|error| {
+                tracing::error!(%error, doc = %meta.id(), "policy facts unavailable; withholding");
+                Facts {
+                    publisher_kind: None,
+                    consent: Consent {
+                        share_out: false,
+                        share_in: false,
+                        objection: true,
+                    },
+                    recipient_cares_for_patient: false,
+                    direct_from_publisher: false,
+                }
+            });
+        policy::decide(meta, recipient, &registry.registry().sharing, &facts)
+    }
+
+    fn facts(
+        &self,
+        lookup: &CareLookup<'_>,
+        meta: &DocMeta,
+        recipient: &Recipient,
+        direct_from_publisher: bool,
+    ) -> StorageResult<Facts> {
+        let publisher_kind = self
+            .trust
+            .current()
+            .registry()
+            .organisation(&meta.publisher)
+            .map(|o| o.kind);
+        let consent = match lookup.recorded_consent(&meta.publisher, &meta.patient)? {
+            Some(consent) => consent,
+            None if meta.publisher == self.own => self.own_defaults,
+            None => Consent::SENT_BY_PUBLISHER,
+        };
+        Ok(Facts {
+            publisher_kind,
+            consent,
+            recipient_cares_for_patient: lookup
+                .has_published_about(&recipient.ods, &meta.patient)?,
+            direct_from_publisher,
+        })
+    }
+
+    /// This node as the recipient of what it receives.
+    fn this_node(&self) -> Result<Recipient, HostError> {
+        let registry = self.trust.current();
+        let organisation = registry.registry().organisation(&self.own).ok_or_else(|| {
+            HostError(format!(
+                "this node's organisation {} is not in the trust registry; add it with `caremesh trust add`",
+                self.own
+            ))
+        })?;
+        Ok(Recipient {
+            ods: self.own.clone(),
+            kind: organisation.kind,
+        })
+    }
+}
+
+/// The consent a sharing record states, if `items` are one.
+fn stated_consent(meta: &DocMeta, items: &[Item]) -> Option<Consent> {
+    if meta.section != Section::Sharing {
+        return None;
+    }
+    items
+        .first()
+        .and_then(|item| Consent::from_fields(&item.fields))
 }
 
 impl StoreHost {
@@ -33,62 +126,39 @@ impl StoreHost {
         let feed = FeedId(store.feed_id()?);
         Ok(StoreHost {
             store,
-            trust,
+            policy: PolicyContext {
+                trust,
+                own,
+                own_defaults,
+            },
             feed,
-            own,
-            own_defaults,
+            compaction_due: false,
         })
     }
 
-    /// What policy needs to know about one document and one recipient. A storage error is
-    /// answered with facts that withhold (deny unless allowed), and logged.
-    fn facts(&self, meta: &DocMeta, recipient: &Recipient) -> Facts {
-        let publisher_kind = self
-            .trust
-            .current()
-            .registry()
-            .organisation(&meta.publisher)
-            .map(|o| o.kind);
-        let looked_up = (|| -> Result<Facts, StorageError> {
-            let recorded = self
-                .store
-                .recorded_consent(&meta.publisher, &meta.patient)?;
-            let consent = match recorded {
-                Some(consent) => consent,
-                None if meta.publisher == self.own => self.own_defaults,
-                None => Consent::SENT_BY_PUBLISHER,
-            };
-            Ok(Facts {
-                publisher_kind,
-                consent,
-                recipient_cares_for_patient: self
-                    .store
-                    .has_published_about(&recipient.ods, &meta.patient)?,
-                direct_from_publisher: meta.publisher == self.own,
-            })
-        })();
-        looked_up.unwrap_or_else(|error| {
-            tracing::error!(%error, doc = %meta.id(), "policy facts unavailable; withholding");
-            Facts {
-                publisher_kind: None,
-                consent: Consent {
-                    share_out: false,
-                    share_in: false,
-                    objection: true,
-                },
-                recipient_cares_for_patient: false,
-                direct_from_publisher: false,
-            }
-        })
+    /// Retries an emptying of the WAL that a reader held up after a purge.
+    pub fn compact_if_due(&mut self) {
+        if self.compaction_due {
+            self.compact_after_purge();
+        }
+    }
+
+    /// Empties the WAL after a purge so no page of a withdrawn document survives in it;
+    /// retried (by [`StoreHost::compact_if_due`]) while a reader holds an old snapshot.
+    fn compact_after_purge(&mut self) {
+        match self.store.checkpoint() {
+            Ok(done) => self.compaction_due = !done,
+            Err(error) => tracing::error!(%error, "could not compact storage after a purge"),
+        }
     }
 
     pub fn trust(&self) -> &TrustState {
-        &self.trust
+        &self.policy.trust
     }
 
     /// The sources panel row for a publisher whose documents arrived by sync.
     fn source_row(&self, publisher: &OdsCode, published_at: i64) -> SourceRow {
-        let registry = self.trust.current();
+        let registry = self.policy.trust.current();
         let organisation = registry.registry().organisation(publisher);
         SourceRow {
             publisher: publisher.to_string(),
@@ -163,18 +233,37 @@ impl SyncHost for StoreHost {
 
     fn commit(
         &mut self,
-        documents: Vec<VerifiedDocument>,
-        checkpoint: Option<(&OdsCode, Checkpoint)>,
-    ) -> Result<(), HostError> {
+        peer: &OdsCode,
+        mut documents: Vec<VerifiedDocument>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Vec<Refusal>, HostError> {
         let now = clock::now_unix();
+        let this_node = self.policy.this_node()?;
+        // Sharing records first: a withdrawal in this batch refuses the late copies with it,
+        // and consent given again admits the documents that follow it.
+        documents.sort_by_key(|d| d.signed.meta.section != Section::Sharing);
         let sources: Vec<SourceRow> = documents
             .iter()
             .map(|d| self.source_row(&d.signed.meta.publisher, d.published_at.unwrap_or(now)))
             .collect();
         let batch = self.store.write().map_err(host_error)?;
+        let mut refusals = Vec::new();
+        let mut purged = 0;
         for (document, source) in documents.iter().zip(&sources) {
             let meta = &document.signed.meta;
+            let direct = meta.publisher == *peer;
+            if let Decision::Withhold(reason) =
+                self.policy.decide(&batch.care(), meta, &this_node, direct)
+            {
+                refusals.push(Refusal {
+                    doc: meta.id(),
+                    publisher: meta.publisher.clone(),
+                    reason,
+                });
+                continue;
+            }
             let new_relationship = !batch
+                .care()
                 .has_published_about(&meta.publisher, &meta.patient)
                 .map_err(host_error)?;
             batch
@@ -188,13 +277,30 @@ impl SyncHost for StoreHost {
                     .queue_backfill(&meta.publisher, &meta.patient)
                     .map_err(host_error)?;
             }
+            let withdrawn = stated_consent(meta, &document.items)
+                .is_some_and(|consent| consent.withholds_everything().is_some());
+            if withdrawn && meta.publisher != self.policy.own {
+                // The signed sharing record is the purge notice: what its publisher sent
+                // about the patient goes, history and all. Ours stays: it is our record.
+                purged += batch
+                    .purge(&meta.publisher, &meta.patient)
+                    .map_err(host_error)?;
+            }
         }
-        if let Some((peer, checkpoint)) = checkpoint {
+        if let Some(checkpoint) = checkpoint {
             batch
                 .save_checkpoint(peer, checkpoint.feed.0, checkpoint.up_to)
                 .map_err(host_error)?;
         }
-        batch.commit().map_err(host_error)
+        batch.commit().map_err(host_error)?;
+        if purged > 0 {
+            tracing::info!(%peer, documents = purged, "purged documents after a withdrawal of consent");
+            self.compaction_due = true;
+        }
+        if self.compaction_due {
+            self.compact_after_purge();
+        }
+        Ok(refusals)
     }
 
     fn checkpoint(&mut self, peer: &OdsCode) -> Result<Option<Checkpoint>, HostError> {
@@ -206,32 +312,29 @@ impl SyncHost for StoreHost {
     }
 
     fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
-        self.trust
+        self.policy
+            .trust
             .current()
             .registry()
             .is_publisher_key(publisher, key)
     }
 
     fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision {
-        let facts = self.facts(meta, recipient);
-        policy::decide(
-            meta,
-            recipient,
-            &self.trust.current().registry().sharing,
-            &facts,
-        )
+        let direct = meta.publisher == self.policy.own;
+        self.policy
+            .decide(&self.store.care(), meta, recipient, direct)
     }
 
     fn registry_version(&self) -> u64 {
-        self.trust.current().version()
+        self.policy.trust.current().version()
     }
 
     fn registry_bytes(&self) -> Option<Vec<u8>> {
-        Some(self.trust.current().bytes().to_vec())
+        Some(self.policy.trust.current().bytes().to_vec())
     }
 
     fn offer_registry(&mut self, bytes: Vec<u8>) -> Result<bool, HostError> {
-        match self.trust.adopt(bytes) {
+        match self.policy.trust.adopt(bytes) {
             Ok(adopted) => Ok(adopted),
             Err(error) => {
                 tracing::warn!(%error, "a peer offered a trust registry that was refused");

@@ -105,13 +105,64 @@ pub struct StoreStats {
     pub last_ingest: Option<IngestRow>,
 }
 
-fn published_about(
-    conn: &Connection,
-    organisation: &OdsCode,
-    nhs: &NhsNumber,
-) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM documents WHERE publisher = ?1 AND nhs = ?2)")?
-        .query_row([organisation.as_str(), nhs.as_str()], |row| row.get(0))
+/// The lookups policy decisions make: what a publisher recorded about a patient's consent,
+/// and who has a care relationship with them. From the store, or inside a write batch.
+pub struct CareLookup<'a> {
+    conn: &'a Connection,
+    path: &'a Path,
+}
+
+impl CareLookup<'_> {
+    fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StorageError + '_ {
+        move |source| StorageError::Sqlite {
+            path: self.path.to_path_buf(),
+            action,
+            source,
+        }
+    }
+
+    /// The patient's consent as `publisher` recorded it in its sharing record. `None` when
+    /// this node holds no sharing record from it, or one whose fields do not read as consent.
+    pub fn recorded_consent(
+        &self,
+        publisher: &OdsCode,
+        nhs: &NhsNumber,
+    ) -> Result<Option<Consent>> {
+        let body: Option<String> = self
+            .conn
+            .prepare_cached(
+                "SELECT body FROM items WHERE publisher = ?1 AND nhs = ?2 AND section = 'sharing' \
+                 ORDER BY item_id LIMIT 1",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row([publisher.as_str(), nhs.as_str()], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(self.err("read a sharing record"))?;
+        let Some(body) = body else {
+            return Ok(None);
+        };
+        let item: Item = serde_json::from_str(&body).map_err(|e| StorageError::DamagedRow {
+            path: self.path.to_path_buf(),
+            doc: format!("sharing record of {publisher}"),
+            what: e.to_string(),
+        })?;
+        Ok(Consent::from_fields(&item.fields))
+    }
+
+    /// Whether `organisation` has published anything about the patient: the evidence of a
+    /// care relationship that puts the patient on its caseload.
+    pub fn has_published_about(&self, organisation: &OdsCode, nhs: &NhsNumber) -> Result<bool> {
+        self.conn
+            .prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM documents WHERE publisher = ?1 AND nhs = ?2)",
+            )
+            .and_then(|mut statement| {
+                statement.query_row([organisation.as_str(), nhs.as_str()], |row| row.get(0))
+            })
+            .map_err(self.err("look up a care relationship"))
+    }
 }
 
 pub struct Store {
@@ -180,8 +231,10 @@ impl Store {
         let pragmas = if read_only {
             "PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;"
         } else {
+            // secure_delete: a purged or superseded document's bytes are overwritten, not left
+            // in free pages where a copied database file would still give them up.
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;"
+             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; PRAGMA secure_delete = ON;"
         };
         self.conn
             .execute_batch(pragmas)
@@ -313,41 +366,12 @@ impl Store {
             .map_err(self.err("read items"))
     }
 
-    /// The patient's consent as `publisher` recorded it in its sharing record. `None` when
-    /// this node holds no sharing record from it, or one whose fields do not read as consent.
-    pub fn recorded_consent(
-        &self,
-        publisher: &OdsCode,
-        nhs: &NhsNumber,
-    ) -> Result<Option<Consent>> {
-        let body: Option<String> = self
-            .conn
-            .prepare_cached(
-                "SELECT body FROM items WHERE publisher = ?1 AND nhs = ?2 AND section = 'sharing' \
-                 ORDER BY item_id LIMIT 1",
-            )
-            .and_then(|mut statement| {
-                statement
-                    .query_row([publisher.as_str(), nhs.as_str()], |row| row.get(0))
-                    .optional()
-            })
-            .map_err(self.err("read a sharing record"))?;
-        let Some(body) = body else {
-            return Ok(None);
-        };
-        let item: Item = serde_json::from_str(&body).map_err(|e| StorageError::DamagedRow {
-            path: self.path.clone(),
-            doc: format!("sharing record of {publisher}"),
-            what: e.to_string(),
-        })?;
-        Ok(Consent::from_fields(&item.fields))
-    }
-
-    /// Whether `organisation` has published anything about the patient: the evidence of a
-    /// care relationship that puts the patient on its caseload.
-    pub fn has_published_about(&self, organisation: &OdsCode, nhs: &NhsNumber) -> Result<bool> {
-        published_about(&self.conn, organisation, nhs)
-            .map_err(self.err("look up a care relationship"))
+    /// Consent and care-relationship lookups, for policy decisions.
+    pub fn care(&self) -> CareLookup<'_> {
+        CareLookup {
+            conn: &self.conn,
+            path: &self.path,
+        }
     }
 
     pub fn patient_known(&self, nhs: &NhsNumber) -> Result<bool> {
@@ -440,11 +464,16 @@ impl Store {
             .map_err(self.err("read last ingest"))
     }
 
-    /// Writes the WAL back into the main file; used before measuring or copying the file.
-    pub fn checkpoint(&self) -> Result<()> {
-        self.conn
-            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-            .map_err(self.err("checkpoint"))
+    /// Writes the WAL back into the main file and empties it; used before measuring or
+    /// copying the file, and after a purge so that no purged page survives in the WAL.
+    /// Returns `false` when a reader held an older snapshot and the WAL could not be emptied
+    /// yet (try again later).
+    pub fn checkpoint(&self) -> Result<bool> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
+            .map_err(self.err("checkpoint"))?;
+        Ok(busy == 0)
     }
 }
 
@@ -654,9 +683,25 @@ impl WriteBatch<'_> {
         Ok(seq)
     }
 
-    pub fn has_published_about(&self, organisation: &OdsCode, nhs: &NhsNumber) -> Result<bool> {
-        published_about(&self.tx, organisation, nhs)
-            .map_err(self.err("look up a care relationship"))
+    /// As [`Store::care`], seeing this batch's own writes.
+    pub fn care(&self) -> CareLookup<'_> {
+        CareLookup {
+            conn: &self.tx,
+            path: &self.path,
+        }
+    }
+
+    /// Drops every document `publisher` published about `nhs` except its sharing record (the
+    /// signed notice that explains the absence), with their read model and backfill rows.
+    /// The documents' whole Automerge history goes with them: it lives only in their rows.
+    /// Returns how many documents were dropped.
+    pub fn purge(&self, publisher: &OdsCode, nhs: &NhsNumber) -> Result<usize> {
+        self.tx
+            .prepare_cached(
+                "DELETE FROM documents WHERE publisher = ?1 AND nhs = ?2 AND section != 'sharing'",
+            )
+            .and_then(|mut statement| statement.execute([publisher.as_str(), nhs.as_str()]))
+            .map_err(self.err("purge withdrawn documents"))
     }
 
     /// The partitions of `publisher`'s documents about `nhs` that hold item `item_id`.

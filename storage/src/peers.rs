@@ -342,6 +342,24 @@ impl WriteBatch<'_> {
             .map_err(self.err("queue backfill"))
     }
 
+    /// Queues `publisher`'s own documents about `nhs` for every peer this node syncs with
+    /// directly: the patient's consent allows sharing again, and what the peers' checkpoints
+    /// passed while it did not must reach them. Returns how many rows were queued.
+    pub fn queue_backfill_to_all_peers(
+        &self,
+        publisher: &OdsCode,
+        nhs: &NhsNumber,
+    ) -> Result<usize> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO backfill (peer, doc_id) \
+                 SELECT p.peer, d.doc_id FROM documents d, sync_peers p \
+                 WHERE d.nhs = ?2 AND d.publisher = ?1 AND p.peer != ?1",
+            )
+            .and_then(|mut statement| statement.execute([publisher.as_str(), nhs.as_str()]))
+            .map_err(self.err("queue backfill"))
+    }
+
     /// Saves our checkpoint in `peer`'s feed, in the transaction that stored what it covers.
     pub fn save_checkpoint(&self, peer: &OdsCode, feed: [u8; 16], up_to: u64) -> Result<()> {
         self.tx

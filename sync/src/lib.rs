@@ -8,7 +8,8 @@
 //!   items and document identity.
 //! * [`document`]: a publisher's Automerge document holding the items of one partition.
 //! * [`signing`]: signed heads, the authenticity statement a publisher makes about a document.
-//! * [`policy`]: the one decision function every outgoing document passes through.
+//! * [`policy`]: the decision functions every document passes through, sent, forwarded,
+//!   stored or shown.
 //! * [`trust`]: the signed trust registry of organisations and their keys.
 //! * [`wire`]: versioned postcard messages and length-prefixed framing.
 //! * [`session`]: the sync protocol state machine, one per connected peer.
@@ -28,8 +29,8 @@ pub use model::{
     Coding, DataClass, DocId, DocMeta, Item, ModelError, NhsNumber, OdsCode, OrgKind, Section,
 };
 pub use session::{
-    Checkpoint, Event, FeedEntry, HeldDocument, HostError, Session, SessionError, SessionStats,
-    SyncHost, VerifiedDocument,
+    Checkpoint, Event, FeedEntry, HeldDocument, HostError, Refusal, Session, SessionError,
+    SessionStats, SyncHost, VerifiedDocument,
 };
 pub use signing::{PublisherKey, SignatureError, SignedHeads};
 pub use trust::{KeyStanding, Organisation, Registry, RegistryFile, TrustError, VerifiedRegistry};

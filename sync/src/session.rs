@@ -30,7 +30,7 @@
 
 use crate::document::PublishedDocument;
 use crate::model::{DocId, DocMeta, Item, OdsCode};
-use crate::policy::{Decision, Recipient};
+use crate::policy::{Decision, Recipient, WithholdReason};
 use crate::signing::SignedHeads;
 use crate::wire::{
     self, FeedId, FrameDecoder, MAX_FRAME_BYTES, MAX_OFFER_ENTRIES, Message, OfferEntry, WantEntry,
@@ -102,6 +102,15 @@ pub struct VerifiedDocument {
     pub published_at: Option<i64>,
 }
 
+/// A verified document the receiving node would not store: policy does not let it hold it
+/// (a late copy after a withdrawal, a patient not on its caseload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub doc: DocId,
+    pub publisher: OdsCode,
+    pub reason: WithholdReason,
+}
+
 /// Where a puller stands in a peer's feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Checkpoint {
@@ -125,13 +134,18 @@ pub trait SyncHost {
     /// The heads this node holds for `doc`, from its stored signed heads.
     fn held_heads(&mut self, doc: DocId) -> Result<Option<Vec<[u8; 32]>>, HostError>;
     fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError>;
-    /// Stores verified documents and, when given, the puller's new checkpoint for `peer`, in
-    /// one transaction.
+    /// Stores verified documents received from `peer` and, when given, the puller's new
+    /// checkpoint in its feed, in one transaction. The host decides again, as the recipient,
+    /// on every document it did not publish and stores only what policy lets it hold: it
+    /// applies the batch's sharing records first, so a withdrawal arriving with a late copy
+    /// refuses the copy, and a withdrawal purges what the withdrawing publisher sent before.
+    /// Returns the documents refused.
     fn commit(
         &mut self,
+        peer: &OdsCode,
         documents: Vec<VerifiedDocument>,
-        checkpoint: Option<(&OdsCode, Checkpoint)>,
-    ) -> Result<(), HostError>;
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Vec<Refusal>, HostError>;
     fn checkpoint(&mut self, peer: &OdsCode) -> Result<Option<Checkpoint>, HostError>;
     /// Whether the trust registry lists `key` for `publisher` and has not revoked it.
     fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool;
@@ -159,6 +173,8 @@ pub enum Event {
         publisher: OdsCode,
         reason: String,
     },
+    /// A received document verified but policy does not let this node hold it; not stored.
+    Refused(Refusal),
     /// The peer acknowledged our feed up to this position.
     PeerAcked { up_to: u64 },
     /// We hold everything the peer's feed had when it last told us its tip.
@@ -177,6 +193,8 @@ pub struct SessionStats {
     pub documents_received: u64,
     pub documents_sent: u64,
     pub rejected: u64,
+    /// Received documents that verified but that policy does not let this node hold.
+    pub refused: u64,
     /// Our checkpoint in the peer's feed.
     pub pulled_up_to: u64,
     /// The peer's feed tip as last reported.
@@ -690,7 +708,11 @@ impl Session {
         let documents: Vec<VerifiedDocument> =
             std::mem::take(&mut self.writes).into_values().collect();
         let count = documents.len();
-        host.commit(documents, checkpoint.map(|c| (&self.peer.ods, c)))?;
+        let refusals = host.commit(&self.peer.ods, documents, checkpoint)?;
+        debug_assert!(refusals.len() <= count);
+        let count = count - refusals.len();
+        self.stats.refused += refusals.len() as u64;
+        self.events.extend(refusals.into_iter().map(Event::Refused));
         if checkpoint.is_some() || count > 0 {
             self.events.push_back(Event::Stored {
                 documents: count,
@@ -712,10 +734,12 @@ impl Session {
         while serving.outstanding.front().is_some_and(|&o| o <= up_to) {
             serving.outstanding.pop_front();
         }
-        if serving.outstanding.is_empty()
-            && let Some(docs) = serving.backfill_in_flight.take()
-        {
-            host.backfill_done(&self.peer.ods, &docs)?;
+        if serving.outstanding.is_empty() {
+            if let Some(docs) = serving.backfill_in_flight.take() {
+                host.backfill_done(&self.peer.ods, &docs)?;
+            }
+            // Nothing in flight: the backfill queue may be served now (see `next_offer`).
+            serving.caught_up = false;
         }
         self.stats.peer_acked = up_to;
         self.events.push_back(Event::PeerAcked { up_to });
@@ -771,7 +795,13 @@ impl Session {
         {
             return Ok(None);
         }
-        if serving.outstanding.is_empty() {
+        let rows = host.feed_after(serving.offered_up_to, OFFER_BATCH)?;
+        let tip = host.feed_tip()?;
+        self.stats.local_tip = tip;
+        if rows.is_empty() && serving.outstanding.is_empty() {
+            // Backfill only once the feed is drained and acknowledged: a publisher's new
+            // sharing record (consent given again) is then held by the peer before the
+            // documents it makes sendable arrive, so the peer's own decision lets them in.
             let rows = host.backfill(&self.peer.ods, OFFER_BATCH)?;
             if !rows.is_empty() {
                 let docs: Vec<DocId> = rows.iter().map(|row| row.meta.id()).collect();
@@ -782,13 +812,10 @@ impl Session {
                 return Ok(Some(Message::Offer {
                     entries,
                     up_to,
-                    tip: host.feed_tip()?.max(up_to),
+                    tip: tip.max(up_to),
                 }));
             }
         }
-        let rows = host.feed_after(serving.offered_up_to, OFFER_BATCH)?;
-        let tip = host.feed_tip()?;
-        self.stats.local_tip = tip;
         let Some(last) = rows.last() else {
             serving.caught_up = true;
             serving.next_check_at = now + FEED_CHECK_INTERVAL_MS;

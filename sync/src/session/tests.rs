@@ -118,18 +118,19 @@ impl SyncHost for MemoryHost {
     }
     fn commit(
         &mut self,
+        peer: &OdsCode,
         documents: Vec<VerifiedDocument>,
-        checkpoint: Option<(&OdsCode, Checkpoint)>,
-    ) -> Result<(), HostError> {
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Vec<Refusal>, HostError> {
         self.commits += 1;
         for document in documents {
             let meta = document.signed.meta.clone();
             self.put(meta, document.snapshot, &document.signed);
         }
-        if let Some((peer, checkpoint)) = checkpoint {
+        if let Some(checkpoint) = checkpoint {
             self.checkpoints.insert(peer.clone(), checkpoint);
         }
-        Ok(())
+        Ok(Vec::new())
     }
     fn checkpoint(&mut self, peer: &OdsCode) -> Result<Option<Checkpoint>, HostError> {
         Ok(self.checkpoints.get(peer).copied())
