@@ -629,3 +629,68 @@ fn bad_ndjson_lines_are_rejected_by_line_and_the_rest_ingested() {
     );
     assert_eq!(problems(&home(&dir)), ["Asthma"]);
 }
+
+/// `caremesh consent show` for 9912003888 at this node's own organisation.
+fn own_consent(dir: &Path) -> String {
+    let output = run(&[
+        "consent",
+        "show",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--nhs",
+        "9912003888",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    stdout(&output).lines().next().unwrap().to_string()
+}
+
+#[test]
+fn fhir_consents_in_the_extract_record_share_in_share_out_and_objections() {
+    let dir = node("A81001", "gp");
+    let config = home(&dir).join("caremesh.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("share_in = true", "share_in = false")).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let uk_core = real_data("uk-core");
+    // NHS England's example: information access (INFA) for Richard Smith, so Share In.
+    ingest_ok(
+        &home(&dir),
+        &[
+            &uk_core.join("UKCore-Patient-RichardSmith-Example.json"),
+            &uk_core.join("UKCore-Consent-ForInformationAccess-Example.json"),
+        ],
+    );
+    assert_eq!(
+        own_consent(&home(&dir)),
+        "A81001 (this organisation): Share Out on, Share In on, objection none"
+    );
+    // An objection to sharing for direct care (deny, purpose TREAT), later entered in error.
+    let objection = |status: &str, updated: &str| {
+        json!({
+            "resourceType": "Consent", "id": "objection", "status": status,
+            "meta": {"lastUpdated": updated},
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+            "patient": {"reference": "Patient/UKCore-Patient-RichardSmith-Example"},
+            "provision": {"type": "deny", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}]}
+        })
+    };
+    let recorded = files.path().join("objection.json");
+    write_json(&recorded, &objection("active", "2026-01-01T00:00:00Z"));
+    ingest_ok(&home(&dir), &[&recorded]);
+    assert!(
+        own_consent(&home(&dir)).ends_with("objection recorded"),
+        "{}",
+        own_consent(&home(&dir))
+    );
+    let in_error = files.path().join("objection-in-error.json");
+    write_json(
+        &in_error,
+        &objection("entered-in-error", "2026-01-02T00:00:00Z"),
+    );
+    ingest_ok(&home(&dir), &[&in_error]);
+    assert!(own_consent(&home(&dir)).ends_with("objection none"));
+    // The older version arriving late changes nothing.
+    let output = ingest(&home(&dir), &["--json", recorded.to_str().unwrap()]);
+    assert_eq!(report_json(&output)["stale"], 1);
+    assert!(own_consent(&home(&dir)).ends_with("objection none"));
+}

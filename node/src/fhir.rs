@@ -4,6 +4,10 @@
 //! about what it reads: a field of the wrong JSON type is an error naming the resource and the
 //! field, never a silently empty value.
 
+mod consent;
+
+pub use consent::{ConsentFacts, SharingChoice};
+
 use caremesh_sync::{Coding, DataClass, Item, Section};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -334,6 +338,8 @@ pub enum Mapped {
         summary: Value,
     },
     Clinical(ClinicalFacts),
+    /// A patient's sharing choice at this organisation.
+    Consent(ConsentFacts),
     Unsupported,
 }
 
@@ -423,6 +429,9 @@ pub fn map_resource(
                     .find(|i| i.system.as_deref() == Some(ODS_SYSTEM)).and_then(|i| i.value),
             }),
         }),
+        "Consent" => Ok(consent::map_consent(resource)?
+            .map(Mapped::Consent)
+            .unwrap_or(Mapped::Unsupported)),
         other => match section_of(other) {
             Some(section) => map_clinical(resource, section, context).map(Mapped::Clinical),
             None => Ok(Mapped::Unsupported),

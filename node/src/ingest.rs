@@ -602,8 +602,9 @@ impl<'a> Ingestor<'a> {
             let resource = Resource::new(&entry.value).expect("checked in pass 1");
             load_earlier_medication(&batch, &mut local, &resource)?;
             let context = rules.context(&source_system, &local);
-            let facts = match fhir::map_resource(&resource, &context) {
-                Ok(fhir::Mapped::Clinical(facts)) => facts,
+            let placed = match fhir::map_resource(&resource, &context) {
+                Ok(fhir::Mapped::Clinical(facts)) => Placed::Clinical(facts),
+                Ok(fhir::Mapped::Consent(facts)) => Placed::Consent(facts),
                 Ok(fhir::Mapped::Unsupported) => {
                     *report
                         .unsupported
@@ -618,10 +619,11 @@ impl<'a> Ingestor<'a> {
                     continue;
                 }
             };
-            let nhs = match rules.resolve_patient_ref(&batch, &local, &facts.patient)? {
+            let (patient, last_updated) = placed.patient_and_version();
+            let nhs = match rules.resolve_patient_ref(&batch, &local, patient)? {
                 Ok(nhs) => nhs,
                 Err(reason) => {
-                    if !final_attempt && matches!(facts.patient, PatientRef::Reference(_)) {
+                    if !final_attempt && matches!(patient, PatientRef::Reference(_)) {
                         // Roll back (drop the batch) and retry after the rest of the batch.
                         return Ok(Attempt::Deferred);
                     }
@@ -633,10 +635,21 @@ impl<'a> Ingestor<'a> {
                     continue;
                 }
             };
-            if rules.is_stale(&batch, &resource.key(), facts.last_updated.as_deref())? {
+            if rules.is_stale(&batch, &resource.key(), last_updated)? {
                 report.stale += 1;
                 continue;
             }
+            let facts = match placed {
+                Placed::Clinical(facts) => facts,
+                Placed::Consent(consent) => {
+                    let defaults = rules.home.config.sharing.defaults();
+                    let current = publication.consent_for(&batch, &nhs)?;
+                    publication.set_consent(&nhs, consent.apply(current, defaults));
+                    report.accepted += 1;
+                    *report.items_by_section.entry("sharing".into()).or_default() += 1;
+                    continue;
+                }
+            };
             if facts.entered_in_error {
                 report.retracted += 1;
             } else {
@@ -663,6 +676,21 @@ impl<'a> Ingestor<'a> {
         })?;
         batch.commit()?;
         Ok(Attempt::Done(Box::new(report)))
+    }
+}
+
+/// A resource of the clinical pass, mapped: it names its patient either way.
+enum Placed {
+    Clinical(fhir::ClinicalFacts),
+    Consent(fhir::ConsentFacts),
+}
+
+impl Placed {
+    fn patient_and_version(&self) -> (&PatientRef, Option<&str>) {
+        match self {
+            Placed::Clinical(facts) => (&facts.patient, facts.last_updated.as_deref()),
+            Placed::Consent(facts) => (&facts.patient, facts.last_updated.as_deref()),
+        }
     }
 }
 

@@ -75,6 +75,22 @@ impl Publication {
         self.consents.insert(patient.clone(), consent);
     }
 
+    /// The patient's choices as this publication leaves them so far: set here, else
+    /// recorded, else the organisation's defaults.
+    pub fn consent_for(
+        &self,
+        batch: &WriteBatch<'_>,
+        patient: &NhsNumber,
+    ) -> Result<Consent, StorageError> {
+        if let Some(consent) = self.consents.get(patient) {
+            return Ok(*consent);
+        }
+        Ok(batch
+            .care()
+            .recorded_consent(&self.publisher, patient)?
+            .unwrap_or(self.defaults))
+    }
+
     /// Queues the sharing record of every touched patient that lacks one or has a new choice.
     fn record_sharing(&mut self, batch: &WriteBatch<'_>) -> Result<(), StorageError> {
         for patient in std::mem::take(&mut self.touched) {
