@@ -606,19 +606,24 @@ fn on_disk(dir: &Path, marker: &str) -> bool {
     })
 }
 
-/// A GP condition about the generated patient `A81001-P0` whose text is `marker`.
-fn write_marked_condition(path: &Path, marker: &str) {
+/// A GP condition about the generated patient `A81001-P0` titled `text`; `private` tags it
+/// private to the GP, as a clinical system exports its private flag.
+fn write_gp_condition(path: &Path, id: &str, text: &str, private: bool) {
+    let mut meta = serde_json::json!({"lastUpdated": "2026-01-05T09:00:00Z"});
+    if private {
+        meta["tag"] = serde_json::json!([{"system": "urn:caremesh:sharing", "code": "private"}]);
+    }
     write_json(
         path,
         &serde_json::json!({
             "resourceType": "Condition",
-            "id": "marker-condition",
-            "meta": {"lastUpdated": "2026-01-05T09:00:00Z"},
+            "id": id,
+            "meta": meta,
             "clinicalStatus": {"coding": [{
                 "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
                 "code": "active"
             }]},
-            "code": {"text": marker},
+            "code": {"text": text},
             "subject": {"reference": "Patient/A81001-P0"},
             "recordedDate": "2026-01-05"
         }),
@@ -648,24 +653,40 @@ fn gp_sections(dir: &Path, nhs: &str) -> Vec<String> {
     )
 }
 
-#[test]
-fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_and_consent_again_backfills()
- {
-    let temp = tempfile::tempdir().unwrap();
-    let region = Region::new(temp.path());
+/// A hub, a GP with three generated patients and a hospice caring for the first (P0), all
+/// dialling the hub; the GP also holds a problem about P0 titled `problem`. Returns the
+/// homes (hub, GP, hospice) and P0's NHS number.
+fn gp_and_hospice(
+    root: &Path,
+    problem: &str,
+    private: bool,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    String,
+) {
+    let region = Region::new(root);
     let hub = region.registered("HUB01", "hub", true, &[]);
     let gp = region.registered("A81001", "gp", false, &["HUB01"]);
     let hospice = region.registered("HSP01", "hospice", false, &["HUB01"]);
     region.publish(&[&hub, &gp, &hospice]);
     ingest_generated(&gp, "A81001", 3, 1);
-    // The hospice cares for the first generated patient, P0.
     ingest_generated(&hospice, "HSP01", 1, 1);
     let nhs = caseload(&hospice, "HSP01").remove(0);
-    let marker = "PURGE-MARKER-5f1c9a0e";
-    let condition = temp.path().join("marked-condition.json");
-    write_marked_condition(&condition, marker);
+    let condition = root.join("gp-problem.json");
+    write_gp_condition(&condition, "added-problem", problem, private);
     let output = ingest(&gp, &[condition.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
+    (hub, gp, hospice, nhs)
+}
+
+#[test]
+fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_and_consent_again_backfills()
+ {
+    let temp = tempfile::tempdir().unwrap();
+    let marker = "PURGE-MARKER-5f1c9a0e";
+    let (hub, gp, hospice, nhs) = gp_and_hospice(temp.path(), marker, false);
     let about_p0 = documents_of(&gp, "A81001", DIRECT_CARE, Some(std::slice::from_ref(&nhs)));
 
     let _hub_process = RunningNode::start(&hub);
@@ -710,4 +731,135 @@ fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_an
     );
     assert!(on_disk(&hospice, marker));
     verify_ok(&hub);
+}
+
+/// The record the view at `node` serves for `nhs`, as JSON.
+fn api_record(node: &RunningNode, nhs: &str) -> serde_json::Value {
+    let (status, body) = http_get(&node.address, &format!("/api/patients/{nhs}"));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Items in the served record published by `ods`.
+fn shown_from(record: &serde_json::Value, ods: &str) -> Vec<serde_json::Value> {
+    record["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["items"].as_array().unwrap())
+        .filter(|i| i["source"]["organisation"] == ods)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_counts_what_rules_withheld()
+ {
+    let temp = tempfile::tempdir().unwrap();
+    // A GP problem private to the practice, which the hospice may never hold.
+    let (hub, gp, hospice, nhs) = gp_and_hospice(temp.path(), "Private to the practice", true);
+    set_consent(&hospice, &nhs, "--share-in", "off");
+    let withheld_problems = count(
+        &gp,
+        "SELECT count(*) FROM items WHERE publisher = 'A81001' AND nhs = ?1 \
+         AND section = 'problems' AND class IN ('private', 'sensitive')",
+        &nhs,
+    );
+    assert!(withheld_problems >= 1);
+
+    let _hub = RunningNode::start(&hub);
+    let _gp = RunningNode::start(&gp);
+    let hospice_process = RunningNode::start(&hospice);
+    let about_p0 = documents_of(&gp, "A81001", DIRECT_CARE, Some(std::slice::from_ref(&nhs)));
+    assert!(wait_for(SYNC_WAIT, || documents_of(
+        &hospice,
+        "A81001",
+        DIRECT_CARE,
+        None
+    ) == about_p0));
+    let held = count(
+        &hospice,
+        "SELECT count(*) FROM items WHERE publisher = 'A81001' AND nhs = ?1 AND section != 'sharing'",
+        &nhs,
+    );
+    assert!(held > 0);
+
+    // Share In is off at the hospice: the GP's data is held but not shown, and counted.
+    let record = api_record(&hospice_process, &nhs);
+    assert_eq!(record["share_in"], false);
+    assert!(shown_from(&record, "A81001").is_empty());
+    assert!(
+        !shown_from(&record, "HSP01").is_empty(),
+        "own data is always shown"
+    );
+    assert_eq!(record["hidden_without_share_in"], held);
+    let problems = record["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["section"] == "problems")
+        .unwrap();
+    assert_eq!(problems["withheld_by_sharing_rules"], withheld_problems);
+    let (_, page) = http_get(&hospice_process.address, &format!("/patients/{nhs}"));
+    assert!(page.contains("withheld by sharing rules"));
+    assert!(page.contains("Use emergency access"));
+    assert!(!page.contains("Private to the practice"));
+
+    // Break-glass needs a reason; with one, it is recorded and shows the GP's data, flagged.
+    let path = format!("/patients/{nhs}/break-glass");
+    let (status, body) = http_post_form(
+        &hospice_process.address,
+        &path,
+        "clinician=Dr+Ahmed&reason=",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("reason"));
+    let (status, _) = http_post_form(
+        &hospice_process.address,
+        &path,
+        "clinician=Dr+Ahmed&reason=Unresponsive+on+arrival%2C+medication+history+needed",
+    );
+    assert_eq!(status, 303);
+    let record = api_record(&hospice_process, &nhs);
+    assert_eq!(record["break_glass"]["clinician"], "Dr Ahmed");
+    let shown = shown_from(&record, "A81001");
+    let demographics = count(
+        &hospice,
+        "SELECT count(*) FROM items WHERE publisher = 'A81001' AND nhs = ?1 AND section = 'demographics'",
+        &nhs,
+    );
+    assert_eq!(
+        shown.len() as i64,
+        held - demographics,
+        "everything held (demographics go to the header), nothing more"
+    );
+    assert!(shown.iter().all(|i| i["shown_by"] == "break-glass"));
+    assert_eq!(record["hidden_without_share_in"], 0);
+    let (_, page) = http_get(&hospice_process.address, &format!("/patients/{nhs}"));
+    assert!(page.contains("Emergency access (break-glass)</strong> by Dr Ahmed"));
+    assert!(
+        !page.contains("Private to the practice"),
+        "break-glass never shows private items"
+    );
+    let audit = database(&hospice)
+        .query_row(
+            "SELECT clinician, reason, expires_at - started_at FROM break_glass WHERE nhs = ?1",
+            [&nhs],
+            |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        audit,
+        (
+            "Dr Ahmed".to_string(),
+            "Unresponsive on arrival, medication history needed".to_string(),
+            3600
+        )
+    );
 }

@@ -243,7 +243,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let home = Home::open(&dir)?;
             let nhs = NhsNumber::parse(&nhs)?;
             let store = home.open_store()?;
-            let Some(record) = record::assemble(&store, &nhs, clock::now_unix())? else {
+            let Some(record) = record::assemble(&store, &nhs, &home.viewer(), clock::now_unix())?
+            else {
                 eprintln!(
                     "this node holds no record for NHS number {}",
                     nhs.formatted()
@@ -498,6 +499,8 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             database: home.database_path(),
             organisation: home.config.organisation.name.clone(),
             ods: home.config.organisation.ods.to_string(),
+            viewer: home.viewer(),
+            break_glass_minutes: home.config.view.break_glass_minutes,
             sync: sync.as_ref().map(|s| s.counters.clone()),
         });
         let listener = tokio::net::TcpListener::bind(listen)

@@ -170,12 +170,15 @@ impl Default for IngestConfig {
 pub struct ViewConfig {
     /// Address the view listens on. Loopback by default: the view carries patient data.
     pub listen: String,
+    /// How long an emergency access (break-glass) lasts before it must be given again.
+    pub break_glass_minutes: u32,
 }
 
 impl Default for ViewConfig {
     fn default() -> Self {
         ViewConfig {
             listen: "127.0.0.1:7800".into(),
+            break_glass_minutes: 60,
         }
     }
 }
@@ -186,6 +189,14 @@ pub struct Home {
 }
 
 impl Home {
+    /// This organisation as the viewer of the records it holds.
+    pub fn viewer(&self) -> crate::record::Viewer {
+        crate::record::Viewer {
+            ods: self.config.organisation.ods.clone(),
+            defaults: self.config.sharing.defaults(),
+        }
+    }
+
     /// Makes a new node home. Refuses to touch a folder that already holds one.
     pub fn init(dir: &Path, organisation: OrganisationConfig) -> Result<Home, HomeError> {
         if dir.join(CONFIG_FILE).exists() {

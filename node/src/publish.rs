@@ -5,7 +5,7 @@
 //! item from wherever it was before placing it anew, so one fact is never held twice.
 
 use caremesh_storage::{StorageError, WriteBatch};
-use caremesh_sync::policy::Consent;
+use caremesh_sync::policy::{Consent, SharingRecord};
 use caremesh_sync::{
     DataClass, DocMeta, DocumentError, Item, NhsNumber, OdsCode, PublishedDocument, PublisherKey,
     Section, SignatureError,
@@ -91,25 +91,28 @@ impl Publication {
             .unwrap_or(self.defaults))
     }
 
-    /// Queues the sharing record of every touched patient that lacks one or has a new choice.
-    fn record_sharing(&mut self, batch: &WriteBatch<'_>) -> Result<(), StorageError> {
+    /// The sharing record of every touched patient: a new choice, or the defaults for a
+    /// first record, and the publisher's item counts per section as `batch` now holds them
+    /// (so it runs after the publication's documents are written).
+    fn sharing_changes(
+        &mut self,
+        batch: &WriteBatch<'_>,
+    ) -> Result<BTreeMap<DocMeta, DocChanges>, StorageError> {
+        let mut changes = BTreeMap::new();
         for patient in std::mem::take(&mut self.touched) {
             let meta = sharing_meta(&self.publisher, &patient);
             let previous = batch.care().recorded_consent(&self.publisher, &patient)?;
-            let consent = match (self.consents.get(&patient), previous) {
-                (Some(consent), _) => *consent,
-                (None, Some(_)) => continue,
-                (None, None) => self.defaults,
-            };
             let was = previous.unwrap_or(self.defaults);
+            let consent = self.consents.get(&patient).copied().unwrap_or(was);
             if was.withholds_everything().is_some() && consent.withholds_everything().is_none() {
                 self.reopened.push(patient.clone());
             }
-            let item = sharing_item(&self.publisher, consent);
-            let changes = self.changes.entry(meta).or_default();
-            changes.upserts.insert(item.id.clone(), item);
+            let counts = batch.item_counts(&self.publisher, &patient)?;
+            let item = sharing_item(&self.publisher, &SharingRecord::new(consent, counts));
+            let entry: &mut DocChanges = changes.entry(meta).or_default();
+            entry.upserts.insert(item.id.clone(), item);
         }
-        Ok(())
+        Ok(changes)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -170,55 +173,68 @@ impl Publication {
         Ok(())
     }
 
-    /// Writes a new signed version of every document whose content changed. Returns the
-    /// number of documents written; documents whose content is unchanged are left alone.
+    /// Writes a new signed version of every document whose content changed, then the
+    /// touched patients' sharing records. Returns the number of documents written; documents
+    /// whose content is unchanged are left alone.
     pub fn apply(
         mut self,
         batch: &WriteBatch<'_>,
         key: &PublisherKey,
         now: i64,
     ) -> Result<usize, PublishError> {
-        self.record_sharing(batch)?;
-        let actor = actor_for(key);
-        let mut written = 0;
-        for (meta, changes) in self.changes {
-            let mut document = match batch.document(meta.id())? {
-                Some(stored) => {
-                    let signed =
-                        stored
-                            .signed_heads()
-                            .ok_or_else(|| PublishError::MissingSignature {
-                                doc: meta.id().to_string(),
-                            })?;
-                    signed.verify(|_, k| *k == key.public()).map_err(|source| {
-                        PublishError::StoredSignature {
-                            doc: meta.id().to_string(),
-                            source,
-                        }
-                    })?;
-                    let document =
-                        PublishedDocument::load_for_writing(&meta, &stored.snapshot, &actor)?;
-                    document.matches(&signed)?;
-                    document
-                }
-                None if changes.upserts.is_empty() => continue,
-                None => PublishedDocument::create(meta.clone(), &actor),
-            };
-            let upserts: Vec<Item> = changes.upserts.into_values().collect();
-            let removes: Vec<String> = changes.removes.into_iter().collect();
-            if !document.update(&upserts, &removes, now) {
-                continue;
-            }
-            let signed = key.sign_heads(&meta, &document.heads());
-            batch.put_document(&signed, &document.save(), &document.items()?, now)?;
-            written += 1;
-        }
+        let documents = std::mem::take(&mut self.changes);
+        let mut written = write_documents(documents, batch, key, now)?;
+        let sharing = self.sharing_changes(batch)?;
+        written += write_documents(sharing, batch, key, now)?;
         for patient in &self.reopened {
             // Peers' checkpoints passed these documents while they were withheld.
             batch.queue_backfill_to_all_peers(&self.publisher, patient)?;
         }
         Ok(written)
     }
+}
+
+fn write_documents(
+    changes: BTreeMap<DocMeta, DocChanges>,
+    batch: &WriteBatch<'_>,
+    key: &PublisherKey,
+    now: i64,
+) -> Result<usize, PublishError> {
+    let actor = actor_for(key);
+    let mut written = 0;
+    for (meta, changes) in changes {
+        let mut document = match batch.document(meta.id())? {
+            Some(stored) => {
+                let signed =
+                    stored
+                        .signed_heads()
+                        .ok_or_else(|| PublishError::MissingSignature {
+                            doc: meta.id().to_string(),
+                        })?;
+                signed.verify(|_, k| *k == key.public()).map_err(|source| {
+                    PublishError::StoredSignature {
+                        doc: meta.id().to_string(),
+                        source,
+                    }
+                })?;
+                let document =
+                    PublishedDocument::load_for_writing(&meta, &stored.snapshot, &actor)?;
+                document.matches(&signed)?;
+                document
+            }
+            None if changes.upserts.is_empty() => continue,
+            None => PublishedDocument::create(meta.clone(), &actor),
+        };
+        let upserts: Vec<Item> = changes.upserts.into_values().collect();
+        let removes: Vec<String> = changes.removes.into_iter().collect();
+        if !document.update(&upserts, &removes, now) {
+            continue;
+        }
+        let signed = key.sign_heads(&meta, &document.heads());
+        batch.put_document(&signed, &document.save(), &document.items()?, now)?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 /// Where a publisher's sharing record for a patient lives.
@@ -231,11 +247,11 @@ pub fn sharing_meta(publisher: &OdsCode, patient: &NhsNumber) -> DocMeta {
     }
 }
 
-/// The one item of a sharing record. Nothing in it changes unless the choice does, so
-/// re-ingesting writes nothing.
-fn sharing_item(publisher: &OdsCode, consent: Consent) -> Item {
+/// The one item of a sharing record. Nothing in it changes unless the choice or the counts
+/// do, so re-ingesting writes nothing.
+fn sharing_item(publisher: &OdsCode, record: &SharingRecord) -> Item {
     Item {
-        fields: consent.to_fields(),
+        fields: record.to_fields(),
         ..Item::titled(
             "sharing",
             Section::Sharing,

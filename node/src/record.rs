@@ -1,10 +1,19 @@
 //! The joined-up record as the view shows it, assembled from the local read model only.
 
 use crate::clock;
-use caremesh_storage::{SourceRow, StorageError, Store};
-use caremesh_sync::{DataClass, Item, NhsNumber, Section};
+use caremesh_storage::{BreakGlass, SourceRow, StorageError, Store, StoredItem};
+use caremesh_sync::policy::{self, Consent, SharingRecord, ViewDecision, WithholdReason};
+use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, Section};
 use serde::Serialize;
 use std::collections::BTreeMap;
+
+/// Who is looking: the viewing organisation, whose Share In governs what of other
+/// organisations' data is shown, and its defaults for patients without a recorded choice.
+#[derive(Debug, Clone)]
+pub struct Viewer {
+    pub ods: OdsCode,
+    pub defaults: Consent,
+}
 
 #[derive(Debug, Serialize)]
 pub struct Record {
@@ -15,6 +24,21 @@ pub struct Record {
     pub sources: Vec<SourceView>,
     /// When this view was assembled (the node's clock).
     pub assembled_at: String,
+    /// Whether the patient's Share In is recorded at the viewing organisation.
+    pub share_in: bool,
+    /// The emergency access in force, which shows what Share In would.
+    pub break_glass: Option<BreakGlass>,
+    /// Items of other organisations held here but not shown: no Share In, no break-glass.
+    pub hidden_without_share_in: usize,
+    /// Organisations whose whole record of the patient is withheld, with the reason.
+    pub withheld_sources: Vec<WithheldSource>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WithheldSource {
+    pub ods: String,
+    pub name: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,6 +56,11 @@ pub struct SectionView {
     pub title: &'static str,
     pub count: usize,
     pub items: Vec<ItemView>,
+    /// Items the publishers hold in this section that sharing rules kept from this node
+    /// (private, sensitive, outside the agreement), from their sharing records' counts.
+    pub withheld_by_sharing_rules: u64,
+    /// Items held here but not shown without Share In.
+    pub hidden_without_share_in: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -51,6 +80,8 @@ pub struct ItemView {
     pub last_updated: Option<String>,
     pub data_class: DataClass,
     pub source: ItemSource,
+    /// Why it is shown: own data, Share In, or break-glass.
+    pub shown_by: ViewDecision,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,17 +105,29 @@ pub struct SourceView {
 }
 
 /// Assembles the record, or `None` when this node holds nothing about the patient.
-pub fn assemble(store: &Store, nhs: &NhsNumber, now: i64) -> Result<Option<Record>, StorageError> {
+pub fn assemble(
+    store: &Store,
+    nhs: &NhsNumber,
+    viewer: &Viewer,
+    now: i64,
+) -> Result<Option<Record>, StorageError> {
     // Sharing records are consent state for policy, not part of the clinical record: a node
     // holding only those about a patient holds no record of them.
-    let stored: Vec<_> = store
+    let (sharing, stored): (Vec<StoredItem>, Vec<StoredItem>) = store
         .patient_items(nhs)?
         .into_iter()
-        .filter(|s| s.item.section != Section::Sharing)
-        .collect();
+        .partition(|s| s.item.section == Section::Sharing);
     if stored.is_empty() {
         return Ok(None);
     }
+    let sharing: BTreeMap<OdsCode, SharingRecord> = sharing
+        .into_iter()
+        .filter_map(|s| Some((s.publisher, SharingRecord::from_fields(&s.item.fields)?)))
+        .collect();
+    let consent = sharing
+        .get(&viewer.ods)
+        .map_or(viewer.defaults, |record| record.consent);
+    let break_glass = store.active_break_glass(nhs, now)?;
     let sources: BTreeMap<String, SourceRow> = store
         .sources()?
         .into_iter()
@@ -96,22 +139,50 @@ pub fn assemble(store: &Store, nhs: &NhsNumber, now: i64) -> Result<Option<Recor
             .map(|s| s.name.clone())
             .unwrap_or_else(|| ods.to_string())
     };
-    let mut by_section: BTreeMap<Section, Vec<(String, Item)>> = BTreeMap::new();
+    let mut by_section: BTreeMap<Section, Vec<(String, Item, ViewDecision)>> = BTreeMap::new();
     let mut items_per_source: BTreeMap<String, usize> = BTreeMap::new();
+    let mut held: BTreeMap<(OdsCode, Section), u64> = BTreeMap::new();
+    let mut hidden: BTreeMap<Section, usize> = BTreeMap::new();
     for stored_item in stored {
+        *held
+            .entry((stored_item.publisher.clone(), stored_item.item.section))
+            .or_default() += 1;
+        let decision = policy::decide_view(
+            &stored_item.publisher,
+            &viewer.ods,
+            &consent,
+            break_glass.is_some(),
+        );
+        if !decision.shown() {
+            *hidden.entry(stored_item.item.section).or_default() += 1;
+            continue;
+        }
         let publisher = stored_item.publisher.to_string();
         *items_per_source.entry(publisher.clone()).or_default() += 1;
         by_section
             .entry(stored_item.item.section)
             .or_default()
-            .push((publisher, stored_item.item));
+            .push((publisher, stored_item.item, decision));
     }
+    let withheld = withheld_by_sharing_rules(&sharing, &held, &viewer.ods);
+    let withheld_sources = sharing
+        .iter()
+        .filter(|(publisher, _)| **publisher != viewer.ods)
+        .filter_map(|(publisher, record)| {
+            let reason = record.consent.withholds_everything()?;
+            Some(WithheldSource {
+                ods: publisher.to_string(),
+                name: organisation_name(publisher.as_str()),
+                reason: withheld_record_reason(&reason).into(),
+            })
+        })
+        .collect();
     let demographics = by_section
         .remove(&Section::Demographics)
         .and_then(|mut items| {
             // The most recently updated demographics win; the source is always named.
             items.sort_by(|a, b| b.1.last_updated.cmp(&a.1.last_updated));
-            let (publisher, item) = items.into_iter().next()?;
+            let (publisher, item, _) = items.into_iter().next()?;
             let field = |name: &str| item.fields.get(name).cloned();
             Some(Demographics {
                 name: field("name"),
@@ -129,7 +200,7 @@ pub fn assemble(store: &Store, nhs: &NhsNumber, now: i64) -> Result<Option<Recor
                 .remove(section)
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(publisher, item)| ItemView {
+                .map(|(publisher, item, shown_by)| ItemView {
                     code: item.code.as_ref().and_then(|c| c.code.clone()),
                     title: item.title,
                     detail: item.detail,
@@ -144,6 +215,7 @@ pub fn assemble(store: &Store, nhs: &NhsNumber, now: i64) -> Result<Option<Recor
                         system: item.source_system,
                         resource: item.source_id,
                     },
+                    shown_by,
                 })
                 .collect();
             items.sort_by(|a, b| {
@@ -156,6 +228,8 @@ pub fn assemble(store: &Store, nhs: &NhsNumber, now: i64) -> Result<Option<Recor
                 title: section.title(),
                 count: items.len(),
                 items,
+                withheld_by_sharing_rules: withheld.get(section).copied().unwrap_or(0),
+                hidden_without_share_in: hidden.get(section).copied().unwrap_or(0),
             }
         })
         .collect();
@@ -184,7 +258,39 @@ pub fn assemble(store: &Store, nhs: &NhsNumber, now: i64) -> Result<Option<Recor
         sections,
         sources,
         assembled_at: clock::rfc3339(now),
+        share_in: consent.share_in,
+        break_glass,
+        hidden_without_share_in: hidden.values().sum(),
+        withheld_sources,
     }))
+}
+
+/// Per section: what other publishers state they hold about the patient, less what this
+/// node holds from them. Never negative: a publisher's newer items may arrive before its
+/// newer sharing record.
+fn withheld_by_sharing_rules(
+    sharing: &BTreeMap<OdsCode, SharingRecord>,
+    held: &BTreeMap<(OdsCode, Section), u64>,
+    viewer: &OdsCode,
+) -> BTreeMap<Section, u64> {
+    let mut withheld: BTreeMap<Section, u64> = BTreeMap::new();
+    for (publisher, record) in sharing.iter().filter(|(p, _)| *p != viewer) {
+        for (section, stated) in &record.items_per_section {
+            let have = held
+                .get(&(publisher.clone(), *section))
+                .copied()
+                .unwrap_or(0);
+            *withheld.entry(*section).or_default() += stated.saturating_sub(have);
+        }
+    }
+    withheld
+}
+
+fn withheld_record_reason(reason: &WithholdReason) -> &'static str {
+    match reason {
+        WithholdReason::Objection => "the patient objected to sharing this organisation's record",
+        _ => "the patient chose not to share this organisation's record (Share Out off)",
+    }
 }
 
 /// The record as plain text, for `caremesh record`.

@@ -2,14 +2,15 @@
 //! serving when every peer is unreachable. No route writes clinical data.
 
 use crate::clock;
-use crate::record::{self, Record};
-use axum::extract::{Path, Query, State};
+use crate::record::{self, Record, Viewer};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use caremesh_storage::Store;
 use caremesh_sync::NhsNumber;
+use caremesh_sync::policy::ViewDecision;
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +19,9 @@ pub struct ViewState {
     pub database: PathBuf,
     pub organisation: String,
     pub ods: String,
+    pub viewer: Viewer,
+    /// How long a break-glass lasts.
+    pub break_glass_minutes: u32,
     /// The running sync engine's counters, when sync is on.
     pub sync: Option<Arc<crate::network::SyncCounters>>,
 }
@@ -27,6 +31,7 @@ pub fn router(state: Arc<ViewState>) -> Router {
         .route("/", get(index))
         .route("/patients", get(search))
         .route("/patients/{nhs}", get(patient_page))
+        .route("/patients/{nhs}/break-glass", post(break_glass))
         .route("/api/patients/{nhs}", get(patient_json))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -68,9 +73,10 @@ async fn lookup(state: &ViewState, raw: String) -> Lookup {
         Err(error) => return Lookup::InvalidNumber(error.to_string()),
     };
     let database = state.database.clone();
+    let viewer = state.viewer.clone();
     let outcome = tokio::task::spawn_blocking(move || {
         let store = Store::open_read_only(&database)?;
-        record::assemble(&store, &nhs, clock::now_unix())
+        record::assemble(&store, &nhs, &viewer, clock::now_unix())
     })
     .await;
     match outcome {
@@ -146,6 +152,114 @@ async fn patient_page(State(state): State<Arc<ViewState>>, Path(nhs): Path<Strin
             )),
         )
             .into_response(),
+    }
+}
+
+/// Limits on what a clinician types into the break-glass form.
+const CLINICIAN_MAX_CHARS: usize = 200;
+const REASON_MIN_CHARS: usize = 10;
+const REASON_MAX_CHARS: usize = 1000;
+
+#[derive(Deserialize)]
+struct BreakGlassForm {
+    clinician: String,
+    reason: String,
+}
+
+/// What is wrong with a break-glass request, in words for the clinician.
+fn break_glass_problem(form: &BreakGlassForm) -> Option<String> {
+    let clinician = form.clinician.trim().chars().count();
+    let reason = form.reason.trim().chars().count();
+    if clinician == 0 || clinician > CLINICIAN_MAX_CHARS {
+        Some(format!(
+            "Give your name (up to {CLINICIAN_MAX_CHARS} characters) to use emergency access."
+        ))
+    } else if !(REASON_MIN_CHARS..=REASON_MAX_CHARS).contains(&reason) {
+        Some(format!(
+            "Give the reason for emergency access in {REASON_MIN_CHARS} to {REASON_MAX_CHARS} characters: it is recorded and reviewed."
+        ))
+    } else {
+        None
+    }
+}
+
+fn error_page(state: &ViewState, status: StatusCode, title: &str, message: &str) -> Response {
+    (
+        status,
+        Html(page(
+            state,
+            title,
+            &format!("<p class=\"error\">{}</p>", escape(message)),
+        )),
+    )
+        .into_response()
+}
+
+/// Emergency access: records who and why, for `break_glass_minutes`, then shows the record.
+/// Only other organisations' data this node holds becomes visible: private items and what an
+/// objection withheld never reached it.
+async fn break_glass(
+    State(state): State<Arc<ViewState>>,
+    Path(raw): Path<String>,
+    Form(form): Form<BreakGlassForm>,
+) -> Response {
+    let not_started = "Emergency access not started";
+    let nhs = match NhsNumber::parse(&raw) {
+        Ok(nhs) => nhs,
+        Err(error) => {
+            return error_page(
+                &state,
+                StatusCode::BAD_REQUEST,
+                not_started,
+                &error.to_string(),
+            );
+        }
+    };
+    if let Some(problem) = break_glass_problem(&form) {
+        return error_page(&state, StatusCode::BAD_REQUEST, not_started, &problem);
+    }
+    let database = state.database.clone();
+    let minutes = state.break_glass_minutes.max(1);
+    let patient = nhs.clone();
+    let recorded = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&database)?;
+        let now = clock::now_unix();
+        store.record_break_glass(
+            &patient,
+            form.clinician.trim(),
+            form.reason.trim(),
+            now,
+            now + i64::from(minutes) * 60,
+        )
+    })
+    .await;
+    match recorded {
+        Ok(Ok(granted)) => {
+            tracing::info!(
+                id = granted.id,
+                minutes,
+                "emergency access (break-glass) started"
+            );
+            Redirect::to(&format!("/patients/{nhs}")).into_response()
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, "could not record a break-glass");
+            error_page(
+                &state,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                not_started,
+                "The node could not record the access, so it was not started; see the node log.",
+            )
+        }
+        Err(error) => {
+            tracing::error!(%error, "break-glass task failed");
+            error_page(
+                &state,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                not_started,
+                "Internal error; see the node log.",
+            )
+        }
     }
 }
 
@@ -242,7 +356,9 @@ main{max-width:1100px;margin:0 auto;padding:16px 24px}\
 .patient h1{margin:0 0 4px 0;font-size:1.6em}\
 section{background:#fff;margin:16px 0;padding:8px 16px}\
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:6px;border-bottom:1px solid #d8dde0;vertical-align:top}\
-.muted{color:#4c6272;font-size:.9em}.error{color:#d5281b;font-weight:bold}\
+.muted{color:#4c6272;font-size:.9em}.withheld{border-left-color:#ffeb3b}.withheld p{margin:4px 0}\
+.break-glass{border-left-color:#d5281b;background:#fff4f4}tr.break-glass td{background:#fff4f4}\
+.break-glass-form label{display:block;font-weight:bold;margin-top:8px}.break-glass-form textarea{width:100%;min-height:4em}.error{color:#d5281b;font-weight:bold}\
 .search label{display:block;font-weight:bold;margin-bottom:4px}\
 .search input{font-size:1.2em;padding:4px}.search button{font-size:1.1em;margin-left:8px}\
 @media print{body *{display:none}body:after{content:'Printing the shared care record is not allowed.'}}";
@@ -259,6 +375,75 @@ fn page(state: &ViewState, title: &str, body: &str) -> String {
         org = escape(&state.organisation),
         ods = escape(&state.ods),
     )
+}
+
+/// Break-glass in force; other organisations' data held but hidden without Share In (with
+/// the break-glass form); organisations whose whole record is withheld.
+fn sharing_banners(state: &ViewState, record: &Record) -> String {
+    let mut out = String::new();
+    if let Some(granted) = &record.break_glass {
+        out.push_str(&format!(
+            "<div class=\"banner break-glass\" role=\"alert\" id=\"break-glass-active\">\
+             <strong>Emergency access (break-glass)</strong> by {} until {}: {}. \
+             Rows shown only because of it are marked; this access is recorded.</div>",
+            escape(&granted.clinician),
+            escape(&clock::uk_date_time(granted.expires_at)),
+            escape(&granted.reason)
+        ));
+    } else if record.hidden_without_share_in > 0 {
+        out.push_str(&format!(
+            "<div class=\"banner withheld\" id=\"share-in-off\"><p><strong>{} from other \
+             organisations not shown</strong>: the patient's Share In is not recorded at {}.</p>\
+             <form method=\"post\" action=\"/patients/{}/break-glass\" class=\"break-glass-form\">\
+             <p>If there is a serious concern for the patient's safety you may use emergency \
+             access. It lasts {} minutes and is recorded with your name and reason.</p>\
+             <label for=\"clinician\">Your name</label>\
+             <input id=\"clinician\" name=\"clinician\" required maxlength=\"{CLINICIAN_MAX_CHARS}\">\
+             <label for=\"reason\">Reason</label>\
+             <textarea id=\"reason\" name=\"reason\" required minlength=\"{REASON_MIN_CHARS}\" \
+             maxlength=\"{REASON_MAX_CHARS}\"></textarea>\
+             <button type=\"submit\">Use emergency access</button></form></div>",
+            items(record.hidden_without_share_in),
+            escape(&state.organisation),
+            escape(&record.nhs_number),
+            state.break_glass_minutes
+        ));
+    }
+    for source in &record.withheld_sources {
+        out.push_str(&format!(
+            "<div class=\"banner withheld\">No data from {} ({}) is shown: {}.</div>",
+            escape(&source.name),
+            escape(&source.ods),
+            escape(&source.reason)
+        ));
+    }
+    out
+}
+
+/// "3 items withheld by sharing rules", and what Share In hides, under a section's heading.
+fn section_notices(section: &record::SectionView) -> String {
+    let mut out = String::new();
+    if section.withheld_by_sharing_rules > 0 {
+        out.push_str(&format!(
+            "<p class=\"withheld\">{} withheld by sharing rules</p>",
+            items(section.withheld_by_sharing_rules as usize)
+        ));
+    }
+    if section.hidden_without_share_in > 0 {
+        out.push_str(&format!(
+            "<p class=\"withheld\">{} from other organisations not shown without Share In</p>",
+            items(section.hidden_without_share_in)
+        ));
+    }
+    out
+}
+
+fn items(count: usize) -> String {
+    if count == 1 {
+        "1 item".into()
+    } else {
+        format!("{count} items")
+    }
 }
 
 fn render_record(state: &ViewState, record: &Record) -> String {
@@ -288,6 +473,7 @@ fn render_record(state: &ViewState, record: &Record) -> String {
          It does not need the network.</div>",
         escape(&clock::uk_date_time(clock::now_unix()))
     ));
+    body.push_str(&sharing_banners(state, record));
     body.push_str(
         "<section id=\"sources\"><h2>Sources</h2><table><thead><tr><th>Organisation</th>\
         <th>Kind</th><th>Feed</th><th>Data as of</th><th>Items</th></tr></thead><tbody>",
@@ -312,14 +498,20 @@ fn render_record(state: &ViewState, record: &Record) -> String {
             escape(section.title),
             section.count
         ));
+        body.push_str(&section_notices(section));
         if section.items.is_empty() {
             body.push_str("<p class=\"muted\">Nothing recorded in the data held.</p></section>");
             continue;
         }
         body.push_str("<table><thead><tr><th>Date</th><th>Entry</th><th>Details</th><th>Source</th></tr></thead><tbody>");
         for item in &section.items {
+            let row_class = if item.shown_by == ViewDecision::BreakGlass {
+                " class=\"break-glass\""
+            } else {
+                ""
+            };
             body.push_str(&format!(
-                "<tr><td>{}</td><td>{}{}</td><td>{}</td><td>{}<br><span class=\"muted\">{} &middot; {}</span></td></tr>",
+                "<tr{row_class}><td>{}</td><td>{}{}</td><td>{}</td><td>{}<br><span class=\"muted\">{} &middot; {}</span></td></tr>",
                 escape(&item.effective.as_deref().map(clock::uk_date).unwrap_or_else(|| "-".into())),
                 escape(&item.title),
                 item.status

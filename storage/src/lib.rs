@@ -12,14 +12,17 @@
 //! * The database runs in WAL mode with `synchronous=FULL`: a committed write survives a
 //!   kill -9 or a power cut.
 
+mod access;
 mod migrations;
 mod peers;
 
+pub use access::BreakGlass;
 pub use peers::{FeedRow, PeerStatus, RejectedChange};
 
 use caremesh_sync::policy::Consent;
 use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, Section, SignedHeads};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -689,6 +692,39 @@ impl WriteBatch<'_> {
             conn: &self.tx,
             path: &self.path,
         }
+    }
+
+    /// How many items `publisher` holds about `nhs` per section, its sharing record and
+    /// demographics aside: what its sharing record states so recipients can tell what they
+    /// were not given.
+    pub fn item_counts(
+        &self,
+        publisher: &OdsCode,
+        nhs: &NhsNumber,
+    ) -> Result<BTreeMap<Section, u64>> {
+        let mut statement = self
+            .tx
+            .prepare_cached(
+                "SELECT section, count(*) FROM items WHERE publisher = ?1 AND nhs = ?2 \
+                 AND section NOT IN ('sharing', 'demographics') GROUP BY section",
+            )
+            .map_err(self.err("count items"))?;
+        let rows = statement
+            .query_map([publisher.as_str(), nhs.as_str()], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })
+            .map_err(self.err("count items"))?;
+        let mut counts = BTreeMap::new();
+        for row in rows {
+            let (section, count) = row.map_err(self.err("count items"))?;
+            let section = section.parse().map_err(|e| StorageError::DamagedRow {
+                path: self.path.clone(),
+                doc: format!("items of {publisher}"),
+                what: format!("{e}"),
+            })?;
+            counts.insert(section, count as u64);
+        }
+        Ok(counts)
     }
 
     /// Drops every document `publisher` published about `nhs` except its sharing record (the

@@ -119,6 +119,20 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (peer, doc_id)
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 4: emergency access (break-glass) to a patient's record without Share In: who, why,
+    // from when until when. Rows are never updated or deleted: they are the audit of it.
+    r#"
+    CREATE TABLE break_glass (
+        id          INTEGER PRIMARY KEY,
+        nhs         TEXT NOT NULL,
+        clinician   TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        started_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        CHECK (expires_at > started_at)
+    ) STRICT;
+    CREATE INDEX break_glass_by_patient ON break_glass(nhs, expires_at);
+    "#,
 ];
 
 #[cfg(test)]

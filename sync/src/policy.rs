@@ -229,6 +229,59 @@ impl Consent {
     }
 }
 
+/// What a publisher's sharing record states: the patient's choices there and, unless those
+/// withhold everything, how many items it holds about the patient per section. A recipient
+/// compares the counts with what it holds to say "3 items withheld by sharing rules"
+/// without learning which items, of what class, or why. After an objection the counts are
+/// left out, so not even the shape of what it withheld travels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharingRecord {
+    pub consent: Consent,
+    pub items_per_section: BTreeMap<Section, u64>,
+}
+
+impl SharingRecord {
+    const COUNT_PREFIX: &'static str = "items.";
+
+    pub fn new(consent: Consent, items_per_section: BTreeMap<Section, u64>) -> SharingRecord {
+        let items_per_section = if consent.withholds_everything().is_some() {
+            BTreeMap::new()
+        } else {
+            items_per_section
+        };
+        debug_assert!(!items_per_section.contains_key(&Section::Sharing));
+        SharingRecord {
+            consent,
+            items_per_section,
+        }
+    }
+
+    pub fn to_fields(&self) -> BTreeMap<String, String> {
+        let mut fields = self.consent.to_fields();
+        for (section, count) in &self.items_per_section {
+            fields.insert(
+                format!("{}{}", Self::COUNT_PREFIX, section.as_str()),
+                count.to_string(),
+            );
+        }
+        fields
+    }
+
+    /// Reads a sharing record's fields; `None` if the consent fields do not read. Counts
+    /// that do not read are left out rather than guessed.
+    pub fn from_fields(fields: &BTreeMap<String, String>) -> Option<SharingRecord> {
+        let consent = Consent::from_fields(fields)?;
+        let items_per_section = fields
+            .iter()
+            .filter_map(|(name, value)| {
+                let section = name.strip_prefix(Self::COUNT_PREFIX)?.parse().ok()?;
+                Some((section, value.parse().ok()?))
+            })
+            .collect();
+        Some(SharingRecord::new(consent, items_per_section))
+    }
+}
+
 /// What the caller looks up about one document and one recipient before deciding.
 #[derive(Debug, Clone, Copy)]
 pub struct Facts {

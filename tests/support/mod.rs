@@ -134,15 +134,32 @@ pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
 
 /// A minimal HTTP/1.1 GET over a real socket: (status, body).
 pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    http_request(
+        address,
+        &format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n"),
+        "",
+    )
+}
+
+/// A form POST (`application/x-www-form-urlencoded`, `form` already encoded): (status, body).
+pub fn http_post_form(address: &str, path: &str, form: &str) -> (u16, String) {
+    http_request(
+        address,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            form.len()
+        ),
+        form,
+    )
+}
+
+fn http_request(address: &str, head: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(address).expect("connect to view");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(stream, "{head}Connection: close\r\n\r\n{body}").unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
     let text = String::from_utf8_lossy(&response).to_string();

@@ -319,3 +319,19 @@ fn consent_round_trips_through_the_sharing_record_fields() {
     damaged.remove("objection");
     assert_eq!(Consent::from_fields(&damaged), None);
 }
+
+#[test]
+fn a_sharing_record_carries_counts_per_section_except_after_an_objection() {
+    let counts = BTreeMap::from([(Section::Problems, 4), (Section::Results, 12)]);
+    let sharing = SharingRecord::new(Consent::SENT_BY_PUBLISHER, counts.clone());
+    let fields = sharing.to_fields();
+    assert_eq!(fields["items.problems"], "4");
+    assert_eq!(SharingRecord::from_fields(&fields), Some(sharing));
+    let objecting = Consent {
+        objection: true,
+        ..Consent::SENT_BY_PUBLISHER
+    };
+    let withheld = SharingRecord::new(objecting, counts);
+    assert!(withheld.items_per_section.is_empty());
+    assert!(!withheld.to_fields().keys().any(|k| k.starts_with("items.")));
+}
