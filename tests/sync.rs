@@ -863,3 +863,238 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
         )
     );
 }
+
+/// Turns on the wire log (`[sync] wire_log`) in a node home's config.
+fn log_wire(dir: &Path) {
+    let config = dir.join("caremesh.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replacen("[sync]\n", "[sync]\nwire_log = \"wire.log\"\n", 1);
+    std::fs::write(&config, text).unwrap();
+}
+
+/// Document ids (hex) named by any frame `dir` received, as its wire log recorded them.
+fn received_ids(dir: &Path) -> std::collections::BTreeSet<String> {
+    let log = std::fs::read_to_string(dir.join("wire.log")).unwrap_or_default();
+    log.lines()
+        .filter_map(|line| line.split(' ').nth(3))
+        .flat_map(|ids| ids.split(','))
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Ids (hex) of the GP's documents at `gp` matching `condition` (SQL over documents).
+fn gp_doc_ids(gp: &Path, condition: &str) -> Vec<String> {
+    strings(
+        gp,
+        &format!(
+            "SELECT lower(hex(doc_id)) FROM documents WHERE publisher = ?1 AND section != 'sharing' AND {condition}"
+        ),
+        "A81001",
+    )
+}
+
+/// One rule of the leak matrix: documents that must never reach `recipients`.
+struct Forbidden<'a> {
+    rule: &'a str,
+    docs: Vec<String>,
+    recipients: Vec<(&'a str, &'a Path)>,
+}
+
+#[test]
+fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_disk() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    let acute = region.registered("RTH01", "acute", false, &["HUB01"]);
+    let hospice = region.registered("HSP01", "hospice", false, &["HUB01"]);
+    region.publish(&[&hub, &gp, &acute, &hospice]);
+    for dir in [&hub, &acute, &hospice] {
+        log_wire(dir);
+    }
+    // GP: P0..P3. Acute trust: P0, P1. Hospice: P0.
+    ingest_generated(&gp, "A81001", 4, 1);
+    ingest_generated(&acute, "RTH01", 2, 1);
+    ingest_generated(&hospice, "HSP01", 1, 1);
+    let patients = caseload(&gp, "A81001");
+    let nhs_of = |key: &str| {
+        let mut links = strings(
+            &gp,
+            "SELECT nhs FROM patient_links WHERE source_key = ?1",
+            key,
+        );
+        links.remove(0)
+    };
+    let (p0, p1, p2, p3) = (
+        nhs_of("Patient/A81001-P0"),
+        nhs_of("Patient/A81001-P1"),
+        nhs_of("Patient/A81001-P2"),
+        nhs_of("Patient/A81001-P3"),
+    );
+    assert_eq!(patients.len(), 4);
+    let private_problem = temp.path().join("private.json");
+    write_gp_condition(
+        &private_problem,
+        "private-problem",
+        "LEAK-PRIVATE-4c1d",
+        true,
+    );
+    let sensitive_problem = temp.path().join("sensitive.json");
+    write_json(
+        &sensitive_problem,
+        &serde_json::json!({
+            "resourceType": "Condition", "id": "sensitive-problem",
+            "meta": {"lastUpdated": "2026-01-05T09:00:00Z"},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "86406008",
+                                 "display": "LEAK-SENSITIVE-9e2a"}]},
+            "subject": {"reference": "Patient/A81001-P0"}, "recordedDate": "2026-01-05"
+        }),
+    );
+    let output = ingest(
+        &gp,
+        &[
+            private_problem.to_str().unwrap(),
+            sensitive_problem.to_str().unwrap(),
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    set_consent(&gp, &p1, "--share-out", "off");
+    set_consent(&gp, &p2, "--objection", "on");
+
+    let about = |nhs: &str| format!("nhs = '{nhs}'");
+    let recipients_all = || {
+        vec![
+            ("hub", hub.as_path()),
+            ("acute", acute.as_path()),
+            ("hospice", hospice.as_path()),
+        ]
+    };
+    let matrix = [
+        Forbidden {
+            rule: "private items stay at the recording organisation",
+            docs: gp_doc_ids(&gp, "class = 'private'"),
+            recipients: recipients_all(),
+        },
+        Forbidden {
+            rule: "sensitive items are withheld by default",
+            docs: gp_doc_ids(&gp, "class = 'sensitive'"),
+            recipients: recipients_all(),
+        },
+        Forbidden {
+            rule: "the Oxfordshire agreement: acute trusts get no GP free text or documents (and the hub does not forward them)",
+            docs: gp_doc_ids(&gp, "class IN ('free-text', 'document')"),
+            recipients: vec![("acute", acute.as_path())],
+        },
+        Forbidden {
+            rule: "Share Out off",
+            docs: gp_doc_ids(&gp, &about(&p1)),
+            recipients: recipients_all(),
+        },
+        Forbidden {
+            rule: "an objection",
+            docs: gp_doc_ids(&gp, &about(&p2)),
+            recipients: recipients_all(),
+        },
+        Forbidden {
+            rule: "caseload: a patient the recipient does not care for",
+            docs: gp_doc_ids(&gp, &about(&p3)),
+            recipients: vec![("acute", acute.as_path()), ("hospice", hospice.as_path())],
+        },
+        Forbidden {
+            rule: "caseload: the hospice does not care for P1",
+            docs: gp_doc_ids(&gp, &about(&p1)),
+            recipients: vec![("hospice", hospice.as_path())],
+        },
+    ];
+    for case in &matrix {
+        assert!(
+            !case.docs.is_empty(),
+            "no documents to test for: {}",
+            case.rule
+        );
+    }
+
+    let _hub_process = RunningNode::start(&hub);
+    let _gp_process = RunningNode::start(&gp);
+    let _acute_process = RunningNode::start(&acute);
+    let _hospice_process = RunningNode::start(&hospice);
+    let coded_p0 = documents_of(&gp, "A81001", CODED, Some(std::slice::from_ref(&p0)));
+    let direct_p0 = documents_of(&gp, "A81001", DIRECT_CARE, Some(std::slice::from_ref(&p0)));
+    assert!(wait_for(SYNC_WAIT, || {
+        documents_of(&acute, "A81001", CODED, Some(std::slice::from_ref(&p0))) == coded_p0
+            && documents_of(&hospice, "A81001", DIRECT_CARE, None) == direct_p0
+            && held_from(&hub, "A81001") > 0
+    }));
+    // Everyone has finished offering and pulling: a leak would have happened by now.
+    let settled = |dir: &Path, peer_ods: &str| {
+        peer(dir, peer_ods).is_some_and(|p| {
+            p["pending_out"] == 0 && p["pending_in"] == 0 && p["last_sync_at"].is_i64()
+        })
+    };
+    assert!(wait_for(SYNC_WAIT, || settled(&gp, "HUB01")
+        && settled(&acute, "HUB01")
+        && settled(&hospice, "HUB01")));
+
+    // Positive controls: the wire logs see what is allowed, so their silence means something.
+    let allowed = [
+        (
+            "hospice",
+            &hospice,
+            gp_doc_ids(
+                &gp,
+                &format!("{} AND class IN ('free-text', 'document')", about(&p0)),
+            ),
+        ),
+        (
+            "acute",
+            &acute,
+            gp_doc_ids(&gp, &format!("{} AND class = 'coded'", about(&p0))),
+        ),
+        (
+            "hub",
+            &hub,
+            gp_doc_ids(&gp, &format!("{} AND class = 'coded'", about(&p3))),
+        ),
+    ];
+    for (name, dir, docs) in &allowed {
+        assert!(!docs.is_empty());
+        let received = received_ids(dir);
+        assert!(
+            docs.iter().all(|d| received.contains(d)),
+            "{name}'s wire log misses allowed documents"
+        );
+    }
+    for case in &matrix {
+        for (name, dir) in &case.recipients {
+            let received = received_ids(dir);
+            let held: std::collections::BTreeSet<String> = strings(
+                dir,
+                "SELECT lower(hex(doc_id)) FROM documents WHERE publisher = ?1",
+                "A81001",
+            )
+            .into_iter()
+            .collect();
+            for doc in &case.docs {
+                assert!(
+                    !received.contains(doc),
+                    "{}: document {doc} crossed the wire to the {name}",
+                    case.rule
+                );
+                assert!(
+                    !held.contains(doc),
+                    "{}: document {doc} is stored at the {name}",
+                    case.rule
+                );
+            }
+        }
+    }
+    for dir in [&hub, &acute, &hospice] {
+        assert!(!on_disk(dir, "LEAK-PRIVATE-4c1d"));
+        assert!(!on_disk(dir, "LEAK-SENSITIVE-9e2a"));
+    }
+    assert!(
+        on_disk(&gp, "LEAK-PRIVATE-4c1d"),
+        "the markers are searchable where they are held"
+    );
+}

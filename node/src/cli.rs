@@ -483,6 +483,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
                         peers: home.config.sync.peers.clone(),
                         database: home.database_path(),
                         consent_defaults: home.config.sharing.defaults(),
+                        wire_log: home.config.sync.wire_log.as_ref().map(|p| home.dir.join(p)),
                     },
                     shutdown_rx,
                 )

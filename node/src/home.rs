@@ -115,6 +115,9 @@ pub struct SyncConfig {
     pub registry: PathBuf,
     /// The regional authority's public key (hex) that the registry must be signed with.
     pub authority: Option<String>,
+    /// Diagnostics: append a line per received sync frame (kind, document ids) to this file,
+    /// relative to the node home. Holds no NHS numbers or clinical content.
+    pub wire_log: Option<PathBuf>,
 }
 
 impl Default for SyncConfig {
@@ -124,6 +127,7 @@ impl Default for SyncConfig {
             peers: Vec::new(),
             registry: PathBuf::from("trust/registry.json"),
             authority: None,
+            wire_log: None,
         }
     }
 }

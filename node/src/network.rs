@@ -66,6 +66,8 @@ pub struct SyncSettings {
     pub database: PathBuf,
     /// This organisation's consent defaults, for its patients without a recorded choice.
     pub consent_defaults: Consent,
+    /// Append a line per received frame here (diagnostics and leak tests; no patient data).
+    pub wire_log: Option<PathBuf>,
 }
 
 enum Command {
@@ -117,6 +119,16 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
         settings.ods.clone(),
         settings.consent_defaults,
     )?;
+    let wire_log = match &settings.wire_log {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening the wire log {}", path.display()))?,
+        ),
+        None => None,
+    };
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE);
     let connected: Arc<Mutex<HashSet<OdsCode>>> = Default::default();
     let engine = {
@@ -131,8 +143,9 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                     .enable_time()
                     .build()
                     .expect("engine runtime builds");
-                runtime
-                    .block_on(Engine::new(ods, host, connected, counters).run(engine_rx, shutdown));
+                runtime.block_on(
+                    Engine::new(ods, host, connected, counters, wire_log).run(engine_rx, shutdown),
+                );
             })?
     };
 
@@ -431,6 +444,7 @@ struct Engine {
     connected: Arc<Mutex<HashSet<OdsCode>>>,
     counters: Arc<SyncCounters>,
     last_tip: u64,
+    wire_log: Option<std::fs::File>,
 }
 
 impl Engine {
@@ -439,6 +453,7 @@ impl Engine {
         host: StoreHost,
         connected: Arc<Mutex<HashSet<OdsCode>>>,
         counters: Arc<SyncCounters>,
+        wire_log: Option<std::fs::File>,
     ) -> Engine {
         Engine {
             ods,
@@ -449,6 +464,21 @@ impl Engine {
             connected,
             counters,
             last_tip: 0,
+            wire_log,
+        }
+    }
+
+    /// One line per received frame: time, peer, kind, the document ids it named. Document
+    /// ids are hashes; no NHS number or content is written.
+    fn log_frame(&mut self, peer: &OdsCode, kind: &str, docs: &[caremesh_sync::DocId]) {
+        let Some(file) = &mut self.wire_log else {
+            return;
+        };
+        let ids: Vec<String> = docs.iter().map(ToString::to_string).collect();
+        let line = format!("{} {peer} {kind} {}\n", clock::now_unix(), ids.join(","));
+        if let Err(error) = std::io::Write::write_all(file, line.as_bytes()) {
+            tracing::error!(%error, "could not write the wire log; it stops here");
+            self.wire_log = None;
         }
     }
 
@@ -582,7 +612,12 @@ impl Engine {
         }
         let now = self.now_ms();
         let session = match Session::new(self.ods.clone(), peer.clone(), now, &mut self.host) {
-            Ok(session) => session,
+            Ok(mut session) => {
+                if self.wire_log.is_some() {
+                    session.log_received_frames();
+                }
+                session
+            }
             Err(error) => {
                 tracing::error!(peer = %peer.ods, %error, "could not start a sync session");
                 return false;
@@ -678,6 +713,7 @@ impl Engine {
         let Some(live) = self.sessions.get_mut(ods) else {
             return;
         };
+        let mut received = Vec::new();
         while let Some(event) = live.session.poll_event() {
             match event {
                 Event::Rejected {
@@ -711,7 +747,11 @@ impl Engine {
                     tracing::info!(peer = %ods, version = self.host.trust().current().version(), "adopted a newer trust registry from a peer");
                 }
                 Event::RegistryIgnored => {}
+                Event::Received { kind, docs } => received.push((kind, docs)),
             }
+        }
+        for (kind, docs) in received {
+            self.log_frame(ods, kind, &docs);
         }
     }
 

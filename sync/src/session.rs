@@ -183,6 +183,12 @@ pub enum Event {
     RegistryAdopted,
     /// The peer sent a registry that was refused or not newer.
     RegistryIgnored,
+    /// A frame arrived (only when [`Session::log_received_frames`] is on): its kind and the
+    /// documents it named, for a wire log that shows what reached this node.
+    Received {
+        kind: &'static str,
+        docs: Vec<DocId>,
+    },
 }
 
 /// Counters for status and metrics.
@@ -255,6 +261,7 @@ pub struct Session {
     wanted: VecDeque<WantEntry>,
     stats: SessionStats,
     events: VecDeque<Event>,
+    log_frames: bool,
 }
 
 impl Session {
@@ -285,6 +292,7 @@ impl Session {
                 ..Default::default()
             },
             events: VecDeque::new(),
+            log_frames: false,
         };
         session.control.push_back(Message::Hello {
             node: local,
@@ -304,6 +312,11 @@ impl Session {
 
     pub fn stats(&self) -> &SessionStats {
         &self.stats
+    }
+
+    /// Reports every received frame as [`Event::Received`] from now on.
+    pub fn log_received_frames(&mut self) {
+        self.log_frames = true;
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -387,6 +400,12 @@ impl Session {
     ) -> Result<(), SessionError> {
         if !self.hello_received && !matches!(message, Message::Hello { .. }) {
             return Err(SessionError::Protocol("first message was not Hello".into()));
+        }
+        if self.log_frames {
+            self.events.push_back(Event::Received {
+                kind: message.kind(),
+                docs: message.doc_ids(),
+            });
         }
         match message {
             Message::Hello {

@@ -93,6 +93,34 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// The message's name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Pull { .. } => "pull",
+            Message::Offer { .. } => "offer",
+            Message::Want { .. } => "want",
+            Message::Changes { .. } => "changes",
+            Message::Missing { .. } => "missing",
+            Message::Ack { .. } => "ack",
+            Message::RegistryWanted => "registry-wanted",
+            Message::Registry { .. } => "registry",
+        }
+    }
+
+    /// The documents the message names.
+    pub fn doc_ids(&self) -> Vec<DocId> {
+        match self {
+            Message::Offer { entries, .. } => entries.iter().map(|e| e.doc).collect(),
+            Message::Want { docs } => docs.iter().map(|w| w.doc).collect(),
+            Message::Changes { meta, .. } => vec![meta.id()],
+            Message::Missing { doc } => vec![*doc],
+            _ => Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum WireError {
     #[error("frame of {0} bytes announced, over the {MAX_FRAME_BYTES} byte limit")]

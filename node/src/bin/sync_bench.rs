@@ -342,6 +342,7 @@ fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
                         peers: home.config.sync.peers.clone(),
                         database: home.database_path(),
                         consent_defaults: home.config.sharing.defaults(),
+                        wire_log: None,
                     },
                     shutdown_rx.clone(),
                 )
