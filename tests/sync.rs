@@ -461,14 +461,16 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
     let mut reader = std::io::BufReader::new(demo.stdout.take().unwrap());
     let mut pages = Vec::new();
     let mut line = String::new();
-    while pages.len() < 3 && std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0 {
+    while pages.len() < 4 && std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0 {
         if let Some(url) = line.split_whitespace().find(|w| w.contains("/patients/")) {
             pages.push(url.trim_start_matches("http://").to_string());
         }
         line.clear();
     }
     std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    let [gp_page, acute_page, hospice_page] = pages.try_into().expect("three patient pages");
+    let [gp_page, acute_page, hospice_page, break_glass_page] = pages
+        .try_into()
+        .expect("three patient pages and the break-glass example");
     let record = |page: &str| -> serde_json::Value {
         let (address, path) = page.split_once('/').unwrap();
         let (status, body) = http_get(address, &format!("/api/{path}"));
@@ -496,12 +498,39 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
     });
     let acute = record(&acute_page);
     let hospice = record(&hospice_page);
+    // The break-glass example: the GP's data is held at the hospice but not shown, until a
+    // clinician gives a reason.
+    let hidden = wait_for(SYNC_WAIT, || {
+        record(&break_glass_page)["hidden_without_share_in"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
+    let (address, path) = break_glass_page.split_once('/').unwrap();
+    let (glass_status, _) = http_post_form(
+        address,
+        &format!("/{path}/break-glass"),
+        "clinician=Demo+Clinician&reason=Deteriorating%2C+needs+GP+medication+history",
+    );
+    let opened = record(&break_glass_page);
     // Stop the region (SIGTERM lets the demo stop its nodes) before asserting.
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &demo.id().to_string()])
         .status();
     let _ = demo.wait();
     assert!(all_joined, "every page joins GP, hospital and hospice data");
+    assert!(hidden, "the break-glass example hides the GP's data");
+    assert_eq!(glass_status, 303);
+    assert_eq!(opened["break_glass"]["clinician"], "Demo Clinician");
+    assert!(!items_from(&opened, "A81001").is_empty());
+    // The hospital's page says what the Oxfordshire rule withheld.
+    let withheld: u64 = acute["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["withheld_by_sharing_rules"].as_u64().unwrap())
+        .sum();
+    assert!(withheld > 0, "the hospital page counts withheld GP items");
     // The Oxfordshire rule: the hospital sees coded GP data only; the hospice sees more.
     assert!(items_from(&acute, "A81001").iter().all(|c| c == "coded"));
     assert!(

@@ -69,12 +69,7 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
                 share_in: share_in.map_or(current.share_in, Switch::on),
                 objection: objection.map_or(current.objection, Switch::on),
             };
-            let ods = home.config.organisation.ods.clone();
-            let mut publication = Publication::new(ods, home.config.sharing.defaults());
-            publication.set_consent(&nhs, consent);
-            let batch = store.write()?;
-            let written = publication.apply(&batch, &home.signing_key()?, clock::now_unix())?;
-            batch.commit()?;
+            let written = record(&home, &mut store, &nhs, consent)?;
             println!(
                 "{}: {}",
                 if written > 0 { "recorded" } else { "unchanged" },
@@ -107,6 +102,23 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Publishes the patient's choices here as their sharing record. Returns the documents
+/// written (0 when the choices were already recorded).
+pub fn record(
+    home: &Home,
+    store: &mut caremesh_storage::Store,
+    nhs: &NhsNumber,
+    consent: Consent,
+) -> Result<usize> {
+    let ods = home.config.organisation.ods.clone();
+    let mut publication = Publication::new(ods, home.config.sharing.defaults());
+    publication.set_consent(nhs, consent);
+    let batch = store.write()?;
+    let written = publication.apply(&batch, &home.signing_key()?, clock::now_unix())?;
+    batch.commit()?;
+    Ok(written)
 }
 
 /// The patient's choices here: recorded, or this organisation's defaults.

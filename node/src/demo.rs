@@ -8,6 +8,7 @@ use crate::generate::{self, GenerateOptions};
 use crate::home::{Home, OrganisationConfig};
 use crate::ingest::{FileDisposition, Ingestor};
 use anyhow::{Context, Result};
+use caremesh_sync::policy::Consent;
 use caremesh_sync::trust::public_key_of;
 use caremesh_sync::{OdsCode, OrgKind, Organisation, RegistryFile};
 use std::io::BufRead;
@@ -82,19 +83,29 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
         None => std::env::temp_dir().join(format!("caremesh-demo-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir)?;
-    let first_patient = if dir.join("region.done").exists() {
-        std::fs::read_to_string(dir.join("region.done"))?
-            .trim()
-            .to_string()
+    let done = dir.join("region.done");
+    let (first_patient, no_share_in) = if done.exists() {
+        let text = std::fs::read_to_string(&done)?;
+        let mut lines = text.lines().map(str::to_string);
+        let first = lines
+            .next()
+            .context("region.done is empty; remove it to set up again")?;
+        (first, lines.next())
     } else {
-        let first = set_up(&dir, patients, port)?;
-        std::fs::write(dir.join("region.done"), &first)?;
-        first
+        let (first, no_share_in) = set_up(&dir, patients, port)?;
+        let text = format!("{first}\n{}\n", no_share_in.as_deref().unwrap_or(""));
+        std::fs::write(&done, text)?;
+        (first, no_share_in)
     };
+    let no_share_in = no_share_in.filter(|n| !n.is_empty());
+    let mut hospice_address = None;
     let mut children = Vec::new();
     println!("demo region in {}", dir.display());
     for node in REGION {
         let (child, address) = start(&dir.join(node.folder))?;
+        if node.kind == OrgKind::Hospice {
+            hospice_address = Some(address.clone());
+        }
         let page = if node.kind == OrgKind::Hub {
             format!("http://{address}/health")
         } else {
@@ -111,6 +122,17 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
     let hub = &children[0];
     println!();
     println!("Open any of the patient pages: the record joins GP, hospital and hospice data.");
+    println!(
+        "The hospital's page says how many GP items the sharing rules withheld (free text and documents)."
+    );
+    if let (Some(nhs), Some(address)) = (&no_share_in, &hospice_address) {
+        println!(
+            "Break-glass: this patient has not agreed to Share In at the hospice, so it shows only its own data: http://{address}/patients/{nhs}"
+        );
+        println!(
+            "  Give a name and a reason to open the rest for an hour; the access is recorded."
+        );
+    }
     println!(
         "Try working offline: stop the hub with `kill {}`; every view keeps serving.",
         hub.id()
@@ -137,8 +159,9 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
 }
 
 /// Makes the node homes, the authority and registry, and ingests each organisation's
-/// extract. Returns the NHS number of a patient known to every care organisation.
-fn set_up(dir: &Path, patients: u64, port: u16) -> Result<String> {
+/// extract. Returns the NHS number of a patient known to every care organisation, and of a
+/// hospice patient whose Share In is off there (the break-glass example), if it has two.
+fn set_up(dir: &Path, patients: u64, port: u16) -> Result<(String, Option<String>)> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
     let authority = public_key_of(&secret);
@@ -179,6 +202,7 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<String> {
     file.sign(&secret, clock::now_unix())?;
     crate::home::write_secret(&dir.join("authority.key"), &hex::encode(secret))?;
     let mut first_patient = None;
+    let mut no_share_in = None;
     for (node, home) in REGION.iter().zip(&homes) {
         crate::trust::write_atomically(&home.registry_path(), &file.to_json())?;
         let count = (patients * node.patient_share / 100).max(u64::from(node.patient_share > 0));
@@ -206,8 +230,20 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<String> {
             "{}: {} patients, {} documents",
             node.name, count, report.documents_written
         );
+        if node.kind == OrgKind::Hospice
+            && let Some(nhs) = generated.nhs_numbers.get(1)
+        {
+            let consent = Consent {
+                share_in: false,
+                ..home.config.sharing.defaults()
+            };
+            crate::consent::record(home, &mut store, nhs, consent)?;
+            no_share_in = Some(nhs.to_string());
+        }
     }
-    first_patient.context("the demo generated no patients; use --patients 10 or more")
+    let first =
+        first_patient.context("the demo generated no patients; use --patients 10 or more")?;
+    Ok((first, no_share_in))
 }
 
 /// Starts `caremesh run` for a node and reads the view address it prints.
