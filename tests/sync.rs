@@ -833,6 +833,18 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
     assert!(page.contains("withheld by sharing rules"));
     assert!(page.contains("Use emergency access"));
     assert!(!page.contains("Private to the practice"));
+    let text = stdout(&run(&[
+        "record",
+        "--dir",
+        hospice.to_str().unwrap(),
+        "--nhs",
+        &nhs,
+    ]));
+    assert!(text.contains("withheld by sharing rules"), "{text}");
+    assert!(
+        text.contains("not shown: Share In is not recorded here"),
+        "{text}"
+    );
 
     // Break-glass needs a reason; with one, it is recorded and shows the GP's data, flagged.
     let path = format!("/patients/{nhs}/break-glass");

@@ -328,8 +328,33 @@ pub fn render_text(record: &Record) -> String {
             source.items
         ));
     }
+    if let Some(granted) = &record.break_glass {
+        out.push_str(&format!(
+            "\nEMERGENCY ACCESS (break-glass) by {} until {}: {}\n",
+            granted.clinician,
+            clock::uk_date_time(granted.expires_at),
+            granted.reason
+        ));
+    } else if record.hidden_without_share_in > 0 {
+        out.push_str(&format!(
+            "\n{} from other organisations not shown: Share In is not recorded here\n",
+            items_phrase(record.hidden_without_share_in)
+        ));
+    }
+    for source in &record.withheld_sources {
+        out.push_str(&format!(
+            "No data from {} is shown: {}\n",
+            source.name, source.reason
+        ));
+    }
     for section in &record.sections {
         out.push_str(&format!("\n{} ({})\n", section.title, section.count));
+        if section.withheld_by_sharing_rules > 0 {
+            out.push_str(&format!(
+                "  {} withheld by sharing rules\n",
+                items_phrase(section.withheld_by_sharing_rules as usize)
+            ));
+        }
         for item in &section.items {
             let date = item
                 .effective
@@ -344,4 +369,13 @@ pub fn render_text(record: &Record) -> String {
         }
     }
     out
+}
+
+/// "1 item", "3 items".
+pub fn items_phrase(count: usize) -> String {
+    if count == 1 {
+        "1 item".into()
+    } else {
+        format!("{count} items")
+    }
 }

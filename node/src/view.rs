@@ -403,7 +403,7 @@ fn sharing_banners(state: &ViewState, record: &Record) -> String {
              <textarea id=\"reason\" name=\"reason\" required minlength=\"{REASON_MIN_CHARS}\" \
              maxlength=\"{REASON_MAX_CHARS}\"></textarea>\
              <button type=\"submit\">Use emergency access</button></form></div>",
-            items(record.hidden_without_share_in),
+            record::items_phrase(record.hidden_without_share_in),
             escape(&state.organisation),
             escape(&record.nhs_number),
             state.break_glass_minutes
@@ -426,24 +426,16 @@ fn section_notices(section: &record::SectionView) -> String {
     if section.withheld_by_sharing_rules > 0 {
         out.push_str(&format!(
             "<p class=\"withheld\">{} withheld by sharing rules</p>",
-            items(section.withheld_by_sharing_rules as usize)
+            record::items_phrase(section.withheld_by_sharing_rules as usize)
         ));
     }
     if section.hidden_without_share_in > 0 {
         out.push_str(&format!(
             "<p class=\"withheld\">{} from other organisations not shown without Share In</p>",
-            items(section.hidden_without_share_in)
+            record::items_phrase(section.hidden_without_share_in)
         ));
     }
     out
-}
-
-fn items(count: usize) -> String {
-    if count == 1 {
-        "1 item".into()
-    } else {
-        format!("{count} items")
-    }
 }
 
 fn render_record(state: &ViewState, record: &Record) -> String {
