@@ -5,8 +5,8 @@
 
 use crate::clock;
 use crate::home::Home;
-use crate::publish::Publication;
 use anyhow::{Context, Result};
+use caremesh_storage::publish::Publication;
 use caremesh_sync::NhsNumber;
 use caremesh_sync::policy::Consent;
 use clap::Subcommand;

@@ -14,7 +14,7 @@ use crate::fhir::{
 };
 use crate::home::{Home, HomeError};
 use crate::patient_index::PatientIndex;
-use crate::publish::{Publication, PublishError};
+use caremesh_storage::publish::{Publication, PublishError};
 use caremesh_storage::{IngestRow, SourceRow, StorageError, Store, WriteBatch};
 use caremesh_sync::policy::Agreements;
 use caremesh_sync::{DataClass, Item, NhsNumber, PublisherKey, Section};

@@ -15,10 +15,10 @@
 //! behind, readers stop reading and QUIC flow control slows the sender.
 
 use crate::clock;
-use crate::sync_host::StoreHost;
 use crate::tls::{self, NodeIdentity};
 use crate::trust::TrustState;
 use anyhow::{Context, Result};
+use caremesh_storage::sync_host::StoreHost;
 use caremesh_storage::{PeerStatus, Store};
 use caremesh_sync::policy::{Consent, Recipient};
 use caremesh_sync::{Event, KeyStanding, OdsCode, PublisherKey, Session};
@@ -115,9 +115,10 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     store.reset_connections()?;
     let host = StoreHost::new(
         store,
-        settings.trust.clone(),
+        Box::new(settings.trust.clone()),
         settings.ods.clone(),
         settings.consent_defaults,
+        Box::new(clock::now_unix),
     )?;
     let wire_log = match &settings.wire_log {
         Some(path) => Some(
@@ -744,7 +745,7 @@ impl Engine {
                 Event::CaughtUp => live.last_sync_at = Some(clock::now_unix()),
                 Event::PeerAcked { .. } => {}
                 Event::RegistryAdopted => {
-                    tracing::info!(peer = %ods, version = self.host.trust().current().version(), "adopted a newer trust registry from a peer");
+                    tracing::info!(peer = %ods, version = self.host.registry().version(), "adopted a newer trust registry from a peer");
                 }
                 Event::RegistryIgnored => {}
                 Event::Received { kind, docs } => received.push((kind, docs)),

@@ -96,6 +96,16 @@ impl TrustState {
     }
 }
 
+impl caremesh_storage::sync_host::RegistrySource for TrustState {
+    fn current(&self) -> Arc<VerifiedRegistry> {
+        TrustState::current(self)
+    }
+
+    fn adopt(&self, bytes: Vec<u8>) -> Result<bool, String> {
+        TrustState::adopt(self, bytes).map_err(|error| error.to_string())
+    }
+}
+
 fn read_limited(path: &Path) -> Result<Vec<u8>, RegistryLoadError> {
     let io = |cause| RegistryLoadError::Io {
         path: path.to_path_buf(),

@@ -15,6 +15,8 @@
 mod access;
 mod migrations;
 mod peers;
+pub mod publish;
+pub mod sync_host;
 
 pub use access::BreakGlass;
 pub use peers::{FeedRow, PeerStatus, RejectedChange};

@@ -27,9 +27,9 @@ use caremesh::clock;
 use caremesh::generate::{GenerateOptions, generate};
 use caremesh::home::{Home, OrganisationConfig};
 use caremesh::ingest::{FileDisposition, Ingestor};
-use caremesh::sync_host::StoreHost;
 use caremesh::trust::TrustState;
 use caremesh_storage::Store;
+use caremesh_storage::sync_host::StoreHost;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::trust::public_key_of;
 use caremesh_sync::{
@@ -564,9 +564,10 @@ fn incremental(work: &Path, gp_dir: &Path, patients: u64) -> Result<()> {
         )?;
         Ok(StoreHost::new(
             home.open_store()?,
-            trust,
+            Box::new(trust),
             home.config.organisation.ods.clone(),
             home.config.sharing.defaults(),
+            Box::new(caremesh::clock::now_unix),
         )?)
     };
     let gp_ods = gp_home.config.organisation.ods.clone();
@@ -610,7 +611,7 @@ fn change_one_item(home: &Home, store: &mut Store) -> Result<()> {
         .pop()
         .context("practice holds no documents")?;
     let key = home.signing_key()?;
-    let actor = caremesh::publish::actor_for(&key);
+    let actor = caremesh_storage::publish::actor_for(&key);
     let mut document = PublishedDocument::load_for_writing(&stored.meta, &stored.snapshot, &actor)?;
     let mut item: Item = document
         .items()?

@@ -1,18 +1,34 @@
-//! The sync engine's view of this node: SQLite storage, the trust registry and policy.
+//! The sync engine's view of a node: SQLite storage, the trust registry and policy.
+//!
+//! The registry and the clock come in from outside ([`RegistrySource`], [`Clock`]): the node
+//! passes its registry file and the wall clock, a simulation its own registry and virtual
+//! time, so the same host runs in both.
 
-use crate::clock;
-use crate::trust::TrustState;
-use caremesh_storage::{CareLookup, FeedRow, SourceRow, StorageError, Store};
+use crate::{CareLookup, FeedRow, SourceRow, StorageError, Store};
+use caremesh_sync::VerifiedRegistry;
 use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
 use caremesh_sync::{
     Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, OdsCode, Refusal,
     Section, SignedHeads, SyncHost, VerifiedDocument,
 };
+use std::sync::Arc;
+
+/// Where the host reads the registry in force and hands a newer edition a peer offered.
+pub trait RegistrySource: Send {
+    fn current(&self) -> Arc<VerifiedRegistry>;
+    /// Adopts the offered edition if it verifies against the pinned authority and is newer.
+    /// `Err` carries why it was refused, for the log.
+    fn adopt(&self, bytes: Vec<u8>) -> Result<bool, String>;
+}
+
+/// Unix seconds, as the host's caller keeps time.
+pub type Clock = Box<dyn Fn() -> i64 + Send>;
 
 pub struct StoreHost {
     pub store: Store,
     policy: PolicyContext,
     feed: FeedId,
+    clock: Clock,
     /// A purge left pages of withdrawn documents in the WAL that a reader kept from being
     /// truncated: compact again after the next commit.
     compaction_due: bool,
@@ -20,7 +36,7 @@ pub struct StoreHost {
 
 /// What policy decisions need besides storage: the registry and who this node is.
 struct PolicyContext {
-    trust: TrustState,
+    trust: Box<dyn RegistrySource>,
     /// This node's organisation and its consent defaults, for its own patients without a
     /// recorded sharing choice.
     own: OdsCode,
@@ -119,9 +135,10 @@ fn stated_consent(meta: &DocMeta, items: &[Item]) -> Option<Consent> {
 impl StoreHost {
     pub fn new(
         store: Store,
-        trust: TrustState,
+        trust: Box<dyn RegistrySource>,
         own: OdsCode,
         own_defaults: Consent,
+        clock: Clock,
     ) -> Result<StoreHost, StorageError> {
         let feed = FeedId(store.feed_id()?);
         Ok(StoreHost {
@@ -132,8 +149,14 @@ impl StoreHost {
                 own_defaults,
             },
             feed,
+            clock,
             compaction_due: false,
         })
+    }
+
+    /// The registry in force.
+    pub fn registry(&self) -> Arc<VerifiedRegistry> {
+        self.policy.trust.current()
     }
 
     /// Retries an emptying of the WAL that a reader held up after a purge.
@@ -150,10 +173,6 @@ impl StoreHost {
             Ok(done) => self.compaction_due = !done,
             Err(error) => tracing::error!(%error, "could not compact storage after a purge"),
         }
-    }
-
-    pub fn trust(&self) -> &TrustState {
-        &self.policy.trust
     }
 
     /// The sources panel row for a publisher whose documents arrived by sync.
@@ -237,7 +256,7 @@ impl SyncHost for StoreHost {
         mut documents: Vec<VerifiedDocument>,
         checkpoint: Option<Checkpoint>,
     ) -> Result<Vec<Refusal>, HostError> {
-        let now = clock::now_unix();
+        let now = (self.clock)();
         let this_node = self.policy.this_node()?;
         // Sharing records first: a withdrawal in this batch refuses the late copies with it,
         // and consent given again admits the documents that follow it.

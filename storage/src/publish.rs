@@ -4,7 +4,7 @@
 //! as sensitive moves from the coded to the sensitive document); [`Publication`] removes an
 //! item from wherever it was before placing it anew, so one fact is never held twice.
 
-use caremesh_storage::{StorageError, WriteBatch};
+use crate::{StorageError, WriteBatch};
 use caremesh_sync::policy::{Consent, SharingRecord};
 use caremesh_sync::{
     DataClass, DocMeta, DocumentError, Item, NhsNumber, OdsCode, PublishedDocument, PublisherKey,
