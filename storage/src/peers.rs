@@ -360,6 +360,16 @@ impl WriteBatch<'_> {
             .map_err(self.err("queue backfill"))
     }
 
+    /// Records `peer` as one this node syncs with directly (a no-op when it already is), so
+    /// backfill can be queued for it from the first batch it sends.
+    pub fn register_peer(&self, peer: &OdsCode) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO sync_peers (peer) VALUES (?1)")
+            .and_then(|mut statement| statement.execute([peer.as_str()]))
+            .map_err(self.err("register peer"))?;
+        Ok(())
+    }
+
     /// Saves our checkpoint in `peer`'s feed, in the transaction that stored what it covers.
     pub fn save_checkpoint(&self, peer: &OdsCode, feed: [u8; 16], up_to: u64) -> Result<()> {
         self.tx

@@ -266,6 +266,10 @@ impl SyncHost for StoreHost {
             .map(|d| self.source_row(&d.signed.meta.publisher, d.published_at.unwrap_or(now)))
             .collect();
         let batch = self.store.write().map_err(host_error)?;
+        // Before any document: a relationship the first batch reveals must be able to queue
+        // backfill for the peer that sent it (found by the simulator: the peer's row was only
+        // made with its first checkpoint, after the documents, so that backfill was lost).
+        batch.register_peer(peer).map_err(host_error)?;
         let mut refusals = Vec::new();
         let mut purged = 0;
         for (document, source) in documents.iter().zip(&sources) {
