@@ -122,6 +122,9 @@ enum Command {
         #[command(subcommand)]
         command: crate::consent::ConsentCommand,
     },
+    /// Run a simulation scenario in virtual time: many nodes, the real sync engine and storage,
+    /// a simulated network with faults; reports convergence, violations and a trace hash.
+    Sim(crate::sim::SimArgs),
     /// Regional authority tools: make, edit, sign, show, verify and install trust registries.
     Trust {
         #[command(subcommand)]
@@ -323,6 +326,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Trust { command } => crate::trust_admin::run(command),
         Command::Consent { command } => crate::consent::run(command),
+        Command::Sim(args) => crate::sim::run(args),
         Command::Demo {
             dir,
             patients,

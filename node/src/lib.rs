@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod network;
 pub mod patient_index;
 pub mod record;
+pub mod sim;
 pub mod tls;
 pub mod trust;
 pub mod trust_admin;

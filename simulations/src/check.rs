@@ -1,0 +1,269 @@
+//! The invariants, checked against the nodes' SQLite stores. Ground truth is each
+//! publisher's own store: what it published and the patient's choices it recorded.
+
+use crate::Violation;
+use crate::world::World;
+use caremesh_storage::StorageError;
+use caremesh_storage::sync_host::StoreHost;
+use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
+use caremesh_sync::{DocId, DocMeta, NhsNumber, PublishedDocument, SignedHeads, SyncHost};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A document version held by a node.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub meta: DocMeta,
+    pub heads: Vec<[u8; 32]>,
+}
+
+type HeldByNode = [Option<BTreeMap<DocId, Held>>];
+
+/// Every document `host` holds, with the heads of its signed version.
+pub fn held_documents(host: &StoreHost) -> Result<BTreeMap<DocId, Held>, StorageError> {
+    let rows = host.store.feed_after(0, usize::MAX)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let heads = SignedHeads::decode(&row.signed)
+                .map(|s| s.heads)
+                .unwrap_or_default();
+            (
+                row.meta.id(),
+                Held {
+                    meta: row.meta,
+                    heads,
+                },
+            )
+        })
+        .collect())
+}
+
+/// What policy needs, from ground truth: who cares for whom (has published about them) and
+/// each publisher's recorded choices.
+struct Truth<'w> {
+    world: &'w World,
+    cares: BTreeSet<(usize, NhsNumber)>,
+    consent: BTreeMap<(usize, NhsNumber), Consent>,
+    with_consent: bool,
+}
+
+impl<'w> Truth<'w> {
+    fn new(world: &'w World, held: &HeldByNode, with_consent: bool) -> Truth<'w> {
+        let mut cares = BTreeSet::new();
+        for (node, docs) in held.iter().enumerate() {
+            for entry in docs.iter().flat_map(|d| d.values()) {
+                if entry.meta.publisher == world.nodes[node].ods {
+                    cares.insert((node, entry.meta.patient.clone()));
+                }
+            }
+        }
+        Truth {
+            world,
+            cares,
+            consent: BTreeMap::new(),
+            with_consent,
+        }
+    }
+
+    fn consent_at(&mut self, publisher: usize, patient: &NhsNumber) -> Consent {
+        if !self.with_consent {
+            return Consent::SENT_BY_PUBLISHER;
+        }
+        let key = (publisher, patient.clone());
+        if let Some(consent) = self.consent.get(&key) {
+            return *consent;
+        }
+        let recorded = self.world.host(publisher).and_then(|host| {
+            host.store
+                .care()
+                .recorded_consent(&self.world.nodes[publisher].ods, patient)
+                .ok()
+                .flatten()
+        });
+        let consent = recorded.unwrap_or(self.world.defaults(publisher));
+        self.consent.insert(key, consent);
+        consent
+    }
+
+    fn decide(&mut self, meta: &DocMeta, publisher: usize, recipient: usize) -> Decision {
+        let world = self.world;
+        let facts = Facts {
+            publisher_kind: world
+                .registry
+                .registry()
+                .organisation(&meta.publisher)
+                .map(|o| o.kind),
+            consent: self.consent_at(publisher, &meta.patient),
+            recipient_cares_for_patient: self.cares.contains(&(recipient, meta.patient.clone())),
+            direct_from_publisher: world.peers_of(recipient).contains(&publisher),
+        };
+        let to = Recipient {
+            ods: world.nodes[recipient].ods.clone(),
+            kind: world.nodes[recipient].kind,
+        };
+        policy::decide(meta, &to, &world.agreements, &facts)
+    }
+}
+
+fn violation(world: &World, node: usize, doc: DocId, rule: &str, detail: String) -> Violation {
+    Violation {
+        at_s: world.now_s(),
+        node: world.nodes[node].ods.to_string(),
+        doc: doc.to_string(),
+        rule: rule.into(),
+        detail,
+    }
+}
+
+/// Documents held where policy forbids them. Mid-run (`with_consent` false) only the rules
+/// that need no propagation are checked (private, sensitive, agreements, caseload); at the
+/// end the patients' choices too, since withdrawals must have been applied everywhere.
+pub fn forbidden(world: &World, held: &HeldByNode, with_consent: bool) -> Vec<Violation> {
+    let mut truth = Truth::new(world, held, with_consent);
+    let mut found = Vec::new();
+    for (node, docs) in held.iter().enumerate() {
+        for (doc, entry) in docs.iter().flat_map(|d| d.iter()) {
+            if entry.meta.publisher == world.nodes[node].ods {
+                continue;
+            }
+            let publisher = world.index_of(entry.meta.publisher.as_str());
+            if let Decision::Withhold(reason) = truth.decide(&entry.meta, publisher, node) {
+                found.push(violation(
+                    world,
+                    node,
+                    *doc,
+                    "nothing-forbidden",
+                    format!(
+                        "holds a {} document of {}: {reason}",
+                        entry.meta.class, entry.meta.publisher
+                    ),
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Documents an entitled node does not hold at the publisher's version. Entitled: policy
+/// lets it hold the document, and a path of peers that may also hold it leads from the
+/// publisher to it. Nodes that are down are left out on both sides.
+pub fn missing(world: &World, held: &HeldByNode) -> Vec<Violation> {
+    let mut truth = Truth::new(world, held, true);
+    let mut found = Vec::new();
+    for (publisher, docs) in held.iter().enumerate() {
+        let Some(docs) = docs else { continue };
+        for (doc, entry) in docs {
+            if entry.meta.publisher != world.nodes[publisher].ods {
+                continue;
+            }
+            for node in entitled(world, &mut truth, held, publisher, &entry.meta) {
+                let holds = held[node]
+                    .as_ref()
+                    .and_then(|d| d.get(doc))
+                    .is_some_and(|h| h.heads == entry.heads);
+                if !holds {
+                    found.push(violation(
+                        world,
+                        node,
+                        *doc,
+                        "convergence",
+                        format!(
+                            "lacks the latest {} {} document of {}",
+                            entry.meta.class, entry.meta.section, entry.meta.publisher
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    found
+}
+
+fn entitled(
+    world: &World,
+    truth: &mut Truth<'_>,
+    held: &HeldByNode,
+    publisher: usize,
+    meta: &DocMeta,
+) -> Vec<usize> {
+    let mut reached = BTreeSet::from([publisher]);
+    let mut queue = VecDeque::from([publisher]);
+    let mut entitled = Vec::new();
+    while let Some(from) = queue.pop_front() {
+        for next in world.peers_of(from) {
+            if reached.contains(&next) || held[next].is_none() {
+                continue;
+            }
+            reached.insert(next);
+            if truth.decide(meta, publisher, next) == Decision::Send {
+                entitled.push(next);
+                queue.push_back(next);
+            }
+        }
+    }
+    entitled
+}
+
+/// Changes a publisher committed that its store no longer has.
+pub fn lost(world: &World, held: &HeldByNode) -> Vec<Violation> {
+    let mut found = Vec::new();
+    for ((node, doc), heads) in &world.committed {
+        let Some(docs) = &held[*node] else { continue };
+        let kept = match docs.get(doc) {
+            Some(entry) if entry.heads == *heads => true,
+            Some(entry) => world
+                .host(*node)
+                .and_then(|host| host.store.document(*doc).ok().flatten())
+                .and_then(|stored| PublishedDocument::load(&entry.meta, &stored.snapshot).ok())
+                .is_some_and(|document| document.contains_all(heads)),
+            None => false,
+        };
+        if !kept {
+            found.push(violation(
+                world,
+                *node,
+                *doc,
+                "no-loss",
+                "a committed change of its own is no longer held".into(),
+            ));
+        }
+    }
+    found
+}
+
+/// Stored documents that do not verify: signature by a registered key, and content with
+/// exactly the signed heads.
+pub fn inauthentic(world: &World) -> Vec<Violation> {
+    let mut found = Vec::new();
+    for node in 0..world.nodes.len() {
+        let Some(host) = world.host(node) else {
+            continue;
+        };
+        let Ok(docs) = held_documents(host) else {
+            continue;
+        };
+        for doc in docs.keys() {
+            let problem = match host.store.document(*doc) {
+                Ok(Some(stored)) => match SignedHeads::decode(&stored.signed) {
+                    None => Some("signed heads do not decode".to_string()),
+                    Some(signed) => signed
+                        .verify(|publisher, key| host.is_publisher_key(publisher, key))
+                        .err()
+                        .map(|e| e.to_string())
+                        .or_else(|| {
+                            PublishedDocument::load(&stored.meta, &stored.snapshot)
+                                .and_then(|d| d.matches(&signed))
+                                .err()
+                                .map(|e| e.to_string())
+                        }),
+                },
+                Ok(None) => None,
+                Err(error) => Some(error.to_string()),
+            };
+            if let Some(problem) = problem {
+                found.push(violation(world, node, *doc, "authentic", problem));
+            }
+        }
+    }
+    found
+}

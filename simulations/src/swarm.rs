@@ -1,0 +1,60 @@
+//! Swarm testing: the same scenario with its fault parameters drawn from the seed, so many
+//! seeds explore many fault shapes, and one seed reproduces one exactly.
+
+use crate::rng::Rng;
+use crate::scenario::{FaultKind, Scenario};
+
+/// `scenario` with randomised faults: the network's loss, latency, jitter and bandwidth; each
+/// fault's start and length (kept inside the run); link faults' loss, latency and flapping.
+pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
+    let mut rng = Rng::new(seed ^ 0x5741_524d);
+    let mut out = scenario.clone();
+    out.network.loss = rng.unit() * 0.05;
+    out.network.duplicate = rng.unit() * 0.02;
+    out.network.reorder = rng.unit() * 0.05;
+    out.network.latency_ms = 5 + rng.below(150);
+    out.network.jitter_ms = rng.below(out.network.latency_ms / 2 + 1);
+    out.network.bandwidth_kbps = 500 + rng.below(20_000);
+    let duration = out.duration_s;
+    for fault in &mut out.faults {
+        // Start within a tenth of the run of where the scenario put it.
+        let spread = duration / 10 + 1;
+        fault.at_s = (fault.at_s + rng.below(spread))
+            .saturating_sub(spread / 2)
+            .min(duration.saturating_sub(1));
+        match &mut fault.kind {
+            FaultKind::Partition { until_s, .. } => {
+                let length = 1 + rng.below(duration / 3 + 1);
+                *until_s = (fault.at_s + length).min(duration);
+                if *until_s <= fault.at_s {
+                    *until_s = fault.at_s + 1;
+                }
+            }
+            FaultKind::Link {
+                until_s,
+                loss,
+                latency_ms,
+                flap_every_s,
+                flap_down_s,
+                ..
+            } => {
+                let length = 1 + rng.below(duration / 2 + 1);
+                *until_s = (fault.at_s + length).min(duration).max(fault.at_s + 1);
+                *loss = Some(rng.unit() * 0.4);
+                *latency_ms = Some(20 + rng.below(500));
+                if flap_every_s.is_some() {
+                    *flap_every_s = Some(30 + rng.below(600));
+                    *flap_down_s = 5 + rng.below(60);
+                }
+            }
+            FaultKind::Crash {
+                restart_after_s, ..
+            } => {
+                if restart_after_s.is_some() {
+                    *restart_after_s = Some(1 + rng.below(duration / 4 + 1));
+                }
+            }
+        }
+    }
+    out
+}

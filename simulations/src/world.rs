@@ -1,0 +1,1154 @@
+//! The simulated region: nodes with real SQLite stores and real sync sessions, a network of
+//! links between them, and one queue of events in virtual time.
+//!
+//! Everything that happens is an event taken from the queue in (time, sequence) order, and
+//! every random choice comes from the one seeded generator, so a run is a function of the
+//! scenario and the seed. Each event also feeds the trace hash.
+
+use crate::check::{self, Held};
+use crate::network::{Blocked, LinkState, transmit};
+use crate::rng::Rng;
+use crate::scenario::{FaultKind, Invariant, LinkSpec, Scenario};
+use crate::{Report, Violation};
+use caremesh_storage::Store;
+use caremesh_storage::publish::Publication;
+use caremesh_storage::sync_host::{RegistrySource, StoreHost};
+use caremesh_sync::policy::{Agreements, Consent, Recipient};
+use caremesh_sync::{
+    DataClass, Event as SessionEvent, Item, NhsNumber, OdsCode, OrgKind, Organisation,
+    PublisherKey, Registry, RegistryFile, Section, Session, VerifiedRegistry,
+};
+use sha2::{Digest, Sha256};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Unix time at virtual time zero (22 November 2026): what the nodes' clocks read.
+pub const EPOCH_S: i64 = 1_795_305_600;
+/// A connection with no packet through for this long is closed (quinn's idle timeout in
+/// `node::network`).
+pub const IDLE_TIMEOUT_MS: u64 = 20_000;
+/// Bytes a connection direction may have in flight before the session is asked for more.
+const WINDOW_BYTES: u64 = 1 << 20;
+/// Redial backoff, as in `node::network`: doubling from 1 s to 60 s, with jitter.
+const DIAL_BACKOFF_MIN_MS: u64 = 1_000;
+const DIAL_BACKOFF_MAX_MS: u64 = 60_000;
+
+const SECTIONS: [Section; 6] = [
+    Section::Problems,
+    Section::Medications,
+    Section::Allergies,
+    Section::Results,
+    Section::Encounters,
+    Section::Documents,
+];
+
+/// The registry as a simulated node holds it: fixed for the run.
+struct FixedRegistry(Arc<VerifiedRegistry>);
+
+impl RegistrySource for FixedRegistry {
+    fn current(&self) -> Arc<VerifiedRegistry> {
+        self.0.clone()
+    }
+    fn adopt(&self, _bytes: Vec<u8>) -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
+pub(crate) struct Node {
+    pub ods: OdsCode,
+    pub kind: OrgKind,
+    key: PublisherKey,
+    db: PathBuf,
+    /// `None` while the process is down.
+    pub host: Option<StoreHost>,
+    dials: Vec<usize>,
+    pub skew_ms: i64,
+    pub caseload: Vec<NhsNumber>,
+    defaults: Consent,
+    link: LinkSpec,
+    dial_attempts: BTreeMap<usize, u32>,
+    /// Bumped on every crash, so events scheduled for an earlier life are ignored.
+    life: u64,
+    items_written: u64,
+}
+
+struct Conn {
+    /// (dialler, listener)
+    ends: [usize; 2],
+    sessions: [Session; 2],
+    in_flight: [u64; 2],
+    next_free_ms: [u64; 2],
+    last_arrival_ms: [u64; 2],
+    /// Frames sent while the link was blocked, released when it heals.
+    held: [Vec<Vec<u8>>; 2],
+    timer: [Option<u64>; 2],
+    last_delivery_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Dial {
+        node: usize,
+        peer: usize,
+        life: u64,
+    },
+    Established {
+        node: usize,
+        peer: usize,
+        life: u64,
+    },
+    Deliver {
+        conn: u64,
+        to: usize,
+        frame: Vec<u8>,
+    },
+    Timer {
+        conn: u64,
+        side: usize,
+    },
+    IdleCheck {
+        conn: u64,
+    },
+    Change {
+        node: usize,
+        life: u64,
+    },
+    Consent {
+        index: usize,
+    },
+    FaultStart {
+        index: usize,
+    },
+    FaultEnd {
+        index: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    FlapDown {
+        index: usize,
+    },
+    FlapUp {
+        index: usize,
+    },
+    Check,
+}
+
+pub(crate) struct World {
+    pub scenario: Scenario,
+    rng: Rng,
+    now_ms: Arc<AtomicU64>,
+    queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    sequence: u64,
+    pub nodes: Vec<Node>,
+    conns: BTreeMap<u64, Conn>,
+    pairs: BTreeMap<(usize, usize), u64>,
+    next_conn: u64,
+    pub links: LinkState,
+    pub registry: Arc<VerifiedRegistry>,
+    pub agreements: Agreements,
+    trace: Sha256,
+    pub report: Report,
+    /// Heals awaiting convergence (virtual ms of the heal).
+    awaiting: Vec<u64>,
+    active_faults: BTreeSet<usize>,
+    /// (publisher, doc) → heads it committed last: what must never be lost.
+    pub committed: BTreeMap<(usize, caremesh_sync::DocId), Vec<[u8; 32]>>,
+}
+
+fn sim_error(what: impl std::fmt::Display) -> crate::SimError {
+    crate::SimError::Setup(what.to_string())
+}
+
+/// A valid NHS number for the `n`th patient of the region (999 range, as in tests).
+fn patient_number(n: u32) -> NhsNumber {
+    let mut candidate = 990_000_000u64 + u64::from(n) * 7;
+    loop {
+        let digits = format!("{candidate:09}");
+        if let Some(check) = NhsNumber::check_digit(digits.as_bytes()) {
+            return NhsNumber::parse(&format!("{digits}{check}")).expect("valid by construction");
+        }
+        candidate += 1;
+    }
+}
+
+impl World {
+    pub fn new(scenario: Scenario, seed: u64, work: &Path) -> Result<World, crate::SimError> {
+        let mut rng = Rng::new(seed);
+        let now_ms = Arc::new(AtomicU64::new(0));
+        let codes = scenario.codes();
+        let index_of: BTreeMap<String, usize> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| (c.clone(), i))
+            .collect();
+        let mut keys = Vec::new();
+        let mut registry = Registry::new(&format!("simulation {}", scenario.name));
+        let agreements: Agreements =
+            toml::from_str(include_str!("../../configs/agreements.toml")).map_err(sim_error)?;
+        registry.sharing = agreements.clone();
+        for (code, group) in &codes {
+            let key = PublisherKey::from_secret(rng.bytes32());
+            registry.organisations.push(Organisation {
+                ods: OdsCode::parse(code).map_err(sim_error)?,
+                name: format!("Simulated {code}"),
+                kind: group.kind,
+                keys: vec![hex::encode(key.public())],
+                revoked_keys: Vec::new(),
+                addresses: Vec::new(),
+            });
+            keys.push(key);
+        }
+        let authority = rng.bytes32();
+        let mut file = RegistryFile::unsigned(registry);
+        file.sign(&authority, EPOCH_S).map_err(sim_error)?;
+        let registry = Arc::new(
+            VerifiedRegistry::from_bytes(
+                file.to_json(),
+                &caremesh_sync::trust::public_key_of(&authority),
+            )
+            .map_err(sim_error)?,
+        );
+        // Patients: registered with one GP each, and on other organisations' caseloads by
+        // their share.
+        let patients: Vec<NhsNumber> = (0..scenario.workload.patients)
+            .map(patient_number)
+            .collect();
+        let gps: Vec<usize> = codes
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, g))| g.kind == OrgKind::Gp)
+            .map(|(i, _)| i)
+            .collect();
+        let mut caseloads: Vec<Vec<NhsNumber>> = vec![Vec::new(); codes.len()];
+        for (n, patient) in patients.iter().enumerate() {
+            if !gps.is_empty() {
+                caseloads[gps[n % gps.len()]].push(patient.clone());
+            }
+        }
+        let mut caseload_rng = rng.fork();
+        for (i, (_, group)) in codes.iter().enumerate() {
+            if group.kind == OrgKind::Hub {
+                continue;
+            }
+            for patient in &patients {
+                if !caseloads[i].contains(patient) && caseload_rng.chance(group.caseload) {
+                    caseloads[i].push(patient.clone());
+                }
+            }
+        }
+        let mut nodes = Vec::new();
+        for (i, ((code, group), key)) in codes.iter().zip(keys).enumerate() {
+            let db = work.join(format!("{code}.db"));
+            let _ = std::fs::remove_file(&db);
+            let _ = std::fs::remove_file(db.with_extension("db-wal"));
+            let _ = std::fs::remove_file(db.with_extension("db-shm"));
+            let store = Store::open(&db).map_err(sim_error)?;
+            let mut feed = [0u8; 16];
+            feed.copy_from_slice(&rng.bytes32()[..16]);
+            store.set_feed_id(feed).map_err(sim_error)?;
+            let dials = group
+                .peers
+                .iter()
+                .flat_map(|p| scenario.resolve(p))
+                .filter_map(|c| index_of.get(&c).copied())
+                .filter(|&j| j != i)
+                .collect();
+            let mut node = Node {
+                ods: OdsCode::parse(code).map_err(sim_error)?,
+                kind: group.kind,
+                key,
+                db,
+                host: None,
+                dials,
+                skew_ms: group.clock_skew_s * 1000,
+                caseload: caseloads[i].clone(),
+                defaults: Consent::SENT_BY_PUBLISHER,
+                link: group.link.unwrap_or(scenario.network),
+                dial_attempts: BTreeMap::new(),
+                life: 0,
+                items_written: 0,
+            };
+            drop(store);
+            node.host = Some(open_host(&node, &registry, &now_ms).map_err(sim_error)?);
+            nodes.push(node);
+        }
+        let links = LinkState::new(nodes.len());
+        let mut world = World {
+            report: Report::new(&scenario.name, seed),
+            scenario,
+            rng,
+            now_ms,
+            queue: BinaryHeap::new(),
+            sequence: 0,
+            nodes,
+            conns: BTreeMap::new(),
+            pairs: BTreeMap::new(),
+            next_conn: 1,
+            links,
+            registry,
+            agreements,
+            trace: Sha256::new(),
+            awaiting: Vec::new(),
+            active_faults: BTreeSet::new(),
+            committed: BTreeMap::new(),
+        };
+        world.initial_extracts()?;
+        world.schedule_start();
+        Ok(world)
+    }
+
+    fn now(&self) -> u64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn now_s(&self) -> f64 {
+        self.now() as f64 / 1000.0
+    }
+
+    fn schedule(&mut self, at_ms: u64, event: Event) {
+        self.sequence += 1;
+        self.queue.push(Reverse((at_ms, self.sequence, event)));
+    }
+
+    /// Every care organisation publishes its extract about its caseload before the network
+    /// starts.
+    fn initial_extracts(&mut self) -> Result<(), crate::SimError> {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].kind == OrgKind::Hub {
+                continue;
+            }
+            let caseload = self.nodes[i].caseload.clone();
+            let mut items = Vec::new();
+            for patient in &caseload {
+                for _ in 0..self.scenario.workload.items_per_patient {
+                    items.push((patient.clone(), self.random_item(i)));
+                }
+            }
+            self.publish(i, items, None)?;
+        }
+        Ok(())
+    }
+
+    fn random_item(&mut self, node: usize) -> Item {
+        let n = &mut self.nodes[node];
+        n.items_written += 1;
+        let id = format!("Observation/{}-{}", n.ods, n.items_written);
+        let roll = self.rng.unit();
+        let class = match roll {
+            r if r < 0.70 => DataClass::Coded,
+            r if r < 0.82 => DataClass::FreeText,
+            r if r < 0.90 => DataClass::Document,
+            r if r < 0.95 => DataClass::Sensitive,
+            _ => DataClass::Private,
+        };
+        let section = SECTIONS[self.rng.below(SECTIONS.len() as u64) as usize];
+        let title = format!("simulated entry {} of {}", n.items_written, n.ods);
+        Item::titled(
+            &id,
+            section,
+            class,
+            "Observation",
+            &title,
+            "simulation",
+            &id,
+        )
+    }
+
+    /// Publishes items (and a consent choice) at `node` in one transaction, recording what it
+    /// committed for the no-loss check.
+    fn publish(
+        &mut self,
+        node: usize,
+        items: Vec<(NhsNumber, Item)>,
+        consent: Option<(NhsNumber, Consent)>,
+    ) -> Result<(), crate::SimError> {
+        let n = &mut self.nodes[node];
+        let Some(host) = n.host.as_mut() else {
+            return Ok(());
+        };
+        let now = EPOCH_S + (self.now_ms.load(Ordering::Relaxed) as i64 + n.skew_ms) / 1000;
+        let mut publication = Publication::new(n.ods.clone(), n.defaults);
+        let batch = host.store.write().map_err(sim_error)?;
+        let mut touched = BTreeSet::new();
+        for (patient, item) in items {
+            let family = [item.id.clone()];
+            publication
+                .place(&batch, &patient, &family, vec![item])
+                .map_err(sim_error)?;
+            touched.insert(patient);
+        }
+        if let Some((patient, consent)) = consent {
+            publication.set_consent(&patient, consent);
+            touched.insert(patient);
+        }
+        publication.apply(&batch, &n.key, now).map_err(sim_error)?;
+        batch.commit().map_err(sim_error)?;
+        // What is now committed at the publisher: it must never be lost.
+        let held = check::held_documents(host).map_err(sim_error)?;
+        for (doc, entry) in held {
+            if entry.meta.publisher == n.ods && touched.contains(&entry.meta.patient) {
+                self.committed.insert((node, doc), entry.heads);
+            }
+        }
+        self.feed_changed(node);
+        Ok(())
+    }
+
+    fn schedule_start(&mut self) {
+        for i in 0..self.nodes.len() {
+            for peer in self.nodes[i].dials.clone() {
+                self.schedule(
+                    0,
+                    Event::Dial {
+                        node: i,
+                        peer,
+                        life: 0,
+                    },
+                );
+            }
+            if self.nodes[i].kind != OrgKind::Hub && self.scenario.workload.change_every_s > 0.0 {
+                let at = self.next_change_delay();
+                self.schedule(at, Event::Change { node: i, life: 0 });
+            }
+        }
+        for index in 0..self.scenario.workload.consent.len() {
+            let at = self.scenario.workload.consent[index].at_s * 1000;
+            self.schedule(at, Event::Consent { index });
+        }
+        for index in 0..self.scenario.faults.len() {
+            let at = self.scenario.faults[index].at_s * 1000;
+            self.schedule(at, Event::FaultStart { index });
+        }
+        let every = self.scenario.check_every_s * 1000;
+        self.schedule(every, Event::Check);
+    }
+
+    fn next_change_delay(&mut self) -> u64 {
+        (self.rng.exponential(self.scenario.workload.change_every_s) * 1000.0) as u64 + 1
+    }
+
+    pub fn end_ms(&self) -> u64 {
+        (self.scenario.duration_s + self.scenario.settle_s) * 1000
+    }
+
+    /// Runs the event loop to the end of the scenario, then the final checks.
+    pub fn run(mut self) -> Result<Report, crate::SimError> {
+        let end = self.end_ms();
+        while let Some(Reverse((at, _, event))) = self.queue.pop() {
+            if at > end {
+                break;
+            }
+            self.now_ms.store(at, Ordering::Relaxed);
+            self.trace_event(at, &event);
+            self.handle(event)?;
+        }
+        self.now_ms.store(end, Ordering::Relaxed);
+        self.final_checks()?;
+        self.report.simulated_s = end as f64 / 1000.0;
+        self.report.trace_hash = hex::encode(self.trace.clone().finalize());
+        Ok(self.report)
+    }
+
+    fn trace_event(&mut self, at: u64, event: &Event) {
+        self.trace.update(at.to_le_bytes());
+        match event {
+            Event::Deliver { conn, to, frame } => {
+                self.trace.update(b"deliver");
+                self.trace.update(conn.to_le_bytes());
+                self.trace.update((*to as u64).to_le_bytes());
+                self.trace.update(frame);
+            }
+            other => self.trace.update(format!("{other:?}").as_bytes()),
+        }
+    }
+
+    fn handle(&mut self, event: Event) -> Result<(), crate::SimError> {
+        match event {
+            Event::Dial { node, peer, life } => self.dial(node, peer, life),
+            Event::Established { node, peer, life } => self.establish(node, peer, life),
+            Event::Deliver { conn, to, frame } => self.deliver(conn, to, frame),
+            Event::Timer { conn, side } => self.timer(conn, side),
+            Event::IdleCheck { conn } => self.idle_check(conn),
+            Event::Change { node, life } => {
+                if self.nodes[node].life != life || self.now() > self.scenario.duration_s * 1000 {
+                    return Ok(());
+                }
+                if self.nodes[node].host.is_some() && !self.nodes[node].caseload.is_empty() {
+                    let pick = self.rng.below(self.nodes[node].caseload.len() as u64) as usize;
+                    let patient = self.nodes[node].caseload[pick].clone();
+                    let item = self.random_item(node);
+                    self.publish(node, vec![(patient, item)], None)?;
+                    self.report.changes += 1;
+                }
+                let at = self.now() + self.next_change_delay();
+                self.schedule(at, Event::Change { node, life });
+            }
+            Event::Consent { index } => self.consent(index)?,
+            Event::FaultStart { index } => self.fault_start(index),
+            Event::FaultEnd { index } => self.fault_end(index),
+            Event::Restart { node } => self.restart(node)?,
+            Event::FlapDown { index } => self.flap(index, true),
+            Event::FlapUp { index } => self.flap(index, false),
+            Event::Check => {
+                self.periodic_check()?;
+                let at = self.now() + self.scenario.check_every_s * 1000;
+                self.schedule(at, Event::Check);
+            }
+        }
+        Ok(())
+    }
+
+    fn consent(&mut self, index: usize) -> Result<(), crate::SimError> {
+        let change = self.scenario.workload.consent[index].clone();
+        let code = self.scenario.resolve(&change.node).remove(0);
+        let node = self.index_of(&code);
+        let Some(patient) = self.nodes[node].caseload.get(change.patient).cloned() else {
+            return Ok(());
+        };
+        let Some(host) = self.nodes[node].host.as_ref() else {
+            return Ok(());
+        };
+        let current = host
+            .store
+            .care()
+            .recorded_consent(&self.nodes[node].ods, &patient)
+            .map_err(sim_error)?
+            .unwrap_or(self.nodes[node].defaults);
+        let consent = Consent {
+            share_out: change.share_out.unwrap_or(current.share_out),
+            share_in: change.share_in.unwrap_or(current.share_in),
+            objection: change.objection.unwrap_or(current.objection),
+        };
+        self.report.consent_changes += 1;
+        self.publish(node, Vec::new(), Some((patient, consent)))
+    }
+
+    pub(crate) fn index_of(&self, code: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.ods.as_str() == code)
+            .expect("scenario names were validated")
+    }
+
+    fn nodes_named(&self, names: &[String]) -> Vec<usize> {
+        names
+            .iter()
+            .flat_map(|n| self.scenario.resolve(n))
+            .map(|c| self.index_of(&c))
+            .collect()
+    }
+
+    // ----- faults -----
+
+    fn fault_start(&mut self, index: usize) {
+        let fault = self.scenario.faults[index].clone();
+        self.active_faults.insert(index);
+        match fault.kind {
+            FaultKind::Partition {
+                groups,
+                until_s,
+                one_way,
+            } => {
+                let mut sides: Vec<BTreeSet<usize>> = groups
+                    .iter()
+                    .map(|g| {
+                        g.iter()
+                            .filter(|n| n.as_str() != "*")
+                            .flat_map(|n| self.scenario.resolve(n))
+                            .map(|c| self.index_of(&c))
+                            .collect()
+                    })
+                    .collect();
+                if let Some(rest) = groups.iter().position(|g| g.iter().any(|n| n == "*")) {
+                    let named: BTreeSet<usize> = sides.iter().flatten().copied().collect();
+                    sides[rest].extend((0..self.nodes.len()).filter(|i| !named.contains(i)));
+                }
+                self.links.add_partition(index, sides, one_way);
+                self.schedule(until_s * 1000, Event::FaultEnd { index });
+            }
+            FaultKind::Link {
+                nodes,
+                until_s,
+                loss,
+                latency_ms,
+                bandwidth_kbps,
+                flap_every_s,
+                ..
+            } => {
+                let members = self.nodes_named(&nodes);
+                self.links
+                    .add_degradation(index, members, loss, latency_ms, bandwidth_kbps);
+                if let Some(every) = flap_every_s {
+                    let at = self.now() + every * 1000;
+                    self.schedule(at, Event::FlapDown { index });
+                }
+                self.schedule(until_s * 1000, Event::FaultEnd { index });
+            }
+            FaultKind::Crash {
+                node,
+                restart_after_s,
+            } => {
+                let node = self.index_of(&node);
+                self.crash(node);
+                if let Some(after) = restart_after_s {
+                    self.schedule(self.now() + after * 1000, Event::Restart { node });
+                } else {
+                    self.active_faults.remove(&index);
+                }
+            }
+        }
+        self.check_blocked_conns();
+    }
+
+    fn fault_end(&mut self, index: usize) {
+        self.active_faults.remove(&index);
+        self.links.remove(index);
+        self.heal();
+    }
+
+    fn flap(&mut self, index: usize, down: bool) {
+        if !self.active_faults.contains(&index) {
+            return;
+        }
+        let FaultKind::Link {
+            nodes,
+            flap_every_s: Some(every),
+            flap_down_s,
+            ..
+        } = self.scenario.faults[index].kind.clone()
+        else {
+            return;
+        };
+        let members = self.nodes_named(&nodes);
+        self.links.set_down(index, members, down);
+        if down {
+            self.schedule(self.now() + flap_down_s * 1000, Event::FlapUp { index });
+            self.check_blocked_conns();
+        } else {
+            self.schedule(self.now() + every * 1000, Event::FlapDown { index });
+            self.release_held();
+        }
+    }
+
+    /// Something healed: held frames flow, and convergence is awaited from now.
+    fn heal(&mut self) {
+        self.release_held();
+        self.awaiting.push(self.now());
+        self.report.heals.push(crate::Heal {
+            at_s: self.now() as f64 / 1000.0,
+            converged_after_s: None,
+        });
+    }
+
+    fn crash(&mut self, node: usize) {
+        let conns: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.ends.contains(&node))
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in conns {
+            self.close(conn, "peer crashed");
+        }
+        let n = &mut self.nodes[node];
+        // Dropping the host drops its SQLite connection: what was committed is in the file,
+        // nothing else survives, as after kill -9.
+        n.host = None;
+        n.life += 1;
+        n.dial_attempts.clear();
+        self.report.crashes += 1;
+    }
+
+    fn restart(&mut self, node: usize) -> Result<(), crate::SimError> {
+        let host = open_host(&self.nodes[node], &self.registry, &self.now_ms).map_err(sim_error)?;
+        let n = &mut self.nodes[node];
+        n.host = Some(host);
+        let life = n.life;
+        for peer in n.dials.clone() {
+            self.schedule(self.now(), Event::Dial { node, peer, life });
+        }
+        if self.nodes[node].kind != OrgKind::Hub && self.scenario.workload.change_every_s > 0.0 {
+            let at = self.now() + self.next_change_delay();
+            self.schedule(at, Event::Change { node, life });
+        }
+        if let Some(index) = self.scenario.faults.iter().position(|f| {
+            matches!(&f.kind, FaultKind::Crash { node: name, .. } if self.index_of(name) == node)
+        }) {
+            self.active_faults.remove(&index);
+        }
+        self.heal();
+        Ok(())
+    }
+
+    // ----- connections -----
+
+    fn dial(&mut self, node: usize, peer: usize, life: u64) {
+        if self.nodes[node].life != life || self.nodes[node].host.is_none() {
+            return;
+        }
+        let pair = (node.min(peer), node.max(peer));
+        if self.pairs.contains_key(&pair) {
+            return;
+        }
+        let now = self.now();
+        if self.nodes[peer].host.is_some() && self.links.blocked(node, peer, now) == Blocked::No {
+            let rtt = 2 * self.link_between(node, peer).latency_ms;
+            self.schedule(now + rtt.max(1), Event::Established { node, peer, life });
+        } else {
+            self.redial(node, peer);
+        }
+    }
+
+    fn redial(&mut self, node: usize, peer: usize) {
+        let attempt = self.nodes[node].dial_attempts.entry(peer).or_insert(0);
+        *attempt += 1;
+        let backoff = (DIAL_BACKOFF_MIN_MS << (*attempt).min(6)).min(DIAL_BACKOFF_MAX_MS);
+        let jitter = self.rng.below(backoff / 2 + 1);
+        let life = self.nodes[node].life;
+        self.schedule(
+            self.now() + backoff / 2 + jitter,
+            Event::Dial { node, peer, life },
+        );
+    }
+
+    fn establish(&mut self, node: usize, peer: usize, life: u64) {
+        if self.nodes[node].life != life || self.nodes[node].host.is_none() {
+            return;
+        }
+        let pair = (node.min(peer), node.max(peer));
+        let now = self.now();
+        if self.pairs.contains_key(&pair) {
+            return;
+        }
+        if self.nodes[peer].host.is_none() || self.links.blocked(node, peer, now) != Blocked::No {
+            self.redial(node, peer);
+            return;
+        }
+        let mut open = |local: usize, remote: usize| -> Option<Session> {
+            let remote_node = &self.nodes[remote];
+            let recipient = Recipient {
+                ods: remote_node.ods.clone(),
+                kind: remote_node.kind,
+            };
+            let local_node = &mut self.nodes[local];
+            let local_ms = local_time(now, local_node.skew_ms);
+            let host = local_node.host.as_mut()?;
+            Session::new(local_node.ods.clone(), recipient, local_ms, host).ok()
+        };
+        let (Some(a), Some(b)) = (open(node, peer), open(peer, node)) else {
+            self.redial(node, peer);
+            return;
+        };
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn {
+                ends: [node, peer],
+                sessions: [a, b],
+                in_flight: [0, 0],
+                next_free_ms: [now, now],
+                last_arrival_ms: [now, now],
+                held: [Vec::new(), Vec::new()],
+                timer: [None, None],
+                last_delivery_ms: now,
+            },
+        );
+        self.pairs.insert(pair, id);
+        self.nodes[node].dial_attempts.remove(&peer);
+        self.report.connections += 1;
+        self.pump(id, 0);
+        self.pump(id, 1);
+    }
+
+    fn close(&mut self, conn: u64, _reason: &str) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        let [dialler, listener] = c.ends;
+        self.pairs
+            .remove(&(dialler.min(listener), dialler.max(listener)));
+        if self.nodes[dialler].host.is_some() {
+            self.redial(dialler, listener);
+        }
+    }
+
+    fn link_between(&self, a: usize, b: usize) -> LinkSpec {
+        // The node that is not a hub has the access link that matters.
+        let spec = if self.nodes[a].kind == OrgKind::Hub {
+            self.nodes[b].link
+        } else {
+            self.nodes[a].link
+        };
+        self.links.effective(spec, a, b)
+    }
+
+    /// Asks side `side` of `conn` for frames while its window has room, then reschedules its
+    /// timer and handles what its session reported.
+    fn pump(&mut self, conn: u64, side: usize) {
+        let now = self.now();
+        let mut stored = false;
+        let mut failure = None;
+        let mut frames = Vec::new();
+        {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            let node = c.ends[side];
+            let n = &mut self.nodes[node];
+            let Some(host) = n.host.as_mut() else {
+                return;
+            };
+            let local_ms = local_time(now, n.skew_ms);
+            let mut queued = c.in_flight[side];
+            while queued < WINDOW_BYTES {
+                match c.sessions[side].poll_transmit(local_ms, host) {
+                    Ok(Some(frame)) => {
+                        queued += frame.len() as u64;
+                        frames.push(frame);
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        failure = Some(error.to_string());
+                        break;
+                    }
+                }
+            }
+            while let Some(event) = c.sessions[side].poll_event() {
+                match event {
+                    SessionEvent::Stored { documents, .. } if documents > 0 => stored = true,
+                    SessionEvent::Rejected { doc, reason, .. } => {
+                        self.report.violations.push(Violation {
+                            at_s: now as f64 / 1000.0,
+                            node: n.ods.to_string(),
+                            doc: doc.to_string(),
+                            rule: "authenticity".into(),
+                            detail: format!("an honest peer's document was rejected: {reason}"),
+                        });
+                    }
+                    SessionEvent::Refused(_) => self.report.refused += 1,
+                    _ => {}
+                }
+            }
+            let timer = c.sessions[side]
+                .poll_timeout()
+                .map(|t| (t as i64 - n.skew_ms).max(now as i64) as u64);
+            if timer != c.timer[side] {
+                c.timer[side] = timer;
+                if let Some(at) = timer {
+                    self.sequence += 1;
+                    self.queue
+                        .push(Reverse((at, self.sequence, Event::Timer { conn, side })));
+                }
+            }
+        }
+        for frame in frames {
+            self.send(conn, side, frame);
+        }
+        if let Some(reason) = failure {
+            self.protocol_failure(conn, side, &reason);
+            return;
+        }
+        if stored {
+            let node = self.conns[&conn].ends[side];
+            self.feed_changed(node);
+        }
+    }
+
+    /// An error between honest nodes is a bug: reported as a violation, and the connection
+    /// closes as it would.
+    fn protocol_failure(&mut self, conn: u64, side: usize, reason: &str) {
+        let node = self.conns[&conn].ends[side];
+        self.report.violations.push(Violation {
+            at_s: self.now() as f64 / 1000.0,
+            node: self.nodes[node].ods.to_string(),
+            doc: String::new(),
+            rule: "protocol".into(),
+            detail: reason.to_string(),
+        });
+        self.close(conn, reason);
+    }
+
+    fn feed_changed(&mut self, node: usize) {
+        let touched: Vec<(u64, usize)> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(id, c)| {
+                let side = c.ends.iter().position(|&e| e == node)?;
+                c.sessions[side].feed_changed();
+                Some((*id, side))
+            })
+            .collect();
+        for (conn, side) in touched {
+            self.pump(conn, side);
+        }
+    }
+
+    fn send(&mut self, conn: u64, side: usize, frame: Vec<u8>) {
+        let now = self.now();
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let (from, to) = (c.ends[side], c.ends[1 - side]);
+        self.report.frames += 1;
+        self.report.bytes += frame.len() as u64;
+        let spec = self.link_between(from, to);
+        let blocked = self.links.blocked_direction(from, to, now);
+        let c = self.conns.get_mut(&conn).expect("looked up above");
+        c.in_flight[side] += frame.len() as u64;
+        if blocked {
+            c.held[side].push(frame);
+            let at = now + IDLE_TIMEOUT_MS;
+            self.schedule(at, Event::IdleCheck { conn });
+            return;
+        }
+        let arrival = transmit(
+            &spec,
+            frame.len(),
+            now,
+            &mut c.next_free_ms[side],
+            &mut c.last_arrival_ms[side],
+            &mut self.rng,
+        );
+        self.schedule(
+            arrival,
+            Event::Deliver {
+                conn,
+                to: 1 - side,
+                frame,
+            },
+        );
+    }
+
+    fn release_held(&mut self) {
+        let now = self.now();
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for conn in ids {
+            for side in 0..2 {
+                let c = &self.conns[&conn];
+                if c.held[side].is_empty()
+                    || self
+                        .links
+                        .blocked_direction(c.ends[side], c.ends[1 - side], now)
+                {
+                    continue;
+                }
+                let c = self.conns.get_mut(&conn).expect("listed above");
+                let frames = std::mem::take(&mut c.held[side]);
+                for frame in frames {
+                    let c = self.conns.get_mut(&conn).expect("listed above");
+                    c.in_flight[side] -= frame.len() as u64;
+                    self.report.frames -= 1;
+                    self.report.bytes -= frame.len() as u64;
+                    self.send(conn, side, frame);
+                }
+            }
+        }
+    }
+
+    /// Connections whose link just went down close if it stays down past the idle timeout.
+    fn check_blocked_conns(&mut self) {
+        let now = self.now();
+        let blocked: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| self.links.blocked(c.ends[0], c.ends[1], now) != Blocked::No)
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in blocked {
+            self.schedule(now + IDLE_TIMEOUT_MS, Event::IdleCheck { conn });
+        }
+    }
+
+    fn idle_check(&mut self, conn: u64) {
+        let now = self.now();
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let idle = now.saturating_sub(c.last_delivery_ms) >= IDLE_TIMEOUT_MS;
+        if self.links.blocked(c.ends[0], c.ends[1], now) != Blocked::No && idle {
+            self.report.idle_closes += 1;
+            self.close(conn, "idle timeout: the link is down");
+        }
+    }
+
+    fn deliver(&mut self, conn: u64, to: usize, frame: Vec<u8>) {
+        let now = self.now();
+        let failure = {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            c.in_flight[1 - to] -= frame.len() as u64;
+            c.last_delivery_ms = now;
+            let node = c.ends[to];
+            let n = &mut self.nodes[node];
+            let Some(host) = n.host.as_mut() else {
+                return;
+            };
+            c.sessions[to]
+                .handle_input(&frame, local_time(now, n.skew_ms), host)
+                .err()
+        };
+        if let Some(error) = failure {
+            self.protocol_failure(conn, to, &error.to_string());
+            return;
+        }
+        self.pump(conn, to);
+        self.pump(conn, 1 - to);
+    }
+
+    fn timer(&mut self, conn: u64, side: usize) {
+        let now = self.now();
+        let failure = {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            if c.timer[side] != Some(now) {
+                return;
+            }
+            c.timer[side] = None;
+            let skew = self.nodes[c.ends[side]].skew_ms;
+            c.sessions[side].handle_timeout(local_time(now, skew)).err()
+        };
+        if let Some(error) = failure {
+            self.protocol_failure(conn, side, &error.to_string());
+            return;
+        }
+        self.pump(conn, side);
+    }
+
+    // ----- checks -----
+
+    fn all_up(&self) -> bool {
+        self.nodes.iter().all(|n| n.host.is_some())
+    }
+
+    fn periodic_check(&mut self) -> Result<(), crate::SimError> {
+        let held = self.held_everywhere()?;
+        let at_s = self.now() as f64 / 1000.0;
+        if self.wants(Invariant::NothingForbidden) {
+            let found = check::forbidden(self, &held, false);
+            self.record(found, at_s);
+        }
+        if !self.awaiting.is_empty()
+            && self.active_faults.is_empty()
+            && self.all_up()
+            && check::missing(self, &held).is_empty()
+        {
+            let now = self.now();
+            for heal in std::mem::take(&mut self.awaiting) {
+                if let Some(h) = self
+                    .report
+                    .heals
+                    .iter_mut()
+                    .find(|h| (h.at_s * 1000.0) as u64 == heal && h.converged_after_s.is_none())
+                {
+                    h.converged_after_s = Some((now - heal) as f64 / 1000.0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn wants(&self, invariant: Invariant) -> bool {
+        self.scenario.invariants.contains(&invariant)
+    }
+
+    fn record(&mut self, violations: Vec<Violation>, _at_s: f64) {
+        for violation in violations {
+            let duplicate = self.report.violations.iter().any(|v| {
+                v.node == violation.node && v.doc == violation.doc && v.rule == violation.rule
+            });
+            if !duplicate {
+                self.report.violations.push(violation);
+            }
+        }
+    }
+
+    pub(crate) fn held_everywhere(
+        &self,
+    ) -> Result<Vec<Option<BTreeMap<caremesh_sync::DocId, Held>>>, crate::SimError> {
+        self.nodes
+            .iter()
+            .map(|n| match &n.host {
+                Some(host) => check::held_documents(host).map(Some).map_err(sim_error),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    fn final_checks(&mut self) -> Result<(), crate::SimError> {
+        let held = self.held_everywhere()?;
+        let at_s = self.now() as f64 / 1000.0;
+        if self.wants(Invariant::NothingForbidden) {
+            let found = check::forbidden(self, &held, true);
+            self.record(found, at_s);
+        }
+        if self.wants(Invariant::Convergence) {
+            let missing = check::missing(self, &held);
+            self.report.converged = missing.is_empty();
+            let found = missing.into_iter().take(20).collect();
+            self.record(found, at_s);
+        }
+        if self.wants(Invariant::NoLoss) {
+            let found = check::lost(self, &held);
+            self.record(found, at_s);
+        }
+        if self.wants(Invariant::Authentic) {
+            let found = check::inauthentic(self);
+            self.record(found, at_s);
+        }
+        let mut documents = 0;
+        for entry in held.iter().flatten() {
+            documents += entry.len() as u64;
+        }
+        self.report.documents_held = documents;
+        Ok(())
+    }
+
+    pub(crate) fn host(&self, node: usize) -> Option<&StoreHost> {
+        self.nodes[node].host.as_ref()
+    }
+
+    pub(crate) fn peers_of(&self, node: usize) -> BTreeSet<usize> {
+        let mut peers: BTreeSet<usize> = self.nodes[node].dials.iter().copied().collect();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.dials.contains(&node) {
+                peers.insert(i);
+            }
+        }
+        peers
+    }
+
+    pub(crate) fn defaults(&self, node: usize) -> Consent {
+        self.nodes[node].defaults
+    }
+}
+
+fn local_time(now: u64, skew_ms: i64) -> u64 {
+    (now as i64 + skew_ms).max(0) as u64
+}
+
+fn open_host(
+    node: &Node,
+    registry: &Arc<VerifiedRegistry>,
+    now_ms: &Arc<AtomicU64>,
+) -> Result<StoreHost, caremesh_storage::StorageError> {
+    let store = Store::open(&node.db)?;
+    let clock = {
+        let now_ms = now_ms.clone();
+        let skew = node.skew_ms;
+        Box::new(move || EPOCH_S + (now_ms.load(Ordering::Relaxed) as i64 + skew) / 1000)
+    };
+    StoreHost::new(
+        store,
+        Box::new(FixedRegistry(registry.clone())),
+        node.ods.clone(),
+        node.defaults,
+        clock,
+    )
+}
