@@ -86,23 +86,36 @@ impl<'w> Truth<'w> {
     }
 
     fn decide(&mut self, meta: &DocMeta, publisher: usize, recipient: usize) -> Decision {
-        let world = self.world;
-        let facts = Facts {
-            publisher_kind: world
-                .registry
-                .registry()
-                .organisation(&meta.publisher)
-                .map(|o| o.kind),
-            consent: self.consent_at(publisher, &meta.patient),
-            recipient_cares_for_patient: self.cares.contains(&(recipient, meta.patient.clone())),
-            direct_from_publisher: world.peers_of(recipient).contains(&publisher),
-        };
-        let to = Recipient {
-            ods: world.nodes[recipient].ods.clone(),
-            kind: world.nodes[recipient].kind,
-        };
-        policy::decide(meta, &to, &world.agreements, &facts)
+        let consent = self.consent_at(publisher, &meta.patient);
+        let cares = self.cares.contains(&(recipient, meta.patient.clone()));
+        decide(self.world, meta, publisher, recipient, consent, cares)
     }
+}
+
+/// `policy::decide` for a simulated recipient, with the facts given and the rest looked up.
+fn decide(
+    world: &World,
+    meta: &DocMeta,
+    publisher: usize,
+    recipient: usize,
+    consent: Consent,
+    cares: bool,
+) -> Decision {
+    let facts = Facts {
+        publisher_kind: world
+            .registry
+            .registry()
+            .organisation(&meta.publisher)
+            .map(|o| o.kind),
+        consent,
+        recipient_cares_for_patient: cares,
+        direct_from_publisher: world.peers_of(recipient).contains(&publisher),
+    };
+    let to = Recipient {
+        ods: world.nodes[recipient].ods.clone(),
+        kind: world.nodes[recipient].kind,
+    };
+    policy::decide(meta, &to, &world.agreements, &facts)
 }
 
 fn violation(world: &World, node: usize, doc: DocId, rule: &str, detail: String) -> Violation {
@@ -142,6 +155,22 @@ pub fn forbidden(world: &World, held: &HeldByNode, with_consent: bool) -> Vec<Vi
         }
     }
     found
+}
+
+/// Whether `recipient` may receive the document `meta` describes, by the rules that need
+/// no propagation (private, sensitive, agreements, caseload). Applied to every document that
+/// crosses the simulated wire: invariant 2 holds for the wire, not only for storage.
+pub fn forbidden_on_wire(world: &World, recipient: usize, meta: &DocMeta) -> Option<String> {
+    let publisher = world.index_of(meta.publisher.as_str());
+    if publisher == recipient {
+        return None;
+    }
+    let cares = world.nodes[recipient].caseload.contains(&meta.patient);
+    let consent = Consent::SENT_BY_PUBLISHER;
+    match decide(world, meta, publisher, recipient, consent, cares) {
+        Decision::Send => None,
+        Decision::Withhold(reason) => Some(reason.to_string()),
+    }
 }
 
 /// Documents an entitled node does not hold at the publisher's version. Entitled: policy

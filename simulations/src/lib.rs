@@ -12,6 +12,7 @@
 //! * [`swarm`]: fault parameters randomised per seed.
 
 mod check;
+mod host;
 pub mod network;
 pub mod rng;
 pub mod scenario;
@@ -146,3 +147,6 @@ pub fn run(scenario: &Scenario, seed: u64, work: &Path) -> Result<Report, SimErr
     let world = world::World::new(scenario.clone(), seed, work)?;
     world.run()
 }
+
+#[cfg(test)]
+mod tests;

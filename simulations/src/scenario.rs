@@ -51,6 +51,25 @@ pub struct Scenario {
     pub faults: Vec<Fault>,
     #[serde(default = "Invariant::all")]
     pub invariants: Vec<Invariant>,
+    /// Bugs planted in nodes, to show the invariants catch them (harness self-tests).
+    #[serde(default)]
+    pub inject: Vec<Injected>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Injected {
+    pub node: String,
+    pub bug: Bug,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bug {
+    /// The node sends every document to every peer, skipping the sharing rules.
+    ForwardWithheld,
+    /// The node acknowledges received documents without storing them.
+    AckWithoutStoring,
 }
 
 fn default_settle_s() -> u64 {
@@ -240,8 +259,15 @@ impl Scenario {
             path: shown.clone(),
             cause,
         })?;
-        let scenario: Scenario =
-            toml::from_str(&text).map_err(|cause| ScenarioError::Toml { path: shown, cause })?;
+        Scenario::parse(&text, &shown)
+    }
+
+    /// Parses and validates scenario text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Scenario, ScenarioError> {
+        let scenario: Scenario = toml::from_str(text).map_err(|cause| ScenarioError::Toml {
+            path: origin.to_string(),
+            cause,
+        })?;
         scenario.validate()?;
         Ok(scenario)
     }
@@ -321,6 +347,16 @@ impl Scenario {
                 return Err(self.invalid(format!("`{}` caseload must be 0 to 1", group.ods)));
             }
         }
+        if let Some(injected) = self
+            .inject
+            .iter()
+            .find(|i| self.resolve(&i.node).len() != 1)
+        {
+            return Err(self.invalid(format!(
+                "a bug is injected into `{}`, which is not one node",
+                injected.node
+            )));
+        }
         for change in &self.workload.consent {
             if self.resolve(&change.node).len() != 1 {
                 return Err(self.invalid(format!(
@@ -379,12 +415,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Scenario, ScenarioError> {
-        let scenario: Scenario = toml::from_str(text).map_err(|cause| ScenarioError::Toml {
-            path: "test".into(),
-            cause,
-        })?;
-        scenario.validate()?;
-        Ok(scenario)
+        Scenario::parse(text, "test")
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! scenario and the seed. Each event also feeds the trace hash.
 
 use crate::check::{self, Held};
+use crate::host::SimHost;
 use crate::network::{Blocked, LinkState, transmit};
 use crate::rng::Rng;
 use crate::scenario::{FaultKind, Invariant, LinkSpec, Scenario};
@@ -14,6 +15,7 @@ use caremesh_storage::Store;
 use caremesh_storage::publish::Publication;
 use caremesh_storage::sync_host::{RegistrySource, StoreHost};
 use caremesh_sync::policy::{Agreements, Consent, Recipient};
+use caremesh_sync::wire::{FrameDecoder, Message};
 use caremesh_sync::{
     DataClass, Event as SessionEvent, Item, NhsNumber, OdsCode, OrgKind, Organisation,
     PublisherKey, Registry, RegistryFile, Section, Session, VerifiedRegistry,
@@ -63,7 +65,8 @@ pub(crate) struct Node {
     key: PublisherKey,
     db: PathBuf,
     /// `None` while the process is down.
-    pub host: Option<StoreHost>,
+    pub host: Option<SimHost>,
+    bug: Option<crate::scenario::Bug>,
     dials: Vec<usize>,
     pub skew_ms: i64,
     pub caseload: Vec<NhsNumber>,
@@ -268,6 +271,11 @@ impl World {
                 caseload: caseloads[i].clone(),
                 defaults: Consent::SENT_BY_PUBLISHER,
                 link: group.link.unwrap_or(scenario.network),
+                bug: scenario
+                    .inject
+                    .iter()
+                    .find(|b| scenario.resolve(&b.node).contains(code))
+                    .map(|b| b.bug),
                 dial_attempts: BTreeMap::new(),
                 life: 0,
                 items_written: 0,
@@ -372,7 +380,7 @@ impl World {
         };
         let now = EPOCH_S + (self.now_ms.load(Ordering::Relaxed) as i64 + n.skew_ms) / 1000;
         let mut publication = Publication::new(n.ods.clone(), n.defaults);
-        let batch = host.store.write().map_err(sim_error)?;
+        let batch = host.inner.store.write().map_err(sim_error)?;
         let mut touched = BTreeSet::new();
         for (patient, item) in items {
             let family = [item.id.clone()];
@@ -388,7 +396,7 @@ impl World {
         publication.apply(&batch, &n.key, now).map_err(sim_error)?;
         batch.commit().map_err(sim_error)?;
         // What is now committed at the publisher: it must never be lost.
-        let held = check::held_documents(host).map_err(sim_error)?;
+        let held = check::held_documents(&host.inner).map_err(sim_error)?;
         for (doc, entry) in held {
             if entry.meta.publisher == n.ods && touched.contains(&entry.meta.patient) {
                 self.committed.insert((node, doc), entry.heads);
@@ -513,6 +521,7 @@ impl World {
             return Ok(());
         };
         let current = host
+            .inner
             .store
             .care()
             .recorded_consent(&self.nodes[node].ods, &patient)
@@ -978,6 +987,11 @@ impl World {
 
     fn deliver(&mut self, conn: u64, to: usize, frame: Vec<u8>) {
         let now = self.now();
+        if self.wants(Invariant::NothingForbidden)
+            && let Some(recipient) = self.conns.get(&conn).map(|c| c.ends[to])
+        {
+            self.check_wire(recipient, &frame);
+        }
         let failure = {
             let Some(c) = self.conns.get_mut(&conn) else {
                 return;
@@ -999,6 +1013,29 @@ impl World {
         }
         self.pump(conn, to);
         self.pump(conn, 1 - to);
+    }
+
+    /// A document crossing the wire to a node that may not hold it is a violation even if
+    /// the receiver refuses it.
+    fn check_wire(&mut self, recipient: usize, frame: &[u8]) {
+        let mut decoder = FrameDecoder::default();
+        decoder.push(frame);
+        let Ok(Some(Message::Changes { meta, .. })) = decoder.next_message() else {
+            return;
+        };
+        if let Some(reason) = check::forbidden_on_wire(self, recipient, &meta) {
+            let violation = Violation {
+                at_s: self.now_s(),
+                node: self.nodes[recipient].ods.to_string(),
+                doc: meta.id().to_string(),
+                rule: "nothing-forbidden".into(),
+                detail: format!(
+                    "sent over the wire: a {} document of {}: {reason}",
+                    meta.class, meta.publisher
+                ),
+            };
+            self.record(vec![violation], self.now_s());
+        }
     }
 
     fn timer(&mut self, conn: u64, side: usize) {
@@ -1075,7 +1112,9 @@ impl World {
         self.nodes
             .iter()
             .map(|n| match &n.host {
-                Some(host) => check::held_documents(host).map(Some).map_err(sim_error),
+                Some(host) => check::held_documents(&host.inner)
+                    .map(Some)
+                    .map_err(sim_error),
                 None => Ok(None),
             })
             .collect()
@@ -1111,7 +1150,7 @@ impl World {
     }
 
     pub(crate) fn host(&self, node: usize) -> Option<&StoreHost> {
-        self.nodes[node].host.as_ref()
+        self.nodes[node].host.as_ref().map(|h| &h.inner)
     }
 
     pub(crate) fn peers_of(&self, node: usize) -> BTreeSet<usize> {
@@ -1137,18 +1176,22 @@ fn open_host(
     node: &Node,
     registry: &Arc<VerifiedRegistry>,
     now_ms: &Arc<AtomicU64>,
-) -> Result<StoreHost, caremesh_storage::StorageError> {
+) -> Result<SimHost, caremesh_storage::StorageError> {
     let store = Store::open(&node.db)?;
     let clock = {
         let now_ms = now_ms.clone();
         let skew = node.skew_ms;
         Box::new(move || EPOCH_S + (now_ms.load(Ordering::Relaxed) as i64 + skew) / 1000)
     };
-    StoreHost::new(
+    let inner = StoreHost::new(
         store,
         Box::new(FixedRegistry(registry.clone())),
         node.ods.clone(),
         node.defaults,
         clock,
-    )
+    )?;
+    Ok(SimHost {
+        inner,
+        bug: node.bug,
+    })
 }

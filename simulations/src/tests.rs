@@ -1,0 +1,92 @@
+//! The harness's own promises: a run is a function of scenario and seed, and the invariants
+//! catch planted bugs. Small regions, so these run in the debug test suite.
+
+use super::*;
+
+/// A hub, two GPs and a hospice; the hub is partitioned from one GP for ten minutes.
+const SMALL: &str = r#"
+name = "small"
+duration_s = 1800
+settle_s = 600
+check_every_s = 30
+
+[[nodes]]
+ods = "HUB01"
+kind = "hub"
+
+[[nodes]]
+ods = "GP"
+count = 2
+kind = "gp"
+peers = ["HUB01"]
+
+[[nodes]]
+ods = "HSP01"
+kind = "hospice"
+peers = ["HUB01"]
+caseload = 0.4
+
+[workload]
+patients = 10
+items_per_patient = 4
+change_every_s = 120
+
+[[workload.consent]]
+at_s = 900
+node = "GP000"
+patient = 0
+objection = true
+
+[[faults]]
+at_s = 300
+kind = "partition"
+groups = [["GP001"], ["*"]]
+until_s = 900
+"#;
+
+fn run_text(text: &str, seed: u64) -> Report {
+    let scenario = Scenario::parse(text, "test").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    run(&scenario, seed, work.path()).unwrap()
+}
+
+fn with_bug(bug: &str) -> String {
+    format!("{SMALL}\n[[inject]]\nnode = \"HUB01\"\nbug = \"{bug}\"\n")
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace_and_the_region_converges() {
+    let first = run_text(SMALL, 7);
+    assert!(first.passed(), "{}", first.render());
+    assert!(first.converged);
+    assert!(
+        first.heals[0].converged_after_s.is_some(),
+        "{}",
+        first.render()
+    );
+    let again = run_text(SMALL, 7);
+    assert_eq!(first.trace_hash, again.trace_hash);
+    assert_eq!(first, again);
+    let other = run_text(SMALL, 8);
+    assert_ne!(first.trace_hash, other.trace_hash);
+}
+
+#[test]
+fn a_hub_forwarding_withheld_documents_is_caught() {
+    let report = run_text(&with_bug("forward-withheld"), 7);
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.rule == "nothing-forbidden" && !v.node.is_empty() && !v.doc.is_empty()),
+        "{}",
+        report.render()
+    );
+}
+
+#[test]
+fn a_hub_acknowledging_what_it_did_not_store_is_caught() {
+    let report = run_text(&with_bug("ack-without-storing"), 7);
+    assert!(!report.converged, "{}", report.render());
+    assert!(report.violations.iter().any(|v| v.rule == "convergence"));
+}
