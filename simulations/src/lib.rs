@@ -57,6 +57,8 @@ pub struct Report {
     pub heals: Vec<Heal>,
     pub connections: u64,
     pub idle_closes: u64,
+    /// Connections closed because the peer's Hello did not arrive in time (a lossy link).
+    pub hello_timeouts: u64,
     pub crashes: u64,
     pub frames: u64,
     pub bytes: u64,
@@ -79,6 +81,7 @@ impl Report {
             heals: Vec::new(),
             connections: 0,
             idle_closes: 0,
+            hello_timeouts: 0,
             crashes: 0,
             frames: 0,
             bytes: 0,
@@ -105,8 +108,8 @@ impl Report {
             if self.passed() { "passed" } else { "FAILED" }
         );
         out.push_str(&format!(
-            "  simulated {:.0} s; {} connections ({} closed idle), {} crashes\n",
-            self.simulated_s, self.connections, self.idle_closes, self.crashes
+            "  simulated {:.0} s; {} connections ({} closed idle, {} without a timely Hello), {} crashes\n",
+            self.simulated_s, self.connections, self.idle_closes, self.hello_timeouts, self.crashes
         ));
         out.push_str(&format!(
             "  {} frames, {} bytes; {} changes, {} consent changes; {} refused on receipt\n",

@@ -18,7 +18,7 @@ use caremesh_sync::policy::{Agreements, Consent, Recipient};
 use caremesh_sync::wire::{FrameDecoder, Message};
 use caremesh_sync::{
     DataClass, Event as SessionEvent, Item, NhsNumber, OdsCode, OrgKind, Organisation,
-    PublisherKey, Registry, RegistryFile, Section, Session, VerifiedRegistry,
+    PublisherKey, Registry, RegistryFile, Section, Session, SessionError, VerifiedRegistry,
 };
 use sha2::{Digest, Sha256};
 use std::cmp::Reverse;
@@ -801,7 +801,7 @@ impl World {
     fn pump(&mut self, conn: u64, side: usize) {
         let now = self.now();
         let mut stored = false;
-        let mut failure = None;
+        let mut failure: Option<SessionError> = None;
         let mut frames = Vec::new();
         {
             let Some(c) = self.conns.get_mut(&conn) else {
@@ -822,7 +822,7 @@ impl World {
                     }
                     Ok(None) => break,
                     Err(error) => {
-                        failure = Some(error.to_string());
+                        failure = Some(error);
                         break;
                     }
                 }
@@ -858,8 +858,8 @@ impl World {
         for frame in frames {
             self.send(conn, side, frame);
         }
-        if let Some(reason) = failure {
-            self.protocol_failure(conn, side, &reason);
+        if let Some(error) = failure {
+            self.session_failed(conn, side, &error);
             return;
         }
         if stored {
@@ -868,8 +868,18 @@ impl World {
         }
     }
 
-    /// An error between honest nodes is a bug: reported as a violation, and the connection
-    /// closes as it would.
+    /// A session error closes the connection, as it would. A peer too slow to say Hello (a
+    /// lossy, slow link) is the network's doing; any other error between honest nodes is a
+    /// bug, reported as a violation.
+    fn session_failed(&mut self, conn: u64, side: usize, error: &SessionError) {
+        if matches!(error, SessionError::HelloTimeout) {
+            self.report.hello_timeouts += 1;
+            self.close(conn, "hello timeout");
+            return;
+        }
+        self.protocol_failure(conn, side, &error.to_string());
+    }
+
     fn protocol_failure(&mut self, conn: u64, side: usize, reason: &str) {
         let node = self.conns[&conn].ends[side];
         self.report.violations.push(Violation {
@@ -1008,7 +1018,7 @@ impl World {
                 .err()
         };
         if let Some(error) = failure {
-            self.protocol_failure(conn, to, &error.to_string());
+            self.session_failed(conn, to, &error);
             return;
         }
         self.pump(conn, to);
@@ -1052,7 +1062,7 @@ impl World {
             c.sessions[side].handle_timeout(local_time(now, skew)).err()
         };
         if let Some(error) = failure {
-            self.protocol_failure(conn, side, &error.to_string());
+            self.session_failed(conn, side, &error);
             return;
         }
         self.pump(conn, side);
