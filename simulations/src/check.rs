@@ -219,7 +219,7 @@ fn entitled(
     let mut queue = VecDeque::from([publisher]);
     let mut entitled = Vec::new();
     while let Some(from) = queue.pop_front() {
-        for next in world.peers_of(from) {
+        for &next in world.peers_of(from) {
             if reached.contains(&next) || held[next].is_none() {
                 continue;
             }

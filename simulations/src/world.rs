@@ -151,6 +151,8 @@ pub(crate) struct World {
     pairs: BTreeMap<(usize, usize), u64>,
     next_conn: u64,
     pub links: LinkState,
+    /// Each node's peers, both directions of dialling.
+    peers: Vec<BTreeSet<usize>>,
     pub registry: Arc<VerifiedRegistry>,
     pub agreements: Agreements,
     trace: Sha256,
@@ -285,7 +287,15 @@ impl World {
             nodes.push(node);
         }
         let links = LinkState::new(nodes.len());
+        let mut peers: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); nodes.len()];
+        for (i, node) in nodes.iter().enumerate() {
+            for &j in &node.dials {
+                peers[i].insert(j);
+                peers[j].insert(i);
+            }
+        }
         let mut world = World {
+            peers,
             report: Report::new(&scenario.name, seed),
             scenario,
             rng,
@@ -1074,28 +1084,30 @@ impl World {
         self.nodes.iter().all(|n| n.host.is_some())
     }
 
+    /// While a heal awaits convergence (and no fault is in force), checks whether the region
+    /// has converged, and that nothing forbidden is stored. Between heals the wire check
+    /// stands guard: nothing reaches storage without crossing the wire.
     fn periodic_check(&mut self) -> Result<(), crate::SimError> {
+        if self.awaiting.is_empty() || !self.active_faults.is_empty() || !self.all_up() {
+            return Ok(());
+        }
         let held = self.held_everywhere()?;
-        let at_s = self.now() as f64 / 1000.0;
         if self.wants(Invariant::NothingForbidden) {
             let found = check::forbidden(self, &held, false);
-            self.record(found, at_s);
+            self.record(found, self.now_s());
         }
-        if !self.awaiting.is_empty()
-            && self.active_faults.is_empty()
-            && self.all_up()
-            && check::missing(self, &held).is_empty()
-        {
-            let now = self.now();
-            for heal in std::mem::take(&mut self.awaiting) {
-                if let Some(h) = self
-                    .report
-                    .heals
-                    .iter_mut()
-                    .find(|h| (h.at_s * 1000.0) as u64 == heal && h.converged_after_s.is_none())
-                {
-                    h.converged_after_s = Some((now - heal) as f64 / 1000.0);
-                }
+        if !check::missing(self, &held).is_empty() {
+            return Ok(());
+        }
+        let now = self.now();
+        for heal in std::mem::take(&mut self.awaiting) {
+            if let Some(h) = self
+                .report
+                .heals
+                .iter_mut()
+                .find(|h| (h.at_s * 1000.0) as u64 == heal && h.converged_after_s.is_none())
+            {
+                h.converged_after_s = Some((now - heal) as f64 / 1000.0);
             }
         }
         Ok(())
@@ -1163,14 +1175,9 @@ impl World {
         self.nodes[node].host.as_ref().map(|h| &h.inner)
     }
 
-    pub(crate) fn peers_of(&self, node: usize) -> BTreeSet<usize> {
-        let mut peers: BTreeSet<usize> = self.nodes[node].dials.iter().copied().collect();
-        for (i, n) in self.nodes.iter().enumerate() {
-            if n.dials.contains(&node) {
-                peers.insert(i);
-            }
-        }
-        peers
+    /// The nodes `node` dials or is dialled by.
+    pub(crate) fn peers_of(&self, node: usize) -> &BTreeSet<usize> {
+        &self.peers[node]
     }
 
     pub(crate) fn defaults(&self, node: usize) -> Consent {
@@ -1188,6 +1195,7 @@ fn open_host(
     now_ms: &Arc<AtomicU64>,
 ) -> Result<SimHost, caremesh_storage::StorageError> {
     let store = Store::open(&node.db)?;
+    store.without_fsync()?;
     let clock = {
         let now_ms = now_ms.clone();
         let skew = node.skew_ms;

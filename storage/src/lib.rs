@@ -469,6 +469,16 @@ impl Store {
             .map_err(self.err("read last ingest"))
     }
 
+    /// Stops waiting for the disk on commit (`synchronous = OFF`). For simulations only: a
+    /// killed process still loses nothing committed (the operating system holds the writes),
+    /// but a power cut could. The simulator crashes processes, not machines, and would
+    /// otherwise spend its time in fsync.
+    pub fn without_fsync(&self) -> Result<()> {
+        self.conn
+            .execute_batch("PRAGMA synchronous = OFF;")
+            .map_err(self.err("configure"))
+    }
+
     /// Writes the WAL back into the main file and empties it; used before measuring or
     /// copying the file, and after a purge so that no purged page survives in the WAL.
     /// Returns `false` when a reader held an older snapshot and the WAL could not be emptied
