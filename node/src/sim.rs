@@ -19,6 +19,10 @@ pub struct SimArgs {
     /// Run this many seeds (1..=N), each with randomised fault parameters.
     #[arg(long, conflicts_with = "seed")]
     swarm: Option<u64>,
+    /// Seeds run at once in a swarm (default: the machine's cores). Each run is still a
+    /// function of its seed alone.
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Where the simulated nodes' databases go (a temporary folder when not given).
     #[arg(long)]
     work: Option<PathBuf>,
@@ -57,24 +61,28 @@ pub fn run(args: SimArgs) -> Result<ExitCode> {
             }
         }
         Some(seeds) => {
-            let mut failed = Vec::new();
             let started = Instant::now();
-            for seed in 1..=seeds {
-                let randomised = caremesh_sim::swarm::randomise(&scenario, seed);
-                let folder = work.join(seed.to_string());
-                let report = caremesh_sim::run(&randomised, seed, &folder)?;
-                let _ = std::fs::remove_dir_all(&folder);
-                if !report.passed() {
-                    print!("{}", report.render());
-                    println!("  replay: {}", replay_command(&args.scenario, seed, true));
-                    failed.push(seed);
-                }
+            let jobs = args
+                .jobs
+                .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+                .unwrap_or(1)
+                .max(1);
+            let reports = run_swarm(&args.scenario, seeds, jobs, &work)?;
+            let failed: Vec<&Report> = reports.iter().filter(|r| !r.passed()).collect();
+            for report in &failed {
+                print!("{}", report.render());
+                println!("  replay: {}", replay_command(&args.scenario, report.seed, true));
             }
+            let slowest = reports
+                .iter()
+                .filter_map(|r| r.heals.iter().filter_map(|h| h.converged_after_s).reduce(f64::max))
+                .reduce(f64::max);
             println!(
-                "swarm {}: {} seeds, {} failed, {:.1} s",
+                "swarm {}: {} seeds, {} failed, slowest convergence after a heal {}, {:.1} s",
                 scenario.name,
                 seeds,
                 failed.len(),
+                slowest.map_or("-".to_string(), |s| format!("{s:.0} s")),
                 started.elapsed().as_secs_f64()
             );
             if !failed.is_empty() {
@@ -83,6 +91,56 @@ pub fn run(args: SimArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs seeds 1..=`seeds`, `jobs` at a time, each in its own `caremesh sim` process (in one
+/// process SQLite's and the allocator's locks made two runs no faster than one); reports
+/// come back in seed order.
+fn run_swarm(scenario_path: &Path, seeds: u64, jobs: usize, work: &Path) -> Result<Vec<Report>> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let exe = std::env::current_exe().context("finding the caremesh binary")?;
+    let next = AtomicU64::new(1);
+    let results: Mutex<Vec<Result<Report>>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(seeds as usize) {
+            scope.spawn(|| {
+                loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed > seeds {
+                        break;
+                    }
+                    let report = run_child(&exe, scenario_path, seed, &work.join(seed.to_string()));
+                    results.lock().expect("no worker panics holding it").push(report);
+                }
+            });
+        }
+    });
+    let mut reports = results
+        .into_inner()
+        .expect("no worker panicked holding it")
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    reports.sort_by_key(|r| r.seed);
+    Ok(reports)
+}
+
+fn run_child(exe: &Path, scenario: &Path, seed: u64, work: &Path) -> Result<Report> {
+    let output = std::process::Command::new(exe)
+        .arg("sim")
+        .arg(scenario)
+        .args(["--seed", &seed.to_string(), "--randomise", "--json", "--work"])
+        .arg(work)
+        .env("CAREMESH_LOG", "error")
+        .output()
+        .context("running a swarm seed")?;
+    let _ = std::fs::remove_dir_all(work);
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "seed {seed} produced no report: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
 }
 
 fn print_report(report: &Report, args: &SimArgs, wall_s: f64) -> Result<()> {

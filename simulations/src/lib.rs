@@ -20,7 +20,7 @@ pub mod swarm;
 mod world;
 
 pub use scenario::{Scenario, ScenarioError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,7 @@ pub enum SimError {
 }
 
 /// An invariant broken: where, which document, when (simulated seconds), and why.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Violation {
     pub at_s: f64,
     pub node: String,
@@ -43,13 +43,13 @@ pub struct Violation {
 
 /// A heal (a partition or link fault ending, a node restarting) and how long the region then
 /// took to converge, to the resolution of the scenario's check interval.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Heal {
     pub at_s: f64,
     pub converged_after_s: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     pub scenario: String,
     pub seed: u64,
