@@ -71,11 +71,19 @@ pub fn run(args: SimArgs) -> Result<ExitCode> {
             let failed: Vec<&Report> = reports.iter().filter(|r| !r.passed()).collect();
             for report in &failed {
                 print!("{}", report.render());
-                println!("  replay: {}", replay_command(&args.scenario, report.seed, true));
+                println!(
+                    "  replay: {}",
+                    replay_command(&args.scenario, report.seed, true)
+                );
             }
             let slowest = reports
                 .iter()
-                .filter_map(|r| r.heals.iter().filter_map(|h| h.converged_after_s).reduce(f64::max))
+                .filter_map(|r| {
+                    r.heals
+                        .iter()
+                        .filter_map(|h| h.converged_after_s)
+                        .reduce(f64::max)
+                })
                 .reduce(f64::max);
             println!(
                 "swarm {}: {} seeds, {} failed, slowest convergence after a heal {}, {:.1} s",
@@ -111,7 +119,10 @@ fn run_swarm(scenario_path: &Path, seeds: u64, jobs: usize, work: &Path) -> Resu
                         break;
                     }
                     let report = run_child(&exe, scenario_path, seed, &work.join(seed.to_string()));
-                    results.lock().expect("no worker panics holding it").push(report);
+                    results
+                        .lock()
+                        .expect("no worker panics holding it")
+                        .push(report);
                 }
             });
         }
@@ -129,7 +140,13 @@ fn run_child(exe: &Path, scenario: &Path, seed: u64, work: &Path) -> Result<Repo
     let output = std::process::Command::new(exe)
         .arg("sim")
         .arg(scenario)
-        .args(["--seed", &seed.to_string(), "--randomise", "--json", "--work"])
+        .args([
+            "--seed",
+            &seed.to_string(),
+            "--randomise",
+            "--json",
+            "--work",
+        ])
         .arg(work)
         .env("CAREMESH_LOG", "error")
         .output()
