@@ -9,7 +9,7 @@ use support::*;
 fn every_command_has_help() {
     for command in [
         "init", "ingest", "run", "record", "status", "verify", "generate", "demo", "consent",
-        "trust",
+        "trust", "sim",
     ] {
         let output = run(&[command, "--help"]);
         assert!(output.status.success(), "{command} --help failed");
@@ -266,4 +266,22 @@ fn consent_set_records_choices_and_show_reports_them() {
     assert!(!bad.status.success() && stderr(&bad).contains("--share-in"));
     let invalid = run(&["consent", "show", "--dir", dir, "--nhs", "9990000019"]);
     assert!(!invalid.status.success() && stderr(&invalid).contains("--nhs"));
+}
+
+#[test]
+fn sim_reports_a_bad_scenario_by_name_and_place() {
+    let temp = tempfile::tempdir().unwrap();
+    let scenario = temp.path().join("bad.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"bad\"\nduration_s = 60\n[[nodes]]\nods = \"GP1\"\nkind = \"gp\"\npeers = [\"NOPE\"]\n",
+    )
+    .unwrap();
+    let output = run(&["sim", scenario.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("`GP1` dials `NOPE`, which is not a node"),
+        "{}",
+        stderr(&output)
+    );
 }

@@ -4,8 +4,9 @@
 use crate::rng::Rng;
 use crate::scenario::{FaultKind, Scenario};
 
-/// `scenario` with randomised faults: the network's loss, latency, jitter and bandwidth; each
-/// fault's start and length (kept inside the run); link faults' loss, latency and flapping.
+/// `scenario` with randomised faults: the network's loss, latency, jitter and bandwidth;
+/// clock skew for some node groups; each fault's start and length (kept inside the run);
+/// link faults' loss, latency and flapping.
 pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
     let mut rng = Rng::new(seed ^ 0x5741_524d);
     let mut out = scenario.clone();
@@ -15,6 +16,12 @@ pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
     out.network.latency_ms = 5 + rng.below(150);
     out.network.jitter_ms = rng.below(out.network.latency_ms / 2 + 1);
     out.network.bandwidth_kbps = 500 + rng.below(20_000);
+    for group in &mut out.nodes {
+        // Clocks up to ten minutes out either way, for half the groups.
+        if rng.chance(0.5) {
+            group.clock_skew_s = rng.below(1201) as i64 - 600;
+        }
+    }
     let duration = out.duration_s;
     for fault in &mut out.faults {
         // Start within a tenth of the run of where the scenario put it.
