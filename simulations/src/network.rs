@@ -33,19 +33,13 @@ struct Degradation {
 }
 
 /// The faults in force, by the index of the scenario fault that made them.
+#[derive(Default)]
 pub struct LinkState {
     partitions: BTreeMap<usize, Partition>,
     degradations: BTreeMap<usize, Degradation>,
 }
 
 impl LinkState {
-    pub fn new(_nodes: usize) -> LinkState {
-        LinkState {
-            partitions: BTreeMap::new(),
-            degradations: BTreeMap::new(),
-        }
-    }
-
     pub fn add_partition(&mut self, index: usize, sides: Vec<BTreeSet<usize>>, one_way: bool) {
         self.partitions.insert(index, Partition { sides, one_way });
     }
@@ -70,7 +64,7 @@ impl LinkState {
         );
     }
 
-    pub fn set_down(&mut self, index: usize, _members: Vec<usize>, down: bool) {
+    pub fn set_down(&mut self, index: usize, down: bool) {
         if let Some(degradation) = self.degradations.get_mut(&index) {
             degradation.down = down;
         }
@@ -82,7 +76,7 @@ impl LinkState {
     }
 
     /// Whether packets from `from` reach `to` now.
-    pub fn blocked_direction(&self, from: usize, to: usize, _now: u64) -> bool {
+    pub fn blocked_direction(&self, from: usize, to: usize) -> bool {
         let cut = self.partitions.values().any(|p| {
             let side_of = |n: usize| p.sides.iter().position(|s| s.contains(&n));
             match (side_of(from), side_of(to)) {
@@ -97,8 +91,8 @@ impl LinkState {
     }
 
     /// Whether a connection between `a` and `b` can work now: packets must pass both ways.
-    pub fn blocked(&self, a: usize, b: usize, now: u64) -> Blocked {
-        if self.blocked_direction(a, b, now) || self.blocked_direction(b, a, now) {
+    pub fn blocked(&self, a: usize, b: usize) -> Blocked {
+        if self.blocked_direction(a, b) || self.blocked_direction(b, a) {
             Blocked::Yes
         } else {
             Blocked::No
@@ -185,14 +179,14 @@ mod tests {
 
     #[test]
     fn a_partition_cuts_between_sides_and_one_way_cuts_one_direction() {
-        let mut links = LinkState::new(3);
+        let mut links = LinkState::default();
         let sides = vec![BTreeSet::from([0]), BTreeSet::from([1])];
         links.add_partition(0, sides.clone(), true);
-        assert!(links.blocked_direction(0, 1, 0));
-        assert!(!links.blocked_direction(1, 0, 0));
-        assert_eq!(links.blocked(1, 0, 0), Blocked::Yes);
-        assert_eq!(links.blocked(0, 2, 0), Blocked::No, "node 2 is on no side");
+        assert!(links.blocked_direction(0, 1));
+        assert!(!links.blocked_direction(1, 0));
+        assert_eq!(links.blocked(1, 0), Blocked::Yes);
+        assert_eq!(links.blocked(0, 2), Blocked::No, "node 2 is on no side");
         links.remove(0);
-        assert_eq!(links.blocked(0, 1, 0), Blocked::No);
+        assert_eq!(links.blocked(0, 1), Blocked::No);
     }
 }

@@ -286,7 +286,7 @@ impl World {
             node.host = Some(open_host(&node, &registry, &now_ms).map_err(sim_error)?);
             nodes.push(node);
         }
-        let links = LinkState::new(nodes.len());
+        let links = LinkState::default();
         let mut peers: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); nodes.len()];
         for (i, node) in nodes.iter().enumerate() {
             for &j in &node.dials {
@@ -634,7 +634,6 @@ impl World {
             return;
         }
         let FaultKind::Link {
-            nodes,
             flap_every_s: Some(every),
             flap_down_s,
             ..
@@ -642,8 +641,7 @@ impl World {
         else {
             return;
         };
-        let members = self.nodes_named(&nodes);
-        self.links.set_down(index, members, down);
+        self.links.set_down(index, down);
         if down {
             self.schedule(self.now() + flap_down_s * 1000, Event::FlapUp { index });
             self.check_blocked_conns();
@@ -714,7 +712,7 @@ impl World {
             return;
         }
         let now = self.now();
-        if self.nodes[peer].host.is_some() && self.links.blocked(node, peer, now) == Blocked::No {
+        if self.nodes[peer].host.is_some() && self.links.blocked(node, peer) == Blocked::No {
             let rtt = 2 * self.link_between(node, peer).latency_ms;
             self.schedule(now + rtt.max(1), Event::Established { node, peer, life });
         } else {
@@ -743,7 +741,7 @@ impl World {
         if self.pairs.contains_key(&pair) {
             return;
         }
-        if self.nodes[peer].host.is_none() || self.links.blocked(node, peer, now) != Blocked::No {
+        if self.nodes[peer].host.is_none() || self.links.blocked(node, peer) != Blocked::No {
             self.redial(node, peer);
             return;
         }
@@ -926,7 +924,7 @@ impl World {
         self.report.frames += 1;
         self.report.bytes += frame.len() as u64;
         let spec = self.link_between(from, to);
-        let blocked = self.links.blocked_direction(from, to, now);
+        let blocked = self.links.blocked_direction(from, to);
         let c = self.conns.get_mut(&conn).expect("looked up above");
         c.in_flight[side] += frame.len() as u64;
         if blocked {
@@ -954,15 +952,12 @@ impl World {
     }
 
     fn release_held(&mut self) {
-        let now = self.now();
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for conn in ids {
             for side in 0..2 {
                 let c = &self.conns[&conn];
                 if c.held[side].is_empty()
-                    || self
-                        .links
-                        .blocked_direction(c.ends[side], c.ends[1 - side], now)
+                    || self.links.blocked_direction(c.ends[side], c.ends[1 - side])
                 {
                     continue;
                 }
@@ -985,7 +980,7 @@ impl World {
         let blocked: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| self.links.blocked(c.ends[0], c.ends[1], now) != Blocked::No)
+            .filter(|(_, c)| self.links.blocked(c.ends[0], c.ends[1]) != Blocked::No)
             .map(|(id, _)| *id)
             .collect();
         for conn in blocked {
@@ -999,7 +994,7 @@ impl World {
             return;
         };
         let idle = now.saturating_sub(c.last_delivery_ms) >= IDLE_TIMEOUT_MS;
-        if self.links.blocked(c.ends[0], c.ends[1], now) != Blocked::No && idle {
+        if self.links.blocked(c.ends[0], c.ends[1]) != Blocked::No && idle {
             self.report.idle_closes += 1;
             self.close(conn, "idle timeout: the link is down");
         }
@@ -1054,7 +1049,7 @@ impl World {
                     meta.class, meta.publisher
                 ),
             };
-            self.record(vec![violation], self.now_s());
+            self.record(vec![violation]);
         }
     }
 
@@ -1094,7 +1089,7 @@ impl World {
         let held = self.held_everywhere()?;
         if self.wants(Invariant::NothingForbidden) {
             let found = check::forbidden(self, &held, false);
-            self.record(found, self.now_s());
+            self.record(found);
         }
         if !check::missing(self, &held).is_empty() {
             return Ok(());
@@ -1117,7 +1112,8 @@ impl World {
         self.scenario.invariants.contains(&invariant)
     }
 
-    fn record(&mut self, violations: Vec<Violation>, _at_s: f64) {
+    /// Adds violations not already reported (the same rule, node and document).
+    fn record(&mut self, violations: Vec<Violation>) {
         for violation in violations {
             let duplicate = self.report.violations.iter().any(|v| {
                 v.node == violation.node && v.doc == violation.doc && v.rule == violation.rule
@@ -1144,24 +1140,23 @@ impl World {
 
     fn final_checks(&mut self) -> Result<(), crate::SimError> {
         let held = self.held_everywhere()?;
-        let at_s = self.now() as f64 / 1000.0;
         if self.wants(Invariant::NothingForbidden) {
             let found = check::forbidden(self, &held, true);
-            self.record(found, at_s);
+            self.record(found);
         }
         if self.wants(Invariant::Convergence) {
             let missing = check::missing(self, &held);
             self.report.converged = missing.is_empty();
             let found = missing.into_iter().take(20).collect();
-            self.record(found, at_s);
+            self.record(found);
         }
         if self.wants(Invariant::NoLoss) {
             let found = check::lost(self, &held);
-            self.record(found, at_s);
+            self.record(found);
         }
         if self.wants(Invariant::Authentic) {
             let found = check::inauthentic(self);
-            self.record(found, at_s);
+            self.record(found);
         }
         let mut documents = 0;
         for entry in held.iter().flatten() {
