@@ -903,6 +903,20 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
             3600
         )
     );
+    let chained: String = database(&hospice)
+        .query_row(
+            "SELECT body FROM audit_events WHERE nhs = ?1",
+            [&nhs],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_str(&chained).unwrap();
+    assert_eq!(event["action"], "break-glass");
+    assert_eq!(event["user_name"], "Dr Ahmed");
+    assert_eq!(
+        event["detail"],
+        "Unresponsive on arrival, medication history needed"
+    );
 }
 
 /// Turns on the wire log (`[sync] wire_log`) in a node home's config.

@@ -9,6 +9,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caremesh_storage::Store;
+use caremesh_storage::audit::AuditEvent;
 use caremesh_sync::NhsNumber;
 use caremesh_sync::policy::ViewDecision;
 use serde::Deserialize;
@@ -221,16 +222,33 @@ async fn break_glass(
     let database = state.database.clone();
     let minutes = state.break_glass_minutes.max(1);
     let patient = nhs.clone();
+    let organisation = state.ods.clone();
     let recorded = tokio::task::spawn_blocking(move || {
-        let store = Store::open(&database)?;
+        let mut store = Store::open(&database)?;
         let now = clock::now_unix();
-        store.record_break_glass(
+        let granted = store.record_break_glass(
             &patient,
             form.clinician.trim(),
             form.reason.trim(),
             now,
             now + i64::from(minutes) * 60,
-        )
+        )?;
+        // Until launch tokens identify the user, the name given stands for them.
+        store.append_audit(&AuditEvent {
+            at: now,
+            user_id: granted.clinician.clone(),
+            user_name: granted.clinician.clone(),
+            role: "clinician".into(),
+            organisation,
+            action: "break-glass".into(),
+            nhs: Some(patient.to_string()),
+            sources: Vec::new(),
+            sections: Vec::new(),
+            purpose: "direct care (emergency)".into(),
+            outcome: "allowed".into(),
+            detail: granted.reason.clone(),
+        })?;
+        Ok::<_, caremesh_storage::StorageError>(granted)
     })
     .await;
     match recorded {

@@ -13,6 +13,7 @@
 //!   kill -9 or a power cut.
 
 mod access;
+pub mod audit;
 mod migrations;
 mod peers;
 pub mod publish;

@@ -133,6 +133,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX break_glass_by_patient ON break_glass(nhs, expires_at);
     "#,
+    // 5: the audit trail, hash-chained: each entry's hash covers the one before it.
+    r#"
+    CREATE TABLE audit_events (
+        seq         INTEGER PRIMARY KEY,
+        at          INTEGER NOT NULL,
+        nhs         TEXT,
+        body        TEXT NOT NULL,
+        prev_hash   BLOB NOT NULL,
+        hash        BLOB NOT NULL
+    ) STRICT;
+    CREATE INDEX audit_events_by_patient ON audit_events(nhs, at);
+    "#,
 ];
 
 #[cfg(test)]

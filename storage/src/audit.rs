@@ -1,0 +1,264 @@
+//! The audit trail: every access appends an event, and each event carries the hash of the
+//! one before it, so that an edited, removed, inserted or reordered entry breaks the chain
+//! where it happened.
+//!
+//! The chain proves the log's integrity to whoever holds a later hash (a data owner that
+//! received events by sync, a report printed last month); on its own it cannot show that the
+//! newest entries were cut off, which is why events also travel to the data owners.
+
+use crate::{Result, Store};
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// One access to the record, as the audit trail keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Unix seconds.
+    pub at: i64,
+    pub user_id: String,
+    pub user_name: String,
+    pub role: String,
+    pub organisation: String,
+    /// view, search, break-glass, refused, cli-record.
+    pub action: String,
+    /// The patient's NHS number, where the access concerned one.
+    pub nhs: Option<String>,
+    /// Organisations whose data was shown.
+    pub sources: Vec<String>,
+    /// Sections shown.
+    pub sections: Vec<String>,
+    pub purpose: String,
+    /// allowed, refused (with why in `detail`).
+    pub outcome: String,
+    /// A break-glass reason, or why access was refused.
+    pub detail: String,
+}
+
+/// An event as stored: its place in the chain and its hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainedEvent {
+    pub seq: i64,
+    pub event: AuditEvent,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// Where and how the chain is broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainBreak {
+    #[error("entry {seq} was edited: its content no longer gives its hash")]
+    Edited { seq: i64 },
+    #[error("entry {expected} is missing (the next entry present is {found})")]
+    Missing { expected: i64, found: i64 },
+    #[error(
+        "entry {seq} does not follow the entry before it: an entry was inserted, removed and re-numbered, or the entries were reordered"
+    )]
+    Unlinked { seq: i64 },
+}
+
+const GENESIS: [u8; 32] = [0; 32];
+
+/// The hash of an event at `seq` after `prev_hash`: SHA-256 over the previous hash, the
+/// position and a canonical JSON encoding of the event (fields in declaration order).
+pub fn event_hash(prev_hash: &[u8; 32], seq: i64, event: &AuditEvent) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"caremesh audit v1");
+    hasher.update(prev_hash);
+    hasher.update(seq.to_be_bytes());
+    hasher.update(serde_json::to_vec(event).expect("audit events always serialise"));
+    hasher.finalize().into()
+}
+
+fn hash_from(bytes: Vec<u8>) -> [u8; 32] {
+    let mut hash = [0u8; 32];
+    if bytes.len() == 32 {
+        hash.copy_from_slice(&bytes);
+    }
+    hash
+}
+
+impl Store {
+    /// Appends `event` to the chain in one transaction and returns it as stored.
+    pub fn append_audit(&mut self, event: &AuditEvent) -> Result<ChainedEvent> {
+        let batch = self.write()?;
+        let (seq, prev_hash) = batch
+            .tx
+            .query_row(
+                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+                [],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
+            )
+            .map(|(seq, hash)| (seq + 1, hash_from(hash)))
+            .or_else(|error| match error {
+                rusqlite::Error::QueryReturnedNoRows => Ok((1, GENESIS)),
+                other => Err(other),
+            })
+            .map_err(batch.err("read the audit chain's head"))?;
+        let hash = event_hash(&prev_hash, seq, event);
+        let body = serde_json::to_string(event).expect("audit events always serialise");
+        batch
+            .tx
+            .execute(
+                "INSERT INTO audit_events (seq, at, nhs, body, prev_hash, hash) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![seq, event.at, event.nhs, body, &prev_hash[..], &hash[..]],
+            )
+            .map_err(batch.err("append an audit event"))?;
+        batch.commit()?;
+        Ok(ChainedEvent {
+            seq,
+            event: event.clone(),
+            prev_hash,
+            hash,
+        })
+    }
+
+    /// Every event in chain order.
+    pub fn audit_events(&self) -> Result<Vec<ChainedEvent>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT seq, body, prev_hash, hash FROM audit_events ORDER BY seq")
+            .map_err(self.err("read the audit trail"))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                    row.get::<_, Vec<u8>>(3)?,
+                ))
+            })
+            .map_err(self.err("read the audit trail"))?;
+        let mut events = Vec::new();
+        for row in rows {
+            let (seq, body, prev_hash, hash) = row.map_err(self.err("read the audit trail"))?;
+            let event: AuditEvent =
+                serde_json::from_str(&body).map_err(|e| crate::StorageError::DamagedRow {
+                    path: self.path.clone(),
+                    doc: format!("audit entry {seq}"),
+                    what: e.to_string(),
+                })?;
+            events.push(ChainedEvent {
+                seq,
+                event,
+                prev_hash: hash_from(prev_hash),
+                hash: hash_from(hash),
+            });
+        }
+        Ok(events)
+    }
+}
+
+/// Checks the chain in the order stored: numbering without gaps from 1, each entry linked to
+/// the one before, each hash matching its content. Returns the first break.
+pub fn verify_chain(events: &[ChainedEvent]) -> std::result::Result<(), ChainBreak> {
+    let mut previous = GENESIS;
+    for (index, entry) in events.iter().enumerate() {
+        let expected = index as i64 + 1;
+        if entry.seq > expected {
+            return Err(ChainBreak::Missing {
+                expected,
+                found: entry.seq,
+            });
+        }
+        if entry.seq != expected || entry.prev_hash != previous {
+            return Err(ChainBreak::Unlinked { seq: entry.seq });
+        }
+        if event_hash(&entry.prev_hash, entry.seq, &entry.event) != entry.hash {
+            return Err(ChainBreak::Edited { seq: entry.seq });
+        }
+        previous = entry.hash;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: i64) -> AuditEvent {
+        AuditEvent {
+            at: 1_795_305_600 + n,
+            user_id: format!("u{n}"),
+            user_name: "Dr Test".into(),
+            role: "clinician".into(),
+            organisation: "A81001".into(),
+            action: "view".into(),
+            nhs: Some("9912003888".into()),
+            sources: vec!["A81001".into(), "RTH".into()],
+            sections: vec!["medications".into()],
+            purpose: "direct care".into(),
+            outcome: "allowed".into(),
+            detail: String::new(),
+        }
+    }
+
+    /// A store with five chained events, and its database path for tampering with SQL.
+    fn chained() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
+        for n in 1..=5 {
+            store.append_audit(&event(n)).unwrap();
+        }
+        (dir, store)
+    }
+
+    fn tamper(store: &Store, sql: &str) -> std::result::Result<(), ChainBreak> {
+        store.conn.execute_batch(sql).unwrap();
+        verify_chain(&store.audit_events().unwrap())
+    }
+
+    #[test]
+    fn an_untouched_chain_verifies_and_survives_reopening() {
+        let (dir, store) = chained();
+        assert_eq!(verify_chain(&store.audit_events().unwrap()), Ok(()));
+        drop(store);
+        let store = Store::open(&dir.path().join("node.db")).unwrap();
+        let events = store.audit_events().unwrap();
+        assert_eq!(events.len(), 5);
+        assert_eq!(events[2].event, event(3));
+        assert_eq!(verify_chain(&events), Ok(()));
+    }
+
+    #[test]
+    fn every_kind_of_tampering_is_found_where_it_happened() {
+        let (_dir, store) = chained();
+        let edited = tamper(
+            &store,
+            "UPDATE audit_events SET body = replace(body, 'u3', 'someone-else') WHERE seq = 3",
+        );
+        assert_eq!(edited, Err(ChainBreak::Edited { seq: 3 }));
+
+        let (_dir, store) = chained();
+        let removed = tamper(&store, "DELETE FROM audit_events WHERE seq = 2");
+        assert_eq!(
+            removed,
+            Err(ChainBreak::Missing {
+                expected: 2,
+                found: 3
+            })
+        );
+
+        let (_dir, store) = chained();
+        // An entry inserted between 2 and 3, with the later ones renumbered to hide the gap.
+        let inserted = tamper(
+            &store,
+            "UPDATE audit_events SET seq = seq + 100 WHERE seq >= 3; \
+             UPDATE audit_events SET seq = seq - 99 WHERE seq >= 103; \
+             INSERT INTO audit_events (seq, at, nhs, body, prev_hash, hash) \
+             SELECT 3, at, nhs, body, prev_hash, hash FROM audit_events WHERE seq = 1;",
+        );
+        assert_eq!(inserted, Err(ChainBreak::Unlinked { seq: 3 }));
+
+        let (_dir, store) = chained();
+        // Entries 2 and 3 swap places.
+        let reordered = tamper(
+            &store,
+            "UPDATE audit_events SET seq = -2 WHERE seq = 2; \
+             UPDATE audit_events SET seq = 2 WHERE seq = 3; \
+             UPDATE audit_events SET seq = 3 WHERE seq = -2;",
+        );
+        assert_eq!(reordered, Err(ChainBreak::Unlinked { seq: 2 }));
+    }
+}
