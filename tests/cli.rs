@@ -9,7 +9,7 @@ use support::*;
 fn every_command_has_help() {
     for command in [
         "init", "ingest", "run", "record", "status", "verify", "generate", "demo", "consent",
-        "trust", "sim",
+        "trust", "sim", "audit",
     ] {
         let output = run(&[command, "--help"]);
         assert!(output.status.success(), "{command} --help failed");
@@ -283,5 +283,42 @@ fn sim_reports_a_bad_scenario_by_name_and_place() {
         stderr(&output).contains("`GP1` dials `NOPE`, which is not a node"),
         "{}",
         stderr(&output)
+    );
+}
+
+#[test]
+fn audit_verify_finds_an_edited_entry_in_the_chain() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = temp.path().join("gp");
+    init_node(&node, "A81001", "Test Surgery", "gp");
+    {
+        let running = RunningNode::start(&node);
+        for reason in [
+            "Collapsed in clinic, history needed",
+            "Unresponsive, allergies needed",
+        ] {
+            let form = format!("clinician=Dr+Test&reason={}", reason.replace(' ', "+"));
+            let (status, _) =
+                http_post_form(&running.address, "/patients/9912003888/break-glass", &form);
+            assert_eq!(status, 303);
+        }
+    }
+    let dir = node.to_str().unwrap();
+    let intact = run(&["audit", "verify", "--dir", dir]);
+    assert!(intact.status.success(), "{}", stdout(&intact));
+    assert!(stdout(&intact).contains("intact: 2 entries"));
+    rusqlite::Connection::open(node.join("node.db"))
+        .unwrap()
+        .execute(
+            "UPDATE audit_events SET body = replace(body, 'Dr Test', 'Dr Other') WHERE seq = 1",
+            [],
+        )
+        .unwrap();
+    let broken = run(&["audit", "verify", "--dir", dir]);
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(
+        stdout(&broken).contains("entry 1 was edited"),
+        "{}",
+        stdout(&broken)
     );
 }

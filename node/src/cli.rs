@@ -122,6 +122,11 @@ enum Command {
         #[command(subcommand)]
         command: crate::consent::ConsentCommand,
     },
+    /// The audit trail: verify that it has not been tampered with.
+    Audit {
+        #[command(subcommand)]
+        command: crate::audit::AuditCommand,
+    },
     /// Run a simulation scenario in virtual time: many nodes, the real sync engine and storage,
     /// a simulated network with faults; reports convergence, violations and a trace hash.
     Sim(crate::sim::SimArgs),
@@ -327,6 +332,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Trust { command } => crate::trust_admin::run(command),
         Command::Consent { command } => crate::consent::run(command),
         Command::Sim(args) => crate::sim::run(args),
+        Command::Audit { command } => crate::audit::run(command),
         Command::Demo {
             dir,
             patients,

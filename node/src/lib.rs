@@ -2,6 +2,7 @@
 //! IO lives here; the decisions it acts on come from `caremesh-sync`, storage from
 //! `caremesh-storage`.
 
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod consent;
