@@ -1,49 +1,17 @@
 //! `caremesh generate`: synthetic, UK-flavoured FHIR R4 extracts.
 //!
-//! Deterministic for a seed (its own SplitMix64, no OS randomness, a fixed reference date),
+//! Deterministic for a seed (`caremesh_sync::rng`, no OS randomness, a fixed reference date),
 //! so benchmarks and demos are reproducible. Test NHS numbers are in the 999 range with valid
 //! Modulus 11 check digits. One collection Bundle per patient, as a practice extract sends.
 
 use crate::fhir::{NHS_NUMBER_SYSTEM, ODS_SYSTEM, PRIVATE_CODE, PRIVATE_SYSTEM, SNOMED};
+use caremesh_sync::rng::Rng;
 use caremesh_sync::{NhsNumber, OdsCode};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
 /// Days since 1970-01-01 of the generator's "today" (2026-01-01), fixed for determinism.
 const REFERENCE_DAY: i64 = 20_454;
-
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0);
-        self.next_u64() % n
-    }
-
-    pub fn range(&mut self, low: u64, high_inclusive: u64) -> u64 {
-        low + self.below(high_inclusive - low + 1)
-    }
-
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 /// The `index`-th test NHS number for a seed: 999 followed by six digits and a check digit,
 /// skipping prefixes that have no valid check digit. Unique per (seed, index).
@@ -275,7 +243,7 @@ fn title(female: bool, age_years: i64) -> Vec<&'static str> {
 }
 
 fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> Value {
-    let female = rng.chance(52);
+    let female = rng.percent(52);
     let given = *rng.pick(if female { GIVEN_F } else { GIVEN_M });
     let family = *rng.pick(FAMILY);
     let age_years = rng.range(1, 95) as i64;
@@ -333,12 +301,12 @@ fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> 
             "onsetDateTime": date(day),
             "recordedDate": date(day)
         });
-        if rng.chance(30) {
+        if rng.percent(30) {
             condition["note"] = json!([{ "text": format!("{display}: reviewed, management plan discussed with the patient.") }]);
         }
         builder.add(condition, rng, day);
     }
-    if rng.chance(6) {
+    if rng.percent(6) {
         let (code, display) = *rng.pick(SENSITIVE_PROBLEMS);
         let day = recent(rng, 3650);
         builder.add(
@@ -353,7 +321,7 @@ fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> 
             day,
         );
     }
-    if rng.chance(3) {
+    if rng.percent(3) {
         let day = recent(rng, 1000);
         builder.add(
             json!({
@@ -368,7 +336,7 @@ fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> 
             day,
         );
     }
-    if rng.chance(2) {
+    if rng.percent(2) {
         let day = recent(rng, 1000);
         builder.add(
             json!({
@@ -482,7 +450,7 @@ fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> 
             day,
         );
     }
-    if rng.chance(25) {
+    if rng.percent(25) {
         let (code, display) = *rng.pick(PROCEDURES);
         let day = recent(rng, 7300);
         builder.add(
@@ -497,7 +465,7 @@ fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> 
             day,
         );
     }
-    if rng.chance(20) {
+    if rng.percent(20) {
         let day = recent(rng, 365);
         builder.add(
             json!({
@@ -514,7 +482,7 @@ fn patient_bundle(org: &OdsCode, nhs: &NhsNumber, index: u64, rng: &mut Rng) -> 
             day,
         );
     }
-    if rng.chance(15) {
+    if rng.percent(15) {
         let day = recent(rng, 365);
         builder.add(
             json!({

@@ -2,7 +2,7 @@
 //!
 //! Many nodes and hubs run in one process with the real sync engine (`caremesh_sync::Session`)
 //! and real storage (`caremesh_storage::sync_host::StoreHost` over SQLite files), connected by
-//! a simulated network ([`network`]) in virtual time. A seeded generator ([`rng`]) makes every
+//! a simulated network ([`network`]) in virtual time. A seeded generator ([`seeded`]) makes every
 //! choice: no wall clock and no OS randomness reach a run, so the same scenario and seed give
 //! the same trace hash, byte for byte.
 //!
@@ -14,14 +14,20 @@
 mod check;
 mod host;
 pub mod network;
-pub mod rng;
 pub mod scenario;
 pub mod swarm;
 mod world;
 
+use caremesh_sync::rng::Rng;
 pub use scenario::{Scenario, ScenarioError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// The simulator's generator for `seed` (`caremesh_sync::rng`, mixed apart from the seeds
+/// `caremesh generate` uses).
+pub fn seeded(seed: u64) -> Rng {
+    Rng::from_state(seed ^ 0x6a09_e667_f3bc_c908)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {

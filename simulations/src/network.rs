@@ -8,8 +8,8 @@
 //! holds up the frames behind it, a duplicated one costs bandwidth. A link that passes no
 //! packets for the idle timeout closes the connection, and the dialler tries again later.
 
-use crate::rng::Rng;
 use crate::scenario::LinkSpec;
+use caremesh_sync::rng::Rng;
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +168,7 @@ mod tests {
             reorder: 0.2,
             ..LinkSpec::default()
         };
-        let mut rng = Rng::new(3);
+        let mut rng = crate::seeded(3);
         let (mut free, mut last) = (0, 0);
         let arrivals: Vec<u64> = (0..200)
             .map(|i| transmit(&spec, 1200, i * 10, &mut free, &mut last, &mut rng))

@@ -1,14 +1,13 @@
 //! Swarm testing: the same scenario with its fault parameters drawn from the seed, so many
 //! seeds explore many fault shapes, and one seed reproduces one exactly.
 
-use crate::rng::Rng;
 use crate::scenario::{FaultKind, Scenario};
 
 /// `scenario` with randomised faults: the network's loss, latency, jitter and bandwidth;
 /// clock skew for some node groups; each fault's start and length (kept inside the run);
 /// link faults' loss, latency and flapping.
 pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
-    let mut rng = Rng::new(seed ^ 0x5741_524d);
+    let mut rng = crate::seeded(seed ^ 0x5741_524d);
     let mut out = scenario.clone();
     out.network.loss = rng.unit() * 0.05;
     out.network.duplicate = rng.unit() * 0.02;

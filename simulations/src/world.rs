@@ -10,13 +10,13 @@ mod connections;
 use crate::check::{self, Held};
 use crate::host::SimHost;
 use crate::network::{Blocked, LinkState};
-use crate::rng::Rng;
 use crate::scenario::{FaultKind, Invariant, LinkSpec, Scenario};
 use crate::{Report, Violation};
 use caremesh_storage::Store;
 use caremesh_storage::publish::Publication;
 use caremesh_storage::sync_host::{RegistrySource, StoreHost};
 use caremesh_sync::policy::{Agreements, Consent};
+use caremesh_sync::rng::Rng;
 use caremesh_sync::{
     DataClass, Item, NhsNumber, OdsCode, OrgKind, Organisation, PublisherKey, Registry,
     RegistryFile, Section, Session, VerifiedRegistry,
@@ -149,6 +149,8 @@ pub(crate) struct World {
     pub links: LinkState,
     /// Each node's peers, both directions of dialling.
     peers: Vec<BTreeSet<usize>>,
+    /// Each node's place in `nodes`, by ODS code (looked up for every frame checked).
+    indices: BTreeMap<String, usize>,
     pub registry: Arc<VerifiedRegistry>,
     pub agreements: Agreements,
     trace: Sha256,
@@ -178,7 +180,7 @@ fn patient_number(n: u32) -> NhsNumber {
 
 impl World {
     pub fn new(scenario: Scenario, seed: u64, work: &Path) -> Result<World, crate::SimError> {
-        let mut rng = Rng::new(seed);
+        let mut rng = crate::seeded(seed);
         let now_ms = Arc::new(AtomicU64::new(0));
         let codes = scenario.codes();
         let index_of: BTreeMap<String, usize> = codes
@@ -292,6 +294,7 @@ impl World {
         }
         let mut world = World {
             peers,
+            indices: index_of,
             report: Report::new(&scenario.name, seed),
             scenario,
             rng,
@@ -543,9 +546,9 @@ impl World {
     }
 
     pub(crate) fn index_of(&self, code: &str) -> usize {
-        self.nodes
-            .iter()
-            .position(|n| n.ods.as_str() == code)
+        *self
+            .indices
+            .get(code)
             .expect("scenario names were validated")
     }
 

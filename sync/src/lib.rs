@@ -10,6 +10,7 @@
 //! * [`signing`]: signed heads, the authenticity statement a publisher makes about a document.
 //! * [`policy`]: the decision functions every document passes through, sent, forwarded,
 //!   stored or shown.
+//! * [`rng`]: the seeded generator behind everything reproducible from a seed.
 //! * [`trust`]: the signed trust registry of organisations and their keys.
 //! * [`wire`]: versioned postcard messages and length-prefixed framing.
 //! * [`session`]: the sync protocol state machine, one per connected peer.
@@ -17,6 +18,7 @@
 pub mod document;
 pub mod model;
 pub mod policy;
+pub mod rng;
 pub mod session;
 pub mod signing;
 #[cfg(test)]
