@@ -9,7 +9,7 @@ use support::*;
 fn every_command_has_help() {
     for command in [
         "init", "ingest", "run", "record", "status", "verify", "generate", "demo", "consent",
-        "trust", "sim", "audit",
+        "trust", "sim", "audit", "launch",
     ] {
         let output = run(&[command, "--help"]);
         assert!(output.status.success(), "{command} --help failed");
@@ -175,9 +175,10 @@ fn run_serves_the_record_and_ingests_dropped_files() {
     let (status, body) = http_get(&node.address, "/health");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"status\":\"ok\""));
-    let (status, _) = http_get(&node.address, "/api/patients/9912003888");
+    let session = clinician_session(&home, &node.address, "9912003888");
+    let (status, _) = http_get_as(&node.address, "/api/patients/9912003888", &session);
     assert_eq!(status, 404, "nothing held yet");
-    let (status, body) = http_get(&node.address, "/api/patients/12345");
+    let (status, body) = http_get_as(&node.address, "/api/patients/12345", &session);
     assert_eq!(status, 400);
     assert!(body.contains("not 10 digits"), "{body}");
 
@@ -192,16 +193,16 @@ fn run_serves_the_record_and_ingests_dropped_files() {
         std::fs::rename(&temporary, home.join("drop").join(name)).unwrap();
     }
     let served = wait_for(Duration::from_secs(60), || {
-        http_get(&node.address, "/api/patients/9912003888")
+        http_get_as(&node.address, "/api/patients/9912003888", &session)
             .1
             .contains("Amoxicillin")
     });
     assert!(served, "dropped files never reached the view");
-    let (status, json) = http_get(&node.address, "/api/patients/9912003888");
+    let (status, json) = http_get_as(&node.address, "/api/patients/9912003888", &session);
     assert_eq!(status, 200);
     let record: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(record["sources"][0]["name"], "Banbury Road Surgery");
-    let (status, page) = http_get(&node.address, "/patients/9912003888");
+    let (status, page) = http_get_as(&node.address, "/patients/9912003888", &session);
     assert_eq!(status, 200);
     assert!(
         page.contains("Richard SMITH") && page.contains("991 200 3888"),
@@ -293,13 +294,18 @@ fn audit_verify_finds_an_edited_entry_in_the_chain() {
     init_node(&node, "A81001", "Test Surgery", "gp");
     {
         let running = RunningNode::start(&node);
+        let session = clinician_session(&node, &running.address, "9912003888");
         for reason in [
             "Collapsed in clinic, history needed",
             "Unresponsive, allergies needed",
         ] {
-            let form = format!("clinician=Dr+Test&reason={}", reason.replace(' ', "+"));
-            let (status, _) =
-                http_post_form(&running.address, "/patients/9912003888/break-glass", &form);
+            let form = format!("reason={}", reason.replace(' ', "+"));
+            let (status, _) = http_post_form_as(
+                &running.address,
+                "/patients/9912003888/break-glass",
+                &form,
+                &session,
+            );
             assert_eq!(status, 303);
         }
     }
@@ -321,4 +327,223 @@ fn audit_verify_finds_an_edited_entry_in_the_chain() {
         "{}",
         stdout(&broken)
     );
+}
+
+/// Replaces the payload of a signed token with another token's, keeping the signature.
+fn with_payload_of(token_url: &str, other_url: &str) -> String {
+    let payload = |url: &str| {
+        let (_, token) = url.split_once("token=").unwrap();
+        token.split('.').nth(1).unwrap().to_string()
+    };
+    token_url.replace(&payload(token_url), &payload(other_url))
+}
+
+#[test]
+fn the_view_opens_only_through_a_valid_launch_for_its_patient_and_role() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let fixture = fixtures().join("uk-core");
+    let ingest = run(&[
+        "ingest",
+        "--dir",
+        home.to_str().unwrap(),
+        fixture
+            .join("UKCore-Patient-RichardSmith-Example.json")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(ingest.status.success(), "{}", stdout(&ingest));
+    let node = RunningNode::start(&home);
+    let address = node.address.clone();
+    let patient = "9912003888";
+    let other_patient = "9434765919";
+
+    // No session: 401, and nothing of the record.
+    for path in [
+        format!("/patients/{patient}"),
+        format!("/api/patients/{patient}"),
+        "/".into(),
+        "/audit".into(),
+        "/metrics".into(),
+    ] {
+        let (status, body) = http_get(&address, &path);
+        assert_eq!(status, 401, "{path}");
+        assert!(!body.contains("SMITH"), "{path} leaked the record");
+    }
+
+    let clinician = |nhs: &str, extra: &[&str]| {
+        let mut args = vec!["--user", "G1234", "--name", "Dr Ada Lovelace", "--nhs", nhs];
+        args.extend_from_slice(extra);
+        launch_url(&home, &address, &args)
+    };
+    let url = clinician(patient, &[]);
+    let launched = follow_launch(&url);
+    assert_eq!(launched.header("location"), Some("/patients/9912003888"));
+    let cookie = session_cookie(&launched);
+    assert!(
+        launched.header("set-cookie").unwrap().contains("HttpOnly"),
+        "the session cookie is out of scripts' reach"
+    );
+    let (status, page) = http_get_as(&address, &format!("/patients/{patient}"), &cookie);
+    assert_eq!(status, 200);
+    assert!(page.contains("Richard SMITH") && page.contains("Dr Ada Lovelace"));
+
+    // Replayed, forged, expired, for another organisation: 401 with the reason.
+    let replayed = follow_launch(&url);
+    assert_eq!(replayed.status, 401);
+    assert!(replayed.body.contains("used before"), "{}", replayed.body);
+    let forged = follow_launch(&with_payload_of(
+        &clinician(patient, &[]),
+        &clinician(other_patient, &[]),
+    ));
+    assert_eq!(forged.status, 401);
+    assert!(forged.body.contains("does not verify"), "{}", forged.body);
+    let issued = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3_600)
+        .to_string();
+    let expired = follow_launch(&clinician(patient, &["--issued-at", &issued]));
+    assert_eq!(expired.status, 401);
+    assert!(expired.body.contains("expired"), "{}", expired.body);
+    let elsewhere = temp.path().join("acute");
+    init_node(&elsewhere, "RTH", "Oxford University Hospitals", "acute");
+    let foreign = follow_launch(&launch_url(
+        &elsewhere,
+        &address,
+        &["--user", "X1", "--name", "Dr Elsewhere", "--nhs", patient],
+    ));
+    assert_eq!(
+        foreign.status, 401,
+        "another organisation's key opens nothing"
+    );
+
+    // A token opens only its own patient, and each role only its routes.
+    let (status, body) = http_get_as(&address, &format!("/patients/{other_patient}"), &cookie);
+    assert_eq!(status, 403);
+    assert!(body.contains("different patient"), "{body}");
+    let (status, _) = http_get_as(&address, &format!("/patients?nhs={other_patient}"), &cookie);
+    assert_eq!(status, 403);
+    assert_eq!(http_get_as(&address, "/audit", &cookie).0, 403);
+    assert_eq!(http_get_as(&address, "/metrics", &cookie).0, 403);
+    let auditor = role_session(&home, &address, "auditor");
+    assert_eq!(
+        http_get_as(&address, &format!("/patients/{patient}"), &auditor).0,
+        403
+    );
+    let admin = role_session(&home, &address, "admin");
+    assert_eq!(http_get_as(&address, "/metrics", &admin).0, 200);
+    assert_eq!(http_get_as(&address, "/status", &admin).0, 200);
+    assert_eq!(http_get_as(&address, "/audit", &admin).0, 403);
+
+    // The auditor's report over HTTP lists the view and the refusals about the patient.
+    let (status, json) = http_get_as(
+        &address,
+        &format!("/api/audit?patient={patient}&format=json"),
+        &auditor,
+    );
+    assert_eq!(status, 200, "{json}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let view = rows
+        .iter()
+        .find(|r| r["action"] == "view" && r["outcome"] == "allowed")
+        .expect("the view is recorded");
+    assert_eq!(view["user_id"], "G1234");
+    assert_eq!(view["user_name"], "Dr Ada Lovelace");
+    assert_eq!(view["role"], "clinician");
+    assert_eq!(view["organisation"], "A81001");
+    assert_eq!(view["recorded_by"], "A81001");
+    assert_eq!(view["nhs"], patient);
+    assert_eq!(view["purpose"], "direct care");
+    assert_eq!(view["sources"], serde_json::json!(["A81001"]));
+    assert_eq!(view["sections"], serde_json::json!(["demographics"]));
+    let refusals: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["outcome"] == "refused")
+        .map(|r| r["detail"].as_str().unwrap())
+        .collect();
+    assert!(
+        refusals.iter().any(|d| d.contains("used before")),
+        "{refusals:?}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .any(|d| d.contains("Open the shared care record")),
+        "the requests without a session: {refusals:?}"
+    );
+    drop(node);
+
+    // The same over the CLI, per user, and as FHIR.
+    let dir = home.to_str().unwrap();
+    let by_user = run(&[
+        "audit", "report", "--dir", dir, "--user", "G1234", "--format", "csv",
+    ]);
+    assert!(by_user.status.success(), "{}", stderr(&by_user));
+    let csv = stdout(&by_user);
+    assert!(csv.starts_with("time,recorded_by,entry,organisation,user_id"));
+    assert!(
+        csv.lines()
+            .any(|l| l.contains("\"view\"") && l.contains("\"9912003888\"")),
+        "{csv}"
+    );
+    assert!(
+        csv.lines()
+            .any(|l| l.contains("\"refused\"") && l.contains("different patient")),
+        "{csv}"
+    );
+    let fhir = run(&[
+        "audit",
+        "report",
+        "--dir",
+        dir,
+        "--patient",
+        patient,
+        "--format",
+        "fhir",
+    ]);
+    let bundle: serde_json::Value = serde_json::from_slice(&fhir.stdout).unwrap();
+    assert_eq!(bundle["resourceType"], "Bundle");
+    let events = bundle["entry"].as_array().unwrap();
+    assert!(!events.is_empty());
+    assert!(
+        events
+            .iter()
+            .all(|e| e["resource"]["resourceType"] == "AuditEvent")
+    );
+    let future = run(&[
+        "audit",
+        "report",
+        "--dir",
+        dir,
+        "--patient",
+        patient,
+        "--from",
+        "2999-01-01",
+    ]);
+    assert!(
+        stdout(&future).contains("0 access(es)"),
+        "{}",
+        stdout(&future)
+    );
+    let bad_date = run(&[
+        "audit",
+        "report",
+        "--dir",
+        dir,
+        "--patient",
+        patient,
+        "--from",
+        "yesterday",
+    ]);
+    assert!(!bad_date.status.success());
+    assert!(
+        stderr(&bad_date).contains("YYYY-MM-DD"),
+        "{}",
+        stderr(&bad_date)
+    );
+    let verify = run(&["audit", "verify", "--dir", dir]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
 }

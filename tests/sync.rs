@@ -121,8 +121,9 @@ fn verify_ok(dir: &Path) {
     );
 }
 
-fn metric(node: &RunningNode, name: &str) -> f64 {
-    let (status, body) = http_get(&node.address, "/metrics");
+fn metric(node: &RunningNode, dir: &Path, name: &str) -> f64 {
+    let admin = role_session(dir, &node.address, "admin");
+    let (status, body) = http_get_as(&node.address, "/metrics", &admin);
     assert_eq!(status, 200);
     body.lines()
         .find(|line| line.starts_with(name))
@@ -170,7 +171,12 @@ fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified(
 
     // The acute trust's view of a shared patient joins both organisations' data.
     let nhs = acute_caseload.iter().min().unwrap();
-    let (status, body) = http_get(&acute_process.address, &format!("/api/patients/{nhs}"));
+    let session = clinician_session(&acute, &acute_process.address, nhs);
+    let (status, body) = http_get_as(
+        &acute_process.address,
+        &format!("/api/patients/{nhs}"),
+        &session,
+    );
     assert_eq!(status, 200, "{body}");
     let record: serde_json::Value = serde_json::from_str(&body).unwrap();
     let sources: Vec<&str> = record["sources"]
@@ -197,7 +203,13 @@ fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified(
     assert_eq!(status["connected"], true);
     assert!(status["last_sync_at"].as_i64().is_some());
     assert_eq!(status["rejected"], 0);
-    assert!(metric(&acute_process, "caremesh_peer_connected{peer=\"HUB01\"}") == 1.0);
+    assert!(
+        metric(
+            &acute_process,
+            &acute,
+            "caremesh_peer_connected{peer=\"HUB01\"}"
+        ) == 1.0
+    );
 }
 
 #[test]
@@ -353,7 +365,7 @@ fn unknown_and_revoked_peers_are_refused_and_a_newer_registry_spreads() {
     });
     assert!(adopted, "the GP did not adopt the newer registry");
     assert!(wait_for(SYNC_WAIT, || {
-        metric(&hub_process, "caremesh_handshakes_refused_total") >= 2.0
+        metric(&hub_process, &hub, "caremesh_handshakes_refused_total") >= 2.0
     }));
     assert_eq!(held_from(&hub, "B82005"), 0, "nothing from the revoked key");
     assert_eq!(held_from(&hub, "C83010"), 0, "nothing from the unknown key");
@@ -416,7 +428,7 @@ fn garbage_and_oversized_frames_close_the_connection_and_leave_the_hub_serving()
     }
     let (status, _) = http_get(&hub_process.address, "/health");
     assert_eq!(status, 200, "the hub still serves");
-    assert!(metric(&hub_process, "caremesh_protocol_errors_total") >= 3.0);
+    assert!(metric(&hub_process, &hub, "caremesh_protocol_errors_total") >= 3.0);
     assert_eq!(documents(&hub), 0);
     let row = peer(&hub, "D84000").expect("the hub keeps a status row for the peer");
     assert_eq!(row["connected"], false);
@@ -461,19 +473,43 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
     let mut reader = std::io::BufReader::new(demo.stdout.take().unwrap());
     let mut pages = Vec::new();
     let mut line = String::new();
-    while pages.len() < 4 && std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0 {
-        if let Some(url) = line.split_whitespace().find(|w| w.contains("/patients/")) {
-            pages.push(url.trim_start_matches("http://").to_string());
+    while pages.len() < 5 && std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0 {
+        if let Some(url) = line
+            .split_whitespace()
+            .find(|w| w.contains("/launch?token="))
+        {
+            pages.push(url.to_string());
         }
         line.clear();
     }
     std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    let [gp_page, acute_page, hospice_page, break_glass_page] = pages
+    // Each printed link is a launch: follow it once, as the browser would, for a session.
+    let sessions: Vec<(String, String, String)> = pages
+        .iter()
+        .map(|url| {
+            let launched = follow_launch(url);
+            let cookie = session_cookie(&launched);
+            let address = url
+                .trim_start_matches("http://")
+                .split_once('/')
+                .unwrap()
+                .0
+                .to_string();
+            let path = launched.header("location").unwrap().to_string();
+            (address, path, cookie)
+        })
+        .collect();
+    let [
+        gp_page,
+        acute_page,
+        hospice_page,
+        break_glass_page,
+        gp_audit,
+    ] = sessions
         .try_into()
-        .expect("three patient pages and the break-glass example");
-    let record = |page: &str| -> serde_json::Value {
-        let (address, path) = page.split_once('/').unwrap();
-        let (status, body) = http_get(address, &format!("/api/{path}"));
+        .expect("three patient pages, the break-glass example and the GP's audit");
+    let record = |(address, path, cookie): &(String, String, String)| -> serde_json::Value {
+        let (status, body) = http_get_as(address, &format!("/api{path}"), cookie);
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     };
@@ -487,7 +523,7 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
             .map(|item| item["data_class"].as_str().unwrap().to_string())
             .collect()
     };
-    let joined = |page: &str| {
+    let joined = |page: &(String, String, String)| {
         let record = record(page);
         ["A81001", "RTH", "8HA15"]
             .iter()
@@ -506,13 +542,29 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
             .unwrap_or(0)
             > 0
     });
-    let (address, path) = break_glass_page.split_once('/').unwrap();
-    let (glass_status, _) = http_post_form(
+    let (address, path, cookie) = &break_glass_page;
+    let (glass_status, _) = http_post_form_as(
         address,
-        &format!("/{path}/break-glass"),
-        "clinician=Demo+Clinician&reason=Deteriorating%2C+needs+GP+medication+history",
+        &format!("{path}/break-glass"),
+        "reason=Deteriorating%2C+needs+GP+medication+history",
+        cookie,
     );
     let opened = record(&break_glass_page);
+    // The GP's auditor sees the hospital's view of GP data, which came through the hub.
+    let (gp_address, _, auditor) = &gp_audit;
+    let first_patient = gp_page.1.trim_start_matches("/patients/").to_string();
+    let hospital_view_reported = wait_for(SYNC_WAIT, || {
+        let (status, body) = http_get_as(
+            gp_address,
+            &format!("/api/audit?patient={first_patient}"),
+            auditor,
+        );
+        status == 200
+            && serde_json::from_str::<Vec<serde_json::Value>>(&body)
+                .unwrap()
+                .iter()
+                .any(|row| row["recorded_by"] == "RTH" && row["action"] == "view")
+    });
     // Stop the region (SIGTERM lets the demo stop its nodes) before asserting.
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &demo.id().to_string()])
@@ -521,7 +573,14 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
     assert!(all_joined, "every page joins GP, hospital and hospice data");
     assert!(hidden, "the break-glass example hides the GP's data");
     assert_eq!(glass_status, 303);
-    assert_eq!(opened["break_glass"]["clinician"], "Demo Clinician");
+    assert_eq!(
+        opened["break_glass"]["clinician"],
+        "Demo clinician at Sobell House Hospice"
+    );
+    assert!(
+        hospital_view_reported,
+        "the GP's audit report lists the hospital's view"
+    );
     assert!(!items_from(&opened, "A81001").is_empty());
     // The hospital's page says what the Oxfordshire rule withheld.
     let withheld: u64 = acute["sections"]
@@ -762,9 +821,9 @@ fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_an
     verify_ok(&hub);
 }
 
-/// The record the view at `node` serves for `nhs`, as JSON.
-fn api_record(node: &RunningNode, nhs: &str) -> serde_json::Value {
-    let (status, body) = http_get(&node.address, &format!("/api/patients/{nhs}"));
+/// The record the view at `node` serves for `nhs` in a launched session, as JSON.
+fn api_record(node: &RunningNode, session: &str, nhs: &str) -> serde_json::Value {
+    let (status, body) = http_get_as(&node.address, &format!("/api/patients/{nhs}"), session);
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -814,7 +873,8 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
     assert!(held > 0);
 
     // Share In is off at the hospice: the GP's data is held but not shown, and counted.
-    let record = api_record(&hospice_process, &nhs);
+    let session = clinician_session(&hospice, &hospice_process.address, &nhs);
+    let record = api_record(&hospice_process, &session, &nhs);
     assert_eq!(record["share_in"], false);
     assert!(shown_from(&record, "A81001").is_empty());
     assert!(
@@ -829,7 +889,11 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
         .find(|s| s["section"] == "problems")
         .unwrap();
     assert_eq!(problems["withheld_by_sharing_rules"], withheld_problems);
-    let (_, page) = http_get(&hospice_process.address, &format!("/patients/{nhs}"));
+    let (_, page) = http_get_as(
+        &hospice_process.address,
+        &format!("/patients/{nhs}"),
+        &session,
+    );
     assert!(page.contains("withheld by sharing rules"));
     assert!(page.contains("Use emergency access"));
     assert!(!page.contains("Private to the practice"));
@@ -848,21 +912,18 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
 
     // Break-glass needs a reason; with one, it is recorded and shows the GP's data, flagged.
     let path = format!("/patients/{nhs}/break-glass");
-    let (status, body) = http_post_form(
-        &hospice_process.address,
-        &path,
-        "clinician=Dr+Ahmed&reason=",
-    );
+    let (status, body) = http_post_form_as(&hospice_process.address, &path, "reason=", &session);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("reason"));
-    let (status, _) = http_post_form(
+    let (status, _) = http_post_form_as(
         &hospice_process.address,
         &path,
-        "clinician=Dr+Ahmed&reason=Unresponsive+on+arrival%2C+medication+history+needed",
+        "reason=Unresponsive+on+arrival%2C+medication+history+needed",
+        &session,
     );
     assert_eq!(status, 303);
-    let record = api_record(&hospice_process, &nhs);
-    assert_eq!(record["break_glass"]["clinician"], "Dr Ahmed");
+    let record = api_record(&hospice_process, &session, &nhs);
+    assert_eq!(record["break_glass"]["clinician"], "Dr Test Clinician");
     let shown = shown_from(&record, "A81001");
     let demographics = count(
         &hospice,
@@ -876,8 +937,25 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
     );
     assert!(shown.iter().all(|i| i["shown_by"] == "break-glass"));
     assert_eq!(record["hidden_without_share_in"], 0);
-    let (_, page) = http_get(&hospice_process.address, &format!("/patients/{nhs}"));
-    assert!(page.contains("Emergency access (break-glass)</strong> by Dr Ahmed"));
+    let other_clinician = session_cookie(&follow_launch(&launch_url(
+        &hospice,
+        &hospice_process.address,
+        &["--user", "C0002", "--name", "Nurse Other", "--nhs", &nhs],
+    )));
+    assert!(
+        shown_from(
+            &api_record(&hospice_process, &other_clinician, &nhs),
+            "A81001"
+        )
+        .is_empty(),
+        "break-glass is the clinician's own, not the whole hospice's"
+    );
+    let (_, page) = http_get_as(
+        &hospice_process.address,
+        &format!("/patients/{nhs}"),
+        &session,
+    );
+    assert!(page.contains("Emergency access (break-glass)</strong> by Dr Test Clinician"));
     assert!(
         !page.contains("Private to the practice"),
         "break-glass never shows private items"
@@ -898,24 +976,89 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
     assert_eq!(
         audit,
         (
-            "Dr Ahmed".to_string(),
+            "Dr Test Clinician".to_string(),
             "Unresponsive on arrival, medication history needed".to_string(),
             3600
         )
     );
     let chained: String = database(&hospice)
         .query_row(
-            "SELECT body FROM audit_events WHERE nhs = ?1",
+            "SELECT body FROM audit_events WHERE nhs = ?1 AND json_extract(body, '$.action') = 'break-glass'",
             [&nhs],
             |row| row.get(0),
         )
         .unwrap();
     let event: serde_json::Value = serde_json::from_str(&chained).unwrap();
-    assert_eq!(event["action"], "break-glass");
-    assert_eq!(event["user_name"], "Dr Ahmed");
+    assert_eq!(event["user_name"], "Dr Test Clinician");
     assert_eq!(
         event["detail"],
         "Unresponsive on arrival, medication history needed"
+    );
+
+    // The GP learns, through the hub, that the hospice's clinician saw its data and why.
+    let report = || -> Vec<serde_json::Value> {
+        let output = run(&[
+            "audit",
+            "report",
+            "--dir",
+            gp.to_str().unwrap(),
+            "--patient",
+            &nhs,
+            "--format",
+            "json",
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let from_hospice = |rows: &[serde_json::Value]| -> Option<serde_json::Value> {
+        rows.iter()
+            .find(|r| r["recorded_by"] == "HSP01" && r["action"] == "view")
+            .cloned()
+    };
+    assert!(
+        wait_for(SYNC_WAIT, || from_hospice(&report()).is_some()),
+        "the hospice's access record never reached the GP"
+    );
+    let view = from_hospice(&report()).unwrap();
+    assert_eq!(view["organisation"], "HSP01");
+    assert_eq!(view["user_id"], "C0001");
+    assert_eq!(view["user_name"], "Dr Test Clinician");
+    assert_eq!(view["role"], "clinician");
+    assert_eq!(view["nhs"], nhs.as_str());
+    assert_eq!(view["purpose"], "direct care (emergency access)");
+    assert!(
+        view["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("break-glass: Unresponsive on arrival, medication history needed"),
+        "{view}"
+    );
+    assert!(
+        view["sources"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("A81001"))
+    );
+    assert!(view["entry"].as_i64().unwrap() > 0);
+    // Views that showed only the hospice's own data stay at the hospice.
+    assert!(
+        report()
+            .iter()
+            .filter(|r| r["recorded_by"] == "HSP01")
+            .all(|r| r["sources"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("A81001"))),
+        "only views of the GP's data are sent to the GP"
+    );
+    // The access record is not care: the hub holds it, and it does not count as the
+    // hospice's data in the GP's view of its own patient.
+    assert!(
+        count(
+            &hub,
+            "SELECT count(*) FROM documents WHERE publisher = 'HSP01' AND nhs = ?1 AND section = 'audit'",
+            &nhs,
+        ) == 1
     );
 }
 

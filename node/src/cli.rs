@@ -122,7 +122,36 @@ enum Command {
         #[command(subcommand)]
         command: crate::consent::ConsentCommand,
     },
-    /// The audit trail: verify that it has not been tampered with.
+    /// Print a launch URL that opens the view for one user (and patient), signed with the
+    /// launch key in the node home, as a clinical system would. For demos and tests.
+    Launch {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The user's id in the clinical system.
+        #[arg(long)]
+        user: String,
+        /// The user's name, as the audit trail shows it.
+        #[arg(long)]
+        name: String,
+        /// clinician, auditor or admin.
+        #[arg(long, default_value = "clinician")]
+        role: String,
+        /// The patient's NHS number (required for clinicians).
+        #[arg(long)]
+        nhs: Option<String>,
+        #[arg(long, default_value = "direct care")]
+        purpose: String,
+        /// The view's address, as the user's browser reaches it.
+        #[arg(long)]
+        base: Option<String>,
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 300)]
+        valid_seconds: i64,
+        /// When the token was issued (unix seconds); now by default. For testing expiry.
+        #[arg(long, hide = true)]
+        issued_at: Option<i64>,
+    },
+    /// The audit trail: verify it has not been tampered with; reports per patient or user.
     Audit {
         #[command(subcommand)]
         command: crate::audit::AuditCommand,
@@ -250,9 +279,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Record { dir, nhs, json } => {
             let home = Home::open(&dir)?;
             let nhs = NhsNumber::parse(&nhs)?;
-            let store = home.open_store()?;
-            let Some(record) = record::assemble(&store, &nhs, &home.viewer(), clock::now_unix())?
-            else {
+            let mut store = home.open_store()?;
+            let operator = operator();
+            let now = clock::now_unix();
+            let record = record::assemble(&store, &nhs, &home.viewer(&operator), now)?;
+            let (sources, sections) = record.as_ref().map(|r| r.shown()).unwrap_or_default();
+            let own = home.config.organisation.ods.clone();
+            crate::audit::record_access(
+                &mut store,
+                &home.signing_key()?,
+                &own,
+                &caremesh_storage::audit::AuditEvent {
+                    at: now,
+                    user_id: operator.clone(),
+                    user_name: operator,
+                    role: "operator".into(),
+                    organisation: own.to_string(),
+                    action: "cli-record".into(),
+                    nhs: Some(nhs.to_string()),
+                    sources,
+                    sections,
+                    purpose: "node administration (CLI)".into(),
+                    outcome: "allowed".into(),
+                    detail: if record.is_some() {
+                        String::new()
+                    } else {
+                        "no record held".into()
+                    },
+                },
+            )
+            .context("recording the access in the audit trail")?;
+            let Some(record) = record else {
                 eprintln!(
                     "this node holds no record for NHS number {}",
                     nhs.formatted()
@@ -333,6 +390,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Consent { command } => crate::consent::run(command),
         Command::Sim(args) => crate::sim::run(args),
         Command::Audit { command } => crate::audit::run(command),
+        Command::Launch {
+            dir,
+            user,
+            name,
+            role,
+            nhs,
+            purpose,
+            base,
+            valid_seconds,
+            issued_at,
+        } => {
+            let home = Home::open(&dir)?;
+            let base = base.unwrap_or_else(|| format!("http://{}", home.config.view.listen));
+            let url = crate::launch::launch_url(
+                &home,
+                &base,
+                &crate::launch::LaunchRequest {
+                    user: &user,
+                    name: &name,
+                    role: &role,
+                    nhs: nhs.as_deref(),
+                    purpose: &purpose,
+                    issued_at: issued_at.unwrap_or_else(clock::now_unix),
+                    valid_seconds,
+                },
+            )?;
+            println!("{url}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo {
             dir,
             patients,
@@ -510,8 +596,13 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             database: home.database_path(),
             organisation: home.config.organisation.name.clone(),
             ods: home.config.organisation.ods.to_string(),
-            viewer: home.viewer(),
+            viewer: home.viewer(""),
             break_glass_minutes: home.config.view.break_glass_minutes,
+            launch: crate::launch::LaunchVerifier::load(home).context(
+                "loading the launch key: the view opens only through signed launch tokens",
+            )?,
+            launch_config: home.config.launch.clone(),
+            key: home.signing_key()?,
             sync: sync.as_ref().map(|s| s.counters.clone()),
         });
         let listener = tokio::net::TcpListener::bind(listen)
@@ -540,6 +631,14 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();
     result.map(|_| ExitCode::SUCCESS)
+}
+
+/// Who runs a command at this machine, for the audit trail: the operating system user.
+pub fn operator() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("os:{user}")
 }
 
 pub async fn shutdown_signal() {

@@ -34,6 +34,21 @@ pub fn rfc3339(unix: i64) -> String {
     )
 }
 
+/// The start of a `YYYY-MM-DD` day (UTC) in unix seconds; `None` if it is no such date.
+pub fn unix_from_date(text: &str) -> Option<i64> {
+    let mut parts = text.trim().splitn(3, '-');
+    let (year, month, day) = (parts.next()?, parts.next()?, parts.next()?);
+    if year.len() != 4 || month.len() != 2 || day.len() != 2 {
+        return None;
+    }
+    let date = chrono::NaiveDate::from_ymd_opt(
+        year.parse().ok()?,
+        month.parse().ok()?,
+        day.parse().ok()?,
+    )?;
+    Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp())
+}
+
 /// `22/11/2026 10:42` (UTC), the form NHS screens use.
 pub fn uk_date_time(unix: i64) -> String {
     let (year, month, day) = civil_from_days(unix.div_euclid(86_400));
@@ -78,6 +93,15 @@ mod tests {
         assert_eq!(rfc3339(1_650_000_000), "2022-04-15T05:20:00Z");
         assert_eq!(uk_date_time(1_650_000_000), "15/04/2022 05:20");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn dates_read_as_the_start_of_their_day() {
+        assert_eq!(unix_from_date("2022-04-15"), Some(1_649_980_800));
+        assert_eq!(unix_from_date("2000-02-29"), Some(951_782_400));
+        assert_eq!(unix_from_date("2001-02-29"), None);
+        assert_eq!(unix_from_date("15/04/2022"), None);
+        assert_eq!(unix_from_date("2022-4-15"), None);
     }
 
     #[test]

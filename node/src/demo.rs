@@ -77,6 +77,29 @@ const REGION: &[DemoNode] = &[
     },
 ];
 
+/// A launch URL for the demo's clinician (or auditor) at the node in `home`.
+fn demo_launch(home: &Path, address: &str, role: &str, nhs: Option<&str>) -> Result<String> {
+    let home = Home::open(home)?;
+    let name = format!("Demo {role} at {}", home.config.organisation.name);
+    crate::launch::launch_url(
+        &home,
+        &format!("http://{address}"),
+        &crate::launch::LaunchRequest {
+            user: &format!("demo-{role}"),
+            name: &name,
+            role,
+            nhs,
+            purpose: if role == "auditor" {
+                "audit"
+            } else {
+                "direct care"
+            },
+            issued_at: clock::now_unix(),
+            valid_seconds: i64::from(home.config.launch.max_token_minutes) * 60,
+        },
+    )
+}
+
 pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
     let dir = match dir {
         Some(dir) => dir,
@@ -99,6 +122,7 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
     };
     let no_share_in = no_share_in.filter(|n| !n.is_empty());
     let mut hospice_address = None;
+    let mut gp_address = None;
     let mut children = Vec::new();
     println!("demo region in {}", dir.display());
     for node in REGION {
@@ -106,10 +130,14 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
         if node.kind == OrgKind::Hospice {
             hospice_address = Some(address.clone());
         }
+        if node.kind == OrgKind::Gp {
+            gp_address = Some(address.clone());
+        }
+        let home = dir.join(node.folder);
         let page = if node.kind == OrgKind::Hub {
             format!("http://{address}/health")
         } else {
-            format!("http://{address}/patients/{first_patient}")
+            demo_launch(&home, &address, "clinician", Some(&first_patient))?
         };
         println!(
             "  {:<28} {:<7} pid {:<7} {page}",
@@ -127,12 +155,24 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
     );
     if let (Some(nhs), Some(address)) = (&no_share_in, &hospice_address) {
         println!(
-            "Break-glass: this patient has not agreed to Share In at the hospice, so it shows only its own data: http://{address}/patients/{nhs}"
+            "Break-glass: this patient has not agreed to Share In at the hospice, so it shows only its own data: {}",
+            demo_launch(&dir.join("hospice"), address, "clinician", Some(nhs))?
         );
         println!(
-            "  Give a name and a reason to open the rest for an hour; the access is recorded."
+            "  Give a reason to open the rest for an hour; the access is recorded and the GP is told."
         );
     }
+    if let Some(gp_address) = &gp_address {
+        println!(
+            "Audit at the GP (who saw its data, here and at the hospital and hospice): {}",
+            demo_launch(&dir.join("gp"), gp_address, "auditor", None)?
+        );
+    }
+    println!(
+        "Each link is a single-use launch token, valid for 10 minutes, as a clinical system would make: \
+         `caremesh launch --dir {}/gp --user ID --name NAME --nhs NUMBER` makes more.",
+        dir.display()
+    );
     println!(
         "Try working offline: stop the hub with `kill {}`; every view keeps serving.",
         hub.id()

@@ -3,6 +3,8 @@
 //! ```text
 //! DIR/caremesh.toml        configuration
 //! DIR/keys/signing.key     the organisation's ed25519 secret (hex, mode 0600)
+//! DIR/keys/launch.pub      the clinical system's public key for launch tokens (hex)
+//! DIR/keys/launch-signing.key  its secret half, made by `init` for demos and tests (0600)
 //! DIR/node.db              SQLite database (WAL)
 //! DIR/drop/                extracts arriving; `caremesh run` ingests them
 //! DIR/processed/           accepted files
@@ -20,6 +22,8 @@ use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "caremesh.toml";
 pub const KEY_FILE: &str = "keys/signing.key";
+pub const LAUNCH_PUBLIC_FILE: &str = "keys/launch.pub";
+pub const LAUNCH_SIGNING_FILE: &str = "keys/launch-signing.key";
 pub const DATABASE_FILE: &str = "node.db";
 
 /// The SNOMED CT sensitive code set shipped in configs/, used when a config names none.
@@ -71,6 +75,45 @@ pub struct NodeConfig {
     pub sync: SyncConfig,
     #[serde(default)]
     pub sharing: SharingConfig,
+    #[serde(default)]
+    pub launch: LaunchConfig,
+}
+
+/// In-context launch: how launch tokens from the clinical system are checked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LaunchConfig {
+    /// "EdDSA" (the node holds the clinical system's public key) or "HS256" (a shared secret).
+    pub algorithm: LaunchAlgorithm,
+    /// EdDSA: the clinical system's public key, hex. HS256: the shared secret (mode 0600).
+    pub key: PathBuf,
+    /// EdDSA: a secret key for `caremesh launch` to sign with (demos and tests). A real
+    /// clinical system keeps its key; remove this file and setting in production.
+    pub signing_key: Option<PathBuf>,
+    /// How long a launched session lasts.
+    pub session_minutes: u32,
+    /// The longest validity a launch token may have (exp - iat).
+    pub max_token_minutes: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LaunchAlgorithm {
+    #[serde(rename = "EdDSA")]
+    EdDsa,
+    #[serde(rename = "HS256")]
+    Hs256,
+}
+
+impl Default for LaunchConfig {
+    fn default() -> Self {
+        LaunchConfig {
+            algorithm: LaunchAlgorithm::EdDsa,
+            key: PathBuf::from(LAUNCH_PUBLIC_FILE),
+            signing_key: Some(PathBuf::from(LAUNCH_SIGNING_FILE)),
+            session_minutes: 30,
+            max_token_minutes: 10,
+        }
+    }
 }
 
 /// This organisation's sharing defaults: what holds for a patient until a choice is recorded
@@ -193,11 +236,12 @@ pub struct Home {
 }
 
 impl Home {
-    /// This organisation as the viewer of the records it holds.
-    pub fn viewer(&self) -> crate::record::Viewer {
+    /// This organisation's user `user_id` as the viewer of the records it holds.
+    pub fn viewer(&self, user_id: &str) -> crate::record::Viewer {
         crate::record::Viewer {
             ods: self.config.organisation.ods.clone(),
             defaults: self.config.sharing.defaults(),
+            user_id: user_id.to_string(),
         }
     }
 
@@ -216,9 +260,18 @@ impl Home {
             view: ViewConfig::default(),
             sync: SyncConfig::default(),
             sharing: SharingConfig::default(),
+            launch: LaunchConfig::default(),
         };
         let key = generate_key()?;
         write_secret(&dir.join(KEY_FILE), &hex::encode(key.secret()))?;
+        // Stands in for the clinical system's launch key until the real one is configured.
+        let launch = generate_key()?;
+        write_secret(
+            &dir.join(LAUNCH_SIGNING_FILE),
+            &hex::encode(launch.secret()),
+        )?;
+        let public = dir.join(LAUNCH_PUBLIC_FILE);
+        fs::write(&public, hex::encode(launch.public())).map_err(io(&public))?;
         let home = Home {
             dir: dir.to_path_buf(),
             config,
@@ -352,7 +405,8 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<(), HomeError> {
     file.sync_all().map_err(io(path))
 }
 
-pub fn load_secret_key(path: &Path) -> Result<PublisherKey, HomeError> {
+/// Refuses a secret file that others can read.
+pub fn check_private(path: &Path) -> Result<(), HomeError> {
     let mode = fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(HomeError::KeyPermissions {
@@ -360,6 +414,11 @@ pub fn load_secret_key(path: &Path) -> Result<PublisherKey, HomeError> {
             mode,
         });
     }
+    Ok(())
+}
+
+pub fn load_secret_key(path: &Path) -> Result<PublisherKey, HomeError> {
+    check_private(path)?;
     let text = fs::read_to_string(path).map_err(io(path))?;
     let bytes = hex::decode(text.trim()).map_err(|_| HomeError::KeyFormat {
         path: path.to_path_buf(),

@@ -11,6 +11,7 @@ pub mod fhir;
 pub mod generate;
 pub mod home;
 pub mod ingest;
+pub mod launch;
 pub mod metrics;
 pub mod network;
 pub mod patient_index;

@@ -8,11 +8,13 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// Who is looking: the viewing organisation, whose Share In governs what of other
-/// organisations' data is shown, and its defaults for patients without a recorded choice.
+/// organisations' data is shown, and its defaults for patients without a recorded choice;
+/// and the user, whose own break-glass (if any) shows what Share In would.
 #[derive(Debug, Clone)]
 pub struct Viewer {
     pub ods: OdsCode,
     pub defaults: Consent,
+    pub user_id: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +106,25 @@ pub struct SourceView {
     pub items: usize,
 }
 
+impl Record {
+    /// What the view showed, for the audit trail: the organisations whose data it showed
+    /// and the sections that showed any, in the view's order.
+    pub fn shown(&self) -> (Vec<String>, Vec<String>) {
+        let sources = self.sources.iter().map(|s| s.ods.clone()).collect();
+        let mut sections = Vec::new();
+        if self.demographics.is_some() {
+            sections.push(Section::Demographics.as_str().to_string());
+        }
+        sections.extend(
+            self.sections
+                .iter()
+                .filter(|s| !s.items.is_empty())
+                .map(|s| s.section.as_str().to_string()),
+        );
+        (sources, sections)
+    }
+}
+
 /// Assembles the record, or `None` when this node holds nothing about the patient.
 pub fn assemble(
     store: &Store,
@@ -111,11 +132,12 @@ pub fn assemble(
     viewer: &Viewer,
     now: i64,
 ) -> Result<Option<Record>, StorageError> {
-    // Sharing records are consent state for policy, not part of the clinical record: a node
-    // holding only those about a patient holds no record of them.
+    // Sharing records are consent state for policy and access records are audit, not part
+    // of the clinical record: a node holding only those about a patient holds no record.
     let (sharing, stored): (Vec<StoredItem>, Vec<StoredItem>) = store
         .patient_items(nhs)?
         .into_iter()
+        .filter(|s| s.item.section != Section::Audit)
         .partition(|s| s.item.section == Section::Sharing);
     if stored.is_empty() {
         return Ok(None);
@@ -127,7 +149,7 @@ pub fn assemble(
     let consent = sharing
         .get(&viewer.ods)
         .map_or(viewer.defaults, |record| record.consent);
-    let break_glass = store.active_break_glass(nhs, now)?;
+    let break_glass = store.active_break_glass(nhs, &viewer.user_id, now)?;
     let sources: BTreeMap<String, SourceRow> = store
         .sources()?
         .into_iter()
@@ -194,7 +216,7 @@ pub fn assemble(
         });
     let sections = Section::ALL
         .iter()
-        .filter(|s| !matches!(s, Section::Demographics | Section::Sharing))
+        .filter(|s| s.is_clinical() && **s != Section::Demographics)
         .map(|section| {
             let mut items: Vec<ItemView> = by_section
                 .remove(section)

@@ -1,18 +1,32 @@
 //! The read-only record view over HTTP (axum). Reads local storage only, so it keeps
 //! serving when every peer is unreachable. No route writes clinical data.
+//!
+//! Nothing is shown without a session, and a session comes only from a launch token
+//! (`/launch?token=`, see `launch.rs`): one user, one role, and for clinicians one patient.
+//! Every route names the role it needs; every access and every refusal naming a patient is
+//! appended to the audit trail.
 
+// Handlers stop early with the response a refusal gives (`Result<_, Response>`); a request
+// makes one, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+use crate::audit::{ReportFormat, ReportQuery};
 use crate::clock;
+use crate::home::LaunchConfig;
+use crate::launch::{Launch, LaunchRefused, LaunchVerifier, Role};
 use crate::record::{self, Record, Viewer};
 use axum::extract::{Form, Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caremesh_storage::Store;
+use caremesh_storage::access::{LaunchSession, TokenUse};
 use caremesh_storage::audit::AuditEvent;
-use caremesh_sync::NhsNumber;
 use caremesh_sync::policy::ViewDecision;
+use caremesh_sync::{NhsNumber, PublisherKey};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,20 +34,30 @@ pub struct ViewState {
     pub database: PathBuf,
     pub organisation: String,
     pub ods: String,
+    /// This organisation as viewer; each request fills in its user.
     pub viewer: Viewer,
     /// How long a break-glass lasts.
     pub break_glass_minutes: u32,
     /// The running sync engine's counters, when sync is on.
     pub sync: Option<Arc<crate::network::SyncCounters>>,
+    /// Checks launch tokens.
+    pub launch: LaunchVerifier,
+    pub launch_config: LaunchConfig,
+    /// Signs this node's access records, which tell data owners who viewed their data.
+    pub key: PublisherKey,
 }
 
 pub fn router(state: Arc<ViewState>) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/launch", get(launch))
         .route("/patients", get(search))
         .route("/patients/{nhs}", get(patient_page))
         .route("/patients/{nhs}/break-glass", post(break_glass))
         .route("/api/patients/{nhs}", get(patient_json))
+        .route("/audit", get(audit_page))
+        .route("/api/audit", get(audit_api))
+        .route("/status", get(status))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::map_response(protect))
@@ -61,224 +85,489 @@ async fn protect(mut response: Response) -> Response {
     response
 }
 
-enum Lookup {
-    Found(Box<Record>),
-    InvalidNumber(String),
-    NotHeld,
-    Failed(String),
-}
+const SESSION_COOKIE: &str = "caremesh_session";
 
-async fn lookup(state: &ViewState, raw: String) -> Lookup {
-    let nhs = match NhsNumber::parse(&raw) {
-        Ok(nhs) => nhs,
-        Err(error) => return Lookup::InvalidNumber(error.to_string()),
-    };
-    let database = state.database.clone();
-    let viewer = state.viewer.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let store = Store::open_read_only(&database)?;
-        record::assemble(&store, &nhs, &viewer, clock::now_unix())
-    })
-    .await;
-    match outcome {
-        Ok(Ok(Some(record))) => Lookup::Found(Box::new(record)),
-        Ok(Ok(None)) => Lookup::NotHeld,
+/// Runs storage work off the async threads. A failure is logged and becomes a 500 that
+/// says where to look, never the error's text (it may name a patient).
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => {
-            tracing::error!(%error, "reading the record failed");
-            Lookup::Failed("the node could not read its database; see the node log".into())
+            tracing::error!(error = %format!("{error:#}"), "a view request failed");
+            Err(internal_error())
         }
         Err(error) => {
-            tracing::error!(%error, "record task failed");
-            Lookup::Failed("internal error; see the node log".into())
+            tracing::error!(%error, "a view task failed");
+            Err(internal_error())
         }
     }
 }
 
-async fn patient_json(State(state): State<Arc<ViewState>>, Path(nhs): Path<String>) -> Response {
-    match lookup(&state, nhs).await {
-        Lookup::Found(record) => Json(*record).into_response(),
-        Lookup::InvalidNumber(message) => (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({ "error": message })),
-        )
-            .into_response(),
-        Lookup::NotHeld => (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({ "error": "no record held for this NHS number on this node" })),
-        )
-            .into_response(),
-        Lookup::Failed(message) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(serde_json::json!({ "error": message })),
-        )
-            .into_response(),
+fn internal_error() -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "The node could not read or write its database; see the node log.",
+    )
+        .into_response()
+}
+
+impl ViewState {
+    /// An event for this node's audit trail; who is filled in from the session.
+    fn event(
+        &self,
+        session: Option<&LaunchSession>,
+        action: &str,
+        nhs: Option<&str>,
+    ) -> AuditEvent {
+        AuditEvent {
+            at: clock::now_unix(),
+            user_id: session.map_or_else(|| "anonymous".into(), |s| s.user_id.clone()),
+            user_name: session.map_or_else(|| "no session".into(), |s| s.user_name.clone()),
+            role: session.map_or_else(String::new, |s| s.role.clone()),
+            organisation: self.ods.clone(),
+            action: action.into(),
+            nhs: nhs.map(str::to_string),
+            sources: Vec::new(),
+            sections: Vec::new(),
+            purpose: session.map_or_else(String::new, |s| s.purpose.clone()),
+            outcome: "allowed".into(),
+            detail: String::new(),
+        }
+    }
+
+    /// Appends `event` to the trail (and the data owners' access records when it showed
+    /// their data).
+    async fn audit(self: &Arc<Self>, event: AuditEvent) -> Result<(), Response> {
+        let state = self.clone();
+        blocking(move || {
+            let mut store = Store::open(&state.database)?;
+            crate::audit::record_access(&mut store, &state.key, &state.viewer.ods, &event)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records a refusal and answers with `status` and `message`.
+    async fn refuse(
+        self: &Arc<Self>,
+        mut event: AuditEvent,
+        status: StatusCode,
+        message: &str,
+        api: bool,
+    ) -> Response {
+        event.outcome = "refused".into();
+        event.detail = message.to_string();
+        // The reason may quote a claim (an NHS number): it goes to the audit trail only.
+        tracing::warn!(status = status.as_u16(), action = %event.action, "access refused; see the audit trail");
+        if let Err(response) = self.audit(event).await {
+            return response;
+        }
+        self.problem(status, "Access refused", message, api)
+    }
+
+    fn problem(&self, status: StatusCode, title: &str, message: &str, api: bool) -> Response {
+        if api {
+            (status, Json(serde_json::json!({ "error": message }))).into_response()
+        } else {
+            (
+                status,
+                Html(page(
+                    self,
+                    None,
+                    title,
+                    &format!("<p class=\"error\">{}</p>", escape(message)),
+                )),
+            )
+                .into_response()
+        }
     }
 }
 
-async fn patient_page(State(state): State<Arc<ViewState>>, Path(nhs): Path<String>) -> Response {
-    match lookup(&state, nhs.clone()).await {
-        Lookup::Found(record) => Html(render_record(&state, &record)).into_response(),
-        Lookup::InvalidNumber(message) => (
+fn session_secret(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.to_string())
+        .filter(|value| value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn secret_hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The session the request carries, if it is one in force.
+async fn current_session(
+    state: &Arc<ViewState>,
+    headers: &HeaderMap,
+) -> Result<Option<LaunchSession>, Response> {
+    let Some(secret) = session_secret(headers) else {
+        return Ok(None);
+    };
+    let database = state.database.clone();
+    blocking(move || {
+        let store = Store::open_read_only(&database)?;
+        Ok(store.session(&secret_hash(&secret), clock::now_unix())?)
+    })
+    .await
+}
+
+const NO_SESSION: &str = "Open the shared care record from your clinical system: it launches the view for you and your patient. Direct links, bookmarks and expired sessions are refused.";
+
+/// The request's session if it has `role` and, for a patient's record, was launched for
+/// that patient. Otherwise the refusal, recorded in the audit trail when it named a patient
+/// or came from a signed-in user.
+async fn authorise(
+    state: &Arc<ViewState>,
+    headers: &HeaderMap,
+    role: Role,
+    patient: Option<&NhsNumber>,
+    action: &str,
+    api: bool,
+) -> Result<LaunchSession, Response> {
+    let session = current_session(state, headers).await?;
+    let nhs = patient.map(|p| p.to_string());
+    let Some(session) = session else {
+        if patient.is_some() {
+            let event = state.event(None, action, nhs.as_deref());
+            return Err(state
+                .refuse(event, StatusCode::UNAUTHORIZED, NO_SESSION, api)
+                .await);
+        }
+        return Err(state.problem(
+            StatusCode::UNAUTHORIZED,
+            "Sign in through your clinical system",
+            NO_SESSION,
+            api,
+        ));
+    };
+    let event = state.event(Some(&session), action, nhs.as_deref());
+    if session.role != role.as_str() {
+        let message = format!(
+            "This needs the {role} role; you were launched as {}.",
+            session.role
+        );
+        return Err(state
+            .refuse(event, StatusCode::FORBIDDEN, &message, api)
+            .await);
+    }
+    if let Some(patient) = patient
+        && session.nhs.as_deref() != Some(patient.as_str())
+    {
+        return Err(state
+            .refuse(
+                event,
+                StatusCode::FORBIDDEN,
+                "You were launched for a different patient. Open this patient from your clinical system.",
+                api,
+            )
+            .await);
+    }
+    Ok(session)
+}
+
+#[derive(Deserialize)]
+struct LaunchQuery {
+    token: String,
+}
+
+/// Checks a launch token, uses it up, opens a session and sends the user where their role
+/// starts: a clinician to the patient, an auditor to reports, an admin to status.
+async fn launch(State(state): State<Arc<ViewState>>, Query(query): Query<LaunchQuery>) -> Response {
+    let now = clock::now_unix();
+    let verified = state
+        .launch
+        .verify(&query.token, &state.launch_config, &state.viewer.ods, now);
+    let launch = match verified {
+        Ok(launch) => launch,
+        Err(refused) => return refuse_launch(&state, None, &refused).await,
+    };
+    let secret = match crate::launch::random_hex(32) {
+        Ok(secret) => secret,
+        Err(error) => {
+            tracing::error!(%error, "no randomness for a session secret");
+            return internal_error();
+        }
+    };
+    let session = LaunchSession {
+        user_id: launch.user_id.clone(),
+        user_name: launch.user_name.clone(),
+        role: launch.role.as_str().into(),
+        organisation: launch.organisation.to_string(),
+        nhs: launch.nhs.as_ref().map(|n| n.to_string()),
+        purpose: launch.purpose.clone(),
+        started_at: now,
+        expires_at: now + i64::from(state.launch_config.session_minutes.max(1)) * 60,
+    };
+    let database = state.database.clone();
+    let (token_id, expires_at, hash) = (
+        launch.token_id.clone(),
+        launch.expires_at,
+        secret_hash(&secret),
+    );
+    let opened = blocking(move || {
+        let store = Store::open(&database)?;
+        let used = store.use_launch_token(&token_id, expires_at, now)?;
+        if used == TokenUse::First {
+            store.open_session(&hash, &session)?;
+        }
+        Ok(used)
+    })
+    .await;
+    match opened {
+        Ok(TokenUse::First) => {}
+        Ok(TokenUse::Replayed) => {
+            return refuse_launch(&state, Some(&launch), &LaunchRefused::Replayed).await;
+        }
+        Err(response) => return response,
+    }
+    tracing::info!(role = %launch.role, "launched");
+    let landing = match (&launch.role, &launch.nhs) {
+        (Role::Clinician, Some(nhs)) => format!("/patients/{nhs}"),
+        (Role::Auditor, _) => "/audit".into(),
+        _ => "/status".into(),
+    };
+    let cookie = format!(
+        "{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}",
+        i64::from(state.launch_config.session_minutes.max(1)) * 60
+    );
+    let mut response = Redirect::to(&landing).into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+/// A refused launch, recorded with what the token claimed only when its signature held.
+async fn refuse_launch(
+    state: &Arc<ViewState>,
+    launch: Option<&Launch>,
+    refused: &LaunchRefused,
+) -> Response {
+    let mut event = state.event(
+        None,
+        "launch",
+        launch.and_then(|l| l.nhs.as_ref()).map(|n| n.as_str()),
+    );
+    if let Some(launch) = launch {
+        event.user_id = launch.user_id.clone();
+        event.user_name = launch.user_name.clone();
+        event.role = launch.role.as_str().into();
+        event.purpose = launch.purpose.clone();
+    } else {
+        event.user_name = "unverified token".into();
+    }
+    state
+        .refuse(event, StatusCode::UNAUTHORIZED, &refused.to_string(), false)
+        .await
+}
+
+enum Lookup {
+    Found(Box<Record>),
+    NotHeld,
+}
+
+/// Assembles the record for the session's user and records the view: which organisations'
+/// data and which sections it showed.
+async fn view_record(
+    state: &Arc<ViewState>,
+    session: &LaunchSession,
+    nhs: &NhsNumber,
+    api: bool,
+) -> Result<Lookup, Response> {
+    let database = state.database.clone();
+    let mut viewer = state.viewer.clone();
+    viewer.user_id = session.user_id.clone();
+    let patient = nhs.clone();
+    let record = blocking(move || {
+        let store = Store::open_read_only(&database)?;
+        Ok(record::assemble(
+            &store,
+            &patient,
+            &viewer,
+            clock::now_unix(),
+        )?)
+    })
+    .await?;
+    let mut event = state.event(Some(session), "view", Some(nhs.as_str()));
+    match &record {
+        Some(record) => {
+            (event.sources, event.sections) = record.shown();
+            if let Some(granted) = &record.break_glass {
+                event.purpose = format!("{} (emergency access)", event.purpose);
+                event.detail = format!("break-glass: {}", granted.reason);
+            }
+        }
+        None => event.detail = "no record held".into(),
+    }
+    if api {
+        event.detail = [event.detail.as_str(), "via the JSON API"]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
+    state.audit(event).await?;
+    Ok(match record {
+        Some(record) => Lookup::Found(Box::new(record)),
+        None => Lookup::NotHeld,
+    })
+}
+
+/// The NHS number in a path, or the 400 that says what is wrong with it.
+fn patient_in_path(state: &ViewState, raw: &str, api: bool) -> Result<NhsNumber, Response> {
+    NhsNumber::parse(raw).map_err(|error| {
+        state.problem(
             StatusCode::BAD_REQUEST,
-            Html(page(
-                &state,
-                "Not a valid NHS number",
-                &format!(
-                    "<p class=\"error\">{}</p>{}",
-                    escape(&message),
-                    search_form()
-                ),
-            )),
+            "Not a valid NHS number",
+            &error.to_string(),
+            api,
         )
-            .into_response(),
-        Lookup::NotHeld => (
+    })
+}
+
+async fn patient_json(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Response {
+    let result = async {
+        let nhs = patient_in_path(&state, &raw, true)?;
+        let session =
+            authorise(&state, &headers, Role::Clinician, Some(&nhs), "view", true).await?;
+        view_record(&state, &session, &nhs, true).await
+    }
+    .await;
+    match result {
+        Ok(Lookup::Found(record)) => Json(*record).into_response(),
+        Ok(Lookup::NotHeld) => state.problem(
+            StatusCode::NOT_FOUND,
+            "No record held",
+            "no record held for this NHS number on this node",
+            true,
+        ),
+        Err(response) => response,
+    }
+}
+
+async fn patient_page(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Response {
+    let result = async {
+        let nhs = patient_in_path(&state, &raw, false)?;
+        let session =
+            authorise(&state, &headers, Role::Clinician, Some(&nhs), "view", false).await?;
+        let lookup = view_record(&state, &session, &nhs, false).await?;
+        Ok::<_, Response>((session, nhs, lookup))
+    }
+    .await;
+    match result {
+        Ok((session, _, Lookup::Found(record))) => {
+            Html(render_record(&state, &session, &record)).into_response()
+        }
+        Ok((session, nhs, Lookup::NotHeld)) => (
             StatusCode::NOT_FOUND,
             Html(page(
                 &state,
+                Some(&session),
                 "No record held",
                 &format!(
-                    "<p>This node holds no record for NHS number {}.</p>{}",
-                    escape(&NhsNumber::parse(&nhs).map(|n| n.formatted()).unwrap_or(nhs)),
-                    search_form()
+                    "<p>This node holds no record for NHS number {}.</p>",
+                    escape(&nhs.formatted())
                 ),
             )),
         )
             .into_response(),
-        Lookup::Failed(message) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Html(page(
-                &state,
-                "Record unavailable",
-                &format!("<p class=\"error\">{}</p>", escape(&message)),
-            )),
-        )
-            .into_response(),
+        Err(response) => response,
     }
 }
 
 /// Limits on what a clinician types into the break-glass form.
-const CLINICIAN_MAX_CHARS: usize = 200;
 const REASON_MIN_CHARS: usize = 10;
 const REASON_MAX_CHARS: usize = 1000;
 
 #[derive(Deserialize)]
 struct BreakGlassForm {
-    clinician: String,
     reason: String,
 }
 
-/// What is wrong with a break-glass request, in words for the clinician.
+/// What is wrong with a break-glass reason, in words for the clinician.
 fn break_glass_problem(form: &BreakGlassForm) -> Option<String> {
-    let clinician = form.clinician.trim().chars().count();
     let reason = form.reason.trim().chars().count();
-    if clinician == 0 || clinician > CLINICIAN_MAX_CHARS {
-        Some(format!(
-            "Give your name (up to {CLINICIAN_MAX_CHARS} characters) to use emergency access."
-        ))
-    } else if !(REASON_MIN_CHARS..=REASON_MAX_CHARS).contains(&reason) {
+    if (REASON_MIN_CHARS..=REASON_MAX_CHARS).contains(&reason) {
+        None
+    } else {
         Some(format!(
             "Give the reason for emergency access in {REASON_MIN_CHARS} to {REASON_MAX_CHARS} characters: it is recorded and reviewed."
         ))
-    } else {
-        None
     }
 }
 
-fn error_page(state: &ViewState, status: StatusCode, title: &str, message: &str) -> Response {
-    (
-        status,
-        Html(page(
-            state,
-            title,
-            &format!("<p class=\"error\">{}</p>", escape(message)),
-        )),
-    )
-        .into_response()
-}
-
-/// Emergency access: records who and why, for `break_glass_minutes`, then shows the record.
-/// Only other organisations' data this node holds becomes visible: private items and what an
-/// objection withheld never reached it.
+/// Emergency access for the session's clinician: records who and why, for
+/// `break_glass_minutes`, then shows the record. Only other organisations' data this node
+/// holds becomes visible: private items and what an objection withheld never reached it.
 async fn break_glass(
     State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
     Path(raw): Path<String>,
     Form(form): Form<BreakGlassForm>,
 ) -> Response {
-    let not_started = "Emergency access not started";
-    let nhs = match NhsNumber::parse(&raw) {
-        Ok(nhs) => nhs,
-        Err(error) => {
-            return error_page(
-                &state,
+    let result = async {
+        let nhs = patient_in_path(&state, &raw, false)?;
+        let session = authorise(
+            &state,
+            &headers,
+            Role::Clinician,
+            Some(&nhs),
+            "break-glass",
+            false,
+        )
+        .await?;
+        if let Some(problem) = break_glass_problem(&form) {
+            return Err(state.problem(
                 StatusCode::BAD_REQUEST,
-                not_started,
-                &error.to_string(),
-            );
+                "Emergency access not started",
+                &problem,
+                false,
+            ));
         }
-    };
-    if let Some(problem) = break_glass_problem(&form) {
-        return error_page(&state, StatusCode::BAD_REQUEST, not_started, &problem);
+        let minutes = state.break_glass_minutes.max(1);
+        let reason = form.reason.trim().to_string();
+        let mut event = state.event(Some(&session), "break-glass", Some(nhs.as_str()));
+        event.purpose = format!("{} (emergency access)", event.purpose);
+        event.detail = reason.clone();
+        let (database, patient) = (state.database.clone(), nhs.clone());
+        let granted = blocking(move || {
+            let store = Store::open(&database)?;
+            let now = clock::now_unix();
+            Ok(store.record_break_glass(
+                &patient,
+                &session.user_id,
+                &session.user_name,
+                &reason,
+                now,
+                now + i64::from(minutes) * 60,
+            )?)
+        })
+        .await?;
+        state.audit(event).await?;
+        tracing::info!(
+            id = granted.id,
+            minutes,
+            "emergency access (break-glass) started"
+        );
+        Ok(Redirect::to(&format!("/patients/{nhs}")).into_response())
     }
-    let database = state.database.clone();
-    let minutes = state.break_glass_minutes.max(1);
-    let patient = nhs.clone();
-    let organisation = state.ods.clone();
-    let recorded = tokio::task::spawn_blocking(move || {
-        let mut store = Store::open(&database)?;
-        let now = clock::now_unix();
-        let granted = store.record_break_glass(
-            &patient,
-            form.clinician.trim(),
-            form.reason.trim(),
-            now,
-            now + i64::from(minutes) * 60,
-        )?;
-        // Until launch tokens identify the user, the name given stands for them.
-        store.append_audit(&AuditEvent {
-            at: now,
-            user_id: granted.clinician.clone(),
-            user_name: granted.clinician.clone(),
-            role: "clinician".into(),
-            organisation,
-            action: "break-glass".into(),
-            nhs: Some(patient.to_string()),
-            sources: Vec::new(),
-            sections: Vec::new(),
-            purpose: "direct care (emergency)".into(),
-            outcome: "allowed".into(),
-            detail: granted.reason.clone(),
-        })?;
-        Ok::<_, caremesh_storage::StorageError>(granted)
-    })
     .await;
-    match recorded {
-        Ok(Ok(granted)) => {
-            tracing::info!(
-                id = granted.id,
-                minutes,
-                "emergency access (break-glass) started"
-            );
-            Redirect::to(&format!("/patients/{nhs}")).into_response()
-        }
-        Ok(Err(error)) => {
-            tracing::error!(%error, "could not record a break-glass");
-            error_page(
-                &state,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                not_started,
-                "The node could not record the access, so it was not started; see the node log.",
-            )
-        }
-        Err(error) => {
-            tracing::error!(%error, "break-glass task failed");
-            error_page(
-                &state,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                not_started,
-                "Internal error; see the node log.",
-            )
-        }
-    }
+    result.unwrap_or_else(|response| response)
 }
 
 #[derive(Deserialize)]
@@ -286,26 +575,271 @@ struct SearchQuery {
     nhs: String,
 }
 
-async fn search(Query(query): Query<SearchQuery>) -> Redirect {
+/// A clinician's search by NHS number: recorded, and only the launched patient opens.
+async fn search(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Query(query): Query<SearchQuery>,
+) -> Response {
     let digits: String = query.nhs.chars().filter(|c| !c.is_whitespace()).collect();
-    let safe: String = digits.chars().filter(char::is_ascii_alphanumeric).collect();
-    Redirect::to(&format!("/patients/{safe}"))
+    let result = async {
+        let nhs = patient_in_path(&state, &digits, false)?;
+        let session = authorise(
+            &state,
+            &headers,
+            Role::Clinician,
+            Some(&nhs),
+            "search",
+            false,
+        )
+        .await?;
+        state
+            .audit(state.event(Some(&session), "search", Some(nhs.as_str())))
+            .await?;
+        Ok(Redirect::to(&format!("/patients/{nhs}")).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
 }
 
-async fn index(State(state): State<Arc<ViewState>>) -> Html<String> {
-    Html(page(&state, "Find a patient", &search_form()))
+/// The start page: where the session's role begins, or how to sign in.
+async fn index(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Response {
+    match current_session(&state, &headers).await {
+        Ok(Some(session)) => match (session.role.as_str(), &session.nhs) {
+            ("clinician", Some(nhs)) => Redirect::to(&format!("/patients/{nhs}")).into_response(),
+            ("auditor", _) => Redirect::to("/audit").into_response(),
+            _ => Redirect::to("/status").into_response(),
+        },
+        Ok(None) => state.problem(
+            StatusCode::UNAUTHORIZED,
+            "Sign in through your clinical system",
+            NO_SESSION,
+            false,
+        ),
+        Err(response) => response,
+    }
 }
 
-async fn metrics(State(state): State<Arc<ViewState>>) -> Response {
+#[derive(Deserialize, Default)]
+struct AuditQuery {
+    patient: Option<String>,
+    user: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    format: Option<String>,
+}
+
+/// Runs an auditor's report and records that it was read.
+async fn run_report(
+    state: &Arc<ViewState>,
+    session: &LaunchSession,
+    query: &ReportQuery,
+) -> Result<Vec<crate::audit::ReportRow>, Response> {
+    let mut event = state.event(
+        Some(session),
+        "audit-report",
+        query.patient.as_ref().map(|p| p.as_str()),
+    );
+    if let Some(user) = &query.user {
+        event.detail = format!("report on user {user}");
+    }
+    let (database, own, report_query) = (
+        state.database.clone(),
+        state.viewer.ods.clone(),
+        query.clone(),
+    );
+    let rows = blocking(move || {
+        let store = Store::open_read_only(&database)?;
+        crate::audit::report(&store, &own, &report_query)
+    })
+    .await?;
+    state.audit(event).await?;
+    Ok(rows)
+}
+
+/// Reports for auditors: JSON (default), CSV or a FHIR Bundle of AuditEvent.
+async fn audit_api(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Query(params): Query<AuditQuery>,
+) -> Response {
+    let result = async {
+        let session =
+            authorise(&state, &headers, Role::Auditor, None, "audit-report", true).await?;
+        let format = match params.format.as_deref() {
+            None => ReportFormat::Json,
+            Some(text) => ReportFormat::parse(text).ok_or_else(|| {
+                state.problem(
+                    StatusCode::BAD_REQUEST,
+                    "Unknown format",
+                    "format must be table, csv, json or fhir",
+                    true,
+                )
+            })?,
+        };
+        let query = ReportQuery::parse(
+            params.patient.as_deref(),
+            params.user.as_deref(),
+            params.from.as_deref(),
+            params.to.as_deref(),
+        )
+        .map_err(|problem| state.problem(StatusCode::BAD_REQUEST, "Bad report", &problem, true))?;
+        let rows = run_report(&state, &session, &query).await?;
+        Ok((
+            [(header::CONTENT_TYPE, format.content_type())],
+            crate::audit::render(&rows, format),
+        )
+            .into_response())
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
+}
+
+/// The auditor's page: a form, and the report it asked for.
+async fn audit_page(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Query(params): Query<AuditQuery>,
+) -> Response {
+    let result = async {
+        let session = authorise(&state, &headers, Role::Auditor, None, "audit-report", false).await?;
+        let value = |v: &Option<String>| escape(v.as_deref().unwrap_or(""));
+        let mut body = format!(
+            "<h1>Audit reports</h1><form method=\"get\" action=\"/audit\" class=\"search\">\
+             <label for=\"patient\">NHS number</label><input id=\"patient\" name=\"patient\" value=\"{}\">\
+             <label for=\"user\">or user id</label><input id=\"user\" name=\"user\" value=\"{}\">\
+             <label for=\"from\">From (YYYY-MM-DD)</label><input id=\"from\" name=\"from\" value=\"{}\">\
+             <label for=\"to\">To</label><input id=\"to\" name=\"to\" value=\"{}\">\
+             <button type=\"submit\">Report</button></form>",
+            value(&params.patient),
+            value(&params.user),
+            value(&params.from),
+            value(&params.to)
+        );
+        let asked = params.patient.as_deref().is_some_and(|p| !p.trim().is_empty())
+            || params.user.as_deref().is_some_and(|u| !u.trim().is_empty());
+        if asked {
+            match ReportQuery::parse(
+                params.patient.as_deref(),
+                params.user.as_deref(),
+                params.from.as_deref(),
+                params.to.as_deref(),
+            ) {
+                Ok(query) => {
+                    let rows = run_report(&state, &session, &query).await?;
+                    body.push_str(&render_report(&rows, &params));
+                }
+                Err(problem) => {
+                    body.push_str(&format!("<p class=\"error\">{}</p>", escape(&problem)))
+                }
+            }
+        }
+        Ok(Html(page(&state, Some(&session), "Audit reports", &body)).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
+}
+
+fn render_report(rows: &[crate::audit::ReportRow], params: &AuditQuery) -> String {
+    let link_query: String = [
+        ("patient", &params.patient),
+        ("user", &params.user),
+        ("from", &params.from),
+        ("to", &params.to),
+    ]
+    .iter()
+    .filter_map(|(name, value)| {
+        let value = value.as_deref()?.trim();
+        (!value.is_empty()).then(|| format!("{name}={}", url_encode(value)))
+    })
+    .collect::<Vec<_>>()
+    .join("&amp;");
+    let mut out = format!(
+        "<section id=\"report\"><h2>{} access(es)</h2><p>Download: \
+         <a href=\"/api/audit?{link_query}&amp;format=csv\">CSV</a> &middot; \
+         <a href=\"/api/audit?{link_query}&amp;format=json\">JSON</a> &middot; \
+         <a href=\"/api/audit?{link_query}&amp;format=fhir\">FHIR AuditEvent</a></p>\
+         <table><thead><tr><th>Time (UTC)</th><th>Where</th><th>User</th><th>Role</th>\
+         <th>Action</th><th>Patient</th><th>Purpose</th><th>Outcome</th><th>Shown</th></tr></thead><tbody>",
+        rows.len()
+    );
+    for row in rows {
+        let e = &row.event;
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{} #{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}{}</td><td>{}<br><span class=\"muted\">{}</span></td></tr>",
+            escape(&clock::uk_date_time(e.at)),
+            escape(&e.organisation),
+            row.entry,
+            escape(&e.user_name),
+            escape(&e.user_id),
+            escape(&e.role),
+            escape(&e.action),
+            escape(
+                &e.nhs
+                    .as_deref()
+                    .and_then(|n| NhsNumber::parse(n).ok())
+                    .map_or_else(|| "-".into(), |n| n.formatted())
+            ),
+            escape(&e.purpose),
+            escape(&e.outcome),
+            if e.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", escape(&e.detail))
+            },
+            escape(&e.sources.join(", ")),
+            escape(&e.sections.join(", "))
+        ));
+    }
+    out.push_str("</tbody></table></section>");
+    out
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Node status for admins: what is held, and each peer's sync state.
+async fn status(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Response {
+    let result = async {
+        authorise(&state, &headers, Role::Admin, None, "status", true).await?;
+        let database = state.database.clone();
+        let (stats, peers) = blocking(move || {
+            let store = Store::open_read_only(&database)?;
+            Ok((store.stats()?, crate::cli::current_peer_statuses(&store)?))
+        })
+        .await?;
+        Ok(Json(serde_json::json!({
+            "organisation": state.ods,
+            "stats": stats,
+            "peers": peers,
+        }))
+        .into_response())
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
+}
+
+async fn metrics(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Response {
+    if let Err(response) = authorise(&state, &headers, Role::Admin, None, "metrics", true).await {
+        return response;
+    }
     let database = state.database.clone();
     let counters = state.sync.clone();
-    let rendered = tokio::task::spawn_blocking(move || {
+    let rendered = blocking(move || {
         let store = Store::open_read_only(&database)?;
-        crate::metrics::render(&store, counters.as_deref())
+        Ok(crate::metrics::render(&store, counters.as_deref())?)
     })
     .await;
     match rendered {
-        Ok(Ok(text)) => (
+        Ok(text) => (
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -313,42 +847,27 @@ async fn metrics(State(state): State<Arc<ViewState>>) -> Response {
             text,
         )
             .into_response(),
-        _ => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "metrics unavailable: the database could not be read",
-        )
-            .into_response(),
+        Err(response) => response,
     }
 }
 
+/// Liveness for load balancers and the demo: answers without a session, and says nothing
+/// about the patients held.
 async fn health(State(state): State<Arc<ViewState>>) -> Response {
     let database = state.database.clone();
-    let readable = tokio::task::spawn_blocking(move || {
-        Store::open_read_only(&database).and_then(|s| s.stats())
-    })
-    .await;
+    let readable = blocking(move || Ok(Store::open_read_only(&database)?.stats()?)).await;
     match readable {
-        Ok(Ok(stats)) => Json(serde_json::json!({
+        Ok(_) => Json(serde_json::json!({
             "status": "ok",
             "organisation": state.ods,
-            "documents": stats.documents,
-            "patients": stats.patients,
         }))
         .into_response(),
-        _ => (
+        Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({ "status": "database unreadable" })),
         )
             .into_response(),
     }
-}
-
-fn search_form() -> String {
-    "<form method=\"get\" action=\"/patients\" class=\"search\">\
-     <label for=\"nhs\">NHS number</label>\
-     <input id=\"nhs\" name=\"nhs\" inputmode=\"numeric\" autocomplete=\"off\" required>\
-     <button type=\"submit\">Open record</button></form>"
-        .into()
 }
 
 pub fn escape(text: &str) -> String {
@@ -381,13 +900,23 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:6px;bord
 .search input{font-size:1.2em;padding:4px}.search button{font-size:1.1em;margin-left:8px}\
 @media print{body *{display:none}body:after{content:'Printing the shared care record is not allowed.'}}";
 
-fn page(state: &ViewState, title: &str, body: &str) -> String {
+fn page(state: &ViewState, session: Option<&LaunchSession>, title: &str, body: &str) -> String {
+    let user = session
+        .map(|s| {
+            format!(
+                " &middot; {} ({}, {})",
+                escape(&s.user_name),
+                escape(&s.role),
+                escape(&s.purpose)
+            )
+        })
+        .unwrap_or_default();
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{title} - caremesh shared care record</title><style>{STYLE}</style></head>\
          <body><header><a href=\"/\">caremesh shared care record</a> \
-         <span class=\"muted\" style=\"color:#fff\">at {org} ({ods})</span></header>\
+         <span class=\"muted\" style=\"color:#fff\" id=\"signed-in\">at {org} ({ods}){user}</span></header>\
          <main>{body}</main></body></html>",
         title = escape(title),
         org = escape(&state.organisation),
@@ -414,9 +943,8 @@ fn sharing_banners(state: &ViewState, record: &Record) -> String {
              organisations not shown</strong>: the patient's Share In is not recorded at {}.</p>\
              <form method=\"post\" action=\"/patients/{}/break-glass\" class=\"break-glass-form\">\
              <p>If there is a serious concern for the patient's safety you may use emergency \
-             access. It lasts {} minutes and is recorded with your name and reason.</p>\
-             <label for=\"clinician\">Your name</label>\
-             <input id=\"clinician\" name=\"clinician\" required maxlength=\"{CLINICIAN_MAX_CHARS}\">\
+             access. It lasts {} minutes, is yours alone, and is recorded with your name and \
+             reason; the organisations whose data it shows are told.</p>\
              <label for=\"reason\">Reason</label>\
              <textarea id=\"reason\" name=\"reason\" required minlength=\"{REASON_MIN_CHARS}\" \
              maxlength=\"{REASON_MAX_CHARS}\"></textarea>\
@@ -456,7 +984,7 @@ fn section_notices(section: &record::SectionView) -> String {
     out
 }
 
-fn render_record(state: &ViewState, record: &Record) -> String {
+fn render_record(state: &ViewState, session: &LaunchSession, record: &Record) -> String {
     let mut body = String::new();
     let demographics = record.demographics.as_ref();
     body.push_str(&format!(
@@ -541,6 +1069,7 @@ fn render_record(state: &ViewState, record: &Record) -> String {
     }
     page(
         state,
+        Some(session),
         demographics
             .and_then(|d| d.name.as_deref())
             .unwrap_or("Patient record"),

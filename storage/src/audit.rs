@@ -6,7 +6,8 @@
 //! received events by sync, a report printed last month); on its own it cannot show that the
 //! newest entries were cut off, which is why events also travel to the data owners.
 
-use crate::{Result, Store};
+use crate::{Result, Store, WriteBatch};
+use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, Section};
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -59,6 +60,81 @@ pub enum ChainBreak {
 
 const GENESIS: [u8; 32] = [0; 32];
 
+impl AuditEvent {
+    /// Whether the event showed data of organisations other than the viewer's own: those
+    /// organisations are sent it, so that each can tell who saw its data.
+    pub fn showed_others_data(&self) -> bool {
+        self.nhs.is_some() && self.sources.iter().any(|s| *s != self.organisation)
+    }
+
+    /// The event as an item of the viewer's access record for the patient
+    /// ([`Section::Audit`]), signed and sent like any document. `seq` and `hash` place it in
+    /// the viewer's chain, so a data owner can later ask for the entries around it.
+    pub fn to_access_item(&self, seq: i64, hash: &[u8; 32]) -> Item {
+        assert!(seq > 0, "chain positions start at 1");
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert(
+            "event".to_string(),
+            serde_json::to_string(self).expect("audit events always serialise"),
+        );
+        fields.insert("chain.seq".to_string(), seq.to_string());
+        fields.insert("chain.hash".to_string(), hex::encode(hash));
+        Item {
+            fields,
+            ..Item::titled(
+                &format!("access/{seq}"),
+                Section::Audit,
+                DataClass::Coded,
+                "AuditEvent",
+                "Record access",
+                "caremesh",
+                &format!("AuditEvent/{}-{seq}", self.organisation),
+            )
+        }
+    }
+
+    pub fn from_access_item(item: &Item) -> Option<AuditEvent> {
+        if item.section != Section::Audit {
+            return None;
+        }
+        serde_json::from_str(item.fields.get("event")?).ok()
+    }
+}
+
+impl WriteBatch<'_> {
+    /// Appends `event` to the chain inside this batch and returns it as stored.
+    pub fn append_audit(&self, event: &AuditEvent) -> Result<ChainedEvent> {
+        let (seq, prev_hash) = self
+            .tx
+            .query_row(
+                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+                [],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
+            )
+            .map(|(seq, hash)| (seq + 1, hash_from(hash)))
+            .or_else(|error| match error {
+                rusqlite::Error::QueryReturnedNoRows => Ok((1, GENESIS)),
+                other => Err(other),
+            })
+            .map_err(self.err("read the audit chain's head"))?;
+        let hash = event_hash(&prev_hash, seq, event);
+        let body = serde_json::to_string(event).expect("audit events always serialise");
+        self.tx
+            .execute(
+                "INSERT INTO audit_events (seq, at, nhs, body, prev_hash, hash) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![seq, event.at, event.nhs, body, &prev_hash[..], &hash[..]],
+            )
+            .map_err(self.err("append an audit event"))?;
+        Ok(ChainedEvent {
+            seq,
+            event: event.clone(),
+            prev_hash,
+            hash,
+        })
+    }
+}
+
 /// The hash of an event at `seq` after `prev_hash`: SHA-256 over the previous hash, the
 /// position and a canonical JSON encoding of the event (fields in declaration order).
 pub fn event_hash(prev_hash: &[u8; 32], seq: i64, event: &AuditEvent) -> [u8; 32] {
@@ -82,36 +158,53 @@ impl Store {
     /// Appends `event` to the chain in one transaction and returns it as stored.
     pub fn append_audit(&mut self, event: &AuditEvent) -> Result<ChainedEvent> {
         let batch = self.write()?;
-        let (seq, prev_hash) = batch
-            .tx
-            .query_row(
-                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
-                [],
-                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
-            )
-            .map(|(seq, hash)| (seq + 1, hash_from(hash)))
-            .or_else(|error| match error {
-                rusqlite::Error::QueryReturnedNoRows => Ok((1, GENESIS)),
-                other => Err(other),
-            })
-            .map_err(batch.err("read the audit chain's head"))?;
-        let hash = event_hash(&prev_hash, seq, event);
-        let body = serde_json::to_string(event).expect("audit events always serialise");
-        batch
-            .tx
-            .execute(
-                "INSERT INTO audit_events (seq, at, nhs, body, prev_hash, hash) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![seq, event.at, event.nhs, body, &prev_hash[..], &hash[..]],
-            )
-            .map_err(batch.err("append an audit event"))?;
+        let chained = batch.append_audit(event)?;
         batch.commit()?;
-        Ok(ChainedEvent {
-            seq,
-            event: event.clone(),
-            prev_hash,
-            hash,
-        })
+        Ok(chained)
+    }
+
+    /// Access records other organisations sent about views of the patient's record (every
+    /// patient when `nhs` is `None`), as `(publisher, its chain position, event)`, oldest
+    /// first. This node's own
+    /// events are in its chain ([`Store::audit_events`]), not here.
+    pub fn received_access_records(
+        &self,
+        own: &OdsCode,
+        nhs: Option<&NhsNumber>,
+    ) -> Result<Vec<(OdsCode, i64, AuditEvent)>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT publisher, body FROM items WHERE section = 'audit' AND publisher != ?1 \
+                 AND (?2 IS NULL OR nhs = ?2)",
+            )
+            .map_err(self.err("read received access records"))?;
+        let rows = statement
+            .query_map(params![own.as_str(), nhs.map(|n| n.as_str())], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })
+            .map_err(self.err("read received access records"))?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (publisher, body) = row.map_err(self.err("read received access records"))?;
+            let damaged = |what: String| crate::StorageError::DamagedRow {
+                path: self.path.clone(),
+                doc: format!("access record from {publisher}"),
+                what,
+            };
+            let publisher = OdsCode::parse(&publisher).map_err(|e| damaged(e.to_string()))?;
+            let item: Item = serde_json::from_str(&body).map_err(|e| damaged(e.to_string()))?;
+            let event = AuditEvent::from_access_item(&item)
+                .ok_or_else(|| damaged("not an access record".into()))?;
+            let seq = item
+                .fields
+                .get("chain.seq")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            records.push((publisher, seq, event));
+        }
+        records.sort_by(|a, b| (a.2.at, &a.0, a.1).cmp(&(b.2.at, &b.0, b.1)));
+        Ok(records)
     }
 
     /// Every event in chain order.

@@ -12,7 +12,7 @@
 //! * The database runs in WAL mode with `synchronous=FULL`: a committed write survives a
 //!   kill -9 or a power cut.
 
-mod access;
+pub mod access;
 pub mod audit;
 mod migrations;
 mod peers;
@@ -162,7 +162,10 @@ impl CareLookup<'_> {
     pub fn has_published_about(&self, organisation: &OdsCode, nhs: &NhsNumber) -> Result<bool> {
         self.conn
             .prepare_cached(
-                "SELECT EXISTS(SELECT 1 FROM documents WHERE publisher = ?1 AND nhs = ?2)",
+                // An access record is not care: viewing (or trying to) must not put a patient
+                // on anyone's caseload.
+                "SELECT EXISTS(SELECT 1 FROM documents WHERE publisher = ?1 AND nhs = ?2 \
+                 AND section != 'audit')",
             )
             .and_then(|mut statement| {
                 statement.query_row([organisation.as_str(), nhs.as_str()], |row| row.get(0))
@@ -719,7 +722,7 @@ impl WriteBatch<'_> {
             .tx
             .prepare_cached(
                 "SELECT section, count(*) FROM items WHERE publisher = ?1 AND nhs = ?2 \
-                 AND section NOT IN ('sharing', 'demographics') GROUP BY section",
+                 AND section NOT IN ('sharing', 'audit', 'demographics') GROUP BY section",
             )
             .map_err(self.err("count items"))?;
         let rows = statement
@@ -741,13 +744,15 @@ impl WriteBatch<'_> {
     }
 
     /// Drops every document `publisher` published about `nhs` except its sharing record (the
-    /// signed notice that explains the absence), with their read model and backfill rows.
+    /// signed notice that explains the absence) and its access record (who saw what must
+    /// outlive a withdrawal), with their read model and backfill rows.
     /// The documents' whole Automerge history goes with them: it lives only in their rows.
     /// Returns how many documents were dropped.
     pub fn purge(&self, publisher: &OdsCode, nhs: &NhsNumber) -> Result<usize> {
         self.tx
             .prepare_cached(
-                "DELETE FROM documents WHERE publisher = ?1 AND nhs = ?2 AND section != 'sharing'",
+                "DELETE FROM documents WHERE publisher = ?1 AND nhs = ?2 \
+                 AND section NOT IN ('sharing', 'audit')",
             )
             .and_then(|mut statement| statement.execute([publisher.as_str(), nhs.as_str()]))
             .map_err(self.err("purge withdrawn documents"))

@@ -145,6 +145,29 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX audit_events_by_patient ON audit_events(nhs, at);
     "#,
+    // 6: in-context launch. Each launch token is single use (its `jti` is kept until it
+    // expires); a launch opens a session for one user, role and patient. Only a hash of the
+    // session secret is stored. Break-glass belongs to the user who gave the reason.
+    r#"
+    CREATE TABLE launch_tokens_used (
+        jti         TEXT PRIMARY KEY,
+        expires_at  INTEGER NOT NULL,
+        used_at     INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE sessions (
+        secret_hash  BLOB PRIMARY KEY,
+        user_id      TEXT NOT NULL,
+        user_name    TEXT NOT NULL,
+        role         TEXT NOT NULL,
+        organisation TEXT NOT NULL,
+        nhs          TEXT,
+        purpose      TEXT NOT NULL,
+        started_at   INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        CHECK (expires_at > started_at)
+    ) STRICT, WITHOUT ROWID;
+    ALTER TABLE break_glass ADD COLUMN user_id TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 #[cfg(test)]

@@ -237,6 +237,29 @@ fn write_documents(
     Ok(written)
 }
 
+/// Adds one access event to the publisher's access record for the patient
+/// ([`Section::Audit`]) and signs the new version, in `batch`. The access record is not
+/// counted in the sharing record and does not make the patient the publisher's.
+pub fn publish_access_record(
+    batch: &WriteBatch<'_>,
+    key: &PublisherKey,
+    publisher: &OdsCode,
+    patient: &NhsNumber,
+    item: Item,
+    now: i64,
+) -> Result<usize, PublishError> {
+    assert_eq!(item.section, Section::Audit, "only access events go here");
+    let meta = DocMeta {
+        publisher: publisher.clone(),
+        patient: patient.clone(),
+        section: Section::Audit,
+        class: DataClass::Coded,
+    };
+    let mut changes = DocChanges::default();
+    changes.upserts.insert(item.id.clone(), item);
+    write_documents(BTreeMap::from([(meta, changes)]), batch, key, now)
+}
+
 /// Where a publisher's sharing record for a patient lives.
 pub fn sharing_meta(publisher: &OdsCode, patient: &NhsNumber) -> DocMeta {
     DocMeta {

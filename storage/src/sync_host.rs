@@ -285,14 +285,19 @@ impl SyncHost for StoreHost {
                 });
                 continue;
             }
-            let new_relationship = !batch
-                .care()
-                .has_published_about(&meta.publisher, &meta.patient)
-                .map_err(host_error)?;
+            // An access record is no evidence of care, and no news of the publisher's data.
+            let is_care = meta.section != Section::Audit;
+            let new_relationship = is_care
+                && !batch
+                    .care()
+                    .has_published_about(&meta.publisher, &meta.patient)
+                    .map_err(host_error)?;
             batch
                 .put_document(&document.signed, &document.snapshot, &document.items, now)
                 .map_err(host_error)?;
-            batch.touch_source(source).map_err(host_error)?;
+            if is_care {
+                batch.touch_source(source).map_err(host_error)?;
+            }
             if new_relationship {
                 // The publisher now cares for the patient as far as this node knows: what
                 // its checkpoint passed while it did not may go to it now.

@@ -234,10 +234,19 @@ vocabulary!(
         // Not a clinical section: the publisher's sharing record for the patient (consent
         // and what it withheld), which also serves as the purge notice.
         Sharing => "sharing",
+        // Not a clinical section either: the publisher's audit trail of views of the
+        // patient's record that showed other organisations' data, for those organisations.
+        Audit => "audit",
     }
 );
 
 impl Section {
+    /// Whether the section holds the patient's care (shown, counted, shared by agreement),
+    /// rather than the record's own bookkeeping (sharing records, audit trails).
+    pub fn is_clinical(self) -> bool {
+        !matches!(self, Section::Sharing | Section::Audit)
+    }
+
     pub fn title(self) -> &'static str {
         match self {
             Section::Demographics => "Demographics",
@@ -253,6 +262,7 @@ impl Section {
             Section::CarePlans => "Care plans",
             Section::Referrals => "Referrals",
             Section::Sharing => "Sharing choices",
+            Section::Audit => "Record access",
         }
     }
 }

@@ -249,7 +249,7 @@ impl SharingRecord {
         } else {
             items_per_section
         };
-        debug_assert!(!items_per_section.contains_key(&Section::Sharing));
+        debug_assert!(items_per_section.keys().all(|s| s.is_clinical()));
         SharingRecord {
             consent,
             items_per_section,
@@ -316,6 +316,18 @@ pub fn decide(
         // a publisher gives it to its direct peers so that each side learns the other's
         // caseload; hubs relay it only to those caring for the patient.
         return if on_caseload || facts.direct_from_publisher {
+            Send
+        } else {
+            Withhold(WithholdReason::NotInCaseload)
+        };
+    }
+    if meta.section == Section::Audit {
+        // Who viewed the patient's record, for the organisations whose data was shown: all
+        // of them care for the patient. Access records are not clinical data, so consent and
+        // agreements do not hold them back: a withdrawal must not hide who saw what.
+        return if meta.class != DataClass::Coded {
+            Withhold(WithholdReason::Private)
+        } else if on_caseload || recipient.kind == OrgKind::Hub {
             Send
         } else {
             Withhold(WithholdReason::NotInCaseload)

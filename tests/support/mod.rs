@@ -132,55 +132,151 @@ pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     condition()
 }
 
-/// A minimal HTTP/1.1 GET over a real socket: (status, body).
+/// A minimal HTTP/1.1 GET over a real socket, with no session: (status, body).
 pub fn http_get(address: &str, path: &str) -> (u16, String) {
-    http_request(
-        address,
-        &format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n"),
-        "",
-    )
+    let response = http_request(address, "GET", path, None, None);
+    (response.status, response.body)
 }
 
-/// A form POST (`application/x-www-form-urlencoded`, `form` already encoded): (status, body).
-pub fn http_post_form(address: &str, path: &str, form: &str) -> (u16, String) {
-    http_request(
-        address,
-        &format!(
-            "POST {path} HTTP/1.1\r\nHost: {address}\r\n\
-             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+/// A GET carrying the session cookie a launch gave: (status, body).
+pub fn http_get_as(address: &str, path: &str, cookie: &str) -> (u16, String) {
+    let response = http_request(address, "GET", path, Some(cookie), None);
+    (response.status, response.body)
+}
+
+/// A form POST (`application/x-www-form-urlencoded`, `form` already encoded) with the
+/// session cookie: (status, body).
+pub fn http_post_form_as(address: &str, path: &str, form: &str, cookie: &str) -> (u16, String) {
+    let response = http_request(address, "POST", path, Some(cookie), Some(form));
+    (response.status, response.body)
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header lines as sent, lower-cased names.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub fn http_request(
+    address: &str,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+) -> HttpResponse {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    if let Some(cookie) = cookie {
+        head.push_str(&format!("Cookie: {cookie}\r\n"));
+    }
+    if let Some(form) = form {
+        head.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
             form.len()
-        ),
-        form,
-    )
-}
-
-fn http_request(address: &str, head: &str, body: &str) -> (u16, String) {
+        ));
+    }
     let mut stream = TcpStream::connect(address).expect("connect to view");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    write!(stream, "{head}Connection: close\r\n\r\n{body}").unwrap();
+    write!(stream, "{head}\r\n{}", form.unwrap_or("")).unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
     let text = String::from_utf8_lossy(&response).to_string();
-    let status = text
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    let body = if text
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(&body)
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
     } else {
-        body
+        body.to_string()
     };
-    (status, body)
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// `caremesh launch` for the node in `dir`, as the clinical system would: the launch URL.
+pub fn launch_url(dir: &Path, address: &str, extra: &[&str]) -> String {
+    let base = format!("http://{address}");
+    let mut args = vec!["launch", "--dir", dir.to_str().unwrap(), "--base", &base];
+    args.extend_from_slice(extra);
+    let output = run(&args);
+    assert!(
+        output.status.success(),
+        "launch failed: {}",
+        stderr(&output)
+    );
+    stdout(&output).trim().to_string()
+}
+
+/// Follows a launch URL: the response (a redirect with a session cookie when accepted).
+pub fn follow_launch(url: &str) -> HttpResponse {
+    let rest = url.trim_start_matches("http://");
+    let (address, path) = rest.split_once('/').expect("a launch URL has a path");
+    http_request(address, "GET", &format!("/{path}"), None, None)
+}
+
+/// The `name=value` session cookie from a launch response.
+pub fn session_cookie(response: &HttpResponse) -> String {
+    assert_eq!(response.status, 303, "launch refused: {}", response.body);
+    response
+        .header("set-cookie")
+        .expect("a launch sets the session cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A clinician's session for one patient at the running node: the cookie.
+pub fn clinician_session(dir: &Path, address: &str, nhs: &str) -> String {
+    let url = launch_url(
+        dir,
+        address,
+        &[
+            "--user",
+            "C0001",
+            "--name",
+            "Dr Test Clinician",
+            "--nhs",
+            nhs,
+        ],
+    );
+    session_cookie(&follow_launch(&url))
+}
+
+/// A session with `role` (auditor or admin) at the running node: the cookie.
+pub fn role_session(dir: &Path, address: &str, role: &str) -> String {
+    let url = launch_url(
+        dir,
+        address,
+        &["--user", "R0001", "--name", "Test Role", "--role", role],
+    );
+    session_cookie(&follow_launch(&url))
 }
 
 fn dechunk(body: &str) -> String {

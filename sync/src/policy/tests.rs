@@ -215,6 +215,37 @@ fn the_sharing_record_reaches_whoever_holds_the_patient_even_after_withdrawal() 
 }
 
 #[test]
+fn access_records_reach_the_caseload_whatever_the_consent_or_agreements() {
+    let meta = gp_document(Section::Audit, DataClass::Coded);
+    let withdrawn = Consent {
+        share_out: false,
+        objection: true,
+        ..SHARING
+    };
+    let no_agreements = Agreements::default();
+    assert_eq!(
+        decide(&meta, &acute(), &no_agreements, &facts(withdrawn, true)),
+        Decision::Send,
+        "who saw the record must reach those who care for the patient"
+    );
+    assert_eq!(
+        decide(&meta, &acute(), &oxfordshire(), &facts(SHARING, false)),
+        Decision::Withhold(WithholdReason::NotInCaseload),
+        "nor anyone else"
+    );
+    let hub = recipient("HUB01", OrgKind::Hub);
+    assert_eq!(
+        decide(&meta, &hub, &oxfordshire(), &facts(SHARING, false)),
+        Decision::Send
+    );
+    let private = gp_document(Section::Audit, DataClass::Private);
+    assert_eq!(
+        decide(&private, &hub, &oxfordshire(), &facts(SHARING, true)),
+        Decision::Withhold(WithholdReason::Private)
+    );
+}
+
+#[test]
 fn nodes_hold_their_caseload_unless_the_region_says_region_wide() {
     let meta = gp_document(Section::Problems, DataClass::Coded);
     assert_eq!(
