@@ -327,6 +327,17 @@ fn audit_verify_finds_an_edited_entry_in_the_chain() {
         "{}",
         stdout(&broken)
     );
+    rusqlite::Connection::open(node.join("node.db"))
+        .unwrap()
+        .execute("DELETE FROM audit_events WHERE seq = 1", [])
+        .unwrap();
+    let removed = run(&["audit", "verify", "--dir", dir]);
+    assert_eq!(removed.status.code(), Some(1));
+    assert!(
+        stdout(&removed).contains("entry 1 is missing"),
+        "{}",
+        stdout(&removed)
+    );
 }
 
 /// Replaces the payload of a signed token with another token's, keeping the signature.
@@ -546,4 +557,70 @@ fn the_view_opens_only_through_a_valid_launch_for_its_patient_and_role() {
     );
     let verify = run(&["audit", "verify", "--dir", dir]);
     assert!(verify.status.success(), "{}", stdout(&verify));
+}
+
+#[test]
+fn logs_at_info_carry_no_nhs_numbers_names_or_clinical_content() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let log_path = temp.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let node = RunningNode::start_logging(&home, "info", log.into());
+    let address = node.address.clone();
+    // Ingest through the drop folder, including a file that names an unknown patient.
+    let fixture = fixtures().join("uk-core");
+    for name in [
+        "UKCore-Patient-RichardSmith-Example.json",
+        "UKCore-AllergyIntolerance-Amoxicillin-Example.json",
+    ] {
+        let temporary = home.join("drop").join(format!(".{name}.part"));
+        std::fs::copy(fixture.join(name), &temporary).unwrap();
+        std::fs::rename(&temporary, home.join("drop").join(name)).unwrap();
+    }
+    let session = clinician_session(&home, &address, "9912003888");
+    assert!(wait_for(Duration::from_secs(60), || {
+        http_get_as(&address, "/api/patients/9912003888", &session)
+            .1
+            .contains("Amoxicillin")
+    }));
+    // Views, a refusal, a break-glass, a forged token naming an invalid number.
+    http_get_as(&address, "/patients/9912003888", &session);
+    http_get_as(&address, "/patients/9434765919", &session);
+    http_post_form_as(
+        &address,
+        "/patients/9912003888/break-glass",
+        "reason=Collapsed+in+clinic%2C+history+needed",
+        &session,
+    );
+    let refused = follow_launch(&launch_url(
+        &home,
+        &address,
+        &[
+            "--user",
+            "G9",
+            "--name",
+            "Dr Ada Lovelace",
+            "--nhs",
+            "9912003880",
+        ],
+    ));
+    assert_eq!(refused.status, 401);
+    drop(node);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("INFO"), "the test must see info lines: {log}");
+    for secret in [
+        "9912003888",
+        "991 200 3888",
+        "9434765919",
+        "9912003880",
+        "Richard",
+        "SMITH",
+        "Amoxicillin",
+        "Ada Lovelace",
+        "Dr Test Clinician",
+        "Collapsed",
+    ] {
+        assert!(!log.contains(secret), "the log carries {secret:?}:\n{log}");
+    }
 }

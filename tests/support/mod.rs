@@ -303,7 +303,13 @@ pub struct RunningNode {
 
 impl RunningNode {
     pub fn start(dir: &Path) -> RunningNode {
+        Self::start_logging(dir, "warn", std::process::Stdio::inherit())
+    }
+
+    /// Starts the node with `CAREMESH_LOG=level`, its log (stderr) going to `log`.
+    pub fn start_logging(dir: &Path, level: &str, log: std::process::Stdio) -> RunningNode {
         let mut child = caremesh()
+            .env("CAREMESH_LOG", level)
             .args([
                 "run",
                 "--dir",
@@ -312,7 +318,7 @@ impl RunningNode {
                 "127.0.0.1:0",
             ])
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("caremesh run starts");
         let stdout = child.stdout.take().unwrap();
