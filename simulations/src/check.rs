@@ -52,7 +52,10 @@ impl<'w> Truth<'w> {
         let mut cares = BTreeSet::new();
         for (node, docs) in held.iter().enumerate() {
             for entry in docs.iter().flat_map(|d| d.values()) {
-                if entry.meta.publisher == world.nodes[node].ods {
+                // An access record is not care (as `CareLookup::has_published_about`).
+                if entry.meta.publisher == world.nodes[node].ods
+                    && entry.meta.section != caremesh_sync::Section::Audit
+                {
                     cares.insert((node, entry.meta.patient.clone()));
                 }
             }
@@ -262,6 +265,33 @@ pub fn lost(world: &World, held: &HeldByNode) -> Vec<Violation> {
 
 /// Stored documents that do not verify: signature by a registered key, and content with
 /// exactly the signed heads.
+/// Every node's audit trail must verify: entries numbered from 1, each linked to the one
+/// before, each hash matching its content.
+pub fn broken_audit_chains(world: &World) -> Vec<Violation> {
+    let mut found = Vec::new();
+    for node in 0..world.nodes.len() {
+        let Some(host) = world.host(node) else {
+            continue;
+        };
+        let problem = match host.store.audit_events() {
+            Ok(events) => caremesh_storage::audit::verify_chain(&events)
+                .err()
+                .map(|b| b.to_string()),
+            Err(error) => Some(error.to_string()),
+        };
+        if let Some(problem) = problem {
+            found.push(Violation {
+                at_s: world.now_s(),
+                node: world.nodes[node].ods.to_string(),
+                doc: String::new(),
+                rule: "audit-chain".into(),
+                detail: problem,
+            });
+        }
+    }
+    found
+}
+
 pub fn inauthentic(world: &World) -> Vec<Violation> {
     let mut found = Vec::new();
     for node in 0..world.nodes.len() {

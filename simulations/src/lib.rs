@@ -69,6 +69,9 @@ pub struct Report {
     pub frames: u64,
     pub bytes: u64,
     pub changes: u64,
+    /// Record views audited (each sent to the data owners when it showed their data).
+    #[serde(default)]
+    pub views: u64,
     pub consent_changes: u64,
     /// Received documents a node refused (late copies after a withdrawal, stale facts).
     pub refused: u64,
@@ -92,6 +95,7 @@ impl Report {
             frames: 0,
             bytes: 0,
             changes: 0,
+            views: 0,
             consent_changes: 0,
             refused: 0,
             documents_held: 0,
@@ -118,8 +122,13 @@ impl Report {
             self.simulated_s, self.connections, self.idle_closes, self.hello_timeouts, self.crashes
         ));
         out.push_str(&format!(
-            "  {} frames, {} bytes; {} changes, {} consent changes; {} refused on receipt\n",
-            self.frames, self.bytes, self.changes, self.consent_changes, self.refused
+            "  {} frames, {} bytes; {} changes, {} views, {} consent changes; {} refused on receipt\n",
+            self.frames,
+            self.bytes,
+            self.changes,
+            self.views,
+            self.consent_changes,
+            self.refused
         ));
         out.push_str(&format!(
             "  {} documents held at the end; converged: {}\n",

@@ -142,6 +142,9 @@ pub struct Workload {
     pub items_per_patient: u32,
     /// Mean simulated seconds between changes at each care organisation (0: none).
     pub change_every_s: f64,
+    /// Mean simulated seconds between record views at each care organisation (0: none).
+    /// A view that shows other organisations' data is audited and sent to them.
+    pub view_every_s: f64,
     pub consent: Vec<ConsentChange>,
 }
 
@@ -151,6 +154,7 @@ impl Default for Workload {
             patients: 20,
             items_per_patient: 6,
             change_every_s: 300.0,
+            view_every_s: 0.0,
             consent: Vec::new(),
         }
     }
@@ -230,6 +234,8 @@ pub enum Invariant {
     NothingForbidden,
     /// Every stored document verifies against its publisher's registered key.
     Authentic,
+    /// Every node's audit trail verifies: no entry lost, altered or out of order.
+    AuditChain,
 }
 
 impl Invariant {
@@ -239,6 +245,7 @@ impl Invariant {
             Invariant::NoLoss,
             Invariant::NothingForbidden,
             Invariant::Authentic,
+            Invariant::AuditChain,
         ]
     }
 }

@@ -13,7 +13,8 @@ use crate::network::{Blocked, LinkState};
 use crate::scenario::{FaultKind, Invariant, LinkSpec, Scenario};
 use crate::{Report, Violation};
 use caremesh_storage::Store;
-use caremesh_storage::publish::Publication;
+use caremesh_storage::audit::AuditEvent;
+use caremesh_storage::publish::{Publication, publish_access_record};
 use caremesh_storage::sync_host::{RegistrySource, StoreHost};
 use caremesh_sync::policy::{Agreements, Consent};
 use caremesh_sync::rng::Rng;
@@ -112,6 +113,10 @@ enum Event {
         conn: u64,
     },
     Change {
+        node: usize,
+        life: u64,
+    },
+    View {
         node: usize,
         life: u64,
     },
@@ -431,6 +436,7 @@ impl World {
                 let at = self.next_change_delay();
                 self.schedule(at, Event::Change { node: i, life: 0 });
             }
+            self.schedule_view(i, 0, 0);
         }
         for index in 0..self.scenario.workload.consent.len() {
             let at = self.scenario.workload.consent[index].at_s * 1000;
@@ -442,6 +448,73 @@ impl World {
         }
         let every = self.scenario.check_every_s * 1000;
         self.schedule(every, Event::Check);
+    }
+
+    /// The next record view at `node` after `from`, if the workload has views.
+    fn schedule_view(&mut self, node: usize, life: u64, from: u64) {
+        let every = self.scenario.workload.view_every_s;
+        if self.nodes[node].kind != OrgKind::Hub && every > 0.0 {
+            let at = from + (self.rng.exponential(every) * 1000.0) as u64 + 1;
+            self.schedule(at, Event::View { node, life });
+        }
+    }
+
+    /// A clinician at `node` views a patient on its caseload: the view is audited there and,
+    /// when it showed other organisations' data, added to the node's access record for them.
+    fn view(&mut self, node: usize) -> Result<(), crate::SimError> {
+        if self.nodes[node].caseload.is_empty() {
+            return Ok(());
+        }
+        let pick = self.rng.below(self.nodes[node].caseload.len() as u64) as usize;
+        let patient = self.nodes[node].caseload[pick].clone();
+        let n = &mut self.nodes[node];
+        let Some(host) = n.host.as_mut() else {
+            return Ok(());
+        };
+        let now = EPOCH_S + (self.now_ms.load(Ordering::Relaxed) as i64 + n.skew_ms) / 1000;
+        let sources: BTreeSet<String> = host
+            .inner
+            .store
+            .patient_items(&patient)
+            .map_err(sim_error)?
+            .into_iter()
+            .filter(|s| s.item.section.is_clinical())
+            .map(|s| s.publisher.to_string())
+            .collect();
+        let event = AuditEvent {
+            at: now,
+            user_id: format!("clinician-{}", n.ods),
+            user_name: format!("Clinician at {}", n.ods),
+            role: "clinician".into(),
+            organisation: n.ods.to_string(),
+            action: "view".into(),
+            nhs: Some(patient.to_string()),
+            sources: sources.into_iter().collect(),
+            sections: Vec::new(),
+            purpose: "direct care".into(),
+            outcome: "allowed".into(),
+            detail: String::new(),
+        };
+        let batch = host.inner.store.write().map_err(sim_error)?;
+        let chained = batch.append_audit(&event).map_err(sim_error)?;
+        let shared = event.showed_others_data();
+        if shared {
+            let item = event.to_access_item(chained.seq, &chained.hash);
+            publish_access_record(&batch, &n.key, &n.ods, &patient, item, now)
+                .map_err(sim_error)?;
+        }
+        batch.commit().map_err(sim_error)?;
+        self.report.views += 1;
+        if shared {
+            let held = check::held_documents(&host.inner).map_err(sim_error)?;
+            for (doc, entry) in held {
+                if entry.meta.publisher == n.ods && entry.meta.section == Section::Audit {
+                    self.committed.insert((node, doc), entry.heads);
+                }
+            }
+            self.feed_changed(node);
+        }
+        Ok(())
     }
 
     fn next_change_delay(&mut self) -> u64 {
@@ -503,6 +576,13 @@ impl World {
                 }
                 let at = self.now() + self.next_change_delay();
                 self.schedule(at, Event::Change { node, life });
+            }
+            Event::View { node, life } => {
+                if self.nodes[node].life != life || self.now() > self.scenario.duration_s * 1000 {
+                    return Ok(());
+                }
+                self.view(node)?;
+                self.schedule_view(node, life, self.now());
             }
             Event::Consent { index } => self.consent(index)?,
             Event::FaultStart { index } => self.fault_start(index),
@@ -691,6 +771,7 @@ impl World {
             let at = self.now() + self.next_change_delay();
             self.schedule(at, Event::Change { node, life });
         }
+        self.schedule_view(node, life, self.now());
         if let Some(index) = self.scenario.faults.iter().position(|f| {
             matches!(&f.kind, FaultKind::Crash { node: name, .. } if self.index_of(name) == node)
         }) {
@@ -783,6 +864,10 @@ impl World {
         }
         if self.wants(Invariant::Authentic) {
             let found = check::inauthentic(self);
+            self.record(found);
+        }
+        if self.wants(Invariant::AuditChain) {
+            let found = check::broken_audit_chains(self);
             self.record(found);
         }
         let mut documents = 0;
