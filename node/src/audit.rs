@@ -212,43 +212,46 @@ fn shown(event: &AuditEvent) -> String {
     }
 }
 
+/// The columns of a report as people read it (table and HTML).
+pub const REPORT_COLUMNS: [&str; 9] = [
+    "Time (UTC)",
+    "Where",
+    "User",
+    "Role",
+    "Action",
+    "Patient",
+    "Purpose",
+    "Outcome",
+    "Shown",
+];
+
+/// One row's cells under [`REPORT_COLUMNS`], as plain text.
+pub fn report_cells(row: &ReportRow) -> [String; 9] {
+    let e = &row.event;
+    let outcome = if e.detail.is_empty() {
+        e.outcome.clone()
+    } else {
+        format!("{}: {}", e.outcome, e.detail)
+    };
+    [
+        clock::uk_date_time(e.at),
+        format!("{} #{}", e.organisation, row.entry),
+        format!("{} ({})", e.user_name, e.user_id),
+        e.role.clone(),
+        e.action.clone(),
+        e.nhs
+            .as_deref()
+            .and_then(|n| NhsNumber::parse(n).ok())
+            .map_or_else(|| "-".into(), |n| n.formatted()),
+        e.purpose.clone(),
+        outcome,
+        shown(e),
+    ]
+}
+
 fn render_table(rows: &[ReportRow]) -> String {
-    let header = [
-        "Time (UTC)",
-        "Where",
-        "User",
-        "Role",
-        "Action",
-        "Patient",
-        "Purpose",
-        "Outcome",
-        "Shown",
-    ];
-    let lines: Vec<[String; 9]> = rows
-        .iter()
-        .map(|row| {
-            let e = &row.event;
-            let outcome = if e.detail.is_empty() {
-                e.outcome.clone()
-            } else {
-                format!("{}: {}", e.outcome, e.detail)
-            };
-            [
-                clock::uk_date_time(e.at),
-                format!("{} #{}", e.organisation, row.entry),
-                format!("{} ({})", e.user_name, e.user_id),
-                e.role.clone(),
-                e.action.clone(),
-                e.nhs
-                    .as_deref()
-                    .and_then(|n| NhsNumber::parse(n).ok())
-                    .map_or_else(|| "-".into(), |n| n.formatted()),
-                e.purpose.clone(),
-                outcome,
-                shown(e),
-            ]
-        })
-        .collect();
+    let header = REPORT_COLUMNS;
+    let lines: Vec<[String; 9]> = rows.iter().map(report_cells).collect();
     let mut widths = header.map(|h| h.chars().count());
     for line in &lines {
         for (width, cell) in widths.iter_mut().zip(line) {

@@ -566,6 +566,18 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             })?
     };
     let trust = home.trust()?;
+    // Organisation names for the view (peers such as a hub publish no data to name them).
+    let names: std::collections::BTreeMap<String, String> = trust
+        .as_ref()
+        .map(|t| {
+            t.current()
+                .registry()
+                .organisations
+                .iter()
+                .map(|o| (o.ods.to_string(), o.name.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let result = runtime.block_on(async {
         let sync = match trust {
@@ -602,6 +614,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
                 "loading the launch key: the view opens only through signed launch tokens",
             )?,
             launch_config: home.config.launch.clone(),
+            names,
             key: home.signing_key()?,
             sync: sync.as_ref().map(|s| s.counters.clone()),
         });

@@ -23,12 +23,17 @@ use axum::{Json, Router};
 use caremesh_storage::Store;
 use caremesh_storage::access::{LaunchSession, TokenUse};
 use caremesh_storage::audit::AuditEvent;
-use caremesh_sync::policy::ViewDecision;
 use caremesh_sync::{NhsNumber, PublisherKey};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
+
+mod assets;
+mod render;
+
+pub use render::escape;
+use render::{ReportForm, page, problem_body};
 
 pub struct ViewState {
     pub database: PathBuf,
@@ -45,6 +50,8 @@ pub struct ViewState {
     pub launch_config: LaunchConfig,
     /// Signs this node's access records, which tell data owners who viewed their data.
     pub key: PublisherKey,
+    /// Organisation names from the trust registry, by ODS code.
+    pub names: std::collections::BTreeMap<String, String>,
 }
 
 pub fn router(state: Arc<ViewState>) -> Router {
@@ -60,6 +67,7 @@ pub fn router(state: Arc<ViewState>) -> Router {
         .route("/status", get(status))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/assets/{*path}", get(assets::asset))
         .layer(axum::middleware::map_response(protect))
         .with_state(state)
 }
@@ -173,12 +181,7 @@ impl ViewState {
         } else {
             (
                 status,
-                Html(page(
-                    self,
-                    None,
-                    title,
-                    &format!("<p class=\"error\">{}</p>", escape(message)),
-                )),
+                Html(page(self, None, title, &problem_body(title, message))),
             )
                 .into_response()
         }
@@ -368,7 +371,8 @@ async fn refuse_launch(
 }
 
 enum Lookup {
-    Found(Box<Record>),
+    /// The record, and the offline banner (empty when every peer is connected).
+    Found(Box<Record>, String),
     NotHeld,
 }
 
@@ -384,14 +388,14 @@ async fn view_record(
     let mut viewer = state.viewer.clone();
     viewer.user_id = session.user_id.clone();
     let patient = nhs.clone();
-    let record = blocking(move || {
+    let names = state.names.clone();
+    let (record, offline) = blocking(move || {
         let store = Store::open_read_only(&database)?;
-        Ok(record::assemble(
-            &store,
-            &patient,
-            &viewer,
-            clock::now_unix(),
-        )?)
+        let now = clock::now_unix();
+        let record = record::assemble(&store, &patient, &viewer, now)?;
+        let peers = crate::cli::current_peer_statuses(&store)?;
+        let name = |ods: &str| names.get(ods).cloned().unwrap_or_else(|| ods.to_string());
+        Ok((record, render::offline_banner(&peers, &name, now)))
     })
     .await?;
     let mut event = state.event(Some(session), "view", Some(nhs.as_str()));
@@ -415,7 +419,7 @@ async fn view_record(
     }
     state.audit(event).await?;
     Ok(match record {
-        Some(record) => Lookup::Found(Box::new(record)),
+        Some(record) => Lookup::Found(Box::new(record), offline),
         None => Lookup::NotHeld,
     })
 }
@@ -432,21 +436,28 @@ fn patient_in_path(state: &ViewState, raw: &str, api: bool) -> Result<NhsNumber,
     })
 }
 
+/// The clinician's record of the patient in the path: checked, authorised, assembled and
+/// audited.
+async fn open_record(
+    state: &Arc<ViewState>,
+    headers: &HeaderMap,
+    raw: &str,
+    api: bool,
+) -> Result<(LaunchSession, NhsNumber, Lookup), Response> {
+    let nhs = patient_in_path(state, raw, api)?;
+    let session = authorise(state, headers, Role::Clinician, Some(&nhs), "view", api).await?;
+    let lookup = view_record(state, &session, &nhs, api).await?;
+    Ok((session, nhs, lookup))
+}
+
 async fn patient_json(
     State(state): State<Arc<ViewState>>,
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Response {
-    let result = async {
-        let nhs = patient_in_path(&state, &raw, true)?;
-        let session =
-            authorise(&state, &headers, Role::Clinician, Some(&nhs), "view", true).await?;
-        view_record(&state, &session, &nhs, true).await
-    }
-    .await;
-    match result {
-        Ok(Lookup::Found(record)) => Json(*record).into_response(),
-        Ok(Lookup::NotHeld) => state.problem(
+    match open_record(&state, &headers, &raw, true).await {
+        Ok((_, _, Lookup::Found(record, _))) => Json(*record).into_response(),
+        Ok((_, _, Lookup::NotHeld)) => state.problem(
             StatusCode::NOT_FOUND,
             "No record held",
             "no record held for this NHS number on this node",
@@ -461,17 +472,9 @@ async fn patient_page(
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Response {
-    let result = async {
-        let nhs = patient_in_path(&state, &raw, false)?;
-        let session =
-            authorise(&state, &headers, Role::Clinician, Some(&nhs), "view", false).await?;
-        let lookup = view_record(&state, &session, &nhs, false).await?;
-        Ok::<_, Response>((session, nhs, lookup))
-    }
-    .await;
-    match result {
-        Ok((session, _, Lookup::Found(record))) => {
-            Html(render_record(&state, &session, &record)).into_response()
+    match open_record(&state, &headers, &raw, false).await {
+        Ok((session, _, Lookup::Found(record, offline))) => {
+            Html(render::render_record(&state, &session, &record, &offline)).into_response()
         }
         Ok((session, nhs, Lookup::NotHeld)) => (
             StatusCode::NOT_FOUND,
@@ -480,7 +483,8 @@ async fn patient_page(
                 Some(&session),
                 "No record held",
                 &format!(
-                    "<p>This node holds no record for NHS number {}.</p>",
+                    "<h1 class=\"nhsuk-heading-l\">No record held</h1>\
+                     <p>This node holds no record for NHS number {}.</p>",
                     escape(&nhs.formatted())
                 ),
             )),
@@ -491,8 +495,8 @@ async fn patient_page(
 }
 
 /// Limits on what a clinician types into the break-glass form.
-const REASON_MIN_CHARS: usize = 10;
-const REASON_MAX_CHARS: usize = 1000;
+pub(crate) const REASON_MIN_CHARS: usize = 10;
+pub(crate) const REASON_MAX_CHARS: usize = 1000;
 
 #[derive(Deserialize)]
 struct BreakGlassForm {
@@ -629,6 +633,17 @@ struct AuditQuery {
     format: Option<String>,
 }
 
+impl AuditQuery {
+    fn report_query(&self) -> Result<ReportQuery, String> {
+        ReportQuery::parse(
+            self.patient.as_deref(),
+            self.user.as_deref(),
+            self.from.as_deref(),
+            self.to.as_deref(),
+        )
+    }
+}
+
 /// Runs an auditor's report and records that it was read.
 async fn run_report(
     state: &Arc<ViewState>,
@@ -677,13 +692,9 @@ async fn audit_api(
                 )
             })?,
         };
-        let query = ReportQuery::parse(
-            params.patient.as_deref(),
-            params.user.as_deref(),
-            params.from.as_deref(),
-            params.to.as_deref(),
-        )
-        .map_err(|problem| state.problem(StatusCode::BAD_REQUEST, "Bad report", &problem, true))?;
+        let query = params.report_query().map_err(|problem| {
+            state.problem(StatusCode::BAD_REQUEST, "Bad report", &problem, true)
+        })?;
         let rows = run_report(&state, &session, &query).await?;
         Ok((
             [(header::CONTENT_TYPE, format.content_type())],
@@ -702,108 +713,33 @@ async fn audit_page(
     Query(params): Query<AuditQuery>,
 ) -> Response {
     let result = async {
-        let session = authorise(&state, &headers, Role::Auditor, None, "audit-report", false).await?;
-        let value = |v: &Option<String>| escape(v.as_deref().unwrap_or(""));
-        let mut body = format!(
-            "<h1>Audit reports</h1><form method=\"get\" action=\"/audit\" class=\"search\">\
-             <label for=\"patient\">NHS number</label><input id=\"patient\" name=\"patient\" value=\"{}\">\
-             <label for=\"user\">or user id</label><input id=\"user\" name=\"user\" value=\"{}\">\
-             <label for=\"from\">From (YYYY-MM-DD)</label><input id=\"from\" name=\"from\" value=\"{}\">\
-             <label for=\"to\">To</label><input id=\"to\" name=\"to\" value=\"{}\">\
-             <button type=\"submit\">Report</button></form>",
-            value(&params.patient),
-            value(&params.user),
-            value(&params.from),
-            value(&params.to)
-        );
-        let asked = params.patient.as_deref().is_some_and(|p| !p.trim().is_empty())
+        let session =
+            authorise(&state, &headers, Role::Auditor, None, "audit-report", false).await?;
+        let form = ReportForm {
+            patient: params.patient.as_deref().unwrap_or(""),
+            user: params.user.as_deref().unwrap_or(""),
+            from: params.from.as_deref().unwrap_or(""),
+            to: params.to.as_deref().unwrap_or(""),
+        };
+        let mut body = render::audit_form(&form);
+        let asked = params
+            .patient
+            .as_deref()
+            .is_some_and(|p| !p.trim().is_empty())
             || params.user.as_deref().is_some_and(|u| !u.trim().is_empty());
         if asked {
-            match ReportQuery::parse(
-                params.patient.as_deref(),
-                params.user.as_deref(),
-                params.from.as_deref(),
-                params.to.as_deref(),
-            ) {
+            match params.report_query() {
                 Ok(query) => {
                     let rows = run_report(&state, &session, &query).await?;
-                    body.push_str(&render_report(&rows, &params));
+                    body.push_str(&render::render_report(&rows, &form));
                 }
-                Err(problem) => {
-                    body.push_str(&format!("<p class=\"error\">{}</p>", escape(&problem)))
-                }
+                Err(problem) => body.push_str(&problem_body("Report not run", &problem)),
             }
         }
         Ok(Html(page(&state, Some(&session), "Audit reports", &body)).into_response())
     }
     .await;
     result.unwrap_or_else(|response| response)
-}
-
-fn render_report(rows: &[crate::audit::ReportRow], params: &AuditQuery) -> String {
-    let link_query: String = [
-        ("patient", &params.patient),
-        ("user", &params.user),
-        ("from", &params.from),
-        ("to", &params.to),
-    ]
-    .iter()
-    .filter_map(|(name, value)| {
-        let value = value.as_deref()?.trim();
-        (!value.is_empty()).then(|| format!("{name}={}", url_encode(value)))
-    })
-    .collect::<Vec<_>>()
-    .join("&amp;");
-    let mut out = format!(
-        "<section id=\"report\"><h2>{} access(es)</h2><p>Download: \
-         <a href=\"/api/audit?{link_query}&amp;format=csv\">CSV</a> &middot; \
-         <a href=\"/api/audit?{link_query}&amp;format=json\">JSON</a> &middot; \
-         <a href=\"/api/audit?{link_query}&amp;format=fhir\">FHIR AuditEvent</a></p>\
-         <table><thead><tr><th>Time (UTC)</th><th>Where</th><th>User</th><th>Role</th>\
-         <th>Action</th><th>Patient</th><th>Purpose</th><th>Outcome</th><th>Shown</th></tr></thead><tbody>",
-        rows.len()
-    );
-    for row in rows {
-        let e = &row.event;
-        out.push_str(&format!(
-            "<tr><td>{}</td><td>{} #{}</td><td>{} ({})</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}{}</td><td>{}<br><span class=\"muted\">{}</span></td></tr>",
-            escape(&clock::uk_date_time(e.at)),
-            escape(&e.organisation),
-            row.entry,
-            escape(&e.user_name),
-            escape(&e.user_id),
-            escape(&e.role),
-            escape(&e.action),
-            escape(
-                &e.nhs
-                    .as_deref()
-                    .and_then(|n| NhsNumber::parse(n).ok())
-                    .map_or_else(|| "-".into(), |n| n.formatted())
-            ),
-            escape(&e.purpose),
-            escape(&e.outcome),
-            if e.detail.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", escape(&e.detail))
-            },
-            escape(&e.sources.join(", ")),
-            escape(&e.sections.join(", "))
-        ));
-    }
-    out.push_str("</tbody></table></section>");
-    out
-}
-
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Node status for admins: what is held, and each peer's sync state.
@@ -868,211 +804,4 @@ async fn health(State(state): State<Arc<ViewState>>) -> Response {
         )
             .into_response(),
     }
-}
-
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-const STYLE: &str = "body{font-family:Arial,sans-serif;margin:0;color:#212b32;background:#f0f4f5}\
-header{background:#005eb8;color:#fff;padding:12px 24px}header a{color:#fff}\
-main{max-width:1100px;margin:0 auto;padding:16px 24px}\
-.banner{background:#fff;border-left:8px solid #005eb8;padding:12px 16px;margin:12px 0}\
-.patient{background:#fff;padding:12px 16px;border-bottom:4px solid #005eb8}\
-.patient h1{margin:0 0 4px 0;font-size:1.6em}\
-section{background:#fff;margin:16px 0;padding:8px 16px}\
-table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:6px;border-bottom:1px solid #d8dde0;vertical-align:top}\
-.muted{color:#4c6272;font-size:.9em}.withheld{border-left-color:#ffeb3b}.withheld p{margin:4px 0}\
-.break-glass{border-left-color:#d5281b;background:#fff4f4}tr.break-glass td{background:#fff4f4}\
-.break-glass-form label{display:block;font-weight:bold;margin-top:8px}.break-glass-form textarea{width:100%;min-height:4em}.error{color:#d5281b;font-weight:bold}\
-.search label{display:block;font-weight:bold;margin-bottom:4px}\
-.search input{font-size:1.2em;padding:4px}.search button{font-size:1.1em;margin-left:8px}\
-@media print{body *{display:none}body:after{content:'Printing the shared care record is not allowed.'}}";
-
-fn page(state: &ViewState, session: Option<&LaunchSession>, title: &str, body: &str) -> String {
-    let user = session
-        .map(|s| {
-            format!(
-                " &middot; {} ({}, {})",
-                escape(&s.user_name),
-                escape(&s.role),
-                escape(&s.purpose)
-            )
-        })
-        .unwrap_or_default();
-    format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title} - caremesh shared care record</title><style>{STYLE}</style></head>\
-         <body><header><a href=\"/\">caremesh shared care record</a> \
-         <span class=\"muted\" style=\"color:#fff\" id=\"signed-in\">at {org} ({ods}){user}</span></header>\
-         <main>{body}</main></body></html>",
-        title = escape(title),
-        org = escape(&state.organisation),
-        ods = escape(&state.ods),
-    )
-}
-
-/// Break-glass in force; other organisations' data held but hidden without Share In (with
-/// the break-glass form); organisations whose whole record is withheld.
-fn sharing_banners(state: &ViewState, record: &Record) -> String {
-    let mut out = String::new();
-    if let Some(granted) = &record.break_glass {
-        out.push_str(&format!(
-            "<div class=\"banner break-glass\" role=\"alert\" id=\"break-glass-active\">\
-             <strong>Emergency access (break-glass)</strong> by {} until {}: {}. \
-             Rows shown only because of it are marked; this access is recorded.</div>",
-            escape(&granted.clinician),
-            escape(&clock::uk_date_time(granted.expires_at)),
-            escape(&granted.reason)
-        ));
-    } else if record.hidden_without_share_in > 0 {
-        out.push_str(&format!(
-            "<div class=\"banner withheld\" id=\"share-in-off\"><p><strong>{} from other \
-             organisations not shown</strong>: the patient's Share In is not recorded at {}.</p>\
-             <form method=\"post\" action=\"/patients/{}/break-glass\" class=\"break-glass-form\">\
-             <p>If there is a serious concern for the patient's safety you may use emergency \
-             access. It lasts {} minutes, is yours alone, and is recorded with your name and \
-             reason; the organisations whose data it shows are told.</p>\
-             <label for=\"reason\">Reason</label>\
-             <textarea id=\"reason\" name=\"reason\" required minlength=\"{REASON_MIN_CHARS}\" \
-             maxlength=\"{REASON_MAX_CHARS}\"></textarea>\
-             <button type=\"submit\">Use emergency access</button></form></div>",
-            record::items_phrase(record.hidden_without_share_in),
-            escape(&state.organisation),
-            escape(&record.nhs_number),
-            state.break_glass_minutes
-        ));
-    }
-    for source in &record.withheld_sources {
-        out.push_str(&format!(
-            "<div class=\"banner withheld\">No data from {} ({}) is shown: {}.</div>",
-            escape(&source.name),
-            escape(&source.ods),
-            escape(&source.reason)
-        ));
-    }
-    out
-}
-
-/// "3 items withheld by sharing rules", and what Share In hides, under a section's heading.
-fn section_notices(section: &record::SectionView) -> String {
-    let mut out = String::new();
-    if section.withheld_by_sharing_rules > 0 {
-        out.push_str(&format!(
-            "<p class=\"withheld\">{} withheld by sharing rules</p>",
-            record::items_phrase(section.withheld_by_sharing_rules as usize)
-        ));
-    }
-    if section.hidden_without_share_in > 0 {
-        out.push_str(&format!(
-            "<p class=\"withheld\">{} from other organisations not shown without Share In</p>",
-            record::items_phrase(section.hidden_without_share_in)
-        ));
-    }
-    out
-}
-
-fn render_record(state: &ViewState, session: &LaunchSession, record: &Record) -> String {
-    let mut body = String::new();
-    let demographics = record.demographics.as_ref();
-    body.push_str(&format!(
-        "<div class=\"patient\"><h1>{}</h1><div>NHS number <strong>{}</strong>",
-        escape(
-            demographics
-                .and_then(|d| d.name.as_deref())
-                .unwrap_or("Name not held")
-        ),
-        escape(&record.nhs_number_formatted)
-    ));
-    if let Some(d) = demographics {
-        body.push_str(&format!(
-            " &middot; Born {} &middot; {} &middot; Registered GP: {} <span class=\"muted\">(demographics from {})</span>",
-            escape(&d.birth_date.as_deref().map(clock::uk_date).unwrap_or_else(|| "not recorded".into())),
-            escape(d.gender.as_deref().unwrap_or("gender not recorded")),
-            escape(d.registered_gp.as_deref().unwrap_or("not recorded")),
-            escape(&d.source)
-        ));
-    }
-    body.push_str("</div></div>");
-    body.push_str(&format!(
-        "<div class=\"banner\">Read-only view assembled from data held on this node at {}. \
-         It does not need the network.</div>",
-        escape(&clock::uk_date_time(clock::now_unix()))
-    ));
-    body.push_str(&sharing_banners(state, record));
-    body.push_str(
-        "<section id=\"sources\"><h2>Sources</h2><table><thead><tr><th>Organisation</th>\
-        <th>Kind</th><th>Feed</th><th>Data as of</th><th>Items</th></tr></thead><tbody>",
-    );
-    for source in &record.sources {
-        body.push_str(&format!(
-            "<tr><td>{} ({})</td><td>{}</td><td>{} from {}</td><td>{}</td><td>{}</td></tr>",
-            escape(&source.name),
-            escape(&source.ods),
-            escape(&source.kind),
-            escape(&source.feed),
-            escape(&source.source_system),
-            escape(&clock::uk_date_time(source.data_as_of_unix)),
-            source.items
-        ));
-    }
-    body.push_str("</tbody></table></section>");
-    for section in &record.sections {
-        body.push_str(&format!(
-            "<section id=\"{}\"><h2>{} <span class=\"muted\">({})</span></h2>",
-            section.section,
-            escape(section.title),
-            section.count
-        ));
-        body.push_str(&section_notices(section));
-        if section.items.is_empty() {
-            body.push_str("<p class=\"muted\">Nothing recorded in the data held.</p></section>");
-            continue;
-        }
-        body.push_str("<table><thead><tr><th>Date</th><th>Entry</th><th>Details</th><th>Source</th></tr></thead><tbody>");
-        for item in &section.items {
-            let row_class = if item.shown_by == ViewDecision::BreakGlass {
-                " class=\"break-glass\""
-            } else {
-                ""
-            };
-            body.push_str(&format!(
-                "<tr{row_class}><td>{}</td><td>{}{}</td><td>{}</td><td>{}<br><span class=\"muted\">{} &middot; {}</span></td></tr>",
-                escape(&item.effective.as_deref().map(clock::uk_date).unwrap_or_else(|| "-".into())),
-                escape(&item.title),
-                item.status
-                    .as_deref()
-                    .map(|s| format!(" <span class=\"muted\">({})</span>", escape(s)))
-                    .unwrap_or_default(),
-                escape(item.detail.as_deref().unwrap_or("")),
-                escape(&item.source.organisation_name),
-                escape(&item.source.system),
-                item.recorded
-                    .as_deref()
-                    .map(|r| format!("recorded {}", escape(&clock::uk_date(r))))
-                    .unwrap_or_else(|| "recorded date not given".into()),
-            ));
-        }
-        body.push_str("</tbody></table></section>");
-    }
-    page(
-        state,
-        Some(session),
-        demographics
-            .and_then(|d| d.name.as_deref())
-            .unwrap_or("Patient record"),
-        &body,
-    )
 }

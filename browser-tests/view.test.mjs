@@ -1,0 +1,216 @@
+// Browser tests of the clinician view: Debian's chromium driven by playwright-core, against
+// the demo region (real `caremesh run` processes syncing over QUIC). Run through
+// `cargo test --test browser`, which passes the binary in CAREMESH_BIN; or by hand:
+//   CAREMESH_BIN=target/debug/caremesh node --test browser-tests/view.test.mjs
+// Screenshots go to browser-tests/artefacts/.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createRequire } from "node:module";
+import { chromium } from "playwright-core";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const require = createRequire(import.meta.url);
+const artefacts = join(here, "artefacts");
+const binary = process.env.CAREMESH_BIN;
+const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
+const axeSource = readFileSync(require.resolve("axe-core/axe.min.js"), "utf8");
+// Waits stop a broken test from hanging; they never assert how long things take.
+const SYNC_WAIT_MS = 120_000;
+
+let demo;
+let demoDir;
+let browser;
+const links = {};
+
+function portFree(port) {
+  return new Promise((resolve) => {
+    const server = createServer();
+    server.once("error", () => resolve(false));
+    server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)));
+  });
+}
+
+async function freeBase() {
+  for (let base = 31_000 + (process.pid % 50) * 100; base < 40_000; base += 211) {
+    const free = await Promise.all([0, 1, 2, 3].map((i) => portFree(base + i)));
+    if (free.every(Boolean)) return base;
+  }
+  throw new Error("no free port range for the demo region");
+}
+
+/** Starts the demo region and collects its launch links and the hub's pid. */
+async function startDemo() {
+  assert.ok(binary, "set CAREMESH_BIN to the caremesh binary");
+  demoDir = mkdtempSync(join(tmpdir(), "caremesh-browser-"));
+  const port = await freeBase();
+  demo = spawn(binary, ["demo", "--patients", "40", "--port", String(port), "--dir", join(demoDir, "region")], {
+    stdio: ["ignore", "pipe", "inherit"],
+    env: { ...process.env, CAREMESH_LOG: "warn" },
+  });
+  let text = "";
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the demo did not start:\n${text}`)), 300_000);
+    demo.stdout.on("data", (chunk) => {
+      text += chunk;
+      if (text.includes("Ctrl-C stops the region.")) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    demo.once("exit", (code) => reject(new Error(`the demo exited (${code}):\n${text}`)));
+  });
+  for (const line of text.split("\n")) {
+    const url = (line.match(/http:\/\/\S+\/launch\?token=\S+/) || [])[0];
+    if (line.includes("Thames Valley Hub")) links.hubPid = Number(line.match(/pid (\d+)/)[1]);
+    if (!url) continue;
+    if (line.includes("Banbury Road Surgery")) links.gp = url;
+    else if (line.includes("Oxford University Hospitals")) links.acute = url;
+    else if (line.startsWith("Break-glass")) links.breakGlass = url;
+    else if (line.includes("Sobell House Hospice")) links.hospice = url;
+    else if (line.startsWith("Audit at the GP")) links.audit = url;
+  }
+  for (const name of ["gp", "acute", "hospice", "breakGlass", "audit", "hubPid"]) {
+    assert.ok(links[name], `the demo printed no ${name} link:\n${text}`);
+  }
+}
+
+before(async () => {
+  mkdirSync(artefacts, { recursive: true });
+  await startDemo();
+  browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+      "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"],
+  });
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (demo && demo.exitCode === null) {
+    demo.kill("SIGTERM");
+    await new Promise((resolve) => demo.once("exit", resolve));
+  }
+  if (demoDir) rmSync(demoDir, { recursive: true, force: true });
+});
+
+/** A fresh browser session opened through a launch link: the page, on the patient. */
+async function launch(url) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  const response = await page.goto(url);
+  assert.equal(response.status(), 200, `launch refused: ${await page.content()}`);
+  return page;
+}
+
+/** Reloads until `check` holds (sync may still be bringing data in). */
+async function reloadUntil(page, check, what) {
+  const deadline = Date.now() + SYNC_WAIT_MS;
+  for (;;) {
+    if (await check()) return;
+    if (Date.now() > deadline) assert.fail(`never: ${what}`);
+    await page.waitForTimeout(1000);
+    await page.reload();
+  }
+}
+
+async function sourceNames(page) {
+  return page.$$eval("#sources input[data-source]", (boxes) => boxes.map((b) => b.dataset.source));
+}
+
+async function axeViolations(page) {
+  await page.evaluate(axeSource);
+  const results = await page.evaluate(() => window.axe.run(document, { resultTypes: ["violations"] }));
+  return results.violations.filter((v) => v.impact === "serious" || v.impact === "critical");
+}
+
+test("a record opened through a launch link joins three organisations, accessibly", async () => {
+  const page = await launch(links.gp);
+  await reloadUntil(page, async () => (await sourceNames(page)).length === 3,
+    "the GP's page lists GP, hospital and hospice as sources");
+  assert.deepEqual((await sourceNames(page)).sort(), ["8HA15", "A81001", "RTH"]);
+  // Header: name, NHS number 3-3-4, date of birth, registered GP.
+  assert.ok((await page.textContent("#patient-name")).trim().length > 0);
+  assert.match(await page.textContent("#nhs-number"), /^\d{3} \d{3} \d{4}$/);
+  const header = await page.textContent(".caremesh-patient");
+  assert.match(header, /Date of birth\s*\d{2}\/\d{2}\/\d{4}/);
+  assert.match(header, /Registered GP/);
+  // Sections with counts equal to their rows; every row names its source and dates.
+  const sections = await page.$$eval(".caremesh-section", (cards) => cards.map((card) => ({
+    count: Number(card.querySelector(".caremesh-count").textContent.replace(/[()]/g, "")),
+    rows: card.querySelectorAll("tbody tr").length,
+  })));
+  assert.ok(sections.length >= 10, "every clinical section is shown");
+  for (const section of sections) assert.equal(section.count, section.rows);
+  const sources = await page.$$eval("tbody tr[data-source]", (rows) => rows.map((r) => r.cells[3].textContent));
+  assert.ok(sources.length > 0);
+  for (const source of sources) assert.match(source, /recorded/);
+  // Sources panel: kind, data as of and feed for each.
+  const panel = await page.textContent("#sources");
+  assert.match(panel, /Data as of \d{2}\/\d{2}\/\d{4} \d{2}:\d{2}/);
+  assert.match(panel, /batch|live|synced/);
+  const violations = await axeViolations(page);
+  assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), [], "axe: no serious or critical violations");
+  await page.screenshot({ path: join(artefacts, "record-gp.png"), fullPage: true });
+
+  // Unticking a source, the viewer's own included, hides its items and only its items.
+  const visible = (ods) => page.$$eval(`tbody tr[data-source="${ods}"]`,
+    (rows) => rows.filter((r) => !r.hidden && r.offsetParent !== null).length);
+  const ownBefore = await visible("A81001");
+  const hospitalBefore = await visible("RTH");
+  assert.ok(ownBefore > 0 && hospitalBefore > 0);
+  await page.uncheck('#sources input[data-source="A81001"]');
+  assert.equal(await visible("A81001"), 0, "the GP's own items are hidden");
+  assert.equal(await visible("RTH"), hospitalBefore, "the hospital's stay");
+  await page.screenshot({ path: join(artefacts, "record-gp-own-unticked.png"), fullPage: true });
+  await page.check('#sources input[data-source="A81001"]');
+  assert.equal(await visible("A81001"), ownBefore);
+
+  // Printing shows only the notice.
+  await page.emulateMedia({ media: "print" });
+  assert.equal(await page.isVisible("#patient-name"), false);
+  assert.equal(await page.isVisible(".caremesh-print-notice"), true);
+  await page.context().close();
+});
+
+test("break-glass: hidden without Share In, opened with a reason, flagged", async () => {
+  const page = await launch(links.breakGlass);
+  await reloadUntil(page, () => page.isVisible("#share-in-off"),
+    "the hospice page says the GP's data is not shown without Share In");
+  assert.equal(await page.locator('tbody tr[data-source="A81001"]').count(), 0);
+  await page.screenshot({ path: join(artefacts, "break-glass-before.png"), fullPage: true });
+  await page.fill("#reason", "Deteriorating, needs GP medication history");
+  await Promise.all([page.waitForNavigation(), page.getByRole("button", { name: "Use emergency access" }).click()]);
+  if (!(await page.isVisible("#break-glass-active"))) {
+    assert.fail(`no break-glass banner after submitting:\n${await page.textContent("main")}`);
+  }
+  assert.match(await page.textContent("#break-glass-active"), /Deteriorating, needs GP medication history/);
+  assert.ok(await page.locator('tr.break-glass[data-source="A81001"]').count() > 0,
+    "the GP's rows are shown, marked as shown by break-glass");
+  const violations = await axeViolations(page);
+  assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), []);
+  await page.screenshot({ path: join(artefacts, "break-glass-after.png"), fullPage: true });
+  await page.context().close();
+});
+
+test("the offline banner appears when the hub stops, and the record keeps serving", async () => {
+  const page = await launch(links.acute);
+  await reloadUntil(page, async () => (await sourceNames(page)).length === 3,
+    "the hospital's page joins three organisations");
+  assert.equal(await page.isVisible("#offline"), false, "no banner while the hub is up");
+  process.kill(links.hubPid, "SIGTERM");
+  await reloadUntil(page, () => page.isVisible("#offline"), "the offline banner");
+  const banner = await page.textContent("#offline");
+  assert.match(banner, /Thames Valley Hub \(HUB01\) unreachable since \d{2}\/\d{2}\/\d{4} \d{2}:\d{2}/);
+  assert.match(banner, /last synced \d{2}\/\d{2}\/\d{4} \d{2}:\d{2}/);
+  assert.match(banner, /Showing data held on this device/);
+  assert.deepEqual((await sourceNames(page)).sort(), ["8HA15", "A81001", "RTH"]);
+  await page.screenshot({ path: join(artefacts, "offline.png"), fullPage: true });
+  await page.context().close();
+});
