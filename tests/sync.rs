@@ -187,6 +187,20 @@ fn changes_flow_from_a_gp_through_the_hub_to_an_acute_trust_and_arrive_verified(
         .collect();
     assert!(sources.contains(&"A81001"), "sources: {sources:?}");
     assert!(sources.contains(&"RTH01"), "sources: {sources:?}");
+    // The GP's sharing records state its feed, so the hospital can judge its freshness.
+    let gp_source = record["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["ods"] == "A81001")
+        .unwrap();
+    assert_eq!(gp_source["feed"], "batch", "{gp_source}");
+    assert_eq!(gp_source["expected_refresh_hours"], 12);
+    assert_ne!(
+        gp_source["source_system"], "caremesh sync",
+        "the GP's own clinical system is named, not the transport"
+    );
+    assert_eq!(gp_source["stale"], false);
     verify_ok(&acute);
     verify_ok(&hub);
 

@@ -665,15 +665,19 @@ impl<'a> Ingestor<'a> {
             publication.place(&batch, &nhs, &facts.family, items)?;
         }
 
-        report.documents_written = publication.apply(&batch, &rules.key, rules.now)?;
+        // Before the publication: its sharing records state this source's feed.
+        let ingest = &rules.home.config.ingest;
         batch.touch_source(&SourceRow {
             publisher: publisher.to_string(),
             name: rules.home.config.organisation.name.clone(),
             kind: rules.home.config.organisation.kind.to_string(),
             source_system,
-            feed: rules.home.config.ingest.feed.clone(),
+            feed: ingest.feed.clone(),
             data_as_of: rules.now,
+            expected_refresh_hours: (ingest.feed == "batch")
+                .then_some(ingest.expected_refresh_hours),
         })?;
+        report.documents_written = publication.apply(&batch, &rules.key, rules.now)?;
         batch.commit()?;
         Ok(Attempt::Done(Box::new(report)))
     }

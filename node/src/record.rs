@@ -103,6 +103,10 @@ pub struct SourceView {
     pub feed: String,
     pub data_as_of: String,
     pub data_as_of_unix: i64,
+    /// For a batch feed: how often its publisher expects to refresh it.
+    pub expected_refresh_hours: Option<u32>,
+    /// Its newest data is older than the expected refresh.
+    pub stale: bool,
     pub items: usize,
 }
 
@@ -268,6 +272,8 @@ pub fn assemble(
                     .map(|r| clock::rfc3339(r.data_as_of))
                     .unwrap_or_default(),
                 data_as_of_unix: row.map(|r| r.data_as_of).unwrap_or_default(),
+                expected_refresh_hours: row.and_then(|r| r.expected_refresh_hours),
+                stale: row.is_some_and(|r| r.is_stale(now)),
                 ods,
                 items,
             }

@@ -22,7 +22,7 @@ pub mod sync_host;
 pub use access::BreakGlass;
 pub use peers::{FeedRow, PeerStatus, RejectedChange};
 
-use caremesh_sync::policy::Consent;
+use caremesh_sync::policy::{Consent, SourceStatement};
 use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, Section, SignedHeads};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::collections::BTreeMap;
@@ -88,8 +88,33 @@ pub struct SourceRow {
     pub name: String,
     pub kind: String,
     pub source_system: String,
+    /// live, batch, or "synced" until the publisher's sharing record states which.
     pub feed: String,
     pub data_as_of: i64,
+    /// For a batch feed: how often it is expected to refresh.
+    pub expected_refresh_hours: Option<u32>,
+}
+
+fn row_to_source(row: &rusqlite::Row<'_>) -> rusqlite::Result<SourceRow> {
+    Ok(SourceRow {
+        publisher: row.get(0)?,
+        name: row.get(1)?,
+        kind: row.get(2)?,
+        source_system: row.get(3)?,
+        feed: row.get(4)?,
+        data_as_of: row.get(5)?,
+        expected_refresh_hours: row.get(6)?,
+    })
+}
+
+impl SourceRow {
+    /// A batch source whose newest data is older than its expected refresh.
+    pub fn is_stale(&self, now: i64) -> bool {
+        self.feed == "batch"
+            && self
+                .expected_refresh_hours
+                .is_some_and(|hours| now - self.data_as_of > i64::from(hours) * 3600)
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -397,21 +422,12 @@ impl Store {
         let mut statement = self
             .conn
             .prepare_cached(
-                "SELECT publisher, name, kind, source_system, feed, data_as_of FROM sources \
-                 ORDER BY publisher",
+                "SELECT publisher, name, kind, source_system, feed, data_as_of, \
+                 expected_refresh_hours FROM sources ORDER BY publisher",
             )
             .map_err(self.err("read sources"))?;
         let rows = statement
-            .query_map([], |row| {
-                Ok(SourceRow {
-                    publisher: row.get(0)?,
-                    name: row.get(1)?,
-                    kind: row.get(2)?,
-                    source_system: row.get(3)?,
-                    feed: row.get(4)?,
-                    data_as_of: row.get(5)?,
-                })
-            })
+            .query_map([], row_to_source)
             .map_err(self.err("read sources"))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(self.err("read sources"))
@@ -854,13 +870,41 @@ impl WriteBatch<'_> {
         Ok(())
     }
 
+    /// This node's own source, as its ingest configuration describes it.
     pub fn touch_source(&self, source: &SourceRow) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO sources (publisher, name, kind, source_system, feed, data_as_of, \
+                 expected_refresh_hours) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                 ON CONFLICT(publisher) DO UPDATE SET name = excluded.name, kind = excluded.kind, \
+                 source_system = excluded.source_system, feed = excluded.feed, \
+                 data_as_of = MAX(data_as_of, excluded.data_as_of), \
+                 expected_refresh_hours = excluded.expected_refresh_hours",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    source.publisher,
+                    source.name,
+                    source.kind,
+                    source.source_system,
+                    source.feed,
+                    source.data_as_of,
+                    source.expected_refresh_hours
+                ])
+            })
+            .map_err(self.err("store source"))?;
+        Ok(())
+    }
+
+    /// Another organisation's source, on receiving its data: names from the registry and
+    /// the newest publication time; its feed stays as its sharing record last stated.
+    pub fn touch_received_source(&self, source: &SourceRow) -> Result<()> {
         self.tx
             .prepare_cached(
                 "INSERT INTO sources (publisher, name, kind, source_system, feed, data_as_of) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(publisher) DO UPDATE SET \
-                 name = excluded.name, kind = excluded.kind, source_system = excluded.source_system, \
-                 feed = excluded.feed, data_as_of = MAX(data_as_of, excluded.data_as_of)",
+                 name = excluded.name, kind = excluded.kind, \
+                 data_as_of = MAX(data_as_of, excluded.data_as_of)",
             )
             .and_then(|mut statement| {
                 statement.execute(params![
@@ -874,6 +918,40 @@ impl WriteBatch<'_> {
             })
             .map_err(self.err("store source"))?;
         Ok(())
+    }
+
+    /// What a publisher's sharing record states about its feed.
+    pub fn state_source(&self, publisher: &OdsCode, statement: &SourceStatement) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "UPDATE sources SET feed = ?2, source_system = ?3, expected_refresh_hours = ?4 \
+                 WHERE publisher = ?1",
+            )
+            .and_then(|mut update| {
+                update.execute(params![
+                    publisher.as_str(),
+                    statement.feed,
+                    statement.system,
+                    statement.refresh_hours
+                ])
+            })
+            .map_err(self.err("store a source's feed"))?;
+        Ok(())
+    }
+
+    /// The row for `publisher`, if this node has one.
+    pub fn source(&self, publisher: &OdsCode) -> Result<Option<SourceRow>> {
+        self.tx
+            .prepare_cached(
+                "SELECT publisher, name, kind, source_system, feed, data_as_of, \
+                 expected_refresh_hours FROM sources WHERE publisher = ?1",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row([publisher.as_str()], row_to_source)
+                    .optional()
+            })
+            .map_err(self.err("read a source"))
     }
 
     pub fn record_ingest(&self, row: &IngestRow) -> Result<()> {
@@ -906,6 +984,34 @@ impl WriteBatch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_source_is_stale_only_past_its_expected_refresh() {
+        let source = SourceRow {
+            publisher: "A81001".into(),
+            name: "GP".into(),
+            kind: "gp".into(),
+            source_system: "EMIS Web".into(),
+            feed: "batch".into(),
+            data_as_of: 1_000_000,
+            expected_refresh_hours: Some(12),
+        };
+        assert!(!source.is_stale(1_000_000 + 12 * 3600));
+        assert!(source.is_stale(1_000_000 + 12 * 3600 + 1));
+        let live = SourceRow {
+            feed: "live".into(),
+            ..source.clone()
+        };
+        assert!(
+            !live.is_stale(2_000_000),
+            "a live feed has no expected refresh"
+        );
+        let unstated = SourceRow {
+            expected_refresh_hours: None,
+            ..source
+        };
+        assert!(!unstated.is_stale(2_000_000));
+    }
     use caremesh_sync::{PublishedDocument, PublisherKey};
 
     fn meta() -> DocMeta {

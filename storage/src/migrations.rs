@@ -168,6 +168,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     ALTER TABLE break_glass ADD COLUMN user_id TEXT NOT NULL DEFAULT '';
     "#,
+    // 7: how often a batch source is expected to refresh, as its publisher states it, so
+    // the view can flag data older than that.
+    r#"
+    ALTER TABLE sources ADD COLUMN expected_refresh_hours INTEGER;
+    "#,
 ];
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! item from wherever it was before placing it anew, so one fact is never held twice.
 
 use crate::{StorageError, WriteBatch};
-use caremesh_sync::policy::{Consent, SharingRecord};
+use caremesh_sync::policy::{Consent, SharingRecord, SourceStatement};
 use caremesh_sync::{
     DataClass, DocMeta, DocumentError, Item, NhsNumber, OdsCode, PublishedDocument, PublisherKey,
     Section, SignatureError,
@@ -99,6 +99,12 @@ impl Publication {
         batch: &WriteBatch<'_>,
     ) -> Result<BTreeMap<DocMeta, DocChanges>, StorageError> {
         let mut changes = BTreeMap::new();
+        // How this organisation's data arrives, for viewers to judge its freshness.
+        let source = batch.source(&self.publisher)?.map(|row| SourceStatement {
+            feed: row.feed,
+            system: row.source_system,
+            refresh_hours: row.expected_refresh_hours,
+        });
         for patient in std::mem::take(&mut self.touched) {
             let meta = sharing_meta(&self.publisher, &patient);
             let previous = batch.care().recorded_consent(&self.publisher, &patient)?;
@@ -108,7 +114,8 @@ impl Publication {
                 self.reopened.push(patient.clone());
             }
             let counts = batch.item_counts(&self.publisher, &patient)?;
-            let item = sharing_item(&self.publisher, &SharingRecord::new(consent, counts));
+            let record = SharingRecord::new(consent, counts).with_source(source.clone());
+            let item = sharing_item(&self.publisher, &record);
             let entry: &mut DocChanges = changes.entry(meta).or_default();
             entry.upserts.insert(item.id.clone(), item);
         }

@@ -122,6 +122,17 @@ impl PolicyContext {
     }
 }
 
+/// The feed a sharing record states, if `items` are one that states it.
+fn stated_source(meta: &DocMeta, items: &[Item]) -> Option<policy::SourceStatement> {
+    if meta.section != Section::Sharing {
+        return None;
+    }
+    items
+        .first()
+        .and_then(|item| policy::SharingRecord::from_fields(&item.fields))
+        .and_then(|record| record.source)
+}
+
 /// The consent a sharing record states, if `items` are one.
 fn stated_consent(meta: &DocMeta, items: &[Item]) -> Option<Consent> {
     if meta.section != Section::Sharing {
@@ -190,6 +201,7 @@ impl StoreHost {
             source_system: "caremesh sync".into(),
             feed: "synced".into(),
             data_as_of: published_at,
+            expected_refresh_hours: None,
         }
     }
 }
@@ -296,7 +308,12 @@ impl SyncHost for StoreHost {
                 .put_document(&document.signed, &document.snapshot, &document.items, now)
                 .map_err(host_error)?;
             if is_care {
-                batch.touch_source(source).map_err(host_error)?;
+                batch.touch_received_source(source).map_err(host_error)?;
+            }
+            if let Some(statement) = stated_source(meta, &document.items) {
+                batch
+                    .state_source(&meta.publisher, &statement)
+                    .map_err(host_error)?;
             }
             if new_relationship {
                 // The publisher now cares for the patient as far as this node knows: what

@@ -238,6 +238,50 @@ impl Consent {
 pub struct SharingRecord {
     pub consent: Consent,
     pub items_per_section: BTreeMap<Section, u64>,
+    /// How the publisher's data reaches it, so a viewer can tell how fresh it should be.
+    pub source: Option<SourceStatement>,
+}
+
+/// A publisher's statement of its feed: "live" (as things happen) or "batch" (periodic
+/// extracts, expected every `refresh_hours`), and the clinical system it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStatement {
+    pub feed: String,
+    pub system: String,
+    pub refresh_hours: Option<u32>,
+}
+
+impl SourceStatement {
+    const FEED_MAX_CHARS: usize = 16;
+    const SYSTEM_MAX_CHARS: usize = 200;
+
+    fn to_fields(&self, fields: &mut BTreeMap<String, String>) {
+        fields.insert("source.feed".into(), self.feed.clone());
+        fields.insert("source.system".into(), self.system.clone());
+        if let Some(hours) = self.refresh_hours {
+            fields.insert("source.refresh_hours".into(), hours.to_string());
+        }
+    }
+
+    /// The statement in a sharing record's fields; `None` when absent or implausible
+    /// (these are another organisation's words: bounded before they reach a page).
+    fn from_fields(fields: &BTreeMap<String, String>) -> Option<SourceStatement> {
+        let feed = fields.get("source.feed")?;
+        let system = fields.get("source.system")?;
+        if feed.is_empty()
+            || feed.chars().count() > Self::FEED_MAX_CHARS
+            || system.chars().count() > Self::SYSTEM_MAX_CHARS
+        {
+            return None;
+        }
+        Some(SourceStatement {
+            feed: feed.clone(),
+            system: system.clone(),
+            refresh_hours: fields
+                .get("source.refresh_hours")
+                .and_then(|h| h.parse().ok()),
+        })
+    }
 }
 
 impl SharingRecord {
@@ -253,7 +297,13 @@ impl SharingRecord {
         SharingRecord {
             consent,
             items_per_section,
+            source: None,
         }
+    }
+
+    pub fn with_source(mut self, source: Option<SourceStatement>) -> SharingRecord {
+        self.source = source;
+        self
     }
 
     pub fn to_fields(&self) -> BTreeMap<String, String> {
@@ -263,6 +313,9 @@ impl SharingRecord {
                 format!("{}{}", Self::COUNT_PREFIX, section.as_str()),
                 count.to_string(),
             );
+        }
+        if let Some(source) = &self.source {
+            source.to_fields(&mut fields);
         }
         fields
     }
@@ -278,7 +331,10 @@ impl SharingRecord {
                 Some((section, value.parse().ok()?))
             })
             .collect();
-        Some(SharingRecord::new(consent, items_per_section))
+        Some(
+            SharingRecord::new(consent, items_per_section)
+                .with_source(SourceStatement::from_fields(fields)),
+        )
     }
 }
 

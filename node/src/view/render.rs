@@ -153,6 +153,18 @@ fn sharing_banners(state: &ViewState, record: &Record) -> String {
             super::REASON_MAX_CHARS,
         ));
     }
+    for source in record.sources.iter().filter(|s| s.stale) {
+        out.push_str(&format!(
+            "<div class=\"nhsuk-warning-callout caremesh-stale\" id=\"stale-{ods}\"><h2 class=\"nhsuk-warning-callout__label\">\
+             <span role=\"text\"><span class=\"nhsuk-u-visually-hidden\">Important: </span>\
+             Data from {name} may be out of date</span></h2><p>The newest data from {name} ({ods}) is \
+             from {as_of}; it is expected every {hours} hours. Check with {name} for anything recent.</p></div>",
+            ods = escape(&source.ods),
+            name = escape(&source.name),
+            as_of = escape(&clock::uk_date_time(source.data_as_of_unix)),
+            hours = source.expected_refresh_hours.unwrap_or_default(),
+        ));
+    }
     for source in &record.withheld_sources {
         out.push_str(&format!(
             "<div class=\"nhsuk-inset-text caremesh-withheld\"><span class=\"nhsuk-u-visually-hidden\">Information: </span>\
@@ -245,7 +257,7 @@ fn sources_panel(record: &Record) -> String {
              <label class=\"nhsuk-label nhsuk-checkboxes__label\" for=\"source-{index}\">\
              <strong>{name}</strong> ({ods}), {kind} &middot; {items}\
              <span class=\"nhsuk-hint\">Data as of {as_of} &middot; \
-             <strong class=\"nhsuk-tag {feed_tag}\">{feed}</strong> from {system}</span></label></div>",
+             <strong class=\"nhsuk-tag {feed_tag}\">{feed}</strong>{stale} from {system}</span></label></div>",
             ods = escape(&source.ods),
             name = escape(&source.name),
             kind = escape(&source.kind),
@@ -253,6 +265,11 @@ fn sources_panel(record: &Record) -> String {
             as_of = escape(&clock::uk_date_time(source.data_as_of_unix)),
             feed = escape(&source.feed),
             system = escape(&source.source_system),
+            stale = if source.stale {
+                " <strong class=\"nhsuk-tag nhsuk-tag--orange\">out of date</strong>"
+            } else {
+                ""
+            },
         ));
     }
     format!(

@@ -362,7 +362,22 @@ fn a_sharing_record_carries_counts_per_section_except_after_an_objection() {
         objection: true,
         ..Consent::SENT_BY_PUBLISHER
     };
-    let withheld = SharingRecord::new(objecting, counts);
+    let withheld = SharingRecord::new(objecting, counts.clone());
     assert!(withheld.items_per_section.is_empty());
     assert!(!withheld.to_fields().keys().any(|k| k.starts_with("items.")));
+    // The publisher's feed travels with it, bounded on the way in.
+    let stated =
+        SharingRecord::new(Consent::SENT_BY_PUBLISHER, counts).with_source(Some(SourceStatement {
+            feed: "batch".into(),
+            system: "EMIS Web".into(),
+            refresh_hours: Some(12),
+        }));
+    let fields = stated.to_fields();
+    assert_eq!(SharingRecord::from_fields(&fields), Some(stated));
+    let mut implausible = fields.clone();
+    implausible.insert("source.feed".into(), "x".repeat(100));
+    assert_eq!(
+        SharingRecord::from_fields(&implausible).unwrap().source,
+        None
+    );
 }
