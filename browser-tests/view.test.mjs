@@ -141,16 +141,36 @@ test("a record opened through a launch link joins three organisations, accessibl
   const header = await page.textContent(".caremesh-patient");
   assert.match(header, /Date of birth\s*\d{2}\/\d{2}\/\d{4}/);
   assert.match(header, /Registered GP/);
-  // Sections with counts equal to their rows; every row names its source and dates.
+  // Sections with counts equal to the sources' versions listed; every version names its
+  // organisation and dates.
   const sections = await page.$$eval(".caremesh-section", (cards) => cards.map((card) => ({
     count: Number(card.querySelector(".caremesh-count").textContent.replace(/[()]/g, "")),
-    rows: card.querySelectorAll("tbody tr").length,
+    versions: card.querySelectorAll(".caremesh-from").length,
   })));
   assert.ok(sections.length >= 10, "every clinical section is shown");
-  for (const section of sections) assert.equal(section.count, section.rows);
-  const sources = await page.$$eval("tbody tr[data-source]", (rows) => rows.map((r) => r.cells[3].textContent));
-  assert.ok(sources.length > 0);
-  for (const source of sources) assert.match(source, /recorded/);
+  for (const section of sections) assert.equal(section.count, section.versions);
+  const versions = await page.$$eval(".caremesh-from", (froms) => froms.map((f) => f.textContent));
+  assert.ok(versions.length > 0);
+  for (const version of versions) assert.match(version, /recorded/);
+  // The same fact from several organisations is one entry listing each, not duplicates.
+  const shared = await page.$$eval("tr.caremesh-entry", (rows) => rows
+    .map((row) => ({
+      sources: row.dataset.sources.split(" "),
+      versions: [...row.querySelectorAll(".caremesh-from")].map((f) => f.dataset.source),
+      tag: row.querySelector(".caremesh-sources-tag")?.textContent || "",
+    }))
+    .filter((entry) => entry.sources.length > 1));
+  assert.ok(shared.length > 0, "the demo patient has facts recorded by more than one organisation");
+  for (const entry of shared) {
+    assert.deepEqual([...new Set(entry.versions)].sort(), [...entry.sources].sort());
+    assert.equal(entry.tag, `${entry.sources.length} sources`);
+  }
+  // The timeline: encounters and documents from more than one organisation, newest first.
+  const timeline = await page.$$eval("#timeline li", (items) =>
+    items.map((li) => ({ source: li.dataset.source, date: li.dataset.date })));
+  assert.ok(new Set(timeline.map((t) => t.source)).size > 1, "the timeline joins organisations");
+  const dates = timeline.map((t) => t.date).filter(Boolean);
+  assert.deepEqual(dates, [...dates].sort().reverse(), "newest first");
   // Sources panel: kind, data as of and feed for each.
   const panel = await page.textContent("#sources");
   assert.match(panel, /Data as of \d{2}\/\d{2}\/\d{4} \d{2}:\d{2}/);
@@ -158,19 +178,37 @@ test("a record opened through a launch link joins three organisations, accessibl
   const violations = await axeViolations(page);
   assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), [], "axe: no serious or critical violations");
   await page.screenshot({ path: join(artefacts, "record-gp.png"), fullPage: true });
+  await page.screenshot({ path: join(artefacts, "record-gp-top.png") });
+  await page.locator(".caremesh-sources-tag").first().scrollIntoViewIfNeeded();
+  await page.screenshot({ path: join(artefacts, "record-gp-shared-entry.png") });
 
   // Unticking a source, the viewer's own included, hides its items and only its items.
-  const visible = (ods) => page.$$eval(`tbody tr[data-source="${ods}"]`,
-    (rows) => rows.filter((r) => !r.hidden && r.offsetParent !== null).length);
+  const visible = (ods) => page.$$eval(`.caremesh-from[data-source="${ods}"]`,
+    (froms) => froms.filter((f) => f.offsetParent !== null).length);
   const ownBefore = await visible("A81001");
   const hospitalBefore = await visible("RTH");
   assert.ok(ownBefore > 0 && hospitalBefore > 0);
   await page.uncheck('#sources input[data-source="A81001"]');
   assert.equal(await visible("A81001"), 0, "the GP's own items are hidden");
   assert.equal(await visible("RTH"), hospitalBefore, "the hospital's stay");
+  assert.equal(await page.locator('#timeline li[data-source="A81001"]:visible').count(), 0,
+    "and the GP's events leave the timeline");
   await page.screenshot({ path: join(artefacts, "record-gp-own-unticked.png"), fullPage: true });
   await page.check('#sources input[data-source="A81001"]');
   assert.equal(await visible("A81001"), ownBefore);
+
+  // Copy reference: a citation naming the fact, its organisation, its date and today.
+  await page.context().grantPermissions(["clipboard-read", "clipboard-write"]);
+  const first = page.locator('.caremesh-from[data-source="RTH"] button.caremesh-copy').first();
+  const expected = await first.getAttribute("data-reference");
+  await first.click();
+  await page.waitForFunction((button) => button.textContent === "Copied", await first.elementHandle());
+  const copied = await page.evaluate(() => navigator.clipboard.readText());
+  assert.equal(copied, expected);
+  assert.match(copied, /, Oxford University Hospitals, (\d{2}\/\d{2}\/\d{4}|undated) — viewed in the shared care record \d{2}\/\d{2}\/\d{4}$/);
+
+  // Read-only: no form or control that could change the record.
+  assert.equal(await page.locator("input[type=text], textarea, select, [contenteditable=true]").count(), 0);
 
   // Printing shows only the notice.
   await page.emulateMedia({ media: "print" });
@@ -183,7 +221,7 @@ test("break-glass: hidden without Share In, opened with a reason, flagged", asyn
   const page = await launch(links.breakGlass);
   await reloadUntil(page, () => page.isVisible("#share-in-off"),
     "the hospice page says the GP's data is not shown without Share In");
-  assert.equal(await page.locator('tbody tr[data-source="A81001"]').count(), 0);
+  assert.equal(await page.locator('.caremesh-from[data-source="A81001"]').count(), 0);
   await page.screenshot({ path: join(artefacts, "break-glass-before.png"), fullPage: true });
   await page.fill("#reason", "Deteriorating, needs GP medication history");
   await Promise.all([page.waitForNavigation(), page.getByRole("button", { name: "Use emergency access" }).click()]);
@@ -191,7 +229,7 @@ test("break-glass: hidden without Share In, opened with a reason, flagged", asyn
     assert.fail(`no break-glass banner after submitting:\n${await page.textContent("main")}`);
   }
   assert.match(await page.textContent("#break-glass-active"), /Deteriorating, needs GP medication history/);
-  assert.ok(await page.locator('tr.break-glass[data-source="A81001"]').count() > 0,
+  assert.ok(await page.locator('.caremesh-from.break-glass[data-source="A81001"]').count() > 0,
     "the GP's rows are shown, marked as shown by break-glass");
   const violations = await axeViolations(page);
   assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), []);

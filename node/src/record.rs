@@ -58,11 +58,95 @@ pub struct SectionView {
     pub title: &'static str,
     pub count: usize,
     pub items: Vec<ItemView>,
+    /// The items as the view lists them: the same fact from several sources is one entry
+    /// naming each (indexes into `items`), never merged into one source's version.
+    pub entries: Vec<EntryView>,
     /// Items the publishers hold in this section that sharing rules kept from this node
     /// (private, sensitive, outside the agreement), from their sharing records' counts.
     pub withheld_by_sharing_rules: u64,
     /// Items held here but not shown without Share In.
     pub hidden_without_share_in: usize,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct EntryView {
+    pub title: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The newest of its items' dates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub effective: Option<String>,
+    /// Indexes into the section's items, newest first.
+    pub items: Vec<usize>,
+    /// The organisations (ODS codes) whose items it lists, in order of first appearance.
+    pub sources: Vec<String>,
+}
+
+/// Whether the section records ongoing states (a medication, a problem: the same code is
+/// the same fact whenever each source recorded it) rather than events (a result, an
+/// encounter: the same code on another day is another fact).
+fn records_states(section: Section) -> bool {
+    matches!(
+        section,
+        Section::Alerts
+            | Section::Allergies
+            | Section::Medications
+            | Section::Problems
+            | Section::CarePlans
+    )
+}
+
+/// What makes two items the same fact: their code (or, uncoded, their title), their class
+/// (a coded fact and a narrative about it stay apart), and for events their day.
+fn fact_key(section: Section, item: &ItemView) -> (String, DataClass, String) {
+    let what = match &item.code {
+        Some(code) if !code.is_empty() => format!("code:{code}"),
+        _ => format!("title:{}", item.title.trim().to_lowercase()),
+    };
+    let day = if records_states(section) {
+        String::new()
+    } else {
+        item.effective
+            .as_deref()
+            .map(|e| e.chars().take(10).collect())
+            .unwrap_or_default()
+    };
+    (what, item.data_class, day)
+}
+
+/// Groups a section's items (sorted newest first) into entries, keeping that order.
+pub fn group_entries(section: Section, items: &[ItemView]) -> Vec<EntryView> {
+    let mut entries: Vec<EntryView> = Vec::new();
+    let mut by_key: std::collections::HashMap<(String, DataClass, String), usize> =
+        std::collections::HashMap::new();
+    for (index, item) in items.iter().enumerate() {
+        let key = fact_key(section, item);
+        match by_key.get(&key) {
+            Some(&entry) => {
+                let entry = &mut entries[entry];
+                entry.items.push(index);
+                if !entry.sources.contains(&item.source.organisation) {
+                    entry.sources.push(item.source.organisation.clone());
+                }
+            }
+            None => {
+                by_key.insert(key, entries.len());
+                entries.push(EntryView {
+                    title: item.title.clone(),
+                    code: item.code.clone(),
+                    effective: item.effective.clone(),
+                    items: vec![index],
+                    sources: vec![item.source.organisation.clone()],
+                });
+            }
+        }
+    }
+    debug_assert_eq!(
+        entries.iter().map(|e| e.items.len()).sum::<usize>(),
+        items.len(),
+        "every item is in exactly one entry"
+    );
+    entries
 }
 
 #[derive(Debug, Serialize)]
@@ -253,6 +337,7 @@ pub fn assemble(
                 section: *section,
                 title: section.title(),
                 count: items.len(),
+                entries: group_entries(*section, &items),
                 items,
                 withheld_by_sharing_rules: withheld.get(section).copied().unwrap_or(0),
                 hidden_without_share_in: hidden.get(section).copied().unwrap_or(0),
@@ -405,5 +490,126 @@ pub fn items_phrase(count: usize) -> String {
         "1 item".into()
     } else {
         format!("{count} items")
+    }
+}
+
+#[cfg(test)]
+mod grouping_tests {
+    use super::*;
+
+    fn item(
+        title: &str,
+        code: Option<&str>,
+        effective: &str,
+        ods: &str,
+        class: DataClass,
+    ) -> ItemView {
+        ItemView {
+            title: title.into(),
+            code: code.map(str::to_string),
+            detail: None,
+            status: None,
+            effective: Some(effective.into()),
+            recorded: None,
+            last_updated: None,
+            data_class: class,
+            source: ItemSource {
+                organisation: ods.into(),
+                organisation_name: ods.into(),
+                system: "test".into(),
+                resource: format!("X/{title}"),
+            },
+            shown_by: ViewDecision::Own,
+        }
+    }
+
+    #[test]
+    fn one_fact_from_several_sources_is_one_entry_listing_each() {
+        let items = [
+            item(
+                "Atorvastatin 20mg",
+                Some("320000"),
+                "2024-01-01",
+                "RTH",
+                DataClass::Coded,
+            ),
+            item(
+                "Atorvastatin 20mg tablets",
+                Some("320000"),
+                "2019-05-01",
+                "A81001",
+                DataClass::Coded,
+            ),
+            item(
+                "Amlodipine",
+                Some("319283"),
+                "2018-01-01",
+                "A81001",
+                DataClass::Coded,
+            ),
+            item(
+                "Note: atorvastatin",
+                Some("320000"),
+                "2019-05-01",
+                "A81001",
+                DataClass::FreeText,
+            ),
+        ];
+        let entries = group_entries(Section::Medications, &items);
+        assert_eq!(
+            entries.len(),
+            3,
+            "a narrative stays apart from the coded fact"
+        );
+        assert_eq!(entries[0].items, vec![0, 1]);
+        assert_eq!(
+            entries[0].sources,
+            vec!["RTH".to_string(), "A81001".to_string()]
+        );
+        assert_eq!(entries[0].effective.as_deref(), Some("2024-01-01"));
+    }
+
+    #[test]
+    fn the_same_test_on_another_day_is_another_result() {
+        let items = [
+            item(
+                "Serum potassium",
+                Some("1000"),
+                "2024-02-01T10:00:00Z",
+                "RTH",
+                DataClass::Coded,
+            ),
+            item(
+                "Serum potassium",
+                Some("1000"),
+                "2024-02-01T11:00:00Z",
+                "A81001",
+                DataClass::Coded,
+            ),
+            item(
+                "Serum potassium",
+                Some("1000"),
+                "2023-07-01",
+                "A81001",
+                DataClass::Coded,
+            ),
+            item(
+                "Clinic letter",
+                None,
+                "2023-07-01",
+                "RTH",
+                DataClass::Document,
+            ),
+            item(
+                "clinic letter ",
+                None,
+                "2023-07-01",
+                "A81001",
+                DataClass::Document,
+            ),
+        ];
+        let entries = group_entries(Section::Results, &items);
+        let grouped: Vec<Vec<usize>> = entries.into_iter().map(|e| e.items).collect();
+        assert_eq!(grouped, vec![vec![0, 1], vec![2], vec![3, 4]]);
     }
 }

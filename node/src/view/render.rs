@@ -280,42 +280,100 @@ fn sources_panel(record: &Record) -> String {
     )
 }
 
-fn item_row(item: &record::ItemView) -> String {
-    let row_class = if item.shown_by == ViewDecision::BreakGlass {
-        "nhsuk-table__row break-glass"
-    } else {
-        "nhsuk-table__row"
+/// "Serum potassium level 4.1 mmol/L, Oxford University Hospitals, 15/04/2022 — viewed in
+/// the shared care record 23/08/2022": what a clinician pastes into their own notes.
+fn citation(item: &record::ItemView, today: &str) -> String {
+    let what = match item.detail.as_deref().filter(|d| !d.is_empty()) {
+        Some(detail) if detail.chars().count() <= 120 => format!("{} {detail}", item.title),
+        _ => item.title.clone(),
     };
-    let effective = item
+    let date = item
         .effective
         .as_deref()
+        .or(item.recorded.as_deref())
         .map(clock::uk_date)
-        .unwrap_or_else(|| "-".into());
+        .unwrap_or_else(|| "undated".into());
+    format!(
+        "{what}, {}, {date} \u{2014} viewed in the shared care record {today}",
+        item.source.organisation_name
+    )
+}
+
+/// One source's version of an entry: its details, organisation, system and dates, and a
+/// control to copy a citation of it.
+fn item_from(item: &record::ItemView, today: &str) -> String {
+    let break_glass = item.shown_by == ViewDecision::BreakGlass;
     let recorded = item
         .recorded
         .as_deref()
         .map(|r| format!("recorded {}", clock::uk_date(r)))
         .unwrap_or_else(|| "recorded date not given".into());
+    let dated = item
+        .effective
+        .as_deref()
+        .map(|e| format!("{} &middot; ", escape(&clock::uk_date(e))))
+        .unwrap_or_default();
     format!(
-        "<tr class=\"{row_class}\" data-source=\"{ods}\"><td class=\"nhsuk-table__cell\">{effective}</td>\
-         <td class=\"nhsuk-table__cell\">{title}{status}</td><td class=\"nhsuk-table__cell\">{detail}</td>\
-         <td class=\"nhsuk-table__cell\">{organisation}<br><span class=\"nhsuk-body-s caremesh-muted\">{system} &middot; {recorded}</span></td></tr>",
+        "<div class=\"caremesh-from{bg}\" data-source=\"{ods}\"><strong>{organisation}</strong>{status}\
+         {detail}<br><span class=\"nhsuk-body-s caremesh-muted\">{dated}{system} &middot; {recorded}{bg_note}</span> \
+         <button type=\"button\" class=\"caremesh-copy\" data-reference=\"{reference}\">Copy reference</button></div>",
+        bg = if break_glass { " break-glass" } else { "" },
         ods = escape(&item.source.organisation),
-        effective = escape(&effective),
-        title = escape(&item.title),
+        organisation = escape(&item.source.organisation_name),
         status = item
             .status
             .as_deref()
             .map(|s| format!(" <span class=\"caremesh-muted\">({})</span>", escape(s)))
             .unwrap_or_default(),
-        detail = escape(item.detail.as_deref().unwrap_or("")),
-        organisation = escape(&item.source.organisation_name),
+        detail = item
+            .detail
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("<br>{}", escape(d)))
+            .unwrap_or_default(),
         system = escape(&item.source.system),
         recorded = escape(&recorded),
+        bg_note = if break_glass {
+            " &middot; shown by emergency access"
+        } else {
+            ""
+        },
+        reference = escape(&citation(item, today)),
     )
 }
 
-fn section_card(section: &record::SectionView) -> String {
+/// An entry: one fact, with each source's version of it listed, never merged.
+fn entry_row(section: &record::SectionView, entry: &record::EntryView, today: &str) -> String {
+    let members: Vec<&record::ItemView> = entry.items.iter().map(|&i| &section.items[i]).collect();
+    let break_glass = members
+        .iter()
+        .any(|item| item.shown_by == ViewDecision::BreakGlass);
+    let several = if entry.sources.len() > 1 {
+        format!(
+            " <strong class=\"nhsuk-tag nhsuk-tag--purple caremesh-sources-tag\">{} sources</strong>",
+            entry.sources.len()
+        )
+    } else {
+        String::new()
+    };
+    let date = entry
+        .effective
+        .as_deref()
+        .map(clock::uk_date)
+        .unwrap_or_else(|| "-".into());
+    let from: String = members.iter().map(|item| item_from(item, today)).collect();
+    format!(
+        "<tr class=\"nhsuk-table__row caremesh-entry{}\" data-sources=\"{}\">\
+         <td class=\"nhsuk-table__cell\">{}</td><td class=\"nhsuk-table__cell\">{}{several}</td>\
+         <td class=\"nhsuk-table__cell\">{from}</td></tr>",
+        if break_glass { " break-glass" } else { "" },
+        escape(&entry.sources.join(" ")),
+        escape(&date),
+        escape(&entry.title),
+    )
+}
+
+fn section_card(section: &record::SectionView, today: &str) -> String {
     let mut out = format!(
         "<section id=\"{id}\" class=\"nhsuk-card caremesh-section\"><div class=\"nhsuk-card__content\">\
          <h2 class=\"nhsuk-card__heading\">{title} <span class=\"nhsuk-caption-m caremesh-count\">({count})</span></h2>",
@@ -334,14 +392,68 @@ fn section_card(section: &record::SectionView) -> String {
         "<table class=\"nhsuk-table\"><caption class=\"nhsuk-table__caption nhsuk-u-visually-hidden\">{}</caption>\
          <thead class=\"nhsuk-table__head\"><tr class=\"nhsuk-table__row\">\
          <th class=\"nhsuk-table__header\" scope=\"col\">Date</th><th class=\"nhsuk-table__header\" scope=\"col\">Entry</th>\
-         <th class=\"nhsuk-table__header\" scope=\"col\">Details</th><th class=\"nhsuk-table__header\" scope=\"col\">Source</th>\
+         <th class=\"nhsuk-table__header\" scope=\"col\">From</th>\
          </tr></thead><tbody class=\"nhsuk-table__body\">",
         escape(section.title)
     ));
-    for item in &section.items {
-        out.push_str(&item_row(item));
+    for entry in &section.entries {
+        out.push_str(&entry_row(section, entry, today));
     }
     out.push_str("</tbody></table></div></section>");
+    out
+}
+
+/// Encounters and documents from every organisation, newest first: the story of the
+/// patient's care across organisations at a glance.
+fn timeline(record: &Record) -> String {
+    let mut events: Vec<&record::ItemView> = record
+        .sections
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.section,
+                caremesh_sync::Section::Encounters | caremesh_sync::Section::Documents
+            )
+        })
+        .flat_map(|s| s.items.iter())
+        .collect();
+    if events.is_empty() {
+        return String::new();
+    }
+    events.sort_by(|a, b| {
+        b.effective
+            .cmp(&a.effective)
+            .then_with(|| a.title.cmp(&b.title))
+    });
+    let mut out = String::from(
+        "<section id=\"timeline\" class=\"nhsuk-card\"><div class=\"nhsuk-card__content\">\
+         <h2 class=\"nhsuk-card__heading\">Timeline of encounters and documents</h2>\
+         <ol class=\"caremesh-timeline\">",
+    );
+    for event in events {
+        out.push_str(&format!(
+            "<li class=\"caremesh-event\" data-source=\"{ods}\" data-date=\"{date_iso}\"><strong>{date}</strong> \
+             {title}{detail} <span class=\"caremesh-muted\">&middot; {organisation}</span></li>",
+            ods = escape(&event.source.organisation),
+            date_iso = escape(event.effective.as_deref().unwrap_or("")),
+            date = escape(
+                &event
+                    .effective
+                    .as_deref()
+                    .map(clock::uk_date)
+                    .unwrap_or_else(|| "undated".into())
+            ),
+            title = escape(&event.title),
+            detail = event
+                .detail
+                .as_deref()
+                .filter(|d| !d.is_empty())
+                .map(|d| format!(": {}", escape(d)))
+                .unwrap_or_default(),
+            organisation = escape(&event.source.organisation_name),
+        ));
+    }
+    out.push_str("</ol></div></section>");
     out
 }
 
@@ -360,8 +472,10 @@ pub fn render_record(
     ));
     body.push_str(&sharing_banners(state, record));
     body.push_str(&sources_panel(record));
+    body.push_str(&timeline(record));
+    let today = clock::uk_date(&clock::rfc3339(clock::now_unix()));
     for section in &record.sections {
-        body.push_str(&section_card(section));
+        body.push_str(&section_card(section, &today));
     }
     page(
         state,
