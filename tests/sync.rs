@@ -1074,6 +1074,35 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
             &nhs,
         ) == 1
     );
+
+    // A batch source older than its stated refresh (12 hours here) is flagged. Time is moved
+    // by ageing the hospice's record of the GP's newest data, as thirteen hours would.
+    let (_, page) = http_get_as(
+        &hospice_process.address,
+        &format!("/patients/{nhs}"),
+        &session,
+    );
+    assert!(
+        !page.contains("may be out of date"),
+        "fresh data is not flagged"
+    );
+    database(&hospice)
+        .execute(
+            "UPDATE sources SET data_as_of = data_as_of - 13 * 3600 WHERE publisher = 'A81001'",
+            [],
+        )
+        .unwrap();
+    let (_, page) = http_get_as(
+        &hospice_process.address,
+        &format!("/patients/{nhs}"),
+        &session,
+    );
+    assert!(page.contains("may be out of date"), "{page}");
+    assert!(page.contains("it is expected every 12 hours"), "{page}");
+    assert!(
+        page.contains(">out of date</strong>"),
+        "the sources panel marks it too"
+    );
 }
 
 /// Turns on the wire log (`[sync] wire_log`) in a node home's config.
