@@ -6,7 +6,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -118,6 +118,15 @@ async function reloadUntil(page, check, what) {
     await page.waitForTimeout(1000);
     await page.reload();
   }
+}
+
+/** A new launch link for a clinician at the demo node in `folder`, as `caremesh launch` makes it. */
+function newLaunch(folder, link, nhs, name) {
+  const base = new URL(link).origin;
+  const made = spawnSync(binary, ["launch", "--dir", join(demoDir, "region", folder), "--user", "browser-test",
+    "--name", name, "--nhs", nhs, "--base", base], { encoding: "utf8" });
+  assert.equal(made.status, 0, made.stderr);
+  return made.stdout.trim();
 }
 
 async function sourceNames(page) {
@@ -237,6 +246,30 @@ test("break-glass: hidden without Share In, opened with a reason, flagged", asyn
   await page.context().close();
 });
 
+test("an auditor's report lists who viewed the patient, here and elsewhere, accessibly", async () => {
+  // A clinician at the hospital views the GP's patient; the GP's auditor then sees it.
+  const patient = JSON.parse(Buffer.from(links.gp.split("token=")[1].split(".")[1], "base64url").toString()).nhs;
+  const viewer = await launch(newLaunch("acute", links.acute, patient, "Dr Browser Test"));
+  assert.match(viewer.url(), new RegExp(`/patients/${patient}$`));
+  await viewer.context().close();
+  const page = await launch(links.audit);
+  assert.match(page.url(), /\/audit$/);
+  await page.fill("#patient", patient);
+  await reloadUntil(page, async () => {
+    await Promise.all([page.waitForNavigation(), page.getByRole("button", { name: "Report" }).click()]);
+    return (await page.locator("#report tbody tr", { hasText: "RTH #" }).count()) > 0;
+  }, "the GP's report lists the hospital's view");
+  const row = await page.locator("#report tbody tr", { hasText: "RTH #" }).first().textContent();
+  assert.match(row, /Dr Browser Test/);
+  assert.match(row, /clinician/);
+  assert.match(row, /view/);
+  assert.match(row, /A81001/, "it showed the GP's data");
+  const violations = await axeViolations(page);
+  assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), []);
+  await page.screenshot({ path: join(artefacts, "audit-report.png"), fullPage: true });
+  await page.context().close();
+});
+
 test("the offline banner appears when the hub stops, and the record keeps serving", async () => {
   const page = await launch(links.acute);
   await reloadUntil(page, async () => (await sourceNames(page)).length === 3,
@@ -249,6 +282,8 @@ test("the offline banner appears when the hub stops, and the record keeps servin
   assert.match(banner, /last synced \d{2}\/\d{2}\/\d{4} \d{2}:\d{2}/);
   assert.match(banner, /Showing data held on this device/);
   assert.deepEqual((await sourceNames(page)).sort(), ["8HA15", "A81001", "RTH"]);
+  const violations = await axeViolations(page);
+  assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), []);
   await page.screenshot({ path: join(artefacts, "offline.png"), fullPage: true });
   await page.context().close();
 });
