@@ -104,6 +104,15 @@ after(async () => {
 async function launch(url) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   const page = await context.newPage();
+  // Console errors other than the design system's web font (which the CSP keeps off a
+  // node that must work offline) mean a page broke: a script, a stylesheet, a policy.
+  page.problems = [];
+  page.on("console", (message) => {
+    if (message.type() === "error" && !/assets\.nhs\.uk|font/i.test(message.text())) {
+      page.problems.push(message.text());
+    }
+  });
+  page.on("pageerror", (error) => page.problems.push(String(error)));
   const response = await page.goto(url);
   assert.equal(response.status(), 200, `launch refused: ${await page.content()}`);
   return page;
@@ -218,6 +227,8 @@ test("a record opened through a launch link joins three organisations, accessibl
 
   // Read-only: no form or control that could change the record.
   assert.equal(await page.locator("input[type=text], textarea, select, [contenteditable=true]").count(), 0);
+
+  assert.deepEqual(page.problems.filter((p) => !/401|403/.test(p)), [], "no script, style or policy errors");
 
   // Printing shows only the notice.
   await page.emulateMedia({ media: "print" });

@@ -83,7 +83,7 @@ async fn protect(mut response: Response) -> Response {
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'self'",
+            "default-src 'self'; frame-ancestors 'self'; form-action 'self'; base-uri 'none'",
         ),
     );
     headers.insert(
