@@ -6,9 +6,8 @@ use crate::clock;
 use crate::home::Home;
 use anyhow::{Context, Result, bail};
 use caremesh_storage::Store;
-use caremesh_storage::audit::{AuditEvent, ChainedEvent, verify_chain};
-use caremesh_storage::publish::{PublishError, publish_access_record};
-use caremesh_sync::{NhsNumber, OdsCode, PublisherKey};
+use caremesh_storage::audit::{AuditEvent, verify_chain};
+use caremesh_sync::{NhsNumber, OdsCode};
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -66,35 +65,6 @@ impl ReportFormat {
             ReportFormat::Fhir => "application/fhir+json",
         }
     }
-}
-
-/// Appends `event` to the chain and, when it showed other organisations' data, adds it to
-/// this node's signed access record for the patient so sync takes it to them. One
-/// transaction: an access is never recorded here and lost for the owners, or the reverse.
-pub fn record_access(
-    store: &mut Store,
-    key: &PublisherKey,
-    own: &OdsCode,
-    event: &AuditEvent,
-) -> std::result::Result<ChainedEvent, PublishError> {
-    assert_eq!(
-        event.organisation,
-        own.as_str(),
-        "events record this node's accesses"
-    );
-    let batch = store.write()?;
-    let chained = batch.append_audit(event)?;
-    if event.showed_others_data() {
-        let patient = event
-            .nhs
-            .as_deref()
-            .and_then(|n| NhsNumber::parse(n).ok())
-            .expect("an event that showed data names a valid patient");
-        let item = event.to_access_item(chained.seq, &chained.hash);
-        publish_access_record(&batch, key, own, &patient, item, event.at)?;
-    }
-    batch.commit()?;
-    Ok(chained)
 }
 
 /// What a report asks for. Exactly one of `patient` and `user`.

@@ -285,7 +285,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let record = record::assemble(&store, &nhs, &home.viewer(&operator), now)?;
             let (sources, sections) = record.as_ref().map(|r| r.shown()).unwrap_or_default();
             let own = home.config.organisation.ods.clone();
-            crate::audit::record_access(
+            caremesh_storage::publish::record_access(
                 &mut store,
                 &home.signing_key()?,
                 &own,
@@ -433,7 +433,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     let stats = store.stats()?;
     let sources = store.sources()?;
     let now = clock::now_unix();
-    let peers = current_peer_statuses(&store)?;
+    let peers = store.current_peer_statuses()?;
     let registry = home.trust()?.map(|trust| trust.current());
     if json {
         let peers: Vec<serde_json::Value> = peers
@@ -523,19 +523,6 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Peer rows with our feed's tip as it is now, so pending-out counts what was ingested while
-/// a peer was away.
-pub fn current_peer_statuses(
-    store: &caremesh_storage::Store,
-) -> Result<Vec<caremesh_storage::PeerStatus>, caremesh_storage::StorageError> {
-    let tip = store.feed_tip()?;
-    let mut peers = store.peer_statuses()?;
-    for peer in &mut peers {
-        peer.local_tip = peer.local_tip.max(tip);
-    }
-    Ok(peers)
 }
 
 fn human_bytes(bytes: u64) -> String {

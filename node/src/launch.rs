@@ -202,9 +202,8 @@ impl LaunchVerifier {
                     path: path.clone(),
                     source,
                 })?;
-                let key = hex::decode(text.trim())
+                let key = caremesh_sync::trust::parse_key("launch public key", &text)
                     .ok()
-                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
                     .and_then(|bytes| ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok())
                     .ok_or_else(|| HomeError::Config {
                         path: path.clone(),

@@ -72,7 +72,7 @@ pub fn render(store: &Store, counters: Option<&SyncCounters>) -> Result<String, 
         "caremesh_peer_rejected_changes",
         "Received documents that failed verification and were not stored",
     );
-    for peer in crate::cli::current_peer_statuses(store)? {
+    for peer in store.current_peer_statuses()? {
         let labels = vec![("peer".to_string(), peer.peer.clone())];
         connected
             .get_or_create(&labels)

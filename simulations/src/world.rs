@@ -14,7 +14,7 @@ use crate::scenario::{FaultKind, Invariant, LinkSpec, Scenario};
 use crate::{Report, Violation};
 use caremesh_storage::Store;
 use caremesh_storage::audit::AuditEvent;
-use caremesh_storage::publish::{Publication, publish_access_record};
+use caremesh_storage::publish::{Publication, record_access};
 use caremesh_storage::sync_host::{RegistrySource, StoreHost};
 use caremesh_sync::policy::{Agreements, Consent};
 use caremesh_sync::rng::Rng;
@@ -495,15 +495,8 @@ impl World {
             outcome: "allowed".into(),
             detail: String::new(),
         };
-        let batch = host.inner.store.write().map_err(sim_error)?;
-        let chained = batch.append_audit(&event).map_err(sim_error)?;
+        record_access(&mut host.inner.store, &n.key, &n.ods, &event).map_err(sim_error)?;
         let shared = event.showed_others_data();
-        if shared {
-            let item = event.to_access_item(chained.seq, &chained.hash);
-            publish_access_record(&batch, &n.key, &n.ods, &patient, item, now)
-                .map_err(sim_error)?;
-        }
-        batch.commit().map_err(sim_error)?;
         self.report.views += 1;
         if shared {
             let held = check::held_documents(&host.inner).map_err(sim_error)?;

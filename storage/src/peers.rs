@@ -243,6 +243,17 @@ impl Store {
             .map_err(self.err("read peers"))
     }
 
+    /// Peer rows with our feed's tip as it is now, so pending-out counts what was ingested
+    /// while a peer was away.
+    pub fn current_peer_statuses(&self) -> Result<Vec<PeerStatus>> {
+        let tip = self.feed_tip()?;
+        let mut peers = self.peer_statuses()?;
+        for peer in &mut peers {
+            peer.local_tip = peer.local_tip.max(tip);
+        }
+        Ok(peers)
+    }
+
     pub fn peer_status(&self, peer: &OdsCode) -> Result<Option<PeerStatus>> {
         self.conn
             .prepare_cached(&format!(

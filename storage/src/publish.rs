@@ -4,7 +4,8 @@
 //! as sensitive moves from the coded to the sensitive document); [`Publication`] removes an
 //! item from wherever it was before placing it anew, so one fact is never held twice.
 
-use crate::{StorageError, WriteBatch};
+use crate::audit::{AuditEvent, ChainedEvent};
+use crate::{StorageError, Store, WriteBatch};
 use caremesh_sync::policy::{Consent, SharingRecord, SourceStatement};
 use caremesh_sync::{
     DataClass, DocMeta, DocumentError, Item, NhsNumber, OdsCode, PublishedDocument, PublisherKey,
@@ -244,27 +245,43 @@ fn write_documents(
     Ok(written)
 }
 
-/// Adds one access event to the publisher's access record for the patient
-/// ([`Section::Audit`]) and signs the new version, in `batch`. The access record is not
-/// counted in the sharing record and does not make the patient the publisher's.
-pub fn publish_access_record(
-    batch: &WriteBatch<'_>,
+/// Appends `event` to the audit chain and, when it showed other organisations' data, adds it
+/// to the publisher's signed access record for the patient ([`Section::Audit`]) so sync
+/// takes it to them. One transaction: an access is never recorded here and lost for the
+/// owners, or the reverse. The access record is not counted in the sharing record and does
+/// not make the patient the publisher's.
+pub fn record_access(
+    store: &mut Store,
     key: &PublisherKey,
     publisher: &OdsCode,
-    patient: &NhsNumber,
-    item: Item,
-    now: i64,
-) -> Result<usize, PublishError> {
-    assert_eq!(item.section, Section::Audit, "only access events go here");
-    let meta = DocMeta {
-        publisher: publisher.clone(),
-        patient: patient.clone(),
-        section: Section::Audit,
-        class: DataClass::Coded,
-    };
-    let mut changes = DocChanges::default();
-    changes.upserts.insert(item.id.clone(), item);
-    write_documents(BTreeMap::from([(meta, changes)]), batch, key, now)
+    event: &AuditEvent,
+) -> Result<ChainedEvent, PublishError> {
+    assert_eq!(
+        event.organisation,
+        publisher.as_str(),
+        "events record this node's accesses"
+    );
+    let batch = store.write()?;
+    let chained = batch.append_audit(event)?;
+    if event.showed_others_data() {
+        let patient = event
+            .nhs
+            .as_deref()
+            .and_then(|n| NhsNumber::parse(n).ok())
+            .expect("an event that showed data names a valid patient");
+        let meta = DocMeta {
+            publisher: publisher.clone(),
+            patient,
+            section: Section::Audit,
+            class: DataClass::Coded,
+        };
+        let item = event.to_access_item(chained.seq, &chained.hash);
+        let mut changes = DocChanges::default();
+        changes.upserts.insert(item.id.clone(), item);
+        write_documents(BTreeMap::from([(meta, changes)]), &batch, key, event.at)?;
+    }
+    batch.commit()?;
+    Ok(chained)
 }
 
 /// Where a publisher's sharing record for a patient lives.

@@ -122,25 +122,14 @@ impl PolicyContext {
     }
 }
 
-/// The feed a sharing record states, if `items` are one that states it.
-fn stated_source(meta: &DocMeta, items: &[Item]) -> Option<policy::SourceStatement> {
+/// What a sharing record states (consent, counts, feed), if `items` are one.
+fn stated_sharing(meta: &DocMeta, items: &[Item]) -> Option<policy::SharingRecord> {
     if meta.section != Section::Sharing {
         return None;
     }
     items
         .first()
         .and_then(|item| policy::SharingRecord::from_fields(&item.fields))
-        .and_then(|record| record.source)
-}
-
-/// The consent a sharing record states, if `items` are one.
-fn stated_consent(meta: &DocMeta, items: &[Item]) -> Option<Consent> {
-    if meta.section != Section::Sharing {
-        return None;
-    }
-    items
-        .first()
-        .and_then(|item| Consent::from_fields(&item.fields))
 }
 
 impl StoreHost {
@@ -310,9 +299,10 @@ impl SyncHost for StoreHost {
             if is_care {
                 batch.touch_received_source(source).map_err(host_error)?;
             }
-            if let Some(statement) = stated_source(meta, &document.items) {
+            let stated = stated_sharing(meta, &document.items);
+            if let Some(statement) = stated.as_ref().and_then(|s| s.source.as_ref()) {
                 batch
-                    .state_source(&meta.publisher, &statement)
+                    .state_source(&meta.publisher, statement)
                     .map_err(host_error)?;
             }
             if new_relationship {
@@ -322,8 +312,7 @@ impl SyncHost for StoreHost {
                     .queue_backfill(&meta.publisher, &meta.patient)
                     .map_err(host_error)?;
             }
-            let withdrawn = stated_consent(meta, &document.items)
-                .is_some_and(|consent| consent.withholds_everything().is_some());
+            let withdrawn = stated.is_some_and(|s| s.consent.withholds_everything().is_some());
             if withdrawn && meta.publisher != self.policy.own {
                 // The signed sharing record is the purge notice: what its publisher sent
                 // about the patient goes, history and all. Ours stays: it is our record.

@@ -151,7 +151,12 @@ impl ViewState {
         let state = self.clone();
         blocking(move || {
             let mut store = Store::open(&state.database)?;
-            crate::audit::record_access(&mut store, &state.key, &state.viewer.ods, &event)?;
+            caremesh_storage::publish::record_access(
+                &mut store,
+                &state.key,
+                &state.viewer.ods,
+                &event,
+            )?;
             Ok(())
         })
         .await
@@ -371,7 +376,7 @@ async fn refuse_launch(
 }
 
 enum Lookup {
-    /// The record, and the offline banner (empty when every peer is connected).
+    /// The record, and for pages the offline banner (empty when every peer is connected).
     Found(Box<Record>, String),
     NotHeld,
 }
@@ -393,7 +398,11 @@ async fn view_record(
         let store = Store::open_read_only(&database)?;
         let now = clock::now_unix();
         let record = record::assemble(&store, &patient, &viewer, now)?;
-        let peers = crate::cli::current_peer_statuses(&store)?;
+        if api {
+            // JSON callers read no banners.
+            return Ok((record, String::new()));
+        }
+        let peers = store.current_peer_statuses()?;
         let name = |ods: &str| names.get(ods).cloned().unwrap_or_else(|| ods.to_string());
         Ok((record, render::offline_banner(&peers, &name, now)))
     })
@@ -749,7 +758,7 @@ async fn status(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Resp
         let database = state.database.clone();
         let (stats, peers) = blocking(move || {
             let store = Store::open_read_only(&database)?;
-            Ok((store.stats()?, crate::cli::current_peer_statuses(&store)?))
+            Ok((store.stats()?, store.current_peer_statuses()?))
         })
         .await?;
         Ok(Json(serde_json::json!({
