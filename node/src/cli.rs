@@ -570,16 +570,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         let sync = match trust {
             Some(trust) => Some(
                 crate::network::start(
-                    crate::network::SyncSettings {
-                        ods: home.config.organisation.ods.clone(),
-                        key: home.signing_key()?,
-                        trust,
-                        listen: home.config.sync.listen.clone(),
-                        peers: home.config.sync.peers.clone(),
-                        database: home.database_path(),
-                        consent_defaults: home.config.sharing.defaults(),
-                        wire_log: home.config.sync.wire_log.as_ref().map(|p| home.dir.join(p)),
-                    },
+                    crate::network::SyncSettings::for_home(home, trust)?,
                     shutdown_rx,
                 )
                 .await?,

@@ -3,6 +3,7 @@
 //! `caremesh-storage`.
 
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod consent;

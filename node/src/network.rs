@@ -68,7 +68,36 @@ pub struct SyncSettings {
     pub consent_defaults: Consent,
     /// Append a line per received frame here (diagnostics and leak tests; no patient data).
     pub wire_log: Option<PathBuf>,
+    /// Told of every document version stored from a peer (see [`StoredObserver`]).
+    pub stored_observer: Option<StoredObserver>,
+    /// `false` only for simulated nodes in benchmarks: their store skips fsync, as the
+    /// simulator's do, so that hundreds of them fit on one machine beside the hub measured.
+    pub durable: bool,
 }
+
+impl SyncSettings {
+    /// The settings `caremesh run` uses for a node home: its organisation, signing key,
+    /// listen address, peers, database and consent defaults from `caremesh.toml`.
+    pub fn for_home(home: &crate::home::Home, trust: TrustState) -> Result<SyncSettings> {
+        Ok(SyncSettings {
+            ods: home.config.organisation.ods.clone(),
+            key: home.signing_key()?,
+            trust,
+            listen: home.config.sync.listen.clone(),
+            peers: home.config.sync.peers.clone(),
+            database: home.database_path(),
+            consent_defaults: home.config.sharing.defaults(),
+            wire_log: home.config.sync.wire_log.as_ref().map(|p| home.dir.join(p)),
+            stored_observer: None,
+            durable: true,
+        })
+    }
+}
+
+/// Called on the engine thread with each batch of documents stored from a peer (id and the
+/// heads now held), right after the transaction committed: the load benchmark times a
+/// change's arrival with it. It must return quickly; it holds up the engine.
+pub type StoredObserver = Arc<dyn Fn(&[(caremesh_sync::DocId, Vec<[u8; 32]>)]) + Send + Sync>;
 
 enum Command {
     Open {
@@ -112,6 +141,9 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     let identity = NodeIdentity::from_key(&settings.key, &settings.ods)?;
     let counters = Arc::new(SyncCounters::default());
     let store = Store::open(&settings.database)?;
+    if !settings.durable {
+        store.without_fsync()?;
+    }
     store.reset_connections()?;
     let host = StoreHost::new(
         store,
@@ -137,6 +169,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
         let connected = connected.clone();
         let shutdown = shutdown.clone();
         let counters = counters.clone();
+        let stored_observer = settings.stored_observer.clone();
         std::thread::Builder::new()
             .name("sync-engine".into())
             .spawn(move || {
@@ -144,9 +177,9 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                     .enable_time()
                     .build()
                     .expect("engine runtime builds");
-                runtime.block_on(
-                    Engine::new(ods, host, connected, counters, wire_log).run(engine_rx, shutdown),
-                );
+                let mut engine = Engine::new(ods, host, connected, counters, wire_log);
+                engine.stored_observer = stored_observer;
+                runtime.block_on(engine.run(engine_rx, shutdown));
             })?
     };
 
@@ -446,6 +479,7 @@ struct Engine {
     counters: Arc<SyncCounters>,
     last_tip: u64,
     wire_log: Option<std::fs::File>,
+    stored_observer: Option<StoredObserver>,
 }
 
 impl Engine {
@@ -466,6 +500,7 @@ impl Engine {
             counters,
             last_tip: 0,
             wire_log,
+            stored_observer: None,
         }
     }
 
@@ -740,7 +775,12 @@ impl Engine {
                     documents,
                     checkpoint,
                 } => {
-                    tracing::debug!(peer = %ods, documents, ?checkpoint, "stored documents from peer");
+                    tracing::debug!(peer = %ods, documents = documents.len(), ?checkpoint, "stored documents from peer");
+                    if let Some(observer) = &self.stored_observer
+                        && !documents.is_empty()
+                    {
+                        observer(&documents);
+                    }
                 }
                 Event::CaughtUp => live.last_sync_at = Some(clock::now_unix()),
                 Event::PeerAcked { .. } => {}

@@ -162,9 +162,10 @@ pub trait SyncHost {
 /// Something the driver should know about (log, count, persist).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Received documents were stored; `checkpoint` is the new position when it moved.
+    /// Received documents were stored (each with the heads now held); `checkpoint` is the
+    /// new position when it moved.
     Stored {
-        documents: usize,
+        documents: Vec<(DocId, Vec<[u8; 32]>)>,
         checkpoint: Option<u64>,
     },
     /// A received document failed verification; nothing of it was stored.
@@ -726,15 +727,22 @@ impl Session {
     ) -> Result<(), SessionError> {
         let documents: Vec<VerifiedDocument> =
             std::mem::take(&mut self.writes).into_values().collect();
-        let count = documents.len();
+        let mut stored: Vec<(DocId, Vec<[u8; 32]>)> = documents
+            .iter()
+            .map(|d| (d.signed.meta.id(), d.signed.heads.clone()))
+            .collect();
+        let count = stored.len();
         let refusals = host.commit(&self.peer.ods, documents, checkpoint)?;
         debug_assert!(refusals.len() <= count);
-        let count = count - refusals.len();
+        if !refusals.is_empty() {
+            let refused: BTreeSet<DocId> = refusals.iter().map(|r| r.doc).collect();
+            stored.retain(|(doc, _)| !refused.contains(doc));
+        }
         self.stats.refused += refusals.len() as u64;
         self.events.extend(refusals.into_iter().map(Event::Refused));
-        if checkpoint.is_some() || count > 0 {
+        if checkpoint.is_some() || !stored.is_empty() {
             self.events.push_back(Event::Stored {
-                documents: count,
+                documents: stored,
                 checkpoint: checkpoint.map(|c| c.up_to),
             });
         }

@@ -23,6 +23,7 @@
 //!    or point `--samod PATH` at the binary; `--samod-limit SECONDS` caps its cold sync).
 
 use anyhow::{Context, Result};
+use caremesh::bench::{AUTHORITY, count, peak_rss_kib, region, run_node};
 use caremesh::clock;
 use caremesh::generate::{GenerateOptions, generate};
 use caremesh::home::{Home, OrganisationConfig};
@@ -32,14 +33,10 @@ use caremesh_storage::Store;
 use caremesh_storage::sync_host::StoreHost;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::trust::public_key_of;
-use caremesh_sync::{
-    Item, OdsCode, OrgKind, Organisation, PublishedDocument, RegistryFile, Session, SignedHeads,
-};
+use caremesh_sync::{Item, OdsCode, OrgKind, PublishedDocument, Session, SignedHeads};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const AUTHORITY: [u8; 32] = [42; 32];
 
 /// Sync benchmark (see the header of this file).
 #[derive(clap::Parser)]
@@ -238,57 +235,6 @@ fn practice_of(dir: &Path, ods: OdsCode, patients: u64, seed: u64) -> Result<Pat
     Ok(dir.to_path_buf())
 }
 
-/// A hub home in `work/name`, and a signed registry listing it and every member, installed in
-/// each; the members dial the hub.
-fn region(
-    work: &Path,
-    members: &[PathBuf],
-    name: &str,
-    hub_listen: Option<String>,
-) -> Result<PathBuf> {
-    let hub_dir = work.join(name);
-    let hub = Home::init(
-        &hub_dir,
-        OrganisationConfig {
-            ods: OdsCode::parse("HUB01")?,
-            name: "Bench Hub".into(),
-            kind: OrgKind::Hub,
-        },
-    )?;
-    let mut homes = vec![hub];
-    for member in members {
-        homes.push(Home::open(member)?);
-    }
-    let mut registry = caremesh::trust_admin::new_registry("bench");
-    for home in &homes {
-        registry.organisations.push(Organisation {
-            ods: home.config.organisation.ods.clone(),
-            name: home.config.organisation.name.clone(),
-            kind: home.config.organisation.kind,
-            keys: vec![hex::encode(home.signing_key()?.public())],
-            revoked_keys: vec![],
-            addresses: vec![],
-        });
-    }
-    if let Some(listen) = &hub_listen {
-        registry.organisations[0].addresses = vec![listen.clone()];
-    }
-    let mut file = RegistryFile::unsigned(registry);
-    file.sign(&AUTHORITY, clock::now_unix())?;
-    for (index, home) in homes.iter_mut().enumerate() {
-        caremesh::trust::write_atomically(&home.registry_path(), &file.to_json())?;
-        home.config.sync.authority = Some(hex::encode(public_key_of(&AUTHORITY)));
-        home.config.view.listen = "127.0.0.1:0".into();
-        if index == 0 {
-            home.config.sync.listen = hub_listen.clone();
-        } else {
-            home.config.sync.peers = vec![OdsCode::parse("HUB01")?];
-        }
-        home.save_config()?;
-    }
-    Ok(hub_dir)
-}
-
 fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
     anyhow::ensure!(nodes > 0, "--fan-in needs at least one node");
     let started = Instant::now();
@@ -334,16 +280,7 @@ fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
             let trust = home.trust()?.context("bench node has a registry")?;
             services.push(
                 caremesh::network::start(
-                    caremesh::network::SyncSettings {
-                        ods: home.config.organisation.ods.clone(),
-                        key: home.signing_key()?,
-                        trust,
-                        listen: None,
-                        peers: home.config.sync.peers.clone(),
-                        database: home.database_path(),
-                        consent_defaults: home.config.sharing.defaults(),
-                        wire_log: None,
-                    },
+                    caremesh::network::SyncSettings::for_home(&home, trust)?,
                     shutdown_rx.clone(),
                 )
                 .await?,
@@ -410,42 +347,6 @@ fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
         hub_peak_rss as f64 / 1024.0
     );
     Ok(())
-}
-
-/// Peak resident set (VmHWM) of a live process, in KiB; 0 when unreadable.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status.lines().find_map(|line| {
-                line.strip_prefix("VmHWM:")?
-                    .trim()
-                    .trim_end_matches(" kB")
-                    .parse()
-                    .ok()
-            })
-        })
-        .unwrap_or(0)
-}
-
-fn caremesh_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    Ok(exe.with_file_name("caremesh"))
-}
-
-fn run_node(dir: &Path) -> Result<Child> {
-    Command::new(caremesh_binary()?)
-        .args(["run", "--dir"])
-        .arg(dir)
-        .env("CAREMESH_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting caremesh run (build the caremesh binary first)")
-}
-
-fn count(db: &Path, sql: &str) -> Result<i64> {
-    let conn = rusqlite::Connection::open(db)?;
-    Ok(conn.query_row(sql, [], |row| row.get(0))?)
 }
 
 fn cold_sync(work: &Path, gp: &Path) -> Result<()> {

@@ -152,7 +152,9 @@ impl World {
             }
             while let Some(event) = c.sessions[side].poll_event() {
                 match event {
-                    SessionEvent::Stored { documents, .. } if documents > 0 => stored = true,
+                    SessionEvent::Stored { documents, .. } if !documents.is_empty() => {
+                        stored = true
+                    }
                     SessionEvent::Rejected { doc, reason, .. } => {
                         self.report.violations.push(Violation {
                             at_s: now as f64 / 1000.0,

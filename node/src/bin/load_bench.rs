@@ -1,0 +1,593 @@
+//! Load generator: many nodes against one hub over real QUIC, at a steady change rate.
+//!
+//! ```sh
+//! cargo build --release -p caremesh --bins
+//! ./target/release/load-bench --nodes 500 --rate 3200 --seconds 600
+//! ```
+//!
+//! The hub is a real `caremesh run` process. The nodes run in this process, each as `caremesh
+//! run` has it: its own key and certificate (listed in the signed trust registry), SQLite file,
+//! sync engine and QUIC endpoint. Node i shares `--patients` patients with node i+1 (a ring),
+//! so each patient is on two caseloads and every change has exactly one other node entitled to
+//! it, reached only through the hub.
+//!
+//! The load: `--rate` changes a second, at nodes drawn with a seeded generator. A change is one
+//! new item for one patient, published as ingest publishes it (a new signed version of the
+//! patient's document and of their sharing record, one transaction) from a connection of its
+//! own, as `caremesh ingest` writes beside a running node. Latency runs from that commit to
+//! the commit at the other node (the engine's stored observer), which is when the item is in
+//! the recipient's read model and shows in its record view.
+//!
+//! Every 10 s and at the end it prints changes made, delivered, latency percentiles, and the
+//! hub's CPU and resident memory. After the load it waits for every change to arrive, then
+//! checks every node and the hub hold exactly the versions each publisher holds: nothing lost.
+
+use anyhow::{Context, Result, ensure};
+use caremesh::bench::{count, peak_rss_kib, region, rss_kib, run_node};
+use caremesh::clock;
+use caremesh::generate::test_nhs_number;
+use caremesh::home::{Home, OrganisationConfig};
+use caremesh::network::{StoredObserver, SyncService, SyncSettings};
+use caremesh_storage::Store;
+use caremesh_storage::publish::Publication;
+use caremesh_sync::rng::Rng;
+use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, OrgKind, Section};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Load benchmark (see the header of this file).
+#[derive(clap::Parser)]
+struct Args {
+    /// Nodes dialling the hub (at least 3: each shares patients with both ring neighbours).
+    #[arg(long, default_value_t = 500)]
+    nodes: usize,
+    /// Changes a second, across all nodes.
+    #[arg(long, default_value_t = 3200.0)]
+    rate: f64,
+    /// How long the load runs, in seconds.
+    #[arg(long, default_value_t = 600)]
+    seconds: u64,
+    /// Patients each node shares with its next neighbour.
+    #[arg(long, default_value_t = 4)]
+    patients: u64,
+    /// Seed of the generator that picks where each change happens.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Seconds to wait after the load for the last changes to arrive.
+    #[arg(long, default_value_t = 120)]
+    drain: u64,
+    /// Let the simulated nodes fsync (the hub always does, as configured for production).
+    #[arg(long)]
+    durable_nodes: bool,
+    /// Keep the work folder (node homes, databases) afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// One published version not yet seen at its recipient.
+struct InFlight {
+    heads: Vec<[u8; 32]>,
+    published: Instant,
+    recipient: usize,
+}
+
+/// What the driver and the nodes' observers share.
+#[derive(Default)]
+struct Tracker {
+    in_flight: Mutex<HashMap<DocId, VecDeque<InFlight>>>,
+    /// Latencies in microseconds: since the start of the load, and since the last report.
+    latencies: Mutex<(Vec<u32>, Vec<u32>)>,
+    made: AtomicU64,
+    delivered: AtomicU64,
+}
+
+impl Tracker {
+    fn published(&self, doc: DocId, version: InFlight) {
+        self.made.fetch_add(1, Ordering::Relaxed);
+        let mut in_flight = self.in_flight.lock().expect("not poisoned");
+        in_flight.entry(doc).or_default().push_back(version);
+    }
+
+    /// `node` stored these versions: a version in flight to it arrived, and with it every
+    /// earlier version of the same document (a publisher's versions extend one another).
+    fn stored(&self, node: usize, documents: &[(DocId, Vec<[u8; 32]>)]) {
+        let now = Instant::now();
+        let mut arrived = Vec::new();
+        {
+            let mut in_flight = self.in_flight.lock().expect("not poisoned");
+            for (doc, heads) in documents {
+                let Some(versions) = in_flight.get_mut(doc) else {
+                    continue;
+                };
+                let Some(at) = versions
+                    .iter()
+                    .position(|v| v.recipient == node && v.heads == *heads)
+                else {
+                    continue;
+                };
+                for version in versions.drain(..=at) {
+                    arrived.push(now.duration_since(version.published).as_micros() as u32);
+                }
+                if versions.is_empty() {
+                    in_flight.remove(doc);
+                }
+            }
+        }
+        if arrived.is_empty() {
+            return;
+        }
+        self.delivered
+            .fetch_add(arrived.len() as u64, Ordering::Relaxed);
+        let mut latencies = self.latencies.lock().expect("not poisoned");
+        latencies.0.extend_from_slice(&arrived);
+        latencies.1.extend_from_slice(&arrived);
+    }
+
+    fn pending(&self) -> usize {
+        let in_flight = self.in_flight.lock().expect("not poisoned");
+        in_flight.values().map(VecDeque::len).sum()
+    }
+}
+
+/// A simulated node: its home, the patients it shares with each neighbour, and the driver's
+/// own connection to its database.
+struct Node {
+    home: Home,
+    ods: OdsCode,
+    /// Shared with the previous node, then with the next.
+    patients: [Vec<NhsNumber>; 2],
+}
+
+fn main() -> Result<()> {
+    let args: Args = clap::Parser::parse();
+    ensure!(
+        args.nodes >= 3,
+        "--nodes must be at least 3 (a ring of neighbours)"
+    );
+    ensure!(args.rate > 0.0, "--rate must be positive");
+    let work = std::env::temp_dir().join(format!("caremesh-load-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    println!("work folder: {}", work.display());
+    let result = run(&args, &work);
+    if !args.keep {
+        std::fs::remove_dir_all(&work).ok();
+    }
+    result
+}
+
+fn run(args: &Args, work: &Path) -> Result<()> {
+    let started = Instant::now();
+    let nodes = prepare_nodes(work, args.nodes, args.patients)?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dirs: Vec<PathBuf> = nodes.iter().map(|n| n.home.dir.clone()).collect();
+    let hub_dir = region(work, &dirs, "hub", Some(format!("127.0.0.1:{port}")))?;
+    let per_node = count(&dirs[0].join("node.db"), "SELECT count(*) FROM documents")?;
+    println!(
+        "{} nodes, {} patients each ({} shared with each neighbour), {} documents each; prepared in {:.1}s",
+        args.nodes,
+        2 * args.patients,
+        args.patients,
+        per_node,
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut hub = run_node(&hub_dir)?;
+    let hub_pid = hub.id();
+    let tracker = Arc::new(Tracker::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let services = start_nodes(&runtime, &nodes, &tracker, args.durable_nodes, shutdown_rx)?;
+    let hub_db = hub_dir.join("node.db");
+    wait_converged(&hub_db, &dirs, per_node, started)?;
+    println!(
+        "connected and converged after {:.1}s (hub holds {} documents)",
+        started.elapsed().as_secs_f64(),
+        count(&hub_db, "SELECT count(*) FROM documents")?
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = {
+        let (stop, tracker) = (stop.clone(), tracker.clone());
+        let (rate, seed, patients) = (args.rate, args.seed, args.patients);
+        let nodes_dirs = dirs.clone();
+        std::thread::Builder::new()
+            .name("load-driver".into())
+            .spawn(move || drive(&nodes_dirs, patients, rate, seed, &tracker, &stop))?
+    };
+    let load_started = Instant::now();
+    let mut cpu = HubCpu::new(hub_pid);
+    println!(
+        "{:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>8}",
+        "t s", "made", "made/s", "arrived", "p50 ms", "p99 ms", "max ms", "hub cpu", "hub MB"
+    );
+    let mut last_made = 0;
+    while load_started.elapsed() < Duration::from_secs(args.seconds) {
+        std::thread::sleep(
+            Duration::from_secs(10)
+                .min(Duration::from_secs(args.seconds).saturating_sub(load_started.elapsed())),
+        );
+        let made = tracker.made.load(Ordering::Relaxed);
+        let window = std::mem::take(&mut tracker.latencies.lock().expect("not poisoned").1);
+        let (p50, p99, max) = percentiles(window);
+        println!(
+            "{:>6.0} {:>9} {:>9.0} {:>9} {:>8.1} {:>8.1} {:>8.1} {:>6.0}% {:>8.0}",
+            load_started.elapsed().as_secs_f64(),
+            made,
+            (made - last_made) as f64 / 10.0,
+            tracker.delivered.load(Ordering::Relaxed),
+            p50,
+            p99,
+            max,
+            cpu.percent_since_last(),
+            rss_kib(hub_pid) as f64 / 1024.0,
+        );
+        last_made = made;
+        if driver.is_finished() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let driven = driver.join().expect("driver does not panic")?;
+    let load_seconds = load_started.elapsed().as_secs_f64();
+    let drain_started = Instant::now();
+    while tracker.pending() > 0 && drain_started.elapsed() < Duration::from_secs(args.drain) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let drained_after = drain_started.elapsed().as_secs_f64();
+    let pending = tracker.pending();
+    let hub_peak = peak_rss_kib(hub_pid);
+    let hub_cpu = cpu.total_seconds();
+
+    let _ = shutdown_tx.send(true);
+    for service in services {
+        service.join();
+    }
+    let _ = hub.kill();
+    let _ = hub.wait();
+
+    let all = std::mem::take(&mut tracker.latencies.lock().expect("not poisoned").0);
+    let delivered = all.len();
+    let (p50, p99, max) = percentiles(all);
+    let made = tracker.made.load(Ordering::Relaxed);
+    println!();
+    println!(
+        "load: {made} changes in {load_seconds:.1}s ({:.0}/s; {:.0}/s asked), {} publications late by over 1 s",
+        made as f64 / load_seconds,
+        args.rate,
+        driven.late
+    );
+    println!(
+        "arrived at the other node: {delivered} (p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms); still in flight after {drained_after:.1}s: {pending}"
+    );
+    println!(
+        "hub: {hub_cpu:.1} CPU seconds ({:.0}% of one core over the load), peak resident {:.0} MB",
+        100.0 * hub_cpu / load_seconds,
+        hub_peak as f64 / 1024.0
+    );
+    let check = check_nothing_lost(&dirs, &hub_db)?;
+    println!(
+        "nothing lost: every node and the hub hold exactly what each publisher holds ({} copies checked)",
+        check
+    );
+    ensure!(pending == 0, "{pending} changes never arrived");
+    Ok(())
+}
+
+/// Node homes in a ring: node i shares `patients` patients with node i+1, and publishes one
+/// item for each of its patients so that both are on the patient's caseload.
+fn prepare_nodes(work: &Path, count: usize, patients: u64) -> Result<Vec<Node>> {
+    let mut nodes = Vec::with_capacity(count);
+    for index in 0..count {
+        let ods = OdsCode::parse(&format!("G{:05}", index + 1))?;
+        let dir = work.join(ods.as_str().to_ascii_lowercase());
+        let home = Home::init(
+            &dir,
+            OrganisationConfig {
+                ods: ods.clone(),
+                name: format!("Load Practice {ods}"),
+                kind: OrgKind::Gp,
+            },
+        )?;
+        let node = Node {
+            home,
+            ods,
+            patients: ring_patients(index, count, patients),
+        };
+        let mut store = node.home.open_store()?;
+        store.without_fsync()?;
+        for patient in node.patients.iter().flatten() {
+            publish_item(&node, &mut store, patient, 0)?;
+        }
+        nodes.push(node);
+    }
+    Ok(nodes)
+}
+
+/// One new item about `patient` at `node`, published as ingest does. Returns the item
+/// document's id and its new heads, read inside the transaction.
+fn publish_item(
+    node: &Node,
+    store: &mut Store,
+    patient: &NhsNumber,
+    serial: u64,
+) -> Result<(DocId, Vec<[u8; 32]>)> {
+    let id = format!("Condition/load-{serial}");
+    let item = Item::titled(
+        &id,
+        Section::Problems,
+        DataClass::Coded,
+        "Condition",
+        &format!("Load-test problem {serial}"),
+        "load-bench",
+        &id,
+    );
+    let meta = DocMeta {
+        publisher: node.ods.clone(),
+        patient: patient.clone(),
+        section: Section::Problems,
+        class: DataClass::Coded,
+    };
+    let key = node.home.signing_key()?;
+    let batch = store.write()?;
+    let mut publication = Publication::new(node.ods.clone(), node.home.config.sharing.defaults());
+    publication.place(&batch, patient, std::slice::from_ref(&id), vec![item])?;
+    publication.apply(&batch, &key, clock::now_unix())?;
+    let heads = batch
+        .document(meta.id())?
+        .and_then(|stored| stored.signed_heads())
+        .context("the published document is held")?
+        .heads;
+    batch.commit()?;
+    Ok((meta.id(), heads))
+}
+
+fn start_nodes(
+    runtime: &tokio::runtime::Runtime,
+    nodes: &[Node],
+    tracker: &Arc<Tracker>,
+    durable: bool,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<SyncService>> {
+    runtime.block_on(async {
+        let mut services = Vec::with_capacity(nodes.len());
+        for (index, node) in nodes.iter().enumerate() {
+            let home = Home::open(&node.home.dir)?;
+            let trust = home.trust()?.context("load node has a registry")?;
+            let observer: StoredObserver = {
+                let tracker = tracker.clone();
+                Arc::new(move |documents| tracker.stored(index, documents))
+            };
+            services.push(
+                caremesh::network::start(
+                    SyncSettings {
+                        stored_observer: Some(observer),
+                        durable,
+                        ..SyncSettings::for_home(&home, trust)?
+                    },
+                    shutdown.clone(),
+                )
+                .await?,
+            );
+        }
+        anyhow::Ok(services)
+    })
+}
+
+/// Waits until the hub holds every node's documents and every node its neighbours'.
+fn wait_converged(hub_db: &Path, dirs: &[PathBuf], per_node: i64, started: Instant) -> Result<()> {
+    let total = per_node * dirs.len() as i64;
+    let everywhere = "SELECT count(*) FROM documents";
+    loop {
+        ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "not converged in 30 minutes (hub holds {} of {total})",
+            count(hub_db, everywhere).unwrap_or(0)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        if count(hub_db, everywhere).unwrap_or(0) < total {
+            continue;
+        }
+        let mut all = true;
+        for dir in dirs {
+            // Its own documents, and the half of each neighbour's that are about the
+            // patients they share.
+            if count(&dir.join("node.db"), everywhere)? < 2 * per_node {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            return Ok(());
+        }
+    }
+}
+
+struct Driven {
+    /// Publications that went out over a second behind their schedule: the driver could not
+    /// keep the rate.
+    late: u64,
+}
+
+/// Publishes changes at `rate` a second until `stop`, at nodes drawn from `seed`.
+fn drive(
+    dirs: &[PathBuf],
+    patients: u64,
+    rate: f64,
+    seed: u64,
+    tracker: &Tracker,
+    stop: &AtomicBool,
+) -> Result<Driven> {
+    let count = dirs.len();
+    let mut nodes = Vec::with_capacity(count);
+    for (index, dir) in dirs.iter().enumerate() {
+        let home = Home::open(dir)?;
+        let previous = (index + count - 1) % count;
+        let patients = ring_patients(index, count, patients);
+        let store = home.open_store()?;
+        store.without_fsync()?;
+        let ods = home.config.organisation.ods.clone();
+        nodes.push((
+            Node {
+                home,
+                ods,
+                patients,
+            },
+            store,
+            [previous, (index + 1) % count],
+        ));
+    }
+    let mut rng = Rng::new(seed);
+    let started = Instant::now();
+    let (mut made, mut late) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        let due = (started.elapsed().as_secs_f64() * rate) as u64;
+        if made >= due {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        let behind = (due - made) as f64 / rate;
+        if behind > 1.0 {
+            late += 1;
+        }
+        let (node, store, neighbours) = &mut nodes[rng.below(count as u64) as usize];
+        let side = rng.below(2) as usize;
+        let patients = &node.patients[side];
+        let patient = patients[rng.below(patients.len() as u64) as usize].clone();
+        let (doc, heads) = publish_item(node, store, &patient, made + 1)?;
+        tracker.published(
+            doc,
+            InFlight {
+                heads,
+                published: Instant::now(),
+                recipient: neighbours[side],
+            },
+        );
+        made += 1;
+    }
+    Ok(Driven { late })
+}
+
+/// The patients node `index` of a ring of `count` shares with its previous and its next
+/// neighbour, `patients` with each.
+fn ring_patients(index: usize, count: usize, patients: u64) -> [Vec<NhsNumber>; 2] {
+    let shared = |pair: usize| -> Vec<NhsNumber> {
+        (0..patients)
+            .map(|k| test_nhs_number(7, pair as u64 * patients + k))
+            .collect()
+    };
+    [shared((index + count - 1) % count), shared(index)]
+}
+
+/// Signed heads of each document held, by publisher and document id.
+type HeldVersions = HashMap<(String, Vec<u8>), Vec<u8>>;
+
+/// Counts every copy of every document at every node and at the hub against its publisher's
+/// own version. Returns the number of copies compared.
+fn check_nothing_lost(dirs: &[PathBuf], hub_db: &Path) -> Result<usize> {
+    let read = |db: &Path| -> Result<HeldVersions> {
+        let conn = rusqlite::Connection::open(db)?;
+        let mut statement = conn.prepare("SELECT publisher, doc_id, signed FROM documents")?;
+        let rows = statement
+            .query_map([], |row| Ok(((row.get(0)?, row.get(1)?), row.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    };
+    let held: Vec<HeldVersions> = dirs
+        .iter()
+        .map(|d| read(&d.join("node.db")))
+        .collect::<Result<_>>()?;
+    let hub = read(hub_db)?;
+    let mut compared = 0;
+    for (index, dir) in dirs.iter().enumerate() {
+        let ods = Home::open(dir)?.config.organisation.ods.to_string();
+        let own: Vec<_> = held[index]
+            .iter()
+            .filter(|((publisher, _), _)| *publisher == ods)
+            .collect();
+        let neighbours = [
+            (index + dirs.len() - 1) % dirs.len(),
+            (index + 1) % dirs.len(),
+        ];
+        for (key, signed) in own {
+            ensure!(
+                hub.get(key) == Some(signed),
+                "the hub does not hold {ods}'s latest version of a document"
+            );
+            let copies = neighbours
+                .iter()
+                .filter(|&&n| held[n].get(key) == Some(signed))
+                .count();
+            ensure!(
+                copies == 1,
+                "{copies} neighbours of {ods} hold its latest version of a document (expected 1)"
+            );
+            compared += 2;
+        }
+    }
+    Ok(compared)
+}
+
+/// Latency percentiles in milliseconds: p50, p99, max.
+fn percentiles(mut micros: Vec<u32>) -> (f64, f64, f64) {
+    if micros.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    micros.sort_unstable();
+    let at = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+    (at(0.50), at(0.99), at(1.0))
+}
+
+/// CPU time of the hub process, from /proc (user + system).
+struct HubCpu {
+    pid: u32,
+    first: f64,
+    last: (f64, Instant),
+}
+
+impl HubCpu {
+    fn new(pid: u32) -> HubCpu {
+        let now = cpu_seconds(pid);
+        HubCpu {
+            pid,
+            first: now,
+            last: (now, Instant::now()),
+        }
+    }
+
+    fn percent_since_last(&mut self) -> f64 {
+        let now = (cpu_seconds(self.pid), Instant::now());
+        let wall = now.1.duration_since(self.last.1).as_secs_f64().max(1e-3);
+        let percent = 100.0 * (now.0 - self.last.0) / wall;
+        self.last = now;
+        percent
+    }
+
+    fn total_seconds(&self) -> f64 {
+        cpu_seconds(self.pid) - self.first
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at state; utime and stime
+    // are fields 14 and 15 of the whole line.
+    let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
