@@ -23,7 +23,7 @@ use caremesh_storage::{PeerStatus, Store};
 use caremesh_sync::policy::{Consent, Recipient};
 use caremesh_sync::{Event, KeyStanding, OdsCode, PublisherKey, Session};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,8 +45,18 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_LAST: Duration = Duration::from_secs(10);
 /// A connection that lasted this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+/// A turn's group commit takes the commands already queued, up to this many, for up to
+/// this long (see `Engine::handle_turn`).
+const GROUP_COMMANDS: usize = 256;
+const GROUP_WINDOW: Duration = Duration::from_millis(20);
+/// SQLite page cache of the engine's connection.
+const ENGINE_CACHE_MIB: u32 = 64;
 /// How often the engine looks for local feed growth (ingests by other threads/processes).
-const FEED_POLL: Duration = Duration::from_millis(250);
+const FEED_POLL: Duration = Duration::from_millis(100);
+/// How soon after storing documents from one peer the engine offers them to the others. Not
+/// at once: a hub storing changes from many peers tells its sessions once per this interval,
+/// not once per change.
+const FEED_PROMPT: Duration = Duration::from_millis(20);
 /// How often peer status is written for `caremesh status` and /metrics.
 const STATUS_FLUSH: Duration = Duration::from_secs(1);
 
@@ -144,6 +154,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     if !settings.durable {
         store.without_fsync()?;
     }
+    store.set_cache_mib(ENGINE_CACHE_MIB)?;
     store.reset_connections()?;
     let host = StoreHost::new(
         store,
@@ -480,6 +491,13 @@ struct Engine {
     last_tip: u64,
     wire_log: Option<std::fs::File>,
     stored_observer: Option<StoredObserver>,
+    /// Sessions that may have something to send: they received input, their timer fired,
+    /// the feed grew, or their connection was full. Only these are polled, so a hub with
+    /// hundreds of quiet peers does not visit them all for every frame it receives.
+    ready: BTreeSet<OdsCode>,
+    next_feed_poll: Instant,
+    /// Documents stored in the current group commit, for the observer once it is durable.
+    stored_in_group: Vec<Vec<(caremesh_sync::DocId, Vec<[u8; 32]>)>>,
 }
 
 impl Engine {
@@ -501,6 +519,9 @@ impl Engine {
             last_tip: 0,
             wire_log,
             stored_observer: None,
+            ready: BTreeSet::new(),
+            next_feed_poll: Instant::now(),
+            stored_in_group: Vec::new(),
         }
     }
 
@@ -536,11 +557,10 @@ impl Engine {
         mut commands: mpsc::Receiver<Command>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut next_feed_poll = Instant::now();
         let mut next_flush = Instant::now() + STATUS_FLUSH;
         loop {
             let blocked = self.pump();
-            let mut wake = next_feed_poll.min(next_flush);
+            let mut wake = self.next_feed_poll.min(next_flush);
             for live in self.sessions.values() {
                 if let Some(at) = live.session.poll_timeout() {
                     wake = wake.min(self.started + Duration::from_millis(at));
@@ -551,28 +571,27 @@ impl Engine {
             }
             tokio::select! {
                 command = commands.recv() => match command {
-                    Some(command) => self.handle(command),
+                    Some(command) => self.handle_turn(command, &mut commands),
                     None => break,
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 _ = shutdown.changed() => break,
             }
             let now = self.now_ms();
-            let failed: Vec<(OdsCode, String)> = self
-                .sessions
-                .iter_mut()
-                .filter_map(|(ods, live)| {
-                    live.session
-                        .handle_timeout(now)
-                        .err()
-                        .map(|e| (ods.clone(), e.to_string()))
-                })
-                .collect();
+            let mut failed = Vec::new();
+            for (ods, live) in &mut self.sessions {
+                if live.session.poll_timeout().is_some_and(|at| at <= now) {
+                    if let Err(error) = live.session.handle_timeout(now) {
+                        failed.push((ods.clone(), error.to_string()));
+                    }
+                    self.ready.insert(ods.clone());
+                }
+            }
             for (ods, reason) in failed {
                 self.fail(&ods, &reason);
             }
-            if Instant::now() >= next_feed_poll {
-                next_feed_poll = Instant::now() + FEED_POLL;
+            if Instant::now() >= self.next_feed_poll {
+                self.next_feed_poll = Instant::now() + FEED_POLL;
                 self.poll_feed();
             }
             if Instant::now() >= next_flush {
@@ -584,6 +603,45 @@ impl Engine {
         let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
         for peer in peers {
             self.close(&peer, "node shutting down");
+        }
+    }
+
+    /// Handles `first` and whatever else is already queued (within bounds) as one turn whose
+    /// writes commit together: one fsync for what every peer sent in the turn, instead of one
+    /// each. Frames (acknowledgements among them) go out only after, from `pump`.
+    fn handle_turn(&mut self, first: Command, commands: &mut mpsc::Receiver<Command>) {
+        let grouped = match self.host.store.begin_group() {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "could not open a group commit; committing one by one");
+                false
+            }
+        };
+        let deadline = Instant::now() + GROUP_WINDOW;
+        self.handle(first);
+        let mut handled = 1;
+        while handled < GROUP_COMMANDS && Instant::now() < deadline {
+            match commands.try_recv() {
+                Ok(command) => self.handle(command),
+                Err(_) => break,
+            }
+            handled += 1;
+        }
+        if grouped && let Err(error) = self.host.store.end_group() {
+            // What the sessions believe stored was rolled back: they must not acknowledge it.
+            tracing::error!(%error, "a group commit failed; closing every sync session");
+            self.stored_in_group.clear();
+            self.host.forget_cached();
+            let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+            for peer in peers {
+                self.fail(&peer, "storage failed to commit");
+            }
+            return;
+        }
+        if let Some(observer) = &self.stored_observer {
+            for documents in self.stored_in_group.drain(..) {
+                observer(&documents);
+            }
         }
     }
 
@@ -610,6 +668,7 @@ impl Engine {
                 let now = self.now_ms();
                 let live = self.sessions.get_mut(&ods).expect("peer_of found it");
                 let result = live.session.handle_input(&bytes, now, &mut self.host);
+                self.ready.insert(ods.clone());
                 self.drain_events(&ods);
                 if let Err(error) = result {
                     self.fail(&ods, &error.to_string());
@@ -681,6 +740,7 @@ impl Engine {
             .insert(peer.ods.clone());
         self.peers_by_conn.insert(conn, peer.ods.clone());
         self.sessions.insert(peer.ods.clone(), live);
+        self.ready.insert(peer.ods.clone());
         self.save_status(&peer.ods, None);
         true
     }
@@ -697,20 +757,22 @@ impl Engine {
             .remove(ods);
     }
 
-    /// Lets every session send while its connection has room. Returns whether any session
-    /// is held back by a full queue.
+    /// Lets every ready session send while its connection has room. Returns whether any
+    /// session is held back by a full queue (it stays ready).
     fn pump(&mut self) -> bool {
         let now = self.now_ms();
         let mut blocked = false;
         let mut failed = Vec::new();
-        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
-        for ods in peers {
-            let live = self.sessions.get_mut(&ods).expect("listed above");
+        for ods in std::mem::take(&mut self.ready) {
+            let Some(live) = self.sessions.get_mut(&ods) else {
+                continue;
+            };
             loop {
                 let permit = match live.outgoing.try_reserve() {
                     Ok(permit) => permit,
                     Err(mpsc::error::TrySendError::Full(())) => {
                         blocked = true;
+                        self.ready.insert(ods.clone());
                         break;
                     }
                     Err(mpsc::error::TrySendError::Closed(())) => break,
@@ -736,8 +798,9 @@ impl Engine {
         match self.host.store.feed_tip() {
             Ok(tip) if tip != self.last_tip => {
                 self.last_tip = tip;
-                for live in self.sessions.values_mut() {
+                for (ods, live) in &mut self.sessions {
                     live.session.feed_changed();
+                    self.ready.insert(ods.clone());
                 }
             }
             Ok(_) => {}
@@ -776,10 +839,13 @@ impl Engine {
                     checkpoint,
                 } => {
                     tracing::debug!(peer = %ods, documents = documents.len(), ?checkpoint, "stored documents from peer");
-                    if let Some(observer) = &self.stored_observer
-                        && !documents.is_empty()
-                    {
-                        observer(&documents);
+                    if !documents.is_empty() {
+                        // What this node stored may be for its other peers: offer it soon,
+                        // not at the next regular look at the feed.
+                        self.next_feed_poll = self.next_feed_poll.min(Instant::now() + FEED_PROMPT);
+                        if let Some(observer) = &self.stored_observer {
+                            observer(&documents);
+                        }
                     }
                 }
                 Event::CaughtUp => live.last_sync_at = Some(clock::now_unix()),

@@ -7,10 +7,13 @@
 use crate::{CareLookup, FeedRow, SourceRow, StorageError, Store};
 use caremesh_sync::VerifiedRegistry;
 use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
+use caremesh_sync::wire::OfferEntry;
 use caremesh_sync::{
-    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, OdsCode, Refusal,
-    Section, SignedHeads, SyncHost, VerifiedDocument,
+    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, NhsNumber,
+    OdsCode, OfferPage, Refusal, Section, SignedHeads, SyncHost, VerifiedDocument,
 };
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 /// Where the host reads the registry in force and hands a newer edition a peer offered.
@@ -32,15 +35,189 @@ pub struct StoreHost {
     /// A purge left pages of withdrawn documents in the WAL that a reader kept from being
     /// truncated: compact again after the next commit.
     compaction_due: bool,
+    tail: FeedTail,
 }
 
-/// What policy decisions need besides storage: the registry and who this node is.
+/// The newest part of the feed, in memory: a hub's sessions all read the same new entries,
+/// and each would otherwise read them from SQLite itself.
+#[derive(Default)]
+struct FeedTail {
+    /// Every position in (`from`, `to`] that held an entry when read, in order. An entry is
+    /// `None` once a later position holds a newer version of its document: the feed in
+    /// SQLite has only a document's newest position, and an offer must not name a document
+    /// twice.
+    entries: VecDeque<(u64, Option<FeedEntry>)>,
+    /// Where each document held here is, by position.
+    newest: HashMap<DocId, u64>,
+    from: u64,
+    to: u64,
+}
+
+/// Feed entries the tail keeps (a few MB).
+const FEED_TAIL_ENTRIES: usize = 16_384;
+/// Rows read from SQLite at a time when the tail catches up.
+const FEED_TAIL_READ: usize = 1_024;
+
+impl FeedTail {
+    fn starting_at(tip: u64) -> FeedTail {
+        FeedTail {
+            from: tip,
+            to: tip,
+            ..FeedTail::default()
+        }
+    }
+
+    /// Reads what the feed gained past `to`, up to `tip`, dropping the oldest entries over
+    /// the limit.
+    fn extend(&mut self, store: &Store, tip: u64) -> Result<(), HostError> {
+        while self.to < tip {
+            let rows = store
+                .feed_after(self.to, FEED_TAIL_READ)
+                .map_err(host_error)?;
+            let Some(last) = rows.last() else {
+                break;
+            };
+            let last = last.seq;
+            for row in rows {
+                let entry = feed_entry(row)?;
+                self.push(entry);
+            }
+            assert!(last > self.to, "the feed went backwards");
+            self.to = last;
+            while self.entries.len() > FEED_TAIL_ENTRIES {
+                let (seq, dropped) = self
+                    .entries
+                    .pop_front()
+                    .expect("over the limit, so not empty");
+                if let Some(entry) = dropped {
+                    self.newest.remove(&entry.meta.id());
+                }
+                self.from = seq;
+            }
+        }
+        debug_assert!(self.newest.len() <= self.entries.len());
+        Ok(())
+    }
+
+    fn push(&mut self, entry: FeedEntry) {
+        let seq = entry.seq;
+        if let Some(older) = self.newest.insert(entry.meta.id(), seq) {
+            let at = self.entries.partition_point(|(s, _)| *s < older);
+            if let Some((s, superseded)) = self.entries.get_mut(at) {
+                assert_eq!(*s, older, "the index names a position the tail holds");
+                *superseded = None;
+            }
+        }
+        self.entries.push_back((seq, Some(entry)));
+    }
+
+    /// Up to `limit` positions after `after` (with their entry, unless superseded), if the
+    /// tail covers that position.
+    fn after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Option<impl Iterator<Item = (u64, Option<&FeedEntry>)>> {
+        if after < self.from || after > self.to {
+            return None;
+        }
+        let start = self.entries.partition_point(|(seq, _)| *seq <= after);
+        Some(
+            self.entries
+                .range(start..)
+                .take(limit)
+                .map(|(seq, entry)| (*seq, entry.as_ref())),
+        )
+    }
+}
+
+/// What policy needs to know of recently decided patients: who cares for each (see
+/// [`CareLookup::caseload`]) and the consent other publishers recorded, so that a hub
+/// deciding one change for each of its hundreds of peers looks the patient up once. Other
+/// organisations' documents (sharing records included) reach this database only through
+/// [`StoreHost::commit`], which forgets every patient it touched. This node's own documents
+/// are written by ingest on other connections, so neither its consent records nor its own
+/// care are ever answered from here.
+#[derive(Default)]
+struct PatientFacts {
+    by_patient: RefCell<HashMap<NhsNumber, KnownPatient>>,
+}
+
+#[derive(Default)]
+struct KnownPatient {
+    caseload: Vec<OdsCode>,
+    consent: Vec<(OdsCode, Option<Consent>)>,
+}
+
+/// Patients the cache holds before it starts again: a few MB at most.
+const PATIENT_CACHE: usize = 65_536;
+
+impl PatientFacts {
+    fn with<T>(
+        &self,
+        lookup: &CareLookup<'_>,
+        patient: &NhsNumber,
+        answer: impl FnOnce(&mut KnownPatient, &CareLookup<'_>) -> StorageResult<T>,
+    ) -> StorageResult<T> {
+        let mut cache = self.by_patient.borrow_mut();
+        if !cache.contains_key(patient) {
+            if cache.len() >= PATIENT_CACHE {
+                cache.clear();
+            }
+            let caseload = lookup.caseload(patient)?;
+            cache.insert(
+                patient.clone(),
+                KnownPatient {
+                    caseload,
+                    consent: Vec::new(),
+                },
+            );
+        }
+        answer(cache.get_mut(patient).expect("inserted above"), lookup)
+    }
+
+    fn cares(
+        &self,
+        lookup: &CareLookup<'_>,
+        who: &OdsCode,
+        patient: &NhsNumber,
+    ) -> StorageResult<bool> {
+        self.with(lookup, patient, |known, _| Ok(known.caseload.contains(who)))
+    }
+
+    fn consent(
+        &self,
+        lookup: &CareLookup<'_>,
+        publisher: &OdsCode,
+        patient: &NhsNumber,
+    ) -> StorageResult<Option<Consent>> {
+        self.with(lookup, patient, |known, lookup| {
+            if let Some((_, consent)) = known.consent.iter().find(|(p, _)| p == publisher) {
+                return Ok(*consent);
+            }
+            let consent = lookup.recorded_consent(publisher, patient)?;
+            known.consent.push((publisher.clone(), consent));
+            Ok(consent)
+        })
+    }
+
+    fn forget<'a>(&self, patients: impl IntoIterator<Item = &'a NhsNumber>) {
+        let mut cache = self.by_patient.borrow_mut();
+        for patient in patients {
+            cache.remove(patient);
+        }
+    }
+}
+
+/// What policy decisions need besides storage: the registry, who this node is, and what is
+/// known of recently decided patients.
 struct PolicyContext {
     trust: Box<dyn RegistrySource>,
     /// This node's organisation and its consent defaults, for its own patients without a
     /// recorded sharing choice.
     own: OdsCode,
     own_defaults: Consent,
+    known: PatientFacts,
 }
 
 type StorageResult<T> = Result<T, StorageError>;
@@ -52,57 +229,58 @@ fn host_error(error: StorageError) -> HostError {
 impl PolicyContext {
     /// Decides whether `recipient` may hold the document, with facts from `lookup`.
     /// `direct_from_publisher`: the document travels (or travelled) on a link from its
-    /// publisher. A storage error withholds (deny unless allowed), and is logged.
+    /// publisher. `cached`: facts may come from the patient cache (decisions for peers, on
+    /// the store's own connection; not inside a write batch). A storage error withholds
+    /// (deny unless allowed), and is logged.
     fn decide(
         &self,
         lookup: &CareLookup<'_>,
         meta: &DocMeta,
         recipient: &Recipient,
         direct_from_publisher: bool,
+        cached: bool,
     ) -> Decision {
         let registry = self.trust.current();
-        let facts = self
-            .facts(lookup, meta, recipient, direct_from_publisher)
-            .unwrap_or_else(|error| {
-                tracing::error!(%error, doc = %meta.id(), "policy facts unavailable; withholding");
-                Facts {
-                    publisher_kind: None,
-                    consent: Consent {
-                        share_out: false,
-                        share_in: false,
-                        objection: true,
-                    },
-                    recipient_cares_for_patient: false,
-                    direct_from_publisher: false,
-                }
-            });
-        policy::decide(meta, recipient, &registry.registry().sharing, &facts)
-    }
-
-    fn facts(
-        &self,
-        lookup: &CareLookup<'_>,
-        meta: &DocMeta,
-        recipient: &Recipient,
-        direct_from_publisher: bool,
-    ) -> StorageResult<Facts> {
-        let publisher_kind = self
-            .trust
-            .current()
-            .registry()
-            .organisation(&meta.publisher)
-            .map(|o| o.kind);
-        let consent = match lookup.recorded_consent(&meta.publisher, &meta.patient)? {
-            Some(consent) => consent,
-            None if meta.publisher == self.own => self.own_defaults,
-            None => Consent::SENT_BY_PUBLISHER,
-        };
-        Ok(Facts {
-            publisher_kind,
-            consent,
-            recipient_cares_for_patient: lookup
-                .has_published_about(&recipient.ods, &meta.patient)?,
-            direct_from_publisher,
+        let agreements = &registry.registry().sharing;
+        let decision = (|| {
+            let cares = if cached {
+                self.known.cares(lookup, &recipient.ods, &meta.patient)?
+            } else {
+                lookup.has_published_about(&recipient.ods, &meta.patient)?
+            };
+            if let Some(decision) = policy::decided_without_facts(
+                meta,
+                recipient,
+                agreements,
+                cares,
+                direct_from_publisher,
+            ) {
+                return Ok(decision);
+            }
+            let recorded = if cached && meta.publisher != self.own {
+                self.known.consent(lookup, &meta.publisher, &meta.patient)?
+            } else {
+                lookup.recorded_consent(&meta.publisher, &meta.patient)?
+            };
+            let consent = match recorded {
+                Some(consent) => consent,
+                None if meta.publisher == self.own => self.own_defaults,
+                None => Consent::SENT_BY_PUBLISHER,
+            };
+            let facts = Facts {
+                publisher_kind: registry
+                    .registry()
+                    .organisation(&meta.publisher)
+                    .map(|o| o.kind),
+                consent,
+                recipient_cares_for_patient: cares,
+                direct_from_publisher,
+            };
+            Ok(policy::decide(meta, recipient, agreements, &facts))
+        })();
+        decision.unwrap_or_else(|error: StorageError| {
+            tracing::error!(%error, doc = %meta.id(), "policy facts unavailable; withholding");
+            Decision::Withhold(policy::WithholdReason::NotInCaseload)
         })
     }
 
@@ -141,22 +319,34 @@ impl StoreHost {
         clock: Clock,
     ) -> Result<StoreHost, StorageError> {
         let feed = FeedId(store.feed_id()?);
+        // The tail starts at the tip: sessions behind it read from SQLite, as before.
+        let tip = store.feed_tip()?;
         Ok(StoreHost {
             store,
             policy: PolicyContext {
                 trust,
                 own,
                 own_defaults,
+                known: PatientFacts::default(),
             },
             feed,
             clock,
             compaction_due: false,
+            tail: FeedTail::starting_at(tip),
         })
     }
 
     /// The registry in force.
     pub fn registry(&self) -> Arc<VerifiedRegistry> {
         self.policy.trust.current()
+    }
+
+    /// Drops what is held in memory about storage (the feed tail, patients' caseloads and
+    /// consent), after a group commit failed and what the memory described was rolled back.
+    pub fn forget_cached(&mut self) {
+        self.policy.known = PatientFacts::default();
+        let tip = self.store.feed_tip().unwrap_or(0);
+        self.tail = FeedTail::starting_at(tip);
     }
 
     /// Retries an emptying of the WAL that a reader held up after a purge.
@@ -217,12 +407,45 @@ impl SyncHost for StoreHost {
     }
 
     fn feed_tip(&mut self) -> Result<u64, HostError> {
-        self.store.feed_tip().map_err(host_error)
+        let tip = self.store.feed_tip().map_err(host_error)?;
+        self.tail.extend(&self.store, tip)?;
+        Ok(tip)
     }
 
     fn feed_after(&mut self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, HostError> {
         let rows = self.store.feed_after(after, limit).map_err(host_error)?;
         rows.into_iter().map(feed_entry).collect()
+    }
+
+    fn offerable_after(
+        &mut self,
+        peer: &Recipient,
+        after: u64,
+        limit: usize,
+    ) -> Result<OfferPage, HostError> {
+        let Some(entries) = self.tail.after(after, limit) else {
+            let rows = self.feed_after(after, limit)?;
+            let read_up_to = rows.last().map(|row| row.seq);
+            return Ok(OfferPage {
+                entries: caremesh_sync::session::sendable(rows, peer, self),
+                read_up_to,
+            });
+        };
+        // From memory, building offer entries only for what this peer may hold.
+        let mut page = OfferPage::default();
+        for (seq, entry) in entries {
+            page.read_up_to = Some(seq);
+            let Some(entry) = entry else {
+                continue;
+            };
+            if self.decide(&entry.meta, peer) == Decision::Send {
+                page.entries.push(OfferEntry {
+                    doc: entry.meta.id(),
+                    heads: entry.heads.clone(),
+                });
+            }
+        }
+        Ok(page)
     }
 
     fn backfill(&mut self, peer: &OdsCode, limit: usize) -> Result<Vec<FeedEntry>, HostError> {
@@ -277,7 +500,8 @@ impl SyncHost for StoreHost {
             let meta = &document.signed.meta;
             let direct = meta.publisher == *peer;
             if let Decision::Withhold(reason) =
-                self.policy.decide(&batch.care(), meta, &this_node, direct)
+                self.policy
+                    .decide(&batch.care(), meta, &this_node, direct, false)
             {
                 refusals.push(Refusal {
                     doc: meta.id(),
@@ -326,12 +550,19 @@ impl SyncHost for StoreHost {
                 .save_checkpoint(peer, checkpoint.feed.0, checkpoint.up_to)
                 .map_err(host_error)?;
         }
-        batch.commit().map_err(host_error)?;
+        let committed = batch.commit().map_err(host_error);
+        // Stored and purged documents change caseloads; forget even on failure, to be safe.
+        self.policy
+            .known
+            .forget(documents.iter().map(|d| &d.signed.meta.patient));
+        committed?;
         if purged > 0 {
             tracing::info!(%peer, documents = purged, "purged documents after a withdrawal of consent");
             self.compaction_due = true;
         }
-        if self.compaction_due {
+        // Inside a group commit the WAL cannot be emptied yet: the engine's next status flush
+        // does it (`compact_if_due`).
+        if self.compaction_due && !self.store.in_group() {
             self.compact_after_purge();
         }
         Ok(refusals)
@@ -356,7 +587,7 @@ impl SyncHost for StoreHost {
     fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision {
         let direct = meta.publisher == self.policy.own;
         self.policy
-            .decide(&self.store.care(), meta, recipient, direct)
+            .decide(&self.store.care(), meta, recipient, direct, true)
     }
 
     fn registry_version(&self) -> u64 {
@@ -375,5 +606,54 @@ impl SyncHost for StoreHost {
                 Ok(false)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caremesh_sync::DataClass;
+
+    fn entry(seq: u64, patient: &str) -> FeedEntry {
+        FeedEntry {
+            seq,
+            meta: DocMeta {
+                publisher: OdsCode::parse("A81001").unwrap(),
+                patient: NhsNumber::parse(patient).unwrap(),
+                section: Section::Problems,
+                class: DataClass::Coded,
+            },
+            heads: vec![[seq as u8; 32]],
+        }
+    }
+
+    #[test]
+    fn the_feed_tail_names_each_document_once_at_its_newest_position() {
+        let mut tail = FeedTail::starting_at(10);
+        for (seq, patient) in [
+            (11, "9912003888"),
+            (12, "9434765919"),
+            (13, "9912003888"),
+            (15, "9912003888"),
+        ] {
+            tail.push(entry(seq, patient));
+            tail.to = seq;
+        }
+        let read: Vec<(u64, Option<u64>)> = tail
+            .after(10, 100)
+            .unwrap()
+            .map(|(seq, entry)| (seq, entry.map(|e| e.heads[0][0] as u64)))
+            .collect();
+        assert_eq!(
+            read,
+            vec![(11, None), (12, Some(12)), (13, None), (15, Some(15))],
+            "superseded positions are read past, not offered"
+        );
+        assert_eq!(tail.after(12, 1).unwrap().count(), 1);
+        assert!(
+            tail.after(9, 10).is_none(),
+            "before the tail: read from SQLite"
+        );
+        assert!(tail.after(16, 10).is_none(), "past what the tail has read");
     }
 }

@@ -31,8 +31,8 @@ pub use model::{
     Coding, DataClass, DocId, DocMeta, Item, ModelError, NhsNumber, OdsCode, OrgKind, Section,
 };
 pub use session::{
-    Checkpoint, Event, FeedEntry, HeldDocument, HostError, Refusal, Session, SessionError,
-    SessionStats, SyncHost, VerifiedDocument,
+    Checkpoint, Event, FeedEntry, HeldDocument, HostError, OfferPage, Refusal, Session,
+    SessionError, SessionStats, SyncHost, VerifiedDocument,
 };
 pub use signing::{PublisherKey, SignatureError, SignedHeads};
 pub use trust::{KeyStanding, Organisation, Registry, RegistryFile, TrustError, VerifiedRegistry};

@@ -431,6 +431,29 @@ pub fn decide(
     }
 }
 
+/// What [`decide`] answers when that needs no facts beyond whether the recipient `cares`
+/// for the patient: the publisher's own documents go back to it, and a recipient off the
+/// caseload that is not a hub, does not hold region-wide and is not being given the
+/// publisher's sharing record on the publisher's own link is refused whatever the consent
+/// and the publisher's kind. `None`: ask [`decide`] with the facts. A host checks this
+/// before looking consent up, so that of a hub's hundreds of peers only the few caring for
+/// the patient cost more than the care check.
+pub fn decided_without_facts(
+    meta: &DocMeta,
+    recipient: &Recipient,
+    agreements: &Agreements,
+    cares: bool,
+    direct_from_publisher: bool,
+) -> Option<Decision> {
+    if meta.publisher == recipient.ods {
+        return Some(Decision::Send);
+    }
+    let may_hold_off_caseload = agreements.holds_region_wide(recipient.kind)
+        || recipient.kind == OrgKind::Hub
+        || (meta.section == Section::Sharing && direct_from_publisher);
+    (!cares && !may_hold_off_caseload).then_some(Decision::Withhold(WithholdReason::NotInCaseload))
+}
+
 /// Why an item held at the viewing node is, or is not, shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -50,6 +50,14 @@ pub const WRITE_BATCH: usize = 128;
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
 /// How often a caught-up provider looks for new entries in its feed if not told sooner.
 pub const FEED_CHECK_INTERVAL_MS: u64 = 1_000;
+/// How often a provider at most tells a caught-up peer that its position moved over entries
+/// policy kept from it. A hub's feed moves with every change at any of its hundreds of peers,
+/// and almost none of those changes are for a given peer: announcing each would cost every
+/// peer a frame and an acknowledged write per change anywhere in the region.
+pub const ANNOUNCE_INTERVAL_MS: u64 = 5_000;
+/// Feed batches a provider reads past without an entry for the peer before it yields to
+/// its caller's other sessions (it resumes at once).
+const SILENT_BATCHES_PER_POLL: usize = 16;
 
 /// A host failure (storage, usually): the session cannot go on, the connection is closed and
 /// retried later. Nothing acknowledged is lost because acks follow durable writes.
@@ -111,6 +119,14 @@ pub struct Refusal {
     pub reason: WithholdReason,
 }
 
+/// One page of the feed as offered to one peer: see [`SyncHost::offerable_after`].
+#[derive(Debug, Default)]
+pub struct OfferPage {
+    pub entries: Vec<OfferEntry>,
+    /// The position of the last feed entry read; `None` when the feed had nothing more.
+    pub read_up_to: Option<u64>,
+}
+
 /// Where a puller stands in a peer's feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Checkpoint {
@@ -126,6 +142,22 @@ pub trait SyncHost {
     fn feed_tip(&mut self) -> Result<u64, HostError>;
     /// At most `limit` feed entries after position `after`, in feed order.
     fn feed_after(&mut self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, HostError>;
+    /// What of the next (at most `limit`) feed entries after `after` policy lets `peer` hold,
+    /// and the position of the last entry read. A host may answer from memory without
+    /// building the entries it withholds; it must decide exactly as [`SyncHost::decide`].
+    fn offerable_after(
+        &mut self,
+        peer: &Recipient,
+        after: u64,
+        limit: usize,
+    ) -> Result<OfferPage, HostError> {
+        let rows = self.feed_after(after, limit)?;
+        let read_up_to = rows.last().map(|row| row.seq);
+        Ok(OfferPage {
+            entries: sendable(rows, peer, self),
+            read_up_to,
+        })
+    }
     /// At most `limit` documents queued for `peer` outside the feed order (a new care
     /// relationship made them sendable after its checkpoint passed them).
     fn backfill(&mut self, peer: &OdsCode, limit: usize) -> Result<Vec<FeedEntry>, HostError>;
@@ -239,6 +271,8 @@ struct Serving {
     caught_up: bool,
     /// Last up_to told to the peer, so a caught-up notice is sent once.
     announced: Option<u64>,
+    /// A position-only offer goes no sooner than this (see [`ANNOUNCE_INTERVAL_MS`]).
+    next_announce_at: u64,
     next_check_at: u64,
     /// Documents of the one backfill offer awaiting its ack. A backfill offer does not move
     /// the feed position, so it goes alone (nothing else outstanding): its ack is then
@@ -503,6 +537,7 @@ impl Session {
             outstanding: VecDeque::new(),
             caught_up: false,
             announced: None,
+            next_announce_at: now,
             next_check_at: now,
             backfill_in_flight: None,
         });
@@ -822,20 +857,58 @@ impl Session {
         {
             return Ok(None);
         }
-        let rows = host.feed_after(serving.offered_up_to, OFFER_BATCH)?;
         let tip = host.feed_tip()?;
         self.stats.local_tip = tip;
-        if rows.is_empty() && serving.outstanding.is_empty() {
+        for _ in 0..SILENT_BATCHES_PER_POLL {
+            let page = host.offerable_after(&self.peer, serving.offered_up_to, OFFER_BATCH)?;
+            let Some(up_to) = page.read_up_to else {
+                return Self::drained(serving, &self.peer, now, tip, host);
+            };
+            assert!(up_to > serving.offered_up_to, "feed went backwards");
+            let entries = page.entries;
+            serving.offered_up_to = up_to;
+            if entries.is_empty() {
+                // Nothing here for this peer: move past it without a frame. The position
+                // reaches the peer with its next offer, or in an announcement.
+                continue;
+            }
+            serving.announced = Some(up_to);
+            serving.outstanding.push_back(up_to);
+            return Ok(Some(Message::Offer {
+                entries,
+                up_to,
+                tip: tip.max(up_to),
+            }));
+        }
+        // Many entries, none for this peer: let the caller serve other sessions, and come
+        // back at once.
+        serving.caught_up = true;
+        serving.next_check_at = now;
+        Ok(None)
+    }
+
+    /// The feed has nothing after what was offered: serve the backfill queue if nothing is in
+    /// flight, or tell the peer where it stands (at most once per [`ANNOUNCE_INTERVAL_MS`]),
+    /// then wait for the feed to grow.
+    fn drained(
+        serving: &mut Serving,
+        peer: &Recipient,
+        now: u64,
+        tip: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<Option<Message>, SessionError> {
+        if serving.outstanding.is_empty() {
             // Backfill only once the feed is drained and acknowledged: a publisher's new
             // sharing record (consent given again) is then held by the peer before the
             // documents it makes sendable arrive, so the peer's own decision lets them in.
-            let rows = host.backfill(&self.peer.ods, OFFER_BATCH)?;
+            let rows = host.backfill(&peer.ods, OFFER_BATCH)?;
             if !rows.is_empty() {
                 let docs: Vec<DocId> = rows.iter().map(|row| row.meta.id()).collect();
-                let entries = sendable(rows, &self.peer, host);
+                let entries = sendable(rows, peer, host);
                 let up_to = serving.offered_up_to;
                 serving.outstanding.push_back(up_to);
                 serving.backfill_in_flight = Some(docs);
+                serving.announced = Some(up_to);
                 return Ok(Some(Message::Offer {
                     entries,
                     up_to,
@@ -843,31 +916,24 @@ impl Session {
                 }));
             }
         }
-        let Some(last) = rows.last() else {
-            serving.caught_up = true;
-            serving.next_check_at = now + FEED_CHECK_INTERVAL_MS;
-            if serving.announced == Some(serving.offered_up_to) {
-                return Ok(None);
-            }
-            // Tell the peer once that it has everything, so it can say when it last synced.
-            serving.announced = Some(serving.offered_up_to);
-            serving.outstanding.push_back(serving.offered_up_to);
-            return Ok(Some(Message::Offer {
-                entries: Vec::new(),
-                up_to: serving.offered_up_to,
-                tip: serving.offered_up_to,
-            }));
-        };
-        let up_to = last.seq;
-        assert!(up_to > serving.offered_up_to, "feed went backwards");
-        let entries = sendable(rows, &self.peer, host);
-        serving.offered_up_to = up_to;
-        serving.announced = Some(up_to);
-        serving.outstanding.push_back(up_to);
+        serving.caught_up = true;
+        serving.next_check_at = now + FEED_CHECK_INTERVAL_MS;
+        if serving.announced == Some(serving.offered_up_to) {
+            return Ok(None);
+        }
+        if now < serving.next_announce_at {
+            serving.next_check_at = serving.next_check_at.min(serving.next_announce_at);
+            return Ok(None);
+        }
+        // Tell the peer it has everything up to here, so it can say when it last synced and
+        // resume from here after a reconnect.
+        serving.announced = Some(serving.offered_up_to);
+        serving.next_announce_at = now + ANNOUNCE_INTERVAL_MS;
+        serving.outstanding.push_back(serving.offered_up_to);
         Ok(Some(Message::Offer {
-            entries,
-            up_to,
-            tip: tip.max(up_to),
+            entries: Vec::new(),
+            up_to: serving.offered_up_to,
+            tip: tip.max(serving.offered_up_to),
         }))
     }
 
@@ -877,7 +943,11 @@ impl Session {
 }
 
 /// The offer entries among `rows` that policy lets `peer` hold.
-fn sendable(rows: Vec<FeedEntry>, peer: &Recipient, host: &impl SyncHost) -> Vec<OfferEntry> {
+pub fn sendable<H: SyncHost + ?Sized>(
+    rows: Vec<FeedEntry>,
+    peer: &Recipient,
+    host: &H,
+) -> Vec<OfferEntry> {
     rows.into_iter()
         .filter(|row| host.decide(&row.meta, peer) == Decision::Send)
         .map(|row| OfferEntry {

@@ -204,6 +204,7 @@ fn run(args: &Args, work: &Path) -> Result<()> {
     };
     let load_started = Instant::now();
     let mut cpu = HubCpu::new(hub_pid);
+    let own_cpu_before = cpu_seconds(std::process::id());
     println!(
         "{:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>8}",
         "t s", "made", "made/s", "arrived", "p50 ms", "p99 ms", "max ms", "hub cpu", "hub MB"
@@ -237,6 +238,8 @@ fn run(args: &Args, work: &Path) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     let driven = driver.join().expect("driver does not panic")?;
     let load_seconds = load_started.elapsed().as_secs_f64();
+    let hub_cpu = cpu.total_seconds();
+    let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let drain_started = Instant::now();
     while tracker.pending() > 0 && drain_started.elapsed() < Duration::from_secs(args.drain) {
         std::thread::sleep(Duration::from_millis(100));
@@ -244,7 +247,6 @@ fn run(args: &Args, work: &Path) -> Result<()> {
     let drained_after = drain_started.elapsed().as_secs_f64();
     let pending = tracker.pending();
     let hub_peak = peak_rss_kib(hub_pid);
-    let hub_cpu = cpu.total_seconds();
 
     let _ = shutdown_tx.send(true);
     for service in services {
@@ -268,9 +270,11 @@ fn run(args: &Args, work: &Path) -> Result<()> {
         "arrived at the other node: {delivered} (p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms); still in flight after {drained_after:.1}s: {pending}"
     );
     println!(
-        "hub: {hub_cpu:.1} CPU seconds ({:.0}% of one core over the load), peak resident {:.0} MB",
+        "hub: {hub_cpu:.1} CPU seconds ({:.0}% of one core over the load), peak resident {:.0} MB; \
+         this process (nodes and driver): {own_cpu:.1} CPU seconds ({:.0}%)",
         100.0 * hub_cpu / load_seconds,
-        hub_peak as f64 / 1024.0
+        hub_peak as f64 / 1024.0,
+        100.0 * own_cpu / load_seconds,
     );
     let check = check_nothing_lost(&dirs, &hub_db)?;
     println!(

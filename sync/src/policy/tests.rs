@@ -381,3 +381,66 @@ fn a_sharing_record_carries_counts_per_section_except_after_an_objection() {
         None
     );
 }
+
+#[test]
+fn deciding_without_facts_agrees_with_deciding_with_them() {
+    let agreements = oxfordshire();
+    let consents = [
+        SHARING,
+        Consent::SENT_BY_PUBLISHER,
+        Consent {
+            share_out: false,
+            share_in: true,
+            objection: false,
+        },
+        Consent {
+            share_out: true,
+            share_in: false,
+            objection: true,
+        },
+    ];
+    let mut checked = 0;
+    for &section in Section::ALL {
+        for &class in DataClass::ALL {
+            let meta = gp_document(section, class);
+            for &kind in OrgKind::ALL {
+                for code in ["A81001", "RTH"] {
+                    let to = recipient(code, kind);
+                    for (cares, direct) in [(false, false), (false, true), (true, false)] {
+                        let Some(early) =
+                            decided_without_facts(&meta, &to, &agreements, cares, direct)
+                        else {
+                            continue;
+                        };
+                        for consent in consents {
+                            let mut facts = facts(consent, cares);
+                            facts.direct_from_publisher = direct;
+                            let full = decide(&meta, &to, &agreements, &facts);
+                            assert_eq!(
+                                early == Decision::Send,
+                                full == Decision::Send,
+                                "{section:?} {class:?} to {kind:?} {code} cares {cares} direct {direct}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        checked > 100,
+        "the shortcut applied to {checked} cases only"
+    );
+    // And it applies to the common case: a GP's coded data for another GP off the caseload.
+    assert_eq!(
+        decided_without_facts(
+            &gp_document(Section::Problems, DataClass::Coded),
+            &recipient("B82001", OrgKind::Gp),
+            &agreements,
+            false,
+            false
+        ),
+        Some(Decision::Withhold(WithholdReason::NotInCaseload))
+    );
+}

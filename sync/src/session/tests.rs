@@ -512,6 +512,53 @@ fn private_documents_are_never_offered_and_never_sent_even_when_asked_for() {
 }
 
 #[test]
+fn changes_kept_from_a_peer_cost_it_no_frame_per_change_only_a_periodic_announcement() {
+    let key = gp_key();
+    let mut gp = gp_with(1);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    let frames_before = link.frames_a_to_b.len();
+    // Ten changes the hub may not hold (private), each noticed by the provider at once.
+    for index in 0..10 {
+        let private = meta_for("A81001", PATIENTS[1], Section::Problems, DataClass::Private);
+        let item = item_for(&private, &format!("p{index}"), "private note");
+        gp.publish(&key, &private, &[item], 10 + index);
+        link.a.feed_changed();
+        link.run(&mut gp, &mut hub);
+    }
+    // Ten changes (each its own wake-up) cost at most one position-only offer: the first
+    // announcement of the interval.
+    let offers = |frames: &[Message], with_entries: bool| {
+        frames
+            .iter()
+            .filter(|m| matches!(m, Message::Offer { entries, .. } if entries.is_empty() != with_entries))
+            .count()
+    };
+    let during = &link.frames_a_to_b[frames_before..];
+    assert_eq!(offers(during, true), 0, "no offer of changes kept back");
+    assert!(
+        offers(during, false) <= 1,
+        "{} announcements",
+        offers(during, false)
+    );
+    let position = gp.next_seq - 1;
+    // Over the next interval the position reaches the peer, once.
+    for _ in 0..(ANNOUNCE_INTERVAL_MS / FEED_CHECK_INTERVAL_MS) {
+        link.tick(&mut gp, &mut hub);
+    }
+    let all = &link.frames_a_to_b[frames_before..];
+    assert_eq!(offers(all, true), 0, "no offer of changes kept back");
+    assert!(
+        offers(all, false) <= 2,
+        "{} announcements",
+        offers(all, false)
+    );
+    assert_eq!(link.b.checkpoint.up_to, position);
+    assert!(hub.docs.len() == 1, "the private documents never left");
+}
+
+#[test]
 fn new_documents_flow_to_a_caught_up_peer_after_the_feed_check_interval() {
     let key = gp_key();
     let mut gp = gp_with(3);
