@@ -424,12 +424,7 @@ impl SyncHost for StoreHost {
         limit: usize,
     ) -> Result<OfferPage, HostError> {
         let Some(entries) = self.tail.after(after, limit) else {
-            let rows = self.feed_after(after, limit)?;
-            let read_up_to = rows.last().map(|row| row.seq);
-            return Ok(OfferPage {
-                entries: caremesh_sync::session::sendable(rows, peer, self),
-                read_up_to,
-            });
+            return caremesh_sync::session::offerable_from_feed(self, peer, after, limit);
         };
         // From memory, building offer entries only for what this peer may hold.
         let mut page = OfferPage::default();

@@ -151,12 +151,7 @@ pub trait SyncHost {
         after: u64,
         limit: usize,
     ) -> Result<OfferPage, HostError> {
-        let rows = self.feed_after(after, limit)?;
-        let read_up_to = rows.last().map(|row| row.seq);
-        Ok(OfferPage {
-            entries: sendable(rows, peer, self),
-            read_up_to,
-        })
+        offerable_from_feed(self, peer, after, limit)
     }
     /// At most `limit` documents queued for `peer` outside the feed order (a new care
     /// relationship made them sendable after its checkpoint passed them).
@@ -942,8 +937,23 @@ impl Session {
     }
 }
 
+/// [`SyncHost::offerable_after`] by reading the feed and deciding each entry.
+pub fn offerable_from_feed<H: SyncHost + ?Sized>(
+    host: &mut H,
+    peer: &Recipient,
+    after: u64,
+    limit: usize,
+) -> Result<OfferPage, HostError> {
+    let rows = host.feed_after(after, limit)?;
+    let read_up_to = rows.last().map(|row| row.seq);
+    Ok(OfferPage {
+        entries: sendable(rows, peer, host),
+        read_up_to,
+    })
+}
+
 /// The offer entries among `rows` that policy lets `peer` hold.
-pub fn sendable<H: SyncHost + ?Sized>(
+fn sendable<H: SyncHost + ?Sized>(
     rows: Vec<FeedEntry>,
     peer: &Recipient,
     host: &H,
