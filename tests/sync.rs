@@ -256,6 +256,83 @@ fn direct_peers_exchange_both_ways_without_a_hub() {
 }
 
 #[test]
+fn with_two_hubs_active_active_losing_one_loses_nothing_and_changes_fail_over_to_the_other() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub1 = region.registered("HUB01", "hub", true, &[]);
+    let hub2 = region.registered("HUB02", "hub", true, &["HUB01"]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01", "HUB02"]);
+    let acute = region.registered("RTH01", "acute", false, &["HUB01", "HUB02"]);
+    region.publish(&[&hub1, &hub2, &gp, &acute]);
+    ingest_generated(&gp, "A81001", 8, 1);
+    ingest_generated(&acute, "RTH01", 3, 1);
+
+    let mut hub1_process = RunningNode::start(&hub1);
+    let _hub2_process = RunningNode::start(&hub2);
+    let _gp_process = RunningNode::start(&gp);
+    let _acute_process = RunningNode::start(&acute);
+
+    // Both hubs hold the region: the GP gives its documents to each, and the hubs to each
+    // other; the acute trust gets its caseload's coded GP data by either path.
+    let shareable_now = shareable(&gp, "A81001");
+    for hub in [&hub1, &hub2] {
+        assert!(
+            wait_for(SYNC_WAIT, || held_from(hub, "A81001") == shareable_now),
+            "a hub holds {} of {shareable_now}",
+            held_from(hub, "A81001")
+        );
+    }
+    let acute_caseload = caseload(&acute, "RTH01");
+    let from_gp = documents_of(&gp, "A81001", CODED, Some(&acute_caseload));
+    assert!(wait_for(SYNC_WAIT, || held_from(&acute, "A81001") == from_gp));
+
+    // HUB01 is lost. New GP data, some about the acute trust's patients, reaches the acute
+    // trust through HUB02 alone.
+    hub1_process.kill_hard();
+    let change = temp.path().join("new-condition.json");
+    write_json(
+        &change,
+        &serde_json::json!({
+            "resourceType": "Condition",
+            "id": "after-failover",
+            "meta": {"lastUpdated": "2026-01-06T09:00:00Z"},
+            "clinicalStatus": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                "code": "active"
+            }]},
+            "code": {"coding": [{
+                "system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertension"
+            }]},
+            "subject": {"reference": "Patient/A81001-P0"},
+            "recordedDate": "2026-01-06"
+        }),
+    );
+    let output = ingest(&gp, &[change.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    ingest_generated(&gp, "A81001", 2, 78);
+    let new_item = "SELECT count(*) FROM items WHERE publisher = 'A81001' AND item_id = ?1";
+    assert_eq!(count(&gp, new_item, "Condition/after-failover"), 1);
+    assert!(
+        wait_for(SYNC_WAIT, || count(
+            &acute,
+            new_item,
+            "Condition/after-failover"
+        ) == 1),
+        "the change reached the acute trust through the hub left"
+    );
+    assert_eq!(held_from(&acute, "A81001"), from_gp);
+    let shareable_after = shareable(&gp, "A81001");
+    assert!(wait_for(SYNC_WAIT, || held_from(&hub2, "A81001") == shareable_after));
+    assert_eq!(
+        held_from(&hub1, "A81001"),
+        shareable_now,
+        "the lost hub kept what it had (its file is intact) and got nothing since"
+    );
+    verify_ok(&acute);
+    verify_ok(&hub2);
+}
+
+#[test]
 fn a_hub_killed_mid_transfer_resumes_without_resending_what_was_acknowledged() {
     let temp = tempfile::tempdir().unwrap();
     let (hub, gp) = hub_and_gp(temp.path(), 300, 3);

@@ -178,7 +178,8 @@ pub fn forbidden_on_wire(world: &World, recipient: usize, meta: &DocMeta) -> Opt
 
 /// Documents an entitled node does not hold at the publisher's version. Entitled: policy
 /// lets it hold the document, and a path of peers that may also hold it leads from the
-/// publisher to it. Nodes that are down are left out on both sides.
+/// publisher to it. Nodes that are down are left out on both sides; nodes lost for good are
+/// not required, but nor do they hide those only they could reach.
 pub fn missing(world: &World, held: &HeldByNode) -> Vec<Violation> {
     let mut truth = Truth::new(world, held, true);
     let mut found = Vec::new();
@@ -223,12 +224,18 @@ fn entitled(
     let mut entitled = Vec::new();
     while let Some(from) = queue.pop_front() {
         for &next in world.peers_of(from) {
-            if reached.contains(&next) || held[next].is_none() {
+            // A node down for now blocks the path until it is back; a node lost for good
+            // does not excuse those that could only be reached through it: the region must
+            // route around it (failover), so it is passed through but not required.
+            let lost = world.is_lost_for_good(next);
+            if reached.contains(&next) || (held[next].is_none() && !lost) {
                 continue;
             }
             reached.insert(next);
             if truth.decide(meta, publisher, next) == Decision::Send {
-                entitled.push(next);
+                if !lost {
+                    entitled.push(next);
+                }
                 queue.push_back(next);
             }
         }

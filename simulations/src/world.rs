@@ -163,6 +163,9 @@ pub(crate) struct World {
     /// Heals awaiting convergence (virtual ms of the heal).
     awaiting: Vec<u64>,
     active_faults: BTreeSet<usize>,
+    /// Nodes crashed with no restart: lost for good, as a failed hub that is never rebuilt.
+    /// Convergence is then what the others reach without them.
+    lost_for_good: BTreeSet<usize>,
     /// (publisher, doc) → heads it committed last: what must never be lost.
     pub committed: BTreeMap<(usize, caremesh_sync::DocId), Vec<[u8; 32]>>,
 }
@@ -316,6 +319,7 @@ impl World {
             trace: Sha256::new(),
             awaiting: Vec::new(),
             active_faults: BTreeSet::new(),
+            lost_for_good: BTreeSet::new(),
             committed: BTreeMap::new(),
         };
         world.initial_extracts()?;
@@ -688,7 +692,11 @@ impl World {
                 if let Some(after) = restart_after_s {
                     self.schedule(self.now() + after * 1000, Event::Restart { node });
                 } else {
+                    // Lost for good: from now on the region must converge without it
+                    // (failover), which the report measures like a heal.
                     self.active_faults.remove(&index);
+                    self.lost_for_good.insert(node);
+                    self.heal();
                 }
             }
         }
@@ -776,8 +784,16 @@ impl World {
 
     // ----- checks -----
 
+    pub(crate) fn is_lost_for_good(&self, node: usize) -> bool {
+        self.lost_for_good.contains(&node)
+    }
+
+    /// Every node is up, except those lost for good.
     fn all_up(&self) -> bool {
-        self.nodes.iter().all(|n| n.host.is_some())
+        self.nodes
+            .iter()
+            .enumerate()
+            .all(|(i, n)| n.host.is_some() || self.lost_for_good.contains(&i))
     }
 
     /// While a heal awaits convergence (and no fault is in force), checks whether the region
