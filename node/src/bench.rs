@@ -3,12 +3,21 @@
 //! figures off a process or a database. Not used by the node itself.
 
 use crate::clock;
+use crate::generate::{GenerateOptions, generate};
 use crate::home::{Home, OrganisationConfig};
+use crate::ingest::{FileDisposition, Ingestor};
+use crate::trust::TrustState;
 use anyhow::{Context, Result};
+use caremesh_storage::Store;
+use caremesh_storage::sync_host::StoreHost;
+use caremesh_sync::policy::Recipient;
 use caremesh_sync::trust::public_key_of;
-use caremesh_sync::{OdsCode, OrgKind, Organisation, RegistryFile};
+use caremesh_sync::{
+    Item, OdsCode, OrgKind, Organisation, PublishedDocument, RegistryFile, Session, SignedHeads,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Instant;
 
 /// The benchmarks' trust authority key: a fixed test key, never used outside benchmarks.
 pub const AUTHORITY: [u8; 32] = [42; 32];
@@ -107,4 +116,170 @@ pub fn run_node(dir: &Path) -> Result<Child> {
 pub fn count(db: &Path, sql: &str) -> Result<i64> {
     let conn = rusqlite::Connection::open(db)?;
     Ok(conn.query_row(sql, [], |row| row.get(0))?)
+}
+
+/// Runs `gp` ⇄ `hub` sessions in-process until neither has anything to send; returns
+/// (bytes gp→hub, bytes hub→gp, frames, flights from the gp that carried something).
+pub fn exchange(
+    gp: &mut (Session, StoreHost),
+    hub: &mut (Session, StoreHost),
+    now: u64,
+) -> Result<(u64, u64, u64, u64)> {
+    let (mut up, mut down, mut frames, mut flights) = (0, 0, 0, 0);
+    loop {
+        let mut outgoing = Vec::new();
+        while let Some(frame) = gp.0.poll_transmit(now, &mut gp.1)? {
+            outgoing.push(frame);
+        }
+        if !outgoing.is_empty() {
+            flights += 1;
+        }
+        for frame in &outgoing {
+            up += frame.len() as u64;
+            frames += 1;
+            hub.0.handle_input(frame, now, &mut hub.1)?;
+        }
+        let mut back = Vec::new();
+        while let Some(frame) = hub.0.poll_transmit(now, &mut hub.1)? {
+            back.push(frame);
+        }
+        for frame in &back {
+            down += frame.len() as u64;
+            frames += 1;
+            gp.0.handle_input(frame, now, &mut gp.1)?;
+        }
+        if outgoing.is_empty() && back.is_empty() {
+            return Ok((up, down, frames, flights));
+        }
+    }
+}
+
+/// The incremental round a change costs: the practice in `gp_dir` and a new hub are first
+/// fully synced (in-process sessions over their real SQLite stores), then one item changes
+/// and one round runs from the saved checkpoints. Prints documents held, bytes each way,
+/// frames and round trips.
+pub fn incremental(work: &Path, gp_dir: &Path, patients: u64) -> Result<()> {
+    let hub_dir = region(
+        work,
+        &[gp_dir.to_path_buf()],
+        &format!("hub-incremental-{patients}"),
+        None,
+    )?;
+    let gp_home = Home::open(gp_dir)?;
+    let hub_home = Home::open(&hub_dir)?;
+    let host = |home: &Home| -> Result<StoreHost> {
+        let trust = TrustState::load(
+            &home.registry_path(),
+            &hex::encode(public_key_of(&AUTHORITY)),
+        )?;
+        Ok(StoreHost::new(
+            home.open_store()?,
+            Box::new(trust),
+            home.config.organisation.ods.clone(),
+            home.config.sharing.defaults(),
+            Box::new(clock::now_unix),
+        )?)
+    };
+    let gp_ods = gp_home.config.organisation.ods.clone();
+    let hub_ods = hub_home.config.organisation.ods.clone();
+    let mut gp_host = host(&gp_home)?;
+    let mut hub_host = host(&hub_home)?;
+    let gp_session = Session::new(
+        gp_ods.clone(),
+        Recipient {
+            ods: hub_ods.clone(),
+            kind: OrgKind::Hub,
+        },
+        0,
+        &mut gp_host,
+    )?;
+    let hub_session = Session::new(
+        hub_ods,
+        Recipient {
+            ods: gp_ods,
+            kind: OrgKind::Gp,
+        },
+        0,
+        &mut hub_host,
+    )?;
+    let mut gp = (gp_session, gp_host);
+    let mut hub = (hub_session, hub_host);
+    exchange(&mut gp, &mut hub, 0)?;
+    let documents = gp.1.store.stats()?.documents;
+
+    change_one_item(&gp_home, &mut gp.1.store)?;
+    gp.0.feed_changed();
+    let (up, down, frames, flights) = exchange(&mut gp, &mut hub, 1)?;
+    println!("{documents:>10} {patients:>10} {up:>12} {down:>12} {frames:>8} {flights:>12}");
+    Ok(())
+}
+
+/// Adds one item to the GP's first document and signs the new version, as an ingest would.
+pub fn change_one_item(home: &Home, store: &mut Store) -> Result<()> {
+    let stored = store
+        .documents_after(0, 1)?
+        .pop()
+        .context("practice holds no documents")?;
+    let key = home.signing_key()?;
+    let actor = caremesh_storage::publish::actor_for(&key);
+    let mut document = PublishedDocument::load_for_writing(&stored.meta, &stored.snapshot, &actor)?;
+    let mut item: Item = document
+        .items()?
+        .into_iter()
+        .next()
+        .context("document holds no items")?;
+    item.id = format!("{}-bench-change", item.id);
+    item.title = "Changed for the benchmark".into();
+    assert!(document.update(&[item], &[], clock::now_unix()));
+    let signed: SignedHeads = key.sign_heads(&stored.meta, &document.heads());
+    let batch = store.write()?;
+    batch.put_document(
+        &signed,
+        &document.save(),
+        &document.items()?,
+        clock::now_unix(),
+    )?;
+    batch.commit()?;
+    Ok(())
+}
+
+/// A GP node home at `dir` holding `patients` generated patients (seed `seed`), ingested as
+/// `caremesh ingest` would.
+pub fn practice_of(dir: &Path, ods: OdsCode, patients: u64, seed: u64) -> Result<PathBuf> {
+    let home = Home::init(
+        dir,
+        OrganisationConfig {
+            ods: ods.clone(),
+            name: format!("Bench Practice {ods}"),
+            kind: OrgKind::Gp,
+        },
+    )?;
+    let extract = dir.join("extract");
+    generate(&GenerateOptions {
+        org: ods,
+        patients,
+        seed,
+        out: extract.clone(),
+    })?;
+    let mut store = home.open_store()?;
+    let started = Instant::now();
+    let report = Ingestor::new(
+        &home,
+        &mut store,
+        None,
+        FileDisposition::LeaveInPlace,
+        clock::now_unix(),
+    )?
+    .ingest_paths(std::slice::from_ref(&extract))?;
+    std::fs::remove_dir_all(&extract).ok();
+    std::fs::write(dir.join("patients.count"), patients.to_string())?;
+    if patients < 10 {
+        return Ok(dir.to_path_buf());
+    }
+    eprintln!(
+        "prepared {patients} patients, {} documents in {:.1}s",
+        report.documents_written,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(dir.to_path_buf())
 }

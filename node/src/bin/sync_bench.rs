@@ -23,17 +23,9 @@
 //!    or point `--samod PATH` at the binary; `--samod-limit SECONDS` caps its cold sync).
 
 use anyhow::{Context, Result};
-use caremesh::bench::{AUTHORITY, count, peak_rss_kib, region, run_node};
-use caremesh::clock;
-use caremesh::generate::{GenerateOptions, generate};
-use caremesh::home::{Home, OrganisationConfig};
-use caremesh::ingest::{FileDisposition, Ingestor};
-use caremesh::trust::TrustState;
-use caremesh_storage::Store;
-use caremesh_storage::sync_host::StoreHost;
-use caremesh_sync::policy::Recipient;
-use caremesh_sync::trust::public_key_of;
-use caremesh_sync::{Item, OdsCode, OrgKind, PublishedDocument, Session, SignedHeads};
+use caremesh::bench::{count, incremental, peak_rss_kib, practice_of, region, run_node};
+use caremesh::home::Home;
+use caremesh_sync::OdsCode;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -194,45 +186,6 @@ fn gp_patients(dir: &Path) -> u64 {
 /// A GP node home holding `patients` generated patients.
 fn practice(dir: &Path, patients: u64) -> Result<PathBuf> {
     practice_of(dir, OdsCode::parse("A81001")?, patients, 1)
-}
-
-fn practice_of(dir: &Path, ods: OdsCode, patients: u64, seed: u64) -> Result<PathBuf> {
-    let home = Home::init(
-        dir,
-        OrganisationConfig {
-            ods: ods.clone(),
-            name: format!("Bench Practice {ods}"),
-            kind: OrgKind::Gp,
-        },
-    )?;
-    let extract = dir.join("extract");
-    generate(&GenerateOptions {
-        org: ods,
-        patients,
-        seed,
-        out: extract.clone(),
-    })?;
-    let mut store = home.open_store()?;
-    let started = Instant::now();
-    let report = Ingestor::new(
-        &home,
-        &mut store,
-        None,
-        FileDisposition::LeaveInPlace,
-        clock::now_unix(),
-    )?
-    .ingest_paths(std::slice::from_ref(&extract))?;
-    std::fs::remove_dir_all(&extract).ok();
-    std::fs::write(dir.join("patients.count"), patients.to_string())?;
-    if patients < 10 {
-        return Ok(dir.to_path_buf());
-    }
-    eprintln!(
-        "prepared {patients} patients, {} documents in {:.1}s",
-        report.documents_written,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(dir.to_path_buf())
 }
 
 fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
@@ -410,126 +363,5 @@ fn cold_sync(work: &Path, gp: &Path) -> Result<()> {
         saved_bytes as f64 / 1e6,
         wire as f64 / saved_bytes as f64
     );
-    Ok(())
-}
-
-/// Runs `gp` ⇄ `hub` sessions in-process until neither has anything to send; returns
-/// (bytes gp→hub, bytes hub→gp, frames, flights from the gp that carried something).
-fn exchange(
-    gp: &mut (Session, StoreHost),
-    hub: &mut (Session, StoreHost),
-    now: u64,
-) -> Result<(u64, u64, u64, u64)> {
-    let (mut up, mut down, mut frames, mut flights) = (0, 0, 0, 0);
-    loop {
-        let mut outgoing = Vec::new();
-        while let Some(frame) = gp.0.poll_transmit(now, &mut gp.1)? {
-            outgoing.push(frame);
-        }
-        if !outgoing.is_empty() {
-            flights += 1;
-        }
-        for frame in &outgoing {
-            up += frame.len() as u64;
-            frames += 1;
-            hub.0.handle_input(frame, now, &mut hub.1)?;
-        }
-        let mut back = Vec::new();
-        while let Some(frame) = hub.0.poll_transmit(now, &mut hub.1)? {
-            back.push(frame);
-        }
-        for frame in &back {
-            down += frame.len() as u64;
-            frames += 1;
-            gp.0.handle_input(frame, now, &mut gp.1)?;
-        }
-        if outgoing.is_empty() && back.is_empty() {
-            return Ok((up, down, frames, flights));
-        }
-    }
-}
-
-fn incremental(work: &Path, gp_dir: &Path, patients: u64) -> Result<()> {
-    let hub_dir = region(
-        work,
-        &[gp_dir.to_path_buf()],
-        &format!("hub-incremental-{patients}"),
-        None,
-    )?;
-    let gp_home = Home::open(gp_dir)?;
-    let hub_home = Home::open(&hub_dir)?;
-    let host = |home: &Home| -> Result<StoreHost> {
-        let trust = TrustState::load(
-            &home.registry_path(),
-            &hex::encode(public_key_of(&AUTHORITY)),
-        )?;
-        Ok(StoreHost::new(
-            home.open_store()?,
-            Box::new(trust),
-            home.config.organisation.ods.clone(),
-            home.config.sharing.defaults(),
-            Box::new(caremesh::clock::now_unix),
-        )?)
-    };
-    let gp_ods = gp_home.config.organisation.ods.clone();
-    let hub_ods = hub_home.config.organisation.ods.clone();
-    let mut gp_host = host(&gp_home)?;
-    let mut hub_host = host(&hub_home)?;
-    let gp_session = Session::new(
-        gp_ods.clone(),
-        Recipient {
-            ods: hub_ods.clone(),
-            kind: OrgKind::Hub,
-        },
-        0,
-        &mut gp_host,
-    )?;
-    let hub_session = Session::new(
-        hub_ods,
-        Recipient {
-            ods: gp_ods,
-            kind: OrgKind::Gp,
-        },
-        0,
-        &mut hub_host,
-    )?;
-    let mut gp = (gp_session, gp_host);
-    let mut hub = (hub_session, hub_host);
-    exchange(&mut gp, &mut hub, 0)?;
-    let documents = gp.1.store.stats()?.documents;
-
-    change_one_item(&gp_home, &mut gp.1.store)?;
-    gp.0.feed_changed();
-    let (up, down, frames, flights) = exchange(&mut gp, &mut hub, 1)?;
-    println!("{documents:>10} {patients:>10} {up:>12} {down:>12} {frames:>8} {flights:>12}");
-    Ok(())
-}
-
-/// Adds one item to the GP's first document and signs the new version, as an ingest would.
-fn change_one_item(home: &Home, store: &mut Store) -> Result<()> {
-    let stored = store
-        .documents_after(0, 1)?
-        .pop()
-        .context("practice holds no documents")?;
-    let key = home.signing_key()?;
-    let actor = caremesh_storage::publish::actor_for(&key);
-    let mut document = PublishedDocument::load_for_writing(&stored.meta, &stored.snapshot, &actor)?;
-    let mut item: Item = document
-        .items()?
-        .into_iter()
-        .next()
-        .context("document holds no items")?;
-    item.id = format!("{}-bench-change", item.id);
-    item.title = "Changed for the benchmark".into();
-    assert!(document.update(&[item], &[], clock::now_unix()));
-    let signed: SignedHeads = key.sign_heads(&stored.meta, &document.heads());
-    let batch = store.write()?;
-    batch.put_document(
-        &signed,
-        &document.save(),
-        &document.items()?,
-        clock::now_unix(),
-    )?;
-    batch.commit()?;
     Ok(())
 }

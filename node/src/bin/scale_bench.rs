@@ -1,0 +1,284 @@
+//! Scale benchmark: a node and a hub holding a million documents.
+//!
+//! ```sh
+//! cargo build --release -p caremesh --bins
+//! caremesh init --dir /path/gp --org A81001 --name "Scale Practice" --kind gp
+//! caremesh generate --org A81001 --patients 100000 --out /path/extract
+//! caremesh ingest --dir /path/gp /path/extract          # about 1,000,000 documents
+//! ./target/release/scale-bench --practice /path/gp
+//! ```
+//!
+//! Beside that practice, the same measurements run on a baseline practice of `--baseline`
+//! patients (default 100, about 1,000 documents) made in this run:
+//!
+//! 1. Opening a record with ten sources: nine other organisations' signed documents about
+//!    the practice's first patient are added to its store, then the record is assembled as
+//!    the view assembles it (read-only connection, read model, sharing decisions), first on
+//!    a quiet store, then while another connection commits a change every 5 ms with
+//!    `synchronous=FULL`, as sync does. p50, p99 and max over `--opens` opens.
+//! 2. Incremental sync after one change: bytes, frames and round trips (as `sync-bench`).
+//! 3. A hub holding the practice's documents: the database is copied into a hub home and a
+//!    real `caremesh run` started on it. Reported: time from spawning the process to its
+//!    first `/health` answer, resident memory then and after 10 s, and peak.
+
+use anyhow::{Context, Result, ensure};
+use caremesh::bench::{incremental, peak_rss_kib, practice_of, region, rss_kib, run_node};
+use caremesh::clock;
+use caremesh::generate::test_nhs_number;
+use caremesh::home::Home;
+use caremesh::record::{Viewer, assemble};
+use caremesh_storage::publish::Publication;
+use caremesh_storage::{SourceRow, Store};
+use caremesh_sync::policy::Consent;
+use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, PublisherKey, Section};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Parser)]
+struct Args {
+    /// A prepared practice home (see the header of this file).
+    #[arg(long)]
+    practice: PathBuf,
+    /// Patients of the baseline practice made in this run.
+    #[arg(long, default_value_t = 100)]
+    baseline: u64,
+    /// Record opens per measurement.
+    #[arg(long, default_value_t = 2000)]
+    opens: usize,
+}
+
+fn main() -> Result<()> {
+    let args: Args = clap::Parser::parse();
+    let work = std::env::temp_dir().join(format!("caremesh-scale-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    println!("work folder: {}", work.display());
+    let result = run(&args, &work);
+    std::fs::remove_dir_all(&work).ok();
+    result
+}
+
+fn run(args: &Args, work: &Path) -> Result<()> {
+    let baseline = practice_of(
+        &work.join("baseline"),
+        OdsCode::parse("A81001")?,
+        args.baseline,
+        1,
+    )?;
+    for (name, dir, patients) in [
+        ("baseline", baseline, args.baseline),
+        ("practice", args.practice.clone(), 100_000),
+    ] {
+        let store = Store::open(&dir.join("node.db"))?;
+        let documents = store.stats()?.documents;
+        drop(store);
+        println!();
+        println!("== {name}: {documents} documents ({})", dir.display());
+        let patient = ten_sources(&dir)?;
+        record_opens(&dir, &patient, args.opens)?;
+        println!("incremental sync after one changed item:");
+        println!(
+            "{:>10} {:>10} {:>12} {:>12} {:>8} {:>12}",
+            "documents", "patients", "bytes GP→hub", "bytes hub→GP", "frames", "round trips"
+        );
+        incremental(work, &dir, patients)?;
+        hub_start(work, &dir, name)?;
+    }
+    Ok(())
+}
+
+/// Nine other organisations publish four items each about the practice's first patient, as
+/// their documents arrive by sync: signed by their own keys, with their sources rows.
+fn ten_sources(dir: &Path) -> Result<NhsNumber> {
+    let patient = test_nhs_number(1, 0);
+    let mut store = Store::open(&dir.join("node.db"))?;
+    let sections = [
+        Section::Problems,
+        Section::Medications,
+        Section::Allergies,
+        Section::Results,
+    ];
+    for org in 1..=9u8 {
+        let ods = OdsCode::parse(&format!("R{org:02}X"))?;
+        let key = PublisherKey::from_secret([org; 32]);
+        let batch = store.write()?;
+        let mut publication = Publication::new(ods.clone(), Consent::SENT_BY_PUBLISHER);
+        for (index, section) in sections.iter().enumerate() {
+            let id = format!("Observation/scale-{org}-{index}");
+            let item = Item::titled(
+                &id,
+                *section,
+                DataClass::Coded,
+                "Observation",
+                &format!("Entry {index} from organisation {org}"),
+                "scale-bench",
+                &id,
+            );
+            publication.place(&batch, &patient, std::slice::from_ref(&id), vec![item])?;
+        }
+        publication.apply(&batch, &key, clock::now_unix())?;
+        batch.touch_received_source(&SourceRow {
+            publisher: ods.to_string(),
+            name: format!("Organisation {org}"),
+            kind: "acute".into(),
+            source_system: "scale-bench".into(),
+            feed: "live".into(),
+            data_as_of: clock::now_unix(),
+            expected_refresh_hours: None,
+        })?;
+        batch.commit()?;
+    }
+    Ok(patient)
+}
+
+/// Record opens on a quiet store, then while another connection commits a change every 5 ms.
+fn record_opens(dir: &Path, patient: &NhsNumber, opens: usize) -> Result<()> {
+    let home = Home::open(dir)?;
+    let viewer = Viewer {
+        ods: home.config.organisation.ods.clone(),
+        defaults: home.config.sharing.defaults(),
+        user_id: "scale-bench".into(),
+    };
+    let reader = Store::open_read_only(&dir.join("node.db"))?;
+    let record = assemble(&reader, patient, &viewer, clock::now_unix())?
+        .context("the ten-source patient has a record")?;
+    let sources = record.sources.len();
+    ensure!(sources >= 10, "the record has {sources} sources, not 10");
+    let quiet = time_opens(&reader, patient, &viewer, opens)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, writes, dir) = (stop.clone(), writes.clone(), dir.to_path_buf());
+        std::thread::spawn(move || keep_writing(&dir, &stop, &writes))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let busy = time_opens(&reader, patient, &viewer, opens)?;
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer does not panic")?;
+    println!("record open, {sources} sources ({opens} opens each):");
+    for (label, (p50, p99, max)) in [("quiet", quiet), ("while writing", busy)] {
+        println!("  {label:>14}: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms");
+    }
+    println!(
+        "  the writer committed {} changes meanwhile",
+        writes.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+fn time_opens(
+    reader: &Store,
+    patient: &NhsNumber,
+    viewer: &Viewer,
+    opens: usize,
+) -> Result<(f64, f64, f64)> {
+    let mut micros = Vec::with_capacity(opens);
+    for _ in 0..opens {
+        let started = Instant::now();
+        let record = assemble(reader, patient, viewer, clock::now_unix())?;
+        micros.push(started.elapsed().as_micros() as u64);
+        ensure!(record.is_some());
+    }
+    micros.sort_unstable();
+    let at = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+    Ok((at(0.5), at(0.99), at(1.0)))
+}
+
+/// Commits a new version of some patient's document every 5 ms until told to stop.
+fn keep_writing(dir: &Path, stop: &AtomicBool, writes: &AtomicU64) -> Result<()> {
+    let home = Home::open(dir)?;
+    let key = home.signing_key()?;
+    let mut store = home.open_store()?;
+    let mut serial = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        serial += 1;
+        let patient = test_nhs_number(1, serial % 50 + 1);
+        let id = format!("Condition/scale-write-{serial}");
+        let item = Item::titled(
+            &id,
+            Section::Problems,
+            DataClass::Coded,
+            "Condition",
+            "Written during the benchmark",
+            "scale-bench",
+            &id,
+        );
+        let batch = store.write()?;
+        let mut publication = Publication::new(
+            home.config.organisation.ods.clone(),
+            home.config.sharing.defaults(),
+        );
+        publication.place(&batch, &patient, std::slice::from_ref(&id), vec![item])?;
+        publication.apply(&batch, &key, clock::now_unix())?;
+        batch.commit()?;
+        writes.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// A hub home holding a copy of the practice's database: time to serve, and memory.
+fn hub_start(work: &Path, practice: &Path, name: &str) -> Result<()> {
+    let store = Store::open(&practice.join("node.db"))?;
+    store.checkpoint()?;
+    drop(store);
+    let hub = region(
+        work,
+        &[practice.to_path_buf()],
+        &format!("hub-{name}"),
+        None,
+    )?;
+    std::fs::copy(practice.join("node.db"), hub.join("node.db"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut home = Home::open(&hub)?;
+    home.config.view.listen = format!("127.0.0.1:{port}");
+    home.config.sync.listen = Some("127.0.0.1:0".into());
+    home.save_config()?;
+    // The file is read from disk, as after a restart with a cold cache as far as this
+    // process goes (the page cache of the machine may hold it).
+    let started = Instant::now();
+    let mut process = run_node(&hub)?;
+    let mut serving = None;
+    while started.elapsed() < Duration::from_secs(60) {
+        if health(port) {
+            serving = Some(started.elapsed().as_secs_f64());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rss_at_start = rss_kib(process.id());
+    std::thread::sleep(Duration::from_secs(10));
+    let rss_later = rss_kib(process.id());
+    let peak = peak_rss_kib(process.id());
+    let _ = process.kill();
+    let _ = process.wait();
+    let bytes = std::fs::metadata(hub.join("node.db"))?.len();
+    println!(
+        "hub on this database ({:.0} MB file): serving after {}, resident {:.0} MB then, {:.0} MB 10 s later, peak {:.0} MB",
+        bytes as f64 / 1e6,
+        serving.map_or("never (60 s)".into(), |s| format!("{s:.2} s")),
+        rss_at_start as f64 / 1024.0,
+        rss_later as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    std::fs::remove_file(hub.join("node.db")).ok();
+    Ok(())
+}
+
+fn health(port: u16) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = "GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200")
+}
