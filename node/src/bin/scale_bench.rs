@@ -45,6 +45,10 @@ struct Args {
     /// Patients of the baseline practice made in this run.
     #[arg(long, default_value_t = 100)]
     baseline: u64,
+    /// Measure only the hub's start and memory (skips the record opens and the incremental
+    /// round, whose set-up syncs every document to a new hub first).
+    #[arg(long)]
+    hub_only: bool,
     /// Record opens per measurement.
     #[arg(long, default_value_t = 2000)]
     opens: usize,
@@ -76,14 +80,16 @@ fn run(args: &Args, work: &Path) -> Result<()> {
         drop(store);
         println!();
         println!("== {name}: {documents} documents ({})", dir.display());
-        let patient = ten_sources(&dir)?;
-        record_opens(&dir, &patient, args.opens)?;
-        println!("incremental sync after one changed item:");
-        println!(
-            "{:>10} {:>10} {:>12} {:>12} {:>8} {:>12}",
-            "documents", "patients", "bytes GP→hub", "bytes hub→GP", "frames", "round trips"
-        );
-        incremental(work, &dir, patients)?;
+        if !args.hub_only {
+            let patient = ten_sources(&dir)?;
+            record_opens(&dir, &patient, args.opens)?;
+            println!("incremental sync after one changed item:");
+            println!(
+                "{:>10} {:>10} {:>12} {:>12} {:>8} {:>12}",
+                "documents", "patients", "bytes GP→hub", "bytes hub→GP", "frames", "round trips"
+            );
+            incremental(work, &dir, patients)?;
+        }
         hub_start(work, &dir, name)?;
     }
     Ok(())
