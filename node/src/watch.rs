@@ -71,7 +71,12 @@ pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestErro
         for path in &ready {
             settling.remove(path);
         }
-        ingest_ready(&home, &ready)?;
+        if let Err(error) = ingest_ready(&home, &ready) {
+            // The files stay in the folder (nothing was moved or half-written: each file is
+            // one transaction), so the next scan retries them once they have settled again.
+            // A busy or briefly unavailable database must not stop the drop folder for good.
+            tracing::error!(%error, "drop folder ingest failed; retrying on the next scan");
+        }
     }
     Ok(())
 }
