@@ -283,3 +283,31 @@ pub fn practice_of(dir: &Path, ods: OdsCode, patients: u64, seed: u64) -> Result
     );
     Ok(dir.to_path_buf())
 }
+
+/// Places one new coded problem about `patient` in `batch`, published as ingest publishes it:
+/// a new signed version of the patient's problems document and of their sharing record.
+/// What the benchmarks change while they measure.
+pub fn publish_problem(
+    batch: &caremesh_storage::WriteBatch<'_>,
+    home: &Home,
+    key: &caremesh_sync::PublisherKey,
+    patient: &caremesh_sync::NhsNumber,
+    id: &str,
+    title: &str,
+) -> Result<()> {
+    let item = Item::titled(
+        id,
+        caremesh_sync::Section::Problems,
+        caremesh_sync::DataClass::Coded,
+        "Condition",
+        title,
+        "benchmark",
+        id,
+    );
+    let ods = home.config.organisation.ods.clone();
+    let mut publication =
+        caremesh_storage::publish::Publication::new(ods, home.config.sharing.defaults());
+    publication.place(batch, patient, &[id.to_string()], vec![item])?;
+    publication.apply(batch, key, clock::now_unix())?;
+    Ok(())
+}

@@ -23,15 +23,13 @@
 //! checks every node and the hub hold exactly the versions each publisher holds: nothing lost.
 
 use anyhow::{Context, Result, ensure};
-use caremesh::bench::{count, peak_rss_kib, region, rss_kib, run_node};
-use caremesh::clock;
+use caremesh::bench::{count, peak_rss_kib, publish_problem, region, rss_kib, run_node};
 use caremesh::generate::test_nhs_number;
 use caremesh::home::{Home, OrganisationConfig};
 use caremesh::network::{StoredObserver, SyncService, SyncSettings};
 use caremesh_storage::Store;
-use caremesh_storage::publish::Publication;
 use caremesh_sync::rng::Rng;
-use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, OrgKind, Section};
+use caremesh_sync::{DataClass, DocId, DocMeta, NhsNumber, OdsCode, OrgKind, Section};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -324,15 +322,6 @@ fn publish_item(
     serial: u64,
 ) -> Result<(DocId, Vec<[u8; 32]>)> {
     let id = format!("Condition/load-{serial}");
-    let item = Item::titled(
-        &id,
-        Section::Problems,
-        DataClass::Coded,
-        "Condition",
-        &format!("Load-test problem {serial}"),
-        "load-bench",
-        &id,
-    );
     let meta = DocMeta {
         publisher: node.ods.clone(),
         patient: patient.clone(),
@@ -341,9 +330,8 @@ fn publish_item(
     };
     let key = node.home.signing_key()?;
     let batch = store.write()?;
-    let mut publication = Publication::new(node.ods.clone(), node.home.config.sharing.defaults());
-    publication.place(&batch, patient, std::slice::from_ref(&id), vec![item])?;
-    publication.apply(&batch, &key, clock::now_unix())?;
+    let title = format!("Load-test problem {serial}");
+    publish_problem(&batch, &node.home, &key, patient, &id, &title)?;
     let heads = batch
         .document(meta.id())?
         .and_then(|stored| stored.signed_heads())

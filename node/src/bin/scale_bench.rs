@@ -22,7 +22,9 @@
 //!    first `/health` answer, resident memory then and after 10 s, and peak.
 
 use anyhow::{Context, Result, ensure};
-use caremesh::bench::{incremental, peak_rss_kib, practice_of, region, rss_kib, run_node};
+use caremesh::bench::{
+    incremental, peak_rss_kib, practice_of, publish_problem, region, rss_kib, run_node,
+};
 use caremesh::clock;
 use caremesh::generate::test_nhs_number;
 use caremesh::home::Home;
@@ -202,22 +204,15 @@ fn keep_writing(dir: &Path, stop: &AtomicBool, writes: &AtomicU64) -> Result<()>
         serial += 1;
         let patient = test_nhs_number(1, serial % 50 + 1);
         let id = format!("Condition/scale-write-{serial}");
-        let item = Item::titled(
-            &id,
-            Section::Problems,
-            DataClass::Coded,
-            "Condition",
-            "Written during the benchmark",
-            "scale-bench",
-            &id,
-        );
         let batch = store.write()?;
-        let mut publication = Publication::new(
-            home.config.organisation.ods.clone(),
-            home.config.sharing.defaults(),
-        );
-        publication.place(&batch, &patient, std::slice::from_ref(&id), vec![item])?;
-        publication.apply(&batch, &key, clock::now_unix())?;
+        publish_problem(
+            &batch,
+            &home,
+            &key,
+            &patient,
+            &id,
+            "Written during the benchmark",
+        )?;
         batch.commit()?;
         writes.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(5));
