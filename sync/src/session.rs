@@ -110,6 +110,14 @@ pub struct VerifiedDocument {
     pub published_at: Option<i64>,
 }
 
+/// What a received version is to the receiver, once its signature verified.
+enum Received {
+    /// Newer than the copy held (or the first copy): to be stored.
+    Newer(Box<VerifiedDocument>),
+    /// Every signed head is already in the copy held: nothing to store.
+    AlreadyHeld,
+}
+
 /// A verified document the receiving node would not store: policy does not let it hold it
 /// (a late copy after a withdrawal, a patient not on its caseload).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,6 +235,9 @@ pub struct SessionStats {
     pub documents_received: u64,
     pub documents_sent: u64,
     pub rejected: u64,
+    /// Received versions this node already held by the time they arrived (stored meanwhile
+    /// through another session): dropped, not stored again.
+    pub already_held: u64,
     /// Received documents that verified but that policy does not let this node hold.
     pub refused: u64,
     /// Our checkpoint in the peer's feed.
@@ -657,10 +668,11 @@ impl Session {
         let doc = meta.id();
         self.resolve(doc)?;
         match self.verify_received(&meta, &changes, &signed, host)? {
-            Ok(verified) => {
-                self.writes.insert(doc, verified);
+            Ok(Received::Newer(verified)) => {
+                self.writes.insert(doc, *verified);
                 self.stats.documents_received += 1;
             }
+            Ok(Received::AlreadyHeld) => self.stats.already_held += 1,
             Err(reason) => {
                 self.stats.rejected += 1;
                 self.events.push_back(Event::Rejected {
@@ -679,13 +691,19 @@ impl Session {
     /// Verifies a received document before anything of it is stored: the publisher's key is
     /// in the registry, the signature holds, and the changes give exactly the signed heads.
     /// The outer error is a local failure; the inner one is the rejection reason.
+    ///
+    /// A version this node already holds is not a rejection: another session (a second hub,
+    /// the publisher directly) may have stored the same or a newer version between this
+    /// session's Want and the peer's answer. The changes were computed against the heads the
+    /// Want named, so applying them to the newer copy would give heads the signature does not
+    /// vouch for; the copy held is kept as it is.
     fn verify_received(
         &mut self,
         meta: &DocMeta,
         changes: &[Vec<u8>],
         signed: &[u8],
         host: &mut impl SyncHost,
-    ) -> Result<Result<VerifiedDocument, String>, SessionError> {
+    ) -> Result<Result<Received, String>, SessionError> {
         let Some(signed) = SignedHeads::decode(signed) else {
             return Ok(Err("signed heads do not decode".into()));
         };
@@ -699,6 +717,9 @@ impl Session {
             Some(document) => document,
             None => PublishedDocument::create(meta.clone(), &[0]),
         };
+        if document.contains_all(&signed.heads) {
+            return Ok(Ok(Received::AlreadyHeld));
+        }
         if let Err(error) = document.apply_chunks(changes) {
             return Ok(Err(error.to_string()));
         }
@@ -709,12 +730,12 @@ impl Session {
             Ok(items) => items,
             Err(error) => return Ok(Err(error.to_string())),
         };
-        Ok(Ok(VerifiedDocument {
+        Ok(Ok(Received::Newer(Box::new(VerifiedDocument {
             signed,
             snapshot: document.save(),
             items,
             published_at: document.last_change_time(),
-        }))
+        }))))
     }
 
     /// Marks a wanted document as answered in the earliest batch waiting for it.

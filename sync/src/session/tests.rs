@@ -669,3 +669,52 @@ fn a_slow_peer_bounds_what_the_provider_has_in_flight() {
     }
     assert!(frames <= 2 + MAX_OUTSTANDING_OFFERS);
 }
+
+#[test]
+fn a_version_stored_through_another_session_while_wanted_is_kept_not_rejected() {
+    let key = gp_key();
+    let mut gp = gp_with(1);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    let meta = gp.docs.values().next().unwrap().1.meta.clone();
+    gp.publish(
+        &key,
+        &meta,
+        &[item_for(&meta, "later", "Latex allergy")],
+        99,
+    );
+    let mut acute = MemoryHost::new(3, &[("A81001", &key)]);
+
+    // The acute trust asks the hub for its (older) version...
+    let mut via_hub = Link::open(("HUB01", &mut hub), ("RTH01", &mut acute));
+    while !via_hub
+        .frames_b_to_a
+        .iter()
+        .any(|m| matches!(m, Message::Want { .. }))
+    {
+        assert_eq!(
+            via_hub.run_limited(&mut hub, &mut acute, 1),
+            1,
+            "a Want is sent"
+        );
+    }
+    // ...the newer version arrives straight from the GP before the hub answers...
+    let mut direct = Link::open(("A81001", &mut gp), ("RTH01", &mut acute));
+    direct.run(&mut gp, &mut acute);
+    assert_eq!(acute.heads(meta.id()), gp.heads(meta.id()));
+    // ...and the hub's answer, computed for a copy the trust no longer holds, is no forgery.
+    via_hub.run(&mut hub, &mut acute);
+    assert!(
+        changes_sent(&via_hub.frames_a_to_b) >= 1,
+        "the hub answered the Want"
+    );
+    assert_eq!(via_hub.b.stats().rejected, 0);
+    assert_eq!(via_hub.b.stats().already_held, 1);
+    assert_eq!(
+        acute.heads(meta.id()),
+        gp.heads(meta.id()),
+        "newer copy kept"
+    );
+    assert_eq!(via_hub.b.stats().pending_in(), 0, "the Want was resolved");
+}
