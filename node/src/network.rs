@@ -862,10 +862,22 @@ impl Engine {
         }
     }
 
+    /// Rewrites every live peer's status row, in one transaction: as separate commits a hub
+    /// with 500 peers made 500 fsyncs a second for monitoring rows alone.
     fn flush_status(&mut self) {
+        let grouped = match self.host.store.begin_group() {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "could not open a transaction for peer status; writing rows one by one");
+                false
+            }
+        };
         let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
         for ods in peers {
             self.save_status(&ods, None);
+        }
+        if grouped && let Err(error) = self.host.store.end_group() {
+            tracing::error!(%error, "could not save peer status");
         }
     }
 
