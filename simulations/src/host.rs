@@ -5,8 +5,8 @@ use crate::scenario::Bug;
 use caremesh_storage::sync_host::StoreHost;
 use caremesh_sync::policy::{Decision, Recipient};
 use caremesh_sync::{
-    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, OdsCode, Refusal,
-    SyncHost, VerifiedDocument,
+    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, LoadedDocuments,
+    OdsCode, Refusal, SyncHost, VerifiedDocument,
 };
 
 pub(crate) struct SimHost {
@@ -35,6 +35,9 @@ impl SyncHost for SimHost {
     }
     fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError> {
         self.inner.document(doc)
+    }
+    fn loaded_documents(&mut self) -> Option<&mut LoadedDocuments> {
+        self.inner.loaded_documents()
     }
     fn commit(
         &mut self,

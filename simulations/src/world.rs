@@ -35,6 +35,9 @@ pub const EPOCH_S: i64 = 1_795_305_600;
 /// `node::network`).
 pub const IDLE_TIMEOUT_MS: u64 = 20_000;
 
+/// Documents each simulated node keeps loaded: small, so eviction and reloading happen too.
+const SIMULATED_LOADED_DOCUMENTS: usize = 32;
+
 const SECTIONS: [Section; 6] = [
     Section::Problems,
     Section::Medications,
@@ -917,13 +920,14 @@ fn open_host(
         let skew = node.skew_ms;
         Box::new(move || EPOCH_S + (now_ms.load(Ordering::Relaxed) as i64 + skew) / 1000)
     };
-    let inner = StoreHost::new(
+    let mut inner = StoreHost::new(
         store,
         Box::new(FixedRegistry(registry.clone())),
         node.ods.clone(),
         node.defaults,
         clock,
     )?;
+    inner.keep_documents_loaded(SIMULATED_LOADED_DOCUMENTS);
     Ok(SimHost {
         inner,
         bug: node.bug,

@@ -9,8 +9,8 @@ use caremesh_sync::VerifiedRegistry;
 use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
 use caremesh_sync::wire::OfferEntry;
 use caremesh_sync::{
-    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, NhsNumber,
-    OdsCode, OfferPage, Refusal, Section, SignedHeads, SyncHost, VerifiedDocument,
+    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, LoadedDocuments,
+    NhsNumber, OdsCode, OfferPage, Refusal, Section, SignedHeads, SyncHost, VerifiedDocument,
 };
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -36,6 +36,7 @@ pub struct StoreHost {
     /// truncated: compact again after the next commit.
     compaction_due: bool,
     tail: FeedTail,
+    loaded: Option<LoadedDocuments>,
 }
 
 /// The newest part of the feed, in memory: a hub's sessions all read the same new entries,
@@ -333,7 +334,14 @@ impl StoreHost {
             clock,
             compaction_due: false,
             tail: FeedTail::starting_at(tip),
+            loaded: None,
         })
+    }
+
+    /// Keeps up to `capacity` recently used documents loaded for the sessions (see
+    /// [`LoadedDocuments`]); without this call none are kept.
+    pub fn keep_documents_loaded(&mut self, capacity: usize) {
+        self.loaded = Some(LoadedDocuments::new(capacity));
     }
 
     /// The registry in force.
@@ -591,6 +599,10 @@ impl SyncHost for StoreHost {
 
     fn registry_bytes(&self) -> Option<Vec<u8>> {
         Some(self.policy.trust.current().bytes().to_vec())
+    }
+
+    fn loaded_documents(&mut self) -> Option<&mut LoadedDocuments> {
+        self.loaded.as_mut()
     }
 
     fn offer_registry(&mut self, bytes: Vec<u8>) -> Result<bool, HostError> {

@@ -14,8 +14,10 @@
 //! * [`trust`]: the signed trust registry of organisations and their keys.
 //! * [`wire`]: versioned postcard messages and length-prefixed framing.
 //! * [`session`]: the sync protocol state machine, one per connected peer.
+//! * [`loaded`]: recently used documents kept loaded for the sessions of one host.
 
 pub mod document;
+pub mod loaded;
 pub mod model;
 pub mod policy;
 pub mod rng;
@@ -27,6 +29,7 @@ pub mod trust;
 pub mod wire;
 
 pub use document::{DocumentError, PublishedDocument};
+pub use loaded::LoadedDocuments;
 pub use model::{
     Coding, DataClass, DocId, DocMeta, Item, ModelError, NhsNumber, OdsCode, OrgKind, Section,
 };

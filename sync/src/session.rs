@@ -29,6 +29,7 @@
 //! through [`SyncHost`].
 
 use crate::document::PublishedDocument;
+use crate::loaded::LoadedDocuments;
 use crate::model::{DocId, DocMeta, Item, OdsCode};
 use crate::policy::{Decision, Recipient, WithholdReason};
 use crate::signing::SignedHeads;
@@ -192,6 +193,10 @@ pub trait SyncHost {
     /// A peer sent its registry; the host verifies it against the pinned authority and
     /// adopts it if newer. Returns whether it was adopted.
     fn offer_registry(&mut self, bytes: Vec<u8>) -> Result<bool, HostError>;
+    /// Recently used documents the host keeps loaded, if it keeps any (see [`crate::loaded`]).
+    fn loaded_documents(&mut self) -> Option<&mut LoadedDocuments> {
+        None
+    }
 }
 
 /// Something the driver should know about (log, count, persist).
@@ -633,16 +638,44 @@ impl Session {
         doc: DocId,
         host: &mut impl SyncHost,
     ) -> Result<Option<PublishedDocument>, SessionError> {
-        let (meta, snapshot) = match self.writes.get(&doc) {
-            Some(written) => (written.signed.meta.clone(), written.snapshot.clone()),
-            None => match host.document(doc)? {
-                Some(held) => (held.meta, held.snapshot),
-                None => return Ok(None),
-            },
+        if let Some(written) = self.writes.get(&doc) {
+            return Ok(PublishedDocument::load(&written.signed.meta, &written.snapshot).ok());
+        }
+        let Some(held) = host.document(doc)? else {
+            return Ok(None);
         };
+        if let Some(heads) = SignedHeads::decode(&held.signed).map(|signed| signed.heads)
+            && let Some(loaded) = host.loaded_documents().and_then(|l| l.take(doc, &heads))
+        {
+            return Ok(Some(loaded));
+        }
         // A stored document that no longer loads is treated as absent: the peer's full copy
         // replaces it once that verifies.
-        Ok(PublishedDocument::load(&meta, &snapshot).ok())
+        Ok(PublishedDocument::load(&held.meta, &held.snapshot).ok())
+    }
+
+    /// The changes a holder of `have` lacks from the held document, from its loaded copy if
+    /// the host keeps one at the held version; None when the stored copy does not load.
+    fn changes_for(
+        held: &HeldDocument,
+        have: &[[u8; 32]],
+        host: &mut impl SyncHost,
+    ) -> Option<Vec<Vec<u8>>> {
+        let doc = held.meta.id();
+        let heads = SignedHeads::decode(&held.signed).map(|signed| signed.heads);
+        if let Some(heads) = &heads
+            && let Some(loaded) = host.loaded_documents().and_then(|l| l.get(doc, heads))
+        {
+            return Some(loaded.changes_since(have));
+        }
+        let document = PublishedDocument::load(&held.meta, &held.snapshot).ok()?;
+        let changes = document.changes_since(have);
+        if heads.is_some_and(|heads| heads == document.heads())
+            && let Some(loaded) = host.loaded_documents()
+        {
+            loaded.keep(document);
+        }
+        Some(changes)
     }
 
     fn on_want(&mut self, docs: Vec<WantEntry>) -> Result<(), SessionError> {
@@ -718,6 +751,9 @@ impl Session {
             None => PublishedDocument::create(meta.clone(), &[0]),
         };
         if document.contains_all(&signed.heads) {
+            if let Some(loaded) = host.loaded_documents() {
+                loaded.keep(document);
+            }
             return Ok(Ok(Received::AlreadyHeld));
         }
         if let Err(error) = document.apply_chunks(changes) {
@@ -730,12 +766,18 @@ impl Session {
             Ok(items) => items,
             Err(error) => return Ok(Err(error.to_string())),
         };
-        Ok(Ok(Received::Newer(Box::new(VerifiedDocument {
+        let verified = VerifiedDocument {
             signed,
             snapshot: document.save(),
             items,
             published_at: document.last_change_time(),
-        }))))
+        };
+        // Kept at the received version: if the commit refuses it or rolls back, the stored
+        // heads differ and the entry is never used.
+        if let Some(loaded) = host.loaded_documents() {
+            loaded.keep(document);
+        }
+        Ok(Ok(Received::Newer(Box::new(verified))))
     }
 
     /// Marks a wanted document as answered in the earliest batch waiting for it.
@@ -841,9 +883,9 @@ impl Session {
         let changes = if want.have.is_empty() {
             vec![held.snapshot]
         } else {
-            match PublishedDocument::load(&held.meta, &held.snapshot) {
-                Ok(document) => document.changes_since(&want.have),
-                Err(_) => return Ok(Some(Message::Missing { doc: want.doc })),
+            match Self::changes_for(&held, &want.have, host) {
+                Some(changes) => changes,
+                None => return Ok(Some(Message::Missing { doc: want.doc })),
             }
         };
         let size: usize = changes.iter().map(Vec::len).sum::<usize>() + held.signed.len();
