@@ -15,7 +15,7 @@ use crate::model::DocId;
 use std::collections::{BTreeMap, HashMap};
 
 // Each loaded document is its Automerge operation set in memory, many times its saved size:
-// about 75 KB each, measured on a hub. Callers choose the capacity with that in mind.
+// 75–95 KB each, measured on a hub. Callers choose the capacity with that in mind.
 
 struct Entry {
     used: u64,
