@@ -627,13 +627,7 @@ impl Engine {
     /// writes commit together: one fsync for what every peer sent in the turn, instead of one
     /// each. Frames (acknowledgements among them) go out only after, from `pump`.
     fn handle_turn(&mut self, first: Command, commands: &mut mpsc::Receiver<Command>) {
-        let grouped = match self.host.store.begin_group() {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(%error, "could not open a group commit; committing one by one");
-                false
-            }
-        };
+        let grouped = self.open_group("the writes of an engine turn");
         let deadline = Instant::now() + GROUP_WINDOW;
         self.handle(first);
         let mut handled = 1;
@@ -879,16 +873,21 @@ impl Engine {
         }
     }
 
+    /// Opens a group commit for `what`; if it cannot be opened, the writes commit one by one.
+    fn open_group(&mut self, what: &str) -> bool {
+        match self.host.store.begin_group() {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, what, "could not open a group commit; committing one by one");
+                false
+            }
+        }
+    }
+
     /// Rewrites every live peer's status row, in one transaction: as separate commits a hub
     /// with 500 peers made 500 fsyncs a second for monitoring rows alone.
     fn flush_status(&mut self) {
-        let grouped = match self.host.store.begin_group() {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(%error, "could not open a transaction for peer status; writing rows one by one");
-                false
-            }
-        };
+        let grouped = self.open_group("peer status");
         let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
         for ods in peers {
             self.save_status(&ods, None);

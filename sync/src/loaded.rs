@@ -19,7 +19,6 @@ use std::collections::{BTreeMap, HashMap};
 
 struct Entry {
     used: u64,
-    heads: Vec<[u8; 32]>,
     document: PublishedDocument,
 }
 
@@ -79,13 +78,11 @@ impl LoadedDocuments {
             self.entries.remove(&oldest);
         }
         self.clock += 1;
-        let heads = document.heads();
         self.by_use.insert(self.clock, doc);
         self.entries.insert(
             doc,
             Entry {
                 used: self.clock,
-                heads,
                 document,
             },
         );
@@ -109,7 +106,7 @@ impl LoadedDocuments {
         let held = self
             .entries
             .get(&doc)
-            .is_some_and(|entry| entry.heads == heads);
+            .is_some_and(|entry| entry.document.heads() == heads);
         if held {
             self.hits += 1;
         } else {

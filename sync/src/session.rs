@@ -101,6 +101,20 @@ pub struct HeldDocument {
     pub signed: Vec<u8>,
 }
 
+impl HeldDocument {
+    /// The heads its publisher signed, if the stored signed heads decode.
+    pub fn signed_heads(&self) -> Option<Vec<[u8; 32]>> {
+        SignedHeads::decode(&self.signed).map(|signed| signed.heads)
+    }
+}
+
+/// Keeps `document` loaded at its current heads, if the host keeps documents loaded.
+fn keep_loaded(host: &mut impl SyncHost, document: PublishedDocument) {
+    if let Some(loaded) = host.loaded_documents() {
+        loaded.keep(document);
+    }
+}
+
 /// A received document that verified, ready to be stored.
 #[derive(Debug, Clone)]
 pub struct VerifiedDocument {
@@ -644,7 +658,7 @@ impl Session {
         let Some(held) = host.document(doc)? else {
             return Ok(None);
         };
-        if let Some(heads) = SignedHeads::decode(&held.signed).map(|signed| signed.heads)
+        if let Some(heads) = held.signed_heads()
             && let Some(loaded) = host.loaded_documents().and_then(|l| l.take(doc, &heads))
         {
             return Ok(Some(loaded));
@@ -662,7 +676,7 @@ impl Session {
         host: &mut impl SyncHost,
     ) -> Option<Vec<Vec<u8>>> {
         let doc = held.meta.id();
-        let heads = SignedHeads::decode(&held.signed).map(|signed| signed.heads);
+        let heads = held.signed_heads();
         if let Some(heads) = &heads
             && let Some(loaded) = host.loaded_documents().and_then(|l| l.get(doc, heads))
         {
@@ -670,10 +684,8 @@ impl Session {
         }
         let document = PublishedDocument::load(&held.meta, &held.snapshot).ok()?;
         let changes = document.changes_since(have);
-        if heads.is_some_and(|heads| heads == document.heads())
-            && let Some(loaded) = host.loaded_documents()
-        {
-            loaded.keep(document);
+        if heads.is_some_and(|heads| heads == document.heads()) {
+            keep_loaded(host, document);
         }
         Some(changes)
     }
@@ -751,9 +763,7 @@ impl Session {
             None => PublishedDocument::create(meta.clone(), &[0]),
         };
         if document.contains_all(&signed.heads) {
-            if let Some(loaded) = host.loaded_documents() {
-                loaded.keep(document);
-            }
+            keep_loaded(host, document);
             return Ok(Ok(Received::AlreadyHeld));
         }
         if let Err(error) = document.apply_chunks(changes) {
@@ -774,9 +784,7 @@ impl Session {
         };
         // Kept at the received version: if the commit refuses it or rolls back, the stored
         // heads differ and the entry is never used.
-        if let Some(loaded) = host.loaded_documents() {
-            loaded.keep(document);
-        }
+        keep_loaded(host, document);
         Ok(Ok(Received::Newer(Box::new(verified))))
     }
 
