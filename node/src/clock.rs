@@ -49,38 +49,112 @@ pub fn unix_from_date(text: &str) -> Option<i64> {
     Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp())
 }
 
-/// `22/11/2026 10:42` (UTC), the form NHS screens use.
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// `22-Nov-2026 10:42`: an instant in UK local time (Europe/London, so BST in summer), in the
+/// NHS Common User Interface's date form, which no reader can take for month-first.
 pub fn uk_date_time(unix: i64) -> String {
-    let (year, month, day) = civil_from_days(unix.div_euclid(86_400));
-    let seconds = unix.rem_euclid(86_400);
+    use chrono::TimeZone;
+    match chrono_tz::Europe::London.timestamp_opt(unix, 0).single() {
+        Some(local) => local_date_time(&local),
+        None => rfc3339(unix),
+    }
+}
+
+fn local_date_time(local: &chrono::DateTime<chrono_tz::Tz>) -> String {
+    use chrono::{Datelike, Timelike};
     format!(
-        "{day:02}/{month:02}/{year:04} {:02}:{:02}",
-        seconds / 3600,
-        seconds % 3600 / 60
+        "{:02}-{}-{:04} {:02}:{:02}",
+        local.day(),
+        MONTHS[local.month0() as usize],
+        local.year(),
+        local.hour(),
+        local.minute()
     )
 }
 
-/// A FHIR date or dateTime shown as `15/04/2022`; anything unparseable is shown as given.
-pub fn uk_date(fhir: &str) -> String {
-    let bytes = fhir.as_bytes();
-    let digits = |range: std::ops::Range<usize>| {
-        bytes
-            .get(range.clone())
-            .filter(|b| b.iter().all(u8::is_ascii_digit))
-            .map(|_| &fhir[range])
-    };
-    match (
-        digits(0..4),
-        bytes.get(4),
-        digits(5..7),
-        bytes.get(7),
-        digits(8..10),
-    ) {
-        (Some(y), Some(b'-'), Some(m), Some(b'-'), Some(d)) => format!("{d}/{m}/{y}"),
-        (Some(y), Some(b'-'), Some(m), None, None) => format!("{m}/{y}"),
-        (Some(y), None, ..) => y.to_string(),
-        _ => fhir.to_string(),
+/// A FHIR date or dateTime as a clinician reads it: a date stays a date (`15-Apr-2022`), a
+/// partial date stays partial (`Apr-2022`, `2022`), and a dateTime is shown in UK local
+/// time with its time of day (`2022-06-30T23:30:00Z` is `01-Jul-2022 00:30`). Anything that
+/// does not parse is shown as given, never guessed at.
+pub fn uk_when(fhir: &str) -> String {
+    let text = fhir.trim();
+    if text.contains('T') {
+        return match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(instant) => local_date_time(&instant.with_timezone(&chrono_tz::Europe::London)),
+            Err(_) => text.to_string(),
+        };
     }
+    let parts: Vec<&str> = text.split('-').collect();
+    let number = |part: &str, digits: usize| {
+        (part.len() == digits && part.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| part.parse::<u32>().ok())
+            .flatten()
+    };
+    match parts.as_slice() {
+        [year] if number(year, 4).is_some() => year.to_string(),
+        [year, month] => match (number(year, 4), number(month, 2)) {
+            (Some(_), Some(m @ 1..=12)) => format!("{}-{year}", MONTHS[m as usize - 1]),
+            _ => text.to_string(),
+        },
+        [year, month, day] => match (number(year, 4), number(month, 2), number(day, 2)) {
+            (Some(y), Some(m), Some(d))
+                if chrono::NaiveDate::from_ymd_opt(y as i32, m, d).is_some() =>
+            {
+                format!("{day}-{}-{year}", MONTHS[m as usize - 1])
+            }
+            _ => text.to_string(),
+        },
+        _ => text.to_string(),
+    }
+}
+
+/// The date alone of a FHIR date or dateTime, in UK local time: what a list shows in its
+/// date column and what a citation gives.
+pub fn uk_date(fhir: &str) -> String {
+    let when = uk_when(fhir);
+    match when.split_once(' ') {
+        Some((date, _time)) if fhir.contains('T') => date.to_string(),
+        _ => when,
+    }
+}
+
+/// The UK local calendar day of a FHIR date or dateTime as `YYYY-MM-DD` (or the partial
+/// date as given), for deciding what happened on the same day.
+pub fn uk_day(fhir: &str) -> String {
+    let text = fhir.trim();
+    if text.contains('T')
+        && let Ok(instant) = chrono::DateTime::parse_from_rfc3339(text)
+    {
+        use chrono::Datelike;
+        let local = instant.with_timezone(&chrono_tz::Europe::London);
+        return format!(
+            "{:04}-{:02}-{:02}",
+            local.year(),
+            local.month(),
+            local.day()
+        );
+    }
+    text.chars().take(10).collect()
+}
+
+/// A sortable instant for a FHIR date or dateTime (unix seconds; a date is its UK day's
+/// start), so that `2024-06-30T23:30:00Z` sorts after `2024-06-30`; `None` if unparseable.
+pub fn sort_key(fhir: &str) -> Option<i64> {
+    let text = fhir.trim();
+    if text.contains('T') {
+        return chrono::DateTime::parse_from_rfc3339(text)
+            .ok()
+            .map(|t| t.timestamp());
+    }
+    let padded = match text.len() {
+        4 => format!("{text}-01-01"),
+        7 => format!("{text}-01"),
+        _ => text.to_string(),
+    };
+    unix_from_date(&padded)
 }
 
 #[cfg(test)]
@@ -91,7 +165,9 @@ mod tests {
     fn formats_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_650_000_000), "2022-04-15T05:20:00Z");
-        assert_eq!(uk_date_time(1_650_000_000), "15/04/2022 05:20");
+        // 15 April 2022 is in British Summer Time: 05:20 UTC is 06:20 in the UK.
+        assert_eq!(uk_date_time(1_650_000_000), "15-Apr-2022 06:20");
+        assert_eq!(uk_date_time(1_642_248_000), "15-Jan-2022 12:00");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
     }
 
@@ -105,10 +181,32 @@ mod tests {
     }
 
     #[test]
-    fn fhir_dates_show_in_uk_order() {
-        assert_eq!(uk_date("2022-04-15T10:00:00+01:00"), "15/04/2022");
-        assert_eq!(uk_date("2022-04"), "04/2022");
-        assert_eq!(uk_date("2022"), "2022");
-        assert_eq!(uk_date("soon"), "soon");
+    fn fhir_dates_show_unambiguously_and_partial_dates_stay_partial() {
+        assert_eq!(uk_date("2022-04-15T10:00:00+01:00"), "15-Apr-2022");
+        assert_eq!(uk_when("2022-04-15"), "15-Apr-2022");
+        assert_eq!(uk_when("2022-04"), "Apr-2022");
+        assert_eq!(uk_when("2022"), "2022");
+        assert_eq!(uk_when("soon"), "soon");
+        assert_eq!(
+            uk_when("2022-02-30"),
+            "2022-02-30",
+            "no such day: shown as given"
+        );
+    }
+
+    #[test]
+    fn instants_show_in_uk_local_time_with_the_day_they_fell_on_there() {
+        // 23:30 UTC on 30 June is 00:30 on 1 July in British Summer Time.
+        assert_eq!(uk_when("2024-06-30T23:30:00Z"), "01-Jul-2024 00:30");
+        assert_eq!(uk_date("2024-06-30T23:30:00Z"), "01-Jul-2024");
+        assert_eq!(uk_day("2024-06-30T23:30:00Z"), "2024-07-01");
+        // In winter the UK is on UTC.
+        assert_eq!(uk_when("2024-01-30T23:30:00Z"), "30-Jan-2024 23:30");
+        // An offset given by the source is honoured.
+        assert_eq!(uk_when("2024-01-30T23:30:00-05:00"), "31-Jan-2024 04:30");
+        // The autumn change: 00:30 UTC on 27 October 2024 is 01:30 BST, 01:30 UTC is 01:30 GMT.
+        assert_eq!(uk_when("2024-10-27T00:30:00Z"), "27-Oct-2024 01:30");
+        assert_eq!(uk_when("2024-10-27T01:30:00Z"), "27-Oct-2024 01:30");
+        assert!(sort_key("2024-06-30T23:30:00Z") > sort_key("2024-06-30"));
     }
 }

@@ -12,7 +12,7 @@ use caremesh_sync::{Coding, DataClass, Item, Section};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
@@ -375,16 +375,23 @@ impl SensitiveCodes {
     }
 }
 
-/// Resolves `medicationReference` to the Medication's code.
-pub trait MedicationLookup {
+/// Resolves references to resources the extract carries beside the clinical ones.
+pub trait ReferenceLookup {
+    /// A `medicationReference` to the Medication's code.
     fn medication(&self, reference: &str) -> Option<CodeableConcept>;
+    /// A reference to an Organization, Practitioner or Location to its name, so that a
+    /// recipient who never saw that resource still reads who recorded a fact and where.
+    fn display(&self, reference: &str) -> Option<String>;
 }
 
 pub struct MappingContext<'a> {
     pub source_system: &'a str,
     pub sensitive: &'a SensitiveCodes,
-    pub medications: &'a dyn MedicationLookup,
+    pub references: &'a dyn ReferenceLookup,
 }
+
+/// Resource types kept only to resolve references to them, with what is kept of each.
+pub const REFERENCED_TYPES: &[&str] = &["Medication", "Organization", "Practitioner", "Location"];
 
 const SUPPORTED: &[(&str, Section)] = &[
     ("AllergyIntolerance", Section::Allergies),
@@ -421,7 +428,7 @@ pub fn map_resource(
             key: resource.key(),
             summary: serde_json::json!({ "code": resource.raw().get("code") }),
         }),
-        "Organization" => Ok(Mapped::Referenced {
+        "Organization" | "Location" => Ok(Mapped::Referenced {
             key: resource.key(),
             summary: serde_json::json!({
                 "name": resource.string("name")?,
@@ -429,6 +436,18 @@ pub fn map_resource(
                     .find(|i| i.system.as_deref() == Some(ODS_SYSTEM)).and_then(|i| i.value),
             }),
         }),
+        "Practitioner" => {
+            let names = resource.list::<HumanName>("name")?;
+            let name = names
+                .iter()
+                .find(|n| n.name_use.as_deref() == Some("official"))
+                .or_else(|| names.first())
+                .and_then(HumanName::render);
+            Ok(Mapped::Referenced {
+                key: resource.key(),
+                summary: serde_json::json!({ "name": name }),
+            })
+        }
         "Consent" => Ok(consent::map_consent(resource)?
             .map(Mapped::Consent)
             .unwrap_or(Mapped::Unsupported)),
@@ -496,6 +515,8 @@ fn map_patient(
         source_id: resource.key(),
         confidentiality: confidentiality(&meta),
         fields,
+        format: caremesh_sync::ITEM_FORMAT,
+        resource: Some(normalised(resource, context)?),
     };
     Ok(PatientFacts {
         key: resource.key(),
@@ -642,13 +663,10 @@ fn map_clinical(
         source_id: main_id,
         confidentiality: confidentiality(&labelled),
         fields: BTreeMap::new(),
+        format: caremesh_sync::ITEM_FORMAT,
+        resource: Some(normalised(resource, context)?),
     };
-    let notes: Vec<String> = resource
-        .list::<Annotation>("note")?
-        .into_iter()
-        .filter_map(|a| a.text)
-        .filter(|t| !t.trim().is_empty())
-        .collect();
+    let notes = narrative(resource)?;
     let mut items = Vec::with_capacity(2);
     if !notes.is_empty() {
         // Narrative attached to a coded entry is free text: agreements that exclude free text
@@ -663,6 +681,9 @@ fn map_clinical(
             code: None,
             title: format!("Note: {title}"),
             detail: Some(notes.join("\n\n")),
+            // The narrative is this item's whole content; the coded resource is the base
+            // item's, which an agreement may send where this one may not go.
+            resource: None,
             ..base.clone()
         });
     }
@@ -674,6 +695,30 @@ fn map_clinical(
         last_updated: meta.last_updated,
         entered_in_error: false,
     })
+}
+
+/// The resource's narrative: its notes, and each reaction's notes and description. It
+/// becomes the free-text item and is left out of the coded resource ([`normalised`]).
+fn narrative(resource: &Resource<'_>) -> Result<Vec<String>, MappingError> {
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct ReactionNarrative {
+        description: Option<String>,
+        note: Vec<Annotation>,
+    }
+    let mut texts: Vec<String> = resource
+        .list::<Annotation>("note")?
+        .into_iter()
+        .filter_map(|a| a.text)
+        .collect();
+    if resource.resource_type == "AllergyIntolerance" {
+        for reaction in resource.list::<ReactionNarrative>("reaction")? {
+            texts.extend(reaction.description.map(|d| format!("Reaction: {d}")));
+            texts.extend(reaction.note.into_iter().filter_map(|a| a.text));
+        }
+    }
+    texts.retain(|t| !t.trim().is_empty());
+    Ok(texts)
 }
 
 fn status_text(resource: &Resource<'_>) -> Result<Option<String>, MappingError> {
@@ -790,7 +835,7 @@ fn read_content(
                         let resolved = if let Some(local) = target.strip_prefix('#') {
                             contained_medication(resource, local)?
                         } else {
-                            context.medications.medication(&target)
+                            context.references.medication(&target)
                         };
                         match (resolved, reference.display) {
                             (Some(concept), _) => Some(concept),
@@ -996,6 +1041,189 @@ fn read_content(
     Ok(content)
 }
 
+/// The resource as an item carries it: narrative left out (generated `text`, and `note`s,
+/// which travel in the free-text item), a referenced or contained Medication inlined as
+/// `medicationCodeableConcept`, and references to Organizations, Practitioners and Locations
+/// given the display names the extract has for them. The subject is rewritten to the NHS
+/// number once ingest has resolved it ([`ClinicalFacts::bind_patient`]).
+fn normalised(
+    resource: &Resource<'_>,
+    context: &MappingContext<'_>,
+) -> Result<Value, MappingError> {
+    let mut object = resource.raw().clone();
+    object.remove("text");
+    object.remove("note");
+    if let Some(Value::Array(reactions)) = object.get_mut("reaction") {
+        for reaction in reactions.iter_mut().filter_map(Value::as_object_mut) {
+            reaction.remove("note");
+            reaction.remove("description");
+        }
+    }
+    if let Some(reference) = resource.field::<Reference>("medicationReference")? {
+        let target = reference.reference.clone().unwrap_or_default();
+        let concept = match target.strip_prefix('#') {
+            Some(local) => contained_medication(resource, local)?,
+            None => context.references.medication(&target),
+        };
+        let concept = concept.map(concept_json).or_else(|| {
+            reference
+                .display
+                .map(|display| serde_json::json!({ "text": display }))
+        });
+        if let Some(concept) = concept {
+            object.remove("medicationReference");
+            object.insert("medicationCodeableConcept".into(), concept);
+            if let Some(local) = target.strip_prefix('#')
+                && let Some(Value::Array(contained)) = object.get_mut("contained")
+            {
+                contained.retain(|c| c.get("id").and_then(Value::as_str) != Some(local));
+            }
+        }
+    }
+    if matches!(object.get("contained"), Some(Value::Array(c)) if c.is_empty()) {
+        object.remove("contained");
+    }
+    let contained_names = contained_names(&object);
+    let mut value = Value::Object(object);
+    name_references(
+        &mut value,
+        &|reference: &str| match reference.strip_prefix('#') {
+            Some(local) => contained_names.get(local).cloned(),
+            None => context.references.display(reference),
+        },
+    );
+    Ok(value)
+}
+
+fn concept_json(concept: CodeableConcept) -> Value {
+    let coding: Vec<Value> = concept
+        .coding
+        .into_iter()
+        .map(|c| {
+            let mut coding = Map::new();
+            coding.extend(c.system.map(|v| ("system".to_string(), Value::String(v))));
+            coding.extend(c.code.map(|v| ("code".to_string(), Value::String(v))));
+            coding.extend(c.display.map(|v| ("display".to_string(), Value::String(v))));
+            Value::Object(coding)
+        })
+        .collect();
+    let mut out = Map::new();
+    if !coding.is_empty() {
+        out.insert("coding".into(), Value::Array(coding));
+    }
+    out.extend(concept.text.map(|t| ("text".to_string(), Value::String(t))));
+    Value::Object(out)
+}
+
+/// Names of contained resources by local id (`#id` references).
+fn contained_names(object: &Map<String, Value>) -> HashMap<String, String> {
+    let Some(Value::Array(contained)) = object.get("contained") else {
+        return HashMap::new();
+    };
+    contained
+        .iter()
+        .filter_map(|c| {
+            let id = c.get("id")?.as_str()?.to_string();
+            let name = match c.get("name")? {
+                Value::String(name) => name.clone(),
+                Value::Array(names) => serde_json::from_value::<HumanName>(names.first()?.clone())
+                    .ok()?
+                    .render()?,
+                _ => return None,
+            };
+            Some((id, name))
+        })
+        .collect()
+}
+
+/// Adds `display` to every reference that lacks one and whose target has a name.
+fn name_references(value: &mut Value, name_of: &dyn Fn(&str) -> Option<String>) {
+    match value {
+        Value::Object(object) => {
+            if let Some(Value::String(reference)) = object.get("reference")
+                && !object.contains_key("display")
+                && let Some(name) = name_of(reference)
+            {
+                object.insert("display".into(), Value::String(name));
+            }
+            for (key, inner) in object.iter_mut() {
+                if key != "contained" {
+                    name_references(inner, name_of);
+                }
+            }
+        }
+        Value::Array(values) => values
+            .iter_mut()
+            .for_each(|inner| name_references(inner, name_of)),
+        _ => {}
+    }
+}
+
+/// Every reference in a resource, for loading what earlier extracts said about their targets.
+pub fn references_in(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(object) => {
+            if let Some(Value::String(reference)) = object.get("reference")
+                && !reference.starts_with('#')
+            {
+                out.push(reference.clone());
+            }
+            object.values().for_each(|inner| references_in(inner, out));
+        }
+        Value::Array(values) => values.iter().for_each(|inner| references_in(inner, out)),
+        _ => {}
+    }
+}
+
+impl ClinicalFacts {
+    /// Names the patient in every item's resource by NHS number, the identity every node
+    /// shares, in place of the extract's local reference (which means nothing elsewhere and
+    /// may carry the patient's name as its display). Other references in the resource to
+    /// the same patient (an asserter, a performer) are rewritten the same way.
+    pub fn bind_patient(&mut self, nhs: &caremesh_sync::NhsNumber) {
+        let local = match &self.patient {
+            PatientRef::Reference(reference) => Some(reference.clone()),
+            PatientRef::Identifier { .. } => None,
+        };
+        let by_nhs = serde_json::json!({
+            "identifier": { "system": NHS_NUMBER_SYSTEM, "value": nhs.as_str() }
+        });
+        for resource in self.items.iter_mut().filter_map(|i| i.resource.as_mut()) {
+            bind_patient_in(resource, local.as_deref(), &by_nhs, true);
+        }
+    }
+}
+
+fn bind_patient_in(value: &mut Value, local: Option<&str>, by_nhs: &Value, top: bool) {
+    match value {
+        Value::Object(object) => {
+            if top {
+                for field in ["subject", "patient"] {
+                    if object.contains_key(field) {
+                        object.insert(field.into(), by_nhs.clone());
+                    }
+                }
+            }
+            for (key, inner) in object.iter_mut() {
+                if top && (key == "subject" || key == "patient") {
+                    continue;
+                }
+                let names_patient =
+                    local.is_some() && inner.get("reference").and_then(Value::as_str) == local;
+                if names_patient {
+                    *inner = by_nhs.clone();
+                } else {
+                    bind_patient_in(inner, local, by_nhs, false);
+                }
+            }
+        }
+        Value::Array(values) => values
+            .iter_mut()
+            .for_each(|inner| bind_patient_in(inner, local, by_nhs, false)),
+        _ => {}
+    }
+}
+
 fn contained_medication(
     resource: &Resource<'_>,
     local_id: &str,
@@ -1037,8 +1265,11 @@ mod tests {
     use serde_json::json;
 
     struct NoMedications;
-    impl MedicationLookup for NoMedications {
+    impl ReferenceLookup for NoMedications {
         fn medication(&self, _: &str) -> Option<CodeableConcept> {
+            None
+        }
+        fn display(&self, _: &str) -> Option<String> {
             None
         }
     }
@@ -1048,7 +1279,7 @@ mod tests {
         let context = MappingContext {
             source_system: "TEST",
             sensitive: &sensitive,
-            medications: &NoMedications,
+            references: &NoMedications,
         };
         map_resource(&Resource::new(&value)?, &context)
     }
@@ -1171,6 +1402,47 @@ mod tests {
             map(json!({"resourceType": "Appointment", "id": "x"})).unwrap(),
             Mapped::Unsupported
         ));
+    }
+
+    #[test]
+    fn items_carry_the_resource_without_narrative_and_named_by_nhs_number() {
+        let mut facts = clinical(json!({
+            "resourceType": "MedicationStatement", "id": "m1",
+            "text": {"status": "generated", "div": "<div>Richard Smith takes</div>"},
+            "subject": {"reference": "Patient/p1", "display": "Richard Smith"},
+            "informationSource": {"reference": "Patient/p1"},
+            "contained": [{"resourceType": "Medication", "id": "med",
+                           "code": {"coding": [{"system": SNOMED, "code": "3214", "display": "Simvastatin 20mg tablets"}]}}],
+            "medicationReference": {"reference": "#med"},
+            "status": "active",
+            "dosage": [{"doseAndRate": [{"doseQuantity": {"value": 20, "unit": "mg"}}]}],
+            "note": [{"text": "MARKER-NOTE"}]
+        }));
+        let nhs = caremesh_sync::NhsNumber::parse("9912003888").unwrap();
+        facts.bind_patient(&nhs);
+        let resource = facts.items[0].resource.as_ref().unwrap();
+        let text = resource.to_string();
+        assert!(
+            !text.contains("MARKER-NOTE"),
+            "notes travel only as free text: {text}"
+        );
+        assert!(!text.contains("Richard"), "no name, no narrative: {text}");
+        assert_eq!(resource["subject"]["identifier"]["value"], "9912003888");
+        assert_eq!(
+            resource["informationSource"]["identifier"]["value"],
+            "9912003888"
+        );
+        assert_eq!(
+            resource["medicationCodeableConcept"]["coding"][0]["display"],
+            "Simvastatin 20mg tablets"
+        );
+        assert!(resource.get("contained").is_none());
+        assert_eq!(
+            resource["dosage"][0]["doseAndRate"][0]["doseQuantity"]["value"],
+            20
+        );
+        assert!(facts.items[1].resource.is_none());
+        assert_eq!(facts.items[1].detail.as_deref(), Some("MARKER-NOTE"));
     }
 
     #[test]

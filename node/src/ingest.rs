@@ -9,7 +9,7 @@
 //!   a `.reason.txt` naming each problem and where it is.
 
 use crate::fhir::{
-    self, CodeableConcept, MappingContext, MedicationLookup, NHS_NUMBER_SYSTEM, PatientRef,
+    self, CodeableConcept, MappingContext, NHS_NUMBER_SYSTEM, PatientRef, ReferenceLookup,
     Resource, SensitiveCodes,
 };
 use crate::home::{Home, HomeError};
@@ -574,7 +574,7 @@ impl<'a> Ingestor<'a> {
                         report.stale += 1;
                     }
                 }
-                "Medication" | "Organization" => {
+                kind if fhir::REFERENCED_TYPES.contains(&kind) => {
                     let context = rules.context(&source_system, &local);
                     match fhir::map_resource(&resource, &context) {
                         Ok(fhir::Mapped::Referenced { key, summary }) => {
@@ -600,7 +600,7 @@ impl<'a> Ingestor<'a> {
         // Pass 2: clinical resources, placed in their patients' documents.
         for entry in clinical {
             let resource = Resource::new(&entry.value).expect("checked in pass 1");
-            load_earlier_medication(&batch, &mut local, &resource)?;
+            load_earlier_references(&batch, &mut local, &entry.value)?;
             let context = rules.context(&source_system, &local);
             let placed = match fhir::map_resource(&resource, &context) {
                 Ok(fhir::Mapped::Clinical(facts)) => Placed::Clinical(facts),
@@ -639,7 +639,7 @@ impl<'a> Ingestor<'a> {
                 report.stale += 1;
                 continue;
             }
-            let facts = match placed {
+            let mut facts = match placed {
                 Placed::Clinical(facts) => facts,
                 Placed::Consent(consent) => {
                     let defaults = rules.home.config.sharing.defaults();
@@ -661,6 +661,7 @@ impl<'a> Ingestor<'a> {
                         .or_default() += 1;
                 }
             }
+            facts.bind_patient(&nhs);
             let items = rules.hold_back_before_share_from(facts.items);
             publication.place(&batch, &nhs, &facts.family, items)?;
         }
@@ -707,7 +708,7 @@ impl IngestRules<'_> {
         MappingContext {
             source_system,
             sensitive: &self.sensitive,
-            medications: local,
+            references: local,
         }
     }
 
@@ -909,36 +910,52 @@ struct LocalReferences {
     referenced: HashMap<String, Value>,
 }
 
-impl MedicationLookup for LocalReferences {
-    fn medication(&self, reference: &str) -> Option<CodeableConcept> {
-        let summary = self
-            .referenced
+impl LocalReferences {
+    fn summary(&self, reference: &str) -> Option<&Value> {
+        self.referenced
             .get(reference)
-            .or_else(|| self.referenced.get(&normalise_reference(reference)))?;
-        serde_json::from_value(summary.get("code")?.clone()).ok()
+            .or_else(|| self.referenced.get(&normalise_reference(reference)))
     }
 }
 
-/// Loads a Medication ingested in an earlier file into the local map before mapping.
-fn load_earlier_medication(
+impl ReferenceLookup for LocalReferences {
+    fn medication(&self, reference: &str) -> Option<CodeableConcept> {
+        serde_json::from_value(self.summary(reference)?.get("code")?.clone()).ok()
+    }
+
+    fn display(&self, reference: &str) -> Option<String> {
+        let summary = self.summary(reference)?;
+        let name = summary.get("name")?.as_str()?;
+        Some(match summary.get("ods").and_then(Value::as_str) {
+            Some(ods) => format!("{name} ({ods})"),
+            None => name.to_string(),
+        })
+    }
+}
+
+/// Loads what earlier extracts said about the resources this one refers to (Medications,
+/// Organizations, Practitioners, Locations) into the local map before mapping.
+fn load_earlier_references(
     batch: &WriteBatch<'_>,
     local: &mut LocalReferences,
-    resource: &Resource<'_>,
+    value: &Value,
 ) -> Result<(), IngestError> {
-    let Some(Value::Object(reference)) = resource.raw().get("medicationReference") else {
-        return Ok(());
-    };
-    let Some(Value::String(target)) = reference.get("reference") else {
-        return Ok(());
-    };
-    if local.referenced.contains_key(target) || target.starts_with('#') {
-        return Ok(());
-    }
-    let key = normalise_reference(target);
-    if let Some(body) = batch.referenced(target)?.or(batch.referenced(&key)?)
-        && let Ok(summary) = serde_json::from_str(&body)
-    {
-        local.referenced.insert(target.clone(), summary);
+    let mut references = Vec::new();
+    fhir::references_in(value, &mut references);
+    for target in references {
+        if local.referenced.contains_key(&target) || local.patients.contains_key(&target) {
+            continue;
+        }
+        let key = normalise_reference(&target);
+        let kind = key.split('/').next().unwrap_or_default();
+        if !target.starts_with("urn:") && !fhir::REFERENCED_TYPES.contains(&kind) {
+            continue;
+        }
+        if let Some(body) = batch.referenced(&target)?.or(batch.referenced(&key)?)
+            && let Ok(summary) = serde_json::from_str(&body)
+        {
+            local.referenced.insert(target, summary);
+        }
     }
     Ok(())
 }

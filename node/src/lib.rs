@@ -16,6 +16,7 @@ pub mod launch;
 pub mod metrics;
 pub mod network;
 pub mod patient_index;
+pub mod reading;
 pub mod record;
 pub mod sim;
 pub mod tls;

@@ -31,7 +31,8 @@ pub mod wire;
 pub use document::{DocumentError, PublishedDocument};
 pub use loaded::LoadedDocuments;
 pub use model::{
-    Coding, DataClass, DocId, DocMeta, Item, ModelError, NhsNumber, OdsCode, OrgKind, Section,
+    Coding, DataClass, DocId, DocMeta, ITEM_FORMAT, Item, ModelError, NhsNumber, OdsCode, OrgKind,
+    Section,
 };
 pub use session::{
     Checkpoint, Event, FeedEntry, HeldDocument, HostError, OfferPage, Refusal, Session,

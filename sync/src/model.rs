@@ -291,10 +291,21 @@ pub struct Coding {
     pub display: Option<String>,
 }
 
+/// The item format this build writes. Format 1 items carried only a summary (title, one
+/// detail string, one status string) and lost dosage, ranges, verification status and end
+/// dates; format 2 items also carry the source resource itself (`Item::resource`), from which
+/// the view renders. A node keeps serving format 1 items until their publisher re-publishes
+/// them, and says so (`caremesh status`).
+pub const ITEM_FORMAT: u32 = 2;
+
 /// One clinical fact as a publisher shares it: normalised from a FHIR resource, with its
 /// provenance. The publishing organisation and patient are those of the document holding it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
+    /// The format the item was written in (see [`ITEM_FORMAT`]); items written before
+    /// formats were numbered read as 1.
+    #[serde(default = "Item::first_format")]
+    pub format: u32,
     /// Unique within the publisher: `ResourceType/id`, with a suffix for derived items.
     pub id: String,
     pub section: Section,
@@ -328,9 +339,25 @@ pub struct Item {
     /// Named fields for items that are more than one fact, such as demographics.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub fields: std::collections::BTreeMap<String, String>,
+    /// The source FHIR resource as the publisher holds it, normalised: the subject named by
+    /// NHS number, referenced Medications inlined, references given display names where the
+    /// extract had them, and no narrative (generated `text` and `note`s travel only in the
+    /// free-text item, so an agreement that withholds free text withholds them). `None` for
+    /// items with no source resource (sharing and access records) and for format 1 items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<serde_json::Value>,
 }
 
 impl Item {
+    fn first_format() -> u32 {
+        1
+    }
+
+    /// Whether the item was written before items carried their source resource.
+    pub fn is_summary_only(&self) -> bool {
+        self.format < ITEM_FORMAT && self.section.is_clinical()
+    }
+
     /// An item with its identity, title and provenance, and nothing else yet.
     pub fn titled(
         id: &str,
@@ -342,6 +369,7 @@ impl Item {
         source_id: &str,
     ) -> Item {
         Item {
+            format: ITEM_FORMAT,
             id: id.into(),
             section,
             class,
@@ -357,6 +385,7 @@ impl Item {
             source_id: source_id.into(),
             confidentiality: None,
             fields: Default::default(),
+            resource: None,
         }
     }
 }
