@@ -11,6 +11,7 @@ pub mod demo;
 pub mod fhir;
 pub mod generate;
 pub mod home;
+pub mod identity;
 pub mod ingest;
 pub mod launch;
 pub mod metrics;

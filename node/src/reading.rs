@@ -299,11 +299,25 @@ fn code_of(value: Option<&Value>) -> Option<String> {
         .or_else(|| text(value?, "text"))
 }
 
+/// Who or what a reference names: its display, else its identifier; a bare reference to a
+/// resource the extract did not include names nobody a clinician would know, so it reads
+/// as such rather than as an internal id.
 fn reference_name(value: Option<&Value>) -> Option<String> {
     let value = value?;
     text(value, "display")
         .or_else(|| value.get("identifier").and_then(|i| text(i, "value")))
-        .or_else(|| text(value, "reference"))
+        .or_else(|| {
+            let reference = text(value, "reference")?;
+            let kind = reference
+                .rsplit('/')
+                .nth(1)
+                .filter(|k| k.chars().next().is_some_and(char::is_uppercase))
+                .unwrap_or("resource");
+            Some(format!(
+                "a {} not named in this extract",
+                kind.to_lowercase()
+            ))
+        })
 }
 
 fn names(values: &[Value], field: Option<&str>) -> Option<String> {
@@ -325,7 +339,7 @@ fn when_x(resource: &Value, prefix: &str) -> Option<String> {
     text(resource, &format!("{prefix}DateTime"))
         .or_else(|| {
             resource
-                .get(&format!("{prefix}Period"))
+                .get(format!("{prefix}Period"))
                 .and_then(|p| text(p, "start"))
         })
         .or_else(|| text(resource, &format!("{prefix}String")))
@@ -339,17 +353,17 @@ fn when_x_words(resource: &Value, prefix: &str) -> Option<String> {
     {
         return Some(clock::uk_when(&date));
     }
-    if let Some(period) = resource.get(&format!("{prefix}Period")) {
+    if let Some(period) = resource.get(format!("{prefix}Period")) {
         return period_words(period);
     }
-    if let Some(age) = resource.get(&format!("{prefix}Age")) {
+    if let Some(age) = resource.get(format!("{prefix}Age")) {
         return quantity(age).map(|a| format!("at age {a}"));
     }
-    if let Some(range) = resource.get(&format!("{prefix}Range")) {
+    if let Some(range) = resource.get(format!("{prefix}Range")) {
         return range_words(range).map(|r| format!("at age {r}"));
     }
     if let Some(true) = resource
-        .get(&format!("{prefix}Boolean"))
+        .get(format!("{prefix}Boolean"))
         .and_then(Value::as_bool)
     {
         return Some("yes (date not given)".into());
@@ -451,10 +465,15 @@ fn quantity_with(value: &Value, min_decimals: usize) -> Option<String> {
         Value::Number(n) => readable_number(n, min_decimals),
         _ => return None,
     };
-    let unit = text(value, "unit")
-        .or_else(|| text(value, "code"))
-        .map(|u| readable_unit(&u))
-        .unwrap_or_default();
+    // A UCUM code reads the same from every source ("mm[Hg]" where one writes "millimeter
+    // of mercury" and another "mmHg"); otherwise the unit as the source wrote it.
+    let ucum = text(value, "system").as_deref() == Some("http://unitsofmeasure.org");
+    let unit = match (ucum, text(value, "code"), text(value, "unit")) {
+        (true, Some(code), _) => readable_unit(&code),
+        (_, _, Some(unit)) => readable_unit(&unit),
+        (_, Some(code), None) => readable_unit(&code),
+        (_, None, None) => String::new(),
+    };
     let comparator = text(value, "comparator").unwrap_or_default();
     Some(if unit.is_empty() {
         format!("{comparator}{number}")

@@ -1,6 +1,8 @@
 //! The joined-up record as the view shows it, assembled from the local read model only.
 
 use crate::clock;
+use crate::identity::{self, Conflict, Demographics};
+use crate::reading::{self, Reading, Standing};
 use caremesh_storage::{BreakGlass, SourceRow, StorageError, Store, StoredItem};
 use caremesh_sync::policy::{self, Consent, SharingRecord, ViewDecision, WithholdReason};
 use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, Section};
@@ -21,7 +23,10 @@ pub struct Viewer {
 pub struct Record {
     pub nhs_number: String,
     pub nhs_number_formatted: String,
+    /// The banner: this organisation's own demographics, else the registered GP's.
     pub demographics: Option<Demographics>,
+    /// Where sources disagree on name, date of birth, gender or death: each one's version.
+    pub demographic_conflicts: Vec<Conflict>,
     pub sections: Vec<SectionView>,
     pub sources: Vec<SourceView>,
     /// When this view was assembled (the node's clock).
@@ -44,19 +49,14 @@ pub struct WithheldSource {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Demographics {
-    pub name: Option<String>,
-    pub birth_date: Option<String>,
-    pub gender: Option<String>,
-    pub registered_gp: Option<String>,
-    pub source: String,
-}
-
-#[derive(Debug, Serialize)]
 pub struct SectionView {
     pub section: Section,
     pub title: &'static str,
+    /// Versions held and shown: one per source's item.
     pub count: usize,
+    /// What must be seen before the entries, such as "no known allergies" recorded beside
+    /// a current allergy.
+    pub warnings: Vec<String>,
     pub items: Vec<ItemView>,
     /// The items as the view lists them: the same fact from several sources is one entry
     /// naming each (indexes into `items`), never merged into one source's version.
@@ -71,6 +71,11 @@ pub struct SectionView {
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct EntryView {
     pub title: String,
+    /// Where the fact stands: the most current any source gives it (a problem one source
+    /// records as active and another as resolved is listed as current, each version shown).
+    pub standing: Standing,
+    /// Warnings any version carries, each once.
+    pub warnings: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
     /// The newest of its items' dates.
@@ -82,49 +87,30 @@ pub struct EntryView {
     pub sources: Vec<String>,
 }
 
-/// Whether the section records ongoing states (a medication, a problem: the same code is
-/// the same fact whenever each source recorded it) rather than events (a result, an
-/// encounter: the same code on another day is another fact).
-fn records_states(section: Section) -> bool {
-    matches!(
-        section,
-        Section::Alerts
-            | Section::Allergies
-            | Section::Medications
-            | Section::Problems
-            | Section::CarePlans
-    )
-}
-
-/// What makes two items the same fact: their code (or, uncoded, their title), their class
-/// (a coded fact and a narrative about it stay apart), and for events their day.
-fn fact_key(section: Section, item: &ItemView) -> (String, DataClass, String) {
-    let what = match &item.code {
-        Some(code) if !code.is_empty() => format!("code:{code}"),
-        _ => format!("title:{}", item.title.trim().to_lowercase()),
-    };
-    let day = if records_states(section) {
-        String::new()
-    } else {
-        item.effective
-            .as_deref()
-            .map(|e| e.chars().take(10).collect())
-            .unwrap_or_default()
-    };
-    (what, item.data_class, day)
+/// What makes two items the same fact: their reading's identity (code and words; for
+/// medicines product and dose; for results test, time and value) and their class (a coded
+/// fact and a narrative about it stay apart).
+fn fact_key(item: &ItemView) -> (String, DataClass) {
+    (item.reading.identity.clone(), item.data_class)
 }
 
 /// Groups a section's items (sorted newest first) into entries, keeping that order.
-pub fn group_entries(section: Section, items: &[ItemView]) -> Vec<EntryView> {
+pub fn group_entries(items: &[ItemView]) -> Vec<EntryView> {
     let mut entries: Vec<EntryView> = Vec::new();
-    let mut by_key: std::collections::HashMap<(String, DataClass, String), usize> =
+    let mut by_key: std::collections::HashMap<(String, DataClass), usize> =
         std::collections::HashMap::new();
     for (index, item) in items.iter().enumerate() {
-        let key = fact_key(section, item);
+        let key = fact_key(item);
         match by_key.get(&key) {
             Some(&entry) => {
                 let entry = &mut entries[entry];
                 entry.items.push(index);
+                entry.standing = entry.standing.min(item.reading.standing);
+                for warning in &item.reading.warnings {
+                    if !entry.warnings.contains(warning) {
+                        entry.warnings.push(warning.clone());
+                    }
+                }
                 if !entry.sources.contains(&item.source.organisation) {
                     entry.sources.push(item.source.organisation.clone());
                 }
@@ -132,9 +118,11 @@ pub fn group_entries(section: Section, items: &[ItemView]) -> Vec<EntryView> {
             None => {
                 by_key.insert(key, entries.len());
                 entries.push(EntryView {
-                    title: item.title.clone(),
+                    title: item.reading.title.clone(),
+                    standing: item.reading.standing,
+                    warnings: item.reading.warnings.clone(),
                     code: item.code.clone(),
-                    effective: item.effective.clone(),
+                    effective: item.reading.date.clone().or(item.effective.clone()),
                     items: vec![index],
                     sources: vec![item.source.organisation.clone()],
                 });
@@ -168,6 +156,8 @@ pub struct ItemView {
     pub source: ItemSource,
     /// Why it is shown: own data, Share In, or break-glass.
     pub shown_by: ViewDecision,
+    /// What a clinician reads of it, rendered from the source resource.
+    pub reading: Reading,
 }
 
 #[derive(Debug, Serialize)]
@@ -287,21 +277,20 @@ pub fn assemble(
             })
         })
         .collect();
-    let demographics = by_section
+    let versions = by_section
         .remove(&Section::Demographics)
-        .and_then(|mut items| {
-            // The most recently updated demographics win; the source is always named.
-            items.sort_by(|a, b| b.1.last_updated.cmp(&a.1.last_updated));
-            let (publisher, item, _) = items.into_iter().next()?;
-            let field = |name: &str| item.fields.get(name).cloned();
-            Some(Demographics {
-                name: field("name"),
-                birth_date: field("birth_date"),
-                gender: field("gender"),
-                registered_gp: field("registered_gp"),
-                source: organisation_name(&publisher),
-            })
-        });
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(publisher, item, _)| {
+            let kind = sources
+                .get(&publisher)
+                .map(|s| s.kind.as_str())
+                .unwrap_or("");
+            identity::version_of(&item, &publisher, &organisation_name(&publisher), kind)
+        })
+        .collect();
+    let today = clock::rfc3339(now);
+    let identified = identity::identify(versions, viewer.ods.as_str(), &today[..10]);
     let sections = Section::ALL
         .iter()
         .filter(|s| s.is_clinical() && **s != Section::Demographics)
@@ -310,34 +299,36 @@ pub fn assemble(
                 .remove(section)
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(publisher, item, shown_by)| ItemView {
-                    code: item.code.as_ref().and_then(|c| c.code.clone()),
-                    title: item.title,
-                    detail: item.detail,
-                    status: item.status,
-                    effective: item.effective,
-                    recorded: item.recorded,
-                    last_updated: item.last_updated,
-                    data_class: item.class,
-                    source: ItemSource {
-                        organisation_name: organisation_name(&publisher),
-                        organisation: publisher,
-                        system: item.source_system,
-                        resource: item.source_id,
-                    },
-                    shown_by,
+                .map(|(publisher, item, shown_by)| {
+                    let item_for_reading = item.clone();
+                    ItemView {
+                        code: item.code.as_ref().and_then(|c| c.code.clone()),
+                        title: item.title,
+                        detail: item.detail,
+                        status: item.status,
+                        effective: item.effective,
+                        recorded: item.recorded,
+                        last_updated: item.last_updated,
+                        data_class: item.class,
+                        source: ItemSource {
+                            organisation_name: organisation_name(&publisher),
+                            organisation: publisher,
+                            system: item.source_system,
+                            resource: item.source_id,
+                        },
+                        shown_by,
+                        reading: reading::read(&item_for_reading),
+                    }
                 })
                 .collect();
-            items.sort_by(|a, b| {
-                b.effective
-                    .cmp(&a.effective)
-                    .then_with(|| a.title.cmp(&b.title))
-            });
+            sort_newest_first(&mut items);
+            let entries = group_entries(&items);
             SectionView {
                 section: *section,
                 title: section.title(),
                 count: items.len(),
-                entries: group_entries(*section, &items),
+                warnings: section_warnings(*section, &items, &entries),
+                entries,
                 items,
                 withheld_by_sharing_rules: withheld.get(section).copied().unwrap_or(0),
                 hidden_without_share_in: hidden.get(section).copied().unwrap_or(0),
@@ -367,7 +358,8 @@ pub fn assemble(
     Ok(Some(Record {
         nhs_number: nhs.to_string(),
         nhs_number_formatted: nhs.formatted(),
-        demographics,
+        demographics: identified.demographics,
+        demographic_conflicts: identified.conflicts,
         sections,
         sources,
         assembled_at: clock::rfc3339(now),
@@ -376,6 +368,53 @@ pub fn assemble(
         hidden_without_share_in: hidden.values().sum(),
         withheld_sources,
     }))
+}
+
+/// Newest first by when each fact started or happened, in real time (an instant late on
+/// 30 June UTC sorts after 30 June); undated last, then by title.
+fn sort_newest_first(items: &mut [ItemView]) {
+    items.sort_by_cached_key(|item| {
+        let when = item
+            .reading
+            .date
+            .as_deref()
+            .or(item.effective.as_deref())
+            .and_then(clock::sort_key);
+        (std::cmp::Reverse(when), item.reading.title.clone())
+    });
+}
+
+/// Warnings for a whole section: "no known allergies" recorded beside a current allergy
+/// contradicts it, whichever sources recorded each.
+fn section_warnings(section: Section, items: &[ItemView], entries: &[EntryView]) -> Vec<String> {
+    if section != Section::Allergies {
+        return Vec::new();
+    }
+    let live = |standing: Standing| matches!(standing, Standing::Current | Standing::NotStated);
+    let mut negations = Vec::new();
+    let mut allergies = Vec::new();
+    for entry in entries.iter().filter(|e| live(e.standing)) {
+        let first = &items[entry.items[0]];
+        if first.reading.negation {
+            negations.push(format!(
+                "{} ({})",
+                entry.title, first.source.organisation_name
+            ));
+        } else {
+            allergies.push(format!(
+                "{} ({})",
+                entry.title, first.source.organisation_name
+            ));
+        }
+    }
+    if negations.is_empty() || allergies.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "Conflict: {} is recorded, but so is an allergy: {}. Check with the patient and the sources before prescribing.",
+        negations.join(", "),
+        allergies.join(", ")
+    )]
 }
 
 /// Per section: what other publishers state they hold about the patient, less what this
@@ -406,7 +445,7 @@ fn withheld_record_reason(reason: &WithholdReason) -> &'static str {
     }
 }
 
-/// The record as plain text, for `caremesh record`.
+/// The record as plain text, for `caremesh record`: the same readings the page shows.
 pub fn render_text(record: &Record) -> String {
     let mut out = String::new();
     let demographics = record.demographics.as_ref();
@@ -419,26 +458,53 @@ pub fn render_text(record: &Record) -> String {
     ));
     if let Some(d) = demographics {
         out.push_str(&format!(
-            "Born {}  Gender {}  Registered GP {}\n",
+            "Born {}{}  Gender {}  Postcode {}\nRegistered GP {}{}\nDemographics from {} ({})\n",
             d.birth_date
                 .as_deref()
                 .map(clock::uk_date)
                 .unwrap_or_else(|| "-".into()),
+            d.age
+                .as_deref()
+                .map(|a| format!(" ({a})"))
+                .unwrap_or_default(),
             d.gender.as_deref().unwrap_or("-"),
-            d.registered_gp.as_deref().unwrap_or("-")
+            d.postcode.as_deref().unwrap_or("-"),
+            d.registered_gp.as_deref().unwrap_or("not recorded"),
+            d.registered_gp_source
+                .as_deref()
+                .map(|s| format!(" (from {s})"))
+                .unwrap_or_default(),
+            d.source,
+            d.chosen_because,
+        ));
+        if let Some(deceased) = &d.deceased {
+            out.push_str(&format!("DECEASED {}\n", deceased_phrase(deceased)));
+        }
+    }
+    for conflict in &record.demographic_conflicts {
+        out.push_str(&format!(
+            "WARNING: sources disagree on {}: {}\n",
+            conflict.field.to_lowercase(),
+            conflict
+                .versions
+                .iter()
+                .map(|(source, value)| format!("{source} says {value}"))
+                .collect::<Vec<_>>()
+                .join("; ")
         ));
     }
     out.push_str("\nSources:\n");
     for source in &record.sources {
         out.push_str(&format!(
-            "  {} ({}, {}) - {} feed from {}, data as of {} - {} items\n",
+            "  {} ({}, {}) - {} feed from {}, data as of {} - {} items{}\n",
             source.name,
             source.ods,
             source.kind,
             source.feed,
             source.source_system,
             clock::uk_date_time(source.data_as_of_unix),
-            source.items
+            source.items,
+            if source.stale { " - OUT OF DATE" } else { "" }
         ));
     }
     if let Some(granted) = &record.break_glass {
@@ -461,27 +527,148 @@ pub fn render_text(record: &Record) -> String {
         ));
     }
     for section in &record.sections {
-        out.push_str(&format!("\n{} ({})\n", section.title, section.count));
+        out.push_str(&format!(
+            "\n{} ({})\n",
+            section.title,
+            section.count_phrase()
+        ));
+        for warning in &section.warnings {
+            out.push_str(&format!("  WARNING: {warning}\n"));
+        }
         if section.withheld_by_sharing_rules > 0 {
             out.push_str(&format!(
                 "  {} withheld by sharing rules\n",
                 items_phrase(section.withheld_by_sharing_rules as usize)
             ));
         }
-        for item in &section.items {
-            let date = item
-                .effective
-                .as_deref()
-                .map(clock::uk_date)
-                .unwrap_or_else(|| "date not recorded".into());
-            out.push_str(&format!("  {date:<12} {}", item.title));
-            if let Some(detail) = &item.detail {
-                out.push_str(&format!(" - {}", detail.replace('\n', " ")));
+        for (heading, entries) in section.by_standing() {
+            if let Some(heading) = heading {
+                out.push_str(&format!("  {heading}:\n"));
             }
-            out.push_str(&format!("  [{}]\n", item.source.organisation_name));
+            for entry in entries {
+                render_entry_text(&mut out, section, entry);
+            }
         }
     }
     out
+}
+
+fn render_entry_text(out: &mut String, section: &SectionView, entry: &EntryView) {
+    let date = entry
+        .effective
+        .as_deref()
+        .map(clock::uk_date)
+        .unwrap_or_else(|| "undated".into());
+    out.push_str(&format!("    {date:<12} {}", entry.title));
+    if entry.items.len() > 1 {
+        out.push_str(&format!(" ({})", entry.versions_phrase(section)));
+    }
+    out.push('\n');
+    for warning in &entry.warnings {
+        out.push_str(&format!("                 ! {warning}\n"));
+    }
+    for &index in &entry.items {
+        let item = &section.items[index];
+        let mut line = format!("from {}", item.source.organisation_name);
+        if let Some(status) = &item.reading.status {
+            line.push_str(&format!(" [{status}]"));
+        }
+        if item.reading.title != entry.title {
+            line.push_str(&format!(" {}", item.reading.title));
+        }
+        let details = item.reading.details_line();
+        if !details.is_empty() {
+            line.push_str(&format!(": {}", details.replace('\n', " ")));
+        }
+        out.push_str(&format!("                 - {line}\n"));
+    }
+}
+
+/// "deceased 10-Feb-2026", or with no date given, "(date not recorded)".
+pub fn deceased_phrase(deceased: &str) -> String {
+    if deceased.is_empty() {
+        "(date not recorded)".into()
+    } else {
+        clock::uk_when(deceased)
+    }
+}
+
+impl SectionView {
+    /// "12" when each entry is one version, else "12 entries, 57 versions".
+    pub fn count_phrase(&self) -> String {
+        if self.entries.len() == self.count {
+            self.count.to_string()
+        } else {
+            format!("{} entries, {} versions", self.entries.len(), self.count)
+        }
+    }
+
+    /// Entries grouped for reading: for sections of states, current (with those whose
+    /// status is not stated, marked), then past, then refuted; events as one list.
+    pub fn by_standing(&self) -> Vec<(Option<&'static str>, Vec<&EntryView>)> {
+        let of = |wanted: &[Standing]| -> Vec<&EntryView> {
+            self.entries
+                .iter()
+                .filter(|e| wanted.contains(&e.standing))
+                .collect()
+        };
+        let events = of(&[Standing::Event]);
+        let current = of(&[Standing::Current, Standing::NotStated]);
+        let past = of(&[Standing::Past]);
+        let refuted = of(&[Standing::Refuted]);
+        if current.is_empty() && past.is_empty() && refuted.is_empty() {
+            return vec![(None, events)];
+        }
+        let mut groups = vec![
+            (Some(current_heading(self.section)), current),
+            (Some(past_heading(self.section)), past),
+            (Some("Refuted (recorded as not the case)"), refuted),
+        ];
+        if !events.is_empty() {
+            groups.push((Some("Events"), events));
+        }
+        groups.retain(|(_, entries)| !entries.is_empty());
+        groups
+    }
+}
+
+fn current_heading(section: Section) -> &'static str {
+    match section {
+        Section::Medications => "Current medication",
+        Section::Problems => "Active problems",
+        Section::Allergies => "Current allergies and adverse reactions",
+        _ => "Current",
+    }
+}
+
+fn past_heading(section: Section) -> &'static str {
+    match section {
+        Section::Medications => "Past medication",
+        Section::Problems => "Past problems",
+        Section::Allergies => "Resolved or inactive",
+        _ => "Past",
+    }
+}
+
+impl EntryView {
+    /// "3 versions from 2 sources", or for one source's repeat issues, "4 issues".
+    pub fn versions_phrase(&self, section: &SectionView) -> String {
+        let issues = self
+            .items
+            .iter()
+            .all(|&i| section.items[i].reading.standing != Standing::Event)
+            && section.section == Section::Medications;
+        let noun = if issues { "issues" } else { "versions" };
+        if self.sources.len() > 1 {
+            format!(
+                "{} {noun} from {} sources",
+                self.items.len(),
+                self.sources.len()
+            )
+        } else {
+            format!("{} {noun}", self.items.len())
+        }
+    }
 }
 
 /// "1 item", "3 items".
@@ -496,20 +683,20 @@ pub fn items_phrase(count: usize) -> String {
 #[cfg(test)]
 mod grouping_tests {
     use super::*;
+    use serde_json::{Value, json};
 
-    fn item(
-        title: &str,
-        code: Option<&str>,
-        effective: &str,
-        ods: &str,
-        class: DataClass,
-    ) -> ItemView {
+    fn view(ods: &str, class: DataClass, section: Section, resource: Value) -> ItemView {
+        let resource_type = resource["resourceType"].as_str().unwrap().to_string();
+        let item = Item {
+            resource: Some(resource),
+            ..Item::titled("x", section, class, &resource_type, "t", "test", "X/1")
+        };
         ItemView {
-            title: title.into(),
-            code: code.map(str::to_string),
+            title: item.title.clone(),
+            code: None,
             detail: None,
             status: None,
-            effective: Some(effective.into()),
+            effective: None,
             recorded: None,
             last_updated: None,
             data_class: class,
@@ -517,51 +704,59 @@ mod grouping_tests {
                 organisation: ods.into(),
                 organisation_name: ods.into(),
                 system: "test".into(),
-                resource: format!("X/{title}"),
+                resource: "X/1".into(),
             },
             shown_by: ViewDecision::Own,
+            reading: reading::read(&item),
         }
     }
 
+    fn medicine(ods: &str, code: &str, text: &str, dose: &str, issued: &str) -> ItemView {
+        view(
+            ods,
+            DataClass::Coded,
+            Section::Medications,
+            json!({"resourceType": "MedicationRequest", "status": "active", "authoredOn": issued,
+                   "medicationCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": text}]},
+                   "dosageInstruction": [{"text": dose}]}),
+        )
+    }
+
     #[test]
-    fn one_fact_from_several_sources_is_one_entry_listing_each() {
+    fn one_medicine_and_dose_is_one_entry_and_another_dose_is_another() {
         let items = [
-            item(
-                "Atorvastatin 20mg",
-                Some("320000"),
-                "2024-01-01",
+            medicine(
                 "RTH",
-                DataClass::Coded,
-            ),
-            item(
+                "320000",
                 "Atorvastatin 20mg tablets",
-                Some("320000"),
-                "2019-05-01",
-                "A81001",
-                DataClass::Coded,
+                "One at night",
+                "2024-01-01",
             ),
-            item(
-                "Amlodipine",
-                Some("319283"),
+            medicine(
+                "A81001",
+                "320000",
+                "Atorvastatin 20mg tablets",
+                "one at  night",
+                "2019-05-01",
+            ),
+            medicine(
+                "A81001",
+                "320000",
+                "Atorvastatin 20mg tablets",
+                "Two at night",
+                "2019-01-01",
+            ),
+            medicine(
+                "A81001",
+                "319283",
+                "Amlodipine 5mg tablets",
+                "One daily",
                 "2018-01-01",
-                "A81001",
-                DataClass::Coded,
-            ),
-            item(
-                "Note: atorvastatin",
-                Some("320000"),
-                "2019-05-01",
-                "A81001",
-                DataClass::FreeText,
             ),
         ];
-        let entries = group_entries(Section::Medications, &items);
-        assert_eq!(
-            entries.len(),
-            3,
-            "a narrative stays apart from the coded fact"
-        );
-        assert_eq!(entries[0].items, vec![0, 1]);
+        let entries = group_entries(&items);
+        let grouped: Vec<Vec<usize>> = entries.iter().map(|e| e.items.clone()).collect();
+        assert_eq!(grouped, vec![vec![0, 1], vec![2], vec![3]]);
         assert_eq!(
             entries[0].sources,
             vec!["RTH".to_string(), "A81001".to_string()]
@@ -570,46 +765,79 @@ mod grouping_tests {
     }
 
     #[test]
-    fn the_same_test_on_another_day_is_another_result() {
+    fn allergies_sharing_a_degraded_code_are_never_one_entry() {
+        let allergy = |text: &str| {
+            view(
+                "A81001",
+                DataClass::Coded,
+                Section::Allergies,
+                json!({"resourceType": "AllergyIntolerance",
+                       "clinicalStatus": {"coding": [{"code": "active"}]},
+                       "code": {"coding": [{"system": "http://snomed.info/sct", "code": "196461000000101",
+                                            "display": "Transfer-degraded drug allergy"}], "text": text}}),
+            )
+        };
         let items = [
-            item(
-                "Serum potassium",
-                Some("1000"),
-                "2024-02-01T10:00:00Z",
-                "RTH",
-                DataClass::Coded,
-            ),
-            item(
-                "Serum potassium",
-                Some("1000"),
-                "2024-02-01T11:00:00Z",
-                "A81001",
-                DataClass::Coded,
-            ),
-            item(
-                "Serum potassium",
-                Some("1000"),
-                "2023-07-01",
-                "A81001",
-                DataClass::Coded,
-            ),
-            item(
-                "Clinic letter",
-                None,
-                "2023-07-01",
-                "RTH",
-                DataClass::Document,
-            ),
-            item(
-                "clinic letter ",
-                None,
-                "2023-07-01",
-                "A81001",
-                DataClass::Document,
-            ),
+            allergy("Septrin"),
+            allergy("213020009 | Allergy to egg protein"),
+            allergy("Amoxicillin 250mg capsules"),
         ];
-        let entries = group_entries(Section::Results, &items);
-        let grouped: Vec<Vec<usize>> = entries.into_iter().map(|e| e.items).collect();
-        assert_eq!(grouped, vec![vec![0, 1], vec![2], vec![3, 4]]);
+        let entries = group_entries(&items);
+        let titles: Vec<&str> = entries.iter().map(|e| e.title.as_str()).collect();
+        assert_eq!(
+            titles,
+            [
+                "Septrin",
+                "213020009 | Allergy to egg protein",
+                "Amoxicillin 250mg capsules"
+            ]
+        );
+    }
+
+    #[test]
+    fn no_known_allergy_beside_a_current_allergy_is_a_conflict() {
+        let nka = view(
+            "RTH",
+            DataClass::Coded,
+            Section::Allergies,
+            json!({"resourceType": "AllergyIntolerance", "clinicalStatus": {"coding": [{"code": "active"}]},
+                   "code": {"coding": [{"system": "http://snomed.info/sct", "code": "409137002", "display": "No known drug allergy"}]}}),
+        );
+        let penicillin = view(
+            "A81001",
+            DataClass::Coded,
+            Section::Allergies,
+            json!({"resourceType": "AllergyIntolerance", "clinicalStatus": {"coding": [{"code": "active"}]},
+                   "code": {"text": "Penicillin"}}),
+        );
+        let items = [nka, penicillin];
+        let entries = group_entries(&items);
+        let warnings = section_warnings(Section::Allergies, &items, &entries);
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("No known drug allergy (RTH)")
+                && warnings[0].contains("Penicillin (A81001)")
+        );
+    }
+
+    #[test]
+    fn the_same_test_is_one_entry_only_at_the_same_time_with_the_same_value() {
+        let potassium = |ods: &str, when: &str, value: f64| {
+            view(
+                ods,
+                DataClass::Coded,
+                Section::Results,
+                json!({"resourceType": "Observation", "code": {"coding": [{"code": "1000", "display": "Serum potassium"}]},
+                       "effectiveDateTime": when, "valueQuantity": {"value": value, "unit": "mmol/L"}}),
+            )
+        };
+        let items = [
+            potassium("RTH", "2024-02-01T10:00:00Z", 4.1),
+            potassium("A81001", "2024-02-01T10:00:00Z", 4.1),
+            potassium("A81001", "2024-02-01T11:00:00Z", 4.1),
+            potassium("A81001", "2024-02-01T10:00:00Z", 5.9),
+        ];
+        let grouped: Vec<Vec<usize>> = group_entries(&items).into_iter().map(|e| e.items).collect();
+        assert_eq!(grouped, vec![vec![0, 1], vec![2], vec![3]]);
     }
 }

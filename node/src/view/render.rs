@@ -3,9 +3,11 @@
 
 use super::ViewState;
 use crate::clock;
+use crate::reading::Standing;
 use crate::record::{self, Record};
 use caremesh_storage::PeerStatus;
 use caremesh_storage::access::LaunchSession;
+use caremesh_sync::Section;
 use caremesh_sync::policy::ViewDecision;
 
 pub fn escape(text: &str) -> String {
@@ -195,50 +197,108 @@ fn section_notices(section: &record::SectionView) -> String {
     out
 }
 
+/// The patient banner, kept in view while scrolling: whose demographics it shows and why,
+/// age, postcode, registered GP with where that came from, death, and any disagreement
+/// between sources on who this is.
 fn patient_header(record: &Record) -> String {
     let demographics = record.demographics.as_ref();
-    let row = |key: &str, value: String| {
-        format!(
-            "<div class=\"nhsuk-summary-list__row\"><dt class=\"nhsuk-summary-list__key\">{key}</dt>\
-             <dd class=\"nhsuk-summary-list__value\">{value}</dd></div>"
-        )
+    let item = |key: &str, value: String| {
+        format!("<div class=\"caremesh-banner__item\"><dt>{key}</dt><dd>{value}</dd></div>")
     };
-    let mut rows = row(
+    let mut rows = item(
         "NHS number",
         format!(
             "<strong id=\"nhs-number\">{}</strong>",
             escape(&record.nhs_number_formatted)
         ),
     );
+    let mut deceased = String::new();
     if let Some(d) = demographics {
-        rows.push_str(&row(
-            "Date of birth",
-            escape(
-                &d.birth_date
-                    .as_deref()
-                    .map(clock::uk_date)
-                    .unwrap_or_else(|| "not recorded".into()),
-            ),
-        ));
-        rows.push_str(&row(
+        let born = d
+            .birth_date
+            .as_deref()
+            .map(clock::uk_date)
+            .unwrap_or_else(|| "not recorded".into());
+        let age = d
+            .age
+            .as_deref()
+            .map(|a| format!(" ({a})"))
+            .unwrap_or_default();
+        rows.push_str(&item("Date of birth", escape(&format!("{born}{age}"))));
+        rows.push_str(&item(
             "Gender",
             escape(d.gender.as_deref().unwrap_or("not recorded")),
         ));
-        rows.push_str(&row(
-            "Registered GP",
-            escape(d.registered_gp.as_deref().unwrap_or("not recorded")),
+        rows.push_str(&item(
+            "Postcode",
+            escape(d.postcode.as_deref().unwrap_or("not recorded")),
         ));
-        rows.push_str(&row("Demographics from", escape(&d.source)));
+        rows.push_str(&item(
+            "Registered GP",
+            format!(
+                "<span id=\"registered-gp\">{}</span>{}",
+                escape(d.registered_gp.as_deref().unwrap_or("not recorded")),
+                d.registered_gp_source
+                    .as_deref()
+                    .map(|s| format!(
+                        " <span class=\"caremesh-muted\">(from {})</span>",
+                        escape(s)
+                    ))
+                    .unwrap_or_default()
+            ),
+        ));
+        rows.push_str(&item(
+            "Demographics from",
+            format!(
+                "<span id=\"demographics-source\">{}</span> <span class=\"caremesh-muted\">({})</span>",
+                escape(&d.source),
+                escape(d.chosen_because)
+            ),
+        ));
+        if let Some(date) = &d.deceased {
+            deceased = format!(
+                " <strong class=\"nhsuk-tag nhsuk-tag--grey caremesh-deceased\" id=\"deceased\">Deceased {}</strong>",
+                escape(&record::deceased_phrase(date))
+            );
+        }
     }
-    format!(
-        "<h1 class=\"nhsuk-heading-l\" id=\"patient-name\">{}</h1>\
-         <dl class=\"nhsuk-summary-list caremesh-patient\">{rows}</dl>",
-        escape(
-            demographics
-                .and_then(|d| d.name.as_deref())
-                .unwrap_or("Name not held")
-        )
-    )
+    let name = demographics
+        .and_then(|d| d.name.as_deref())
+        .unwrap_or("Name not held");
+    let mut out = format!(
+        "<div class=\"caremesh-banner\" id=\"patient-banner\"><h1 class=\"nhsuk-heading-l\">\
+         <span id=\"patient-name\">{}</span>{deceased}</h1>\
+         <dl class=\"caremesh-patient\">{rows}</dl></div>",
+        escape(name)
+    );
+    if !record.demographic_conflicts.is_empty() {
+        let mut lines = String::new();
+        for conflict in &record.demographic_conflicts {
+            let versions: String = conflict
+                .versions
+                .iter()
+                .map(|(source, value)| {
+                    format!(
+                        "<li>{}: <strong>{}</strong></li>",
+                        escape(source),
+                        escape(value)
+                    )
+                })
+                .collect();
+            lines.push_str(&format!(
+                "<h3 class=\"nhsuk-heading-s\">{}</h3><ul>{versions}</ul>",
+                escape(conflict.field)
+            ));
+        }
+        out.push_str(&format!(
+            "<div class=\"nhsuk-error-summary caremesh-identity-conflict\" id=\"identity-conflict\" role=\"alert\" tabindex=\"-1\">\
+             <h2 class=\"nhsuk-error-summary__title\">Check this is the right patient: sources disagree</h2>\
+             <div class=\"nhsuk-error-summary__body\"><p>The organisations sharing this record give different \
+             details for NHS number {}. A record may have been filed against the wrong patient.</p>{lines}</div></div>",
+            escape(&record.nhs_number_formatted)
+        ));
+    }
+    out
 }
 
 /// The sources panel: each contributing organisation, its kind, data as of and feed, with a
@@ -280,56 +340,91 @@ fn sources_panel(record: &Record) -> String {
     )
 }
 
-/// "Serum potassium level 4.1 mmol/L, Oxford University Hospitals, 15/04/2022 — viewed in
-/// the shared care record 23/08/2022": what a clinician pastes into their own notes.
+/// "Serum potassium 4.1 mmol/L, Oxford University Hospitals, 15-Apr-2022 — viewed in the
+/// shared care record 23-Aug-2022": what a clinician pastes into their own notes.
 fn citation(item: &record::ItemView, today: &str) -> String {
-    let what = match item.detail.as_deref().filter(|d| !d.is_empty()) {
-        Some(detail) if detail.chars().count() <= 120 => format!("{} {detail}", item.title),
-        _ => item.title.clone(),
+    let reading = &item.reading;
+    let value = reading
+        .details
+        .iter()
+        .find(|d| matches!(d.label, "Value" | "Dose"))
+        .map(|d| d.value.as_str())
+        .filter(|v| v.chars().count() <= 120);
+    let what = match value {
+        Some(value) => format!("{} {value}", reading.title),
+        None => reading.title.clone(),
     };
-    let date = item
-        .effective
+    let status = reading
+        .status
+        .as_deref()
+        .map(|s| format!(" ({s})"))
+        .unwrap_or_default();
+    let date = reading
+        .date
         .as_deref()
         .or(item.recorded.as_deref())
         .map(clock::uk_date)
         .unwrap_or_else(|| "undated".into());
     format!(
-        "{what}, {}, {date} \u{2014} viewed in the shared care record {today}",
+        "{what}{status}, {}, {date} \u{2014} viewed in the shared care record {today}",
         item.source.organisation_name
     )
 }
 
-/// One source's version of an entry: its details, organisation, system and dates, and a
-/// control to copy a citation of it.
-fn item_from(item: &record::ItemView, today: &str) -> String {
+fn warning_tags(warnings: &[String]) -> String {
+    warnings
+        .iter()
+        .map(|w| {
+            format!(
+                " <strong class=\"nhsuk-tag nhsuk-tag--red caremesh-warning\">{}</strong>",
+                escape(w)
+            )
+        })
+        .collect()
+}
+
+/// One source's version of an entry: its status, details, organisation, system and dates,
+/// and a control to copy a citation of it.
+fn item_from(item: &record::ItemView, today: &str, entry_title: &str) -> String {
+    let reading = &item.reading;
     let break_glass = item.shown_by == ViewDecision::BreakGlass;
     let recorded = item
         .recorded
         .as_deref()
         .map(|r| format!("recorded {}", clock::uk_date(r)))
         .unwrap_or_else(|| "recorded date not given".into());
-    let dated = item
-        .effective
-        .as_deref()
-        .map(|e| format!("{} &middot; ", escape(&clock::uk_date(e))))
-        .unwrap_or_default();
+    let details: String = reading
+        .details
+        .iter()
+        .map(|d| {
+            format!(
+                "<div class=\"caremesh-detail\"><dt>{}</dt><dd>{}</dd></div>",
+                escape(d.label),
+                escape(&d.value)
+            )
+        })
+        .collect();
+    let details = if details.is_empty() {
+        String::new()
+    } else {
+        format!("<dl class=\"caremesh-details\">{details}</dl>")
+    };
+    let own_title = if reading.title != entry_title {
+        format!(" &middot; {}", escape(&reading.title))
+    } else {
+        String::new()
+    };
     format!(
-        "<div class=\"caremesh-from{bg}\" data-source=\"{ods}\"><strong>{organisation}</strong>{status}\
-         {detail}<br><span class=\"nhsuk-body-s caremesh-muted\">{dated}{system} &middot; {recorded}{bg_note}</span> \
+        "<div class=\"caremesh-from{bg}\" data-source=\"{ods}\"><strong>{organisation}</strong>{own_title}{status}\
+         {details}<span class=\"nhsuk-body-s caremesh-muted\">{system} &middot; {recorded}{bg_note}</span> \
          <button type=\"button\" class=\"caremesh-copy\" data-reference=\"{reference}\">Copy reference</button></div>",
         bg = if break_glass { " break-glass" } else { "" },
         ods = escape(&item.source.organisation),
         organisation = escape(&item.source.organisation_name),
-        status = item
+        status = reading
             .status
             .as_deref()
-            .map(|s| format!(" <span class=\"caremesh-muted\">({})</span>", escape(s)))
-            .unwrap_or_default(),
-        detail = item
-            .detail
-            .as_deref()
-            .filter(|d| !d.is_empty())
-            .map(|d| format!("<br>{}", escape(d)))
+            .map(|s| format!(" <span class=\"caremesh-status\">({})</span>", escape(s)))
             .unwrap_or_default(),
         system = escape(&item.source.system),
         recorded = escape(&recorded),
@@ -342,7 +437,8 @@ fn item_from(item: &record::ItemView, today: &str) -> String {
     )
 }
 
-/// An entry: one fact, with each source's version of it listed, never merged.
+/// An entry: one fact, with each source's version of it listed, never merged. Beyond the
+/// newest three, versions fold away (repeat issues of one medicine can number dozens).
 fn entry_row(section: &record::SectionView, entry: &record::EntryView, today: &str) -> String {
     let members: Vec<&record::ItemView> = entry.items.iter().map(|&i| &section.items[i]).collect();
     let break_glass = members
@@ -356,31 +452,87 @@ fn entry_row(section: &record::SectionView, entry: &record::EntryView, today: &s
     } else {
         String::new()
     };
+    let versions = if entry.items.len() > 1 {
+        format!(
+            "<br><span class=\"nhsuk-body-s caremesh-muted caremesh-versions\">{}, latest first</span>",
+            escape(&entry.versions_phrase(section))
+        )
+    } else {
+        String::new()
+    };
+    let not_stated = if entry.standing == Standing::NotStated {
+        " <strong class=\"nhsuk-tag nhsuk-tag--yellow\">status not stated</strong>"
+    } else {
+        ""
+    };
     let date = entry
         .effective
         .as_deref()
-        .map(clock::uk_date)
+        .map(clock::uk_when)
         .unwrap_or_else(|| "-".into());
-    let from: String = members.iter().map(|item| item_from(item, today)).collect();
+    const SHOWN: usize = 3;
+    let mut from: String = members
+        .iter()
+        .take(SHOWN)
+        .map(|item| item_from(item, today, &entry.title))
+        .collect();
+    if members.len() > SHOWN {
+        let rest: String = members
+            .iter()
+            .skip(SHOWN)
+            .map(|item| item_from(item, today, &entry.title))
+            .collect();
+        from.push_str(&format!(
+            "<details class=\"nhsuk-details caremesh-older\"><summary class=\"nhsuk-details__summary\">\
+             <span class=\"nhsuk-details__summary-text\">{} older</span></summary>\
+             <div class=\"nhsuk-details__text\">{rest}</div></details>",
+            members.len() - SHOWN
+        ));
+    }
     format!(
-        "<tr class=\"nhsuk-table__row caremesh-entry{}\" data-sources=\"{}\">\
-         <td class=\"nhsuk-table__cell\">{}</td><td class=\"nhsuk-table__cell\">{}{several}</td>\
+        "<tr class=\"nhsuk-table__row caremesh-entry{bg}\" data-sources=\"{sources}\" data-standing=\"{standing}\">\
+         <td class=\"nhsuk-table__cell caremesh-date\">{date}</td><td class=\"nhsuk-table__cell\">\
+         <span class=\"caremesh-entry-title\">{title}</span>{not_stated}{warnings}{several}{versions}</td>\
          <td class=\"nhsuk-table__cell\">{from}</td></tr>",
-        if break_glass { " break-glass" } else { "" },
-        escape(&entry.sources.join(" ")),
-        escape(&date),
-        escape(&entry.title),
+        bg = if break_glass { " break-glass" } else { "" },
+        sources = escape(&entry.sources.join(" ")),
+        standing = entry.standing.label(),
+        date = escape(&date),
+        title = escape(&entry.title),
+        warnings = warning_tags(&entry.warnings),
     )
 }
 
+fn entries_table(caption: &str, rows: String) -> String {
+    format!(
+        "<table class=\"nhsuk-table caremesh-entries\"><caption class=\"nhsuk-table__caption nhsuk-table__caption--s\">{}</caption>\
+         <thead class=\"nhsuk-table__head\"><tr class=\"nhsuk-table__row\">\
+         <th class=\"nhsuk-table__header\" scope=\"col\">Date</th><th class=\"nhsuk-table__header\" scope=\"col\">Entry</th>\
+         <th class=\"nhsuk-table__header\" scope=\"col\">From</th>\
+         </tr></thead><tbody class=\"nhsuk-table__body\">{rows}</tbody></table>",
+        escape(caption)
+    )
+}
+
+/// Events beyond this many fold away, latest first above the fold.
+const EVENTS_SHOWN: usize = 10;
+
 fn section_card(section: &record::SectionView, today: &str) -> String {
     let mut out = format!(
-        "<section id=\"{id}\" class=\"nhsuk-card caremesh-section\"><div class=\"nhsuk-card__content\">\
-         <h2 class=\"nhsuk-card__heading\">{title} <span class=\"nhsuk-caption-m caremesh-count\">({count})</span></h2>",
+        "<section id=\"{id}\" class=\"nhsuk-card caremesh-section\" data-versions=\"{count}\"><div class=\"nhsuk-card__content\">\
+         <h2 class=\"nhsuk-card__heading\">{title} <span class=\"nhsuk-caption-m caremesh-count\">({phrase})</span></h2>",
         id = section.section,
         title = escape(section.title),
-        count = section.count
+        count = section.count,
+        phrase = escape(&section.count_phrase()),
     );
+    for warning in &section.warnings {
+        out.push_str(&format!(
+            "<div class=\"nhsuk-warning-callout caremesh-section-warning\" role=\"alert\"><h3 class=\"nhsuk-warning-callout__label\">\
+             <span role=\"text\"><span class=\"nhsuk-u-visually-hidden\">Important: </span>Conflict</span></h3><p>{}</p></div>",
+            escape(warning)
+        ));
+    }
     out.push_str(&section_notices(section));
     if section.items.is_empty() {
         out.push_str(
@@ -388,72 +540,286 @@ fn section_card(section: &record::SectionView, today: &str) -> String {
         );
         return out;
     }
-    out.push_str(&format!(
-        "<table class=\"nhsuk-table\"><caption class=\"nhsuk-table__caption nhsuk-u-visually-hidden\">{}</caption>\
-         <thead class=\"nhsuk-table__head\"><tr class=\"nhsuk-table__row\">\
-         <th class=\"nhsuk-table__header\" scope=\"col\">Date</th><th class=\"nhsuk-table__header\" scope=\"col\">Entry</th>\
-         <th class=\"nhsuk-table__header\" scope=\"col\">From</th>\
-         </tr></thead><tbody class=\"nhsuk-table__body\">",
-        escape(section.title)
-    ));
-    for entry in &section.entries {
-        out.push_str(&entry_row(section, entry, today));
+    for (heading, entries) in section.by_standing() {
+        let caption = heading.unwrap_or(section.title);
+        let rows = |entries: &[&record::EntryView]| -> String {
+            entries
+                .iter()
+                .map(|entry| entry_row(section, entry, today))
+                .collect()
+        };
+        let folds = heading.is_none() || heading == Some("Events");
+        if folds && entries.len() > EVENTS_SHOWN {
+            out.push_str(&entries_table(caption, rows(&entries[..EVENTS_SHOWN])));
+            out.push_str(&format!(
+                "<details class=\"nhsuk-details caremesh-more\"><summary class=\"nhsuk-details__summary\">\
+                 <span class=\"nhsuk-details__summary-text\">{} earlier {}</span></summary>\
+                 <div class=\"nhsuk-details__text\">{}</div></details>",
+                entries.len() - EVENTS_SHOWN,
+                if entries.len() - EVENTS_SHOWN == 1 { "entry" } else { "entries" },
+                entries_table(&format!("{caption}, earlier"), rows(&entries[EVENTS_SHOWN..]))
+            ));
+        } else if heading.is_some_and(|h| {
+            h.starts_with("Past") || h.starts_with("Resolved") || h.starts_with("Refuted")
+        }) {
+            out.push_str(&format!(
+                "<details class=\"nhsuk-details caremesh-past\"><summary class=\"nhsuk-details__summary\">\
+                 <span class=\"nhsuk-details__summary-text\">{} ({})</span></summary>\
+                 <div class=\"nhsuk-details__text\">{}</div></details>",
+                escape(caption),
+                entries.len(),
+                entries_table(caption, rows(&entries))
+            ));
+        } else {
+            out.push_str(&entries_table(caption, rows(&entries)));
+        }
     }
-    out.push_str("</tbody></table></div></section>");
+    out.push_str("</div></section>");
     out
 }
 
+/// The first screen: what must be seen before prescribing or treating. Alerts, allergies
+/// (with any conflict), current medication, active problems and the latest results, each
+/// entry linking down to its section, where every version is.
+fn summary(record: &Record) -> String {
+    let section = |wanted: Section| record.sections.iter().find(|s| s.section == wanted);
+    let mut out = String::from(
+        "<section id=\"summary\" class=\"nhsuk-card caremesh-summary\"><div class=\"nhsuk-card__content\">\
+         <h2 class=\"nhsuk-card__heading nhsuk-u-visually-hidden\">Summary</h2><div class=\"caremesh-summary__grid\">",
+    );
+    let block = |title: &str, id: &str, lines: Vec<String>, empty: &str, warnings: &[String]| {
+        let body = if lines.is_empty() {
+            format!(
+                "<p class=\"caremesh-muted nhsuk-body-s\">{}</p>",
+                escape(empty)
+            )
+        } else {
+            format!(
+                "<ul class=\"nhsuk-list caremesh-summary__list\">{}</ul>",
+                lines.concat()
+            )
+        };
+        let warnings: String = warnings
+            .iter()
+            .map(|w| {
+                format!(
+                    "<p class=\"caremesh-summary__warning\" role=\"alert\"><strong>{}</strong></p>",
+                    escape(w)
+                )
+            })
+            .collect();
+        format!(
+            "<div class=\"caremesh-summary__block\" id=\"summary-{id}\"><h3 class=\"nhsuk-heading-xs\">\
+             <a href=\"#{id}\">{}</a></h3>{warnings}{body}</div>",
+            escape(title)
+        )
+    };
+    let line = |s: &record::SectionView, entry: &record::EntryView, extra: Option<String>| {
+        let first = &s.items[entry.items[0]];
+        let sources: Vec<String> = entry
+            .items
+            .iter()
+            .map(|&i| s.items[i].source.organisation_name.clone())
+            .fold(Vec::new(), |mut names, name| {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+                names
+            });
+        format!(
+            "<li data-sources=\"{}\"><strong>{}</strong>{}{}{} <span class=\"caremesh-muted nhsuk-body-s\">{}</span></li>",
+            escape(&entry.sources.join(" ")),
+            escape(&entry.title),
+            extra
+                .map(|e| format!(" {}", escape(&e)))
+                .unwrap_or_default(),
+            if entry.standing == Standing::NotStated {
+                " (status not stated)"
+            } else {
+                ""
+            },
+            warning_tags(&entry.warnings),
+            escape(&format!(
+                "{}{}",
+                sources.join(", "),
+                first
+                    .reading
+                    .date
+                    .as_deref()
+                    .map(|d| format!(", {}", clock::uk_date(d)))
+                    .unwrap_or_default()
+            )),
+        )
+    };
+    let live =
+        |e: &&record::EntryView| matches!(e.standing, Standing::Current | Standing::NotStated);
+    let detail = |s: &record::SectionView, e: &record::EntryView, label: &str| {
+        s.items[e.items[0]]
+            .reading
+            .details
+            .iter()
+            .find(|d| d.label == label)
+            .map(|d| format!("\u{2014} {}", d.value))
+    };
+    if let Some(s) = section(Section::Alerts) {
+        let lines: Vec<String> = s
+            .entries
+            .iter()
+            .filter(live)
+            .map(|e| line(s, e, None))
+            .collect();
+        if !lines.is_empty() {
+            out.push_str(&block("Alerts", "alerts", lines, "", &[]));
+        }
+    }
+    if let Some(s) = section(Section::Allergies) {
+        let lines = s
+            .entries
+            .iter()
+            .filter(live)
+            .map(|e| line(s, e, detail(s, e, "Reaction")))
+            .collect();
+        out.push_str(&block(
+            "Allergies and adverse reactions",
+            "allergies",
+            lines,
+            "None recorded in the data held (this is not a record of no allergies)",
+            &s.warnings,
+        ));
+    }
+    if let Some(s) = section(Section::Medications) {
+        let lines = s
+            .entries
+            .iter()
+            .filter(live)
+            .filter(|e| s.items[e.items[0]].reading.standing != Standing::Event)
+            .map(|e| line(s, e, detail(s, e, "Dose")))
+            .collect();
+        out.push_str(&block(
+            "Current medication",
+            "medications",
+            lines,
+            "None current in the data held",
+            &[],
+        ));
+    }
+    if let Some(s) = section(Section::Problems) {
+        let lines = s
+            .entries
+            .iter()
+            .filter(live)
+            .map(|e| line(s, e, None))
+            .collect();
+        out.push_str(&block(
+            "Active problems",
+            "problems",
+            lines,
+            "None active in the data held",
+            &[],
+        ));
+    }
+    if let Some(s) = section(Section::Results) {
+        // The latest of each test.
+        let mut seen = std::collections::HashSet::new();
+        let lines = s
+            .entries
+            .iter()
+            .filter(|e| seen.insert(e.title.to_lowercase()))
+            .take(6)
+            .map(|e| line(s, e, detail(s, e, "Value")))
+            .collect();
+        out.push_str(&block(
+            "Latest results",
+            "results",
+            lines,
+            "None in the data held",
+            &[],
+        ));
+    }
+    out.push_str("</div></div></section>");
+    out
+}
+
+/// Links to each section with something in it, so a long record is quick to move through.
+fn jump_links(record: &Record) -> String {
+    let links: String = record
+        .sections
+        .iter()
+        .filter(|s| !s.items.is_empty() || s.withheld_by_sharing_rules > 0)
+        .map(|s| {
+            format!(
+                "<li class=\"nhsuk-contents-list__item\"><a class=\"nhsuk-contents-list__link\" href=\"#{}\">{} ({})</a></li>",
+                s.section,
+                escape(s.title),
+                s.entries.len()
+            )
+        })
+        .collect();
+    format!(
+        "<nav class=\"nhsuk-contents-list caremesh-jump\" role=\"navigation\" aria-label=\"Sections of the record\">\
+         <h2 class=\"nhsuk-u-visually-hidden\">Sections</h2><ol class=\"nhsuk-contents-list__list\">{links}\
+         <li class=\"nhsuk-contents-list__item\"><a class=\"nhsuk-contents-list__link\" href=\"#timeline\">Timeline</a></li>\
+         <li class=\"nhsuk-contents-list__item\"><a class=\"nhsuk-contents-list__link\" href=\"#sources\">Sources</a></li></ol></nav>"
+    )
+}
+
 /// Encounters and documents from every organisation, newest first: the story of the
-/// patient's care across organisations at a glance.
+/// patient's care across organisations, folded away below the clinical sections.
 fn timeline(record: &Record) -> String {
     let mut events: Vec<&record::ItemView> = record
         .sections
         .iter()
-        .filter(|s| {
-            matches!(
-                s.section,
-                caremesh_sync::Section::Encounters | caremesh_sync::Section::Documents
-            )
-        })
+        .filter(|s| matches!(s.section, Section::Encounters | Section::Documents))
         .flat_map(|s| s.items.iter())
         .collect();
     if events.is_empty() {
         return String::new();
     }
-    events.sort_by(|a, b| {
-        b.effective
-            .cmp(&a.effective)
-            .then_with(|| a.title.cmp(&b.title))
+    events.sort_by_cached_key(|e| {
+        (
+            std::cmp::Reverse(e.reading.date.as_deref().and_then(clock::sort_key)),
+            e.reading.title.clone(),
+        )
     });
-    let mut out = String::from(
+    let mut out = format!(
         "<section id=\"timeline\" class=\"nhsuk-card\"><div class=\"nhsuk-card__content\">\
-         <h2 class=\"nhsuk-card__heading\">Timeline of encounters and documents</h2>\
-         <ol class=\"caremesh-timeline\">",
+         <details class=\"nhsuk-details caremesh-timeline-details\"><summary class=\"nhsuk-details__summary\">\
+         <h2 class=\"nhsuk-card__heading nhsuk-details__summary-text\">Timeline of encounters and documents ({})</h2></summary>\
+         <div class=\"nhsuk-details__text\"><ol class=\"caremesh-timeline\">",
+        events.len()
     );
     for event in events {
+        let detail = event
+            .reading
+            .details
+            .iter()
+            .find(|d| matches!(d.label, "Reason" | "Description" | "Location" | "Custodian"))
+            .map(|d| format!(": {}", escape(&d.value)))
+            .unwrap_or_default();
         out.push_str(&format!(
-            "<li class=\"caremesh-event\" data-source=\"{ods}\" data-date=\"{date_iso}\"><strong>{date}</strong> \
+            "<li class=\"caremesh-event\" data-source=\"{ods}\" data-date=\"{sortable}\"><strong>{date}</strong> \
              {title}{detail} <span class=\"caremesh-muted\">&middot; {organisation}</span></li>",
             ods = escape(&event.source.organisation),
-            date_iso = escape(event.effective.as_deref().unwrap_or("")),
+            sortable = event
+                .reading
+                .date
+                .as_deref()
+                .and_then(clock::sort_key)
+                .map(clock::rfc3339)
+                .unwrap_or_default(),
             date = escape(
                 &event
-                    .effective
+                    .reading
+                    .date
                     .as_deref()
-                    .map(clock::uk_date)
+                    .map(clock::uk_when)
                     .unwrap_or_else(|| "undated".into())
             ),
-            title = escape(&event.title),
-            detail = event
-                .detail
-                .as_deref()
-                .filter(|d| !d.is_empty())
-                .map(|d| format!(": {}", escape(d)))
-                .unwrap_or_default(),
+            title = escape(&event.reading.title),
             organisation = escape(&event.source.organisation_name),
         ));
     }
-    out.push_str("</ol></div></section>");
+    out.push_str("</ol></div></details></div></section>");
     out
 }
 
@@ -465,18 +831,20 @@ pub fn render_record(
 ) -> String {
     let mut body = patient_header(record);
     body.push_str(offline);
+    body.push_str(&sharing_banners(state, record));
+    body.push_str(&summary(record));
+    body.push_str(&jump_links(record));
+    let today = clock::uk_date(&clock::rfc3339(clock::now_unix()));
+    for section in &record.sections {
+        body.push_str(&section_card(section, &today));
+    }
+    body.push_str(&timeline(record));
+    body.push_str(&sources_panel(record));
     body.push_str(&format!(
         "<div class=\"nhsuk-inset-text\"><span class=\"nhsuk-u-visually-hidden\">Information: </span>\
          <p>Read-only view assembled from data held on this node at {}. It does not need the network.</p></div>",
         escape(&clock::uk_date_time(clock::now_unix()))
     ));
-    body.push_str(&sharing_banners(state, record));
-    body.push_str(&sources_panel(record));
-    body.push_str(&timeline(record));
-    let today = clock::uk_date(&clock::rfc3339(clock::now_unix()));
-    for section in &record.sections {
-        body.push_str(&section_card(section, &today));
-    }
     page(
         state,
         Some(session),
