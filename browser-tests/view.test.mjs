@@ -7,7 +7,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, mkdirSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -101,8 +101,8 @@ after(async () => {
 });
 
 /** A fresh browser session opened through a launch link: the page, on the patient. */
-async function launch(url) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+async function launch(url, viewport = { width: 1280, height: 900 }) {
+  const context = await browser.newContext({ viewport });
   const page = await context.newPage();
   // Console errors other than the design system's web font (which the CSP keeps off a
   // node that must work offline) mean a page broke: a script, a stylesheet, a policy.
@@ -157,12 +157,12 @@ test("a record opened through a launch link joins three organisations, accessibl
   assert.ok((await page.textContent("#patient-name")).trim().length > 0);
   assert.match(await page.textContent("#nhs-number"), /^\d{3} \d{3} \d{4}$/);
   const header = await page.textContent(".caremesh-patient");
-  assert.match(header, /Date of birth\s*\d{2}\/\d{2}\/\d{4}/);
+  assert.match(header, /Date of birth\s*\d{2}-[A-Z][a-z]{2}-\d{4}/);
   assert.match(header, /Registered GP/);
   // Sections with counts equal to the sources' versions listed; every version names its
   // organisation and dates.
   const sections = await page.$$eval(".caremesh-section", (cards) => cards.map((card) => ({
-    count: Number(card.querySelector(".caremesh-count").textContent.replace(/[()]/g, "")),
+    count: Number(card.dataset.versions),
     versions: card.querySelectorAll(".caremesh-from").length,
   })));
   assert.ok(sections.length >= 10, "every clinical section is shown");
@@ -191,7 +191,7 @@ test("a record opened through a launch link joins three organisations, accessibl
   assert.deepEqual(dates, [...dates].sort().reverse(), "newest first");
   // Sources panel: kind, data as of and feed for each.
   const panel = await page.textContent("#sources");
-  assert.match(panel, /Data as of \d{2}\/\d{2}\/\d{4} \d{2}:\d{2}/);
+  assert.match(panel, /Data as of \d{2}-[A-Z][a-z]{2}-\d{4} \d{2}:\d{2}/);
   assert.match(panel, /batch|live|synced/);
   const violations = await axeViolations(page);
   assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), [], "axe: no serious or critical violations");
@@ -223,7 +223,7 @@ test("a record opened through a launch link joins three organisations, accessibl
   await page.waitForFunction((button) => button.textContent === "Copied", await first.elementHandle());
   const copied = await page.evaluate(() => navigator.clipboard.readText());
   assert.equal(copied, expected);
-  assert.match(copied, /, Oxford University Hospitals, (\d{2}\/\d{2}\/\d{4}|undated) — viewed in the shared care record \d{2}\/\d{2}\/\d{4}$/);
+  assert.match(copied, /, Oxford University Hospitals, (\d{2}-[A-Z][a-z]{2}-\d{4}|undated) — viewed in the shared care record \d{2}-[A-Z][a-z]{2}-\d{4}$/);
 
   // Read-only: no form or control that could change the record.
   assert.equal(await page.locator("input[type=text], textarea, select, [contenteditable=true]").count(), 0);
@@ -235,6 +235,93 @@ test("a record opened through a launch link joins three organisations, accessibl
   assert.equal(await page.isVisible("#patient-name"), false);
   assert.equal(await page.isVisible(".caremesh-print-notice"), true);
   await page.context().close();
+});
+
+/** Ingests `file` at the demo node in `folder`, as its clinical system's extract would arrive. */
+function ingestInto(folder, file) {
+  const made = spawnSync(binary, ["ingest", "--dir", join(demoDir, "region", folder), file], { encoding: "utf8" });
+  assert.equal(made.status, 0, `${made.stdout}\n${made.stderr}`);
+}
+
+const EDGE_NHS = "9990000018";
+
+test("clinical safety: summary first, allergies sharing a code apart, identity conflicts and death flagged", async () => {
+  // The edge-case patient (tests/fixtures/clinical) at the GP; the hospice sends a Patient
+  // for the same NHS number with another name, date of birth and a death.
+  ingestInto("gp", join(here, "..", "tests", "fixtures", "clinical", "edge-cases.json"));
+  const hospicePatient = join(demoDir, "hospice-patient.json");
+  writeFileSync(hospicePatient, JSON.stringify({
+    resourceType: "Patient", id: "hospice-edge", meta: { lastUpdated: "2026-11-29T10:00:00Z" },
+    identifier: [{ system: "https://fhir.nhs.uk/Id/nhs-number", value: EDGE_NHS }],
+    name: [{ use: "official", family: "EDGAR", given: ["Alicia"] }], birthDate: "1984-07-01",
+    gender: "female", deceasedDateTime: "2026-11-28T03:10:00Z",
+  }));
+  ingestInto("hospice", hospicePatient);
+
+  const page = await launch(newLaunch("gp", links.gp, EDGE_NHS, "Dr Safety Test"), { width: 1280, height: 800 });
+  await reloadUntil(page, async () => (await page.locator("#identity-conflict").count()) > 0,
+    "the hospice's Patient reaches the GP and the disagreement shows");
+  // The GP's own demographics, named as such; the hospice's version listed in the warning.
+  assert.equal((await page.textContent("#patient-name")).trim(), "Alice EDGE");
+  assert.match(await page.textContent("#demographics-source"), /Banbury Road Surgery/);
+  const conflict = await page.textContent("#identity-conflict");
+  assert.match(conflict, /Check this is the right patient/);
+  assert.match(conflict, /Sobell House Hospice \(8HA15\): Alicia EDGAR/);
+  assert.match(conflict, /Banbury Road Surgery \(A81001\): Alice EDGE/);
+  assert.match(conflict, /01-Jul-1984/);
+  assert.match(await page.textContent("#deceased"), /Deceased 28-Nov-2026 03:10/);
+
+  // The first screen (1280x800) holds the summary: allergies, current medication, problems.
+  for (const block of ["#summary-allergies", "#summary-medications", "#summary-problems"]) {
+    const box = await page.locator(block).boundingBox();
+    assert.ok(box && box.y < 800, `${block} starts within the first screen (${box && box.y})`);
+  }
+  const allergies = await page.textContent("#summary-allergies");
+  for (const substance of ["Septrin", "Allergy to egg protein", "Amoxicillin 250mg capsules"]) {
+    assert.ok(allergies.includes(substance), `${substance} is visible in the summary: ${allergies}`);
+  }
+  assert.match(allergies, /Conflict: No known drug allergy/);
+  assert.doesNotMatch(allergies, /penicillin/i, "a refuted allergy is not an allergy");
+  const problems = await page.textContent("#summary-problems");
+  assert.doesNotMatch(problems, /Myocardial infarction/, "a refuted diagnosis is not an active problem");
+  assert.match(problems, /Type 2 diabetes mellitus/);
+  assert.equal(await page.locator('#problems tr[data-standing="refuted"]').count(), 1);
+  assert.match(await page.textContent("#problems"), /Refuted: the source records that this is not the case/);
+  const medication = await page.textContent("#summary-medications");
+  assert.match(medication, /Levothyroxine sodium 50microgram tablets/);
+  assert.match(medication, /1 to 2 tablet, 1 to 2 times every 4 hours, when required for pain/);
+  assert.doesNotMatch(medication, /Simvastatin/, "a stopped medicine is not current");
+  assert.match(await page.textContent("#medications"), /2 issues, latest first/);
+  const results = await page.textContent("#results");
+  assert.match(results, /13\.1 ×10⁹\/L/);
+  assert.match(results, /Range\s*4\.0 to 11\.0 ×10⁹\/L/);
+  assert.match(results, /No value: Sample haemolysed/);
+  assert.match(results, /01-Jul-2026 00:30/, "23:30 UTC on 30 June is 00:30 on 1 July in the UK");
+  assert.match(results, /Diastolic blood pressure: 82\.6 mmHg/);
+  await page.screenshot({ path: join(artefacts, "record-summary-1280x800.png") });
+  await page.locator("#identity-conflict").screenshot({ path: join(artefacts, "record-identity-conflict.png") });
+  await page.locator("#allergies").screenshot({ path: join(artefacts, "record-allergies-degraded-codes.png") });
+  await page.locator("#medications").screenshot({ path: join(artefacts, "record-medications.png") });
+  await page.locator("#results").screenshot({ path: join(artefacts, "record-results-ranges.png") });
+
+  // The banner stays in view while the clinician reads further down.
+  await page.locator("#results").scrollIntoViewIfNeeded();
+  const banner = await page.locator("#patient-banner").boundingBox();
+  assert.ok(banner && banner.y >= 0 && banner.y < 5, `the banner stays at the top (${banner && banner.y})`);
+  let violations = await axeViolations(page);
+  assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), [], "axe: no serious or critical violations");
+  assert.deepEqual(page.problems.filter((p) => !/401|403/.test(p)), [], "no script, style or policy errors");
+  await page.context().close();
+
+  // A phone in a patient's home: 375 px wide, nothing wider than the screen.
+  const narrow = await launch(newLaunch("gp", links.gp, EDGE_NHS, "Dr Safety Test"), { width: 375, height: 812 });
+  const width = await narrow.evaluate(() => document.documentElement.scrollWidth);
+  assert.ok(width <= 376, `the page fits 375 px (${width} px wide)`);
+  assert.ok(await narrow.isVisible("#summary-allergies"));
+  violations = await axeViolations(narrow);
+  assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), [], "axe at 375 px");
+  await narrow.screenshot({ path: join(artefacts, "record-narrow-375.png"), fullPage: true });
+  await narrow.context().close();
 });
 
 test("break-glass: hidden without Share In, opened with a reason, flagged", async () => {
@@ -289,8 +376,8 @@ test("the offline banner appears when the hub stops, and the record keeps servin
   process.kill(links.hubPid, "SIGTERM");
   await reloadUntil(page, () => page.isVisible("#offline"), "the offline banner");
   const banner = await page.textContent("#offline");
-  assert.match(banner, /Thames Valley Hub \(HUB01\) unreachable since \d{2}\/\d{2}\/\d{4} \d{2}:\d{2}/);
-  assert.match(banner, /last synced \d{2}\/\d{2}\/\d{4} \d{2}:\d{2}/);
+  assert.match(banner, /Thames Valley Hub \(HUB01\) unreachable since \d{2}-[A-Z][a-z]{2}-\d{4} \d{2}:\d{2}/);
+  assert.match(banner, /last synced \d{2}-[A-Z][a-z]{2}-\d{4} \d{2}:\d{2}/);
   assert.match(banner, /Showing data held on this device/);
   assert.deepEqual((await sourceNames(page)).sort(), ["8HA15", "A81001", "RTH"]);
   const violations = await axeViolations(page);

@@ -624,3 +624,40 @@ fn logs_at_info_carry_no_nhs_numbers_names_or_clinical_content() {
         assert!(!log.contains(secret), "the log carries {secret:?}:\n{log}");
     }
 }
+
+/// The hazard log's controls are tests: every hazard names at least one, and each named
+/// test exists (a Rust `fn`, or a browser test's title), so that a control cannot be
+/// claimed for a test that was renamed or removed.
+#[test]
+fn every_hazard_in_the_log_names_tests_that_exist() {
+    let log = std::fs::read_to_string(repo_root().join("docs/clinical-safety/hazard-log.md"))
+        .expect("docs/clinical-safety/hazard-log.md");
+    let hazards: Vec<&str> = log.split("\n## ").skip(1).collect();
+    assert!(
+        hazards.len() >= 14,
+        "the log lists {} hazards",
+        hazards.len()
+    );
+    for hazard in hazards {
+        let title = hazard.lines().next().unwrap();
+        let tests_row = hazard
+            .lines()
+            .find(|l| l.starts_with("| Tests |"))
+            .unwrap_or_else(|| panic!("hazard {title:?} has no Tests row"));
+        let named: Vec<&str> = tests_row.split('`').skip(1).step_by(2).collect();
+        assert!(!named.is_empty(), "hazard {title:?} names no test");
+        for test in named {
+            let (file, name) = test
+                .split_once("::")
+                .unwrap_or_else(|| panic!("{test:?} in {title:?} is not file::test"));
+            let source = std::fs::read_to_string(repo_root().join(file))
+                .unwrap_or_else(|e| panic!("{file} named by {title:?}: {e}"));
+            let found = if file.ends_with(".mjs") {
+                source.contains(&format!("test(\"{name}\""))
+            } else {
+                source.contains(&format!("fn {name}("))
+            };
+            assert!(found, "hazard {title:?} names {test}, which does not exist");
+        }
+    }
+}

@@ -694,3 +694,80 @@ fn fhir_consents_in_the_extract_record_share_in_share_out_and_objections() {
     assert_eq!(report_json(&output)["stale"], 1);
     assert!(own_consent(&home(&dir)).ends_with("objection none"));
 }
+
+/// `caremesh record` for `nhs` with the one line that depends on when the test ran (the
+/// source's "data as of") made stable.
+fn record_text(dir: &Path, nhs: &str) -> String {
+    let output = run(&["record", "--dir", dir.to_str().unwrap(), "--nhs", nhs]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    stdout(&output)
+        .lines()
+        .map(|line| match line.find("data as of ") {
+            // Age depends on today's date.
+            None if line.starts_with("Born ") => match (line.find(" ("), line.find(')')) {
+                (Some(open), Some(close)) => {
+                    format!("{} (age){}", &line[..open], &line[close + 1..])
+                }
+                _ => line.to_string(),
+            },
+            Some(at) => match line[at..].find(" - ") {
+                Some(end) => format!(
+                    "{}data as of (time of ingest){}",
+                    &line[..at],
+                    &line[at + end..]
+                ),
+                None => line.to_string(),
+            },
+            None => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// Compares what a clinician reads with the expectation beside the fixture; with
+/// CAREMESH_BLESS=1 writes the expectation instead (then read the diff before committing).
+fn expect_reading(expected_file: &Path, actual: &str) {
+    if std::env::var_os("CAREMESH_BLESS").is_some() {
+        std::fs::write(expected_file, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(expected_file).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run with CAREMESH_BLESS=1 to write it",
+            expected_file.display()
+        )
+    });
+    if expected != actual {
+        let first = expected
+            .lines()
+            .zip(actual.lines())
+            .position(|(e, a)| e != a)
+            .unwrap_or(expected.lines().count().min(actual.lines().count()));
+        panic!(
+            "what a clinician reads changed from {} at line {}:\n  expected: {:?}\n  actual:   {:?}\n\nwhole output:\n{actual}",
+            expected_file.display(),
+            first + 1,
+            expected.lines().nth(first),
+            actual.lines().nth(first)
+        );
+    }
+}
+
+/// The edge-case corpus (tests/fixtures/clinical/README.md says what each case is for):
+/// degraded codes, no known allergies beside allergies, refuted and entered-in-error
+/// entries, resolved problems with abatement, structured dosages without text, repeat
+/// issues, a stopped course with its end, float artefacts, UCUM units, ranges,
+/// interpretations, an absent value and an instant that falls on another day in the UK.
+#[test]
+fn edge_cases_read_as_their_sources_say() {
+    let dir = node("A81001", "gp");
+    let corpus = fixtures().join("clinical");
+    ingest_ok(&home(&dir), &[&corpus.join("edge-cases.json")]);
+    let text = record_text(&home(&dir), "9990000018");
+    assert!(
+        !text.contains("ENTERED-IN-ERROR-MARKER"),
+        "entered in error is never shown"
+    );
+    expect_reading(&corpus.join("edge-cases.expected.txt"), &text);
+}

@@ -16,6 +16,12 @@ function applySources() {
     var shown = row.querySelectorAll(".caremesh-from:not([hidden])").length;
     row.hidden = shown === 0;
   });
+  // A summary line goes only when every source of its entry is hidden.
+  document.querySelectorAll(".caremesh-summary li[data-sources]").forEach(function (line) {
+    line.hidden = line.getAttribute("data-sources").split(" ").every(function (ods) {
+      return hidden[ods] === true;
+    });
+  });
 }
 
 function copyReference(button) {

@@ -139,7 +139,7 @@ fn read_summary(item: &Item) -> Reading {
         None => Standing::NotStated,
         Some(status) => standing_of_status(status),
     };
-    if !states(item) {
+    if !states(item) || item.id.ends_with("#note") {
         reading.standing = Standing::Event;
     }
     reading.detail(
@@ -491,7 +491,21 @@ fn quantity(value: &Value) -> Option<String> {
 fn range_words(range: &Value) -> Option<String> {
     let low = range.get("low").and_then(quantity);
     let high = range.get("high").and_then(quantity);
+    let unit = |bound: &str| {
+        range
+            .get(bound)
+            .and_then(|q| text(q, "unit").or_else(|| text(q, "code")))
+    };
+    let bare = |bound: &str| {
+        range
+            .get(bound)
+            .and_then(|q| q.get("value"))
+            .map(Value::to_string)
+    };
     match (low, high) {
+        (Some(_), Some(high)) if unit("low") == unit("high") && unit("low").is_some() => {
+            Some(format!("{} to {high}", bare("low").unwrap_or_default()))
+        }
         (Some(low), Some(high)) => Some(format!("{low} to {high}")),
         (Some(low), None) => Some(format!("{low} or more")),
         (None, Some(high)) => Some(format!("up to {high}")),

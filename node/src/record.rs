@@ -100,6 +100,9 @@ pub fn group_entries(items: &[ItemView]) -> Vec<EntryView> {
     let mut by_key: std::collections::HashMap<(String, DataClass), usize> =
         std::collections::HashMap::new();
     for (index, item) in items.iter().enumerate() {
+        if item.note_of.is_some() {
+            continue;
+        }
         let key = fact_key(item);
         match by_key.get(&key) {
             Some(&entry) => {
@@ -131,8 +134,8 @@ pub fn group_entries(items: &[ItemView]) -> Vec<EntryView> {
     }
     debug_assert_eq!(
         entries.iter().map(|e| e.items.len()).sum::<usize>(),
-        items.len(),
-        "every item is in exactly one entry"
+        items.iter().filter(|i| i.note_of.is_none()).count(),
+        "every item but the notes read with their fact is in exactly one entry"
     );
     entries
 }
@@ -158,6 +161,10 @@ pub struct ItemView {
     pub shown_by: ViewDecision,
     /// What a clinician reads of it, rendered from the source resource.
     pub reading: Reading,
+    /// For a narrative note shown with its coded fact: that fact's source resource. Such a
+    /// note is in no entry of its own; its text is a detail of the fact's reading.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note_of: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -295,13 +302,25 @@ pub fn assemble(
         .iter()
         .filter(|s| s.is_clinical() && **s != Section::Demographics)
         .map(|section| {
-            let mut items: Vec<ItemView> = by_section
-                .remove(section)
-                .unwrap_or_default()
+            let held = by_section.remove(section).unwrap_or_default();
+            let notes = notes_with_their_fact(&held);
+            let mut items: Vec<ItemView> = held
                 .into_iter()
                 .map(|(publisher, item, shown_by)| {
-                    let item_for_reading = item.clone();
+                    let mut reading = reading::read(&item);
+                    let key = (publisher.clone(), item.source_id.clone());
+                    let note_of = (item.id.ends_with("#note") && notes.contains_key(&key))
+                        .then(|| item.source_id.clone());
+                    if note_of.is_none()
+                        && let Some(note) = notes.get(&key)
+                    {
+                        reading.details.push(reading::Detail {
+                            label: "Note",
+                            value: note.clone(),
+                        });
+                    }
                     ItemView {
+                        note_of,
                         code: item.code.as_ref().and_then(|c| c.code.clone()),
                         title: item.title,
                         detail: item.detail,
@@ -317,7 +336,7 @@ pub fn assemble(
                             resource: item.source_id,
                         },
                         shown_by,
-                        reading: reading::read(&item_for_reading),
+                        reading,
                     }
                 })
                 .collect();
@@ -326,7 +345,7 @@ pub fn assemble(
             SectionView {
                 section: *section,
                 title: section.title(),
-                count: items.len(),
+                count: items.iter().filter(|i| i.note_of.is_none()).count(),
                 warnings: section_warnings(*section, &items, &entries),
                 entries,
                 items,
@@ -368,6 +387,33 @@ pub fn assemble(
         hidden_without_share_in: hidden.values().sum(),
         withheld_sources,
     }))
+}
+
+/// The narrative notes of a section's items, keyed by (publisher, source resource), for the
+/// notes whose coded item is also shown: a note is read with its fact, not as an entry of
+/// its own. It stays an item (it is held and shown, and the audit and the API account for
+/// it), marked with what it belongs to.
+fn notes_with_their_fact(
+    items: &[(String, Item, ViewDecision)],
+) -> BTreeMap<(String, String), String> {
+    let bases: std::collections::BTreeSet<(&str, &str)> = items
+        .iter()
+        .filter(|(_, item, _)| !item.id.ends_with("#note"))
+        .map(|(publisher, item, _)| (publisher.as_str(), item.source_id.as_str()))
+        .collect();
+    items
+        .iter()
+        .filter(|(publisher, item, _)| {
+            item.id.ends_with("#note")
+                && bases.contains(&(publisher.as_str(), item.source_id.as_str()))
+        })
+        .map(|(publisher, item, _)| {
+            (
+                (publisher.clone(), item.source_id.clone()),
+                item.detail.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 /// Newest first by when each fact started or happened, in real time (an instant late on
@@ -708,6 +754,7 @@ mod grouping_tests {
             },
             shown_by: ViewDecision::Own,
             reading: reading::read(&item),
+            note_of: None,
         }
     }
 

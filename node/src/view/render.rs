@@ -274,27 +274,21 @@ fn patient_header(record: &Record) -> String {
     if !record.demographic_conflicts.is_empty() {
         let mut lines = String::new();
         for conflict in &record.demographic_conflicts {
-            let versions: String = conflict
+            let versions = conflict
                 .versions
                 .iter()
                 .map(|(source, value)| {
-                    format!(
-                        "<li>{}: <strong>{}</strong></li>",
-                        escape(source),
-                        escape(value)
-                    )
+                    format!("{}: <strong>{}</strong>", escape(source), escape(value))
                 })
-                .collect();
-            lines.push_str(&format!(
-                "<h3 class=\"nhsuk-heading-s\">{}</h3><ul>{versions}</ul>",
-                escape(conflict.field)
-            ));
+                .collect::<Vec<_>>()
+                .join("; ");
+            lines.push_str(&format!("<li>{}: {versions}</li>", escape(conflict.field)));
         }
         out.push_str(&format!(
             "<div class=\"nhsuk-error-summary caremesh-identity-conflict\" id=\"identity-conflict\" role=\"alert\" tabindex=\"-1\">\
              <h2 class=\"nhsuk-error-summary__title\">Check this is the right patient: sources disagree</h2>\
-             <div class=\"nhsuk-error-summary__body\"><p>The organisations sharing this record give different \
-             details for NHS number {}. A record may have been filed against the wrong patient.</p>{lines}</div></div>",
+             <div class=\"nhsuk-error-summary__body\"><p>Organisations give different details for NHS number {}; \
+             a record may be filed against the wrong patient.</p><ul>{lines}</ul></div></div>",
             escape(&record.nhs_number_formatted)
         ));
     }
@@ -831,8 +825,8 @@ pub fn render_record(
 ) -> String {
     let mut body = patient_header(record);
     body.push_str(offline);
-    body.push_str(&sharing_banners(state, record));
     body.push_str(&summary(record));
+    body.push_str(&sharing_banners(state, record));
     body.push_str(&jump_links(record));
     let today = clock::uk_date(&clock::rfc3339(clock::now_unix()));
     for section in &record.sections {
