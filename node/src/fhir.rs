@@ -437,12 +437,7 @@ pub fn map_resource(
             }),
         }),
         "Practitioner" => {
-            let names = resource.list::<HumanName>("name")?;
-            let name = names
-                .iter()
-                .find(|n| n.name_use.as_deref() == Some("official"))
-                .or_else(|| names.first())
-                .and_then(HumanName::render);
+            let name = official_name(&resource.list::<HumanName>("name")?);
             Ok(Mapped::Referenced {
                 key: resource.key(),
                 summary: serde_json::json!({ "name": name }),
@@ -470,12 +465,7 @@ fn map_patient(
 ) -> Result<PatientFacts, MappingError> {
     require_id(resource)?;
     let identifiers = resource.list::<Identifier>("identifier")?;
-    let names = resource.list::<HumanName>("name")?;
-    let name = names
-        .iter()
-        .find(|n| n.name_use.as_deref() == Some("official"))
-        .or_else(|| names.first())
-        .and_then(HumanName::render);
+    let name = official_name(&resource.list::<HumanName>("name")?);
     let mut fields = BTreeMap::new();
     fields.extend(name.clone().map(|n| ("name".to_string(), n)));
     fields.extend(
@@ -523,6 +513,15 @@ fn map_patient(
         identifiers,
         item,
     })
+}
+
+/// The official name where one is marked, else the first.
+fn official_name(names: &[HumanName]) -> Option<String> {
+    names
+        .iter()
+        .find(|n| n.name_use.as_deref() == Some("official"))
+        .or_else(|| names.first())
+        .and_then(HumanName::render)
 }
 
 fn confidentiality(meta: &Meta) -> Option<String> {
