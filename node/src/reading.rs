@@ -1520,7 +1520,7 @@ mod tests {
         assert_eq!(
             dosage_words(&prn).as_deref(),
             Some(
-                "1 tablet to 2 tablet, 1 to 2 times every 4 hours, when required for pain, maximum 8 tablet in 24 hours"
+                "1 to 2 tablet, 1 to 2 times every 4 hours, when required for pain, maximum 8 tablet in 24 hours"
             )
         );
     }
@@ -1574,7 +1574,7 @@ mod tests {
         ));
         assert_eq!(
             reading.details_line(),
-            "Value: 6.2 mmol/L; Range: 3.5 mmol/L to 5.3 mmol/L; Interpretation: High; Taken: 01-Jul-2024 00:30"
+            "Value: 6.2 mmol/L; Range: 3.5 to 5.3 mmol/L; Interpretation: High; Taken: 01-Jul-2024 00:30"
         );
         assert_eq!(reading.warnings, vec!["High".to_string()]);
         let absent = read(&item(
