@@ -294,6 +294,170 @@ fn a_resource_that_becomes_sensitive_moves_and_is_never_held_twice() {
     assert_eq!(items[0]["data_class"], "sensitive");
 }
 
+/// A Patient resource of the extract, with its NHS number.
+fn patient_resource(id: &str, nhs: &str, family: &str, version_time: &str) -> serde_json::Value {
+    json!({
+        "resourceType": "Patient", "id": id,
+        "meta": { "lastUpdated": version_time },
+        "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs }],
+        "name": [{ "family": family, "given": ["Test"] }]
+    })
+}
+
+fn audit_actions(dir: &Path, nhs: &str) -> Vec<String> {
+    let output = run(&[
+        "audit",
+        "report",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--patient",
+        nhs,
+        "--format",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let entries = report
+        .as_array()
+        .or_else(|| report["events"].as_array())
+        .unwrap_or_else(|| panic!("audit report: {report}"));
+    entries
+        .iter()
+        .map(|e| {
+            let e = e.get("event").unwrap_or(e);
+            format!(
+                "{}: {}",
+                e["action"].as_str().unwrap(),
+                e["detail"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// H-14. A condition filed against the wrong patient is re-sent under the right one (same
+/// id, newer version, new subject): it moves. The wrong patient keeps only a notice that it
+/// moved, the right one says where it came from, the report counts the move and both
+/// patients' audit trails record it. Entered in error under the new patient, it leaves
+/// neither record.
+#[test]
+fn a_resource_re_sent_under_another_patient_moves_and_is_never_on_two() {
+    let (dir, files) = node_with_asthma();
+    let other = files.path().join("other.json");
+    write_json(
+        &other,
+        &patient_resource("p2", "9990000026", "Jones", "2024-01-01T00:00:00Z"),
+    );
+    ingest_ok(&home(&dir), &[&other]);
+    let mut moved = condition("2024-02-01T00:00:00Z", "Asthma", None);
+    moved["subject"] = json!({ "reference": "Patient/p2" });
+    let path = files.path().join("moved.json");
+    write_json(&path, &moved);
+    let output = ingest(&home(&dir), &["--json", path.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(report_json(&output)["moved"], 1, "{}", stdout(&output));
+
+    assert!(
+        problems(&home(&dir)).is_empty(),
+        "the moved condition stayed on the first patient"
+    );
+    let first = record_text(&home(&dir), "9912003888");
+    assert!(
+        first.contains("CORRECTION: Test Organisation moved \u{201c}Asthma\u{201d} (Problems) from this record to another patient's record on"),
+        "{first}"
+    );
+    assert!(
+        !first.contains("9990000026") && !first.contains("Jones"),
+        "{first}"
+    );
+    let second = record_text(&home(&dir), "9990000026");
+    assert!(second.contains("Asthma"), "{second}");
+    assert!(
+        second.contains("(Problems) to this record from another patient's record on"),
+        "{second}"
+    );
+    assert!(
+        !second.contains("9912003888") && !second.contains("Smith"),
+        "{second}"
+    );
+    for nhs in ["9912003888", "9990000026"] {
+        let actions = audit_actions(&home(&dir), nhs);
+        assert!(
+            actions.contains(
+                &"moved: Condition/c1 moved from NHS number 9912003888 to 9990000026".to_string()
+            ),
+            "{nhs}: {actions:?}"
+        );
+    }
+
+    // A later version on the right patient still says it was moved there.
+    let mut update = moved.clone();
+    update["meta"]["lastUpdated"] = json!("2024-03-01T00:00:00Z");
+    update["code"]["coding"][0]["display"] = json!("Asthma, well controlled");
+    write_json(&path, &update);
+    ingest_ok(&home(&dir), &[&path]);
+    let second = record_text(&home(&dir), "9990000026");
+    assert!(
+        second.contains("CORRECTION:") && second.contains("Asthma, well controlled"),
+        "{second}"
+    );
+
+    // Entered in error under the right patient: gone from both; the notice stays.
+    let mut retracted = update.clone();
+    retracted["meta"]["lastUpdated"] = json!("2024-04-01T00:00:00Z");
+    retracted["verificationStatus"] = json!({ "coding": [{ "code": "entered-in-error" }] });
+    write_json(&path, &retracted);
+    ingest_ok(&home(&dir), &[&path]);
+    assert!(problems(&home(&dir)).is_empty());
+    let second = record_json(&home(&dir), "9990000026").unwrap();
+    assert!(section(&second, "problems").is_empty(), "{second}");
+}
+
+/// H-14. A Patient re-sent with another NHS number (the extract corrected a mis-linked
+/// record) takes the resources that name it along: nothing stays on the old number but the
+/// notice of what moved, and the relink is in both numbers' audit trails.
+#[test]
+fn a_patient_re_sent_with_another_nhs_number_takes_its_resources_along() {
+    let (dir, files) = node_with_asthma();
+    let relinked = files.path().join("relinked.json");
+    write_json(
+        &relinked,
+        &patient_resource("p1", "9990000026", "Smith", "2024-05-01T00:00:00Z"),
+    );
+    let output = ingest(&home(&dir), &["--json", relinked.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = report_json(&output);
+    assert_eq!(report["relinked"], 1, "{report}");
+
+    let old = record_json(&home(&dir), "9912003888").unwrap();
+    assert!(section(&old, "problems").is_empty(), "{old}");
+    assert!(old["demographics"].is_null(), "{old}");
+    let old_text = record_text(&home(&dir), "9912003888");
+    assert!(
+        old_text.contains("moved \u{201c}Asthma\u{201d} (Problems) from this record"),
+        "{old_text}"
+    );
+    let new = record_text(&home(&dir), "9990000026");
+    assert!(new.contains("Asthma") && new.contains("Smith"), "{new}");
+    let new_json = record_json(&home(&dir), "9990000026").unwrap();
+    let resource = &section(&new_json, "problems")[0];
+    assert_eq!(resource["reading"]["title"], "Asthma", "{resource}");
+    for nhs in ["9912003888", "9990000026"] {
+        let actions = audit_actions(&home(&dir), nhs);
+        assert!(
+            actions.iter().any(|a| a.starts_with("relinked: Patient/p1 relinked from NHS number 9912003888 to 9990000026; 1 resource(s)")),
+            "{nhs}: {actions:?}"
+        );
+    }
+    // A condition sent later through the same Patient goes to the new number.
+    let mut later = condition("2024-06-01T00:00:00Z", "Eczema", None);
+    later["id"] = json!("c2");
+    let path = files.path().join("later.json");
+    write_json(&path, &later);
+    ingest_ok(&home(&dir), &[&path]);
+    assert!(record_text(&home(&dir), "9990000026").contains("Eczema"));
+    assert!(!record_text(&home(&dir), "9912003888").contains("Eczema"));
+}
+
 #[test]
 fn bad_input_gives_clear_errors_and_loses_nothing() {
     let dir = node("A81001", "gp");

@@ -483,6 +483,13 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     for (publisher, section, count) in &stats.items_by_source_and_section {
         println!("  {publisher:<10} {section:<16} {count}");
     }
+    for (publisher, count) in &stats.summary_only_by_source {
+        println!(
+            "summary only: {count} items from {publisher} predate items carrying their FHIR resource; \
+             the record marks them \"summary only\" until {publisher} re-ingests its extract \
+             (see the README, Upgrading)"
+        );
+    }
     match &stats.last_ingest {
         Some(last) => println!(
             "last ingest: {} ({}) at {}",

@@ -614,8 +614,8 @@ fn map_clinical(
     let patient = patient_ref(resource)?;
     let meta = resource.field::<Meta>("meta")?.unwrap_or_default();
     let main_id = resource.key();
-    let note_id = format!("{main_id}#note");
-    let family = vec![main_id.clone(), note_id.clone()];
+    let family = item_family(&main_id);
+    let note_id = family[1].clone();
     if entered_in_error(resource)? {
         return Ok(ClinicalFacts {
             patient,
@@ -1190,6 +1190,40 @@ impl ClinicalFacts {
         for resource in self.items.iter_mut().filter_map(|i| i.resource.as_mut()) {
             bind_patient_in(resource, local.as_deref(), &by_nhs, true);
         }
+    }
+}
+
+/// The ids of every item a clinical resource can become: its coded item and the free-text
+/// item of its notes.
+pub fn item_family(resource_key: &str) -> Vec<String> {
+    vec![resource_key.to_string(), format!("{resource_key}#note")]
+}
+
+/// Rewrites every place `item`'s resource names the patient by NHS number `from` to name
+/// `to`: the item's publisher relinked the Patient it came through to another NHS number.
+pub fn rebind_item(
+    item: &mut Item,
+    from: &caremesh_sync::NhsNumber,
+    to: &caremesh_sync::NhsNumber,
+) {
+    fn rebind(value: &mut Value, from: &Value, to: &Value) {
+        if value == from {
+            *value = to.clone();
+            return;
+        }
+        match value {
+            Value::Object(object) => object.values_mut().for_each(|v| rebind(v, from, to)),
+            Value::Array(values) => values.iter_mut().for_each(|v| rebind(v, from, to)),
+            _ => {}
+        }
+    }
+    let by_nhs = |nhs: &caremesh_sync::NhsNumber| {
+        serde_json::json!({
+            "identifier": { "system": NHS_NUMBER_SYSTEM, "value": nhs.as_str() }
+        })
+    };
+    if let Some(resource) = item.resource.as_mut() {
+        rebind(resource, &by_nhs(from), &by_nhs(to));
     }
 }
 

@@ -8,16 +8,18 @@
 //!   report reconciles resources in with outcomes out. Rejected files go to quarantine with
 //!   a `.reason.txt` naming each problem and where it is.
 
+use crate::clock;
 use crate::fhir::{
     self, CodeableConcept, MappingContext, NHS_NUMBER_SYSTEM, PatientRef, ReferenceLookup,
     Resource, SensitiveCodes,
 };
 use crate::home::{Home, HomeError};
 use crate::patient_index::PatientIndex;
+use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::publish::{Publication, PublishError};
-use caremesh_storage::{IngestRow, SourceRow, StorageError, Store, WriteBatch};
+use caremesh_storage::{IngestRow, Placement, SourceRow, StorageError, Store, WriteBatch};
 use caremesh_sync::policy::Agreements;
-use caremesh_sync::{DataClass, Item, NhsNumber, PublisherKey, Section};
+use caremesh_sync::{DataClass, Item, NhsNumber, PublisherKey, Section, moved};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -87,6 +89,10 @@ pub struct IngestReport {
     pub containers: BTreeMap<String, usize>,
     pub accepted: usize,
     pub retracted: usize,
+    /// Resources re-sent under another patient: moved, and their old copies retracted.
+    pub moved: usize,
+    /// Patients re-sent with another NHS number, whose resources moved with them.
+    pub relinked: usize,
     pub stale: usize,
     pub unsupported: BTreeMap<String, usize>,
     pub rejected: Vec<Rejection>,
@@ -152,6 +158,8 @@ impl IngestReport {
         }
         self.accepted += other.accepted;
         self.retracted += other.retracted;
+        self.moved += other.moved;
+        self.relinked += other.relinked;
         self.stale += other.stale;
         for (k, v) in other.unsupported {
             *self.unsupported.entry(k).or_default() += v;
@@ -197,6 +205,15 @@ impl IngestReport {
                 self.accepted, self.retracted, self.stale
             ),
         );
+        if self.moved + self.relinked > 0 {
+            line(
+                &mut out,
+                format!(
+                    "moved to another patient: {}  patients relinked to another NHS number: {}  (each recorded in the audit trail of both patients)",
+                    self.moved, self.relinked
+                ),
+            );
+        }
         let unsupported: usize = self.unsupported.values().sum();
         line(&mut out, format!("unsupported: {unsupported}"));
         for (kind, count) in &self.unsupported {
@@ -391,6 +408,8 @@ impl<'a> Ingestor<'a> {
                 "resources": report.resources_read(),
                 "accepted": report.accepted,
                 "retracted": report.retracted,
+                "moved": report.moved,
+                "relinked": report.relinked,
                 "stale": report.stale,
                 "unsupported": report.unsupported.values().sum::<usize>(),
                 "rejected": report.rejected.len(),
@@ -556,22 +575,57 @@ impl<'a> Ingestor<'a> {
                             continue;
                         }
                     };
+                    if rules.is_stale(&batch, &facts.key, facts.item.last_updated.as_deref())? {
+                        // An older version: references to it in this file mean the patient
+                        // its newest version names.
+                        let current = batch.patient_link(&facts.key)?.unwrap_or(nhs);
+                        local.patients.insert(facts.key.clone(), current.clone());
+                        if let Some(url) = &entry.full_url {
+                            local.patients.insert(url.clone(), current);
+                            local.patient_keys.insert(url.clone(), facts.key.clone());
+                        }
+                        report.stale += 1;
+                        continue;
+                    }
+                    let relinked_from = batch.patient_link(&facts.key)?.filter(|old| *old != nhs);
                     batch.link_patient(&facts.key, &nhs)?;
                     local.patients.insert(facts.key.clone(), nhs.clone());
                     if let Some(url) = &entry.full_url {
                         local.patients.insert(url.clone(), nhs.clone());
+                        local.patient_keys.insert(url.clone(), facts.key.clone());
                     }
-                    if !rules.is_stale(&batch, &facts.key, facts.item.last_updated.as_deref())? {
+                    if let Some(old) = relinked_from {
+                        rules.relink(
+                            &batch,
+                            &mut publication,
+                            &mut report,
+                            &facts.key,
+                            &old,
+                            &nhs,
+                        )?;
+                    }
+                    {
                         let family = [facts.item.id.clone()];
-                        publication.place(&batch, &nhs, &family, vec![facts.item])?;
+                        let placement = Placement {
+                            nhs: nhs.clone(),
+                            patient_key: Some(facts.key.clone()),
+                            moved_at: None,
+                        };
+                        rules.place_moving(
+                            &batch,
+                            &mut publication,
+                            &mut report,
+                            &facts.key,
+                            placement,
+                            &family,
+                            vec![facts.item],
+                        )?;
                         *report
                             .items_by_section
                             .entry("demographics".into())
                             .or_default() += 1;
                         report.accepted += 1;
                         report.patients += 1;
-                    } else {
-                        report.stale += 1;
                     }
                 }
                 kind if fhir::REFERENCED_TYPES.contains(&kind) => {
@@ -662,8 +716,21 @@ impl<'a> Ingestor<'a> {
                 }
             }
             facts.bind_patient(&nhs);
+            let placement = Placement {
+                nhs,
+                patient_key: local.patient_key(&facts.patient),
+                moved_at: None,
+            };
             let items = rules.hold_back_before_share_from(facts.items);
-            publication.place(&batch, &nhs, &facts.family, items)?;
+            rules.place_moving(
+                &batch,
+                &mut publication,
+                &mut report,
+                &resource.key(),
+                placement,
+                &facts.family,
+                items,
+            )?;
         }
 
         // Before the publication: its sharing records state this source's feed.
@@ -709,6 +776,111 @@ impl IngestRules<'_> {
             source_system,
             sensitive: &self.sensitive,
             references: local,
+        }
+    }
+
+    /// Places a resource's items through [`Publication::place_resource`], which moves it
+    /// off any other patient it was on; a move is counted and recorded in both patients'
+    /// audit trails.
+    #[allow(clippy::too_many_arguments)]
+    fn place_moving(
+        &self,
+        batch: &WriteBatch<'_>,
+        publication: &mut Publication,
+        report: &mut IngestReport,
+        key: &str,
+        placement: Placement,
+        family: &[String],
+        items: Vec<Item>,
+    ) -> Result<(), IngestError> {
+        let to = placement.nhs.clone();
+        let at = clock::rfc3339(self.now);
+        if let Some(from) = publication.place_resource(batch, key, placement, family, items, &at)? {
+            report.moved += 1;
+            self.audit_move(batch, key, &from, &to)?;
+        }
+        Ok(())
+    }
+
+    /// A Patient of the extract now names another NHS number: every resource placed through
+    /// it moves to the new number, none stays on the old one.
+    fn relink(
+        &self,
+        batch: &WriteBatch<'_>,
+        publication: &mut Publication,
+        report: &mut IngestReport,
+        patient_key: &str,
+        from: &NhsNumber,
+        to: &NhsNumber,
+    ) -> Result<(), IngestError> {
+        let publisher = &self.home.config.organisation.ods;
+        let mut moved = 0;
+        for key in batch.placed_through(publisher, from, patient_key)? {
+            if key == patient_key {
+                continue; // the Patient itself is placed by its caller
+            }
+            let family = fhir::item_family(&key);
+            let mut items = Vec::new();
+            for id in &family {
+                items.extend(
+                    batch
+                        .held_items(publisher, from, id)?
+                        .into_iter()
+                        .filter(|item| !item.is_moved_away_notice()),
+                );
+            }
+            for item in &mut items {
+                fhir::rebind_item(item, from, to);
+                item.fields.remove(moved::HERE);
+            }
+            let placement = Placement {
+                nhs: to.clone(),
+                patient_key: Some(patient_key.to_string()),
+                moved_at: None,
+            };
+            self.place_moving(batch, publication, report, &key, placement, &family, items)?;
+            moved += 1;
+        }
+        report.relinked += 1;
+        let detail = format!(
+            "{patient_key} relinked from NHS number {from} to {to}; {moved} resource(s) moved with it"
+        );
+        for nhs in [from, to] {
+            batch.append_audit(&self.ingest_event(nhs, "relinked", detail.clone()))?;
+        }
+        Ok(())
+    }
+
+    fn audit_move(
+        &self,
+        batch: &WriteBatch<'_>,
+        key: &str,
+        from: &NhsNumber,
+        to: &NhsNumber,
+    ) -> Result<(), IngestError> {
+        let detail = format!("{key} moved from NHS number {from} to {to}");
+        for nhs in [from, to] {
+            batch.append_audit(&self.ingest_event(nhs, "moved", detail.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// An audit entry for a change ingest made to which patient holds what.
+    fn ingest_event(&self, nhs: &NhsNumber, action: &str, detail: String) -> AuditEvent {
+        let own = self.home.config.organisation.ods.to_string();
+        AuditEvent {
+            at: self.now,
+            user_id: "ingest".into(),
+            user_name: "caremesh ingest".into(),
+            role: "system".into(),
+            organisation: own.clone(),
+            action: action.into(),
+            nhs: Some(nhs.to_string()),
+            sources: vec![own],
+            sections: Vec::new(),
+            purpose: "record correction".into(),
+            outcome: "allowed".into(),
+            detail,
         }
     }
 
@@ -907,10 +1079,25 @@ fn compare_instants(a: &str, b: &str) -> std::cmp::Ordering {
 #[derive(Default)]
 struct LocalReferences {
     patients: HashMap<String, NhsNumber>,
+    /// The Patient resource key (`Patient/<id>`) a Bundle fullUrl names.
+    patient_keys: HashMap<String, String>,
     referenced: HashMap<String, Value>,
 }
 
 impl LocalReferences {
+    /// The extract's Patient resource a resource names as its subject, if it names one.
+    fn patient_key(&self, patient: &PatientRef) -> Option<String> {
+        match patient {
+            PatientRef::Reference(reference) => Some(
+                self.patient_keys
+                    .get(reference)
+                    .cloned()
+                    .unwrap_or_else(|| normalise_reference(reference)),
+            ),
+            PatientRef::Identifier { .. } => None,
+        }
+    }
+
     fn summary(&self, reference: &str) -> Option<&Value> {
         self.referenced
             .get(reference)

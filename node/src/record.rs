@@ -5,7 +5,7 @@ use crate::identity::{self, Conflict, Demographics};
 use crate::reading::{self, Reading, Standing};
 use caremesh_storage::{BreakGlass, SourceRow, StorageError, Store, StoredItem};
 use caremesh_sync::policy::{self, Consent, SharingRecord, ViewDecision, WithholdReason};
-use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, Section};
+use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, Section, moved};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -27,6 +27,9 @@ pub struct Record {
     pub demographics: Option<Demographics>,
     /// Where sources disagree on name, date of birth, gender or death: each one's version.
     pub demographic_conflicts: Vec<Conflict>,
+    /// Entries their publishers moved to or from this record, having filed them against
+    /// the wrong patient.
+    pub corrections: Vec<Correction>,
     pub sections: Vec<SectionView>,
     pub sources: Vec<SourceView>,
     /// When this view was assembled (the node's clock).
@@ -39,6 +42,36 @@ pub struct Record {
     pub hidden_without_share_in: usize,
     /// Organisations whose whole record of the patient is withheld, with the reason.
     pub withheld_sources: Vec<WithheldSource>,
+}
+
+/// An entry its publisher moved between this record and another patient's.
+#[derive(Debug, Serialize)]
+pub struct Correction {
+    /// "away" (the entry left this record) or "here" (it came to this record).
+    pub direction: &'static str,
+    /// What the view says, naming the organisation, the entry, its section and when.
+    pub text: String,
+}
+
+impl Correction {
+    fn of(item: &Item, organisation: &str) -> Option<Correction> {
+        let (direction, at, text) = if let Some(at) = item.fields.get(moved::AWAY) {
+            ("away", at, "from this record to another patient's record")
+        } else if let Some(at) = item.fields.get(moved::HERE) {
+            ("here", at, "to this record from another patient's record")
+        } else {
+            return None;
+        };
+        Some(Correction {
+            direction,
+            text: format!(
+                "{organisation} moved \u{201c}{}\u{201d} ({}) {text} on {}.",
+                item.title,
+                item.section.title(),
+                clock::uk_when(at)
+            ),
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -250,6 +283,7 @@ pub fn assemble(
     let mut items_per_source: BTreeMap<String, usize> = BTreeMap::new();
     let mut held: BTreeMap<(OdsCode, Section), u64> = BTreeMap::new();
     let mut hidden: BTreeMap<Section, usize> = BTreeMap::new();
+    let mut corrections = Vec::new();
     for stored_item in stored {
         *held
             .entry((stored_item.publisher.clone(), stored_item.item.section))
@@ -265,6 +299,16 @@ pub fn assemble(
             continue;
         }
         let publisher = stored_item.publisher.to_string();
+        // A note travels with its fact: one correction per moved entry.
+        if !stored_item.item.id.ends_with("#note")
+            && let Some(correction) =
+                Correction::of(&stored_item.item, &organisation_name(&publisher))
+        {
+            corrections.push(correction);
+        }
+        if stored_item.item.is_moved_away_notice() {
+            continue; // a notice, not an entry
+        }
         *items_per_source.entry(publisher.clone()).or_default() += 1;
         by_section
             .entry(stored_item.item.section)
@@ -379,6 +423,7 @@ pub fn assemble(
         nhs_number_formatted: nhs.formatted(),
         demographics: identified.demographics,
         demographic_conflicts: identified.conflicts,
+        corrections,
         sections,
         sources,
         assembled_at: clock::rfc3339(now),
@@ -538,6 +583,9 @@ pub fn render_text(record: &Record) -> String {
                 .collect::<Vec<_>>()
                 .join("; ")
         ));
+    }
+    for correction in &record.corrections {
+        out.push_str(&format!("CORRECTION: {}\n", correction.text));
     }
     out.push_str("\nSources:\n");
     for source in &record.sources {

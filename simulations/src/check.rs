@@ -333,3 +333,41 @@ pub fn inauthentic(world: &World) -> Vec<Violation> {
     }
     found
 }
+
+/// Entries of one publisher held on two patients. At the publisher always (it moves an
+/// entry in one transaction); at every node once converged (mid-run a recipient may hold the
+/// new patient's document before the old one's, so `everywhere` is for the end).
+pub fn on_two_patients(world: &World, everywhere: bool) -> Vec<Violation> {
+    let mut found = Vec::new();
+    for node in 0..world.nodes.len() {
+        let Some(host) = world.host(node) else {
+            continue;
+        };
+        let own = &world.nodes[node].ods;
+        let publisher = (!everywhere).then_some(own);
+        let problems = match host.store.resources_on_several_patients(publisher) {
+            Ok(held) => held
+                .into_iter()
+                .map(|h| {
+                    format!(
+                        "holds {}'s {} on {} patients",
+                        h.publisher,
+                        h.item_id,
+                        h.patients.len()
+                    )
+                })
+                .collect(),
+            Err(error) => vec![error.to_string()],
+        };
+        for detail in problems {
+            found.push(Violation {
+                at_s: world.now_s(),
+                node: own.to_string(),
+                doc: String::new(),
+                rule: "one-patient-per-resource".into(),
+                detail,
+            });
+        }
+    }
+    found
+}

@@ -70,6 +70,8 @@ pub enum Bug {
     ForwardWithheld,
     /// The node acknowledges received documents without storing them.
     AckWithoutStoring,
+    /// The node places a re-sent entry on its new patient without moving it off the old.
+    PlaceWithoutMoving,
 }
 
 fn default_settle_s() -> u64 {
@@ -145,6 +147,9 @@ pub struct Workload {
     /// Mean simulated seconds between record views at each care organisation (0: none).
     /// A view that shows other organisations' data is audited and sent to them.
     pub view_every_s: f64,
+    /// Share of changes that re-send one of the organisation's earlier entries under
+    /// another of its patients: a correction of which patient the entry belongs to.
+    pub move_share: f64,
     pub consent: Vec<ConsentChange>,
 }
 
@@ -155,6 +160,7 @@ impl Default for Workload {
             items_per_patient: 6,
             change_every_s: 300.0,
             view_every_s: 0.0,
+            move_share: 0.1,
             consent: Vec::new(),
         }
     }
@@ -236,6 +242,9 @@ pub enum Invariant {
     Authentic,
     /// Every node's audit trail verifies: no entry lost, altered or out of order.
     AuditChain,
+    /// No publisher's entry is on two patients: always at the publisher, and everywhere
+    /// once the region has converged.
+    OnePatientPerResource,
 }
 
 impl Invariant {
@@ -246,6 +255,7 @@ impl Invariant {
             Invariant::NothingForbidden,
             Invariant::Authentic,
             Invariant::AuditChain,
+            Invariant::OnePatientPerResource,
         ]
     }
 }

@@ -91,6 +91,30 @@ fn a_hub_acknowledging_what_it_did_not_store_is_caught() {
     assert!(report.violations.iter().any(|v| v.rule == "convergence"));
 }
 
+/// Half the changes re-send an earlier entry, mostly under another patient: each moves,
+/// and no node holds an entry on two patients. A publisher that does not move them is caught.
+#[test]
+fn re_sent_entries_move_and_a_publisher_leaving_them_on_two_patients_is_caught() {
+    let moving = SMALL.replace(
+        "change_every_s = 120",
+        "change_every_s = 120\nmove_share = 0.5",
+    );
+    let report = run_text(&moving, 7);
+    assert!(report.passed(), "{}", report.render());
+    assert!(report.converged, "{}", report.render());
+
+    let buggy = format!("{moving}\n[[inject]]\nnode = \"GP000\"\nbug = \"place-without-moving\"\n");
+    let report = run_text(&buggy, 7);
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.rule == "one-patient-per-resource" && v.node == "GP000"),
+        "{}",
+        report.render()
+    );
+}
+
 /// Two hubs active-active: both GPs and the hospice dial both; the hubs sync with each other.
 /// HUB01 is lost for good ten minutes in, while everyone keeps recording.
 const TWO_HUBS: &str = r#"

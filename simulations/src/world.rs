@@ -12,10 +12,10 @@ use crate::host::SimHost;
 use crate::network::{Blocked, LinkState};
 use crate::scenario::{FaultKind, Invariant, LinkSpec, Scenario};
 use crate::{Report, Violation};
-use caremesh_storage::Store;
 use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::publish::{Publication, record_access};
 use caremesh_storage::sync_host::{RegistrySource, StoreHost};
+use caremesh_storage::{Placement, Store};
 use caremesh_sync::policy::{Agreements, Consent};
 use caremesh_sync::rng::Rng;
 use caremesh_sync::{
@@ -387,6 +387,22 @@ impl World {
         )
     }
 
+    /// A change at `node`: a new entry, or (a `move_share` of the time) an earlier one
+    /// re-sent, which moves it when the patient it is sent under is another.
+    fn changed_item(&mut self, node: usize) -> Item {
+        let earlier = self.nodes[node].items_written;
+        let correct = earlier > 0 && self.rng.unit() < self.scenario.workload.move_share;
+        let which = 1 + self.rng.below(earlier.max(1));
+        let mut item = self.random_item(node);
+        if correct {
+            let ods = &self.nodes[node].ods;
+            item.id = format!("Observation/{ods}-{which}");
+            item.source_id = item.id.clone();
+            item.title = format!("simulated entry {which} of {ods}, re-sent");
+        }
+        item
+    }
+
     /// Publishes items (and a consent choice) at `node` in one transaction, recording what it
     /// committed for the no-loss check.
     fn publish(
@@ -404,10 +420,32 @@ impl World {
         let batch = host.inner.store.write().map_err(sim_error)?;
         let mut touched = BTreeSet::new();
         for (patient, item) in items {
+            // Production's path: ingest places every resource through its placement.
             let family = [item.id.clone()];
-            publication
-                .place(&batch, &patient, &family, vec![item])
+            let placement = Placement {
+                nhs: patient.clone(),
+                patient_key: None,
+                moved_at: None,
+            };
+            let id = item.id.clone();
+            if n.bug == Some(crate::scenario::Bug::PlaceWithoutMoving) {
+                publication
+                    .place(&batch, &patient, &family, vec![item])
+                    .map_err(sim_error)?;
+                touched.insert(patient);
+                continue;
+            }
+            let moved_from = publication
+                .place_resource(
+                    &batch,
+                    &id,
+                    placement,
+                    &family,
+                    vec![item],
+                    &now.to_string(),
+                )
                 .map_err(sim_error)?;
+            touched.extend(moved_from);
             touched.insert(patient);
         }
         if let Some((patient, consent)) = consent {
@@ -570,7 +608,7 @@ impl World {
                 if self.nodes[node].host.is_some() && !self.nodes[node].caseload.is_empty() {
                     let pick = self.rng.below(self.nodes[node].caseload.len() as u64) as usize;
                     let patient = self.nodes[node].caseload[pick].clone();
-                    let item = self.random_item(node);
+                    let item = self.changed_item(node);
                     self.publish(node, vec![(patient, item)], None)?;
                     self.report.changes += 1;
                 }
@@ -811,6 +849,10 @@ impl World {
             let found = check::forbidden(self, &held, false);
             self.record(found);
         }
+        if self.wants(Invariant::OnePatientPerResource) {
+            let found = check::on_two_patients(self, false);
+            self.record(found);
+        }
         if !check::missing(self, &held).is_empty() {
             return Ok(());
         }
@@ -880,6 +922,10 @@ impl World {
         }
         if self.wants(Invariant::AuditChain) {
             let found = check::broken_audit_chains(self);
+            self.record(found);
+        }
+        if self.wants(Invariant::OnePatientPerResource) {
+            let found = check::on_two_patients(self, self.report.converged);
             self.record(found);
         }
         let mut documents = 0;

@@ -16,11 +16,13 @@ pub mod access;
 pub mod audit;
 mod migrations;
 mod peers;
+pub mod placements;
 pub mod publish;
 pub mod sync_host;
 
 pub use access::BreakGlass;
 pub use peers::{FeedRow, PeerStatus, RejectedChange};
+pub use placements::{OnSeveralPatients, Placement};
 
 use caremesh_sync::policy::{Consent, SourceStatement};
 use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, Section, SignedHeads};
@@ -132,6 +134,9 @@ pub struct StoreStats {
     pub items: i64,
     /// (publisher, section, count)
     pub items_by_source_and_section: Vec<(String, String, i64)>,
+    /// (publisher, count) of items of the first format, summaries without their source
+    /// resource: shown marked "summary only" until their publisher re-publishes.
+    pub summary_only_by_source: Vec<(String, i64)>,
     pub database_bytes: u64,
     pub last_ingest: Option<IngestRow>,
 }
@@ -530,6 +535,18 @@ impl Store {
             .map_err(self.err("count items"))?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(self.err("count items"))?;
+        let summary_only_by_source = self
+            .conn
+            .prepare(
+                "SELECT publisher, count(*) FROM items WHERE summary_only = 1 \
+                 GROUP BY publisher ORDER BY publisher",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(self.err("count summary-only items"))?;
         let page_bytes = count("PRAGMA page_count")? * count("PRAGMA page_size")?;
         let wal_bytes = std::fs::metadata(wal_path(&self.path))
             .map(|m| m.len())
@@ -539,6 +556,7 @@ impl Store {
             documents: count("SELECT COUNT(*) FROM documents")?,
             items: count("SELECT COUNT(*) FROM items")?,
             items_by_source_and_section,
+            summary_only_by_source,
             database_bytes: page_bytes as u64 + wal_bytes,
             last_ingest: self.last_ingest()?,
         })
@@ -807,8 +825,8 @@ impl WriteBatch<'_> {
         let mut insert = self
             .tx
             .prepare_cached(
-                "INSERT INTO items (doc_id, item_id, nhs, publisher, section, class, effective, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO items (doc_id, item_id, nhs, publisher, section, class, effective, \
+                 body, summary_only) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )
             .map_err(self.err("update read model"))?;
         for item in items {
@@ -824,7 +842,8 @@ impl WriteBatch<'_> {
                     meta.section.as_str(),
                     meta.class.as_str(),
                     item.effective.as_deref().or(item.recorded.as_deref()),
-                    body
+                    body,
+                    item.is_summary_only()
                 ])
                 .map_err(self.err("update read model"))?;
         }
@@ -1145,6 +1164,33 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         steps.join("; ")
+    }
+
+    /// Items of the first format (no source resource) are counted per publisher, from a
+    /// partial index, so `status` can say who must re-publish; re-published, they go.
+    #[test]
+    fn summary_only_items_are_counted_until_their_publisher_re_publishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
+        let old = item("AllergyIntolerance/1");
+        assert!(old.is_summary_only());
+        stored(&mut store, std::slice::from_ref(&old), 1_000);
+        assert_eq!(
+            store.stats().unwrap().summary_only_by_source,
+            [("A81001".to_string(), 1)]
+        );
+        let plan = query_plan(
+            &store,
+            "SELECT publisher, count(*) FROM items WHERE summary_only = 1 GROUP BY publisher",
+        );
+        assert!(plan.contains("items_summary_only"), "{plan}");
+        let current = Item {
+            format: caremesh_sync::ITEM_FORMAT,
+            resource: Some(serde_json::json!({ "resourceType": "AllergyIntolerance" })),
+            ..old
+        };
+        stored(&mut store, &[current], 2_000);
+        assert!(store.stats().unwrap().summary_only_by_source.is_empty());
     }
 
     #[test]

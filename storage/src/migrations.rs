@@ -181,6 +181,37 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX items_by_section_source ON items(section, publisher, nhs);
     "#,
+    // 9: which patient each resource this node ingested was last placed on, and through
+    // which Patient resource, so that a resource re-sent under another patient moves (its
+    // old copy retracted) and a Patient re-sent with another NHS number takes its resources
+    // with it. Only ingest writes it: hubs and peers never hold rows. Filled at upgrade from
+    // the items of patients this node's own extracts named (patient_links), main items only.
+    r#"
+    CREATE TABLE resource_placements (
+        publisher    TEXT NOT NULL,
+        source_key   TEXT NOT NULL,
+        nhs          TEXT NOT NULL,
+        patient_key  TEXT,
+        moved_at     TEXT,
+        PRIMARY KEY (publisher, source_key)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX resource_placements_by_patient ON resource_placements(publisher, nhs);
+    INSERT OR IGNORE INTO resource_placements (publisher, source_key, nhs)
+        SELECT publisher, item_id, nhs FROM items
+        WHERE nhs IN (SELECT nhs FROM patient_links)
+          AND section NOT IN ('sharing', 'audit')
+          AND instr(item_id, '#') = 0;
+    "#,
+    // 10: items of the first item format (a summary without the source resource) marked, so
+    // `caremesh status` can say which sources must re-publish, from an index that empties as
+    // they do. Marking the items held at upgrade reads each body once.
+    r#"
+    ALTER TABLE items ADD COLUMN summary_only INTEGER NOT NULL DEFAULT 0;
+    UPDATE items SET summary_only = 1
+        WHERE section NOT IN ('sharing', 'audit')
+          AND coalesce(json_extract(body, '$.format'), 1) < 2;
+    CREATE INDEX items_summary_only ON items(publisher) WHERE summary_only = 1;
+    "#,
 ];
 
 #[cfg(test)]

@@ -70,6 +70,10 @@ impl Publication {
         }
     }
 
+    pub fn publisher(&self) -> &OdsCode {
+        &self.publisher
+    }
+
     /// Records the patient's sharing choices at this organisation.
     pub fn set_consent(&mut self, patient: &NhsNumber, consent: Consent) {
         self.touched.insert(patient.clone());

@@ -32,7 +32,7 @@ pub use document::{DocumentError, PublishedDocument};
 pub use loaded::LoadedDocuments;
 pub use model::{
     Coding, DataClass, DocId, DocMeta, ITEM_FORMAT, Item, ModelError, NhsNumber, OdsCode, OrgKind,
-    Section,
+    Section, moved,
 };
 pub use session::{
     Checkpoint, Event, FeedEntry, HeldDocument, HostError, OfferPage, Refusal, Session,

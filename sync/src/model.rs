@@ -348,9 +348,31 @@ pub struct Item {
     pub resource: Option<serde_json::Value>,
 }
 
+/// Item fields that record a correction of which patient a resource belongs to. Both hold
+/// the time of the move (RFC 3339, UTC); neither names the other patient, whose identity
+/// is no business of this patient's viewers (the audit trail records both).
+pub mod moved {
+    /// On the notice a publisher leaves where a resource was, when it moved the resource to
+    /// another patient's record. The notice keeps the moved item's title, section and data
+    /// class, so it reaches exactly those who could see the entry.
+    pub const AWAY: &str = "moved_away";
+    /// On an item that its publisher moved here from another patient's record.
+    pub const HERE: &str = "moved_here";
+
+    /// The id of the notice left where resource item `item_id` was.
+    pub fn notice_id(item_id: &str) -> String {
+        format!("{item_id}#moved")
+    }
+}
+
 impl Item {
     fn first_format() -> u32 {
         1
+    }
+
+    /// Whether this item is the notice that a resource moved from here to another patient.
+    pub fn is_moved_away_notice(&self) -> bool {
+        self.fields.contains_key(moved::AWAY)
     }
 
     /// Whether the item was written before items carried their source resource.

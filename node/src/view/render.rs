@@ -292,6 +292,26 @@ fn patient_header(record: &Record) -> String {
             escape(&record.nhs_number_formatted)
         ));
     }
+    if !record.corrections.is_empty() {
+        let lines: String = record
+            .corrections
+            .iter()
+            .map(|c| {
+                format!(
+                    "<li data-direction=\"{}\">{}</li>",
+                    c.direction,
+                    escape(&c.text)
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "<div class=\"nhsuk-warning-callout\" id=\"record-corrections\">\
+             <h2 class=\"nhsuk-warning-callout__label\"><span role=\"text\">\
+             <span class=\"nhsuk-u-visually-hidden\">Important: </span>Entries moved between patients' records</span></h2>\
+             <p>These entries were filed against the wrong patient and corrected by their source. \
+             Check decisions made from this record since they were filed.</p><ul>{lines}</ul></div>"
+        ));
+    }
     out
 }
 
