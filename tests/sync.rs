@@ -1269,11 +1269,26 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
             "subject": {"reference": "Patient/A81001-P0"}, "recordedDate": "2026-01-05"
         }),
     );
+    // A coded problem with a clinician's note: the acute trust gets the coded resource (an
+    // agreement keeps GP free text from it) and must get none of the note with it.
+    let noted_problem = temp.path().join("noted.json");
+    write_json(
+        &noted_problem,
+        &serde_json::json!({
+            "resourceType": "Condition", "id": "noted-problem",
+            "meta": {"lastUpdated": "2026-01-05T09:00:00Z"},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "195967001",
+                                 "display": "CODED-ASTHMA-2d8f"}]},
+            "note": [{"text": "LEAK-NOTE-7b3e: lives with her daughter since the divorce"}],
+            "subject": {"reference": "Patient/A81001-P0"}, "recordedDate": "2026-01-05"
+        }),
+    );
     let output = ingest(
         &gp,
         &[
             private_problem.to_str().unwrap(),
             sensitive_problem.to_str().unwrap(),
+            noted_problem.to_str().unwrap(),
         ],
     );
     assert!(output.status.success(), "{}", stderr(&output));
@@ -1411,6 +1426,19 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
         assert!(!on_disk(dir, "LEAK-PRIVATE-4c1d"));
         assert!(!on_disk(dir, "LEAK-SENSITIVE-9e2a"));
     }
+    // The note travels only in the free-text item: the coded resource the acute trust holds
+    // carries none of it, and the hospice (which may see free text) holds both.
+    assert!(
+        on_disk(&acute, "CODED-ASTHMA-2d8f"),
+        "the coded problem reached the acute trust"
+    );
+    assert!(
+        !on_disk(&acute, "LEAK-NOTE-7b3e"),
+        "the note reached the acute trust"
+    );
+    let acute_wire = std::fs::read_to_string(acute.join("wire.log")).unwrap_or_default();
+    assert!(!acute_wire.contains("LEAK-NOTE-7b3e"));
+    assert!(on_disk(&hospice, "CODED-ASTHMA-2d8f") && on_disk(&hospice, "LEAK-NOTE-7b3e"));
     assert!(
         on_disk(&gp, "LEAK-PRIVATE-4c1d"),
         "the markers are searchable where they are held"
