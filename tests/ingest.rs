@@ -76,7 +76,46 @@ fn uk_core_and_nrl_examples_ingest_with_concrete_results() {
     );
     assert!(baby["reason"].as_str().unwrap().contains("Modulus 11"));
 
+    // What is not shown is exactly what the coverage page lists, each with its reason.
+    let coverage =
+        std::fs::read_to_string(repo_root().join("docs/clinical-safety/uk-core-coverage.md"))
+            .unwrap();
+    let not_shown = coverage
+        .split("## Not shown, and why")
+        .nth(1)
+        .expect("the coverage page lists what is not shown");
+    let listed: std::collections::BTreeSet<&str> = not_shown
+        .lines()
+        .filter_map(|line| line.strip_prefix("| "))
+        .filter_map(|line| line.split(" | ").next())
+        .filter(|name| *name != "Resource type" && !name.starts_with("---"))
+        .collect();
+    let unsupported: std::collections::BTreeSet<&str> = report["unsupported"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        unsupported, listed,
+        "docs/clinical-safety/uk-core-coverage.md is out of date"
+    );
+
     let record = record_json(&home(&dir), "9912003888").expect("Richard Smith's record is held");
+    // Hospice and ward medicines: what was given and what was dispensed.
+    let medications = section(&record, "medications");
+    for kind in ["MedicationAdministration/", "MedicationDispense/"] {
+        assert!(
+            medications
+                .iter()
+                .any(|i| i["source"]["resource"].as_str().unwrap().starts_with(kind)),
+            "{kind} not shown: {medications:?}"
+        );
+    }
+    let family = section(&record, "family-history");
+    assert_eq!(family[0]["title"], "Father: Diabetes Mellitues Type 1");
+    let contacts = section(&record, "contacts");
+    assert_eq!(contacts[0]["title"], "Joy SMITH (wife)");
     assert_eq!(record["demographics"]["name"], "Richard SMITH");
     let allergies = section(&record, "allergies");
     let amoxicillin = allergies

@@ -397,6 +397,8 @@ const SUPPORTED: &[(&str, Section)] = &[
     ("AllergyIntolerance", Section::Allergies),
     ("MedicationStatement", Section::Medications),
     ("MedicationRequest", Section::Medications),
+    ("MedicationAdministration", Section::Medications),
+    ("MedicationDispense", Section::Medications),
     ("Condition", Section::Problems),
     ("Observation", Section::Results),
     ("DiagnosticReport", Section::Results),
@@ -409,6 +411,8 @@ const SUPPORTED: &[(&str, Section)] = &[
     ("Flag", Section::Alerts),
     ("CarePlan", Section::CarePlans),
     ("ServiceRequest", Section::Referrals),
+    ("FamilyMemberHistory", Section::FamilyHistory),
+    ("RelatedPerson", Section::Contacts),
 ];
 
 pub fn section_of(resource_type: &str) -> Option<Section> {
@@ -825,7 +829,10 @@ fn read_content(
                 )),
             };
         }
-        "MedicationStatement" | "MedicationRequest" => {
+        "MedicationStatement"
+        | "MedicationRequest"
+        | "MedicationAdministration"
+        | "MedicationDispense" => {
             content.concept = match resource.concept("medicationCodeableConcept")? {
                 Some(concept) => Some(concept),
                 None => match resource.field::<Reference>("medicationReference")? {
@@ -855,17 +862,25 @@ fn read_content(
                     None => None,
                 },
             };
-            let dosage_field = if resource.resource_type == "MedicationRequest" {
-                "dosageInstruction"
-            } else {
-                "dosage"
+            content.detail = match resource.resource_type {
+                "MedicationRequest" | "MedicationDispense" => resource
+                    .list::<Dosage>("dosageInstruction")?
+                    .into_iter()
+                    .find_map(|d| d.text),
+                // One dosage, not a list: what was given.
+                "MedicationAdministration" => {
+                    resource.field::<Dosage>("dosage")?.and_then(|d| d.text)
+                }
+                _ => resource
+                    .list::<Dosage>("dosage")?
+                    .into_iter()
+                    .find_map(|d| d.text),
             };
-            content.detail = resource
-                .list::<Dosage>(dosage_field)?
-                .into_iter()
-                .find_map(|d| d.text);
             content.effective = match resource.resource_type {
                 "MedicationRequest" => resource.string("authoredOn")?,
+                "MedicationDispense" => {
+                    resource.first_string(&["whenHandedOver", "whenPrepared"])?
+                }
                 _ => match resource.string("effectiveDateTime")? {
                     Some(date) => Some(date),
                     None => resource
@@ -1034,6 +1049,48 @@ fn read_content(
                 .into_iter()
                 .find_map(|p| p.display)
                 .map(|p| format!("To {p}"));
+        }
+        "FamilyMemberHistory" => {
+            let relationship = resource
+                .concept("relationship")?
+                .and_then(|c| c.display())
+                .map(|r| crate::reading::capitalise(&r));
+            #[derive(Deserialize, Default)]
+            #[serde(default)]
+            struct FamilyCondition {
+                code: Option<CodeableConcept>,
+            }
+            let conditions: Vec<CodeableConcept> = resource
+                .list::<FamilyCondition>("condition")?
+                .into_iter()
+                .filter_map(|c| c.code)
+                .collect();
+            let named: Vec<String> = conditions.iter().filter_map(|c| c.display()).collect();
+            content.concept = conditions.first().cloned();
+            content.title = Some(match (relationship, named.is_empty()) {
+                (Some(who), false) => format!("{who}: {}", named.join(", ")),
+                (Some(who), true) => format!("{who}: no condition recorded"),
+                (None, false) => format!("Family member: {}", named.join(", ")),
+                (None, true) => "Family history (not described)".into(),
+            });
+            content.extra_concepts = conditions.into_iter().skip(1).collect();
+            content.effective = resource.string("date")?;
+            content.recorded = resource.string("date")?;
+        }
+        "RelatedPerson" => {
+            let relationship: Vec<String> = resource
+                .list::<CodeableConcept>("relationship")?
+                .iter()
+                .filter_map(CodeableConcept::display)
+                .collect();
+            let name = official_name(&resource.list::<HumanName>("name")?);
+            content.title = Some(match (name, relationship.is_empty()) {
+                (Some(name), false) => format!("{name} ({})", relationship.join(", ")),
+                (Some(name), true) => name,
+                (None, false) => crate::reading::capitalise(&relationship.join(", ")),
+                (None, true) => "Contact (not named)".into(),
+            });
+            content.effective = resource.period_start("period")?;
         }
         other => unreachable!("{other} is not a supported clinical type"),
     }

@@ -172,7 +172,7 @@ fn read_summary(item: &Item) -> Reading {
 fn states(item: &Item) -> bool {
     use caremesh_sync::Section::*;
     match item.section {
-        Allergies | Problems | Alerts | CarePlans => true,
+        Allergies | Problems | Alerts | CarePlans | FamilyHistory | Contacts => true,
         Medications => matches!(
             item.resource_type.as_str(),
             "MedicationStatement" | "MedicationRequest"
@@ -831,6 +831,8 @@ fn read_resource(item: &Item, resource: &Value) -> Reading {
         "Flag" => flag(&mut reading, resource),
         "CarePlan" => care_plan(&mut reading, resource),
         "ServiceRequest" => referral(&mut reading, resource),
+        "FamilyMemberHistory" => family_history(&mut reading, resource),
+        "RelatedPerson" => contact(&mut reading, resource),
         "Patient" => {
             reading.standing = Standing::Current;
         }
@@ -964,7 +966,7 @@ fn medication(reading: &mut Reading, item: &Item, resource: &Value) {
     let dose = (!dose.is_empty()).then(|| dose.join("; then "));
     reading.detail(
         "Dose",
-        dose.clone().or(Some("not given by the source".into())),
+        dose.clone().or(Some("not stated by the source".into())),
     );
     if let Some(first) = dosages.first().filter(|d| !d.is_null()) {
         // Where the text was shown, the route may not be in it: show it on its own too.
@@ -1025,19 +1027,24 @@ fn medication(reading: &mut Reading, item: &Item, resource: &Value) {
         }
         "MedicationAdministration" => {
             reading.standing = Standing::Event;
-            if matches!(status.as_deref(), Some("not-done" | "stopped")) {
-                reading.warnings.push(
-                    format!("Dose {} ", status.clone().unwrap_or_default())
-                        .trim()
-                        .to_string(),
-                );
-            }
+            // Only a completed (or still running) administration was given: a dose not
+            // given must never read as given.
+            let (warning, when_label) = match status.as_deref() {
+                Some("not-done") => (Some("Not given"), "Due"),
+                Some("stopped") => (Some("Stopped before the whole dose was given"), "Given"),
+                Some("entered-in-error") => (Some("Entered in error"), "Recorded"),
+                Some("on-hold") => (Some("On hold: not given"), "Due"),
+                Some("in-progress") => (None, "Being given from"),
+                Some("completed") => (None, "Given"),
+                _ => (Some("Not stated whether given"), "Recorded"),
+            };
+            reading.warnings.extend(warning.map(str::to_string));
             let period = resource.get("effectivePeriod");
             reading.date = text(resource, "effectiveDateTime")
                 .or_else(|| period.and_then(|p| text(p, "start")));
             reading.ended = period.and_then(|p| text(p, "end"));
             reading.detail(
-                "Given",
+                when_label,
                 text(resource, "effectiveDateTime")
                     .map(|d| clock::uk_when(&d))
                     .or_else(|| period.and_then(period_words)),
@@ -1146,7 +1153,7 @@ fn observation(reading: &mut Reading, resource: &Value) {
     ]);
 }
 
-fn capitalise(text: &str) -> String {
+pub(crate) fn capitalise(text: &str) -> String {
     let mut chars = text.chars();
     match chars.next() {
         Some(first) => first.to_uppercase().chain(chars).collect(),
@@ -1456,6 +1463,72 @@ fn referral(reading: &mut Reading, resource: &Value) {
             .map(clock::uk_day)
             .unwrap_or_default(),
     ]);
+}
+
+fn family_history(reading: &mut Reading, resource: &Value) {
+    let relationship = resource.get("relationship");
+    let status = text(resource, "status");
+    reading.status = status.clone();
+    reading.standing = match status.as_deref() {
+        Some("health-unknown") | None => Standing::NotStated,
+        Some(_) => Standing::Current,
+    };
+    reading.detail("Relationship", concept(relationship));
+    reading.detail("Sex", concept(resource.get("sex")));
+    reading.detail("Born", when_x_words(resource, "born"));
+    if resource.get("deceasedBoolean").and_then(Value::as_bool) == Some(true) {
+        reading.detail("Deceased", Some("yes".into()));
+    } else {
+        reading.detail("Deceased", when_x_words(resource, "deceased"));
+    }
+    let mut codes = Vec::new();
+    for condition in list(resource, "condition") {
+        let code = condition.get("code");
+        codes.push(concept_identity(code));
+        let onset = when_x_words(condition, "onset").map(|o| format!(", onset {o}"));
+        let outcome = concept(condition.get("outcome")).map(|o| format!(", outcome {o}"));
+        reading.detail(
+            "Condition",
+            concept(code).map(|c| {
+                format!(
+                    "{c}{}{}",
+                    onset.unwrap_or_default(),
+                    outcome.unwrap_or_default()
+                )
+            }),
+        );
+    }
+    reading.date = text(resource, "date");
+    reading.date_detail("Recorded", text(resource, "date"));
+    let mut parts = vec!["family".to_string(), concept_identity(relationship)];
+    parts.extend(codes);
+    reading.identity = identity(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// A next of kin, carer or other contact: who, how related, and how to reach them.
+fn contact(reading: &mut Reading, resource: &Value) {
+    reading.standing = match resource.get("active").and_then(Value::as_bool) {
+        Some(false) => Standing::Past,
+        _ => Standing::Current,
+    };
+    reading.detail("Relationship", concepts(list(resource, "relationship")));
+    for telecom in list(resource, "telecom") {
+        let label = match text(telecom, "system").as_deref() {
+            Some("phone") => "Phone",
+            Some("email") => "Email",
+            _ => "Contact",
+        };
+        let usage = text(telecom, "use").map(|u| format!(" ({u})"));
+        reading.detail(
+            label,
+            text(telecom, "value").map(|v| format!("{v}{}", usage.unwrap_or_default())),
+        );
+    }
+    let period = resource.get("period");
+    reading.detail("Period", period.and_then(period_words));
+    reading.date = period.and_then(|p| text(p, "start"));
+    reading.ended = period.and_then(|p| text(p, "end"));
+    reading.identity = identity(&["contact", &normalise_words(&reading.title)]);
 }
 
 #[cfg(test)]

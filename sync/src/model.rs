@@ -231,6 +231,9 @@ vocabulary!(
         Procedures => "procedures",
         CarePlans => "care-plans",
         Referrals => "referrals",
+        FamilyHistory => "family-history",
+        // Next of kin, carers and other contacts (FHIR RelatedPerson).
+        Contacts => "contacts",
         // Not a clinical section: the publisher's sharing record for the patient (consent
         // and what it withheld), which also serves as the purge notice.
         Sharing => "sharing",
@@ -261,6 +264,8 @@ impl Section {
             Section::Procedures => "Procedures",
             Section::CarePlans => "Care plans",
             Section::Referrals => "Referrals",
+            Section::FamilyHistory => "Family history",
+            Section::Contacts => "Next of kin and contacts",
             Section::Sharing => "Sharing choices",
             Section::Audit => "Record access",
         }
