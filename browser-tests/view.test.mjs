@@ -158,7 +158,14 @@ test("a record opened through a launch link joins three organisations, accessibl
   assert.match(await page.textContent("#nhs-number"), /^\d{3} \d{3} \d{4}$/);
   const header = await page.textContent(".caremesh-patient");
   assert.match(header, /Date of birth\s*\d{2}-[A-Z][a-z]{2}-\d{4}/);
-  assert.match(header, /Registered GP/);
+  // Every organisation names the practice; the banner names it, not its code alone.
+  assert.match(header, /Registered GP\s*Banbury Road Surgery \(A81001\)/);
+  // The demo patient is one a clinician would believe: in palliative care, known to all three.
+  const summary = await page.textContent("#summary");
+  assert.match(summary, /Sobell House Hospice/);
+  assert.match(summary, /Oxford University Hospitals/);
+  assert.doesNotMatch(await page.textContent("#summary-results"), /consultation/i,
+    "consultation notes are not results");
   // Sections with counts equal to the sources' versions listed; every version names its
   // organisation and dates.
   const sections = await page.$$eval(".caremesh-section", (cards) => cards.map((card) => ({

@@ -303,7 +303,7 @@ fn with_two_hubs_active_active_losing_one_loses_nothing_and_changes_fail_over_to
             "code": {"coding": [{
                 "system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertension"
             }]},
-            "subject": {"reference": "Patient/A81001-P0"},
+            "subject": {"reference": "Patient/A81001-S1-P0"},
             "recordedDate": "2026-01-06"
         }),
     );
@@ -320,7 +320,11 @@ fn with_two_hubs_active_active_losing_one_loses_nothing_and_changes_fail_over_to
         ) == 1),
         "the change reached the acute trust through the hub left"
     );
-    assert_eq!(held_from(&acute, "A81001"), from_gp);
+    // Everything the acute trust may hold of the GP's, the new condition's document
+    // included (a patient with no problems before gets a new one).
+    let from_gp_after = documents_of(&gp, "A81001", CODED, Some(&acute_caseload));
+    assert!(from_gp_after >= from_gp);
+    assert!(wait_for(SYNC_WAIT, || held_from(&acute, "A81001") == from_gp_after));
     let shareable_after = shareable(&gp, "A81001");
     assert!(wait_for(SYNC_WAIT, || held_from(&hub2, "A81001") == shareable_after));
     assert_eq!(
@@ -785,7 +789,7 @@ fn on_disk(dir: &Path, marker: &str) -> bool {
     })
 }
 
-/// A GP condition about the generated patient `A81001-P0` titled `text`; `private` tags it
+/// A GP condition about the generated patient `A81001-S1-P0` titled `text`; `private` tags it
 /// private to the GP, as a clinical system exports its private flag.
 fn write_gp_condition(path: &Path, id: &str, text: &str, private: bool) {
     let mut meta = serde_json::json!({"lastUpdated": "2026-01-05T09:00:00Z"});
@@ -803,7 +807,7 @@ fn write_gp_condition(path: &Path, id: &str, text: &str, private: bool) {
                 "code": "active"
             }]},
             "code": {"text": text},
-            "subject": {"reference": "Patient/A81001-P0"},
+            "subject": {"reference": "Patient/A81001-S1-P0"},
             "recordedDate": "2026-01-05"
         }),
     );
@@ -1245,10 +1249,10 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
         links.remove(0)
     };
     let (p0, p1, p2, p3) = (
-        nhs_of("Patient/A81001-P0"),
-        nhs_of("Patient/A81001-P1"),
-        nhs_of("Patient/A81001-P2"),
-        nhs_of("Patient/A81001-P3"),
+        nhs_of("Patient/A81001-S1-P0"),
+        nhs_of("Patient/A81001-S1-P1"),
+        nhs_of("Patient/A81001-S1-P2"),
+        nhs_of("Patient/A81001-S1-P3"),
     );
     assert_eq!(patients.len(), 4);
     let private_problem = temp.path().join("private.json");
@@ -1266,7 +1270,7 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
             "meta": {"lastUpdated": "2026-01-05T09:00:00Z"},
             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "86406008",
                                  "display": "LEAK-SENSITIVE-9e2a"}]},
-            "subject": {"reference": "Patient/A81001-P0"}, "recordedDate": "2026-01-05"
+            "subject": {"reference": "Patient/A81001-S1-P0"}, "recordedDate": "2026-01-05"
         }),
     );
     // A coded problem with a clinician's note: the acute trust gets the coded resource (an
@@ -1280,7 +1284,7 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
             "code": {"coding": [{"system": "http://snomed.info/sct", "code": "195967001",
                                  "display": "CODED-ASTHMA-2d8f"}]},
             "note": [{"text": "LEAK-NOTE-7b3e: lives with her daughter since the divorce"}],
-            "subject": {"reference": "Patient/A81001-P0"}, "recordedDate": "2026-01-05"
+            "subject": {"reference": "Patient/A81001-S1-P0"}, "recordedDate": "2026-01-05"
         }),
     );
     let output = ingest(

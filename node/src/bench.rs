@@ -255,12 +255,12 @@ pub fn practice_of(dir: &Path, ods: OdsCode, patients: u64, seed: u64) -> Result
         },
     )?;
     let extract = dir.join("extract");
-    generate(&GenerateOptions {
-        org: ods,
+    generate(&GenerateOptions::practice(
+        ods,
         patients,
         seed,
-        out: extract.clone(),
-    })?;
+        extract.clone(),
+    ))?;
     let mut store = home.open_store()?;
     let started = Instant::now();
     let report = Ingestor::new(

@@ -110,6 +110,19 @@ enum Command {
     Generate {
         #[arg(long)]
         org: OdsCode,
+        /// The organisation's name, as its records name it.
+        #[arg(long)]
+        name: Option<String>,
+        /// gp, acute, hospice (or another kind, which records as a practice does): which of
+        /// the region's patients it cares for and what it records about them.
+        #[arg(long, default_value = "gp")]
+        kind: OrgKind,
+        /// The practice the region's patients are registered with; a GP's own code by
+        /// default. Give it for other kinds so their records name the right GP.
+        #[arg(long)]
+        gp: Option<OdsCode>,
+        /// The region's population: a practice writes every patient, a hospital those it
+        /// admitted, a hospice those in palliative care.
         #[arg(long)]
         patients: u64,
         #[arg(long, default_value_t = 1)]
@@ -169,7 +182,8 @@ enum Command {
         /// Keep the region here (and reuse it on the next run) instead of a temporary folder.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Patients at the GP practice; the hospital holds a quarter of them, the hospice a tenth.
+        /// Patients at the GP practice; the hospital holds those it admitted, the hospice those
+        /// in palliative care.
         #[arg(long, default_value_t = 200)]
         patients: u64,
         /// Views listen on this port and the next three; sync on this port + 100 onwards.
@@ -365,13 +379,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Generate {
             org,
+            name,
+            kind,
+            gp,
             patients,
             seed,
             out,
         } => {
             let started = std::time::Instant::now();
+            let registered_gp = match gp {
+                Some(gp) => gp,
+                None if kind == OrgKind::Gp => org.clone(),
+                None => anyhow::bail!(
+                    "--gp is needed for a {kind} extract: the practice its patients are registered with"
+                ),
+            };
             let generated = generate::generate(&GenerateOptions {
+                org_name: name.unwrap_or_else(|| format!("{org} ({kind})")),
                 org,
+                kind,
+                registered_gp,
                 patients,
                 seed,
                 out: out.clone(),

@@ -24,10 +24,14 @@ struct DemoNode {
     port_offset: u16,
     accepts_peers: bool,
     peers: &'static [&'static str],
-    /// Share of the GP's patients this organisation also holds data for (percent).
-    patient_share: u64,
     source_system: &'static str,
 }
+
+/// The walkthrough's result, ingested at the practice while the hub is down.
+const OFFLINE_RESULT: &str = "offline-result.json";
+
+/// The practice every demo patient is registered with.
+const REGISTERED_GP: &str = "A81001";
 
 const REGION: &[DemoNode] = &[
     DemoNode {
@@ -38,7 +42,6 @@ const REGION: &[DemoNode] = &[
         port_offset: 0,
         accepts_peers: true,
         peers: &[],
-        patient_share: 0,
         source_system: "none",
     },
     DemoNode {
@@ -49,7 +52,6 @@ const REGION: &[DemoNode] = &[
         port_offset: 1,
         accepts_peers: true,
         peers: &["HUB01"],
-        patient_share: 100,
         source_system: "GP system (generated)",
     },
     DemoNode {
@@ -60,7 +62,6 @@ const REGION: &[DemoNode] = &[
         port_offset: 2,
         accepts_peers: false,
         peers: &["HUB01"],
-        patient_share: 25,
         source_system: "EPR (generated)",
     },
     DemoNode {
@@ -72,7 +73,6 @@ const REGION: &[DemoNode] = &[
         accepts_peers: false,
         // The hospice also talks to the GP directly: its link to the hub is the poor one.
         peers: &["HUB01", "A81001"],
-        patient_share: 10,
         source_system: "Hospice system (generated)",
     },
 ];
@@ -178,13 +178,14 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
         hub.id()
     );
     println!(
-        "Ingest while it is down: `caremesh generate --org A81001 --patients 5 --seed 9 --out {0}/more && caremesh ingest --dir {0}/gp {0}/more`",
-        dir.display()
+        "Ingest at the practice while it is down: `caremesh ingest --dir {} {}` (a new, raised potassium result for this patient); the practice's page shows it at once, the hospital's does not yet.",
+        dir.join("gp").display(),
+        dir.join(OFFLINE_RESULT).display()
     );
     println!(
-        "Bring the hub back with `caremesh run --dir {}`: what was ingested flows on. `caremesh status --dir {}/acute` shows each peer.",
+        "Bring the hub back with `caremesh run --dir {}`: the result reaches the hospital's page within seconds. `caremesh status --dir {}` shows each peer.",
         dir.join("hub").display(),
-        dir.display()
+        dir.join("acute").display()
     );
     println!("Ctrl-C stops the region.");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -241,22 +242,21 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<(String, Option<String
     let mut file = RegistryFile::unsigned(registry);
     file.sign(&secret, clock::now_unix())?;
     crate::home::write_secret(&dir.join("authority.key"), &hex::encode(secret))?;
-    let mut first_patient = None;
-    let mut no_share_in = None;
     for (node, home) in REGION.iter().zip(&homes) {
         crate::trust::write_atomically(&home.registry_path(), &file.to_json())?;
-        let count = (patients * node.patient_share / 100).max(u64::from(node.patient_share > 0));
-        if node.patient_share == 0 {
+        if node.kind == OrgKind::Hub {
             continue;
         }
         let extract = dir.join(format!("{}-extract", node.folder));
         let generated = generate::generate(&GenerateOptions {
             org: home.config.organisation.ods.clone(),
-            patients: count,
+            org_name: node.name.into(),
+            kind: node.kind,
+            registered_gp: OdsCode::parse(REGISTERED_GP)?,
+            patients,
             seed: 1,
             out: extract.clone(),
         })?;
-        first_patient = first_patient.or(generated.nhs_numbers.first().map(|n| n.to_string()));
         let mut store = home.open_store()?;
         let report = Ingestor::new(
             home,
@@ -268,22 +268,58 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<(String, Option<String
         .ingest_paths(&[extract])?;
         println!(
             "{}: {} patients, {} documents",
-            node.name, count, report.documents_written
+            node.name, generated.files, report.documents_written
         );
-        if node.kind == OrgKind::Hospice
-            && let Some(nhs) = generated.nhs_numbers.get(1)
-        {
-            let consent = Consent {
-                share_in: false,
-                ..home.config.sharing.defaults()
-            };
-            crate::consent::record(home, &mut store, nhs, consent)?;
-            no_share_in = Some(nhs.to_string());
-        }
     }
-    let first =
-        first_patient.context("the demo generated no patients; use --patients 10 or more")?;
-    Ok((first, no_share_in))
+    // The patients the links open: living, and known to the practice, the hospital and the
+    // hospice; the second of them has Share In off at the hospice (the break-glass example).
+    let mut shared = (0..patients)
+        .map(|index| generate::person(1, index))
+        .filter(|p| p.deceased_day.is_none() && p.in_caseload_of(OrgKind::Hospice));
+    let first = shared.next().with_context(|| {
+        format!("no living hospice patient among {patients}; use --patients 40 or more")
+    })?;
+    let no_share_in = shared.next().map(|p| p.nhs);
+    if let Some(nhs) = &no_share_in {
+        let (node, home) = REGION
+            .iter()
+            .zip(&homes)
+            .find(|(node, _)| node.kind == OrgKind::Hospice)
+            .expect("the demo region has a hospice");
+        let consent = Consent {
+            share_in: false,
+            ..home.config.sharing.defaults()
+        };
+        let mut store = home.open_store()?;
+        crate::consent::record(home, &mut store, nhs, consent)
+            .with_context(|| format!("recording the example consent at {}", node.name))?;
+    }
+    write_offline_result(dir, &first.nhs)?;
+    Ok((first.nhs.to_string(), no_share_in.map(|n| n.to_string())))
+}
+
+/// The file the walkthrough ingests at the practice while the hub is down: a new, raised
+/// potassium result for the first patient, with its own resource id, which the hospital's
+/// page shows once the hub is back.
+fn write_offline_result(dir: &Path, nhs: &caremesh_sync::NhsNumber) -> Result<()> {
+    let now = clock::rfc3339(clock::now_unix());
+    let unit = |value: f64| serde_json::json!({ "value": value, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L" });
+    let result = serde_json::json!({
+        "resourceType": "Observation",
+        "id": "A81001-offline-walkthrough-potassium",
+        "meta": { "lastUpdated": now },
+        "status": "final",
+        "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory" }] }],
+        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "1000651000000109", "display": "Serum potassium level" }] },
+        "subject": { "identifier": { "system": crate::fhir::NHS_NUMBER_SYSTEM, "value": nhs.as_str() } },
+        "effectiveDateTime": now,
+        "valueQuantity": unit(5.9),
+        "referenceRange": [{ "low": unit(3.5), "high": unit(5.3) }],
+        "interpretation": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "H", "display": "High" }] }]
+    });
+    let path = dir.join(OFFLINE_RESULT);
+    std::fs::write(&path, serde_json::to_vec_pretty(&result)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Starts `caremesh run` for a node and reads the view address it prints.

@@ -341,7 +341,16 @@ pub fn assemble(
         })
         .collect();
     let today = clock::rfc3339(now);
-    let identified = identity::identify(versions, viewer.ods.as_str(), &today[..10]);
+    let mut identified = identity::identify(versions, viewer.ods.as_str(), &today[..10]);
+    // A registered GP given only by ODS code is named when it is one of the sources.
+    if let Some(gp) = identified
+        .demographics
+        .as_mut()
+        .and_then(|d| d.registered_gp.as_mut())
+        && let Some(row) = sources.get(gp.as_str())
+    {
+        *gp = format!("{} ({})", row.name, row.publisher);
+    }
     let sections = Section::ALL
         .iter()
         .filter(|s| s.is_clinical() && **s != Section::Demographics)

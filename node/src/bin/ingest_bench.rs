@@ -62,12 +62,12 @@ fn main() -> Result<()> {
 
     let generated = work.join("generated");
     let started = Instant::now();
-    let output = generate(&GenerateOptions {
-        org: OdsCode::parse("A81001")?,
+    let output = generate(&GenerateOptions::practice(
+        OdsCode::parse("A81001")?,
         patients,
-        seed: 1,
-        out: generated.clone(),
-    })?;
+        1,
+        generated.clone(),
+    ))?;
     let generate_seconds = started.elapsed().as_secs_f64();
     println!(
         "generated {} patients ({} resources) in {:.1} s ({:.0} resources/s)",

@@ -7,8 +7,8 @@ use crate::reading::Standing;
 use crate::record::{self, Record};
 use caremesh_storage::PeerStatus;
 use caremesh_storage::access::LaunchSession;
-use caremesh_sync::Section;
 use caremesh_sync::policy::ViewDecision;
+use caremesh_sync::{DataClass, Section};
 
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -733,11 +733,16 @@ fn summary(record: &Record) -> String {
         ));
     }
     if let Some(s) = section(Section::Results) {
-        // The latest of each test.
+        // The latest of each test; consultation notes filed as observations are not results.
         let mut seen = std::collections::HashSet::new();
         let lines = s
             .entries
             .iter()
+            .filter(|e| {
+                e.items
+                    .iter()
+                    .all(|&i| s.items[i].data_class != DataClass::FreeText)
+            })
             .filter(|e| seen.insert(e.title.to_lowercase()))
             .take(6)
             .map(|e| line(s, e, detail(s, e, "Value")))
