@@ -303,6 +303,13 @@ test("clinical safety: summary first, allergies sharing a code apart, identity c
   assert.match(results, /13\.1 ×10⁹\/L/);
   assert.match(results, /Range\s*4\.0 to 11\.0 ×10⁹\/L/);
   assert.match(results, /No value: Sample haemolysed/);
+  // A repeated test is one series: the latest result shown, the earlier ones folded under it.
+  assert.match(await page.textContent("#results .caremesh-series summary"), /1 earlier White blood cell count result/);
+  const latestRows = await page.$$eval("#results tr.caremesh-entry", (rows) => rows
+    .filter((row) => !row.closest(".caremesh-series")).map((row) => row.textContent));
+  const wccLatest = latestRows.find((row) => /White blood cell count/.test(row));
+  assert.match(wccLatest, /7\.2 ×10⁹\/L/);
+  assert.doesNotMatch(wccLatest, /13\.1/);
   assert.match(results, /01-Jul-2026 00:30/, "23:30 UTC on 30 June is 00:30 on 1 July in the UK");
   assert.match(results, /Diastolic blood pressure: 82\.6 mmHg/);
   await page.screenshot({ path: join(artefacts, "record-summary-1280x800.png") });

@@ -648,8 +648,17 @@ pub fn render_text(record: &Record) -> String {
             if let Some(heading) = heading {
                 out.push_str(&format!("  {heading}:\n"));
             }
-            for entry in entries {
-                render_entry_text(&mut out, section, entry);
+            for series in section.series(&entries) {
+                if series.len() > 1 {
+                    out.push_str(&format!(
+                        "  {} ({} results, latest first):\n",
+                        series[0].title,
+                        series.len()
+                    ));
+                }
+                for entry in series {
+                    render_entry_text(&mut out, section, entry);
+                }
             }
         }
     }
@@ -704,6 +713,30 @@ impl SectionView {
         } else {
             format!("{} entries, {} versions", self.entries.len(), self.count)
         }
+    }
+
+    /// Results grouped into one series per test (by code, else by name), each latest
+    /// first, the series in order of their latest result; other sections one entry a group.
+    pub fn series<'s>(&self, entries: &[&'s EntryView]) -> Vec<Vec<&'s EntryView>> {
+        if self.section != Section::Results {
+            return entries.iter().map(|e| vec![*e]).collect();
+        }
+        let mut series: Vec<Vec<&EntryView>> = Vec::new();
+        let mut by_test: BTreeMap<String, usize> = BTreeMap::new();
+        for entry in entries {
+            let test = entry
+                .code
+                .clone()
+                .unwrap_or_else(|| entry.title.to_lowercase());
+            match by_test.get(&test) {
+                Some(&at) => series[at].push(entry),
+                None => {
+                    by_test.insert(test, series.len());
+                    series.push(vec![entry]);
+                }
+            }
+        }
+        series
     }
 
     /// Entries grouped for reading: for sections of states, current (with those whose

@@ -517,6 +517,34 @@ fn entry_row(section: &record::SectionView, entry: &record::EntryView, today: &s
     )
 }
 
+/// One entry's row; for a test's series, its latest result's row and the earlier results
+/// folded beneath it, latest first.
+fn series_rows(
+    section: &record::SectionView,
+    series: &[&record::EntryView],
+    today: &str,
+) -> String {
+    let (latest, earlier) = series.split_first().expect("a series has a result");
+    let mut rows = entry_row(section, latest, today);
+    if !earlier.is_empty() {
+        let earlier_rows: String = earlier
+            .iter()
+            .map(|entry| entry_row(section, entry, today))
+            .collect();
+        rows.push_str(&format!(
+            "<tr class=\"nhsuk-table__row caremesh-series-earlier\"><td class=\"nhsuk-table__cell\" colspan=\"3\">\
+             <details class=\"nhsuk-details caremesh-series\"><summary class=\"nhsuk-details__summary\">\
+             <span class=\"nhsuk-details__summary-text\">{} earlier {} result{}</span></summary>\
+             <div class=\"nhsuk-details__text\">{}</div></details></td></tr>",
+            earlier.len(),
+            escape(&latest.title),
+            if earlier.len() == 1 { "" } else { "s" },
+            entries_table(&format!("Earlier {}", latest.title), earlier_rows),
+        ));
+    }
+    rows
+}
+
 fn entries_table(caption: &str, rows: String) -> String {
     format!(
         "<table class=\"nhsuk-table caremesh-entries\"><caption class=\"nhsuk-table__caption nhsuk-table__caption--s\">{}</caption>\
@@ -556,22 +584,24 @@ fn section_card(section: &record::SectionView, today: &str) -> String {
     }
     for (heading, entries) in section.by_standing() {
         let caption = heading.unwrap_or(section.title);
-        let rows = |entries: &[&record::EntryView]| -> String {
-            entries
+        // Each group is one row: an entry, or a test's latest result with its earlier ones.
+        let groups = section.series(&entries);
+        let rows = |groups: &[Vec<&record::EntryView>]| -> String {
+            groups
                 .iter()
-                .map(|entry| entry_row(section, entry, today))
+                .map(|group| series_rows(section, group, today))
                 .collect()
         };
         let folds = heading.is_none() || heading == Some("Events");
-        if folds && entries.len() > EVENTS_SHOWN {
-            out.push_str(&entries_table(caption, rows(&entries[..EVENTS_SHOWN])));
+        if folds && groups.len() > EVENTS_SHOWN {
+            out.push_str(&entries_table(caption, rows(&groups[..EVENTS_SHOWN])));
             out.push_str(&format!(
                 "<details class=\"nhsuk-details caremesh-more\"><summary class=\"nhsuk-details__summary\">\
                  <span class=\"nhsuk-details__summary-text\">{} earlier {}</span></summary>\
                  <div class=\"nhsuk-details__text\">{}</div></details>",
-                entries.len() - EVENTS_SHOWN,
-                if entries.len() - EVENTS_SHOWN == 1 { "entry" } else { "entries" },
-                entries_table(&format!("{caption}, earlier"), rows(&entries[EVENTS_SHOWN..]))
+                groups.len() - EVENTS_SHOWN,
+                if groups.len() - EVENTS_SHOWN == 1 { "entry" } else { "entries" },
+                entries_table(&format!("{caption}, earlier"), rows(&groups[EVENTS_SHOWN..]))
             ));
         } else if heading.is_some_and(|h| {
             h.starts_with("Past") || h.starts_with("Resolved") || h.starts_with("Refuted")
@@ -582,10 +612,10 @@ fn section_card(section: &record::SectionView, today: &str) -> String {
                  <div class=\"nhsuk-details__text\">{}</div></details>",
                 escape(caption),
                 entries.len(),
-                entries_table(caption, rows(&entries))
+                entries_table(caption, rows(&groups))
             ));
         } else {
-            out.push_str(&entries_table(caption, rows(&entries)));
+            out.push_str(&entries_table(caption, rows(&groups)));
         }
     }
     out.push_str("</div></section>");
