@@ -277,6 +277,8 @@ test("clinical safety: summary first, allergies sharing a code apart, identity c
   assert.match(conflict, /Banbury Road Surgery \(A81001\): Alice EDGE/);
   assert.match(conflict, /01-Jul-1984/);
   assert.match(await page.textContent("#deceased"), /Deceased 28-Nov-2026 03:10/);
+  // Dead by the hospice's record: the banner gives her age at death, not today's.
+  assert.match(await page.textContent("#patient-banner"), /01-Jul-1948 \(78 years at death\)/);
 
   // The first screen (1280x800) holds the summary: allergies, current medication, problems.
   for (const block of ["#summary-allergies", "#summary-medications", "#summary-problems"]) {

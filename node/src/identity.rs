@@ -127,25 +127,26 @@ pub fn identify(mut versions: Vec<DemographicsVersion>, viewer: &str, today: &st
     };
     let demographics = chosen.map(|chosen| {
         let (registered_gp, registered_gp_source) = registered_gp(&versions, chosen);
+        // Death recorded by any source is shown even when the chosen one lacks it; the
+        // conflict below names who says so.
+        let deceased = chosen
+            .deceased
+            .clone()
+            .or_else(|| versions.iter().find_map(|v| v.deceased.clone()));
+        let died_on = deceased.as_deref().filter(|d| !d.is_empty());
         Demographics {
             name: chosen.name.clone(),
             birth_date: chosen.birth_date.clone(),
+            // A dead patient's age is their age at death, and says so.
             age: chosen.birth_date.as_deref().and_then(|born| {
-                age(
-                    born,
-                    chosen
-                        .deceased
-                        .as_deref()
-                        .filter(|d| !d.is_empty())
-                        .unwrap_or(today),
-                )
+                let years = age(born, died_on.unwrap_or(today))?;
+                Some(match died_on {
+                    Some(_) => format!("{years} at death"),
+                    None => years,
+                })
             }),
             gender: chosen.gender.clone(),
-            deceased: chosen.deceased.clone().or_else(|| {
-                // Death recorded by any source is shown even when the chosen one lacks it;
-                // the conflict below names who says so.
-                versions.iter().find_map(|v| v.deceased.clone())
-            }),
+            deceased,
             postcode: chosen.postcode.clone(),
             registered_gp,
             registered_gp_source,
@@ -339,8 +340,23 @@ mod tests {
     }
 
     #[test]
-    fn ages_count_whole_years_and_months_for_infants() {
+    fn ages_count_whole_years_months_for_infants_and_stop_at_death() {
         assert_eq!(age("1950-03-01", "2026-02-28").as_deref(), Some("75 years"));
+        // Dead, by another source's record: the age is at death and says so.
+        let mut hospice = version(
+            "8HA15",
+            "hospice",
+            "Arthur Smith",
+            "1950-03-01",
+            "2026-01-02",
+        );
+        hospice.deceased = Some("2024-05-01".into());
+        let gp = version("A81001", "gp", "Arthur Smith", "1950-03-01", "2026-01-01");
+        let shown = identify(vec![hospice, gp], "A81001", "2026-11-30")
+            .demographics
+            .unwrap();
+        assert_eq!(shown.deceased.as_deref(), Some("2024-05-01"));
+        assert_eq!(shown.age.as_deref(), Some("74 years at death"));
         assert_eq!(age("1950-03-01", "2026-03-01").as_deref(), Some("76 years"));
         assert_eq!(
             age("2025-06-15", "2026-11-30").as_deref(),
