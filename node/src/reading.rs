@@ -313,10 +313,16 @@ fn reference_name(value: Option<&Value>) -> Option<String> {
                 .nth(1)
                 .filter(|k| k.chars().next().is_some_and(char::is_uppercase))
                 .unwrap_or("resource");
-            Some(format!(
-                "a {} not named in this extract",
-                kind.to_lowercase()
-            ))
+            let kind = match kind {
+                "Organization" => "an organisation",
+                "Practitioner" | "PractitionerRole" => "a practitioner",
+                "Location" => "a location",
+                "Patient" => "the patient",
+                "RelatedPerson" => "a relative or carer",
+                "Device" => "a device",
+                _ => "a resource",
+            };
+            Some(format!("{kind} not named in this extract"))
         })
 }
 
@@ -845,7 +851,22 @@ fn read_resource(item: &Item, resource: &Value) -> Reading {
         reading.identity =
             identity(&[&normalise_words(&reading.title), &event_day(item, &reading)]);
     }
+    flag_current_past_its_end(&mut reading, &clock::rfc3339(clock::now_unix())[..10]);
     reading
+}
+
+/// A source can leave a status "active" after the end it recorded has passed (a course
+/// finished, a prescription expired): listed as current, it must say so.
+fn flag_current_past_its_end(reading: &mut Reading, today: &str) {
+    if reading.standing == Standing::Current
+        && let Some(end) = reading.ended.as_deref()
+        && end.get(..10).is_some_and(|day| day < today)
+    {
+        reading.warnings.push(format!(
+            "Recorded as current, but its end date ({}) has passed",
+            clock::uk_when(end)
+        ));
+    }
 }
 
 fn clinical_and_verification(reading: &mut Reading, resource: &Value) -> (String, String) {
