@@ -712,6 +712,58 @@ fn an_ingest_reported_done_survives_kill_9_straight_after() {
     assert!(verify.status.success(), "{}", stdout(&verify));
 }
 
+/// A drop-folder ingest that fails (here: the database held by another writer for longer
+/// than the node waits) keeps its file and retries it; the condition dropped after it is not
+/// quarantined for naming a patient whose file had not gone in yet. Once the database is
+/// free, both go in.
+#[test]
+fn a_busy_database_delays_the_drop_folder_and_loses_nothing() {
+    let dir = node("A81001", "gp");
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let running = RunningNode::start_logging(&home(&dir), "error", log.into());
+    let files = tempfile::tempdir().unwrap();
+    let patient = patient_file(files.path());
+    let condition_path = files.path().join("condition.json");
+    write_json(
+        &condition_path,
+        &condition("2024-01-01T00:00:00Z", "Asthma", None),
+    );
+    let put = |source: &Path| {
+        let name = source.file_name().unwrap();
+        let staged = home(&dir)
+            .join("drop")
+            .join(format!(".{}", name.to_string_lossy()));
+        std::fs::copy(source, &staged).unwrap();
+        std::fs::rename(&staged, home(&dir).join("drop").join(name)).unwrap();
+    };
+    // Another writer holds the database until the patient's ingest has failed (the node
+    // waits five seconds for it); the condition arrives just after it is free again.
+    let blocker = rusqlite::Connection::open(home(&dir).join("node.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    put(&patient);
+    assert!(
+        wait_for(Duration::from_secs(60), || std::fs::read_to_string(
+            &log_path
+        )
+        .is_ok_and(|log| log.contains("drop folder ingest failed"))),
+        "the busy database never failed an ingest"
+    );
+    blocker.execute_batch("COMMIT").unwrap();
+    put(&condition_path);
+    let processed = |name: &str| home(&dir).join("processed").join(name).exists();
+    assert!(
+        wait_for(Duration::from_secs(60), || processed("patient.json")
+            && processed("condition.json")),
+        "quarantined: {:?}",
+        std::fs::read_dir(home(&dir).join("quarantine"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    );
+    drop(running);
+    assert_eq!(problems(&home(&dir)), ["Asthma"]);
+}
+
 #[test]
 fn kill_9_during_a_large_ingest_leaves_a_consistent_database() {
     let dir = node("A81001", "gp");

@@ -45,6 +45,11 @@ pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestErro
         })?;
     tracing::info!(folder = %drop_dir.display(), "watching drop folder");
     let mut settling: HashMap<PathBuf, (u64, SystemTime, Instant)> = HashMap::new();
+    // Files whose ingest failed (a busy database, a full disk). Files arriving after them
+    // wait with them, so that a file is never ingested ahead of one dropped before it (a
+    // condition ahead of the Patient it names would be quarantined for naming no patient).
+    let mut held_back: Vec<PathBuf> = Vec::new();
+    let mut retry_at = Instant::now();
     let mut next_scan = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let mut ready = Vec::new();
@@ -62,20 +67,29 @@ pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestErro
             next_scan = Instant::now() + SCAN_EVERY;
             ready.extend(settled_files(&drop_dir, &mut settling));
         }
+        for path in &ready {
+            settling.remove(path);
+        }
+        if !held_back.is_empty() {
+            held_back.append(&mut ready);
+            if Instant::now() < retry_at {
+                continue;
+            }
+            ready = std::mem::take(&mut held_back);
+        }
         ready.sort();
         ready.dedup();
         ready.retain(|p| p.exists());
         if ready.is_empty() {
             continue;
         }
-        for path in &ready {
-            settling.remove(path);
-        }
         if let Err(error) = ingest_ready(&home, &ready) {
             // The files stay in the folder (nothing was moved or half-written: each file is
-            // one transaction), so the next scan retries them once they have settled again.
-            // A busy or briefly unavailable database must not stop the drop folder for good.
-            tracing::error!(%error, "drop folder ingest failed; retrying on the next scan");
+            // one transaction) and are retried together, with whatever arrives meanwhile. A
+            // busy or briefly unavailable database must not stop the drop folder for good.
+            tracing::error!(%error, "drop folder ingest failed; retrying in a moment");
+            held_back = ready;
+            retry_at = Instant::now() + SCAN_EVERY;
         }
     }
     Ok(())
