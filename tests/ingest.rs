@@ -669,6 +669,16 @@ fn test_nhs_number(index: u64) -> String {
     }
 }
 
+/// Puts `source` in the node's drop folder as writers should: complete, by rename.
+fn drop_by_rename(node_home: &Path, source: &Path) {
+    let name = source.file_name().unwrap();
+    let staged = node_home
+        .join("drop")
+        .join(format!(".{}", name.to_string_lossy()));
+    std::fs::copy(source, &staged).unwrap();
+    std::fs::rename(&staged, node_home.join("drop").join(name)).unwrap();
+}
+
 #[test]
 fn an_ingest_reported_done_survives_kill_9_straight_after() {
     let dir = node("A81001", "gp");
@@ -685,11 +695,7 @@ fn an_ingest_reported_done_survives_kill_9_straight_after() {
     // reported ingest survives, not about the order files land in.
     for source in [&patient, &condition_path] {
         let name = source.file_name().unwrap();
-        let staged = home(&dir)
-            .join("drop")
-            .join(format!(".{}", name.to_string_lossy()));
-        std::fs::copy(source, &staged).unwrap();
-        std::fs::rename(&staged, home(&dir).join("drop").join(name)).unwrap();
+        drop_by_rename(&home(&dir), source);
         let processed = home(&dir).join("processed").join(name);
         let quarantined = home(&dir).join("quarantine").join(name);
         assert!(
@@ -729,19 +735,11 @@ fn a_busy_database_delays_the_drop_folder_and_loses_nothing() {
         &condition_path,
         &condition("2024-01-01T00:00:00Z", "Asthma", None),
     );
-    let put = |source: &Path| {
-        let name = source.file_name().unwrap();
-        let staged = home(&dir)
-            .join("drop")
-            .join(format!(".{}", name.to_string_lossy()));
-        std::fs::copy(source, &staged).unwrap();
-        std::fs::rename(&staged, home(&dir).join("drop").join(name)).unwrap();
-    };
     // Another writer holds the database until the patient's ingest has failed (the node
     // waits five seconds for it); the condition arrives just after it is free again.
     let blocker = rusqlite::Connection::open(home(&dir).join("node.db")).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    put(&patient);
+    drop_by_rename(&home(&dir), &patient);
     assert!(
         wait_for(Duration::from_secs(60), || std::fs::read_to_string(
             &log_path
@@ -750,7 +748,7 @@ fn a_busy_database_delays_the_drop_folder_and_loses_nothing() {
         "the busy database never failed an ingest"
     );
     blocker.execute_batch("COMMIT").unwrap();
-    put(&condition_path);
+    drop_by_rename(&home(&dir), &condition_path);
     let processed = |name: &str| home(&dir).join("processed").join(name).exists();
     assert!(
         wait_for(Duration::from_secs(60), || processed("patient.json")
