@@ -399,5 +399,23 @@ test("the offline banner appears when the hub stops, and the record keeps servin
   const violations = await axeViolations(page);
   assert.deepEqual(violations.map((v) => `${v.id}: ${v.help}`), []);
   await page.screenshot({ path: join(artefacts, "offline.png"), fullPage: true });
+
+  // The README's walkthrough: a new result ingested at the practice while the hub is down
+  // shows at the practice at once, reaches the hospital once the hub is back.
+  const raised = /Serum potassium level[\s\S]*?5\.9 mmol\/L/;
+  ingestInto("gp", join(demoDir, "region", "offline-result.json"));
+  const nhs = new URL(page.url()).pathname.split("/").pop();
+  const practice = await launch(newLaunch("gp", links.gp, nhs, "Dr Walkthrough"));
+  assert.match(await practice.textContent("#results"), raised, "the practice shows it at once");
+  await practice.context().close();
+  await page.reload();
+  assert.doesNotMatch(await page.textContent("#results"), raised, "the hospital has not had it yet");
+  const hub = spawn(binary, ["run", "--dir", join(demoDir, "region", "hub")], { stdio: "ignore" });
+  try {
+    await reloadUntil(page, async () => raised.test(await page.textContent("#results")),
+      "the result reaching the hospital after the hub came back");
+  } finally {
+    hub.kill("SIGTERM");
+  }
   await page.context().close();
 });

@@ -149,6 +149,26 @@ fn uk_core_and_nrl_examples_ingest_with_concrete_results() {
     let documents = section(&crisis, "documents");
     assert!(!documents.is_empty());
     assert!(documents.iter().all(|d| d["data_class"] == "sensitive"));
+    // Each pointer keeps the custodian it names (the organisation holding the document),
+    // never the organisation that ingested it.
+    for document in &documents {
+        let custodian = document["reading"]["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["label"] == "Custodian")
+            .unwrap_or_else(|| panic!("no custodian: {document}"));
+        let expected = document["source"]["resource"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("DocumentReference/")
+            .split('-')
+            .next()
+            .unwrap()
+            .to_string();
+        // These pointers' ids begin with their custodian's ODS code.
+        assert_eq!(custodian["value"], expected.as_str(), "{document}");
+    }
 
     // The rejected file is in quarantine with its reason; the original stays in place.
     let quarantined = home(&dir).join("quarantine/UKCore-Patient-BabyPatient-Example.json");
@@ -331,6 +351,96 @@ fn a_resource_that_becomes_sensitive_moves_and_is_never_held_twice() {
     let items = section(&record, "problems");
     assert_eq!(items.len(), 1, "{items:?}");
     assert_eq!(items[0]["data_class"], "sensitive");
+}
+
+/// Input that could be read two ways is refused with the reason, never resolved silently:
+/// a key twice in one object, a resource naming its patient in both `subject` and
+/// `patient`, one resource (or one fullUrl) twice in a Bundle with different content and no
+/// version to tell them apart. Versions of a resource in one Bundle are not ambiguous.
+#[test]
+fn ambiguous_input_is_refused_with_the_reason() {
+    let dir = node("A81001", "gp");
+    let files = tempfile::tempdir().unwrap();
+    let patient = patient_file(files.path());
+    let other = files.path().join("other.json");
+    write_json(
+        &other,
+        &patient_resource("p2", "9990000026", "Jones", "2024-01-01T00:00:00Z"),
+    );
+    ingest_ok(&home(&dir), &[&patient, &other]);
+    let rejected = |name: &str, text: &str| -> Vec<String> {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let output = ingest(&home(&dir), &["--json", path.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+        let report = report_json(&output);
+        assert!(
+            report["quarantined"].as_array().unwrap().len() == 1,
+            "the file is quarantined with its reason: {report}"
+        );
+        report["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}: {}",
+                    r["location"].as_str().unwrap(),
+                    r["reason"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let twice = rejected(
+        "duplicate-key.json",
+        r#"{"resourceType": "Condition", "id": "c9",
+            "subject": {"reference": "Patient/p1"},
+            "code": {"text": "Asthma"},
+            "subject": {"reference": "Patient/p2"}}"#,
+    );
+    assert!(
+        twice[0].contains("\"subject\" appears twice") && twice[0].contains("line 4"),
+        "{twice:?}"
+    );
+
+    let both = rejected(
+        "both.json",
+        r#"{"resourceType": "AllergyIntolerance", "id": "a9",
+            "patient": {"reference": "Patient/p1"}, "subject": {"reference": "Patient/p2"},
+            "code": {"text": "Penicillin"}}"#,
+    );
+    assert!(both[0].contains("both `subject` and `patient`"), "{both:?}");
+
+    let condition_for = |subject: &str| {
+        json!({ "fullUrl": "urn:uuid:c8", "resource": {
+            "resourceType": "Condition", "id": "c8",
+            "meta": { "lastUpdated": "2024-01-01T00:00:00Z" },
+            "subject": { "reference": subject }, "code": { "text": "Asthma" } } })
+    };
+    let bundle = json!({ "resourceType": "Bundle", "type": "collection",
+        "entry": [condition_for("Patient/p1"), condition_for("Patient/p2")] });
+    let clash = rejected("clash.json", &bundle.to_string());
+    assert_eq!(clash.len(), 2, "{clash:?}");
+    assert!(
+        clash
+            .iter()
+            .all(|r| r.contains("given 2 times with different content")),
+        "{clash:?}"
+    );
+    assert!(problems(&home(&dir)).is_empty());
+    let second = record_json(&home(&dir), "9990000026");
+    assert!(second.is_none_or(|r| section(&r, "problems").is_empty()));
+
+    // Two versions of one condition in a history Bundle: the newer is the record.
+    let mut newer = condition_for("Patient/p1");
+    newer["resource"]["meta"]["lastUpdated"] = json!("2024-02-01T00:00:00Z");
+    newer["resource"]["code"]["text"] = json!("Asthma, well controlled");
+    let history = json!({ "resourceType": "Bundle", "type": "history",
+        "entry": [newer, condition_for("Patient/p1")] });
+    let path = files.path().join("history.json");
+    write_json(&path, &history);
+    ingest_ok(&home(&dir), &[&path]);
+    assert_eq!(problems(&home(&dir)), ["Asthma, well controlled"]);
 }
 
 /// A Patient resource of the extract, with its NHS number.
@@ -666,6 +776,117 @@ fn test_nhs_number(index: u64) -> String {
             11 => return format!("{digits}0"),
             check => return format!("{digits}{check}"),
         }
+    }
+}
+
+/// The drop folder takes regular files only: a symbolic link is never followed (here, one
+/// to a folder of extracts outside the node, and one to the node's own trust folder), a
+/// directory never entered, a pipe never opened; each is left in place and listed by
+/// `caremesh status`. A name in capitals (`UPPER.JSON`) is an extract like any other.
+#[test]
+fn the_drop_folder_takes_regular_files_only_and_lists_what_it_left() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = node("A81001", "gp");
+    let drop_dir = home(&dir).join("drop");
+    let outside = tempfile::tempdir().unwrap();
+    let outside_extract = patient_file(outside.path());
+    std::fs::create_dir_all(home(&dir).join("trust")).unwrap();
+    let running = RunningNode::start(&home(&dir));
+    // Each arrives as writers deliver: made beside the folder, then renamed in.
+    let staging = dir.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    let arrive = |name: &std::ffi::OsStr, make: &dyn Fn(&Path)| {
+        let staged = staging.join(name);
+        make(&staged);
+        std::fs::rename(&staged, drop_dir.join(name)).unwrap();
+    };
+    let link_to = |target: std::path::PathBuf| {
+        move |at: &Path| std::os::unix::fs::symlink(&target, at).unwrap()
+    };
+    arrive(
+        "elsewhere.json".as_ref(),
+        &link_to(outside.path().to_path_buf()),
+    );
+    arrive("linked.json".as_ref(), &link_to(outside_extract.clone()));
+    arrive("trust.json".as_ref(), &link_to(home(&dir).join("trust")));
+    arrive("folder.json".as_ref(), &|at: &Path| {
+        std::fs::create_dir(at).unwrap();
+        std::fs::copy(&outside_extract, at.join("inner.json")).unwrap();
+    });
+    arrive("pipe.json".as_ref(), &|at: &Path| {
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(at)
+                .status()
+                .unwrap()
+                .success()
+        );
+    });
+    arrive(
+        std::ffi::OsStr::from_bytes(b"caf\xe9.json"),
+        &|at: &Path| {
+            std::fs::copy(&outside_extract, at).unwrap();
+        },
+    );
+    arrive("UPPER.JSON".as_ref(), &|at: &Path| {
+        std::fs::copy(&outside_extract, at).unwrap();
+    });
+    assert!(
+        wait_for(Duration::from_secs(60), || home(&dir)
+            .join("processed/UPPER.JSON")
+            .exists()),
+        "UPPER.JSON was not taken"
+    );
+    // A few scans later, nothing else has moved.
+    std::thread::sleep(Duration::from_secs(5));
+    drop(running);
+    assert!(
+        outside_extract.exists(),
+        "a file outside the node was moved"
+    );
+    assert!(
+        drop_dir.join("folder.json/inner.json").exists(),
+        "a directory was entered"
+    );
+    assert!(home(&dir).join("trust").exists());
+    for name in [
+        "elsewhere.json",
+        "linked.json",
+        "trust.json",
+        "folder.json",
+        "pipe.json",
+    ] {
+        assert!(
+            std::fs::symlink_metadata(drop_dir.join(name)).is_ok(),
+            "{name} was moved"
+        );
+    }
+    let status = run(&["status", "--dir", home(&dir).to_str().unwrap(), "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let left: Vec<String> = status["drop_folder"]["left_in_place"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e["name"].as_str().unwrap(),
+                e["reason"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for (name, why) in [
+        ("elsewhere.json", "symbolic link"),
+        ("linked.json", "symbolic link"),
+        ("trust.json", "symbolic link"),
+        ("folder.json", "directory"),
+        ("pipe.json", "not a regular file"),
+        ("caf\u{fffd}.json", "not UTF-8"),
+    ] {
+        assert!(
+            left.iter().any(|l| l.starts_with(name) && l.contains(why)),
+            "{name} ({why}) not listed: {left:?}"
+        );
     }
 }
 

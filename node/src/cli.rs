@@ -462,6 +462,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     let now = clock::now_unix();
     let peers = store.current_peer_statuses()?;
     let registry = home.trust()?.map(|trust| trust.current());
+    let drop_folder = crate::watch::survey(&home.drop_dir());
     if json {
         let peers: Vec<serde_json::Value> = peers
             .iter()
@@ -478,6 +479,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "organisation": home.config.organisation,
                 "stats": stats,
+                "drop_folder": drop_folder,
                 "sources": sources,
                 "sync": {
                     "registry_version": registry.as_ref().map(|r| r.version()),
@@ -509,6 +511,19 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     println!("items by source and section:");
     for (publisher, section, count) in &stats.items_by_source_and_section {
         println!("  {publisher:<10} {section:<16} {count}");
+    }
+    println!(
+        "drop folder: {} file(s) waiting, {} entr{} left in place",
+        drop_folder.waiting,
+        drop_folder.left_in_place.len(),
+        if drop_folder.left_in_place.len() == 1 {
+            "y"
+        } else {
+            "ies"
+        }
+    );
+    for entry in &drop_folder.left_in_place {
+        println!("  {}: {}", entry.name, entry.reason);
     }
     for (publisher, count) in &stats.summary_only_by_source {
         println!(

@@ -565,7 +565,13 @@ fn classify(
 }
 
 fn patient_ref(resource: &Resource<'_>) -> Result<PatientRef, MappingError> {
-    let field = if resource.raw().contains_key("patient") {
+    let raw = resource.raw();
+    if raw.contains_key("patient") && raw.contains_key("subject") {
+        return Err(resource.error(
+            "names its patient in both `subject` and `patient`; refused as ambiguous: send one",
+        ));
+    }
+    let field = if raw.contains_key("patient") {
         "patient"
     } else {
         "subject"

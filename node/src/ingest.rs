@@ -365,10 +365,10 @@ impl<'a> Ingestor<'a> {
     /// Ingests one file; with `final_attempt` false, a JSON file naming unknown patients is
     /// rolled back and deferred instead of rejected.
     fn ingest_file(&mut self, path: &Path, final_attempt: bool) -> Result<Attempt, IngestError> {
-        let is_ndjson = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("ndjson" | "jsonl")
-        );
+        let is_ndjson = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("ndjson") || e.eq_ignore_ascii_case("jsonl"));
         let attempt = if is_ndjson {
             Attempt::Done(Box::new(self.ingest_ndjson(path)?))
         } else {
@@ -438,7 +438,7 @@ impl<'a> Ingestor<'a> {
             )));
         }
         let bytes = fs::read(path).map_err(io(path))?;
-        let value: Value = match serde_json::from_slice(&bytes) {
+        let value: Value = match crate::strict_json::from_slice(&bytes) {
             Ok(value) => value,
             Err(error) => {
                 let hint = if error.is_eof() {
@@ -446,7 +446,12 @@ impl<'a> Ingestor<'a> {
                 } else {
                     ""
                 };
-                return Ok(whole_file(format!("not valid JSON: {error}{hint}")));
+                let what = if error.is_data() {
+                    "JSON that can be read two ways"
+                } else {
+                    "not valid JSON"
+                };
+                return Ok(whole_file(format!("{what}: {error}{hint}")));
             }
         };
         drop(bytes);
@@ -487,8 +492,11 @@ impl<'a> Ingestor<'a> {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let read = serde_json::from_slice::<Value>(&line)
-                .map_err(|error| format!("not valid JSON: {error}"))
+            let read = crate::strict_json::from_slice(&line)
+                .map_err(|error| match error.is_data() {
+                    true => format!("JSON that can be read two ways: {error}"),
+                    false => format!("not valid JSON: {error}"),
+                })
                 .and_then(|value| {
                     flatten(value, location.clone(), None, &mut chunk, &mut chunk_report)
                 });
@@ -541,9 +549,22 @@ impl<'a> Ingestor<'a> {
             });
         };
 
+        // Entries that could be read two ways are refused, each with the reason.
+        let ambiguous = ambiguous_entries(&located);
         // Pass 1: what other resources refer to (Patients, Medications, Organizations).
         let mut clinical = Vec::new();
-        for entry in located {
+        for (index, entry) in located.into_iter().enumerate() {
+            if let Some(reason) = ambiguous.get(&index) {
+                report.count_read(
+                    entry
+                        .value
+                        .get("resourceType")
+                        .and_then(Value::as_str)
+                        .unwrap_or("(not a resource)"),
+                );
+                reject(&mut report, &entry.location, reason.clone());
+                continue;
+            }
             let resource = match Resource::new(&entry.value) {
                 Ok(resource) => resource,
                 Err(error) => {
@@ -1232,6 +1253,63 @@ fn flatten(
     Ok(())
 }
 
+/// Entries (by index) that name the same resource, or the same Bundle fullUrl, as another
+/// entry of the same batch with a different content and no newer version to tell them
+/// apart: which one the source meant cannot be known, so each is refused. Versions of one
+/// resource (a history Bundle: each its own `meta.versionId` or `meta.lastUpdated`) and
+/// exact repeats are not ambiguous.
+fn ambiguous_entries(located: &[Located]) -> HashMap<usize, String> {
+    let version = |value: &Value| {
+        let meta = value.get("meta");
+        (
+            meta.and_then(|m| m.get("versionId")).cloned(),
+            meta.and_then(|m| m.get("lastUpdated")).cloned(),
+        )
+    };
+    let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+    for (index, entry) in located.iter().enumerate() {
+        let kind = entry.value.get("resourceType").and_then(Value::as_str);
+        let id = entry.value.get("id").and_then(Value::as_str);
+        if let (Some(kind), Some(id)) = (kind, id) {
+            by_name
+                .entry(format!("{kind}/{id}"))
+                .or_default()
+                .push(index);
+        }
+        if let Some(url) = &entry.full_url {
+            by_name
+                .entry(format!("fullUrl {url}"))
+                .or_default()
+                .push(index);
+        }
+    }
+    let mut ambiguous = HashMap::new();
+    for (name, indexes) in by_name.into_iter().filter(|(_, i)| i.len() > 1) {
+        for &index in &indexes {
+            let clashes = indexes.iter().any(|&other| {
+                other != index
+                    && version(&located[other].value) == version(&located[index].value)
+                    && located[other].value != located[index].value
+            });
+            if clashes {
+                let places: Vec<&str> = indexes
+                    .iter()
+                    .map(|&i| located[i].location.as_str())
+                    .collect();
+                ambiguous.insert(
+                    index,
+                    format!(
+                        "{name} is given {} times with different content and the same version ({}); refused as ambiguous: send one version, or give each its own meta.versionId",
+                        indexes.len(),
+                        places.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    ambiguous
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum LineRead {
     Line,
@@ -1309,10 +1387,11 @@ pub fn is_extract_file(path: &Path) -> bool {
         return false;
     };
     !name.starts_with('.')
-        && matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("json" | "ndjson" | "jsonl")
-        )
+        && path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            ["json", "ndjson", "jsonl"]
+                .iter()
+                .any(|known| e.eq_ignore_ascii_case(known))
+        })
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod patient_index;
 pub mod reading;
 pub mod record;
 pub mod sim;
+pub mod strict_json;
 pub mod tls;
 pub mod trust;
 pub mod trust_admin;

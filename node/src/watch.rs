@@ -5,12 +5,15 @@
 //! there at start, or whose events were missed, are taken by a periodic scan once their size
 //! and modification time have been unchanged for [`SETTLE`]. Hidden files (`.name`) and
 //! names not ending .json/.ndjson/.jsonl are left alone, so writers may write `.x.tmp` and
-//! rename.
+//! rename. Only regular files directly in the folder are taken: a symbolic link is never
+//! followed (it could lead anywhere, the node's own keys included) and a directory is never
+//! entered. What is left in place for those reasons is logged by count and listed by
+//! `caremesh status` ([`survey`]).
 
 use crate::clock;
 use crate::home::Home;
 use crate::ingest::{FileDisposition, IngestError, Ingestor, is_extract_file};
-use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -50,13 +53,14 @@ pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestErro
     // condition ahead of the Patient it names would be quarantined for naming no patient).
     let mut held_back: Vec<PathBuf> = Vec::new();
     let mut retry_at = Instant::now();
+    let mut left_in_place: Vec<LeftInPlace> = Vec::new();
     let mut next_scan = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let mut ready = Vec::new();
         match events.recv_timeout(Duration::from_millis(200)) {
             Ok(Ok(event)) => {
                 if is_complete_signal(&event.kind) {
-                    ready.extend(event.paths.into_iter().filter(|p| is_extract_file(p)));
+                    ready.extend(event.paths.into_iter().filter(|p| is_takeable(p)));
                 }
             }
             Ok(Err(error)) => tracing::warn!(%error, "drop folder watch error; relying on scans"),
@@ -66,6 +70,18 @@ pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestErro
         if Instant::now() >= next_scan {
             next_scan = Instant::now() + SCAN_EVERY;
             ready.extend(settled_files(&drop_dir, &mut settling));
+            let left = survey(&drop_dir).left_in_place;
+            if left != left_in_place {
+                if !left.is_empty() {
+                    // Counts only: names may carry identifiers; `caremesh status` lists them.
+                    tracing::warn!(
+                        entries = left.len(),
+                        reasons = %reason_counts(&left),
+                        "drop folder holds entries that are not taken; `caremesh status` lists them"
+                    );
+                }
+                left_in_place = left;
+            }
         }
         for path in &ready {
             settling.remove(path);
@@ -79,7 +95,7 @@ pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestErro
         }
         ready.sort();
         ready.dedup();
-        ready.retain(|p| p.exists());
+        ready.retain(|p| is_takeable(p));
         if ready.is_empty() {
             continue;
         }
@@ -101,8 +117,81 @@ fn is_complete_signal(kind: &EventKind) -> bool {
         EventKind::Access(AccessKind::Close(AccessMode::Write))
             | EventKind::Modify(ModifyKind::Name(RenameMode::To))
             | EventKind::Modify(ModifyKind::Name(RenameMode::Both))
-            | EventKind::Create(CreateKind::Folder)
     )
+}
+
+/// A regular file (not a link to one) with an extract's name: the only thing taken.
+fn is_takeable(path: &Path) -> bool {
+    is_extract_file(path) && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+}
+
+/// An entry of the drop folder that is never taken, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeftInPlace {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+/// What the drop folder holds: files waiting to be taken, and what is left in place.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Survey {
+    pub waiting: usize,
+    pub left_in_place: Vec<LeftInPlace>,
+}
+
+/// Reads the drop folder without following links or entering directories.
+pub fn survey(drop_dir: &Path) -> Survey {
+    let mut survey = Survey::default();
+    let Ok(entries) = std::fs::read_dir(drop_dir) else {
+        return survey;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let shown = name.to_string_lossy().to_string();
+        if shown.starts_with('.') {
+            continue; // a writer's temporary file, by convention
+        }
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let reason = if name.to_str().is_none() {
+            Some("name is not UTF-8: rename it")
+        } else if kind.is_symlink() {
+            Some("symbolic link: never followed; copy the file in instead")
+        } else if kind.is_dir() {
+            Some("directory: never entered; move its files in one by one")
+        } else if !kind.is_file() {
+            Some("not a regular file (a pipe, socket or device)")
+        } else if !is_extract_file(&path) {
+            Some("not named .json, .ndjson or .jsonl")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => survey.left_in_place.push(LeftInPlace {
+                name: shown,
+                reason,
+            }),
+            None => survey.waiting += 1,
+        }
+    }
+    survey.left_in_place.sort_by(|a, b| a.name.cmp(&b.name));
+    survey
+}
+
+fn reason_counts(left: &[LeftInPlace]) -> String {
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for entry in left {
+        *counts
+            .entry(entry.reason.split(':').next().unwrap_or(""))
+            .or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(reason, count)| format!("{count} {reason}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn settled_files(
@@ -119,10 +208,11 @@ fn settled_files(
         if !is_extract_file(&path) {
             continue;
         }
-        let Ok(metadata) = entry.metadata() else {
+        // Not followed: a link's own metadata, and only regular files are taken.
+        let Ok(metadata) = std::fs::symlink_metadata(&path) else {
             continue;
         };
-        if !metadata.is_file() {
+        if !metadata.file_type().is_file() {
             continue;
         }
         present.push(path.clone());
