@@ -661,3 +661,33 @@ fn every_hazard_in_the_log_names_tests_that_exist() {
         }
     }
 }
+
+/// A misspelt setting is refused before the node does anything, naming the key, its line
+/// and the key meant; a value out of range says what is accepted.
+#[test]
+fn a_node_with_a_misspelt_or_out_of_range_setting_refuses_to_start() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let config = home.join("caremesh.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let refused = |text: String| {
+        std::fs::write(&config, text).unwrap();
+        let output = run(&["status", "--dir", home.to_str().unwrap()]);
+        assert!(!output.status.success());
+        stderr(&output)
+    };
+    let error = refused(original.replace("share_out = true", "shareout = false"));
+    assert!(
+        error.contains("unknown field `shareout`") && error.contains("did you mean `share_out`?"),
+        "{error}"
+    );
+    let error = refused(original.replace("feed = \"batch\"", "feed = \"streaming\""));
+    assert!(error.contains("give \"live\" or \"batch\""), "{error}");
+    std::fs::write(&config, original).unwrap();
+    assert!(
+        run(&["status", "--dir", home.to_str().unwrap()])
+            .status
+            .success()
+    );
+}

@@ -65,6 +65,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub organisation: OrganisationConfig,
     #[serde(default)]
@@ -82,6 +83,7 @@ pub struct NodeConfig {
 /// In-context launch: how launch tokens from the clinical system are checked.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[serde(deny_unknown_fields)]
 pub struct LaunchConfig {
     /// "EdDSA" (the node holds the clinical system's public key) or "HS256" (a shared secret).
     pub algorithm: LaunchAlgorithm,
@@ -120,6 +122,7 @@ impl Default for LaunchConfig {
 /// (from a FHIR Consent in the extract, or `caremesh consent set`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(default)]
+#[serde(deny_unknown_fields)]
 pub struct SharingConfig {
     /// May data recorded here leave here.
     pub share_out: bool,
@@ -149,6 +152,7 @@ impl SharingConfig {
 /// Sync with peers over QUIC. Off until the node has a trust registry and a pinned authority.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[serde(deny_unknown_fields)]
 pub struct SyncConfig {
     /// UDP address to accept peers on (hubs, and nodes that accept direct peers).
     pub listen: Option<String>,
@@ -176,6 +180,7 @@ impl Default for SyncConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OrganisationConfig {
     pub ods: OdsCode,
     pub name: String,
@@ -184,6 +189,7 @@ pub struct OrganisationConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[serde(deny_unknown_fields)]
 pub struct IngestConfig {
     /// The clinical system the extracts come from, recorded as each item's source system.
     pub source_system: String,
@@ -214,6 +220,7 @@ impl Default for IngestConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+#[serde(deny_unknown_fields)]
 pub struct ViewConfig {
     /// Address the view listens on. Loopback by default: the view carries patient data.
     pub listen: String,
@@ -287,9 +294,9 @@ impl Home {
             return Err(HomeError::NotAHome(dir.to_path_buf()));
         }
         let text = fs::read_to_string(&path).map_err(io(&path))?;
-        let config = toml::from_str(&text).map_err(|e| HomeError::Config {
+        let config = parse_config(&text).map_err(|message| HomeError::Config {
             path: path.clone(),
-            message: e.to_string(),
+            message,
         })?;
         Ok(Home {
             dir: dir.to_path_buf(),
@@ -368,6 +375,95 @@ impl Home {
     }
 }
 
+/// Reads a node's configuration. A key it does not know (a misspelt `shareout` would
+/// otherwise leave Share Out at its default, sharing against the organisation's intent)
+/// and a value out of range are refused, naming the key, the line and what is accepted.
+pub fn parse_config(text: &str) -> Result<NodeConfig, String> {
+    let config: NodeConfig = toml::from_str(text).map_err(|error| {
+        let message = error.to_string();
+        match nearest_known_key(&message) {
+            Some(suggestion) => format!("{message}did you mean `{suggestion}`?"),
+            None => message,
+        }
+    })?;
+    config.check_ranges()?;
+    Ok(config)
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`": the known key nearest `x`.
+fn nearest_known_key(message: &str) -> Option<String> {
+    let unknown = message.split("unknown field `").nth(1)?.split('`').next()?;
+    let expected = message.split("expected ").nth(1)?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|known| (edit_distance(unknown, known), known))
+        .filter(|(distance, known)| *distance <= (known.len() / 2).max(2))
+        .min()
+        .map(|(_, known)| known.to_string())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+impl NodeConfig {
+    fn check_ranges(&self) -> Result<(), String> {
+        let within = |key: &str, value: u32, low: u32, high: u32| {
+            if (low..=high).contains(&value) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{key} = {value} is out of range: give {low} to {high}"
+                ))
+            }
+        };
+        within(
+            "launch.session_minutes",
+            self.launch.session_minutes,
+            1,
+            12 * 60,
+        )?;
+        within(
+            "launch.max_token_minutes",
+            self.launch.max_token_minutes,
+            1,
+            60,
+        )?;
+        within(
+            "view.break_glass_minutes",
+            self.view.break_glass_minutes,
+            1,
+            24 * 60,
+        )?;
+        within(
+            "ingest.expected_refresh_hours",
+            self.ingest.expected_refresh_hours,
+            1,
+            24 * 366,
+        )?;
+        if !matches!(self.ingest.feed.as_str(), "live" | "batch") {
+            return Err(format!(
+                "ingest.feed = {:?} is not a feed caremesh knows: give \"live\" or \"batch\"",
+                self.ingest.feed
+            ));
+        }
+        Ok(())
+    }
+}
+
 pub fn parse_sensitive_codes(text: &str) -> Result<SensitiveCodes, String> {
     #[derive(Deserialize)]
     struct Group {
@@ -433,10 +529,42 @@ pub fn load_secret_key(path: &Path) -> Result<PublisherKey, HomeError> {
 mod tests {
     use super::*;
 
+    const MINIMAL: &str = "[organisation]\nods = \"A81001\"\nname = \"Practice\"\nkind = \"gp\"\n";
+
+    /// A misspelt key or section would leave its setting at the default (Share Out on), so
+    /// it is refused, naming the key, its line and the nearest key caremesh knows.
+    #[test]
+    fn unknown_keys_are_refused_with_the_line_and_the_nearest_known_key() {
+        let misspelt = format!("{MINIMAL}\n[sharing]\nshareout = false\n");
+        let error = parse_config(&misspelt).unwrap_err();
+        assert!(error.contains("unknown field `shareout`"), "{error}");
+        assert!(error.contains("line 7"), "{error}");
+        assert!(error.contains("did you mean `share_out`?"), "{error}");
+        let section = format!("{MINIMAL}\n[sharng]\nshare_out = false\n");
+        let error = parse_config(&section).unwrap_err();
+        assert!(error.contains("did you mean `sharing`?"), "{error}");
+        assert!(parse_config(MINIMAL).is_ok());
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused_with_what_is_accepted() {
+        for (setting, expected) in [
+            ("[launch]\nmax_token_minutes = 100000", "give 1 to 60"),
+            ("[launch]\nsession_minutes = 0", "give 1 to 720"),
+            ("[view]\nbreak_glass_minutes = 0", "give 1 to 1440"),
+            (
+                "[ingest]\nfeed = \"streaming\"",
+                "give \"live\" or \"batch\"",
+            ),
+        ] {
+            let error = parse_config(&format!("{MINIMAL}\n{setting}\n")).unwrap_err();
+            assert!(error.contains(expected), "{setting}: {error}");
+        }
+    }
+
     #[test]
     fn the_example_config_parses_with_every_section_it_documents() {
-        let config: NodeConfig =
-            toml::from_str(include_str!("../../configs/example-gp.toml")).unwrap();
+        let config = parse_config(include_str!("../../configs/example-gp.toml")).unwrap();
         assert_eq!(config.organisation.kind, OrgKind::Gp);
         assert_eq!(config.sync.peers.len(), 1);
         assert!(config.sharing.share_out && config.sharing.share_in);
