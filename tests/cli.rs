@@ -579,11 +579,22 @@ fn logs_at_info_carry_no_nhs_numbers_names_or_clinical_content() {
         std::fs::rename(&temporary, home.join("drop").join(name)).unwrap();
     }
     let session = clinician_session(&home, &address, "9912003888");
-    assert!(wait_for(Duration::from_secs(60), || {
+    let shown = wait_for(Duration::from_secs(60), || {
         http_get_as(&address, "/api/patients/9912003888", &session)
             .1
             .contains("Amoxicillin")
-    }));
+    });
+    assert!(
+        shown,
+        "the allergy never showed; quarantine: {:?}; drop: {:?}; log:\n{}",
+        std::fs::read_dir(home.join("quarantine"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default(),
+        std::fs::read_dir(home.join("drop"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default(),
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
     // Views, a refusal, a break-glass, a forged token naming an invalid number.
     http_get_as(&address, "/patients/9912003888", &session);
     http_get_as(&address, "/patients/9434765919", &session);
@@ -689,5 +700,57 @@ fn a_node_with_a_misspelt_or_out_of_range_setting_refuses_to_start() {
         run(&["status", "--dir", home.to_str().unwrap()])
             .status
             .success()
+    );
+}
+
+/// Patient data is readable by the node's own account only: the home and its folders 0700,
+/// the database, its WAL and every file ingest keeps 0600; a node whose home others can
+/// read refuses to start, saying the chmod to run.
+#[test]
+fn patient_data_is_private_to_the_node_and_a_node_open_to_others_refuses_to_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    // A rejected file from a writer that left it readable by all.
+    let bad = temp.path().join("bad.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = run(&[
+        "ingest",
+        "--dir",
+        home.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    for dir in ["", "keys", "drop", "processed", "quarantine"] {
+        assert_eq!(mode(&home.join(dir)), 0o700, "{dir}/");
+    }
+    for file in [
+        "node.db",
+        "caremesh.toml",
+        "quarantine/bad.json",
+        "quarantine/bad.json.reason.txt",
+    ] {
+        assert_eq!(mode(&home.join(file)), 0o600, "{file}");
+    }
+    if home.join("node.db-wal").exists() {
+        assert_eq!(mode(&home.join("node.db-wal")), 0o600);
+    }
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = run(&[
+        "run",
+        "--dir",
+        home.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!output.status.success());
+    let error = stderr(&output);
+    assert!(
+        error.contains(&format!("chmod 700 {}", home.display())),
+        "{error}"
     );
 }

@@ -287,6 +287,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run { dir, listen } => {
             let home = Home::open(&dir)?;
+            home.check_private_data()?;
             let listen = listen.unwrap_or_else(|| home.config.view.listen.clone());
             serve(&home, &listen, None)
         }

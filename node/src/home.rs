@@ -17,7 +17,7 @@ use caremesh_sync::{OdsCode, OrgKind, PublisherKey};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "caremesh.toml";
@@ -51,6 +51,14 @@ pub enum HomeError {
         "{path} is readable by other users (mode {mode:o}); a signing key must be mode 0600: run `chmod 600 {path}`"
     )]
     KeyPermissions { path: PathBuf, mode: u32 },
+    #[error(
+        "{path} is open to other users (mode {mode:o}) and holds patient data; the node will not start until only its owner can use it: run `{fix}`"
+    )]
+    DataPermissions {
+        path: PathBuf,
+        mode: u32,
+        fix: String,
+    },
     #[error("{path} does not hold a 32-byte hex ed25519 secret key")]
     KeyFormat { path: PathBuf },
     #[error(transparent)]
@@ -257,9 +265,15 @@ impl Home {
         if dir.join(CONFIG_FILE).exists() {
             return Err(HomeError::AlreadyExists(dir.to_path_buf()));
         }
-        for sub in ["keys", "drop", "processed", "quarantine"] {
+        // Patient data lives here: only the node's own account may enter.
+        for sub in ["", "keys", "drop", "processed", "quarantine"] {
             let path = dir.join(sub);
-            fs::create_dir_all(&path).map_err(io(&path))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&path)
+                .map_err(io(&path))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).map_err(io(&path))?;
         }
         let config = NodeConfig {
             organisation,
@@ -279,6 +293,7 @@ impl Home {
         )?;
         let public = dir.join(LAUNCH_PUBLIC_FILE);
         fs::write(&public, hex::encode(launch.public())).map_err(io(&public))?;
+        make_private(&public)?;
         let home = Home {
             dir: dir.to_path_buf(),
             config,
@@ -308,7 +323,8 @@ impl Home {
         let path = self.dir.join(CONFIG_FILE);
         let text = toml::to_string_pretty(&self.config).expect("config always serialises");
         let header = "# caremesh node configuration. Paths are relative to this folder.\n\n";
-        fs::write(&path, format!("{header}{text}")).map_err(io(&path))
+        fs::write(&path, format!("{header}{text}")).map_err(io(&path))?;
+        make_private(&path)
     }
 
     pub fn resolve(&self, path: &Path) -> PathBuf {
@@ -499,6 +515,52 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<(), HomeError> {
         .map_err(io(path))?;
     file.write_all(contents.as_bytes()).map_err(io(path))?;
     file.sync_all().map_err(io(path))
+}
+
+impl Home {
+    /// Refuses to run on a home whose patient data others can read: the home and its data
+    /// folders must be 0700, the database and its WAL 0600.
+    pub fn check_private_data(&self) -> Result<(), HomeError> {
+        let database = self.database_path();
+        let mut wal = database.as_os_str().to_owned();
+        wal.push("-wal");
+        let folders = [
+            self.dir.clone(),
+            self.drop_dir(),
+            self.processed_dir(),
+            self.quarantine_dir(),
+        ];
+        for folder in folders.iter().filter(|f| f.exists()) {
+            let mode = fs::metadata(folder)
+                .map_err(io(folder))?
+                .permissions()
+                .mode()
+                & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(HomeError::DataPermissions {
+                    fix: format!("chmod 700 {}", folder.display()),
+                    path: folder.clone(),
+                    mode,
+                });
+            }
+        }
+        for file in [database, PathBuf::from(wal)].iter().filter(|f| f.exists()) {
+            let mode = fs::metadata(file).map_err(io(file))?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(HomeError::DataPermissions {
+                    fix: format!("chmod 600 {}*", self.database_path().display()),
+                    path: file.clone(),
+                    mode,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes a file the node wrote readable by its owner only.
+pub fn make_private(path: &Path) -> Result<(), HomeError> {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io(path))
 }
 
 /// Refuses a secret file that others can read.

@@ -1028,12 +1028,15 @@ impl IngestRules<'_> {
             (FileDisposition::LeaveInPlace, true) => {
                 let target = unique_target(&target_dir, &name, self.now);
                 fs::copy(path, &target).map_err(io(&target))?;
+                private(&target)?;
                 self.write_reason(&target, report)?;
                 report.quarantined.push(target);
             }
             (FileDisposition::Move, _) => {
                 let target = unique_target(&target_dir, &name, self.now);
                 fs::rename(path, &target).map_err(io(path))?;
+                // The writer's permissions travel with a rename: it holds patient data.
+                private(&target)?;
                 if rejected {
                     self.write_reason(&target, report)?;
                     report.quarantined.push(target);
@@ -1063,8 +1066,14 @@ impl IngestRules<'_> {
         let mut reason_path = target.as_os_str().to_owned();
         reason_path.push(".reason.txt");
         let reason_path = PathBuf::from(reason_path);
-        fs::write(&reason_path, text).map_err(io(&reason_path))
+        fs::write(&reason_path, text).map_err(io(&reason_path))?;
+        private(&reason_path)
     }
+}
+
+fn private(path: &Path) -> Result<(), IngestError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io(path))
 }
 
 fn unique_target(dir: &Path, name: &str, now: i64) -> PathBuf {

@@ -39,6 +39,12 @@ pub enum StorageError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("database {path}: cannot create it: {source}; check the folder exists and is writable")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "database {path} has schema version {found}, newer than this caremesh understands ({known}); upgrade caremesh"
     )]
@@ -236,6 +242,20 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the node database and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store> {
+        // Created readable by its owner only; SQLite gives its WAL and shared-memory files the
+        // database file's permissions.
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| StorageError::Create {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
         let conn = Connection::open(path).map_err(|source| StorageError::Sqlite {
             path: path.to_path_buf(),
             action: "open",
