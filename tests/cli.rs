@@ -754,3 +754,63 @@ fn patient_data_is_private_to_the_node_and_a_node_open_to_others_refuses_to_star
         "{error}"
     );
 }
+
+/// Operating details an operator meets: a printing command whose reader closes the pipe
+/// ends quietly; a missing signing key says what it is and what to do, once; `launch`
+/// makes tokens valid for the node's own limit (10 minutes), as the README says.
+#[test]
+fn printing_into_a_closed_pipe_a_missing_key_and_the_launch_default_behave() {
+    use base64ct::{Base64UrlUnpadded, Encoding};
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let binary = env!("CARGO_BIN_EXE_caremesh");
+    let piped = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{binary}' status --dir '{}' | head -1",
+            home.display()
+        ))
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !error.contains("panicked") && !error.contains("Broken pipe"),
+        "{error}"
+    );
+    assert_eq!(String::from_utf8_lossy(&piped.stdout).lines().count(), 1);
+
+    let url = launch_url(
+        &home,
+        "127.0.0.1:7800",
+        &["--user", "G1", "--name", "Dr A", "--nhs", "9912003888"],
+    );
+    let token = url.split("token=").nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &Base64UrlUnpadded::decode_vec(token.split('.').nth(1).unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        600
+    );
+
+    std::fs::remove_file(home.join("keys/signing.key")).unwrap();
+    let output = run(&[
+        "consent",
+        "set",
+        "--dir",
+        home.to_str().unwrap(),
+        "--nhs",
+        "9912003888",
+        "--share-out",
+        "off",
+    ]);
+    assert!(!output.status.success());
+    let error = stderr(&output);
+    assert!(
+        error.contains("is missing: this node has no signing key"),
+        "{error}"
+    );
+    assert!(error.matches("No such file").count() <= 1, "{error}");
+}

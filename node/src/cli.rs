@@ -157,9 +157,10 @@ enum Command {
         /// The view's address, as the user's browser reaches it.
         #[arg(long)]
         base: Option<String>,
-        /// How long the token is valid, in seconds.
-        #[arg(long, default_value_t = 300)]
-        valid_seconds: i64,
+        /// How long the token is valid, in seconds; by default the longest the node accepts
+        /// (`launch.max_token_minutes`, 10 minutes unless configured).
+        #[arg(long)]
+        valid_seconds: Option<i64>,
         /// When the token was issued (unix seconds); now by default. For testing expiry.
         #[arg(long, hide = true)]
         issued_at: Option<i64>,
@@ -200,12 +201,44 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Run { .. } | Command::Demo { .. } | Command::Sim(_)
+    ) {
+        quiet_on_closed_output();
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_chain(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes, each said once: errors that already quote their cause do not
+/// repeat it.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// A command that prints (status, record, reports) ends quietly when its reader closes the
+/// pipe (`caremesh status | head`), as command-line tools do, instead of panicking on the
+/// next write. Not for the serving commands: they must get EPIPE on a socket, not die.
+fn quiet_on_closed_output() {
+    // SAFETY: restores the default disposition of one signal before any thread starts;
+    // no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -431,6 +464,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let home = Home::open(&dir)?;
             let base = base.unwrap_or_else(|| format!("http://{}", home.config.view.listen));
+            let valid_seconds = valid_seconds
+                .unwrap_or_else(|| i64::from(home.config.launch.max_token_minutes) * 60);
             let url = crate::launch::launch_url(
                 &home,
                 &base,

@@ -59,6 +59,10 @@ pub enum HomeError {
         mode: u32,
         fix: String,
     },
+    #[error(
+        "{path} is missing: this node has no signing key. Restore it from the node's backup; a new key (`caremesh init` in a new folder) must be registered with the regional authority before peers accept it"
+    )]
+    KeyMissing { path: PathBuf },
     #[error("{path} does not hold a 32-byte hex ed25519 secret key")]
     KeyFormat { path: PathBuf },
     #[error(transparent)]
@@ -576,6 +580,11 @@ pub fn check_private(path: &Path) -> Result<(), HomeError> {
 }
 
 pub fn load_secret_key(path: &Path) -> Result<PublisherKey, HomeError> {
+    if !path.exists() {
+        return Err(HomeError::KeyMissing {
+            path: path.to_path_buf(),
+        });
+    }
     check_private(path)?;
     let text = fs::read_to_string(path).map_err(io(path))?;
     let bytes = hex::decode(text.trim()).map_err(|_| HomeError::KeyFormat {
