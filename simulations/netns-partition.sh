@@ -89,7 +89,9 @@ step "extracts: 30 patients at the GP, the first 3 of them also at the hospice"
 "$caremesh" generate --org HSP01 --patients 3 --seed 1 --out "$work/hsp-extract" >/dev/null
 "$caremesh" ingest --dir "$work/gp" "$work/gp-extract" >/dev/null
 "$caremesh" ingest --dir "$work/hsp" "$work/hsp-extract" >/dev/null
-shared=$(basename "$(ls "$work/hsp-extract" | sort | head -1)" .json)
+# Extract files are named by organisation and list position, never by NHS number: read it.
+nhs_in() { python3 -c "import json,sys; b=json.load(open(sys.argv[1])); print(next(i['value'] for e in b['entry'] if e['resource']['resourceType'] == 'Patient' for i in e['resource']['identifier'] if i['system'].endswith('nhs-number')))" "$1"; }
+shared=$(nhs_in "$work/hsp-extract/$(ls "$work/hsp-extract" | sort | head -1)")
 
 start() { # namespace, node
   in_ns "$1" env CAREMESH_LOG=warn "$caremesh" run --dir "$work/$2" >"$work/$2.log" 2>&1 &
@@ -139,7 +141,7 @@ NFT
 "$caremesh" consent set --dir "$work/gp" --nhs "$shared" --objection on >/dev/null
 "$caremesh" generate --org HSP01 --patients 2 --seed 77 --out "$work/hsp-more" >/dev/null
 "$caremesh" ingest --dir "$work/hsp" "$work/hsp-more" >/dev/null
-new_patient=$(basename "$(ls "$work/hsp-more" | sort | head -1)" .json)
+new_patient=$(nhs_in "$work/hsp-more/$(ls "$work/hsp-more" | sort | head -1)")
 sleep 30
 holds_gp_data || { echo "the hospice lost the GP data while cut off: the test cannot tell a purge" >&2; exit 1; }
 [ -z "$(sources_of hub "$new_patient")" ] || { echo "the hub got hospice data through the partition" >&2; exit 1; }
