@@ -233,6 +233,7 @@ impl LaunchVerifier {
         if token.len() > TOKEN_MAX_BYTES {
             return Err(LaunchRefused::TooLong);
         }
+        check_header(token)?;
         let untrusted =
             UntrustedToken::new(token).map_err(|e| LaunchRefused::Malformed(e.to_string()))?;
         if untrusted.algorithm() != self.algorithm_name() {
@@ -258,6 +259,24 @@ impl LaunchVerifier {
     }
 }
 
+/// The header, read strictly: a key given twice is refused, and so is `crit` (RFC 7515
+/// 4.1.11: extensions the recipient does not understand must make it refuse the token, and
+/// caremesh understands none).
+fn check_header(token: &str) -> Result<(), LaunchRefused> {
+    use base64ct::{Base64UrlUnpadded, Encoding};
+    let encoded = token.split('.').next().unwrap_or_default();
+    let bytes = Base64UrlUnpadded::decode_vec(encoded)
+        .map_err(|_| LaunchRefused::Malformed("its header is not base64url".into()))?;
+    let header = crate::strict_json::from_slice(&bytes)
+        .map_err(|e| LaunchRefused::Malformed(format!("its header does not read: {e}")))?;
+    if header.get("crit").is_some() {
+        return Err(LaunchRefused::Malformed(
+            "its header marks extensions critical (`crit`), and this node understands none".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Time, organisation, role and patient: everything but the signature.
 fn check_claims(
     claims: Claims<LaunchClaims>,
@@ -281,6 +300,12 @@ fn check_claims(
         return Err(LaunchRefused::NotYetValid);
     }
     let lifetime = expires_at - issued_at;
+    if lifetime <= 0 {
+        return Err(LaunchRefused::InvalidClaim {
+            claim: "exp",
+            why: "it is not after `iat`: the token expires before it was issued".into(),
+        });
+    }
     if lifetime > i64::from(config.max_token_minutes) * 60 {
         return Err(LaunchRefused::LivesTooLong {
             minutes: lifetime / 60,
@@ -546,6 +571,61 @@ mod tests {
     fn base64_url(bytes: &[u8]) -> String {
         use base64ct::{Base64UrlUnpadded, Encoding};
         Base64UrlUnpadded::encode_string(bytes)
+    }
+
+    /// RFC 7515: a `crit` header the recipient does not understand means refuse; a token
+    /// that expires before it was issued is refused even within the clock leeway; a header
+    /// naming a key twice is refused. Each is signed properly, so only the rule refuses it.
+    #[test]
+    fn critical_headers_reversed_times_and_doubled_header_keys_are_refused() {
+        use ed25519_dalek::Signer;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let (signer, verifier) = eddsa_pair(1);
+        let payload = signer
+            .sign(claims("clinician", Some("9912003888")), NOW, 300)
+            .split('.')
+            .nth(1)
+            .unwrap()
+            .to_string();
+        let signed = |header: &[u8]| {
+            let input = format!("{}.{payload}", base64_url(header));
+            let signature = key.sign(input.as_bytes());
+            format!("{input}.{}", base64_url(&signature.to_bytes()))
+        };
+        assert!(
+            verifier
+                .verify(&signed(br#"{"alg":"EdDSA"}"#), &config(), &own(), NOW)
+                .is_ok(),
+            "the hand-made token verifies without the rule under test"
+        );
+        let critical = signed(br#"{"alg":"EdDSA","crit":["exp-ext"],"exp-ext":1}"#);
+        assert!(matches!(
+            verifier.verify(&critical, &config(), &own(), NOW),
+            Err(LaunchRefused::Malformed(why)) if why.contains("crit")
+        ));
+        let doubled = signed(br#"{"alg":"EdDSA","alg":"EdDSA"}"#);
+        assert!(matches!(
+            verifier.verify(&doubled, &config(), &own(), NOW),
+            Err(LaunchRefused::Malformed(why)) if why.contains("appears twice")
+        ));
+        let mut claims_json: serde_json::Value = serde_json::from_slice(
+            &<base64ct::Base64UrlUnpadded as base64ct::Encoding>::decode_vec(&payload).unwrap(),
+        )
+        .unwrap();
+        claims_json["exp"] = serde_json::json!(NOW - 10);
+        let reversed = format!(
+            "{}.{}",
+            base64_url(br#"{"alg":"EdDSA"}"#),
+            base64_url(claims_json.to_string().as_bytes())
+        );
+        let reversed = format!(
+            "{reversed}.{}",
+            base64_url(&key.sign(reversed.as_bytes()).to_bytes())
+        );
+        assert!(matches!(
+            verifier.verify(&reversed, &config(), &own(), NOW),
+            Err(LaunchRefused::InvalidClaim { claim: "exp", .. })
+        ));
     }
 
     #[test]
