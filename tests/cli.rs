@@ -814,3 +814,30 @@ fn printing_into_a_closed_pipe_a_missing_key_and_the_launch_default_behave() {
     );
     assert!(error.matches("No such file").count() <= 1, "{error}");
 }
+
+/// One home is one node: a second `caremesh run` on a home already running is refused
+/// before it watches the drop folder or listens, naming the process that holds it.
+#[test]
+fn a_second_node_on_the_same_home_is_refused_naming_the_first() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let first = RunningNode::start(&home);
+    let second = run(&[
+        "run",
+        "--dir",
+        home.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!second.status.success());
+    let error = stderr(&second);
+    assert!(
+        error.contains(&format!("process {}", first.child.id())),
+        "{error}"
+    );
+    drop(first);
+    // Once the first has stopped, the home is free again.
+    let again = RunningNode::start(&home);
+    drop(again);
+}

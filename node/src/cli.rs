@@ -321,6 +321,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run { dir, listen } => {
             let home = Home::open(&dir)?;
             home.check_private_data()?;
+            // Before anything watches the drop folder or listens: one node per home.
+            let _running = home.lock_for_running()?;
             let listen = listen.unwrap_or_else(|| home.config.view.listen.clone());
             serve(&home, &listen, None)
         }

@@ -63,6 +63,10 @@ pub enum HomeError {
         "{path} is missing: this node has no signing key. Restore it from the node's backup; a new key (`caremesh init` in a new folder) must be registered with the regional authority before peers accept it"
     )]
     KeyMissing { path: PathBuf },
+    #[error(
+        "another caremesh node (process {holder}) is running on {path}; one home is one node: stop that one first, or give this one its own home"
+    )]
+    InUse { path: PathBuf, holder: String },
     #[error("{path} does not hold a 32-byte hex ed25519 secret key")]
     KeyFormat { path: PathBuf },
     #[error(transparent)]
@@ -559,6 +563,45 @@ impl Home {
             }
         }
         Ok(())
+    }
+}
+
+/// The running node's hold on its home: released when the process ends, however it ends.
+pub struct RunLock {
+    _file: fs::File,
+}
+
+impl Home {
+    /// Takes the home for one running node. A second `caremesh run` on the same home would
+    /// watch the same drop folder and sync with the same key: it is refused, naming the
+    /// process that holds the home.
+    pub fn lock_for_running(&self) -> Result<RunLock, HomeError> {
+        use std::io::{Read, Seek};
+        use std::os::fd::AsRawFd;
+        let path = self.dir.join("run.lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        // SAFETY: flock on a descriptor this function owns; no memory is shared.
+        let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !taken {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(HomeError::InUse {
+                path: self.dir.clone(),
+                holder: holder.trim().to_string(),
+            });
+        }
+        file.set_len(0).map_err(io(&path))?;
+        file.rewind().map_err(io(&path))?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())
+            .map_err(io(&path))?;
+        Ok(RunLock { _file: file })
     }
 }
 
