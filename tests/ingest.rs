@@ -890,6 +890,56 @@ fn the_drop_folder_takes_regular_files_only_and_lists_what_it_left() {
     }
 }
 
+/// A node that cannot put a file away after ingesting it (processed/ is not a directory
+/// it can write to) does not take it: the file waits in drop/, nothing is ingested again
+/// and again, and the log says which folder to fix, once. Fixed, the file goes in.
+#[test]
+fn a_drop_folder_that_cannot_put_files_away_pauses_and_says_why() {
+    let dir = node("A81001", "gp");
+    let processed = home(&dir).join("processed");
+    std::fs::remove_dir(&processed).unwrap();
+    std::fs::write(&processed, b"not a folder").unwrap();
+    std::fs::set_permissions(
+        &processed,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let running = RunningNode::start_logging(&home(&dir), "error", log.into());
+    let files = tempfile::tempdir().unwrap();
+    drop_by_rename(&home(&dir), &patient_file(files.path()));
+    assert!(
+        wait_for(Duration::from_secs(60), || std::fs::read_to_string(
+            &log_path
+        )
+        .is_ok_and(|log| log.contains("drop folder paused"))),
+        "never paused"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(log.matches("drop folder paused").count(), 1, "{log}");
+    assert!(log.contains(&processed.display().to_string()), "{log}");
+    assert!(home(&dir).join("drop/patient.json").exists());
+    let ingests = rusqlite::Connection::open(home(&dir).join("node.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM ingests", [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .unwrap();
+    assert_eq!(ingests, 0, "a file that could not be put away was ingested");
+
+    std::fs::remove_file(&processed).unwrap();
+    std::fs::create_dir(&processed).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || processed
+            .join("patient.json")
+            .exists()),
+        "the file never went in once processed/ was fixed"
+    );
+    drop(running);
+}
+
 /// Puts `source` in the node's drop folder as writers should: complete, by rename.
 fn drop_by_rename(node_home: &Path, source: &Path) {
     let name = source.file_name().unwrap();

@@ -1034,7 +1034,8 @@ impl IngestRules<'_> {
             }
             (FileDisposition::Move, _) => {
                 let target = unique_target(&target_dir, &name, self.now);
-                fs::rename(path, &target).map_err(io(path))?;
+                // The error names where the file was going: that is what needs fixing.
+                fs::rename(path, &target).map_err(io(&target))?;
                 // The writer's permissions travel with a rename: it holds patient data.
                 private(&target)?;
                 if rejected {

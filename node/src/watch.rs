@@ -54,6 +54,7 @@ pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestErro
     let mut held_back: Vec<PathBuf> = Vec::new();
     let mut retry_at = Instant::now();
     let mut left_in_place: Vec<LeftInPlace> = Vec::new();
+    let mut blocked: Option<String> = None;
     let mut next_scan = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let mut ready = Vec::new();
@@ -99,6 +100,20 @@ pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestErro
         if ready.is_empty() {
             continue;
         }
+        // A file is taken only if it can be put away after: ingesting one that cannot be
+        // moved would ingest it again on every scan.
+        match outlets_usable(&home) {
+            Ok(()) => blocked = None,
+            Err(reason) => {
+                if blocked.as_ref() != Some(&reason) {
+                    tracing::error!(%reason, "drop folder paused: files wait in drop/ until this is fixed");
+                    blocked = Some(reason);
+                }
+                held_back.append(&mut ready);
+                retry_at = Instant::now() + SCAN_EVERY;
+                continue;
+            }
+        }
         if let Err(error) = ingest_ready(&home, &ready) {
             // The files stay in the folder (nothing was moved or half-written: each file is
             // one transaction) and are retried together, with whatever arrives meanwhile. A
@@ -118,6 +133,27 @@ fn is_complete_signal(kind: &EventKind) -> bool {
             | EventKind::Modify(ModifyKind::Name(RenameMode::To))
             | EventKind::Modify(ModifyKind::Name(RenameMode::Both))
     )
+}
+
+/// Whether processed/ and quarantine/ can take files: each a directory the node can write
+/// to (made if missing), shown by writing and removing a probe file.
+pub fn outlets_usable(home: &Home) -> Result<(), String> {
+    for folder in [home.processed_dir(), home.quarantine_dir()] {
+        if !folder.exists() {
+            std::fs::create_dir_all(&folder)
+                .map_err(|e| format!("{} is missing and cannot be made: {e}", folder.display()))?;
+        }
+        let probe = folder.join(".caremesh-probe");
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                format!(
+                    "{} cannot take files ({e}); make it a directory the node's account can write to",
+                    folder.display()
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// A regular file (not a link to one) with an extract's name: the only thing taken.
