@@ -479,8 +479,10 @@ fn the_view_opens_only_through_a_valid_launch_for_its_patient_and_role() {
         refusals.iter().any(|d| d.contains("used before")),
         "{refusals:?}"
     );
+    // Requests without a session are counted into a summary, never listed in a patient's
+    // report: nobody signed in made them.
     assert!(
-        refusals
+        !refusals
             .iter()
             .any(|d| d.contains("Open the shared care record")),
         "the requests without a session: {refusals:?}"
@@ -840,4 +842,73 @@ fn a_second_node_on_the_same_home_is_refused_naming_the_first() {
     // Once the first has stopped, the home is free again.
     let again = RunningNode::start(&home);
     drop(again);
+}
+
+/// Requests from outside without a session are refused without a row each: at most one
+/// summary a minute, and none in the named patient's access report.
+#[test]
+fn anonymous_refusals_are_counted_into_a_summary_not_a_row_each() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let node = RunningNode::start(&home);
+    for _ in 0..40 {
+        assert_eq!(http_get(&node.address, "/patients/9912003888").0, 401);
+        assert_eq!(http_get(&node.address, "/api/patients/9912003888").0, 401);
+    }
+    assert_eq!(http_get(&node.address, "/launch?token=not.a.token").0, 401);
+    // A graceful stop writes what was counted.
+    let pid = node.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut node = node;
+    let _ = node.child.wait();
+    let count = |sql: &str| {
+        rusqlite::Connection::open(home.join("node.db"))
+            .unwrap()
+            .query_row(sql, [], |row| row.get::<_, i64>(0))
+            .unwrap()
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM audit_events"),
+        1,
+        "one summary, not a row each"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM audit_events WHERE nhs IS NOT NULL"),
+        0
+    );
+    let body: String = rusqlite::Connection::open(home.join("node.db"))
+        .unwrap()
+        .query_row("SELECT body FROM audit_events", [], |row| row.get(0))
+        .unwrap();
+    assert!(
+        body.contains("81 request(s) without a valid session refused"),
+        "{body}"
+    );
+    let report = run(&[
+        "audit",
+        "report",
+        "--dir",
+        home.to_str().unwrap(),
+        "--patient",
+        "9912003888",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&report.stdout).lines().count(),
+        1,
+        "header only"
+    );
+    assert!(
+        run(&["audit", "verify", "--dir", home.to_str().unwrap()])
+            .status
+            .success()
+    );
 }

@@ -682,6 +682,19 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             names,
             key: home.signing_key()?,
             sync: sync.as_ref().map(|s| s.counters.clone()),
+            anonymous: Default::default(),
+        });
+        let summaries = tokio::spawn({
+            let state = state.clone();
+            async move {
+                let minute = std::time::Duration::from_secs(60);
+                let mut every_minute =
+                    tokio::time::interval_at(tokio::time::Instant::now() + minute, minute);
+                loop {
+                    every_minute.tick().await;
+                    state.flush_anonymous().await;
+                }
+            }
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -696,10 +709,12 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         }
         use std::io::Write;
         std::io::stdout().flush()?;
-        let served = axum::serve(listener, view::router(state))
+        let served = axum::serve(listener, view::router(state.clone()))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("serving the view");
+        summaries.abort();
+        state.flush_anonymous().await;
         let _ = shutdown_tx.send(true);
         if let Some(sync) = sync {
             let _ = tokio::task::spawn_blocking(move || sync.join()).await;

@@ -52,6 +52,55 @@ pub struct ViewState {
     pub key: PublisherKey,
     /// Organisation names from the trust registry, by ODS code.
     pub names: std::collections::BTreeMap<String, String>,
+    /// Requests without a session refused since the last summary went to the audit trail.
+    pub anonymous: std::sync::Mutex<AnonymousRefusals>,
+}
+
+/// Refused requests that carried no session (or a token whose signature failed): counted,
+/// and written to the audit trail as one summary a minute. A row each would let anyone fill
+/// the trail (and a patient's access report) from outside at hundreds of rows a second;
+/// nobody signed in made them, so no patient's report lists them.
+#[derive(Debug, Default)]
+pub struct AnonymousRefusals {
+    since: Option<i64>,
+    by_action: std::collections::BTreeMap<String, u64>,
+}
+
+impl AnonymousRefusals {
+    fn count(&mut self, action: &str, now: i64) {
+        self.since.get_or_insert(now);
+        *self.by_action.entry(action.to_string()).or_default() += 1;
+    }
+
+    /// The summary of what was counted, if anything, and a fresh count.
+    fn take(&mut self, organisation: &str, now: i64) -> Option<AuditEvent> {
+        let since = self.since.take()?;
+        let by_action = std::mem::take(&mut self.by_action);
+        let total: u64 = by_action.values().sum();
+        let actions: Vec<String> = by_action
+            .iter()
+            .map(|(action, count)| format!("{action} {count}"))
+            .collect();
+        Some(AuditEvent {
+            at: now,
+            user_id: "anonymous".into(),
+            user_name: "no session".into(),
+            role: String::new(),
+            organisation: organisation.to_string(),
+            action: "refused-anonymous".into(),
+            nhs: None,
+            sources: Vec::new(),
+            sections: Vec::new(),
+            purpose: String::new(),
+            outcome: "refused".into(),
+            detail: format!(
+                "{total} request(s) without a valid session refused from {} to {} ({}); the patients they named are not recorded",
+                clock::rfc3339(since),
+                clock::rfc3339(now),
+                actions.join(", ")
+            ),
+        })
+    }
 }
 
 pub fn router(state: Arc<ViewState>) -> Router {
@@ -162,6 +211,28 @@ impl ViewState {
         .await
     }
 
+    /// Counts a refusal of a request that carried no session; see [`AnonymousRefusals`].
+    fn count_anonymous(&self, action: &str) {
+        self.anonymous
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .count(action, clock::now_unix());
+    }
+
+    /// Writes the summary of anonymous refusals counted so far, if any.
+    pub async fn flush_anonymous(self: &Arc<Self>) {
+        let summary = self
+            .anonymous
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(&self.ods, clock::now_unix());
+        if let Some(event) = summary
+            && self.audit(event).await.is_err()
+        {
+            tracing::error!("could not write the summary of anonymous refusals to the audit trail");
+        }
+    }
+
     /// Records a refusal and answers with `status` and `message`.
     async fn refuse(
         self: &Arc<Self>,
@@ -241,12 +312,7 @@ async fn authorise(
     let session = current_session(state, headers).await?;
     let nhs = patient.map(|p| p.to_string());
     let Some(session) = session else {
-        if patient.is_some() {
-            let event = state.event(None, action, nhs.as_deref());
-            return Err(state
-                .refuse(event, StatusCode::UNAUTHORIZED, NO_SESSION, api)
-                .await);
-        }
+        state.count_anonymous(action);
         return Err(state.problem(
             StatusCode::UNAUTHORIZED,
             "Sign in through your clinical system",
@@ -362,14 +428,20 @@ async fn refuse_launch(
         "launch",
         launch.and_then(|l| l.nhs.as_ref()).map(|n| n.as_str()),
     );
-    if let Some(launch) = launch {
-        event.user_id = launch.user_id.clone();
-        event.user_name = launch.user_name.clone();
-        event.role = launch.role.as_str().into();
-        event.purpose = launch.purpose.clone();
-    } else {
-        event.user_name = "unverified token".into();
-    }
+    let Some(launch) = launch else {
+        // Nothing in an unverified token can be believed: counted, not recorded as a user.
+        state.count_anonymous("launch");
+        return state.problem(
+            StatusCode::UNAUTHORIZED,
+            "Access refused",
+            &refused.to_string(),
+            false,
+        );
+    };
+    event.user_id = launch.user_id.clone();
+    event.user_name = launch.user_name.clone();
+    event.role = launch.role.as_str().into();
+    event.purpose = launch.purpose.clone();
     state
         .refuse(event, StatusCode::UNAUTHORIZED, &refused.to_string(), false)
         .await
