@@ -912,3 +912,51 @@ fn anonymous_refusals_are_counted_into_a_summary_not_a_row_each() {
             .success()
     );
 }
+
+/// Text from other systems and users (a patient's name, a break-glass reason) reaches a
+/// terminal shown, never obeyed: escape sequences and newlines print as `\u{1b}`, `\u{a}`.
+#[test]
+fn control_characters_from_outside_are_shown_not_obeyed_in_text_output() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let patient = temp.path().join("patient.json");
+    write_json(
+        &patient,
+        &serde_json::json!({
+            "resourceType": "Patient", "id": "p1",
+            "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9912003888" }],
+            "name": [{ "family": "SMITH\u{1b}[2J\u{1b}[31m", "given": ["Richard"] }]
+        }),
+    );
+    assert!(ingest(&home, &[patient.to_str().unwrap()]).status.success());
+    // What a terminal shows of a command's output: no escape byte, the escape written out.
+    let shown = |args: &[&str], expected: &str| {
+        let output = run(args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(
+            !output.stdout.contains(&0x1b),
+            "an escape reached the terminal"
+        );
+        assert!(stdout(&output).contains(expected), "{}", stdout(&output));
+    };
+    let dir = home.to_str().unwrap();
+    shown(
+        &["record", "--dir", dir, "--nhs", "9912003888"],
+        "SMITH\\u{1b}[2J",
+    );
+
+    let node = RunningNode::start(&home);
+    let session = clinician_session(&home, &node.address, "9434765919");
+    http_post_form_as(
+        &node.address,
+        "/patients/9434765919/break-glass",
+        "reason=Collapsed%1B%5B2J%0Aforged+line",
+        &session,
+    );
+    drop(node);
+    shown(
+        &["audit", "report", "--dir", dir, "--patient", "9434765919"],
+        "Collapsed\\u{1b}[2J\\u{a}forged line",
+    );
+}

@@ -221,7 +221,11 @@ pub fn report_cells(row: &ReportRow) -> [String; 9] {
 
 fn render_table(rows: &[ReportRow]) -> String {
     let header = REPORT_COLUMNS;
-    let lines: Vec<[String; 9]> = rows.iter().map(report_cells).collect();
+    // Reasons and names come from users and tokens: shown, never obeyed by the terminal.
+    let lines: Vec<[String; 9]> = rows
+        .iter()
+        .map(|row| report_cells(row).map(|cell| crate::clock::printable(&cell)))
+        .collect();
     let mut widths = header.map(|h| h.chars().count());
     for line in &lines {
         for (width, cell) in widths.iter_mut().zip(line) {
@@ -246,6 +250,7 @@ fn render_table(rows: &[ReportRow]) -> String {
 
 /// RFC 4180 quoting, and a leading apostrophe on cells a spreadsheet would run as a formula.
 fn csv_cell(text: &str) -> String {
+    let text = crate::clock::printable(text);
     let safe = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{text}")
     } else {

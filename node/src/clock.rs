@@ -210,3 +210,30 @@ mod tests {
         assert!(sort_key("2024-06-30T23:30:00Z") > sort_key("2024-06-30"));
     }
 }
+
+/// `text` safe to print to a terminal: control characters (escape sequences that could
+/// clear the screen, move the cursor or hide what follows; newlines that would forge a line
+/// of a report) are shown as `\u{1b}` instead of acting.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod printable_tests {
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(super::printable("ok: 5 mg"), "ok: 5 mg");
+        assert_eq!(
+            super::printable("\u{1b}[2Jcleared\nforged line\u{9b}"),
+            "\\u{1b}[2Jcleared\\u{a}forged line\\u{9b}"
+        );
+    }
+}

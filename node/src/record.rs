@@ -546,7 +546,16 @@ fn withheld_record_reason(reason: &WithholdReason) -> &'static str {
 }
 
 /// The record as plain text, for `caremesh record`: the same readings the page shows.
+/// The record as text for a terminal: every line's control characters shown, not obeyed
+/// (names and notes come from other organisations' systems).
 pub fn render_text(record: &Record) -> String {
+    render_text_unescaped(record)
+        .lines()
+        .map(|line| clock::printable(line) + "\n")
+        .collect()
+}
+
+fn render_text_unescaped(record: &Record) -> String {
     let mut out = String::new();
     let demographics = record.demographics.as_ref();
     out.push_str(&format!(
