@@ -960,3 +960,67 @@ fn control_characters_from_outside_are_shown_not_obeyed_in_text_output() {
         "Collapsed\\u{1b}[2J\\u{a}forged line",
     );
 }
+
+/// Setting and reading a patient's sharing choices at the command line are audited, and
+/// the operator is the account the process runs as, whatever `$USER` says.
+#[test]
+fn consent_at_the_command_line_is_audited_under_the_real_account() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let dir = home.to_str().unwrap();
+    let spoofed = |args: &[&str]| {
+        let output = caremesh()
+            .env("USER", "dr.innocent")
+            .env("LOGNAME", "dr.innocent")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+    };
+    spoofed(&[
+        "consent",
+        "set",
+        "--dir",
+        dir,
+        "--nhs",
+        "9912003888",
+        "--share-out",
+        "off",
+    ]);
+    spoofed(&["consent", "show", "--dir", dir, "--nhs", "9912003888"]);
+    let account = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let report = run(&[
+        "audit",
+        "report",
+        "--dir",
+        dir,
+        "--patient",
+        "9912003888",
+        "--format",
+        "json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    for action in ["consent-set", "consent-show"] {
+        let row = rows
+            .iter()
+            .find(|r| r["action"] == action)
+            .unwrap_or_else(|| panic!("no {action} entry: {rows:?}"));
+        assert!(
+            row["user_id"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("os:{} (uid ", account.trim())),
+            "{row}"
+        );
+    }
+    assert!(!report.stdout.windows(11).any(|w| w == b"dr.innocent"));
+}

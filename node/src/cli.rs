@@ -726,12 +726,30 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
     result.map(|_| ExitCode::SUCCESS)
 }
 
-/// Who runs a command at this machine, for the audit trail: the operating system user.
+/// Who runs a command at this machine, for the audit trail: the operating-system account
+/// the process runs as, from its credentials (`$USER` is whatever the caller sets).
 pub fn operator() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
-    format!("os:{user}")
+    // SAFETY: geteuid cannot fail; getpwuid_r writes into buffers this function owns and
+    // sizes, and the result is read only when it reports success.
+    unsafe {
+        let uid = libc::geteuid();
+        let mut entry: libc::passwd = std::mem::zeroed();
+        let mut buffer = vec![0 as libc::c_char; 4096];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let status = libc::getpwuid_r(
+            uid,
+            &mut entry,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        );
+        if status == 0 && !found.is_null() && !entry.pw_name.is_null() {
+            let name = std::ffi::CStr::from_ptr(entry.pw_name).to_string_lossy();
+            format!("os:{name} (uid {uid})")
+        } else {
+            format!("os:uid {uid}")
+        }
+    }
 }
 
 pub async fn shutdown_signal() {

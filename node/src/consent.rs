@@ -70,6 +70,7 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
                 objection: objection.map_or(current.objection, Switch::on),
             };
             let written = record(&home, &mut store, &nhs, consent)?;
+            audit(&home, &mut store, &nhs, "consent-set", describe(consent))?;
             println!(
                 "{}: {}",
                 if written > 0 { "recorded" } else { "unchanged" },
@@ -78,7 +79,9 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
         }
         ConsentCommand::Show { dir, nhs } => {
             let home = Home::open(&dir)?;
-            let store = home.open_store()?;
+            let mut store = home.open_store()?;
+            // Reading a patient's choices is an access to their record.
+            audit(&home, &mut store, &nhs, "consent-show", String::new())?;
             let ods = &home.config.organisation.ods;
             let recorded = store.care().recorded_consent(ods, &nhs)?;
             println!(
@@ -102,6 +105,34 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Records in the audit trail that this machine's operator set or read a patient's choices.
+fn audit(
+    home: &Home,
+    store: &mut caremesh_storage::Store,
+    nhs: &NhsNumber,
+    action: &str,
+    detail: String,
+) -> Result<()> {
+    let operator = crate::cli::operator();
+    let batch = store.write()?;
+    batch.append_audit(&caremesh_storage::audit::AuditEvent {
+        at: clock::now_unix(),
+        user_id: operator.clone(),
+        user_name: operator,
+        role: "operator".into(),
+        organisation: home.config.organisation.ods.to_string(),
+        action: action.into(),
+        nhs: Some(nhs.to_string()),
+        sources: vec![home.config.organisation.ods.to_string()],
+        sections: vec!["sharing".into()],
+        purpose: "sharing choices".into(),
+        outcome: "allowed".into(),
+        detail,
+    })?;
+    batch.commit()?;
+    Ok(())
 }
 
 /// Publishes the patient's choices here as their sharing record. Returns the documents
