@@ -443,6 +443,34 @@ fn ambiguous_input_is_refused_with_the_reason() {
     assert_eq!(problems(&home(&dir)), ["Asthma, well controlled"]);
 }
 
+/// A resource too large ever to be shared (here a 3 MB note) is refused at ingest with the
+/// reason, instead of being stored where it would never sync; the rest of the file goes in.
+#[test]
+fn a_resource_too_large_to_share_is_refused_with_the_reason() {
+    let (dir, files) = node_with_asthma();
+    let mut huge = condition("2024-02-01T00:00:00Z", "Asthma", None);
+    huge["id"] = json!("c-huge");
+    huge["note"] = json!([{ "text": "x".repeat(3 * 1024 * 1024) }]);
+    let mut small = condition("2024-02-01T00:00:00Z", "Eczema", None);
+    small["id"] = json!("c-small");
+    let bundle = json!({ "resourceType": "Bundle", "type": "collection",
+        "entry": [{ "resource": huge }, { "resource": small }] });
+    let path = files.path().join("huge.json");
+    write_json(&path, &bundle);
+    let output = ingest(&home(&dir), &["--json", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let report = report_json(&output);
+    let reason = report["rejected"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("over the 1048576-byte limit for one resource"),
+        "{reason}"
+    );
+    assert_eq!(report["accepted"], 1);
+    let mut titles = problems(&home(&dir));
+    titles.sort();
+    assert_eq!(titles, ["Asthma", "Eczema"]);
+}
+
 /// A Patient resource of the extract, with its NHS number.
 fn patient_resource(id: &str, nhs: &str, family: &str, version_time: &str) -> serde_json::Value {
     json!({

@@ -31,6 +31,11 @@ use std::path::{Path, PathBuf};
 pub const MAX_JSON_FILE_BYTES: u64 = 128 * 1024 * 1024;
 /// One NDJSON line (one resource) larger than this is refused.
 pub const MAX_NDJSON_LINE_BYTES: usize = 16 * 1024 * 1024;
+/// One resource larger than this (as JSON) is refused. A patient's documents sync as
+/// frames of at most 16 MiB; a resource near that size would be stored here and never reach
+/// anyone. Clinical resources are kilobytes; a document's content belongs in its own
+/// system, named by a DocumentReference, not inlined.
+pub const MAX_RESOURCE_BYTES: usize = 1024 * 1024;
 /// NDJSON lines committed per transaction.
 pub const NDJSON_CHUNK_LINES: usize = 2_000;
 
@@ -554,6 +559,24 @@ impl<'a> Ingestor<'a> {
         // Pass 1: what other resources refer to (Patients, Medications, Organizations).
         let mut clinical = Vec::new();
         for (index, entry) in located.into_iter().enumerate() {
+            let size = json_size(&entry.value);
+            if size > MAX_RESOURCE_BYTES {
+                report.count_read(
+                    entry
+                        .value
+                        .get("resourceType")
+                        .and_then(Value::as_str)
+                        .unwrap_or("(not a resource)"),
+                );
+                reject(
+                    &mut report,
+                    &entry.location,
+                    format!(
+                        "the resource is about {size} bytes, over the {MAX_RESOURCE_BYTES}-byte limit for one resource: it could never be shared (sync frames are at most 16 MiB); keep large content in its own system and send a DocumentReference to it"
+                    ),
+                );
+                continue;
+            }
             if let Some(reason) = ambiguous.get(&index) {
                 report.count_read(
                     entry
@@ -1261,6 +1284,22 @@ fn flatten(
         }
     }
     Ok(())
+}
+
+/// About how many bytes `value` takes as JSON, without writing it out.
+fn json_size(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(text) => text.len() + 2,
+        Value::Array(values) => 2 + values.iter().map(|v| json_size(v) + 1).sum::<usize>(),
+        Value::Object(object) => {
+            2 + object
+                .iter()
+                .map(|(key, v)| key.len() + 4 + json_size(v))
+                .sum::<usize>()
+        }
+    }
 }
 
 /// Entries (by index) that name the same resource, or the same Bundle fullUrl, as another
