@@ -559,8 +559,16 @@ impl<'a> Ingestor<'a> {
         // Pass 1: what other resources refer to (Patients, Medications, Organizations).
         let mut clinical = Vec::new();
         for (index, entry) in located.into_iter().enumerate() {
+            // Refused before it is read as a resource: too large ever to share, or ambiguous.
             let size = json_size(&entry.value);
-            if size > MAX_RESOURCE_BYTES {
+            let refusal = if size > MAX_RESOURCE_BYTES {
+                Some(format!(
+                    "the resource is about {size} bytes, over the {MAX_RESOURCE_BYTES}-byte limit for one resource: it could never be shared (sync frames are at most 16 MiB); keep large content in its own system and send a DocumentReference to it"
+                ))
+            } else {
+                ambiguous.get(&index).cloned()
+            };
+            if let Some(reason) = refusal {
                 report.count_read(
                     entry
                         .value
@@ -568,24 +576,7 @@ impl<'a> Ingestor<'a> {
                         .and_then(Value::as_str)
                         .unwrap_or("(not a resource)"),
                 );
-                reject(
-                    &mut report,
-                    &entry.location,
-                    format!(
-                        "the resource is about {size} bytes, over the {MAX_RESOURCE_BYTES}-byte limit for one resource: it could never be shared (sync frames are at most 16 MiB); keep large content in its own system and send a DocumentReference to it"
-                    ),
-                );
-                continue;
-            }
-            if let Some(reason) = ambiguous.get(&index) {
-                report.count_read(
-                    entry
-                        .value
-                        .get("resourceType")
-                        .and_then(Value::as_str)
-                        .unwrap_or("(not a resource)"),
-                );
-                reject(&mut report, &entry.location, reason.clone());
+                reject(&mut report, &entry.location, reason);
                 continue;
             }
             let resource = match Resource::new(&entry.value) {
