@@ -1128,6 +1128,25 @@ fn flip_byte(db: &Path, column: &str) {
     .unwrap();
 }
 
+/// Checking the store needs only the public key: a verifier's copy of the home need not
+/// hold anything that could sign.
+#[test]
+fn verify_needs_only_the_public_key() {
+    let (dir, _files) = node_with_asthma();
+    std::fs::remove_file(home(&dir).join("keys/signing.key")).unwrap();
+    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        stdout(&verify),
+        stderr(&verify)
+    );
+    // And it still catches a document that is not this organisation's.
+    std::fs::write(home(&dir).join("keys/signing.pub"), "00".repeat(32)).unwrap();
+    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    assert!(!verify.status.success(), "{}", stdout(&verify));
+}
+
 #[test]
 fn verify_reports_one_flipped_byte_in_stored_data() {
     for column in ["snapshot", "signed"] {

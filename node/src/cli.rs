@@ -377,7 +377,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify { dir, json } => {
             let home = Home::open(&dir)?;
             let store = home.open_store()?;
-            let own_key = home.signing_key()?.public();
+            // Only the public key: verifying needs nothing that could sign.
+            let own_key = home.public_key()?;
             let own = home.config.organisation.ods.clone();
             let trust = home.trust()?;
             let report = verify::verify_store(&store, &|publisher, key| {

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "caremesh.toml";
 pub const KEY_FILE: &str = "keys/signing.key";
+pub const PUBLIC_KEY_FILE: &str = "keys/signing.pub";
 pub const LAUNCH_PUBLIC_FILE: &str = "keys/launch.pub";
 pub const LAUNCH_SIGNING_FILE: &str = "keys/launch-signing.key";
 pub const DATABASE_FILE: &str = "node.db";
@@ -67,7 +68,7 @@ pub enum HomeError {
         "another caremesh node (process {holder}) is running on {path}; one home is one node: stop that one first, or give this one its own home"
     )]
     InUse { path: PathBuf, holder: String },
-    #[error("{path} does not hold a 32-byte hex ed25519 secret key")]
+    #[error("{path} does not hold a 32-byte hex ed25519 key")]
     KeyFormat { path: PathBuf },
     #[error(transparent)]
     Storage(#[from] caremesh_storage::StorageError),
@@ -293,6 +294,10 @@ impl Home {
         };
         let key = generate_key()?;
         write_secret(&dir.join(KEY_FILE), &hex::encode(key.secret()))?;
+        // The public half, for checks that must not need the secret (`caremesh verify`).
+        let public_key = dir.join(PUBLIC_KEY_FILE);
+        fs::write(&public_key, hex::encode(key.public())).map_err(io(&public_key))?;
+        make_private(&public_key)?;
         // Stands in for the clinical system's launch key until the real one is configured.
         let launch = generate_key()?;
         write_secret(
@@ -526,6 +531,20 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<(), HomeError> {
 }
 
 impl Home {
+    /// This organisation's public signing key: from `keys/signing.pub`, else (homes made
+    /// before it was written) derived from the secret key.
+    pub fn public_key(&self) -> Result<[u8; 32], HomeError> {
+        let path = self.dir.join(PUBLIC_KEY_FILE);
+        if path.exists() {
+            let text = fs::read_to_string(&path).map_err(io(&path))?;
+            return hex::decode(text.trim())
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok())
+                .ok_or(HomeError::KeyFormat { path });
+        }
+        Ok(self.signing_key()?.public())
+    }
+
     /// Refuses to run on a home whose patient data others can read: the home and its data
     /// folders must be 0700, the database and its WAL 0600.
     pub fn check_private_data(&self) -> Result<(), HomeError> {
