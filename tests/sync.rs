@@ -547,6 +547,62 @@ fn free_demo_port() -> u16 {
         .expect("a free port range")
 }
 
+/// The demo without --dir keeps its region (authority key included) in a temporary folder
+/// and removes it when stopped; a node stopped by hand meanwhile is reaped, not a zombie.
+#[test]
+fn the_demo_cleans_up_its_temporary_region_and_reaps_a_stopped_node() {
+    let port = free_demo_port();
+    let mut demo = caremesh()
+        .args(["demo", "--patients", "40", "--port", &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(demo.stdout.take().unwrap());
+    let (mut region, mut hub_pid) = (None, None);
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0 {
+        if let Some(path) = line.trim().strip_prefix("demo region in ") {
+            region = Some(std::path::PathBuf::from(path));
+        }
+        if line.contains("Thames Valley Hub") {
+            hub_pid = line
+                .split("pid ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string);
+        }
+        if line.starts_with("Ctrl-C stops the region") {
+            break;
+        }
+        line.clear();
+    }
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let region = region.expect("the demo names its folder");
+    let hub_pid = hub_pid.expect("the demo names the hub's process");
+    assert!(region.join("authority.key").exists());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &hub_pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Gone from the process table: exited and reaped (a zombie keeps its entry).
+    let reaped = wait_for(Duration::from_secs(20), || {
+        !std::path::Path::new(&format!("/proc/{hub_pid}")).exists()
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status();
+    let _ = demo.wait();
+    assert!(reaped, "the stopped hub was left a zombie");
+    assert!(
+        !region.exists(),
+        "the temporary region (with its authority key) was left behind"
+    );
+}
+
 #[test]
 fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing_rules() {
     let temp = tempfile::tempdir().unwrap();

@@ -101,6 +101,9 @@ fn demo_launch(home: &Path, address: &str, role: &str, nhs: Option<&str>) -> Res
 }
 
 pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
+    // A region in a temporary folder (no --dir) is removed when the demo stops: it holds
+    // the region's authority key.
+    let temporary = dir.is_none();
     let dir = match dir {
         Some(dir) => dir,
         None => std::env::temp_dir().join(format!("caremesh-demo-{}", std::process::id())),
@@ -191,10 +194,30 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(crate::cli::shutdown_signal());
+    runtime.block_on(async {
+        let stop = crate::cli::shutdown_signal();
+        tokio::pin!(stop);
+        let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                _ = every_second.tick() => {
+                    // A node stopped by hand (the offline walkthrough) is reaped, not
+                    // left a zombie.
+                    for child in &mut children {
+                        let _ = child.try_wait();
+                    }
+                }
+            }
+        }
+    });
     for mut child in children {
         let _ = child.kill();
         let _ = child.wait();
+    }
+    if temporary {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing the demo region in {}", dir.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
