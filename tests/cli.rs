@@ -1024,3 +1024,63 @@ fn consent_at_the_command_line_is_audited_under_the_real_account() {
     }
     assert!(!report.stdout.windows(11).any(|w| w == b"dr.innocent"));
 }
+
+/// Break-glass is started only from the node's own page: a form from another site (an
+/// `Origin` naming it), or one without the session's form token, is refused and grants
+/// nothing, though the browser sent the session cookie.
+#[test]
+fn break_glass_from_another_site_or_without_the_form_token_is_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let node = RunningNode::start(&home);
+    let session = clinician_session(&home, &node.address, "9434765919");
+    let path = "/patients/9434765919/break-glass";
+    let reason = "reason=Collapsed+in+clinic%2C+history+needed";
+    let secret = session.split_once('=').unwrap().1;
+    let with_token = format!("{reason}&form_token={}", caremesh::view::form_token(secret));
+    let forged = http_request_with(
+        &node.address,
+        "POST",
+        path,
+        Some(&session),
+        Some(&with_token),
+        &[("Origin", "http://evil.example")],
+    );
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    let cross_site = http_request_with(
+        &node.address,
+        "POST",
+        path,
+        Some(&session),
+        Some(&with_token),
+        &[("Sec-Fetch-Site", "cross-site"), ("Origin", "null")],
+    );
+    assert_eq!(cross_site.status, 403, "{}", cross_site.body);
+    let (status, body) = http_post_form_without_token(&node.address, path, reason, &session);
+    assert_eq!(status, 403, "{body}");
+    let granted = |home: &std::path::Path| {
+        rusqlite::Connection::open(home.join("node.db"))
+            .unwrap()
+            .query_row("SELECT count(*) FROM break_glass", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        granted(&home),
+        0,
+        "a forged request granted emergency access"
+    );
+    let own_page = http_request_with(
+        &node.address,
+        "POST",
+        path,
+        Some(&session),
+        Some(&with_token),
+        // What a browser sends from our page, which sends no referrer.
+        &[("Sec-Fetch-Site", "same-origin"), ("Origin", "null")],
+    );
+    assert_eq!(own_page.status, 303, "{}", own_page.body);
+    assert_eq!(granted(&home), 1);
+}

@@ -146,7 +146,22 @@ pub fn http_get_as(address: &str, path: &str, cookie: &str) -> (u16, String) {
 
 /// A form POST (`application/x-www-form-urlencoded`, `form` already encoded) with the
 /// session cookie: (status, body).
+/// A form posted from the node's own page, as a browser does: it carries the session's form
+/// token (the page puts it in every form).
 pub fn http_post_form_as(address: &str, path: &str, form: &str, cookie: &str) -> (u16, String) {
+    let secret = cookie.split_once('=').map_or("", |(_, secret)| secret);
+    let form = format!("{form}&form_token={}", caremesh::view::form_token(secret));
+    let response = http_request(address, "POST", path, Some(cookie), Some(&form));
+    (response.status, response.body)
+}
+
+/// A form posted without the page's token, as another site's page would.
+pub fn http_post_form_without_token(
+    address: &str,
+    path: &str,
+    form: &str,
+    cookie: &str,
+) -> (u16, String) {
     let response = http_request(address, "POST", path, Some(cookie), Some(form));
     (response.status, response.body)
 }
@@ -174,7 +189,22 @@ pub fn http_request(
     cookie: Option<&str>,
     form: Option<&str>,
 ) -> HttpResponse {
+    http_request_with(address, method, path, cookie, form, &[])
+}
+
+/// As [`http_request`], with extra header lines (`Origin`, say).
+pub fn http_request_with(
+    address: &str,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+    extra: &[(&str, &str)],
+) -> HttpResponse {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    for (name, value) in extra {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
     if let Some(cookie) = cookie {
         head.push_str(&format!("Cookie: {cookie}\r\n"));
     }

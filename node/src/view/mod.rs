@@ -555,7 +555,13 @@ async fn patient_page(
 ) -> Response {
     match open_record(&state, &headers, &raw, false).await {
         Ok((session, _, Lookup::Found(record, offline))) => {
-            Html(render::render_record(&state, &session, &record, &offline)).into_response()
+            let token = session_secret(&headers)
+                .map(|secret| form_token(&secret))
+                .unwrap_or_default();
+            Html(render::render_record(
+                &state, &session, &record, &offline, &token,
+            ))
+            .into_response()
         }
         Ok((session, nhs, Lookup::NotHeld)) => (
             StatusCode::NOT_FOUND,
@@ -582,6 +588,47 @@ pub(crate) const REASON_MAX_CHARS: usize = 1000;
 #[derive(Deserialize)]
 struct BreakGlassForm {
     reason: String,
+    /// The session's form token ([`form_token`]): a page of this node put it there.
+    #[serde(default)]
+    form_token: String,
+}
+
+/// The token a form of this node carries for the session `secret`: derived from the secret
+/// only the user's browser holds, so another site cannot know it (CSRF).
+pub fn form_token(secret: &str) -> String {
+    hex::encode(Sha256::digest(
+        format!("caremesh form token\0{secret}").as_bytes(),
+    ))
+}
+
+/// Whether a state-changing request came from a page of this node. A browser's
+/// `Sec-Fetch-Site` other than same-origin, or an `Origin` naming another site, is refused;
+/// so is a form without the session's token. (Our pages send no referrer, so browsers send
+/// `Origin: null` for their forms: the token is what proves them ours.)
+fn same_site_form(headers: &HeaderMap, token: &str) -> Result<(), &'static str> {
+    const ELSEWHERE: &str = "This request came from another site, so it was refused. Use the form on the patient's page.";
+    let text = |name: &str| headers.get(name).and_then(|h| h.to_str().ok());
+    if text("sec-fetch-site").is_some_and(|site| site != "same-origin") {
+        return Err(ELSEWHERE);
+    }
+    if let Some(origin) = text("origin").filter(|origin| *origin != "null") {
+        let authority = origin
+            .split_once("://")
+            .map_or(origin, |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        if Some(authority) != text("host") {
+            return Err(ELSEWHERE);
+        }
+    }
+    let expected = session_secret(headers).map(|secret| form_token(&secret));
+    if expected.as_deref() != Some(token) {
+        return Err(
+            "This form has expired or did not come from this page. Reload the patient's page and try again.",
+        );
+    }
+    Ok(())
 }
 
 /// What is wrong with a break-glass reason, in words for the clinician.
@@ -616,6 +663,12 @@ async fn break_glass(
             false,
         )
         .await?;
+        if let Err(problem) = same_site_form(&headers, &form.form_token) {
+            let event = state.event(Some(&session), "break-glass", Some(nhs.as_str()));
+            return Err(state
+                .refuse(event, StatusCode::FORBIDDEN, problem, false)
+                .await);
+        }
         if let Some(problem) = break_glass_problem(&form) {
             return Err(state.problem(
                 StatusCode::BAD_REQUEST,

@@ -118,7 +118,7 @@ pub fn offline_banner(peers: &[PeerStatus], names: &dyn Fn(&str) -> String, now:
 
 /// Break-glass in force; other organisations' data held but hidden without Share In (with
 /// the break-glass form); organisations whose whole record is withheld.
-fn sharing_banners(state: &ViewState, record: &Record) -> String {
+fn sharing_banners(state: &ViewState, record: &Record, form_token: &str) -> String {
     let mut out = String::new();
     if let Some(granted) = &record.break_glass {
         out.push_str(&format!(
@@ -139,6 +139,7 @@ fn sharing_banners(state: &ViewState, record: &Record) -> String {
              {} from other organisations not shown</span></h2>\
              <p>The patient's Share In is not recorded at {}.</p>\
              <form method=\"post\" action=\"/patients/{}/break-glass\" class=\"break-glass-form\">\
+             <input type=\"hidden\" name=\"form_token\" value=\"{}\">\
              <p>If there is a serious concern for the patient's safety you may use emergency \
              access. It lasts {} minutes, is yours alone, and is recorded with your name and \
              reason; the organisations whose data it shows are told.</p>\
@@ -150,6 +151,7 @@ fn sharing_banners(state: &ViewState, record: &Record) -> String {
             record::items_phrase(record.hidden_without_share_in),
             escape(&state.organisation),
             escape(&record.nhs_number),
+            escape(form_token),
             state.break_glass_minutes,
             super::REASON_MIN_CHARS,
             super::REASON_MAX_CHARS,
@@ -877,11 +879,12 @@ pub fn render_record(
     session: &LaunchSession,
     record: &Record,
     offline: &str,
+    form_token: &str,
 ) -> String {
     let mut body = patient_header(record);
     body.push_str(offline);
     body.push_str(&summary(record));
-    body.push_str(&sharing_banners(state, record));
+    body.push_str(&sharing_banners(state, record, form_token));
     body.push_str(&jump_links(record));
     let today = clock::uk_date(&clock::rfc3339(clock::now_unix()));
     for section in &record.sections {
