@@ -1084,3 +1084,35 @@ fn break_glass_from_another_site_or_without_the_form_token_is_refused() {
     assert_eq!(own_page.status, 303, "{}", own_page.body);
     assert_eq!(granted(&home), 1);
 }
+
+/// Prometheus scrapes `/metrics` with the bearer token `init` wrote (mode 0600); a wrong or
+/// missing token is refused like any request without a session.
+#[test]
+fn metrics_are_scraped_with_the_bearer_token_from_the_home() {
+    use std::os::unix::fs::PermissionsExt;
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let token_file = home.join("keys/metrics.token");
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let node = RunningNode::start(&home);
+    let scrape = |authorization: Option<String>| {
+        let headers: Vec<(&str, &str)> = authorization
+            .as_deref()
+            .map(|value| vec![("Authorization", value)])
+            .unwrap_or_default();
+        http_request_with(&node.address, "GET", "/metrics", None, None, &headers)
+    };
+    let scraped = scrape(Some(format!("Bearer {}", token.trim())));
+    assert_eq!(scraped.status, 200, "{}", scraped.body);
+    assert!(scraped.body.contains("# EOF"), "{}", scraped.body);
+    assert_eq!(
+        scrape(Some(format!("Bearer {}", "0".repeat(64)))).status,
+        401
+    );
+    assert_eq!(scrape(None).status, 401);
+}

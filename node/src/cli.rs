@@ -684,6 +684,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             key: home.signing_key()?,
             sync: sync.as_ref().map(|s| s.counters.clone()),
             anonymous: Default::default(),
+            metrics_token: home.metrics_token()?,
         });
         let summaries = tokio::spawn({
             let state = state.clone();

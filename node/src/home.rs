@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 pub const CONFIG_FILE: &str = "caremesh.toml";
 pub const KEY_FILE: &str = "keys/signing.key";
 pub const PUBLIC_KEY_FILE: &str = "keys/signing.pub";
+pub const METRICS_TOKEN_FILE: &str = "keys/metrics.token";
 pub const LAUNCH_PUBLIC_FILE: &str = "keys/launch.pub";
 pub const LAUNCH_SIGNING_FILE: &str = "keys/launch-signing.key";
 pub const DATABASE_FILE: &str = "node.db";
@@ -243,6 +244,9 @@ pub struct ViewConfig {
     pub listen: String,
     /// How long an emergency access (break-glass) lasts before it must be given again.
     pub break_glass_minutes: u32,
+    /// A file (mode 0600) holding the bearer token Prometheus presents to scrape `/metrics`;
+    /// without it, only an admin session may read them.
+    pub metrics_token: Option<PathBuf>,
 }
 
 impl Default for ViewConfig {
@@ -250,6 +254,7 @@ impl Default for ViewConfig {
         ViewConfig {
             listen: "127.0.0.1:7800".into(),
             break_glass_minutes: 60,
+            metrics_token: Some(PathBuf::from(METRICS_TOKEN_FILE)),
         }
     }
 }
@@ -294,6 +299,13 @@ impl Home {
         };
         let key = generate_key()?;
         write_secret(&dir.join(KEY_FILE), &hex::encode(key.secret()))?;
+        // What Prometheus presents to scrape /metrics (no patient data, but not public).
+        let mut token = [0u8; 32];
+        getrandom::fill(&mut token).map_err(|e| HomeError::Io {
+            path: PathBuf::from("(operating system random source)"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        write_secret(&dir.join(METRICS_TOKEN_FILE), &hex::encode(token))?;
         // The public half, for checks that must not need the secret (`caremesh verify`).
         let public_key = dir.join(PUBLIC_KEY_FILE);
         fs::write(&public_key, hex::encode(key.public())).map_err(io(&public_key))?;
@@ -531,6 +543,23 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<(), HomeError> {
 }
 
 impl Home {
+    /// The bearer token that may scrape `/metrics`, if one is configured and present.
+    pub fn metrics_token(&self) -> Result<Option<String>, HomeError> {
+        let Some(path) = &self.config.view.metrics_token else {
+            return Ok(None);
+        };
+        let path = self.resolve(path);
+        if !path.exists() {
+            return Ok(None);
+        }
+        check_private(&path)?;
+        let token = fs::read_to_string(&path)
+            .map_err(io(&path))?
+            .trim()
+            .to_string();
+        Ok((!token.is_empty()).then_some(token))
+    }
+
     /// This organisation's public signing key: from `keys/signing.pub`, else (homes made
     /// before it was written) derived from the secret key.
     pub fn public_key(&self) -> Result<[u8; 32], HomeError> {

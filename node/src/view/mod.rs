@@ -54,6 +54,8 @@ pub struct ViewState {
     pub names: std::collections::BTreeMap<String, String>,
     /// Requests without a session refused since the last summary went to the audit trail.
     pub anonymous: std::sync::Mutex<AnonymousRefusals>,
+    /// The bearer token that may scrape `/metrics` ([`crate::home::Home::metrics_token`]).
+    pub metrics_token: Option<String>,
 }
 
 /// Refused requests that carried no session (or a token whose signature failed): counted,
@@ -897,8 +899,30 @@ async fn status(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Resp
     result.unwrap_or_else(|response| response)
 }
 
+/// Whether the request presents the scrape token: `Authorization: Bearer <token>`, compared
+/// in time independent of where it differs.
+fn presents_metrics_token(state: &ViewState, headers: &HeaderMap) -> bool {
+    let (Some(expected), Some(presented)) = (
+        state.metrics_token.as_deref(),
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer ")),
+    ) else {
+        return false;
+    };
+    expected.len() == presented.len()
+        && expected
+            .bytes()
+            .zip(presented.bytes())
+            .fold(0u8, |differs, (a, b)| differs | (a ^ b))
+            == 0
+}
+
 async fn metrics(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Response {
-    if let Err(response) = authorise(&state, &headers, Role::Admin, None, "metrics", true).await {
+    if !presents_metrics_token(&state, &headers)
+        && let Err(response) = authorise(&state, &headers, Role::Admin, None, "metrics", true).await
+    {
         return response;
     }
     let database = state.database.clone();
