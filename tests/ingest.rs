@@ -1128,6 +1128,38 @@ fn flip_byte(db: &Path, column: &str) {
     .unwrap();
 }
 
+/// A damaged index page hides rows from queries without touching any document: `verify`
+/// runs SQLite's integrity check and names it.
+#[test]
+fn verify_reports_a_damaged_index_page() {
+    let (dir, _files) = node_with_asthma();
+    let db = home(&dir).join("node.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    let (page, size): (i64, i64) = conn
+        .query_row(
+            "SELECT pageno, (SELECT page_size FROM pragma_page_size()) FROM dbstat \
+             WHERE name = 'items_by_patient' LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    drop(conn);
+    let mut bytes = std::fs::read(&db).unwrap();
+    // Cells sit at the end of a page: flip a byte of the last index entry's key.
+    let at = (page * size - 12) as usize;
+    bytes[at] ^= 0x20;
+    std::fs::write(&db, bytes).unwrap();
+    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    assert!(!verify.status.success(), "{}", stdout(&verify));
+    assert!(
+        stdout(&verify).contains("SQLite integrity check"),
+        "{}",
+        stdout(&verify)
+    );
+}
+
 /// Checking the store needs only the public key: a verifier's copy of the home need not
 /// hold anything that could sign.
 #[test]

@@ -31,6 +31,16 @@ pub fn verify_store(
 ) -> Result<VerifyReport, StorageError> {
     const PAGE: usize = 500;
     let mut report = VerifyReport::default();
+    // The file itself first: a damaged index page can hide rows from every query below.
+    for line in store.integrity_problems()? {
+        report.problems.push(Problem {
+            document: String::new(),
+            publisher: String::new(),
+            section: String::new(),
+            class: String::new(),
+            problem: format!("SQLite integrity check: {line}; restore the database from a backup, or rebuild it by re-ingesting"),
+        });
+    }
     let mut after = 0;
     loop {
         let page = store.documents_after(after, PAGE)?;

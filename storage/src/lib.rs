@@ -625,6 +625,21 @@ impl Store {
     /// copying the file, and after a purge so that no purged page survives in the WAL.
     /// Returns `false` when a reader held an older snapshot and the WAL could not be emptied
     /// yet (try again later).
+    /// SQLite's own check of the file: every page, index and constraint. Empty when the
+    /// database is sound; otherwise what SQLite found, at most 100 lines.
+    pub fn integrity_problems(&self) -> Result<Vec<String>> {
+        let mut statement = self
+            .conn
+            .prepare("PRAGMA integrity_check(100)")
+            .map_err(self.err("check integrity"))?;
+        let lines = statement
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(self.err("check integrity"))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err("check integrity"))?;
+        Ok(lines.into_iter().filter(|line| line != "ok").collect())
+    }
+
     pub fn checkpoint(&self) -> Result<bool> {
         let busy: i64 = self
             .conn
