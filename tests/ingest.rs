@@ -956,6 +956,14 @@ fn a_drop_folder_that_cannot_put_files_away_pauses_and_says_why() {
         })
         .unwrap();
     assert_eq!(ingests, 0, "a file that could not be put away was ingested");
+    // The pause is visible where operators look: /health and `caremesh status`.
+    let health = http_get(&running.address, "/health").1;
+    assert!(
+        health.contains("\"degraded\"") && health.contains("paused"),
+        "{health}"
+    );
+    let status = run(&["status", "--dir", home(&dir).to_str().unwrap()]);
+    assert!(stdout(&status).contains("PAUSED:"), "{}", stdout(&status));
 
     std::fs::remove_file(&processed).unwrap();
     std::fs::create_dir(&processed).unwrap();
@@ -965,6 +973,7 @@ fn a_drop_folder_that_cannot_put_files_away_pauses_and_says_why() {
             .exists()),
         "the file never went in once processed/ was fixed"
     );
+    assert!(http_get(&running.address, "/health").1.contains("\"ok\""));
     drop(running);
 }
 

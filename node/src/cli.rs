@@ -561,6 +561,9 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
             "ies"
         }
     );
+    if let Err(reason) = crate::watch::outlets_usable(&home) {
+        println!("  PAUSED: {reason}");
+    }
     for entry in &drop_folder.left_in_place {
         println!("  {}: {}", entry.name, entry.reason);
     }
@@ -629,13 +632,15 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let stop = Arc::new(AtomicBool::new(false));
+    let paused = crate::watch::Paused::default();
     let watcher = {
         let stop = stop.clone();
         let dir = home.dir.clone();
+        let paused = paused.clone();
         std::thread::Builder::new()
             .name("drop-folder".into())
             .spawn(move || {
-                if let Err(error) = crate::watch::watch_drop_folder(&dir, &stop) {
+                if let Err(error) = crate::watch::watch_drop_folder(&dir, &stop, &paused) {
                     tracing::error!(%error, "drop folder watcher stopped");
                 }
             })?
@@ -685,6 +690,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             sync: sync.as_ref().map(|s| s.counters.clone()),
             anonymous: Default::default(),
             metrics_token: home.metrics_token()?,
+            drop_folder_paused: paused.clone(),
         });
         let summaries = tokio::spawn({
             let state = state.clone();

@@ -25,7 +25,14 @@ pub const SETTLE: Duration = Duration::from_secs(3);
 const SCAN_EVERY: Duration = Duration::from_secs(1);
 
 /// Watches the drop folder until `stop` is set, ingesting each complete file.
-pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestError> {
+/// Why the drop folder is paused, if it is: shared with the view's `/health`.
+pub type Paused = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+pub fn watch_drop_folder(
+    dir: &Path,
+    stop: &AtomicBool,
+    paused: &Paused,
+) -> Result<(), IngestError> {
     let home = Home::open(dir)?;
     let drop_dir = home.drop_dir();
     std::fs::create_dir_all(&drop_dir).map_err(|source| IngestError::Io {
@@ -102,7 +109,11 @@ pub fn watch_drop_folder(dir: &Path, stop: &AtomicBool) -> Result<(), IngestErro
         }
         // A file is taken only if it can be put away after: ingesting one that cannot be
         // moved would ingest it again on every scan.
-        match outlets_usable(&home) {
+        let usable = outlets_usable(&home);
+        *paused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = usable.clone().err();
+        match usable {
             Ok(()) => blocked = None,
             Err(reason) => {
                 if blocked.as_ref() != Some(&reason) {

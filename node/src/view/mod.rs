@@ -56,6 +56,8 @@ pub struct ViewState {
     pub anonymous: std::sync::Mutex<AnonymousRefusals>,
     /// The bearer token that may scrape `/metrics` ([`crate::home::Home::metrics_token`]).
     pub metrics_token: Option<String>,
+    /// Why the drop folder is paused, if it is ([`crate::watch::Paused`]).
+    pub drop_folder_paused: crate::watch::Paused,
 }
 
 /// Refused requests that carried no session (or a token whose signature failed): counted,
@@ -952,11 +954,21 @@ async fn health(State(state): State<Arc<ViewState>>) -> Response {
     // One indexed read: proof the database opens and answers, at any size. (It counted
     // every row once, which took minutes at a million documents.)
     let readable = blocking(move || Ok(Store::open_read_only(&database)?.feed_tip()?)).await;
+    let paused = state
+        .drop_folder_paused
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     match readable {
-        Ok(_) => Json(serde_json::json!({
-            "status": "ok",
-            "organisation": state.ods,
-        }))
+        // Reads still work while the drop folder is paused: degraded, not down.
+        Ok(_) => Json(match paused {
+            None => serde_json::json!({ "status": "ok", "organisation": state.ods }),
+            Some(reason) => serde_json::json!({
+                "status": "degraded",
+                "organisation": state.ods,
+                "drop_folder": format!("paused: {reason}"),
+            }),
+        })
         .into_response(),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
