@@ -977,6 +977,44 @@ fn a_drop_folder_that_cannot_put_files_away_pauses_and_says_why() {
     drop(running);
 }
 
+/// A writer that writes straight into drop/ and pauses longer than the settle time is
+/// still writing: the file is not taken while it is open for writing, so nothing it writes
+/// after the pause is lost (taken early, the rest would have gone into the file moved to
+/// processed/, never read).
+#[test]
+fn a_file_still_open_for_writing_is_not_taken_however_long_the_writer_pauses() {
+    use std::io::Write as _;
+    let dir = node("A81001", "gp");
+    let running = RunningNode::start(&home(&dir));
+    let patient = json!({
+        "resourceType": "Patient", "id": "p1",
+        "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9912003888" }],
+        "name": [{ "family": "Smith", "given": ["Richard"] }]
+    });
+    let path = home(&dir).join("drop/slow.ndjson");
+    let mut writer = std::fs::File::create(&path).unwrap();
+    writeln!(writer, "{patient}").unwrap();
+    writer.flush().unwrap();
+    // Longer than the settle time and a few scans.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(path.exists(), "taken while its writer still had it open");
+    writeln!(
+        writer,
+        "{}",
+        condition("2024-01-01T00:00:00Z", "Asthma", None)
+    )
+    .unwrap();
+    drop(writer);
+    assert!(
+        wait_for(Duration::from_secs(60), || home(&dir)
+            .join("processed/slow.ndjson")
+            .exists()),
+        "never taken once closed"
+    );
+    drop(running);
+    assert_eq!(problems(&home(&dir)), ["Asthma"]);
+}
+
 /// Puts `source` in the node's drop folder as writers should: complete, by rename.
 fn drop_by_rename(node_home: &Path, source: &Path) {
     let name = source.file_name().unwrap();

@@ -370,6 +370,9 @@ impl<'a> Ingestor<'a> {
     /// Ingests one file; with `final_attempt` false, a JSON file naming unknown patients is
     /// rolled back and deferred instead of rejected.
     fn ingest_file(&mut self, path: &Path, final_attempt: bool) -> Result<Attempt, IngestError> {
+        // What the file was when reading began: a file that changes while it is read was
+        // still being written, and is not put away as if all of it went in.
+        let before = file_signature(path)?;
         let is_ndjson = path
             .extension()
             .and_then(|e| e.to_str())
@@ -384,6 +387,13 @@ impl<'a> Ingestor<'a> {
         };
         let mut report = *report;
         report.files = 1;
+        if file_signature(path)? != before {
+            report.rejected.push(Rejection {
+                file: path.display().to_string(),
+                location: "file".into(),
+                reason: "the file changed while it was being read: it was still being written. What was read went in; drop the complete file again (writers should write elsewhere and rename it in) and the rest will follow".into(),
+            });
+        }
         let rejected = !report.rejected.is_empty();
         if rejected {
             report.files_rejected = 1;
@@ -1084,6 +1094,12 @@ impl IngestRules<'_> {
         fs::write(&reason_path, text).map_err(io(&reason_path))?;
         private(&reason_path)
     }
+}
+
+/// A file's length and modification time: enough to tell that a writer added to it.
+fn file_signature(path: &Path) -> Result<(u64, Option<std::time::SystemTime>), IngestError> {
+    let metadata = fs::metadata(path).map_err(io(path))?;
+    Ok((metadata.len(), metadata.modified().ok()))
 }
 
 fn private(path: &Path) -> Result<(), IngestError> {

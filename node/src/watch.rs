@@ -34,6 +34,12 @@ pub fn watch_drop_folder(
     paused: &Paused,
 ) -> Result<(), IngestError> {
     let home = Home::open(dir)?;
+    // A writer opening a file during the instant a read lease is held sends the holder
+    // SIGIO, whose default is to end the process ([`is_open_for_writing`]).
+    // SAFETY: sets the disposition of one signal the node does not otherwise use.
+    unsafe {
+        libc::signal(libc::SIGIO, libc::SIG_IGN);
+    }
     let drop_dir = home.drop_dir();
     std::fs::create_dir_all(&drop_dir).map_err(|source| IngestError::Io {
         path: drop_dir.clone(),
@@ -167,9 +173,35 @@ pub fn outlets_usable(home: &Home) -> Result<(), String> {
     Ok(())
 }
 
-/// A regular file (not a link to one) with an extract's name: the only thing taken.
+/// A regular file (not a link to one) with an extract's name, that nobody has open for
+/// writing: the only thing taken.
 fn is_takeable(path: &Path) -> bool {
-    is_extract_file(path) && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+    is_extract_file(path)
+        && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+        && !is_open_for_writing(path)
+}
+
+/// Whether some process has `path` open for writing: a writer that paused past the settle
+/// time is still writing, and a file taken then would lose what it writes next (into the
+/// file moved to processed/). Linux grants a read lease only on a file no one has open for
+/// writing; where a lease cannot be asked for (another user's file, without CAP_LEASE),
+/// the settle time is all there is to go on.
+fn is_open_for_writing(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function owns; the lease is released before the
+    // file is closed.
+    unsafe {
+        if libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0 {
+            libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK);
+            false
+        } else {
+            std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+        }
+    }
 }
 
 /// An entry of the drop folder that is never taken, and why.
@@ -259,7 +291,7 @@ fn settled_files(
         let Ok(metadata) = std::fs::symlink_metadata(&path) else {
             continue;
         };
-        if !metadata.file_type().is_file() {
+        if !metadata.file_type().is_file() || is_open_for_writing(&path) {
             continue;
         }
         present.push(path.clone());
