@@ -1116,3 +1116,49 @@ fn metrics_are_scraped_with_the_bearer_token_from_the_home() {
     );
     assert_eq!(scrape(None).status, 401);
 }
+
+/// Idle connections cannot exhaust the node: one address holds at most 64 at once (more
+/// are closed at once), and a connection that sends nothing for 30 seconds is closed, after
+/// which `/health` answers again.
+#[test]
+fn idle_connections_are_bounded_per_address_and_closed_after_a_silence() {
+    use std::io::Read as _;
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let node = RunningNode::start(&home);
+    // Closed by the node: a read ends (0 bytes, or reset) instead of waiting.
+    let closed = |stream: &std::net::TcpStream, wait: Duration| {
+        stream.set_read_timeout(Some(wait)).unwrap();
+        let mut reader = stream;
+        let mut byte = [0u8; 1];
+        match reader.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(error) => !matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    };
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(&node.address).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = idle
+        .iter()
+        .filter(|stream| closed(stream, Duration::from_millis(200)))
+        .count();
+    assert!(
+        refused >= 36,
+        "only {refused} of 100 idle connections from one address were closed"
+    );
+    // After the silence limit every idle connection is gone, and the node answers.
+    std::thread::sleep(Duration::from_secs(32));
+    let still_open = idle
+        .iter()
+        .filter(|stream| !closed(stream, Duration::from_millis(200)))
+        .count();
+    assert_eq!(still_open, 0, "idle connections outlived the silence limit");
+    assert_eq!(http_get(&node.address, "/health").0, 200);
+}

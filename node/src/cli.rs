@@ -717,6 +717,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         }
         use std::io::Write;
         std::io::stdout().flush()?;
+        let listener = view::listener::BoundedListener::new(listener);
         let served = axum::serve(listener, view::router(state.clone()))
             .with_graceful_shutdown(shutdown_signal())
             .await

@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 mod assets;
+pub mod listener;
 mod render;
 
 pub use render::escape;
