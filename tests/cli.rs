@@ -1083,6 +1083,40 @@ fn break_glass_from_another_site_or_without_the_form_token_is_refused() {
     );
     assert_eq!(own_page.status, 303, "{}", own_page.body);
     assert_eq!(granted(&home), 1);
+    drop(node);
+    // All break-glass in a range of days, with no patient or user named (yesterday too, in
+    // case the day turned over since).
+    let day = |when: &str| {
+        let out = std::process::Command::new("date")
+            .args(["-u", "-d", when, "+%Y-%m-%d"])
+            .output()
+            .unwrap()
+            .stdout;
+        String::from_utf8(out).unwrap().trim().to_string()
+    };
+    let (from, to) = (day("yesterday"), day("now"));
+    let report = run(&[
+        "audit",
+        "report",
+        "--dir",
+        home.to_str().unwrap(),
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--action",
+        "break-glass",
+        "--format",
+        "json",
+    ]);
+    assert!(report.status.success(), "{}", stderr(&report));
+    let rows: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r["action"] == "break-glass"),
+        "{rows:?}"
+    );
+    assert!(rows.iter().any(|r| r["outcome"] == "allowed"), "{rows:?}");
 }
 
 /// Prometheus scrapes `/metrics` with the bearer token `init` wrote (mode 0600); a wrong or

@@ -26,8 +26,9 @@ pub enum AuditCommand {
     Report {
         #[arg(long)]
         dir: PathBuf,
-        /// The patient's NHS number.
-        #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+        /// The patient's NHS number. Without a patient or a user, --from and --to give a
+        /// report of everything in those days.
+        #[arg(long, conflicts_with = "user", required_unless_present_any = ["user", "from"])]
         patient: Option<String>,
         /// The user id (as the launch token gave it).
         #[arg(long)]
@@ -38,6 +39,9 @@ pub enum AuditCommand {
         /// Last day included, YYYY-MM-DD (UTC).
         #[arg(long)]
         to: Option<String>,
+        /// Only entries of this action: view, break-glass, consent-set, refused-anonymous…
+        #[arg(long)]
+        action: Option<String>,
         #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
         format: ReportFormat,
     },
@@ -76,6 +80,8 @@ pub struct ReportQuery {
     pub from: Option<i64>,
     /// Unix seconds, exclusive.
     pub to: Option<i64>,
+    /// Only entries of this action (view, break-glass…).
+    pub action: Option<String>,
 }
 
 impl ReportQuery {
@@ -103,12 +109,26 @@ impl ReportQuery {
             user: user.map(str::to_string),
             from: day("from", from)?,
             to: day("to", to)?.map(|start| start + 86_400),
+            action: None,
         };
-        match (&query.patient, &query.user) {
-            (Some(_), Some(_)) => Err("give a patient or a user, not both".into()),
-            (None, None) => Err("give a patient (NHS number) or a user id".into()),
+        match (&query.patient, &query.user, query.from, query.to) {
+            (Some(_), Some(_), _, _) => Err("give a patient or a user, not both".into()),
+            (None, None, Some(_), Some(_)) => Ok(query),
+            (None, None, _, _) => Err(
+                "give a patient (NHS number), a user id, or both --from and --to for everything in those days"
+                    .into(),
+            ),
             _ => Ok(query),
         }
+    }
+
+    /// Keeps only entries of `action`, when given.
+    pub fn with_action(mut self, action: Option<&str>) -> ReportQuery {
+        self.action = action
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string);
+        self
     }
 
     fn admits(&self, event: &AuditEvent) -> bool {
@@ -119,7 +139,8 @@ impl ReportQuery {
         let user = self.user.as_ref().is_none_or(|u| event.user_id == *u);
         let from = self.from.is_none_or(|from| event.at >= from);
         let to = self.to.is_none_or(|to| event.at < to);
-        patient && user && from && to
+        let action = self.action.as_ref().is_none_or(|a| event.action == *a);
+        patient && user && from && to && action
     }
 }
 
@@ -389,6 +410,7 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             user,
             from,
             to,
+            action,
             format,
         } => {
             let home = Home::open(&dir)?;
@@ -398,7 +420,7 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
                 from.as_deref(),
                 to.as_deref(),
             ) {
-                Ok(query) => query,
+                Ok(query) => query.with_action(action.as_deref()),
                 Err(problem) => bail!("{problem}"),
             };
             let mut store = home.open_store()?;
@@ -470,6 +492,15 @@ mod tests {
         assert!(by_user.admits(&event(day, "u2", "9434765919")));
         assert!(!by_user.admits(&event(day, "u1", "9434765919")));
         assert!(ReportQuery::parse(None, None, None, None).is_err());
+        // Everything in a range of days, of one action: all break-glass this month.
+        let month = ReportQuery::parse(None, None, Some("2026-11-01"), Some("2026-11-30"))
+            .unwrap()
+            .with_action(Some("break-glass"));
+        let mut glass = event(day, "u1", "9912003888");
+        glass.action = "break-glass".into();
+        assert!(month.admits(&glass));
+        assert!(!month.admits(&event(day, "u1", "9912003888")));
+        assert!(ReportQuery::parse(None, None, Some("2026-11-01"), None).is_err());
         assert!(ReportQuery::parse(Some("9912003888"), Some("u1"), None, None).is_err());
         assert!(
             ReportQuery::parse(Some("9912003888"), None, Some("22/11/2026"), None)
