@@ -371,9 +371,9 @@ test("an auditor's report lists who viewed the patient, here and elsewhere, acce
   await page.fill("#patient", patient);
   await reloadUntil(page, async () => {
     await Promise.all([page.waitForNavigation(), page.getByRole("button", { name: "Report" }).click()]);
-    return (await page.locator("#report tbody tr", { hasText: "RTH #" }).count()) > 0;
+    return (await page.locator("#report tbody tr", { hasText: "Oxford University Hospitals (RTH) #" }).count()) > 0;
   }, "the GP's report lists the hospital's view");
-  const row = await page.locator("#report tbody tr", { hasText: "RTH #" }).first().textContent();
+  const row = await page.locator("#report tbody tr", { hasText: "Oxford University Hospitals (RTH) #" }).first().textContent();
   assert.match(row, /Dr Browser Test/);
   assert.match(row, /clinician/);
   assert.match(row, /view/);

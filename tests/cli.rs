@@ -959,6 +959,11 @@ fn control_characters_from_outside_are_shown_not_obeyed_in_text_output() {
         &["audit", "report", "--dir", dir, "--patient", "9434765919"],
         "Collapsed\\u{1b}[2J\\u{a}forged line",
     );
+    // "Where" names the organisation, not only its code.
+    shown(
+        &["audit", "report", "--dir", dir, "--patient", "9434765919"],
+        "Banbury Road Surgery (A81001) #",
+    );
 }
 
 /// Setting and reading a patient's sharing choices at the command line are audited, and

@@ -150,6 +150,9 @@ pub struct ReportRow {
     /// The organisation whose trail holds the access, and its position there.
     pub recorded_by: String,
     pub entry: i64,
+    /// The accessing organisation's name, where this node knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub organisation_name: Option<String>,
     #[serde(flatten)]
     pub event: AuditEvent,
 }
@@ -164,6 +167,7 @@ pub fn report(store: &Store, own: &OdsCode, query: &ReportQuery) -> Result<Vec<R
         .map(|chained| ReportRow {
             recorded_by: own.to_string(),
             entry: chained.seq,
+            organisation_name: None,
             event: chained.event,
         })
         .collect();
@@ -175,9 +179,19 @@ pub fn report(store: &Store, own: &OdsCode, query: &ReportQuery) -> Result<Vec<R
             .map(|(publisher, seq, event)| ReportRow {
                 recorded_by: publisher.to_string(),
                 entry: seq,
+                organisation_name: None,
                 event,
             }),
     );
+    // "Where" reads as a name, not only a code.
+    let names: std::collections::HashMap<String, String> = store
+        .sources()?
+        .into_iter()
+        .map(|source| (source.publisher, source.name))
+        .collect();
+    for row in &mut rows {
+        row.organisation_name = names.get(&row.event.organisation).cloned();
+    }
     rows.sort_by(|a, b| {
         (a.event.at, &a.recorded_by, a.entry).cmp(&(b.event.at, &b.recorded_by, b.entry))
     });
@@ -226,7 +240,10 @@ pub fn report_cells(row: &ReportRow) -> [String; 9] {
     };
     [
         clock::uk_date_time(e.at),
-        format!("{} #{}", e.organisation, row.entry),
+        match &row.organisation_name {
+            Some(name) => format!("{name} ({}) #{}", e.organisation, row.entry),
+            None => format!("{} #{}", e.organisation, row.entry),
+        },
         format!("{} ({})", e.user_name, e.user_id),
         e.role.clone(),
         e.action.clone(),
@@ -514,6 +531,7 @@ mod tests {
         let rows = [ReportRow {
             recorded_by: "RTH".into(),
             entry: 4,
+            organisation_name: None,
             event: event(1_795_305_600, "u1", "9912003888"),
         }];
         let csv = render(&rows, ReportFormat::Csv);
@@ -528,6 +546,7 @@ mod tests {
         let rows = [ReportRow {
             recorded_by: "RTH".into(),
             entry: 4,
+            organisation_name: None,
             event: event(1_795_305_600, "u1", "9912003888"),
         }];
         let bundle = fhir_bundle(&rows);
