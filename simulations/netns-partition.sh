@@ -114,7 +114,7 @@ in_ns "$hsp_ns" tc qdisc add dev "$tag-hsp" root tbf rate 1mbit burst 32kbit lat
 # json_field FILE PYTHON_EXPRESSION over `d`
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 record() { # node, nhs -> record JSON on stdout, or nothing
-  "$caremesh" record --dir "$work/$1" --nhs "$2" --json 2>/dev/null || true
+  "$caremesh" record --dir "$work/$1" --nhs "$2" --user "partition test" --json 2>/dev/null || true
 }
 sources_of() { record "$1" "$2" | json "' '.join(sorted(s['ods'] for s in d['sources']))" 2>/dev/null || true; }
 wait_until() { # seconds, description, command...

@@ -87,6 +87,8 @@ fn record_explains_invalid_and_unknown_numbers() {
         home.to_str().unwrap(),
         "--nhs",
         "9434765910",
+        "--user",
+        "Integration test",
     ]);
     assert!(!invalid.status.success());
     assert!(
@@ -100,6 +102,8 @@ fn record_explains_invalid_and_unknown_numbers() {
         home.to_str().unwrap(),
         "--nhs",
         "9434765919",
+        "--user",
+        "Integration test",
     ]);
     assert_eq!(unknown.status.code(), Some(3));
     assert!(stderr(&unknown).contains("holds no record"));
@@ -942,7 +946,15 @@ fn control_characters_from_outside_are_shown_not_obeyed_in_text_output() {
     };
     let dir = home.to_str().unwrap();
     shown(
-        &["record", "--dir", dir, "--nhs", "9912003888"],
+        &[
+            "record",
+            "--dir",
+            dir,
+            "--nhs",
+            "9912003888",
+            "--user",
+            "Integration test",
+        ],
         "SMITH\\u{1b}[2J",
     );
 
@@ -994,6 +1006,26 @@ fn consent_at_the_command_line_is_audited_under_the_real_account() {
         "off",
     ]);
     spoofed(&["consent", "show", "--dir", dir, "--nhs", "9912003888"]);
+    // Reading a record at the command line names the reader, beside the account.
+    assert!(
+        !run(&["record", "--dir", dir, "--nhs", "9912003888"])
+            .status
+            .success()
+    );
+    let read = caremesh()
+        .env("USER", "dr.innocent")
+        .args([
+            "record",
+            "--dir",
+            dir,
+            "--nhs",
+            "9912003888",
+            "--user",
+            "Dr Reader",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(read.status.code(), Some(3), "{}", stderr(&read));
     let account = String::from_utf8(
         std::process::Command::new("id")
             .arg("-un")
@@ -1014,7 +1046,9 @@ fn consent_at_the_command_line_is_audited_under_the_real_account() {
     ]);
     let rows: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
     let rows = rows.as_array().unwrap();
-    for action in ["consent-set", "consent-show"] {
+    let reader = rows.iter().find(|r| r["action"] == "cli-record").unwrap();
+    assert_eq!(reader["user_name"], "Dr Reader");
+    for action in ["consent-set", "consent-show", "cli-record"] {
         let row = rows
             .iter()
             .find(|r| r["action"] == action)

@@ -1054,6 +1054,8 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
         hospice.to_str().unwrap(),
         "--nhs",
         &nhs,
+        "--user",
+        "Integration test",
     ]));
     assert!(text.contains("withheld by sharing rules"), "{text}");
     assert!(

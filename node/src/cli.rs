@@ -89,6 +89,10 @@ enum Command {
         dir: PathBuf,
         #[arg(long)]
         nhs: String,
+        /// Who is reading the record, as the audit trail should name them; the operating
+        /// system account running the command is recorded beside it.
+        #[arg(long)]
+        user: String,
         #[arg(long)]
         json: bool,
     },
@@ -326,7 +330,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let listen = listen.unwrap_or_else(|| home.config.view.listen.clone());
             serve(&home, &listen, None)
         }
-        Command::Record { dir, nhs, json } => {
+        Command::Record {
+            dir,
+            nhs,
+            user,
+            json,
+        } => {
             let home = Home::open(&dir)?;
             let nhs = NhsNumber::parse(&nhs)?;
             let mut store = home.open_store()?;
@@ -341,8 +350,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &own,
                 &caremesh_storage::audit::AuditEvent {
                     at: now,
-                    user_id: operator.clone(),
-                    user_name: operator,
+                    user_id: operator,
+                    user_name: crate::clock::printable(user.trim()),
                     role: "operator".into(),
                     organisation: own.to_string(),
                     action: "cli-record".into(),

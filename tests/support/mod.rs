@@ -81,6 +81,8 @@ pub fn record_json(dir: &Path, nhs: &str) -> Option<serde_json::Value> {
         dir.to_str().unwrap(),
         "--nhs",
         nhs,
+        "--user",
+        "Integration test",
         "--json",
     ]);
     if output.status.code() == Some(3) {
