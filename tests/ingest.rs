@@ -1364,15 +1364,7 @@ fn fhir_consents_in_the_extract_record_share_in_share_out_and_objections() {
 /// `caremesh record` for `nhs` with the one line that depends on when the test ran (the
 /// source's "data as of") made stable.
 fn record_text(dir: &Path, nhs: &str) -> String {
-    let output = run(&[
-        "record",
-        "--dir",
-        dir.to_str().unwrap(),
-        "--nhs",
-        nhs,
-        "--user",
-        "Integration test",
-    ]);
+    let output = record_as_tests(dir, nhs, &[]);
     assert!(output.status.success(), "{}", stderr(&output));
     stdout(&output)
         .lines()

@@ -74,17 +74,24 @@ pub fn ingest(dir: &Path, extra: &[&str]) -> Output {
     run(&args)
 }
 
-pub fn record_json(dir: &Path, nhs: &str) -> Option<serde_json::Value> {
-    let output = run(&[
+/// `caremesh record` for `nhs` at `dir`, read by the integration tests, with `extra` flags.
+pub fn record_as_tests(dir: &Path, nhs: &str, extra: &[&str]) -> Output {
+    let dir = dir.to_str().unwrap();
+    let mut args = vec![
         "record",
         "--dir",
-        dir.to_str().unwrap(),
+        dir,
         "--nhs",
         nhs,
         "--user",
         "Integration test",
-        "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+pub fn record_json(dir: &Path, nhs: &str) -> Option<serde_json::Value> {
+    let output = record_as_tests(dir, nhs, &["--json"]);
     if output.status.code() == Some(3) {
         return None;
     }
