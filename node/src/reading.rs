@@ -1360,15 +1360,17 @@ fn immunisation(reading: &mut Reading, resource: &Value) {
         .or_else(|| text(resource, "occurrenceString"))
         .or_else(|| text(resource, "recorded"));
     reading.date_detail("Given", text(resource, "occurrenceDateTime"));
-    reading.identity = identity(&[
-        "immunisation",
-        &concept_identity(code),
-        &reading
-            .date
-            .as_deref()
-            .map(clock::uk_day)
-            .unwrap_or_default(),
-    ]);
+    reading.identity = event_identity("immunisation", code, reading);
+}
+
+/// What makes an event the same event from two sources: its kind, its code and its day.
+fn event_identity(kind: &str, code: Option<&Value>, reading: &Reading) -> String {
+    let day = reading
+        .date
+        .as_deref()
+        .map(clock::uk_day)
+        .unwrap_or_default();
+    identity(&[kind, &concept_identity(code), &day])
 }
 
 fn procedure(reading: &mut Reading, resource: &Value) {
@@ -1395,15 +1397,7 @@ fn procedure(reading: &mut Reading, resource: &Value) {
         text(resource, "performedDateTime").or_else(|| period.and_then(|p| text(p, "start")));
     reading.ended = period.and_then(|p| text(p, "end"));
     reading.detail("Performed", when_x_words(resource, "performed"));
-    reading.identity = identity(&[
-        "procedure",
-        &concept_identity(code),
-        &reading
-            .date
-            .as_deref()
-            .map(clock::uk_day)
-            .unwrap_or_default(),
-    ]);
+    reading.identity = event_identity("procedure", code, reading);
 }
 
 fn flag(reading: &mut Reading, resource: &Value) {
@@ -1475,15 +1469,7 @@ fn referral(reading: &mut Reading, resource: &Value) {
     reading.detail("To", names(list(resource, "performer"), None));
     reading.date = text(resource, "occurrenceDateTime").or_else(|| text(resource, "authoredOn"));
     reading.date_detail("Requested", text(resource, "authoredOn"));
-    reading.identity = identity(&[
-        "referral",
-        &concept_identity(code),
-        &reading
-            .date
-            .as_deref()
-            .map(clock::uk_day)
-            .unwrap_or_default(),
-    ]);
+    reading.identity = event_identity("referral", code, reading);
 }
 
 fn family_history(reading: &mut Reading, resource: &Value) {
