@@ -355,9 +355,7 @@ fn with_payload_of(token_url: &str, other_url: &str) -> String {
 
 #[test]
 fn the_view_opens_only_through_a_valid_launch_for_its_patient_and_role() {
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (temp, home) = banbury_road_surgery();
     let fixture = fixtures().join("uk-core");
     let ingest = run(&[
         "ingest",
@@ -567,9 +565,7 @@ fn the_view_opens_only_through_a_valid_launch_for_its_patient_and_role() {
 
 #[test]
 fn logs_at_info_carry_no_nhs_numbers_names_or_clinical_content() {
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (temp, home) = banbury_road_surgery();
     let log_path = temp.path().join("node.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let node = RunningNode::start_logging(&home, "info", log.into());
@@ -683,9 +679,7 @@ fn every_hazard_in_the_log_names_tests_that_exist() {
 /// and the key meant; a value out of range says what is accepted.
 #[test]
 fn a_node_with_a_misspelt_or_out_of_range_setting_refuses_to_start() {
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (_temp, home) = banbury_road_surgery();
     let config = home.join("caremesh.toml");
     let original = std::fs::read_to_string(&config).unwrap();
     let refused = |text: String| {
@@ -715,9 +709,7 @@ fn a_node_with_a_misspelt_or_out_of_range_setting_refuses_to_start() {
 #[test]
 fn patient_data_is_private_to_the_node_and_a_node_open_to_others_refuses_to_start() {
     use std::os::unix::fs::PermissionsExt;
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (temp, home) = banbury_road_surgery();
     let mode =
         |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     // A rejected file from a writer that left it readable by all.
@@ -767,9 +759,7 @@ fn patient_data_is_private_to_the_node_and_a_node_open_to_others_refuses_to_star
 #[test]
 fn printing_into_a_closed_pipe_a_missing_key_and_the_launch_default_behave() {
     use base64ct::{Base64UrlUnpadded, Encoding};
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (_temp, home) = banbury_road_surgery();
     let binary = env!("CARGO_BIN_EXE_caremesh");
     let piped = std::process::Command::new("sh")
         .arg("-c")
@@ -825,9 +815,7 @@ fn printing_into_a_closed_pipe_a_missing_key_and_the_launch_default_behave() {
 /// before it watches the drop folder or listens, naming the process that holds it.
 #[test]
 fn a_second_node_on_the_same_home_is_refused_naming_the_first() {
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (_temp, home) = banbury_road_surgery();
     let first = RunningNode::start(&home);
     let second = run(&[
         "run",
@@ -852,9 +840,7 @@ fn a_second_node_on_the_same_home_is_refused_naming_the_first() {
 /// summary a minute, and none in the named patient's access report.
 #[test]
 fn anonymous_refusals_are_counted_into_a_summary_not_a_row_each() {
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (_temp, home) = banbury_road_surgery();
     let node = RunningNode::start(&home);
     for _ in 0..40 {
         assert_eq!(http_get(&node.address, "/patients/9912003888").0, 401);
@@ -921,9 +907,7 @@ fn anonymous_refusals_are_counted_into_a_summary_not_a_row_each() {
 /// terminal shown, never obeyed: escape sequences and newlines print as `\u{1b}`, `\u{a}`.
 #[test]
 fn control_characters_from_outside_are_shown_not_obeyed_in_text_output() {
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (temp, home) = banbury_road_surgery();
     let patient = temp.path().join("patient.json");
     write_json(
         &patient,
@@ -982,9 +966,7 @@ fn control_characters_from_outside_are_shown_not_obeyed_in_text_output() {
 /// the operator is the account the process runs as, whatever `$USER` says.
 #[test]
 fn consent_at_the_command_line_is_audited_under_the_real_account() {
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (_temp, home) = banbury_road_surgery();
     let dir = home.to_str().unwrap();
     let spoofed = |args: &[&str]| {
         let output = caremesh()
@@ -1069,9 +1051,7 @@ fn consent_at_the_command_line_is_audited_under_the_real_account() {
 /// nothing, though the browser sent the session cookie.
 #[test]
 fn break_glass_from_another_site_or_without_the_form_token_is_refused() {
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (_temp, home) = banbury_road_surgery();
     let node = RunningNode::start(&home);
     let session = clinician_session(&home, &node.address, "9434765919");
     let path = "/patients/9434765919/break-glass";
@@ -1163,9 +1143,7 @@ fn break_glass_from_another_site_or_without_the_form_token_is_refused() {
 #[test]
 fn metrics_are_scraped_with_the_bearer_token_from_the_home() {
     use std::os::unix::fs::PermissionsExt;
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (_temp, home) = banbury_road_surgery();
     let token_file = home.join("keys/metrics.token");
     assert_eq!(
         std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
@@ -1196,9 +1174,7 @@ fn metrics_are_scraped_with_the_bearer_token_from_the_home() {
 #[test]
 fn idle_connections_are_bounded_per_address_and_closed_after_a_silence() {
     use std::io::Read as _;
-    let temp = tempfile::tempdir().unwrap();
-    let home = temp.path().join("gp");
-    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let (_temp, home) = banbury_road_surgery();
     let node = RunningNode::start(&home);
     // Closed by the node: a read ends (0 bytes, or reset) instead of waiting.
     let closed = |stream: &std::net::TcpStream, wait: Duration| {
@@ -1234,4 +1210,12 @@ fn idle_connections_are_bounded_per_address_and_closed_after_a_silence() {
         .count();
     assert_eq!(still_open, 0, "idle connections outlived the silence limit");
     assert_eq!(http_get(&node.address, "/health").0, 200);
+}
+
+/// A fresh node home for the Banbury Road Surgery (A81001), in a folder of its own.
+fn banbury_road_surgery() -> (tempfile::TempDir, std::path::PathBuf) {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("gp");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    (temp, home)
 }
