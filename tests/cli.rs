@@ -738,13 +738,7 @@ fn patient_data_is_private_to_the_node_and_a_node_open_to_others_refuses_to_star
         assert_eq!(mode(&home.join("node.db-wal")), 0o600);
     }
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let output = run(&[
-        "run",
-        "--dir",
-        home.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let output = run_node_once(&home);
     assert!(!output.status.success());
     let error = stderr(&output);
     assert!(
@@ -817,13 +811,7 @@ fn printing_into_a_closed_pipe_a_missing_key_and_the_launch_default_behave() {
 fn a_second_node_on_the_same_home_is_refused_naming_the_first() {
     let (_temp, home) = banbury_road_surgery();
     let first = RunningNode::start(&home);
-    let second = run(&[
-        "run",
-        "--dir",
-        home.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let second = run_node_once(&home);
     assert!(!second.status.success());
     let error = stderr(&second);
     assert!(
@@ -1218,4 +1206,15 @@ fn banbury_road_surgery() -> (tempfile::TempDir, std::path::PathBuf) {
     let home = temp.path().join("gp");
     init_node(&home, "A81001", "Banbury Road Surgery", "gp");
     (temp, home)
+}
+
+/// `caremesh run` on `home`, for a start that must be refused: its output once it ends.
+fn run_node_once(home: &std::path::Path) -> std::process::Output {
+    run(&[
+        "run",
+        "--dir",
+        home.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
 }

@@ -1060,7 +1060,7 @@ fn an_ingest_reported_done_survives_kill_9_straight_after() {
     }
     running.kill_hard();
     assert_eq!(problems(&home(&dir)), ["Asthma"]);
-    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    let verify = run_verify(&dir);
     assert!(verify.status.success(), "{}", stdout(&verify));
 }
 
@@ -1144,7 +1144,7 @@ fn kill_9_during_a_large_ingest_leaves_a_consistent_database() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(db.exists());
-    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    let verify = run_verify(&dir);
     assert!(
         verify.status.success(),
         "after kill -9: {}",
@@ -1198,7 +1198,7 @@ fn verify_reports_a_damaged_index_page() {
     let at = (page * size - 12) as usize;
     bytes[at] ^= 0x20;
     std::fs::write(&db, bytes).unwrap();
-    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    let verify = run_verify(&dir);
     assert!(!verify.status.success(), "{}", stdout(&verify));
     assert!(
         stdout(&verify).contains("SQLite integrity check"),
@@ -1207,13 +1207,18 @@ fn verify_reports_a_damaged_index_page() {
     );
 }
 
+/// `caremesh verify` on the node in `dir`.
+fn run_verify(dir: &tempfile::TempDir) -> std::process::Output {
+    run(&["verify", "--dir", home(dir).to_str().unwrap()])
+}
+
 /// Checking the store needs only the public key: a verifier's copy of the home need not
 /// hold anything that could sign.
 #[test]
 fn verify_needs_only_the_public_key() {
     let (dir, _files) = node_with_asthma();
     std::fs::remove_file(home(&dir).join("keys/signing.key")).unwrap();
-    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    let verify = run_verify(&dir);
     assert!(
         verify.status.success(),
         "{}{}",
@@ -1222,7 +1227,7 @@ fn verify_needs_only_the_public_key() {
     );
     // And it still catches a document that is not this organisation's.
     std::fs::write(home(&dir).join("keys/signing.pub"), "00".repeat(32)).unwrap();
-    let verify = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    let verify = run_verify(&dir);
     assert!(!verify.status.success(), "{}", stdout(&verify));
 }
 
@@ -1230,10 +1235,10 @@ fn verify_needs_only_the_public_key() {
 fn verify_reports_one_flipped_byte_in_stored_data() {
     for column in ["snapshot", "signed"] {
         let (dir, _files) = node_with_asthma();
-        let clean = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+        let clean = run_verify(&dir);
         assert!(clean.status.success(), "{}", stdout(&clean));
         flip_byte(&home(&dir).join("node.db"), column);
-        let output = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+        let output = run_verify(&dir);
         assert_eq!(
             output.status.code(),
             Some(4),
@@ -1253,7 +1258,7 @@ fn verify_reports_a_read_model_that_differs_from_the_signed_documents() {
         [],
     )
     .unwrap();
-    let output = run(&["verify", "--dir", home(&dir).to_str().unwrap()]);
+    let output = run_verify(&dir);
     assert_eq!(output.status.code(), Some(4));
     assert!(
         stdout(&output).contains("read model"),

@@ -1258,12 +1258,7 @@ fn encounter(reading: &mut Reading, resource: &Value) {
             concept(hospitalisation.get("dischargeDisposition")),
         );
     }
-    reading.identity = identity(&[
-        "encounter",
-        &concept_identity(kind),
-        &normalise_words(&reading.title),
-        reading.date.as_deref().unwrap_or(""),
-    ]);
+    reading.identity = titled_identity("encounter", kind, reading);
 }
 
 fn document(reading: &mut Reading, resource: &Value) {
@@ -1312,12 +1307,7 @@ fn document(reading: &mut Reading, resource: &Value) {
                 .and_then(|p| text(p, "start"))
         });
     reading.date_detail("Dated", reading.date.clone());
-    reading.identity = identity(&[
-        "document",
-        &concept_identity(kind),
-        &normalise_words(&reading.title),
-        reading.date.as_deref().unwrap_or(""),
-    ]);
+    reading.identity = titled_identity("document", kind, reading);
 }
 
 fn byte_size(size: u64) -> String {
@@ -1361,6 +1351,17 @@ fn immunisation(reading: &mut Reading, resource: &Value) {
         .or_else(|| text(resource, "recorded"));
     reading.date_detail("Given", text(resource, "occurrenceDateTime"));
     reading.identity = event_identity("immunisation", code, reading);
+}
+
+/// What makes an entry known by its title the same from two sources: its kind, its code,
+/// its title and when it began.
+fn titled_identity(kind: &str, code: Option<&Value>, reading: &Reading) -> String {
+    identity(&[
+        kind,
+        &concept_identity(code),
+        &normalise_words(&reading.title),
+        reading.date.as_deref().unwrap_or(""),
+    ])
 }
 
 /// What makes an event the same event from two sources: its kind, its code and its day.
@@ -1449,12 +1450,7 @@ fn care_plan(reading: &mut Reading, resource: &Value) {
         .and_then(|p| text(p, "start"))
         .or_else(|| text(resource, "created"));
     reading.ended = period.and_then(|p| text(p, "end"));
-    reading.identity = identity(&[
-        "care-plan",
-        &concept_identity(category),
-        &normalise_words(&reading.title),
-        reading.date.as_deref().unwrap_or(""),
-    ]);
+    reading.identity = titled_identity("care-plan", category, reading);
 }
 
 fn referral(reading: &mut Reading, resource: &Value) {
