@@ -58,10 +58,10 @@ impl SyncHost for SimHost {
     fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
         self.inner.is_publisher_key(publisher, key)
     }
-    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision {
+    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Result<Decision, HostError> {
         if self.bug == Some(Bug::ForwardWithheld) {
             // The bug: every document goes to every peer, whatever policy says.
-            return Decision::Send;
+            return Ok(Decision::Send);
         }
         self.inner.decide(meta, recipient)
     }

@@ -240,7 +240,7 @@ impl PolicyContext {
         recipient: &Recipient,
         direct_from_publisher: bool,
         cached: bool,
-    ) -> Decision {
+    ) -> Result<Decision, HostError> {
         let registry = self.trust.current();
         let agreements = &registry.registry().sharing;
         let decision = (|| {
@@ -279,9 +279,13 @@ impl PolicyContext {
             };
             Ok(policy::decide(meta, recipient, agreements, &facts))
         })();
-        decision.unwrap_or_else(|error: StorageError| {
-            tracing::error!(%error, doc = %meta.id(), "policy facts unavailable; withholding");
-            Decision::Withhold(policy::WithholdReason::NotInCaseload)
+        // Without its facts there is no decision: withholding would move a checkpoint past the
+        // document for good. The batch fails instead, and the session retries it.
+        decision.map_err(|error: StorageError| {
+            HostError(format!(
+                "the sharing rules for document {} could not be checked: {error}; nothing of this batch was stored, and it is retried when the session reconnects",
+                meta.id()
+            ))
         })
     }
 
@@ -441,7 +445,7 @@ impl SyncHost for StoreHost {
             let Some(entry) = entry else {
                 continue;
             };
-            if self.decide(&entry.meta, peer) == Decision::Send {
+            if self.decide(&entry.meta, peer)? == Decision::Send {
                 page.entries.push(OfferEntry {
                     doc: entry.meta.id(),
                     heads: entry.heads.clone(),
@@ -504,7 +508,7 @@ impl SyncHost for StoreHost {
             let direct = meta.publisher == *peer;
             if let Decision::Withhold(reason) =
                 self.policy
-                    .decide(&batch.care(), meta, &this_node, direct, false)
+                    .decide(&batch.care(), meta, &this_node, direct, false)?
             {
                 refusals.push(Refusal {
                     doc: meta.id(),
@@ -587,7 +591,7 @@ impl SyncHost for StoreHost {
             .is_publisher_key(publisher, key)
     }
 
-    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision {
+    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Result<Decision, HostError> {
         let direct = meta.publisher == self.policy.own;
         self.policy
             .decide(&self.store.care(), meta, recipient, direct, true)
@@ -619,7 +623,7 @@ impl SyncHost for StoreHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use caremesh_sync::DataClass;
+    use caremesh_sync::{DataClass, PublishedDocument};
 
     fn entry(seq: u64, patient: &str) -> FeedEntry {
         FeedEntry {
@@ -662,5 +666,143 @@ mod tests {
             "before the tail: read from SQLite"
         );
         assert!(tail.after(16, 10).is_none(), "past what the tail has read");
+    }
+
+    /// A registry trusting a GP practice (whose documents the tests receive) and a hub.
+    struct Fixed(Arc<VerifiedRegistry>);
+
+    impl RegistrySource for Fixed {
+        fn current(&self) -> Arc<VerifiedRegistry> {
+            self.0.clone()
+        }
+        fn adopt(&self, _bytes: Vec<u8>) -> Result<bool, String> {
+            Ok(false)
+        }
+    }
+
+    const PRACTICE_SECRET: [u8; 32] = [7; 32];
+
+    fn registry() -> Arc<VerifiedRegistry> {
+        let organisation = |ods: &str, kind, secret: &[u8; 32]| caremesh_sync::Organisation {
+            ods: OdsCode::parse(ods).unwrap(),
+            name: ods.into(),
+            kind,
+            keys: vec![hex::encode(caremesh_sync::trust::public_key_of(secret))],
+            revoked_keys: Vec::new(),
+            addresses: Vec::new(),
+        };
+        let mut registry = caremesh_sync::Registry::new("test");
+        registry.organisations = vec![
+            organisation("A81001", caremesh_sync::OrgKind::Gp, &PRACTICE_SECRET),
+            organisation("Y00001", caremesh_sync::OrgKind::Hub, &[8; 32]),
+        ];
+        let mut file = caremesh_sync::RegistryFile::unsigned(registry);
+        file.sign(&[9; 32], 0).unwrap();
+        let authority = caremesh_sync::trust::public_key_of(&[9; 32]);
+        Arc::new(VerifiedRegistry::from_bytes(file.to_json(), &authority).unwrap())
+    }
+
+    /// A document the practice signed about one patient, as a session hands it over.
+    fn received(section: Section, item_id: &str) -> VerifiedDocument {
+        let meta = DocMeta {
+            publisher: OdsCode::parse("A81001").unwrap(),
+            patient: NhsNumber::parse("9912003888").unwrap(),
+            section,
+            class: DataClass::Coded,
+        };
+        let item = Item::titled(
+            item_id,
+            section,
+            DataClass::Coded,
+            "Condition",
+            "Asthma",
+            "test",
+            item_id,
+        );
+        let mut document = PublishedDocument::create(meta.clone(), &[1]);
+        document.update(std::slice::from_ref(&item), &[], 1_700_000_000);
+        let key = caremesh_sync::PublisherKey::from_secret(PRACTICE_SECRET);
+        VerifiedDocument {
+            signed: key.sign_heads(&meta, &document.heads()),
+            snapshot: document.save(),
+            items: vec![item],
+            published_at: Some(1_700_000_000),
+        }
+    }
+
+    /// Finding: a storage error while the sharing rules were checked read as "withhold: not in
+    /// caseload", and the checkpoint moved past the document for good. Now the batch fails
+    /// whole, the checkpoint stays, and the same batch stores once the fault is gone.
+    #[test]
+    fn a_policy_lookup_that_fails_aborts_the_batch_and_the_retry_stores_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let mut host = StoreHost::new(
+            Store::open(&path).unwrap(),
+            Box::new(Fixed(registry())),
+            OdsCode::parse("Y00001").unwrap(),
+            Consent {
+                share_out: true,
+                share_in: true,
+                objection: false,
+            },
+            Box::new(|| 1_700_000_100),
+        )
+        .unwrap();
+        let practice = OdsCode::parse("A81001").unwrap();
+        let feed = FeedId([3; 16]);
+        let at = |up_to| Some(Checkpoint { feed, up_to });
+        let refused = host
+            .commit(
+                &practice,
+                vec![received(Section::Sharing, "consent")],
+                at(1),
+            )
+            .unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+
+        // The fault: the sharing record the rules read no longer reads.
+        let side = rusqlite::Connection::open(&path).unwrap();
+        let damage = |body: &str| {
+            side.execute(
+                "UPDATE items SET body = ?1 WHERE section = 'sharing'",
+                [body],
+            )
+            .unwrap()
+        };
+        let original: String = side
+            .query_row(
+                "SELECT body FROM items WHERE section = 'sharing'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(damage("{not an item"), 1);
+
+        let problem = || vec![received(Section::Problems, "asthma")];
+        let error = host
+            .commit(&practice, problem(), at(2))
+            .expect_err("a batch whose rules could not be checked is not stored");
+        assert!(
+            error.0.contains("could not be checked") && error.0.contains("retried"),
+            "{error}"
+        );
+        host.forget_cached();
+        assert_eq!(
+            host.checkpoint(&practice).unwrap().map(|c| c.up_to),
+            Some(1),
+            "the checkpoint stays before the document"
+        );
+        let problem_doc = problem()[0].signed.meta.id();
+        assert!(host.held_heads(problem_doc).unwrap().is_none());
+
+        damage(&original);
+        let refused = host.commit(&practice, problem(), at(2)).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert!(host.held_heads(problem_doc).unwrap().is_some());
+        assert_eq!(
+            host.checkpoint(&practice).unwrap().map(|c| c.up_to),
+            Some(2)
+        );
     }
 }

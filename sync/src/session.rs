@@ -199,8 +199,10 @@ pub trait SyncHost {
     fn checkpoint(&mut self, peer: &OdsCode) -> Result<Option<Checkpoint>, HostError>;
     /// Whether the trust registry lists `key` for `publisher` and has not revoked it.
     fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool;
-    /// The policy decision for sending a document to `recipient`.
-    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision;
+    /// The policy decision for sending a document to `recipient`. An error (the facts could
+    /// not be read) is no decision: the caller must not withhold, and must not move past the
+    /// document as if it had been decided.
+    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Result<Decision, HostError>;
     fn registry_version(&self) -> u64;
     /// The signed registry to pass on to a peer that lacks this edition.
     fn registry_bytes(&self) -> Option<Vec<u8>>;
@@ -883,7 +885,7 @@ impl Session {
         let Some(held) = host.document(want.doc)? else {
             return Ok(Some(Message::Missing { doc: want.doc }));
         };
-        if host.decide(&held.meta, &self.peer) != Decision::Send {
+        if host.decide(&held.meta, &self.peer)? != Decision::Send {
             return Ok(Some(Message::Missing { doc: want.doc }));
         }
         // A first copy travels as the stored snapshot (Automerge's compressed form, already
@@ -970,7 +972,7 @@ impl Session {
             let rows = host.backfill(&peer.ods, OFFER_BATCH)?;
             if !rows.is_empty() {
                 let docs: Vec<DocId> = rows.iter().map(|row| row.meta.id()).collect();
-                let entries = sendable(rows, peer, host);
+                let entries = sendable(rows, peer, host)?;
                 let up_to = serving.offered_up_to;
                 serving.outstanding.push_back(up_to);
                 serving.backfill_in_flight = Some(docs);
@@ -1018,7 +1020,7 @@ pub fn offerable_from_feed<H: SyncHost + ?Sized>(
     let rows = host.feed_after(after, limit)?;
     let read_up_to = rows.last().map(|row| row.seq);
     Ok(OfferPage {
-        entries: sendable(rows, peer, host),
+        entries: sendable(rows, peer, host)?,
         read_up_to,
     })
 }
@@ -1028,14 +1030,17 @@ fn sendable<H: SyncHost + ?Sized>(
     rows: Vec<FeedEntry>,
     peer: &Recipient,
     host: &H,
-) -> Vec<OfferEntry> {
-    rows.into_iter()
-        .filter(|row| host.decide(&row.meta, peer) == Decision::Send)
-        .map(|row| OfferEntry {
-            doc: row.meta.id(),
-            heads: row.heads,
-        })
-        .collect()
+) -> Result<Vec<OfferEntry>, HostError> {
+    let mut entries = Vec::with_capacity(rows.len());
+    for row in rows {
+        if host.decide(&row.meta, peer)? == Decision::Send {
+            entries.push(OfferEntry {
+                doc: row.meta.id(),
+                heads: row.heads,
+            });
+        }
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ struct MemoryHost {
     trusted: Vec<(OdsCode, [u8; 32])>,
     commits: usize,
     backfill: BTreeMap<OdsCode, Vec<DocId>>,
+    /// The sharing rules cannot be checked for this patient's documents (a storage fault).
+    policy_unreadable: Option<crate::model::NhsNumber>,
 }
 
 impl MemoryHost {
@@ -35,6 +37,7 @@ impl MemoryHost {
                 .collect(),
             commits: 0,
             backfill: BTreeMap::new(),
+            policy_unreadable: None,
         }
     }
 
@@ -138,7 +141,10 @@ impl SyncHost for MemoryHost {
     fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
         self.trusted.iter().any(|(o, k)| o == publisher && k == key)
     }
-    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Decision {
+    fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Result<Decision, HostError> {
+        if self.policy_unreadable.as_ref() == Some(&meta.patient) {
+            return Err(HostError("the consent table could not be read".into()));
+        }
         // Every node here publishes as a GP that shares with GPs and cares for every patient,
         // so the sharing rules that remain are the ones these tests are about (private items).
         let agreements = policy::Agreements {
@@ -156,7 +162,7 @@ impl SyncHost for MemoryHost {
             recipient_cares_for_patient: true,
             direct_from_publisher: false,
         };
-        policy::decide(meta, recipient, &agreements, &facts)
+        Ok(policy::decide(meta, recipient, &agreements, &facts))
     }
     fn registry_version(&self) -> u64 {
         1
@@ -329,6 +335,58 @@ fn a_first_sync_copies_every_document_and_persists_the_checkpoint() {
     assert_eq!(link.a.stats().pending_out(), 0);
     // The GP pulled the hub's feed too; it holds all of it already, so nothing was sent back.
     assert_eq!(changes_sent(&link.frames_b_to_a), 0);
+}
+
+/// Finding: a document whose sharing rules could not be checked was left out of the offer,
+/// and the offer's position moved the peer's checkpoint past it for good. Now the session
+/// fails (and the connection closes), and after the fault the document still arrives.
+#[test]
+fn a_document_whose_rules_cannot_be_checked_stops_the_session_instead_of_being_skipped() {
+    let mut gp = gp_with(20);
+    let mut hub = hub();
+    gp.policy_unreadable = Some(nhs_number(5));
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    let error = loop {
+        let mut moved = false;
+        match link.a.poll_transmit(0, &mut gp) {
+            Err(error) => break error,
+            Ok(Some(frame)) => {
+                link.b.handle_input(&frame, 0, &mut hub).unwrap();
+                moved = true;
+            }
+            Ok(None) => {}
+        }
+        while let Some(frame) = link.b.poll_transmit(0, &mut hub).unwrap() {
+            link.a.handle_input(&frame, 0, &mut gp).unwrap();
+            moved = true;
+        }
+        assert!(
+            moved,
+            "the session went quiet without offering past the fault"
+        );
+    };
+    assert!(error.to_string().contains("consent table"), "{error}");
+    let doc_5 = gp
+        .docs
+        .iter()
+        .find(|(_, (_, held))| held.meta.patient == nhs_number(5))
+        .map(|(doc, (seq, _))| (*doc, *seq))
+        .unwrap();
+    let up_to = hub
+        .checkpoints
+        .get(&OdsCode::parse("A81001").unwrap())
+        .map_or(0, |c| c.up_to);
+    assert!(
+        up_to < doc_5.1,
+        "the checkpoint ({up_to}) passed the document"
+    );
+
+    // The fault clears; the node reconnects.
+    gp.policy_unreadable = None;
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    assert_eq!(hub.docs.len(), 20);
+    assert_eq!(hub.heads(doc_5.0), gp.heads(doc_5.0));
 }
 
 #[test]
