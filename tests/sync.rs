@@ -471,6 +471,76 @@ fn unknown_and_revoked_peers_are_refused_and_a_newer_registry_spreads() {
     }
 }
 
+/// Finding: a running hub ignored a registry installed with `trust install`; the revoked
+/// organisation stayed connected and new documents were relayed until the hub restarted.
+#[test]
+fn a_registry_installed_in_a_running_hub_closes_the_revoked_peer_and_refuses_its_documents() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    let revoked = region.registered("B82005", "gp", false, &["HUB01"]);
+    region.publish(&[&hub, &gp, &revoked]);
+    ingest_generated(&gp, "A81001", 2, 1);
+    ingest_generated(&revoked, "B82005", 2, 2);
+    let hub_process = RunningNode::start(&hub);
+    let _gp = RunningNode::start(&gp);
+    let _revoked = RunningNode::start(&revoked);
+    let before = shareable(&revoked, "B82005");
+    assert!(wait_for(SYNC_WAIT, || held_from(&hub, "B82005") == before));
+    assert!(wait_for(SYNC_WAIT, || {
+        peer(&hub, "B82005").is_some_and(|p| p["connected"] == true)
+    }));
+
+    // The authority revokes B82005; the operator installs the edition in the running hub.
+    let output = run(&[
+        "trust",
+        "revoke",
+        "--registry",
+        region.registry.to_str().unwrap(),
+        "--ods",
+        "B82005",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    region.publish(&[&hub]);
+    let closed = wait_for(Duration::from_secs(20), || {
+        peer(&hub, "B82005").is_some_and(|p| {
+            p["connected"] == false
+                && p["last_error"]
+                    .as_str()
+                    .is_some_and(|error| error.contains("revoked"))
+        })
+    });
+    assert!(
+        closed,
+        "the hub kept the revoked peer: {}",
+        status_json(&hub)
+    );
+
+    // What the revoked organisation publishes from now on reaches no one through the hub.
+    ingest_generated(&revoked, "B82005", 3, 3);
+    assert!(shareable(&revoked, "B82005") > before);
+    assert!(wait_for(SYNC_WAIT, || {
+        metric(&hub_process, &hub, "caremesh_handshakes_refused_total") >= 1.0
+    }));
+    // Whatever the revoked node tries while the hub keeps refusing it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        held_from(&hub, "B82005"),
+        before,
+        "no new document from the revoked key"
+    );
+    // The rest of the region carries on: the GP's new data still reaches the hub.
+    ingest_generated(&gp, "A81001", 3, 4);
+    let gp_shares = shareable(&gp, "A81001");
+    assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001") == gp_shares));
+    // And the hub passed the new edition on.
+    assert!(wait_for(SYNC_WAIT, || {
+        let text = std::fs::read_to_string(gp.join("trust/registry.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["registry"]["version"] == 2
+    }));
+}
+
 #[test]
 fn garbage_and_oversized_frames_close_the_connection_and_leave_the_hub_serving() {
     let temp = tempfile::tempdir().unwrap();

@@ -22,7 +22,7 @@ use caremesh_storage::sync_host::StoreHost;
 use caremesh_storage::{PeerStatus, Store};
 use caremesh_sync::model::OrgKind;
 use caremesh_sync::policy::{Consent, Recipient};
-use caremesh_sync::{Event, KeyStanding, OdsCode, PublisherKey, Session};
+use caremesh_sync::{Event, KeyStanding, OdsCode, PublisherKey, Session, VerifiedRegistry};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -64,6 +64,8 @@ const FEED_PROMPT: Duration = Duration::from_millis(20);
 /// 512 added 49 MB).
 const HUB_LOADED_DOCUMENTS: usize = 512;
 const NODE_LOADED_DOCUMENTS: usize = 64;
+/// How often the registry file is looked at for an edition installed while the node runs.
+const REGISTRY_FILE_CHECK: Duration = Duration::from_secs(1);
 /// How often peer status is written for `caremesh status` and /metrics.
 const STATUS_FLUSH: Duration = Duration::from_secs(1);
 
@@ -127,6 +129,8 @@ enum Command {
     Open {
         conn: u64,
         peer: Recipient,
+        /// The key the peer's certificate carries, trusted when the connection was made.
+        key: [u8; 32],
         dialled_by_us: bool,
         outgoing: mpsc::Sender<Outgoing>,
         accepted: oneshot::Sender<bool>,
@@ -244,6 +248,10 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
             shutdown.clone(),
         ));
     }
+    tokio::spawn(watch_registry_file(
+        settings.trust.clone(),
+        shutdown.clone(),
+    ));
     {
         let endpoint = endpoint.clone();
         let mut shutdown = shutdown;
@@ -300,14 +308,14 @@ async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Shared>) {
                     return;
                 }
             };
-            let Some(peer) = authenticated_peer(&connection, &context.trust) else {
+            let Some((peer, key)) = authenticated_peer(&connection, &context.trust) else {
                 connection.close(2u32.into(), b"unknown peer");
                 return;
             };
             let streams = tokio::time::timeout(IDLE_TIMEOUT, connection.accept_bi()).await;
             match streams {
                 Ok(Ok((send, recv))) => {
-                    run_connection(&context, connection, send, recv, peer, false).await;
+                    run_connection(&context, connection, send, recv, (peer, key), false).await;
                 }
                 _ => tracing::info!(peer = %peer.ods, "peer opened no sync stream"),
             }
@@ -315,8 +323,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Shared>) {
     }
 }
 
-/// The organisation behind a connection's verified certificate.
-fn authenticated_peer(connection: &quinn::Connection, trust: &TrustState) -> Option<Recipient> {
+/// The organisation behind a connection's verified certificate, and the key it presented.
+fn authenticated_peer(
+    connection: &quinn::Connection,
+    trust: &TrustState,
+) -> Option<(Recipient, [u8; 32])> {
     let identity = connection.peer_identity()?;
     let certificates = identity
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
@@ -324,10 +335,13 @@ fn authenticated_peer(connection: &quinn::Connection, trust: &TrustState) -> Opt
     let key = tls::certificate_key(certificates.first()?)?;
     let registry = trust.current();
     match registry.registry().standing(&key) {
-        KeyStanding::Trusted(org) => Some(Recipient {
-            ods: org.ods.clone(),
-            kind: org.kind,
-        }),
+        KeyStanding::Trusted(org) => Some((
+            Recipient {
+                ods: org.ods.clone(),
+                kind: org.kind,
+            },
+            key,
+        )),
         _ => None,
     }
 }
@@ -374,6 +388,48 @@ async fn dial_loop(
     }
 }
 
+/// Adopts an edition installed in the registry file while the node runs (`caremesh trust
+/// install`): the engine then closes the sessions of peers it no longer trusts, and every
+/// document received after is checked against it.
+async fn watch_registry_file(trust: TrustState, mut shutdown: watch::Receiver<bool>) {
+    let mut seen = trust.file_signature();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REGISTRY_FILE_CHECK) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = trust.file_signature();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match trust.reload_file() {
+            Ok(true) => tracing::info!(
+                version = trust.current().version(),
+                "adopted the trust registry installed in the registry file"
+            ),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(
+                %error,
+                version_in_force = trust.current().version(),
+                "the trust registry file changed but was not adopted; the edition in force stays"
+            ),
+        }
+    }
+}
+
+/// Why `key` no longer stands for `ods` in `registry`, if it does not.
+fn untrusted(registry: &VerifiedRegistry, ods: &OdsCode, key: &[u8; 32]) -> Option<&'static str> {
+    match registry.registry().standing(key) {
+        KeyStanding::Trusted(org) if org.ods == *ods => None,
+        KeyStanding::Trusted(_) => {
+            Some("the trust registry now lists this key for another organisation")
+        }
+        KeyStanding::Revoked(_) => Some("the trust registry revoked this peer's key"),
+        KeyStanding::Unknown => Some("this peer's key is no longer in the trust registry"),
+    }
+}
+
 /// `base` plus up to half again, so that nodes cut off together do not reconnect in step.
 fn with_jitter(base: Duration) -> Duration {
     let mut bytes = [0u8; 4];
@@ -407,13 +463,13 @@ async fn dial(endpoint: &quinn::Endpoint, context: &Arc<Shared>, peer: &OdsCode)
         .connect_with(client, address, "caremesh.invalid")?
         .await
         .with_context(|| format!("connecting to {peer} at {address}"))?;
-    let Some(recipient) = authenticated_peer(&connection, &context.trust) else {
+    let Some(authenticated) = authenticated_peer(&connection, &context.trust) else {
         connection.close(2u32.into(), b"unknown peer");
         anyhow::bail!("{peer} presented a key the registry does not trust");
     };
     let (send, recv) = connection.open_bi().await?;
     tracing::info!(%peer, %address, "connected to sync peer");
-    run_connection(context, connection, send, recv, recipient, true).await;
+    run_connection(context, connection, send, recv, authenticated, true).await;
     Ok(())
 }
 
@@ -423,7 +479,7 @@ async fn run_connection(
     connection: quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    peer: Recipient,
+    (peer, key): (Recipient, [u8; 32]),
     dialled_by_us: bool,
 ) {
     let conn = context.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -432,6 +488,7 @@ async fn run_connection(
     let opened = Command::Open {
         conn,
         peer: peer.clone(),
+        key,
         dialled_by_us,
         outgoing: outgoing_tx,
         accepted: accepted_tx,
@@ -488,6 +545,9 @@ async fn run_connection(
 struct Live {
     conn: u64,
     session: Session,
+    /// The key the peer authenticated with: the session lasts only while the registry in
+    /// force trusts it for the peer's organisation.
+    key: [u8; 32],
     outgoing: mpsc::Sender<Outgoing>,
     /// Who dialled: decides which of two simultaneous connections survives.
     dialler: OdsCode,
@@ -512,6 +572,8 @@ struct Engine {
     /// the feed grew, or their connection was full. Only these are polled, so a hub with
     /// hundreds of quiet peers does not visit them all for every frame it receives.
     ready: BTreeSet<OdsCode>,
+    /// The registry edition the sessions were last checked against.
+    registry_version: u64,
     next_feed_poll: Instant,
     /// Documents stored in the current group commit, for the observer once it is durable.
     stored_in_group: Vec<Vec<(caremesh_sync::DocId, Vec<[u8; 32]>)>>,
@@ -537,6 +599,7 @@ impl Engine {
             wire_log,
             stored_observer: None,
             ready: BTreeSet::new(),
+            registry_version: 0,
             next_feed_poll: Instant::now(),
             stored_in_group: Vec::new(),
         }
@@ -565,6 +628,36 @@ impl Engine {
         self.close(ods, reason);
     }
 
+    /// Closes the sessions of peers whose keys the registry in force no longer trusts, once
+    /// per new edition (installed in the file, or adopted from a peer).
+    fn enforce_registry(&mut self) {
+        let registry = self.host.registry();
+        if registry.version() == self.registry_version {
+            return;
+        }
+        self.registry_version = registry.version();
+        let withdrawn: Vec<(OdsCode, &'static str)> = self
+            .sessions
+            .iter()
+            .filter_map(|(ods, live)| {
+                untrusted(&registry, ods, &live.key).map(|reason| (ods.clone(), reason))
+            })
+            .collect();
+        for (ods, reason) in withdrawn {
+            tracing::warn!(
+                peer = %ods,
+                registry_version = registry.version(),
+                reason,
+                "closing sync session: the trust registry no longer trusts this peer"
+            );
+            self.close(&ods, reason);
+        }
+        for (ods, live) in &mut self.sessions {
+            live.session.registry_changed(&self.host);
+            self.ready.insert(ods.clone());
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -576,6 +669,9 @@ impl Engine {
     ) {
         let mut next_flush = Instant::now() + STATUS_FLUSH;
         loop {
+            // Before anything is sent: a peer whose key the registry no longer trusts gets
+            // nothing more, and what it sends is no longer read.
+            self.enforce_registry();
             let blocked = self.pump();
             let mut wake = self.next_feed_poll.min(next_flush);
             for live in self.sessions.values() {
@@ -661,6 +757,7 @@ impl Engine {
             Command::Open {
                 conn,
                 peer,
+                key,
                 dialled_by_us,
                 outgoing,
                 accepted,
@@ -670,7 +767,7 @@ impl Engine {
                 } else {
                     peer.ods.clone()
                 };
-                let _ = accepted.send(self.open(conn, peer, dialler, outgoing));
+                let _ = accepted.send(self.open(conn, (peer, key), dialler, outgoing));
             }
             Command::Input { conn, bytes } => {
                 let Some(ods) = self.peer_of(conn) else {
@@ -704,10 +801,15 @@ impl Engine {
     fn open(
         &mut self,
         conn: u64,
-        peer: Recipient,
+        (peer, key): (Recipient, [u8; 32]),
         dialler: OdsCode,
         outgoing: mpsc::Sender<Outgoing>,
     ) -> bool {
+        // The registry may have changed since the handshake checked the key.
+        if let Some(reason) = untrusted(&self.host.registry(), &peer.ods, &key) {
+            tracing::warn!(peer = %peer.ods, reason, "refused a sync session");
+            return false;
+        }
         if let Some(existing) = self.sessions.get(&peer.ods)
             && existing.dialler < dialler
         {
@@ -739,6 +841,7 @@ impl Engine {
         let live = Live {
             conn,
             session,
+            key,
             outgoing,
             dialler,
             last_sync_at: base.last_sync_at,

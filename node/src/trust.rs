@@ -82,6 +82,35 @@ impl TrustState {
                     cause,
                 }
             })?;
+        self.adopt_verified(verified, true)
+    }
+
+    /// Adopts the edition in the registry file if it verifies and is newer than the one in
+    /// force: an operator ran `caremesh trust install` while the node runs.
+    pub fn reload_file(&self) -> Result<bool, RegistryLoadError> {
+        let path = &self.inner.path;
+        let bytes = read_limited(path)?;
+        let verified =
+            VerifiedRegistry::from_bytes(bytes, &self.inner.authority).map_err(|cause| {
+                RegistryLoadError::Invalid {
+                    path: path.clone(),
+                    cause,
+                }
+            })?;
+        self.adopt_verified(verified, false)
+    }
+
+    /// The registry file's size and modification time, to notice an edition installed in it.
+    pub fn file_signature(&self) -> Option<(u64, std::time::SystemTime)> {
+        let metadata = fs::metadata(&self.inner.path).ok()?;
+        Some((metadata.len(), metadata.modified().ok()?))
+    }
+
+    fn adopt_verified(
+        &self,
+        verified: VerifiedRegistry,
+        save: bool,
+    ) -> Result<bool, RegistryLoadError> {
         let mut current = self
             .inner
             .current
@@ -90,7 +119,9 @@ impl TrustState {
         if verified.version() <= current.version() {
             return Ok(false);
         }
-        write_atomically(&self.inner.path, verified.bytes())?;
+        if save {
+            write_atomically(&self.inner.path, verified.bytes())?;
+        }
         *current = Arc::new(verified);
         Ok(true)
     }
@@ -173,5 +204,18 @@ mod tests {
             2,
             "the newer edition was saved"
         );
+
+        // An edition installed in the file while the node runs is adopted from it; an older
+        // or forged one is not.
+        file.sign(&authority, 3).unwrap();
+        write_atomically(&path, &file.to_json()).unwrap();
+        assert!(state.reload_file().unwrap());
+        assert_eq!(state.current().version(), 3);
+        assert!(!state.reload_file().unwrap(), "same edition");
+        let mut forged = file.clone();
+        forged.sign(&[4u8; 32], 9).unwrap();
+        write_atomically(&path, &forged.to_json()).unwrap();
+        assert!(state.reload_file().is_err());
+        assert_eq!(state.current().version(), 3);
     }
 }

@@ -256,12 +256,30 @@ pub fn run(command: TrustCommand) -> Result<ExitCode> {
             let bytes = std::fs::read(&registry)
                 .with_context(|| format!("reading {}", registry.display()))?;
             let pinned = parse_key("--authority", &authority)?;
-            RegistryFile::parse(&bytes)?.verify(&pinned)?;
+            let installing = RegistryFile::parse(&bytes)?;
+            installing.verify(&pinned)?;
+            // An older edition would bring back what a newer one revoked.
+            let in_place = std::fs::read(home.registry_path())
+                .ok()
+                .and_then(|held| RegistryFile::parse(&held).ok())
+                .filter(|held| held.verify(&pinned).is_ok());
+            if let Some(held) = in_place
+                && held.registry.version > installing.registry.version
+            {
+                anyhow::bail!(
+                    "{} holds registry edition {}, newer than edition {} in {}: installing it would undo what the newer edition changed (revocations among them); get the newest edition from the authority",
+                    dir.display(),
+                    held.registry.version,
+                    installing.registry.version,
+                    registry.display()
+                );
+            }
             write_atomically(&home.registry_path(), &bytes)?;
             home.config.sync.authority = Some(hex::encode(pinned));
             home.save_config()?;
             println!(
-                "installed the registry in {} and pinned authority {}",
+                "installed registry edition {} in {} and pinned authority {}; a running node adopts it within seconds",
+                installing.registry.version,
                 dir.display(),
                 hex::encode(pinned)
             );

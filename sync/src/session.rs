@@ -313,6 +313,8 @@ pub struct Session {
     decoder: FrameDecoder,
     control: VecDeque<Message>,
     hello_received: bool,
+    /// The newest registry edition the peer is known to hold (from its Hello, or sent).
+    peer_registry_version: u64,
     hello_deadline: u64,
     /// Puller side.
     checkpoint: Checkpoint,
@@ -342,6 +344,7 @@ impl Session {
             decoder: FrameDecoder::default(),
             control: VecDeque::new(),
             hello_received: false,
+            peer_registry_version: 0,
             hello_deadline: now + HELLO_TIMEOUT_MS,
             checkpoint,
             batches: VecDeque::new(),
@@ -398,6 +401,20 @@ impl Session {
             self.handle_message(message, now, host)?;
         }
         Ok(())
+    }
+
+    /// The host's registry changed (installed by its operator, or adopted from another peer):
+    /// a peer holding an older edition gets the new one now, not at its next connection, so
+    /// a revocation spreads through connected nodes at once.
+    pub fn registry_changed(&mut self, host: &impl SyncHost) {
+        let version = host.registry_version();
+        if !self.hello_received || version <= self.peer_registry_version {
+            return;
+        }
+        if let Some(bytes) = host.registry_bytes() {
+            self.peer_registry_version = version;
+            self.control.push_back(Message::Registry { bytes });
+        }
     }
 
     /// Our local feed grew: a caught-up provider looks again at once.
@@ -500,6 +517,8 @@ impl Session {
             }
             Message::Registry { bytes } => {
                 let event = if host.offer_registry(bytes)? {
+                    // The peer holds the edition it sent: no need to send it back.
+                    self.peer_registry_version = host.registry_version();
                     Event::RegistryAdopted
                 } else {
                     Event::RegistryIgnored
@@ -527,6 +546,7 @@ impl Session {
             });
         }
         self.hello_received = true;
+        self.peer_registry_version = registry_version;
         if feed != self.checkpoint.feed {
             // The peer's database is new to us (or was rebuilt): our Pull named another feed,
             // so the peer serves from its start, and our checkpoint restarts with it.
