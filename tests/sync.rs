@@ -440,6 +440,8 @@ fn unknown_and_revoked_peers_are_refused_and_a_newer_registry_spreads() {
         region.registry.to_str().unwrap(),
         "--ods",
         "B82005",
+        "--reason",
+        "compromised",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     region.publish(&[&hub]);
@@ -500,6 +502,8 @@ fn a_registry_installed_in_a_running_hub_closes_the_revoked_peer_and_refuses_its
         region.registry.to_str().unwrap(),
         "--ods",
         "B82005",
+        "--reason",
+        "compromised",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     region.publish(&[&hub]);
@@ -962,20 +966,24 @@ fn gp_sections(dir: &Path, nhs: &str) -> Vec<String> {
     )
 }
 
-/// A hub, a GP with three generated patients and a hospice caring for the first (P0), all
-/// dialling the hub; the GP also holds a problem about P0 titled `problem`. Returns the
-/// homes (hub, GP, hospice) and P0's NHS number.
-fn gp_and_hospice(
-    root: &Path,
-    problem: &str,
-    private: bool,
-) -> (
+/// Homes of a hub, a GP and a hospice, and the NHS number of the patient both care for.
+type GpAndHospice = (
     std::path::PathBuf,
     std::path::PathBuf,
     std::path::PathBuf,
     String,
-) {
-    let region = Region::new(root);
+);
+
+/// A hub, a GP with three generated patients and a hospice caring for the first (P0), all
+/// dialling the hub; the GP also holds a problem about P0 titled `problem`. Returns the
+/// homes (hub, GP, hospice) and P0's NHS number.
+fn gp_and_hospice(root: &Path, problem: &str, private: bool) -> GpAndHospice {
+    gp_and_hospice_in(&Region::new(root), problem, private)
+}
+
+/// As [`gp_and_hospice`], in a region the caller keeps (to sign new registry editions).
+fn gp_and_hospice_in(region: &Region, problem: &str, private: bool) -> GpAndHospice {
+    let root = &region.root;
     let hub = region.registered("HUB01", "hub", true, &[]);
     let gp = region.registered("A81001", "gp", false, &["HUB01"]);
     let hospice = region.registered("HSP01", "hospice", false, &["HUB01"]);
@@ -1059,6 +1067,77 @@ fn shown_from(record: &serde_json::Value, ods: &str) -> Vec<serde_json::Value> {
         .filter(|i| i["source"]["organisation"] == ods)
         .cloned()
         .collect()
+}
+
+/// Finding: after two organisations' keys were revoked, the GP still showed their items with
+/// no marker. A retired key (a rollover) keeps what it signed while current; a compromised
+/// one hides everything it signed from the view, with a warning naming the organisation.
+#[test]
+fn what_a_compromised_key_signed_is_hidden_with_a_warning_and_what_a_retired_key_signed_stays() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let (hub, gp, hospice, nhs) = gp_and_hospice_in(&region, "Asthma", false);
+    {
+        let _hub = RunningNode::start(&hub);
+        let _gp = RunningNode::start(&gp);
+        let _hospice = RunningNode::start(&hospice);
+        let hospice_shares = documents_of(&hospice, "HSP01", DIRECT_CARE, None);
+        assert!(wait_for(SYNC_WAIT, || held_from(&gp, "HSP01") == hospice_shares));
+    }
+    let before = record_json(&gp, &nhs).unwrap();
+    let from_hospice = shown_from(&before, "HSP01").len();
+    assert!(from_hospice > 0, "the GP shows the hospice's entries");
+    assert_eq!(before["unverified_sources"], serde_json::json!([]));
+    let hospice_key = std::fs::read_to_string(hospice.join("keys/signing.pub")).unwrap();
+    let withdraw = |reason: &str| {
+        let output = run(&[
+            "trust",
+            "revoke",
+            "--registry",
+            region.registry.to_str().unwrap(),
+            "--ods",
+            "HSP01",
+            "--key",
+            hospice_key.trim(),
+            "--reason",
+            reason,
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        region.publish(&[&gp]);
+    };
+
+    // A rollover: what the old key signed while current is still the hospice's record.
+    withdraw("retired");
+    let retired = record_json(&gp, &nhs).unwrap();
+    assert_eq!(shown_from(&retired, "HSP01").len(), from_hospice);
+    assert_eq!(retired["unverified_sources"], serde_json::json!([]));
+    verify_ok(&gp);
+
+    // Then the old key turns out to have been stolen: nothing it signed can be relied on.
+    withdraw("compromised");
+    let compromised = record_json(&gp, &nhs).unwrap();
+    assert!(shown_from(&compromised, "HSP01").is_empty());
+    let unverified = compromised["unverified_sources"].as_array().unwrap();
+    assert_eq!(unverified.len(), 1, "{unverified:?}");
+    assert_eq!(unverified[0]["ods"], "HSP01");
+    // Its entries and its version of the patient's demographics.
+    let hidden = from_hospice + 1;
+    assert_eq!(unverified[0]["items"], hidden);
+    // The GP's own entries are untouched.
+    assert_eq!(
+        shown_from(&compromised, "A81001").len(),
+        shown_from(&before, "A81001").len()
+    );
+    let text = stdout(&record_as_tests(&gp, &nhs, &[]));
+    assert!(
+        text.contains(&format!(
+            "WARNING: {hidden} items from Organisation HSP01 (HSP01) are not shown: the regional authority revoked the key that signed them"
+        )),
+        "{text}"
+    );
+    // `verify` names the documents the revoked key signed.
+    let output = run(&["verify", "--dir", gp.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(4), "{}", stdout(&output));
 }
 
 #[test]

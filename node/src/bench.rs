@@ -51,6 +51,7 @@ pub fn region(
             kind: home.config.organisation.kind,
             keys: vec![hex::encode(home.signing_key()?.public())],
             revoked_keys: vec![],
+            retired_keys: Vec::new(),
             addresses: vec![],
         });
     }

@@ -341,7 +341,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut store = home.open_store()?;
             let operator = operator();
             let now = clock::now_unix();
-            let record = record::assemble(&store, &nhs, &home.viewer(&operator), now)?;
+            // Under the registry in force: what a revoked key signed is not shown.
+            let trust = home
+                .trust()
+                .context("reading the trust registry, which says whose signatures to trust")?;
+            let registry = trust.map(|t| t.current());
+            let viewer = home.viewer(&operator, registry.as_deref());
+            let record = record::assemble(&store, &nhs, &viewer, now)?;
             let (sources, sections) = record.as_ref().map(|r| r.shown()).unwrap_or_default();
             let own = home.config.organisation.ods.clone();
             caremesh_storage::publish::record_access(
@@ -393,7 +399,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = verify::verify_store(&store, &|publisher, key| {
                 (*publisher == own && *key == own_key)
                     || trust.as_ref().is_some_and(|trust| {
-                        trust.current().registry().is_publisher_key(publisher, key)
+                        // A retired key's signatures made while it was current still hold.
+                        trust.current().registry().signed_for(publisher, key)
                     })
             })?;
             if json {
@@ -655,6 +662,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             })?
     };
     let trust = home.trust()?;
+    let trust_for_view = trust.clone();
     // Organisation names for the view (peers such as a hub publish no data to name them).
     let names: std::collections::BTreeMap<String, String> = trust
         .as_ref()
@@ -688,7 +696,8 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             database: home.database_path(),
             organisation: home.config.organisation.name.clone(),
             ods: home.config.organisation.ods.to_string(),
-            viewer: home.viewer(""),
+            viewer: home.viewer("", None),
+            trust: trust_for_view,
             break_glass_minutes: home.config.view.break_glass_minutes,
             launch: crate::launch::LaunchVerifier::load(home).context(
                 "loading the launch key: the view opens only through signed launch tokens",

@@ -258,6 +258,7 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<(String, Option<String
             kind: node.kind,
             keys: vec![hex::encode(home.signing_key()?.public())],
             revoked_keys: Vec::new(),
+            retired_keys: Vec::new(),
             addresses: home.config.sync.listen.iter().cloned().collect(),
         });
         homes.push(home);

@@ -265,12 +265,21 @@ pub struct Home {
 }
 
 impl Home {
-    /// This organisation's user `user_id` as the viewer of the records it holds.
-    pub fn viewer(&self, user_id: &str) -> crate::record::Viewer {
+    /// This organisation's user `user_id` as the viewer of the records it holds, under the
+    /// trust registry in force (`None` when sync is not set up: nothing was received, so
+    /// nothing another organisation signed is held).
+    pub fn viewer(
+        &self,
+        user_id: &str,
+        registry: Option<&caremesh_sync::VerifiedRegistry>,
+    ) -> crate::record::Viewer {
         crate::record::Viewer {
             ods: self.config.organisation.ods.clone(),
             defaults: self.config.sharing.defaults(),
             user_id: user_id.to_string(),
+            revoked_signers: registry
+                .map(|r| r.registry().revoked_keys())
+                .unwrap_or_default(),
         }
     }
 

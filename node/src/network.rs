@@ -426,6 +426,7 @@ fn untrusted(registry: &VerifiedRegistry, ods: &OdsCode, key: &[u8; 32]) -> Opti
             Some("the trust registry now lists this key for another organisation")
         }
         KeyStanding::Revoked(_) => Some("the trust registry revoked this peer's key"),
+        KeyStanding::Retired(_) => Some("the trust registry retired this peer's key"),
         KeyStanding::Unknown => Some("this peer's key is no longer in the trust registry"),
     }
 }

@@ -17,6 +17,9 @@ pub struct Viewer {
     pub ods: OdsCode,
     pub defaults: Consent,
     pub user_id: String,
+    /// Keys the trust registry in force revoked (compromised or withdrawn for cause), with
+    /// the organisation each was revoked for: what they signed is not shown.
+    pub revoked_signers: BTreeMap<[u8; 32], OdsCode>,
 }
 
 #[derive(Debug, Serialize)]
@@ -42,7 +45,39 @@ pub struct Record {
     pub hidden_without_share_in: usize,
     /// Organisations whose whole record of the patient is withheld, with the reason.
     pub withheld_sources: Vec<WithheldSource>,
+    /// Organisations whose entries held here are not shown because the key that signed them
+    /// was revoked, or their signature does not read.
+    pub unverified_sources: Vec<UnverifiedSource>,
 }
+
+/// Entries of one organisation held here but not shown: nothing vouches for them any more.
+#[derive(Debug, Serialize)]
+pub struct UnverifiedSource {
+    pub ods: String,
+    pub name: String,
+    /// Entries not shown.
+    pub items: usize,
+    pub reason: &'static str,
+}
+
+impl UnverifiedSource {
+    /// What the clinician is told, in full.
+    pub fn notice(&self) -> String {
+        format!(
+            "{} from {} ({}) {} not shown: {}. Ask {} to publish them again, and confirm anything you need with them directly.",
+            items_phrase(self.items),
+            self.name,
+            self.ods,
+            if self.items == 1 { "is" } else { "are" },
+            self.reason,
+            self.name
+        )
+    }
+}
+
+const REVOKED_SIGNER: &str =
+    "the regional authority revoked the key that signed them, so they may not be genuine";
+const UNREADABLE_SIGNATURE: &str = "their signature could not be read from this node's storage";
 
 /// An entry its publisher moved between this record and another patient's.
 #[derive(Debug, Serialize)]
@@ -283,8 +318,31 @@ pub fn assemble(
     let mut items_per_source: BTreeMap<String, usize> = BTreeMap::new();
     let mut held: BTreeMap<(OdsCode, Section), u64> = BTreeMap::new();
     let mut hidden: BTreeMap<Section, usize> = BTreeMap::new();
+    let mut unverified: BTreeMap<(OdsCode, &'static str), usize> = BTreeMap::new();
     let mut corrections = Vec::new();
     for stored_item in stored {
+        // Another organisation's entry is shown only while a key the registry has not
+        // revoked vouches for it. The viewing organisation's own entries come from its own
+        // extract, whatever becomes of its key.
+        if stored_item.publisher != viewer.ods {
+            let unvouched = match stored_item.signer {
+                None => Some(UNREADABLE_SIGNATURE),
+                Some(key) => viewer
+                    .revoked_signers
+                    .contains_key(&key)
+                    .then_some(REVOKED_SIGNER),
+            };
+            if let Some(reason) = unvouched {
+                if !stored_item.item.is_moved_away_notice()
+                    && !stored_item.item.id.ends_with("#note")
+                {
+                    *unverified
+                        .entry((stored_item.publisher.clone(), reason))
+                        .or_default() += 1;
+                }
+                continue;
+            }
+        }
         *held
             .entry((stored_item.publisher.clone(), stored_item.item.section))
             .or_default() += 1;
@@ -440,6 +498,15 @@ pub fn assemble(
         break_glass,
         hidden_without_share_in: hidden.values().sum(),
         withheld_sources,
+        unverified_sources: unverified
+            .into_iter()
+            .map(|((ods, reason), items)| UnverifiedSource {
+                name: organisation_name(ods.as_str()),
+                ods: ods.to_string(),
+                items,
+                reason,
+            })
+            .collect(),
     }))
 }
 
@@ -637,6 +704,9 @@ fn render_text_unescaped(record: &Record) -> String {
             "No data from {} is shown: {}\n",
             source.name, source.reason
         ));
+    }
+    for source in &record.unverified_sources {
+        out.push_str(&format!("WARNING: {}\n", source.notice()));
     }
     for section in &record.sections {
         out.push_str(&format!(

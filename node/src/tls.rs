@@ -119,6 +119,11 @@ impl PinnedKeys {
                 hex::encode(key),
                 org.ods
             ))),
+            KeyStanding::Retired(org) => Err(refuse(&format!(
+                "peer key {} of {} is retired in the trust registry; the node must use its current key",
+                hex::encode(key),
+                org.ods
+            ))),
             KeyStanding::Unknown => Err(refuse(&format!(
                 "peer key {} is not in the trust registry",
                 hex::encode(key)

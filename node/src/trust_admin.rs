@@ -12,6 +12,15 @@ use clap::Subcommand;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// Why a key is withdrawn: it decides what becomes of what the key signed.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Withdrawal {
+    /// Compromised, or withdrawn for cause: nothing it signed is trusted any more.
+    Compromised,
+    /// Replaced in a routine rollover: what it signed while current stays trusted.
+    Retired,
+}
+
 #[derive(Subcommand)]
 pub enum TrustCommand {
     /// Create a regional authority key (ed25519 secret, mode 0600) and print its public key.
@@ -49,15 +58,20 @@ pub enum TrustCommand {
         #[arg(long)]
         address: Vec<String>,
     },
-    /// Revoke one key of an organisation (or all of its keys): peers refuse it from then on.
+    /// Withdraw one key of an organisation (or all of its keys): peers refuse new signatures
+    /// by it from then on. `--reason compromised` also hides what it signed from every view;
+    /// `--reason retired` (a rollover) keeps what it signed while current.
     Revoke {
         #[arg(long)]
         registry: PathBuf,
         #[arg(long)]
         ods: OdsCode,
-        /// The key to revoke, hex; every current key when left out.
+        /// The key to withdraw, hex; every current key when left out.
         #[arg(long)]
         key: Option<String>,
+        /// Why: `compromised` (or withdrawn for cause) or `retired` (replaced in a rollover).
+        #[arg(long, value_enum)]
+        reason: Withdrawal,
     },
     /// Replace the registry's sharing agreements with those in a TOML file (see
     /// configs/agreements.toml). The registry is unsigned again afterwards.
@@ -147,6 +161,7 @@ pub fn run(command: TrustCommand) -> Result<ExitCode> {
                         &key.expect("required by clap"),
                     )?)],
                     revoked_keys: Vec::new(),
+                    retired_keys: Vec::new(),
                     addresses: address,
                 },
             };
@@ -160,7 +175,12 @@ pub fn run(command: TrustCommand) -> Result<ExitCode> {
                 registry.display()
             );
         }
-        TrustCommand::Revoke { registry, ods, key } => {
+        TrustCommand::Revoke {
+            registry,
+            ods,
+            key,
+            reason,
+        } => {
             let mut file = load(&registry)?;
             let Some(org) = file.registry.organisation_mut(&ods) else {
                 bail!("{ods} is not in {}", registry.display());
@@ -170,17 +190,33 @@ pub fn run(command: TrustCommand) -> Result<ExitCode> {
                 None => org.keys.clone(),
             };
             for key in &revoking {
-                if !org.keys.contains(key) {
+                // A retired key found to have been stolen is revoked too.
+                let retired_now_compromised =
+                    matches!(reason, Withdrawal::Compromised) && org.retired_keys.contains(key);
+                if !org.keys.contains(key) && !retired_now_compromised {
                     bail!("{key} is not a current key of {ods}");
                 }
             }
             org.keys.retain(|k| !revoking.contains(k));
-            org.revoked_keys.extend(revoking.iter().cloned());
+            org.retired_keys.retain(|k| !revoking.contains(k));
+            let (list, done, consequence) = match reason {
+                Withdrawal::Compromised => (
+                    &mut org.revoked_keys,
+                    "revoked",
+                    "what they signed is hidden from every view until it is published again with a trusted key",
+                ),
+                Withdrawal::Retired => (
+                    &mut org.retired_keys,
+                    "retired",
+                    "what they signed while current stays trusted; new signatures by them are refused",
+                ),
+            };
+            list.extend(revoking.iter().cloned());
             file.registry.normalise()?;
             file.signature = None;
             save(&registry, &file)?;
             println!(
-                "revoked {} key(s) of {ods}; sign the registry and hand it to at least one node",
+                "{done} {} key(s) of {ods}: {consequence}; sign the registry and hand it to at least one node",
                 revoking.len()
             );
         }
@@ -333,6 +369,7 @@ fn organisation_of_node(dir: &Path, addresses: Vec<String>) -> Result<Organisati
         kind: organisation.kind,
         keys: vec![hex::encode(key)],
         revoked_keys: Vec::new(),
+        retired_keys: Vec::new(),
         addresses,
     })
 }
@@ -380,6 +417,9 @@ fn render(file: &RegistryFile) -> String {
         }
         for key in &org.revoked_keys {
             out.push_str(&format!("    REVOKED  {key}\n"));
+        }
+        for key in &org.retired_keys {
+            out.push_str(&format!("    retired  {key}\n"));
         }
         for address in &org.addresses {
             out.push_str(&format!("    address  {address}\n"));

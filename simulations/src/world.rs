@@ -212,6 +212,7 @@ impl World {
                 kind: group.kind,
                 keys: vec![hex::encode(key.public())],
                 revoked_keys: Vec::new(),
+                retired_keys: Vec::new(),
                 addresses: Vec::new(),
             });
             keys.push(key);

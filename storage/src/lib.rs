@@ -88,6 +88,9 @@ pub struct StoredItem {
     pub doc_id: DocId,
     pub publisher: OdsCode,
     pub item: Item,
+    /// The key whose signature the document carries; `None` when the stored signed heads do
+    /// not read (`caremesh verify` names such a document).
+    pub signer: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -455,8 +458,9 @@ impl Store {
         let mut statement = self
             .conn
             .prepare_cached(
-                "SELECT doc_id, publisher, body FROM items WHERE nhs = ?1 \
-                 ORDER BY section, effective DESC, item_id",
+                "SELECT i.doc_id, i.publisher, i.body, d.signed FROM items i \
+                 JOIN documents d ON d.doc_id = i.doc_id WHERE i.nhs = ?1 \
+                 ORDER BY i.section, i.effective DESC, i.item_id",
             )
             .map_err(self.err("read items"))?;
         let rows = statement
@@ -465,12 +469,13 @@ impl Store {
                     row.get::<_, Vec<u8>>(0)?,
                     row.get::<_, String>(1)?,
                     row.get::<_, String>(2)?,
+                    row.get::<_, Vec<u8>>(3)?,
                 ))
             })
             .map_err(self.err("read items"))?;
         let mut items = Vec::new();
         for row in rows {
-            let (doc_id, publisher, body) = row.map_err(self.err("read items"))?;
+            let (doc_id, publisher, body, signed) = row.map_err(self.err("read items"))?;
             let doc_id = doc_id_from(&doc_id, &self.path)?;
             let damaged = |what: String| StorageError::DamagedRow {
                 path: self.path.clone(),
@@ -483,6 +488,7 @@ impl Store {
                 doc_id,
                 publisher,
                 item,
+                signer: SignedHeads::decode(&signed).map(|signed| signed.key),
             });
         }
         Ok(items)

@@ -689,6 +689,7 @@ mod tests {
             kind,
             keys: vec![hex::encode(caremesh_sync::trust::public_key_of(secret))],
             revoked_keys: Vec::new(),
+            retired_keys: Vec::new(),
             addresses: Vec::new(),
         };
         let mut registry = caremesh_sync::Registry::new("test");

@@ -46,6 +46,10 @@ pub enum TrustError {
         first: String,
         second: String,
     },
+    #[error(
+        "key {key} is listed twice for {ods} (among current, revoked and retired keys); a key has one standing"
+    )]
+    KeyListedTwice { key: String, ods: String },
     #[error("organisation {0} is not in the trust registry")]
     UnknownOrganisation(String),
     #[error("the trust registry's sharing agreements are invalid: {0}")]
@@ -60,9 +64,16 @@ pub struct Organisation {
     pub kind: OrgKind,
     /// Current ed25519 public keys, hex. More than one during a key rollover.
     pub keys: Vec<String>,
-    /// Keys that must no longer be trusted, hex. Kept so the refusal can say why.
+    /// Keys that must no longer be trusted, hex: compromised, or withdrawn for cause. What
+    /// they signed is refused, and what a node already holds from them is hidden from every
+    /// view (with a notice naming the organisation) until it is published again with a
+    /// trusted key. Kept so the refusal can say why.
     #[serde(default)]
     pub revoked_keys: Vec<String>,
+    /// Keys the organisation no longer signs with (a routine rollover), hex. New signatures
+    /// by them are refused; what they signed while current stays trusted.
+    #[serde(default)]
+    pub retired_keys: Vec<String>,
     /// Where the organisation's node accepts sync connections (host:port), if it does.
     #[serde(default)]
     pub addresses: Vec<String>,
@@ -102,7 +113,10 @@ pub struct AuthoritySignature {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyStanding<'a> {
     Trusted(&'a Organisation),
+    /// Compromised or withdrawn for cause: nothing it signed is trusted.
     Revoked(&'a Organisation),
+    /// Rolled over: what it signed while current is trusted, nothing new.
+    Retired(&'a Organisation),
     Unknown,
 }
 
@@ -136,7 +150,7 @@ impl Registry {
             }
         }
         for org in &mut self.organisations {
-            for keys in [&mut org.keys, &mut org.revoked_keys] {
+            for keys in [&mut org.keys, &mut org.revoked_keys, &mut org.retired_keys] {
                 for key in keys.iter_mut() {
                     *key = key.trim().to_ascii_lowercase();
                 }
@@ -145,8 +159,20 @@ impl Registry {
             }
         }
         for org in &self.organisations {
-            for key in org.keys.iter().chain(&org.revoked_keys) {
+            let mut listed = std::collections::HashSet::new();
+            for key in org
+                .keys
+                .iter()
+                .chain(&org.revoked_keys)
+                .chain(&org.retired_keys)
+            {
                 let bytes = parse_key("key", key)?;
+                if !listed.insert(bytes) {
+                    return Err(TrustError::KeyListedTwice {
+                        key: key.clone(),
+                        ods: org.ods.to_string(),
+                    });
+                }
                 if let Some(first) = owners.insert(bytes, &org.ods)
                     && *first != org.ods
                 {
@@ -185,8 +211,33 @@ impl Registry {
             if org.keys.contains(&key) {
                 return KeyStanding::Trusted(org);
             }
+            if org.retired_keys.contains(&key) {
+                return KeyStanding::Retired(org);
+            }
         }
         KeyStanding::Unknown
+    }
+
+    /// Whether what `key` signed for `publisher` while it held the key is still trusted: a
+    /// current or retired key of the publisher's, not a revoked one.
+    pub fn signed_for(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
+        match self.standing(key) {
+            KeyStanding::Trusted(org) | KeyStanding::Retired(org) => org.ods == *publisher,
+            KeyStanding::Revoked(_) | KeyStanding::Unknown => false,
+        }
+    }
+
+    /// Every revoked key, with the organisation it was revoked for.
+    pub fn revoked_keys(&self) -> std::collections::BTreeMap<[u8; 32], OdsCode> {
+        self.organisations
+            .iter()
+            .flat_map(|org| {
+                org.revoked_keys
+                    .iter()
+                    .filter_map(|key| parse_key("revoked key", key).ok())
+                    .map(|key| (key, org.ods.clone()))
+            })
+            .collect()
     }
 
     /// Whether `key` may sign for `publisher`: listed for it and not revoked.
@@ -324,6 +375,7 @@ mod tests {
             kind: OrgKind::Gp,
             keys: vec![hex::encode(public_key_of(&key))],
             revoked_keys: vec![],
+            retired_keys: Vec::new(),
             addresses: vec!["127.0.0.1:7900".into()],
         }
     }

@@ -144,11 +144,8 @@ fn ten_sources(dir: &Path) -> Result<NhsNumber> {
 /// Record opens on a quiet store, then while another connection commits a change every 5 ms.
 fn record_opens(dir: &Path, patient: &NhsNumber, opens: usize) -> Result<()> {
     let home = Home::open(dir)?;
-    let viewer = Viewer {
-        ods: home.config.organisation.ods.clone(),
-        defaults: home.config.sharing.defaults(),
-        user_id: "scale-bench".into(),
-    };
+    let registry = home.trust()?.map(|t| t.current());
+    let viewer = home.viewer("scale-bench", registry.as_deref());
     let reader = Store::open_read_only(&dir.join("node.db"))?;
     let record = assemble(&reader, patient, &viewer, clock::now_unix())?
         .context("the ten-source patient has a record")?;

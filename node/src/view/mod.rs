@@ -40,8 +40,11 @@ pub struct ViewState {
     pub database: PathBuf,
     pub organisation: String,
     pub ods: String,
-    /// This organisation as viewer; each request fills in its user.
+    /// This organisation as viewer; each request fills in its user and the keys revoked in
+    /// the registry then in force.
     pub viewer: Viewer,
+    /// The trust registry in force, when sync is on: it changes while the node runs.
+    pub trust: Option<crate::trust::TrustState>,
     /// How long a break-glass lasts.
     pub break_glass_minutes: u32,
     /// The running sync engine's counters, when sync is on.
@@ -469,6 +472,9 @@ async fn view_record(
     let database = state.database.clone();
     let mut viewer = state.viewer.clone();
     viewer.user_id = session.user_id.clone();
+    if let Some(trust) = &state.trust {
+        viewer.revoked_signers = trust.current().registry().revoked_keys();
+    }
     let patient = nhs.clone();
     let names = state.names.clone();
     let (record, offline) = blocking(move || {

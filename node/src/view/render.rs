@@ -169,6 +169,16 @@ fn sharing_banners(state: &ViewState, record: &Record, form_token: &str) -> Stri
             hours = source.expected_refresh_hours.unwrap_or_default(),
         ));
     }
+    for source in &record.unverified_sources {
+        out.push_str(&format!(
+            "<div class=\"nhsuk-warning-callout caremesh-unverified\" role=\"alert\" id=\"unverified-{ods}\"><h2 class=\"nhsuk-warning-callout__label\">\
+             <span role=\"text\"><span class=\"nhsuk-u-visually-hidden\">Important: </span>\
+             Entries from {name} not shown</span></h2><p>{notice}</p></div>",
+            ods = escape(&source.ods),
+            name = escape(&source.name),
+            notice = escape(&source.notice()),
+        ));
+    }
     for source in &record.withheld_sources {
         out.push_str(&format!(
             "<div class=\"nhsuk-inset-text caremesh-withheld\"><span class=\"nhsuk-u-visually-hidden\">Information: </span>\
