@@ -433,17 +433,7 @@ fn unknown_and_revoked_peers_are_refused_and_a_newer_registry_spreads() {
     let stranger = region.node("C83010", "gp", false, &["HUB01"]);
     region.publish(&[&hub, &gp, &revoked, &stranger]);
     // Edition 2 revokes B82005's key; only the hub gets it directly.
-    let output = run(&[
-        "trust",
-        "revoke",
-        "--registry",
-        region.registry.to_str().unwrap(),
-        "--ods",
-        "B82005",
-        "--reason",
-        "compromised",
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    region.withdraw("B82005", None, "compromised");
     region.publish(&[&hub]);
     for (dir, org) in [(&gp, "A81001"), (&revoked, "B82005"), (&stranger, "C83010")] {
         ingest_generated(dir, org, 2, 1);
@@ -495,17 +485,7 @@ fn a_registry_installed_in_a_running_hub_closes_the_revoked_peer_and_refuses_its
     }));
 
     // The authority revokes B82005; the operator installs the edition in the running hub.
-    let output = run(&[
-        "trust",
-        "revoke",
-        "--registry",
-        region.registry.to_str().unwrap(),
-        "--ods",
-        "B82005",
-        "--reason",
-        "compromised",
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    region.withdraw("B82005", None, "compromised");
     region.publish(&[&hub]);
     let closed = wait_for(Duration::from_secs(20), || {
         peer(&hub, "B82005").is_some_and(|p| {
@@ -1090,19 +1070,7 @@ fn what_a_compromised_key_signed_is_hidden_with_a_warning_and_what_a_retired_key
     assert_eq!(before["unverified_sources"], serde_json::json!([]));
     let hospice_key = std::fs::read_to_string(hospice.join("keys/signing.pub")).unwrap();
     let withdraw = |reason: &str| {
-        let output = run(&[
-            "trust",
-            "revoke",
-            "--registry",
-            region.registry.to_str().unwrap(),
-            "--ods",
-            "HSP01",
-            "--key",
-            hospice_key.trim(),
-            "--reason",
-            reason,
-        ]);
-        assert!(output.status.success(), "{}", stderr(&output));
+        region.withdraw("HSP01", Some(hospice_key.trim()), reason);
         region.publish(&[&gp]);
     };
 

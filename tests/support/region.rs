@@ -109,6 +109,25 @@ impl Region {
         ]));
     }
 
+    /// Withdraws `key` of `ods` (every current key when `None`) for `reason` (`compromised`
+    /// or `retired`), unsigned until [`Region::publish`].
+    pub fn withdraw(&self, ods: &str, key: Option<&str>, reason: &str) {
+        let mut args = vec![
+            "trust",
+            "revoke",
+            "--registry",
+            self.registry.to_str().unwrap(),
+            "--ods",
+            ods,
+            "--reason",
+            reason,
+        ];
+        if let Some(key) = key {
+            args.extend(["--key", key]);
+        }
+        ok(run(&args));
+    }
+
     /// Replaces the registry's sharing agreements (unsigned until [`Region::publish`]).
     pub fn set_agreements(&self, file: &Path) {
         ok(run(&[
