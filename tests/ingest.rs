@@ -1481,3 +1481,83 @@ fn edge_cases_read_as_their_sources_say() {
     );
     expect_reading(&corpus.join("edge-cases.expected.txt"), &text);
 }
+
+/// Drops `name` from the UK Core fixtures into the running node's drop folder (written aside,
+/// renamed in) and waits until it is in processed/.
+fn drop_and_wait(home: &Path, name: &str) {
+    let temporary = home.join("drop").join(format!(".{name}.part"));
+    std::fs::copy(fixtures().join("uk-core").join(name), &temporary).unwrap();
+    std::fs::rename(&temporary, home.join("drop").join(name)).unwrap();
+    let processed = home.join("processed").join(name);
+    assert!(
+        wait_for(Duration::from_secs(60), || processed.exists()),
+        "{name} never reached processed/"
+    );
+}
+
+/// Finding: after a crash cut the WAL, the ingest log lost rows while processed/ still held
+/// the files, and `verify` said OK. Here the database goes back to an earlier state (as a cut
+/// WAL or a restore from backup leaves it); `verify` names the file whose ingest was lost and
+/// the command that puts it back, and after that command the record and `verify` agree.
+#[test]
+fn verify_names_files_in_processed_whose_ingest_the_database_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("node");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let saved = dir.path().join("saved");
+    std::fs::create_dir(&saved).unwrap();
+    {
+        let _node = RunningNode::start(&home);
+        drop_and_wait(&home, "UKCore-Patient-RichardSmith-Example.json");
+        drop_and_wait(&home, "UKCore-AllergyIntolerance-Amoxicillin-Example.json");
+    }
+    for file in ["node.db", "node.db-wal"] {
+        if home.join(file).exists() {
+            std::fs::copy(home.join(file), saved.join(file)).unwrap();
+        }
+    }
+    {
+        let _node = RunningNode::start(&home);
+        drop_and_wait(&home, "UKCore-Condition-BleedingFromEar-Example.json");
+    }
+    let has_condition =
+        || stdout(&record_as_tests(&home, "9912003888", &[])).contains("Bleeding from ear");
+    assert!(has_condition());
+    let _ = std::fs::remove_file(home.join("node.db-shm"));
+    let _ = std::fs::remove_file(home.join("node.db-wal"));
+    for file in ["node.db", "node.db-wal"] {
+        if saved.join(file).exists() {
+            std::fs::copy(saved.join(file), home.join(file)).unwrap();
+        }
+    }
+    assert!(!has_condition(), "the database lost the condition");
+
+    let output = run(&["verify", "--dir", home.to_str().unwrap()]);
+    let report = stdout(&output);
+    assert_eq!(output.status.code(), Some(4), "{report}");
+    let lost = "processed/UKCore-Condition-BleedingFromEar-Example.json";
+    assert!(
+        report.contains(&format!("NOT IN THE INGEST LOG {lost}")),
+        "{report}"
+    );
+    assert_eq!(
+        report.matches("NOT IN THE INGEST LOG").count(),
+        1,
+        "only the lost file: {report}"
+    );
+    // The command verify prints, run as printed.
+    let command = report
+        .lines()
+        .find_map(|line| {
+            line.split("ingest it again (what is already held is unchanged): ")
+                .nth(1)
+        })
+        .expect("the command to run");
+    let arguments: Vec<&str> = command.split_whitespace().skip(1).collect();
+    assert_eq!(arguments[0], "ingest", "{command}");
+    let again = run(&arguments);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(has_condition());
+    let output = run(&["verify", "--dir", home.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stdout(&output));
+}

@@ -396,13 +396,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let own_key = home.public_key()?;
             let own = home.config.organisation.ods.clone();
             let trust = home.trust()?;
-            let report = verify::verify_store(&store, &|publisher, key| {
+            let mut report = verify::verify_store(&store, &|publisher, key| {
                 (*publisher == own && *key == own_key)
                     || trust.as_ref().is_some_and(|trust| {
                         // A retired key's signatures made while it was current still hold.
                         trust.current().registry().signed_for(publisher, key)
                     })
             })?;
+            report.unrecorded_files = verify::unrecorded_files(&home.dir, &store)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -410,6 +411,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "checked {} documents holding {} items",
                     report.documents, report.items
                 );
+                for file in &report.unrecorded_files {
+                    println!(
+                        "NOT IN THE INGEST LOG {file}: the database has no record of ingesting it (a crash may have cut its write-ahead log), so what it holds may be missing; ingest it again (what is already held is unchanged): caremesh ingest --dir {home} {path}",
+                        home = home.dir.display(),
+                        path = home.dir.join(file).display(),
+                    );
+                }
                 for problem in &report.problems {
                     println!(
                         "TAMPERED document {} ({} {} {}): {}",
@@ -423,12 +431,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if report.problems.is_empty() {
                     println!("all signatures and contents verify");
                 }
+                if report.unrecorded_files.is_empty() {
+                    println!("every file in processed/ and quarantine/ is in the ingest log");
+                }
             }
-            Ok(if report.problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(4)
-            })
+            Ok(
+                if report.problems.is_empty() && report.unrecorded_files.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(4)
+                },
+            )
         }
         Command::Generate {
             org,

@@ -249,7 +249,7 @@ impl IngestReport {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileDisposition {
     /// Files given on the command line stay where they are; a copy of a rejected file goes
     /// to quarantine.
@@ -400,12 +400,23 @@ impl<'a> Ingestor<'a> {
         } else {
             report.files_accepted = 1;
         }
-        self.record(path, &report)?;
-        self.rules.dispose(path, &mut report)?;
+        // Where the file goes is in the ingest log before it moves: `verify` reconciles the
+        // two, and a file in processed/ the log does not name is an ingestion the database lost.
+        let target = self.rules.disposal(path, &report);
+        let kept_as = target.as_ref().map(|target| self.rules.relative(target));
+        self.record(path, &report, kept_as)?;
+        if let Some(target) = target {
+            self.rules.dispose(path, &target, &mut report)?;
+        }
         Ok(Attempt::Done(Box::new(report)))
     }
 
-    fn record(&mut self, path: &Path, report: &IngestReport) -> Result<(), IngestError> {
+    fn record(
+        &mut self,
+        path: &Path,
+        report: &IngestReport,
+        kept_as: Option<String>,
+    ) -> Result<(), IngestError> {
         let outcome = match (
             report.rejected.is_empty(),
             report.accepted + report.retracted,
@@ -430,6 +441,7 @@ impl<'a> Ingestor<'a> {
                 "rejected": report.rejected.len(),
                 "documents_written": report.documents_written,
             }),
+            kept_as,
         })?;
         batch.commit()?;
         Ok(())
@@ -1036,8 +1048,13 @@ impl IngestRules<'_> {
         }
     }
 
-    fn dispose(&self, path: &Path, report: &mut IngestReport) -> Result<(), IngestError> {
+    /// Where a file read goes once its ingest is recorded: processed/ or quarantine/ (a copy,
+    /// for a file given on the command line), or nowhere (a command-line file that went in).
+    fn disposal(&self, path: &Path, report: &IngestReport) -> Option<PathBuf> {
         let rejected = !report.rejected.is_empty();
+        if self.disposition == FileDisposition::LeaveInPlace && !rejected {
+            return None;
+        }
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
@@ -1047,26 +1064,40 @@ impl IngestRules<'_> {
         } else {
             self.home.processed_dir()
         };
-        match (self.disposition, rejected) {
-            (FileDisposition::LeaveInPlace, false) => return Ok(()),
-            (FileDisposition::LeaveInPlace, true) => {
-                let target = unique_target(&target_dir, &name, self.now);
-                fs::copy(path, &target).map_err(io(&target))?;
-                private(&target)?;
-                self.write_reason(&target, report)?;
-                report.quarantined.push(target);
+        Some(unique_target(&target_dir, &name, self.now))
+    }
+
+    /// `target` as the ingest log keeps it: relative to the node home.
+    fn relative(&self, target: &Path) -> String {
+        target
+            .strip_prefix(&self.home.dir)
+            .unwrap_or(target)
+            .display()
+            .to_string()
+    }
+
+    fn dispose(
+        &self,
+        path: &Path,
+        target: &Path,
+        report: &mut IngestReport,
+    ) -> Result<(), IngestError> {
+        let rejected = !report.rejected.is_empty();
+        match self.disposition {
+            FileDisposition::LeaveInPlace => {
+                fs::copy(path, target).map_err(io(target))?;
+                private(target)?;
             }
-            (FileDisposition::Move, _) => {
-                let target = unique_target(&target_dir, &name, self.now);
+            FileDisposition::Move => {
                 // The error names where the file was going: that is what needs fixing.
-                fs::rename(path, &target).map_err(io(&target))?;
+                fs::rename(path, target).map_err(io(target))?;
                 // The writer's permissions travel with a rename: it holds patient data.
-                private(&target)?;
-                if rejected {
-                    self.write_reason(&target, report)?;
-                    report.quarantined.push(target);
-                }
+                private(target)?;
             }
+        }
+        if rejected {
+            self.write_reason(target, report)?;
+            report.quarantined.push(target.to_path_buf());
         }
         Ok(())
     }

@@ -7,12 +7,17 @@
 use caremesh_storage::{StorageError, Store};
 use caremesh_sync::{OdsCode, PublishedDocument};
 use serde::Serialize;
+use std::collections::HashSet;
+use std::path::Path;
 
 #[derive(Debug, Default, Serialize)]
 pub struct VerifyReport {
     pub documents: usize,
     pub items: usize,
     pub problems: Vec<Problem>,
+    /// Files kept in processed/ or quarantine/ that the ingest log does not name, relative
+    /// to the node home: what they held may be missing from the database.
+    pub unrecorded_files: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,4 +113,67 @@ pub fn verify_store(
         }
     }
     Ok(report)
+}
+
+/// Files in the node's processed/ and quarantine/ folders that no ingest in the log names. The
+/// ingest of a file is committed before the file moves, so such a file means the database lost
+/// the ingest after it was committed (a crash that cut the write-ahead log, a restore from an
+/// older backup), and what the file held may be missing. Reasons written beside quarantined
+/// files are not extracts.
+pub fn unrecorded_files(home_dir: &Path, store: &Store) -> Result<Vec<String>, StorageError> {
+    let mut kept = HashSet::new();
+    let mut read_from = HashSet::new();
+    let mut legacy_names = HashSet::new();
+    for (file, kept_as) in store.ingested_files()? {
+        match kept_as {
+            Some(kept_as) => {
+                kept.insert(kept_as);
+            }
+            // Logged before the log said where files went (schema version 12): known by name.
+            None => {
+                if let Some(name) = Path::new(&file).file_name() {
+                    legacy_names.insert(name.to_string_lossy().to_string());
+                }
+            }
+        }
+        // A file ingested again from where it was kept is accounted for by that ingest.
+        if let Ok(path) = std::fs::canonicalize(&file) {
+            read_from.insert(path);
+        }
+    }
+    let is_legacy = |name: &str| {
+        legacy_names.contains(name)
+            || legacy_names.iter().any(|logged| {
+                // Kept under `{time}-{n}-{name}` when the plain name was taken.
+                name.strip_suffix(logged.as_str())
+                    .and_then(|prefix| prefix.strip_suffix('-'))
+                    .is_some_and(|prefix| {
+                        prefix.split('-').count() == 2
+                            && prefix
+                                .split('-')
+                                .all(|p| p.bytes().all(|b| b.is_ascii_digit()))
+                    })
+            })
+    };
+    let mut missing = Vec::new();
+    for folder in ["processed", "quarantine"] {
+        let Ok(entries) = std::fs::read_dir(home_dir.join(folder)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.ends_with(".reason.txt") || !entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let relative = format!("{folder}/{name}");
+            let accounted = kept.contains(&relative)
+                || std::fs::canonicalize(entry.path()).is_ok_and(|p| read_from.contains(&p))
+                || is_legacy(&name);
+            if !accounted {
+                missing.push(relative);
+            }
+        }
+    }
+    missing.sort();
+    Ok(missing)
 }

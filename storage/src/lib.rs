@@ -134,6 +134,9 @@ pub struct IngestRow {
     pub file: String,
     pub outcome: String,
     pub summary: serde_json::Value,
+    /// Where the file was kept, relative to the node home (`processed/NAME`,
+    /// `quarantine/NAME`); `None` when it was left where it was.
+    pub kept_as: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -591,7 +594,7 @@ impl Store {
     pub fn last_ingest(&self) -> Result<Option<IngestRow>> {
         self.conn
             .query_row(
-                "SELECT at, file, outcome, summary FROM ingests ORDER BY id DESC LIMIT 1",
+                "SELECT at, file, outcome, summary, kept_as FROM ingests ORDER BY id DESC LIMIT 1",
                 [],
                 |row| {
                     let summary: String = row.get(3)?;
@@ -601,11 +604,24 @@ impl Store {
                         outcome: row.get(2)?,
                         summary: serde_json::from_str(&summary)
                             .unwrap_or(serde_json::Value::String(summary)),
+                        kept_as: row.get(4)?,
                     })
                 },
             )
             .optional()
             .map_err(self.err("read last ingest"))
+    }
+
+    /// Every file the ingest log names: the path it was read from, and where it was kept.
+    pub fn ingested_files(&self) -> Result<Vec<(String, Option<String>)>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT file, kept_as FROM ingests")
+            .map_err(self.err("read the ingest log"))?;
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(self.err("read the ingest log"))
     }
 
     /// Stops waiting for the disk on commit (`synchronous = OFF`). For simulations only: a
@@ -1127,14 +1143,16 @@ impl WriteBatch<'_> {
     pub fn record_ingest(&self, row: &IngestRow) -> Result<()> {
         self.tx
             .prepare_cached(
-                "INSERT INTO ingests (at, file, outcome, summary) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO ingests (at, file, outcome, summary, kept_as) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )
             .and_then(|mut statement| {
                 statement.execute(params![
                     row.at,
                     row.file,
                     row.outcome,
-                    row.summary.to_string()
+                    row.summary.to_string(),
+                    row.kept_as
                 ])
             })
             .map_err(self.err("record ingest"))?;

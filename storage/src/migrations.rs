@@ -241,6 +241,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX items_by_section_source ON items(section, publisher, nhs);
     CREATE INDEX items_summary_only ON items(publisher) WHERE summary_only = 1;
     "#,
+    // 12: where each ingested file was kept (`processed/NAME` or `quarantine/NAME`), so that
+    // `caremesh verify` can find files whose ingestion the database lost (a crash that cut the
+    // WAL) and say how to ingest them again.
+    "ALTER TABLE ingests ADD COLUMN kept_as TEXT;",
 ];
 
 #[cfg(test)]
