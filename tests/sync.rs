@@ -463,6 +463,43 @@ fn unknown_and_revoked_peers_are_refused_and_a_newer_registry_spreads() {
     }
 }
 
+/// Finding: a document over the 16 MiB frame limit never synced, `pending out` said 0 and
+/// nothing was logged. Ingest now refuses resources that could make one; a document that is
+/// too large all the same is an error in the log, `caremesh status` and /metrics, and the rest
+/// of the feed still flows.
+#[test]
+fn a_document_too_large_to_send_is_an_error_in_status_metrics_and_the_log() {
+    let temp = tempfile::tempdir().unwrap();
+    let (hub, gp) = hub_and_gp(temp.path(), 2, 1);
+    let shares = shareable(&gp, "A81001");
+    // A document grown past the frame limit (its snapshot padded, as no ingest would make it).
+    let conn = database(&gp);
+    conn.execute(
+        "UPDATE documents SET snapshot = CAST(snapshot || zeroblob(17000000) AS BLOB) \
+         WHERE doc_id = (SELECT doc_id FROM documents WHERE section = 'problems' LIMIT 1)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let log = temp.path().join("gp.log");
+    let _hub = RunningNode::start(&hub);
+    let gp_process =
+        RunningNode::start_logging(&gp, "error", std::fs::File::create(&log).unwrap().into());
+    assert!(
+        wait_for(SYNC_WAIT, || held_from(&hub, "A81001") == shares - 1),
+        "the rest of the feed flows: the hub holds {} of {}",
+        held_from(&hub, "A81001"),
+        shares - 1
+    );
+    let unsendable = |dir: &Path| status_json(dir)["sync"]["unsendable_documents"].clone();
+    assert!(wait_for(SYNC_WAIT, || unsendable(&gp)[0]["peer"] == "HUB01"));
+    let text = stdout(&run(&["status", "--dir", gp.to_str().unwrap()]));
+    assert!(text.contains("UNSENDABLE document"), "{text}");
+    assert_eq!(metric(&gp_process, &gp, "caremesh_documents_unsendable"), 1.0);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("too large to send"), "{logged}");
+}
+
 /// Finding: a running hub ignored a registry installed with `trust install`; the revoked
 /// organisation stayed connected and new documents were relayed until the hub restarted.
 #[test]

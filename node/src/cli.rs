@@ -531,6 +531,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     let peers = store.current_peer_statuses()?;
     let registry = home.trust()?.map(|trust| trust.current());
     let drop_folder = crate::watch::survey(&home.drop_dir());
+    let unsendable = store.unsendable_documents()?;
     if json {
         let peers: Vec<serde_json::Value> = peers
             .iter()
@@ -553,6 +554,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
                     "registry_version": registry.as_ref().map(|r| r.version()),
                     "peers": peers,
                     "rejected_changes": store.rejected_changes(20)?,
+                    "unsendable_documents": unsendable,
                 },
             }))?
         );
@@ -641,6 +643,18 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
         if let Some(error) = peer.last_error.as_ref().filter(|_| !peer.is_connected(now)) {
             println!("       last disconnect: {error}");
         }
+    }
+    for document in &unsendable {
+        println!(
+            "  UNSENDABLE document {} wanted by {}: {} is over the {} a sync frame carries; it reaches {} only once a version of it fits (since {}, last tried {})",
+            document.doc,
+            document.peer,
+            human_bytes(document.bytes as u64),
+            human_bytes(caremesh_sync::wire::MAX_FRAME_BYTES as u64),
+            document.peer,
+            clock::uk_date_time(document.first_at),
+            clock::uk_date_time(document.last_at),
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

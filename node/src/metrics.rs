@@ -108,6 +108,11 @@ pub fn render(store: &Store, counters: Option<&SyncCounters>) -> Result<String, 
         ("caremesh_documents", "Documents held", stats.documents),
         ("caremesh_items", "Items held", stats.items),
         (
+            "caremesh_documents_unsendable",
+            "Documents a peer wants that are too large to send in one frame (see caremesh status)",
+            store.unsendable_documents()?.len() as i64,
+        ),
+        (
             "caremesh_database_bytes",
             "Size of the database files",
             stats.database_bytes as i64,

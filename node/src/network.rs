@@ -74,6 +74,8 @@ const STATUS_FLUSH: Duration = Duration::from_secs(1);
 pub struct SyncCounters {
     pub handshakes_refused: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Times a peer wanted a document too large to send.
+    pub unsendable: AtomicU64,
 }
 
 pub struct SyncSettings {
@@ -969,6 +971,18 @@ impl Engine {
                     tracing::info!(peer = %ods, version = self.host.registry().version(), "adopted a newer trust registry from a peer");
                 }
                 Event::RegistryIgnored => {}
+                Event::Unsendable { doc, bytes } => {
+                    // An error, not a warning: this document does not reach the peer.
+                    tracing::error!(peer = %ods, %doc, bytes, limit = caremesh_sync::wire::MAX_FRAME_BYTES, "a document the peer wants is too large to send in one frame; it reaches the peer only once a version of it fits (see `caremesh status`)");
+                    self.counters.unsendable.fetch_add(1, Ordering::Relaxed);
+                    let recorded = self.host.store.write().and_then(|batch| {
+                        batch.record_unsendable(clock::now_unix(), ods, doc, bytes)?;
+                        batch.commit()
+                    });
+                    if let Err(error) = recorded {
+                        tracing::error!(%error, "could not record an unsendable document");
+                    }
+                }
                 Event::Received { kind, docs } => received.push((kind, docs)),
             }
         }

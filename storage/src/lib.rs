@@ -21,7 +21,7 @@ pub mod publish;
 pub mod sync_host;
 
 pub use access::BreakGlass;
-pub use peers::{FeedRow, PeerStatus, RejectedChange};
+pub use peers::{FeedRow, PeerStatus, RejectedChange, UnsendableDocument};
 pub use placements::{OnSeveralPatients, Placement};
 
 use caremesh_sync::policy::{Consent, SourceStatement};

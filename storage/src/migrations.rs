@@ -245,6 +245,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // `caremesh verify` can find files whose ingestion the database lost (a crash that cut the
     // WAL) and say how to ingest them again.
     "ALTER TABLE ingests ADD COLUMN kept_as TEXT;",
+    // 13: documents a peer wanted that were too large for one sync frame: an error for the
+    // operator (status, metrics), kept until a version that fits is sent.
+    r#"
+    CREATE TABLE unsendable_documents (
+        doc_id     BLOB NOT NULL,
+        peer       TEXT NOT NULL,
+        bytes      INTEGER NOT NULL,
+        first_at   INTEGER NOT NULL,
+        last_at    INTEGER NOT NULL,
+        PRIMARY KEY (doc_id, peer)
+    ) STRICT;
+    "#,
 ];
 
 #[cfg(test)]

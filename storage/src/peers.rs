@@ -66,6 +66,17 @@ pub struct RejectedChange {
     pub reason: String,
 }
 
+/// A document a peer wanted that is too large for one sync frame.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnsendableDocument {
+    pub doc: String,
+    pub peer: String,
+    /// Its size as last tried.
+    pub bytes: i64,
+    pub first_at: i64,
+    pub last_at: i64,
+}
+
 const PEER_COLUMNS: &str = "peer, connected, connected_since, last_sync_at, last_error, \
      bytes_sent, bytes_received, documents_sent, documents_received, rejected, pulled_up_to, \
      peer_tip, peer_acked, local_tip, updated_at";
@@ -333,6 +344,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Documents peers wanted that could not be sent, while the version held is still too
+    /// large to send whole: once a version fits (or the document is gone) it drops off.
+    pub fn unsendable_documents(&self) -> Result<Vec<UnsendableDocument>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT u.doc_id, u.peer, u.bytes, u.first_at, u.last_at \
+                 FROM unsendable_documents u JOIN documents d ON d.doc_id = u.doc_id \
+                 WHERE length(d.snapshot) + length(d.signed) + 1024 > ?1 \
+                 ORDER BY u.last_at DESC",
+            )
+            .map_err(self.err("read unsendable documents"))?;
+        let rows = statement
+            .query_map([caremesh_sync::wire::MAX_FRAME_BYTES as i64], |row| {
+                Ok(UnsendableDocument {
+                    doc: hex_of(&row.get::<_, Vec<u8>>(0)?),
+                    peer: row.get(1)?,
+                    bytes: row.get(2)?,
+                    first_at: row.get(3)?,
+                    last_at: row.get(4)?,
+                })
+            })
+            .map_err(self.err("read unsendable documents"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err("read unsendable documents"))
+    }
+}
+
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -391,6 +431,21 @@ impl WriteBatch<'_> {
             )
             .and_then(|mut statement| statement.execute(params![peer.as_str(), &feed[..], up_to]))
             .map_err(self.err("save checkpoint"))?;
+        Ok(())
+    }
+
+    /// Records that `peer` wanted `doc` and it was too large to send.
+    pub fn record_unsendable(&self, at: i64, peer: &OdsCode, doc: DocId, bytes: usize) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO unsendable_documents (doc_id, peer, bytes, first_at, last_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (doc_id, peer) \
+                 DO UPDATE SET bytes = excluded.bytes, last_at = excluded.last_at",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![&doc.0[..], peer.as_str(), bytes as i64, at])
+            })
+            .map_err(self.err("record an unsendable document"))?;
         Ok(())
     }
 

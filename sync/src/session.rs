@@ -240,6 +240,10 @@ pub enum Event {
     RegistryAdopted,
     /// The peer sent a registry that was refused or not newer.
     RegistryIgnored,
+    /// A document the peer wants is too large for one frame: it was answered as missing, and
+    /// it reaches this peer only once a version of it fits. The driver must make this an
+    /// error an operator sees (log, status, metrics), never drop it quietly.
+    Unsendable { doc: DocId, bytes: usize },
     /// A frame arrived (only when [`Session::log_received_frames`] is on): its kind and the
     /// documents it named, for a wire log that shows what reached this node.
     Received {
@@ -920,6 +924,10 @@ impl Session {
         };
         let size: usize = changes.iter().map(Vec::len).sum::<usize>() + held.signed.len();
         if size + 1024 > MAX_FRAME_BYTES {
+            self.events.push_back(Event::Unsendable {
+                doc: want.doc,
+                bytes: size,
+            });
             return Ok(Some(Message::Missing { doc: want.doc }));
         }
         self.stats.documents_sent += 1;

@@ -389,6 +389,29 @@ fn a_document_whose_rules_cannot_be_checked_stops_the_session_instead_of_being_s
     assert_eq!(hub.heads(doc_5.0), gp.heads(doc_5.0));
 }
 
+/// Finding: a document over the frame limit never synced and nothing said so. The provider
+/// answers it as missing (the rest of the feed flows) and reports it, for the node to make an
+/// error the operator sees.
+#[test]
+fn a_document_too_large_for_a_frame_is_reported_not_dropped_quietly() {
+    let mut gp = gp_with(3);
+    let mut hub = hub();
+    let (&big, _) = gp.docs.iter().next().unwrap();
+    gp.docs.get_mut(&big).unwrap().1.snapshot = vec![0; crate::wire::MAX_FRAME_BYTES];
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    assert_eq!(hub.docs.len(), 2, "the rest of the feed flows");
+    assert!(hub.heads(big).is_none());
+    let events: Vec<Event> = std::iter::from_fn(|| link.a.poll_event()).collect();
+    assert!(
+        events.iter().any(|event| matches!(
+            event,
+            Event::Unsendable { doc, bytes } if *doc == big && *bytes > crate::wire::MAX_FRAME_BYTES - 1024
+        )),
+        "{events:?}"
+    );
+}
+
 #[test]
 fn an_incremental_round_costs_the_change_not_the_documents_held() {
     let mut costs = Vec::new();
