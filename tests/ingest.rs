@@ -1561,3 +1561,234 @@ fn verify_names_files_in_processed_whose_ingest_the_database_lost() {
     let output = run(&["verify", "--dir", home.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stdout(&output));
 }
+
+/// A small file system (tmpfs) mounted for one test, unmounted after. Mounting needs root, as
+/// CI runs; elsewhere the test says it was skipped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &Path, megabytes: u32) -> Option<SmallDisk> {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a small disk needs root (CI runs as root)");
+            return None;
+        }
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={megabytes}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount a {megabytes} MB tmpfs");
+        Some(SmallDisk {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Writes a filler file until the disk refuses more.
+    fn fill(&self) -> std::path::PathBuf {
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5a; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Finding: on a full disk ingest failed three times with no list of what got in, views
+/// answered 500, `/health` said ok and the audit report failed. Now: ingest pauses and says
+/// why, the CLI says what went in and what did not, views and their audit go on from the disk
+/// reserve, `/health`, status and metrics say the disk is full, and freeing space resumes all.
+#[test]
+fn a_full_disk_pauses_ingest_says_so_and_keeps_views_and_their_audit_going() {
+    let outside = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&outside.path().join("disk"), 48) else {
+        return;
+    };
+    let home = disk.path.join("node");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let fixture = |name: &str| fixtures().join("uk-core").join(name);
+    let output = ingest(
+        &home,
+        &[fixture("UKCore-Patient-RichardSmith-Example.json")
+            .to_str()
+            .unwrap()],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let log = outside.path().join("node.log");
+    let node =
+        RunningNode::start_logging(&home, "warn", std::fs::File::create(&log).unwrap().into());
+    assert!(
+        home.join("reserve.space").exists(),
+        "the node keeps a disk reserve"
+    );
+    let nhs = "9912003888";
+    let view = |session: &str| http_get_as(&node.address, &format!("/api/patients/{nhs}"), session);
+    assert_eq!(view(&clinician_session(&home, &node.address, nhs)).0, 200);
+    let health = || -> serde_json::Value {
+        serde_json::from_str(&http_get(&node.address, "/health").1).unwrap()
+    };
+    assert_eq!(health()["status"], "ok");
+
+    // An allergy waits beside the drop folder (a hidden name is never taken); the disk fills.
+    let waiting = home.join("drop/.allergy.json");
+    std::fs::copy(
+        fixture("UKCore-AllergyIntolerance-Amoxicillin-Example.json"),
+        &waiting,
+    )
+    .unwrap();
+    let filler = disk.fill();
+    std::fs::rename(&waiting, home.join("drop/allergy.json")).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let health = health();
+            health["status"] == "degraded"
+                && health["drop_folder"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("disk"))
+        }),
+        "{}",
+        health()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        home.join("drop/allergy.json").exists(),
+        "the file waits in drop/"
+    );
+
+    // Views, with their launch and audit, go on: the reserve makes room for them.
+    let session = clinician_session(&home, &node.address, nhs);
+    let (status, body) = view(&session);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !home.join("reserve.space").exists(),
+        "the reserve was given up"
+    );
+    assert!(
+        health()["disk"]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("disk full")
+    );
+    let report = run(&[
+        "audit",
+        "report",
+        "--dir",
+        home.to_str().unwrap(),
+        "--patient",
+        nhs,
+    ]);
+    assert!(report.status.success(), "{}", stderr(&report));
+    assert!(
+        stdout(&report).matches("view").count() >= 2,
+        "{}",
+        stdout(&report)
+    );
+    let status_text = stdout(&run(&["status", "--dir", home.to_str().unwrap()]));
+    assert!(status_text.contains("DISK: disk full"), "{status_text}");
+    let admin = role_session(&home, &node.address, "admin");
+    let metrics = http_get_as(&node.address, "/metrics", &admin).1;
+    let free: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("caremesh_disk_free_bytes "))
+        .expect("the free-space metric")
+        .parse()
+        .unwrap();
+    assert!(free < 16.0 * 1024.0 * 1024.0, "{free}");
+    // The command line refuses to eat into what is left.
+    let condition = fixture("UKCore-Condition-BleedingFromEar-Example.json");
+    let cli = ingest(&home, &[condition.to_str().unwrap()]);
+    assert!(!cli.status.success());
+    assert!(
+        stderr(&cli).contains("nothing was ingested"),
+        "{}",
+        stderr(&cli)
+    );
+
+    // Space is freed: the waiting file goes in, the reserve comes back, health is ok.
+    std::fs::remove_file(filler).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || home
+            .join("processed/allergy.json")
+            .exists()),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || health()["status"] == "ok"),
+        "{}",
+        health()
+    );
+    assert!(home.join("reserve.space").exists());
+    assert!(stdout(&record_as_tests(&home, nhs, &[])).contains("Amoxicillin"));
+
+    // A large ingest (about 25 MB in the database) that runs the disk out part way says
+    // exactly what went in.
+    let extract = outside.path().join("extract");
+    let generated = run(&[
+        "generate",
+        "--org",
+        "A81001",
+        "--patients",
+        "800",
+        "--seed",
+        "3",
+        "--out",
+        extract.to_str().unwrap(),
+    ]);
+    assert!(generated.status.success(), "{}", stderr(&generated));
+    let free = node_free_bytes(&home);
+    let leave = 16 * 1024 * 1024 + 512 * 1024;
+    std::fs::write(
+        disk.path.join("filler"),
+        vec![0x5a; (free - leave) as usize],
+    )
+    .unwrap();
+    let cli = ingest(&home, &[extract.to_str().unwrap()]);
+    assert!(!cli.status.success(), "{}", stdout(&cli));
+    let (said, listed) = (stderr(&cli), stdout(&cli));
+    assert!(
+        said.contains("ingest stopped at")
+            && said.contains("Nothing of that file went in")
+            && said.contains("the disk is full"),
+        "{said}"
+    );
+    assert!(
+        listed.contains("went in whole before the stop:"),
+        "{listed}"
+    );
+}
+
+/// Free bytes on the disk holding `path`.
+fn node_free_bytes(path: &Path) -> u64 {
+    let output = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}

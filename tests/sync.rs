@@ -495,7 +495,10 @@ fn a_document_too_large_to_send_is_an_error_in_status_metrics_and_the_log() {
     assert!(wait_for(SYNC_WAIT, || unsendable(&gp)[0]["peer"] == "HUB01"));
     let text = stdout(&run(&["status", "--dir", gp.to_str().unwrap()]));
     assert!(text.contains("UNSENDABLE document"), "{text}");
-    assert_eq!(metric(&gp_process, &gp, "caremesh_documents_unsendable"), 1.0);
+    assert_eq!(
+        metric(&gp_process, &gp, "caremesh_documents_unsendable"),
+        1.0
+    );
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("too large to send"), "{logged}");
 }

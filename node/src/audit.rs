@@ -462,7 +462,9 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
                     .map(|u| format!("report on user {u}"))
                     .unwrap_or_default(),
             };
-            store.append_audit(&event)?;
+            // Written even on a full disk (from the reserve): the report is what a data
+            // protection officer needs most when something has gone wrong.
+            crate::disk::write_even_when_full(&home.dir, || Ok(store.append_audit(&event)?))?;
             print!("{}", render(&rows, format));
             Ok(ExitCode::SUCCESS)
         }

@@ -288,6 +288,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             paths,
         } => {
             let home = Home::open(&dir)?;
+            // What is left is kept for views and their audit.
+            if let Some(reason) = crate::disk::ingest_blocked(&home.dir) {
+                bail!(
+                    "{reason}; nothing was ingested: free space on the disk and run ingest again"
+                );
+            }
             let mut store = home.open_store()?;
             let disposition = if r#move {
                 FileDisposition::Move
@@ -301,7 +307,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 disposition,
                 clock::now_unix(),
             )?;
-            let report = ingestor.ingest_paths(&paths)?;
+            let report = match ingestor.ingest_paths(&paths) {
+                Ok(report) => report,
+                Err(stopped) => {
+                    // Exactly what went in before the stop: each file is one transaction.
+                    if !stopped.done.is_empty() {
+                        println!("went in whole before the stop:");
+                        for file in &stopped.done {
+                            println!("  {}", file.display());
+                        }
+                        print!("{}", stopped.committed.render());
+                    }
+                    return Err(stopped.into());
+                }
+            };
             let peak_memory_kb = peak_memory_kb();
             if json {
                 let mut value = serde_json::to_value(&report)?;
@@ -532,6 +551,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     let registry = home.trust()?.map(|trust| trust.current());
     let drop_folder = crate::watch::survey(&home.drop_dir());
     let unsendable = store.unsendable_documents()?;
+    let disk = crate::disk::status(&home.dir);
     if json {
         let peers: Vec<serde_json::Value> = peers
             .iter()
@@ -549,6 +569,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
                 "organisation": home.config.organisation,
                 "stats": stats,
                 "drop_folder": drop_folder,
+                "disk": disk,
                 "sources": sources,
                 "sync": {
                     "registry_version": registry.as_ref().map(|r| r.version()),
@@ -566,6 +587,18 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     println!("documents: {}", stats.documents);
     println!("items:     {}", stats.items);
     println!("database:  {:.1} MB", stats.database_bytes as f64 / 1e6);
+    println!(
+        "disk:      {:.1} MB free{}",
+        disk.free_bytes as f64 / 1e6,
+        if disk.reserve_held {
+            ""
+        } else {
+            " (no disk reserve)"
+        }
+    );
+    if let Some(problem) = &disk.problem {
+        println!("  DISK: {problem}");
+    }
     println!("sources:");
     for source in &sources {
         println!(
@@ -674,6 +707,14 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // Room kept back so that a full disk does not stop views and their audit (see disk.rs).
+    match crate::disk::ensure_reserve(&home.dir) {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "not enough free disk space for the disk reserve; a full disk would stop views from being audited"
+        ),
+        Err(error) => tracing::warn!(%error, "could not make the disk reserve"),
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let paused = crate::watch::Paused::default();
     let watcher = {

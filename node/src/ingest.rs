@@ -57,6 +57,47 @@ pub enum IngestError {
     },
 }
 
+/// An ingest that stopped part way: what went in before `file` (each file is one
+/// transaction, so each listed file went in whole) and why `file` did not.
+#[derive(Debug)]
+pub struct Stopped {
+    pub committed: Box<IngestReport>,
+    /// Files that went in before the stop, in order.
+    pub done: Vec<PathBuf>,
+    pub file: PathBuf,
+    pub error: IngestError,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ingest stopped at {}: {}. Nothing of that file went in",
+            self.file.display(),
+            self.error
+        )?;
+        if crate::disk::is_disk_full(&self.error) {
+            write!(
+                f,
+                "; the disk is full: free space, then ingest it and the files after it again"
+            )?;
+        }
+        match self.done.len() {
+            0 => write!(f, "; no file before it went in"),
+            n => write!(
+                f,
+                "; the {n} file(s) before it went in whole (listed above)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Stopped {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
     move |source| IngestError::Io {
         path: path.to_path_buf(),
@@ -335,10 +376,17 @@ impl<'a> Ingestor<'a> {
     /// Ingests files and folders. Folders are walked recursively in name order; files whose
     /// names say they hold Patients go first, and files naming patients not yet known are
     /// retried after the rest, so a folder ingests whatever order its files are in.
-    pub fn ingest_paths(&mut self, paths: &[PathBuf]) -> Result<IngestReport, IngestError> {
+    pub fn ingest_paths(&mut self, paths: &[PathBuf]) -> Result<IngestReport, Box<Stopped>> {
         let mut files = Vec::new();
         for path in paths {
-            collect_files(path, &mut files)?;
+            collect_files(path, &mut files).map_err(|error| {
+                Box::new(Stopped {
+                    committed: Box::default(),
+                    done: Vec::new(),
+                    file: path.clone(),
+                    error,
+                })
+            })?;
         }
         files.sort_by_key(|f| {
             let name = f
@@ -351,17 +399,32 @@ impl<'a> Ingestor<'a> {
             )
         });
         let mut report = IngestReport::default();
+        let mut done = Vec::new();
         let mut deferred = Vec::new();
-        for file in files {
-            match self.ingest_file(&file, false)? {
-                Attempt::Done(file_report) => report.merge(*file_report),
-                Attempt::Deferred => deferred.push(file),
+        let passes = [(files, false), (Vec::new(), true)];
+        for (index, (mut batch, final_attempt)) in passes.into_iter().enumerate() {
+            if index == 1 {
+                batch = std::mem::take(&mut deferred);
             }
-        }
-        for file in deferred {
-            match self.ingest_file(&file, true)? {
-                Attempt::Done(file_report) => report.merge(*file_report),
-                Attempt::Deferred => unreachable!("final attempts never defer"),
+            for file in batch {
+                match self.ingest_file(&file, final_attempt) {
+                    Ok(Attempt::Done(file_report)) => {
+                        report.merge(*file_report);
+                        done.push(file);
+                    }
+                    Ok(Attempt::Deferred) => {
+                        assert!(!final_attempt, "final attempts never defer");
+                        deferred.push(file);
+                    }
+                    Err(error) => {
+                        return Err(Box::new(Stopped {
+                            committed: Box::new(report),
+                            done,
+                            file,
+                            error,
+                        }));
+                    }
+                }
             }
         }
         Ok(report)

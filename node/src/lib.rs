@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clock;
 pub mod consent;
 pub mod demo;
+pub mod disk;
 pub mod fhir;
 pub mod generate;
 pub mod home;

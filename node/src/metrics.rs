@@ -28,7 +28,11 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Lab
     family
 }
 
-pub fn render(store: &Store, counters: Option<&SyncCounters>) -> Result<String, StorageError> {
+pub fn render(
+    store: &Store,
+    counters: Option<&SyncCounters>,
+    home_dir: &std::path::Path,
+) -> Result<String, StorageError> {
     let now = clock::now_unix();
     let mut registry = Registry::default();
     let connected = gauge_family(
@@ -111,6 +115,16 @@ pub fn render(store: &Store, counters: Option<&SyncCounters>) -> Result<String, 
             "caremesh_documents_unsendable",
             "Documents a peer wants that are too large to send in one frame (see caremesh status)",
             store.unsendable_documents()?.len() as i64,
+        ),
+        (
+            "caremesh_disk_free_bytes",
+            "Free space on the disk holding the node home",
+            crate::disk::free_bytes(home_dir).unwrap_or(0) as i64,
+        ),
+        (
+            "caremesh_disk_reserve_held",
+            "1 while the disk reserve that keeps views audited on a full disk is in place",
+            i64::from(crate::disk::reserve_held(home_dir)),
         ),
         (
             "caremesh_database_bytes",

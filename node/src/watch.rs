@@ -115,7 +115,19 @@ pub fn watch_drop_folder(
         }
         // A file is taken only if it can be put away after: ingesting one that cannot be
         // moved would ingest it again on every scan.
-        let usable = outlets_usable(&home);
+        let usable =
+            outlets_usable(&home).and_then(|()| match crate::disk::ingest_blocked(&home.dir) {
+                Some(reason) => Err(format!(
+                    "{reason}; files wait in drop/ until space is freed"
+                )),
+                None => {
+                    // Space is back (or never went): the reserve is put back before ingest uses it.
+                    if let Err(error) = crate::disk::ensure_reserve(&home.dir) {
+                        tracing::warn!(%error, "could not make the disk reserve");
+                    }
+                    Ok(())
+                }
+            });
         *paused
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = usable.clone().err();
@@ -136,6 +148,14 @@ pub fn watch_drop_folder(
             // one transaction) and are retried together, with whatever arrives meanwhile. A
             // busy or briefly unavailable database must not stop the drop folder for good.
             tracing::error!(%error, "drop folder ingest failed; retrying in a moment");
+            if crate::disk::is_disk_full(&error) {
+                *paused
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(
+                    "the disk holding the node home is full; files wait in drop/ until space is freed"
+                        .into(),
+                );
+            }
             held_back = ready;
             retry_at = Instant::now() + SCAN_EVERY;
         }
@@ -324,7 +344,14 @@ fn ingest_ready(home: &Home, files: &[PathBuf]) -> Result<(), IngestError> {
         FileDisposition::Move,
         clock::now_unix(),
     )?;
-    let report = ingestor.ingest_paths(files)?;
+    let report = ingestor.ingest_paths(files).map_err(|stopped| {
+        // Counts only, as below: what went in before the stop stays in (and was moved away).
+        tracing::warn!(
+            files_in = stopped.done.len(),
+            "drop folder ingest stopped part way; the files before the stop went in"
+        );
+        stopped.error
+    })?;
     // Counts only: file names and reasons may carry identifiers, and go to quarantine instead.
     tracing::info!(
         files = report.files,

@@ -435,7 +435,13 @@ impl WriteBatch<'_> {
     }
 
     /// Records that `peer` wanted `doc` and it was too large to send.
-    pub fn record_unsendable(&self, at: i64, peer: &OdsCode, doc: DocId, bytes: usize) -> Result<()> {
+    pub fn record_unsendable(
+        &self,
+        at: i64,
+        peer: &OdsCode,
+        doc: DocId,
+        bytes: usize,
+    ) -> Result<()> {
         self.tx
             .prepare_cached(
                 "INSERT INTO unsendable_documents (doc_id, peer, bytes, first_at, last_at) \

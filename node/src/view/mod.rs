@@ -207,16 +207,25 @@ impl ViewState {
     async fn audit(self: &Arc<Self>, event: AuditEvent) -> Result<(), Response> {
         let state = self.clone();
         blocking(move || {
-            let mut store = Store::open(&state.database)?;
-            caremesh_storage::publish::record_access(
-                &mut store,
-                &state.key,
-                &state.viewer.ods,
-                &event,
-            )?;
-            Ok(())
+            crate::disk::write_even_when_full(state.home_dir(), || {
+                let mut store = Store::open(&state.database)?;
+                caremesh_storage::publish::record_access(
+                    &mut store,
+                    &state.key,
+                    &state.viewer.ods,
+                    &event,
+                )?;
+                Ok(())
+            })
         })
         .await
+    }
+
+    /// The node home: the folder holding the database.
+    fn home_dir(&self) -> &std::path::Path {
+        self.database
+            .parent()
+            .unwrap_or_else(|| std::path::Path::new("."))
     }
 
     /// Counts a refusal of a request that carried no session; see [`AnonymousRefusals`].
@@ -392,13 +401,16 @@ async fn launch(State(state): State<Arc<ViewState>>, Query(query): Query<LaunchQ
         launch.expires_at,
         secret_hash(&secret),
     );
+    let home_dir = state.home_dir().to_path_buf();
     let opened = blocking(move || {
-        let store = Store::open(&database)?;
-        let used = store.use_launch_token(&token_id, expires_at, now)?;
-        if used == TokenUse::First {
-            store.open_session(&hash, &session)?;
-        }
-        Ok(used)
+        crate::disk::write_even_when_full(&home_dir, || {
+            let store = Store::open(&database)?;
+            let used = store.use_launch_token(&token_id, expires_at, now)?;
+            if used == TokenUse::First {
+                store.open_session(&hash, &session)?;
+            }
+            Ok(used)
+        })
     })
     .await;
     match opened {
@@ -936,9 +948,14 @@ async fn metrics(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Res
     }
     let database = state.database.clone();
     let counters = state.sync.clone();
+    let home_dir = state.home_dir().to_path_buf();
     let rendered = blocking(move || {
         let store = Store::open_read_only(&database)?;
-        Ok(crate::metrics::render(&store, counters.as_deref())?)
+        Ok(crate::metrics::render(
+            &store,
+            counters.as_deref(),
+            &home_dir,
+        )?)
     })
     .await;
     match rendered {
@@ -966,17 +983,22 @@ async fn health(State(state): State<Arc<ViewState>>) -> Response {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
+    let disk = crate::disk::status(state.home_dir());
     match readable {
-        // Reads still work while the drop folder is paused: degraded, not down.
-        Ok(_) => Json(match paused {
-            None => serde_json::json!({ "status": "ok", "organisation": state.ods }),
-            Some(reason) => serde_json::json!({
-                "status": "degraded",
+        // Reads still work while the drop folder is paused or the disk is full: degraded,
+        // not down.
+        Ok(_) => {
+            let degraded = paused.is_some() || disk.problem.is_some();
+            let mut body = serde_json::json!({
+                "status": if degraded { "degraded" } else { "ok" },
                 "organisation": state.ods,
-                "drop_folder": format!("paused: {reason}"),
-            }),
-        })
-        .into_response(),
+                "disk": disk,
+            });
+            if let Some(reason) = paused {
+                body["drop_folder"] = serde_json::json!(format!("paused: {reason}"));
+            }
+            Json(body).into_response()
+        }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({ "status": "database unreadable" })),
