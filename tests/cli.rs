@@ -1156,6 +1156,53 @@ fn metrics_are_scraped_with_the_bearer_token_from_the_home() {
     assert_eq!(scrape(None).status, 401);
 }
 
+/// Finding: /metrics had no figures for ingest, quarantine, stale sources, disk space or the
+/// version. Each is read here from a node that ingested, quarantined and was left a file.
+#[test]
+fn metrics_cover_ingest_quarantine_the_drop_folder_sources_disk_and_version() {
+    let (_temp, home) = banbury_road_surgery();
+    let fixture = fixtures().join("uk-core/UKCore-Patient-RichardSmith-Example.json");
+    let output = ingest(&home, &[fixture.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let node = RunningNode::start(&home);
+    std::fs::write(home.join("drop/broken.json"), b"{\"resourceType\": ").unwrap();
+    // Never taken: a directory is not an extract, whatever its name.
+    std::fs::create_dir(home.join("drop/folder.json")).unwrap();
+    let reason = home.join("quarantine/broken.json.reason.txt");
+    assert!(wait_for(Duration::from_secs(60), || reason.exists()));
+    let admin = role_session(&home, &node.address, "admin");
+    let value = |name: &str| -> f64 {
+        let (status, body) = http_get_as(&node.address, "/metrics", &admin);
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+            .parse()
+            .unwrap()
+    };
+    let version = format!(
+        "caremesh_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(value(&version), 1.0);
+    assert_eq!(
+        value("caremesh_ingested_files_total{outcome=\"accepted\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("caremesh_ingested_files_total{outcome=\"rejected\"}"),
+        1.0
+    );
+    assert_eq!(value("caremesh_quarantined_files"), 1.0);
+    assert_eq!(value("caremesh_drop_folder_left_in_place"), 1.0);
+    assert_eq!(value("caremesh_drop_folder_paused"), 0.0);
+    assert_eq!(value("caremesh_source_stale{source=\"A81001\"}"), 0.0);
+    assert!(value("caremesh_last_ingest_timestamp_seconds") > 1.7e9);
+    assert!(value("caremesh_disk_free_bytes") > 16.0 * 1024.0 * 1024.0);
+    assert_eq!(value("caremesh_disk_reserve_held"), 1.0);
+    assert_eq!(value("caremesh_documents_unsendable"), 0.0);
+}
+
 /// Idle connections cannot exhaust the node: one address holds at most 64 at once (more
 /// are closed at once), and a connection that sends nothing for 30 seconds is closed, after
 /// which `/health` answers again.

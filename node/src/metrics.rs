@@ -28,11 +28,18 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Lab
     family
 }
 
+/// What the node knows outside its database, for the figures about files and the disk.
+pub struct Local<'a> {
+    pub home_dir: &'a std::path::Path,
+    pub drop_folder_paused: bool,
+}
+
 pub fn render(
     store: &Store,
     counters: Option<&SyncCounters>,
-    home_dir: &std::path::Path,
+    local: &Local<'_>,
 ) -> Result<String, StorageError> {
+    let home_dir = local.home_dir;
     let now = clock::now_unix();
     let mut registry = Registry::default();
     let connected = gauge_family(
@@ -102,7 +109,48 @@ pub fn render(
             .inc_by(peer.documents_received);
         rejected.get_or_create(&labels).inc_by(peer.rejected);
     }
+    let build = gauge_family(
+        &mut registry,
+        "caremesh_build_info",
+        "The caremesh version running (always 1)",
+    );
+    build
+        .get_or_create(&vec![(
+            "version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        )])
+        .set(1);
+    let ingested = counter_family(
+        &mut registry,
+        "caremesh_ingested_files",
+        "Extract files ingested, by outcome (accepted, partly rejected, rejected)",
+    );
+    for (outcome, count) in store.ingest_counts()? {
+        ingested
+            .get_or_create(&vec![("outcome".to_string(), outcome)])
+            .inc_by(count.max(0) as u64);
+    }
+    let stale = gauge_family(
+        &mut registry,
+        "caremesh_source_stale",
+        "1 if a batch source's newest data is older than its expected refresh",
+    );
+    let data_age = gauge_family(
+        &mut registry,
+        "caremesh_source_data_age_seconds",
+        "How old each source's newest data is",
+    );
+    for source in store.sources()? {
+        let labels = vec![("source".to_string(), source.publisher.clone())];
+        stale
+            .get_or_create(&labels)
+            .set(i64::from(source.is_stale(now)));
+        data_age
+            .get_or_create(&labels)
+            .set((now - source.data_as_of).max(0));
+    }
     let stats = store.stats()?;
+    let survey = crate::watch::survey(&home_dir.join("drop"));
     for (name, help, value) in [
         (
             "caremesh_patients",
@@ -115,6 +163,31 @@ pub fn render(
             "caremesh_documents_unsendable",
             "Documents a peer wants that are too large to send in one frame (see caremesh status)",
             store.unsendable_documents()?.len() as i64,
+        ),
+        (
+            "caremesh_last_ingest_timestamp_seconds",
+            "When the last file was ingested (Unix time; 0 if none yet)",
+            stats.last_ingest.as_ref().map_or(0, |last| last.at),
+        ),
+        (
+            "caremesh_quarantined_files",
+            "Files in quarantine/ (each with a .reason.txt beside it)",
+            quarantined_files(&home_dir.join("quarantine")) as i64,
+        ),
+        (
+            "caremesh_drop_folder_waiting_files",
+            "Extract files in drop/ not yet ingested",
+            survey.waiting as i64,
+        ),
+        (
+            "caremesh_drop_folder_left_in_place",
+            "Entries in drop/ that are never taken (see caremesh status)",
+            survey.left_in_place.len() as i64,
+        ),
+        (
+            "caremesh_drop_folder_paused",
+            "1 while the drop folder is paused (see /health)",
+            i64::from(local.drop_folder_paused),
         ),
         (
             "caremesh_disk_free_bytes",
@@ -157,4 +230,15 @@ pub fn render(
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String cannot fail");
     Ok(text)
+}
+
+fn quarantined_files(folder: &std::path::Path) -> usize {
+    std::fs::read_dir(folder)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|entry| !entry.file_name().to_string_lossy().ends_with(".reason.txt"))
+                .count()
+        })
+        .unwrap_or(0)
 }

@@ -612,6 +612,18 @@ impl Store {
             .map_err(self.err("read last ingest"))
     }
 
+    /// Files ingested so far, by outcome (accepted, partly rejected, rejected).
+    pub fn ingest_counts(&self) -> Result<Vec<(String, i64)>> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT outcome, count(*) FROM ingests GROUP BY outcome")
+            .map_err(self.err("count ingests"))?;
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(self.err("count ingests"))
+    }
+
     /// Every file the ingest log names: the path it was read from, and where it was kept.
     pub fn ingested_files(&self) -> Result<Vec<(String, Option<String>)>> {
         let mut statement = self

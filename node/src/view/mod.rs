@@ -949,13 +949,18 @@ async fn metrics(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Res
     let database = state.database.clone();
     let counters = state.sync.clone();
     let home_dir = state.home_dir().to_path_buf();
+    let drop_folder_paused = state
+        .drop_folder_paused
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_some();
     let rendered = blocking(move || {
         let store = Store::open_read_only(&database)?;
-        Ok(crate::metrics::render(
-            &store,
-            counters.as_deref(),
-            &home_dir,
-        )?)
+        let local = crate::metrics::Local {
+            home_dir: &home_dir,
+            drop_folder_paused,
+        };
+        Ok(crate::metrics::render(&store, counters.as_deref(), &local)?)
     })
     .await;
     match rendered {
