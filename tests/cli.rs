@@ -1204,8 +1204,8 @@ fn metrics_cover_ingest_quarantine_the_drop_folder_sources_disk_and_version() {
 }
 
 /// Idle connections cannot exhaust the node: one address holds at most 64 at once (more
-/// are closed at once), and a connection that sends nothing for 30 seconds is closed, after
-/// which `/health` answers again.
+/// are closed at once), a connection that sends nothing for 30 seconds is closed, and so is
+/// one that takes over 20 seconds to send one request; after that `/health` answers again.
 #[test]
 fn idle_connections_are_bounded_per_address_and_closed_after_a_silence() {
     use std::io::Read as _;
@@ -1224,6 +1224,25 @@ fn idle_connections_are_bounded_per_address_and_closed_after_a_silence() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ),
         }
+    };
+    // A client trickling its request a byte every two seconds is never silent, but it is
+    // closed once it has taken 20 seconds over one request.
+    let trickling = std::net::TcpStream::connect(&node.address).unwrap();
+    let trickler = {
+        let mut stream = trickling.try_clone().unwrap();
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let started = std::time::Instant::now();
+            stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            while started.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_secs(2));
+                if stream.write_all(b"X").is_err() {
+                    break;
+                }
+            }
+        })
     };
     let idle: Vec<std::net::TcpStream> = (0..100)
         .map(|_| std::net::TcpStream::connect(&node.address).unwrap())
@@ -1244,6 +1263,11 @@ fn idle_connections_are_bounded_per_address_and_closed_after_a_silence() {
         .filter(|stream| !closed(stream, Duration::from_millis(200)))
         .count();
     assert_eq!(still_open, 0, "idle connections outlived the silence limit");
+    assert!(
+        closed(&trickling, Duration::from_millis(200)),
+        "a request trickled in for 32 seconds and was still being read"
+    );
+    trickler.join().unwrap();
     assert_eq!(http_get(&node.address, "/health").0, 200);
 }
 

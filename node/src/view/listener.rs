@@ -1,6 +1,7 @@
-//! The view's listener, bounded: connections in total and per client address, and how long
-//! a connection may send nothing. Without bounds, idle TCP connections held the node's file
-//! descriptors until `/health` stopped answering.
+//! The view's listener, bounded: connections in total and per client address, how long a
+//! connection may send nothing, and how long a client may take to send one request. Without
+//! bounds, idle TCP connections held the node's file descriptors until `/health` stopped
+//! answering; and a client trickling a byte at a time would hold one for ever.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +23,9 @@ pub const MAX_PER_ADDRESS: usize = 64;
 /// How long a connection may send nothing (a request's headers, or the next request on a
 /// kept-alive connection) before it is closed.
 pub const IDLE: Duration = Duration::from_secs(30);
+/// How long a client may take from the first byte of a request until the node answers: the
+/// view's requests are headers and a small form, sent at once by any real client.
+pub const REQUEST_TIME: Duration = Duration::from_secs(20);
 
 pub struct BoundedListener {
     listener: TcpListener,
@@ -64,7 +68,12 @@ impl Drop for Held {
 /// A client connection that is closed when it sends nothing for [`IDLE`].
 pub struct BoundedStream {
     stream: TcpStream,
+    /// Fires at the first of: [`IDLE`] after the last byte either way, or the request's
+    /// deadline.
     idle: Pin<Box<Sleep>>,
+    /// When the request being received must be answered by: set by its first byte, cleared
+    /// when the answer starts.
+    request_deadline: Option<Instant>,
     _held: Held,
 }
 
@@ -113,6 +122,7 @@ impl axum::serve::Listener for BoundedListener {
             let stream = BoundedStream {
                 stream,
                 idle: Box::pin(tokio::time::sleep(IDLE)),
+                request_deadline: None,
                 _held: held,
             };
             return (stream, address);
@@ -134,14 +144,20 @@ impl AsyncRead for BoundedStream {
         match Pin::new(&mut self.stream).poll_read(context, buffer) {
             Poll::Ready(result) => {
                 if buffer.filled().len() > before {
-                    self.idle.as_mut().reset(Instant::now() + IDLE);
+                    let now = Instant::now();
+                    let deadline = *self.request_deadline.get_or_insert(now + REQUEST_TIME);
+                    self.idle.as_mut().reset((now + IDLE).min(deadline));
                 }
                 Poll::Ready(result)
             }
             Poll::Pending => match self.idle.as_mut().poll(context) {
                 Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "the client sent nothing for too long",
+                    if self.request_deadline.is_some() {
+                        "the client took too long to send its request"
+                    } else {
+                        "the client sent nothing for too long"
+                    },
                 ))),
                 Poll::Pending => Poll::Pending,
             },
@@ -155,7 +171,9 @@ impl AsyncWrite for BoundedStream {
         context: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        // A response being sent is activity: the client is reading it.
+        // A response being sent is activity (the client is reading it), and the end of the
+        // request it answers.
+        self.request_deadline = None;
         self.idle.as_mut().reset(Instant::now() + IDLE);
         Pin::new(&mut self.stream).poll_write(context, data)
     }
