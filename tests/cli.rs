@@ -291,6 +291,90 @@ fn sim_reports_a_bad_scenario_by_name_and_place() {
     );
 }
 
+/// Finding: the chain was unkeyed: deleting every entry, the newest ones, or rewriting
+/// entries and recomputing the hashes all verified. A checkpoint the organisation signed (of
+/// the count and the head) and kept apart from the entries shows each, naming the gap.
+#[test]
+fn signed_checkpoints_show_a_trail_cut_short_or_rewritten_with_its_hashes_recomputed() {
+    let temp = tempfile::tempdir().unwrap();
+    let original = temp.path().join("gp");
+    init_node(&original, "A81001", "Test Surgery", "gp");
+    for _ in 0..4 {
+        record_as_tests(&original, "9912003888", &[]);
+    }
+    let signed = run(&["audit", "checkpoint", "--dir", original.to_str().unwrap()]);
+    assert!(
+        stdout(&signed).contains("signed an audit checkpoint: 4 entries"),
+        "{}",
+        stdout(&signed)
+    );
+    let verify =
+        |home: &std::path::Path| run(&["audit", "verify", "--dir", home.to_str().unwrap()]);
+    let intact = verify(&original);
+    assert!(intact.status.success(), "{}", stdout(&intact));
+    assert!(
+        stdout(&intact).contains("matches the newest checkpoint: 4 entries"),
+        "{}",
+        stdout(&intact)
+    );
+    let tampered = |name: &str, tamper: &dyn Fn(&rusqlite::Connection)| -> String {
+        let copy = temp.path().join(name);
+        let status = std::process::Command::new("cp")
+            .args(["-a"])
+            .arg(&original)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        tamper(&rusqlite::Connection::open(copy.join("node.db")).unwrap());
+        let output = verify(&copy);
+        assert_eq!(output.status.code(), Some(1), "{name}: {}", stdout(&output));
+        stdout(&output)
+    };
+    let emptied = tampered("emptied", &|db| {
+        db.execute("DELETE FROM audit_events", []).unwrap();
+    });
+    assert!(emptied.contains("entries 1 to 4 are missing"), "{emptied}");
+    assert!(emptied.contains("held here"), "{emptied}");
+    let cut = tampered("cut", &|db| {
+        db.execute("DELETE FROM audit_events WHERE seq > 2", [])
+            .unwrap();
+    });
+    assert!(cut.contains("entries 3 to 4 are missing"), "{cut}");
+    // Every user renamed and every hash recomputed, as someone covering tracks would.
+    let rewritten = tampered("rewritten", &|db| {
+        use caremesh_storage::audit::{AuditEvent, event_hash};
+        let rows: Vec<(i64, String)> = db
+            .prepare("SELECT seq, body FROM audit_events ORDER BY seq")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut previous = [0u8; 32];
+        for (seq, body) in rows {
+            let mut event: AuditEvent = serde_json::from_str(&body).unwrap();
+            event.user_name = "Someone Else".into();
+            let hash = event_hash(&previous, seq, &event);
+            db.execute(
+                "UPDATE audit_events SET body = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+                rusqlite::params![
+                    serde_json::to_string(&event).unwrap(),
+                    &previous[..],
+                    &hash[..],
+                    seq
+                ],
+            )
+            .unwrap();
+            previous = hash;
+        }
+    });
+    assert!(
+        rewritten.contains("entries up to 4 were rewritten"),
+        "{rewritten}"
+    );
+}
+
 #[test]
 fn audit_verify_finds_an_edited_entry_in_the_chain() {
     let temp = tempfile::tempdir().unwrap();

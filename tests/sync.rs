@@ -503,6 +503,83 @@ fn a_document_too_large_to_send_is_an_error_in_status_metrics_and_the_log() {
     assert!(logged.contains("too large to send"), "{logged}");
 }
 
+/// Finding: a node whose trail was cut could not tell. Its signed audit checkpoints go to
+/// the hub, which holds them as a witness outside the node and hands back what it holds at
+/// every connection: someone who deletes the trail and every local trace of the checkpoints
+/// (receipts included) is found out once the node next reaches the hub.
+#[test]
+fn the_hub_witnesses_audit_checkpoints_and_a_cut_trail_is_found_from_its_copy() {
+    let temp = tempfile::tempdir().unwrap();
+    let (hub, gp) = hub_and_gp(temp.path(), 1, 1);
+    let _hub = RunningNode::start(&hub);
+    let nhs = caseload(&gp, "A81001").remove(0);
+    {
+        let _gp = RunningNode::start(&gp);
+        for _ in 0..3 {
+            record_as_tests(&gp, &nhs, &[]);
+        }
+        let signed = run(&["audit", "checkpoint", "--dir", gp.to_str().unwrap()]);
+        assert!(signed.status.success(), "{}", stderr(&signed));
+        let witnessed = || {
+            count(
+                &hub,
+                "SELECT count(*) FROM witnessed_checkpoints WHERE organisation = ?1 AND count = 3",
+                "A81001",
+            ) == 1
+        };
+        assert!(
+            wait_for(SYNC_WAIT, witnessed),
+            "the hub holds the checkpoint"
+        );
+        assert!(wait_for(SYNC_WAIT, || count(
+            &gp,
+            "SELECT count(*) FROM witness_receipts WHERE witness = ?1",
+            "HUB01"
+        ) == 1));
+    }
+    // Every trace at the node goes: the trail, its checkpoints, the hub's receipts; and a new
+    // trail is written and signed in its place, longer than the one the hub saw.
+    let db = database(&gp);
+    for table in ["audit_events", "audit_checkpoints", "witness_receipts"] {
+        db.execute(&format!("DELETE FROM {table}"), []).unwrap();
+    }
+    drop(db);
+    for _ in 0..5 {
+        record_as_tests(&gp, &nhs, &[]);
+    }
+    let resigned = run(&["audit", "checkpoint", "--dir", gp.to_str().unwrap()]);
+    assert!(
+        stdout(&resigned).contains("5 entries"),
+        "{}",
+        stdout(&resigned)
+    );
+    let fooled = run(&["audit", "verify", "--dir", gp.to_str().unwrap()]);
+    assert!(
+        fooled.status.success(),
+        "nothing local is left to tell: {}",
+        stdout(&fooled)
+    );
+
+    // The node reconnects; the hub hands back what it witnessed.
+    {
+        let _gp = RunningNode::start(&gp);
+        // Its receipts for the old checkpoint (3) and the new (5).
+        assert!(wait_for(SYNC_WAIT, || count(
+            &gp,
+            "SELECT count(*) FROM witness_receipts WHERE witness = ?1",
+            "HUB01"
+        ) == 2));
+    }
+    let found = run(&["audit", "verify", "--dir", gp.to_str().unwrap()]);
+    assert_eq!(found.status.code(), Some(1), "{}", stdout(&found));
+    assert!(
+        stdout(&found).contains("entries up to 3 were rewritten")
+            && stdout(&found).contains("held by witness HUB01"),
+        "{}",
+        stdout(&found)
+    );
+}
+
 /// Finding: a running hub ignored a registry installed with `trust install`; the revoked
 /// organisation stayed connected and new documents were relayed until the hub restarted.
 #[test]

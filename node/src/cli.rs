@@ -790,6 +790,21 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
                 }
             }
         });
+        // Signed checkpoints of the audit trail: at start, every few minutes and at shutdown
+        // (below). The sync engine hands each new one to the peers to witness.
+        let checkpoints = tokio::spawn({
+            let home = home.clone();
+            async move {
+                let mut every = tokio::time::interval(crate::audit::CHECKPOINT_EVERY);
+                loop {
+                    every.tick().await;
+                    let home = home.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || crate::audit::checkpoint_now(&home))
+                            .await;
+                }
+            }
+        });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
@@ -809,7 +824,12 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             .await
             .context("serving the view");
         summaries.abort();
+        checkpoints.abort();
         state.flush_anonymous().await;
+        {
+            let home = home.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::audit::checkpoint_now(&home)).await;
+        }
         let _ = shutdown_tx.send(true);
         if let Some(sync) = sync {
             let _ = tokio::task::spawn_blocking(move || sync.join()).await;

@@ -259,6 +259,7 @@ impl Default for ViewConfig {
     }
 }
 
+#[derive(Clone)]
 pub struct Home {
     pub dir: PathBuf,
     pub config: NodeConfig,

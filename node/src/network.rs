@@ -577,6 +577,8 @@ struct Engine {
     ready: BTreeSet<OdsCode>,
     /// The registry edition the sessions were last checked against.
     registry_version: u64,
+    /// The count of the newest own audit checkpoint handed to the sessions.
+    audit_checkpoint_seen: u64,
     next_feed_poll: Instant,
     /// Documents stored in the current group commit, for the observer once it is durable.
     stored_in_group: Vec<Vec<(caremesh_sync::DocId, Vec<[u8; 32]>)>>,
@@ -603,6 +605,7 @@ impl Engine {
             stored_observer: None,
             ready: BTreeSet::new(),
             registry_version: 0,
+            audit_checkpoint_seen: 0,
             next_feed_poll: Instant::now(),
             stored_in_group: Vec::new(),
         }
@@ -629,6 +632,34 @@ impl Engine {
             .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(peer = %ods, %reason, "closing sync connection");
         self.close(ods, reason);
+    }
+
+    /// Hands a newly signed audit checkpoint to every connected peer to witness.
+    fn hand_on_audit_checkpoint(&mut self) {
+        let count = match self.host.store.newest_own_checkpoint() {
+            Ok(Some(bytes)) => caremesh_sync::SignedCheckpoint::decode(&bytes)
+                .map(|signed| signed.checkpoint.count)
+                .unwrap_or(0),
+            Ok(None) => 0,
+            Err(error) => {
+                tracing::error!(%error, "could not read the newest audit checkpoint");
+                return;
+            }
+        };
+        if count <= self.audit_checkpoint_seen {
+            return;
+        }
+        self.audit_checkpoint_seen = count;
+        let mut failed = Vec::new();
+        for (ods, live) in &mut self.sessions {
+            if let Err(error) = live.session.audit_checkpointed(&mut self.host) {
+                failed.push((ods.clone(), error.to_string()));
+            }
+            self.ready.insert(ods.clone());
+        }
+        for (ods, reason) in failed {
+            self.fail(&ods, &reason);
+        }
     }
 
     /// Closes the sessions of peers whose keys the registry in force no longer trusts, once
@@ -714,6 +745,7 @@ impl Engine {
                 next_flush = Instant::now() + STATUS_FLUSH;
                 self.flush_status();
                 self.host.compact_if_due();
+                self.hand_on_audit_checkpoint();
             }
         }
         let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();

@@ -55,6 +55,26 @@ impl SyncHost for SimHost {
     fn checkpoint(&mut self, peer: &OdsCode) -> Result<Option<Checkpoint>, HostError> {
         self.inner.checkpoint(peer)
     }
+    fn own_audit_checkpoint(&mut self) -> Result<Option<Vec<u8>>, HostError> {
+        self.inner.own_audit_checkpoint()
+    }
+    fn witness_audit_checkpoint(
+        &mut self,
+        peer: &OdsCode,
+        checkpoint: &caremesh_sync::SignedCheckpoint,
+    ) -> Result<(), HostError> {
+        self.inner.witness_audit_checkpoint(peer, checkpoint)
+    }
+    fn witnessed_audit_checkpoints(&mut self, peer: &OdsCode) -> Result<Vec<Vec<u8>>, HostError> {
+        self.inner.witnessed_audit_checkpoints(peer)
+    }
+    fn audit_checkpoint_witnessed(
+        &mut self,
+        witness: &OdsCode,
+        checkpoint: &caremesh_sync::SignedCheckpoint,
+    ) -> Result<(), HostError> {
+        self.inner.audit_checkpoint_witnessed(witness, checkpoint)
+    }
     fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
         self.inner.is_publisher_key(publisher, key)
     }

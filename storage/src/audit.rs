@@ -7,8 +7,8 @@
 //! newest entries were cut off, which is why events also travel to the data owners.
 
 use crate::{Result, Store, WriteBatch};
-use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, Section};
-use rusqlite::params;
+use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, Section, SignedCheckpoint};
+use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -60,6 +60,10 @@ pub enum ChainBreak {
 
 const GENESIS: [u8; 32] = [0; 32];
 
+/// Checkpoints a witness keeps of one organisation (and a node of one witness's receipts):
+/// the newest this many, and the first of each day before them.
+pub const CHECKPOINTS_KEPT: i64 = 200;
+
 impl AuditEvent {
     /// Whether the event showed data of organisations other than the viewer's own: those
     /// organisations are sent it, so that each can tell who saw its data.
@@ -102,6 +106,91 @@ impl AuditEvent {
 }
 
 impl WriteBatch<'_> {
+    /// Keeps a checkpoint this node signed of its own chain.
+    pub fn save_own_checkpoint(&self, signed: &SignedCheckpoint) -> Result<()> {
+        let checkpoint = &signed.checkpoint;
+        self.tx
+            .execute(
+                "INSERT OR IGNORE INTO audit_checkpoints (count, head, at, signed) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    checkpoint.count as i64,
+                    &checkpoint.head[..],
+                    checkpoint.at,
+                    signed.encode()
+                ],
+            )
+            .map_err(self.err("keep an audit checkpoint"))?;
+        Ok(())
+    }
+
+    /// Keeps another organisation's checkpoint as its witness. Returns the head of a
+    /// different checkpoint of the same count held already: the organisation's trail was
+    /// rewritten (the first one is kept).
+    pub fn witness_checkpoint(&self, signed: &SignedCheckpoint) -> Result<Option<[u8; 32]>> {
+        let organisation = &signed.checkpoint.organisation;
+        let held = self.keep_checkpoint(
+            "witnessed_checkpoints",
+            "organisation",
+            organisation,
+            signed,
+        )?;
+        Ok(held.filter(|head| *head != signed.checkpoint.head))
+    }
+
+    /// Keeps `witness`'s receipt for one of this node's checkpoints.
+    pub fn save_witness_receipt(&self, witness: &OdsCode, signed: &SignedCheckpoint) -> Result<()> {
+        self.keep_checkpoint("witness_receipts", "witness", witness, signed)?;
+        Ok(())
+    }
+
+    /// Inserts `signed` under `key` unless one of its count is held (whose head is returned),
+    /// then thins the history: the newest [`CHECKPOINTS_KEPT`], and the first of each day.
+    fn keep_checkpoint(
+        &self,
+        table: &str,
+        key_column: &str,
+        key: &OdsCode,
+        signed: &SignedCheckpoint,
+    ) -> Result<Option<[u8; 32]>> {
+        let count = signed.checkpoint.count as i64;
+        let held: Option<Vec<u8>> = self
+            .tx
+            .query_row(
+                &format!("SELECT signed FROM {table} WHERE {key_column} = ?1 AND count = ?2"),
+                params![key.as_str(), count],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(self.err("read audit checkpoints"))?;
+        if let Some(held) = held {
+            return Ok(SignedCheckpoint::decode(&held)
+                .ok()
+                .map(|s| s.checkpoint.head));
+        }
+        self.tx
+            .execute(
+                &format!(
+                    "INSERT INTO {table} ({key_column}, count, at, signed) VALUES (?1, ?2, ?3, ?4)"
+                ),
+                params![key.as_str(), count, signed.checkpoint.at, signed.encode()],
+            )
+            .map_err(self.err("keep an audit checkpoint"))?;
+        self.tx
+            .execute(
+                &format!(
+                    "DELETE FROM {table} WHERE {key_column} = ?1 \
+                     AND count NOT IN (SELECT count FROM {table} WHERE {key_column} = ?1 \
+                                       ORDER BY count DESC LIMIT ?2) \
+                     AND count NOT IN (SELECT min(count) FROM {table} WHERE {key_column} = ?1 \
+                                       GROUP BY at / 86400)"
+                ),
+                params![key.as_str(), CHECKPOINTS_KEPT],
+            )
+            .map_err(self.err("thin audit checkpoints"))?;
+        Ok(None)
+    }
+
     /// Appends `event` to the chain inside this batch and returns it as stored.
     pub fn append_audit(&self, event: &AuditEvent) -> Result<ChainedEvent> {
         let (seq, prev_hash) = self
@@ -207,14 +296,64 @@ impl Store {
         Ok(records)
     }
 
-    /// Every event in chain order.
-    pub fn audit_events(&self) -> Result<Vec<ChainedEvent>> {
+    /// This node's newest signed checkpoint of its own chain, encoded.
+    pub fn newest_own_checkpoint(&self) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .query_row(
+                "SELECT signed FROM audit_checkpoints ORDER BY count DESC LIMIT 1",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(self.err("read the audit checkpoints"))
+    }
+
+    /// The checkpoints `organisation` handed this node to witness, newest first, encoded.
+    pub fn witnessed_checkpoints_of(&self, organisation: &OdsCode) -> Result<Vec<Vec<u8>>> {
         let mut statement = self
             .conn
-            .prepare("SELECT seq, body, prev_hash, hash FROM audit_events ORDER BY seq")
+            .prepare_cached(
+                "SELECT signed FROM witnessed_checkpoints WHERE organisation = ?1 \
+                 ORDER BY count DESC",
+            )
+            .map_err(self.err("read witnessed audit checkpoints"))?;
+        statement
+            .query_map([organisation.as_str()], |row| row.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(self.err("read witnessed audit checkpoints"))
+    }
+
+    /// Every checkpoint this node knows of its own chain, with who holds it: `None` for this
+    /// node's own record of it, else the witness that sent a receipt. Encoded, unverified.
+    pub fn own_checkpoints_known(&self) -> Result<Vec<(Option<String>, Vec<u8>)>> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT NULL, signed FROM audit_checkpoints \
+                 UNION ALL SELECT witness, signed FROM witness_receipts",
+            )
+            .map_err(self.err("read the audit checkpoints"))?;
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(self.err("read the audit checkpoints"))
+    }
+
+    /// Every event in chain order.
+    pub fn audit_events(&self) -> Result<Vec<ChainedEvent>> {
+        self.audit_events_after(0)
+    }
+
+    /// The events after position `after`, in chain order.
+    pub fn audit_events_after(&self, after: i64) -> Result<Vec<ChainedEvent>> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT seq, body, prev_hash, hash FROM audit_events WHERE seq > ?1 ORDER BY seq",
+            )
             .map_err(self.err("read the audit trail"))?;
         let rows = statement
-            .query_map([], |row| {
+            .query_map([after], |row| {
                 Ok((
                     row.get::<_, i64>(0)?,
                     row.get::<_, String>(1)?,
@@ -246,9 +385,18 @@ impl Store {
 /// Checks the chain in the order stored: numbering without gaps from 1, each entry linked to
 /// the one before, each hash matching its content. Returns the first break.
 pub fn verify_chain(events: &[ChainedEvent]) -> std::result::Result<(), ChainBreak> {
-    let mut previous = GENESIS;
+    verify_chain_after(0, &GENESIS, events)
+}
+
+/// As [`verify_chain`], for the events after position `after`, whose hash was `hash`.
+pub fn verify_chain_after(
+    after: i64,
+    hash: &[u8; 32],
+    events: &[ChainedEvent],
+) -> std::result::Result<(), ChainBreak> {
+    let mut previous = *hash;
     for (index, entry) in events.iter().enumerate() {
-        let expected = index as i64 + 1;
+        let expected = after + index as i64 + 1;
         if entry.seq > expected {
             return Err(ChainBreak::Missing {
                 expected,
@@ -353,5 +501,56 @@ mod tests {
              UPDATE audit_events SET seq = 3 WHERE seq = -2;",
         );
         assert_eq!(reordered, Err(ChainBreak::Unlinked { seq: 2 }));
+    }
+
+    /// A witness keeps a history, thinned: the newest checkpoints and the first of each day.
+    /// A second, different checkpoint of the same length is reported, the first kept.
+    #[test]
+    fn a_witness_keeps_a_thinned_history_and_reports_a_contradiction() {
+        let (_dir, mut store) = chained();
+        let key = caremesh_sync::PublisherKey::from_secret([5; 32]);
+        let organisation = OdsCode::parse("A81001").unwrap();
+        let checkpoint = |count: u64, head: u8, at: i64| {
+            key.sign_checkpoint(caremesh_sync::AuditCheckpoint {
+                organisation: organisation.clone(),
+                count,
+                head: [head; 32],
+                at,
+            })
+        };
+        let day = 86_400;
+        let batch = store.write().unwrap();
+        // Ten days of checkpoints, forty a day.
+        for n in 0..400u64 {
+            let contradicted = batch
+                .witness_checkpoint(&checkpoint(n + 1, 1, (n / 40) as i64 * day + n as i64))
+                .unwrap();
+            assert_eq!(contradicted, None);
+        }
+        assert_eq!(
+            batch.witness_checkpoint(&checkpoint(41, 2, 50 * day)).unwrap(),
+            Some([1; 32]),
+            "a different account of the first 41 entries (a day's first, kept)"
+        );
+        batch.commit().unwrap();
+        let held: Vec<u64> = store
+            .witnessed_checkpoints_of(&organisation)
+            .unwrap()
+            .iter()
+            .map(|bytes| SignedCheckpoint::decode(bytes).unwrap().checkpoint.count)
+            .collect();
+        assert_eq!(held.len(), CHECKPOINTS_KEPT as usize + 5, "{held:?}");
+        assert_eq!(held[0], 400, "newest first");
+        for first_of_day in [1, 41, 81, 121, 161] {
+            assert!(held.contains(&first_of_day), "{first_of_day} in {held:?}");
+        }
+        let kept_41 = store
+            .witnessed_checkpoints_of(&organisation)
+            .unwrap()
+            .into_iter()
+            .map(|bytes| SignedCheckpoint::decode(&bytes).unwrap())
+            .find(|signed| signed.checkpoint.count == 41)
+            .unwrap();
+        assert_eq!(kept_41.checkpoint.head, [1; 32], "the first account is kept");
     }
 }

@@ -257,6 +257,32 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (doc_id, peer)
     ) STRICT;
     "#,
+    // 14: signed audit checkpoints, kept apart from the chain they describe: this node's own;
+    // those each peer handed this node to witness (a history, thinned with age: a rewritten
+    // trail contradicts an old checkpoint as surely as a new one); and receipts from peers
+    // that hold this node's (so that a node whose own records were cut learns what it signed).
+    r#"
+    CREATE TABLE audit_checkpoints (
+        count       INTEGER PRIMARY KEY,
+        head        BLOB NOT NULL,
+        at          INTEGER NOT NULL,
+        signed      BLOB NOT NULL
+    ) STRICT;
+    CREATE TABLE witnessed_checkpoints (
+        organisation TEXT NOT NULL,
+        count        INTEGER NOT NULL,
+        at           INTEGER NOT NULL,
+        signed       BLOB NOT NULL,
+        PRIMARY KEY (organisation, count)
+    ) STRICT;
+    CREATE TABLE witness_receipts (
+        witness     TEXT NOT NULL,
+        count       INTEGER NOT NULL,
+        at          INTEGER NOT NULL,
+        signed      BLOB NOT NULL,
+        PRIMARY KEY (witness, count)
+    ) STRICT;
+    "#,
 ];
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
 use caremesh_sync::wire::OfferEntry;
 use caremesh_sync::{
     Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, LoadedDocuments,
-    NhsNumber, OdsCode, OfferPage, Refusal, Section, SignedHeads, SyncHost, VerifiedDocument,
+    NhsNumber, OdsCode, OfferPage, Refusal, Section, SignedCheckpoint, SignedHeads, SyncHost,
+    VerifiedDocument,
 };
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -607,6 +608,48 @@ impl SyncHost for StoreHost {
 
     fn loaded_documents(&mut self) -> Option<&mut LoadedDocuments> {
         self.loaded.as_mut()
+    }
+
+    fn own_audit_checkpoint(&mut self) -> Result<Option<Vec<u8>>, HostError> {
+        self.store.newest_own_checkpoint().map_err(host_error)
+    }
+
+    fn witness_audit_checkpoint(
+        &mut self,
+        peer: &OdsCode,
+        checkpoint: &SignedCheckpoint,
+    ) -> Result<(), HostError> {
+        let batch = self.store.write().map_err(host_error)?;
+        let contradicted = batch.witness_checkpoint(checkpoint).map_err(host_error)?;
+        batch.commit().map_err(host_error)?;
+        if contradicted.is_some() {
+            // Two signed accounts of the same trail: one of them was rewritten. Codes and
+            // counts only.
+            tracing::error!(
+                %peer,
+                entries = checkpoint.checkpoint.count,
+                "a peer signed two different audit checkpoints of the same length: its audit trail was rewritten; the first is kept"
+            );
+        }
+        Ok(())
+    }
+
+    fn witnessed_audit_checkpoints(&mut self, peer: &OdsCode) -> Result<Vec<Vec<u8>>, HostError> {
+        self.store
+            .witnessed_checkpoints_of(peer)
+            .map_err(host_error)
+    }
+
+    fn audit_checkpoint_witnessed(
+        &mut self,
+        witness: &OdsCode,
+        checkpoint: &SignedCheckpoint,
+    ) -> Result<(), HostError> {
+        let batch = self.store.write().map_err(host_error)?;
+        batch
+            .save_witness_receipt(witness, checkpoint)
+            .map_err(host_error)?;
+        batch.commit().map_err(host_error)
     }
 
     fn offer_registry(&mut self, bytes: Vec<u8>) -> Result<bool, HostError> {

@@ -38,6 +38,8 @@ pub use session::{
     Checkpoint, Event, FeedEntry, HeldDocument, HostError, OfferPage, Refusal, Session,
     SessionError, SessionStats, SyncHost, VerifiedDocument,
 };
-pub use signing::{PublisherKey, SignatureError, SignedHeads};
+pub use signing::{
+    AuditCheckpoint, CheckpointError, PublisherKey, SignatureError, SignedCheckpoint, SignedHeads,
+};
 pub use trust::{KeyStanding, Organisation, Registry, RegistryFile, TrustError, VerifiedRegistry};
 pub use wire::{FeedId, Message, WireError};

@@ -213,6 +213,31 @@ pub trait SyncHost {
     fn loaded_documents(&mut self) -> Option<&mut LoadedDocuments> {
         None
     }
+    /// This node's newest signed audit checkpoint ([`crate::SignedCheckpoint`], encoded), to
+    /// hand to peers as witnesses.
+    fn own_audit_checkpoint(&mut self) -> Result<Option<Vec<u8>>, HostError> {
+        Ok(None)
+    }
+    /// Keeps `peer`'s signed audit checkpoint (already verified) as its witness.
+    fn witness_audit_checkpoint(
+        &mut self,
+        _peer: &OdsCode,
+        _checkpoint: &crate::SignedCheckpoint,
+    ) -> Result<(), HostError> {
+        Ok(())
+    }
+    /// `peer`'s audit checkpoints this node holds as witness, newest first, encoded.
+    fn witnessed_audit_checkpoints(&mut self, _peer: &OdsCode) -> Result<Vec<Vec<u8>>, HostError> {
+        Ok(Vec::new())
+    }
+    /// `witness` holds this node's audit checkpoint (already verified): keep the receipt.
+    fn audit_checkpoint_witnessed(
+        &mut self,
+        _witness: &OdsCode,
+        _checkpoint: &crate::SignedCheckpoint,
+    ) -> Result<(), HostError> {
+        Ok(())
+    }
 }
 
 /// Something the driver should know about (log, count, persist).
@@ -319,6 +344,8 @@ pub struct Session {
     hello_received: bool,
     /// The newest registry edition the peer is known to hold (from its Hello, or sent).
     peer_registry_version: u64,
+    /// The count of the newest own audit checkpoint sent to the peer.
+    audit_checkpoint_sent: u64,
     hello_deadline: u64,
     /// Puller side.
     checkpoint: Checkpoint,
@@ -349,6 +376,7 @@ impl Session {
             control: VecDeque::new(),
             hello_received: false,
             peer_registry_version: 0,
+            audit_checkpoint_sent: 0,
             hello_deadline: now + HELLO_TIMEOUT_MS,
             checkpoint,
             batches: VecDeque::new(),
@@ -419,6 +447,74 @@ impl Session {
             self.peer_registry_version = version;
             self.control.push_back(Message::Registry { bytes });
         }
+    }
+
+    /// This node signed a new audit checkpoint: the peer gets it to hold as a witness.
+    pub fn audit_checkpointed(&mut self, host: &mut impl SyncHost) -> Result<(), SessionError> {
+        if !self.hello_received {
+            return Ok(()); // sent once the Hello arrives
+        }
+        let Some(bytes) = host.own_audit_checkpoint()? else {
+            return Ok(());
+        };
+        let count = crate::SignedCheckpoint::decode(&bytes)
+            .map(|signed| signed.checkpoint.count)
+            .unwrap_or(0);
+        if count > self.audit_checkpoint_sent {
+            self.audit_checkpoint_sent = count;
+            self.control
+                .push_back(Message::AuditCheckpoint { signed: bytes });
+        }
+        Ok(())
+    }
+
+    /// A peer's audit checkpoint: held as its witness if it is the peer's own and verifies,
+    /// and the newest held answered back, so the peer knows what a witness holds.
+    fn on_audit_checkpoint(
+        &mut self,
+        bytes: Vec<u8>,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        let signed = self.checked_checkpoint(&bytes, &self.peer.ods.clone(), host)?;
+        host.witness_audit_checkpoint(&self.peer.ods, &signed)?;
+        self.control.push_back(Message::AuditWitness {
+            signed: vec![bytes],
+        });
+        Ok(())
+    }
+
+    /// A peer holds these of our audit checkpoints: keep the receipts.
+    fn on_audit_witness(
+        &mut self,
+        checkpoints: Vec<Vec<u8>>,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        for bytes in checkpoints {
+            let signed = self.checked_checkpoint(&bytes, &self.local.clone(), host)?;
+            host.audit_checkpoint_witnessed(&self.peer.ods, &signed)?;
+        }
+        Ok(())
+    }
+
+    /// `bytes` as a checkpoint of `organisation`, signed with a key the registry trusts for it.
+    fn checked_checkpoint(
+        &self,
+        bytes: &[u8],
+        organisation: &OdsCode,
+        host: &impl SyncHost,
+    ) -> Result<crate::SignedCheckpoint, SessionError> {
+        let signed = crate::SignedCheckpoint::decode(bytes)
+            .map_err(|error| SessionError::Protocol(error.to_string()))?;
+        if signed.checkpoint.organisation != *organisation {
+            return Err(SessionError::Protocol(format!(
+                "an audit checkpoint of {} sent as {organisation}'s",
+                signed.checkpoint.organisation
+            )));
+        }
+        signed
+            .verify(|ods, key| host.is_publisher_key(ods, key))
+            .map_err(|error| SessionError::Protocol(error.to_string()))?;
+        Ok(signed)
     }
 
     /// Our local feed grew: a caught-up provider looks again at once.
@@ -530,6 +626,8 @@ impl Session {
                 self.events.push_back(event);
                 Ok(())
             }
+            Message::AuditCheckpoint { signed } => self.on_audit_checkpoint(signed, host),
+            Message::AuditWitness { signed } => self.on_audit_witness(signed, host),
         }
     }
 
@@ -560,7 +658,14 @@ impl Session {
         if registry_version > host.registry_version() {
             self.control.push_back(Message::RegistryWanted);
         }
-        Ok(())
+        // The witnessing both ways: ours to the peer, and what we hold of the peer's back to
+        // it, so that a node whose own records were cut learns from its peers what it signed.
+        let held = host.witnessed_audit_checkpoints(&self.peer.ods)?;
+        if !held.is_empty() {
+            self.control
+                .push_back(Message::AuditWitness { signed: held });
+        }
+        self.audit_checkpointed(host)
     }
 
     fn on_pull(

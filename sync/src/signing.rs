@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Domain separation: a signature made for one purpose never verifies for another.
 const HEADS_CONTEXT: &[u8] = b"caremesh/signed-heads/v1\0";
+const CHECKPOINT_CONTEXT: &[u8] = b"caremesh/audit-checkpoint/v1\0";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignatureError {
@@ -61,6 +62,97 @@ impl PublisherKey {
             signature: signature.to_bytes(),
         }
     }
+}
+
+impl PublisherKey {
+    /// Signs where this organisation's audit trail stands.
+    pub fn sign_checkpoint(&self, checkpoint: AuditCheckpoint) -> SignedCheckpoint {
+        let signature = self.signing.sign(&checkpoint_payload(&checkpoint));
+        SignedCheckpoint {
+            checkpoint,
+            key: self.public(),
+            signature: signature.to_bytes(),
+        }
+    }
+}
+
+/// Where an organisation's audit trail stood: how many entries, and the hash of the last
+/// (which, chained, commits to every entry before it). Signed and handed to peers, it lets
+/// anyone holding it show that entries were later removed or rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCheckpoint {
+    pub organisation: crate::OdsCode,
+    pub count: u64,
+    pub head: [u8; 32],
+    /// Unix seconds when it was signed.
+    pub at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedCheckpoint {
+    pub checkpoint: AuditCheckpoint,
+    pub key: [u8; 32],
+    #[serde(with = "signature_bytes")]
+    pub signature: [u8; 64],
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CheckpointError {
+    #[error("an audit checkpoint does not decode")]
+    Undecodable,
+    #[error(
+        "the audit checkpoint of {organisation} was signed with key {key}, which is not its trusted key"
+    )]
+    UntrustedKey { organisation: String, key: String },
+    #[error(
+        "the signature on the audit checkpoint of {organisation} does not verify: it was altered"
+    )]
+    BadSignature { organisation: String },
+}
+
+impl SignedCheckpoint {
+    /// Checks the signature and that `is_trusted` accepts the key for the organisation.
+    pub fn verify(
+        &self,
+        is_trusted: impl FnOnce(&crate::OdsCode, &[u8; 32]) -> bool,
+    ) -> Result<(), CheckpointError> {
+        let organisation = self.checkpoint.organisation.to_string();
+        if !is_trusted(&self.checkpoint.organisation, &self.key) {
+            return Err(CheckpointError::UntrustedKey {
+                organisation,
+                key: hex::encode(self.key),
+            });
+        }
+        let key =
+            VerifyingKey::from_bytes(&self.key).map_err(|_| CheckpointError::BadSignature {
+                organisation: organisation.clone(),
+            })?;
+        key.verify_strict(
+            &checkpoint_payload(&self.checkpoint),
+            &Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| CheckpointError::BadSignature { organisation })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(&(SIGNED_CHECKPOINT_VERSION, self))
+            .expect("SignedCheckpoint always encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, CheckpointError> {
+        match postcard::from_bytes::<(u8, SignedCheckpoint)>(bytes) {
+            Ok((SIGNED_CHECKPOINT_VERSION, signed)) => Ok(signed),
+            _ => Err(CheckpointError::Undecodable),
+        }
+    }
+}
+
+const SIGNED_CHECKPOINT_VERSION: u8 = 1;
+
+fn checkpoint_payload(checkpoint: &AuditCheckpoint) -> Vec<u8> {
+    let mut payload = CHECKPOINT_CONTEXT.to_vec();
+    payload.extend(postcard::to_stdvec(checkpoint).expect("checkpoints always encode"));
+    payload
 }
 
 impl std::fmt::Debug for PublisherKey {

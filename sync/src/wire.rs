@@ -9,7 +9,7 @@ use crate::model::{DocId, DocMeta, OdsCode};
 use serde::{Deserialize, Serialize};
 
 /// The envelope version this build speaks. A peer speaking another is refused with a reason.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// The QUIC ALPN identifier of this protocol.
 pub const ALPN: &[u8] = b"caremesh/1";
@@ -91,6 +91,15 @@ pub enum Message {
     Registry {
         bytes: Vec<u8>,
     },
+    /// The sender's newest signed audit checkpoint ([`crate::SignedCheckpoint`]), for the
+    /// receiver to hold as a witness outside the sender.
+    AuditCheckpoint {
+        signed: Vec<u8>,
+    },
+    /// The receiver's own audit checkpoints the sender holds as witness, newest first.
+    AuditWitness {
+        signed: Vec<Vec<u8>>,
+    },
 }
 
 impl Message {
@@ -106,6 +115,8 @@ impl Message {
             Message::Ack { .. } => "ack",
             Message::RegistryWanted => "registry-wanted",
             Message::Registry { .. } => "registry",
+            Message::AuditCheckpoint { .. } => "audit-checkpoint",
+            Message::AuditWitness { .. } => "audit-witness",
         }
     }
 
