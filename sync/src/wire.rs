@@ -250,7 +250,7 @@ mod tests {
     #[test]
     fn garbage_and_other_versions_are_errors_not_panics() {
         let mut decoder = FrameDecoder::default();
-        decoder.push(&[0, 0, 0, 3, 1, 0xff, 0xff]);
+        decoder.push(&[0, 0, 0, 3, PROTOCOL_VERSION, 0xff, 0xff]);
         assert!(matches!(
             decoder.next_message(),
             Err(WireError::Undecodable(_))
