@@ -536,6 +536,15 @@ fn the_hub_witnesses_audit_checkpoints_and_a_cut_trail_is_found_from_its_copy() 
             "SELECT count(*) FROM witness_receipts WHERE witness = ?1",
             "HUB01"
         ) == 1));
+        // Both operators can see it: the node's witnesses, and whose checkpoints a hub holds.
+        let gp_audit = status_json(&gp)["audit"].clone();
+        assert_eq!(gp_audit["witnesses"][0]["witness"], "HUB01", "{gp_audit}");
+        assert_eq!(gp_audit["checkpoint"]["entries"], 3, "{gp_audit}");
+        let hub_audit = status_json(&hub)["audit"].clone();
+        assert_eq!(
+            hub_audit["witnessing"][0]["organisation"], "A81001",
+            "{hub_audit}"
+        );
     }
     // Every trace at the node goes: the trail, its checkpoints, the hub's receipts; and a new
     // trail is written and signed in its place, longer than the one the hub saw.

@@ -552,6 +552,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     let drop_folder = crate::watch::survey(&home.drop_dir());
     let unsendable = store.unsendable_documents()?;
     let disk = crate::disk::status(&home.dir);
+    let audit = audit_status(&store)?;
     if json {
         let peers: Vec<serde_json::Value> = peers
             .iter()
@@ -570,6 +571,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
                 "stats": stats,
                 "drop_folder": drop_folder,
                 "disk": disk,
+                "audit": audit,
                 "sources": sources,
                 "sync": {
                     "registry_version": registry.as_ref().map(|r| r.version()),
@@ -677,6 +679,34 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
             println!("       last disconnect: {error}");
         }
     }
+    match &audit["checkpoint"] {
+        serde_json::Value::Null => println!("audit: no signed checkpoint yet"),
+        checkpoint => println!(
+            "audit: last checkpoint {} entries, signed {}; held by {}",
+            checkpoint["entries"],
+            checkpoint["signed"].as_str().unwrap_or("-"),
+            match audit["witnesses"].as_array().map(Vec::len) {
+                Some(0) | None => "no witness yet".to_string(),
+                Some(_) => audit["witnesses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|w| format!(
+                        "{} ({} entries)",
+                        w["witness"].as_str().unwrap_or("-"),
+                        w["entries"]
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        ),
+    }
+    if let Some(witnessing) = audit["witnessing"].as_array().filter(|w| !w.is_empty()) {
+        println!(
+            "audit: witness for {} organisation(s)' checkpoints",
+            witnessing.len()
+        );
+    }
     for document in &unsendable {
         println!(
             "  UNSENDABLE document {} wanted by {}: {} is over the {} a sync frame carries; it reaches {} only once a version of it fits (since {}, last tried {})",
@@ -690,6 +720,47 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// This node's newest signed audit checkpoint, the witnesses that hold its checkpoints (the
+/// newest each holds), and whose checkpoints it witnesses.
+fn audit_status(store: &caremesh_storage::Store) -> Result<serde_json::Value> {
+    let decode = |bytes: &[u8]| caremesh_sync::SignedCheckpoint::decode(bytes).ok();
+    let own = store
+        .newest_own_checkpoint()?
+        .and_then(|bytes| decode(&bytes))
+        .map(|signed| {
+            serde_json::json!({
+                "entries": signed.checkpoint.count,
+                "signed": clock::uk_date_time(signed.checkpoint.at),
+            })
+        });
+    let mut witnesses: std::collections::BTreeMap<String, u64> = Default::default();
+    for (holder, bytes) in store.own_checkpoints_known()? {
+        if let (Some(witness), Some(signed)) = (holder, decode(&bytes)) {
+            let newest = witnesses.entry(witness).or_default();
+            *newest = (*newest).max(signed.checkpoint.count);
+        }
+    }
+    let witnessing: Vec<serde_json::Value> = store
+        .witnessing()?
+        .into_iter()
+        .map(|(organisation, entries, at)| {
+            serde_json::json!({
+                "organisation": organisation,
+                "entries": entries,
+                "signed": clock::uk_date_time(at),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "checkpoint": own,
+        "witnesses": witnesses
+            .into_iter()
+            .map(|(witness, entries)| serde_json::json!({"witness": witness, "entries": entries}))
+            .collect::<Vec<_>>(),
+        "witnessing": witnessing,
+    }))
 }
 
 fn human_bytes(bytes: u64) -> String {

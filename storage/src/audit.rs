@@ -308,6 +308,22 @@ impl Store {
             .map_err(self.err("read the audit checkpoints"))
     }
 
+    /// For each organisation whose checkpoints this node witnesses: the newest count and when
+    /// it was signed.
+    pub fn witnessing(&self) -> Result<Vec<(String, i64, i64)>> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT organisation, max(count), max(at) FROM witnessed_checkpoints \
+                 GROUP BY organisation ORDER BY organisation",
+            )
+            .map_err(self.err("read witnessed audit checkpoints"))?;
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(self.err("read witnessed audit checkpoints"))
+    }
+
     /// The checkpoints `organisation` handed this node to witness, newest first, encoded.
     pub fn witnessed_checkpoints_of(&self, organisation: &OdsCode) -> Result<Vec<Vec<u8>>> {
         let mut statement = self
@@ -528,7 +544,9 @@ mod tests {
             assert_eq!(contradicted, None);
         }
         assert_eq!(
-            batch.witness_checkpoint(&checkpoint(41, 2, 50 * day)).unwrap(),
+            batch
+                .witness_checkpoint(&checkpoint(41, 2, 50 * day))
+                .unwrap(),
             Some([1; 32]),
             "a different account of the first 41 entries (a day's first, kept)"
         );
@@ -551,6 +569,9 @@ mod tests {
             .map(|bytes| SignedCheckpoint::decode(&bytes).unwrap())
             .find(|signed| signed.checkpoint.count == 41)
             .unwrap();
-        assert_eq!(kept_41.checkpoint.head, [1; 32], "the first account is kept");
+        assert_eq!(
+            kept_41.checkpoint.head, [1; 32],
+            "the first account is kept"
+        );
     }
 }
