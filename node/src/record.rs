@@ -319,13 +319,28 @@ pub fn assemble(
     let mut held: BTreeMap<(OdsCode, Section), u64> = BTreeMap::new();
     let mut hidden: BTreeMap<Section, usize> = BTreeMap::new();
     let mut unverified: BTreeMap<(OdsCode, &'static str), usize> = BTreeMap::new();
+    // Only organisations with a revoked key have documents whose signer must be read (which
+    // means reading past each document's snapshot): none, almost always.
+    let revoked_publishers: std::collections::BTreeSet<&OdsCode> =
+        viewer.revoked_signers.values().collect();
+    let mut signers: BTreeMap<caremesh_sync::DocId, Option<[u8; 32]>> = BTreeMap::new();
     let mut corrections = Vec::new();
     for stored_item in stored {
         // Another organisation's entry is shown only while a key the registry has not
         // revoked vouches for it. The viewing organisation's own entries come from its own
         // extract, whatever becomes of its key.
-        if stored_item.publisher != viewer.ods {
-            let unvouched = match stored_item.signer {
+        if stored_item.publisher != viewer.ods
+            && revoked_publishers.contains(&stored_item.publisher)
+        {
+            let signer = match signers.get(&stored_item.doc_id) {
+                Some(signer) => *signer,
+                None => {
+                    let signer = store.document_signer(stored_item.doc_id)?;
+                    signers.insert(stored_item.doc_id, signer);
+                    signer
+                }
+            };
+            let unvouched = match signer {
                 None => Some(UNREADABLE_SIGNATURE),
                 Some(key) => viewer
                     .revoked_signers

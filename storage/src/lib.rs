@@ -88,9 +88,6 @@ pub struct StoredItem {
     pub doc_id: DocId,
     pub publisher: OdsCode,
     pub item: Item,
-    /// The key whose signature the document carries; `None` when the stored signed heads do
-    /// not read (`caremesh verify` names such a document).
-    pub signer: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -461,9 +458,8 @@ impl Store {
         let mut statement = self
             .conn
             .prepare_cached(
-                "SELECT i.doc_id, i.publisher, i.body, d.signed FROM items i \
-                 JOIN documents d ON d.doc_id = i.doc_id WHERE i.nhs = ?1 \
-                 ORDER BY i.section, i.effective DESC, i.item_id",
+                "SELECT doc_id, publisher, body FROM items WHERE nhs = ?1 \
+                 ORDER BY section, effective DESC, item_id",
             )
             .map_err(self.err("read items"))?;
         let rows = statement
@@ -472,13 +468,12 @@ impl Store {
                     row.get::<_, Vec<u8>>(0)?,
                     row.get::<_, String>(1)?,
                     row.get::<_, String>(2)?,
-                    row.get::<_, Vec<u8>>(3)?,
                 ))
             })
             .map_err(self.err("read items"))?;
         let mut items = Vec::new();
         for row in rows {
-            let (doc_id, publisher, body, signed) = row.map_err(self.err("read items"))?;
+            let (doc_id, publisher, body) = row.map_err(self.err("read items"))?;
             let doc_id = doc_id_from(&doc_id, &self.path)?;
             let damaged = |what: String| StorageError::DamagedRow {
                 path: self.path.clone(),
@@ -491,10 +486,27 @@ impl Store {
                 doc_id,
                 publisher,
                 item,
-                signer: SignedHeads::decode(&signed).map(|signed| signed.key),
             });
         }
         Ok(items)
+    }
+
+    /// The key whose signature document `id` carries; `None` when the document is not held
+    /// or its signed heads do not read (`caremesh verify` names such a document). It reads
+    /// past the document's snapshot: call it for the few documents that need it.
+    pub fn document_signer(&self, id: DocId) -> Result<Option<[u8; 32]>> {
+        let signed: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT signed FROM documents WHERE doc_id = ?1")
+            .and_then(|mut statement| {
+                statement
+                    .query_row([&id.0[..]], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(self.err("read a document's signature"))?;
+        Ok(signed
+            .and_then(|bytes| SignedHeads::decode(&bytes))
+            .map(|signed| signed.key))
     }
 
     /// Read-model item ids of one document, for checking the read model against documents.
