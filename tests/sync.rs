@@ -1229,9 +1229,15 @@ fn what_a_compromised_key_signed_is_hidden_with_a_warning_and_what_a_retired_key
         )),
         "{text}"
     );
-    // `verify` names the documents the revoked key signed.
+    // `verify` names the documents the revoked key signed, as such (not as tampered).
     let output = run(&["verify", "--dir", gp.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(4), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("REVOKED KEY on document"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(!stdout(&output).contains("TAMPERED"), "{}", stdout(&output));
 }
 
 #[test]

@@ -438,8 +438,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
                 for problem in &report.problems {
+                    let label = match problem.kind {
+                        "database" => {
+                            println!("DAMAGED DATABASE: {}", problem.problem);
+                            continue;
+                        }
+                        // A key the authority revoked: genuine bytes, no longer vouched for.
+                        // Any other untrusted key is bytes someone changed.
+                        "untrusted-key" if revoked_key(trust.as_ref(), problem.key.as_deref()) => {
+                            "REVOKED KEY on"
+                        }
+                        _ => "TAMPERED",
+                    };
                     println!(
-                        "TAMPERED document {} ({} {} {}): {}",
+                        "{label} document {} ({} {} {}): {}",
                         problem.document,
                         problem.publisher,
                         problem.section,
@@ -720,6 +732,19 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `key` (hex) is one the registry in force revoked.
+fn revoked_key(trust: Option<&crate::trust::TrustState>, key: Option<&str>) -> bool {
+    let (Some(trust), Some(key)) = (trust, key) else {
+        return false;
+    };
+    caremesh_sync::trust::parse_key("key", key).is_ok_and(|key| {
+        matches!(
+            trust.current().registry().standing(&key),
+            caremesh_sync::KeyStanding::Revoked(_)
+        )
+    })
 }
 
 /// This node's newest signed audit checkpoint, the witnesses that hold its checkpoints (the

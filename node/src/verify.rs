@@ -22,6 +22,12 @@ pub struct VerifyReport {
 
 #[derive(Debug, Serialize)]
 pub struct Problem {
+    /// `tampered` (the bytes do not hold together), `untrusted-key` (the key that signed
+    /// them is not, or no longer, trusted for the publisher) or `database`.
+    pub kind: &'static str,
+    /// For `untrusted-key`: the key, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     pub document: String,
     pub publisher: String,
     pub section: String,
@@ -39,6 +45,8 @@ pub fn verify_store(
     // The file itself first: a damaged index page can hide rows from every query below.
     for line in store.integrity_problems()? {
         report.problems.push(Problem {
+            kind: "database",
+            key: None,
             document: String::new(),
             publisher: String::new(),
             section: String::new(),
@@ -54,6 +62,8 @@ pub fn verify_store(
         for stored in page {
             report.documents += 1;
             let problem = |text: String| Problem {
+                kind: "tampered",
+                key: None,
                 document: stored.id.to_string(),
                 publisher: stored.meta.publisher.to_string(),
                 section: stored.meta.section.to_string(),
@@ -73,7 +83,17 @@ pub fn verify_store(
                 continue;
             }
             if let Err(error) = signed.verify(|publisher, key| is_trusted(publisher, key)) {
-                report.problems.push(problem(error.to_string()));
+                let (kind, key) = match &error {
+                    caremesh_sync::SignatureError::UntrustedKey { key, .. } => {
+                        ("untrusted-key", Some(key.clone()))
+                    }
+                    _ => ("tampered", None),
+                };
+                report.problems.push(Problem {
+                    kind,
+                    key,
+                    ..problem(error.to_string())
+                });
                 continue;
             }
             let document = match PublishedDocument::load(&stored.meta, &stored.snapshot) {
