@@ -369,29 +369,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let record = record::assemble(&store, &nhs, &viewer, now)?;
             let (sources, sections) = record.as_ref().map(|r| r.shown()).unwrap_or_default();
             let own = home.config.organisation.ods.clone();
-            caremesh_storage::publish::record_access(
-                &mut store,
-                &home.signing_key()?,
-                &own,
-                &caremesh_storage::audit::AuditEvent {
-                    at: now,
-                    user_id: operator,
-                    user_name: crate::clock::printable(user.trim()),
-                    role: "operator".into(),
-                    organisation: own.to_string(),
-                    action: "cli-record".into(),
-                    nhs: Some(nhs.to_string()),
-                    sources,
-                    sections,
-                    purpose: "node administration (CLI)".into(),
-                    outcome: "allowed".into(),
-                    detail: if record.is_some() {
-                        String::new()
-                    } else {
-                        "no record held".into()
-                    },
+            let key = home.signing_key()?;
+            let event = caremesh_storage::audit::AuditEvent {
+                at: now,
+                user_id: operator,
+                user_name: crate::clock::printable(user.trim()),
+                role: "operator".into(),
+                organisation: own.to_string(),
+                action: "cli-record".into(),
+                nhs: Some(nhs.to_string()),
+                sources,
+                sections,
+                purpose: "node administration (CLI)".into(),
+                outcome: "allowed".into(),
+                detail: if record.is_some() {
+                    String::new()
+                } else {
+                    "no record held".into()
                 },
-            )
+            };
+            // As a view: recorded even on a full disk, from the reserve.
+            crate::disk::write_even_when_full(&home.dir, || {
+                caremesh_storage::publish::record_access(&mut store, &key, &own, &event)?;
+                Ok(())
+            })
             .context("recording the access in the audit trail")?;
             let Some(record) = record else {
                 eprintln!(

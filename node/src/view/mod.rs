@@ -706,17 +706,21 @@ async fn break_glass(
         event.purpose = format!("{} (emergency access)", event.purpose);
         event.detail = reason.clone();
         let (database, patient) = (state.database.clone(), nhs.clone());
+        let home_dir = state.home_dir().to_path_buf();
         let granted = blocking(move || {
-            let store = Store::open(&database)?;
-            let now = clock::now_unix();
-            Ok(store.record_break_glass(
-                &patient,
-                &session.user_id,
-                &session.user_name,
-                &reason,
-                now,
-                now + i64::from(minutes) * 60,
-            )?)
+            // An emergency must not fail for want of disk space: the reserve is for this.
+            crate::disk::write_even_when_full(&home_dir, || {
+                let store = Store::open(&database)?;
+                let now = clock::now_unix();
+                Ok(store.record_break_glass(
+                    &patient,
+                    &session.user_id,
+                    &session.user_name,
+                    &reason,
+                    now,
+                    now + i64::from(minutes) * 60,
+                )?)
+            })
         })
         .await?;
         state.audit(event).await?;
