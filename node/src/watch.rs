@@ -83,6 +83,7 @@ pub fn watch_drop_folder(
         }
         if Instant::now() >= next_scan {
             next_scan = Instant::now() + SCAN_EVERY;
+            put_back_reserve(&home);
             ready.extend(settled_files(&drop_dir, &mut settling));
             let left = survey(&drop_dir).left_in_place;
             if left != left_in_place {
@@ -122,9 +123,7 @@ pub fn watch_drop_folder(
                 )),
                 None => {
                     // Space is back (or never went): the reserve is put back before ingest uses it.
-                    if let Err(error) = crate::disk::ensure_reserve(&home.dir) {
-                        tracing::warn!(%error, "could not make the disk reserve");
-                    }
+                    put_back_reserve(&home);
                     Ok(())
                 }
             });
@@ -161,6 +160,13 @@ pub fn watch_drop_folder(
         }
     }
     Ok(())
+}
+
+/// Makes the disk reserve again once there is room for it (see `disk.rs`).
+fn put_back_reserve(home: &Home) {
+    if let Err(error) = crate::disk::ensure_reserve(&home.dir) {
+        tracing::warn!(%error, "could not make the disk reserve");
+    }
 }
 
 fn is_complete_signal(kind: &EventKind) -> bool {
