@@ -221,6 +221,11 @@ pub fn render(
                 "Sync connections closed because the peer broke the protocol",
                 counters.protocol_errors.load(Ordering::Relaxed),
             ),
+            (
+                "caremesh_unsendable_wants",
+                "Times a peer wanted a document too large to send (see caremesh_documents_unsendable)",
+                counters.unsendable.load(Ordering::Relaxed),
+            ),
         ] {
             let counter = Counter::<u64>::default();
             counter.inc_by(value);
