@@ -499,6 +499,7 @@ fn a_document_too_large_to_send_is_an_error_in_status_metrics_and_the_log() {
         metric(&gp_process, &gp, "caremesh_documents_unsendable"),
         1.0
     );
+    assert!(metric(&gp_process, &gp, "caremesh_unsendable_wants_total") >= 1.0);
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("too large to send"), "{logged}");
 }
