@@ -33,8 +33,23 @@ pids=()
 cleanup() {
   local status=$?
   for pid in "${pids[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
+  # Whatever still runs in a namespace (a node whose launcher was killed, not the node) goes
+  # too: deleting a namespace does not end its processes.
+  for ns in "$hub_ns" "$gp_ns" "$hsp_ns"; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true
+  done
   wait 2>/dev/null || true
-  for ns in "$hub_ns" "$gp_ns" "$hsp_ns"; do ip netns del "$ns" 2>/dev/null || true; done
+  for _ in $(seq 20); do
+    [ -z "$(for ns in "$hub_ns" "$gp_ns" "$hsp_ns"; do ip netns pids "$ns" 2>/dev/null; done)" ] && break
+    sleep 0.5
+  done
+  for ns in "$hub_ns" "$gp_ns" "$hsp_ns"; do
+    if [ -n "$(ip netns pids "$ns" 2>/dev/null)" ]; then
+      echo "processes still running in $ns after cleanup" >&2
+      status=1
+    fi
+    ip netns del "$ns" 2>/dev/null || true
+  done
   rm -rf "$work"
   if [ "$status" = 0 ]; then echo "PASS: cleaned up namespaces, rules and processes"; else
     echo "FAIL (exit $status): cleaned up namespaces, rules and processes" >&2; fi
@@ -93,8 +108,8 @@ step "extracts: 30 patients at the GP, the first 3 of them also at the hospice"
 nhs_in() { python3 -c "import json,sys; b=json.load(open(sys.argv[1])); print(next(i['value'] for e in b['entry'] if e['resource']['resourceType'] == 'Patient' for i in e['resource']['identifier'] if i['system'].endswith('nhs-number')))" "$1"; }
 shared=$(nhs_in "$work/hsp-extract/$(ls "$work/hsp-extract" | sort | head -1)")
 
-start() { # namespace, node
-  in_ns "$1" env CAREMESH_LOG=warn "$caremesh" run --dir "$work/$2" >"$work/$2.log" 2>&1 &
+start() { # namespace, node: `ip netns exec` and `env` exec the node, so $! is the node
+  ip netns exec "$1" env CAREMESH_LOG=warn "$caremesh" run --dir "$work/$2" >"$work/$2.log" 2>&1 &
   pids+=($!)
 }
 step "caremesh run in each namespace"
