@@ -71,17 +71,21 @@ impl Workbench {
 
     /// Puts back the database as `caremesh init` left it, so each input starts alike.
     fn reset(&self) {
-        let database = self.home.database_path();
-        for suffix in ["-wal", "-shm"] {
-            let mut side = database.clone().into_os_string();
-            side.push(suffix);
-            let _ = fs::remove_file(PathBuf::from(side));
-        }
-        fs::write(&database, &self.empty_database).expect("the database reset");
+        restore_database(&self.home.database_path(), &self.empty_database);
         let quarantine = self.home.quarantine_dir();
         let _ = fs::remove_dir_all(&quarantine);
         fs::create_dir(&quarantine).expect("the quarantine folder");
     }
+}
+
+/// Puts `bytes` (a database as first made) back at `database`, its WAL and shared memory gone.
+fn restore_database(database: &Path, bytes: &[u8]) {
+    for suffix in ["-wal", "-shm"] {
+        let mut side = database.as_os_str().to_owned();
+        side.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(side));
+    }
+    fs::write(database, bytes).expect("the database reset");
 }
 
 /// The keys `caremesh init` made at random, replaced by fixed ones.
@@ -310,12 +314,7 @@ pub fn open_host(database: &Path, registry: Arc<VerifiedRegistry>, own: &str) ->
 /// Returns the session's events, for the corpus test to check a seed does what it should.
 pub fn sync_frames(data: &[u8]) -> Vec<Event> {
     let bench = sync_bench();
-    for suffix in ["-wal", "-shm"] {
-        let mut side = bench.database.clone().into_os_string();
-        side.push(suffix);
-        let _ = fs::remove_file(PathBuf::from(side));
-    }
-    fs::write(&bench.database, &bench.empty_database).expect("the database reset");
+    restore_database(&bench.database, &bench.empty_database);
     let mut host = open_host(&bench.database, bench.registry.clone(), RECEIVER_ODS);
     let now_ms = NOW as u64 * 1000;
     let peer = Recipient {

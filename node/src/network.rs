@@ -22,7 +22,7 @@ use caremesh_storage::sync_host::StoreHost;
 use caremesh_storage::{PeerStatus, Store};
 use caremesh_sync::model::OrgKind;
 use caremesh_sync::policy::{Consent, Recipient};
-use caremesh_sync::{Event, KeyStanding, OdsCode, PublisherKey, Session, VerifiedRegistry};
+use caremesh_sync::{Event, KeyRefusal, OdsCode, PublisherKey, Session, VerifiedRegistry};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -336,16 +336,14 @@ fn authenticated_peer(
         .ok()?;
     let key = tls::certificate_key(certificates.first()?)?;
     let registry = trust.current();
-    match registry.registry().standing(&key) {
-        KeyStanding::Trusted(org) => Some((
-            Recipient {
-                ods: org.ods.clone(),
-                kind: org.kind,
-            },
-            key,
-        )),
-        _ => None,
-    }
+    let org = registry.registry().current_holder(&key, None).ok()?;
+    Some((
+        Recipient {
+            ods: org.ods.clone(),
+            kind: org.kind,
+        },
+        key,
+    ))
 }
 
 async fn dial_loop(
@@ -422,15 +420,15 @@ async fn watch_registry_file(trust: TrustState, mut shutdown: watch::Receiver<bo
 
 /// Why `key` no longer stands for `ods` in `registry`, if it does not.
 fn untrusted(registry: &VerifiedRegistry, ods: &OdsCode, key: &[u8; 32]) -> Option<&'static str> {
-    match registry.registry().standing(key) {
-        KeyStanding::Trusted(org) if org.ods == *ods => None,
-        KeyStanding::Trusted(_) => {
-            Some("the trust registry now lists this key for another organisation")
+    let refusal = registry.registry().current_holder(key, Some(ods)).err()?;
+    Some(match refusal {
+        KeyRefusal::OtherOrganisation(_) => {
+            "the trust registry now lists this key for another organisation"
         }
-        KeyStanding::Revoked(_) => Some("the trust registry revoked this peer's key"),
-        KeyStanding::Retired(_) => Some("the trust registry retired this peer's key"),
-        KeyStanding::Unknown => Some("this peer's key is no longer in the trust registry"),
-    }
+        KeyRefusal::Revoked(_) => "the trust registry revoked this peer's key",
+        KeyRefusal::Retired(_) => "the trust registry retired this peer's key",
+        KeyRefusal::Unknown => "this peer's key is no longer in the trust registry",
+    })
 }
 
 /// `base` plus up to half again, so that nodes cut off together do not reconnect in step.

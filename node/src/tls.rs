@@ -9,7 +9,7 @@
 //! never run. Only TLS 1.3 (QUIC's) on the ring provider.
 
 use crate::trust::TrustState;
-use caremesh_sync::{KeyStanding, OdsCode, PublisherKey};
+use caremesh_sync::{KeyRefusal, OdsCode, PublisherKey};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -106,25 +106,27 @@ impl PinnedKeys {
             return Err(refuse("certificate does not carry an Ed25519 key"));
         };
         let registry = self.trust.current();
-        match registry.registry().standing(&key) {
-            KeyStanding::Trusted(org) => match &self.expected {
-                Some(expected) if *expected != org.ods => Err(refuse(&format!(
-                    "peer key belongs to {}, not {expected}",
-                    org.ods
-                ))),
-                _ => Ok(()),
-            },
-            KeyStanding::Revoked(org) => Err(refuse(&format!(
+        match registry
+            .registry()
+            .current_holder(&key, self.expected.as_ref())
+        {
+            Ok(_) => Ok(()),
+            Err(KeyRefusal::OtherOrganisation(org)) => Err(refuse(&format!(
+                "peer key belongs to {}, not {}",
+                org.ods,
+                self.expected.as_ref().map(OdsCode::as_str).unwrap_or("-")
+            ))),
+            Err(KeyRefusal::Revoked(org)) => Err(refuse(&format!(
                 "peer key {} of {} is revoked in the trust registry",
                 hex::encode(key),
                 org.ods
             ))),
-            KeyStanding::Retired(org) => Err(refuse(&format!(
+            Err(KeyRefusal::Retired(org)) => Err(refuse(&format!(
                 "peer key {} of {} is retired in the trust registry; the node must use its current key",
                 hex::encode(key),
                 org.ods
             ))),
-            KeyStanding::Unknown => Err(refuse(&format!(
+            Err(KeyRefusal::Unknown) => Err(refuse(&format!(
                 "peer key {} is not in the trust registry",
                 hex::encode(key)
             ))),

@@ -41,5 +41,7 @@ pub use session::{
 pub use signing::{
     AuditCheckpoint, CheckpointError, PublisherKey, SignatureError, SignedCheckpoint, SignedHeads,
 };
-pub use trust::{KeyStanding, Organisation, Registry, RegistryFile, TrustError, VerifiedRegistry};
+pub use trust::{
+    KeyRefusal, KeyStanding, Organisation, Registry, RegistryFile, TrustError, VerifiedRegistry,
+};
 pub use wire::{FeedId, Message, WireError};

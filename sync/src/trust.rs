@@ -120,6 +120,16 @@ pub enum KeyStanding<'a> {
     Unknown,
 }
 
+/// Why a key does not stand for the organisation it was expected to ([`Registry::current_holder`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRefusal<'a> {
+    /// A current key, of another organisation.
+    OtherOrganisation(&'a Organisation),
+    Revoked(&'a Organisation),
+    Retired(&'a Organisation),
+    Unknown,
+}
+
 /// A registry whose signature has been checked against the pinned authority.
 #[derive(Debug, Clone)]
 pub struct VerifiedRegistry {
@@ -240,9 +250,25 @@ impl Registry {
             .collect()
     }
 
+    /// The organisation `key` stands for now (of `expected`, when given): the one every
+    /// check of a live key asks, from a TLS handshake to an open session to a signature.
+    pub fn current_holder(
+        &self,
+        key: &[u8; 32],
+        expected: Option<&OdsCode>,
+    ) -> Result<&Organisation, KeyRefusal<'_>> {
+        match self.standing(key) {
+            KeyStanding::Trusted(org) if expected.is_none_or(|ods| *ods == org.ods) => Ok(org),
+            KeyStanding::Trusted(org) => Err(KeyRefusal::OtherOrganisation(org)),
+            KeyStanding::Revoked(org) => Err(KeyRefusal::Revoked(org)),
+            KeyStanding::Retired(org) => Err(KeyRefusal::Retired(org)),
+            KeyStanding::Unknown => Err(KeyRefusal::Unknown),
+        }
+    }
+
     /// Whether `key` may sign for `publisher`: listed for it and not revoked.
     pub fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
-        matches!(self.standing(key), KeyStanding::Trusted(org) if org.ods == *publisher)
+        self.current_holder(key, Some(publisher)).is_ok()
     }
 }
 
