@@ -2,34 +2,97 @@
 //! chromium driven by playwright-core, axe-core for accessibility) against the demo region
 //! started from this build's binary. Screenshots land in `browser-tests/artefacts/`.
 //!
-//! Needs Node.js, `npm ci --prefix browser-tests` and chromium (`apt install chromium`);
-//! `.ci/run` installs them. Without them this test fails and says what to install: a browser
-//! test that quietly passes when no browser ran would prove nothing.
+//! It sets up what it needs when it can, so that `cargo test --workspace` on a fresh machine
+//! needs nothing run first: the pinned npm packages (`npm ci`, from `package-lock.json`)
+//! when Node.js and npm are present, and Debian's chromium (`apt-get install chromium`) when
+//! running as root. When it cannot, it fails and says exactly what to install: a browser test
+//! that quietly passes when no browser ran would prove nothing.
 
 mod support;
 
+use std::path::Path;
 use std::process::Command;
 use support::repo_root;
+
+/// Runs `program args` for set-up, and says what happened when it failed.
+fn set_up(what: &str, program: &str, args: &[&str], dir: &Path) -> Result<(), String> {
+    eprintln!("browser tests: {what}: {program} {}", args.join(" "));
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .map_err(|error| format!("{what}: could not run {program}: {error}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: `{program} {}` failed ({}):\n{}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+fn found(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// Installs the pinned npm packages and chromium if they are missing and it can; returns
+/// what is still missing, each with the command that installs it.
+fn install_what_is_missing(tests: &Path, chromium: &str) -> Vec<String> {
+    let mut missing = Vec::new();
+    if !found("node") || !found("npm") {
+        missing.push("Node.js 20 or newer with npm (`apt-get install -y nodejs npm`)".into());
+    } else if !tests.join("node_modules/playwright-core").exists()
+        || !tests.join("node_modules/axe-core").exists()
+    {
+        let args = ["ci", "--no-audit", "--no-fund"];
+        if let Err(error) = set_up("installing the pinned npm packages", "npm", &args, tests) {
+            missing.push(format!(
+                "browser-tests/node_modules (run `npm ci --prefix browser-tests`): {error}"
+            ));
+        }
+    }
+    if !Path::new(chromium).exists() {
+        let installed = if is_root() && found("apt-get") {
+            let root = Path::new("/");
+            set_up("updating Debian's package lists", "apt-get", &["update"], root)
+                .and_then(|()| {
+                    let args = ["install", "-y", "--no-install-recommends", "chromium"];
+                    set_up("installing Debian's chromium", "apt-get", &args, root)
+                })
+                .err()
+        } else {
+            Some("not running as root, so it was not installed here".into())
+        };
+        if !Path::new(chromium).exists() {
+            missing.push(format!(
+                "{chromium} (run `sudo apt-get install -y chromium`, or set CHROMIUM){}",
+                installed.map(|why| format!(": {why}")).unwrap_or_default()
+            ));
+        }
+    }
+    missing
+}
 
 #[test]
 fn the_clinician_view_works_in_chromium() {
     let root = repo_root();
     let tests = root.join("browser-tests");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let missing: Vec<String> = [
-        (
-            tests.join("node_modules/playwright-core").exists(),
-            "browser-tests/node_modules (run `npm ci --prefix browser-tests`)".to_string(),
-        ),
-        (
-            std::path::Path::new(&chromium).exists(),
-            format!("{chromium} (run `apt install chromium`, or set CHROMIUM)"),
-        ),
-    ]
-    .into_iter()
-    .filter(|(present, _)| !present)
-    .map(|(_, what)| what)
-    .collect();
+    let missing = install_what_is_missing(&tests, &chromium);
     assert!(
         missing.is_empty(),
         "the browser tests need: {}",
