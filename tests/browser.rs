@@ -68,12 +68,17 @@ fn install_what_is_missing(tests: &Path, chromium: &str) -> Vec<String> {
     if !Path::new(chromium).exists() {
         let installed = if is_root() && found("apt-get") {
             let root = Path::new("/");
-            set_up("updating Debian's package lists", "apt-get", &["update"], root)
-                .and_then(|()| {
-                    let args = ["install", "-y", "--no-install-recommends", "chromium"];
-                    set_up("installing Debian's chromium", "apt-get", &args, root)
-                })
-                .err()
+            set_up(
+                "updating Debian's package lists",
+                "apt-get",
+                &["update"],
+                root,
+            )
+            .and_then(|()| {
+                let args = ["install", "-y", "--no-install-recommends", "chromium"];
+                set_up("installing Debian's chromium", "apt-get", &args, root)
+            })
+            .err()
         } else {
             Some("not running as root, so it was not installed here".into())
         };
