@@ -1,16 +1,18 @@
-//! Sync over QUIC: the endpoint, dialling with backoff, and the engine thread that drives
-//! every peer's [`Session`] against the node's database.
+//! Sync over QUIC: the endpoint, dialling with backoff, and the engine thread that runs the
+//! node's sans-IO [`Driver`] (`caremesh-engine`) against the node's database.
 //!
 //! ```text
 //!  quinn connection ──reader task──▶ Command::Input ──▶ ┌──────────── engine thread ───────────┐
-//!                                                       │ one Store (the sync writer)          │
-//!  quinn connection ◀──writer task── Outgoing (≤ 8) ◀── │ Session per peer, pumped while its   │
-//!                                                       │ outgoing queue has room              │
+//!                                                       │ Driver: the store's sync writer,     │
+//!  quinn connection ◀──writer task── Outgoing (≤ 8) ◀── │ a Session per peer; frames produced  │
+//!                                                       │ while the outgoing queue has room    │
 //!                                                       └──────────────────────────────────────┘
 //! ```
 //!
+//! This module is only IO: what to store, when to acknowledge, which of two connections
+//! survives and when to close are the driver's, which the simulator runs the same way.
 //! Backpressure: each connection's outgoing queue holds at most [`OUTGOING_FRAMES`] frames and
-//! the engine asks a session for a frame only when there is room, so a slow peer stalls only
+//! the driver produces a frame only for a connection with room, so a slow peer stalls only
 //! its own session. Incoming bytes pass through a bounded channel; when the engine falls
 //! behind, readers stop reading and QUIC flow control slows the sender.
 
@@ -18,13 +20,14 @@ use crate::clock;
 use crate::tls::{self, NodeIdentity};
 use crate::trust::TrustState;
 use anyhow::{Context, Result};
+use caremesh_engine::{ConnId, Driver, DriverEvent, DriverOptions, Redial};
+use caremesh_storage::Store;
 use caremesh_storage::sync_host::StoreHost;
-use caremesh_storage::{PeerStatus, Store};
 use caremesh_sync::model::OrgKind;
 use caremesh_sync::policy::{Consent, Recipient};
-use caremesh_sync::{Event, KeyRefusal, OdsCode, PublisherKey, Session, VerifiedRegistry};
+use caremesh_sync::{OdsCode, PublisherKey};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,23 +44,15 @@ const ENGINE_QUEUE: usize = 256;
 /// QUIC keep-alive: well under the 30 s many NATs forget a UDP flow after.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Reconnect backoff: doubles from the first to the last, with up to 50% jitter.
-const BACKOFF_FIRST: Duration = Duration::from_millis(250);
-const BACKOFF_LAST: Duration = Duration::from_secs(10);
-/// A connection that lasted this long resets the backoff.
-const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 /// A turn's group commit takes the commands already queued, up to this many, for up to
 /// this long (see `Engine::handle_turn`).
 const GROUP_COMMANDS: usize = 256;
 const GROUP_WINDOW: Duration = Duration::from_millis(20);
 /// SQLite page cache of the engine's connection.
 const ENGINE_CACHE_MIB: u32 = 64;
-/// How often the engine looks for local feed growth (ingests by other threads/processes).
-const FEED_POLL: Duration = Duration::from_millis(100);
-/// How soon after storing documents from one peer the engine offers them to the others. Not
-/// at once: a hub storing changes from many peers tells its sessions once per this interval,
-/// not once per change.
-const FEED_PROMPT: Duration = Duration::from_millis(20);
+/// How often the engine looks for local feed growth: ingest, consent changes and the view
+/// still write the database on connections of their own.
+const FEED_POLL_MS: u64 = 100;
 /// Documents kept loaded by a hub's engine and by any other node's: a hub stores a change
 /// and serves it to each entitled peer straight after, so a few hundred catch most serves.
 /// Each loaded document costs 75–95 KB of memory (measured on a hub: 4,096 added 300 MB,
@@ -66,8 +61,6 @@ const HUB_LOADED_DOCUMENTS: usize = 512;
 const NODE_LOADED_DOCUMENTS: usize = 64;
 /// How often the registry file is looked at for an edition installed while the node runs.
 const REGISTRY_FILE_CHECK: Duration = Duration::from_secs(1);
-/// How often peer status is written for `caremesh status` and /metrics.
-const STATUS_FLUSH: Duration = Duration::from_secs(1);
 
 /// Counters the node keeps in memory for /metrics, beside the per-peer rows in the database.
 #[derive(Debug, Default)]
@@ -211,8 +204,19 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                     .enable_time()
                     .build()
                     .expect("engine runtime builds");
-                let mut engine = Engine::new(ods, host, connected, counters, wire_log);
-                engine.stored_observer = stored_observer;
+                let options = DriverOptions {
+                    log_received_frames: wire_log.is_some(),
+                    feed_poll_ms: Some(FEED_POLL_MS),
+                };
+                let engine = Engine {
+                    driver: Driver::new(ods, host, options, 0),
+                    started: Instant::now(),
+                    outgoing: HashMap::new(),
+                    connected,
+                    counters,
+                    wire_log,
+                    stored_observer,
+                };
                 runtime.block_on(engine.run(engine_rx, shutdown));
             })?
     };
@@ -352,7 +356,7 @@ async fn dial_loop(
     peer: OdsCode,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = BACKOFF_FIRST;
+    let mut redial = Redial::default();
     loop {
         if *shutdown.borrow() {
             return;
@@ -371,15 +375,13 @@ async fn dial_loop(
                 }
             }
         }
-        if started.elapsed() >= STABLE_CONNECTION || already {
-            backoff = BACKOFF_FIRST;
-        } else {
-            backoff = (backoff * 2).min(BACKOFF_LAST);
-        }
         let pause = if already {
+            // The peer dialled us: look again in a second, and start afresh if it drops.
+            redial = Redial::default();
             Duration::from_secs(1)
         } else {
-            with_jitter(backoff)
+            let lasted = started.elapsed().as_millis() as u64;
+            Duration::from_millis(redial.pause_after(lasted, jitter()))
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
@@ -418,27 +420,13 @@ async fn watch_registry_file(trust: TrustState, mut shutdown: watch::Receiver<bo
     }
 }
 
-/// Why `key` no longer stands for `ods` in `registry`, if it does not.
-fn untrusted(registry: &VerifiedRegistry, ods: &OdsCode, key: &[u8; 32]) -> Option<&'static str> {
-    let refusal = registry.registry().current_holder(key, Some(ods)).err()?;
-    Some(match refusal {
-        KeyRefusal::OtherOrganisation(_) => {
-            "the trust registry now lists this key for another organisation"
-        }
-        KeyRefusal::Revoked(_) => "the trust registry revoked this peer's key",
-        KeyRefusal::Retired(_) => "the trust registry retired this peer's key",
-        KeyRefusal::Unknown => "this peer's key is no longer in the trust registry",
-    })
-}
-
-/// `base` plus up to half again, so that nodes cut off together do not reconnect in step.
-fn with_jitter(base: Duration) -> Duration {
+/// A uniform draw from [0, 1) for the redial jitter, from the OS.
+fn jitter() -> f64 {
     let mut bytes = [0u8; 4];
-    let fraction = match getrandom::fill(&mut bytes) {
-        Ok(()) => u32::from_le_bytes(bytes) as f64 / u32::MAX as f64,
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => u32::from_le_bytes(bytes) as f64 / (u32::MAX as f64 + 1.0),
         Err(_) => 0.5,
-    };
-    base + base.mul_f64(fraction * 0.5)
+    }
 }
 
 async fn dial(endpoint: &quinn::Endpoint, context: &Arc<Shared>, peer: &OdsCode) -> Result<()> {
@@ -543,69 +531,154 @@ async fn run_connection(
     let _ = context.engine.send(Command::Closed { conn, reason }).await;
 }
 
-struct Live {
-    conn: u64,
-    session: Session,
-    /// The key the peer authenticated with: the session lasts only while the registry in
-    /// force trusts it for the peer's organisation.
-    key: [u8; 32],
-    outgoing: mpsc::Sender<Outgoing>,
-    /// Who dialled: decides which of two simultaneous connections survives.
-    dialler: OdsCode,
-    /// The status row as it stood when the session began; session counters add to it.
-    base: PeerStatus,
-    connected_since: i64,
-    last_sync_at: Option<i64>,
-}
-
+/// The engine thread: the IO around the [`Driver`], which decides everything.
 struct Engine {
-    ods: OdsCode,
-    host: StoreHost,
+    driver: Driver,
     started: Instant,
-    sessions: BTreeMap<OdsCode, Live>,
-    peers_by_conn: HashMap<u64, OdsCode>,
+    /// Each live connection's queue towards its writer task.
+    outgoing: HashMap<ConnId, mpsc::Sender<Outgoing>>,
     connected: Arc<Mutex<HashSet<OdsCode>>>,
     counters: Arc<SyncCounters>,
-    last_tip: u64,
     wire_log: Option<std::fs::File>,
     stored_observer: Option<StoredObserver>,
-    /// Sessions that may have something to send: they received input, their timer fired,
-    /// the feed grew, or their connection was full. Only these are polled, so a hub with
-    /// hundreds of quiet peers does not visit them all for every frame it receives.
-    ready: BTreeSet<OdsCode>,
-    /// The registry edition the sessions were last checked against.
-    registry_version: u64,
-    /// The count of the newest own audit checkpoint handed to the sessions.
-    audit_checkpoint_seen: u64,
-    next_feed_poll: Instant,
-    /// Documents stored in the current group commit, for the observer once it is durable.
-    stored_in_group: Vec<Vec<(caremesh_sync::DocId, Vec<[u8; 32]>)>>,
 }
 
 impl Engine {
-    fn new(
-        ods: OdsCode,
-        host: StoreHost,
-        connected: Arc<Mutex<HashSet<OdsCode>>>,
-        counters: Arc<SyncCounters>,
-        wire_log: Option<std::fs::File>,
-    ) -> Engine {
-        Engine {
-            ods,
-            host,
-            started: Instant::now(),
-            sessions: BTreeMap::new(),
-            peers_by_conn: HashMap::new(),
-            connected,
-            counters,
-            last_tip: 0,
-            wire_log,
-            stored_observer: None,
-            ready: BTreeSet::new(),
-            registry_version: 0,
-            audit_checkpoint_seen: 0,
-            next_feed_poll: Instant::now(),
-            stored_in_group: Vec::new(),
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            self.pump();
+            let mut wake = self
+                .driver
+                .poll_timeout()
+                .map(|at| self.started + Duration::from_millis(at))
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            if self.driver.is_blocked() {
+                // A writer task frees room without telling the engine: look again soon.
+                wake = wake.min(Instant::now() + Duration::from_millis(5));
+            }
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.handle_turn(command, &mut commands),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = shutdown.changed() => break,
+            }
+            let now = self.now_ms();
+            self.driver.handle_timeout(now);
+            self.driver.retry_blocked();
+            self.handle_events();
+        }
+        self.driver.shut_down();
+        self.handle_events();
+    }
+
+    /// Handles `first` and whatever else is already queued (within bounds) as one turn whose
+    /// writes commit together: one fsync for what every peer sent in the turn, instead of one
+    /// each. Frames (acknowledgements among them) go out only after, from `pump`.
+    fn handle_turn(&mut self, first: Command, commands: &mut mpsc::Receiver<Command>) {
+        self.driver.begin_turn();
+        let deadline = Instant::now() + GROUP_WINDOW;
+        self.handle(first);
+        let mut handled = 1;
+        while handled < GROUP_COMMANDS && Instant::now() < deadline {
+            match commands.try_recv() {
+                Ok(command) => self.handle(command),
+                Err(_) => break,
+            }
+            handled += 1;
+        }
+        self.driver.end_turn();
+        self.handle_events();
+    }
+
+    fn handle(&mut self, command: Command) {
+        let now = self.now_ms();
+        match command {
+            Command::Open {
+                conn,
+                peer,
+                key,
+                dialled_by_us,
+                outgoing,
+                accepted,
+            } => {
+                let opened = self.driver.connect(now, conn, (peer, key), dialled_by_us);
+                if opened {
+                    self.outgoing.insert(conn, outgoing);
+                }
+                let _ = accepted.send(opened);
+            }
+            Command::Input { conn, bytes } => self.driver.receive(now, conn, &bytes),
+            Command::Closed { conn, reason } => {
+                self.outgoing.remove(&conn);
+                self.driver.disconnected(conn, &reason);
+            }
+        }
+    }
+
+    /// Hands every frame the driver has for a connection with room to its writer task.
+    fn pump(&mut self) {
+        let now = self.now_ms();
+        let outgoing = &self.outgoing;
+        // A connection whose writer has gone has room: its frames are dropped with it.
+        let has_room = |conn: ConnId| outgoing.get(&conn).is_none_or(|tx| tx.capacity() > 0);
+        while let Some(transmit) = self.driver.poll_transmit(now, has_room) {
+            if let Some(tx) = self.outgoing.get(&transmit.conn) {
+                // Room was checked just now, and the engine is the queue's only sender.
+                let _ = tx.try_send(Outgoing::Frame(transmit.frame));
+            }
+        }
+        self.handle_events();
+    }
+
+    fn handle_events(&mut self) {
+        while let Some(event) = self.driver.poll_event() {
+            match event {
+                DriverEvent::PeerUp { peer, .. } => {
+                    self.connected
+                        .lock()
+                        .expect("lock never poisoned")
+                        .insert(peer);
+                }
+                DriverEvent::Close {
+                    conn,
+                    peer,
+                    reason,
+                    cause,
+                } => {
+                    if cause.is_failure() {
+                        self.counters
+                            .protocol_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(tx) = self.outgoing.remove(&conn) {
+                        let _ = tx.try_send(Outgoing::Close(reason));
+                    }
+                    self.connected
+                        .lock()
+                        .expect("lock never poisoned")
+                        .remove(&peer);
+                }
+                DriverEvent::Stored { documents, .. } => {
+                    if let Some(observer) = &self.stored_observer {
+                        observer(&documents);
+                    }
+                }
+                DriverEvent::Unsendable { .. } => {
+                    self.counters.unsendable.fetch_add(1, Ordering::Relaxed);
+                }
+                DriverEvent::Received { peer, kind, docs } => self.log_frame(&peer, kind, &docs),
+                DriverEvent::Rejected { .. } | DriverEvent::Refused { .. } => {}
+            }
         }
     }
 
@@ -620,457 +693,6 @@ impl Engine {
         if let Err(error) = std::io::Write::write_all(file, line.as_bytes()) {
             tracing::error!(%error, "could not write the wire log; it stops here");
             self.wire_log = None;
-        }
-    }
-
-    /// Closes a session the peer broke (bad frames, protocol violations, impersonation).
-    fn fail(&mut self, ods: &OdsCode, reason: &str) {
-        self.counters
-            .protocol_errors
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(peer = %ods, %reason, "closing sync connection");
-        self.close(ods, reason);
-    }
-
-    /// Hands a newly signed audit checkpoint to every connected peer to witness.
-    fn hand_on_audit_checkpoint(&mut self) {
-        let count = match self.host.store.newest_own_checkpoint() {
-            Ok(Some(bytes)) => caremesh_sync::SignedCheckpoint::decode(&bytes)
-                .map(|signed| signed.checkpoint.count)
-                .unwrap_or(0),
-            Ok(None) => 0,
-            Err(error) => {
-                tracing::error!(%error, "could not read the newest audit checkpoint");
-                return;
-            }
-        };
-        if count <= self.audit_checkpoint_seen {
-            return;
-        }
-        self.audit_checkpoint_seen = count;
-        let mut failed = Vec::new();
-        for (ods, live) in &mut self.sessions {
-            if let Err(error) = live.session.audit_checkpointed(&mut self.host) {
-                failed.push((ods.clone(), error.to_string()));
-            }
-            self.ready.insert(ods.clone());
-        }
-        for (ods, reason) in failed {
-            self.fail(&ods, &reason);
-        }
-    }
-
-    /// Closes the sessions of peers whose keys the registry in force no longer trusts, once
-    /// per new edition (installed in the file, or adopted from a peer).
-    fn enforce_registry(&mut self) {
-        let registry = self.host.registry();
-        if registry.version() == self.registry_version {
-            return;
-        }
-        self.registry_version = registry.version();
-        let withdrawn: Vec<(OdsCode, &'static str)> = self
-            .sessions
-            .iter()
-            .filter_map(|(ods, live)| {
-                untrusted(&registry, ods, &live.key).map(|reason| (ods.clone(), reason))
-            })
-            .collect();
-        for (ods, reason) in withdrawn {
-            tracing::warn!(
-                peer = %ods,
-                registry_version = registry.version(),
-                reason,
-                "closing sync session: the trust registry no longer trusts this peer"
-            );
-            self.close(&ods, reason);
-        }
-        for (ods, live) in &mut self.sessions {
-            live.session.registry_changed(&self.host);
-            self.ready.insert(ods.clone());
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    async fn run(
-        mut self,
-        mut commands: mpsc::Receiver<Command>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut next_flush = Instant::now() + STATUS_FLUSH;
-        loop {
-            // Before anything is sent: a peer whose key the registry no longer trusts gets
-            // nothing more, and what it sends is no longer read.
-            self.enforce_registry();
-            let blocked = self.pump();
-            let mut wake = self.next_feed_poll.min(next_flush);
-            for live in self.sessions.values() {
-                if let Some(at) = live.session.poll_timeout() {
-                    wake = wake.min(self.started + Duration::from_millis(at));
-                }
-            }
-            if blocked {
-                wake = wake.min(Instant::now() + Duration::from_millis(5));
-            }
-            tokio::select! {
-                command = commands.recv() => match command {
-                    Some(command) => self.handle_turn(command, &mut commands),
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(wake.into()) => {}
-                _ = shutdown.changed() => break,
-            }
-            let now = self.now_ms();
-            let mut failed = Vec::new();
-            for (ods, live) in &mut self.sessions {
-                if live.session.poll_timeout().is_some_and(|at| at <= now) {
-                    if let Err(error) = live.session.handle_timeout(now) {
-                        failed.push((ods.clone(), error.to_string()));
-                    }
-                    self.ready.insert(ods.clone());
-                }
-            }
-            for (ods, reason) in failed {
-                self.fail(&ods, &reason);
-            }
-            if Instant::now() >= self.next_feed_poll {
-                self.next_feed_poll = Instant::now() + FEED_POLL;
-                self.poll_feed();
-            }
-            if Instant::now() >= next_flush {
-                next_flush = Instant::now() + STATUS_FLUSH;
-                self.flush_status();
-                self.host.compact_if_due();
-                self.hand_on_audit_checkpoint();
-            }
-        }
-        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
-        for peer in peers {
-            self.close(&peer, "node shutting down");
-        }
-    }
-
-    /// Handles `first` and whatever else is already queued (within bounds) as one turn whose
-    /// writes commit together: one fsync for what every peer sent in the turn, instead of one
-    /// each. Frames (acknowledgements among them) go out only after, from `pump`.
-    fn handle_turn(&mut self, first: Command, commands: &mut mpsc::Receiver<Command>) {
-        let grouped = self.open_group("the writes of an engine turn");
-        let deadline = Instant::now() + GROUP_WINDOW;
-        self.handle(first);
-        let mut handled = 1;
-        while handled < GROUP_COMMANDS && Instant::now() < deadline {
-            match commands.try_recv() {
-                Ok(command) => self.handle(command),
-                Err(_) => break,
-            }
-            handled += 1;
-        }
-        if grouped && let Err(error) = self.host.store.end_group() {
-            // What the sessions believe stored was rolled back: they must not acknowledge it.
-            tracing::error!(%error, "a group commit failed; closing every sync session");
-            self.stored_in_group.clear();
-            self.host.forget_cached();
-            let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
-            for peer in peers {
-                self.fail(&peer, "storage failed to commit");
-            }
-            return;
-        }
-        if let Some(observer) = &self.stored_observer {
-            for documents in self.stored_in_group.drain(..) {
-                observer(&documents);
-            }
-        }
-    }
-
-    fn handle(&mut self, command: Command) {
-        match command {
-            Command::Open {
-                conn,
-                peer,
-                key,
-                dialled_by_us,
-                outgoing,
-                accepted,
-            } => {
-                let dialler = if dialled_by_us {
-                    self.ods.clone()
-                } else {
-                    peer.ods.clone()
-                };
-                let _ = accepted.send(self.open(conn, (peer, key), dialler, outgoing));
-            }
-            Command::Input { conn, bytes } => {
-                let Some(ods) = self.peer_of(conn) else {
-                    return;
-                };
-                let now = self.now_ms();
-                let live = self.sessions.get_mut(&ods).expect("peer_of found it");
-                let result = live.session.handle_input(&bytes, now, &mut self.host);
-                self.ready.insert(ods.clone());
-                self.drain_events(&ods);
-                if let Err(error) = result {
-                    self.fail(&ods, &error.to_string());
-                }
-            }
-            Command::Closed { conn, reason } => {
-                if let Some(ods) = self.peer_of(conn) {
-                    tracing::info!(peer = %ods, %reason, "sync connection ended");
-                    self.close(&ods, &reason);
-                }
-            }
-        }
-    }
-
-    /// The peer a connection carries: a map lookup, as it runs for every chunk received.
-    fn peer_of(&self, conn: u64) -> Option<OdsCode> {
-        self.peers_by_conn.get(&conn).cloned()
-    }
-
-    /// Starts a session, unless a connection to the same peer exists that wins the tie-break
-    /// (the one dialled by the lower ODS code; between two from the same dialler, the newer).
-    fn open(
-        &mut self,
-        conn: u64,
-        (peer, key): (Recipient, [u8; 32]),
-        dialler: OdsCode,
-        outgoing: mpsc::Sender<Outgoing>,
-    ) -> bool {
-        // The registry may have changed since the handshake checked the key.
-        if let Some(reason) = untrusted(&self.host.registry(), &peer.ods, &key) {
-            tracing::warn!(peer = %peer.ods, reason, "refused a sync session");
-            return false;
-        }
-        if let Some(existing) = self.sessions.get(&peer.ods)
-            && existing.dialler < dialler
-        {
-            return false;
-        }
-        if self.sessions.contains_key(&peer.ods) {
-            self.close(&peer.ods, "replaced by a newer connection");
-        }
-        let now = self.now_ms();
-        let session = match Session::new(self.ods.clone(), peer.clone(), now, &mut self.host) {
-            Ok(mut session) => {
-                if self.wire_log.is_some() {
-                    session.log_received_frames();
-                }
-                session
-            }
-            Err(error) => {
-                tracing::error!(peer = %peer.ods, %error, "could not start a sync session");
-                return false;
-            }
-        };
-        let base = self
-            .host
-            .store
-            .peer_status(&peer.ods)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let live = Live {
-            conn,
-            session,
-            key,
-            outgoing,
-            dialler,
-            last_sync_at: base.last_sync_at,
-            base,
-            connected_since: clock::now_unix(),
-        };
-        self.connected
-            .lock()
-            .expect("lock never poisoned")
-            .insert(peer.ods.clone());
-        self.peers_by_conn.insert(conn, peer.ods.clone());
-        self.sessions.insert(peer.ods.clone(), live);
-        self.ready.insert(peer.ods.clone());
-        self.save_status(&peer.ods, None);
-        true
-    }
-
-    fn close(&mut self, ods: &OdsCode, reason: &str) {
-        self.save_status(ods, Some(reason));
-        if let Some(live) = self.sessions.remove(ods) {
-            self.peers_by_conn.remove(&live.conn);
-            let _ = live.outgoing.try_send(Outgoing::Close(reason.to_string()));
-        }
-        self.connected
-            .lock()
-            .expect("lock never poisoned")
-            .remove(ods);
-    }
-
-    /// Lets every ready session send while its connection has room. Returns whether any
-    /// session is held back by a full queue (it stays ready).
-    fn pump(&mut self) -> bool {
-        let now = self.now_ms();
-        let mut blocked = false;
-        let mut failed = Vec::new();
-        for ods in std::mem::take(&mut self.ready) {
-            let Some(live) = self.sessions.get_mut(&ods) else {
-                continue;
-            };
-            loop {
-                let permit = match live.outgoing.try_reserve() {
-                    Ok(permit) => permit,
-                    Err(mpsc::error::TrySendError::Full(())) => {
-                        blocked = true;
-                        self.ready.insert(ods.clone());
-                        break;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(())) => break,
-                };
-                match live.session.poll_transmit(now, &mut self.host) {
-                    Ok(Some(frame)) => permit.send(Outgoing::Frame(frame)),
-                    Ok(None) => break,
-                    Err(error) => {
-                        failed.push((ods.clone(), error.to_string()));
-                        break;
-                    }
-                }
-            }
-            self.drain_events(&ods);
-        }
-        for (ods, reason) in failed {
-            self.fail(&ods, &reason);
-        }
-        blocked
-    }
-
-    fn poll_feed(&mut self) {
-        match self.host.store.feed_tip() {
-            Ok(tip) if tip != self.last_tip => {
-                self.last_tip = tip;
-                for (ods, live) in &mut self.sessions {
-                    live.session.feed_changed();
-                    self.ready.insert(ods.clone());
-                }
-            }
-            Ok(_) => {}
-            Err(error) => tracing::error!(%error, "could not read the local feed"),
-        }
-    }
-
-    fn drain_events(&mut self, ods: &OdsCode) {
-        let Some(live) = self.sessions.get_mut(ods) else {
-            return;
-        };
-        let mut received = Vec::new();
-        while let Some(event) = live.session.poll_event() {
-            match event {
-                Event::Rejected {
-                    doc,
-                    publisher,
-                    reason,
-                } => {
-                    tracing::warn!(peer = %ods, %doc, %publisher, %reason, "rejected a received change; nothing of it was stored");
-                    let recorded = self.host.store.write().and_then(|batch| {
-                        batch.record_rejection(clock::now_unix(), ods, doc, &publisher, &reason)?;
-                        batch.commit()
-                    });
-                    if let Err(error) = recorded {
-                        tracing::error!(%error, "could not record a rejected change");
-                    }
-                }
-                Event::Refused(refusal) => {
-                    // Normal after a withdrawal (a late copy) or when a peer decided on older
-                    // facts; the document id and reason carry no patient data.
-                    tracing::debug!(peer = %ods, doc = %refusal.doc, publisher = %refusal.publisher, reason = %refusal.reason, "refused a received document policy does not let this node hold");
-                }
-                Event::Stored {
-                    documents,
-                    checkpoint,
-                } => {
-                    tracing::debug!(peer = %ods, documents = documents.len(), ?checkpoint, "stored documents from peer");
-                    if !documents.is_empty() {
-                        // What this node stored may be for its other peers: offer it soon,
-                        // not at the next regular look at the feed.
-                        self.next_feed_poll = self.next_feed_poll.min(Instant::now() + FEED_PROMPT);
-                        if let Some(observer) = &self.stored_observer {
-                            observer(&documents);
-                        }
-                    }
-                }
-                Event::CaughtUp => live.last_sync_at = Some(clock::now_unix()),
-                Event::PeerAcked { .. } => {}
-                Event::RegistryAdopted => {
-                    tracing::info!(peer = %ods, version = self.host.registry().version(), "adopted a newer trust registry from a peer");
-                }
-                Event::RegistryIgnored => {}
-                Event::Unsendable { doc, bytes } => {
-                    // An error, not a warning: this document does not reach the peer.
-                    tracing::error!(peer = %ods, %doc, bytes, limit = caremesh_sync::wire::MAX_FRAME_BYTES, "a document the peer wants is too large to send in one frame; it reaches the peer only once a version of it fits (see `caremesh status`)");
-                    self.counters.unsendable.fetch_add(1, Ordering::Relaxed);
-                    let recorded = self.host.store.write().and_then(|batch| {
-                        batch.record_unsendable(clock::now_unix(), ods, doc, bytes)?;
-                        batch.commit()
-                    });
-                    if let Err(error) = recorded {
-                        tracing::error!(%error, "could not record an unsendable document");
-                    }
-                }
-                Event::Received { kind, docs } => received.push((kind, docs)),
-            }
-        }
-        for (kind, docs) in received {
-            self.log_frame(ods, kind, &docs);
-        }
-    }
-
-    /// Opens a group commit for `what`; if it cannot be opened, the writes commit one by one.
-    fn open_group(&mut self, what: &str) -> bool {
-        match self.host.store.begin_group() {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(%error, what, "could not open a group commit; committing one by one");
-                false
-            }
-        }
-    }
-
-    /// Rewrites every live peer's status row, in one transaction: as separate commits a hub
-    /// with 500 peers made 500 fsyncs a second for monitoring rows alone.
-    fn flush_status(&mut self) {
-        let grouped = self.open_group("peer status");
-        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
-        for ods in peers {
-            self.save_status(&ods, None);
-        }
-        if grouped && let Err(error) = self.host.store.end_group() {
-            tracing::error!(%error, "could not save peer status");
-        }
-    }
-
-    /// Writes a peer's status row; `closing` marks it disconnected with the reason.
-    fn save_status(&mut self, ods: &OdsCode, closing: Option<&str>) {
-        let Some(live) = self.sessions.get(ods) else {
-            return;
-        };
-        let stats = live.session.stats();
-        let base = &live.base;
-        let status = PeerStatus {
-            peer: ods.to_string(),
-            connected: closing.is_none(),
-            connected_since: Some(live.connected_since),
-            last_sync_at: live.last_sync_at,
-            last_error: closing.map(str::to_string).or(base.last_error.clone()),
-            bytes_sent: base.bytes_sent + stats.bytes_sent,
-            bytes_received: base.bytes_received + stats.bytes_received,
-            documents_sent: base.documents_sent + stats.documents_sent,
-            documents_received: base.documents_received + stats.documents_received,
-            rejected: base.rejected + stats.rejected,
-            pulled_up_to: stats.pulled_up_to,
-            peer_tip: stats.peer_tip.max(stats.pulled_up_to),
-            peer_acked: stats.peer_acked,
-            local_tip: stats.local_tip,
-            updated_at: clock::now_unix(),
-        };
-        if let Err(error) = self.host.store.save_peer_status(&status) {
-            tracing::error!(%error, "could not save peer status");
         }
     }
 }

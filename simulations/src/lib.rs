@@ -12,7 +12,6 @@
 //! * [`swarm`]: fault parameters randomised per seed.
 
 mod check;
-mod host;
 pub mod network;
 pub mod scenario;
 pub mod swarm;
@@ -75,6 +74,8 @@ pub struct Report {
     pub consent_changes: u64,
     /// Received documents a node refused (late copies after a withdrawal, stale facts).
     pub refused: u64,
+    /// Sessions closed because a group commit failed (a disk fault).
+    pub storage_failures: u64,
     pub documents_held: u64,
     pub converged: bool,
     pub violations: Vec<Violation>,
@@ -91,6 +92,7 @@ impl Report {
             connections: 0,
             idle_closes: 0,
             hello_timeouts: 0,
+            storage_failures: 0,
             crashes: 0,
             frames: 0,
             bytes: 0,

@@ -72,6 +72,23 @@ pub enum Bug {
     AckWithoutStoring,
     /// The node places a re-sent entry on its new patient without moving it off the old.
     PlaceWithoutMoving,
+    /// The node's driver keeps its sessions open when a group commit fails, so they
+    /// acknowledge what was rolled back.
+    AckAfterFailedCommit,
+}
+
+impl Bug {
+    /// The bug as planted in the production host or driver; `None` for a bug the simulator
+    /// plants in its own publishing path.
+    pub fn planted(self) -> Option<caremesh_sync::planted::PlantedBug> {
+        use caremesh_sync::planted::PlantedBug;
+        match self {
+            Bug::ForwardWithheld => Some(PlantedBug::ForwardWithheld),
+            Bug::AckWithoutStoring => Some(PlantedBug::AckWithoutStoring),
+            Bug::AckAfterFailedCommit => Some(PlantedBug::AckAfterFailedCommit),
+            Bug::PlaceWithoutMoving => None,
+        }
+    }
 }
 
 fn default_settle_s() -> u64 {

@@ -8,19 +8,19 @@
 mod connections;
 
 use crate::check::{self, Held};
-use crate::host::SimHost;
 use crate::network::{Blocked, LinkState};
 use crate::scenario::{FaultKind, Invariant, LinkSpec, Scenario};
 use crate::{Report, Violation};
+use caremesh_engine::{Driver, DriverOptions};
 use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::publish::{Publication, record_access};
-use caremesh_storage::sync_host::{RegistrySource, StoreHost};
+use caremesh_storage::sync_host::{FixedRegistry, StoreHost};
 use caremesh_storage::{Placement, Store};
 use caremesh_sync::policy::{Agreements, Consent};
 use caremesh_sync::rng::Rng;
 use caremesh_sync::{
     DataClass, Item, NhsNumber, OdsCode, OrgKind, Organisation, PublisherKey, Registry,
-    RegistryFile, Section, Session, VerifiedRegistry,
+    RegistryFile, Section, VerifiedRegistry,
 };
 use sha2::{Digest, Sha256};
 use std::cmp::Reverse;
@@ -47,32 +47,23 @@ const SECTIONS: [Section; 6] = [
     Section::Documents,
 ];
 
-/// The registry as a simulated node holds it: fixed for the run.
-struct FixedRegistry(Arc<VerifiedRegistry>);
-
-impl RegistrySource for FixedRegistry {
-    fn current(&self) -> Arc<VerifiedRegistry> {
-        self.0.clone()
-    }
-    fn adopt(&self, _bytes: Vec<u8>) -> Result<bool, String> {
-        Ok(false)
-    }
-}
-
 pub(crate) struct Node {
     pub ods: OdsCode,
     pub kind: OrgKind,
     key: PublisherKey,
     db: PathBuf,
-    /// `None` while the process is down.
-    pub host: Option<SimHost>,
+    /// The node's sync engine, which owns its store: `None` while the process is down.
+    pub driver: Option<Driver>,
+    /// When the driver's timer is armed (virtual ms); an earlier timer event is stale.
+    timer: Option<u64>,
     bug: Option<crate::scenario::Bug>,
     dials: Vec<usize>,
     pub skew_ms: i64,
     pub caseload: Vec<NhsNumber>,
     defaults: Consent,
     link: LinkSpec,
-    dial_attempts: BTreeMap<usize, u32>,
+    /// The redial policy `node::network` uses, per peer this node dials.
+    redials: BTreeMap<usize, caremesh_engine::Redial>,
     /// Bumped on every crash, so events scheduled for an earlier life are ignored.
     life: u64,
     items_written: u64,
@@ -81,13 +72,13 @@ pub(crate) struct Node {
 struct Conn {
     /// (dialler, listener)
     ends: [usize; 2],
-    sessions: [Session; 2],
+    /// Virtual ms at which it was established.
+    since_ms: u64,
     in_flight: [u64; 2],
     next_free_ms: [u64; 2],
     last_arrival_ms: [u64; 2],
     /// Frames sent while the link was blocked, released when it heals.
     held: [Vec<Vec<u8>>; 2],
-    timer: [Option<u64>; 2],
     last_delivery_ms: u64,
 }
 
@@ -109,8 +100,8 @@ enum Event {
         frame: Vec<u8>,
     },
     Timer {
-        conn: u64,
-        side: usize,
+        node: usize,
+        life: u64,
     },
     IdleCheck {
         conn: u64,
@@ -277,7 +268,8 @@ impl World {
                 kind: group.kind,
                 key,
                 db,
-                host: None,
+                driver: None,
+                timer: None,
                 dials,
                 skew_ms: group.clock_skew_s * 1000,
                 caseload: caseloads[i].clone(),
@@ -288,12 +280,12 @@ impl World {
                     .iter()
                     .find(|b| scenario.resolve(&b.node).contains(code))
                     .map(|b| b.bug),
-                dial_attempts: BTreeMap::new(),
+                redials: BTreeMap::new(),
                 life: 0,
                 items_written: 0,
             };
             drop(store);
-            node.host = Some(open_host(&node, &registry, &now_ms).map_err(sim_error)?);
+            node.driver = Some(open_driver(&node, &registry, &now_ms).map_err(sim_error)?);
             nodes.push(node);
         }
         let links = LinkState::default();
@@ -413,56 +405,61 @@ impl World {
         consent: Option<(NhsNumber, Consent)>,
     ) -> Result<(), crate::SimError> {
         let n = &mut self.nodes[node];
-        let Some(host) = n.host.as_mut() else {
+        let Some(driver) = n.driver.as_mut() else {
             return Ok(());
         };
         let now = EPOCH_S + (self.now_ms.load(Ordering::Relaxed) as i64 + n.skew_ms) / 1000;
-        let mut publication = Publication::new(n.ods.clone(), n.defaults);
-        let batch = host.inner.store.write().map_err(sim_error)?;
-        let mut touched = BTreeSet::new();
-        for (patient, item) in items {
-            // Production's path: ingest places every resource through its placement.
-            let family = [item.id.clone()];
-            let placement = Placement {
-                nhs: patient.clone(),
-                patient_key: None,
-                moved_at: None,
-            };
-            let id = item.id.clone();
-            if n.bug == Some(crate::scenario::Bug::PlaceWithoutMoving) {
-                publication
-                    .place(&batch, &patient, &family, vec![item])
+        let (ods, key, defaults, bug) = (n.ods.clone(), &n.key, n.defaults, n.bug);
+        // Production's path: ingest places every resource through its placement, in one
+        // transaction through the store's one writer.
+        let touched = driver.write_local(|host| {
+            let mut publication = Publication::new(ods.clone(), defaults);
+            let batch = host.store.write().map_err(sim_error)?;
+            let mut touched = BTreeSet::new();
+            for (patient, item) in items {
+                let family = [item.id.clone()];
+                let placement = Placement {
+                    nhs: patient.clone(),
+                    patient_key: None,
+                    moved_at: None,
+                };
+                let id = item.id.clone();
+                if bug == Some(crate::scenario::Bug::PlaceWithoutMoving) {
+                    publication
+                        .place(&batch, &patient, &family, vec![item])
+                        .map_err(sim_error)?;
+                    touched.insert(patient);
+                    continue;
+                }
+                let moved_from = publication
+                    .place_resource(
+                        &batch,
+                        &id,
+                        placement,
+                        &family,
+                        vec![item],
+                        &now.to_string(),
+                    )
                     .map_err(sim_error)?;
+                touched.extend(moved_from);
                 touched.insert(patient);
-                continue;
             }
-            let moved_from = publication
-                .place_resource(
-                    &batch,
-                    &id,
-                    placement,
-                    &family,
-                    vec![item],
-                    &now.to_string(),
-                )
-                .map_err(sim_error)?;
-            touched.extend(moved_from);
-            touched.insert(patient);
-        }
-        if let Some((patient, consent)) = consent {
-            publication.set_consent(&patient, consent);
-            touched.insert(patient);
-        }
-        publication.apply(&batch, &n.key, now).map_err(sim_error)?;
-        batch.commit().map_err(sim_error)?;
+            if let Some((patient, consent)) = consent {
+                publication.set_consent(&patient, consent);
+                touched.insert(patient);
+            }
+            publication.apply(&batch, key, now).map_err(sim_error)?;
+            batch.commit().map_err(sim_error)?;
+            Ok::<_, crate::SimError>(touched)
+        })?;
         // What is now committed at the publisher: it must never be lost.
-        let held = check::held_documents(&host.inner).map_err(sim_error)?;
+        let held = check::held_documents(driver.host()).map_err(sim_error)?;
         for (doc, entry) in held {
-            if entry.meta.publisher == n.ods && touched.contains(&entry.meta.patient) {
+            if entry.meta.publisher == ods && touched.contains(&entry.meta.patient) {
                 self.committed.insert((node, doc), entry.heads);
             }
         }
-        self.feed_changed(node);
+        self.pump_node(node);
         Ok(())
     }
 
@@ -514,12 +511,12 @@ impl World {
         let pick = self.rng.below(self.nodes[node].caseload.len() as u64) as usize;
         let patient = self.nodes[node].caseload[pick].clone();
         let n = &mut self.nodes[node];
-        let Some(host) = n.host.as_mut() else {
+        let Some(driver) = n.driver.as_mut() else {
             return Ok(());
         };
         let now = EPOCH_S + (self.now_ms.load(Ordering::Relaxed) as i64 + n.skew_ms) / 1000;
-        let sources: BTreeSet<String> = host
-            .inner
+        let sources: BTreeSet<String> = driver
+            .host()
             .store
             .patient_items(&patient)
             .map_err(sim_error)?
@@ -541,17 +538,20 @@ impl World {
             outcome: "allowed".into(),
             detail: String::new(),
         };
-        record_access(&mut host.inner.store, &n.key, &n.ods, &event).map_err(sim_error)?;
+        let (key, ods) = (&n.key, &n.ods);
+        driver
+            .write_local(|host| record_access(&mut host.store, key, ods, &event))
+            .map_err(sim_error)?;
         let shared = event.showed_others_data();
         self.report.views += 1;
         if shared {
-            let held = check::held_documents(&host.inner).map_err(sim_error)?;
+            let held = check::held_documents(driver.host()).map_err(sim_error)?;
             for (doc, entry) in held {
                 if entry.meta.publisher == n.ods && entry.meta.section == Section::Audit {
                     self.committed.insert((node, doc), entry.heads);
                 }
             }
-            self.feed_changed(node);
+            self.pump_node(node);
         }
         Ok(())
     }
@@ -600,13 +600,13 @@ impl World {
             Event::Dial { node, peer, life } => self.dial(node, peer, life),
             Event::Established { node, peer, life } => self.establish(node, peer, life),
             Event::Deliver { conn, to, frame } => self.deliver(conn, to, frame),
-            Event::Timer { conn, side } => self.timer(conn, side),
+            Event::Timer { node, life } => self.timer(node, life),
             Event::IdleCheck { conn } => self.idle_check(conn),
             Event::Change { node, life } => {
                 if self.nodes[node].life != life || self.now() > self.scenario.duration_s * 1000 {
                     return Ok(());
                 }
-                if self.nodes[node].host.is_some() && !self.nodes[node].caseload.is_empty() {
+                if self.nodes[node].driver.is_some() && !self.nodes[node].caseload.is_empty() {
                     let pick = self.rng.below(self.nodes[node].caseload.len() as u64) as usize;
                     let patient = self.nodes[node].caseload[pick].clone();
                     let item = self.changed_item(node);
@@ -645,11 +645,11 @@ impl World {
         let Some(patient) = self.nodes[node].caseload.get(change.patient).cloned() else {
             return Ok(());
         };
-        let Some(host) = self.nodes[node].host.as_ref() else {
+        let Some(driver) = self.nodes[node].driver.as_ref() else {
             return Ok(());
         };
-        let current = host
-            .inner
+        let current = driver
+            .host()
             .store
             .care()
             .recorded_consent(&self.nodes[node].ods, &patient)
@@ -794,18 +794,20 @@ impl World {
             self.close(conn, "peer crashed");
         }
         let n = &mut self.nodes[node];
-        // Dropping the host drops its SQLite connection: what was committed is in the file,
-        // nothing else survives, as after kill -9.
-        n.host = None;
+        // Dropping the driver drops its SQLite connection: what was committed is in the
+        // file, nothing else survives, as after kill -9.
+        n.driver = None;
+        n.timer = None;
         n.life += 1;
-        n.dial_attempts.clear();
+        n.redials.clear();
         self.report.crashes += 1;
     }
 
     fn restart(&mut self, node: usize) -> Result<(), crate::SimError> {
-        let host = open_host(&self.nodes[node], &self.registry, &self.now_ms).map_err(sim_error)?;
+        let driver =
+            open_driver(&self.nodes[node], &self.registry, &self.now_ms).map_err(sim_error)?;
         let n = &mut self.nodes[node];
-        n.host = Some(host);
+        n.driver = Some(driver);
         let life = n.life;
         for peer in n.dials.clone() {
             self.schedule(self.now(), Event::Dial { node, peer, life });
@@ -835,7 +837,7 @@ impl World {
         self.nodes
             .iter()
             .enumerate()
-            .all(|(i, n)| n.host.is_some() || self.lost_for_good.contains(&i))
+            .all(|(i, n)| n.driver.is_some() || self.lost_for_good.contains(&i))
     }
 
     /// While a heal awaits convergence (and no fault is in force), checks whether the region
@@ -892,8 +894,8 @@ impl World {
     ) -> Result<Vec<Option<BTreeMap<caremesh_sync::DocId, Held>>>, crate::SimError> {
         self.nodes
             .iter()
-            .map(|n| match &n.host {
-                Some(host) => check::held_documents(&host.inner)
+            .map(|n| match &n.driver {
+                Some(driver) => check::held_documents(driver.host())
                     .map(Some)
                     .map_err(sim_error),
                 None => Ok(None),
@@ -938,7 +940,7 @@ impl World {
     }
 
     pub(crate) fn host(&self, node: usize) -> Option<&StoreHost> {
-        self.nodes[node].host.as_ref().map(|h| &h.inner)
+        self.nodes[node].driver.as_ref().map(Driver::host)
     }
 
     /// The nodes `node` dials or is dialled by.
@@ -955,11 +957,11 @@ fn local_time(now: u64, skew_ms: i64) -> u64 {
     (now as i64 + skew_ms).max(0) as u64
 }
 
-fn open_host(
+fn open_driver(
     node: &Node,
     registry: &Arc<VerifiedRegistry>,
     now_ms: &Arc<AtomicU64>,
-) -> Result<SimHost, caremesh_storage::StorageError> {
+) -> Result<Driver, caremesh_storage::StorageError> {
     let store = Store::open(&node.db)?;
     store.without_fsync()?;
     let clock = {
@@ -967,16 +969,18 @@ fn open_host(
         let skew = node.skew_ms;
         Box::new(move || EPOCH_S + (now_ms.load(Ordering::Relaxed) as i64 + skew) / 1000)
     };
-    let mut inner = StoreHost::new(
+    let mut host = StoreHost::new(
         store,
         Box::new(FixedRegistry(registry.clone())),
         node.ods.clone(),
         node.defaults,
         clock,
     )?;
-    inner.keep_documents_loaded(SIMULATED_LOADED_DOCUMENTS);
-    Ok(SimHost {
-        inner,
-        bug: node.bug,
-    })
+    host.keep_documents_loaded(SIMULATED_LOADED_DOCUMENTS);
+    let local_ms = local_time(now_ms.load(Ordering::Relaxed), node.skew_ms);
+    let mut driver = Driver::new(node.ods.clone(), host, DriverOptions::default(), local_ms);
+    if let Some(bug) = node.bug.and_then(crate::scenario::Bug::planted) {
+        driver.plant(bug);
+    }
+    Ok(driver)
 }

@@ -6,6 +6,7 @@
 
 use crate::{CareLookup, FeedRow, SourceRow, StorageError, Store};
 use caremesh_sync::VerifiedRegistry;
+use caremesh_sync::planted::PlantedBug;
 use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
 use caremesh_sync::wire::OfferEntry;
 use caremesh_sync::{
@@ -25,6 +26,18 @@ pub trait RegistrySource: Send {
     fn adopt(&self, bytes: Vec<u8>) -> Result<bool, String>;
 }
 
+/// A registry that never changes and adopts nothing: the simulator's and tests'.
+pub struct FixedRegistry(pub Arc<VerifiedRegistry>);
+
+impl RegistrySource for FixedRegistry {
+    fn current(&self) -> Arc<VerifiedRegistry> {
+        self.0.clone()
+    }
+    fn adopt(&self, _bytes: Vec<u8>) -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
 /// Unix seconds, as the host's caller keeps time.
 pub type Clock = Box<dyn Fn() -> i64 + Send>;
 
@@ -38,6 +51,7 @@ pub struct StoreHost {
     compaction_due: bool,
     tail: FeedTail,
     loaded: Option<LoadedDocuments>,
+    planted: Option<PlantedBug>,
 }
 
 /// The newest part of the feed, in memory: a hub's sessions all read the same new entries,
@@ -340,6 +354,7 @@ impl StoreHost {
             compaction_due: false,
             tail: FeedTail::starting_at(tip),
             loaded: None,
+            planted: None,
         })
     }
 
@@ -347,6 +362,17 @@ impl StoreHost {
     /// [`LoadedDocuments`]); without this call none are kept.
     pub fn keep_documents_loaded(&mut self, capacity: usize) {
         self.loaded = Some(LoadedDocuments::new(capacity));
+    }
+
+    /// Plants a bug (the simulator's self-tests only; see [`PlantedBug`]).
+    #[doc(hidden)]
+    pub fn plant(&mut self, bug: PlantedBug) {
+        self.planted = Some(bug);
+    }
+
+    /// Unix seconds on the caller's clock (the wall clock, or the simulator's).
+    pub fn now_unix(&self) -> i64 {
+        (self.clock)()
     }
 
     /// The registry in force.
@@ -488,6 +514,9 @@ impl SyncHost for StoreHost {
         mut documents: Vec<VerifiedDocument>,
         checkpoint: Option<Checkpoint>,
     ) -> Result<Vec<Refusal>, HostError> {
+        if self.planted == Some(PlantedBug::AckWithoutStoring) {
+            documents.clear();
+        }
         let now = (self.clock)();
         let this_node = self.policy.this_node()?;
         // Sharing records first: a withdrawal in this batch refuses the late copies with it,
@@ -593,6 +622,9 @@ impl SyncHost for StoreHost {
     }
 
     fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Result<Decision, HostError> {
+        if self.planted == Some(PlantedBug::ForwardWithheld) {
+            return Ok(Decision::Send);
+        }
         let direct = meta.publisher == self.policy.own;
         self.policy
             .decide(&self.store.care(), meta, recipient, direct, true)
@@ -711,18 +743,6 @@ mod tests {
         assert!(tail.after(16, 10).is_none(), "past what the tail has read");
     }
 
-    /// A registry trusting a GP practice (whose documents the tests receive) and a hub.
-    struct Fixed(Arc<VerifiedRegistry>);
-
-    impl RegistrySource for Fixed {
-        fn current(&self) -> Arc<VerifiedRegistry> {
-            self.0.clone()
-        }
-        fn adopt(&self, _bytes: Vec<u8>) -> Result<bool, String> {
-            Ok(false)
-        }
-    }
-
     const PRACTICE_SECRET: [u8; 32] = [7; 32];
 
     fn registry() -> Arc<VerifiedRegistry> {
@@ -783,7 +803,7 @@ mod tests {
         let path = dir.path().join("hub.db");
         let mut host = StoreHost::new(
             Store::open(&path).unwrap(),
-            Box::new(Fixed(registry())),
+            Box::new(FixedRegistry(registry())),
             OdsCode::parse("Y00001").unwrap(),
             Consent {
                 share_out: true,

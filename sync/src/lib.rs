@@ -19,6 +19,7 @@
 pub mod document;
 pub mod loaded;
 pub mod model;
+pub mod planted;
 pub mod policy;
 pub mod rng;
 pub mod session;

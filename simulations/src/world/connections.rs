@@ -1,25 +1,24 @@
-//! Connections between simulated nodes: dialling with backoff, the sessions on both ends,
-//! frames on the simulated links, timers, idle closes, and the wire check.
+//! Connections between simulated nodes: dialling with the node's redial policy, frames on
+//! the simulated links, each node's driver (the production engine) fed what arrives and
+//! asked for what to send, idle closes, and the wire checks.
 
 use super::{Blocked, Conn, Event, IDLE_TIMEOUT_MS, World, local_time};
 use crate::Violation;
 use crate::check;
 use crate::network::transmit;
 use crate::scenario::{Invariant, LinkSpec};
+use caremesh_engine::{CloseCause, DriverEvent};
+use caremesh_sync::OrgKind;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::wire::{FrameDecoder, Message};
-use caremesh_sync::{Event as SessionEvent, OrgKind, Session, SessionError};
-use std::cmp::Reverse;
+use std::collections::BTreeMap;
 
-/// Bytes a connection direction may have in flight before the session is asked for more.
+/// Bytes a connection direction may have in flight before the driver is asked for more.
 const WINDOW_BYTES: u64 = 1 << 20;
-/// Redial backoff, as in `node::network`: doubling from 1 s to 60 s, with jitter.
-const DIAL_BACKOFF_MIN_MS: u64 = 1_000;
-const DIAL_BACKOFF_MAX_MS: u64 = 60_000;
 
 impl World {
     pub(super) fn dial(&mut self, node: usize, peer: usize, life: u64) {
-        if self.nodes[node].life != life || self.nodes[node].host.is_none() {
+        if self.nodes[node].life != life || self.nodes[node].driver.is_none() {
             return;
         }
         let pair = (node.min(peer), node.max(peer));
@@ -27,28 +26,29 @@ impl World {
             return;
         }
         let now = self.now();
-        if self.nodes[peer].host.is_some() && self.links.blocked(node, peer) == Blocked::No {
+        if self.nodes[peer].driver.is_some() && self.links.blocked(node, peer) == Blocked::No {
             let rtt = 2 * self.link_between(node, peer).latency_ms;
             self.schedule(now + rtt.max(1), Event::Established { node, peer, life });
         } else {
-            self.redial(node, peer);
+            self.redial(node, peer, 0);
         }
     }
 
-    pub(super) fn redial(&mut self, node: usize, peer: usize) {
-        let attempt = self.nodes[node].dial_attempts.entry(peer).or_insert(0);
-        *attempt += 1;
-        let backoff = (DIAL_BACKOFF_MIN_MS << (*attempt).min(6)).min(DIAL_BACKOFF_MAX_MS);
-        let jitter = self.rng.below(backoff / 2 + 1);
+    /// Schedules the next dial from `node` to `peer` after a connection that lasted
+    /// `lasted_ms` (0: the attempt failed), by the node's own redial policy.
+    pub(super) fn redial(&mut self, node: usize, peer: usize, lasted_ms: u64) {
+        let jitter = self.rng.unit();
+        let pause = self.nodes[node]
+            .redials
+            .entry(peer)
+            .or_default()
+            .pause_after(lasted_ms, jitter);
         let life = self.nodes[node].life;
-        self.schedule(
-            self.now() + backoff / 2 + jitter,
-            Event::Dial { node, peer, life },
-        );
+        self.schedule(self.now() + pause, Event::Dial { node, peer, life });
     }
 
     pub(super) fn establish(&mut self, node: usize, peer: usize, life: u64) {
-        if self.nodes[node].life != life || self.nodes[node].host.is_none() {
+        if self.nodes[node].life != life || self.nodes[node].driver.is_none() {
             return;
         }
         let pair = (node.min(peer), node.max(peer));
@@ -56,56 +56,63 @@ impl World {
         if self.pairs.contains_key(&pair) {
             return;
         }
-        if self.nodes[peer].host.is_none() || self.links.blocked(node, peer) != Blocked::No {
-            self.redial(node, peer);
+        if self.nodes[peer].driver.is_none() || self.links.blocked(node, peer) != Blocked::No {
+            self.redial(node, peer, 0);
             return;
         }
-        let mut open = |local: usize, remote: usize| -> Option<Session> {
-            let remote_node = &self.nodes[remote];
-            let recipient = Recipient {
-                ods: remote_node.ods.clone(),
-                kind: remote_node.kind,
-            };
-            let local_node = &mut self.nodes[local];
-            let local_ms = local_time(now, local_node.skew_ms);
-            let host = local_node.host.as_mut()?;
-            Session::new(local_node.ods.clone(), recipient, local_ms, host).ok()
-        };
-        let (Some(a), Some(b)) = (open(node, peer), open(peer, node)) else {
-            self.redial(node, peer);
-            return;
-        };
         let id = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(
             id,
             Conn {
                 ends: [node, peer],
-                sessions: [a, b],
+                since_ms: now,
                 in_flight: [0, 0],
                 next_free_ms: [now, now],
                 last_arrival_ms: [now, now],
                 held: [Vec::new(), Vec::new()],
-                timer: [None, None],
                 last_delivery_ms: now,
             },
         );
         self.pairs.insert(pair, id);
-        self.nodes[node].dial_attempts.remove(&peer);
         self.report.connections += 1;
-        self.pump(id, 0);
-        self.pump(id, 1);
+        // Both ends' drivers decide whether to take the connection, as a node's does when
+        // quinn hands it an authenticated one.
+        for (local, remote, dialled) in [(node, peer, true), (peer, node, false)] {
+            let recipient = Recipient {
+                ods: self.nodes[remote].ods.clone(),
+                kind: self.nodes[remote].kind,
+            };
+            let key = self.nodes[remote].key.public();
+            let local_ms = local_time(now, self.nodes[local].skew_ms);
+            let driver = self.nodes[local].driver.as_mut().expect("checked above");
+            if !driver.connect(local_ms, id, (recipient, key), dialled) {
+                self.close(id, "refused by the driver");
+                return;
+            }
+        }
+        self.pump_node(node);
+        self.pump_node(peer);
     }
 
-    pub(super) fn close(&mut self, conn: u64, _reason: &str) {
+    /// Ends `conn` on both sides: each driver is told the connection is gone, and the
+    /// dialler dials again by its policy.
+    pub(super) fn close(&mut self, conn: u64, reason: &str) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
         let [dialler, listener] = c.ends;
         self.pairs
             .remove(&(dialler.min(listener), dialler.max(listener)));
-        if self.nodes[dialler].host.is_some() {
-            self.redial(dialler, listener);
+        for end in c.ends {
+            if let Some(driver) = self.nodes[end].driver.as_mut() {
+                driver.disconnected(conn, reason);
+                self.pump_node(end);
+            }
+        }
+        if self.nodes[dialler].driver.is_some() {
+            let lasted = self.now().saturating_sub(c.since_ms);
+            self.redial(dialler, listener, lasted);
         }
     }
 
@@ -119,116 +126,100 @@ impl World {
         self.links.effective(spec, a, b)
     }
 
-    /// Asks side `side` of `conn` for frames while its window has room, then reschedules its
-    /// timer and handles what its session reported.
-    pub(super) fn pump(&mut self, conn: u64, side: usize) {
+    /// Asks `node`'s driver for frames while their connections' windows have room, sends
+    /// them, rearms the node's timer and acts on what the driver reported.
+    pub(super) fn pump_node(&mut self, node: usize) {
         let now = self.now();
-        let mut stored = false;
-        let mut failure: Option<SessionError> = None;
+        let skew = self.nodes[node].skew_ms;
+        let local_ms = local_time(now, skew);
+        let Some(driver) = self.nodes[node].driver.as_mut() else {
+            return;
+        };
+        let conns = &self.conns;
+        // Bytes each connection has taken in this call, on top of what is in flight.
+        let mut queued: BTreeMap<u64, u64> = BTreeMap::new();
         let mut frames = Vec::new();
-        {
-            let Some(c) = self.conns.get_mut(&conn) else {
-                return;
+        driver.retry_blocked();
+        loop {
+            let has_room = |conn: u64| {
+                conns.get(&conn).is_none_or(|c| {
+                    let side = usize::from(c.ends[0] != node);
+                    c.in_flight[side] + queued.get(&conn).copied().unwrap_or(0) < WINDOW_BYTES
+                })
             };
-            let node = c.ends[side];
-            let n = &mut self.nodes[node];
-            let Some(host) = n.host.as_mut() else {
-                return;
+            let Some(transmit) = driver.poll_transmit(local_ms, has_room) else {
+                break;
             };
-            let local_ms = local_time(now, n.skew_ms);
-            let mut queued = c.in_flight[side];
-            while queued < WINDOW_BYTES {
-                match c.sessions[side].poll_transmit(local_ms, host) {
-                    Ok(Some(frame)) => {
-                        queued += frame.len() as u64;
-                        frames.push(frame);
-                    }
-                    Ok(None) => break,
-                    Err(error) => {
-                        failure = Some(error);
-                        break;
-                    }
-                }
-            }
-            while let Some(event) = c.sessions[side].poll_event() {
-                match event {
-                    SessionEvent::Stored { documents, .. } if !documents.is_empty() => {
-                        stored = true
-                    }
-                    SessionEvent::Rejected { doc, reason, .. } => {
-                        self.report.violations.push(Violation {
-                            at_s: now as f64 / 1000.0,
-                            node: n.ods.to_string(),
-                            doc: doc.to_string(),
-                            rule: "authenticity".into(),
-                            detail: format!("an honest peer's document was rejected: {reason}"),
-                        });
-                    }
-                    SessionEvent::Refused(_) => self.report.refused += 1,
-                    _ => {}
-                }
-            }
-            let timer = c.sessions[side]
-                .poll_timeout()
-                .map(|t| (t as i64 - n.skew_ms).max(now as i64) as u64);
-            if timer != c.timer[side] {
-                c.timer[side] = timer;
-                if let Some(at) = timer {
-                    self.sequence += 1;
-                    self.queue
-                        .push(Reverse((at, self.sequence, Event::Timer { conn, side })));
-                }
+            *queued.entry(transmit.conn).or_default() += transmit.frame.len() as u64;
+            frames.push(transmit);
+        }
+        let events: Vec<DriverEvent> = std::iter::from_fn(|| driver.poll_event()).collect();
+        let timer = driver
+            .poll_timeout()
+            .map(|t| (t as i64 - skew).max(now as i64) as u64);
+        let n = &mut self.nodes[node];
+        if timer != n.timer {
+            n.timer = timer;
+            if let Some(at) = timer {
+                let life = n.life;
+                self.schedule(at, Event::Timer { node, life });
             }
         }
-        for frame in frames {
-            self.send(conn, side, frame);
+        for transmit in frames {
+            let side = self
+                .conns
+                .get(&transmit.conn)
+                .map(|c| usize::from(c.ends[0] != node));
+            if let Some(side) = side {
+                self.send(transmit.conn, side, transmit.frame);
+            }
         }
-        if let Some(error) = failure {
-            self.session_failed(conn, side, &error);
-            return;
-        }
-        if stored {
-            let node = self.conns[&conn].ends[side];
-            self.feed_changed(node);
+        for event in events {
+            self.driver_event(node, event);
         }
     }
 
-    /// A session error closes the connection, as it would. A peer too slow to say Hello (a
-    /// lossy, slow link) is the network's doing; any other error between honest nodes is a
-    /// bug, reported as a violation.
-    pub(super) fn session_failed(&mut self, conn: u64, side: usize, error: &SessionError) {
-        if matches!(error, SessionError::HelloTimeout) {
-            self.report.hello_timeouts += 1;
-            self.close(conn, "hello timeout");
-            return;
-        }
-        self.protocol_failure(conn, side, &error.to_string());
-    }
-
-    pub(super) fn protocol_failure(&mut self, conn: u64, side: usize, reason: &str) {
-        let node = self.conns[&conn].ends[side];
-        self.report.violations.push(Violation {
-            at_s: self.now() as f64 / 1000.0,
-            node: self.nodes[node].ods.to_string(),
-            doc: String::new(),
-            rule: "protocol".into(),
-            detail: reason.to_string(),
-        });
-        self.close(conn, reason);
-    }
-
-    pub(super) fn feed_changed(&mut self, node: usize) {
-        let touched: Vec<(u64, usize)> = self
-            .conns
-            .iter_mut()
-            .filter_map(|(id, c)| {
-                let side = c.ends.iter().position(|&e| e == node)?;
-                c.sessions[side].feed_changed();
-                Some((*id, side))
-            })
-            .collect();
-        for (conn, side) in touched {
-            self.pump(conn, side);
+    fn driver_event(&mut self, node: usize, event: DriverEvent) {
+        match event {
+            DriverEvent::Close {
+                conn,
+                reason,
+                cause,
+                ..
+            } => {
+                if !self.conns.contains_key(&conn) {
+                    return;
+                }
+                match cause {
+                    // A peer too slow to say Hello (a lossy, slow link) is the network's doing.
+                    CloseCause::HelloTimeout => self.report.hello_timeouts += 1,
+                    // Between honest nodes any protocol error is a bug.
+                    CloseCause::Protocol => self.report.violations.push(Violation {
+                        at_s: self.now_s(),
+                        node: self.nodes[node].ods.to_string(),
+                        doc: String::new(),
+                        rule: "protocol".into(),
+                        detail: reason.clone(),
+                    }),
+                    CloseCause::StorageFailed => self.report.storage_failures += 1,
+                    CloseCause::Untrusted | CloseCause::Replaced | CloseCause::Ended => {}
+                }
+                self.close(conn, &reason);
+            }
+            DriverEvent::Rejected { doc, reason, .. } => {
+                self.report.violations.push(Violation {
+                    at_s: self.now_s(),
+                    node: self.nodes[node].ods.to_string(),
+                    doc: doc.to_string(),
+                    rule: "authenticity".into(),
+                    detail: format!("an honest peer's document was rejected: {reason}"),
+                });
+            }
+            DriverEvent::Refused { .. } => self.report.refused += 1,
+            DriverEvent::PeerUp { .. }
+            | DriverEvent::Stored { .. }
+            | DriverEvent::Unsendable { .. }
+            | DriverEvent::Received { .. } => {}
         }
     }
 
@@ -324,27 +315,20 @@ impl World {
         {
             self.check_wire(recipient, &frame);
         }
-        let failure = {
-            let Some(c) = self.conns.get_mut(&conn) else {
-                return;
-            };
-            c.in_flight[1 - to] -= frame.len() as u64;
-            c.last_delivery_ms = now;
-            let node = c.ends[to];
-            let n = &mut self.nodes[node];
-            let Some(host) = n.host.as_mut() else {
-                return;
-            };
-            c.sessions[to]
-                .handle_input(&frame, local_time(now, n.skew_ms), host)
-                .err()
-        };
-        if let Some(error) = failure {
-            self.session_failed(conn, to, &error);
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
-        }
-        self.pump(conn, to);
-        self.pump(conn, 1 - to);
+        };
+        c.in_flight[1 - to] -= frame.len() as u64;
+        c.last_delivery_ms = now;
+        let (node, sender) = (c.ends[to], c.ends[1 - to]);
+        let n = &mut self.nodes[node];
+        let Some(driver) = n.driver.as_mut() else {
+            return;
+        };
+        driver.receive(local_time(now, n.skew_ms), conn, &frame);
+        self.pump_node(node);
+        // The sender's window has room again.
+        self.pump_node(sender);
     }
 
     /// A document crossing the wire to a node that may not hold it is a violation even if
@@ -370,23 +354,18 @@ impl World {
         }
     }
 
-    pub(super) fn timer(&mut self, conn: u64, side: usize) {
+    /// `node`'s driver timer fired, unless it was rearmed since or the node restarted.
+    pub(super) fn timer(&mut self, node: usize, life: u64) {
         let now = self.now();
-        let failure = {
-            let Some(c) = self.conns.get_mut(&conn) else {
-                return;
-            };
-            if c.timer[side] != Some(now) {
-                return;
-            }
-            c.timer[side] = None;
-            let skew = self.nodes[c.ends[side]].skew_ms;
-            c.sessions[side].handle_timeout(local_time(now, skew)).err()
-        };
-        if let Some(error) = failure {
-            self.session_failed(conn, side, &error);
+        let n = &mut self.nodes[node];
+        if n.life != life || n.timer != Some(now) {
             return;
         }
-        self.pump(conn, side);
+        n.timer = None;
+        let local_ms = local_time(now, n.skew_ms);
+        if let Some(driver) = n.driver.as_mut() {
+            driver.handle_timeout(local_ms);
+        }
+        self.pump_node(node);
     }
 }

@@ -1,0 +1,806 @@
+//! The sync engine: one sans-IO [`Driver`] per node that owns the node's store, runs a
+//! [`Session`] per connected peer against it, and commits what the sessions receive before
+//! anything is acknowledged.
+//!
+//! ```text
+//!   connect / receive / disconnected ──▶ ┌──────────────── Driver ────────────────┐
+//!   (inside begin_turn … end_turn)       │ StoreHost (the store's sync writer)     │
+//!   handle_timeout(now) ───────────────▶ │ Session per peer                        │
+//!                                        │ group commit per turn, then frames      │
+//!   poll_transmit(now, room) ◀────────── │                                          │
+//!   poll_event() ◀────────────────────── │ Close, Stored (durable), Rejected, …    │
+//!   poll_timeout() ◀──────────────────── └──────────────────────────────────────────┘
+//! ```
+//!
+//! Like quinn-proto's `Connection`, the driver does no IO and reads no clock: time comes in
+//! as milliseconds from the caller's epoch, bytes come in and frames go out, and the caller
+//! arms one timer. `node::network` runs it over QUIC on a thread of its own; the simulator
+//! runs the same driver over simulated links in virtual time, so what the simulator checks
+//! is the code that ships.
+//!
+//! Invariants:
+//! - **Nothing is acknowledged before it is durable.** Received documents are written inside
+//!   the turn's group commit; frames (acknowledgements among them) are produced only between
+//!   turns ([`Driver::poll_transmit`] asserts it), so after the group committed. A group that
+//!   fails to commit closes every session, whose unsent acknowledgements go with them.
+//! - [`DriverEvent::Stored`] is reported only once the turn that stored it has committed.
+//! - At most one session per peer organisation: of two connections, the one dialled by the
+//!   lower ODS code survives; of two from the same dialler, the newer.
+//! - A session lasts only while the registry in force trusts the key its peer authenticated
+//!   with; checked before any frame is produced.
+
+use caremesh_storage::sync_host::StoreHost;
+use caremesh_storage::{PeerStatus, StorageError};
+use caremesh_sync::planted::PlantedBug;
+use caremesh_sync::policy::Recipient;
+use caremesh_sync::{
+    DocId, Event, KeyRefusal, OdsCode, Refusal, Session, SessionError, SignedCheckpoint,
+    VerifiedRegistry,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+mod redial;
+
+pub use redial::Redial;
+
+/// A document and the heads now held of it.
+pub type HeldVersion = (DocId, Vec<[u8; 32]>);
+
+/// A connection, as the caller numbers them: unique among the driver's live connections.
+pub type ConnId = u64;
+
+/// How soon after storing documents from one peer the driver offers them to the others. Not
+/// at once: a hub storing changes from many peers tells its sessions once per this interval,
+/// not once per change.
+pub const FEED_PROMPT_MS: u64 = 20;
+/// How often peer status is written for `caremesh status` and /metrics.
+pub const STATUS_FLUSH_MS: u64 = 1_000;
+
+/// What the caller chooses about a driver.
+#[derive(Debug, Clone, Default)]
+pub struct DriverOptions {
+    /// Report every received frame ([`DriverEvent::Received`]) for a wire log.
+    pub log_received_frames: bool,
+    /// Look at the feed this often for documents written by other writers of the same
+    /// database (the node's ingest, which does not go through the driver yet). `None` when
+    /// every local write goes through [`Driver::write_local`].
+    pub feed_poll_ms: Option<u64>,
+}
+
+/// Why the driver closed a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCause {
+    /// The peer broke the protocol or sent what could not be handled.
+    Protocol,
+    /// The peer said no Hello in time (a slow or lossy link, or not a caremesh peer).
+    HelloTimeout,
+    /// The registry in force no longer trusts the peer's key.
+    Untrusted,
+    /// A newer connection to the same peer won the tie-break.
+    Replaced,
+    /// A group commit failed: what the session believed stored was rolled back.
+    StorageFailed,
+    /// The caller reported the connection gone, or the node is shutting down.
+    Ended,
+}
+
+impl CloseCause {
+    /// Whether the close counts as a failure of the peer or of storage (for metrics).
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            CloseCause::Protocol | CloseCause::HelloTimeout | CloseCause::StorageFailed
+        )
+    }
+}
+
+/// Something the caller must act on or may report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverEvent {
+    /// A session began with `peer` over `conn`.
+    PeerUp { conn: ConnId, peer: OdsCode },
+    /// The session over `conn` ended: close the connection with `reason`.
+    Close {
+        conn: ConnId,
+        peer: OdsCode,
+        reason: String,
+        cause: CloseCause,
+    },
+    /// Documents from `peer` are durably stored (each with the heads now held).
+    Stored {
+        peer: OdsCode,
+        documents: Vec<HeldVersion>,
+    },
+    /// A received document failed verification; nothing of it was stored (and the driver
+    /// recorded the rejection in the store).
+    Rejected {
+        peer: OdsCode,
+        doc: DocId,
+        publisher: OdsCode,
+        reason: String,
+    },
+    /// A received document verified but policy does not let this node hold it.
+    Refused { peer: OdsCode, refusal: Refusal },
+    /// A document `peer` wants is too large to send (recorded in the store, logged).
+    Unsendable {
+        peer: OdsCode,
+        doc: DocId,
+        bytes: usize,
+    },
+    /// A frame arrived (only with [`DriverOptions::log_received_frames`]).
+    Received {
+        peer: OdsCode,
+        kind: &'static str,
+        docs: Vec<DocId>,
+    },
+}
+
+/// A frame for the connection `conn`.
+#[derive(Debug)]
+pub struct Transmit {
+    pub conn: ConnId,
+    pub frame: Vec<u8>,
+}
+
+/// A connection's authenticated peer, as [`Driver::connect`] is given it.
+struct Peer {
+    recipient: Recipient,
+    key: [u8; 32],
+    dialled_by_us: bool,
+}
+
+struct Live {
+    conn: ConnId,
+    session: Session,
+    /// The key the peer authenticated with: the session lasts only while the registry in
+    /// force trusts it for the peer's organisation.
+    key: [u8; 32],
+    /// Who dialled: decides which of two simultaneous connections survives.
+    dialler: OdsCode,
+    /// The status row as it stood when the session began; session counters add to it.
+    base: PeerStatus,
+    connected_since: i64,
+    last_sync_at: Option<i64>,
+}
+
+/// One node's sync engine (see the crate documentation).
+pub struct Driver {
+    ods: OdsCode,
+    host: StoreHost,
+    options: DriverOptions,
+    sessions: BTreeMap<OdsCode, Live>,
+    peers_by_conn: HashMap<ConnId, OdsCode>,
+    /// Sessions that may have something to send: they received input, their timer fired,
+    /// the feed grew. Only these are polled, so a hub with hundreds of quiet peers does not
+    /// visit them all for every frame it receives.
+    ready: BTreeSet<OdsCode>,
+    /// Ready sessions whose connection had no room when last asked.
+    blocked: BTreeSet<OdsCode>,
+    /// The registry edition the sessions were last checked against.
+    registry_version: u64,
+    /// The count of the newest own audit checkpoint handed to the sessions.
+    audit_checkpoint_seen: u64,
+    /// The local feed tip last told to the sessions (for [`DriverOptions::feed_poll_ms`]).
+    last_tip: u64,
+    next_feed_look: Option<u64>,
+    next_flush: u64,
+    /// A turn is open: writes go into one group commit and no frame is produced.
+    in_turn: bool,
+    /// The turn's group commit could not be opened; its writes commit one by one.
+    turn_grouped: bool,
+    /// Documents stored in the open turn, reported once it has committed.
+    stored_in_turn: Vec<(OdsCode, Vec<HeldVersion>)>,
+    events: VecDeque<DriverEvent>,
+    /// The caller's time at its last call, for timers set while handling it.
+    now: u64,
+    planted: Option<PlantedBug>,
+}
+
+impl Driver {
+    /// A driver for the node `ods` over `host`, at `now` (ms on the caller's clock).
+    pub fn new(ods: OdsCode, host: StoreHost, options: DriverOptions, now: u64) -> Driver {
+        let last_tip = host.store.feed_tip().unwrap_or(0);
+        Driver {
+            ods,
+            host,
+            next_feed_look: options.feed_poll_ms.map(|every| now + every),
+            options,
+            sessions: BTreeMap::new(),
+            peers_by_conn: HashMap::new(),
+            ready: BTreeSet::new(),
+            blocked: BTreeSet::new(),
+            registry_version: 0,
+            audit_checkpoint_seen: 0,
+            last_tip,
+            next_flush: now + STATUS_FLUSH_MS,
+            in_turn: false,
+            turn_grouped: false,
+            stored_in_turn: Vec::new(),
+            events: VecDeque::new(),
+            now,
+            planted: None,
+        }
+    }
+
+    /// Plants a bug (the simulator's self-tests only; see [`PlantedBug`]).
+    #[doc(hidden)]
+    pub fn plant(&mut self, bug: PlantedBug) {
+        self.planted = Some(bug);
+        self.host.plant(bug);
+    }
+
+    /// The host, for reads.
+    pub fn host(&self) -> &StoreHost {
+        &self.host
+    }
+
+    /// The organisations with a live session.
+    pub fn connected_peers(&self) -> impl Iterator<Item = &OdsCode> {
+        self.sessions.keys()
+    }
+
+    /// Opens a turn: what the inputs until [`Driver::end_turn`] store commits together, with
+    /// one fsync, before any frame is produced.
+    pub fn begin_turn(&mut self) {
+        assert!(!self.in_turn, "turns do not nest");
+        self.in_turn = true;
+        self.turn_grouped = match self.host.store.begin_group() {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "could not open a group commit; committing one by one");
+                false
+            }
+        };
+    }
+
+    /// Commits the turn. If the commit fails, what the sessions believe stored was rolled
+    /// back: every session is closed before it can acknowledge it.
+    pub fn end_turn(&mut self) {
+        assert!(self.in_turn, "no turn to end");
+        self.in_turn = false;
+        if self.turn_grouped
+            && let Err(error) = self.host.store.end_group()
+        {
+            self.stored_in_turn.clear();
+            self.host.forget_cached();
+            if self.planted == Some(PlantedBug::AckAfterFailedCommit) {
+                return;
+            }
+            tracing::error!(%error, "a group commit failed; closing every sync session");
+            let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+            for peer in peers {
+                self.close(&peer, "storage failed to commit", CloseCause::StorageFailed);
+            }
+            return;
+        }
+        for (peer, documents) in std::mem::take(&mut self.stored_in_turn) {
+            self.events
+                .push_back(DriverEvent::Stored { peer, documents });
+        }
+    }
+
+    /// Runs one input as a turn of its own.
+    fn in_own_turn<T>(&mut self, input: impl FnOnce(&mut Driver) -> T) -> T {
+        let own = !self.in_turn;
+        if own {
+            self.begin_turn();
+        }
+        let result = input(self);
+        if own {
+            self.end_turn();
+        }
+        result
+    }
+
+    /// A connection to `peer` authenticated with `key`: starts its session unless another
+    /// connection to the same peer wins the tie-break. Returns whether it was accepted; a
+    /// refused connection should be closed by the caller.
+    pub fn connect(
+        &mut self,
+        now: u64,
+        conn: ConnId,
+        (peer, key): (Recipient, [u8; 32]),
+        dialled_by_us: bool,
+    ) -> bool {
+        self.now = now;
+        let peer = Peer {
+            recipient: peer,
+            key,
+            dialled_by_us,
+        };
+        self.in_own_turn(|driver| driver.open(conn, peer))
+    }
+
+    /// Starts the session for `peer` at the time of the last call.
+    fn open(&mut self, conn: ConnId, peer: Peer) -> bool {
+        let Peer {
+            recipient: peer,
+            key,
+            dialled_by_us,
+        } = peer;
+        let now = self.now;
+        let dialler = if dialled_by_us {
+            self.ods.clone()
+        } else {
+            peer.ods.clone()
+        };
+        // The registry may have changed since the handshake checked the key.
+        if let Some(reason) = untrusted(&self.host.registry(), &peer.ods, &key) {
+            tracing::warn!(peer = %peer.ods, reason, "refused a sync session");
+            return false;
+        }
+        if let Some(existing) = self.sessions.get(&peer.ods)
+            && existing.dialler < dialler
+        {
+            return false;
+        }
+        if self.sessions.contains_key(&peer.ods) {
+            self.close(
+                &peer.ods,
+                "replaced by a newer connection",
+                CloseCause::Replaced,
+            );
+        }
+        let mut session = match Session::new(self.ods.clone(), peer.clone(), now, &mut self.host) {
+            Ok(session) => session,
+            Err(error) => {
+                tracing::error!(peer = %peer.ods, %error, "could not start a sync session");
+                return false;
+            }
+        };
+        if self.options.log_received_frames {
+            session.log_received_frames();
+        }
+        let base = self
+            .host
+            .store
+            .peer_status(&peer.ods)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let live = Live {
+            conn,
+            session,
+            key,
+            dialler,
+            last_sync_at: base.last_sync_at,
+            base,
+            connected_since: self.host.now_unix(),
+        };
+        self.peers_by_conn.insert(conn, peer.ods.clone());
+        self.sessions.insert(peer.ods.clone(), live);
+        self.ready.insert(peer.ods.clone());
+        self.events.push_back(DriverEvent::PeerUp {
+            conn,
+            peer: peer.ods.clone(),
+        });
+        self.save_status(&peer.ods, None);
+        true
+    }
+
+    /// Bytes from the peer on `conn`.
+    pub fn receive(&mut self, now: u64, conn: ConnId, bytes: &[u8]) {
+        self.now = now;
+        let Some(ods) = self.peers_by_conn.get(&conn).cloned() else {
+            return;
+        };
+        self.in_own_turn(|driver| {
+            let live = driver
+                .sessions
+                .get_mut(&ods)
+                .expect("peers_by_conn names it");
+            let result = live.session.handle_input(bytes, now, &mut driver.host);
+            driver.ready.insert(ods.clone());
+            driver.drain_session_events(&ods);
+            if let Err(error) = result {
+                driver.fail(&ods, &error);
+            }
+        });
+    }
+
+    /// The caller's connection `conn` ended (the peer closed it, the link failed).
+    pub fn disconnected(&mut self, conn: ConnId, reason: &str) {
+        if let Some(ods) = self.peers_by_conn.get(&conn).cloned() {
+            tracing::info!(peer = %ods, %reason, "sync connection ended");
+            self.in_own_turn(|driver| driver.close(&ods, reason, CloseCause::Ended));
+        }
+    }
+
+    /// Closes every session (the node is shutting down) and writes their final status.
+    pub fn shut_down(&mut self) {
+        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+        self.in_own_turn(|driver| {
+            for peer in peers {
+                driver.close(&peer, "node shutting down", CloseCause::Ended);
+            }
+        });
+    }
+
+    /// Makes a local write (a publication, a consent change) through the store's one writer,
+    /// then lets every session offer what it added.
+    pub fn write_local<T, E>(
+        &mut self,
+        write: impl FnOnce(&mut StoreHost) -> Result<T, E>,
+    ) -> Result<T, E> {
+        assert!(!self.in_turn, "a local write is a transaction of its own");
+        let result = write(&mut self.host);
+        if result.is_ok() {
+            self.feed_grew();
+        }
+        result
+    }
+
+    /// The caller's clock reached `now`: fires session timers, looks at the feed, writes peer
+    /// status. Its writes are a turn of their own.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.now = now;
+        self.in_own_turn(|driver| {
+            let mut failed = Vec::new();
+            for (ods, live) in &mut driver.sessions {
+                if live.session.poll_timeout().is_some_and(|at| at <= now) {
+                    if let Err(error) = live.session.handle_timeout(now) {
+                        failed.push((ods.clone(), error));
+                    }
+                    driver.ready.insert(ods.clone());
+                }
+            }
+            for (ods, error) in failed {
+                driver.fail(&ods, &error);
+            }
+            if driver.next_feed_look.is_some_and(|at| at <= now) {
+                driver.next_feed_look = driver.options.feed_poll_ms.map(|every| now + every);
+                driver.look_at_feed();
+            }
+            if driver.next_flush <= now {
+                driver.next_flush = now + STATUS_FLUSH_MS;
+                driver.flush_status();
+                driver.hand_on_audit_checkpoint();
+            }
+        });
+        // Outside the turn: the WAL cannot be emptied while a transaction is open.
+        self.host.compact_if_due();
+    }
+
+    /// When the driver next needs [`Driver::handle_timeout`], in the caller's ms.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let sessions = self
+            .sessions
+            .values()
+            .filter_map(|live| live.session.poll_timeout());
+        sessions
+            .chain(self.next_feed_look)
+            .chain(Some(self.next_flush))
+            .min()
+    }
+
+    /// The next frame for a connection with room (`has_room`), or `None` when no session has
+    /// anything to send where there is room. Only between turns: a frame produced inside a
+    /// turn could acknowledge what is not yet durable.
+    pub fn poll_transmit(
+        &mut self,
+        now: u64,
+        mut has_room: impl FnMut(ConnId) -> bool,
+    ) -> Option<Transmit> {
+        assert!(
+            !self.in_turn,
+            "frames leave only after the turn has committed"
+        );
+        self.now = now;
+        // Before anything is sent: a peer whose key the registry no longer trusts gets
+        // nothing more, and what it sends is no longer read.
+        self.enforce_registry();
+        while let Some(ods) = self.ready.first().cloned() {
+            let Some(live) = self.sessions.get_mut(&ods) else {
+                self.ready.remove(&ods);
+                continue;
+            };
+            if !has_room(live.conn) {
+                self.ready.remove(&ods);
+                self.blocked.insert(ods);
+                continue;
+            }
+            let conn = live.conn;
+            let polled = live.session.poll_transmit(now, &mut self.host);
+            match polled {
+                Ok(Some(frame)) => {
+                    self.drain_session_events(&ods);
+                    return Some(Transmit { conn, frame });
+                }
+                Ok(None) => {
+                    self.ready.remove(&ods);
+                    self.drain_session_events(&ods);
+                }
+                Err(error) => {
+                    self.ready.remove(&ods);
+                    self.drain_session_events(&ods);
+                    // A storage error while producing a frame: a write of its own.
+                    self.in_own_turn(|driver| driver.fail(&ods, &error));
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether a session is held back by a connection without room.
+    pub fn is_blocked(&self) -> bool {
+        !self.blocked.is_empty()
+    }
+
+    /// Connections may have room again: held-back sessions are asked again.
+    pub fn retry_blocked(&mut self) {
+        self.ready.append(&mut self.blocked);
+    }
+
+    /// Something for the caller.
+    pub fn poll_event(&mut self) -> Option<DriverEvent> {
+        self.events.pop_front()
+    }
+
+    /// The feed grew: every session may have something new to offer.
+    fn feed_grew(&mut self) {
+        if let Ok(tip) = self.host.store.feed_tip() {
+            self.last_tip = tip;
+        }
+        for (ods, live) in &mut self.sessions {
+            live.session.feed_changed();
+            self.ready.insert(ods.clone());
+        }
+    }
+
+    fn look_at_feed(&mut self) {
+        match self.host.store.feed_tip() {
+            Ok(tip) if tip != self.last_tip => self.feed_grew(),
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "could not read the local feed"),
+        }
+    }
+
+    /// Closes a session the peer broke (bad frames, protocol violations, impersonation).
+    fn fail(&mut self, ods: &OdsCode, error: &SessionError) {
+        let cause = match error {
+            SessionError::HelloTimeout => CloseCause::HelloTimeout,
+            _ => CloseCause::Protocol,
+        };
+        tracing::warn!(peer = %ods, reason = %error, "closing sync connection");
+        self.close(ods, &error.to_string(), cause);
+    }
+
+    fn close(&mut self, ods: &OdsCode, reason: &str, cause: CloseCause) {
+        self.save_status(ods, Some(reason));
+        if let Some(live) = self.sessions.remove(ods) {
+            self.peers_by_conn.remove(&live.conn);
+            self.ready.remove(ods);
+            self.blocked.remove(ods);
+            self.events.push_back(DriverEvent::Close {
+                conn: live.conn,
+                peer: ods.clone(),
+                reason: reason.to_string(),
+                cause,
+            });
+        }
+    }
+
+    fn drain_session_events(&mut self, ods: &OdsCode) {
+        let Some(live) = self.sessions.get_mut(ods) else {
+            return;
+        };
+        let mut rejections = Vec::new();
+        let mut unsendable = Vec::new();
+        while let Some(event) = live.session.poll_event() {
+            match event {
+                Event::Rejected {
+                    doc,
+                    publisher,
+                    reason,
+                } => {
+                    tracing::warn!(peer = %ods, %doc, %publisher, %reason, "rejected a received change; nothing of it was stored");
+                    rejections.push((doc, publisher, reason));
+                }
+                Event::Refused(refusal) => {
+                    // Normal after a withdrawal (a late copy) or when a peer decided on older
+                    // facts; the document id and reason carry no patient data.
+                    tracing::debug!(peer = %ods, doc = %refusal.doc, publisher = %refusal.publisher, reason = %refusal.reason, "refused a received document policy does not let this node hold");
+                    self.events.push_back(DriverEvent::Refused {
+                        peer: ods.clone(),
+                        refusal,
+                    });
+                }
+                Event::Stored {
+                    documents,
+                    checkpoint,
+                } => {
+                    tracing::debug!(peer = %ods, documents = documents.len(), ?checkpoint, "stored documents from peer");
+                    if !documents.is_empty() {
+                        // What this node stored may be for its other peers: offer it soon,
+                        // not at once, so a hub tells its sessions once per interval.
+                        let prompt = self.now.saturating_add(FEED_PROMPT_MS);
+                        self.next_feed_look =
+                            Some(self.next_feed_look.map_or(prompt, |at| at.min(prompt)));
+                        if self.in_turn {
+                            self.stored_in_turn.push((ods.clone(), documents));
+                        } else {
+                            self.events.push_back(DriverEvent::Stored {
+                                peer: ods.clone(),
+                                documents,
+                            });
+                        }
+                    }
+                }
+                Event::CaughtUp => live.last_sync_at = Some(self.host.now_unix()),
+                Event::PeerAcked { .. } => {}
+                Event::RegistryAdopted => {
+                    tracing::info!(peer = %ods, version = self.host.registry().version(), "adopted a newer trust registry from a peer");
+                }
+                Event::RegistryIgnored => {}
+                Event::Unsendable { doc, bytes } => {
+                    // An error, not a warning: this document does not reach the peer.
+                    tracing::error!(peer = %ods, %doc, bytes, limit = caremesh_sync::wire::MAX_FRAME_BYTES, "a document the peer wants is too large to send in one frame; it reaches the peer only once a version of it fits (see `caremesh status`)");
+                    unsendable.push((doc, bytes));
+                }
+                Event::Received { kind, docs } => self.events.push_back(DriverEvent::Received {
+                    peer: ods.clone(),
+                    kind,
+                    docs,
+                }),
+            }
+        }
+        let now = self.host.now_unix();
+        for (doc, publisher, reason) in rejections {
+            self.record("a rejected change", |batch| {
+                batch.record_rejection(now, ods, doc, &publisher, &reason)
+            });
+            self.events.push_back(DriverEvent::Rejected {
+                peer: ods.clone(),
+                doc,
+                publisher,
+                reason,
+            });
+        }
+        for (doc, bytes) in unsendable {
+            self.record("an unsendable document", |batch| {
+                batch.record_unsendable(now, ods, doc, bytes)
+            });
+            self.events.push_back(DriverEvent::Unsendable {
+                peer: ods.clone(),
+                doc,
+                bytes,
+            });
+        }
+    }
+
+    /// Writes a record for the operator (`caremesh status`); a failure is logged, as the
+    /// event it records is logged too.
+    fn record(
+        &mut self,
+        what: &str,
+        write: impl FnOnce(&caremesh_storage::WriteBatch<'_>) -> Result<(), StorageError>,
+    ) {
+        let recorded = self.host.store.write().and_then(|batch| {
+            write(&batch)?;
+            batch.commit()
+        });
+        if let Err(error) = recorded {
+            tracing::error!(%error, what, "could not record it");
+        }
+    }
+
+    /// Hands a newly signed audit checkpoint to every connected peer to witness.
+    fn hand_on_audit_checkpoint(&mut self) {
+        let count = match self.host.store.newest_own_checkpoint() {
+            Ok(Some(bytes)) => SignedCheckpoint::decode(&bytes)
+                .map(|signed| signed.checkpoint.count)
+                .unwrap_or(0),
+            Ok(None) => 0,
+            Err(error) => {
+                tracing::error!(%error, "could not read the newest audit checkpoint");
+                return;
+            }
+        };
+        if count <= self.audit_checkpoint_seen {
+            return;
+        }
+        self.audit_checkpoint_seen = count;
+        let mut failed = Vec::new();
+        for (ods, live) in &mut self.sessions {
+            if let Err(error) = live.session.audit_checkpointed(&mut self.host) {
+                failed.push((ods.clone(), error));
+            }
+            self.ready.insert(ods.clone());
+        }
+        for (ods, error) in failed {
+            self.fail(&ods, &error);
+        }
+    }
+
+    /// Closes the sessions of peers whose keys the registry in force no longer trusts, once
+    /// per new edition (installed in the file, or adopted from a peer).
+    fn enforce_registry(&mut self) {
+        let registry = self.host.registry();
+        if registry.version() == self.registry_version {
+            return;
+        }
+        self.registry_version = registry.version();
+        let withdrawn: Vec<(OdsCode, &'static str)> = self
+            .sessions
+            .iter()
+            .filter_map(|(ods, live)| {
+                untrusted(&registry, ods, &live.key).map(|reason| (ods.clone(), reason))
+            })
+            .collect();
+        if !withdrawn.is_empty() {
+            self.in_own_turn(|driver| {
+                for (ods, reason) in withdrawn {
+                    tracing::warn!(
+                        peer = %ods,
+                        registry_version = registry.version(),
+                        reason,
+                        "closing sync session: the trust registry no longer trusts this peer"
+                    );
+                    driver.close(&ods, reason, CloseCause::Untrusted);
+                }
+            });
+        }
+        for (ods, live) in &mut self.sessions {
+            live.session.registry_changed(&self.host);
+            self.ready.insert(ods.clone());
+        }
+    }
+
+    /// Rewrites every live peer's status row, in the turn's transaction: as separate commits
+    /// a hub with 500 peers made 500 fsyncs a second for monitoring rows alone.
+    fn flush_status(&mut self) {
+        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+        for ods in peers {
+            self.save_status(&ods, None);
+        }
+    }
+
+    /// Writes a peer's status row; `closing` marks it disconnected with the reason.
+    fn save_status(&mut self, ods: &OdsCode, closing: Option<&str>) {
+        let Some(live) = self.sessions.get(ods) else {
+            return;
+        };
+        let stats = live.session.stats();
+        let base = &live.base;
+        let status = PeerStatus {
+            peer: ods.to_string(),
+            connected: closing.is_none(),
+            connected_since: Some(live.connected_since),
+            last_sync_at: live.last_sync_at,
+            last_error: closing.map(str::to_string).or(base.last_error.clone()),
+            bytes_sent: base.bytes_sent + stats.bytes_sent,
+            bytes_received: base.bytes_received + stats.bytes_received,
+            documents_sent: base.documents_sent + stats.documents_sent,
+            documents_received: base.documents_received + stats.documents_received,
+            rejected: base.rejected + stats.rejected,
+            pulled_up_to: stats.pulled_up_to,
+            peer_tip: stats.peer_tip.max(stats.pulled_up_to),
+            peer_acked: stats.peer_acked,
+            local_tip: stats.local_tip,
+            updated_at: self.host.now_unix(),
+        };
+        if let Err(error) = self.host.store.save_peer_status(&status) {
+            tracing::error!(%error, "could not save peer status");
+        }
+    }
+}
+
+/// Why `key` no longer stands for `ods` in `registry`, if it does not.
+pub fn untrusted(
+    registry: &VerifiedRegistry,
+    ods: &OdsCode,
+    key: &[u8; 32],
+) -> Option<&'static str> {
+    let refusal = registry.registry().current_holder(key, Some(ods)).err()?;
+    Some(match refusal {
+        KeyRefusal::OtherOrganisation(_) => {
+            "the trust registry now lists this key for another organisation"
+        }
+        KeyRefusal::Revoked(_) => "the trust registry revoked this peer's key",
+        KeyRefusal::Retired(_) => "the trust registry retired this peer's key",
+        KeyRefusal::Unknown => "this peer's key is no longer in the trust registry",
+    })
+}
+
+#[cfg(test)]
+mod tests;

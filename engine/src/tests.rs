@@ -1,0 +1,230 @@
+//! Two drivers over real SQLite stores, joined by an in-memory link: what one publishes the
+//! other holds, acknowledged only once durable, and the tie-break between two connections.
+
+use super::*;
+use caremesh_storage::Store;
+use caremesh_storage::publish::Publication;
+use caremesh_storage::sync_host::FixedRegistry;
+use caremesh_sync::policy::Consent;
+use caremesh_sync::{
+    DataClass, Item, NhsNumber, OrgKind, Organisation, PublisherKey, Registry, RegistryFile,
+    Section,
+};
+use std::sync::Arc;
+
+const EPOCH_S: i64 = 1_795_305_600;
+
+struct Node {
+    ods: OdsCode,
+    kind: OrgKind,
+    key: PublisherKey,
+    driver: Driver,
+}
+
+fn region(dir: &std::path::Path) -> (Node, Node) {
+    let orgs = [("A81001", OrgKind::Gp, 1u8), ("Y00HUB", OrgKind::Hub, 2u8)];
+    let keys: Vec<PublisherKey> = orgs
+        .iter()
+        .map(|(_, _, n)| PublisherKey::from_secret([*n; 32]))
+        .collect();
+    let mut registry = Registry::new("engine tests");
+    for ((code, kind, _), key) in orgs.iter().zip(&keys) {
+        registry.organisations.push(Organisation {
+            ods: OdsCode::parse(code).unwrap(),
+            name: code.to_string(),
+            kind: *kind,
+            keys: vec![hex_key(key)],
+            revoked_keys: Vec::new(),
+            retired_keys: Vec::new(),
+            addresses: Vec::new(),
+        });
+    }
+    let authority = [9u8; 32];
+    let mut file = RegistryFile::unsigned(registry);
+    file.sign(&authority, EPOCH_S).unwrap();
+    let registry = Arc::new(
+        VerifiedRegistry::from_bytes(
+            file.to_json(),
+            &caremesh_sync::trust::public_key_of(&authority),
+        )
+        .unwrap(),
+    );
+    let mut nodes = orgs
+        .iter()
+        .zip(keys)
+        .map(|((code, kind, _), key)| {
+            let ods = OdsCode::parse(code).unwrap();
+            let store = Store::open(&dir.join(format!("{code}.db"))).unwrap();
+            let host = StoreHost::new(
+                store,
+                Box::new(FixedRegistry(registry.clone())),
+                ods.clone(),
+                Consent::SENT_BY_PUBLISHER,
+                Box::new(|| EPOCH_S),
+            )
+            .unwrap();
+            Node {
+                driver: Driver::new(ods.clone(), host, DriverOptions::default(), 0),
+                ods,
+                kind: *kind,
+                key,
+            }
+        })
+        .collect::<Vec<_>>();
+    let hub = nodes.pop().unwrap();
+    let gp = nodes.pop().unwrap();
+    (gp, hub)
+}
+
+fn hex_key(key: &PublisherKey) -> String {
+    key.public().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn publish(node: &mut Node, title: &str) {
+    let patient = NhsNumber::parse("9990000018").unwrap();
+    let item = Item::titled(
+        "Observation/1",
+        Section::Problems,
+        DataClass::Coded,
+        "Observation",
+        title,
+        "test",
+        "Observation/1",
+    );
+    let (ods, key) = (node.ods.clone(), &node.key);
+    node.driver
+        .write_local(|host| {
+            let mut publication = Publication::new(ods, Consent::SENT_BY_PUBLISHER);
+            let batch = host.store.write().map_err(|e| e.to_string())?;
+            let family = ["Observation/1".to_string()];
+            publication
+                .place(&batch, &patient, &family, vec![item])
+                .map_err(|e| e.to_string())?;
+            publication
+                .apply(&batch, key, EPOCH_S)
+                .map_err(|e| e.to_string())?;
+            batch.commit().map_err(|e| e.to_string())
+        })
+        .unwrap();
+}
+
+fn recipient(node: &Node) -> (Recipient, [u8; 32]) {
+    (
+        Recipient {
+            ods: node.ods.clone(),
+            kind: node.kind,
+        },
+        node.key.public(),
+    )
+}
+
+/// Moves frames both ways (each delivery a turn of its own) until neither side has any.
+fn exchange(a: &mut Node, b: &mut Node, now: u64) -> usize {
+    let mut moved = 0;
+    loop {
+        let before = moved;
+        while let Some(out) = a.driver.poll_transmit(now, |_| true) {
+            b.driver.receive(now, out.conn, &out.frame);
+            moved += 1;
+        }
+        while let Some(out) = b.driver.poll_transmit(now, |_| true) {
+            a.driver.receive(now, out.conn, &out.frame);
+            moved += 1;
+        }
+        if moved == before {
+            return moved;
+        }
+    }
+}
+
+fn held_heads(node: &Node) -> Vec<(DocId, Vec<[u8; 32]>)> {
+    node.driver
+        .host()
+        .store
+        .feed_after(0, 1_000)
+        .unwrap()
+        .into_iter()
+        .map(|row| {
+            let signed = caremesh_sync::SignedHeads::decode(&row.signed).unwrap();
+            (row.meta.id(), signed.heads)
+        })
+        .collect()
+}
+
+#[test]
+fn what_one_driver_publishes_the_other_holds_and_reports_stored_after_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gp, mut hub) = region(dir.path());
+    publish(&mut gp, "asthma");
+    assert!(gp.driver.connect(0, 1, recipient(&hub), true));
+    assert!(hub.driver.connect(0, 1, recipient(&gp), false));
+    assert!(exchange(&mut gp, &mut hub, 10) > 0);
+    let mut expected = held_heads(&gp);
+    let mut held = held_heads(&hub);
+    expected.sort();
+    held.sort();
+    assert_eq!(
+        held, expected,
+        "the hub holds the GP's documents at its heads"
+    );
+    let mut stored = Vec::new();
+    while let Some(event) = hub.driver.poll_event() {
+        if let DriverEvent::Stored { documents, .. } = event {
+            stored.extend(documents);
+        }
+    }
+    stored.sort();
+    assert_eq!(
+        stored, expected,
+        "each stored version reported once, after commit"
+    );
+
+    // A later change flows without waiting for a timer: the local write prompts sessions.
+    publish(&mut gp, "asthma, resolved");
+    exchange(&mut gp, &mut hub, 20);
+    let mut held = held_heads(&hub);
+    let mut expected = held_heads(&gp);
+    held.sort();
+    expected.sort();
+    assert_eq!(held, expected);
+}
+
+#[test]
+#[should_panic(expected = "frames leave only after the turn has committed")]
+fn no_frame_is_produced_inside_a_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gp, hub) = region(dir.path());
+    gp.driver.connect(0, 1, recipient(&hub), true);
+    gp.driver.begin_turn();
+    gp.driver.poll_transmit(0, |_| true);
+}
+
+#[test]
+fn of_two_connections_to_one_peer_the_lower_codes_dial_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gp, hub) = region(dir.path());
+    // A81001 < Y00HUB: the GP's own dial wins over the hub's, whichever came first.
+    assert!(gp.driver.connect(0, 1, recipient(&hub), false));
+    assert!(gp.driver.connect(0, 2, recipient(&hub), true));
+    assert!(!gp.driver.connect(0, 3, recipient(&hub), false));
+    let closes: Vec<(ConnId, CloseCause)> = std::iter::from_fn(|| gp.driver.poll_event())
+        .filter_map(|event| match event {
+            DriverEvent::Close { conn, cause, .. } => Some((conn, cause)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closes, [(1, CloseCause::Replaced)]);
+    assert_eq!(gp.driver.connected_peers().count(), 1);
+}
+
+#[test]
+fn a_connection_without_room_is_held_back_until_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gp, hub) = region(dir.path());
+    gp.driver.connect(0, 1, recipient(&hub), true);
+    assert!(gp.driver.poll_transmit(0, |_| false).is_none());
+    assert!(gp.driver.is_blocked());
+    gp.driver.retry_blocked();
+    assert!(gp.driver.poll_transmit(0, |_| true).is_some(), "the Hello");
+    assert!(!gp.driver.is_blocked());
+}
