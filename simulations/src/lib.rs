@@ -76,6 +76,8 @@ pub struct Report {
     pub refused: u64,
     /// Sessions closed because a group commit failed (a disk fault).
     pub storage_failures: u64,
+    /// Local writes (publications, audited views) a failing disk refused.
+    pub failed_writes: u64,
     pub documents_held: u64,
     pub converged: bool,
     pub violations: Vec<Violation>,
@@ -93,6 +95,7 @@ impl Report {
             idle_closes: 0,
             hello_timeouts: 0,
             storage_failures: 0,
+            failed_writes: 0,
             crashes: 0,
             frames: 0,
             bytes: 0,
@@ -132,6 +135,12 @@ impl Report {
             self.consent_changes,
             self.refused
         ));
+        if self.storage_failures + self.failed_writes > 0 {
+            out.push_str(&format!(
+                "  disk faults: {} sessions closed by a failed commit, {} local writes refused\n",
+                self.storage_failures, self.failed_writes
+            ));
+        }
         out.push_str(&format!(
             "  {} documents held at the end; converged: {}\n",
             self.documents_held,

@@ -234,6 +234,18 @@ pub enum FaultKind {
         #[serde(default = "default_flap_down_s")]
         flap_down_s: u64,
     },
+    /// The disks of `nodes` fail until `until_s`: each commit fails with chance
+    /// `commit_failure` (an fsync that failed: SQLite rolls the transaction back), and every
+    /// commit fails while `full`. The nodes must lose nothing they acknowledged or published,
+    /// and converge once their disks recover.
+    Disk {
+        nodes: Vec<String>,
+        until_s: u64,
+        #[serde(default)]
+        commit_failure: f64,
+        #[serde(default)]
+        full: bool,
+    },
     /// The node's process dies (its database file stays) and, if given, restarts later.
     Crash {
         node: String,
@@ -420,6 +432,26 @@ impl Scenario {
                     if *until_s <= fault.at_s {
                         return Err(self.invalid(format!(
                             "a link fault at {} s ends before it starts",
+                            fault.at_s
+                        )));
+                    }
+                    nodes.iter().collect()
+                }
+                FaultKind::Disk {
+                    nodes,
+                    until_s,
+                    commit_failure,
+                    ..
+                } => {
+                    if *until_s <= fault.at_s {
+                        return Err(self.invalid(format!(
+                            "a disk fault at {} s ends before it starts",
+                            fault.at_s
+                        )));
+                    }
+                    if !(0.0..=1.0).contains(commit_failure) {
+                        return Err(self.invalid(format!(
+                            "a disk fault at {} s has commit_failure {commit_failure}: a chance is within 0 and 1",
                             fault.at_s
                         )));
                     }

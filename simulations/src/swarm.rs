@@ -1,11 +1,12 @@
 //! Swarm testing: the same scenario with its fault parameters drawn from the seed, so many
 //! seeds explore many fault shapes, and one seed reproduces one exactly.
 
-use crate::scenario::{FaultKind, Scenario};
+use crate::scenario::{Fault, FaultKind, Scenario};
 
 /// `scenario` with randomised faults: the network's loss, latency, jitter and bandwidth;
 /// clock skew for some node groups; each fault's start and length (kept inside the run);
-/// link faults' loss, latency and flapping.
+/// link faults' loss, latency and flapping; disk faults' rate and length, and for half the
+/// seeds a disk fault added on a random node (commits failing, or a full disk).
 pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
     let mut rng = crate::seeded(seed ^ 0x5741_524d);
     let mut out = scenario.clone();
@@ -60,7 +61,39 @@ pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
                     *restart_after_s = Some(1 + rng.below(duration / 4 + 1));
                 }
             }
+            FaultKind::Disk {
+                until_s,
+                commit_failure,
+                ..
+            } => {
+                let length = 1 + rng.below(duration / 3 + 1);
+                *until_s = (fault.at_s + length).min(duration).max(fault.at_s + 1);
+                *commit_failure = rng.unit() * 0.5;
+            }
         }
     }
+    if rng.chance(0.5) {
+        out.faults.push(random_disk_fault(&out, &mut rng));
+    }
     out
+}
+
+/// A disk fault on one node drawn at random: a quarter of the time a full disk, otherwise
+/// commits failing at up to half the time, for up to a third of the run.
+fn random_disk_fault(scenario: &Scenario, rng: &mut caremesh_sync::rng::Rng) -> Fault {
+    let codes = scenario.codes();
+    let node = codes[rng.below(codes.len() as u64) as usize].0.clone();
+    let duration = scenario.duration_s.max(2);
+    let at_s = rng.below(duration - 1);
+    let until_s = (at_s + 1 + rng.below(duration / 3 + 1)).min(duration);
+    let full = rng.chance(0.25);
+    Fault {
+        at_s,
+        kind: FaultKind::Disk {
+            nodes: vec![node],
+            until_s,
+            commit_failure: if full { 0.0 } else { rng.unit() * 0.5 },
+            full,
+        },
+    }
 }

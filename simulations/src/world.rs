@@ -14,6 +14,7 @@ use crate::{Report, Violation};
 use caremesh_engine::{Driver, DriverOptions};
 use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::publish::{Publication, record_access};
+use caremesh_storage::simulated_disk::SimulatedDisk;
 use caremesh_storage::sync_host::{FixedRegistry, StoreHost};
 use caremesh_storage::{Placement, Store};
 use caremesh_sync::policy::{Agreements, Consent};
@@ -62,6 +63,8 @@ pub(crate) struct Node {
     pub caseload: Vec<NhsNumber>,
     defaults: Consent,
     link: LinkSpec,
+    /// The node's disk, whose faults make its commits fail; it outlives crashes.
+    disk: Arc<SimulatedDisk>,
     /// The redial policy `node::network` uses, per peer this node dials.
     redials: BTreeMap<usize, caremesh_engine::Redial>,
     /// Bumped on every crash, so events scheduled for an earlier life are ignored.
@@ -281,6 +284,7 @@ impl World {
                     .find(|b| scenario.resolve(&b.node).contains(code))
                     .map(|b| b.bug),
                 redials: BTreeMap::new(),
+                disk: Arc::new(SimulatedDisk::new(rng.next_u64())),
                 life: 0,
                 items_written: 0,
             };
@@ -451,7 +455,16 @@ impl World {
             publication.apply(&batch, key, now).map_err(sim_error)?;
             batch.commit().map_err(sim_error)?;
             Ok::<_, crate::SimError>(touched)
-        })?;
+        });
+        let touched = match touched {
+            Ok(touched) => touched,
+            // The disk failed the commit: the change was not made, as ingest would report.
+            Err(_) if n.disk.is_failing() => {
+                self.report.failed_writes += 1;
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        };
         // What is now committed at the publisher: it must never be lost.
         let held = check::held_documents(driver.host()).map_err(sim_error)?;
         for (doc, entry) in held {
@@ -539,9 +552,17 @@ impl World {
             detail: String::new(),
         };
         let (key, ods) = (&n.key, &n.ods);
-        driver
-            .write_local(|host| record_access(&mut host.store, key, ods, &event))
-            .map_err(sim_error)?;
+        let recorded = driver.write_local(|host| record_access(&mut host.store, key, ods, &event));
+        match recorded {
+            Ok(_) => {}
+            // The disk failed the commit: the view is refused, as it is when it cannot be
+            // audited.
+            Err(_) if n.disk.is_failing() => {
+                self.report.failed_writes += 1;
+                return Ok(());
+            }
+            Err(error) => return Err(sim_error(error)),
+        }
         let shared = event.showed_others_data();
         self.report.views += 1;
         if shared {
@@ -725,6 +746,19 @@ impl World {
                 }
                 self.schedule(until_s * 1000, Event::FaultEnd { index });
             }
+            FaultKind::Disk {
+                nodes,
+                until_s,
+                commit_failure,
+                full,
+            } => {
+                for node in self.nodes_named(&nodes) {
+                    let disk = &self.nodes[node].disk;
+                    disk.set_commit_failure(commit_failure);
+                    disk.set_full(full);
+                }
+                self.schedule(until_s * 1000, Event::FaultEnd { index });
+            }
             FaultKind::Crash {
                 node,
                 restart_after_s,
@@ -748,6 +782,13 @@ impl World {
     fn fault_end(&mut self, index: usize) {
         self.active_faults.remove(&index);
         self.links.remove(index);
+        if let FaultKind::Disk { nodes, .. } = self.scenario.faults[index].kind.clone() {
+            for node in self.nodes_named(&nodes) {
+                let disk = &self.nodes[node].disk;
+                disk.set_commit_failure(0.0);
+                disk.set_full(false);
+            }
+        }
         self.heal();
     }
 
@@ -962,8 +1003,9 @@ fn open_driver(
     registry: &Arc<VerifiedRegistry>,
     now_ms: &Arc<AtomicU64>,
 ) -> Result<Driver, caremesh_storage::StorageError> {
-    let store = Store::open(&node.db)?;
+    let mut store = Store::open(&node.db)?;
     store.without_fsync()?;
+    store.on_simulated_disk(node.disk.clone())?;
     let clock = {
         let now_ms = now_ms.clone();
         let skew = node.skew_ms;

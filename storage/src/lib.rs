@@ -18,6 +18,7 @@ mod migrations;
 mod peers;
 pub mod placements;
 pub mod publish;
+pub mod simulated_disk;
 pub mod sync_host;
 
 pub use access::BreakGlass;
@@ -27,6 +28,7 @@ pub use placements::{OnSeveralPatients, Placement};
 use caremesh_sync::policy::{Consent, SourceStatement};
 use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, Section, SignedHeads};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use simulated_disk::SimulatedDisk;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -407,6 +409,14 @@ impl Store {
             .map_err(self.err("begin a group commit"))?;
         self.group_open = true;
         Ok(())
+    }
+
+    /// Puts this connection on a simulated disk whose faults make commits fail (the
+    /// simulator's disk faults; see [`simulated_disk`]).
+    pub fn on_simulated_disk(&mut self, disk: std::sync::Arc<SimulatedDisk>) -> Result<()> {
+        self.conn
+            .commit_hook(Some(move || disk.commit_fails()))
+            .map_err(self.err("attach a simulated disk"))
     }
 
     /// Whether a group commit is open.

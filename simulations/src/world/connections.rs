@@ -315,6 +315,9 @@ impl World {
         {
             self.check_wire(recipient, &frame);
         }
+        if self.wants(Invariant::NoLoss) {
+            self.check_ack_durable(conn, to, &frame);
+        }
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -329,6 +332,44 @@ impl World {
         self.pump_node(node);
         // The sender's window has room again.
         self.pump_node(sender);
+    }
+
+    /// An acknowledgement must name only what its sender holds durably: the sender's
+    /// committed checkpoint in the recipient's feed is at or past it. Between turns the
+    /// store holds only committed state, so reading it here reads what a crash would leave.
+    pub(super) fn check_ack_durable(&mut self, conn: u64, to: usize, frame: &[u8]) {
+        let mut decoder = FrameDecoder::default();
+        decoder.push(frame);
+        let Ok(Some(Message::Ack { up_to })) = decoder.next_message() else {
+            return;
+        };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let (puller, provider) = (c.ends[1 - to], c.ends[to]);
+        let Some(driver) = self.nodes[puller].driver.as_ref() else {
+            return;
+        };
+        let durable = driver
+            .host()
+            .store
+            .peer_checkpoint(&self.nodes[provider].ods)
+            .ok()
+            .flatten()
+            .map_or(0, |(_, at)| at);
+        if durable < up_to {
+            let violation = Violation {
+                at_s: self.now_s(),
+                node: self.nodes[puller].ods.to_string(),
+                doc: String::new(),
+                rule: "no-loss".into(),
+                detail: format!(
+                    "acknowledged {}'s feed up to {up_to}, but holds it durably only up to {durable}",
+                    self.nodes[provider].ods
+                ),
+            };
+            self.record(vec![violation]);
+        }
     }
 
     /// A document crossing the wire to a node that may not hold it is a violation even if
