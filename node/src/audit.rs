@@ -479,8 +479,8 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             // Reading the trail is itself an access to patient data.
             let event = AuditEvent {
                 at: clock::now_unix(),
-                user_id: crate::cli::operator(),
-                user_name: crate::cli::operator(),
+                user_id: crate::process::operator(),
+                user_name: crate::process::operator(),
                 role: "operator".into(),
                 organisation: own.to_string(),
                 action: "audit-report".into(),

@@ -358,7 +358,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let home = Home::open(&dir)?;
             let nhs = NhsNumber::parse(&nhs)?;
             let mut store = home.open_store()?;
-            let operator = operator();
+            let operator = crate::process::operator();
             let now = clock::now_unix();
             // Under the registry in force: what a revoked key signed is not shown.
             let trust = home
@@ -917,7 +917,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         std::io::stdout().flush()?;
         let listener = view::listener::BoundedListener::new(listener);
         let served = axum::serve(listener, view::router(state.clone()))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(crate::process::shutdown_signal())
             .await
             .context("serving the view");
         summaries.abort();
@@ -936,43 +936,6 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();
     result.map(|_| ExitCode::SUCCESS)
-}
-
-/// Who runs a command at this machine, for the audit trail: the operating-system account
-/// the process runs as, from its credentials (`$USER` is whatever the caller sets).
-pub fn operator() -> String {
-    // SAFETY: geteuid cannot fail; getpwuid_r writes into buffers this function owns and
-    // sizes, and the result is read only when it reports success.
-    unsafe {
-        let uid = libc::geteuid();
-        let mut entry: libc::passwd = std::mem::zeroed();
-        let mut buffer = vec![0 as libc::c_char; 4096];
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        let status = libc::getpwuid_r(
-            uid,
-            &mut entry,
-            buffer.as_mut_ptr(),
-            buffer.len(),
-            &mut found,
-        );
-        if status == 0 && !found.is_null() && !entry.pw_name.is_null() {
-            let name = std::ffi::CStr::from_ptr(entry.pw_name).to_string_lossy();
-            format!("os:{name} (uid {uid})")
-        } else {
-            format!("os:uid {uid}")
-        }
-    }
-}
-
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = interrupt => {}
-        _ = terminate.recv() => {}
-    }
-    tracing::info!("shutting down");
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), for ingest summaries.

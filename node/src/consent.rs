@@ -115,7 +115,7 @@ fn audit(
     action: &str,
     detail: String,
 ) -> Result<()> {
-    let operator = crate::cli::operator();
+    let operator = crate::process::operator();
     let batch = store.write()?;
     batch.append_audit(&caremesh_storage::audit::AuditEvent {
         at: clock::now_unix(),

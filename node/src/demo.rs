@@ -195,7 +195,7 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let stop = crate::cli::shutdown_signal();
+        let stop = crate::process::shutdown_signal();
         tokio::pin!(stop);
         let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {

@@ -1060,7 +1060,7 @@ fn read_content(
             let relationship = resource
                 .concept("relationship")?
                 .and_then(|c| c.display())
-                .map(|r| crate::reading::capitalise(&r));
+                .map(|r| capitalise(&r));
             #[derive(Deserialize, Default)]
             #[serde(default)]
             struct FamilyCondition {
@@ -1093,7 +1093,7 @@ fn read_content(
             content.title = Some(match (name, relationship.is_empty()) {
                 (Some(name), false) => format!("{name} ({})", relationship.join(", ")),
                 (Some(name), true) => name,
-                (None, false) => crate::reading::capitalise(&relationship.join(", ")),
+                (None, false) => capitalise(&relationship.join(", ")),
                 (None, true) => "Contact (not named)".into(),
             });
             content.effective = resource.period_start("period")?;
@@ -1353,6 +1353,14 @@ fn decode_base64_text(data: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+pub(crate) fn capitalise(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod launch;
 pub mod metrics;
 pub mod network;
 pub mod patient_index;
+pub mod process;
 pub mod reading;
 pub mod record;
 pub mod sim;

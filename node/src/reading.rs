@@ -9,6 +9,7 @@
 //! items carried their resource (format 1) are read from their summary and say so.
 
 use crate::clock;
+use crate::fhir::capitalise;
 use caremesh_sync::Item;
 use serde::Serialize;
 use serde_json::Value;
@@ -1172,14 +1173,6 @@ fn observation(reading: &mut Reading, resource: &Value) {
         value.as_deref().unwrap_or(absent.as_deref().unwrap_or("")),
         &component_values.join("|"),
     ]);
-}
-
-pub(crate) fn capitalise(text: &str) -> String {
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars).collect(),
-        None => String::new(),
-    }
 }
 
 fn report(reading: &mut Reading, resource: &Value) {
