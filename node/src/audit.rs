@@ -2,9 +2,9 @@
 //! owners), checking the hash chain, and reports per patient or per user, for the CLI and
 //! for auditors over HTTP.
 
-use crate::clock;
 use crate::home::Home;
 use anyhow::{Context, Result, bail};
+use caremesh_fhir::clock;
 use caremesh_storage::Store;
 use caremesh_storage::audit::{AuditEvent, ChainedEvent, verify_chain, verify_chain_after};
 use caremesh_sync::{AuditCheckpoint, NhsNumber, OdsCode, PublisherKey, SignedCheckpoint};
@@ -269,7 +269,7 @@ fn render_table(rows: &[ReportRow]) -> String {
     // Reasons and names come from users and tokens: shown, never obeyed by the terminal.
     let lines: Vec<[String; 9]> = rows
         .iter()
-        .map(|row| report_cells(row).map(|cell| crate::clock::printable(&cell)))
+        .map(|row| report_cells(row).map(|cell| caremesh_fhir::clock::printable(&cell)))
         .collect();
     let mut widths = header.map(|h| h.chars().count());
     for line in &lines {
@@ -295,7 +295,7 @@ fn render_table(rows: &[ReportRow]) -> String {
 
 /// RFC 4180 quoting, and a leading apostrophe on cells a spreadsheet would run as a formula.
 fn csv_cell(text: &str) -> String {
-    let text = crate::clock::printable(text);
+    let text = caremesh_fhir::clock::printable(text);
     let safe = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{text}")
     } else {

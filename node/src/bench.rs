@@ -2,12 +2,12 @@
 //! around a hub with a signed trust registry, running a node as a child process, and reading
 //! figures off a process or a database. Not used by the node itself.
 
-use crate::clock;
 use crate::generate::{GenerateOptions, generate};
 use crate::home::{Home, OrganisationConfig};
 use crate::ingest::{FileDisposition, Ingestor};
 use crate::trust::TrustState;
 use anyhow::{Context, Result};
+use caremesh_fhir::clock;
 use caremesh_storage::Store;
 use caremesh_storage::sync_host::StoreHost;
 use caremesh_sync::policy::Recipient;

@@ -1,6 +1,5 @@
 //! The `caremesh` command line.
 
-use crate::clock;
 use crate::generate::{self, GenerateOptions};
 use crate::home::{Home, OrganisationConfig};
 use crate::ingest::{FileDisposition, Ingestor};
@@ -8,6 +7,7 @@ use crate::record;
 use crate::verify;
 use crate::view::{self, ViewState};
 use anyhow::{Context, Result, bail};
+use caremesh_fhir::clock;
 use caremesh_sync::{NhsNumber, OdsCode, OrgKind};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -373,7 +373,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let event = caremesh_storage::audit::AuditEvent {
                 at: now,
                 user_id: operator,
-                user_name: crate::clock::printable(user.trim()),
+                user_name: caremesh_fhir::clock::printable(user.trim()),
                 role: "operator".into(),
                 organisation: own.to_string(),
                 action: "cli-record".into(),

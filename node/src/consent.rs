@@ -3,9 +3,9 @@
 //! A choice is published as the patient's sharing record (a signed document like any other),
 //! so peers and hubs apply it too.
 
-use crate::clock;
 use crate::home::Home;
 use anyhow::{Context, Result};
+use caremesh_fhir::clock;
 use caremesh_storage::publish::Publication;
 use caremesh_sync::NhsNumber;
 use caremesh_sync::policy::Consent;

@@ -3,11 +3,11 @@
 //! trust registry made and signed for them. The three care organisations hold overlapping
 //! synthetic patients, so one patient's record joins data from several of them.
 
-use crate::clock;
 use crate::generate::{self, GenerateOptions};
 use crate::home::{Home, OrganisationConfig};
 use crate::ingest::{FileDisposition, Ingestor};
 use anyhow::{Context, Result};
+use caremesh_fhir::clock;
 use caremesh_sync::policy::Consent;
 use caremesh_sync::trust::public_key_of;
 use caremesh_sync::{OdsCode, OrgKind, Organisation, RegistryFile};
@@ -335,7 +335,7 @@ fn write_offline_result(dir: &Path, nhs: &caremesh_sync::NhsNumber) -> Result<()
         "status": "final",
         "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory" }] }],
         "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "1000651000000109", "display": "Serum potassium level" }] },
-        "subject": { "identifier": { "system": crate::fhir::NHS_NUMBER_SYSTEM, "value": nhs.as_str() } },
+        "subject": { "identifier": { "system": caremesh_fhir::NHS_NUMBER_SYSTEM, "value": nhs.as_str() } },
         "effectiveDateTime": now,
         "valueQuantity": unit(5.9),
         "referenceRange": [{ "low": unit(3.5), "high": unit(5.3) }],

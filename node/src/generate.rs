@@ -16,7 +16,7 @@
 //! registered with as their GP. A few records disagree as real ones do: a hospital spelling
 //! of a name, a death the hospital has not been told of.
 
-use crate::fhir::{NHS_NUMBER_SYSTEM, ODS_SYSTEM, PRIVATE_CODE, PRIVATE_SYSTEM, SNOMED};
+use caremesh_fhir::{NHS_NUMBER_SYSTEM, ODS_SYSTEM, PRIVATE_CODE, PRIVATE_SYSTEM, SNOMED};
 use caremesh_sync::rng::Rng;
 use caremesh_sync::{NhsNumber, OdsCode, OrgKind};
 use serde_json::{Value, json};
@@ -44,18 +44,18 @@ pub fn test_nhs_number(seed: u64, index: u64) -> NhsNumber {
 }
 
 fn date(day: i64) -> String {
-    crate::clock::rfc3339(day * 86_400)[..10].to_string()
+    caremesh_fhir::clock::rfc3339(day * 86_400)[..10].to_string()
 }
 
 /// A time in working hours on `day`.
 fn date_time(day: i64, rng: &mut Rng) -> String {
     let seconds = day * 86_400 + 8 * 3600 + rng.below(10 * 3600) as i64;
-    crate::clock::rfc3339(seconds)
+    caremesh_fhir::clock::rfc3339(seconds)
 }
 
 /// A time at any hour of `day` (wards and hospices work nights).
 fn any_time(day: i64, rng: &mut Rng) -> String {
-    crate::clock::rfc3339(day * 86_400 + rng.below(86_400) as i64)
+    caremesh_fhir::clock::rfc3339(day * 86_400 + rng.below(86_400) as i64)
 }
 
 /// A measurement as a laboratory reports it: whole numbers without a decimal point.
@@ -810,7 +810,7 @@ impl Builder<'_> {
         json!({
             "resourceType": "Bundle",
             "type": "collection",
-            "timestamp": crate::clock::rfc3339(REFERENCE_DAY * 86_400),
+            "timestamp": caremesh_fhir::clock::rfc3339(REFERENCE_DAY * 86_400),
             "entry": self.entries
         })
     }

@@ -11,7 +11,7 @@
 //! DIR/quarantine/          rejected files, each with a .reason.txt
 //! ```
 
-use crate::fhir::SensitiveCodes;
+use caremesh_fhir::SensitiveCodes;
 use caremesh_storage::Store;
 use caremesh_sync::{OdsCode, OrgKind, PublisherKey};
 use serde::{Deserialize, Serialize};

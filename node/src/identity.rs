@@ -7,7 +7,7 @@
 //! those four it lists each source's version. No source can take over the banner by sending
 //! a newer Patient.
 
-use crate::clock;
+use caremesh_fhir::clock;
 use caremesh_sync::Item;
 use serde::Serialize;
 use serde_json::Value;

@@ -8,13 +8,14 @@
 //!   report reconciles resources in with outcomes out. Rejected files go to quarantine with
 //!   a `.reason.txt` naming each problem and where it is.
 
-use crate::clock;
-use crate::fhir::{
-    self, CodeableConcept, MappingContext, NHS_NUMBER_SYSTEM, PatientRef, ReferenceLookup,
-    Resource, SensitiveCodes,
-};
 use crate::home::{Home, HomeError};
 use crate::patient_index::PatientIndex;
+use caremesh_fhir as fhir;
+use caremesh_fhir::clock;
+use caremesh_fhir::{
+    CodeableConcept, MappingContext, NHS_NUMBER_SYSTEM, PatientRef, ReferenceLookup, Resource,
+    SensitiveCodes,
+};
 use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::publish::{Publication, PublishError};
 use caremesh_storage::{IngestRow, Placement, SourceRow, StorageError, Store, WriteBatch};

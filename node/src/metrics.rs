@@ -4,8 +4,8 @@
 //! rows `caremesh status` prints), so the two never disagree; process-wide counters come from
 //! the running engine.
 
-use crate::clock;
 use crate::network::SyncCounters;
+use caremesh_fhir::clock;
 use caremesh_storage::{StorageError, Store};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;

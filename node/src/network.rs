@@ -16,11 +16,11 @@
 //! its own session. Incoming bytes pass through a bounded channel; when the engine falls
 //! behind, readers stop reading and QUIC flow control slows the sender.
 
-use crate::clock;
 use crate::tls::{self, NodeIdentity};
 use crate::trust::TrustState;
 use anyhow::{Context, Result};
 use caremesh_engine::{ConnId, Driver, DriverEvent, DriverOptions, Redial};
+use caremesh_fhir::clock;
 use caremesh_storage::Store;
 use caremesh_storage::sync_host::StoreHost;
 use caremesh_sync::model::OrgKind;

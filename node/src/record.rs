@@ -1,8 +1,8 @@
 //! The joined-up record as the view shows it, assembled from the local read model only.
 
-use crate::clock;
 use crate::identity::{self, Conflict, Demographics};
-use crate::reading::{self, Reading, Standing};
+use caremesh_fhir::clock;
+use caremesh_fhir::reading::{self, Reading, Standing};
 use caremesh_storage::{BreakGlass, SourceRow, StorageError, Store, StoredItem};
 use caremesh_sync::policy::{self, Consent, SharingRecord, ViewDecision, WithholdReason};
 use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, Section, moved};

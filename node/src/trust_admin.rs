@@ -1,10 +1,10 @@
 //! `caremesh trust`: the regional authority's tools for making, editing, signing and checking
 //! a trust registry, and for installing it in a node home.
 
-use crate::clock;
 use crate::home::{Home, load_secret_key, write_secret};
 use crate::trust::write_atomically;
 use anyhow::{Context, Result, bail};
+use caremesh_fhir::clock;
 use caremesh_sync::policy::Agreements;
 use caremesh_sync::trust::{parse_key, public_key_of};
 use caremesh_sync::{OdsCode, OrgKind, Organisation, Registry, RegistryFile};

@@ -10,9 +10,9 @@
 //! entered. What is left in place for those reasons is logged by count and listed by
 //! `caremesh status` ([`survey`]).
 
-use crate::clock;
 use crate::home::Home;
 use crate::ingest::{FileDisposition, IngestError, Ingestor, is_extract_file};
+use caremesh_fhir::clock;
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::HashMap;

@@ -11,7 +11,6 @@
 #![allow(clippy::result_large_err)]
 
 use crate::audit::{ReportFormat, ReportQuery};
-use crate::clock;
 use crate::home::LaunchConfig;
 use crate::launch::{Launch, LaunchRefused, LaunchVerifier, Role};
 use crate::record::{self, Record, Viewer};
@@ -20,6 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use caremesh_fhir::clock;
 use caremesh_storage::Store;
 use caremesh_storage::access::{LaunchSession, TokenUse};
 use caremesh_storage::audit::AuditEvent;

@@ -2,9 +2,9 @@
 //! `node/assets/nhsuk`). Everything that comes from data is escaped here.
 
 use super::ViewState;
-use crate::clock;
-use crate::reading::Standing;
 use crate::record::{self, Record};
+use caremesh_fhir::clock;
+use caremesh_fhir::reading::Standing;
 use caremesh_storage::PeerStatus;
 use caremesh_storage::access::LaunchSession;
 use caremesh_sync::policy::ViewDecision;

@@ -1,10 +1,15 @@
-//! FHIR R4 resources to caremesh items.
+//! FHIR R4 for caremesh. This crate root maps FHIR resources to caremesh items (one clinical
+//! fact each, format-neutral: a second format such as HL7 v2 would be a sibling crate making
+//! the same items); [`reading`] renders the resource an item carries as a clinician reads it;
+//! [`clock`] reads the wall clock and formats the dates both show.
 //!
 //! Tolerant of what real extracts carry (unknown elements, Synthea's pre-R4 leftovers), strict
 //! about what it reads: a field of the wrong JSON type is an error naming the resource and the
 //! field, never a silently empty value.
 
+pub mod clock;
 mod consent;
+pub mod reading;
 
 pub use consent::{ConsentFacts, SharingChoice};
 

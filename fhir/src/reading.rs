@@ -8,8 +8,8 @@
 //! source could not give) and what makes two items the same fact. Items written before
 //! items carried their resource (format 1) are read from their summary and say so.
 
+use crate::capitalise;
 use crate::clock;
-use crate::fhir::capitalise;
 use caremesh_sync::Item;
 use serde::Serialize;
 use serde_json::Value;
@@ -256,7 +256,7 @@ fn primary_code(value: Option<&Value>) -> Option<String> {
     let codings = list(value?, "coding");
     codings
         .iter()
-        .find(|c| text(c, "system").as_deref() == Some(crate::fhir::SNOMED))
+        .find(|c| text(c, "system").as_deref() == Some(crate::SNOMED))
         .or_else(|| codings.first())
         .and_then(|c| text(c, "code"))
 }
