@@ -37,9 +37,9 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 pub fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
-        if let Some(rusqlite::Error::SqliteFailure(failure, _)) =
-            error.downcast_ref::<rusqlite::Error>()
-            && failure.code == rusqlite::ErrorCode::DiskFull
+        if error
+            .downcast_ref::<caremesh_storage::StorageError>()
+            .is_some_and(caremesh_storage::StorageError::is_disk_full)
         {
             return true;
         }
@@ -181,10 +181,12 @@ mod tests {
 
     #[test]
     fn a_full_disk_is_recognised_through_the_layers_that_carry_it() {
-        let full = rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
-            Some("database or disk is full".into()),
-        );
+        use caremesh_storage::{DatabaseError, DatabaseFailure, StorageError};
+        let full = StorageError::Database {
+            path: "node.db".into(),
+            action: "commit",
+            source: DatabaseError::new(DatabaseFailure::DiskFull, "database or disk is full"),
+        };
         let wrapped = anyhow::Error::new(full).context("recording the access");
         assert!(is_disk_full_anyhow(&wrapped));
         let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);

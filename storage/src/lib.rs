@@ -35,11 +35,11 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("database {path}: {action} failed: {source}")]
-    Sqlite {
+    Database {
         path: PathBuf,
         action: &'static str,
         #[source]
-        source: rusqlite::Error,
+        source: DatabaseError,
     },
     #[error("database {path}: cannot create it: {source}; check the folder exists and is writable")]
     Create {
@@ -63,6 +63,74 @@ pub enum StorageError {
         doc: String,
         what: String,
     },
+}
+
+impl StorageError {
+    fn database(path: impl Into<PathBuf>, action: &'static str, source: rusqlite::Error) -> Self {
+        StorageError::Database {
+            path: path.into(),
+            action,
+            source: DatabaseError::from_sqlite(source),
+        }
+    }
+
+    /// Whether the database failed because its disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Database { source, .. } if source.failure == DatabaseFailure::DiskFull
+        )
+    }
+}
+
+/// What the database engine reported, in this crate's terms: callers match on
+/// [`DatabaseFailure`], never on the engine's own types, so another storage backend would
+/// report the same.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DatabaseError {
+    pub failure: DatabaseFailure,
+    message: String,
+}
+
+/// The kinds of database failure a caller acts on differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseFailure {
+    /// No space left for the write: free space, then retry.
+    DiskFull,
+    /// Another process holds the database locked past the busy timeout.
+    Busy,
+    /// The file is damaged: restore from a backup or rebuild from the publishers.
+    Corrupt,
+    /// The operating system failed a read, write or fsync.
+    Io,
+    /// Anything else (a constraint, a misuse, a bad query).
+    Other,
+}
+
+impl DatabaseError {
+    /// A failure as a caller (or a test) names it.
+    pub fn new(failure: DatabaseFailure, message: impl Into<String>) -> DatabaseError {
+        DatabaseError {
+            failure,
+            message: message.into(),
+        }
+    }
+
+    fn from_sqlite(error: rusqlite::Error) -> DatabaseError {
+        use rusqlite::ErrorCode;
+        let failure = match error.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => DatabaseFailure::DiskFull,
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => DatabaseFailure::Busy,
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => DatabaseFailure::Corrupt,
+            Some(ErrorCode::SystemIoFailure) => DatabaseFailure::Io,
+            _ => DatabaseFailure::Other,
+        };
+        DatabaseError {
+            failure,
+            message: error.to_string(),
+        }
+    }
 }
 
 type Result<T> = std::result::Result<T, StorageError>;
@@ -161,11 +229,7 @@ pub struct CareLookup<'a> {
 
 impl CareLookup<'_> {
     fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StorageError + '_ {
-        move |source| StorageError::Sqlite {
-            path: self.path.to_path_buf(),
-            action,
-            source,
-        }
+        move |source| StorageError::database(self.path.to_path_buf(), action, source)
     }
 
     /// The patient's consent as `publisher` recorded it in its sharing record. `None` when
@@ -261,11 +325,8 @@ impl Store {
                     source,
                 })?;
         }
-        let conn = Connection::open(path).map_err(|source| StorageError::Sqlite {
-            path: path.to_path_buf(),
-            action: "open",
-            source,
-        })?;
+        let conn = Connection::open(path)
+            .map_err(|source| StorageError::database(path.to_path_buf(), "open", source))?;
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
@@ -282,11 +343,7 @@ impl Store {
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|source| StorageError::Sqlite {
-            path: path.to_path_buf(),
-            action: "open read-only",
-            source,
-        })?;
+        .map_err(|source| StorageError::database(path.to_path_buf(), "open read-only", source))?;
         let store = Store {
             conn,
             path: path.to_path_buf(),
@@ -310,11 +367,7 @@ impl Store {
     }
 
     fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StorageError + '_ {
-        move |source| StorageError::Sqlite {
-            path: self.path.clone(),
-            action,
-            source,
-        }
+        move |source| StorageError::database(self.path.clone(), action, source)
     }
 
     fn configure(&self, read_only: bool) -> Result<()> {
@@ -364,11 +417,7 @@ impl Store {
         {
             let version = index as i64 + 1;
             let path = self.path.clone();
-            let fail = |source| StorageError::Sqlite {
-                path: path.clone(),
-                action: "migrate schema",
-                source,
-            };
+            let fail = |source| StorageError::database(path.clone(), "migrate schema", source);
             let tx = self.conn.transaction().map_err(fail)?;
             tx.execute_batch(sql).map_err(fail)?;
             tx.pragma_update(None, "user_version", version)
@@ -381,11 +430,7 @@ impl Store {
     /// Starts a write transaction. Everything written through it lands together or not at all.
     pub fn write(&mut self) -> Result<WriteBatch<'_>> {
         let path = self.path.clone();
-        let fail = |source| StorageError::Sqlite {
-            path: path.clone(),
-            action: "begin write",
-            source,
-        };
+        let fail = |source| StorageError::database(path.clone(), "begin write", source);
         let tx = if self.group_open {
             BatchTransaction::InGroup(self.conn.savepoint().map_err(fail)?)
         } else {
@@ -431,11 +476,11 @@ impl Store {
         self.group_open = false;
         if let Err(source) = self.conn.execute_batch("COMMIT") {
             let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(StorageError::Sqlite {
-                path: self.path.clone(),
-                action: "commit a group",
+            return Err(StorageError::database(
+                self.path.clone(),
+                "commit a group",
                 source,
-            });
+            ));
         }
         Ok(())
     }
@@ -799,11 +844,7 @@ fn document_by_id(conn: &Connection, path: &Path, id: DocId) -> Result<Option<St
             "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = ?1"
         ))
         .and_then(|mut statement| statement.query_row([&id.0[..]], raw_document).optional())
-        .map_err(|source| StorageError::Sqlite {
-            path: path.to_path_buf(),
-            action: "read document",
-            source,
-        })?;
+        .map_err(|source| StorageError::database(path.to_path_buf(), "read document", source))?;
     raw.map(|raw| raw.into_document(path)).transpose()
 }
 
@@ -815,10 +856,8 @@ fn patient_link(conn: &Connection, path: &Path, source_key: &str) -> Result<Opti
                 .query_row([source_key], |row| row.get(0))
                 .optional()
         })
-        .map_err(|source| StorageError::Sqlite {
-            path: path.to_path_buf(),
-            action: "read patient link",
-            source,
+        .map_err(|source| {
+            StorageError::database(path.to_path_buf(), "read patient link", source)
         })?;
     nhs.map(|nhs| {
         nhs.parse().map_err(|e| StorageError::DamagedRow {
@@ -857,11 +896,7 @@ impl std::ops::Deref for BatchTransaction<'_> {
 
 impl WriteBatch<'_> {
     fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StorageError + '_ {
-        move |source| StorageError::Sqlite {
-            path: self.path.clone(),
-            action,
-            source,
-        }
+        move |source| StorageError::database(self.path.clone(), action, source)
     }
 
     pub fn document(&self, id: DocId) -> Result<Option<StoredDocument>> {
@@ -1199,11 +1234,7 @@ impl WriteBatch<'_> {
             BatchTransaction::Own(tx) => tx.commit(),
             BatchTransaction::InGroup(savepoint) => savepoint.commit(),
         }
-        .map_err(|source| StorageError::Sqlite {
-            path,
-            action: "commit",
-            source,
-        })
+        .map_err(|source| StorageError::database(path, "commit", source))
     }
 }
 
