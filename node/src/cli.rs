@@ -175,8 +175,14 @@ enum Command {
         command: crate::audit::AuditCommand,
     },
     /// Run a simulation scenario in virtual time: many nodes, the real sync engine and storage,
-    /// a simulated network with faults; reports convergence, violations and a trace hash.
-    Sim(crate::sim::SimArgs),
+    /// a simulated network and disks with faults; reports convergence, violations and a trace
+    /// hash. Runs `caremesh-sim` from beside this binary (`cargo build -p caremesh-sim`).
+    #[command(disable_help_flag = true)]
+    Sim {
+        /// What `caremesh-sim` takes: SCENARIO [--seed N] [--randomise] [--swarm N] …
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Regional authority tools: make, edit, sign, show, verify and install trust registries.
     Trust {
         #[command(subcommand)]
@@ -208,7 +214,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Command::Run { .. } | Command::Demo { .. } | Command::Sim(_)
+        Command::Run { .. } | Command::Demo { .. } | Command::Sim { .. }
     ) {
         quiet_on_closed_output();
     }
@@ -513,7 +519,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Trust { command } => crate::trust_admin::run(command),
         Command::Consent { command } => crate::consent::run(command),
-        Command::Sim(args) => crate::sim::run(args),
+        Command::Sim { args } => run_simulator(&args),
         Command::Audit { command } => crate::audit::run(command),
         Command::Launch {
             dir,
@@ -936,6 +942,28 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();
     result.map(|_| ExitCode::SUCCESS)
+}
+
+/// Runs the simulator binary built beside this one, passing `args` on: the product binary
+/// does not carry the simulator.
+fn run_simulator(args: &[std::ffi::OsString]) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the caremesh binary")?;
+    let simulator = exe.with_file_name("caremesh-sim");
+    if !simulator.exists() {
+        anyhow::bail!(
+            "the simulator is a binary of its own and is not built beside this one ({}): build it with `cargo build -p caremesh-sim` (add --release to match a release build)",
+            simulator.display()
+        );
+    }
+    let status = std::process::Command::new(&simulator)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", simulator.display()))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::from(1),
+    })
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), for ingest summaries.

@@ -3,7 +3,6 @@
 //! `caremesh-storage`.
 
 pub mod audit;
-pub mod bench;
 pub mod cli;
 pub mod consent;
 pub mod demo;
@@ -18,7 +17,6 @@ pub mod network;
 pub mod patient_index;
 pub mod process;
 pub mod record;
-pub mod sim;
 pub mod strict_json;
 pub mod tls;
 pub mod trust;

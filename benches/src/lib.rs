@@ -2,11 +2,11 @@
 //! around a hub with a signed trust registry, running a node as a child process, and reading
 //! figures off a process or a database. Not used by the node itself.
 
-use crate::generate::{GenerateOptions, generate};
-use crate::home::{Home, OrganisationConfig};
-use crate::ingest::{FileDisposition, Ingestor};
-use crate::trust::TrustState;
 use anyhow::{Context, Result};
+use caremesh::generate::{GenerateOptions, generate};
+use caremesh::home::{Home, OrganisationConfig};
+use caremesh::ingest::{FileDisposition, Ingestor};
+use caremesh::trust::TrustState;
 use caremesh_fhir::clock;
 use caremesh_storage::Store;
 use caremesh_storage::sync_host::StoreHost;
@@ -43,7 +43,7 @@ pub fn region(
     for member in members {
         homes.push(Home::open(member)?);
     }
-    let mut registry = crate::trust_admin::new_registry("bench");
+    let mut registry = caremesh::trust_admin::new_registry("bench");
     for home in &homes {
         registry.organisations.push(Organisation {
             ods: home.config.organisation.ods.clone(),
@@ -61,7 +61,7 @@ pub fn region(
     let mut file = RegistryFile::unsigned(registry);
     file.sign(&AUTHORITY, clock::now_unix())?;
     for (index, home) in homes.iter_mut().enumerate() {
-        crate::trust::write_atomically(&home.registry_path(), &file.to_json())?;
+        caremesh::trust::write_atomically(&home.registry_path(), &file.to_json())?;
         home.config.sync.authority = Some(hex::encode(public_key_of(&AUTHORITY)));
         home.config.view.listen = "127.0.0.1:0".into();
         if index == 0 {

@@ -1,4 +1,6 @@
-//! `caremesh sim`: runs a simulation scenario (see `simulations/`), one seed or a swarm.
+//! `caremesh-sim` (also run as `caremesh sim`): runs a simulation scenario, one seed or a
+//! swarm of seeds in parallel processes. A binary of its own, so that the product binary
+//! does not carry the simulator.
 
 use anyhow::{Context, Result};
 use caremesh_sim::{Report, Scenario};
@@ -6,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-#[derive(clap::Args)]
+/// Run a simulation scenario in virtual time: many nodes, the real sync engine and storage,
+/// a simulated network and disks with faults; reports convergence, violations and a trace hash.
+#[derive(clap::Parser)]
+#[command(name = "caremesh-sim", version)]
 pub struct SimArgs {
     /// The scenario file (TOML), such as simulations/scenarios/hub-outage.toml.
     scenario: PathBuf,
@@ -31,7 +36,8 @@ pub struct SimArgs {
     json: bool,
 }
 
-pub fn run(args: SimArgs) -> Result<ExitCode> {
+fn main() -> Result<ExitCode> {
+    let args = <SimArgs as clap::Parser>::parse();
     let scenario = Scenario::load(&args.scenario)?;
     let temporary;
     let work = match &args.work {
@@ -101,13 +107,13 @@ pub fn run(args: SimArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs seeds 1..=`seeds`, `jobs` at a time, each in its own `caremesh sim` process (in one
+/// Runs seeds 1..=`seeds`, `jobs` at a time, each in its own `caremesh-sim` process (in one
 /// process SQLite's and the allocator's locks made two runs no faster than one); reports
 /// come back in seed order.
 fn run_swarm(scenario_path: &Path, seeds: u64, jobs: usize, work: &Path) -> Result<Vec<Report>> {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU64, Ordering};
-    let exe = std::env::current_exe().context("finding the caremesh binary")?;
+    let exe = std::env::current_exe().context("finding the caremesh-sim binary")?;
     let next = AtomicU64::new(1);
     let results: Mutex<Vec<Result<Report>>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
@@ -138,7 +144,6 @@ fn run_swarm(scenario_path: &Path, seeds: u64, jobs: usize, work: &Path) -> Resu
 
 fn run_child(exe: &Path, scenario: &Path, seed: u64, work: &Path) -> Result<Report> {
     let output = std::process::Command::new(exe)
-        .arg("sim")
         .arg(scenario)
         .args([
             "--seed",

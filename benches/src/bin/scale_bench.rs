@@ -22,12 +22,12 @@
 //!    first `/health` answer, resident memory then and after 10 s, and peak.
 
 use anyhow::{Context, Result, ensure};
-use caremesh::bench::{
-    incremental, peak_rss_kib, practice_of, publish_problem, region, rss_kib, run_node,
-};
 use caremesh::generate::test_nhs_number;
 use caremesh::home::Home;
 use caremesh::record::{Viewer, assemble};
+use caremesh_bench::{
+    incremental, peak_rss_kib, practice_of, publish_problem, region, rss_kib, run_node,
+};
 use caremesh_fhir::clock;
 use caremesh_storage::publish::Publication;
 use caremesh_storage::{SourceRow, Store};

@@ -23,8 +23,8 @@
 //!    or point `--samod PATH` at the binary; `--samod-limit SECONDS` caps its cold sync).
 
 use anyhow::{Context, Result};
-use caremesh::bench::{count, incremental, peak_rss_kib, practice_of, region, run_node};
 use caremesh::home::Home;
+use caremesh_bench::{count, incremental, peak_rss_kib, practice_of, region, run_node};
 use caremesh_sync::OdsCode;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
