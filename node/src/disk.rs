@@ -37,10 +37,14 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 pub fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
-        if error
+        // A transparent wrapper hands on the StorageError's own source: look for both.
+        let storage_full = error
             .downcast_ref::<caremesh_storage::StorageError>()
-            .is_some_and(caremesh_storage::StorageError::is_disk_full)
-        {
+            .is_some_and(caremesh_storage::StorageError::is_disk_full);
+        let database_full = error
+            .downcast_ref::<caremesh_storage::DatabaseError>()
+            .is_some_and(|e| e.failure == caremesh_storage::DatabaseFailure::DiskFull);
+        if storage_full || database_full {
             return true;
         }
         if let Some(io) = error.downcast_ref::<std::io::Error>()
@@ -189,6 +193,9 @@ mod tests {
         };
         let wrapped = anyhow::Error::new(full).context("recording the access");
         assert!(is_disk_full_anyhow(&wrapped));
+        // As a transparent error wrapper hands it on: the database error alone.
+        let alone = DatabaseError::new(DatabaseFailure::DiskFull, "database or disk is full");
+        assert!(is_disk_full(&alone));
         let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
         assert!(is_disk_full(&enospc));
         let other = std::io::Error::from_raw_os_error(libc::EACCES);
