@@ -803,309 +803,370 @@ fn read_content(
         extra_concepts: Vec::new(),
     };
     match resource.resource_type {
-        "AllergyIntolerance" => {
-            content.concept = resource.concept("code")?;
-            content.effective = resource.first_string(&["onsetDateTime", "recordedDate"])?;
-            content.recorded = resource.string("recordedDate")?;
-            #[derive(Deserialize, Default)]
-            #[serde(default)]
-            struct Reaction {
-                manifestation: Vec<CodeableConcept>,
-                severity: Option<String>,
-            }
-            let reactions: Vec<String> = resource
-                .list::<Reaction>("reaction")?
-                .into_iter()
-                .map(|r| {
-                    let what: Vec<String> = r
-                        .manifestation
-                        .iter()
-                        .filter_map(CodeableConcept::display)
-                        .collect();
-                    match r.severity {
-                        Some(severity) => format!("{} ({severity})", what.join(", ")),
-                        None => what.join(", "),
-                    }
-                })
-                .filter(|s| !s.is_empty())
-                .collect();
-            let criticality = resource.string("criticality")?;
-            content.detail = match (reactions.is_empty(), criticality) {
-                (true, None) => None,
-                (true, Some(c)) => Some(format!("criticality {c}")),
-                (false, None) => Some(format!("Reaction: {}", reactions.join("; "))),
-                (false, Some(c)) => Some(format!(
-                    "Reaction: {}; criticality {c}",
-                    reactions.join("; ")
-                )),
-            };
-        }
+        "AllergyIntolerance" => allergy_content(resource, &mut content)?,
         "MedicationStatement"
         | "MedicationRequest"
         | "MedicationAdministration"
-        | "MedicationDispense" => {
-            content.concept = match resource.concept("medicationCodeableConcept")? {
-                Some(concept) => Some(concept),
-                None => match resource.field::<Reference>("medicationReference")? {
-                    Some(reference) => {
-                        let target = reference.reference.clone().unwrap_or_default();
-                        let resolved = if let Some(local) = target.strip_prefix('#') {
-                            contained_medication(resource, local)?
-                        } else {
-                            context.references.medication(&target)
-                        };
-                        match (resolved, reference.display) {
-                            (Some(concept), _) => Some(concept),
-                            (None, Some(display)) => Some(CodeableConcept {
-                                coding: Vec::new(),
-                                text: Some(display),
-                            }),
-                            (None, None) => {
-                                return Err(MappingError {
-                                    retry_later: true,
-                                    ..resource.error(format!(
-                                        "medicationReference {target:?} does not resolve to a Medication in this extract or an earlier one"
-                                    ))
-                                });
-                            }
-                        }
-                    }
-                    None => None,
-                },
-            };
-            content.detail = match resource.resource_type {
-                "MedicationRequest" | "MedicationDispense" => resource
-                    .list::<Dosage>("dosageInstruction")?
-                    .into_iter()
-                    .find_map(|d| d.text),
-                // One dosage, not a list: what was given.
-                "MedicationAdministration" => {
-                    resource.field::<Dosage>("dosage")?.and_then(|d| d.text)
-                }
-                _ => resource
-                    .list::<Dosage>("dosage")?
-                    .into_iter()
-                    .find_map(|d| d.text),
-            };
-            content.effective = match resource.resource_type {
-                "MedicationRequest" => resource.string("authoredOn")?,
-                "MedicationDispense" => {
-                    resource.first_string(&["whenHandedOver", "whenPrepared"])?
-                }
-                _ => match resource.string("effectiveDateTime")? {
-                    Some(date) => Some(date),
-                    None => resource
-                        .period_start("effectivePeriod")?
-                        .or(resource.string("dateAsserted")?),
-                },
-            };
-            content.recorded = resource.first_string(&["authoredOn", "dateAsserted"])?;
-        }
-        "Condition" => {
-            content.concept = resource.concept("code")?;
-            content.extra_concepts = resource.list::<CodeableConcept>("category")?;
-            content.effective = match resource.string("onsetDateTime")? {
-                Some(date) => Some(date),
-                None => resource
-                    .period_start("onsetPeriod")?
-                    .or(resource.string("recordedDate")?),
-            };
-            content.recorded = resource.string("recordedDate")?;
-        }
+        | "MedicationDispense" => medication_content(resource, context, &mut content)?,
+        "Condition" => condition_content(resource, &mut content)?,
         "Observation" | "DiagnosticReport" => {
-            content.concept = resource.concept("code")?;
-            content.effective = match resource.string("effectiveDateTime")? {
-                Some(date) => Some(date),
-                None => resource
-                    .period_start("effectivePeriod")?
-                    .or(resource.string("issued")?),
-            };
-            content.recorded = resource.string("issued")?;
-            if resource.resource_type == "Observation" {
-                content.detail = observation_value(resource)?;
-                // An observation that is only narrative is consultation free text.
-                if resource.raw().contains_key("valueString") {
-                    content.natural = DataClass::FreeText;
-                }
-                if let Some(interpretation) = resource.first_concept("interpretation")?
-                    && let (Some(detail), Some(flag)) = (&content.detail, interpretation.display())
-                {
-                    content.detail = Some(format!("{detail} ({flag})"));
-                }
-            } else {
-                content.detail = resource.string("conclusion")?;
-            }
+            observation_or_report_content(resource, &mut content)?
         }
-        "Encounter" | "EpisodeOfCare" => {
-            content.concept = resource.first_concept("type")?;
-            if content.concept.is_none() && resource.resource_type == "Encounter" {
-                #[derive(Deserialize, Default)]
-                #[serde(default)]
-                struct ClassCoding {
-                    display: Option<String>,
-                    code: Option<String>,
-                }
-                content.title = resource
-                    .field::<ClassCoding>("class")?
-                    .and_then(|c| c.display.or(c.code))
-                    .map(|c| format!("Encounter ({c})"));
-            }
-            content.effective = resource.period_start("period")?;
-            let reason = resource
-                .first_concept("reasonCode")?
-                .and_then(|c| c.display());
-            let provider = resource
-                .field::<Reference>(if resource.resource_type == "Encounter" {
-                    "serviceProvider"
-                } else {
-                    "managingOrganization"
-                })?
-                .and_then(|r| r.display);
-            content.detail = match (reason, provider) {
-                (Some(r), Some(p)) => Some(format!("Reason: {r}; at {p}")),
-                (Some(r), None) => Some(format!("Reason: {r}")),
-                (None, Some(p)) => Some(format!("At {p}")),
-                (None, None) => None,
-            };
-        }
-        "DocumentReference" => {
-            content.natural = DataClass::Document;
-            content.concept = resource.concept("type")?;
-            content.extra_concepts = resource.list::<CodeableConcept>("category")?;
-            #[derive(Deserialize, Default)]
-            #[serde(default)]
-            struct Attachment {
-                title: Option<String>,
-                creation: Option<String>,
-                #[serde(rename = "contentType")]
-                content_type: Option<String>,
-                data: Option<String>,
-            }
-            #[derive(Deserialize, Default)]
-            #[serde(default)]
-            struct DocContent {
-                attachment: Attachment,
-            }
-            let attachment = resource
-                .list::<DocContent>("content")?
-                .into_iter()
-                .next()
-                .map(|c| c.attachment)
-                .unwrap_or_default();
-            content.title = attachment.title.clone();
-            content.detail = resource.string("description")?.or_else(|| {
-                (attachment.content_type.as_deref() == Some("text/plain"))
-                    .then(|| attachment.data.as_deref().and_then(decode_base64_text))
-                    .flatten()
-            });
-            content.effective = resource.string("date")?.or(attachment.creation);
-            content.recorded = resource.string("date")?;
-        }
-        "Composition" => {
-            content.natural = DataClass::Document;
-            content.concept = resource.concept("type")?;
-            content.title = resource.string("title")?;
-            content.effective = resource.string("date")?;
-            content.recorded = resource.string("date")?;
-            #[derive(Deserialize, Default)]
-            #[serde(default)]
-            struct CompositionSection {
-                title: Option<String>,
-            }
-            let titles: Vec<String> = resource
-                .list::<CompositionSection>("section")?
-                .into_iter()
-                .filter_map(|s| s.title)
-                .collect();
-            content.detail =
-                (!titles.is_empty()).then(|| format!("Sections: {}", titles.join(", ")));
-        }
-        "Immunization" => {
-            content.concept = resource.concept("vaccineCode")?;
-            content.effective = resource.first_string(&["occurrenceDateTime", "recorded"])?;
-            content.recorded = resource.string("recorded")?;
-            content.detail = resource
-                .field::<Quantity>("doseQuantity")?
-                .and_then(|q| q.render())
-                .map(|d| format!("Dose {d}"));
-        }
-        "Procedure" => {
-            content.concept = resource.concept("code")?;
-            content.effective = match resource.string("performedDateTime")? {
-                Some(date) => Some(date),
-                None => resource.period_start("performedPeriod")?,
-            };
-        }
-        "Flag" => {
-            content.concept = resource.concept("code")?;
-            content.extra_concepts = resource.list::<CodeableConcept>("category")?;
-            content.effective = resource.period_start("period")?;
-        }
-        "CarePlan" => {
-            content.title = resource.string("title")?;
-            content.concept = resource.first_concept("category")?;
-            content.detail = resource.string("description")?;
-            content.effective = match resource.period_start("period")? {
-                Some(date) => Some(date),
-                None => resource.string("created")?,
-            };
-            content.recorded = resource.string("created")?;
-        }
-        "ServiceRequest" => {
-            content.concept = resource.concept("code")?;
-            content.effective = resource.first_string(&["occurrenceDateTime", "authoredOn"])?;
-            content.recorded = resource.string("authoredOn")?;
-            content.detail = resource
-                .list::<Reference>("performer")?
-                .into_iter()
-                .find_map(|p| p.display)
-                .map(|p| format!("To {p}"));
-        }
-        "FamilyMemberHistory" => {
-            let relationship = resource
-                .concept("relationship")?
-                .and_then(|c| c.display())
-                .map(|r| capitalise(&r));
-            #[derive(Deserialize, Default)]
-            #[serde(default)]
-            struct FamilyCondition {
-                code: Option<CodeableConcept>,
-            }
-            let conditions: Vec<CodeableConcept> = resource
-                .list::<FamilyCondition>("condition")?
-                .into_iter()
-                .filter_map(|c| c.code)
-                .collect();
-            let named: Vec<String> = conditions.iter().filter_map(|c| c.display()).collect();
-            content.concept = conditions.first().cloned();
-            content.title = Some(match (relationship, named.is_empty()) {
-                (Some(who), false) => format!("{who}: {}", named.join(", ")),
-                (Some(who), true) => format!("{who}: no condition recorded"),
-                (None, false) => format!("Family member: {}", named.join(", ")),
-                (None, true) => "Family history (not described)".into(),
-            });
-            content.extra_concepts = conditions.into_iter().skip(1).collect();
-            content.effective = resource.string("date")?;
-            content.recorded = resource.string("date")?;
-        }
-        "RelatedPerson" => {
-            let relationship: Vec<String> = resource
-                .list::<CodeableConcept>("relationship")?
-                .iter()
-                .filter_map(CodeableConcept::display)
-                .collect();
-            let name = official_name(&resource.list::<HumanName>("name")?);
-            content.title = Some(match (name, relationship.is_empty()) {
-                (Some(name), false) => format!("{name} ({})", relationship.join(", ")),
-                (Some(name), true) => name,
-                (None, false) => capitalise(&relationship.join(", ")),
-                (None, true) => "Contact (not named)".into(),
-            });
-            content.effective = resource.period_start("period")?;
-        }
+        "Encounter" | "EpisodeOfCare" => encounter_content(resource, &mut content)?,
+        "DocumentReference" => document_reference_content(resource, &mut content)?,
+        "Composition" => composition_content(resource, &mut content)?,
+        "Immunization" => immunization_content(resource, &mut content)?,
+        "Procedure" => procedure_content(resource, &mut content)?,
+        "Flag" => flag_content(resource, &mut content)?,
+        "CarePlan" => care_plan_content(resource, &mut content)?,
+        "ServiceRequest" => service_request_content(resource, &mut content)?,
+        "FamilyMemberHistory" => family_history_content(resource, &mut content)?,
+        "RelatedPerson" => related_person_content(resource, &mut content)?,
         other => unreachable!("{other} is not a supported clinical type"),
     }
     Ok(content)
+}
+
+fn allergy_content(resource: &Resource<'_>, content: &mut Content) -> Result<(), MappingError> {
+    content.concept = resource.concept("code")?;
+    content.effective = resource.first_string(&["onsetDateTime", "recordedDate"])?;
+    content.recorded = resource.string("recordedDate")?;
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Reaction {
+        manifestation: Vec<CodeableConcept>,
+        severity: Option<String>,
+    }
+    let reactions: Vec<String> = resource
+        .list::<Reaction>("reaction")?
+        .into_iter()
+        .map(|r| {
+            let what: Vec<String> = r
+                .manifestation
+                .iter()
+                .filter_map(CodeableConcept::display)
+                .collect();
+            match r.severity {
+                Some(severity) => format!("{} ({severity})", what.join(", ")),
+                None => what.join(", "),
+            }
+        })
+        .filter(|s| !s.is_empty())
+        .collect();
+    let criticality = resource.string("criticality")?;
+    content.detail = match (reactions.is_empty(), criticality) {
+        (true, None) => None,
+        (true, Some(c)) => Some(format!("criticality {c}")),
+        (false, None) => Some(format!("Reaction: {}", reactions.join("; "))),
+        (false, Some(c)) => Some(format!(
+            "Reaction: {}; criticality {c}",
+            reactions.join("; ")
+        )),
+    };
+    Ok(())
+}
+
+fn medication_content(
+    resource: &Resource<'_>,
+    context: &MappingContext<'_>,
+    content: &mut Content,
+) -> Result<(), MappingError> {
+    content.concept = match resource.concept("medicationCodeableConcept")? {
+        Some(concept) => Some(concept),
+        None => match resource.field::<Reference>("medicationReference")? {
+            Some(reference) => {
+                let target = reference.reference.clone().unwrap_or_default();
+                let resolved = if let Some(local) = target.strip_prefix('#') {
+                    contained_medication(resource, local)?
+                } else {
+                    context.references.medication(&target)
+                };
+                match (resolved, reference.display) {
+                    (Some(concept), _) => Some(concept),
+                    (None, Some(display)) => Some(CodeableConcept {
+                        coding: Vec::new(),
+                        text: Some(display),
+                    }),
+                    (None, None) => {
+                        return Err(MappingError {
+                            retry_later: true,
+                            ..resource.error(format!(
+                                "medicationReference {target:?} does not resolve to a Medication in this extract or an earlier one"
+                            ))
+                        });
+                    }
+                }
+            }
+            None => None,
+        },
+    };
+    content.detail = match resource.resource_type {
+        "MedicationRequest" | "MedicationDispense" => resource
+            .list::<Dosage>("dosageInstruction")?
+            .into_iter()
+            .find_map(|d| d.text),
+        // One dosage, not a list: what was given.
+        "MedicationAdministration" => resource.field::<Dosage>("dosage")?.and_then(|d| d.text),
+        _ => resource
+            .list::<Dosage>("dosage")?
+            .into_iter()
+            .find_map(|d| d.text),
+    };
+    content.effective = match resource.resource_type {
+        "MedicationRequest" => resource.string("authoredOn")?,
+        "MedicationDispense" => resource.first_string(&["whenHandedOver", "whenPrepared"])?,
+        _ => match resource.string("effectiveDateTime")? {
+            Some(date) => Some(date),
+            None => resource
+                .period_start("effectivePeriod")?
+                .or(resource.string("dateAsserted")?),
+        },
+    };
+    content.recorded = resource.first_string(&["authoredOn", "dateAsserted"])?;
+    Ok(())
+}
+
+fn condition_content(resource: &Resource<'_>, content: &mut Content) -> Result<(), MappingError> {
+    content.concept = resource.concept("code")?;
+    content.extra_concepts = resource.list::<CodeableConcept>("category")?;
+    content.effective = match resource.string("onsetDateTime")? {
+        Some(date) => Some(date),
+        None => resource
+            .period_start("onsetPeriod")?
+            .or(resource.string("recordedDate")?),
+    };
+    content.recorded = resource.string("recordedDate")?;
+    Ok(())
+}
+
+fn observation_or_report_content(
+    resource: &Resource<'_>,
+    content: &mut Content,
+) -> Result<(), MappingError> {
+    content.concept = resource.concept("code")?;
+    content.effective = match resource.string("effectiveDateTime")? {
+        Some(date) => Some(date),
+        None => resource
+            .period_start("effectivePeriod")?
+            .or(resource.string("issued")?),
+    };
+    content.recorded = resource.string("issued")?;
+    if resource.resource_type == "Observation" {
+        content.detail = observation_value(resource)?;
+        // An observation that is only narrative is consultation free text.
+        if resource.raw().contains_key("valueString") {
+            content.natural = DataClass::FreeText;
+        }
+        if let Some(interpretation) = resource.first_concept("interpretation")?
+            && let (Some(detail), Some(flag)) = (&content.detail, interpretation.display())
+        {
+            content.detail = Some(format!("{detail} ({flag})"));
+        }
+    } else {
+        content.detail = resource.string("conclusion")?;
+    }
+    Ok(())
+}
+
+fn encounter_content(resource: &Resource<'_>, content: &mut Content) -> Result<(), MappingError> {
+    content.concept = resource.first_concept("type")?;
+    if content.concept.is_none() && resource.resource_type == "Encounter" {
+        #[derive(Deserialize, Default)]
+        #[serde(default)]
+        struct ClassCoding {
+            display: Option<String>,
+            code: Option<String>,
+        }
+        content.title = resource
+            .field::<ClassCoding>("class")?
+            .and_then(|c| c.display.or(c.code))
+            .map(|c| format!("Encounter ({c})"));
+    }
+    content.effective = resource.period_start("period")?;
+    let reason = resource
+        .first_concept("reasonCode")?
+        .and_then(|c| c.display());
+    let provider = resource
+        .field::<Reference>(if resource.resource_type == "Encounter" {
+            "serviceProvider"
+        } else {
+            "managingOrganization"
+        })?
+        .and_then(|r| r.display);
+    content.detail = match (reason, provider) {
+        (Some(r), Some(p)) => Some(format!("Reason: {r}; at {p}")),
+        (Some(r), None) => Some(format!("Reason: {r}")),
+        (None, Some(p)) => Some(format!("At {p}")),
+        (None, None) => None,
+    };
+    Ok(())
+}
+
+fn document_reference_content(
+    resource: &Resource<'_>,
+    content: &mut Content,
+) -> Result<(), MappingError> {
+    content.natural = DataClass::Document;
+    content.concept = resource.concept("type")?;
+    content.extra_concepts = resource.list::<CodeableConcept>("category")?;
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Attachment {
+        title: Option<String>,
+        creation: Option<String>,
+        #[serde(rename = "contentType")]
+        content_type: Option<String>,
+        data: Option<String>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct DocContent {
+        attachment: Attachment,
+    }
+    let attachment = resource
+        .list::<DocContent>("content")?
+        .into_iter()
+        .next()
+        .map(|c| c.attachment)
+        .unwrap_or_default();
+    content.title = attachment.title.clone();
+    content.detail = resource.string("description")?.or_else(|| {
+        (attachment.content_type.as_deref() == Some("text/plain"))
+            .then(|| attachment.data.as_deref().and_then(decode_base64_text))
+            .flatten()
+    });
+    content.effective = resource.string("date")?.or(attachment.creation);
+    content.recorded = resource.string("date")?;
+    Ok(())
+}
+
+fn composition_content(resource: &Resource<'_>, content: &mut Content) -> Result<(), MappingError> {
+    content.natural = DataClass::Document;
+    content.concept = resource.concept("type")?;
+    content.title = resource.string("title")?;
+    content.effective = resource.string("date")?;
+    content.recorded = resource.string("date")?;
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct CompositionSection {
+        title: Option<String>,
+    }
+    let titles: Vec<String> = resource
+        .list::<CompositionSection>("section")?
+        .into_iter()
+        .filter_map(|s| s.title)
+        .collect();
+    content.detail = (!titles.is_empty()).then(|| format!("Sections: {}", titles.join(", ")));
+    Ok(())
+}
+
+fn immunization_content(
+    resource: &Resource<'_>,
+    content: &mut Content,
+) -> Result<(), MappingError> {
+    content.concept = resource.concept("vaccineCode")?;
+    content.effective = resource.first_string(&["occurrenceDateTime", "recorded"])?;
+    content.recorded = resource.string("recorded")?;
+    content.detail = resource
+        .field::<Quantity>("doseQuantity")?
+        .and_then(|q| q.render())
+        .map(|d| format!("Dose {d}"));
+    Ok(())
+}
+
+fn procedure_content(resource: &Resource<'_>, content: &mut Content) -> Result<(), MappingError> {
+    content.concept = resource.concept("code")?;
+    content.effective = match resource.string("performedDateTime")? {
+        Some(date) => Some(date),
+        None => resource.period_start("performedPeriod")?,
+    };
+    Ok(())
+}
+
+fn flag_content(resource: &Resource<'_>, content: &mut Content) -> Result<(), MappingError> {
+    content.concept = resource.concept("code")?;
+    content.extra_concepts = resource.list::<CodeableConcept>("category")?;
+    content.effective = resource.period_start("period")?;
+    Ok(())
+}
+
+fn care_plan_content(resource: &Resource<'_>, content: &mut Content) -> Result<(), MappingError> {
+    content.title = resource.string("title")?;
+    content.concept = resource.first_concept("category")?;
+    content.detail = resource.string("description")?;
+    content.effective = match resource.period_start("period")? {
+        Some(date) => Some(date),
+        None => resource.string("created")?,
+    };
+    content.recorded = resource.string("created")?;
+    Ok(())
+}
+
+fn service_request_content(
+    resource: &Resource<'_>,
+    content: &mut Content,
+) -> Result<(), MappingError> {
+    content.concept = resource.concept("code")?;
+    content.effective = resource.first_string(&["occurrenceDateTime", "authoredOn"])?;
+    content.recorded = resource.string("authoredOn")?;
+    content.detail = resource
+        .list::<Reference>("performer")?
+        .into_iter()
+        .find_map(|p| p.display)
+        .map(|p| format!("To {p}"));
+    Ok(())
+}
+
+fn family_history_content(
+    resource: &Resource<'_>,
+    content: &mut Content,
+) -> Result<(), MappingError> {
+    let relationship = resource
+        .concept("relationship")?
+        .and_then(|c| c.display())
+        .map(|r| capitalise(&r));
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct FamilyCondition {
+        code: Option<CodeableConcept>,
+    }
+    let conditions: Vec<CodeableConcept> = resource
+        .list::<FamilyCondition>("condition")?
+        .into_iter()
+        .filter_map(|c| c.code)
+        .collect();
+    let named: Vec<String> = conditions.iter().filter_map(|c| c.display()).collect();
+    content.concept = conditions.first().cloned();
+    content.title = Some(match (relationship, named.is_empty()) {
+        (Some(who), false) => format!("{who}: {}", named.join(", ")),
+        (Some(who), true) => format!("{who}: no condition recorded"),
+        (None, false) => format!("Family member: {}", named.join(", ")),
+        (None, true) => "Family history (not described)".into(),
+    });
+    content.extra_concepts = conditions.into_iter().skip(1).collect();
+    content.effective = resource.string("date")?;
+    content.recorded = resource.string("date")?;
+    Ok(())
+}
+
+fn related_person_content(
+    resource: &Resource<'_>,
+    content: &mut Content,
+) -> Result<(), MappingError> {
+    let relationship: Vec<String> = resource
+        .list::<CodeableConcept>("relationship")?
+        .iter()
+        .filter_map(CodeableConcept::display)
+        .collect();
+    let name = official_name(&resource.list::<HumanName>("name")?);
+    content.title = Some(match (name, relationship.is_empty()) {
+        (Some(name), false) => format!("{name} ({})", relationship.join(", ")),
+        (Some(name), true) => name,
+        (None, false) => capitalise(&relationship.join(", ")),
+        (None, true) => "Contact (not named)".into(),
+    });
+    content.effective = resource.period_start("period")?;
+    Ok(())
 }
 
 /// The resource as an item carries it: narrative left out (generated `text`, and `note`s,
