@@ -622,253 +622,330 @@ impl<'a> Ingestor<'a> {
         &mut self,
         file_name: &str,
         located: Vec<Located>,
-        mut report: IngestReport,
+        report: IngestReport,
         final_attempt: bool,
     ) -> Result<Attempt, IngestError> {
-        let rules = &self.rules;
-        let publisher = rules.home.config.organisation.ods.clone();
-        let source_system = rules.home.config.ingest.source_system.clone();
-        let batch = self.store.write()?;
-        let mut local = LocalReferences::default();
-        let mut publication =
-            Publication::new(publisher.clone(), rules.home.config.sharing.defaults());
-        let reject = |report: &mut IngestReport, location: &str, reason: String| {
-            report.rejected.push(Rejection {
-                file: file_name.to_string(),
-                location: location.to_string(),
-                reason,
-            });
-        };
-
+        let mut placing = Placing::new(&self.rules, self.store.write()?, file_name, report);
         // Entries that could be read two ways are refused, each with the reason.
         let ambiguous = ambiguous_entries(&located);
         // Pass 1: what other resources refer to (Patients, Medications, Organizations).
         let mut clinical = Vec::new();
         for (index, entry) in located.into_iter().enumerate() {
-            // Refused before it is read as a resource: too large ever to share, or ambiguous.
-            let size = json_size(&entry.value);
-            let refusal = if size > MAX_RESOURCE_BYTES {
-                Some(format!(
-                    "the resource is about {size} bytes, over the {MAX_RESOURCE_BYTES}-byte limit for one resource: it could never be shared (sync frames are at most 16 MiB); keep large content in its own system and send a DocumentReference to it"
-                ))
-            } else {
-                ambiguous.get(&index).cloned()
-            };
-            if let Some(reason) = refusal {
-                report.count_read(
-                    entry
-                        .value
-                        .get("resourceType")
-                        .and_then(Value::as_str)
-                        .unwrap_or("(not a resource)"),
-                );
-                reject(&mut report, &entry.location, reason);
+            let Some(resource) = placing.screen(&entry, ambiguous.get(&index)) else {
                 continue;
-            }
-            let resource = match Resource::new(&entry.value) {
-                Ok(resource) => resource,
-                Err(error) => {
-                    report.count_read("(not a resource)");
-                    reject(&mut report, &entry.location, error.to_string());
-                    continue;
-                }
             };
-            report.count_read(resource.resource_type);
             match resource.resource_type {
-                "Patient" => {
-                    let context = rules.context(&source_system, &local);
-                    let facts = match fhir::map_resource(&resource, &context) {
-                        Ok(fhir::Mapped::Patient(facts)) => facts,
-                        Ok(_) => unreachable!("a Patient maps to patient facts"),
-                        Err(error) => {
-                            reject(&mut report, &entry.location, error.to_string());
-                            continue;
-                        }
-                    };
-                    let nhs = match rules.resolve_patient_identity(&facts.identifiers) {
-                        Ok(nhs) => nhs,
-                        Err(reason) => {
-                            reject(
-                                &mut report,
-                                &entry.location,
-                                format!("{}: {reason}", facts.key),
-                            );
-                            continue;
-                        }
-                    };
-                    if rules.is_stale(&batch, &facts.key, facts.item.last_updated.as_deref())? {
-                        // An older version: references to it in this file mean the patient
-                        // its newest version names.
-                        let current = batch.patient_link(&facts.key)?.unwrap_or(nhs);
-                        local.patients.insert(facts.key.clone(), current.clone());
-                        if let Some(url) = &entry.full_url {
-                            local.patients.insert(url.clone(), current);
-                            local.patient_keys.insert(url.clone(), facts.key.clone());
-                        }
-                        report.stale += 1;
-                        continue;
-                    }
-                    let relinked_from = batch.patient_link(&facts.key)?.filter(|old| *old != nhs);
-                    batch.link_patient(&facts.key, &nhs)?;
-                    local.patients.insert(facts.key.clone(), nhs.clone());
-                    if let Some(url) = &entry.full_url {
-                        local.patients.insert(url.clone(), nhs.clone());
-                        local.patient_keys.insert(url.clone(), facts.key.clone());
-                    }
-                    if let Some(old) = relinked_from {
-                        rules.relink(
-                            &batch,
-                            &mut publication,
-                            &mut report,
-                            &facts.key,
-                            &old,
-                            &nhs,
-                        )?;
-                    }
-                    {
-                        let family = [facts.item.id.clone()];
-                        let placement = Placement {
-                            nhs: nhs.clone(),
-                            patient_key: Some(facts.key.clone()),
-                            moved_at: None,
-                        };
-                        rules.place_moving(
-                            &batch,
-                            &mut publication,
-                            &mut report,
-                            &facts.key,
-                            placement,
-                            &family,
-                            vec![facts.item],
-                        )?;
-                        *report
-                            .items_by_section
-                            .entry("demographics".into())
-                            .or_default() += 1;
-                        report.accepted += 1;
-                        report.patients += 1;
-                    }
-                }
+                "Patient" => placing.place_patient(&resource, &entry)?,
                 kind if fhir::REFERENCED_TYPES.contains(&kind) => {
-                    let context = rules.context(&source_system, &local);
-                    match fhir::map_resource(&resource, &context) {
-                        Ok(fhir::Mapped::Referenced { key, summary }) => {
-                            let body = summary.to_string();
-                            batch.put_referenced(&key, &body)?;
-                            if let Some(url) = &entry.full_url {
-                                batch.put_referenced(url, &body)?;
-                            }
-                            local.referenced.insert(key, summary.clone());
-                            if let Some(url) = entry.full_url.clone() {
-                                local.referenced.insert(url, summary);
-                            }
-                            report.accepted += 1;
-                        }
-                        Ok(_) => unreachable!("referenced types map to Referenced"),
-                        Err(error) => reject(&mut report, &entry.location, error.to_string()),
-                    }
+                    placing.keep_referenced(&resource, &entry)?
                 }
                 _ => clinical.push(entry),
             }
         }
-
         // Pass 2: clinical resources, placed in their patients' documents.
         for entry in clinical {
-            let resource = Resource::new(&entry.value).expect("checked in pass 1");
-            load_earlier_references(&batch, &mut local, &entry.value)?;
-            let context = rules.context(&source_system, &local);
-            let placed = match fhir::map_resource(&resource, &context) {
-                Ok(fhir::Mapped::Clinical(facts)) => Placed::Clinical(facts),
-                Ok(fhir::Mapped::Consent(facts)) => Placed::Consent(facts),
-                Ok(fhir::Mapped::Unsupported) => {
-                    *report
-                        .unsupported
-                        .entry(resource.resource_type.to_string())
-                        .or_default() += 1;
-                    continue;
-                }
-                Ok(other) => unreachable!("clinical pass got {other:?}"),
-                Err(error) if error.retry_later && !final_attempt => return Ok(Attempt::Deferred),
-                Err(error) => {
-                    reject(&mut report, &entry.location, error.to_string());
-                    continue;
-                }
-            };
-            let (patient, last_updated) = placed.patient_and_version();
-            let nhs = match rules.resolve_patient_ref(&batch, &local, patient)? {
-                Ok(nhs) => nhs,
-                Err(reason) => {
-                    if !final_attempt && matches!(patient, PatientRef::Reference(_)) {
-                        // Roll back (drop the batch) and retry after the rest of the batch.
-                        return Ok(Attempt::Deferred);
-                    }
-                    reject(
-                        &mut report,
-                        &entry.location,
-                        format!("{}: {reason}", resource.key()),
-                    );
-                    continue;
-                }
-            };
-            if rules.is_stale(&batch, &resource.key(), last_updated)? {
-                report.stale += 1;
-                continue;
+            if placing.place_clinical(&entry, final_attempt)? == Step::Defer {
+                // Roll back (drop the batch) and retry after the rest of the batch.
+                return Ok(Attempt::Deferred);
             }
-            let mut facts = match placed {
-                Placed::Clinical(facts) => facts,
-                Placed::Consent(consent) => {
-                    let defaults = rules.home.config.sharing.defaults();
-                    let current = publication.consent_for(&batch, &nhs)?;
-                    publication.set_consent(&nhs, consent.apply(current, defaults));
-                    report.accepted += 1;
-                    *report.items_by_section.entry("sharing".into()).or_default() += 1;
-                    continue;
-                }
-            };
-            if facts.entered_in_error {
-                report.retracted += 1;
-            } else {
-                report.accepted += 1;
-                for item in &facts.items {
-                    *report
-                        .items_by_section
-                        .entry(item.section.to_string())
-                        .or_default() += 1;
-                }
+        }
+        Ok(Attempt::Done(Box::new(placing.finish()?)))
+    }
+}
+
+/// Whether to go on with the file or retry it after the rest of the batch.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Next,
+    Defer,
+}
+
+/// One transaction of placing a file's resources: the batch, what the file names locally,
+/// the publication being built and the report.
+struct Placing<'r, 's> {
+    rules: &'r IngestRules<'r>,
+    batch: WriteBatch<'s>,
+    file_name: &'r str,
+    source_system: String,
+    local: LocalReferences,
+    publication: Publication,
+    report: IngestReport,
+}
+
+impl<'r, 's> Placing<'r, 's> {
+    fn new(
+        rules: &'r IngestRules<'r>,
+        batch: WriteBatch<'s>,
+        file_name: &'r str,
+        report: IngestReport,
+    ) -> Self {
+        let config = &rules.home.config;
+        Placing {
+            rules,
+            batch,
+            file_name,
+            source_system: config.ingest.source_system.clone(),
+            local: LocalReferences::default(),
+            publication: Publication::new(
+                config.organisation.ods.clone(),
+                config.sharing.defaults(),
+            ),
+            report,
+        }
+    }
+
+    fn reject(&mut self, location: &str, reason: String) {
+        self.report.rejected.push(Rejection {
+            file: self.file_name.to_string(),
+            location: location.to_string(),
+            reason,
+        });
+    }
+
+    /// Counts the entry as read and gives it as a resource, unless it is refused before it
+    /// is read as one: too large ever to share, ambiguous, or not a resource at all.
+    fn screen<'e>(
+        &mut self,
+        entry: &'e Located,
+        ambiguous: Option<&String>,
+    ) -> Option<Resource<'e>> {
+        let size = json_size(&entry.value);
+        let refusal = if size > MAX_RESOURCE_BYTES {
+            Some(format!(
+                "the resource is about {size} bytes, over the {MAX_RESOURCE_BYTES}-byte limit for one resource: it could never be shared (sync frames are at most 16 MiB); keep large content in its own system and send a DocumentReference to it"
+            ))
+        } else {
+            ambiguous.cloned()
+        };
+        if let Some(reason) = refusal {
+            let kind = entry.value.get("resourceType").and_then(Value::as_str);
+            self.report.count_read(kind.unwrap_or("(not a resource)"));
+            self.reject(&entry.location, reason);
+            return None;
+        }
+        match Resource::new(&entry.value) {
+            Ok(resource) => {
+                self.report.count_read(resource.resource_type);
+                Some(resource)
             }
-            facts.bind_patient(&nhs);
-            let placement = Placement {
-                nhs,
-                patient_key: local.patient_key(&facts.patient),
-                moved_at: None,
-            };
-            let items = rules.hold_back_before_share_from(facts.items);
-            rules.place_moving(
-                &batch,
-                &mut publication,
-                &mut report,
-                &resource.key(),
-                placement,
-                &facts.family,
-                items,
+            Err(error) => {
+                self.report.count_read("(not a resource)");
+                self.reject(&entry.location, error.to_string());
+                None
+            }
+        }
+    }
+
+    /// A Patient: linked to its NHS number (relinking what it named before), and its
+    /// demographics placed, unless an newer version is already held.
+    fn place_patient(
+        &mut self,
+        resource: &Resource<'_>,
+        entry: &Located,
+    ) -> Result<(), IngestError> {
+        let rules = self.rules;
+        let context = rules.context(&self.source_system, &self.local);
+        let facts = match fhir::map_resource(resource, &context) {
+            Ok(fhir::Mapped::Patient(facts)) => facts,
+            Ok(_) => unreachable!("a Patient maps to patient facts"),
+            Err(error) => {
+                self.reject(&entry.location, error.to_string());
+                return Ok(());
+            }
+        };
+        let nhs = match rules.resolve_patient_identity(&facts.identifiers) {
+            Ok(nhs) => nhs,
+            Err(reason) => {
+                self.reject(&entry.location, format!("{}: {reason}", facts.key));
+                return Ok(());
+            }
+        };
+        let batch = &self.batch;
+        if rules.is_stale(batch, &facts.key, facts.item.last_updated.as_deref())? {
+            // An older version: references to it in this file mean the patient its newest
+            // version names.
+            let current = batch.patient_link(&facts.key)?.unwrap_or(nhs);
+            self.local
+                .name_patient(&facts.key, entry.full_url.as_deref(), current);
+            self.report.stale += 1;
+            return Ok(());
+        }
+        let relinked_from = batch.patient_link(&facts.key)?.filter(|old| *old != nhs);
+        batch.link_patient(&facts.key, &nhs)?;
+        self.local
+            .name_patient(&facts.key, entry.full_url.as_deref(), nhs.clone());
+        if let Some(old) = relinked_from {
+            rules.relink(
+                batch,
+                &mut self.publication,
+                &mut self.report,
+                &facts.key,
+                &old,
+                &nhs,
             )?;
         }
+        let family = [facts.item.id.clone()];
+        let placement = Placement {
+            nhs,
+            patient_key: Some(facts.key.clone()),
+            moved_at: None,
+        };
+        rules.place_moving(
+            batch,
+            &mut self.publication,
+            &mut self.report,
+            &facts.key,
+            placement,
+            &family,
+            vec![facts.item],
+        )?;
+        *self
+            .report
+            .items_by_section
+            .entry("demographics".into())
+            .or_default() += 1;
+        self.report.accepted += 1;
+        self.report.patients += 1;
+        Ok(())
+    }
 
+    /// A resource others refer to (a Medication, an Organization): kept for them.
+    fn keep_referenced(
+        &mut self,
+        resource: &Resource<'_>,
+        entry: &Located,
+    ) -> Result<(), IngestError> {
+        let context = self.rules.context(&self.source_system, &self.local);
+        match fhir::map_resource(resource, &context) {
+            Ok(fhir::Mapped::Referenced { key, summary }) => {
+                let body = summary.to_string();
+                self.batch.put_referenced(&key, &body)?;
+                if let Some(url) = &entry.full_url {
+                    self.batch.put_referenced(url, &body)?;
+                }
+                self.local.referenced.insert(key, summary.clone());
+                if let Some(url) = entry.full_url.clone() {
+                    self.local.referenced.insert(url, summary);
+                }
+                self.report.accepted += 1;
+            }
+            Ok(_) => unreachable!("referenced types map to Referenced"),
+            Err(error) => self.reject(&entry.location, error.to_string()),
+        }
+        Ok(())
+    }
+
+    /// A clinical resource (or a Consent): mapped and placed in its patient's documents.
+    /// `Step::Defer` when it names what this batch has not seen yet and this is not the
+    /// final attempt.
+    fn place_clinical(
+        &mut self,
+        entry: &Located,
+        final_attempt: bool,
+    ) -> Result<Step, IngestError> {
+        let rules = self.rules;
+        let resource = Resource::new(&entry.value).expect("screened in pass 1");
+        load_earlier_references(&self.batch, &mut self.local, &entry.value)?;
+        let context = rules.context(&self.source_system, &self.local);
+        let placed = match fhir::map_resource(&resource, &context) {
+            Ok(fhir::Mapped::Clinical(facts)) => Placed::Clinical(facts),
+            Ok(fhir::Mapped::Consent(facts)) => Placed::Consent(facts),
+            Ok(fhir::Mapped::Unsupported) => {
+                *self
+                    .report
+                    .unsupported
+                    .entry(resource.resource_type.to_string())
+                    .or_default() += 1;
+                return Ok(Step::Next);
+            }
+            Ok(other) => unreachable!("clinical pass got {other:?}"),
+            Err(error) if error.retry_later && !final_attempt => return Ok(Step::Defer),
+            Err(error) => {
+                self.reject(&entry.location, error.to_string());
+                return Ok(Step::Next);
+            }
+        };
+        let (patient, last_updated) = placed.patient_and_version();
+        let nhs = match rules.resolve_patient_ref(&self.batch, &self.local, patient)? {
+            Ok(nhs) => nhs,
+            Err(_) if !final_attempt && matches!(patient, PatientRef::Reference(_)) => {
+                return Ok(Step::Defer);
+            }
+            Err(reason) => {
+                self.reject(&entry.location, format!("{}: {reason}", resource.key()));
+                return Ok(Step::Next);
+            }
+        };
+        if rules.is_stale(&self.batch, &resource.key(), last_updated)? {
+            self.report.stale += 1;
+            return Ok(Step::Next);
+        }
+        let mut facts = match placed {
+            Placed::Clinical(facts) => facts,
+            Placed::Consent(consent) => {
+                let defaults = rules.home.config.sharing.defaults();
+                let current = self.publication.consent_for(&self.batch, &nhs)?;
+                self.publication
+                    .set_consent(&nhs, consent.apply(current, defaults));
+                self.report.accepted += 1;
+                *self
+                    .report
+                    .items_by_section
+                    .entry("sharing".into())
+                    .or_default() += 1;
+                return Ok(Step::Next);
+            }
+        };
+        if facts.entered_in_error {
+            self.report.retracted += 1;
+        } else {
+            self.report.accepted += 1;
+            for item in &facts.items {
+                *self
+                    .report
+                    .items_by_section
+                    .entry(item.section.to_string())
+                    .or_default() += 1;
+            }
+        }
+        facts.bind_patient(&nhs);
+        let placement = Placement {
+            nhs,
+            patient_key: self.local.patient_key(&facts.patient),
+            moved_at: None,
+        };
+        let items = rules.hold_back_before_share_from(facts.items);
+        rules.place_moving(
+            &self.batch,
+            &mut self.publication,
+            &mut self.report,
+            &resource.key(),
+            placement,
+            &facts.family,
+            items,
+        )?;
+        Ok(Step::Next)
+    }
+
+    /// Records this source's feed, writes the publication and commits: the file's report.
+    fn finish(mut self) -> Result<IngestReport, IngestError> {
+        let rules = self.rules;
+        let config = &rules.home.config;
         // Before the publication: its sharing records state this source's feed.
-        let ingest = &rules.home.config.ingest;
-        batch.touch_source(&SourceRow {
-            publisher: publisher.to_string(),
-            name: rules.home.config.organisation.name.clone(),
-            kind: rules.home.config.organisation.kind.to_string(),
-            source_system,
-            feed: ingest.feed.clone(),
+        self.batch.touch_source(&SourceRow {
+            publisher: config.organisation.ods.to_string(),
+            name: config.organisation.name.clone(),
+            kind: config.organisation.kind.to_string(),
+            source_system: self.source_system,
+            feed: config.ingest.feed.clone(),
             data_as_of: rules.now,
-            expected_refresh_hours: (ingest.feed == "batch")
-                .then_some(ingest.expected_refresh_hours),
+            expected_refresh_hours: (config.ingest.feed == "batch")
+                .then_some(config.ingest.expected_refresh_hours),
         })?;
-        report.documents_written = publication.apply(&batch, &rules.key, rules.now)?;
-        batch.commit()?;
-        Ok(Attempt::Done(Box::new(report)))
+        self.report.documents_written =
+            self.publication.apply(&self.batch, &rules.key, rules.now)?;
+        self.batch.commit()?;
+        Ok(self.report)
     }
 }
 
@@ -1241,6 +1318,15 @@ struct LocalReferences {
 }
 
 impl LocalReferences {
+    /// `key` (and the Bundle fullUrl naming it) mean the patient `nhs` in this file.
+    fn name_patient(&mut self, key: &str, full_url: Option<&str>, nhs: NhsNumber) {
+        if let Some(url) = full_url {
+            self.patients.insert(url.to_string(), nhs.clone());
+            self.patient_keys.insert(url.to_string(), key.to_string());
+        }
+        self.patients.insert(key.to_string(), nhs);
+    }
+
     /// The extract's Patient resource a resource names as its subject, if it names one.
     fn patient_key(&self, patient: &PatientRef) -> Option<String> {
         match patient {
