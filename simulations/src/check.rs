@@ -2,12 +2,36 @@
 //! publisher's own store: what it published and the patient's choices it recorded.
 
 use crate::Violation;
-use crate::world::World;
 use caremesh_storage::StorageError;
 use caremesh_storage::sync_host::StoreHost;
-use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
-use caremesh_sync::{DocId, DocMeta, NhsNumber, PublishedDocument, SignedHeads, SyncHost};
+use caremesh_sync::policy::{self, Agreements, Consent, Decision, Facts, Recipient};
+use caremesh_sync::{
+    DocId, DocMeta, NhsNumber, OdsCode, OrgKind, PublishedDocument, SignedHeads, SyncHost,
+};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// What the invariants read of the simulated region: its nodes (by index), their stores,
+/// the links between them and what each publisher committed. The world implements it; the
+/// checks know nothing else of it.
+pub(crate) trait Region {
+    fn node_count(&self) -> usize;
+    fn ods(&self, node: usize) -> &OdsCode;
+    fn kind(&self, node: usize) -> OrgKind;
+    /// The patients the scenario puts on `node`'s caseload.
+    fn caseload(&self, node: usize) -> &[NhsNumber];
+    /// `node`'s store, unless its process is down.
+    fn host(&self, node: usize) -> Option<&StoreHost>;
+    /// `node`'s consent defaults, for its patients without a recorded choice.
+    fn defaults(&self, node: usize) -> Consent;
+    /// The nodes `node` dials or is dialled by.
+    fn peers_of(&self, node: usize) -> &BTreeSet<usize>;
+    fn index_of(&self, code: &str) -> usize;
+    fn is_lost_for_good(&self, node: usize) -> bool;
+    fn now_s(&self) -> f64;
+    fn agreements(&self) -> &Agreements;
+    /// (publisher, doc) → the heads it committed last: what must never be lost.
+    fn committed(&self) -> &BTreeMap<(usize, DocId), Vec<[u8; 32]>>;
+}
 
 /// A document version held by a node.
 #[derive(Debug, Clone)]
@@ -41,19 +65,19 @@ pub fn held_documents(host: &StoreHost) -> Result<BTreeMap<DocId, Held>, Storage
 /// What policy needs, from ground truth: who cares for whom (has published about them) and
 /// each publisher's recorded choices.
 struct Truth<'w> {
-    world: &'w World,
+    world: &'w dyn Region,
     cares: BTreeSet<(usize, NhsNumber)>,
     consent: BTreeMap<(usize, NhsNumber), Consent>,
     with_consent: bool,
 }
 
 impl<'w> Truth<'w> {
-    fn new(world: &'w World, held: &HeldByNode, with_consent: bool) -> Truth<'w> {
+    fn new(world: &'w dyn Region, held: &HeldByNode, with_consent: bool) -> Truth<'w> {
         let mut cares = BTreeSet::new();
         for (node, docs) in held.iter().enumerate() {
             for entry in docs.iter().flat_map(|d| d.values()) {
                 // An access record is not care (as `CareLookup::has_published_about`).
-                if entry.meta.publisher == world.nodes[node].ods
+                if entry.meta.publisher == *world.ods(node)
                     && entry.meta.section != caremesh_sync::Section::Audit
                 {
                     cares.insert((node, entry.meta.patient.clone()));
@@ -79,7 +103,7 @@ impl<'w> Truth<'w> {
         let recorded = self.world.host(publisher).and_then(|host| {
             host.store
                 .care()
-                .recorded_consent(&self.world.nodes[publisher].ods, patient)
+                .recorded_consent(self.world.ods(publisher), patient)
                 .ok()
                 .flatten()
         });
@@ -97,7 +121,7 @@ impl<'w> Truth<'w> {
 
 /// `policy::decide` for a simulated recipient, with the facts given and the rest looked up.
 fn decide(
-    world: &World,
+    world: &dyn Region,
     meta: &DocMeta,
     publisher: usize,
     recipient: usize,
@@ -105,26 +129,22 @@ fn decide(
     cares: bool,
 ) -> Decision {
     let facts = Facts {
-        publisher_kind: world
-            .registry
-            .registry()
-            .organisation(&meta.publisher)
-            .map(|o| o.kind),
+        publisher_kind: Some(world.kind(publisher)),
         consent,
         recipient_cares_for_patient: cares,
         direct_from_publisher: world.peers_of(recipient).contains(&publisher),
     };
     let to = Recipient {
-        ods: world.nodes[recipient].ods.clone(),
-        kind: world.nodes[recipient].kind,
+        ods: world.ods(recipient).clone(),
+        kind: world.kind(recipient),
     };
-    policy::decide(meta, &to, &world.agreements, &facts)
+    policy::decide(meta, &to, world.agreements(), &facts)
 }
 
-fn violation(world: &World, node: usize, doc: DocId, rule: &str, detail: String) -> Violation {
+fn violation(world: &dyn Region, node: usize, doc: DocId, rule: &str, detail: String) -> Violation {
     Violation {
         at_s: world.now_s(),
-        node: world.nodes[node].ods.to_string(),
+        node: world.ods(node).to_string(),
         doc: doc.to_string(),
         rule: rule.into(),
         detail,
@@ -134,12 +154,12 @@ fn violation(world: &World, node: usize, doc: DocId, rule: &str, detail: String)
 /// Documents held where policy forbids them. Mid-run (`with_consent` false) only the rules
 /// that need no propagation are checked (private, sensitive, agreements, caseload); at the
 /// end the patients' choices too, since withdrawals must have been applied everywhere.
-pub fn forbidden(world: &World, held: &HeldByNode, with_consent: bool) -> Vec<Violation> {
+pub fn forbidden(world: &dyn Region, held: &HeldByNode, with_consent: bool) -> Vec<Violation> {
     let mut truth = Truth::new(world, held, with_consent);
     let mut found = Vec::new();
     for (node, docs) in held.iter().enumerate() {
         for (doc, entry) in docs.iter().flat_map(|d| d.iter()) {
-            if entry.meta.publisher == world.nodes[node].ods {
+            if entry.meta.publisher == *world.ods(node) {
                 continue;
             }
             let publisher = world.index_of(entry.meta.publisher.as_str());
@@ -163,12 +183,12 @@ pub fn forbidden(world: &World, held: &HeldByNode, with_consent: bool) -> Vec<Vi
 /// Whether `recipient` may receive the document `meta` describes, by the rules that need
 /// no propagation (private, sensitive, agreements, caseload). Applied to every document that
 /// crosses the simulated wire: invariant 2 holds for the wire, not only for storage.
-pub fn forbidden_on_wire(world: &World, recipient: usize, meta: &DocMeta) -> Option<String> {
+pub fn forbidden_on_wire(world: &dyn Region, recipient: usize, meta: &DocMeta) -> Option<String> {
     let publisher = world.index_of(meta.publisher.as_str());
     if publisher == recipient {
         return None;
     }
-    let cares = world.nodes[recipient].caseload.contains(&meta.patient);
+    let cares = world.caseload(recipient).contains(&meta.patient);
     let consent = Consent::SENT_BY_PUBLISHER;
     match decide(world, meta, publisher, recipient, consent, cares) {
         Decision::Send => None,
@@ -180,13 +200,13 @@ pub fn forbidden_on_wire(world: &World, recipient: usize, meta: &DocMeta) -> Opt
 /// lets it hold the document, and a path of peers that may also hold it leads from the
 /// publisher to it. Nodes that are down are left out on both sides; nodes lost for good are
 /// not required, but nor do they hide those only they could reach.
-pub fn missing(world: &World, held: &HeldByNode) -> Vec<Violation> {
+pub fn missing(world: &dyn Region, held: &HeldByNode) -> Vec<Violation> {
     let mut truth = Truth::new(world, held, true);
     let mut found = Vec::new();
     for (publisher, docs) in held.iter().enumerate() {
         let Some(docs) = docs else { continue };
         for (doc, entry) in docs {
-            if entry.meta.publisher != world.nodes[publisher].ods {
+            if entry.meta.publisher != *world.ods(publisher) {
                 continue;
             }
             for node in entitled(world, &mut truth, held, publisher, &entry.meta) {
@@ -213,7 +233,7 @@ pub fn missing(world: &World, held: &HeldByNode) -> Vec<Violation> {
 }
 
 fn entitled(
-    world: &World,
+    world: &dyn Region,
     truth: &mut Truth<'_>,
     held: &HeldByNode,
     publisher: usize,
@@ -244,9 +264,9 @@ fn entitled(
 }
 
 /// Changes a publisher committed that its store no longer has.
-pub fn lost(world: &World, held: &HeldByNode) -> Vec<Violation> {
+pub fn lost(world: &dyn Region, held: &HeldByNode) -> Vec<Violation> {
     let mut found = Vec::new();
-    for ((node, doc), heads) in &world.committed {
+    for ((node, doc), heads) in world.committed() {
         let Some(docs) = &held[*node] else { continue };
         let kept = match docs.get(doc) {
             Some(entry) if entry.heads == *heads => true,
@@ -274,9 +294,9 @@ pub fn lost(world: &World, held: &HeldByNode) -> Vec<Violation> {
 /// exactly the signed heads.
 /// Every node's audit trail must verify: entries numbered from 1, each linked to the one
 /// before, each hash matching its content.
-pub fn broken_audit_chains(world: &World) -> Vec<Violation> {
+pub fn broken_audit_chains(world: &dyn Region) -> Vec<Violation> {
     let mut found = Vec::new();
-    for node in 0..world.nodes.len() {
+    for node in 0..world.node_count() {
         let Some(host) = world.host(node) else {
             continue;
         };
@@ -289,7 +309,7 @@ pub fn broken_audit_chains(world: &World) -> Vec<Violation> {
         if let Some(problem) = problem {
             found.push(Violation {
                 at_s: world.now_s(),
-                node: world.nodes[node].ods.to_string(),
+                node: world.ods(node).to_string(),
                 doc: String::new(),
                 rule: "audit-chain".into(),
                 detail: problem,
@@ -299,9 +319,9 @@ pub fn broken_audit_chains(world: &World) -> Vec<Violation> {
     found
 }
 
-pub fn inauthentic(world: &World) -> Vec<Violation> {
+pub fn inauthentic(world: &dyn Region) -> Vec<Violation> {
     let mut found = Vec::new();
-    for node in 0..world.nodes.len() {
+    for node in 0..world.node_count() {
         let Some(host) = world.host(node) else {
             continue;
         };
@@ -337,13 +357,13 @@ pub fn inauthentic(world: &World) -> Vec<Violation> {
 /// Entries of one publisher held on two patients. At the publisher always (it moves an
 /// entry in one transaction); at every node once converged (mid-run a recipient may hold the
 /// new patient's document before the old one's, so `everywhere` is for the end).
-pub fn on_two_patients(world: &World, everywhere: bool) -> Vec<Violation> {
+pub fn on_two_patients(world: &dyn Region, everywhere: bool) -> Vec<Violation> {
     let mut found = Vec::new();
-    for node in 0..world.nodes.len() {
+    for node in 0..world.node_count() {
         let Some(host) = world.host(node) else {
             continue;
         };
-        let own = &world.nodes[node].ods;
+        let own = world.ods(node);
         let publisher = (!everywhere).then_some(own);
         let problems = match host.store.resources_on_several_patients(publisher) {
             Ok(held) => held

@@ -7,7 +7,7 @@
 
 mod connections;
 
-use crate::check::{self, Held};
+use crate::check::{self, Held, Region};
 use crate::network::{Blocked, LinkState};
 use crate::scenario::{FaultKind, Invariant, LinkSpec, Scenario};
 use crate::{Report, Violation};
@@ -869,10 +869,6 @@ impl World {
 
     // ----- checks -----
 
-    pub(crate) fn is_lost_for_good(&self, node: usize) -> bool {
-        self.lost_for_good.contains(&node)
-    }
-
     /// Every node is up, except those lost for good.
     fn all_up(&self) -> bool {
         self.nodes
@@ -979,18 +975,44 @@ impl World {
         self.report.documents_held = documents;
         Ok(())
     }
+}
 
-    pub(crate) fn host(&self, node: usize) -> Option<&StoreHost> {
+impl Region for World {
+    fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+    fn ods(&self, node: usize) -> &OdsCode {
+        &self.nodes[node].ods
+    }
+    fn kind(&self, node: usize) -> OrgKind {
+        self.nodes[node].kind
+    }
+    fn caseload(&self, node: usize) -> &[NhsNumber] {
+        &self.nodes[node].caseload
+    }
+    fn host(&self, node: usize) -> Option<&StoreHost> {
         self.nodes[node].driver.as_ref().map(Driver::host)
     }
-
-    /// The nodes `node` dials or is dialled by.
-    pub(crate) fn peers_of(&self, node: usize) -> &BTreeSet<usize> {
+    fn defaults(&self, node: usize) -> Consent {
+        self.nodes[node].defaults
+    }
+    fn peers_of(&self, node: usize) -> &BTreeSet<usize> {
         &self.peers[node]
     }
-
-    pub(crate) fn defaults(&self, node: usize) -> Consent {
-        self.nodes[node].defaults
+    fn index_of(&self, code: &str) -> usize {
+        World::index_of(self, code)
+    }
+    fn is_lost_for_good(&self, node: usize) -> bool {
+        self.lost_for_good.contains(&node)
+    }
+    fn now_s(&self) -> f64 {
+        World::now_s(self)
+    }
+    fn agreements(&self) -> &Agreements {
+        &self.agreements
+    }
+    fn committed(&self) -> &BTreeMap<(usize, caremesh_sync::DocId), Vec<[u8; 32]>> {
+        &self.committed
     }
 }
 
