@@ -146,6 +146,7 @@ impl Store {
     /// Marks a launch token used. `Replayed` if it was used before. Tokens long expired are
     /// forgotten here: their expiry alone refuses them.
     pub fn use_launch_token(&self, jti: &str, expires_at: i64, now: i64) -> Result<TokenUse> {
+        self.open_pending_group()?;
         assert!(
             !jti.is_empty(),
             "a launch token needs its id to be used once"
@@ -171,6 +172,7 @@ impl Store {
 
     /// Keeps a session under the hash of its secret.
     pub fn open_session(&self, secret_hash: &[u8; 32], session: &LaunchSession) -> Result<()> {
+        self.open_pending_group()?;
         assert!(session.expires_at > session.started_at);
         self.conn
             .prepare_cached(

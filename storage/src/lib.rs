@@ -304,8 +304,17 @@ impl CareLookup<'_> {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
-    /// A group commit is open (see [`Store::begin_group`]).
-    group_open: bool,
+    /// Where a group commit stands (see [`Store::begin_group`]).
+    group: std::cell::Cell<Group>,
+}
+
+/// A group commit: none, asked for but nothing written yet (no transaction, no lock), or
+/// open (a transaction holding the write lock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    None,
+    Pending,
+    Open,
 }
 
 impl Store {
@@ -330,7 +339,7 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
-            group_open: false,
+            group: std::cell::Cell::new(Group::None),
         };
         store.configure(false)?;
         store.migrate()?;
@@ -347,7 +356,7 @@ impl Store {
         let store = Store {
             conn,
             path: path.to_path_buf(),
-            group_open: false,
+            group: std::cell::Cell::new(Group::None),
         };
         store.configure(true)?;
         let version = store.schema_version()?;
@@ -431,7 +440,8 @@ impl Store {
     pub fn write(&mut self) -> Result<WriteBatch<'_>> {
         let path = self.path.clone();
         let fail = |source| StorageError::database(path.clone(), "begin write", source);
-        let tx = if self.group_open {
+        self.open_pending_group()?;
+        let tx = if self.group.get() == Group::Open {
             BatchTransaction::InGroup(self.conn.savepoint().map_err(fail)?)
         } else {
             BatchTransaction::Own(
@@ -443,16 +453,28 @@ impl Store {
         Ok(WriteBatch { tx, path })
     }
 
-    /// Opens a group commit: write batches until [`Store::end_group`] become savepoints of one
-    /// transaction, made durable together by one fsync. The sync engine groups what it
-    /// stores from all its peers in one turn this way, and sends no acknowledgement until the
-    /// group has committed. Holds the write lock until the group ends: keep groups short.
+    /// Starts a group commit: writes until [`Store::end_group`] (write batches as savepoints,
+    /// and the status and backfill rows the sync engine writes) become one transaction, made
+    /// durable together by one fsync. The sync engine groups what it stores from all its
+    /// peers in one turn this way, and sends no acknowledgement until the group has
+    /// committed. The transaction (and the write lock) begins at the group's first write, so
+    /// a turn that writes nothing costs nothing; from then on it holds the write lock until
+    /// the group ends: keep groups short.
     pub fn begin_group(&mut self) -> Result<()> {
-        assert!(!self.group_open, "groups do not nest");
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(self.err("begin a group commit"))?;
-        self.group_open = true;
+        assert_eq!(self.group.get(), Group::None, "groups do not nest");
+        self.group.set(Group::Pending);
+        Ok(())
+    }
+
+    /// Begins the transaction of a group commit asked for and not yet written to. Every
+    /// write goes through here first, so that none lands outside the group.
+    pub(crate) fn open_pending_group(&self) -> Result<()> {
+        if self.group.get() == Group::Pending {
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(self.err("begin a group commit"))?;
+            self.group.set(Group::Open);
+        }
         Ok(())
     }
 
@@ -466,14 +488,18 @@ impl Store {
 
     /// Whether a group commit is open.
     pub fn in_group(&self) -> bool {
-        self.group_open
+        self.group.get() != Group::None
     }
 
     /// Commits the open group (see [`Store::begin_group`]); on failure rolls it back, and
     /// nothing written since it began is kept.
     pub fn end_group(&mut self) -> Result<()> {
-        assert!(self.group_open, "no group to end");
-        self.group_open = false;
+        let group = self.group.replace(Group::None);
+        assert_ne!(group, Group::None, "no group to end");
+        if group == Group::Pending {
+            // Nothing was written.
+            return Ok(());
+        }
         if let Err(source) = self.conn.execute_batch("COMMIT") {
             let _ = self.conn.execute_batch("ROLLBACK");
             return Err(StorageError::database(
@@ -1421,5 +1447,35 @@ mod tests {
             batch.link_patient("Patient/x", &meta().patient).unwrap();
         }
         assert_eq!(store.patient_link("Patient/x").unwrap(), None);
+    }
+
+    #[test]
+    fn a_group_takes_the_write_lock_at_its_first_write_and_commits_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut store = Store::open(&path).unwrap();
+        let other = Store::open(&path).unwrap();
+        let peer = OdsCode::parse("A81001").unwrap();
+        let status = |bytes_sent| PeerStatus {
+            peer: peer.to_string(),
+            bytes_sent,
+            ..Default::default()
+        };
+        store.begin_group().unwrap();
+        // Nothing written yet: the group holds no lock, so another writer goes ahead.
+        other.save_peer_status(&status(1)).unwrap();
+        store.save_peer_status(&status(2)).unwrap();
+        let batch = store.write().unwrap();
+        batch
+            .record_unsendable(0, &peer, DocId([7; 16]), 1)
+            .unwrap();
+        batch.commit().unwrap();
+        // Inside the group: not visible to another connection until it ends.
+        assert_eq!(other.peer_status(&peer).unwrap().unwrap().bytes_sent, 1);
+        store.end_group().unwrap();
+        assert_eq!(other.peer_status(&peer).unwrap().unwrap().bytes_sent, 2);
+        // A group that writes nothing commits nothing and costs no transaction.
+        store.begin_group().unwrap();
+        store.end_group().unwrap();
     }
 }

@@ -121,6 +121,7 @@ impl Store {
 
     /// Sets the feed identity (simulations make it deterministic).
     pub fn set_feed_id(&self, feed: [u8; 16]) -> Result<()> {
+        self.open_pending_group()?;
         self.conn
             .execute(
                 "UPDATE node_meta SET value = ?1 WHERE key = 'feed_id'",
@@ -161,6 +162,7 @@ impl Store {
 
     /// Removes documents from `peer`'s backfill queue once it has taken or declined them.
     pub fn backfill_done(&self, peer: &OdsCode, docs: &[DocId]) -> Result<()> {
+        self.open_pending_group()?;
         let mut statement = self
             .conn
             .prepare_cached("DELETE FROM backfill WHERE peer = ?1 AND doc_id = ?2")
@@ -276,6 +278,7 @@ impl Store {
 
     /// Writes a peer's status; the checkpoint columns are left to [`WriteBatch::save_checkpoint`].
     pub fn save_peer_status(&self, status: &PeerStatus) -> Result<()> {
+        self.open_pending_group()?;
         self.conn
             .prepare_cached(
                 "INSERT INTO sync_peers (peer, connected, connected_since, last_sync_at, last_error, \
@@ -314,6 +317,7 @@ impl Store {
 
     /// Marks every peer disconnected: a node starting up has no connections yet.
     pub fn reset_connections(&self) -> Result<()> {
+        self.open_pending_group()?;
         self.conn
             .execute("UPDATE sync_peers SET connected = 0", [])
             .map_err(self.err("reset peer connections"))?;
