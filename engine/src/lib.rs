@@ -34,8 +34,8 @@ use caremesh_storage::{PeerStatus, StorageError};
 use caremesh_sync::planted::PlantedBug;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::{
-    DocId, Event, KeyRefusal, OdsCode, Refusal, Session, SessionError, SignedCheckpoint,
-    VerifiedRegistry,
+    DocId, Event, KeyRefusal, OdsCode, Refusal, Session, SessionError, SessionStats,
+    SignedCheckpoint, VerifiedRegistry,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -53,8 +53,11 @@ pub type ConnId = u64;
 /// at once: a hub storing changes from many peers tells its sessions once per this interval,
 /// not once per change.
 pub const FEED_PROMPT_MS: u64 = 20;
-/// How often peer status is written for `caremesh status` and /metrics.
+/// How often peer status is written for `caremesh status` and /metrics, when it changed.
 pub const STATUS_FLUSH_MS: u64 = 1_000;
+/// How often an unchanged status row is written all the same: it is the session's heartbeat,
+/// read as stale after `caremesh_storage::STATUS_STALE_AFTER_SECONDS` (10 s).
+pub const STATUS_HEARTBEAT_MS: u64 = 3_000;
 
 /// What the caller chooses about a driver.
 #[derive(Debug, Clone, Default)]
@@ -161,6 +164,10 @@ struct Live {
     base: PeerStatus,
     connected_since: i64,
     last_sync_at: Option<i64>,
+    /// What the status row last written said, and when (ms): unchanged rows are rewritten
+    /// only as a heartbeat.
+    saved: Option<(SessionStats, Option<i64>)>,
+    saved_at: u64,
 }
 
 /// One node's sync engine (see the crate documentation).
@@ -366,6 +373,8 @@ impl Driver {
             last_sync_at: base.last_sync_at,
             base,
             connected_since: self.host.now_unix(),
+            saved: None,
+            saved_at: now,
         };
         self.peers_by_conn.insert(conn, peer.ods.clone());
         self.sessions.insert(peer.ods.clone(), live);
@@ -746,11 +755,26 @@ impl Driver {
         }
     }
 
-    /// Rewrites every live peer's status row, in the turn's transaction: as separate commits
-    /// a hub with 500 peers made 500 fsyncs a second for monitoring rows alone.
+    /// Rewrites the status rows of live peers whose figures changed, and of the others as a
+    /// heartbeat, in the turn's transaction: as separate commits a hub with 500 peers made
+    /// 500 fsyncs a second for monitoring rows alone, and idle peers' rows need no rewrite
+    /// every second.
     fn flush_status(&mut self) {
-        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
-        for ods in peers {
+        let now = self.now;
+        let due: Vec<OdsCode> = self
+            .sessions
+            .iter()
+            .filter(|(_, live)| {
+                let current = (live.session.stats(), live.last_sync_at);
+                let changed = live
+                    .saved
+                    .as_ref()
+                    .is_none_or(|(stats, last_sync_at)| (stats, *last_sync_at) != current);
+                changed || now.saturating_sub(live.saved_at) >= STATUS_HEARTBEAT_MS
+            })
+            .map(|(ods, _)| ods.clone())
+            .collect();
+        for ods in due {
             self.save_status(&ods, None);
         }
     }
@@ -781,6 +805,12 @@ impl Driver {
         };
         if let Err(error) = self.host.store.save_peer_status(&status) {
             tracing::error!(%error, "could not save peer status");
+            return;
+        }
+        let now = self.now;
+        if let Some(live) = self.sessions.get_mut(ods) {
+            live.saved = Some((live.session.stats().clone(), live.last_sync_at));
+            live.saved_at = now;
         }
     }
 }

@@ -21,6 +21,9 @@ struct Node {
     driver: Driver,
 }
 
+/// Unix seconds on the tests' clock, which they move on.
+static CLOCK: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(EPOCH_S);
+
 fn region(dir: &std::path::Path) -> (Node, Node) {
     let orgs = [("A81001", OrgKind::Gp, 1u8), ("Y00HUB", OrgKind::Hub, 2u8)];
     let keys: Vec<PublisherKey> = orgs
@@ -60,7 +63,7 @@ fn region(dir: &std::path::Path) -> (Node, Node) {
                 Box::new(FixedRegistry(registry.clone())),
                 ods.clone(),
                 Consent::SENT_BY_PUBLISHER,
-                Box::new(|| EPOCH_S),
+                Box::new(|| CLOCK.load(std::sync::atomic::Ordering::Relaxed)),
             )
             .unwrap();
             Node {
@@ -227,4 +230,37 @@ fn a_connection_without_room_is_held_back_until_retried() {
     gp.driver.retry_blocked();
     assert!(gp.driver.poll_transmit(0, |_| true).is_some(), "the Hello");
     assert!(!gp.driver.is_blocked());
+}
+
+#[test]
+fn an_idle_peers_status_row_is_rewritten_only_as_a_heartbeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gp, mut hub) = region(dir.path());
+    publish(&mut gp, "asthma");
+    gp.driver.connect(0, 1, recipient(&hub), true);
+    hub.driver.connect(0, 1, recipient(&gp), false);
+    exchange(&mut gp, &mut hub, 10);
+    let updated_at = |node: &Node, peer: &Node| {
+        node.driver
+            .host()
+            .store
+            .peer_status(&peer.ods)
+            .unwrap()
+            .unwrap()
+            .updated_at
+    };
+    // The first flush writes the figures the exchange changed.
+    let at = |ms: u64| EPOCH_S + (ms / 1000) as i64;
+    let mut rows = Vec::new();
+    for ms in [1_000, 2_000, 3_000, 4_000, 5_000] {
+        CLOCK.store(at(ms), std::sync::atomic::Ordering::Relaxed);
+        gp.driver.handle_timeout(ms);
+        rows.push(updated_at(&gp, &hub));
+    }
+    CLOCK.store(EPOCH_S, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        rows,
+        [at(1_000), at(1_000), at(1_000), at(4_000), at(4_000)],
+        "written when it changed, then only every {STATUS_HEARTBEAT_MS} ms"
+    );
 }
