@@ -7,13 +7,14 @@ use caremesh::generate::{GenerateOptions, generate};
 use caremesh::home::{Home, OrganisationConfig};
 use caremesh::ingest::{FileDisposition, Ingestor};
 use caremesh::trust::TrustState;
+use caremesh_engine::{Driver, DriverEvent, DriverOptions, Transmit};
 use caremesh_fhir::clock;
 use caremesh_storage::Store;
 use caremesh_storage::sync_host::StoreHost;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::trust::public_key_of;
 use caremesh_sync::{
-    Item, OdsCode, OrgKind, Organisation, PublishedDocument, RegistryFile, Session, SignedHeads,
+    Item, OdsCode, OrgKind, Organisation, PublishedDocument, RegistryFile, SignedHeads,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -119,46 +120,51 @@ pub fn count(db: &Path, sql: &str) -> Result<i64> {
     Ok(conn.query_row(sql, [], |row| row.get(0))?)
 }
 
-/// Runs `gp` ⇄ `hub` sessions in-process until neither has anything to send; returns
-/// (bytes gp→hub, bytes hub→gp, frames, flights from the gp that carried something).
-pub fn exchange(
-    gp: &mut (Session, StoreHost),
-    hub: &mut (Session, StoreHost),
-    now: u64,
-) -> Result<(u64, u64, u64, u64)> {
+/// Runs the `gp` ⇄ `hub` drivers in-process (connection 1 on both) until neither has
+/// anything to send, each frame received as a turn of its own; returns (bytes gp→hub, bytes
+/// hub→gp, frames, flights from the gp that carried something).
+pub fn exchange(gp: &mut Driver, hub: &mut Driver, now: u64) -> (u64, u64, u64, u64) {
     let (mut up, mut down, mut frames, mut flights) = (0, 0, 0, 0);
     loop {
-        let mut outgoing = Vec::new();
-        while let Some(frame) = gp.0.poll_transmit(now, &mut gp.1)? {
-            outgoing.push(frame);
-        }
+        let outgoing: Vec<Transmit> =
+            std::iter::from_fn(|| gp.poll_transmit(now, |_| true)).collect();
         if !outgoing.is_empty() {
             flights += 1;
         }
-        for frame in &outgoing {
-            up += frame.len() as u64;
+        for transmit in &outgoing {
+            up += transmit.frame.len() as u64;
             frames += 1;
-            hub.0.handle_input(frame, now, &mut hub.1)?;
+            hub.receive(now, transmit.conn, &transmit.frame);
         }
-        let mut back = Vec::new();
-        while let Some(frame) = hub.0.poll_transmit(now, &mut hub.1)? {
-            back.push(frame);
-        }
-        for frame in &back {
-            down += frame.len() as u64;
+        let back: Vec<Transmit> = std::iter::from_fn(|| hub.poll_transmit(now, |_| true)).collect();
+        for transmit in &back {
+            down += transmit.frame.len() as u64;
             frames += 1;
-            gp.0.handle_input(frame, now, &mut gp.1)?;
+            gp.receive(now, transmit.conn, &transmit.frame);
         }
         if outgoing.is_empty() && back.is_empty() {
-            return Ok((up, down, frames, flights));
+            return (up, down, frames, flights);
         }
     }
 }
 
+/// Fails on a session the driver closed (a protocol error or a storage failure), which
+/// would otherwise read as a round that had nothing to send.
+fn closed_in(driver: &mut Driver) -> Result<()> {
+    while let Some(event) = driver.poll_event() {
+        if let DriverEvent::Close { reason, cause, .. } = event
+            && cause.is_failure()
+        {
+            anyhow::bail!("the session closed: {reason}");
+        }
+    }
+    Ok(())
+}
+
 /// The incremental round a change costs: the practice in `gp_dir` and a new hub are first
-/// fully synced (in-process sessions over their real SQLite stores), then one item changes
-/// and one round runs from the saved checkpoints. Prints documents held, bytes each way,
-/// frames and round trips.
+/// fully synced (in-process drivers over their real SQLite stores, as `caremesh run` runs
+/// them), then one item changes and one round runs from the saved checkpoints. Prints
+/// documents held, bytes each way, frames and round trips.
 pub fn incremental(work: &Path, gp_dir: &Path, patients: u64) -> Result<()> {
     let hub_dir = region(
         work,
@@ -168,49 +174,49 @@ pub fn incremental(work: &Path, gp_dir: &Path, patients: u64) -> Result<()> {
     )?;
     let gp_home = Home::open(gp_dir)?;
     let hub_home = Home::open(&hub_dir)?;
-    let host = |home: &Home| -> Result<StoreHost> {
+    let driver = |home: &Home| -> Result<(Driver, Recipient, [u8; 32])> {
         let trust = TrustState::load(
             &home.registry_path(),
             &hex::encode(public_key_of(&AUTHORITY)),
         )?;
-        Ok(StoreHost::new(
+        let ods = home.config.organisation.ods.clone();
+        let host = StoreHost::new(
             home.open_store()?,
             Box::new(trust),
-            home.config.organisation.ods.clone(),
+            ods.clone(),
             home.config.sharing.defaults(),
             Box::new(clock::now_unix),
-        )?)
+        )?;
+        let recipient = Recipient {
+            ods: ods.clone(),
+            kind: home.config.organisation.kind,
+        };
+        let key = home.signing_key()?.public();
+        Ok((
+            Driver::new(ods, host, DriverOptions::default(), 0),
+            recipient,
+            key,
+        ))
     };
-    let gp_ods = gp_home.config.organisation.ods.clone();
-    let hub_ods = hub_home.config.organisation.ods.clone();
-    let mut gp_host = host(&gp_home)?;
-    let mut hub_host = host(&hub_home)?;
-    let gp_session = Session::new(
-        gp_ods.clone(),
-        Recipient {
-            ods: hub_ods.clone(),
-            kind: OrgKind::Hub,
-        },
-        0,
-        &mut gp_host,
-    )?;
-    let hub_session = Session::new(
-        hub_ods,
-        Recipient {
-            ods: gp_ods,
-            kind: OrgKind::Gp,
-        },
-        0,
-        &mut hub_host,
-    )?;
-    let mut gp = (gp_session, gp_host);
-    let mut hub = (hub_session, hub_host);
-    exchange(&mut gp, &mut hub, 0)?;
-    let documents = gp.1.store.stats()?.documents;
+    let (mut gp, gp_peer, gp_key) = driver(&gp_home)?;
+    let (mut hub, hub_peer, hub_key) = driver(&hub_home)?;
+    anyhow::ensure!(
+        gp.connect(0, 1, (hub_peer, hub_key), true),
+        "the GP refused the hub"
+    );
+    anyhow::ensure!(
+        hub.connect(0, 1, (gp_peer, gp_key), false),
+        "the hub refused the GP"
+    );
+    exchange(&mut gp, &mut hub, 0);
+    closed_in(&mut gp)?;
+    closed_in(&mut hub)?;
+    let documents = gp.host().store.stats()?.documents;
 
-    change_one_item(&gp_home, &mut gp.1.store)?;
-    gp.0.feed_changed();
-    let (up, down, frames, flights) = exchange(&mut gp, &mut hub, 1)?;
+    gp.write_local(|host| change_one_item(&gp_home, &mut host.store))?;
+    let (up, down, frames, flights) = exchange(&mut gp, &mut hub, 1);
+    closed_in(&mut gp)?;
+    closed_in(&mut hub)?;
     println!("{documents:>10} {patients:>10} {up:>12} {down:>12} {frames:>8} {flights:>12}");
     Ok(())
 }
