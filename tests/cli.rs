@@ -273,24 +273,6 @@ fn consent_set_records_choices_and_show_reports_them() {
     assert!(!invalid.status.success() && stderr(&invalid).contains("--nhs"));
 }
 
-#[test]
-fn sim_reports_a_bad_scenario_by_name_and_place() {
-    let temp = tempfile::tempdir().unwrap();
-    let scenario = temp.path().join("bad.toml");
-    std::fs::write(
-        &scenario,
-        "name = \"bad\"\nduration_s = 60\n[[nodes]]\nods = \"GP1\"\nkind = \"gp\"\npeers = [\"NOPE\"]\n",
-    )
-    .unwrap();
-    let output = run(&["sim", scenario.to_str().unwrap()]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("`GP1` dials `NOPE`, which is not a node"),
-        "{}",
-        stderr(&output)
-    );
-}
-
 /// Finding: the chain was unkeyed: deleting every entry, the newest ones, or rewriting
 /// entries and recomputing the hashes all verified. A checkpoint the organisation signed (of
 /// the count and the head) and kept apart from the entries shows each, naming the gap.
