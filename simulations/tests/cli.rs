@@ -16,36 +16,13 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A hub and two practices, with a disk fault at the hub.
+/// The shipped hub-outage scenario, with the hub's disk failing two commits in five for
+/// the first ten minutes, and a bug planted in its driver if `planted` names one.
 fn scenario_with_failing_disk(dir: &Path, planted: Option<&str>) -> std::path::PathBuf {
-    let mut text = String::from(
-        r#"name = "failing-disk"
-duration_s = 900
-settle_s = 600
-check_every_s = 30
-
-[[nodes]]
-ods = "HUB01"
-kind = "hub"
-
-[[nodes]]
-ods = "GP"
-count = 2
-kind = "gp"
-peers = ["HUB01"]
-
-[workload]
-patients = 6
-items_per_patient = 3
-change_every_s = 60
-
-[[faults]]
-at_s = 100
-kind = "disk"
-nodes = ["HUB01"]
-until_s = 700
-commit_failure = 0.4
-"#,
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/hub-outage.toml");
+    let mut text = std::fs::read_to_string(shipped).unwrap();
+    text.push_str(
+        "\n[[faults]]\nat_s = 60\nkind = \"disk\"\nnodes = [\"HUB01\"]\nuntil_s = 660\ncommit_failure = 0.4\n",
     );
     if let Some(bug) = planted {
         text.push_str(&format!(
