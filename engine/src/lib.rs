@@ -193,8 +193,6 @@ pub struct Driver {
     next_flush: u64,
     /// A turn is open: writes go into one group commit and no frame is produced.
     in_turn: bool,
-    /// The turn's group commit could not be opened; its writes commit one by one.
-    turn_grouped: bool,
     /// Documents stored in the open turn, reported once it has committed.
     stored_in_turn: Vec<(OdsCode, Vec<HeldVersion>)>,
     events: VecDeque<DriverEvent>,
@@ -221,7 +219,6 @@ impl Driver {
             last_tip,
             next_flush: now + STATUS_FLUSH_MS,
             in_turn: false,
-            turn_grouped: false,
             stored_in_turn: Vec::new(),
             events: VecDeque::new(),
             now,
@@ -251,13 +248,7 @@ impl Driver {
     pub fn begin_turn(&mut self) {
         assert!(!self.in_turn, "turns do not nest");
         self.in_turn = true;
-        self.turn_grouped = match self.host.store.begin_group() {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(%error, "could not open a group commit; committing one by one");
-                false
-            }
-        };
+        self.host.store.begin_group();
     }
 
     /// Commits the turn. If the commit fails, what the sessions believe stored was rolled
@@ -265,9 +256,7 @@ impl Driver {
     pub fn end_turn(&mut self) {
         assert!(self.in_turn, "no turn to end");
         self.in_turn = false;
-        if self.turn_grouped
-            && let Err(error) = self.host.store.end_group()
-        {
+        if let Err(error) = self.host.store.end_group() {
             self.stored_in_turn.clear();
             self.host.forget_cached();
             if self.planted == Some(PlantedBug::AckAfterFailedCommit) {

@@ -37,14 +37,12 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 pub fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
-        // A transparent wrapper hands on the StorageError's own source: look for both.
-        let storage_full = error
-            .downcast_ref::<caremesh_storage::StorageError>()
-            .is_some_and(caremesh_storage::StorageError::is_disk_full);
-        let database_full = error
+        // Every storage error's chain ends in the database's own error, also behind a
+        // transparent wrapper (which hands on the StorageError's source, not the error).
+        if error
             .downcast_ref::<caremesh_storage::DatabaseError>()
-            .is_some_and(|e| e.failure == caremesh_storage::DatabaseFailure::DiskFull);
-        if storage_full || database_full {
+            .is_some_and(|e| e.failure == caremesh_storage::DatabaseFailure::DiskFull)
+        {
             return true;
         }
         if let Some(io) = error.downcast_ref::<std::io::Error>()

@@ -51,7 +51,12 @@ fn run_text(text: &str, seed: u64) -> Report {
 }
 
 fn with_bug(bug: &str) -> String {
-    format!("{SMALL}\n[[inject]]\nnode = \"HUB01\"\nbug = \"{bug}\"\n")
+    with_bug_in(SMALL, bug)
+}
+
+/// `scenario` with `bug` planted in its hub.
+fn with_bug_in(scenario: &str, bug: &str) -> String {
+    format!("{scenario}\n[[inject]]\nnode = \"HUB01\"\nbug = \"{bug}\"\n")
 }
 
 #[test]
@@ -196,8 +201,7 @@ fn failing_disks_lose_nothing_acknowledged_and_a_driver_acking_after_a_failed_co
         report.render()
     );
 
-    let planted =
-        format!("{disk_faults}\n[[inject]]\nnode = \"HUB01\"\nbug = \"ack-after-failed-commit\"\n");
+    let planted = with_bug_in(&disk_faults, "ack-after-failed-commit");
     let report = run_text(&planted, 7);
     assert!(
         report

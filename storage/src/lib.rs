@@ -73,14 +73,6 @@ impl StorageError {
             source: DatabaseError::from_sqlite(source),
         }
     }
-
-    /// Whether the database failed because its disk is full.
-    pub fn is_disk_full(&self) -> bool {
-        matches!(
-            self,
-            StorageError::Database { source, .. } if source.failure == DatabaseFailure::DiskFull
-        )
-    }
 }
 
 /// What the database engine reported, in this crate's terms: callers match on
@@ -460,10 +452,9 @@ impl Store {
     /// committed. The transaction (and the write lock) begins at the group's first write, so
     /// a turn that writes nothing costs nothing; from then on it holds the write lock until
     /// the group ends: keep groups short.
-    pub fn begin_group(&mut self) -> Result<()> {
+    pub fn begin_group(&mut self) {
         assert_eq!(self.group.get(), Group::None, "groups do not nest");
         self.group.set(Group::Pending);
-        Ok(())
     }
 
     /// Begins the transaction of a group commit asked for and not yet written to. Every
@@ -1461,7 +1452,7 @@ mod tests {
             bytes_sent,
             ..Default::default()
         };
-        store.begin_group().unwrap();
+        store.begin_group();
         // Nothing written yet: the group holds no lock, so another writer goes ahead.
         other.save_peer_status(&status(1)).unwrap();
         store.save_peer_status(&status(2)).unwrap();
@@ -1475,7 +1466,7 @@ mod tests {
         store.end_group().unwrap();
         assert_eq!(other.peer_status(&peer).unwrap().unwrap().bytes_sent, 2);
         // A group that writes nothing commits nothing and costs no transaction.
-        store.begin_group().unwrap();
+        store.begin_group();
         store.end_group().unwrap();
     }
 }
