@@ -1355,3 +1355,90 @@ fn run_node_once(home: &std::path::Path) -> std::process::Output {
         "127.0.0.1:0",
     ])
 }
+
+/// While `caremesh run` runs it alone writes its store: the CLI's ingest, record and consent
+/// commands are handed to it over its control socket, relative paths resolved by the CLI,
+/// with the output and exit codes the CLI gives when it runs them itself. A node killed
+/// outright leaves its socket behind; the CLI then writes for itself again.
+#[test]
+fn while_the_node_runs_cli_writes_are_made_by_the_node_and_after_it_is_killed_by_the_cli() {
+    let (temp, home) = banbury_road_surgery();
+    let log_path = temp.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut node = RunningNode::start_logging(&home, "info", log.into());
+    let holder = std::fs::read_to_string(home.join("write.lock")).unwrap();
+    assert_eq!(holder.trim(), format!("{} node", node.child.id()));
+
+    let ingested = caremesh()
+        .current_dir(fixtures().join("uk-core"))
+        .args([
+            "ingest",
+            "--dir",
+            home.to_str().unwrap(),
+            "--json",
+            "UKCore-Patient-RichardSmith-Example.json",
+            "UKCore-AllergyIntolerance-Amoxicillin-Example.json",
+        ])
+        .output()
+        .unwrap();
+    assert!(ingested.status.success(), "{}", stderr(&ingested));
+    let report: serde_json::Value = serde_json::from_slice(&ingested.stdout).unwrap();
+    assert_eq!(report["files_accepted"], 2, "{report}");
+
+    let record = record_json(&home, "9912003888").expect("the node holds the record");
+    assert!(record.to_string().contains("Amoxicillin"));
+    let unknown = record_as_tests(&home, "9434765919", &[]);
+    assert_eq!(unknown.status.code(), Some(3), "{}", stderr(&unknown));
+    assert!(
+        stderr(&unknown).contains("holds no record"),
+        "{}",
+        stderr(&unknown)
+    );
+    let consent = set_share_in(&home, "9912003888", "off");
+    assert!(consent.status.success(), "{}", stderr(&consent));
+    assert!(stdout(&consent).contains("recorded: Share Out on, Share In off"));
+    let missing = ingest(&home, &["/no/such/extract.json"]);
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("/no/such/extract.json"),
+        "the node's error comes back as the CLI's: {}",
+        stderr(&missing)
+    );
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let handed = log
+        .matches("running a command the CLI handed to this node")
+        .count();
+    assert_eq!(handed, 5, "five commands went to the node:\n{log}");
+
+    node.kill_hard();
+    assert!(
+        home.join("node.sock").exists(),
+        "a killed node leaves its socket"
+    );
+    let consent = set_share_in(&home, "9912003888", "on");
+    assert!(consent.status.success(), "{}", stderr(&consent));
+    assert!(stdout(&consent).contains("recorded: Share Out on, Share In on"));
+    let shown = run(&[
+        "consent",
+        "show",
+        "--dir",
+        home.to_str().unwrap(),
+        "--nhs",
+        "9912003888",
+    ]);
+    assert!(stdout(&shown).contains("Share In on"), "{}", stdout(&shown));
+}
+
+fn set_share_in(home: &std::path::Path, nhs: &str, value: &str) -> std::process::Output {
+    let home = home.to_str().unwrap();
+    run(&[
+        "consent",
+        "set",
+        "--dir",
+        home,
+        "--nhs",
+        nhs,
+        "--share-in",
+        value,
+    ])
+}

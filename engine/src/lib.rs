@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!   connect / receive / disconnected ──▶ ┌──────────────── Driver ────────────────┐
-//!   (inside begin_turn … end_turn)       │ StoreHost (the store's sync writer)     │
+//!   (inside begin_turn … end_turn)       │ StoreHost (the store's one writer)      │
+//!   write_local (between turns) ───────▶ │                                          │
 //!   handle_timeout(now) ───────────────▶ │ Session per peer                        │
 //!                                        │ group commit per turn, then frames      │
 //!   poll_transmit(now, room) ◀────────── │                                          │
@@ -26,6 +27,9 @@
 //! - [`DriverEvent::Stored`] is reported only once the turn that stored it has committed.
 //! - At most one session per peer organisation: of two connections, the one dialled by the
 //!   lower ODS code survives; of two from the same dialler, the newer.
+//! - The driver is the store's only writer: the node's own writes come in through
+//!   [`Driver::write_local`], which tells the sessions when the feed grew. Nothing polls the
+//!   database for writes made elsewhere.
 //! - A session lasts only while the registry in force trusts the key its peer authenticated
 //!   with; checked before any frame is produced.
 
@@ -64,10 +68,6 @@ pub const STATUS_HEARTBEAT_MS: u64 = 3_000;
 pub struct DriverOptions {
     /// Report every received frame ([`DriverEvent::Received`]) for a wire log.
     pub log_received_frames: bool,
-    /// Look at the feed this often for documents written by other writers of the same
-    /// database (the node's ingest, which does not go through the driver yet). `None` when
-    /// every local write goes through [`Driver::write_local`].
-    pub feed_poll_ms: Option<u64>,
 }
 
 /// Why the driver closed a session.
@@ -187,8 +187,9 @@ pub struct Driver {
     registry_version: u64,
     /// The count of the newest own audit checkpoint handed to the sessions.
     audit_checkpoint_seen: u64,
-    /// The local feed tip last told to the sessions (for [`DriverOptions::feed_poll_ms`]).
+    /// The local feed tip last told to the sessions.
     last_tip: u64,
+    /// When to tell the sessions of documents stored from peers (see [`FEED_PROMPT_MS`]).
     next_feed_look: Option<u64>,
     next_flush: u64,
     /// A turn is open: writes go into one group commit and no frame is produced.
@@ -208,7 +209,7 @@ impl Driver {
         Driver {
             ods,
             host,
-            next_feed_look: options.feed_poll_ms.map(|every| now + every),
+            next_feed_look: None,
             options,
             sessions: BTreeMap::new(),
             peers_by_conn: HashMap::new(),
@@ -414,17 +415,16 @@ impl Driver {
         });
     }
 
-    /// Makes a local write (a publication, a consent change) through the store's one writer,
-    /// then lets every session offer what it added.
+    /// Makes a local write (ingest, a consent change, an access record) through the store's
+    /// one writer, then lets every session offer what it added to the feed. The feed is looked
+    /// at whatever the write returned: a write that failed part way may have committed a part.
     pub fn write_local<T, E>(
         &mut self,
         write: impl FnOnce(&mut StoreHost) -> Result<T, E>,
     ) -> Result<T, E> {
         assert!(!self.in_turn, "a local write is a transaction of its own");
         let result = write(&mut self.host);
-        if result.is_ok() {
-            self.feed_grew();
-        }
+        self.look_at_feed();
         result
     }
 
@@ -446,7 +446,7 @@ impl Driver {
                 driver.fail(&ods, &error);
             }
             if driver.next_feed_look.is_some_and(|at| at <= now) {
-                driver.next_feed_look = driver.options.feed_poll_ms.map(|every| now + every);
+                driver.next_feed_look = None;
                 driver.look_at_feed();
             }
             if driver.next_flush <= now {

@@ -3,13 +3,14 @@
 //! for auditors over HTTP.
 
 use crate::home::Home;
+use crate::store_command::StoreCommand;
 use anyhow::{Context, Result, bail};
 use caremesh_fhir::clock;
 use caremesh_storage::Store;
 use caremesh_storage::audit::{AuditEvent, ChainedEvent, verify_chain, verify_chain_after};
 use caremesh_sync::{AuditCheckpoint, NhsNumber, OdsCode, PublisherKey, SignedCheckpoint};
 use clap::{Subcommand, ValueEnum};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -33,28 +34,35 @@ pub enum AuditCommand {
     Report {
         #[arg(long)]
         dir: PathBuf,
-        /// The patient's NHS number. Without a patient or a user, --from and --to give a
-        /// report of everything in those days.
-        #[arg(long, conflicts_with = "user", required_unless_present_any = ["user", "from"])]
-        patient: Option<String>,
-        /// The user id (as the launch token gave it).
-        #[arg(long)]
-        user: Option<String>,
-        /// First day included, YYYY-MM-DD (UTC).
-        #[arg(long)]
-        from: Option<String>,
-        /// Last day included, YYYY-MM-DD (UTC).
-        #[arg(long)]
-        to: Option<String>,
-        /// Only entries of this action: view, break-glass, consent-set, refused-anonymous…
-        #[arg(long)]
-        action: Option<String>,
-        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
-        format: ReportFormat,
+        #[command(flatten)]
+        query: ReportArgs,
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// What `caremesh audit report` asks for.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+pub struct ReportArgs {
+    /// The patient's NHS number. Without a patient or a user, --from and --to give a
+    /// report of everything in those days.
+    #[arg(long, conflicts_with = "user", required_unless_present_any = ["user", "from"])]
+    pub patient: Option<String>,
+    /// The user id (as the launch token gave it).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// First day included, YYYY-MM-DD (UTC).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Last day included, YYYY-MM-DD (UTC).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Only entries of this action: view, break-glass, consent-set, refused-anonymous…
+    #[arg(long)]
+    pub action: Option<String>,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum ReportFormat {
     Table,
     Csv,
@@ -441,80 +449,63 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Checkpoint { dir } => {
-            let home = Home::open(&dir)?;
-            let mut store = home.open_store()?;
-            let own = home.config.organisation.ods.clone();
-            match sign_checkpoint(&mut store, &home.signing_key()?, &own, clock::now_unix())? {
-                Some(signed) => println!(
-                    "signed an audit checkpoint: {} entries, head {}",
-                    signed.checkpoint.count,
-                    hex::encode(signed.checkpoint.head)
-                ),
-                None => println!("the audit trail has not grown since the last checkpoint"),
-            }
-            Ok(ExitCode::SUCCESS)
+            crate::control::execute(&dir, StoreCommand::AuditCheckpoint)
         }
-        AuditCommand::Report {
-            dir,
-            patient,
-            user,
-            from,
-            to,
-            action,
-            format,
-        } => {
-            let home = Home::open(&dir)?;
-            let query = match ReportQuery::parse(
-                patient.as_deref(),
-                user.as_deref(),
-                from.as_deref(),
-                to.as_deref(),
-            ) {
-                Ok(query) => query.with_action(action.as_deref()),
-                Err(problem) => bail!("{problem}"),
-            };
-            let mut store = home.open_store()?;
-            let own = home.config.organisation.ods.clone();
-            let rows = report(&store, &own, &query).context("reading the audit trail")?;
-            // Reading the trail is itself an access to patient data.
-            let event = AuditEvent {
-                at: clock::now_unix(),
-                user_id: crate::process::operator(),
-                user_name: crate::process::operator(),
-                role: "operator".into(),
-                organisation: own.to_string(),
-                action: "audit-report".into(),
-                nhs: query.patient.as_ref().map(|n| n.to_string()),
-                sources: Vec::new(),
-                sections: Vec::new(),
-                purpose: "audit".into(),
-                outcome: "allowed".into(),
-                detail: query
-                    .user
-                    .as_ref()
-                    .map(|u| format!("report on user {u}"))
-                    .unwrap_or_default(),
-            };
-            // Written even on a full disk (from the reserve): the report is what a data
-            // protection officer needs most when something has gone wrong.
-            crate::disk::write_even_when_full(&home.dir, || Ok(store.append_audit(&event)?))?;
-            print!("{}", render(&rows, format));
-            Ok(ExitCode::SUCCESS)
+        AuditCommand::Report { dir, query } => {
+            crate::control::execute(&dir, StoreCommand::AuditReport(query))
         }
     }
+}
+
+/// The report `query` asks for, recorded in the trail as `operator`'s access: reading the
+/// trail is itself an access to patient data.
+pub fn report_as(
+    home: &Home,
+    store: &mut Store,
+    operator: &str,
+    query: &ReportQuery,
+) -> Result<Vec<ReportRow>> {
+    let own = home.config.organisation.ods.clone();
+    let rows = report(store, &own, query).context("reading the audit trail")?;
+    let event = AuditEvent {
+        at: clock::now_unix(),
+        user_id: operator.to_string(),
+        user_name: operator.to_string(),
+        role: "operator".into(),
+        organisation: own.to_string(),
+        action: "audit-report".into(),
+        nhs: query.patient.as_ref().map(|n| n.to_string()),
+        sources: Vec::new(),
+        sections: Vec::new(),
+        purpose: "audit".into(),
+        outcome: "allowed".into(),
+        detail: query
+            .user
+            .as_ref()
+            .map(|u| format!("report on user {u}"))
+            .unwrap_or_default(),
+    };
+    // Written even on a full disk (from the reserve): the report is what a data protection
+    // officer needs most when something has gone wrong.
+    crate::disk::write_even_when_full(&home.dir, || Ok(store.append_audit(&event)?))?;
+    Ok(rows)
 }
 
 /// How often a running node signs a checkpoint of its audit trail (when it grew).
 pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 
-/// Signs a checkpoint for the node in `home`, logging instead of failing: a running node's
-/// periodic and shutdown checkpoints.
-pub fn checkpoint_now(home: &Home) {
-    let signed = (|| {
-        let mut store = home.open_store()?;
-        let own = home.config.organisation.ods.clone();
-        sign_checkpoint(&mut store, &home.signing_key()?, &own, clock::now_unix())
-    })();
+/// Signs a checkpoint for the node in `home` through its store writer, logging instead of
+/// failing: a running node's periodic and shutdown checkpoints.
+pub async fn checkpoint_now(home: &Home, writer: &crate::network::StoreWriter) {
+    let own = home.config.organisation.ods.clone();
+    let signed = match home.signing_key() {
+        Ok(key) => {
+            writer
+                .write(move |store| sign_checkpoint(store, &key, &own, clock::now_unix()))
+                .await
+        }
+        Err(error) => Err(error.into()),
+    };
     match signed {
         Ok(Some(signed)) => tracing::info!(
             entries = signed.checkpoint.count,

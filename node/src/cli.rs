@@ -2,13 +2,12 @@
 
 use crate::generate::{self, GenerateOptions};
 use crate::home::{Home, OrganisationConfig};
-use crate::ingest::{FileDisposition, Ingestor};
-use crate::record;
+use crate::store_command::StoreCommand;
 use crate::verify;
 use crate::view::{self, ViewState};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use caremesh_fhir::clock;
-use caremesh_sync::{NhsNumber, OdsCode, OrgKind};
+use caremesh_sync::{OdsCode, OrgKind};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -229,7 +228,7 @@ pub fn main() -> ExitCode {
 
 /// An error and its causes, each said once: errors that already quote their cause do not
 /// repeat it.
-fn error_chain(error: &anyhow::Error) -> String {
+pub(crate) fn error_chain(error: &anyhow::Error) -> String {
     let mut text = error.to_string();
     for cause in error.chain().skip(1) {
         let cause = cause.to_string();
@@ -293,65 +292,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             paths,
         } => {
-            let home = Home::open(&dir)?;
-            // What is left is kept for views and their audit.
-            if let Some(reason) = crate::disk::ingest_blocked(&home.dir) {
-                bail!(
-                    "{reason}; nothing was ingested: free space on the disk and run ingest again"
-                );
-            }
-            let mut store = home.open_store()?;
-            let disposition = if r#move {
-                FileDisposition::Move
-            } else {
-                FileDisposition::LeaveInPlace
+            // The node, if it runs, reads these: nothing is resolved against its directory.
+            let absolute = |path: PathBuf| {
+                std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))
             };
-            let mut ingestor = Ingestor::new(
-                &home,
-                &mut store,
-                patient_index.as_deref(),
-                disposition,
-                clock::now_unix(),
-            )?;
-            let report = match ingestor.ingest_paths(&paths) {
-                Ok(report) => report,
-                Err(stopped) => {
-                    // Exactly what went in before the stop: each file is one transaction.
-                    if !stopped.done.is_empty() {
-                        println!("went in whole before the stop:");
-                        for file in &stopped.done {
-                            println!("  {}", file.display());
-                        }
-                        print!("{}", stopped.committed.render());
-                    }
-                    return Err(stopped.into());
-                }
-            };
-            let peak_memory_kb = peak_memory_kb();
-            if json {
-                let mut value = serde_json::to_value(&report)?;
-                value["peak_memory_kb"] = serde_json::json!(peak_memory_kb);
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            } else {
-                print!("{}", report.render());
-                if let Some(kb) = peak_memory_kb {
-                    println!("peak memory: {:.1} MB", kb as f64 / 1024.0);
-                }
-            }
-            if report.resources_read() != report.resources_accounted() {
-                bail!("ingest counts do not reconcile; this is a caremesh bug, please report it");
-            }
-            Ok(if report.rejected.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            })
+            let paths = paths.into_iter().map(absolute).collect::<Result<_>>()?;
+            let patient_index = patient_index.map(absolute).transpose()?;
+            crate::control::execute(
+                &dir,
+                StoreCommand::Ingest {
+                    paths,
+                    patient_index,
+                    move_files: r#move,
+                    json,
+                },
+            )
         }
         Command::Run { dir, listen } => {
             let home = Home::open(&dir)?;
             home.check_private_data()?;
             // Before anything watches the drop folder or listens: one node per home.
             let _running = home.lock_for_running()?;
+            // The node is its store's one writer while it runs (see control.rs).
+            let _writing = crate::control::lock_for_node(&home)?;
             let listen = listen.unwrap_or_else(|| home.config.view.listen.clone());
             serve(&home, &listen, None)
         }
@@ -360,60 +323,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             nhs,
             user,
             json,
-        } => {
-            let home = Home::open(&dir)?;
-            let nhs = NhsNumber::parse(&nhs)?;
-            let mut store = home.open_store()?;
-            let operator = crate::process::operator();
-            let now = clock::now_unix();
-            // Under the registry in force: what a revoked key signed is not shown.
-            let trust = home
-                .trust()
-                .context("reading the trust registry, which says whose signatures to trust")?;
-            let registry = trust.map(|t| t.current());
-            let viewer = home.viewer(&operator, registry.as_deref());
-            let record = record::assemble(&store, &nhs, &viewer, now)?;
-            let (sources, sections) = record.as_ref().map(|r| r.shown()).unwrap_or_default();
-            let own = home.config.organisation.ods.clone();
-            let key = home.signing_key()?;
-            let event = caremesh_storage::audit::AuditEvent {
-                at: now,
-                user_id: operator,
-                user_name: caremesh_fhir::clock::printable(user.trim()),
-                role: "operator".into(),
-                organisation: own.to_string(),
-                action: "cli-record".into(),
-                nhs: Some(nhs.to_string()),
-                sources,
-                sections,
-                purpose: "node administration (CLI)".into(),
-                outcome: "allowed".into(),
-                detail: if record.is_some() {
-                    String::new()
-                } else {
-                    "no record held".into()
-                },
-            };
-            // As a view: recorded even on a full disk, from the reserve.
-            crate::disk::write_even_when_full(&home.dir, || {
-                caremesh_storage::publish::record_access(&mut store, &key, &own, &event)?;
-                Ok(())
-            })
-            .context("recording the access in the audit trail")?;
-            let Some(record) = record else {
-                eprintln!(
-                    "this node holds no record for NHS number {}",
-                    nhs.formatted()
-                );
-                return Ok(ExitCode::from(3));
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&record)?);
-            } else {
-                print!("{}", record::render_text(&record));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => crate::control::execute(&dir, StoreCommand::Record { nhs, user, json }),
         Command::Status { dir, json } => status(&dir, json),
         Command::Verify { dir, json } => {
             let home = Home::open(&dir)?;
@@ -820,18 +730,6 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let paused = crate::watch::Paused::default();
-    let watcher = {
-        let stop = stop.clone();
-        let dir = home.dir.clone();
-        let paused = paused.clone();
-        std::thread::Builder::new()
-            .name("drop-folder".into())
-            .spawn(move || {
-                if let Err(error) = crate::watch::watch_drop_folder(&dir, &stop, &paused) {
-                    tracing::error!(%error, "drop folder watcher stopped");
-                }
-            })?
-    };
     let trust = home.trust()?;
     let trust_for_view = trust.clone();
     // Organisation names for the view (peers such as a hub publish no data to name them).
@@ -847,22 +745,34 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         })
         .unwrap_or_default();
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let syncing = trust.is_some();
+    if !syncing {
+        tracing::info!("sync is off: no trust registry installed (see `caremesh trust install`)");
+    }
+    let sync = runtime.block_on(crate::network::start(
+        crate::network::SyncSettings::for_home(home, trust)?,
+        shutdown_rx.clone(),
+    ))?;
+    let writer = sync.writer.clone();
+    let control = runtime.spawn(crate::control::serve(
+        home.clone(),
+        writer.clone(),
+        shutdown_rx,
+    ));
+    let watcher = {
+        let stop = stop.clone();
+        let dir = home.dir.clone();
+        let paused = paused.clone();
+        let writer = writer.clone();
+        std::thread::Builder::new()
+            .name("drop-folder".into())
+            .spawn(move || {
+                if let Err(error) = crate::watch::watch_drop_folder(&dir, &writer, &stop, &paused) {
+                    tracing::error!(%error, "drop folder watcher stopped");
+                }
+            })?
+    };
     let result = runtime.block_on(async {
-        let sync = match trust {
-            Some(trust) => Some(
-                crate::network::start(
-                    crate::network::SyncSettings::for_home(home, trust)?,
-                    shutdown_rx,
-                )
-                .await?,
-            ),
-            None => {
-                tracing::info!(
-                    "sync is off: no trust registry installed (see `caremesh trust install`)"
-                );
-                None
-            }
-        };
         let state = Arc::new(ViewState {
             database: home.database_path(),
             organisation: home.config.organisation.name.clone(),
@@ -876,7 +786,8 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             launch_config: home.config.launch.clone(),
             names,
             key: home.signing_key()?,
-            sync: sync.as_ref().map(|s| s.counters.clone()),
+            sync: syncing.then(|| sync.counters.clone()),
+            writer: writer.clone(),
             anonymous: Default::default(),
             metrics_token: home.metrics_token()?,
             drop_folder_paused: paused.clone(),
@@ -897,14 +808,12 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         // (below). The sync engine hands each new one to the peers to witness.
         let checkpoints = tokio::spawn({
             let home = home.clone();
+            let writer = writer.clone();
             async move {
                 let mut every = tokio::time::interval(crate::audit::CHECKPOINT_EVERY);
                 loop {
                     every.tick().await;
-                    let home = home.clone();
-                    let _ =
-                        tokio::task::spawn_blocking(move || crate::audit::checkpoint_now(&home))
-                            .await;
+                    crate::audit::checkpoint_now(&home, &writer).await;
                 }
             }
         });
@@ -913,7 +822,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             .with_context(|| format!("listening on {listen}"))?;
         let address = listener.local_addr()?;
         println!("listening on http://{address}/");
-        if let Some(sync_address) = sync.as_ref().and_then(|s| s.local_addr) {
+        if let Some(sync_address) = sync.local_addr {
             println!("sync listening on udp {sync_address}");
         }
         if let Some(path) = show {
@@ -929,18 +838,15 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         summaries.abort();
         checkpoints.abort();
         state.flush_anonymous().await;
-        {
-            let home = home.clone();
-            let _ = tokio::task::spawn_blocking(move || crate::audit::checkpoint_now(&home)).await;
-        }
-        let _ = shutdown_tx.send(true);
-        if let Some(sync) = sync {
-            let _ = tokio::task::spawn_blocking(move || sync.join()).await;
-        }
+        crate::audit::checkpoint_now(home, &writer).await;
         served
     });
+    // The watcher first: an ingest it has begun is finished by the engine, which stops after.
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();
+    let _ = shutdown_tx.send(true);
+    let _ = runtime.block_on(control);
+    sync.join();
     result.map(|_| ExitCode::SUCCESS)
 }
 
@@ -974,11 +880,4 @@ fn run_simulator(args: &[std::ffi::OsString]) -> Result<ExitCode> {
         Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         None => ExitCode::from(1),
     })
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), for ingest summaries.
-fn peak_memory_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }

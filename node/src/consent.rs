@@ -4,12 +4,14 @@
 //! so peers and hubs apply it too.
 
 use crate::home::Home;
+use crate::store_command::StoreCommand;
 use anyhow::{Context, Result};
 use caremesh_fhir::clock;
 use caremesh_storage::publish::Publication;
 use caremesh_sync::NhsNumber;
 use caremesh_sync::policy::Consent;
 use clap::Subcommand;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,67 +62,66 @@ pub fn run(command: ConsentCommand) -> Result<ExitCode> {
             share_out,
             share_in,
             objection,
-        } => {
-            let home = Home::open(&dir)?;
-            let mut store = home.open_store()?;
-            let current = effective(&home, &store, &nhs)?;
-            let consent = Consent {
-                share_out: share_out.map_or(current.share_out, Switch::on),
-                share_in: share_in.map_or(current.share_in, Switch::on),
-                objection: objection.map_or(current.objection, Switch::on),
-            };
-            let written = record(&home, &mut store, &nhs, consent)?;
-            audit(&home, &mut store, &nhs, "consent-set", describe(consent))?;
-            println!(
-                "{}: {}",
-                if written > 0 { "recorded" } else { "unchanged" },
-                describe(consent)
-            );
-        }
+        } => crate::control::execute(
+            &dir,
+            StoreCommand::ConsentSet {
+                nhs,
+                share_out: share_out.map(Switch::on),
+                share_in: share_in.map(Switch::on),
+                objection: objection.map(Switch::on),
+            },
+        ),
         ConsentCommand::Show { dir, nhs } => {
-            let home = Home::open(&dir)?;
-            let mut store = home.open_store()?;
-            // Reading a patient's choices is an access to their record.
-            audit(&home, &mut store, &nhs, "consent-show", String::new())?;
-            let ods = &home.config.organisation.ods;
-            let recorded = store.care().recorded_consent(ods, &nhs)?;
-            println!(
-                "{ods} (this organisation): {}{}",
-                describe(effective(&home, &store, &nhs)?),
-                if recorded.is_some() {
-                    ""
-                } else {
-                    " (defaults: nothing recorded)"
-                }
-            );
-            for source in store.sources()? {
-                if source.publisher == ods.as_str() {
-                    continue;
-                }
-                let publisher = source.publisher.parse().context("a stored source")?;
-                if let Some(consent) = store.care().recorded_consent(&publisher, &nhs)? {
-                    println!("{publisher} ({}): {}", source.name, describe(consent));
-                }
-            }
+            crate::control::execute(&dir, StoreCommand::ConsentShow { nhs })
         }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the patient's choices here and those other organisations sent.
+pub fn show(
+    home: &Home,
+    store: &caremesh_storage::Store,
+    nhs: &NhsNumber,
+    out: &mut String,
+) -> Result<()> {
+    let ods = &home.config.organisation.ods;
+    let recorded = store.care().recorded_consent(ods, nhs)?;
+    writeln!(
+        out,
+        "{ods} (this organisation): {}{}",
+        describe(effective(home, store, nhs)?),
+        if recorded.is_some() {
+            ""
+        } else {
+            " (defaults: nothing recorded)"
+        }
+    )?;
+    for source in store.sources()? {
+        if source.publisher == ods.as_str() {
+            continue;
+        }
+        let publisher = source.publisher.parse().context("a stored source")?;
+        if let Some(consent) = store.care().recorded_consent(&publisher, nhs)? {
+            writeln!(out, "{publisher} ({}): {}", source.name, describe(consent))?;
+        }
+    }
+    Ok(())
 }
 
 /// Records in the audit trail that this machine's operator set or read a patient's choices.
-fn audit(
+pub fn audit(
     home: &Home,
     store: &mut caremesh_storage::Store,
+    operator: &str,
     nhs: &NhsNumber,
     action: &str,
-    detail: String,
+    detail: &str,
 ) -> Result<()> {
-    let operator = crate::process::operator();
     let batch = store.write()?;
     batch.append_audit(&caremesh_storage::audit::AuditEvent {
         at: clock::now_unix(),
-        user_id: operator.clone(),
-        user_name: operator,
+        user_id: operator.to_string(),
+        user_name: operator.to_string(),
         role: "operator".into(),
         organisation: home.config.organisation.ods.to_string(),
         action: action.into(),
@@ -129,7 +130,7 @@ fn audit(
         sections: vec!["sharing".into()],
         purpose: "sharing choices".into(),
         outcome: "allowed".into(),
-        detail,
+        detail: detail.to_string(),
     })?;
     batch.commit()?;
     Ok(())
@@ -153,7 +154,7 @@ pub fn record(
 }
 
 /// The patient's choices here: recorded, or this organisation's defaults.
-fn effective(home: &Home, store: &caremesh_storage::Store, nhs: &NhsNumber) -> Result<Consent> {
+pub fn effective(home: &Home, store: &caremesh_storage::Store, nhs: &NhsNumber) -> Result<Consent> {
     let ods = &home.config.organisation.ods;
     Ok(store
         .care()
@@ -161,7 +162,7 @@ fn effective(home: &Home, store: &caremesh_storage::Store, nhs: &NhsNumber) -> R
         .unwrap_or_else(|| home.config.sharing.defaults()))
 }
 
-fn describe(consent: Consent) -> String {
+pub fn describe(consent: Consent) -> String {
     let switch = |on: bool| if on { "on" } else { "off" };
     format!(
         "Share Out {}, Share In {}, objection {}",

@@ -637,14 +637,7 @@ impl Home {
         use std::io::{Read, Seek};
         use std::os::fd::AsRawFd;
         let path = self.dir.join("run.lock");
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))?;
+        let mut file = open_lock_file(&path)?;
         // SAFETY: flock on a descriptor this function owns; no memory is shared.
         let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
         if !taken {
@@ -661,6 +654,19 @@ impl Home {
             .map_err(io(&path))?;
         Ok(RunLock { _file: file })
     }
+}
+
+/// Opens (making it, mode 0600) a file whose lock says who uses the home; its content names
+/// the holder.
+pub fn open_lock_file(path: &Path) -> Result<fs::File, HomeError> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))
 }
 
 /// Makes a file the node wrote readable by its owner only.

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod cli;
 pub mod consent;
+pub mod control;
 pub mod demo;
 pub mod disk;
 pub mod generate;
@@ -17,6 +18,7 @@ pub mod network;
 pub mod patient_index;
 pub mod process;
 pub mod record;
+pub mod store_command;
 pub mod strict_json;
 pub mod tls;
 pub mod trust;

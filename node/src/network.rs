@@ -3,11 +3,16 @@
 //!
 //! ```text
 //!  quinn connection ──reader task──▶ Command::Input ──▶ ┌──────────── engine thread ───────────┐
-//!                                                       │ Driver: the store's sync writer,     │
+//!                                                       │ Driver: the store's one writer,      │
 //!  quinn connection ◀──writer task── Outgoing (≤ 8) ◀── │ a Session per peer; frames produced  │
 //!                                                       │ while the outgoing queue has room    │
+//!  ingest, view, CLI ──StoreWriter── Command::Local ──▶ │ local writes between turns           │
 //!                                                       └──────────────────────────────────────┘
 //! ```
+//!
+//! The engine thread runs in every running node, also one without a trust registry (which
+//! syncs with nobody): it is where everything the node writes is written. Reads stay
+//! concurrent, on read-only connections of their own.
 //!
 //! This module is only IO: what to store, when to acknowledge, which of two connections
 //! survives and when to close are the driver's, which the simulator runs the same way.
@@ -22,7 +27,7 @@ use anyhow::{Context, Result};
 use caremesh_engine::{ConnId, Driver, DriverEvent, DriverOptions, Redial};
 use caremesh_fhir::clock;
 use caremesh_storage::Store;
-use caremesh_storage::sync_host::StoreHost;
+use caremesh_storage::sync_host::{FixedRegistry, RegistrySource, StoreHost};
 use caremesh_sync::model::OrgKind;
 use caremesh_sync::policy::{Consent, Recipient};
 use caremesh_sync::{OdsCode, PublisherKey};
@@ -50,9 +55,6 @@ const GROUP_COMMANDS: usize = 256;
 const GROUP_WINDOW: Duration = Duration::from_millis(20);
 /// SQLite page cache of the engine's connection.
 const ENGINE_CACHE_MIB: u32 = 64;
-/// How often the engine looks for local feed growth: ingest, consent changes and the view
-/// still write the database on connections of their own.
-const FEED_POLL_MS: u64 = 100;
 /// Documents kept loaded by a hub's engine and by any other node's: a hub stores a change
 /// and serves it to each entitled peer straight after, so a few hundred catch most serves.
 /// Each loaded document costs 75–95 KB of memory (measured on a hub: 4,096 added 300 MB,
@@ -74,7 +76,9 @@ pub struct SyncCounters {
 pub struct SyncSettings {
     pub ods: OdsCode,
     pub key: PublisherKey,
-    pub trust: TrustState,
+    /// The registry in force; without one the engine runs as the store's writer and syncs
+    /// with nobody.
+    pub trust: Option<TrustState>,
     pub listen: Option<String>,
     pub peers: Vec<OdsCode>,
     pub database: PathBuf,
@@ -94,7 +98,7 @@ pub struct SyncSettings {
 impl SyncSettings {
     /// The settings `caremesh run` uses for a node home: its organisation, signing key,
     /// listen address, peers, database and consent defaults from `caremesh.toml`.
-    pub fn for_home(home: &crate::home::Home, trust: TrustState) -> Result<SyncSettings> {
+    pub fn for_home(home: &crate::home::Home, trust: Option<TrustState>) -> Result<SyncSettings> {
         Ok(SyncSettings {
             ods: home.config.organisation.ods.clone(),
             key: home.signing_key()?,
@@ -138,6 +142,69 @@ enum Command {
         conn: u64,
         reason: String,
     },
+    /// A write of the node's own (see [`StoreWriter`]), made between turns.
+    Local(LocalWrite),
+}
+
+/// A local write as the engine thread runs it: it sends its own result back.
+type LocalWrite = Box<dyn FnOnce(&mut Store) + Send>;
+
+/// Why a local write was not made.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the node is shutting down and did not make this write; nothing of it was stored: run the command again once the node is up"
+)]
+pub struct EngineStopped;
+
+/// A handle on the running node's one store writer, the engine thread. Everything the node
+/// writes outside sync goes through it: drop-folder ingest, the view's sessions, launch
+/// tokens, break-glass and access records, audit checkpoints, and the CLI's writes while the
+/// node runs. So the engine learns of each change as it is made (no polling for other
+/// writers), and no two connections ever contend for the write lock.
+#[derive(Clone)]
+pub struct StoreWriter {
+    engine: mpsc::Sender<Command>,
+}
+
+impl StoreWriter {
+    /// Runs `write` on the engine thread, outside any turn, and returns what it returned. The
+    /// sessions then offer what it added to the feed.
+    pub async fn write<T, F>(&self, write: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.engine
+            .send(Command::Local(Self::boxed(write, reply)))
+            .await
+            .map_err(|_| EngineStopped)?;
+        answer.await.map_err(|_| EngineStopped)?
+    }
+
+    /// [`StoreWriter::write`] from a thread outside the runtime (the drop-folder watcher).
+    pub fn write_blocking<T, F>(&self, write: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.engine
+            .blocking_send(Command::Local(Self::boxed(write, reply)))
+            .map_err(|_| EngineStopped)?;
+        answer.blocking_recv().map_err(|_| EngineStopped)?
+    }
+
+    fn boxed<T, F>(write: F, reply: oneshot::Sender<Result<T>>) -> LocalWrite
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T> + Send + 'static,
+    {
+        Box::new(move |store| {
+            // The caller may have gone (a closed HTTP request): the write stands regardless.
+            let _ = reply.send(write(store));
+        })
+    }
 }
 
 enum Outgoing {
@@ -149,6 +216,8 @@ enum Outgoing {
 pub struct SyncService {
     pub local_addr: Option<SocketAddr>,
     pub counters: Arc<SyncCounters>,
+    /// Where the node's own writes go.
+    pub writer: StoreWriter,
     engine: std::thread::JoinHandle<()>,
 }
 
@@ -159,9 +228,9 @@ impl SyncService {
     }
 }
 
-/// Starts the endpoint, the dialers and the engine thread on the current tokio runtime.
+/// Starts the engine thread and, with a trust registry, the endpoint and the dialers, on the
+/// current tokio runtime.
 pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> Result<SyncService> {
-    let identity = NodeIdentity::from_key(&settings.key, &settings.ods)?;
     let counters = Arc::new(SyncCounters::default());
     let store = Store::open(&settings.database)?;
     if !settings.durable {
@@ -169,9 +238,15 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     }
     store.set_cache_mib(ENGINE_CACHE_MIB)?;
     store.reset_connections()?;
+    let registry: Box<dyn RegistrySource> = match &settings.trust {
+        Some(trust) => Box::new(trust.clone()),
+        None => Box::new(FixedRegistry(Arc::new(
+            caremesh_sync::trust::VerifiedRegistry::none(),
+        ))),
+    };
     let mut host = StoreHost::new(
         store,
-        Box::new(settings.trust.clone()),
+        registry,
         settings.ods.clone(),
         settings.consent_defaults,
         Box::new(clock::now_unix),
@@ -206,7 +281,6 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                     .expect("engine runtime builds");
                 let options = DriverOptions {
                     log_received_frames: wire_log.is_some(),
-                    feed_poll_ms: Some(FEED_POLL_MS),
                 };
                 let engine = Engine {
                     driver: Driver::new(ods, host, options, 0),
@@ -221,7 +295,19 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
             })?
     };
 
-    let server = tls::server_config(&identity, &settings.trust)?;
+    let writer = StoreWriter {
+        engine: engine_tx.clone(),
+    };
+    let Some(trust) = settings.trust else {
+        return Ok(SyncService {
+            local_addr: None,
+            counters,
+            writer,
+            engine,
+        });
+    };
+    let identity = NodeIdentity::from_key(&settings.key, &settings.ods)?;
+    let server = tls::server_config(&identity, &trust)?;
     let server = QuicServerConfig::try_from(server).context("QUIC server TLS configuration")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
     server.transport_config(transport_config());
@@ -237,7 +323,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
 
     let context = Arc::new(Shared {
         identity,
-        trust: settings.trust.clone(),
+        trust: trust.clone(),
         engine: engine_tx,
         counters: counters.clone(),
         next_conn: AtomicU64::new(1),
@@ -254,10 +340,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
             shutdown.clone(),
         ));
     }
-    tokio::spawn(watch_registry_file(
-        settings.trust.clone(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(watch_registry_file(trust, shutdown.clone()));
     {
         let endpoint = endpoint.clone();
         let mut shutdown = shutdown;
@@ -269,6 +352,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     Ok(SyncService {
         local_addr,
         counters,
+        writer,
         engine,
     })
 }
@@ -584,19 +668,44 @@ impl Engine {
     /// Handles `first` and whatever else is already queued (within bounds) as one turn whose
     /// writes commit together: one fsync for what every peer sent in the turn, instead of one
     /// each. Frames (acknowledgements among them) go out only after, from `pump`.
+    /// A local write met on the way ends the turn and is made after it: it is a transaction
+    /// of its own.
     fn handle_turn(&mut self, first: Command, commands: &mut mpsc::Receiver<Command>) {
+        if let Command::Local(write) = first {
+            self.write_local(write);
+            return;
+        }
         self.driver.begin_turn();
         let deadline = Instant::now() + GROUP_WINDOW;
         self.handle(first);
         let mut handled = 1;
+        let mut local = None;
         while handled < GROUP_COMMANDS && Instant::now() < deadline {
             match commands.try_recv() {
+                Ok(Command::Local(write)) => {
+                    local = Some(write);
+                    break;
+                }
                 Ok(command) => self.handle(command),
                 Err(_) => break,
             }
             handled += 1;
         }
         self.driver.end_turn();
+        self.handle_events();
+        if let Some(write) = local {
+            self.pump();
+            self.write_local(write);
+        }
+    }
+
+    fn write_local(&mut self, write: LocalWrite) {
+        let Ok(()) = self
+            .driver
+            .write_local(|host| -> Result<(), std::convert::Infallible> {
+                write(&mut host.store);
+                Ok(())
+            });
         self.handle_events();
     }
 
@@ -622,6 +731,7 @@ impl Engine {
                 self.outgoing.remove(&conn);
                 self.driver.disconnected(conn, &reason);
             }
+            Command::Local(_) => unreachable!("local writes are made between turns"),
         }
     }
 

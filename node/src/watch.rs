@@ -12,6 +12,7 @@
 
 use crate::home::Home;
 use crate::ingest::{FileDisposition, IngestError, Ingestor, is_extract_file};
+use crate::network::StoreWriter;
 use caremesh_fhir::clock;
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -30,6 +31,7 @@ pub type Paused = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 pub fn watch_drop_folder(
     dir: &Path,
+    writer: &StoreWriter,
     stop: &AtomicBool,
     paused: &Paused,
 ) -> Result<(), IngestError> {
@@ -142,12 +144,12 @@ pub fn watch_drop_folder(
                 continue;
             }
         }
-        if let Err(error) = ingest_ready(&home, &ready) {
+        if let Err(error) = ingest_ready(&home, writer, &ready) {
             // The files stay in the folder (nothing was moved or half-written: each file is
             // one transaction) and are retried together, with whatever arrives meanwhile. A
             // busy or briefly unavailable database must not stop the drop folder for good.
-            tracing::error!(%error, "drop folder ingest failed; retrying in a moment");
-            if crate::disk::is_disk_full(&error) {
+            tracing::error!(error = %format!("{error:#}"), "drop folder ingest failed; retrying in a moment");
+            if crate::disk::is_disk_full_anyhow(&error) {
                 *paused
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(
@@ -341,22 +343,26 @@ fn settled_files(
     ready
 }
 
-fn ingest_ready(home: &Home, files: &[PathBuf]) -> Result<(), IngestError> {
-    let mut store = home.open_store()?;
-    let mut ingestor = Ingestor::new(
-        home,
-        &mut store,
-        None,
-        FileDisposition::Move,
-        clock::now_unix(),
-    )?;
-    let report = ingestor.ingest_paths(files).map_err(|stopped| {
-        // Counts only, as below: what went in before the stop stays in (and was moved away).
-        tracing::warn!(
-            files_in = stopped.done.len(),
-            "drop folder ingest stopped part way; the files before the stop went in"
-        );
-        stopped.error
+/// Ingests `files` on the engine thread, the store's one writer.
+fn ingest_ready(home: &Home, writer: &StoreWriter, files: &[PathBuf]) -> anyhow::Result<()> {
+    let (home_for_write, files) = (home.clone(), files.to_vec());
+    let report = writer.write_blocking(move |store| {
+        let mut ingestor = Ingestor::new(
+            &home_for_write,
+            store,
+            None,
+            FileDisposition::Move,
+            clock::now_unix(),
+        )?;
+        ingestor.ingest_paths(&files).map_err(|stopped| {
+            // Counts only, as below: what went in before the stop stays in (and was moved
+            // away).
+            tracing::warn!(
+                files_in = stopped.done.len(),
+                "drop folder ingest stopped part way; the files before the stop went in"
+            );
+            anyhow::Error::from(stopped.error)
+        })
     })?;
     // Counts only: file names and reasons may carry identifiers, and go to quarantine instead.
     tracing::info!(

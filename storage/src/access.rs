@@ -8,7 +8,7 @@
 //! organisation, giving a reason, for a limited time. It is theirs alone, and each use is a
 //! row kept for audit.
 
-use crate::{Result, Store};
+use crate::{Result, Store, WriteBatch};
 use caremesh_sync::NhsNumber;
 use rusqlite::{OptionalExtension, params};
 
@@ -40,51 +40,6 @@ fn row_to_break_glass(row: &rusqlite::Row<'_>) -> rusqlite::Result<BreakGlass> {
 }
 
 impl Store {
-    /// Records a break-glass and returns it. The caller has checked the clinician and reason.
-    pub fn record_break_glass(
-        &self,
-        nhs: &NhsNumber,
-        user_id: &str,
-        clinician: &str,
-        reason: &str,
-        started_at: i64,
-        expires_at: i64,
-    ) -> Result<BreakGlass> {
-        assert!(
-            expires_at > started_at,
-            "break-glass must end after it starts"
-        );
-        let id = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO break_glass (nhs, user_id, clinician, reason, started_at, expires_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
-            )
-            .and_then(|mut statement| {
-                statement.query_row(
-                    params![
-                        nhs.as_str(),
-                        user_id,
-                        clinician,
-                        reason,
-                        started_at,
-                        expires_at
-                    ],
-                    |row| row.get(0),
-                )
-            })
-            .map_err(self.err("record break-glass"))?;
-        Ok(BreakGlass {
-            id,
-            nhs: nhs.to_string(),
-            user_id: user_id.to_string(),
-            clinician: clinician.to_string(),
-            reason: reason.to_string(),
-            started_at,
-            expires_at,
-        })
-    }
-
     /// The user's break-glass in force for the patient at `now`, the latest if several are.
     pub fn active_break_glass(
         &self,
@@ -227,6 +182,54 @@ impl Store {
     }
 }
 
+impl WriteBatch<'_> {
+    /// Records a break-glass and returns it. The caller has checked the clinician and reason,
+    /// and records the access in the same batch: a break-glass is never granted unaudited.
+    pub fn record_break_glass(
+        &self,
+        nhs: &NhsNumber,
+        user_id: &str,
+        clinician: &str,
+        reason: &str,
+        started_at: i64,
+        expires_at: i64,
+    ) -> Result<BreakGlass> {
+        assert!(
+            expires_at > started_at,
+            "break-glass must end after it starts"
+        );
+        let id = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO break_glass (nhs, user_id, clinician, reason, started_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+            )
+            .and_then(|mut statement| {
+                statement.query_row(
+                    params![
+                        nhs.as_str(),
+                        user_id,
+                        clinician,
+                        reason,
+                        started_at,
+                        expires_at
+                    ],
+                    |row| row.get(0),
+                )
+            })
+            .map_err(self.err("record break-glass"))?;
+        Ok(BreakGlass {
+            id,
+            nhs: nhs.to_string(),
+            user_id: user_id.to_string(),
+            clinician: clinician.to_string(),
+            reason: reason.to_string(),
+            started_at,
+            expires_at,
+        })
+    }
+}
+
 /// How long a used token's id is kept after it expired (clock skew between the clinical
 /// system and this node is smaller).
 const FORGET_USED_TOKENS_AFTER: i64 = 3600;
@@ -238,10 +241,11 @@ mod tests {
     #[test]
     fn break_glass_is_in_force_only_within_its_time_and_is_kept_after() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("node.db")).unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
         let nhs = NhsNumber::parse("9912003888").unwrap();
         assert_eq!(store.active_break_glass(&nhs, "u1", 1_000).unwrap(), None);
-        let granted = store
+        let batch = store.write().unwrap();
+        let granted = batch
             .record_break_glass(
                 &nhs,
                 "u1",
@@ -251,6 +255,7 @@ mod tests {
                 4_600,
             )
             .unwrap();
+        batch.commit().unwrap();
         assert_eq!(
             store.active_break_glass(&nhs, "u1", 1_000).unwrap(),
             Some(granted.clone())

@@ -260,12 +260,25 @@ pub fn record_access(
     publisher: &OdsCode,
     event: &AuditEvent,
 ) -> Result<ChainedEvent, PublishError> {
+    let batch = store.write()?;
+    let chained = record_access_in(&batch, key, publisher, event)?;
+    batch.commit()?;
+    Ok(chained)
+}
+
+/// [`record_access`] inside a batch the caller commits, beside the write the access goes
+/// with (a break-glass and its record are one transaction).
+pub fn record_access_in(
+    batch: &WriteBatch<'_>,
+    key: &PublisherKey,
+    publisher: &OdsCode,
+    event: &AuditEvent,
+) -> Result<ChainedEvent, PublishError> {
     assert_eq!(
         event.organisation,
         publisher.as_str(),
         "events record this node's accesses"
     );
-    let batch = store.write()?;
     let chained = batch.append_audit(event)?;
     if event.showed_others_data() {
         let patient = event
@@ -282,9 +295,8 @@ pub fn record_access(
         let item = event.to_access_item(chained.seq, &chained.hash);
         let mut changes = DocChanges::default();
         changes.upserts.insert(item.id.clone(), item);
-        write_documents(BTreeMap::from([(meta, changes)]), &batch, key, event.at)?;
+        write_documents(BTreeMap::from([(meta, changes)]), batch, key, event.at)?;
     }
-    batch.commit()?;
     Ok(chained)
 }
 

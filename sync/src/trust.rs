@@ -343,6 +343,25 @@ impl RegistryFile {
 }
 
 impl VerifiedRegistry {
+    /// No registry: a node before `caremesh trust install`. It names no organisation, so
+    /// every peer is refused and nothing received could be trusted (deny unless allowed);
+    /// its version 0 is older than any signed edition.
+    pub fn none() -> VerifiedRegistry {
+        VerifiedRegistry {
+            file: RegistryFile {
+                registry: Registry {
+                    region: String::new(),
+                    version: 0,
+                    issued_at: 0,
+                    organisations: Vec::new(),
+                    sharing: Default::default(),
+                },
+                signature: None,
+            },
+            bytes: Vec::new(),
+        }
+    }
+
     /// Parses and verifies registry bytes against the pinned authority key.
     pub fn from_bytes(
         bytes: Vec<u8>,

@@ -362,7 +362,7 @@ fn start_nodes(
                     SyncSettings {
                         stored_observer: Some(observer),
                         durable,
-                        ..SyncSettings::for_home(&home, trust)?
+                        ..SyncSettings::for_home(&home, Some(trust))?
                     },
                     shutdown.clone(),
                 )

@@ -233,7 +233,7 @@ fn fan_in(work: &Path, nodes: usize, per_node: u64) -> Result<()> {
             let trust = home.trust()?.context("bench node has a registry")?;
             services.push(
                 caremesh::network::start(
-                    caremesh::network::SyncSettings::for_home(&home, trust)?,
+                    caremesh::network::SyncSettings::for_home(&home, Some(trust))?,
                     shutdown_rx.clone(),
                 )
                 .await?,

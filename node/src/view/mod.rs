@@ -62,6 +62,8 @@ pub struct ViewState {
     pub metrics_token: Option<String>,
     /// Why the drop folder is paused, if it is ([`crate::watch::Paused`]).
     pub drop_folder_paused: crate::watch::Paused,
+    /// The node's one store writer: the view writes only through it.
+    pub writer: crate::network::StoreWriter,
 }
 
 /// Refused requests that carried no session (or a token whose signature failed): counted,
@@ -206,19 +208,29 @@ impl ViewState {
     /// their data).
     async fn audit(self: &Arc<Self>, event: AuditEvent) -> Result<(), Response> {
         let state = self.clone();
-        blocking(move || {
-            crate::disk::write_even_when_full(state.home_dir(), || {
-                let mut store = Store::open(&state.database)?;
-                caremesh_storage::publish::record_access(
-                    &mut store,
-                    &state.key,
-                    &state.viewer.ods,
-                    &event,
-                )?;
-                Ok(())
-            })
+        self.write(move |store| {
+            caremesh_storage::publish::record_access(store, &state.key, &state.viewer.ods, &event)?;
+            Ok(())
         })
         .await
+    }
+
+    /// Makes `write` through the node's one store writer, even on a full disk (from the
+    /// reserve, see `disk.rs`): the view's writes are its audit and its sessions, which it
+    /// cannot do without. A failure is logged and becomes a 500, as in [`blocking`].
+    async fn write<T: Send + 'static>(
+        &self,
+        mut write: impl FnMut(&mut Store) -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<T, Response> {
+        let home_dir = self.home_dir().to_path_buf();
+        let written = self
+            .writer
+            .write(move |store| crate::disk::write_even_when_full(&home_dir, || write(store)))
+            .await;
+        written.map_err(|error| {
+            tracing::error!(error = %format!("{error:#}"), "a view's write failed");
+            internal_error()
+        })
     }
 
     /// The node home: the folder holding the database.
@@ -395,24 +407,20 @@ async fn launch(State(state): State<Arc<ViewState>>, Query(query): Query<LaunchQ
         started_at: now,
         expires_at: now + i64::from(state.launch_config.session_minutes.max(1)) * 60,
     };
-    let database = state.database.clone();
     let (token_id, expires_at, hash) = (
         launch.token_id.clone(),
         launch.expires_at,
         secret_hash(&secret),
     );
-    let home_dir = state.home_dir().to_path_buf();
-    let opened = blocking(move || {
-        crate::disk::write_even_when_full(&home_dir, || {
-            let store = Store::open(&database)?;
+    let opened = state
+        .write(move |store| {
             let used = store.use_launch_token(&token_id, expires_at, now)?;
             if used == TokenUse::First {
                 store.open_session(&hash, &session)?;
             }
             Ok(used)
         })
-    })
-    .await;
+        .await;
     match opened {
         Ok(TokenUse::First) => {}
         Ok(TokenUse::Replayed) => {
@@ -705,25 +713,32 @@ async fn break_glass(
         let mut event = state.event(Some(&session), "break-glass", Some(nhs.as_str()));
         event.purpose = format!("{} (emergency access)", event.purpose);
         event.detail = reason.clone();
-        let (database, patient) = (state.database.clone(), nhs.clone());
-        let home_dir = state.home_dir().to_path_buf();
-        let granted = blocking(move || {
-            // An emergency must not fail for want of disk space: the reserve is for this.
-            crate::disk::write_even_when_full(&home_dir, || {
-                let store = Store::open(&database)?;
+        let patient = nhs.clone();
+        let audited = state.clone();
+        // An emergency must not fail for want of disk space: the reserve is for this. The
+        // grant and its audit entry are one transaction: never one without the other.
+        let granted = state
+            .write(move |store| {
                 let now = clock::now_unix();
-                Ok(store.record_break_glass(
+                let batch = store.write()?;
+                let granted = batch.record_break_glass(
                     &patient,
                     &session.user_id,
                     &session.user_name,
                     &reason,
                     now,
                     now + i64::from(minutes) * 60,
-                )?)
+                )?;
+                caremesh_storage::publish::record_access_in(
+                    &batch,
+                    &audited.key,
+                    &audited.viewer.ods,
+                    &event,
+                )?;
+                batch.commit()?;
+                Ok(granted)
             })
-        })
-        .await?;
-        state.audit(event).await?;
+            .await?;
         tracing::info!(
             id = granted.id,
             minutes,

@@ -1,0 +1,270 @@
+//! The CLI commands that write the store (ingest, record, consent, audit checkpoint and
+//! report), as data. When no node runs on the home the command runs in the CLI's own
+//! process, on a store it opens; while `caremesh run` runs, the CLI hands the command to the
+//! node ([`crate::control`]), which runs the same code on its one store writer. Either way
+//! what is printed and the exit code are the same.
+
+use crate::audit::{self, ReportQuery};
+use crate::home::Home;
+use crate::ingest::{FileDisposition, Ingestor};
+use crate::record;
+use anyhow::{Context, Result, bail};
+use caremesh_fhir::clock;
+use caremesh_storage::Store;
+use caremesh_storage::audit::AuditEvent;
+use caremesh_sync::NhsNumber;
+use caremesh_sync::policy::Consent;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StoreCommand {
+    Ingest {
+        /// Absolute: the node resolves nothing against its own working directory.
+        paths: Vec<PathBuf>,
+        patient_index: Option<PathBuf>,
+        move_files: bool,
+        json: bool,
+    },
+    Record {
+        nhs: String,
+        user: String,
+        json: bool,
+    },
+    ConsentSet {
+        nhs: NhsNumber,
+        share_out: Option<bool>,
+        share_in: Option<bool>,
+        objection: Option<bool>,
+    },
+    ConsentShow {
+        nhs: NhsNumber,
+    },
+    AuditCheckpoint,
+    AuditReport(audit::ReportArgs),
+}
+
+/// What a command printed, on standard output and standard error.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Printed {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl StoreCommand {
+    /// The command's name, for the log: nothing in it names a patient or a file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StoreCommand::Ingest { .. } => "ingest",
+            StoreCommand::Record { .. } => "record",
+            StoreCommand::ConsentSet { .. } => "consent set",
+            StoreCommand::ConsentShow { .. } => "consent show",
+            StoreCommand::AuditCheckpoint => "audit checkpoint",
+            StoreCommand::AuditReport(_) => "audit report",
+        }
+    }
+
+    /// Runs the command against `store` for the node in `home`, by `operator` (the account
+    /// that ran the CLI), printing into `out`. Returns the exit code.
+    pub fn run(
+        self,
+        home: &Home,
+        store: &mut Store,
+        operator: &str,
+        out: &mut Printed,
+    ) -> Result<u8> {
+        match self {
+            StoreCommand::Ingest {
+                paths,
+                patient_index,
+                move_files,
+                json,
+            } => ingest(home, store, &paths, patient_index, move_files, json, out),
+            StoreCommand::Record { nhs, user, json } => {
+                record(home, store, operator, &nhs, &user, json, out)
+            }
+            StoreCommand::ConsentSet {
+                nhs,
+                share_out,
+                share_in,
+                objection,
+            } => {
+                let current = crate::consent::effective(home, store, &nhs)?;
+                let consent = Consent {
+                    share_out: share_out.unwrap_or(current.share_out),
+                    share_in: share_in.unwrap_or(current.share_in),
+                    objection: objection.unwrap_or(current.objection),
+                };
+                let written = crate::consent::record(home, store, &nhs, consent)?;
+                let described = crate::consent::describe(consent);
+                crate::consent::audit(home, store, operator, &nhs, "consent-set", &described)?;
+                let done = if written > 0 { "recorded" } else { "unchanged" };
+                writeln!(out.stdout, "{done}: {described}")?;
+                Ok(0)
+            }
+            StoreCommand::ConsentShow { nhs } => {
+                // Reading a patient's choices is an access to their record.
+                crate::consent::audit(home, store, operator, &nhs, "consent-show", "")?;
+                crate::consent::show(home, store, &nhs, &mut out.stdout)?;
+                Ok(0)
+            }
+            StoreCommand::AuditCheckpoint => {
+                let own = home.config.organisation.ods.clone();
+                let key = home.signing_key()?;
+                match audit::sign_checkpoint(store, &key, &own, clock::now_unix())? {
+                    Some(signed) => writeln!(
+                        out.stdout,
+                        "signed an audit checkpoint: {} entries, head {}",
+                        signed.checkpoint.count,
+                        hex::encode(signed.checkpoint.head)
+                    )?,
+                    None => writeln!(
+                        out.stdout,
+                        "the audit trail has not grown since the last checkpoint"
+                    )?,
+                }
+                Ok(0)
+            }
+            StoreCommand::AuditReport(asked) => {
+                let query = match ReportQuery::parse(
+                    asked.patient.as_deref(),
+                    asked.user.as_deref(),
+                    asked.from.as_deref(),
+                    asked.to.as_deref(),
+                ) {
+                    Ok(query) => query.with_action(asked.action.as_deref()),
+                    Err(problem) => bail!("{problem}"),
+                };
+                let report = audit::report_as(home, store, operator, &query)?;
+                out.stdout.push_str(&audit::render(&report, asked.format));
+                Ok(0)
+            }
+        }
+    }
+}
+
+fn ingest(
+    home: &Home,
+    store: &mut Store,
+    paths: &[PathBuf],
+    patient_index: Option<PathBuf>,
+    move_files: bool,
+    json: bool,
+    out: &mut Printed,
+) -> Result<u8> {
+    // What is left is kept for views and their audit.
+    if let Some(reason) = crate::disk::ingest_blocked(&home.dir) {
+        bail!("{reason}; nothing was ingested: free space on the disk and run ingest again");
+    }
+    let disposition = if move_files {
+        FileDisposition::Move
+    } else {
+        FileDisposition::LeaveInPlace
+    };
+    let mut ingestor = Ingestor::new(
+        home,
+        store,
+        patient_index.as_deref(),
+        disposition,
+        clock::now_unix(),
+    )?;
+    let report = match ingestor.ingest_paths(paths) {
+        Ok(report) => report,
+        Err(stopped) => {
+            // Exactly what went in before the stop: each file is one transaction.
+            if !stopped.done.is_empty() {
+                writeln!(out.stdout, "went in whole before the stop:")?;
+                for file in &stopped.done {
+                    writeln!(out.stdout, "  {}", file.display())?;
+                }
+                out.stdout.push_str(&stopped.committed.render());
+            }
+            return Err(stopped.into());
+        }
+    };
+    // Of the process that ingested: this command's, or the running node's it was handed to.
+    let peak_memory_kb = peak_memory_kb();
+    if json {
+        let mut value = serde_json::to_value(&report)?;
+        value["peak_memory_kb"] = serde_json::json!(peak_memory_kb);
+        writeln!(out.stdout, "{}", serde_json::to_string_pretty(&value)?)?;
+    } else {
+        out.stdout.push_str(&report.render());
+        if let Some(kb) = peak_memory_kb {
+            writeln!(out.stdout, "peak memory: {:.1} MB", kb as f64 / 1024.0)?;
+        }
+    }
+    if report.resources_read() != report.resources_accounted() {
+        bail!("ingest counts do not reconcile; this is a caremesh bug, please report it");
+    }
+    Ok(if report.rejected.is_empty() { 0 } else { 2 })
+}
+
+fn record(
+    home: &Home,
+    store: &mut Store,
+    operator: &str,
+    nhs: &str,
+    user: &str,
+    json: bool,
+    out: &mut Printed,
+) -> Result<u8> {
+    let nhs = NhsNumber::parse(nhs)?;
+    let now = clock::now_unix();
+    // Under the registry in force: what a revoked key signed is not shown.
+    let trust = home
+        .trust()
+        .context("reading the trust registry, which says whose signatures to trust")?;
+    let registry = trust.map(|t| t.current());
+    let viewer = home.viewer(operator, registry.as_deref());
+    let record = record::assemble(store, &nhs, &viewer, now)?;
+    let (sources, sections) = record.as_ref().map(|r| r.shown()).unwrap_or_default();
+    let own = home.config.organisation.ods.clone();
+    let key = home.signing_key()?;
+    let event = AuditEvent {
+        at: now,
+        user_id: operator.to_string(),
+        user_name: clock::printable(user.trim()),
+        role: "operator".into(),
+        organisation: own.to_string(),
+        action: "cli-record".into(),
+        nhs: Some(nhs.to_string()),
+        sources,
+        sections,
+        purpose: "node administration (CLI)".into(),
+        outcome: "allowed".into(),
+        detail: if record.is_some() {
+            String::new()
+        } else {
+            "no record held".into()
+        },
+    };
+    // As a view: recorded even on a full disk, from the reserve.
+    crate::disk::write_even_when_full(&home.dir, || {
+        caremesh_storage::publish::record_access(store, &key, &own, &event)?;
+        Ok(())
+    })
+    .context("recording the access in the audit trail")?;
+    let Some(record) = record else {
+        writeln!(
+            out.stderr,
+            "this node holds no record for NHS number {}",
+            nhs.formatted()
+        )?;
+        return Ok(3);
+    };
+    if json {
+        writeln!(out.stdout, "{}", serde_json::to_string_pretty(&record)?)?;
+    } else {
+        out.stdout.push_str(&record::render_text(&record));
+    }
+    Ok(0)
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), for ingest summaries.
+fn peak_memory_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
