@@ -238,6 +238,49 @@ const FORGET_USED_TOKENS_AFTER: i64 = 3600;
 mod tests {
     use super::*;
 
+    /// The view grants a break-glass and records it in the audit trail in one batch: a
+    /// failure between the two (here, a batch dropped before its commit) leaves neither.
+    #[test]
+    fn a_break_glass_and_its_audit_entry_are_stored_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
+        let nhs = NhsNumber::parse("9912003888").unwrap();
+        let key = caremesh_sync::PublisherKey::from_secret([7; 32]);
+        let own = caremesh_sync::OdsCode::parse("A81001").unwrap();
+        let event = crate::audit::AuditEvent {
+            at: 1_000,
+            user_id: "u1".into(),
+            user_name: "Dr A".into(),
+            role: "clinician".into(),
+            organisation: own.to_string(),
+            action: "break-glass".into(),
+            nhs: Some(nhs.to_string()),
+            sources: Vec::new(),
+            sections: Vec::new(),
+            purpose: "direct care (emergency access)".into(),
+            outcome: "allowed".into(),
+            detail: "unconscious".into(),
+        };
+        let grant_and_audit = |store: &mut Store, commit: bool| {
+            let batch = store.write().unwrap();
+            batch
+                .record_break_glass(&nhs, "u1", "Dr A", "unconscious", 1_000, 4_600)
+                .unwrap();
+            crate::publish::record_access_in(&batch, &key, &own, &event).unwrap();
+            if commit {
+                batch.commit().unwrap();
+            }
+        };
+        grant_and_audit(&mut store, false);
+        assert_eq!(store.break_glass_history(&nhs).unwrap(), vec![]);
+        assert!(store.audit_events().unwrap().is_empty());
+        grant_and_audit(&mut store, true);
+        assert_eq!(store.break_glass_history(&nhs).unwrap().len(), 1);
+        let audited = store.audit_events().unwrap();
+        assert_eq!(audited.len(), 1);
+        assert_eq!(audited[0].event.action, "break-glass");
+    }
+
     #[test]
     fn break_glass_is_in_force_only_within_its_time_and_is_kept_after() {
         let dir = tempfile::tempdir().unwrap();
