@@ -3,7 +3,6 @@
 //! for auditors over HTTP.
 
 use crate::home::Home;
-use crate::store_command::StoreCommand;
 use anyhow::{Context, Result, bail};
 use caremesh_fhir::clock;
 use caremesh_storage::Store;
@@ -419,42 +418,33 @@ pub fn fhir_bundle(rows: &[ReportRow]) -> serde_json::Value {
     })
 }
 
-pub fn run(command: AuditCommand) -> Result<ExitCode> {
-    match command {
-        AuditCommand::Verify { dir } => {
-            let home = Home::open(&dir)?;
-            let store = home.open_store()?;
-            let events = store.audit_events()?;
-            let own = home.config.organisation.ods.clone();
-            let own_key = home.public_key()?;
-            let known = store.own_checkpoints_known()?;
-            let checked = check_against_checkpoints(&events, &known, &own, &own_key);
-            let mut broken = checked.problems;
-            if let Err(chain) = verify_chain(&events) {
-                broken.insert(0, chain.to_string());
-            }
-            if !broken.is_empty() {
-                for problem in &broken {
-                    println!("audit trail BROKEN: {problem}");
-                }
-                return Ok(ExitCode::from(1));
-            }
-            println!("audit trail intact: {} entries", events.len());
-            match checked.newest {
-                Some(newest) => println!("matches {newest}"),
-                None => println!(
-                    "no signed checkpoint yet: entries cut from the end could not be told (run `caremesh audit checkpoint`)"
-                ),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        AuditCommand::Checkpoint { dir } => {
-            crate::control::execute(&dir, StoreCommand::AuditCheckpoint)
-        }
-        AuditCommand::Report { dir, query } => {
-            crate::control::execute(&dir, StoreCommand::AuditReport(query))
-        }
+/// `caremesh audit verify`, which only reads.
+pub fn verify(dir: &std::path::Path) -> Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let store = home.open_store()?;
+    let events = store.audit_events()?;
+    let own = home.config.organisation.ods.clone();
+    let own_key = home.public_key()?;
+    let known = store.own_checkpoints_known()?;
+    let checked = check_against_checkpoints(&events, &known, &own, &own_key);
+    let mut broken = checked.problems;
+    if let Err(chain) = verify_chain(&events) {
+        broken.insert(0, chain.to_string());
     }
+    if !broken.is_empty() {
+        for problem in &broken {
+            println!("audit trail BROKEN: {problem}");
+        }
+        return Ok(ExitCode::from(1));
+    }
+    println!("audit trail intact: {} entries", events.len());
+    match checked.newest {
+        Some(newest) => println!("matches {newest}"),
+        None => println!(
+            "no signed checkpoint yet: entries cut from the end could not be told (run `caremesh audit checkpoint`)"
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The report `query` asks for, recorded in the trail as `operator`'s access: reading the

@@ -1,5 +1,7 @@
 //! The `caremesh` command line.
 
+use crate::audit::AuditCommand;
+use crate::consent::{ConsentCommand, Switch};
 use crate::generate::{self, GenerateOptions};
 use crate::home::{Home, OrganisationConfig};
 use crate::store_command::StoreCommand;
@@ -136,7 +138,7 @@ enum Command {
     /// A patient's sharing choices at this organisation: Share Out, Share In, objection.
     Consent {
         #[command(subcommand)]
-        command: crate::consent::ConsentCommand,
+        command: ConsentCommand,
     },
     /// Print a launch URL that opens the view for one user (and patient), signed with the
     /// launch key in the node home, as a clinical system would. For demos and tests.
@@ -171,7 +173,7 @@ enum Command {
     /// The audit trail: verify it has not been tampered with; reports per patient or user.
     Audit {
         #[command(subcommand)]
-        command: crate::audit::AuditCommand,
+        command: AuditCommand,
     },
     /// Run a simulation scenario in virtual time: many nodes, the real sync engine and storage,
     /// a simulated network and disks with faults; reports convergence, violations and a trace
@@ -220,24 +222,10 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {}", error_chain(&error));
+            eprintln!("error: {}", crate::process::error_chain(&error));
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its causes, each said once: errors that already quote their cause do not
-/// repeat it.
-pub(crate) fn error_chain(error: &anyhow::Error) -> String {
-    let mut text = error.to_string();
-    for cause in error.chain().skip(1) {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-    }
-    text
 }
 
 /// A command that prints (status, record, reports) ends quietly when its reader closes the
@@ -428,9 +416,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Trust { command } => crate::trust_admin::run(command),
-        Command::Consent { command } => crate::consent::run(command),
+        Command::Consent { command } => consent(command),
         Command::Sim { args } => run_simulator(&args),
-        Command::Audit { command } => crate::audit::run(command),
+        Command::Audit { command } => audit(command),
         Command::Launch {
             dir,
             user,
@@ -467,6 +455,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             patients,
             port,
         } => crate::demo::run(dir, patients, port),
+    }
+}
+
+fn consent(command: ConsentCommand) -> Result<ExitCode> {
+    let (dir, command) = match command {
+        ConsentCommand::Set {
+            dir,
+            nhs,
+            share_out,
+            share_in,
+            objection,
+        } => (
+            dir,
+            StoreCommand::ConsentSet {
+                nhs,
+                share_out: share_out.map(Switch::on),
+                share_in: share_in.map(Switch::on),
+                objection: objection.map(Switch::on),
+            },
+        ),
+        ConsentCommand::Show { dir, nhs } => (dir, StoreCommand::ConsentShow { nhs }),
+    };
+    crate::control::execute(&dir, command)
+}
+
+fn audit(command: AuditCommand) -> Result<ExitCode> {
+    match command {
+        AuditCommand::Verify { dir } => crate::audit::verify(&dir),
+        AuditCommand::Checkpoint { dir } => {
+            crate::control::execute(&dir, StoreCommand::AuditCheckpoint)
+        }
+        AuditCommand::Report { dir, query } => {
+            crate::control::execute(&dir, StoreCommand::AuditReport(query))
+        }
     }
 }
 

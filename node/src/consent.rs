@@ -4,7 +4,6 @@
 //! so peers and hubs apply it too.
 
 use crate::home::Home;
-use crate::store_command::StoreCommand;
 use anyhow::{Context, Result};
 use caremesh_fhir::clock;
 use caremesh_storage::publish::Publication;
@@ -13,7 +12,6 @@ use caremesh_sync::policy::Consent;
 use clap::Subcommand;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 #[derive(Subcommand)]
 pub enum ConsentCommand {
@@ -49,31 +47,8 @@ pub enum Switch {
 }
 
 impl Switch {
-    fn on(self) -> bool {
+    pub fn on(self) -> bool {
         matches!(self, Switch::On)
-    }
-}
-
-pub fn run(command: ConsentCommand) -> Result<ExitCode> {
-    match command {
-        ConsentCommand::Set {
-            dir,
-            nhs,
-            share_out,
-            share_in,
-            objection,
-        } => crate::control::execute(
-            &dir,
-            StoreCommand::ConsentSet {
-                nhs,
-                share_out: share_out.map(Switch::on),
-                share_in: share_in.map(Switch::on),
-                objection: objection.map(Switch::on),
-            },
-        ),
-        ConsentCommand::Show { dir, nhs } => {
-            crate::control::execute(&dir, StoreCommand::ConsentShow { nhs })
-        }
     }
 }
 

@@ -294,7 +294,7 @@ async fn run_for_client(
             let mut printed = Printed::default();
             let outcome = command
                 .run(&home, store, &operator, &mut printed)
-                .map_err(|error| crate::cli::error_chain(&error));
+                .map_err(|error| crate::process::error_chain(&error));
             Ok(Reply { printed, outcome })
         })
         .await;

@@ -37,3 +37,17 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutting down");
 }
+
+/// An error and its causes, each said once: errors that already quote their cause do not
+/// repeat it.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
