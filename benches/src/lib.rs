@@ -5,10 +5,10 @@
 use anyhow::{Context, Result};
 use caremesh::generate::{GenerateOptions, generate};
 use caremesh::home::{Home, OrganisationConfig};
-use caremesh::ingest::{FileDisposition, Ingestor};
 use caremesh::trust::TrustState;
 use caremesh_engine::{Driver, DriverEvent, DriverOptions, Transmit};
 use caremesh_fhir::clock;
+use caremesh_ingest::{FileDisposition, Ingestor};
 use caremesh_storage::Store;
 use caremesh_storage::sync_host::StoreHost;
 use caremesh_sync::policy::Recipient;
@@ -270,8 +270,9 @@ pub fn practice_of(dir: &Path, ods: OdsCode, patients: u64, seed: u64) -> Result
     ))?;
     let mut store = home.open_store()?;
     let started = Instant::now();
+    let settings = home.ingest_settings()?;
     let report = Ingestor::new(
-        &home,
+        &settings,
         &mut store,
         None,
         FileDisposition::LeaveInPlace,

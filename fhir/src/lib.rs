@@ -10,6 +10,7 @@
 pub mod clock;
 mod consent;
 pub mod reading;
+pub mod strict_json;
 
 pub use consent::{ConsentFacts, SharingChoice};
 

@@ -11,7 +11,7 @@
 //! Keys and the clock are fixed, so a crash found in one run replays exactly in another.
 
 use caremesh::home::{self, Home, OrganisationConfig};
-use caremesh::ingest::{FileDisposition, Ingestor};
+use caremesh_ingest::{FileDisposition, Ingestor};
 use caremesh_storage::Store;
 use caremesh_storage::sync_host::{RegistrySource, StoreHost};
 use caremesh_sync::policy::{Consent, Recipient};
@@ -150,8 +150,9 @@ fn ingest_file(
     home: &Home,
     store: &mut Store,
     path: &Path,
-) -> Result<caremesh::ingest::IngestReport, Box<caremesh::ingest::Stopped>> {
-    Ingestor::new(home, store, None, FileDisposition::LeaveInPlace, NOW)
+) -> Result<caremesh_ingest::IngestReport, Box<caremesh_ingest::Stopped>> {
+    let settings = home.ingest_settings().expect("the ingest settings");
+    Ingestor::new(&settings, store, None, FileDisposition::LeaveInPlace, NOW)
         .expect("the ingestor")
         .ingest_paths(&[path.to_path_buf()])
 }

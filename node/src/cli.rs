@@ -790,7 +790,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             .name("drop-folder".into())
             .spawn(move || {
                 if let Err(error) = crate::watch::watch_drop_folder(&dir, &writer, &stop, &paused) {
-                    tracing::error!(%error, "drop folder watcher stopped");
+                    tracing::error!(error = %format!("{error:#}"), "drop folder watcher stopped");
                 }
             })?
     };

@@ -5,9 +5,9 @@
 
 use crate::generate::{self, GenerateOptions};
 use crate::home::{Home, OrganisationConfig};
-use crate::ingest::{FileDisposition, Ingestor};
 use anyhow::{Context, Result};
 use caremesh_fhir::clock;
+use caremesh_ingest::{FileDisposition, Ingestor};
 use caremesh_sync::policy::Consent;
 use caremesh_sync::trust::public_key_of;
 use caremesh_sync::{OdsCode, OrgKind, Organisation, RegistryFile};
@@ -282,8 +282,9 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<(String, Option<String
             out: extract.clone(),
         })?;
         let mut store = home.open_store()?;
+        let settings = home.ingest_settings()?;
         let report = Ingestor::new(
-            home,
+            &settings,
             &mut store,
             None,
             FileDisposition::LeaveInPlace,

@@ -32,28 +32,7 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
 }
 
-/// Whether `error`, or anything that caused it, is the disk being full (SQLite's
-/// SQLITE_FULL, or ENOSPC from the operating system).
-pub fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(error) = cause {
-        // Every storage error's chain ends in the database's own error, also behind a
-        // transparent wrapper (which hands on the StorageError's source, not the error).
-        if error
-            .downcast_ref::<caremesh_storage::DatabaseError>()
-            .is_some_and(|e| e.failure == caremesh_storage::DatabaseFailure::DiskFull)
-        {
-            return true;
-        }
-        if let Some(io) = error.downcast_ref::<std::io::Error>()
-            && io.raw_os_error() == Some(libc::ENOSPC)
-        {
-            return true;
-        }
-        cause = error.source();
-    }
-    false
-}
+pub use caremesh_storage::is_disk_full;
 
 /// As [`is_disk_full`], for an error carried by `anyhow`.
 pub fn is_disk_full_anyhow(error: &anyhow::Error) -> bool {

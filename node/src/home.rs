@@ -406,6 +406,42 @@ impl Home {
         }
     }
 
+    /// What ingest needs of this node: its organisation and feed, signing key, sharing
+    /// rules, sensitive codes, patient index and folders.
+    pub fn ingest_settings(&self) -> Result<caremesh_ingest::IngestSettings, HomeError> {
+        // Without a registry (sync not set up) nothing is shared: no share-from date applies.
+        let agreements = match self.trust() {
+            Ok(trust) => trust
+                .map(|t| t.current().registry().sharing.clone())
+                .unwrap_or_default(),
+            Err(error) => {
+                tracing::warn!(%error, "trust registry unreadable; share-from dates not applied");
+                Default::default()
+            }
+        };
+        let config = &self.config;
+        Ok(caremesh_ingest::IngestSettings {
+            ods: config.organisation.ods.clone(),
+            name: config.organisation.name.clone(),
+            kind: config.organisation.kind,
+            source_system: config.ingest.source_system.clone(),
+            feed: config.ingest.feed.clone(),
+            expected_refresh_hours: config.ingest.expected_refresh_hours,
+            consent_defaults: config.sharing.defaults(),
+            agreements,
+            key: self.signing_key()?,
+            sensitive: self.sensitive_codes()?,
+            patient_index: config
+                .ingest
+                .patient_index
+                .as_ref()
+                .map(|p| self.resolve(p)),
+            home_dir: self.dir.clone(),
+            processed_dir: self.processed_dir(),
+            quarantine_dir: self.quarantine_dir(),
+        })
+    }
+
     pub fn signing_key(&self) -> Result<PublisherKey, HomeError> {
         load_secret_key(&self.dir.join(KEY_FILE))
     }

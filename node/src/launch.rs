@@ -267,7 +267,7 @@ fn check_header(token: &str) -> Result<(), LaunchRefused> {
     let encoded = token.split('.').next().unwrap_or_default();
     let bytes = Base64UrlUnpadded::decode_vec(encoded)
         .map_err(|_| LaunchRefused::Malformed("its header is not base64url".into()))?;
-    let header = crate::strict_json::from_slice(&bytes)
+    let header = caremesh_fhir::strict_json::from_slice(&bytes)
         .map_err(|e| LaunchRefused::Malformed(format!("its header does not read: {e}")))?;
     if header.get("crit").is_some() {
         return Err(LaunchRefused::Malformed(

@@ -6,10 +6,10 @@
 
 use crate::audit::{self, ReportQuery};
 use crate::home::Home;
-use crate::ingest::{FileDisposition, Ingestor};
 use crate::record;
 use anyhow::{Context, Result, bail};
 use caremesh_fhir::clock;
+use caremesh_ingest::{FileDisposition, Ingestor};
 use caremesh_storage::Store;
 use caremesh_storage::audit::AuditEvent;
 use caremesh_sync::NhsNumber;
@@ -162,8 +162,9 @@ fn ingest(
     } else {
         FileDisposition::LeaveInPlace
     };
+    let settings = home.ingest_settings()?;
     let mut ingestor = Ingestor::new(
-        home,
+        &settings,
         store,
         patient_index.as_deref(),
         disposition,

@@ -11,9 +11,9 @@
 //! `caremesh status` ([`survey`]).
 
 use crate::home::Home;
-use crate::ingest::{FileDisposition, IngestError, Ingestor, is_extract_file};
 use crate::network::StoreWriter;
 use caremesh_fhir::clock;
+use caremesh_ingest::{FileDisposition, Ingestor, is_extract_file};
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::HashMap;
@@ -34,7 +34,8 @@ pub fn watch_drop_folder(
     writer: &StoreWriter,
     stop: &AtomicBool,
     paused: &Paused,
-) -> Result<(), IngestError> {
+) -> anyhow::Result<()> {
+    use anyhow::Context;
     let home = Home::open(dir)?;
     // A writer opening a file during the instant a read lease is held sends the holder
     // SIGIO, whose default is to end the process ([`is_open_for_writing`]).
@@ -43,24 +44,16 @@ pub fn watch_drop_folder(
         libc::signal(libc::SIGIO, libc::SIG_IGN);
     }
     let drop_dir = home.drop_dir();
-    std::fs::create_dir_all(&drop_dir).map_err(|source| IngestError::Io {
-        path: drop_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&drop_dir)
+        .with_context(|| format!("making the drop folder {}", drop_dir.display()))?;
     let (events_tx, events) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |event| {
         let _ = events_tx.send(event);
     })
-    .map_err(|e| IngestError::Io {
-        path: drop_dir.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    .context("starting to watch for files")?;
     watcher
         .watch(&drop_dir, RecursiveMode::NonRecursive)
-        .map_err(|e| IngestError::Io {
-            path: drop_dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        .with_context(|| format!("watching the drop folder {}", drop_dir.display()))?;
     tracing::info!(folder = %drop_dir.display(), "watching drop folder");
     let mut settling: HashMap<PathBuf, (u64, SystemTime, Instant)> = HashMap::new();
     // Files whose ingest failed (a busy database, a full disk). Files arriving after them
@@ -347,8 +340,9 @@ fn settled_files(
 fn ingest_ready(home: &Home, writer: &StoreWriter, files: &[PathBuf]) -> anyhow::Result<()> {
     let (home_for_write, files) = (home.clone(), files.to_vec());
     let report = writer.write_blocking(move |store| {
+        let settings = home_for_write.ingest_settings()?;
         let mut ingestor = Ingestor::new(
-            &home_for_write,
+            &settings,
             store,
             None,
             FileDisposition::Move,

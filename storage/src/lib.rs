@@ -1255,6 +1255,29 @@ impl WriteBatch<'_> {
     }
 }
 
+/// Whether `error`, or anything that caused it, is the disk being full (SQLite's
+/// SQLITE_FULL, or ENOSPC from the operating system).
+pub fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        // Every storage error's chain ends in the database's own error, also behind a
+        // transparent wrapper (which hands on the StorageError's source, not the error).
+        if error
+            .downcast_ref::<DatabaseError>()
+            .is_some_and(|e| e.failure == DatabaseFailure::DiskFull)
+        {
+            return true;
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::StorageFull
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, ObjType, ROOT};
 use caremesh::generate::{GenerateOptions, generate};
 use caremesh::home::{Home, OrganisationConfig};
-use caremesh::ingest::{FileDisposition, Ingestor};
+use caremesh_ingest::{FileDisposition, Ingestor};
 use caremesh_sync::{OdsCode, OrgKind};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -172,8 +172,15 @@ fn measure_caremesh(input: &Path, index: Option<&Path>, work: &Path) -> Result<V
     )?;
     let mut store = home.open_store()?;
     let started = Instant::now();
-    let report = Ingestor::new(&home, &mut store, index, FileDisposition::LeaveInPlace, 0)?
-        .ingest_paths(&[input.to_path_buf()])?;
+    let settings = home.ingest_settings()?;
+    let report = Ingestor::new(
+        &settings,
+        &mut store,
+        index,
+        FileDisposition::LeaveInPlace,
+        0,
+    )?
+    .ingest_paths(&[input.to_path_buf()])?;
     let seconds = started.elapsed().as_secs_f64();
     if !report.rejected.is_empty() {
         bail!(

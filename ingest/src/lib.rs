@@ -8,7 +8,8 @@
 //!   report reconciles resources in with outcomes out. Rejected files go to quarantine with
 //!   a `.reason.txt` naming each problem and where it is.
 
-use crate::home::{Home, HomeError};
+pub mod patient_index;
+
 use crate::patient_index::PatientIndex;
 use caremesh_fhir as fhir;
 use caremesh_fhir::clock;
@@ -19,8 +20,8 @@ use caremesh_fhir::{
 use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::publish::{Publication, PublishError};
 use caremesh_storage::{IngestRow, Placement, SourceRow, StorageError, Store, WriteBatch};
-use caremesh_sync::policy::Agreements;
-use caremesh_sync::{DataClass, Item, NhsNumber, PublisherKey, Section, moved};
+use caremesh_sync::policy::{Agreements, Consent};
+use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, OrgKind, PublisherKey, Section, moved};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -43,13 +44,11 @@ pub const NDJSON_CHUNK_LINES: usize = 2_000;
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(transparent)]
-    Home(#[from] HomeError),
-    #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
     Publish(#[from] PublishError),
     #[error(transparent)]
-    PatientIndex(#[from] crate::patient_index::PatientIndexError),
+    PatientIndex(#[from] patient_index::PatientIndexError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -77,7 +76,7 @@ impl std::fmt::Display for Stopped {
             self.file.display(),
             self.error
         )?;
-        if crate::disk::is_disk_full(&self.error) {
+        if caremesh_storage::is_disk_full(&self.error) {
             write!(
                 f,
                 "; the disk is full: free space, then ingest it and the files after it again"
@@ -305,13 +304,36 @@ pub struct Ingestor<'a> {
     rules: IngestRules<'a>,
 }
 
+/// What ingest needs to know of the node it ingests for: its organisation and feed, its key,
+/// its sharing rules and where files go. The node makes these from its home.
+pub struct IngestSettings {
+    pub ods: OdsCode,
+    /// The organisation's name as clinicians know it.
+    pub name: String,
+    pub kind: OrgKind,
+    /// The clinical system the extracts come from, recorded as each item's source system.
+    pub source_system: String,
+    /// "live" or "batch"; a batch feed states how often it is expected to refresh.
+    pub feed: String,
+    pub expected_refresh_hours: u32,
+    /// This organisation's choices for patients without a recorded one.
+    pub consent_defaults: Consent,
+    /// The region's agreements, for this publisher's share-from date (none without a
+    /// registry: nothing is shared then).
+    pub agreements: Agreements,
+    pub key: PublisherKey,
+    pub sensitive: SensitiveCodes,
+    /// The configured patient index, if any (an absolute path).
+    pub patient_index: Option<PathBuf>,
+    /// The node home: the ingest log names moved files relative to it.
+    pub home_dir: PathBuf,
+    pub processed_dir: PathBuf,
+    pub quarantine_dir: PathBuf,
+}
+
 /// Everything ingest decides with, apart from the store it writes to.
 struct IngestRules<'a> {
-    home: &'a Home,
-    key: PublisherKey,
-    /// The region's agreements, for this publisher's share-from date.
-    sharing: Agreements,
-    sensitive: SensitiveCodes,
+    settings: &'a IngestSettings,
     index: PatientIndex,
     disposition: FileDisposition,
     now: i64,
@@ -332,41 +354,23 @@ enum Attempt {
 }
 
 impl<'a> Ingestor<'a> {
+    /// An ingest for the node `settings` describe into `store`; `extra_index` is a patient
+    /// index given for this ingest, used instead of the configured one.
     pub fn new(
-        home: &'a Home,
+        settings: &'a IngestSettings,
         store: &'a mut Store,
         extra_index: Option<&Path>,
         disposition: FileDisposition,
         now: i64,
     ) -> Result<Self, IngestError> {
-        let index_path = extra_index.map(Path::to_path_buf).or_else(|| {
-            home.config
-                .ingest
-                .patient_index
-                .as_ref()
-                .map(|p| home.resolve(p))
-        });
-        let index = match index_path {
-            Some(path) => PatientIndex::load(&path)?,
+        let index = match extra_index.or(settings.patient_index.as_deref()) {
+            Some(path) => PatientIndex::load(path)?,
             None => PatientIndex::default(),
-        };
-        // Without a registry (sync not set up) nothing is shared, so there is no date to apply.
-        let sharing = match home.trust() {
-            Ok(trust) => trust
-                .map(|t| t.current().registry().sharing.clone())
-                .unwrap_or_default(),
-            Err(error) => {
-                tracing::warn!(%error, "trust registry unreadable; share-from dates not applied");
-                Agreements::default()
-            }
         };
         Ok(Ingestor {
             store,
             rules: IngestRules {
-                sharing,
-                key: home.signing_key()?,
-                sensitive: home.sensitive_codes()?,
-                home,
+                settings,
                 index,
                 disposition,
                 now,
@@ -529,7 +533,7 @@ impl<'a> Ingestor<'a> {
             )));
         }
         let bytes = fs::read(path).map_err(io(path))?;
-        let value: Value = match crate::strict_json::from_slice(&bytes) {
+        let value: Value = match fhir::strict_json::from_slice(&bytes) {
             Ok(value) => value,
             Err(error) => {
                 let hint = if error.is_eof() {
@@ -583,7 +587,7 @@ impl<'a> Ingestor<'a> {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let read = crate::strict_json::from_slice(&line)
+            let read = fhir::strict_json::from_slice(&line)
                 .map_err(|error| match error.is_data() {
                     true => format!("JSON that can be read two ways: {error}"),
                     false => format!("not valid JSON: {error}"),
@@ -679,17 +683,14 @@ impl<'r, 's> Placing<'r, 's> {
         file_name: &'r str,
         report: IngestReport,
     ) -> Self {
-        let config = &rules.home.config;
+        let settings = rules.settings;
         Placing {
             rules,
             batch,
             file_name,
-            source_system: config.ingest.source_system.clone(),
+            source_system: settings.source_system.clone(),
             local: LocalReferences::default(),
-            publication: Publication::new(
-                config.organisation.ods.clone(),
-                config.sharing.defaults(),
-            ),
+            publication: Publication::new(settings.ods.clone(), settings.consent_defaults),
             report,
         }
     }
@@ -883,7 +884,7 @@ impl<'r, 's> Placing<'r, 's> {
         let mut facts = match placed {
             Placed::Clinical(facts) => facts,
             Placed::Consent(consent) => {
-                let defaults = rules.home.config.sharing.defaults();
+                let defaults = rules.settings.consent_defaults;
                 let current = self.publication.consent_for(&self.batch, &nhs)?;
                 self.publication
                     .set_consent(&nhs, consent.apply(current, defaults));
@@ -930,20 +931,21 @@ impl<'r, 's> Placing<'r, 's> {
     /// Records this source's feed, writes the publication and commits: the file's report.
     fn finish(mut self) -> Result<IngestReport, IngestError> {
         let rules = self.rules;
-        let config = &rules.home.config;
+        let settings = rules.settings;
         // Before the publication: its sharing records state this source's feed.
         self.batch.touch_source(&SourceRow {
-            publisher: config.organisation.ods.to_string(),
-            name: config.organisation.name.clone(),
-            kind: config.organisation.kind.to_string(),
+            publisher: settings.ods.to_string(),
+            name: settings.name.clone(),
+            kind: settings.kind.to_string(),
             source_system: self.source_system,
-            feed: config.ingest.feed.clone(),
+            feed: settings.feed.clone(),
             data_as_of: rules.now,
-            expected_refresh_hours: (config.ingest.feed == "batch")
-                .then_some(config.ingest.expected_refresh_hours),
+            expected_refresh_hours: (settings.feed == "batch")
+                .then_some(settings.expected_refresh_hours),
         })?;
         self.report.documents_written =
-            self.publication.apply(&self.batch, &rules.key, rules.now)?;
+            self.publication
+                .apply(&self.batch, &rules.settings.key, rules.now)?;
         self.batch.commit()?;
         Ok(self.report)
     }
@@ -972,7 +974,7 @@ impl IngestRules<'_> {
     ) -> MappingContext<'c> {
         MappingContext {
             source_system,
-            sensitive: &self.sensitive,
+            sensitive: &self.settings.sensitive,
             references: local,
         }
     }
@@ -1011,7 +1013,7 @@ impl IngestRules<'_> {
         from: &NhsNumber,
         to: &NhsNumber,
     ) -> Result<(), IngestError> {
-        let publisher = &self.home.config.organisation.ods;
+        let publisher = &self.settings.ods;
         let mut moved = 0;
         for key in batch.placed_through(publisher, from, patient_key)? {
             if key == patient_key {
@@ -1065,7 +1067,7 @@ impl IngestRules<'_> {
 
     /// An audit entry for a change ingest made to which patient holds what.
     fn ingest_event(&self, nhs: &NhsNumber, action: &str, detail: String) -> AuditEvent {
-        let own = self.home.config.organisation.ods.to_string();
+        let own = self.settings.ods.to_string();
         AuditEvent {
             at: self.now,
             user_id: "ingest".into(),
@@ -1088,7 +1090,7 @@ impl IngestRules<'_> {
     /// private, which no rule can share, and say why. Demographics are not dated entries and
     /// always follow the sharing rules.
     fn hold_back_before_share_from(&self, items: Vec<Item>) -> Vec<Item> {
-        let publisher = &self.home.config.organisation.ods;
+        let publisher = &self.settings.ods;
         items
             .into_iter()
             .map(|mut item| {
@@ -1099,7 +1101,7 @@ impl IngestRules<'_> {
                     .or(item.last_updated.as_deref());
                 if item.class != DataClass::Private
                     && item.section != Section::Demographics
-                    && !self.sharing.shareable_date(publisher, day)
+                    && !self.settings.agreements.shareable_date(publisher, day)
                 {
                     item.class = DataClass::Private;
                     item.fields.insert(
@@ -1201,17 +1203,17 @@ impl IngestRules<'_> {
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "extract".into());
         let target_dir = if rejected {
-            self.home.quarantine_dir()
+            &self.settings.quarantine_dir
         } else {
-            self.home.processed_dir()
+            &self.settings.processed_dir
         };
-        Some(unique_target(&target_dir, &name, self.now))
+        Some(unique_target(target_dir, &name, self.now))
     }
 
     /// `target` as the ingest log keeps it: relative to the node home.
     fn relative(&self, target: &Path) -> String {
         target
-            .strip_prefix(&self.home.dir)
+            .strip_prefix(&self.settings.home_dir)
             .unwrap_or(target)
             .display()
             .to_string()
