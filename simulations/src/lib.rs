@@ -78,6 +78,10 @@ pub struct Report {
     pub storage_failures: u64,
     /// Local writes (publications, audited views) a failing disk refused.
     pub failed_writes: u64,
+    /// Power cuts that struck in the middle of a node's writes.
+    pub mid_write_power_cuts: u64,
+    /// Writes not yet synced that power cuts took back.
+    pub unsynced_writes_lost: u64,
     pub documents_held: u64,
     pub converged: bool,
     pub violations: Vec<Violation>,
@@ -96,6 +100,8 @@ impl Report {
             hello_timeouts: 0,
             storage_failures: 0,
             failed_writes: 0,
+            mid_write_power_cuts: 0,
+            unsynced_writes_lost: 0,
             crashes: 0,
             frames: 0,
             bytes: 0,
@@ -135,6 +141,12 @@ impl Report {
             self.consent_changes,
             self.refused
         ));
+        if self.crashes > 0 {
+            out.push_str(&format!(
+                "  power cuts: {} crashes, {} of them mid-write; {} unsynced writes taken back\n",
+                self.crashes, self.mid_write_power_cuts, self.unsynced_writes_lost
+            ));
+        }
         if self.storage_failures + self.failed_writes > 0 {
             out.push_str(&format!(
                 "  disk faults: {} sessions closed by a failed commit, {} local writes refused\n",

@@ -75,6 +75,9 @@ pub enum Bug {
     /// The node's driver keeps its sessions open when a group commit fails, so they
     /// acknowledge what was rolled back.
     AckAfterFailedCommit,
+    /// The node's store commits without syncing (`synchronous = OFF`, as the benchmarks'
+    /// simulated nodes run), so a power cut takes back what it acknowledged.
+    CommitWithoutSync,
 }
 
 impl Bug {
@@ -86,7 +89,7 @@ impl Bug {
             Bug::ForwardWithheld => Some(PlantedBug::ForwardWithheld),
             Bug::AckWithoutStoring => Some(PlantedBug::AckWithoutStoring),
             Bug::AckAfterFailedCommit => Some(PlantedBug::AckAfterFailedCommit),
-            Bug::PlaceWithoutMoving => None,
+            Bug::PlaceWithoutMoving | Bug::CommitWithoutSync => None,
         }
     }
 }
@@ -246,11 +249,16 @@ pub enum FaultKind {
         #[serde(default)]
         full: bool,
     },
-    /// The node's process dies (its database file stays) and, if given, restarts later.
+    /// The node's machine loses power and, if given, restarts later: its disk keeps what was
+    /// synced, and of each write not yet synced, the write or the bytes it overwrote (torn
+    /// writes). With `mid_write`, the power goes at one of its next few writes or syncs,
+    /// most often inside a commit, and the node stops there.
     Crash {
         node: String,
         #[serde(default)]
         restart_after_s: Option<u64>,
+        #[serde(default)]
+        mid_write: bool,
     },
 }
 

@@ -5,8 +5,9 @@ use crate::scenario::{Fault, FaultKind, Scenario};
 
 /// `scenario` with randomised faults: the network's loss, latency, jitter and bandwidth;
 /// clock skew for some node groups; each fault's start and length (kept inside the run);
-/// link faults' loss, latency and flapping; disk faults' rate and length, and for half the
-/// seeds a disk fault added on a random node (commits failing, or a full disk).
+/// link faults' loss, latency and flapping; crashes at rest or mid-write; disk faults' rate
+/// and length, and for half the seeds a disk fault added on a random node (commits failing,
+/// or a full disk).
 pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
     let mut rng = crate::seeded(seed ^ 0x5741_524d);
     let mut out = scenario.clone();
@@ -55,11 +56,14 @@ pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
                 }
             }
             FaultKind::Crash {
-                restart_after_s, ..
+                restart_after_s,
+                mid_write,
+                ..
             } => {
                 if restart_after_s.is_some() {
                     *restart_after_s = Some(1 + rng.below(duration / 4 + 1));
                 }
+                *mid_write = rng.chance(0.5);
             }
             FaultKind::Disk {
                 until_s,

@@ -227,3 +227,42 @@ fn a_full_disk_at_the_hub_loses_nothing_and_the_region_converges_once_it_is_free
         report.render()
     );
 }
+
+/// The hub and a GP lose power, the hub in the middle of its writes (most often inside a
+/// group commit), and the disk keeps only what was synced, each unsynced write torn at
+/// random. The store syncs every commit before the driver acknowledges anything, so nothing
+/// acknowledged is lost and the region converges. The same region whose stores commit
+/// without syncing (`synchronous = OFF`) is caught: what they acknowledged is gone.
+#[test]
+fn power_cuts_mid_write_lose_nothing_acknowledged_and_commits_without_sync_are_caught() {
+    let cuts = format!(
+        "{SMALL}\n[[faults]]\nat_s = 400\nkind = \"crash\"\nnode = \"HUB01\"\nrestart_after_s = 60\nmid_write = true\n\
+         \n[[faults]]\nat_s = 1000\nkind = \"crash\"\nnode = \"GP000\"\nrestart_after_s = 60\nmid_write = true\n"
+    );
+    let mut struck = 0;
+    for seed in 1..=4 {
+        let report = run_text(&cuts, seed);
+        assert!(report.passed(), "seed {seed}: {}", report.render());
+        assert!(report.converged, "seed {seed}: {}", report.render());
+        assert_eq!(report.crashes, 2, "seed {seed}: {}", report.render());
+        struck += report.mid_write_power_cuts;
+    }
+    assert!(struck >= 4, "the cuts must strike mid-write: {struck}");
+
+    let unsynced = format!(
+        "{cuts}\n[[inject]]\nnode = \"HUB01\"\nbug = \"commit-without-sync\"\n\
+         \n[[inject]]\nnode = \"GP000\"\nbug = \"commit-without-sync\"\n"
+    );
+    let report = run_text(&unsynced, 1);
+    assert!(report.unsynced_writes_lost > 0, "{}", report.render());
+    // The hub's feed went back past what its peers had taken from it.
+    assert!(!report.converged, "{}", report.render());
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.rule == "protocol" || v.rule == "convergence"),
+        "{}",
+        report.render()
+    );
+}

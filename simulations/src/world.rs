@@ -16,7 +16,7 @@ use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::publish::{Publication, record_access};
 use caremesh_storage::simulated_disk::SimulatedDisk;
 use caremesh_storage::sync_host::{FixedRegistry, StoreHost};
-use caremesh_storage::{Placement, Store};
+use caremesh_storage::{Placement, Store, power_loss};
 use caremesh_sync::policy::{Agreements, Consent};
 use caremesh_sync::rng::Rng;
 use caremesh_sync::{
@@ -38,6 +38,10 @@ pub const IDLE_TIMEOUT_MS: u64 = 20_000;
 
 /// Documents each simulated node keeps loaded: small, so eviction and reloading happen too.
 const SIMULATED_LOADED_DOCUMENTS: usize = 32;
+/// A mid-write power cut strikes at one of the node's next this-many writes or syncs.
+const MID_WRITE_OPERATIONS: u64 = 40;
+/// A mid-write power cut that found no write to strike in this long strikes at rest.
+const POWER_CUT_DUE_MS: u64 = 30_000;
 
 const SECTIONS: [Section; 6] = [
     Section::Problems,
@@ -69,6 +73,9 @@ pub(crate) struct Node {
     redials: BTreeMap<usize, caremesh_engine::Redial>,
     /// Bumped on every crash, so events scheduled for an earlier life are ignored.
     life: u64,
+    /// A crash fault waiting for the power cut armed in the node's store (the fault's index
+    /// and restart): it strikes in the middle of the node's next writes.
+    power_cut: Option<(usize, Option<u64>)>,
     items_written: u64,
 }
 
@@ -125,6 +132,11 @@ enum Event {
     },
     FaultEnd {
         index: usize,
+    },
+    /// A power cut armed to strike mid-write struck nothing in time: cut it now.
+    PowerCutDue {
+        node: usize,
+        life: u64,
     },
     Restart {
         node: usize,
@@ -255,7 +267,7 @@ impl World {
             let _ = std::fs::remove_file(&db);
             let _ = std::fs::remove_file(db.with_extension("db-wal"));
             let _ = std::fs::remove_file(db.with_extension("db-shm"));
-            let store = Store::open(&db).map_err(sim_error)?;
+            let store = Store::open_simulated(&db).map_err(sim_error)?;
             let mut feed = [0u8; 16];
             feed.copy_from_slice(&rng.bytes32()[..16]);
             store.set_feed_id(feed).map_err(sim_error)?;
@@ -286,6 +298,7 @@ impl World {
                 redials: BTreeMap::new(),
                 disk: Arc::new(SimulatedDisk::new(rng.next_u64())),
                 life: 0,
+                power_cut: None,
                 items_written: 0,
             };
             drop(store);
@@ -456,6 +469,12 @@ impl World {
             batch.commit().map_err(sim_error)?;
             Ok::<_, crate::SimError>(touched)
         });
+        if power_loss::power_is_off(&n.db) {
+            // The power went in the middle of the write: the process dies with it and never
+            // reports the change made (as ingest leaves the file in the drop folder).
+            self.pump_node(node);
+            return Ok(());
+        }
         let touched = match touched {
             Ok(touched) => touched,
             // The disk failed the commit: the change was not made, as ingest would report.
@@ -553,6 +572,10 @@ impl World {
         };
         let (key, ods) = (&n.key, &n.ods);
         let recorded = driver.write_local(|host| record_access(&mut host.store, key, ods, &event));
+        if power_loss::power_is_off(&n.db) {
+            self.pump_node(node);
+            return Ok(());
+        }
         match recorded {
             Ok(_) => {}
             // The disk failed the commit: the view is refused, as it is when it cannot be
@@ -648,6 +671,12 @@ impl World {
             Event::FaultStart { index } => self.fault_start(index),
             Event::FaultEnd { index } => self.fault_end(index),
             Event::Restart { node } => self.restart(node)?,
+            Event::PowerCutDue { node, life } => {
+                if self.nodes[node].life == life && self.nodes[node].power_cut.is_some() {
+                    power_loss::cut_power(&self.nodes[node].db);
+                    self.power_failed(node);
+                }
+            }
             Event::FlapDown { index } => self.flap(index, true),
             Event::FlapUp { index } => self.flap(index, false),
             Event::Check => {
@@ -762,17 +791,21 @@ impl World {
             FaultKind::Crash {
                 node,
                 restart_after_s,
+                mid_write,
             } => {
                 let node = self.index_of(&node);
-                self.crash(node);
-                if let Some(after) = restart_after_s {
-                    self.schedule(self.now() + after * 1000, Event::Restart { node });
+                if mid_write && self.nodes[node].driver.is_some() {
+                    // The power goes at one of the node's next few writes or syncs, most
+                    // likely inside a commit; `pump_node` stops the node there.
+                    let operations = 1 + self.rng.below(MID_WRITE_OPERATIONS);
+                    power_loss::cut_power_after(&self.nodes[node].db, operations);
+                    self.nodes[node].power_cut = Some((index, restart_after_s));
+                    let life = self.nodes[node].life;
+                    let due = self.now() + POWER_CUT_DUE_MS;
+                    self.schedule(due, Event::PowerCutDue { node, life });
                 } else {
-                    // Lost for good: from now on the region must converge without it
-                    // (failover), which the report measures like a heal.
-                    self.active_faults.remove(&index);
-                    self.lost_for_good.insert(node);
-                    self.heal();
+                    self.crash(node);
+                    self.after_crash(node, index, restart_after_s);
                 }
             }
         }
@@ -824,7 +857,38 @@ impl World {
         });
     }
 
+    /// What follows a crash fault: a restart later, or the node lost for good.
+    fn after_crash(&mut self, node: usize, index: usize, restart_after_s: Option<u64>) {
+        if let Some(after) = restart_after_s {
+            self.schedule(self.now() + after * 1000, Event::Restart { node });
+        } else {
+            // Lost for good: from now on the region must converge without it (failover),
+            // which the report measures like a heal.
+            self.active_faults.remove(&index);
+            self.lost_for_good.insert(node);
+            self.heal();
+        }
+    }
+
+    /// The power cut armed by a mid-write crash fault struck: the node stops where it is,
+    /// before anything it did since the cut leaves it.
+    pub(super) fn power_failed(&mut self, node: usize) {
+        let (index, restart_after_s) = self.nodes[node]
+            .power_cut
+            .take()
+            .expect("a power cut was armed");
+        self.report.mid_write_power_cuts += 1;
+        self.crash(node);
+        self.after_crash(node, index, restart_after_s);
+    }
+
     fn crash(&mut self, node: usize) {
+        // A machine crash: the power is cut first (so nothing SQLite does on close reaches
+        // the disk) and the node does nothing more, not even hear its connections end;
+        // then the disk keeps only what was synced, each unsynced write lost or kept at
+        // random (torn).
+        power_loss::cut_power(&self.nodes[node].db);
+        let dead = self.nodes[node].driver.take();
         let conns: Vec<u64> = self
             .conns
             .iter()
@@ -834,10 +898,14 @@ impl World {
         for conn in conns {
             self.close(conn, "peer crashed");
         }
+        drop(dead);
         let n = &mut self.nodes[node];
-        // Dropping the driver drops its SQLite connection: what was committed is in the
-        // file, nothing else survives, as after kill -9.
-        n.driver = None;
+        n.power_cut = None;
+        match power_loss::restore_after_power_loss(&n.db, Some(&mut self.rng)) {
+            Ok(loss) => self.report.unsynced_writes_lost += loss.lost_writes,
+            // The simulator's own files: nothing a node did could cause this.
+            Err(error) => panic!("restoring {} after a power cut: {error}", n.db.display()),
+        }
         n.timer = None;
         n.life += 1;
         n.redials.clear();
@@ -1025,8 +1093,10 @@ fn open_driver(
     registry: &Arc<VerifiedRegistry>,
     now_ms: &Arc<AtomicU64>,
 ) -> Result<Driver, caremesh_storage::StorageError> {
-    let mut store = Store::open(&node.db)?;
-    store.without_fsync()?;
+    let mut store = Store::open_simulated(&node.db)?;
+    if node.bug == Some(crate::scenario::Bug::CommitWithoutSync) {
+        store.without_fsync()?;
+    }
     store.on_simulated_disk(node.disk.clone())?;
     let clock = {
         let now_ms = now_ms.clone();

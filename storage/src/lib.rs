@@ -17,6 +17,7 @@ pub mod audit;
 mod migrations;
 mod peers;
 pub mod placements;
+pub mod power_loss;
 pub mod publish;
 pub mod simulated_disk;
 pub mod sync_host;
@@ -312,6 +313,18 @@ enum Group {
 impl Store {
     /// Opens (creating if needed) the node database and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store> {
+        Store::open_through(path, None)
+    }
+
+    /// [`Store::open`] for a simulated node: through the power-loss VFS
+    /// ([`power_loss`]), whose syncs cost nothing, so the store runs `synchronous = FULL` as
+    /// production does and a simulated crash can take back what was not synced.
+    pub fn open_simulated(path: &Path) -> Result<Store> {
+        power_loss::register();
+        Store::open_through(path, Some(power_loss::VFS_NAME))
+    }
+
+    fn open_through(path: &Path, vfs: Option<&str>) -> Result<Store> {
         // Created readable by its owner only; SQLite gives its WAL and shared-memory files the
         // database file's permissions.
         if !path.exists() {
@@ -326,8 +339,12 @@ impl Store {
                     source,
                 })?;
         }
-        let conn = Connection::open(path)
-            .map_err(|source| StorageError::database(path.to_path_buf(), "open", source))?;
+        let opened = match vfs {
+            None => Connection::open(path),
+            Some(vfs) => Connection::open_with_flags_and_vfs(path, OpenFlags::default(), vfs),
+        };
+        let conn =
+            opened.map_err(|source| StorageError::database(path.to_path_buf(), "open", source))?;
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
@@ -1389,7 +1406,7 @@ mod tests {
         }
     }
 
-    fn item(id: &str) -> Item {
+    pub(crate) fn item(id: &str) -> Item {
         serde_json::from_value(serde_json::json!({
             "id": id, "section": "allergies", "class": "coded",
             "resource_type": "AllergyIntolerance", "title": "Amoxicillin",
@@ -1398,7 +1415,7 @@ mod tests {
         .unwrap()
     }
 
-    fn stored(store: &mut Store, items: &[Item], time: i64) -> i64 {
+    pub(crate) fn stored(store: &mut Store, items: &[Item], time: i64) -> i64 {
         let key = PublisherKey::from_secret([9; 32]);
         let mut doc = PublishedDocument::create(meta(), b"actor");
         doc.update(items, &[], time);

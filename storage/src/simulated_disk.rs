@@ -4,9 +4,8 @@
 //!
 //! What it models: a failed commit (SQLite returns an error from COMMIT and the transaction's
 //! writes are gone, as with `SQLITE_IOERR_FSYNC` or `SQLITE_FULL` in WAL mode), at a seeded
-//! rate or on every commit while the disk is full. What it does not model yet: a crash that
-//! tears the last unsynced writes (every commit here is durable once it returns, as with
-//! `synchronous=FULL`) and pages corrupted at rest.
+//! rate or on every commit while the disk is full. Power cuts that tear unsynced writes are
+//! [`crate::power_loss`]'s; pages corrupted at rest are not modelled yet.
 
 use caremesh_sync::rng::Rng;
 use std::sync::Mutex;

@@ -129,6 +129,13 @@ impl World {
     /// Asks `node`'s driver for frames while their connections' windows have room, sends
     /// them, rearms the node's timer and acts on what the driver reported.
     pub(super) fn pump_node(&mut self, node: usize) {
+        if self.nodes[node].driver.is_some()
+            && caremesh_storage::power_loss::power_is_off(&self.nodes[node].db)
+        {
+            // A power cut struck in what the node just did: nothing it did since leaves it.
+            self.power_failed(node);
+            return;
+        }
         let now = self.now();
         let skew = self.nodes[node].skew_ms;
         let local_ms = local_time(now, skew);
