@@ -15,6 +15,7 @@ use rusqlite::ffi;
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// The VFS's name, for `Connection::open_with_flags_and_vfs`.
@@ -33,6 +34,10 @@ struct Unsynced {
     /// its WAL (shared by both; kept on the database's entry).
     cut_after: Option<u64>,
 }
+
+/// Files whose power is off now: while none is, [`power_is_off`] answers without looking a
+/// path up (the simulator asks after every step of every node).
+static FILES_OFF: AtomicUsize = AtomicUsize::new(0);
 
 fn files() -> MutexGuard<'static, HashMap<String, Unsynced>> {
     static FILES: OnceLock<Mutex<HashMap<String, Unsynced>>> = OnceLock::new();
@@ -57,7 +62,7 @@ pub fn cut_power(db: &Path) {
     let mut files = files();
     for key in keys(db) {
         if let Some(file) = files.get_mut(&key) {
-            file.off = true;
+            turn_off(file);
         }
     }
 }
@@ -76,6 +81,9 @@ pub fn cut_power_after(db: &Path, operations: u64) {
 
 /// Whether the power to the database at `db` is off.
 pub fn power_is_off(db: &Path) -> bool {
+    if FILES_OFF.load(Ordering::Relaxed) == 0 {
+        return false;
+    }
     let [database, _] = keys(db);
     files().get(&database).is_some_and(|file| file.off)
 }
@@ -97,13 +105,20 @@ fn powered_off_by(files: &mut HashMap<String, Unsynced>, key: &str) -> bool {
     if *left > 0 {
         return false;
     }
-    entry.off = true;
     entry.cut_after = None;
+    turn_off(entry);
     let wal = format!("{database}-wal");
     if let Some(wal) = files.get_mut(&wal) {
-        wal.off = true;
+        turn_off(wal);
     }
     true
+}
+
+fn turn_off(file: &mut Unsynced) {
+    if !file.off {
+        file.off = true;
+        FILES_OFF.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Puts the database at `db` and its WAL back as the disk held them when the power was cut:
@@ -117,10 +132,13 @@ pub fn restore_after_power_loss(
     let mut loss = PowerLoss::default();
     let taken: Vec<(String, Unsynced)> = {
         let mut files = files();
-        keys(db)
+        let taken: Vec<(String, Unsynced)> = keys(db)
             .into_iter()
             .filter_map(|key| files.remove(&key).map(|file| (key, file)))
-            .collect()
+            .collect();
+        let off = taken.iter().filter(|(_, file)| file.off).count();
+        FILES_OFF.fetch_sub(off, Ordering::Relaxed);
+        taken
     };
     for (path, file) in taken {
         assert!(
