@@ -1442,3 +1442,49 @@ fn set_share_in(home: &std::path::Path, nhs: &str, value: &str) -> std::process:
         value,
     ])
 }
+
+/// A clinician's view is not held up by a long ingest: the node makes the view's access
+/// record between the ingest's commits. A 40,000-line extract goes in as twenty commits;
+/// the record opens (and its view is audited) while the file is still being ingested, so
+/// still in the drop folder.
+#[test]
+fn a_view_during_a_long_ingest_is_answered_between_its_commits() {
+    use std::io::Write;
+    let (temp, home) = banbury_road_surgery();
+    let node = RunningNode::start(&home);
+    let nhs = "9912003888";
+    let session = clinician_session(&home, &node.address, nhs);
+    let extract = temp.path().join("Observations.ndjson");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&extract).unwrap());
+        let patient = serde_json::json!({ "resourceType": "Patient", "id": "p1",
+            "identifier": [{ "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs }] });
+        writeln!(out, "{patient}").unwrap();
+        for k in 0..40_000 {
+            let observation = serde_json::json!({ "resourceType": "Observation",
+                "id": format!("o{k}"), "status": "final",
+                "subject": { "reference": "Patient/p1" }, "code": { "text": "Heart rate" },
+                "valueQuantity": { "value": 60 + k % 40, "unit": "bpm" },
+                "effectiveDateTime": "2024-01-01" });
+            writeln!(out, "{observation}").unwrap();
+        }
+    }
+    let dropped = home.join("drop").join("Observations.ndjson");
+    std::fs::rename(&extract, &dropped).unwrap();
+    let shown = wait_for(Duration::from_secs(120), || {
+        let (status, body) = http_get_as(&node.address, &format!("/api/patients/{nhs}"), &session);
+        status == 200 && body.contains("Heart rate")
+    });
+    assert!(shown, "the record never showed the first commits");
+    assert!(
+        dropped.exists(),
+        "the view was answered only after the whole ingest: it should come between commits"
+    );
+    // The ingest then finishes, whole.
+    assert!(wait_for(Duration::from_secs(300), || !dropped.exists()));
+    let processed: Vec<_> = std::fs::read_dir(home.join("processed"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(processed.len(), 1);
+}

@@ -302,7 +302,12 @@ pub enum FileDisposition {
 pub struct Ingestor<'a> {
     store: &'a mut Store,
     rules: IngestRules<'a>,
+    /// Run between commits (see [`Ingestor::pausing_between_commits`]).
+    pause: Option<Pause<'a>>,
 }
+
+/// What an ingest runs between its commits.
+type Pause<'a> = Box<dyn FnMut(&mut Store) + 'a>;
 
 /// What ingest needs to know of the node it ingests for: its organisation and feed, its key,
 /// its sharing rules and where files go. The node makes these from its home.
@@ -375,7 +380,22 @@ impl<'a> Ingestor<'a> {
                 disposition,
                 now,
             },
+            pause: None,
         })
+    }
+
+    /// Runs `pause` with the store after each commit (each file, each NDJSON chunk), when no
+    /// transaction is open: a running node makes the writes a clinician waits for there
+    /// (access records, sessions), so that a long ingest does not hold them up.
+    pub fn pausing_between_commits(mut self, pause: impl FnMut(&mut Store) + 'a) -> Self {
+        self.pause = Some(Box::new(pause));
+        self
+    }
+
+    fn between_commits(&mut self) {
+        if let Some(pause) = self.pause.as_mut() {
+            pause(self.store);
+        }
     }
 
     /// Ingests files and folders. Folders are walked recursively in name order; files whose
@@ -412,7 +432,9 @@ impl<'a> Ingestor<'a> {
                 batch = std::mem::take(&mut deferred);
             }
             for file in batch {
-                match self.ingest_file(&file, final_attempt) {
+                let attempt = self.ingest_file(&file, final_attempt);
+                self.between_commits();
+                match attempt {
                     Ok(Attempt::Done(file_report)) => {
                         report.merge(*file_report);
                         done.push(file);
@@ -610,6 +632,7 @@ impl<'a> Ingestor<'a> {
                     unreachable!("final attempts never defer")
                 };
                 report.merge(*done);
+                self.between_commits();
             }
         }
         let Attempt::Done(done) = self.place_resources(&file_name, chunk, chunk_report, true)?

@@ -149,7 +149,8 @@ pub fn execute(dir: &Path, command: StoreCommand) -> Result<ExitCode> {
 fn run_here(home: &Home, command: StoreCommand) -> Result<ExitCode> {
     let mut store = home.open_store()?;
     let mut printed = Printed::default();
-    let outcome = command.run(home, &mut store, &crate::process::operator(), &mut printed);
+    let operator = crate::process::operator();
+    let outcome = command.run(home, &mut store, &operator, None, &mut printed);
     show(&printed);
     outcome.map(ExitCode::from)
 }
@@ -289,11 +290,12 @@ async fn run_for_client(
         command = name,
         "running a command the CLI handed to this node"
     );
+    let between_commits = Box::new(writer.between_commits());
     let ran = writer
         .write(move |store| {
             let mut printed = Printed::default();
             let outcome = command
-                .run(&home, store, &operator, &mut printed)
+                .run(&home, store, &operator, Some(between_commits), &mut printed)
                 .map_err(|error| crate::process::error_chain(&error));
             Ok(Reply { printed, outcome })
         })

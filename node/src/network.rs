@@ -144,6 +144,8 @@ enum Command {
     },
     /// A write of the node's own (see [`StoreWriter`]), made between turns.
     Local(LocalWrite),
+    /// Writes wait in the urgent lane ([`StoreWriter::write_now`]).
+    Urgent,
 }
 
 /// A local write as the engine thread runs it: it sends its own result back.
@@ -164,6 +166,38 @@ pub struct EngineStopped;
 #[derive(Clone)]
 pub struct StoreWriter {
     engine: mpsc::Sender<Command>,
+    urgent: Arc<UrgentLane>,
+}
+
+/// Writes someone is waiting for (a clinician's access record, a session): made before any
+/// other local write, and between the commits of one under way (a long ingest).
+#[derive(Default)]
+struct UrgentLane {
+    queue: Mutex<std::collections::VecDeque<LocalWrite>>,
+}
+
+impl UrgentLane {
+    fn is_empty(&self) -> bool {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Makes every urgent write waiting, in order, on `store`.
+    fn run_waiting(&self, store: &mut Store) {
+        loop {
+            let next = self
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop_front();
+            match next {
+                Some(write) => write(store),
+                None => return,
+            }
+        }
+    }
 }
 
 impl StoreWriter {
@@ -193,6 +227,35 @@ impl StoreWriter {
             .blocking_send(Command::Local(Self::boxed(write, reply)))
             .map_err(|_| EngineStopped)?;
         answer.blocking_recv().map_err(|_| EngineStopped)?
+    }
+
+    /// [`StoreWriter::write`] for a write someone is waiting for: made before other local
+    /// writes, and between the commits of a long one under way (see
+    /// [`StoreWriter::between_commits`]), so that a view is not held up by an ingest.
+    pub async fn write_now<T, F>(&self, write: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.urgent
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push_back(Self::boxed(write, reply));
+        // Wakes an idle engine; one already busy finds the write at its next pause.
+        self.engine
+            .send(Command::Urgent)
+            .await
+            .map_err(|_| EngineStopped)?;
+        answer.await.map_err(|_| EngineStopped)?
+    }
+
+    /// For a long write (an ingest) to run between its commits: it makes the urgent writes
+    /// waiting then.
+    pub fn between_commits(&self) -> impl FnMut(&mut Store) + Send + 'static {
+        let urgent = self.urgent.clone();
+        move |store| urgent.run_waiting(store)
     }
 
     fn boxed<T, F>(write: F, reply: oneshot::Sender<Result<T>>) -> LocalWrite
@@ -265,6 +328,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
         None => None,
     };
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE);
+    let urgent = Arc::new(UrgentLane::default());
     let connected: Arc<Mutex<HashSet<OdsCode>>> = Default::default();
     let engine = {
         let ods = settings.ods.clone();
@@ -272,6 +336,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
         let shutdown = shutdown.clone();
         let counters = counters.clone();
         let stored_observer = settings.stored_observer.clone();
+        let urgent = urgent.clone();
         std::thread::Builder::new()
             .name("sync-engine".into())
             .spawn(move || {
@@ -284,6 +349,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                 };
                 let engine = Engine {
                     driver: Driver::new(ods, host, options, 0),
+                    urgent,
                     started: Instant::now(),
                     outgoing: HashMap::new(),
                     connected,
@@ -297,6 +363,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
 
     let writer = StoreWriter {
         engine: engine_tx.clone(),
+        urgent: urgent.clone(),
     };
     let Some(trust) = settings.trust else {
         return Ok(SyncService {
@@ -618,6 +685,7 @@ async fn run_connection(
 /// The engine thread: the IO around the [`Driver`], which decides everything.
 struct Engine {
     driver: Driver,
+    urgent: Arc<UrgentLane>,
     started: Instant,
     /// Each live connection's queue towards its writer task.
     outgoing: HashMap<ConnId, mpsc::Sender<Outgoing>>,
@@ -671,9 +739,11 @@ impl Engine {
     /// A local write met on the way ends the turn and is made after it: it is a transaction
     /// of its own.
     fn handle_turn(&mut self, first: Command, commands: &mut mpsc::Receiver<Command>) {
-        if let Command::Local(write) = first {
-            self.write_local(write);
-            return;
+        self.write_urgent();
+        match first {
+            Command::Local(write) => return self.write_local(write),
+            Command::Urgent => return,
+            _ => {}
         }
         self.driver.begin_turn();
         let deadline = Instant::now() + GROUP_WINDOW;
@@ -686,6 +756,8 @@ impl Engine {
                     local = Some(write);
                     break;
                 }
+                // Made after the turn, below.
+                Ok(Command::Urgent) => {}
                 Ok(command) => self.handle(command),
                 Err(_) => break,
             }
@@ -693,10 +765,26 @@ impl Engine {
         }
         self.driver.end_turn();
         self.handle_events();
+        self.pump();
+        self.write_urgent();
         if let Some(write) = local {
-            self.pump();
             self.write_local(write);
         }
+    }
+
+    /// Makes the urgent writes waiting, each as a local write.
+    fn write_urgent(&mut self) {
+        if self.urgent.is_empty() {
+            return;
+        }
+        let urgent = self.urgent.clone();
+        let Ok(()) = self
+            .driver
+            .write_local(|host| -> Result<(), std::convert::Infallible> {
+                urgent.run_waiting(&mut host.store);
+                Ok(())
+            });
+        self.handle_events();
     }
 
     fn write_local(&mut self, write: LocalWrite) {
@@ -731,7 +819,9 @@ impl Engine {
                 self.outgoing.remove(&conn);
                 self.driver.disconnected(conn, &reason);
             }
-            Command::Local(_) => unreachable!("local writes are made between turns"),
+            Command::Local(_) | Command::Urgent => {
+                unreachable!("local writes are made between turns")
+            }
         }
     }
 

@@ -66,12 +66,15 @@ impl StoreCommand {
     }
 
     /// Runs the command against `store` for the node in `home`, by `operator` (the account
-    /// that ran the CLI), printing into `out`. Returns the exit code.
+    /// that ran the CLI), printing into `out`. Returns the exit code. In a running node an
+    /// ingest runs `between_commits` after each commit (see
+    /// `Ingestor::pausing_between_commits`).
     pub fn run(
         self,
         home: &Home,
         store: &mut Store,
         operator: &str,
+        between_commits: Option<BetweenCommits>,
         out: &mut Printed,
     ) -> Result<u8> {
         match self {
@@ -80,7 +83,15 @@ impl StoreCommand {
                 patient_index,
                 move_files,
                 json,
-            } => ingest(home, store, &paths, patient_index, move_files, json, out),
+            } => {
+                let asked = IngestAsked {
+                    paths,
+                    patient_index,
+                    move_files,
+                    json,
+                };
+                ingest(home, store, asked, between_commits, out)
+            }
             StoreCommand::Record { nhs, user, json } => {
                 record(home, store, operator, &nhs, &user, json, out)
             }
@@ -144,15 +155,30 @@ impl StoreCommand {
     }
 }
 
-fn ingest(
-    home: &Home,
-    store: &mut Store,
-    paths: &[PathBuf],
+/// What runs between an ingest's commits in a running node.
+pub type BetweenCommits = Box<dyn FnMut(&mut Store) + Send>;
+
+/// What `caremesh ingest` was asked to do.
+struct IngestAsked {
+    paths: Vec<PathBuf>,
     patient_index: Option<PathBuf>,
     move_files: bool,
     json: bool,
+}
+
+fn ingest(
+    home: &Home,
+    store: &mut Store,
+    asked: IngestAsked,
+    between_commits: Option<BetweenCommits>,
     out: &mut Printed,
 ) -> Result<u8> {
+    let IngestAsked {
+        paths,
+        patient_index,
+        move_files,
+        json,
+    } = asked;
     // What is left is kept for views and their audit.
     if let Some(reason) = crate::disk::ingest_blocked(&home.dir) {
         bail!("{reason}; nothing was ingested: free space on the disk and run ingest again");
@@ -170,7 +196,10 @@ fn ingest(
         disposition,
         clock::now_unix(),
     )?;
-    let report = match ingestor.ingest_paths(paths) {
+    if let Some(pause) = between_commits {
+        ingestor = ingestor.pausing_between_commits(pause);
+    }
+    let report = match ingestor.ingest_paths(&paths) {
         Ok(report) => report,
         Err(stopped) => {
             // Exactly what went in before the stop: each file is one transaction.

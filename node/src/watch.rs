@@ -339,6 +339,7 @@ fn settled_files(
 /// Ingests `files` on the engine thread, the store's one writer.
 fn ingest_ready(home: &Home, writer: &StoreWriter, files: &[PathBuf]) -> anyhow::Result<()> {
     let (home_for_write, files) = (home.clone(), files.to_vec());
+    let between_commits = writer.between_commits();
     let report = writer.write_blocking(move |store| {
         let settings = home_for_write.ingest_settings()?;
         let mut ingestor = Ingestor::new(
@@ -347,7 +348,8 @@ fn ingest_ready(home: &Home, writer: &StoreWriter, files: &[PathBuf]) -> anyhow:
             None,
             FileDisposition::Move,
             clock::now_unix(),
-        )?;
+        )?
+        .pausing_between_commits(between_commits);
         ingestor.ingest_paths(&files).map_err(|stopped| {
             // Counts only, as below: what went in before the stop stays in (and was moved
             // away).

@@ -225,7 +225,7 @@ impl ViewState {
         let home_dir = self.home_dir().to_path_buf();
         let written = self
             .writer
-            .write(move |store| crate::disk::write_even_when_full(&home_dir, || write(store)))
+            .write_now(move |store| crate::disk::write_even_when_full(&home_dir, || write(store)))
             .await;
         written.map_err(|error| {
             tracing::error!(error = %format!("{error:#}"), "a view's write failed");
