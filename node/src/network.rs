@@ -765,9 +765,10 @@ impl Engine {
         }
         self.driver.end_turn();
         self.handle_events();
-        self.pump();
         self.write_urgent();
         if let Some(write) = local {
+            // The turn's acknowledgements leave before a long write begins.
+            self.pump();
             self.write_local(write);
         }
     }
@@ -778,13 +779,7 @@ impl Engine {
             return;
         }
         let urgent = self.urgent.clone();
-        let Ok(()) = self
-            .driver
-            .write_local(|host| -> Result<(), std::convert::Infallible> {
-                urgent.run_waiting(&mut host.store);
-                Ok(())
-            });
-        self.handle_events();
+        self.write_local(Box::new(move |store| urgent.run_waiting(store)));
     }
 
     fn write_local(&mut self, write: LocalWrite) {

@@ -338,10 +338,10 @@ fn settled_files(
 
 /// Ingests `files` on the engine thread, the store's one writer.
 fn ingest_ready(home: &Home, writer: &StoreWriter, files: &[PathBuf]) -> anyhow::Result<()> {
-    let (home_for_write, files) = (home.clone(), files.to_vec());
+    // Read here (the key, the registry, the sensitive codes), not on the engine thread.
+    let (settings, files) = (home.ingest_settings()?, files.to_vec());
     let between_commits = writer.between_commits();
     let report = writer.write_blocking(move |store| {
-        let settings = home_for_write.ingest_settings()?;
         let mut ingestor = Ingestor::new(
             &settings,
             store,
