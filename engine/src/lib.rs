@@ -626,6 +626,12 @@ impl Driver {
                 }
                 Event::CaughtUp => live.last_sync_at = Some(self.host.now_unix()),
                 Event::PeerAcked { .. } => {}
+                Event::PeerWasAhead { had, resumed_after } => {
+                    tracing::warn!(peer = %ods, had, resumed_after, "the peer had taken this node's changes feed further than this database now reaches: it lost writes it had reported durable (a disk or virtual machine that does not honour fsync) or was restored from a backup; the peer is served again from where the two agree, and what only the peer holds comes back from it");
+                }
+                Event::FeedWentBack { had, resumed_after } => {
+                    tracing::warn!(peer = %ods, had, resumed_after, "the peer's changes feed went back (it lost writes or was restored from a backup): taking it again from where the two agree");
+                }
                 Event::RegistryAdopted => {
                     tracing::info!(peer = %ods, version = self.host.registry().version(), "adopted a newer trust registry from a peer");
                 }

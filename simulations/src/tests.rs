@@ -109,14 +109,17 @@ fn re_sent_entries_move_and_a_publisher_leaving_them_on_two_patients_is_caught()
     assert!(report.converged, "{}", report.render());
 
     let buggy = format!("{moving}\n[[inject]]\nnode = \"GP000\"\nbug = \"place-without-moving\"\n");
-    let report = run_text(&buggy, 7);
-    assert!(
+    // Not every seed moves an entry in a way that leaves it behind; these do (seed 7 did
+    // before the feed's Resume frame changed the traces).
+    let caught = (1..=3).map(|seed| run_text(&buggy, seed)).find(|report| {
         report
             .violations
             .iter()
-            .any(|v| v.rule == "one-patient-per-resource" && v.node == "GP000"),
-        "{}",
-        report.render()
+            .any(|v| v.rule == "one-patient-per-resource" && v.node == "GP000")
+    });
+    assert!(
+        caught.is_some(),
+        "the planted bug was not caught by seeds 1 to 3"
     );
 }
 
@@ -232,7 +235,8 @@ fn a_full_disk_at_the_hub_loses_nothing_and_the_region_converges_once_it_is_free
 /// group commit), and the disk keeps only what was synced, each unsynced write torn at
 /// random. The store syncs every commit before the driver acknowledges anything, so nothing
 /// acknowledged is lost and the region converges. The same region whose stores commit
-/// without syncing (`synchronous = OFF`) is caught: what they acknowledged is gone.
+/// without syncing (`synchronous = OFF`, as a disk that lies about syncs) is caught: what
+/// they acknowledged is gone.
 #[test]
 fn power_cuts_mid_write_lose_nothing_acknowledged_and_commits_without_sync_are_caught() {
     let cuts = format!(
@@ -255,13 +259,23 @@ fn power_cuts_mid_write_lose_nothing_acknowledged_and_commits_without_sync_are_c
     );
     let report = run_text(&unsynced, 1);
     assert!(report.unsynced_writes_lost > 0, "{}", report.render());
-    // The hub's feed went back past what its peers had taken from it.
-    assert!(!report.converged, "{}", report.render());
+    // Caught where it happens: each node's checkpoint in its peer's feed, after the crash,
+    // is behind what it had acknowledged.
+    for (node, peer) in [("HUB01", "GP000"), ("GP000", "HUB01")] {
+        assert!(
+            report.violations.iter().any(|v| v.rule == "no-loss"
+                && v.node == node
+                && v.detail.contains(&format!("acknowledged {peer}'s feed"))
+                && v.detail.contains("lost an acknowledged write")),
+            "{}",
+            report.render()
+        );
+    }
+    // Their feeds went back past what their peers had taken, and the peers were served
+    // again from where the feeds still agreed: no session failed on it (before feed epochs,
+    // every reconnect failed with "offer positions out of order").
     assert!(
-        report
-            .violations
-            .iter()
-            .any(|v| v.rule == "protocol" || v.rule == "convergence"),
+        report.violations.iter().all(|v| v.rule != "protocol"),
         "{}",
         report.render()
     );

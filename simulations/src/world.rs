@@ -177,6 +177,9 @@ pub(crate) struct World {
     lost_for_good: BTreeSet<usize>,
     /// (publisher, doc) → heads it committed last: what must never be lost.
     pub committed: BTreeMap<(usize, caremesh_sync::DocId), Vec<[u8; 32]>>,
+    /// (puller, provider) → the furthest (provider's feed epoch, position) the puller
+    /// acknowledged: a crash must leave its checkpoint there or later.
+    acknowledged: BTreeMap<(usize, usize), (u64, u64)>,
 }
 
 fn sim_error(what: impl std::fmt::Display) -> crate::SimError {
@@ -267,7 +270,8 @@ impl World {
             let _ = std::fs::remove_file(&db);
             let _ = std::fs::remove_file(db.with_extension("db-wal"));
             let _ = std::fs::remove_file(db.with_extension("db-shm"));
-            let store = Store::open_simulated(&db).map_err(sim_error)?;
+            // Feed epochs: 1 for this setting up, then one per life (`open_driver`).
+            let store = Store::open_simulated(&db, 1).map_err(sim_error)?;
             let mut feed = [0u8; 16];
             feed.copy_from_slice(&rng.bytes32()[..16]);
             store.set_feed_id(feed).map_err(sim_error)?;
@@ -334,6 +338,7 @@ impl World {
             active_faults: BTreeSet::new(),
             lost_for_good: BTreeSet::new(),
             committed: BTreeMap::new(),
+            acknowledged: BTreeMap::new(),
         };
         world.initial_extracts()?;
         world.schedule_start();
@@ -915,6 +920,9 @@ impl World {
     fn restart(&mut self, node: usize) -> Result<(), crate::SimError> {
         let driver =
             open_driver(&self.nodes[node], &self.registry, &self.now_ms).map_err(sim_error)?;
+        if self.wants(Invariant::NoLoss) {
+            self.check_acknowledged_survived(node, &driver);
+        }
         let n = &mut self.nodes[node];
         n.driver = Some(driver);
         let life = n.life;
@@ -1008,6 +1016,38 @@ impl World {
             .collect()
     }
 
+    /// After a crash, `node`'s checkpoint in each peer's feed is at or past what it
+    /// acknowledged before: an acknowledged write the disk did not keep is a loss, even if
+    /// the peer can send it again (what the node published itself, nobody can).
+    fn check_acknowledged_survived(&mut self, node: usize, driver: &Driver) {
+        let mut found = Vec::new();
+        for (&(puller, provider), &(epoch, up_to)) in
+            self.acknowledged.range((node, 0)..(node + 1, 0))
+        {
+            debug_assert_eq!(puller, node);
+            let durable = driver
+                .host()
+                .store
+                .peer_checkpoint(&self.nodes[provider].ods)
+                .ok()
+                .flatten()
+                .map_or((0, 0), |c| (c.epoch, c.up_to));
+            if durable < (epoch, up_to) {
+                found.push(Violation {
+                    at_s: self.now_s(),
+                    node: self.nodes[node].ods.to_string(),
+                    doc: String::new(),
+                    rule: "no-loss".into(),
+                    detail: format!(
+                        "acknowledged {}'s feed up to {up_to} (epoch {epoch}) before it crashed, but after the crash holds it only up to {} (epoch {}): its disk lost an acknowledged write",
+                        self.nodes[provider].ods, durable.1, durable.0
+                    ),
+                });
+            }
+        }
+        self.record(found);
+    }
+
     fn final_checks(&mut self) -> Result<(), crate::SimError> {
         let held = self.held_everywhere()?;
         if self.wants(Invariant::NothingForbidden) {
@@ -1093,7 +1133,8 @@ fn open_driver(
     registry: &Arc<VerifiedRegistry>,
     now_ms: &Arc<AtomicU64>,
 ) -> Result<Driver, caremesh_storage::StorageError> {
-    let mut store = Store::open_simulated(&node.db)?;
+    // Each life begins a feed epoch of its own, numbered so a seed replays exactly.
+    let mut store = Store::open_simulated(&node.db, node.life + 2)?;
     if node.bug == Some(crate::scenario::Bug::CommitWithoutSync) {
         store.without_fsync()?;
     }

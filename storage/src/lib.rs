@@ -23,7 +23,9 @@ pub mod simulated_disk;
 pub mod sync_host;
 
 pub use access::BreakGlass;
-pub use peers::{FeedRow, PeerStatus, RejectedChange, UnsendableDocument};
+pub use peers::{
+    FeedRow, KEPT_FEED_EPOCHS, PeerCheckpoint, PeerStatus, RejectedChange, UnsendableDocument,
+};
 pub use placements::{OnSeveralPatients, Placement};
 
 use caremesh_sync::policy::{Consent, SourceStatement};
@@ -63,6 +65,13 @@ pub enum StorageError {
         path: PathBuf,
         doc: String,
         what: String,
+    },
+    #[error(
+        "database {path}: the system's random source failed ({source}); a feed epoch needs it, so check /dev/urandom and getrandom(2) are available"
+    )]
+    Randomness {
+        path: PathBuf,
+        source: std::io::Error,
     },
 }
 
@@ -312,19 +321,25 @@ enum Group {
 
 impl Store {
     /// Opens (creating if needed) the node database and brings its schema up to date.
+    /// Each opening begins a feed epoch (see [`Store::begin_feed_epoch`]) with a random id.
     pub fn open(path: &Path) -> Result<Store> {
-        Store::open_through(path, None)
+        let epoch = getrandom::u64().map_err(|source| StorageError::Randomness {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(source.to_string()),
+        })?;
+        Store::open_through(path, None, epoch)
     }
 
     /// [`Store::open`] for a simulated node: through the power-loss VFS
     /// ([`power_loss`]), whose syncs cost nothing, so the store runs `synchronous = FULL` as
-    /// production does and a simulated crash can take back what was not synced.
-    pub fn open_simulated(path: &Path) -> Result<Store> {
+    /// production does and a simulated crash can take back what was not synced. The caller
+    /// names the feed epoch, so that a seed replays exactly.
+    pub fn open_simulated(path: &Path, epoch: u64) -> Result<Store> {
         power_loss::register();
-        Store::open_through(path, Some(power_loss::VFS_NAME))
+        Store::open_through(path, Some(power_loss::VFS_NAME), epoch)
     }
 
-    fn open_through(path: &Path, vfs: Option<&str>) -> Result<Store> {
+    fn open_through(path: &Path, vfs: Option<&str>, epoch: u64) -> Result<Store> {
         // Created readable by its owner only; SQLite gives its WAL and shared-memory files the
         // database file's permissions.
         if !path.exists() {
@@ -352,6 +367,7 @@ impl Store {
         };
         store.configure(false)?;
         store.migrate()?;
+        store.begin_feed_epoch(epoch)?;
         Ok(store)
     }
 
@@ -949,13 +965,12 @@ impl WriteBatch<'_> {
     ) -> Result<i64> {
         let meta = &signed.meta;
         let id = meta.id();
+        // From the counter, never MAX(seq) + 1: a purge of the newest documents must not hand
+        // their positions out again, or a peer past them would never be offered what took them.
         let seq: i64 = self
             .tx
-            .query_row(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM documents",
-                [],
-                |row| row.get(0),
-            )
+            .prepare_cached("UPDATE feed_tip SET tip = tip + 1 RETURNING tip")
+            .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
             .map_err(self.err("allocate feed position"))?;
         self.tx
             .prepare_cached(
@@ -1416,16 +1431,75 @@ mod tests {
     }
 
     pub(crate) fn stored(store: &mut Store, items: &[Item], time: i64) -> i64 {
+        stored_as(store, &meta(), items, time)
+    }
+
+    fn stored_as(store: &mut Store, meta: &DocMeta, items: &[Item], time: i64) -> i64 {
         let key = PublisherKey::from_secret([9; 32]);
-        let mut doc = PublishedDocument::create(meta(), b"actor");
+        let mut doc = PublishedDocument::create(meta.clone(), b"actor");
         doc.update(items, &[], time);
-        let signed = key.sign_heads(&meta(), &doc.heads());
+        let signed = key.sign_heads(meta, &doc.heads());
         let batch = store.write().unwrap();
         let seq = batch
             .put_document(&signed, &doc.save(), items, time)
             .unwrap();
         batch.commit().unwrap();
         seq
+    }
+
+    /// Finding: positions came from MAX(seq) + 1, so purging the newest documents (a
+    /// withdrawal) handed their positions out again, and a peer already past them was never
+    /// offered the documents that took them.
+    #[test]
+    fn a_purge_of_the_newest_documents_never_hands_their_positions_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
+        let other = DocMeta {
+            patient: NhsNumber::parse("9434765919").unwrap(),
+            ..meta()
+        };
+        assert_eq!(stored_as(&mut store, &meta(), &[item("a/1")], 1), 1);
+        assert_eq!(stored_as(&mut store, &other, &[item("b/1")], 2), 2);
+        let batch = store.write().unwrap();
+        assert_eq!(batch.purge(&other.publisher, &other.patient).unwrap(), 1);
+        batch.commit().unwrap();
+        assert_eq!(store.feed_tip().unwrap(), 2, "the tip stays where it was");
+        let third = DocMeta {
+            patient: NhsNumber::parse("6700028191").unwrap(),
+            ..meta()
+        };
+        assert_eq!(stored_as(&mut store, &third, &[item("c/1")], 3), 3);
+    }
+
+    /// Each opening for writing begins a feed epoch at the tip; the epochs before it end
+    /// where the next began, and only the newest are remembered.
+    #[test]
+    fn each_opening_begins_a_feed_epoch_and_old_epochs_are_forgotten() {
+        use caremesh_sync::session::EpochEnd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut store = Store::open(&path).unwrap();
+        let first = store.feed_epoch().unwrap();
+        assert_eq!(store.feed_epoch_end(first).unwrap(), EpochEnd::Current);
+        assert_eq!(store.feed_epoch_end(0).unwrap(), EpochEnd::EndedAt(0));
+        stored(&mut store, &[item("a/1")], 1);
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let second = store.feed_epoch().unwrap();
+        assert_ne!(first, second);
+        assert_eq!(store.feed_epoch_end(first).unwrap(), EpochEnd::EndedAt(1));
+        assert_eq!(store.feed_epoch_end(second).unwrap(), EpochEnd::Current);
+        drop(store);
+        for _ in 0..KEPT_FEED_EPOCHS {
+            drop(Store::open(&path).unwrap());
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.feed_epoch_end(second).unwrap(), EpochEnd::Unknown);
+        let epochs: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM feed_epochs", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(epochs, KEPT_FEED_EPOCHS);
     }
 
     #[test]

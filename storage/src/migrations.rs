@@ -283,6 +283,27 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (witness, count)
     ) STRICT;
     "#,
+    // 14: a feed that never goes back. Positions come from a counter, not MAX(seq) + 1, so a
+    // purge of the newest documents cannot hand their positions out again; and each opening
+    // for writing begins a feed epoch, so that a peer holding positions this database no
+    // longer has (a disk that lost writes it reported durable, a restore from a backup)
+    // is served again from where the two still agree (`Store::feed_epoch_end`).
+    r#"
+    CREATE TABLE feed_tip (
+        only    INTEGER PRIMARY KEY CHECK (only = 1),
+        tip     INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO feed_tip (only, tip) SELECT 1, COALESCE(MAX(seq), 0) FROM documents;
+    CREATE TABLE feed_epochs (
+        ordinal      INTEGER PRIMARY KEY,
+        epoch        INTEGER NOT NULL UNIQUE,
+        starts_after INTEGER NOT NULL
+    ) STRICT;
+    -- Checkpoints saved before epochs name epoch 0: positions up to where the first epoch
+    -- began, as before.
+    INSERT INTO feed_epochs (epoch, starts_after) VALUES (0, 0);
+    ALTER TABLE sync_peers ADD COLUMN peer_epoch INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 #[cfg(test)]

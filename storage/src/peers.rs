@@ -2,6 +2,7 @@
 //! log of rejected changes.
 
 use crate::{Result, StorageError, Store, WriteBatch, doc_id_from};
+use caremesh_sync::session::EpochEnd;
 use caremesh_sync::{DocId, DocMeta, NhsNumber, OdsCode};
 use rusqlite::{OptionalExtension, params};
 
@@ -39,6 +40,18 @@ pub struct PeerStatus {
 /// A running node rewrites its peer rows every second; a row older than this was left by a
 /// node that is no longer running, whatever its `connected` column says.
 pub const STATUS_STALE_AFTER_SECONDS: i64 = 10;
+
+/// Feed epochs remembered (one begins at each opening for writing): a peer whose checkpoint
+/// names an older one is served from the feed's start.
+pub const KEPT_FEED_EPOCHS: i64 = 256;
+
+/// Our position in a peer's feed: the feed, the feed epoch it was taken in, the position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCheckpoint {
+    pub feed: [u8; 16],
+    pub epoch: u64,
+    pub up_to: u64,
+}
 
 impl PeerStatus {
     /// Connected now: the row says so and a running node wrote it recently.
@@ -131,12 +144,70 @@ impl Store {
         Ok(())
     }
 
-    /// The last position in this node's feed, 0 when empty.
+    /// The last position this node's feed has handed out, 0 when none. It never goes back,
+    /// even when the documents that took the newest positions are purged.
     pub fn feed_tip(&self) -> Result<u64> {
         self.conn
-            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM documents")
+            .prepare_cached("SELECT tip FROM feed_tip")
             .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
             .map_err(self.err("read feed tip"))
+    }
+
+    /// Begins a feed epoch `epoch` at the feed's tip: positions after it belong to the new
+    /// epoch. Done at each opening for writing, because what the last run wrote after its
+    /// final durable write may be gone (a disk that lied about a sync, a restore from a
+    /// backup), and its positions may then be handed out again: a peer's checkpoint names
+    /// the epoch it was taken in, and [`Store::feed_epoch_end`] says how far that epoch's
+    /// positions still hold. The newest [`KEPT_FEED_EPOCHS`] are kept; a peer whose epoch is
+    /// older is served from the start (the heads check keeps that cheap).
+    pub(crate) fn begin_feed_epoch(&mut self, epoch: u64) -> Result<()> {
+        let path = self.path.clone();
+        let fail = |source| StorageError::database(path.clone(), "begin a feed epoch", source);
+        let tx = self.conn.transaction().map_err(fail)?;
+        tx.execute(
+            "INSERT INTO feed_epochs (epoch, starts_after) SELECT ?1, tip FROM feed_tip",
+            [epoch as i64],
+        )
+        .map_err(fail)?;
+        tx.execute(
+            "DELETE FROM feed_epochs WHERE ordinal <= (SELECT MAX(ordinal) FROM feed_epochs) - ?1",
+            [KEPT_FEED_EPOCHS],
+        )
+        .map_err(fail)?;
+        tx.commit().map_err(fail)
+    }
+
+    /// The feed epoch positions are handed out in now.
+    pub fn feed_epoch(&self) -> Result<u64> {
+        self.conn
+            .prepare_cached("SELECT epoch FROM feed_epochs ORDER BY ordinal DESC LIMIT 1")
+            .and_then(|mut statement| statement.query_row([], |row| row.get::<_, i64>(0)))
+            .map(|epoch| epoch as u64)
+            .map_err(self.err("read feed epoch"))
+    }
+
+    /// How far positions taken in `epoch` still hold: up to where the next epoch began, or
+    /// all of them for the current epoch. `Unknown` for an epoch this database never had or
+    /// no longer remembers.
+    pub fn feed_epoch_end(&self, epoch: u64) -> Result<EpochEnd> {
+        let row: Option<(i64, Option<i64>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT e.ordinal, (SELECT n.starts_after FROM feed_epochs n \
+                 WHERE n.ordinal > e.ordinal ORDER BY n.ordinal LIMIT 1) \
+                 FROM feed_epochs e WHERE e.epoch = ?1",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row([epoch as i64], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            })
+            .map_err(self.err("read feed epochs"))?;
+        Ok(match row {
+            None => EpochEnd::Unknown,
+            Some((_, None)) => EpochEnd::Current,
+            Some((_, Some(next_starts_after))) => EpochEnd::EndedAt(next_starts_after as u64),
+        })
     }
 
     /// A page of the feed after `after`, without snapshots.
@@ -228,18 +299,28 @@ impl Store {
             .map_err(self.err("read signed heads"))
     }
 
-    /// Our checkpoint in `peer`'s feed: (feed id, position).
-    pub fn peer_checkpoint(&self, peer: &OdsCode) -> Result<Option<([u8; 16], u64)>> {
-        let row: Option<(Option<Vec<u8>>, u64)> = self
+    /// Our checkpoint in `peer`'s feed.
+    pub fn peer_checkpoint(&self, peer: &OdsCode) -> Result<Option<PeerCheckpoint>> {
+        let row: Option<(Option<Vec<u8>>, i64, u64)> = self
             .conn
-            .prepare_cached("SELECT peer_feed, pulled_up_to FROM sync_peers WHERE peer = ?1")
+            .prepare_cached(
+                "SELECT peer_feed, peer_epoch, pulled_up_to FROM sync_peers WHERE peer = ?1",
+            )
             .and_then(|mut statement| {
                 statement
-                    .query_row([peer.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .query_row([peer.as_str()], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })
                     .optional()
             })
             .map_err(self.err("read checkpoint"))?;
-        Ok(row.and_then(|(feed, up_to)| Some((feed?.try_into().ok()?, up_to))))
+        Ok(row.and_then(|(feed, epoch, up_to)| {
+            Some(PeerCheckpoint {
+                feed: feed?.try_into().ok()?,
+                epoch: epoch as u64,
+                up_to,
+            })
+        }))
     }
 
     pub fn peer_statuses(&self) -> Result<Vec<PeerStatus>> {
@@ -426,14 +507,22 @@ impl WriteBatch<'_> {
     }
 
     /// Saves our checkpoint in `peer`'s feed, in the transaction that stored what it covers.
-    pub fn save_checkpoint(&self, peer: &OdsCode, feed: [u8; 16], up_to: u64) -> Result<()> {
+    pub fn save_checkpoint(&self, peer: &OdsCode, checkpoint: PeerCheckpoint) -> Result<()> {
         self.tx
             .prepare_cached(
-                "INSERT INTO sync_peers (peer, peer_feed, pulled_up_to) VALUES (?1, ?2, ?3) \
+                "INSERT INTO sync_peers (peer, peer_feed, peer_epoch, pulled_up_to) \
+                 VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT(peer) DO UPDATE SET peer_feed = excluded.peer_feed, \
-                 pulled_up_to = excluded.pulled_up_to",
+                 peer_epoch = excluded.peer_epoch, pulled_up_to = excluded.pulled_up_to",
             )
-            .and_then(|mut statement| statement.execute(params![peer.as_str(), &feed[..], up_to]))
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    peer.as_str(),
+                    &checkpoint.feed[..],
+                    checkpoint.epoch as i64,
+                    checkpoint.up_to
+                ])
+            })
             .map_err(self.err("save checkpoint"))?;
         Ok(())
     }
@@ -508,7 +597,12 @@ mod tests {
                 })
                 .unwrap();
             let batch = store.write().unwrap();
-            batch.save_checkpoint(&peer, [4; 16], 42).unwrap();
+            let checkpoint = PeerCheckpoint {
+                feed: [4; 16],
+                epoch: 7,
+                up_to: 42,
+            };
+            batch.save_checkpoint(&peer, checkpoint).unwrap();
             batch.commit().unwrap();
             store
                 .save_peer_status(&PeerStatus {
@@ -519,7 +613,11 @@ mod tests {
                 .unwrap();
         }
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.peer_checkpoint(&peer).unwrap(), Some(([4; 16], 42)));
+        let checkpoint = store.peer_checkpoint(&peer).unwrap().unwrap();
+        assert_eq!(
+            (checkpoint.feed, checkpoint.epoch, checkpoint.up_to),
+            ([4; 16], 7, 42)
+        );
         let status = store.peer_status(&peer).unwrap().unwrap();
         assert_eq!(status.bytes_sent, 20);
         assert_eq!(

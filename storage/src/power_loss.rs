@@ -522,7 +522,7 @@ mod tests {
     /// feed tip that commit left.
     fn one_commit(dir: &Path) -> (PathBuf, Store, i64) {
         let db = dir.join("node.db");
-        let mut store = Store::open_simulated(&db).unwrap();
+        let mut store = Store::open_simulated(&db, 1).unwrap();
         crate::tests::stored(&mut store, &[crate::tests::item("a/1")], 1);
         let committed = count(&store);
         assert!(committed > 0);
@@ -533,7 +533,7 @@ mod tests {
     fn reopen_after_cut(db: &Path, store: Store, tear: Option<&mut Rng>) -> Store {
         drop(store);
         restore_after_power_loss(db, tear).unwrap();
-        Store::open_simulated(db).unwrap()
+        Store::open_simulated(db, 2).unwrap()
     }
 
     /// What was committed (synced) survives a power cut; what a transaction wrote without
@@ -584,7 +584,17 @@ mod tests {
         drop(store);
         let loss = restore_after_power_loss(&db, None).unwrap();
         assert!(loss.lost_writes > 0);
-        let store = Store::open_simulated(&db).unwrap();
+        let store = Store::open_simulated(&db, 2).unwrap();
         assert_eq!(count(&store), before);
+        // The positions after `before` will be handed out again: the epoch they were taken
+        // in ended at `before`, so a peer that took them is served again from there.
+        use caremesh_sync::session::EpochEnd;
+        assert_eq!(store.feed_epoch().unwrap(), 2);
+        assert_eq!(
+            store.feed_epoch_end(1).unwrap(),
+            EpochEnd::EndedAt(before as u64)
+        );
+        assert_eq!(store.feed_epoch_end(2).unwrap(), EpochEnd::Current);
+        assert_eq!(store.feed_epoch_end(77).unwrap(), EpochEnd::Unknown);
     }
 }

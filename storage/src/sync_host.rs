@@ -4,10 +4,11 @@
 //! passes its registry file and the wall clock, a simulation its own registry and virtual
 //! time, so the same host runs in both.
 
-use crate::{CareLookup, FeedRow, SourceRow, StorageError, Store};
+use crate::{CareLookup, FeedRow, PeerCheckpoint, SourceRow, StorageError, Store};
 use caremesh_sync::VerifiedRegistry;
 use caremesh_sync::planted::PlantedBug;
 use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
+use caremesh_sync::session::EpochEnd;
 use caremesh_sync::wire::OfferEntry;
 use caremesh_sync::{
     Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, LoadedDocuments,
@@ -45,6 +46,8 @@ pub struct StoreHost {
     pub store: Store,
     policy: PolicyContext,
     feed: FeedId,
+    /// The feed epoch this store's opening began ([`Store::feed_epoch`]).
+    epoch: u64,
     clock: Clock,
     /// A purge left pages of withdrawn documents in the WAL that a reader kept from being
     /// truncated: compact again after the next commit.
@@ -339,6 +342,7 @@ impl StoreHost {
         clock: Clock,
     ) -> Result<StoreHost, StorageError> {
         let feed = FeedId(store.feed_id()?);
+        let epoch = store.feed_epoch()?;
         // The tail starts at the tip: sessions behind it read from SQLite, as before.
         let tip = store.feed_tip()?;
         Ok(StoreHost {
@@ -350,6 +354,7 @@ impl StoreHost {
                 known: PatientFacts::default(),
             },
             feed,
+            epoch,
             clock,
             compaction_due: false,
             tail: FeedTail::starting_at(tip),
@@ -443,6 +448,14 @@ fn feed_entry(row: FeedRow) -> Result<FeedEntry, HostError> {
 impl SyncHost for StoreHost {
     fn feed_id(&self) -> FeedId {
         self.feed
+    }
+
+    fn feed_epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn feed_epoch_end(&mut self, epoch: u64) -> Result<EpochEnd, HostError> {
+        self.store.feed_epoch_end(epoch).map_err(host_error)
     }
 
     fn feed_tip(&mut self) -> Result<u64, HostError> {
@@ -583,8 +596,13 @@ impl SyncHost for StoreHost {
             }
         }
         if let Some(checkpoint) = checkpoint {
+            let checkpoint = PeerCheckpoint {
+                feed: checkpoint.feed.0,
+                epoch: checkpoint.epoch,
+                up_to: checkpoint.up_to,
+            };
             batch
-                .save_checkpoint(peer, checkpoint.feed.0, checkpoint.up_to)
+                .save_checkpoint(peer, checkpoint)
                 .map_err(host_error)?;
         }
         let committed = batch.commit().map_err(host_error);
@@ -607,9 +625,10 @@ impl SyncHost for StoreHost {
 
     fn checkpoint(&mut self, peer: &OdsCode) -> Result<Option<Checkpoint>, HostError> {
         let stored = self.store.peer_checkpoint(peer).map_err(host_error)?;
-        Ok(stored.map(|(feed, up_to)| Checkpoint {
-            feed: FeedId(feed),
-            up_to,
+        Ok(stored.map(|stored| Checkpoint {
+            feed: FeedId(stored.feed),
+            epoch: stored.epoch,
+            up_to: stored.up_to,
         }))
     }
 
@@ -815,7 +834,13 @@ mod tests {
         .unwrap();
         let practice = OdsCode::parse("A81001").unwrap();
         let feed = FeedId([3; 16]);
-        let at = |up_to| Some(Checkpoint { feed, up_to });
+        let at = |up_to| {
+            Some(Checkpoint {
+                feed,
+                epoch: 0,
+                up_to,
+            })
+        };
         let refused = host
             .commit(
                 &practice,

@@ -12,7 +12,8 @@
 //!
 //! ```text
 //!  puller                      provider
-//!    Hello, Pull{feed, since} ──▶
+//!    Hello, Pull{feed, epoch, since} ──▶
+//!                           ◀── Resume{after}                  (since, or earlier: see below)
 //!                           ◀── Offer{entries, up_to, tip}     (≤ MAX_OUTSTANDING_OFFERS ahead)
 //!    Want{doc, have heads}   ──▶
 //!                           ◀── Changes{meta, changes, signed} (one per wanted document)
@@ -22,6 +23,13 @@
 //! Cost: a round after a small change touches only the feed entries after the checkpoint and
 //! the changes the puller lacks; nothing is proportional to the number of documents held.
 //! Arrival order does not matter and a version arriving twice is skipped by the heads check.
+//!
+//! A feed never hands a position out twice while its database keeps what it wrote. When it
+//! did not (a disk that reported a sync it never made, a restore from a backup), positions a
+//! puller had taken were handed out again to other documents. Each opening of a database for
+//! writing begins a feed epoch, and a checkpoint names the epoch it was taken in: a provider
+//! whose feed ended that epoch before the puller's position resumes from where the epoch
+//! ended ([`Event::PeerWasAhead`], [`Event::FeedWentBack`]), so nothing is skipped.
 //!
 //! The session owns no IO: bytes go in through [`Session::handle_input`], frames come out of
 //! [`Session::poll_transmit`] (which produces data only as fast as the caller drains it: the
@@ -154,13 +162,30 @@ pub struct OfferPage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Checkpoint {
     pub feed: FeedId,
+    /// The feed epoch the position was taken in.
+    pub epoch: u64,
     pub up_to: u64,
+}
+
+/// How far positions taken in one epoch of this node's feed still hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochEnd {
+    /// The epoch positions are handed out in now: all of them hold.
+    Current,
+    /// A later epoch began after this position: positions past it were handed out again.
+    EndedAt(u64),
+    /// Not an epoch of this feed, or one too old to be remembered.
+    Unknown,
 }
 
 /// What a session needs from the node around it: storage, trust and policy.
 pub trait SyncHost {
     /// This node's feed identity.
     fn feed_id(&self) -> FeedId;
+    /// The feed epoch positions are handed out in now.
+    fn feed_epoch(&self) -> u64;
+    /// How far positions taken in `epoch` of this node's feed still hold.
+    fn feed_epoch_end(&mut self, epoch: u64) -> Result<EpochEnd, HostError>;
     /// The last position of this node's feed (0 when empty).
     fn feed_tip(&mut self) -> Result<u64, HostError>;
     /// At most `limit` feed entries after position `after`, in feed order.
@@ -259,6 +284,14 @@ pub enum Event {
     Refused(Refusal),
     /// The peer acknowledged our feed up to this position.
     PeerAcked { up_to: u64 },
+    /// The peer had taken our feed up to `had`, past where the epoch it was taken in ended
+    /// (`resumed_after`): this node lost writes it had reported durable, or was restored from
+    /// a backup. It is served again from there; what only the peer holds comes back through
+    /// the peer's feed.
+    PeerWasAhead { had: u64, resumed_after: u64 },
+    /// The peer's feed went back from `had` to `resumed_after` (it lost writes or was
+    /// restored from a backup): we take it again from there.
+    FeedWentBack { had: u64, resumed_after: u64 },
     /// We hold everything the peer's feed had when it last told us its tip.
     CaughtUp,
     /// A newer trust registry from the peer was verified and adopted.
@@ -349,6 +382,10 @@ pub struct Session {
     hello_deadline: u64,
     /// Puller side.
     checkpoint: Checkpoint,
+    /// The epoch of the peer's feed, from its Hello: the positions it offers are taken in it.
+    peer_epoch: u64,
+    /// The peer answered our Pull: its offers follow.
+    resumed: bool,
     batches: VecDeque<Batch>,
     writes: BTreeMap<DocId, VerifiedDocument>,
     /// Provider side.
@@ -379,6 +416,8 @@ impl Session {
             audit_checkpoint_sent: 0,
             hello_deadline: now + HELLO_TIMEOUT_MS,
             checkpoint,
+            peer_epoch: 0,
+            resumed: false,
             batches: VecDeque::new(),
             writes: BTreeMap::new(),
             serving: None,
@@ -394,10 +433,12 @@ impl Session {
         session.control.push_back(Message::Hello {
             node: local,
             feed: host.feed_id(),
+            epoch: host.feed_epoch(),
             registry_version: host.registry_version(),
         });
         session.control.push_back(Message::Pull {
             feed: checkpoint.feed,
+            epoch: checkpoint.epoch,
             since: checkpoint.up_to,
         });
         Ok(session)
@@ -590,9 +631,11 @@ impl Session {
             Message::Hello {
                 node,
                 feed,
+                epoch,
                 registry_version,
-            } => self.on_hello(node, feed, registry_version, host),
-            Message::Pull { feed, since } => self.on_pull(feed, since, now, host),
+            } => self.on_hello(node, feed, epoch, registry_version, host),
+            Message::Pull { feed, epoch, since } => self.on_pull(feed, epoch, since, now, host),
+            Message::Resume { after } => self.on_resume(after),
             Message::Offer {
                 entries,
                 up_to,
@@ -635,6 +678,7 @@ impl Session {
         &mut self,
         node: OdsCode,
         feed: FeedId,
+        epoch: u64,
         registry_version: u64,
         host: &mut impl SyncHost,
     ) -> Result<(), SessionError> {
@@ -649,10 +693,15 @@ impl Session {
         }
         self.hello_received = true;
         self.peer_registry_version = registry_version;
+        self.peer_epoch = epoch;
         if feed != self.checkpoint.feed {
             // The peer's database is new to us (or was rebuilt): our Pull named another feed,
             // so the peer serves from its start, and our checkpoint restarts with it.
-            self.checkpoint = Checkpoint { feed, up_to: 0 };
+            self.checkpoint = Checkpoint {
+                feed,
+                epoch,
+                up_to: 0,
+            };
             self.stats.pulled_up_to = 0;
         }
         if registry_version > host.registry_version() {
@@ -671,6 +720,7 @@ impl Session {
     fn on_pull(
         &mut self,
         feed: FeedId,
+        epoch: u64,
         since: u64,
         now: u64,
         host: &mut impl SyncHost,
@@ -679,13 +729,15 @@ impl Session {
             return Err(SessionError::Protocol("second Pull".into()));
         }
         let tip = host.feed_tip()?;
-        // A position from another feed, or beyond our end (a database restored from an older
-        // backup), means nothing here: serve from the start, and the heads check keeps it cheap.
-        let start = if feed == host.feed_id() && since <= tip {
-            since
-        } else {
-            0
-        };
+        let same_feed = feed == host.feed_id();
+        let start = resume_position(same_feed, since, tip, || host.feed_epoch_end(epoch))?;
+        if same_feed && start < since {
+            self.events.push_back(Event::PeerWasAhead {
+                had: since,
+                resumed_after: start,
+            });
+        }
+        self.control.push_back(Message::Resume { after: start });
         self.stats.local_tip = tip;
         self.stats.peer_acked = start;
         self.serving = Some(Serving {
@@ -700,6 +752,32 @@ impl Session {
         Ok(())
     }
 
+    /// The peer answered our Pull: it serves from `after`, which is our position or, if its
+    /// feed went back, an earlier one.
+    fn on_resume(&mut self, after: u64) -> Result<(), SessionError> {
+        if self.resumed {
+            return Err(SessionError::Protocol("second Resume".into()));
+        }
+        if after > self.checkpoint.up_to {
+            return Err(SessionError::Protocol(format!(
+                "resumed after {after}, past the position {} we pulled from",
+                self.checkpoint.up_to
+            )));
+        }
+        self.resumed = true;
+        if after < self.checkpoint.up_to {
+            self.events.push_back(Event::FeedWentBack {
+                had: self.checkpoint.up_to,
+                resumed_after: after,
+            });
+            self.checkpoint.up_to = after;
+            self.stats.pulled_up_to = after;
+        }
+        // From here on positions are the peer's current epoch's, and the checkpoint says so.
+        self.checkpoint.epoch = self.peer_epoch;
+        Ok(())
+    }
+
     fn on_offer(
         &mut self,
         entries: Vec<OfferEntry>,
@@ -707,6 +785,9 @@ impl Session {
         tip: u64,
         host: &mut impl SyncHost,
     ) -> Result<(), SessionError> {
+        if !self.resumed {
+            return Err(SessionError::Protocol("Offer before Resume".into()));
+        }
         if entries.len() > MAX_OFFER_ENTRIES {
             return Err(SessionError::Protocol(format!(
                 "offer of {} entries, over the limit of {MAX_OFFER_ENTRIES}",
@@ -1141,6 +1222,26 @@ impl Session {
     pub fn local(&self) -> &OdsCode {
         &self.local
     }
+}
+
+/// Where to serve a puller from: its position `since` while our feed still holds it; where
+/// the epoch it was taken in ended, if our feed lost positions after that (they were handed
+/// out again); the start for another feed, an epoch we do not know, or a position past our
+/// tip (nothing else can explain one: serving from the start costs only the heads check).
+fn resume_position(
+    same_feed: bool,
+    since: u64,
+    tip: u64,
+    epoch_end: impl FnOnce() -> Result<EpochEnd, HostError>,
+) -> Result<u64, HostError> {
+    if !same_feed {
+        return Ok(0);
+    }
+    Ok(match epoch_end()? {
+        EpochEnd::Current if since <= tip => since,
+        EpochEnd::Current | EpochEnd::Unknown => 0,
+        EpochEnd::EndedAt(end) => since.min(end),
+    })
 }
 
 /// [`SyncHost::offerable_after`] by reading the feed and deciding each entry.

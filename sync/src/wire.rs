@@ -9,7 +9,7 @@ use crate::model::{DocId, DocMeta, OdsCode};
 use serde::{Deserialize, Serialize};
 
 /// The envelope version this build speaks. A peer speaking another is refused with a reason.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// The QUIC ALPN identifier of this protocol.
 pub const ALPN: &[u8] = b"caremesh/1";
@@ -48,17 +48,26 @@ pub struct WantEntry {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
-    /// First message each way: who we are, which feed we serve, our registry edition.
+    /// First message each way: who we are, which feed we serve and in which of its epochs,
+    /// our registry edition.
     Hello {
         node: OdsCode,
         feed: FeedId,
+        epoch: u64,
         registry_version: u64,
     },
-    /// Subscribe to the peer's feed after position `since` (0: from the start). `feed` is the
-    /// feed the position belongs to; if the peer's feed differs, it serves from the start.
+    /// Subscribe to the peer's feed after position `since` (0: from the start), a position
+    /// taken in feed `feed`, epoch `epoch`. The peer answers with [`Message::Resume`].
     Pull {
         feed: FeedId,
+        epoch: u64,
         since: u64,
+    },
+    /// The answer to a Pull: offers follow for positions after `after`. It is the Pull's
+    /// `since` when the feed still holds it; earlier when the feed lost positions the puller
+    /// had taken (the feed's epoch ended before them) or is another feed (then 0).
+    Resume {
+        after: u64,
     },
     /// Document versions in the feed up to position `up_to` (entries the recipient may not
     /// hold are left out, but `up_to` still moves past them). `tip` is the feed's end.
@@ -108,6 +117,7 @@ impl Message {
         match self {
             Message::Hello { .. } => "hello",
             Message::Pull { .. } => "pull",
+            Message::Resume { .. } => "resume",
             Message::Offer { .. } => "offer",
             Message::Want { .. } => "want",
             Message::Changes { .. } => "changes",
@@ -205,6 +215,7 @@ mod tests {
         Message::Hello {
             node: OdsCode::parse("A81001").unwrap(),
             feed: FeedId([3; 16]),
+            epoch: 5,
             registry_version: 4,
         }
     }
@@ -216,8 +227,10 @@ mod tests {
             Message::Ack { up_to: 9 },
             Message::Pull {
                 feed: FeedId([1; 16]),
+                epoch: 2,
                 since: 77,
             },
+            Message::Resume { after: 70 },
         ];
         let stream: Vec<u8> = messages
             .iter()

@@ -357,13 +357,22 @@ impl World {
         let Some(driver) = self.nodes[puller].driver.as_ref() else {
             return;
         };
-        let durable = driver
+        let stored = driver
             .host()
             .store
             .peer_checkpoint(&self.nodes[provider].ods)
             .ok()
-            .flatten()
-            .map_or(0, |(_, at)| at);
+            .flatten();
+        let durable = stored.map_or(0, |c| c.up_to);
+        if let Some(stored) = stored {
+            // Positions only grow within an epoch, and epochs only grow: the furthest pair.
+            let acknowledged = (stored.epoch, up_to.min(durable));
+            let furthest = self
+                .acknowledged
+                .entry((puller, provider))
+                .or_insert(acknowledged);
+            *furthest = (*furthest).max(acknowledged);
+        }
         if durable < up_to {
             let violation = Violation {
                 at_s: self.now_s(),

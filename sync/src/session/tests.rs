@@ -14,6 +14,8 @@ const PATIENTS: [&str; 3] = ["9912003888", "9434765919", "6700028191"];
 /// A node's storage and trust, in memory.
 struct MemoryHost {
     feed: FeedId,
+    /// The feed's epochs, oldest first: (epoch, the position it began after).
+    epochs: Vec<(u64, u64)>,
     next_seq: u64,
     docs: BTreeMap<DocId, (u64, HeldDocument)>,
     checkpoints: HashMap<OdsCode, Checkpoint>,
@@ -28,6 +30,7 @@ impl MemoryHost {
     fn new(feed: u8, trusted: &[(&str, &PublisherKey)]) -> MemoryHost {
         MemoryHost {
             feed: FeedId([feed; 16]),
+            epochs: vec![(1, 0)],
             next_seq: 1,
             docs: BTreeMap::new(),
             checkpoints: HashMap::new(),
@@ -39,6 +42,23 @@ impl MemoryHost {
             backfill: BTreeMap::new(),
             policy_unreadable: None,
         }
+    }
+
+    /// A restart after a disk that lost every write after feed position `kept` (it had
+    /// reported them durable): the documents that took later positions are gone, and so are
+    /// the checkpoints saved with them (this host does not date its checkpoints: all of
+    /// them); the positions are handed out again, and a new epoch begins.
+    fn restart_losing_writes_after(&mut self, kept: u64) {
+        self.docs.retain(|_, (seq, _)| *seq <= kept);
+        self.checkpoints.clear();
+        self.next_seq = kept + 1;
+        self.restart();
+    }
+
+    /// A restart: a new feed epoch begins at the tip.
+    fn restart(&mut self) {
+        let epoch = self.epochs.last().unwrap().0 + 1;
+        self.epochs.push((epoch, self.next_seq - 1));
     }
 
     fn put(&mut self, meta: DocMeta, snapshot: Vec<u8>, signed: &SignedHeads) {
@@ -75,6 +95,18 @@ impl MemoryHost {
 impl SyncHost for MemoryHost {
     fn feed_id(&self) -> FeedId {
         self.feed
+    }
+    fn feed_epoch(&self) -> u64 {
+        self.epochs.last().unwrap().0
+    }
+    fn feed_epoch_end(&mut self, epoch: u64) -> Result<EpochEnd, HostError> {
+        let Some(at) = self.epochs.iter().position(|(e, _)| *e == epoch) else {
+            return Ok(EpochEnd::Unknown);
+        };
+        Ok(match self.epochs.get(at + 1) {
+            Some((_, next_starts_after)) => EpochEnd::EndedAt(*next_starts_after),
+            None => EpochEnd::Current,
+        })
     }
     fn feed_tip(&mut self) -> Result<u64, HostError> {
         Ok(self.next_seq - 1)
@@ -472,6 +504,107 @@ fn an_interrupted_transfer_resumes_without_resending_what_was_stored() {
     );
 }
 
+/// A disk that reported syncs it never made: the GP lost the documents at positions 16 to 20
+/// after the hub had taken them, and three new documents took positions 16 to 18 again.
+/// Without epochs the hub, resuming after 20, would never be offered them (and before this a
+/// feed found behind a checkpoint stopped the session as a protocol error, on every
+/// reconnect). Now the GP resumes the hub from 15, where the hub's epoch ended, and says so;
+/// the lost documents come back to the GP from the hub.
+#[test]
+fn a_feed_that_lost_positions_a_peer_had_taken_is_served_again_from_where_they_agree() {
+    let key = gp_key();
+    let mut gp = gp_with(20);
+    let mut hub = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    let gp_ods = OdsCode::parse("A81001").unwrap();
+    assert_eq!(hub.checkpoints[&gp_ods].up_to, 20);
+    drop(link);
+
+    gp.restart_losing_writes_after(15);
+    let mut fresh = Vec::new();
+    for index in 100..103 {
+        let mut meta = meta_for("A81001", PATIENTS[0], Section::Problems, DataClass::Coded);
+        meta.patient = nhs_number(index);
+        gp.publish(&key, &meta, &[item_for(&meta, "p", "Asthma")], 1_000);
+        fresh.push(meta.id());
+    }
+    assert_eq!(
+        gp.feed_tip().unwrap(),
+        18,
+        "positions 16 to 18 handed out again"
+    );
+
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    assert!(link.frames_a_to_b.contains(&Message::Resume { after: 15 }));
+    let gp_events: Vec<Event> = std::iter::from_fn(|| link.a.poll_event()).collect();
+    assert!(gp_events.contains(&Event::PeerWasAhead {
+        had: 20,
+        resumed_after: 15
+    }));
+    let hub_events: Vec<Event> = std::iter::from_fn(|| link.b.poll_event()).collect();
+    assert!(hub_events.contains(&Event::FeedWentBack {
+        had: 20,
+        resumed_after: 15
+    }));
+    for doc in &fresh {
+        assert!(
+            hub.heads(*doc).is_some(),
+            "a document at a reused position reached the hub"
+        );
+    }
+    assert_eq!(hub.docs.len(), 23);
+    assert_eq!(gp.docs.len(), 23, "what the GP lost came back from the hub");
+    let checkpoint = hub.checkpoints[&gp_ods];
+    assert_eq!(
+        (checkpoint.epoch, checkpoint.up_to),
+        (2, gp.feed_tip().unwrap())
+    );
+
+    // A restart that lost nothing changes nothing: the hub resumes where it was.
+    gp.restart();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    let at = hub.checkpoints[&gp_ods].up_to;
+    assert!(link.frames_a_to_b.contains(&Message::Resume { after: at }));
+    assert_eq!(changes_sent(&link.frames_a_to_b), 0);
+}
+
+#[test]
+fn a_resume_past_the_pulled_position_or_an_offer_before_resume_is_a_protocol_error() {
+    let mut hub = hub();
+    let hello = |session: &mut Session, hub: &mut MemoryHost| {
+        let frame = wire::encode_frame(&Message::Hello {
+            node: OdsCode::parse("A81001").unwrap(),
+            feed: FeedId([1; 16]),
+            epoch: 1,
+            registry_version: 0,
+        })
+        .unwrap();
+        session.handle_input(&frame, 0, hub).unwrap();
+    };
+    let mut session = hub_session_with_gp(&mut hub);
+    hello(&mut session, &mut hub);
+    let resume = wire::encode_frame(&Message::Resume { after: 5 }).unwrap();
+    assert!(matches!(
+        session.handle_input(&resume, 0, &mut hub),
+        Err(SessionError::Protocol(reason)) if reason.contains("past the position 0")
+    ));
+    let mut session = hub_session_with_gp(&mut hub);
+    hello(&mut session, &mut hub);
+    let offer = wire::encode_frame(&Message::Offer {
+        entries: Vec::new(),
+        up_to: 3,
+        tip: 3,
+    })
+    .unwrap();
+    assert!(matches!(
+        session.handle_input(&offer, 0, &mut hub),
+        Err(SessionError::Protocol(reason)) if reason.contains("before Resume")
+    ));
+}
+
 #[test]
 fn a_document_with_a_forged_signature_is_rejected_and_nothing_of_it_is_stored() {
     let key = gp_key();
@@ -705,6 +838,7 @@ fn a_peer_claiming_another_identity_or_sending_garbage_is_an_error_not_a_panic()
     let impostor = wire::encode_frame(&Message::Hello {
         node: OdsCode::parse("B81002").unwrap(),
         feed: gp.feed,
+        epoch: 1,
         registry_version: 1,
     })
     .unwrap();
@@ -748,7 +882,8 @@ fn a_slow_peer_bounds_what_the_provider_has_in_flight() {
         frames += 1;
         assert!(frames < 100, "provider kept producing for a silent peer");
     }
-    assert!(frames <= 2 + MAX_OUTSTANDING_OFFERS);
+    // Hello, Pull, Resume, then at most the offers the window allows.
+    assert!(frames <= 3 + MAX_OUTSTANDING_OFFERS);
 }
 
 #[test]
