@@ -49,40 +49,68 @@ fn count(dir: &Path, sql: &str, parameter: impl rusqlite::ToSql) -> i64 {
 const DIRECT_CARE: &[&str] = &["coded", "free-text", "document"];
 const CODED: &[&str] = &["coded"];
 
-/// One text column from `dir`'s database; `sql` takes one parameter.
-fn strings(dir: &Path, sql: &str, parameter: &str) -> Vec<String> {
-    let db = database(dir);
-    let mut statement = db.prepare(sql).unwrap();
-    statement
-        .query_map([parameter], |row| row.get(0))
+/// The documents `dir` holds (publisher, patient, section, class), read as sync reads them:
+/// through the store's own feed, on a read-only connection beside the running node.
+fn held_documents(dir: &Path) -> Vec<caremesh_sync::DocMeta> {
+    let store = caremesh_storage::Store::open_read_only(&dir.join("node.db")).unwrap();
+    store
+        .feed_after(0, usize::MAX >> 1)
         .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+        .into_iter()
+        .map(|row| row.meta)
+        .collect()
 }
 
 /// Patients `org` has published about at `dir`: its caseload, which is all it receives.
 fn caseload(dir: &Path, org: &str) -> Vec<String> {
-    strings(
-        dir,
-        "SELECT DISTINCT nhs FROM documents WHERE publisher = ?1",
-        org,
-    )
+    let mut patients: Vec<String> = held_documents(dir)
+        .into_iter()
+        .filter(|meta| meta.publisher.as_str() == org)
+        .map(|meta| meta.patient.to_string())
+        .collect();
+    patients.sort();
+    patients.dedup();
+    patients
 }
 
 /// Documents of `publisher` held at `dir` in `classes`, about `patients` (all when `None`).
 fn documents_of(dir: &Path, publisher: &str, classes: &[&str], patients: Option<&[String]>) -> i64 {
-    let db = database(dir);
-    let mut statement = db
-        .prepare("SELECT nhs, class FROM documents WHERE publisher = ?1")
-        .unwrap();
-    let rows: Vec<(String, String)> = statement
-        .query_map([publisher], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    rows.iter()
-        .filter(|(nhs, class)| {
-            classes.contains(&class.as_str()) && patients.is_none_or(|p| p.contains(nhs))
+    held_documents(dir)
+        .iter()
+        .filter(|meta| {
+            meta.publisher.as_str() == publisher
+                && classes.contains(&meta.class.to_string().as_str())
+                && patients.is_none_or(|p| p.contains(&meta.patient.to_string()))
+        })
+        .count() as i64
+}
+
+/// The items of `publisher` that `dir` holds about `patient` (about every patient it holds
+/// documents of `publisher` about, when `None`), through the store's reads for the record.
+fn items_of(dir: &Path, publisher: &str, patient: Option<&str>) -> Vec<caremesh_sync::Item> {
+    let patients = match patient {
+        Some(nhs) => vec![nhs.to_string()],
+        None => caseload(dir, publisher),
+    };
+    let store = caremesh_storage::Store::open_read_only(&dir.join("node.db")).unwrap();
+    patients
+        .iter()
+        .flat_map(|nhs| {
+            let nhs = caremesh_sync::NhsNumber::parse(nhs).unwrap();
+            store.patient_items(&nhs).unwrap()
+        })
+        .filter(|stored| stored.publisher.as_str() == publisher)
+        .map(|stored| stored.item)
+        .collect()
+}
+
+/// How many of `items` are in `section` (`Section`'s name as stored) and one of `classes`.
+fn in_section(items: &[caremesh_sync::Item], section: &str, classes: &[&str]) -> i64 {
+    items
+        .iter()
+        .filter(|item| {
+            item.section.to_string() == section
+                && classes.contains(&item.class.to_string().as_str())
         })
         .count() as i64
 }
@@ -93,11 +121,10 @@ fn shareable(dir: &Path, publisher: &str) -> i64 {
 }
 
 fn held_from(dir: &Path, publisher: &str) -> i64 {
-    count(
-        dir,
-        "SELECT count(*) FROM documents WHERE publisher = ?1",
-        publisher,
-    )
+    held_documents(dir)
+        .iter()
+        .filter(|meta| meta.publisher.as_str() == publisher)
+        .count() as i64
 }
 
 /// A hub and a GP dialling it, registered and signed, the GP holding `patients` generated
@@ -310,14 +337,15 @@ fn with_two_hubs_active_active_losing_one_loses_nothing_and_changes_fail_over_to
     let output = ingest(&gp, &[change.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     ingest_generated(&gp, "A81001", 2, 78);
-    let new_item = "SELECT count(*) FROM items WHERE publisher = 'A81001' AND item_id = ?1";
-    assert_eq!(count(&gp, new_item, "Condition/after-failover"), 1);
+    let new_item = |dir: &Path| {
+        items_of(dir, "A81001", None)
+            .iter()
+            .filter(|item| item.id == "Condition/after-failover")
+            .count()
+    };
+    assert_eq!(new_item(&gp), 1);
     assert!(
-        wait_for(SYNC_WAIT, || count(
-            &acute,
-            new_item,
-            "Condition/after-failover"
-        ) == 1),
+        wait_for(SYNC_WAIT, || new_item(&acute) == 1),
         "the change reached the acute trust through the hub left"
     );
     // Everything the acute trust may hold of the GP's, the new condition's document
@@ -951,11 +979,7 @@ fn share_out_off_and_an_objection_keep_a_patients_data_at_the_publisher_but_send
     )));
     assert_eq!(held_from(&hub, "A81001"), expected);
     for nhs in [withdrawn, objecting] {
-        let held = strings(
-            &hub,
-            "SELECT section FROM documents WHERE publisher = 'A81001' AND nhs = ?1",
-            nhs,
-        );
+        let held = gp_sections(&hub, nhs);
         assert_eq!(held, vec!["sharing".to_string()], "only the sharing record");
     }
 }
@@ -976,21 +1000,22 @@ fn items_dated_before_the_share_from_date_stay_at_the_publisher() {
     region.set_agreements(&agreements);
     region.publish(&[&hub, &gp]);
     ingest_generated(&gp, "A81001", 6, 1);
-    let older = |dir: &Path, classes: &str| {
-        count(
-            dir,
-            &format!(
-                "SELECT count(*) FROM items WHERE publisher = ?1 AND section NOT IN \
-                 ('demographics', 'sharing') AND coalesce(effective, '') < '2015-01-01' \
-                 AND class IN ({classes})"
-            ),
-            "A81001",
-        )
+    let older = |dir: &Path, classes: &[&str]| {
+        items_of(dir, "A81001", None)
+            .iter()
+            .filter(|item| {
+                !matches!(
+                    item.section.to_string().as_str(),
+                    "demographics" | "sharing"
+                ) && item.effective.as_deref().unwrap_or("") < "2015-01-01"
+                    && classes.contains(&item.class.to_string().as_str())
+            })
+            .count()
     };
-    let held_back = older(&gp, "'private'");
+    let held_back = older(&gp, &["private"]);
     assert!(held_back > 0, "the generated history reaches before 2015");
     assert_eq!(
-        older(&gp, "'coded', 'free-text', 'document', 'sensitive'"),
+        older(&gp, &["coded", "free-text", "document", "sensitive"]),
         0
     );
 
@@ -1001,17 +1026,11 @@ fn items_dated_before_the_share_from_date_stay_at_the_publisher() {
     assert_eq!(
         older(
             &hub,
-            "'coded', 'free-text', 'document', 'sensitive', 'private'"
+            &["coded", "free-text", "document", "sensitive", "private"]
         ),
         0
     );
-    assert!(
-        count(
-            &hub,
-            "SELECT count(*) FROM items WHERE publisher = ?1",
-            "A81001"
-        ) > 0
-    );
+    assert!(!items_of(&hub, "A81001", None).is_empty());
 }
 
 /// Whether `marker` appears anywhere in `dir`'s database files (main file and WAL), as
@@ -1066,11 +1085,13 @@ fn set_consent(dir: &Path, nhs: &str, switch: &str, value: &str) {
 
 /// Sections of the GP's documents about `nhs` held at `dir`.
 fn gp_sections(dir: &Path, nhs: &str) -> Vec<String> {
-    strings(
-        dir,
-        "SELECT section FROM documents WHERE publisher = 'A81001' AND nhs = ?1 ORDER BY section",
-        nhs,
-    )
+    let mut sections: Vec<String> = held_documents(dir)
+        .iter()
+        .filter(|meta| meta.publisher.as_str() == "A81001" && meta.patient.as_str() == nhs)
+        .map(|meta| meta.section.to_string())
+        .collect();
+    sections.sort();
+    sections
 }
 
 /// Homes of a hub, a GP and a hospice, and the NHS number of the patient both care for.
@@ -1248,11 +1269,10 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
     // A GP problem private to the practice, which the hospice may never hold.
     let (hub, gp, hospice, nhs) = gp_and_hospice(temp.path(), "Private to the practice", true);
     set_consent(&hospice, &nhs, "--share-in", "off");
-    let withheld_problems = count(
-        &gp,
-        "SELECT count(*) FROM items WHERE publisher = 'A81001' AND nhs = ?1 \
-         AND section = 'problems' AND class IN ('private', 'sensitive')",
-        &nhs,
+    let withheld_problems = in_section(
+        &items_of(&gp, "A81001", Some(&nhs)),
+        "problems",
+        &["private", "sensitive"],
     );
     assert!(withheld_problems >= 1);
 
@@ -1266,11 +1286,10 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
         DIRECT_CARE,
         None
     ) == about_p0));
-    let held = count(
-        &hospice,
-        "SELECT count(*) FROM items WHERE publisher = 'A81001' AND nhs = ?1 AND section != 'sharing'",
-        &nhs,
-    );
+    let held = items_of(&hospice, "A81001", Some(&nhs))
+        .iter()
+        .filter(|item| item.section.to_string() != "sharing")
+        .count() as i64;
     assert!(held > 0);
 
     // Share In is off at the hospice: the GP's data is held but not shown, and counted.
@@ -1328,10 +1347,10 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
     let record = api_record(&hospice_process, &session, &nhs);
     assert_eq!(record["break_glass"]["clinician"], "Dr Test Clinician");
     let shown = shown_from(&record, "A81001");
-    let demographics = count(
-        &hospice,
-        "SELECT count(*) FROM items WHERE publisher = 'A81001' AND nhs = ?1 AND section = 'demographics'",
-        &nhs,
+    let demographics = in_section(
+        &items_of(&hospice, "A81001", Some(&nhs)),
+        "demographics",
+        &["coded", "free-text", "document", "sensitive", "private"],
     );
     assert_eq!(
         shown.len() as i64,
@@ -1513,16 +1532,23 @@ fn received_ids(dir: &Path) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-/// Ids (hex) of the GP's documents at `gp` matching `condition` (SQL over documents).
-fn gp_doc_ids(gp: &Path, condition: &str) -> Vec<String> {
-    strings(
-        gp,
-        &format!(
-            "SELECT lower(hex(doc_id)) FROM documents WHERE publisher = ?1 AND section != 'sharing' AND {condition}"
-        ),
-        "A81001",
-    )
+/// Ids (hex) of the GP's documents at `gp`, sharing records aside, about `patient` (any
+/// when `None`) in one of `classes`.
+fn gp_doc_ids(gp: &Path, patient: Option<&str>, classes: &[&str]) -> Vec<String> {
+    held_documents(gp)
+        .iter()
+        .filter(|meta| {
+            meta.publisher.as_str() == "A81001"
+                && meta.section.to_string() != "sharing"
+                && patient.is_none_or(|nhs| meta.patient.as_str() == nhs)
+                && classes.contains(&meta.class.to_string().as_str())
+        })
+        .map(|meta| meta.id().to_string())
+        .collect()
 }
+
+/// Every class a document can be in.
+const ALL_CLASSES: &[&str] = &["coded", "free-text", "document", "sensitive", "private"];
 
 /// One rule of the leak matrix: documents that must never reach `recipients`.
 struct Forbidden<'a> {
@@ -1549,12 +1575,12 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
     ingest_generated(&hospice, "HSP01", 1, 1);
     let patients = caseload(&gp, "A81001");
     let nhs_of = |key: &str| {
-        let mut links = strings(
-            &gp,
-            "SELECT nhs FROM patient_links WHERE source_key = ?1",
-            key,
-        );
-        links.remove(0)
+        caremesh_storage::Store::open_read_only(&gp.join("node.db"))
+            .unwrap()
+            .patient_link(key)
+            .unwrap()
+            .expect("the patient is linked")
+            .to_string()
     };
     let (p0, p1, p2, p3) = (
         nhs_of("Patient/A81001-S1-P0"),
@@ -1607,7 +1633,6 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
     set_consent(&gp, &p1, "--share-out", "off");
     set_consent(&gp, &p2, "--objection", "on");
 
-    let about = |nhs: &str| format!("nhs = '{nhs}'");
     let recipients_all = || {
         vec![
             ("hub", hub.as_path()),
@@ -1618,37 +1643,37 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
     let matrix = [
         Forbidden {
             rule: "private items stay at the recording organisation",
-            docs: gp_doc_ids(&gp, "class = 'private'"),
+            docs: gp_doc_ids(&gp, None, &["private"]),
             recipients: recipients_all(),
         },
         Forbidden {
             rule: "sensitive items are withheld by default",
-            docs: gp_doc_ids(&gp, "class = 'sensitive'"),
+            docs: gp_doc_ids(&gp, None, &["sensitive"]),
             recipients: recipients_all(),
         },
         Forbidden {
             rule: "the Oxfordshire agreement: acute trusts get no GP free text or documents (and the hub does not forward them)",
-            docs: gp_doc_ids(&gp, "class IN ('free-text', 'document')"),
+            docs: gp_doc_ids(&gp, None, &["free-text", "document"]),
             recipients: vec![("acute", acute.as_path())],
         },
         Forbidden {
             rule: "Share Out off",
-            docs: gp_doc_ids(&gp, &about(&p1)),
+            docs: gp_doc_ids(&gp, Some(&p1), ALL_CLASSES),
             recipients: recipients_all(),
         },
         Forbidden {
             rule: "an objection",
-            docs: gp_doc_ids(&gp, &about(&p2)),
+            docs: gp_doc_ids(&gp, Some(&p2), ALL_CLASSES),
             recipients: recipients_all(),
         },
         Forbidden {
             rule: "caseload: a patient the recipient does not care for",
-            docs: gp_doc_ids(&gp, &about(&p3)),
+            docs: gp_doc_ids(&gp, Some(&p3), ALL_CLASSES),
             recipients: vec![("acute", acute.as_path()), ("hospice", hospice.as_path())],
         },
         Forbidden {
             rule: "caseload: the hospice does not care for P1",
-            docs: gp_doc_ids(&gp, &about(&p1)),
+            docs: gp_doc_ids(&gp, Some(&p1), ALL_CLASSES),
             recipients: vec![("hospice", hospice.as_path())],
         },
     ];
@@ -1686,21 +1711,10 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
         (
             "hospice",
             &hospice,
-            gp_doc_ids(
-                &gp,
-                &format!("{} AND class IN ('free-text', 'document')", about(&p0)),
-            ),
+            gp_doc_ids(&gp, Some(&p0), &["free-text", "document"]),
         ),
-        (
-            "acute",
-            &acute,
-            gp_doc_ids(&gp, &format!("{} AND class = 'coded'", about(&p0))),
-        ),
-        (
-            "hub",
-            &hub,
-            gp_doc_ids(&gp, &format!("{} AND class = 'coded'", about(&p3))),
-        ),
+        ("acute", &acute, gp_doc_ids(&gp, Some(&p0), &["coded"])),
+        ("hub", &hub, gp_doc_ids(&gp, Some(&p3), &["coded"])),
     ];
     for (name, dir, docs) in &allowed {
         assert!(!docs.is_empty());
@@ -1713,13 +1727,11 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
     for case in &matrix {
         for (name, dir) in &case.recipients {
             let received = received_ids(dir);
-            let held: std::collections::BTreeSet<String> = strings(
-                dir,
-                "SELECT lower(hex(doc_id)) FROM documents WHERE publisher = ?1",
-                "A81001",
-            )
-            .into_iter()
-            .collect();
+            let held: std::collections::BTreeSet<String> = held_documents(dir)
+                .iter()
+                .filter(|meta| meta.publisher.as_str() == "A81001")
+                .map(|meta| meta.id().to_string())
+                .collect();
             for doc in &case.docs {
                 assert!(
                     !received.contains(doc),
