@@ -912,28 +912,18 @@ fn anonymous_refusals_are_counted_into_a_summary_not_a_row_each() {
     );
     let mut node = node;
     let _ = node.child.wait();
-    let count = |sql: &str| {
-        rusqlite::Connection::open(home.join("node.db"))
-            .unwrap()
-            .query_row(sql, [], |row| row.get::<_, i64>(0))
-            .unwrap()
-    };
-    assert_eq!(
-        count("SELECT count(*) FROM audit_events"),
-        1,
-        "one summary, not a row each"
-    );
-    assert_eq!(
-        count("SELECT count(*) FROM audit_events WHERE nhs IS NOT NULL"),
-        0
-    );
-    let body: String = rusqlite::Connection::open(home.join("node.db"))
+    let trail = caremesh_storage::Store::open_read_only(&home.join("node.db"))
         .unwrap()
-        .query_row("SELECT body FROM audit_events", [], |row| row.get(0))
+        .audit_events()
         .unwrap();
+    assert_eq!(trail.len(), 1, "one summary, not a row each: {trail:?}");
+    let summary = &trail[0].event;
+    assert_eq!(summary.nhs, None);
     assert!(
-        body.contains("81 request(s) without a valid session refused"),
-        "{body}"
+        summary
+            .detail
+            .contains("81 request(s) without a valid session refused"),
+        "{summary:?}"
     );
     let report = run(&[
         "audit",
@@ -1133,12 +1123,11 @@ fn break_glass_from_another_site_or_without_the_form_token_is_refused() {
     let (status, body) = http_post_form_without_token(&node.address, path, reason, &session);
     assert_eq!(status, 403, "{body}");
     let granted = |home: &std::path::Path| {
-        rusqlite::Connection::open(home.join("node.db"))
+        let store = caremesh_storage::Store::open_read_only(&home.join("node.db")).unwrap();
+        store
+            .break_glass_history(&caremesh_sync::NhsNumber::parse("9434765919").unwrap())
             .unwrap()
-            .query_row("SELECT count(*) FROM break_glass", [], |row| {
-                row.get::<_, i64>(0)
-            })
-            .unwrap()
+            .len()
     };
     assert_eq!(
         granted(&home),

@@ -949,13 +949,14 @@ fn a_drop_folder_that_cannot_put_files_away_pauses_and_says_why() {
     assert_eq!(log.matches("drop folder paused").count(), 1, "{log}");
     assert!(log.contains(&processed.display().to_string()), "{log}");
     assert!(home(&dir).join("drop/patient.json").exists());
-    let ingests = rusqlite::Connection::open(home(&dir).join("node.db"))
+    let last_ingest = caremesh_storage::Store::open_read_only(&home(&dir).join("node.db"))
         .unwrap()
-        .query_row("SELECT count(*) FROM ingests", [], |row| {
-            row.get::<_, i64>(0)
-        })
+        .last_ingest()
         .unwrap();
-    assert_eq!(ingests, 0, "a file that could not be put away was ingested");
+    assert!(
+        last_ingest.is_none(),
+        "a file that could not be put away was ingested: {last_ingest:?}"
+    );
     // The pause is visible where operators look: /health and `caremesh status`.
     let health = http_get(&running.address, "/health").1;
     assert!(

@@ -33,15 +33,10 @@ fn ingest_generated(dir: &Path, org: &str, patients: u64, seed: u64) {
     assert!(output.status.success(), "{}", stderr(&output));
 }
 
+/// `dir`'s database opened for writing, as an attacker or a failing disk would: only the
+/// tamper and fault tests use it; the others read through the store.
 fn database(dir: &Path) -> rusqlite::Connection {
     rusqlite::Connection::open(dir.join("node.db")).unwrap()
-}
-
-/// A count from `dir`'s database; `sql` takes one parameter.
-fn count(dir: &Path, sql: &str, parameter: impl rusqlite::ToSql) -> i64 {
-    database(dir)
-        .query_row(sql, [parameter], |row| row.get(0))
-        .unwrap()
 }
 
 /// Classes the shipped agreements share between direct-care organisations; acute trusts
@@ -426,18 +421,14 @@ fn a_document_with_a_forged_signature_is_rejected_counted_and_not_stored() {
         peer(&hub, "A81001").is_some_and(|p| p["rejected"] == 1 && p["pending_in"] == 0)
     }));
     assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001") == total - 1));
-    let stored = count(
-        &hub,
-        "SELECT count(*) FROM documents WHERE doc_id = ?1",
-        &doc_id,
+    let forged = caremesh_sync::DocId(doc_id.try_into().unwrap());
+    let store = caremesh_storage::Store::open_read_only(&hub.join("node.db")).unwrap();
+    assert!(
+        store.document(forged).unwrap().is_none(),
+        "nothing of the forged document is stored"
     );
-    assert_eq!(stored, 0, "nothing of the forged document is stored");
-    let items = count(
-        &hub,
-        "SELECT count(*) FROM items WHERE doc_id = ?1",
-        &doc_id,
-    );
-    assert_eq!(items, 0);
+    assert!(store.item_bodies(forged).unwrap().is_empty());
+    drop(store);
     let rejected = status_json(&hub)["sync"]["rejected_changes"].clone();
     assert_eq!(rejected[0]["peer"], "A81001");
     assert!(
@@ -538,6 +529,16 @@ fn a_document_too_large_to_send_is_an_error_in_status_metrics_and_the_log() {
 /// (receipts included) is found out once the node next reaches the hub.
 #[test]
 fn the_hub_witnesses_audit_checkpoints_and_a_cut_trail_is_found_from_its_copy() {
+    /// The newest of `dir`'s audit checkpoints that `witness` holds (its entry count), as
+    /// `caremesh status` reports it.
+    fn newest_receipt(dir: &Path, witness: &str) -> Option<i64> {
+        status_json(dir)["audit"]["witnesses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["witness"] == witness)
+            .and_then(|w| w["entries"].as_i64())
+    }
     let temp = tempfile::tempdir().unwrap();
     let (hub, gp) = hub_and_gp(temp.path(), 1, 1);
     let _hub = RunningNode::start(&hub);
@@ -550,21 +551,17 @@ fn the_hub_witnesses_audit_checkpoints_and_a_cut_trail_is_found_from_its_copy() 
         let signed = run(&["audit", "checkpoint", "--dir", gp.to_str().unwrap()]);
         assert!(signed.status.success(), "{}", stderr(&signed));
         let witnessed = || {
-            count(
-                &hub,
-                "SELECT count(*) FROM witnessed_checkpoints WHERE organisation = ?1 AND count = 3",
-                "A81001",
-            ) == 1
+            status_json(&hub)["audit"]["witnessing"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["organisation"] == "A81001" && w["entries"] == 3)
         };
         assert!(
             wait_for(SYNC_WAIT, witnessed),
             "the hub holds the checkpoint"
         );
-        assert!(wait_for(SYNC_WAIT, || count(
-            &gp,
-            "SELECT count(*) FROM witness_receipts WHERE witness = ?1",
-            "HUB01"
-        ) == 1));
+        assert!(wait_for(SYNC_WAIT, || newest_receipt(&gp, "HUB01") == Some(3)));
         // Both operators can see it: the node's witnesses, and whose checkpoints a hub holds.
         let gp_audit = status_json(&gp)["audit"].clone();
         assert_eq!(gp_audit["witnesses"][0]["witness"], "HUB01", "{gp_audit}");
@@ -601,12 +598,8 @@ fn the_hub_witnesses_audit_checkpoints_and_a_cut_trail_is_found_from_its_copy() 
     // The node reconnects; the hub hands back what it witnessed.
     {
         let _gp = RunningNode::start(&gp);
-        // Its receipts for the old checkpoint (3) and the new (5).
-        assert!(wait_for(SYNC_WAIT, || count(
-            &gp,
-            "SELECT count(*) FROM witness_receipts WHERE witness = ?1",
-            "HUB01"
-        ) == 2));
+        // Its receipt for the new checkpoint (5): the hub holds both.
+        assert!(wait_for(SYNC_WAIT, || newest_receipt(&gp, "HUB01") == Some(5)));
     }
     let found = run(&["audit", "verify", "--dir", gp.to_str().unwrap()]);
     assert_eq!(found.status.code(), Some(1), "{}", stdout(&found));
@@ -1382,35 +1375,41 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
         !page.contains("Private to the practice"),
         "break-glass never shows private items"
     );
-    let audit = database(&hospice)
-        .query_row(
-            "SELECT clinician, reason, expires_at - started_at FROM break_glass WHERE nhs = ?1",
-            [&nhs],
-            |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, i64>(2)?,
-                ))
-            },
-        )
+    let history = caremesh_storage::Store::open_read_only(&hospice.join("node.db"))
+        .unwrap()
+        .break_glass_history(&caremesh_sync::NhsNumber::parse(&nhs).unwrap())
         .unwrap();
+    assert_eq!(history.len(), 1);
+    let granted = &history[0];
     assert_eq!(
-        audit,
+        (
+            granted.clinician.clone(),
+            granted.reason.clone(),
+            granted.expires_at - granted.started_at
+        ),
         (
             "Dr Test Clinician".to_string(),
             "Unresponsive on arrival, medication history needed".to_string(),
             3600
         )
     );
-    let chained: String = database(&hospice)
-        .query_row(
-            "SELECT body FROM audit_events WHERE nhs = ?1 AND json_extract(body, '$.action') = 'break-glass'",
-            [&nhs],
-            |row| row.get(0),
-        )
-        .unwrap();
-    let event: serde_json::Value = serde_json::from_str(&chained).unwrap();
+    // The DPO's report of the patient's break-glass entries.
+    let report = run(&[
+        "audit",
+        "report",
+        "--dir",
+        hospice.to_str().unwrap(),
+        "--patient",
+        &nhs,
+        "--action",
+        "break-glass",
+        "--format",
+        "json",
+    ]);
+    assert!(report.status.success(), "{}", stderr(&report));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&report)).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let event = &rows[0];
     assert_eq!(event["user_name"], "Dr Test Clinician");
     assert_eq!(
         event["detail"],
@@ -1475,12 +1474,14 @@ fn without_share_in_the_view_hides_others_data_until_an_audited_break_glass_and_
     );
     // The access record is not care: the hub holds it, and it does not count as the
     // hospice's data in the GP's view of its own patient.
-    assert!(
-        count(
-            &hub,
-            "SELECT count(*) FROM documents WHERE publisher = 'HSP01' AND nhs = ?1 AND section = 'audit'",
-            &nhs,
-        ) == 1
+    assert_eq!(
+        held_documents(&hub)
+            .iter()
+            .filter(|meta| meta.publisher.as_str() == "HSP01"
+                && meta.patient.as_str() == nhs
+                && meta.section.to_string() == "audit")
+            .count(),
+        1
     );
 
     // A batch source older than its stated refresh (12 hours here) is flagged. Time is moved
