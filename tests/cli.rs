@@ -308,7 +308,7 @@ fn signed_checkpoints_show_a_trail_cut_short_or_rewritten_with_its_hashes_recomp
             .status()
             .unwrap();
         assert!(status.success());
-        tamper(&rusqlite::Connection::open(copy.join("node.db")).unwrap());
+        tamper(&caremesh_storage::page_checksums::open_directly(&copy.join("node.db")).unwrap());
         let output = verify(&copy);
         assert_eq!(output.status.code(), Some(1), "{name}: {}", stdout(&output));
         stdout(&output)
@@ -383,7 +383,7 @@ fn audit_verify_finds_an_edited_entry_in_the_chain() {
     let intact = run(&["audit", "verify", "--dir", dir]);
     assert!(intact.status.success(), "{}", stdout(&intact));
     assert!(stdout(&intact).contains("intact: 2 entries"));
-    rusqlite::Connection::open(node.join("node.db"))
+    caremesh_storage::page_checksums::open_directly(&node.join("node.db"))
         .unwrap()
         .execute(
             "UPDATE audit_events SET body = replace(body, 'Dr Test', 'Dr Other') WHERE seq = 1",
@@ -397,7 +397,7 @@ fn audit_verify_finds_an_edited_entry_in_the_chain() {
         "{}",
         stdout(&broken)
     );
-    rusqlite::Connection::open(node.join("node.db"))
+    caremesh_storage::page_checksums::open_directly(&node.join("node.db"))
         .unwrap()
         .execute("DELETE FROM audit_events WHERE seq = 1", [])
         .unwrap();
@@ -1476,4 +1476,76 @@ fn a_view_during_a_long_ingest_is_answered_between_its_commits() {
         .flatten()
         .collect();
     assert_eq!(processed.len(), 1);
+}
+
+/// Damage at rest: a bit flips in each page holding the record's items while the node is
+/// down. Every page carries a checksum, so the node does not show the damaged record as if
+/// it were sound: the read is refused, the node stops on its own within seconds (nothing
+/// more is served or sent from the database), and it says why and what to do.
+#[test]
+fn a_page_damaged_at_rest_stops_the_node_with_the_reason_instead_of_being_shown() {
+    let (temp, home) = banbury_road_surgery();
+    let fixture = fixtures().join("uk-core");
+    let files: Vec<String> = [
+        "UKCore-Patient-RichardSmith-Example.json",
+        "UKCore-AllergyIntolerance-Amoxicillin-Example.json",
+    ]
+    .iter()
+    .map(|name| fixture.join(name).to_str().unwrap().to_string())
+    .collect();
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    let output = ingest(&home, &files);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let db = home.join("node.db");
+    let pages: Vec<(i64, i64)> = {
+        let conn = caremesh_storage::page_checksums::open_directly(&db).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let mut statement = conn
+            .prepare(
+                "SELECT pageno, (SELECT page_size FROM pragma_page_size()) FROM dbstat \
+                 WHERE name = 'items' AND pagetype = 'leaf'",
+            )
+            .unwrap();
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert!(!pages.is_empty());
+    let mut bytes = std::fs::read(&db).unwrap();
+    for (page, size) in &pages {
+        // Inside the cell content at the page's end, before the checksum.
+        let at = (page * size - 200) as usize;
+        bytes[at] ^= 0x01;
+    }
+    std::fs::write(&db, bytes).unwrap();
+
+    let log = temp.path().join("node.log");
+    let mut node =
+        RunningNode::start_logging(&home, "warn", std::fs::File::create(&log).unwrap().into());
+    let session = clinician_session(&home, &node.address, "9912003888");
+    let (status, page) = http_get_as(&node.address, "/patients/9912003888", &session);
+    assert_ne!(
+        status, 200,
+        "a damaged record is not shown as sound: {page}"
+    );
+    let stopped = wait_for(Duration::from_secs(30), || {
+        node.child.try_wait().unwrap().is_some()
+    });
+    assert!(stopped, "the node stops on its own");
+    let status = node.child.wait().unwrap();
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("stopped:") && log.contains("failed its checksum"),
+        "{log}"
+    );
+    assert!(log.contains("rebuild the node from its peers"), "{log}");
+    // `caremesh verify` names it too.
+    let verify = run(&["verify", "--dir", home.to_str().unwrap()]);
+    let said = format!("{}{}", stdout(&verify), stderr(&verify));
+    assert!(!verify.status.success(), "{said}");
+    assert!(said.contains("failed its checksum"), "{said}");
 }

@@ -1084,7 +1084,8 @@ fn a_busy_database_delays_the_drop_folder_and_loses_nothing() {
     );
     // Another writer holds the database until the patient's ingest has failed (the node
     // waits five seconds for it); the condition arrives just after it is free again.
-    let blocker = rusqlite::Connection::open(home(&dir).join("node.db")).unwrap();
+    let blocker =
+        caremesh_storage::page_checksums::open_directly(&home(&dir).join("node.db")).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     drop_by_rename(&home(&dir), &patient);
     assert!(
@@ -1159,7 +1160,7 @@ fn kill_9_during_a_large_ingest_leaves_a_consistent_database() {
 }
 
 fn flip_byte(db: &Path, column: &str) {
-    let conn = rusqlite::Connection::open(db).unwrap();
+    let conn = caremesh_storage::page_checksums::open_directly(db).unwrap();
     let (rowid, mut bytes): (i64, Vec<u8>) = conn
         .query_row(
             &format!("SELECT rowid, {column} FROM documents ORDER BY seq LIMIT 1"),
@@ -1177,12 +1178,12 @@ fn flip_byte(db: &Path, column: &str) {
 }
 
 /// A damaged index page hides rows from queries without touching any document: `verify`
-/// runs SQLite's integrity check and names it.
+/// reads every page (SQLite's integrity check), and the page's checksum names the damage.
 #[test]
 fn verify_reports_a_damaged_index_page() {
     let (dir, _files) = node_with_asthma();
     let db = home(&dir).join("node.db");
-    let conn = rusqlite::Connection::open(&db).unwrap();
+    let conn = caremesh_storage::page_checksums::open_directly(&db).unwrap();
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .unwrap();
     let (page, size): (i64, i64) = conn
@@ -1202,9 +1203,11 @@ fn verify_reports_a_damaged_index_page() {
     let verify = run_verify(&dir);
     assert!(!verify.status.success(), "{}", stdout(&verify));
     assert!(
-        stdout(&verify).contains("SQLite integrity check"),
-        "{}",
-        stdout(&verify)
+        stdout(&verify).contains("SQLite integrity check")
+            && stdout(&verify).contains("failed its checksum"),
+        "{}{}",
+        stdout(&verify),
+        stderr(&verify)
     );
 }
 
@@ -1253,7 +1256,8 @@ fn verify_reports_one_flipped_byte_in_stored_data() {
 #[test]
 fn verify_reports_a_read_model_that_differs_from_the_signed_documents() {
     let (dir, _files) = node_with_asthma();
-    let conn = rusqlite::Connection::open(home(&dir).join("node.db")).unwrap();
+    let conn =
+        caremesh_storage::page_checksums::open_directly(&home(&dir).join("node.db")).unwrap();
     conn.execute(
         "UPDATE items SET body = replace(body, 'Asthma', 'Nothing') WHERE section = 'problems'",
         [],

@@ -36,7 +36,7 @@ fn ingest_generated(dir: &Path, org: &str, patients: u64, seed: u64) {
 /// `dir`'s database opened for writing, as an attacker or a failing disk would: only the
 /// tamper and fault tests use it; the others read through the store.
 fn database(dir: &Path) -> rusqlite::Connection {
-    rusqlite::Connection::open(dir.join("node.db")).unwrap()
+    caremesh_storage::page_checksums::open_directly(&dir.join("node.db")).unwrap()
 }
 
 /// Classes the shipped agreements share between direct-care organisations; acute trusts

@@ -83,6 +83,8 @@ pub enum CloseCause {
     Replaced,
     /// A group commit failed: what the session believed stored was rolled back.
     StorageFailed,
+    /// The database is damaged: the node stops ([`DriverEvent::Stopped`]).
+    StorageDamaged,
     /// The caller reported the connection gone, or the node is shutting down.
     Ended,
 }
@@ -92,7 +94,10 @@ impl CloseCause {
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            CloseCause::Protocol | CloseCause::HelloTimeout | CloseCause::StorageFailed
+            CloseCause::Protocol
+                | CloseCause::HelloTimeout
+                | CloseCause::StorageFailed
+                | CloseCause::StorageDamaged
         )
     }
 }
@@ -100,6 +105,10 @@ impl CloseCause {
 /// Something the caller must act on or may report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriverEvent {
+    /// The database is damaged (`reason` says how it was found): every session was closed
+    /// and none is accepted. The node must stop, saying why, rather than serve or spread
+    /// what it can no longer trust.
+    Stopped { reason: String },
     /// A session began with `peer` over `conn`.
     PeerUp { conn: ConnId, peer: OdsCode },
     /// The session over `conn` ended: close the connection with `reason`.
@@ -200,6 +209,8 @@ pub struct Driver {
     /// The caller's time at its last call, for timers set while handling it.
     now: u64,
     planted: Option<PlantedBug>,
+    /// The database was found damaged: why (see [`DriverEvent::Stopped`]).
+    damaged: Option<String>,
 }
 
 impl Driver {
@@ -224,7 +235,35 @@ impl Driver {
             events: VecDeque::new(),
             now,
             planted: None,
+            damaged: None,
         }
+    }
+
+    /// Why the driver stopped: its database was found damaged.
+    pub fn damaged(&self) -> Option<&str> {
+        self.damaged.as_deref()
+    }
+
+    /// After each turn: if anything this turn read or wrote found the database damaged,
+    /// every session closes, no other opens, and the caller is told to stop the node.
+    fn stop_if_damaged(&mut self) {
+        if self.damaged.is_some() {
+            return;
+        }
+        let Some(reason) = self.host.store.damage() else {
+            return;
+        };
+        tracing::error!(%reason, "the database is damaged: closing every sync session and stopping, so that nothing read from it is served or sent; keep the file for inspection, then restore it from a backup or rebuild the node from its peers");
+        self.damaged = Some(reason.clone());
+        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+        for peer in peers {
+            self.close(
+                &peer,
+                "this node's database is damaged",
+                CloseCause::StorageDamaged,
+            );
+        }
+        self.events.push_back(DriverEvent::Stopped { reason });
     }
 
     /// Plants a bug (the simulator's self-tests only; see [`PlantedBug`]).
@@ -268,12 +307,14 @@ impl Driver {
             for peer in peers {
                 self.close(&peer, "storage failed to commit", CloseCause::StorageFailed);
             }
+            self.stop_if_damaged();
             return;
         }
         for (peer, documents) in std::mem::take(&mut self.stored_in_turn) {
             self.events
                 .push_back(DriverEvent::Stored { peer, documents });
         }
+        self.stop_if_damaged();
     }
 
     /// Runs one input as a turn of its own.
@@ -321,6 +362,9 @@ impl Driver {
         } else {
             peer.ods.clone()
         };
+        if self.damaged.is_some() {
+            return false;
+        }
         // The registry may have changed since the handshake checked the key.
         if let Some(reason) = untrusted(&self.host.registry(), &peer.ods, &key) {
             tracing::warn!(peer = %peer.ods, reason, "refused a sync session");
@@ -425,6 +469,7 @@ impl Driver {
         assert!(!self.in_turn, "a local write is a transaction of its own");
         let result = write(&mut self.host);
         self.look_at_feed();
+        self.stop_if_damaged();
         result
     }
 
@@ -557,6 +602,11 @@ impl Driver {
     fn fail(&mut self, ods: &OdsCode, error: &SessionError) {
         let cause = match error {
             SessionError::HelloTimeout => CloseCause::HelloTimeout,
+            // Not the peer's doing: this node's database is damaged, and the node stops
+            // after this turn (`stop_if_damaged`).
+            SessionError::Host(_) if self.host.store.damage().is_some() => {
+                CloseCause::StorageDamaged
+            }
             _ => CloseCause::Protocol,
         };
         tracing::warn!(peer = %ods, reason = %error, "closing sync connection");

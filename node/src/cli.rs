@@ -853,8 +853,19 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
         use std::io::Write;
         std::io::stdout().flush()?;
         let listener = view::listener::BoundedListener::new(listener);
+        // Until asked to stop, or until the engine finds the database damaged: the view
+        // must not go on showing what was read from it.
+        let mut stopped = sync.stopped.clone();
+        let stop_when_damaged = async move {
+            let _ = stopped.wait_for(Option::is_some).await;
+        };
         let served = axum::serve(listener, view::router(state.clone()))
-            .with_graceful_shutdown(crate::process::shutdown_signal())
+            .with_graceful_shutdown(async {
+                tokio::select! {
+                    () = crate::process::shutdown_signal() => {}
+                    () = stop_when_damaged => {}
+                }
+            })
             .await
             .context("serving the view");
         summaries.abort();
@@ -868,7 +879,14 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
     let _ = watcher.join();
     let _ = shutdown_tx.send(true);
     let _ = runtime.block_on(control);
+    let damaged = sync.stopped.borrow().clone();
     sync.join();
+    if let Some(reason) = damaged {
+        anyhow::bail!(
+            "stopped: {reason}. Nothing more was served or sent from this database. Keep the file for inspection, run `caremesh verify --dir {}`, then restore the database from a backup or rebuild the node from its peers",
+            home.dir.display()
+        );
+    }
     result.map(|_| ExitCode::SUCCESS)
 }
 

@@ -281,6 +281,8 @@ pub struct SyncService {
     pub counters: Arc<SyncCounters>,
     /// Where the node's own writes go.
     pub writer: StoreWriter,
+    /// Why the engine stopped the node, once it has: its database was found damaged.
+    pub stopped: watch::Receiver<Option<String>>,
     engine: std::thread::JoinHandle<()>,
 }
 
@@ -330,6 +332,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE);
     let urgent = Arc::new(UrgentLane::default());
     let connected: Arc<Mutex<HashSet<OdsCode>>> = Default::default();
+    let (stopped_tx, stopped) = watch::channel(None);
     let engine = {
         let ods = settings.ods.clone();
         let connected = connected.clone();
@@ -356,6 +359,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                     counters,
                     wire_log,
                     stored_observer,
+                    stopped: stopped_tx,
                 };
                 runtime.block_on(engine.run(engine_rx, shutdown));
             })?
@@ -370,6 +374,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
             local_addr: None,
             counters,
             writer,
+            stopped,
             engine,
         });
     };
@@ -420,6 +425,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
         local_addr,
         counters,
         writer,
+        stopped,
         engine,
     })
 }
@@ -693,6 +699,8 @@ struct Engine {
     counters: Arc<SyncCounters>,
     wire_log: Option<std::fs::File>,
     stored_observer: Option<StoredObserver>,
+    /// Told why the node must stop ([`DriverEvent::Stopped`]).
+    stopped: watch::Sender<Option<String>>,
 }
 
 impl Engine {
@@ -872,6 +880,9 @@ impl Engine {
                     self.counters.unsendable.fetch_add(1, Ordering::Relaxed);
                 }
                 DriverEvent::Received { peer, kind, docs } => self.log_frame(&peer, kind, &docs),
+                DriverEvent::Stopped { reason } => {
+                    let _ = self.stopped.send(Some(reason));
+                }
                 DriverEvent::Rejected { .. } | DriverEvent::Refused { .. } => {}
             }
         }

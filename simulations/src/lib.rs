@@ -82,10 +82,25 @@ pub struct Report {
     pub mid_write_power_cuts: u64,
     /// Writes not yet synced that power cuts took back.
     pub unsynced_writes_lost: u64,
+    /// Bits flipped at rest in a crashed node's database (crash faults with `corrupt`).
+    #[serde(default)]
+    pub pages_corrupted: u64,
+    /// Nodes that found their database damaged and stopped, saying why.
+    #[serde(default)]
+    pub damage_stops: Vec<DamageStop>,
     pub documents_held: u64,
     pub converged: bool,
     pub violations: Vec<Violation>,
     pub trace_hash: String,
+}
+
+/// A node that found its database damaged and stopped: it serves and sends nothing more,
+/// and stays down for its operator (restore or rebuild from peers).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DamageStop {
+    pub at_s: f64,
+    pub node: String,
+    pub reason: String,
 }
 
 impl Report {
@@ -102,6 +117,8 @@ impl Report {
             failed_writes: 0,
             mid_write_power_cuts: 0,
             unsynced_writes_lost: 0,
+            pages_corrupted: 0,
+            damage_stops: Vec::new(),
             crashes: 0,
             frames: 0,
             bytes: 0,
@@ -145,6 +162,19 @@ impl Report {
             out.push_str(&format!(
                 "  power cuts: {} crashes, {} of them mid-write; {} unsynced writes taken back\n",
                 self.crashes, self.mid_write_power_cuts, self.unsynced_writes_lost
+            ));
+        }
+        if self.pages_corrupted > 0 {
+            out.push_str(&format!(
+                "  damage at rest: {} bits flipped in crashed nodes' databases; {} nodes stopped on finding it\n",
+                self.pages_corrupted,
+                self.damage_stops.len()
+            ));
+        }
+        for stop in &self.damage_stops {
+            out.push_str(&format!(
+                "  stopped at {:.0} s: {}: {}\n",
+                stop.at_s, stop.node, stop.reason
             ));
         }
         if self.storage_failures + self.failed_writes > 0 {

@@ -252,13 +252,17 @@ pub enum FaultKind {
     /// The node's machine loses power and, if given, restarts later: its disk keeps what was
     /// synced, and of each write not yet synced, the write or the bytes it overwrote (torn
     /// writes). With `mid_write`, the power goes at one of its next few writes or syncs,
-    /// most often inside a commit, and the node stops there.
+    /// most often inside a commit, and the node stops there. With `corrupt`, one bit of a
+    /// random page of its database flips while it is down (damage at rest): the node must
+    /// go on as if nothing happened (a page it never reads) or stop and say why.
     Crash {
         node: String,
         #[serde(default)]
         restart_after_s: Option<u64>,
         #[serde(default)]
         mid_write: bool,
+        #[serde(default)]
+        corrupt: bool,
     },
 }
 

@@ -58,12 +58,14 @@ pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
             FaultKind::Crash {
                 restart_after_s,
                 mid_write,
+                corrupt,
                 ..
             } => {
                 if restart_after_s.is_some() {
                     *restart_after_s = Some(1 + rng.below(duration / 4 + 1));
                 }
                 *mid_write = rng.chance(0.5);
+                *corrupt = restart_after_s.is_some() && rng.chance(0.25);
             }
             FaultKind::Disk {
                 until_s,

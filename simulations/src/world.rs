@@ -175,6 +175,9 @@ pub(crate) struct World {
     /// Nodes crashed with no restart: lost for good, as a failed hub that is never rebuilt.
     /// Convergence is then what the others reach without them.
     lost_for_good: BTreeSet<usize>,
+    /// Nodes that found their database damaged and stopped: down until their operator
+    /// restores or rebuilds them (after the run), so nothing is owed to or through them.
+    stopped_for_damage: BTreeSet<usize>,
     /// (publisher, doc) → heads it committed last: what must never be lost.
     pub committed: BTreeMap<(usize, caremesh_sync::DocId), Vec<[u8; 32]>>,
     /// (puller, provider) → the furthest (provider's feed epoch, position) the puller
@@ -337,6 +340,7 @@ impl World {
             awaiting: Vec::new(),
             active_faults: BTreeSet::new(),
             lost_for_good: BTreeSet::new(),
+            stopped_for_damage: BTreeSet::new(),
             committed: BTreeMap::new(),
             acknowledged: BTreeMap::new(),
         };
@@ -797,6 +801,7 @@ impl World {
                 node,
                 restart_after_s,
                 mid_write,
+                ..
             } => {
                 let node = self.index_of(&node);
                 if mid_write && self.nodes[node].driver.is_some() {
@@ -864,6 +869,18 @@ impl World {
 
     /// What follows a crash fault: a restart later, or the node lost for good.
     fn after_crash(&mut self, node: usize, index: usize, restart_after_s: Option<u64>) {
+        let corrupt = matches!(
+            self.scenario.faults[index].kind,
+            FaultKind::Crash { corrupt: true, .. }
+        );
+        if corrupt {
+            match power_loss::flip_a_bit_at_rest(&self.nodes[node].db, &mut self.rng) {
+                Ok(Some(_)) => self.report.pages_corrupted += 1,
+                Ok(None) => {}
+                // The simulator's own files: nothing a node did could cause this.
+                Err(error) => panic!("damaging {}: {error}", self.nodes[node].db.display()),
+            }
+        }
         if let Some(after) = restart_after_s {
             self.schedule(self.now() + after * 1000, Event::Restart { node });
         } else {
@@ -893,17 +910,7 @@ impl World {
         // then the disk keeps only what was synced, each unsynced write lost or kept at
         // random (torn).
         power_loss::cut_power(&self.nodes[node].db);
-        let dead = self.nodes[node].driver.take();
-        let conns: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.ends.contains(&node))
-            .map(|(id, _)| *id)
-            .collect();
-        for conn in conns {
-            self.close(conn, "peer crashed");
-        }
-        drop(dead);
+        self.take_down(node, "peer crashed");
         let n = &mut self.nodes[node];
         n.power_cut = None;
         match power_loss::restore_after_power_loss(&n.db, Some(&mut self.rng)) {
@@ -911,15 +918,20 @@ impl World {
             // The simulator's own files: nothing a node did could cause this.
             Err(error) => panic!("restoring {} after a power cut: {error}", n.db.display()),
         }
-        n.timer = None;
-        n.life += 1;
-        n.redials.clear();
         self.report.crashes += 1;
     }
 
     fn restart(&mut self, node: usize) -> Result<(), crate::SimError> {
-        let driver =
-            open_driver(&self.nodes[node], &self.registry, &self.now_ms).map_err(sim_error)?;
+        let driver = match open_driver(&self.nodes[node], &self.registry, &self.now_ms) {
+            Ok(driver) => driver,
+            Err(error) if error.is_damage() => {
+                // The node does not come up on a damaged database: it says why and stays down.
+                self.stop_for_damage(node, error.to_string());
+                self.end_crash_fault(node);
+                return Ok(());
+            }
+            Err(error) => return Err(sim_error(error)),
+        };
         if self.wants(Invariant::NoLoss) {
             self.check_acknowledged_survived(node, &driver);
         }
@@ -934,23 +946,63 @@ impl World {
             self.schedule(at, Event::Change { node, life });
         }
         self.schedule_view(node, life, self.now());
+        self.end_crash_fault(node);
+        Ok(())
+    }
+
+    /// The crash fault on `node` is over (it restarted, or stopped on a damaged database).
+    fn end_crash_fault(&mut self, node: usize) {
         if let Some(index) = self.scenario.faults.iter().position(|f| {
             matches!(&f.kind, FaultKind::Crash { node: name, .. } if self.index_of(name) == node)
         }) {
             self.active_faults.remove(&index);
         }
         self.heal();
-        Ok(())
+    }
+
+    /// `node` found its database damaged: it stops, saying why, and stays down (its
+    /// operator restores or rebuilds it). Its connections close as a stopped process's do.
+    pub(super) fn stop_for_damage(&mut self, node: usize, reason: String) {
+        if !self.stopped_for_damage.insert(node) {
+            return;
+        }
+        self.report.damage_stops.push(crate::DamageStop {
+            at_s: self.now_s(),
+            node: self.nodes[node].ods.to_string(),
+            reason,
+        });
+        self.take_down(node, "peer stopped");
+    }
+
+    /// `node`'s process ends at once: its driver goes, its connections close with `why`,
+    /// and events scheduled for this life are ignored.
+    fn take_down(&mut self, node: usize, why: &str) {
+        let ended = self.nodes[node].driver.take();
+        let conns: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.ends.contains(&node))
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in conns {
+            self.close(conn, why);
+        }
+        drop(ended);
+        let n = &mut self.nodes[node];
+        n.timer = None;
+        n.life += 1;
+        n.redials.clear();
     }
 
     // ----- checks -----
 
     /// Every node is up, except those lost for good.
     fn all_up(&self) -> bool {
-        self.nodes
-            .iter()
-            .enumerate()
-            .all(|(i, n)| n.driver.is_some() || self.lost_for_good.contains(&i))
+        self.nodes.iter().enumerate().all(|(i, n)| {
+            n.driver.is_some()
+                || self.lost_for_good.contains(&i)
+                || self.stopped_for_damage.contains(&i)
+        })
     }
 
     /// While a heal awaits convergence (and no fault is in force), checks whether the region
@@ -1049,6 +1101,20 @@ impl World {
     }
 
     fn final_checks(&mut self) -> Result<(), crate::SimError> {
+        // Each database read whole, as `caremesh verify` does: damage at rest in a page the
+        // node had not read yet stops it now.
+        for node in 0..self.nodes.len() {
+            let Some(driver) = &self.nodes[node].driver else {
+                continue;
+            };
+            let problems = match driver.host().store.integrity_problems() {
+                Ok(problems) => problems,
+                Err(error) => vec![error.to_string()],
+            };
+            if !problems.is_empty() {
+                self.stop_for_damage(node, problems.join("; "));
+            }
+        }
         let held = self.held_everywhere()?;
         if self.wants(Invariant::NothingForbidden) {
             let found = check::forbidden(self, &held, true);

@@ -15,12 +15,14 @@
 pub mod access;
 pub mod audit;
 mod migrations;
+pub mod page_checksums;
 mod peers;
 pub mod placements;
 pub mod power_loss;
 pub mod publish;
 pub mod simulated_disk;
 pub mod sync_host;
+mod vfs_shim;
 
 pub use access::BreakGlass;
 pub use peers::{
@@ -76,11 +78,24 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// The database file is damaged (SQLite found it malformed, or a page failed its
+    /// checksum): nothing read from it can be trusted until it is restored or rebuilt.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, StorageError::Database { source, .. } if source.failure == DatabaseFailure::Corrupt)
+    }
+
     fn database(path: impl Into<PathBuf>, action: &'static str, source: rusqlite::Error) -> Self {
+        let path = path.into();
+        let source = DatabaseError::from_sqlite(source);
+        if source.failure == DatabaseFailure::Corrupt {
+            // Kept where the sync engine looks after each turn: an error that reaches it only
+            // as a message (through a session) still stops the node.
+            page_checksums::record_damage(&path, format!("{action} failed: {source}"));
+        }
         StorageError::Database {
-            path: path.into(),
+            path,
             action,
-            source: DatabaseError::from_sqlite(source),
+            source,
         }
     }
 }
@@ -121,6 +136,19 @@ impl DatabaseError {
 
     fn from_sqlite(error: rusqlite::Error) -> DatabaseError {
         use rusqlite::ErrorCode;
+        let extended = match &error {
+            rusqlite::Error::SqliteFailure(failure, _) => failure.extended_code,
+            _ => 0,
+        };
+        if extended == rusqlite::ffi::SQLITE_IOERR_DATA {
+            return DatabaseError {
+                failure: DatabaseFailure::Corrupt,
+                message: "a page failed its checksum: the disk changed it after it was written; \
+                    stop the node, keep the file for inspection, and restore the database from a \
+                    backup or rebuild the node from its peers"
+                    .into(),
+            };
+        }
         let failure = match error.sqlite_error_code() {
             Some(ErrorCode::DiskFull) => DatabaseFailure::DiskFull,
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => DatabaseFailure::Busy,
@@ -306,6 +334,8 @@ impl CareLookup<'_> {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// The full path, as SQLite and [`page_checksums`] name the file.
+    full_path: String,
     /// Where a group commit stands (see [`Store::begin_group`]).
     group: std::cell::Cell<Group>,
 }
@@ -319,6 +349,14 @@ enum Group {
     Open,
 }
 
+/// `path` made absolute, with links resolved: the name SQLite gives the file.
+fn full_path(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
 impl Store {
     /// Opens (creating if needed) the node database and brings its schema up to date.
     /// Each opening begins a feed epoch (see [`Store::begin_feed_epoch`]) with a random id.
@@ -327,7 +365,8 @@ impl Store {
             path: path.to_path_buf(),
             source: std::io::Error::other(source.to_string()),
         })?;
-        Store::open_through(path, None, epoch)
+        page_checksums::register();
+        Store::open_through(path, page_checksums::VFS_NAME, epoch)
     }
 
     /// [`Store::open`] for a simulated node: through the power-loss VFS
@@ -335,11 +374,12 @@ impl Store {
     /// production does and a simulated crash can take back what was not synced. The caller
     /// names the feed epoch, so that a seed replays exactly.
     pub fn open_simulated(path: &Path, epoch: u64) -> Result<Store> {
-        power_loss::register();
-        Store::open_through(path, Some(power_loss::VFS_NAME), epoch)
+        page_checksums::register_simulated();
+        Store::open_through(path, page_checksums::SIMULATED_VFS_NAME, epoch)
     }
 
-    fn open_through(path: &Path, vfs: Option<&str>, epoch: u64) -> Result<Store> {
+    /// Opens through `vfs`, a [`page_checksums`] VFS: every page is checked when read.
+    fn open_through(path: &Path, vfs: &str, epoch: u64) -> Result<Store> {
         // Created readable by its owner only; SQLite gives its WAL and shared-memory files the
         // database file's permissions.
         if !path.exists() {
@@ -354,15 +394,20 @@ impl Store {
                     source,
                 })?;
         }
-        let opened = match vfs {
-            None => Connection::open(path),
-            Some(vfs) => Connection::open_with_flags_and_vfs(path, OpenFlags::default(), vfs),
-        };
-        let conn =
-            opened.map_err(|source| StorageError::database(path.to_path_buf(), "open", source))?;
+        let conn = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), vfs)
+            .map_err(|source| StorageError::database(path.to_path_buf(), "open", source))?;
+        // Before anything is written: a new database is created with room for checksums;
+        // one from before them is rewritten once.
+        let rewritten = page_checksums::reserve_checksum_bytes(&conn).map_err(|source| {
+            StorageError::database(path.to_path_buf(), "reserve page checksums", source)
+        })?;
+        if rewritten {
+            tracing::info!(path = %path.display(), "rewrote the database once to give every page a checksum");
+        }
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
+            full_path: full_path(path),
             group: std::cell::Cell::new(Group::None),
         };
         store.configure(false)?;
@@ -373,14 +418,17 @@ impl Store {
 
     /// Opens an existing database for reading only (the view's connections).
     pub fn open_read_only(path: &Path) -> Result<Store> {
-        let conn = Connection::open_with_flags(
+        page_checksums::register();
+        let conn = Connection::open_with_flags_and_vfs(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            page_checksums::VFS_NAME,
         )
         .map_err(|source| StorageError::database(path.to_path_buf(), "open read-only", source))?;
         let store = Store {
             conn,
             path: path.to_path_buf(),
+            full_path: full_path(path),
             group: std::cell::Cell::new(Group::None),
         };
         store.configure(true)?;
@@ -398,6 +446,12 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What this process found damaged in this database (a page that failed its checksum,
+    /// a file SQLite found malformed), for an operator; `None` while nothing was.
+    pub fn damage(&self) -> Option<String> {
+        page_checksums::damage_found_at(&self.full_path)
     }
 
     fn err(&self, action: &'static str) -> impl FnOnce(rusqlite::Error) -> StorageError + '_ {
@@ -778,17 +832,25 @@ impl Store {
     /// yet (try again later).
     /// SQLite's own check of the file: every page, index and constraint. Empty when the
     /// database is sound; otherwise what SQLite found, at most 100 lines.
+    /// What SQLite's integrity check finds wrong (up to 100 lines), and pages that failed
+    /// their checksum on the way (the check reads every page): empty when the file is sound.
     pub fn integrity_problems(&self) -> Result<Vec<String>> {
-        let mut statement = self
+        let checked = self
             .conn
             .prepare("PRAGMA integrity_check(100)")
-            .map_err(self.err("check integrity"))?;
-        let lines = statement
-            .query_map([], |row| row.get::<_, String>(0))
-            .map_err(self.err("check integrity"))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(self.err("check integrity"))?;
-        Ok(lines.into_iter().filter(|line| line != "ok").collect())
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| row.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(self.err("check integrity"));
+        match checked {
+            Ok(lines) => Ok(lines.into_iter().filter(|line| line != "ok").collect()),
+            Err(error) if error.is_damage() => Ok(vec![
+                page_checksums::damage_found(&self.path).unwrap_or_else(|| error.to_string()),
+            ]),
+            Err(error) => Err(error),
+        }
     }
 
     pub fn checkpoint(&self) -> Result<bool> {
@@ -1519,7 +1581,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.db");
         drop(Store::open(&path).unwrap());
-        Connection::open(&path)
+        page_checksums::open_directly(&path)
             .unwrap()
             .pragma_update(None, "user_version", 99)
             .unwrap();

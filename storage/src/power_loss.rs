@@ -10,6 +10,7 @@
 //! [`cut_power`] before the connection is dropped (nothing after the cut reaches the files,
 //! not even SQLite's checkpoint on close), then [`restore_after_power_loss`].
 
+use crate::vfs_shim::vfs_below as real_vfs;
 use caremesh_sync::rng::Rng;
 use rusqlite::ffi;
 use std::collections::HashMap;
@@ -167,6 +168,35 @@ pub fn restore_after_power_loss(
     Ok(loss)
 }
 
+/// Flips one bit of a random page of the database file at `db` (no connection may have it
+/// open): damage at rest, as a failing disk or a bad copy does. Returns the byte offset
+/// changed, or `None` for an empty file.
+pub fn flip_a_bit_at_rest(db: &Path, rng: &mut Rng) -> std::io::Result<Option<u64>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(db)?;
+    let mut header = [0u8; 18];
+    if file.read_exact_at(&mut header, 0).is_err() {
+        return Ok(None);
+    }
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65536,
+        size => u64::from(size),
+    };
+    let pages = file.metadata()?.len() / page_size.max(1);
+    if pages == 0 {
+        return Ok(None);
+    }
+    let at = rng.below(pages) * page_size + rng.below(page_size);
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, at)?;
+    byte[0] ^= 1 << rng.below(8);
+    file.write_all_at(&byte, at)?;
+    Ok(Some(at))
+}
+
 /// The keys SQLite names the database and its WAL by: full paths.
 fn keys(db: &Path) -> [String; 2] {
     let full = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf());
@@ -190,18 +220,12 @@ pub fn register() {
         // process. The VFS made from it is leaked, as SQLite requires a registered VFS to
         // outlive every connection; it is registered once.
         unsafe {
-            let real = ffi::sqlite3_vfs_find(std::ptr::null());
-            assert!(!real.is_null(), "SQLite has a default VFS");
-            let mut vfs: ffi::sqlite3_vfs = *real;
-            vfs.szOsFile = (std::mem::size_of::<ShimFile>() as c_int) + (*real).szOsFile;
-            vfs.zName = c"caremesh-power-loss".as_ptr();
-            vfs.pAppData = real.cast();
-            vfs.pNext = std::ptr::null_mut();
-            vfs.xOpen = Some(shim_open);
-            vfs.xDelete = Some(shim_delete);
-            let vfs = Box::leak(Box::new(vfs));
-            let rc = ffi::sqlite3_vfs_register(vfs, 0);
-            assert_eq!(rc, ffi::SQLITE_OK, "registering the power-loss VFS");
+            crate::vfs_shim::register::<ShimFile>(
+                ffi::sqlite3_vfs_find(std::ptr::null()),
+                c"caremesh-power-loss",
+                shim_open,
+                shim_delete,
+            );
         }
     });
 }
@@ -215,20 +239,14 @@ struct ShimFile {
     key: *mut String,
 }
 
-/// The real VFS this one wraps.
-unsafe fn real_vfs(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
-    // SAFETY: pAppData was set to the real VFS at registration.
-    unsafe { (*vfs).pAppData.cast() }
-}
-
 unsafe fn shim(file: *mut ffi::sqlite3_file) -> &'static mut ShimFile {
     // SAFETY: every file this VFS opens is a ShimFile (xOpen wrote it).
-    unsafe { &mut *file.cast::<ShimFile>() }
+    unsafe { crate::vfs_shim::handle(file) }
 }
 
 unsafe fn real_methods(file: &ShimFile) -> &'static ffi::sqlite3_io_methods {
     // SAFETY: the real file was opened successfully (else no method is called).
-    unsafe { &*(*file.real).pMethods }
+    unsafe { crate::vfs_shim::methods_of(file.real) }
 }
 
 unsafe extern "C" fn shim_open(
@@ -241,10 +259,7 @@ unsafe extern "C" fn shim_open(
     // SAFETY: SQLite hands a block of szOsFile bytes; the real handle follows the ShimFile.
     unsafe {
         let real_vfs = real_vfs(vfs);
-        let real = file
-            .cast::<u8>()
-            .add(std::mem::size_of::<ShimFile>())
-            .cast::<ffi::sqlite3_file>();
+        let real = crate::vfs_shim::file_below::<ShimFile>(file);
         std::ptr::write(
             file.cast::<ShimFile>(),
             ShimFile {
@@ -298,26 +313,10 @@ unsafe extern "C" fn shim_delete(
     }
 }
 
-/// Methods that only forward to the real file: the shared-memory index is not durable and
-/// not modelled, and reads, sizes and locks change nothing on the disk.
-macro_rules! forward {
-    ($($name:ident => $method:ident($($arg:ident: $type:ty),*) -> $out:ty;)*) => {$(
-        unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file, $($arg: $type),*) -> $out {
-            // SAFETY: forwards SQLite's own arguments to the real file, which was opened
-            // (SQLite calls no method of a file whose open failed).
-            unsafe {
-                let shim = shim(file);
-                let method = real_methods(shim).$method.expect(concat!(
-                    "the default VFS's files have ",
-                    stringify!($method)
-                ));
-                method(shim.real, $($arg),*)
-            }
-        }
-    )*};
-}
-
-forward! {
+// Methods that only forward to the real file: the shared-memory index is not durable and
+// not modelled, and reads, sizes and locks change nothing on the disk.
+crate::vfs_shim::forward_to_below! {
+    shim, real_methods, real;
     shim_read => xRead(buffer: *mut c_void, amount: c_int, offset: i64) -> c_int;
     shim_file_size => xFileSize(size: *mut i64) -> c_int;
     shim_lock => xLock(level: c_int) -> c_int;
@@ -350,8 +349,9 @@ static SHIM_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     xShmLock: Some(shim_shm_lock),
     xShmBarrier: Some(shim_shm_barrier),
     xShmUnmap: Some(shim_shm_unmap),
-    xFetch: Some(shim_fetch),
-    xUnfetch: Some(shim_unfetch),
+    // Memory-mapped reads would bypass this shim: refused, so SQLite reads instead.
+    xFetch: Some(crate::vfs_shim::refuse_fetch),
+    xUnfetch: Some(crate::vfs_shim::nothing_to_unfetch),
 };
 
 /// Runs `with` on the tracked file's state, if the file is tracked, after counting the
@@ -483,30 +483,6 @@ unsafe extern "C" fn shim_sync(file: *mut ffi::sqlite3_file, _flags: c_int) -> c
         });
         ffi::SQLITE_OK
     }
-}
-
-unsafe extern "C" fn shim_fetch(
-    file: *mut ffi::sqlite3_file,
-    offset: i64,
-    amount: c_int,
-    out: *mut *mut c_void,
-) -> c_int {
-    // SAFETY: memory-mapped reads would bypass nothing this VFS records (writes never go
-    // through a map in SQLite), so they are refused and SQLite reads instead.
-    unsafe {
-        let _ = (file, offset, amount);
-        *out = std::ptr::null_mut();
-        ffi::SQLITE_OK
-    }
-}
-
-unsafe extern "C" fn shim_unfetch(
-    file: *mut ffi::sqlite3_file,
-    offset: i64,
-    page: *mut c_void,
-) -> c_int {
-    let _ = (file, offset, page);
-    ffi::SQLITE_OK
 }
 
 #[cfg(test)]

@@ -851,7 +851,7 @@ mod tests {
         assert!(refused.is_empty(), "{refused:?}");
 
         // The fault: the sharing record the rules read no longer reads.
-        let side = rusqlite::Connection::open(&path).unwrap();
+        let side = crate::page_checksums::open_directly(&path).unwrap();
         let damage = |body: &str| {
             side.execute(
                 "UPDATE items SET body = ?1 WHERE section = 'sharing'",

@@ -188,6 +188,7 @@ impl World {
 
     fn driver_event(&mut self, node: usize, event: DriverEvent) {
         match event {
+            DriverEvent::Stopped { reason } => self.stop_for_damage(node, reason),
             DriverEvent::Close {
                 conn,
                 reason,
@@ -209,6 +210,8 @@ impl World {
                         detail: reason.clone(),
                     }),
                     CloseCause::StorageFailed => self.report.storage_failures += 1,
+                    // Counted with the stop itself (`DriverEvent::Stopped`).
+                    CloseCause::StorageDamaged => {}
                     CloseCause::Untrusted | CloseCause::Replaced | CloseCause::Ended => {}
                 }
                 self.close(conn, &reason);
