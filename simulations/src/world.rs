@@ -1054,18 +1054,27 @@ impl World {
         }
     }
 
+    /// What each running node holds. Reading a node's store is reading its disk: a damaged
+    /// page found here stops the node as the node's own read would have.
     pub(crate) fn held_everywhere(
-        &self,
+        &mut self,
     ) -> Result<Vec<Option<BTreeMap<caremesh_sync::DocId, Held>>>, crate::SimError> {
-        self.nodes
-            .iter()
-            .map(|n| match &n.driver {
-                Some(driver) => check::held_documents(driver.host())
-                    .map(Some)
-                    .map_err(sim_error),
-                None => Ok(None),
-            })
-            .collect()
+        let mut held = Vec::with_capacity(self.nodes.len());
+        for node in 0..self.nodes.len() {
+            let Some(driver) = &self.nodes[node].driver else {
+                held.push(None);
+                continue;
+            };
+            match check::held_documents(driver.host()) {
+                Ok(documents) => held.push(Some(documents)),
+                Err(error) if error.is_damage() => {
+                    self.stop_for_damage(node, error.to_string());
+                    held.push(None);
+                }
+                Err(error) => return Err(sim_error(error)),
+            }
+        }
+        Ok(held)
     }
 
     /// After a crash, `node`'s checkpoint in each peer's feed is at or past what it
