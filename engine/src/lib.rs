@@ -239,11 +239,6 @@ impl Driver {
         }
     }
 
-    /// Why the driver stopped: its database was found damaged.
-    pub fn damaged(&self) -> Option<&str> {
-        self.damaged.as_deref()
-    }
-
     /// After each turn: if anything this turn read or wrote found the database damaged,
     /// every session closes, no other opens, and the caller is told to stop the node.
     fn stop_if_damaged(&mut self) {
@@ -677,7 +672,7 @@ impl Driver {
                 Event::CaughtUp => live.last_sync_at = Some(self.host.now_unix()),
                 Event::PeerAcked { .. } => {}
                 Event::PeerWasAhead { had, resumed_after } => {
-                    tracing::warn!(peer = %ods, had, resumed_after, "the peer had taken this node's changes feed further than this database now reaches: it lost writes it had reported durable (a disk or virtual machine that does not honour fsync) or was restored from a backup; the peer is served again from where the two agree, and what only the peer holds comes back from it");
+                    tracing::warn!(peer = %ods, had, resumed_after, "the peer had taken this node's changes feed further than this database now reaches: it lost writes it had reported durable (a disk or virtual machine that does not honour fsync) or was restored from a backup; the peer is served again from where the two feeds agree");
                 }
                 Event::FeedWentBack { had, resumed_after } => {
                     tracing::warn!(peer = %ods, had, resumed_after, "the peer's changes feed went back (it lost writes or was restored from a backup): taking it again from where the two agree");

@@ -286,8 +286,7 @@ pub enum Event {
     PeerAcked { up_to: u64 },
     /// The peer had taken our feed up to `had`, past where the epoch it was taken in ended
     /// (`resumed_after`): this node lost writes it had reported durable, or was restored from
-    /// a backup. It is served again from there; what only the peer holds comes back through
-    /// the peer's feed.
+    /// a backup. It is served again from there.
     PeerWasAhead { had: u64, resumed_after: u64 },
     /// The peer's feed went back from `had` to `resumed_after` (it lost writes or was
     /// restored from a backup): we take it again from there.
