@@ -1186,7 +1186,10 @@ impl Region for World {
         World::index_of(self, code)
     }
     fn is_lost_for_good(&self, node: usize) -> bool {
-        self.lost_for_good.contains(&node)
+        // Routing around a node lost for good is owed while the rest of the region can: once
+        // another node has stopped on a damaged disk (down for its operator), only what live
+        // paths can carry is owed (two-hubs-failover with the second hub damaged).
+        self.lost_for_good.contains(&node) && self.stopped_for_damage.is_empty()
     }
     fn now_s(&self) -> f64 {
         World::now_s(self)
