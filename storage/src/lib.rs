@@ -846,9 +846,9 @@ impl Store {
             .map_err(self.err("check integrity"));
         match checked {
             Ok(lines) => Ok(lines.into_iter().filter(|line| line != "ok").collect()),
-            Err(error) if error.is_damage() => Ok(vec![
-                page_checksums::damage_found(&self.path).unwrap_or_else(|| error.to_string()),
-            ]),
+            Err(error) if error.is_damage() => {
+                Ok(vec![self.damage().unwrap_or_else(|| error.to_string())])
+            }
             Err(error) => Err(error),
         }
     }

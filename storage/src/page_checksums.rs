@@ -186,6 +186,15 @@ struct ChecksumFile {
 }
 
 impl ChecksumFile {
+    /// Page 1 passing through (`bytes` at `offset` of a file in `role`) says whether the
+    /// database reserves the checksum's bytes: checksums are on exactly when it does.
+    fn note_header(&mut self, role: Role, bytes: &[u8], offset: i64) {
+        if let Some(reserve) = reserve_in_header(bytes).filter(|_| offset == 0 || role == Role::Wal)
+        {
+            self.checksums = i32::from(reserve) == RESERVED_BYTES;
+        }
+    }
+
     /// The handle whose flags apply: a WAL's database, or the file itself.
     fn flags(&mut self) -> &mut ChecksumFile {
         if self.database.is_null() {
@@ -342,10 +351,7 @@ unsafe extern "C" fn checked_read(
         let role = this.role;
         let name = this.name;
         let flags = this.flags();
-        if let Some(reserve) = reserve_in_header(bytes).filter(|_| offset == 0 || role == Role::Wal)
-        {
-            flags.checksums = i32::from(reserve) == RESERVED_BYTES;
-        }
+        flags.note_header(role, bytes, offset);
         let verified = role == Role::Database && is_whole_page(amount) && flags.checksums;
         if verified && !page_is_intact(bytes) {
             let path = if name.is_null() {
@@ -382,11 +388,7 @@ unsafe extern "C" fn checked_write(
             let bytes =
                 std::slice::from_raw_parts_mut(buffer.cast::<u8>().cast_mut(), amount as usize);
             let flags = this.flags();
-            if let Some(reserve) =
-                reserve_in_header(bytes).filter(|_| offset == 0 || role == Role::Wal)
-            {
-                flags.checksums = i32::from(reserve) == RESERVED_BYTES;
-            }
+            flags.note_header(role, bytes, offset);
             if role == Role::Database && is_whole_page(amount) && flags.checksums {
                 let (content, tail) = bytes.split_at_mut(amount as usize - 8);
                 tail.copy_from_slice(&checksum(content));
