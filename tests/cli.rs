@@ -1101,7 +1101,10 @@ fn break_glass_from_another_site_or_without_the_form_token_is_refused() {
     let path = "/patients/9434765919/break-glass";
     let reason = "reason=Collapsed+in+clinic%2C+history+needed";
     let secret = session.split_once('=').unwrap().1;
-    let with_token = format!("{reason}&form_token={}", caremesh::view::form_token(secret));
+    let with_token = format!(
+        "{reason}&form_token={}",
+        caremesh_view::web::form_token(secret)
+    );
     let forged = http_request_with(
         &node.address,
         "POST",

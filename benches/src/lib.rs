@@ -3,11 +3,11 @@
 //! figures off a process or a database. Not used by the node itself.
 
 use anyhow::{Context, Result};
-use caremesh::generate::{GenerateOptions, generate};
 use caremesh::home::{Home, OrganisationConfig};
 use caremesh::trust::TrustState;
 use caremesh_engine::{Driver, DriverEvent, DriverOptions, Transmit};
 use caremesh_fhir::clock;
+use caremesh_fhir::synthetic::{GenerateOptions, generate};
 use caremesh_ingest::{FileDisposition, Ingestor};
 use caremesh_storage::Store;
 use caremesh_storage::sync_host::StoreHost;

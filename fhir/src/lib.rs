@@ -11,6 +11,7 @@ pub mod clock;
 mod consent;
 pub mod reading;
 pub mod strict_json;
+pub mod synthetic;
 
 pub use consent::{ConsentFacts, SharingChoice};
 

@@ -166,10 +166,10 @@ fn read_every_record(home: &Home, store: &Store) {
         .map(|document| document.meta.patient)
         .collect();
     for nhs in patients {
-        let record = caremesh::record::assemble(store, &nhs, &home.viewer("fuzz", None), NOW)
+        let record = caremesh_view::record::assemble(store, &nhs, &home.viewer("fuzz", None), NOW)
             .unwrap_or_else(|error| panic!("the record of a stored patient must read: {error}"));
         let Some(record) = record else { continue };
-        let text = caremesh::record::render_text(&record);
+        let text = caremesh_view::record::render_text(&record);
         assert!(
             !text.chars().any(|c| c.is_control() && c != '\n'),
             "the record as text carries a control character: {text:?}"
@@ -184,7 +184,7 @@ pub fn launch_token(data: &[u8]) {
         return;
     };
     let bench = practice();
-    let verifier = caremesh::launch::LaunchVerifier::load(&bench.home).expect("the launch key");
+    let verifier = caremesh::launch::verifier(&bench.home).expect("the launch key");
     let own = bench.home.config.organisation.ods.clone();
     match verifier.verify(token, &bench.home.config.launch, &own, NOW) {
         Ok(launch) => {
@@ -199,9 +199,9 @@ pub fn launch_token(data: &[u8]) {
 /// A launch token as the clinical system would sign it: the seed of the launch corpus.
 pub fn signed_launch_token(nhs: Option<&str>) -> String {
     let bench = practice();
-    let signer = caremesh::launch::LaunchSigner::load(&bench.home).expect("the signing key");
+    let signer = caremesh::launch::signer(&bench.home).expect("the signing key");
     signer.sign(
-        caremesh::launch::LaunchClaims {
+        caremesh_view::launch::LaunchClaims {
             sub: "u123".into(),
             name: "Dr Ada Example".into(),
             role: "clinician".into(),

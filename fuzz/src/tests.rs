@@ -81,7 +81,7 @@ fn the_launch_seed_is_accepted() {
     let token = String::from_utf8(seed("launch_token", "clinician-with-patient"))
         .expect("the launch seed is text");
     let bench = practice();
-    let verifier = caremesh::launch::LaunchVerifier::load(&bench.home).expect("the launch key");
+    let verifier = caremesh::launch::verifier(&bench.home).expect("the launch key");
     let own = bench.home.config.organisation.ods.clone();
     verifier
         .verify(&token, &bench.home.config.launch, &own, NOW)

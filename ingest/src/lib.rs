@@ -8,6 +8,7 @@
 //!   report reconciles resources in with outcomes out. Rejected files go to quarantine with
 //!   a `.reason.txt` naming each problem and where it is.
 
+pub mod drop_folder;
 pub mod patient_index;
 
 use crate::patient_index::PatientIndex;

@@ -2,14 +2,14 @@
 
 use crate::audit::AuditCommand;
 use crate::consent::{ConsentCommand, Switch};
-use crate::generate::{self, GenerateOptions};
 use crate::home::{Home, OrganisationConfig};
 use crate::store_command::StoreCommand;
 use crate::verify;
-use crate::view::{self, ViewState};
 use anyhow::{Context, Result};
 use caremesh_fhir::clock;
+use caremesh_fhir::synthetic::{self, GenerateOptions};
 use caremesh_sync::{OdsCode, OrgKind};
+use caremesh_view::web::{self as view, ViewState};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -396,7 +396,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "--gp is needed for a {kind} extract: the practice its patients are registered with"
                 ),
             };
-            let generated = generate::generate(&GenerateOptions {
+            let generated = synthetic::generate(&GenerateOptions {
                 org_name: name.unwrap_or_else(|| format!("{org} ({kind})")),
                 org,
                 kind,
@@ -500,7 +500,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     let now = clock::now_unix();
     let peers = store.current_peer_statuses()?;
     let registry = home.trust()?.map(|trust| trust.current());
-    let drop_folder = crate::watch::survey(&home.drop_dir());
+    let drop_folder = caremesh_ingest::drop_folder::survey(&home.drop_dir());
     let unsendable = store.unsendable_documents()?;
     let disk = crate::disk::status(&home.dir);
     let audit = audit_status(&store)?;
@@ -800,16 +800,18 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             organisation: home.config.organisation.name.clone(),
             ods: home.config.organisation.ods.to_string(),
             viewer: home.viewer("", None),
-            trust: trust_for_view,
             break_glass_minutes: home.config.view.break_glass_minutes,
-            launch: crate::launch::LaunchVerifier::load(home).context(
+            launch: crate::launch::verifier(home).context(
                 "loading the launch key: the view opens only through signed launch tokens",
             )?,
             launch_config: home.config.launch.clone(),
             names,
             key: home.signing_key()?,
             sync: syncing.then(|| sync.counters.clone()),
-            writer: writer.clone(),
+            node: Arc::new(crate::network::NodeForView {
+                writer: writer.clone(),
+                trust: trust_for_view,
+            }),
             anonymous: Default::default(),
             metrics_token: home.metrics_token()?,
             drop_folder_paused: paused.clone(),

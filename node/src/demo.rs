@@ -3,10 +3,10 @@
 //! trust registry made and signed for them. The three care organisations hold overlapping
 //! synthetic patients, so one patient's record joins data from several of them.
 
-use crate::generate::{self, GenerateOptions};
 use crate::home::{Home, OrganisationConfig};
 use anyhow::{Context, Result};
 use caremesh_fhir::clock;
+use caremesh_fhir::synthetic::{self, GenerateOptions};
 use caremesh_ingest::{FileDisposition, Ingestor};
 use caremesh_sync::policy::Consent;
 use caremesh_sync::trust::public_key_of;
@@ -272,7 +272,7 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<(String, Option<String
             continue;
         }
         let extract = dir.join(format!("{}-extract", node.folder));
-        let generated = generate::generate(&GenerateOptions {
+        let generated = synthetic::generate(&GenerateOptions {
             org: home.config.organisation.ods.clone(),
             org_name: node.name.into(),
             kind: node.kind,
@@ -299,7 +299,7 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<(String, Option<String
     // The patients the links open: living, and known to the practice, the hospital and the
     // hospice; the second of them has Share In off at the hospice (the break-glass example).
     let mut shared = (0..patients)
-        .map(|index| generate::person(1, index))
+        .map(|index| synthetic::person(1, index))
         .filter(|p| p.deceased_day.is_none() && p.in_caseload_of(OrgKind::Hospice));
     let first = shared.next().with_context(|| {
         format!("no living hospice patient among {patients}; use --patients 40 or more")

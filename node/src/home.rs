@@ -24,8 +24,9 @@ pub const CONFIG_FILE: &str = "caremesh.toml";
 pub const KEY_FILE: &str = "keys/signing.key";
 pub const PUBLIC_KEY_FILE: &str = "keys/signing.pub";
 pub const METRICS_TOKEN_FILE: &str = "keys/metrics.token";
-pub const LAUNCH_PUBLIC_FILE: &str = "keys/launch.pub";
-pub const LAUNCH_SIGNING_FILE: &str = "keys/launch-signing.key";
+pub use caremesh_view::launch::{
+    LAUNCH_PUBLIC_FILE, LAUNCH_SIGNING_FILE, LaunchAlgorithm, LaunchConfig,
+};
 pub const DATABASE_FILE: &str = "node.db";
 
 /// The SNOMED CT sensitive code set shipped in configs/, used when a config names none.
@@ -96,44 +97,6 @@ pub struct NodeConfig {
     pub sharing: SharingConfig,
     #[serde(default)]
     pub launch: LaunchConfig,
-}
-
-/// In-context launch: how launch tokens from the clinical system are checked.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-#[serde(deny_unknown_fields)]
-pub struct LaunchConfig {
-    /// "EdDSA" (the node holds the clinical system's public key) or "HS256" (a shared secret).
-    pub algorithm: LaunchAlgorithm,
-    /// EdDSA: the clinical system's public key, hex. HS256: the shared secret (mode 0600).
-    pub key: PathBuf,
-    /// EdDSA: a secret key for `caremesh launch` to sign with (demos and tests). A real
-    /// clinical system keeps its key; remove this file and setting in production.
-    pub signing_key: Option<PathBuf>,
-    /// How long a launched session lasts.
-    pub session_minutes: u32,
-    /// The longest validity a launch token may have (exp - iat).
-    pub max_token_minutes: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LaunchAlgorithm {
-    #[serde(rename = "EdDSA")]
-    EdDsa,
-    #[serde(rename = "HS256")]
-    Hs256,
-}
-
-impl Default for LaunchConfig {
-    fn default() -> Self {
-        LaunchConfig {
-            algorithm: LaunchAlgorithm::EdDsa,
-            key: PathBuf::from(LAUNCH_PUBLIC_FILE),
-            signing_key: Some(PathBuf::from(LAUNCH_SIGNING_FILE)),
-            session_minutes: 30,
-            max_token_minutes: 10,
-        }
-    }
 }
 
 /// This organisation's sharing defaults: what holds for a patient until a choice is recorded
@@ -273,8 +236,8 @@ impl Home {
         &self,
         user_id: &str,
         registry: Option<&caremesh_sync::VerifiedRegistry>,
-    ) -> crate::record::Viewer {
-        crate::record::Viewer {
+    ) -> caremesh_view::record::Viewer {
+        caremesh_view::record::Viewer {
             ods: self.config.organisation.ods.clone(),
             defaults: self.config.sharing.defaults(),
             user_id: user_id.to_string(),

@@ -64,14 +64,7 @@ const NODE_LOADED_DOCUMENTS: usize = 64;
 /// How often the registry file is looked at for an edition installed while the node runs.
 const REGISTRY_FILE_CHECK: Duration = Duration::from_secs(1);
 
-/// Counters the node keeps in memory for /metrics, beside the per-peer rows in the database.
-#[derive(Debug, Default)]
-pub struct SyncCounters {
-    pub handshakes_refused: AtomicU64,
-    pub protocol_errors: AtomicU64,
-    /// Times a peer wanted a document too large to send.
-    pub unsendable: AtomicU64,
-}
+pub use caremesh_view::metrics::SyncCounters;
 
 pub struct SyncSettings {
     pub ods: OdsCode,
@@ -267,6 +260,44 @@ impl StoreWriter {
             // The caller may have gone (a closed HTTP request): the write stands regardless.
             let _ = reply.send(write(store));
         })
+    }
+}
+
+/// The running node as the view sees it ([`caremesh_view::web::RunningNode`]): its one store
+/// writer and the trust registry in force.
+pub struct NodeForView {
+    pub writer: StoreWriter,
+    /// `None` while sync is off: no registry, so no keys are revoked.
+    pub trust: Option<TrustState>,
+}
+
+impl caremesh_view::web::RunningNode for NodeForView {
+    fn write_now(
+        &self,
+        write: caremesh_view::web::LocalWrite,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(), caremesh_view::web::WriterStopped>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            self.writer
+                .write_now(move |store| {
+                    write(store);
+                    Ok(())
+                })
+                .await
+                .map_err(|_| caremesh_view::web::WriterStopped)
+        })
+    }
+
+    fn revoked_keys(&self) -> std::collections::BTreeMap<[u8; 32], OdsCode> {
+        self.trust
+            .as_ref()
+            .map(|trust| trust.current().registry().revoked_keys())
+            .unwrap_or_default()
     }
 }
 

@@ -4,9 +4,8 @@
 //! node ([`crate::control`]), which runs the same code on its one store writer. Either way
 //! what is printed and the exit code are the same.
 
-use crate::audit::{self, ReportQuery};
+use crate::audit;
 use crate::home::Home;
-use crate::record;
 use anyhow::{Context, Result, bail};
 use caremesh_fhir::clock;
 use caremesh_ingest::{FileDisposition, Ingestor};
@@ -14,6 +13,8 @@ use caremesh_storage::Store;
 use caremesh_storage::audit::AuditEvent;
 use caremesh_sync::NhsNumber;
 use caremesh_sync::policy::Consent;
+use caremesh_view::audit_report::{self, ReportQuery};
+use caremesh_view::record;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -148,7 +149,8 @@ impl StoreCommand {
                     Err(problem) => bail!("{problem}"),
                 };
                 let report = audit::report_as(home, store, operator, &query)?;
-                out.stdout.push_str(&audit::render(&report, asked.format));
+                out.stdout
+                    .push_str(&audit_report::render(&report, asked.format));
                 Ok(0)
             }
         }

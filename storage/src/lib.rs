@@ -14,6 +14,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod disk_space;
 mod migrations;
 pub mod page_checksums;
 mod peers;

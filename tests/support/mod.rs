@@ -159,7 +159,10 @@ pub fn http_get_as(address: &str, path: &str, cookie: &str) -> (u16, String) {
 /// token (the page puts it in every form).
 pub fn http_post_form_as(address: &str, path: &str, form: &str, cookie: &str) -> (u16, String) {
     let secret = cookie.split_once('=').map_or("", |(_, secret)| secret);
-    let form = format!("{form}&form_token={}", caremesh::view::form_token(secret));
+    let form = format!(
+        "{form}&form_token={}",
+        caremesh_view::web::form_token(secret)
+    );
     let response = http_request(address, "POST", path, Some(cookie), Some(&form));
     (response.status, response.body)
 }

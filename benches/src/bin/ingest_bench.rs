@@ -12,8 +12,8 @@
 use anyhow::{Context, Result, bail};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, ObjType, ROOT};
-use caremesh::generate::{GenerateOptions, generate};
 use caremesh::home::{Home, OrganisationConfig};
+use caremesh_fhir::synthetic::{GenerateOptions, generate};
 use caremesh_ingest::{FileDisposition, Ingestor};
 use caremesh_sync::{OdsCode, OrgKind};
 use serde_json::Value;

@@ -23,10 +23,10 @@
 //! checks every node and the hub hold exactly the versions each publisher holds: nothing lost.
 
 use anyhow::{Context, Result, ensure};
-use caremesh::generate::test_nhs_number;
 use caremesh::home::{Home, OrganisationConfig};
 use caremesh::network::{StoredObserver, SyncService, SyncSettings};
 use caremesh_bench::{count, peak_rss_kib, publish_problem, region, rss_kib, run_node};
+use caremesh_fhir::synthetic::test_nhs_number;
 use caremesh_storage::Store;
 use caremesh_sync::rng::Rng;
 use caremesh_sync::{DataClass, DocId, DocMeta, NhsNumber, OdsCode, OrgKind, Section};

@@ -22,17 +22,17 @@
 //!    first `/health` answer, resident memory then and after 10 s, and peak.
 
 use anyhow::{Context, Result, ensure};
-use caremesh::generate::test_nhs_number;
 use caremesh::home::Home;
-use caremesh::record::{Viewer, assemble};
 use caremesh_bench::{
     incremental, peak_rss_kib, practice_of, publish_problem, region, rss_kib, run_node,
 };
 use caremesh_fhir::clock;
+use caremesh_fhir::synthetic::test_nhs_number;
 use caremesh_storage::publish::Publication;
 use caremesh_storage::{SourceRow, Store};
 use caremesh_sync::policy::Consent;
 use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, PublisherKey, Section};
+use caremesh_view::record::{Viewer, assemble};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! The read-only record view over HTTP (axum). Reads local storage only, so it keeps
-//! serving when every peer is unreachable. No route writes clinical data.
+//! serving when every peer is unreachable. No route writes clinical data; what the view
+//! writes (sessions, launch tokens used, break-glass, access records) goes through the
+//! node's one store writer ([`RunningNode::write_now`]).
 //!
 //! Nothing is shown without a session, and a session comes only from a launch token
 //! (`/launch?token=`, see `launch.rs`): one user, one role, and for clinicians one patient.
@@ -10,9 +12,9 @@
 // makes one, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
-use crate::audit::{ReportFormat, ReportQuery};
-use crate::home::LaunchConfig;
-use crate::launch::{Launch, LaunchRefused, LaunchVerifier, Role};
+use crate::audit_report::{ReportFormat, ReportQuery};
+use crate::launch::{Launch, LaunchConfig, LaunchRefused, LaunchVerifier, Role};
+use crate::metrics::SyncCounters;
 use crate::record::{self, Record, Viewer};
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -26,7 +28,10 @@ use caremesh_storage::audit::AuditEvent;
 use caremesh_sync::{NhsNumber, PublisherKey};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 mod assets;
@@ -36,6 +41,55 @@ mod render;
 pub use render::escape;
 use render::{ReportForm, page, problem_body};
 
+/// A write as the node's store writer runs it: it sends its own result back.
+pub type LocalWrite = Box<dyn FnOnce(&mut Store) + Send>;
+
+/// What the view needs of the running node beyond its database: the one store writer and
+/// the trust registry in force. The node implements it over its engine; the view holds no
+/// node types, so that the view and the node's plumbing change apart.
+pub trait RunningNode: Send + Sync + 'static {
+    /// Runs `write` on the node's one store writer ahead of other local writes (a clinician
+    /// is waiting), also between the commits of a long ingest under way. Fails only when the
+    /// node is stopping; `write` then was not run.
+    fn write_now(
+        &self,
+        write: LocalWrite,
+    ) -> Pin<Box<dyn Future<Output = Result<(), WriterStopped>> + Send + '_>>;
+
+    /// The signing keys revoked in the trust registry in force now, and whose they were;
+    /// none while sync is off (no registry).
+    fn revoked_keys(&self) -> BTreeMap<[u8; 32], caremesh_sync::OdsCode>;
+}
+
+/// The node is stopping and made no write.
+#[derive(Debug, thiserror::Error)]
+#[error("the node is shutting down and did not make this write")]
+pub struct WriterStopped;
+
+/// Why a request's storage work failed. It is logged, never shown: it may name a patient.
+#[derive(Debug, thiserror::Error)]
+enum RequestFailed {
+    #[error(transparent)]
+    Storage(#[from] caremesh_storage::StorageError),
+    #[error("recording the access: {0}")]
+    Publish(#[from] caremesh_storage::publish::PublishError),
+    #[error("making a session secret: {0}")]
+    Random(#[from] std::io::Error),
+    #[error(transparent)]
+    Stopped(#[from] WriterStopped),
+}
+
+impl RequestFailed {
+    fn is_disk_full(&self) -> bool {
+        match self {
+            RequestFailed::Storage(error) => caremesh_storage::is_disk_full(error),
+            RequestFailed::Publish(error) => caremesh_storage::is_disk_full(error),
+            RequestFailed::Random(error) => caremesh_storage::is_disk_full(error),
+            RequestFailed::Stopped(_) => false,
+        }
+    }
+}
+
 pub struct ViewState {
     pub database: PathBuf,
     pub organisation: String,
@@ -43,12 +97,10 @@ pub struct ViewState {
     /// This organisation as viewer; each request fills in its user and the keys revoked in
     /// the registry then in force.
     pub viewer: Viewer,
-    /// The trust registry in force, when sync is on: it changes while the node runs.
-    pub trust: Option<crate::trust::TrustState>,
     /// How long a break-glass lasts.
     pub break_glass_minutes: u32,
     /// The running sync engine's counters, when sync is on.
-    pub sync: Option<Arc<crate::network::SyncCounters>>,
+    pub sync: Option<Arc<SyncCounters>>,
     /// Checks launch tokens.
     pub launch: LaunchVerifier,
     pub launch_config: LaunchConfig,
@@ -58,12 +110,13 @@ pub struct ViewState {
     pub names: std::collections::BTreeMap<String, String>,
     /// Requests without a session refused since the last summary went to the audit trail.
     pub anonymous: std::sync::Mutex<AnonymousRefusals>,
-    /// The bearer token that may scrape `/metrics` ([`crate::home::Home::metrics_token`]).
+    /// The bearer token that may scrape `/metrics` (kept in the node home).
     pub metrics_token: Option<String>,
-    /// Why the drop folder is paused, if it is ([`crate::watch::Paused`]).
-    pub drop_folder_paused: crate::watch::Paused,
-    /// The node's one store writer: the view writes only through it.
-    pub writer: crate::network::StoreWriter,
+    /// Why the drop folder is paused, if it is: set by the node's drop-folder watcher.
+    pub drop_folder_paused: Arc<std::sync::Mutex<Option<String>>>,
+    /// The running node: its one store writer (the view writes only through it) and its
+    /// trust registry.
+    pub node: Arc<dyn RunningNode>,
 }
 
 /// Refused requests that carried no session (or a token whose signature failed): counted,
@@ -157,12 +210,12 @@ const SESSION_COOKIE: &str = "caremesh_session";
 /// Runs storage work off the async threads. A failure is logged and becomes a 500 that
 /// says where to look, never the error's text (it may name a patient).
 async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    work: impl FnOnce() -> Result<T, RequestFailed> + Send + 'static,
 ) -> Result<T, Response> {
     match tokio::task::spawn_blocking(work).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => {
-            tracing::error!(error = %format!("{error:#}"), "a view request failed");
+            tracing::error!(%error, "a view request failed");
             Err(internal_error())
         }
         Err(error) => {
@@ -220,15 +273,30 @@ impl ViewState {
     /// cannot do without. A failure is logged and becomes a 500, as in [`blocking`].
     async fn write<T: Send + 'static>(
         &self,
-        mut write: impl FnMut(&mut Store) -> anyhow::Result<T> + Send + 'static,
+        mut write: impl FnMut(&mut Store) -> Result<T, RequestFailed> + Send + 'static,
     ) -> Result<T, Response> {
         let home_dir = self.home_dir().to_path_buf();
-        let written = self
-            .writer
-            .write_now(move |store| crate::disk::write_even_when_full(&home_dir, || write(store)))
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let made = self
+            .node
+            .write_now(Box::new(move |store| {
+                let outcome = caremesh_storage::disk_space::write_even_when_full(
+                    &home_dir,
+                    RequestFailed::is_disk_full,
+                    || write(store),
+                );
+                // The request may have gone (a closed connection): the write stands.
+                let _ = reply.send(outcome);
+            }))
             .await;
+        let written = match made {
+            Ok(()) => answer
+                .await
+                .unwrap_or(Err(RequestFailed::Stopped(WriterStopped))),
+            Err(stopped) => Err(stopped.into()),
+        };
         written.map_err(|error| {
-            tracing::error!(error = %format!("{error:#}"), "a view's write failed");
+            tracing::error!(%error, "a view's write failed");
             internal_error()
         })
     }
@@ -492,9 +560,7 @@ async fn view_record(
     let database = state.database.clone();
     let mut viewer = state.viewer.clone();
     viewer.user_id = session.user_id.clone();
-    if let Some(trust) = &state.trust {
-        viewer.revoked_signers = trust.current().registry().revoked_keys();
-    }
+    viewer.revoked_signers = state.node.revoked_keys();
     let patient = nhs.clone();
     let names = state.names.clone();
     let (record, offline) = blocking(move || {
@@ -825,7 +891,7 @@ async fn run_report(
     state: &Arc<ViewState>,
     session: &LaunchSession,
     query: &ReportQuery,
-) -> Result<Vec<crate::audit::ReportRow>, Response> {
+) -> Result<Vec<crate::audit_report::ReportRow>, Response> {
     let mut event = state.event(
         Some(session),
         "audit-report",
@@ -841,7 +907,7 @@ async fn run_report(
     );
     let rows = blocking(move || {
         let store = Store::open_read_only(&database)?;
-        crate::audit::report(&store, &own, &report_query)
+        Ok(crate::audit_report::report(&store, &own, &report_query)?)
     })
     .await?;
     state.audit(event).await?;
@@ -874,7 +940,7 @@ async fn audit_api(
         let rows = run_report(&state, &session, &query).await?;
         Ok((
             [(header::CONTENT_TYPE, format.content_type())],
-            crate::audit::render(&rows, format),
+            crate::audit_report::render(&rows, format),
         )
             .into_response())
     }
@@ -1007,7 +1073,7 @@ async fn health(State(state): State<Arc<ViewState>>) -> Response {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    let disk = crate::disk::status(state.home_dir());
+    let disk = caremesh_storage::disk_space::status(state.home_dir());
     match readable {
         // Reads still work while the drop folder is paused or the disk is full: degraded,
         // not down.

@@ -1,4 +1,5 @@
-//! `caremesh generate`: synthetic, UK-flavoured FHIR R4 extracts a clinician would believe.
+//! Synthetic, UK-flavoured FHIR R4 extracts a clinician would believe, for `caremesh
+//! generate`, the demo and the benchmarks.
 //!
 //! Deterministic for a seed (`caremesh_sync::rng`, no OS randomness, a fixed reference date),
 //! so benchmarks and demos are reproducible. Test NHS numbers are in the 999 range with valid
@@ -16,7 +17,7 @@
 //! registered with as their GP. A few records disagree as real ones do: a hospital spelling
 //! of a name, a death the hospital has not been told of.
 
-use caremesh_fhir::{NHS_NUMBER_SYSTEM, ODS_SYSTEM, PRIVATE_CODE, PRIVATE_SYSTEM, SNOMED};
+use crate::{NHS_NUMBER_SYSTEM, ODS_SYSTEM, PRIVATE_CODE, PRIVATE_SYSTEM, SNOMED};
 use caremesh_sync::rng::Rng;
 use caremesh_sync::{NhsNumber, OdsCode, OrgKind};
 use serde_json::{Value, json};
@@ -44,18 +45,18 @@ pub fn test_nhs_number(seed: u64, index: u64) -> NhsNumber {
 }
 
 fn date(day: i64) -> String {
-    caremesh_fhir::clock::rfc3339(day * 86_400)[..10].to_string()
+    crate::clock::rfc3339(day * 86_400)[..10].to_string()
 }
 
 /// A time in working hours on `day`.
 fn date_time(day: i64, rng: &mut Rng) -> String {
     let seconds = day * 86_400 + 8 * 3600 + rng.below(10 * 3600) as i64;
-    caremesh_fhir::clock::rfc3339(seconds)
+    crate::clock::rfc3339(seconds)
 }
 
 /// A time at any hour of `day` (wards and hospices work nights).
 fn any_time(day: i64, rng: &mut Rng) -> String {
-    caremesh_fhir::clock::rfc3339(day * 86_400 + rng.below(86_400) as i64)
+    crate::clock::rfc3339(day * 86_400 + rng.below(86_400) as i64)
 }
 
 /// A measurement as a laboratory reports it: whole numbers without a decimal point.
@@ -810,7 +811,7 @@ impl Builder<'_> {
         json!({
             "resourceType": "Bundle",
             "type": "collection",
-            "timestamp": caremesh_fhir::clock::rfc3339(REFERENCE_DAY * 86_400),
+            "timestamp": crate::clock::rfc3339(REFERENCE_DAY * 86_400),
             "entry": self.entries
         })
     }

@@ -1,5 +1,5 @@
 //! HTML for the view, in the NHS design system's markup (nhsuk-frontend, vendored in
-//! `node/assets/nhsuk`). Everything that comes from data is escaped here.
+//! `view/assets/nhsuk`). Everything that comes from data is escaped here.
 
 use super::ViewState;
 use crate::record::{self, Record};
@@ -944,7 +944,7 @@ pub fn audit_form(form: &ReportForm<'_>) -> String {
     )
 }
 
-pub fn render_report(rows: &[crate::audit::ReportRow], form: &ReportForm<'_>) -> String {
+pub fn render_report(rows: &[crate::audit_report::ReportRow], form: &ReportForm<'_>) -> String {
     let link_query: String = [
         ("patient", form.patient),
         ("user", form.user),
@@ -956,7 +956,7 @@ pub fn render_report(rows: &[crate::audit::ReportRow], form: &ReportForm<'_>) ->
     .map(|(name, value)| format!("{name}={}", url_encode(value.trim())))
     .collect::<Vec<_>>()
     .join("&amp;");
-    let header = crate::audit::REPORT_COLUMNS
+    let header = crate::audit_report::REPORT_COLUMNS
         .iter()
         .map(|h| format!("<th class=\"nhsuk-table__header\" scope=\"col\">{h}</th>"))
         .collect::<String>();
@@ -972,7 +972,7 @@ pub fn render_report(rows: &[crate::audit::ReportRow], form: &ReportForm<'_>) ->
         rows.len()
     );
     for row in rows {
-        let cells = crate::audit::report_cells(row);
+        let cells = crate::audit_report::report_cells(row);
         out.push_str("<tr class=\"nhsuk-table__row\">");
         for cell in cells {
             out.push_str(&format!(

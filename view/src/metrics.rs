@@ -4,7 +4,6 @@
 //! rows `caremesh status` prints), so the two never disagree; process-wide counters come from
 //! the running engine.
 
-use crate::network::SyncCounters;
 use caremesh_fhir::clock;
 use caremesh_storage::{StorageError, Store};
 use prometheus_client::encoding::text::encode;
@@ -12,9 +11,19 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 type Labels = Vec<(String, String)>;
+
+/// Counters the node keeps in memory for /metrics, beside the per-peer rows in the database:
+/// the node's sync service counts them.
+#[derive(Debug, Default)]
+pub struct SyncCounters {
+    pub handshakes_refused: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    /// Times a peer wanted a document too large to send.
+    pub unsendable: AtomicU64,
+}
 
 fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
     let family = Family::<Labels, Gauge>::default();
@@ -150,7 +159,7 @@ pub fn render(
             .set((now - source.data_as_of).max(0));
     }
     let stats = store.stats()?;
-    let survey = crate::watch::survey(&home_dir.join("drop"));
+    let survey = caremesh_ingest::drop_folder::survey(&home_dir.join("drop"));
     for (name, help, value) in [
         (
             "caremesh_patients",
@@ -192,12 +201,12 @@ pub fn render(
         (
             "caremesh_disk_free_bytes",
             "Free space on the disk holding the node home",
-            crate::disk::free_bytes(home_dir).unwrap_or(0) as i64,
+            caremesh_storage::disk_space::free_bytes(home_dir).unwrap_or(0) as i64,
         ),
         (
             "caremesh_disk_reserve_held",
             "1 while the disk reserve that keeps views audited on a full disk is in place",
-            i64::from(crate::disk::reserve_held(home_dir)),
+            i64::from(caremesh_storage::disk_space::reserve_held(home_dir)),
         ),
         (
             "caremesh_database_bytes",
