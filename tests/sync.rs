@@ -1171,6 +1171,82 @@ fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_an
     verify_ok(&hub);
 }
 
+/// A node rebuilt from its peers (its disk lost: a new database, with its key, configuration
+/// and registry kept) gets back what its peers hold for it. The hub's feed has the GP's
+/// documents about the hospice's patient more than an offer's worth of entries before the
+/// hospice's own, so on its first pass the rebuilt hospice refuses the GP's (it does not yet
+/// know it cares for the patient) and stores its own later; its own coming back from a peer
+/// tells it that it lost them, and once caught up it takes the hub's feed again from the
+/// start, which brings the GP's.
+#[test]
+fn a_node_rebuilt_from_its_peers_gets_back_what_it_refused_before_its_own_documents_returned() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    let hospice = region.registered("HSP01", "hospice", false, &["HUB01"]);
+    region.publish(&[&hub, &gp, &hospice]);
+    // The GP's documents fill more than one offer (256 feed entries).
+    ingest_generated(&gp, "A81001", 60, 1);
+    ingest_generated(&hospice, "HSP01", 1, 1);
+    let nhs = caseload(&hospice, "HSP01").remove(0);
+    let gp_documents = shareable(&gp, "A81001");
+    assert!(
+        gp_documents > caremesh_sync::session::OFFER_BATCH as i64,
+        "{gp_documents} GP documents"
+    );
+    let gp_about_p0 = documents_of(&gp, "A81001", DIRECT_CARE, Some(std::slice::from_ref(&nhs)));
+    let hospice_own = documents_of(&hospice, "HSP01", DIRECT_CARE, None);
+    assert!(gp_about_p0 > 0 && hospice_own > 0);
+
+    // The GP's documents reach the hub before the hospice's.
+    let _hub_process = RunningNode::start(&hub);
+    let _gp_process = RunningNode::start(&gp);
+    assert!(wait_for(SYNC_WAIT, || documents_of(
+        &hub,
+        "A81001",
+        DIRECT_CARE,
+        None
+    ) == shareable(&gp, "A81001")));
+    let mut hospice_process = RunningNode::start(&hospice);
+    let hospice_has_all = || {
+        documents_of(&hospice, "A81001", DIRECT_CARE, None) == gp_about_p0
+            && documents_of(&hub, "HSP01", DIRECT_CARE, None) == hospice_own
+    };
+    assert!(wait_for(SYNC_WAIT, hospice_has_all));
+
+    // The hospice's disk is lost; it is rebuilt from its home's key, configuration and
+    // registry on a new disk.
+    hospice_process.kill_hard();
+    for name in ["node.db", "node.db-wal", "node.db-shm"] {
+        let _ = std::fs::remove_file(hospice.join(name));
+    }
+    std::fs::remove_dir_all(hospice.join("processed")).unwrap();
+    assert!(!hospice.join("node.db").exists());
+
+    let _hospice_process = RunningNode::start(&hospice);
+    assert!(
+        wait_for(SYNC_WAIT, || documents_of(
+            &hospice,
+            "HSP01",
+            DIRECT_CARE,
+            None
+        ) == hospice_own
+            && documents_of(&hospice, "A81001", DIRECT_CARE, None)
+                == gp_about_p0),
+        "the rebuilt hospice holds {} of its own {hospice_own} documents and {} of the GP's {gp_about_p0} about its patient",
+        documents_of(&hospice, "HSP01", DIRECT_CARE, None),
+        documents_of(&hospice, "A81001", DIRECT_CARE, None)
+    );
+    let record = record_json(&hospice, &nhs).expect("the rebuilt hospice shows its patient");
+    assert!(
+        record["sources"].to_string().contains("A81001"),
+        "the GP is a source of the rebuilt hospice's record: {}",
+        record["sources"]
+    );
+    verify_ok(&hospice);
+}
+
 /// The record the view at `node` serves for `nhs` in a launched session, as JSON.
 fn api_record(node: &RunningNode, session: &str, nhs: &str) -> serde_json::Value {
     let (status, body) = http_get_as(&node.address, &format!("/api/patients/{nhs}"), session);

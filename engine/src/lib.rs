@@ -87,6 +87,10 @@ pub enum CloseCause {
     StorageDamaged,
     /// The caller reported the connection gone, or the node is shutting down.
     Ended,
+    /// This node takes the peer's feed again from the start (its own documents came back
+    /// from a peer: it lost them, and may have refused others' documents meanwhile). The
+    /// connection is made again and pulls from the start.
+    PullAgain,
 }
 
 impl CloseCause {
@@ -196,6 +200,11 @@ pub struct Driver {
     registry_version: u64,
     /// The count of the newest own audit checkpoint handed to the sessions.
     audit_checkpoint_seen: u64,
+    /// Sessions that caught up with their peer this turn, or every session once this node's
+    /// own documents came back: each restarts its pull if its peer is marked for it.
+    pull_again_candidates: BTreeSet<OdsCode>,
+    /// Whether the warning that this node lost documents of its own was given.
+    told_own_documents_returned: bool,
     /// The local feed tip last told to the sessions.
     last_tip: u64,
     /// When to tell the sessions of documents stored from peers (see [`FEED_PROMPT_MS`]).
@@ -228,6 +237,8 @@ impl Driver {
             blocked: BTreeSet::new(),
             registry_version: 0,
             audit_checkpoint_seen: 0,
+            pull_again_candidates: BTreeSet::new(),
+            told_own_documents_returned: false,
             last_tip,
             next_flush: now + STATUS_FLUSH_MS,
             in_turn: false,
@@ -310,6 +321,58 @@ impl Driver {
                 .push_back(DriverEvent::Stored { peer, documents });
         }
         self.stop_if_damaged();
+        self.pull_again_where_marked();
+    }
+
+    /// Restarts the pull of every caught-up session whose peer is marked to be pulled again
+    /// (`WriteBatch::pull_again_from_every_peer`): its checkpoint goes back to the start and
+    /// the session closes, to be connected again. A node whose own documents came back from
+    /// a peer lost them, and refused other organisations' documents about those patients
+    /// while it did not know it cared for them; its checkpoints passed them, and only a
+    /// second pass, made once its own documents are back, brings them.
+    fn pull_again_where_marked(&mut self) {
+        if self.host.take_own_documents_returned() {
+            if !self.told_own_documents_returned {
+                self.told_own_documents_returned = true;
+                tracing::warn!(
+                    "this node's own documents came back from a peer: it lost them (a rebuild from its peers, a restore from a backup, or a disk that lost writes); each peer's feed is taken again from the start once caught up, for what was refused meanwhile"
+                );
+            }
+            self.pull_again_candidates
+                .extend(self.sessions.keys().cloned());
+        }
+        for ods in std::mem::take(&mut self.pull_again_candidates) {
+            let caught_up = self
+                .sessions
+                .get(&ods)
+                .is_some_and(|live| live.session.is_caught_up());
+            if !caught_up {
+                continue; // checked again when it catches up
+            }
+            let restarted = self.host.store.pulls_again(&ods).and_then(|marked| {
+                if !marked {
+                    return Ok(false);
+                }
+                let batch = self.host.store.write()?;
+                batch.restart_pull(&ods)?;
+                batch.commit()?;
+                Ok(true)
+            });
+            match restarted {
+                Ok(true) => {
+                    tracing::info!(peer = %ods, "taking the peer's changes feed again from the start");
+                    self.close(
+                        &ods,
+                        "taking the peer's changes feed again from the start: this node's own documents came back from a peer",
+                        CloseCause::PullAgain,
+                    );
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::error!(peer = %ods, %error, "could not restart the pull of a peer's feed; tried again when it next catches up")
+                }
+            }
+        }
     }
 
     /// Runs one input as a turn of its own.
@@ -669,7 +732,10 @@ impl Driver {
                         }
                     }
                 }
-                Event::CaughtUp => live.last_sync_at = Some(self.host.now_unix()),
+                Event::CaughtUp => {
+                    live.last_sync_at = Some(self.host.now_unix());
+                    self.pull_again_candidates.insert(ods.clone());
+                }
                 Event::PeerAcked { .. } => {}
                 Event::PeerWasAhead { had, resumed_after } => {
                     tracing::warn!(peer = %ods, had, resumed_after, "the peer had taken this node's changes feed further than this database now reaches: it lost writes it had reported durable (a disk or virtual machine that does not honour fsync) or was restored from a backup; the peer is served again from where the two feeds agree");

@@ -283,7 +283,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (witness, count)
     ) STRICT;
     "#,
-    // 14: a feed that never goes back. Positions come from a counter, not MAX(seq) + 1, so a
+    // 15: a feed that never goes back. Positions come from a counter, not MAX(seq) + 1, so a
     // purge of the newest documents cannot hand their positions out again; and each opening
     // for writing begins a feed epoch, so that a peer holding positions this database no
     // longer has (a disk that lost writes it reported durable, a restore from a backup)
@@ -303,6 +303,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- began, as before.
     INSERT INTO feed_epochs (epoch, starts_after) VALUES (0, 0);
     ALTER TABLE sync_peers ADD COLUMN peer_epoch INTEGER NOT NULL DEFAULT 0;
+    "#,
+    // 16: peers whose feed this node takes again from the start once it has caught up. Set
+    // for every peer when this node's own documents about a patient come back from a peer:
+    // it lost them (a rebuild from its peers, a restore, a disk that lost writes), and
+    // while it did not know it cared for the patient it refused other organisations'
+    // documents about them, which its checkpoints have passed.
+    r#"
+    ALTER TABLE sync_peers ADD COLUMN pull_again INTEGER NOT NULL DEFAULT 0;
     "#,
 ];
 

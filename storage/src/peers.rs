@@ -323,6 +323,20 @@ impl Store {
         }))
     }
 
+    /// Whether this node is to take `peer`'s feed again from the start once it has caught
+    /// up ([`WriteBatch::pull_again_from_every_peer`]).
+    pub fn pulls_again(&self, peer: &OdsCode) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT pull_again FROM sync_peers WHERE peer = ?1")
+            .and_then(|mut statement| {
+                statement
+                    .query_row([peer.as_str()], |row| row.get::<_, i64>(0))
+                    .optional()
+            })
+            .map(|flag| flag == Some(1))
+            .map_err(self.err("read whether to pull again"))
+    }
+
     pub fn peer_statuses(&self) -> Result<Vec<PeerStatus>> {
         let mut statement = self
             .conn
@@ -503,6 +517,30 @@ impl WriteBatch<'_> {
             .prepare_cached("INSERT OR IGNORE INTO sync_peers (peer) VALUES (?1)")
             .and_then(|mut statement| statement.execute([peer.as_str()]))
             .map_err(self.err("register peer"))?;
+        Ok(())
+    }
+
+    /// This node's own documents about a patient came back from a peer: it lost them, and
+    /// while it did not know it cared for the patient it may have refused other
+    /// organisations' documents about them that its checkpoints have passed. Every peer's
+    /// feed is taken again from the start once caught up ([`WriteBatch::restart_pull`]).
+    pub fn pull_again_from_every_peer(&self) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE sync_peers SET pull_again = 1")
+            .and_then(|mut statement| statement.execute([]))
+            .map_err(self.err("mark peers to pull again"))?;
+        Ok(())
+    }
+
+    /// Takes `peer`'s feed again from its start (in the epoch last pulled in, where every
+    /// position holds), and clears the mark that asked for it.
+    pub fn restart_pull(&self, peer: &OdsCode) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "UPDATE sync_peers SET pulled_up_to = 0, pull_again = 0 WHERE peer = ?1",
+            )
+            .and_then(|mut statement| statement.execute([peer.as_str()]))
+            .map_err(self.err("restart a pull"))?;
         Ok(())
     }
 

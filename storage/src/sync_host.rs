@@ -55,6 +55,10 @@ pub struct StoreHost {
     tail: FeedTail,
     loaded: Option<LoadedDocuments>,
     planted: Option<PlantedBug>,
+    /// A commit stored this node's own documents about a patient it held none of, from a
+    /// peer: it lost them, and every peer is marked to be pulled again. The driver takes it
+    /// ([`StoreHost::take_own_documents_returned`]) to ask its caught-up sessions to do so.
+    own_documents_returned: bool,
 }
 
 /// The newest part of the feed, in memory: a hub's sessions all read the same new entries,
@@ -360,6 +364,7 @@ impl StoreHost {
             tail: FeedTail::starting_at(tip),
             loaded: None,
             planted: None,
+            own_documents_returned: false,
         })
     }
 
@@ -376,6 +381,13 @@ impl StoreHost {
     }
 
     /// Unix seconds on the caller's clock (the wall clock, or the simulator's).
+    /// Whether a commit since the last call stored this node's own documents about a
+    /// patient it held none of ours about, from a peer (every peer is then marked to be
+    /// pulled again: [`crate::WriteBatch::pull_again_from_every_peer`]).
+    pub fn take_own_documents_returned(&mut self) -> bool {
+        std::mem::take(&mut self.own_documents_returned)
+    }
+
     pub fn now_unix(&self) -> i64 {
         (self.clock)()
     }
@@ -546,6 +558,7 @@ impl SyncHost for StoreHost {
         batch.register_peer(peer).map_err(host_error)?;
         let mut refusals = Vec::new();
         let mut purged = 0;
+        let mut own_returned = false;
         for (document, source) in documents.iter().zip(&sources) {
             let meta = &document.signed.meta;
             let direct = meta.publisher == *peer;
@@ -585,6 +598,9 @@ impl SyncHost for StoreHost {
                 batch
                     .queue_backfill(&meta.publisher, &meta.patient)
                     .map_err(host_error)?;
+                // Our own, from a peer, about a patient we held nothing of ours about: we
+                // lost them, and may have refused others' documents about the patient.
+                own_returned |= meta.publisher == self.policy.own;
             }
             let withdrawn = stated.is_some_and(|s| s.consent.withholds_everything().is_some());
             if withdrawn && meta.publisher != self.policy.own {
@@ -594,6 +610,9 @@ impl SyncHost for StoreHost {
                     .purge(&meta.publisher, &meta.patient)
                     .map_err(host_error)?;
             }
+        }
+        if own_returned {
+            batch.pull_again_from_every_peer().map_err(host_error)?;
         }
         if let Some(checkpoint) = checkpoint {
             let checkpoint = PeerCheckpoint {
@@ -611,6 +630,7 @@ impl SyncHost for StoreHost {
             .known
             .forget(documents.iter().map(|d| &d.signed.meta.patient));
         committed?;
+        self.own_documents_returned |= own_returned;
         if purged > 0 {
             tracing::info!(%peer, documents = purged, "purged documents after a withdrawal of consent");
             self.compaction_due = true;
@@ -811,6 +831,72 @@ mod tests {
             items: vec![item],
             published_at: Some(1_700_000_000),
         }
+    }
+
+    /// A node's own documents about a patient it holds nothing of its own about can only come
+    /// back from a peer after it lost them; others' documents about the patient it refused
+    /// meanwhile lie behind its checkpoints, so every peer is marked to be pulled again.
+    #[test]
+    fn own_documents_coming_back_from_a_peer_mark_every_peer_to_be_pulled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |own: &str, name: &str| {
+            StoreHost::new(
+                Store::open(&dir.path().join(name)).unwrap(),
+                Box::new(FixedRegistry(registry())),
+                OdsCode::parse(own).unwrap(),
+                Consent {
+                    share_out: true,
+                    share_in: true,
+                    objection: false,
+                },
+                Box::new(|| 1_700_000_100),
+            )
+            .unwrap()
+        };
+        let hub = OdsCode::parse("Y00001").unwrap();
+        let practice = OdsCode::parse("A81001").unwrap();
+        let at = |up_to| {
+            Some(Checkpoint {
+                feed: FeedId([3; 16]),
+                epoch: 0,
+                up_to,
+            })
+        };
+
+        // A hub receiving the practice's documents: ordinary traffic, nothing marked.
+        let mut at_hub = open("Y00001", "hub.db");
+        at_hub
+            .commit(&practice, vec![received(Section::Problems, "p1")], at(1))
+            .unwrap();
+        assert!(!at_hub.take_own_documents_returned());
+        assert!(!at_hub.store.pulls_again(&practice).unwrap());
+
+        // The practice, its database lost, receiving its own from the hub.
+        let mut rebuilt = open("A81001", "practice.db");
+        let refused = rebuilt
+            .commit(&hub, vec![received(Section::Problems, "p1")], at(7))
+            .unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert!(rebuilt.take_own_documents_returned());
+        assert!(!rebuilt.take_own_documents_returned(), "taken once");
+        assert!(rebuilt.store.pulls_again(&hub).unwrap());
+
+        // Its pull of the hub's feed restarts from the start, and the mark is cleared.
+        let batch = rebuilt.store.write().unwrap();
+        batch.restart_pull(&hub).unwrap();
+        batch.commit().unwrap();
+        assert!(!rebuilt.store.pulls_again(&hub).unwrap());
+        assert_eq!(
+            rebuilt.store.peer_checkpoint(&hub).unwrap().unwrap().up_to,
+            0
+        );
+
+        // More of its own about the same patient: it knew it cared, nothing is marked.
+        rebuilt
+            .commit(&hub, vec![received(Section::Medications, "m1")], at(9))
+            .unwrap();
+        assert!(!rebuilt.take_own_documents_returned());
+        assert!(!rebuilt.store.pulls_again(&hub).unwrap());
     }
 
     /// Finding: a storage error while the sharing rules were checked read as "withhold: not in

@@ -385,6 +385,8 @@ pub struct Session {
     peer_epoch: u64,
     /// The peer answered our Pull: its offers follow.
     resumed: bool,
+    /// Every batch taken and the peer's tip reached, since the last offer arrived.
+    at_peer_tip: bool,
     batches: VecDeque<Batch>,
     writes: BTreeMap<DocId, VerifiedDocument>,
     /// Provider side.
@@ -417,6 +419,7 @@ impl Session {
             checkpoint,
             peer_epoch: 0,
             resumed: false,
+            at_peer_tip: false,
             batches: VecDeque::new(),
             writes: BTreeMap::new(),
             serving: None,
@@ -449,6 +452,12 @@ impl Session {
 
     pub fn stats(&self) -> &SessionStats {
         &self.stats
+    }
+
+    /// Whether this node holds everything the peer's feed had when it last told its tip,
+    /// with nothing of the peer's outstanding ([`Event::CaughtUp`] was the last word).
+    pub fn is_caught_up(&self) -> bool {
+        self.at_peer_tip
     }
 
     /// Reports every received frame as [`Event::Received`] from now on.
@@ -808,6 +817,7 @@ impl Session {
             )));
         }
         self.stats.peer_tip = tip;
+        self.at_peer_tip = false;
         let mut wants = Vec::new();
         let mut pending = BTreeSet::new();
         for entry in entries {
@@ -1027,6 +1037,7 @@ impl Session {
         self.stats.pulled_up_to = up_to;
         self.control.push_back(Message::Ack { up_to });
         if up_to >= self.stats.peer_tip && self.batches.is_empty() {
+            self.at_peer_tip = true;
             self.events.push_back(Event::CaughtUp);
         }
         Ok(())

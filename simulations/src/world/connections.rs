@@ -212,7 +212,10 @@ impl World {
                     CloseCause::StorageFailed => self.report.storage_failures += 1,
                     // Counted with the stop itself (`DriverEvent::Stopped`).
                     CloseCause::StorageDamaged => {}
-                    CloseCause::Untrusted | CloseCause::Replaced | CloseCause::Ended => {}
+                    CloseCause::Untrusted
+                    | CloseCause::Replaced
+                    | CloseCause::Ended
+                    | CloseCause::PullAgain => {}
                 }
                 self.close(conn, &reason);
             }
