@@ -303,92 +303,25 @@ pub fn assemble(
         .get(&viewer.ods)
         .map_or(viewer.defaults, |record| record.consent);
     let break_glass = store.active_break_glass(nhs, &viewer.user_id, now)?;
-    let sources: BTreeMap<String, SourceRow> = store
-        .sources()?
-        .into_iter()
-        .map(|s| (s.publisher.clone(), s))
-        .collect();
-    let organisation_name = |ods: &str| {
-        sources
-            .get(ods)
-            .map(|s| s.name.clone())
-            .unwrap_or_else(|| ods.to_string())
-    };
-    let mut by_section: BTreeMap<Section, Vec<(String, Item, ViewDecision)>> = BTreeMap::new();
-    let mut items_per_source: BTreeMap<String, usize> = BTreeMap::new();
-    let mut held: BTreeMap<(OdsCode, Section), u64> = BTreeMap::new();
-    let mut hidden: BTreeMap<Section, usize> = BTreeMap::new();
-    let mut unverified: BTreeMap<(OdsCode, &'static str), usize> = BTreeMap::new();
-    // Only organisations with a revoked key have documents whose signer must be read (which
-    // means reading past each document's snapshot): none, almost always.
-    let revoked_publishers: std::collections::BTreeSet<&OdsCode> =
-        viewer.revoked_signers.values().collect();
-    let mut signers: BTreeMap<caremesh_sync::DocId, Option<[u8; 32]>> = BTreeMap::new();
-    let mut corrections = Vec::new();
+    let sources = Sources(
+        store
+            .sources()?
+            .into_iter()
+            .map(|s| (s.publisher.clone(), s))
+            .collect(),
+    );
+    let mut sorted = Sorted::default();
     for stored_item in stored {
-        // Another organisation's entry is shown only while a key the registry has not
-        // revoked vouches for it. The viewing organisation's own entries come from its own
-        // extract, whatever becomes of its key.
-        if stored_item.publisher != viewer.ods
-            && revoked_publishers.contains(&stored_item.publisher)
-        {
-            let signer = match signers.get(&stored_item.doc_id) {
-                Some(signer) => *signer,
-                None => {
-                    let signer = store.document_signer(stored_item.doc_id)?;
-                    signers.insert(stored_item.doc_id, signer);
-                    signer
-                }
-            };
-            let unvouched = match signer {
-                None => Some(UNREADABLE_SIGNATURE),
-                Some(key) => viewer
-                    .revoked_signers
-                    .contains_key(&key)
-                    .then_some(REVOKED_SIGNER),
-            };
-            if let Some(reason) = unvouched {
-                if !stored_item.item.is_moved_away_notice()
-                    && !stored_item.item.id.ends_with("#note")
-                {
-                    *unverified
-                        .entry((stored_item.publisher.clone(), reason))
-                        .or_default() += 1;
-                }
-                continue;
-            }
-        }
-        *held
-            .entry((stored_item.publisher.clone(), stored_item.item.section))
-            .or_default() += 1;
-        let decision = policy::decide_view(
-            &stored_item.publisher,
-            &viewer.ods,
+        sorted.admit(
+            store,
+            stored_item,
+            viewer,
             &consent,
             break_glass.is_some(),
-        );
-        if !decision.shown() {
-            *hidden.entry(stored_item.item.section).or_default() += 1;
-            continue;
-        }
-        let publisher = stored_item.publisher.to_string();
-        // A note travels with its fact: one correction per moved entry.
-        if !stored_item.item.id.ends_with("#note")
-            && let Some(correction) =
-                Correction::of(&stored_item.item, &organisation_name(&publisher))
-        {
-            corrections.push(correction);
-        }
-        if stored_item.item.is_moved_away_notice() {
-            continue; // a notice, not an entry
-        }
-        *items_per_source.entry(publisher.clone()).or_default() += 1;
-        by_section
-            .entry(stored_item.item.section)
-            .or_default()
-            .push((publisher, stored_item.item, decision));
+            &sources,
+        )?;
     }
-    let withheld = withheld_by_sharing_rules(&sharing, &held, &viewer.ods);
+    let withheld = withheld_by_sharing_rules(&sharing, &sorted.held, &viewer.ods);
     let withheld_sources = sharing
         .iter()
         .filter(|(publisher, _)| **publisher != viewer.ods)
@@ -396,133 +329,293 @@ pub fn assemble(
             let reason = record.consent.withholds_everything()?;
             Some(WithheldSource {
                 ods: publisher.to_string(),
-                name: organisation_name(publisher.as_str()),
+                name: sources.name(publisher.as_str()),
                 reason: withheld_record_reason(&reason).into(),
             })
         })
         .collect();
-    let versions = by_section
+    let demographics = sorted
+        .by_section
         .remove(&Section::Demographics)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(publisher, item, _)| {
-            let kind = sources
-                .get(&publisher)
-                .map(|s| s.kind.as_str())
-                .unwrap_or("");
-            identity::version_of(&item, &publisher, &organisation_name(&publisher), kind)
-        })
-        .collect();
-    let today = clock::rfc3339(now);
-    let mut identified = identity::identify(versions, viewer.ods.as_str(), &today[..10]);
-    // A registered GP given only by ODS code is named when it is one of the sources.
-    if let Some(gp) = identified
-        .demographics
-        .as_mut()
-        .and_then(|d| d.registered_gp.as_mut())
-        && let Some(row) = sources.get(gp.as_str())
-    {
-        *gp = format!("{} ({})", row.name, row.publisher);
-    }
+        .unwrap_or_default();
+    let identified = identify_patient(demographics, &sources, viewer, now);
     let sections = Section::ALL
         .iter()
         .filter(|s| s.is_clinical() && **s != Section::Demographics)
         .map(|section| {
-            let held = by_section.remove(section).unwrap_or_default();
-            let notes = notes_with_their_fact(&held);
-            let mut items: Vec<ItemView> = held
-                .into_iter()
-                .map(|(publisher, item, shown_by)| {
-                    let mut reading = reading::read(&item);
-                    let key = (publisher.clone(), item.source_id.clone());
-                    let note_of = (item.id.ends_with("#note") && notes.contains_key(&key))
-                        .then(|| item.source_id.clone());
-                    if note_of.is_none()
-                        && let Some(note) = notes.get(&key)
-                    {
-                        reading.details.push(reading::Detail {
-                            label: "Note",
-                            value: note.clone(),
-                        });
-                    }
-                    ItemView {
-                        note_of,
-                        code: item.code.as_ref().and_then(|c| c.code.clone()),
-                        title: item.title,
-                        detail: item.detail,
-                        status: item.status,
-                        effective: item.effective,
-                        recorded: item.recorded,
-                        last_updated: item.last_updated,
-                        data_class: item.class,
-                        source: ItemSource {
-                            organisation_name: organisation_name(&publisher),
-                            organisation: publisher,
-                            system: item.source_system,
-                            resource: item.source_id,
-                        },
-                        shown_by,
-                        reading,
-                    }
-                })
-                .collect();
-            sort_newest_first(&mut items);
-            let entries = group_entries(&items);
-            SectionView {
-                section: *section,
-                title: section.title(),
-                count: items.iter().filter(|i| i.note_of.is_none()).count(),
-                warnings: section_warnings(*section, &items, &entries),
-                entries,
-                items,
-                withheld_by_sharing_rules: withheld.get(section).copied().unwrap_or(0),
-                hidden_without_share_in: hidden.get(section).copied().unwrap_or(0),
-            }
+            let held = sorted.by_section.remove(section).unwrap_or_default();
+            let mut view = section_view(*section, held, &sources);
+            view.withheld_by_sharing_rules = withheld.get(section).copied().unwrap_or(0);
+            view.hidden_without_share_in = sorted.hidden.get(section).copied().unwrap_or(0);
+            view
         })
         .collect();
-    let sources = items_per_source
+    let source_views = sorted
+        .items_per_source
         .into_iter()
-        .map(|(ods, items)| {
-            let row = sources.get(&ods);
-            SourceView {
-                name: organisation_name(&ods),
-                kind: row.map(|r| r.kind.clone()).unwrap_or_default(),
-                source_system: row.map(|r| r.source_system.clone()).unwrap_or_default(),
-                feed: row.map(|r| r.feed.clone()).unwrap_or_default(),
-                data_as_of: row
-                    .map(|r| clock::rfc3339(r.data_as_of))
-                    .unwrap_or_default(),
-                data_as_of_unix: row.map(|r| r.data_as_of).unwrap_or_default(),
-                expected_refresh_hours: row.and_then(|r| r.expected_refresh_hours),
-                stale: row.is_some_and(|r| r.is_stale(now)),
-                ods,
-                items,
-            }
-        })
+        .map(|(ods, items)| sources.view(ods, items, now))
         .collect();
     Ok(Some(Record {
         nhs_number: nhs.to_string(),
         nhs_number_formatted: nhs.formatted(),
         demographics: identified.demographics,
         demographic_conflicts: identified.conflicts,
-        corrections,
+        corrections: sorted.corrections,
         sections,
-        sources,
+        sources: source_views,
         assembled_at: clock::rfc3339(now),
         share_in: consent.share_in,
         break_glass,
-        hidden_without_share_in: hidden.values().sum(),
+        hidden_without_share_in: sorted.hidden.values().sum(),
         withheld_sources,
-        unverified_sources: unverified
+        unverified_sources: sorted
+            .unverified
             .into_iter()
             .map(|((ods, reason), items)| UnverifiedSource {
-                name: organisation_name(ods.as_str()),
+                name: sources.name(ods.as_str()),
                 ods: ods.to_string(),
                 items,
                 reason,
             })
             .collect(),
     }))
+}
+
+/// The sources this node knows, by ODS code.
+struct Sources(BTreeMap<String, SourceRow>);
+
+impl Sources {
+    /// The organisation's name where known, else its code.
+    fn name(&self, ods: &str) -> String {
+        self.0
+            .get(ods)
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| ods.to_string())
+    }
+
+    fn kind(&self, ods: &str) -> &str {
+        self.0.get(ods).map(|s| s.kind.as_str()).unwrap_or("")
+    }
+
+    /// What the view says of a source that contributed `items` entries.
+    fn view(&self, ods: String, items: usize, now: i64) -> SourceView {
+        let row = self.0.get(&ods);
+        SourceView {
+            name: self.name(&ods),
+            kind: row.map(|r| r.kind.clone()).unwrap_or_default(),
+            source_system: row.map(|r| r.source_system.clone()).unwrap_or_default(),
+            feed: row.map(|r| r.feed.clone()).unwrap_or_default(),
+            data_as_of: row
+                .map(|r| clock::rfc3339(r.data_as_of))
+                .unwrap_or_default(),
+            data_as_of_unix: row.map(|r| r.data_as_of).unwrap_or_default(),
+            expected_refresh_hours: row.and_then(|r| r.expected_refresh_hours),
+            stale: row.is_some_and(|r| r.is_stale(now)),
+            ods,
+            items,
+        }
+    }
+}
+
+/// A patient's items sorted by the rules of viewing: what is shown, by section, and what is
+/// counted instead (hidden without Share In, from an unvouched signer).
+#[derive(Default)]
+struct Sorted {
+    by_section: BTreeMap<Section, Vec<(String, Item, ViewDecision)>>,
+    items_per_source: BTreeMap<String, usize>,
+    /// Items held per publisher and section, whatever the viewer sees: what sharing rules
+    /// withheld is the publisher's stated count less these.
+    held: BTreeMap<(OdsCode, Section), u64>,
+    hidden: BTreeMap<Section, usize>,
+    unverified: BTreeMap<(OdsCode, &'static str), usize>,
+    /// The signer of each document read so far (only for publishers with a revoked key).
+    signers: BTreeMap<caremesh_sync::DocId, Option<[u8; 32]>>,
+    corrections: Vec<Correction>,
+}
+
+impl Sorted {
+    /// Files one held item where the view rules put it.
+    fn admit(
+        &mut self,
+        store: &Store,
+        stored_item: StoredItem,
+        viewer: &Viewer,
+        consent: &Consent,
+        break_glass: bool,
+        sources: &Sources,
+    ) -> Result<(), StorageError> {
+        if let Some(reason) = self.unvouched(store, &stored_item, viewer)? {
+            if !stored_item.item.is_moved_away_notice() && !stored_item.item.id.ends_with("#note") {
+                *self
+                    .unverified
+                    .entry((stored_item.publisher.clone(), reason))
+                    .or_default() += 1;
+            }
+            return Ok(());
+        }
+        *self
+            .held
+            .entry((stored_item.publisher.clone(), stored_item.item.section))
+            .or_default() += 1;
+        let decision =
+            policy::decide_view(&stored_item.publisher, &viewer.ods, consent, break_glass);
+        if !decision.shown() {
+            *self.hidden.entry(stored_item.item.section).or_default() += 1;
+            return Ok(());
+        }
+        let publisher = stored_item.publisher.to_string();
+        // A note travels with its fact: one correction per moved entry.
+        if !stored_item.item.id.ends_with("#note")
+            && let Some(correction) = Correction::of(&stored_item.item, &sources.name(&publisher))
+        {
+            self.corrections.push(correction);
+        }
+        if stored_item.item.is_moved_away_notice() {
+            return Ok(()); // a notice, not an entry
+        }
+        *self.items_per_source.entry(publisher.clone()).or_default() += 1;
+        self.by_section
+            .entry(stored_item.item.section)
+            .or_default()
+            .push((publisher, stored_item.item, decision));
+        Ok(())
+    }
+
+    /// Why another organisation's item is not vouched for, if it is not: it is shown only
+    /// while a key the registry has not revoked vouches for it. The viewing organisation's
+    /// own entries come from its own extract, whatever becomes of its key. Only publishers
+    /// with a revoked key have their documents' signers read (past each document's
+    /// snapshot): none, almost always.
+    fn unvouched(
+        &mut self,
+        store: &Store,
+        stored_item: &StoredItem,
+        viewer: &Viewer,
+    ) -> Result<Option<&'static str>, StorageError> {
+        let has_revoked_key = viewer
+            .revoked_signers
+            .values()
+            .any(|ods| *ods == stored_item.publisher);
+        if stored_item.publisher == viewer.ods || !has_revoked_key {
+            return Ok(None);
+        }
+        let signer = match self.signers.get(&stored_item.doc_id) {
+            Some(signer) => *signer,
+            None => {
+                let signer = store.document_signer(stored_item.doc_id)?;
+                self.signers.insert(stored_item.doc_id, signer);
+                signer
+            }
+        };
+        Ok(match signer {
+            None => Some(UNREADABLE_SIGNATURE),
+            Some(key) => viewer
+                .revoked_signers
+                .contains_key(&key)
+                .then_some(REVOKED_SIGNER),
+        })
+    }
+}
+
+/// The banner: the patient's demographics as each source gives them, reconciled for the
+/// viewer ([`identity::identify`]), with a registered GP given only by ODS code named when
+/// it is one of the sources.
+fn identify_patient(
+    demographics: Vec<(String, Item, ViewDecision)>,
+    sources: &Sources,
+    viewer: &Viewer,
+    now: i64,
+) -> identity::Identity {
+    let versions = demographics
+        .into_iter()
+        .map(|(publisher, item, _)| {
+            identity::version_of(
+                &item,
+                &publisher,
+                &sources.name(&publisher),
+                sources.kind(&publisher),
+            )
+        })
+        .collect();
+    let today = clock::rfc3339(now);
+    let mut identified = identity::identify(versions, viewer.ods.as_str(), &today[..10]);
+    if let Some(gp) = identified
+        .demographics
+        .as_mut()
+        .and_then(|d| d.registered_gp.as_mut())
+        && let Some(row) = sources.0.get(gp.as_str())
+    {
+        *gp = format!("{} ({})", row.name, row.publisher);
+    }
+    identified
+}
+
+/// One clinical section as the view shows it: each shown item read, notes with their facts,
+/// newest first, grouped into entries, with the section's warnings. What was withheld or
+/// hidden is for the caller to count in.
+fn section_view(
+    section: Section,
+    held: Vec<(String, Item, ViewDecision)>,
+    sources: &Sources,
+) -> SectionView {
+    let notes = notes_with_their_fact(&held);
+    let mut items: Vec<ItemView> = held
+        .into_iter()
+        .map(|(publisher, item, shown_by)| item_view(publisher, item, shown_by, &notes, sources))
+        .collect();
+    sort_newest_first(&mut items);
+    let entries = group_entries(&items);
+    SectionView {
+        section,
+        title: section.title(),
+        count: items.iter().filter(|i| i.note_of.is_none()).count(),
+        warnings: section_warnings(section, &items, &entries),
+        entries,
+        items,
+        withheld_by_sharing_rules: 0,
+        hidden_without_share_in: 0,
+    }
+}
+
+/// One item as the view shows it: its reading, and its note when the note belongs to it.
+fn item_view(
+    publisher: String,
+    item: Item,
+    shown_by: ViewDecision,
+    notes: &BTreeMap<(String, String), String>,
+    sources: &Sources,
+) -> ItemView {
+    let mut reading = reading::read(&item);
+    let key = (publisher.clone(), item.source_id.clone());
+    let note_of =
+        (item.id.ends_with("#note") && notes.contains_key(&key)).then(|| item.source_id.clone());
+    if note_of.is_none()
+        && let Some(note) = notes.get(&key)
+    {
+        reading.details.push(reading::Detail {
+            label: "Note",
+            value: note.clone(),
+        });
+    }
+    ItemView {
+        note_of,
+        code: item.code.as_ref().and_then(|c| c.code.clone()),
+        title: item.title,
+        detail: item.detail,
+        status: item.status,
+        effective: item.effective,
+        recorded: item.recorded,
+        last_updated: item.last_updated,
+        data_class: item.class,
+        source: ItemSource {
+            organisation_name: sources.name(&publisher),
+            organisation: publisher,
+            system: item.source_system,
+            resource: item.source_id,
+        },
+        shown_by,
+        reading,
+    }
 }
 
 /// The narrative notes of a section's items, keyed by (publisher, source resource), for the
