@@ -860,12 +860,46 @@ impl Session {
         }
         // Different heads: we may be ahead (the offer is an older version that reached the
         // peer by a slower path) or behind. Only the document's history can tell.
-        if let Some(document) = self.base_document(entry.doc, host)?
-            && document.contains_all(&entry.heads)
-        {
+        if self.held_contains_all(entry.doc, &entry.heads, host)? {
             return Ok(None);
         }
         Ok(Some(held))
+    }
+
+    /// Whether the copy of `doc` held (or about to be written) has every change of `heads`.
+    /// The copy stays loaded: when it lacks some, the changes the Want brings are applied to
+    /// it ([`Session::verify_received`]), and loading it twice was the largest cost a hub
+    /// paid per change after applying them.
+    fn held_contains_all(
+        &mut self,
+        doc: DocId,
+        heads: &[[u8; 32]],
+        host: &mut impl SyncHost,
+    ) -> Result<bool, SessionError> {
+        if self.writes.contains_key(&doc) {
+            return Ok(self
+                .base_document(doc, host)?
+                .is_some_and(|document| document.contains_all(heads)));
+        }
+        let Some(held) = host.document(doc)? else {
+            return Ok(false);
+        };
+        let held_heads = held.signed_heads();
+        if let Some(held_heads) = &held_heads
+            && let Some(loaded) = host.loaded_documents().and_then(|l| l.get(doc, held_heads))
+        {
+            return Ok(loaded.contains_all(heads));
+        }
+        // A stored document that no longer loads is treated as absent, as in
+        // `base_document`.
+        let Ok(document) = PublishedDocument::load(&held.meta, &held.snapshot) else {
+            return Ok(false);
+        };
+        let contains = document.contains_all(heads);
+        if held_heads.is_some_and(|held_heads| held_heads == document.heads()) {
+            keep_loaded(host, document);
+        }
+        Ok(contains)
     }
 
     fn base_document(

@@ -24,6 +24,8 @@ struct MemoryHost {
     backfill: BTreeMap<OdsCode, Vec<DocId>>,
     /// The sharing rules cannot be checked for this patient's documents (a storage fault).
     policy_unreadable: Option<crate::model::NhsNumber>,
+    /// Documents kept loaded, as a hub keeps them (none unless a test asks).
+    loaded: Option<crate::loaded::LoadedDocuments>,
 }
 
 impl MemoryHost {
@@ -41,6 +43,7 @@ impl MemoryHost {
             commits: 0,
             backfill: BTreeMap::new(),
             policy_unreadable: None,
+            loaded: None,
         }
     }
 
@@ -202,6 +205,10 @@ impl SyncHost for MemoryHost {
     fn registry_bytes(&self) -> Option<Vec<u8>> {
         None
     }
+    fn loaded_documents(&mut self) -> Option<&mut crate::loaded::LoadedDocuments> {
+        self.loaded.as_mut()
+    }
+
     fn offer_registry(&mut self, _bytes: Vec<u8>) -> Result<bool, HostError> {
         Ok(false)
     }
@@ -479,6 +486,39 @@ fn an_incremental_round_costs_the_change_not_the_documents_held() {
     assert!(
         costs[1].0.abs_diff(costs[0].0) <= 8,
         "bytes of an incremental round at 10 and 300 documents held: {costs:?}"
+    );
+}
+
+/// Finding (the hub's profile): a new version of a held document was loaded twice, once to
+/// see whether the offer was news (the loaded copy was taken out of the cache and dropped)
+/// and again to apply the changes the Want brought. A hub keeping the document loaded now
+/// loads it for neither.
+#[test]
+fn a_new_version_of_a_document_kept_loaded_is_not_loaded_again() {
+    let key = gp_key();
+    let mut gp = gp_with(5);
+    let mut hub = hub();
+    hub.loaded = Some(crate::loaded::LoadedDocuments::new(16));
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    let loaded = |hub: &MemoryHost| hub.loaded.as_ref().unwrap().hits_and_misses();
+    let (_, misses_before) = loaded(&hub);
+
+    let meta = gp.docs.values().next().unwrap().1.meta.clone();
+    gp.publish(
+        &key,
+        &meta,
+        &[item_for(&meta, "new", "Latex allergy")],
+        1_000,
+    );
+    link.a.feed_changed();
+    link.run(&mut gp, &mut hub);
+
+    assert_eq!(hub.heads(meta.id()), gp.heads(meta.id()));
+    let (hits, misses) = loaded(&hub);
+    assert_eq!(
+        misses, misses_before,
+        "the hub loaded the document again ({hits} hits)"
     );
 }
 
