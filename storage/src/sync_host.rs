@@ -380,7 +380,6 @@ impl StoreHost {
         self.planted = Some(bug);
     }
 
-    /// Unix seconds on the caller's clock (the wall clock, or the simulator's).
     /// Whether a commit since the last call stored this node's own documents about a
     /// patient it held none of ours about, from a peer (every peer is then marked to be
     /// pulled again: [`crate::WriteBatch::pull_again_from_every_peer`]).
@@ -388,6 +387,7 @@ impl StoreHost {
         std::mem::take(&mut self.own_documents_returned)
     }
 
+    /// Unix seconds on the caller's clock (the wall clock, or the simulator's).
     pub fn now_unix(&self) -> i64 {
         (self.clock)()
     }
