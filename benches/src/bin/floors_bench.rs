@@ -1,0 +1,175 @@
+//! The floors of a hub's work per change (issue 19): what relaying one document version costs
+//! at the least, and the Automerge work a hub that rebuilds the document pays on top. Each is
+//! CPU time per operation on this process's clock, over many repetitions, beside the others
+//! measured in the same run.
+//!
+//! ```sh
+//! cargo build --release -p caremesh-bench
+//! ./target/release/floors-bench
+//! ```
+//!
+//! The document is one a hub relays every day: a GP's problems for one patient, 12 items,
+//! published in 6 versions, changed by one item.
+
+use anyhow::{Context, Result};
+use caremesh_storage::Store;
+use caremesh_sync::{DataClass, DocMeta, Item, OdsCode, PublishedDocument, PublisherKey, Section};
+use std::hint::black_box;
+
+const ITEMS: usize = 12;
+const VERSIONS: usize = 6;
+/// Rows in one group commit: a busy hub's turn.
+const GROUP: usize = 256;
+
+fn main() -> Result<()> {
+    let key = PublisherKey::from_secret([7; 32]);
+    let meta = meta_for(0);
+    let (before, after) = document_and_its_next_version(&meta);
+    let snapshot = before.save();
+    let changes = after.changes_since(&before.heads());
+    let signed = key.sign_heads(&meta, &after.heads());
+    let public = key.public();
+    println!(
+        "document: {ITEMS} items in {VERSIONS} versions, {} bytes saved; the change: {} chunk(s), {} bytes",
+        snapshot.len(),
+        changes.len(),
+        changes.iter().map(Vec::len).sum::<usize>()
+    );
+    println!("{:<52} {:>12}", "operation", "CPU us/op");
+
+    report("signed heads verified (ed25519)", 2_000, || {
+        signed
+            .verify(|_, key| *key == public)
+            .expect("the signature verifies");
+    });
+    report(
+        "changes hashed (Change::from_bytes, SHA-256)",
+        20_000,
+        || {
+            for chunk in &changes {
+                let change = automerge::Change::from_bytes(chunk.clone()).expect("a change");
+                black_box(change.hash());
+            }
+        },
+    );
+    let load = report("document loaded from its snapshot", 500, || {
+        black_box(PublishedDocument::load(&meta, &snapshot).expect("loads"));
+    });
+    let load_and_apply = report("document loaded and the change applied", 500, || {
+        let mut copy = PublishedDocument::load(&meta, &snapshot).expect("loads");
+        copy.apply_chunks(&changes).expect("applies");
+        black_box(copy);
+    });
+    println!(
+        "{:<52} {:>12.1}",
+        "  so the change applied (the difference)",
+        (load_and_apply - load) * 1e6
+    );
+    report("document saved whole", 500, || {
+        black_box(after.save());
+    });
+    durable_append(&key)?;
+    Ok(())
+}
+
+/// A durable append: a verified version stored in a group commit of [`GROUP`] with fsync,
+/// as the hub's engine stores a turn.
+fn durable_append(key: &PublisherKey) -> Result<()> {
+    let dir = tempfile::tempdir().context("a temporary folder")?;
+    let mut store = Store::open(&dir.path().join("floors.db"))?;
+    let rounds = 8;
+    let versions: Vec<_> = (0..GROUP * rounds)
+        .map(|index| {
+            let meta = meta_for(index as u64 + 1);
+            let mut document = PublishedDocument::create(meta.clone(), &[1]);
+            let items = items_for(&meta, 1, 0);
+            document.update(&items, &[], 1_700_000_000);
+            (
+                key.sign_heads(&meta, &document.heads()),
+                document.save(),
+                items,
+            )
+        })
+        .collect();
+    let start = cpu_seconds();
+    for group in versions.chunks(GROUP) {
+        store.begin_group();
+        for (signed, snapshot, items) in group {
+            let batch = store.write()?;
+            batch.put_document(signed, snapshot, items, 1_700_000_000)?;
+            batch.commit()?;
+        }
+        store.end_group()?;
+    }
+    let per_row = (cpu_seconds() - start) / (GROUP * rounds) as f64;
+    println!(
+        "{:<52} {:>12.1}",
+        format!("durable append (group of {GROUP}, fsync, read model)"),
+        per_row * 1e6
+    );
+    Ok(())
+}
+
+/// Runs `operation` `repetitions` times and prints (and returns) its CPU seconds per run.
+fn report(what: &str, repetitions: usize, mut operation: impl FnMut()) -> f64 {
+    operation(); // warm
+    let start = cpu_seconds();
+    for _ in 0..repetitions {
+        operation();
+    }
+    let per_op = (cpu_seconds() - start) / repetitions as f64;
+    println!("{what:<52} {:>12.1}", per_op * 1e6);
+    per_op
+}
+
+/// This process's CPU time, user and system.
+fn cpu_seconds() -> f64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
+    assert_eq!(status, 0, "the process CPU clock is readable");
+    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+}
+
+fn meta_for(index: u64) -> DocMeta {
+    DocMeta {
+        publisher: OdsCode::parse("A81001").expect("an ODS code"),
+        patient: caremesh_fhir::synthetic::test_nhs_number(1, index),
+        section: Section::Problems,
+        class: DataClass::Coded,
+    }
+}
+
+fn items_for(meta: &DocMeta, count: usize, version: usize) -> Vec<Item> {
+    (0..count)
+        .map(|index| {
+            Item::titled(
+                &format!("problem-{index}"),
+                meta.section,
+                meta.class,
+                "Condition",
+                &format!("Problem {index}, version {version}"),
+                "bench",
+                &format!("Condition/{index}"),
+            )
+        })
+        .collect()
+}
+
+/// The document at its sixth version and at the seventh, which changes one item.
+fn document_and_its_next_version(meta: &DocMeta) -> (PublishedDocument, PublishedDocument) {
+    let mut document = PublishedDocument::create(meta.clone(), &[1]);
+    for version in 0..VERSIONS {
+        let mut items = items_for(meta, ITEMS, 0);
+        items[version % ITEMS] = items_for(meta, ITEMS, version)[version % ITEMS].clone();
+        document.update(&items, &[], 1_700_000_000 + version as i64);
+    }
+    let before = PublishedDocument::load(meta, &document.save()).expect("loads");
+    let mut items = items_for(meta, ITEMS, 0);
+    items[0] = items_for(meta, ITEMS, VERSIONS)[0].clone();
+    document.update(&items, &[], 1_700_000_100);
+    (before, document)
+}
