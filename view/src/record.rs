@@ -1014,25 +1014,13 @@ mod grouping_tests {
             resource: Some(resource),
             ..Item::titled("x", section, class, &resource_type, "t", "test", "X/1")
         };
-        ItemView {
-            title: item.title.clone(),
-            code: None,
-            detail: None,
-            status: None,
-            effective: None,
-            recorded: None,
-            last_updated: None,
-            data_class: class,
-            source: ItemSource {
-                organisation: ods.into(),
-                organisation_name: ods.into(),
-                system: "test".into(),
-                resource: "X/1".into(),
-            },
-            shown_by: ViewDecision::Own,
-            reading: reading::read(&item),
-            note_of: None,
-        }
+        item_view(
+            ods.into(),
+            item,
+            ViewDecision::Own,
+            &BTreeMap::new(),
+            &Sources(BTreeMap::new()),
+        )
     }
 
     fn medicine(ods: &str, code: &str, text: &str, dose: &str, issued: &str) -> ItemView {
