@@ -99,6 +99,24 @@ fn items_of(dir: &Path, publisher: &str, patient: Option<&str>) -> Vec<caremesh_
         .collect()
 }
 
+/// The items of every document of `publisher` that `dir` holds, read from the signed
+/// documents themselves: what a hub, which keeps no read model of clinical items, relays.
+fn items_in_documents(dir: &Path, publisher: &str) -> Vec<caremesh_sync::Item> {
+    let store = caremesh_storage::Store::open_read_only(&dir.join("node.db")).unwrap();
+    store
+        .feed_after(0, usize::MAX >> 1)
+        .unwrap()
+        .into_iter()
+        .filter(|row| row.meta.publisher.as_str() == publisher)
+        .flat_map(|row| {
+            let stored = store.document(row.meta.id()).unwrap().unwrap();
+            caremesh_sync::PublishedDocument::load(&row.meta, &stored.snapshot)
+                .and_then(|document| document.items())
+                .unwrap()
+        })
+        .collect()
+}
+
 /// How many of `items` are in `section` (`Section`'s name as stored) and one of `classes`.
 fn in_section(items: &[caremesh_sync::Item], section: &str, classes: &[&str]) -> i64 {
     items
@@ -427,7 +445,6 @@ fn a_document_with_a_forged_signature_is_rejected_counted_and_not_stored() {
         store.document(forged).unwrap().is_none(),
         "nothing of the forged document is stored"
     );
-    assert!(store.item_bodies(forged).unwrap().is_empty());
     drop(store);
     let rejected = status_json(&hub)["sync"]["rejected_changes"].clone();
     assert_eq!(rejected[0]["peer"], "A81001");
@@ -993,8 +1010,8 @@ fn items_dated_before_the_share_from_date_stay_at_the_publisher() {
     region.set_agreements(&agreements);
     region.publish(&[&hub, &gp]);
     ingest_generated(&gp, "A81001", 6, 1);
-    let older = |dir: &Path, classes: &[&str]| {
-        items_of(dir, "A81001", None)
+    let older = |items: &[caremesh_sync::Item], classes: &[&str]| {
+        items
             .iter()
             .filter(|item| {
                 !matches!(
@@ -1005,10 +1022,11 @@ fn items_dated_before_the_share_from_date_stay_at_the_publisher() {
             })
             .count()
     };
-    let held_back = older(&gp, &["private"]);
+    let at_gp = items_of(&gp, "A81001", None);
+    let held_back = older(&at_gp, &["private"]);
     assert!(held_back > 0, "the generated history reaches before 2015");
     assert_eq!(
-        older(&gp, &["coded", "free-text", "document", "sensitive"]),
+        older(&at_gp, &["coded", "free-text", "document", "sensitive"]),
         0
     );
 
@@ -1016,14 +1034,18 @@ fn items_dated_before_the_share_from_date_stay_at_the_publisher() {
     let _gp = RunningNode::start(&gp);
     assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001")
         == shareable(&gp, "A81001")));
+    let at_hub = items_in_documents(&hub, "A81001");
     assert_eq!(
         older(
-            &hub,
+            &at_hub,
             &["coded", "free-text", "document", "sensitive", "private"]
         ),
         0
     );
-    assert!(!items_of(&hub, "A81001", None).is_empty());
+    assert!(
+        at_hub.iter().any(|item| item.section.is_clinical()),
+        "the hub relays the practice's newer items"
+    );
 }
 
 /// Whether `marker` appears anywhere in `dir`'s database files (main file and WAL), as
@@ -1132,7 +1154,15 @@ fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_an
     let mut hospice_process = RunningNode::start(&hospice);
     let hospice_has = |n: i64| documents_of(&hospice, "A81001", DIRECT_CARE, None) == n;
     assert!(wait_for(SYNC_WAIT, || hospice_has(about_p0)));
-    assert!(on_disk(&hub, marker), "the test would not see a leak");
+    // The hub keeps no read model of clinical items, and Automerge compresses a snapshot's
+    // columns, so the marker is not plain text in its files: what it relays is read from
+    // its documents. The hospice's read model holds it as plain text.
+    let relayed = |dir: &Path| {
+        items_in_documents(dir, "A81001")
+            .iter()
+            .any(|item| item.title.contains(marker))
+    };
+    assert!(relayed(&hub), "the test would not see a leak");
     assert!(on_disk(&hospice, marker), "the test would not see a leak");
 
     // The hospice goes offline; the patient objects at the GP meanwhile.
@@ -1141,9 +1171,11 @@ fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_an
     let only_sharing = vec!["sharing".to_string()];
     assert!(
         wait_for(SYNC_WAIT, || gp_sections(&hub, &nhs) == only_sharing
+            && !relayed(&hub)
             && !on_disk(&hub, marker)),
-        "the hub still holds {:?} (marker on disk: {})",
+        "the hub still holds {:?} (marker in its documents: {}, on disk: {})",
         gp_sections(&hub, &nhs),
+        relayed(&hub),
         on_disk(&hub, marker)
     );
     assert!(on_disk(&gp, marker), "the GP keeps its own record");

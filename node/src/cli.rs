@@ -320,7 +320,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let own_key = home.public_key()?;
             let own = home.config.organisation.ods.clone();
             let trust = home.trust()?;
-            let mut report = verify::verify_store(&store, &|publisher, key| {
+            let kind = home.config.organisation.kind;
+            let mut report = verify::verify_store(&store, kind, &|publisher, key| {
                 (*publisher == own && *key == own_key)
                     || trust.as_ref().is_some_and(|trust| {
                         // A retired key's signatures made while it was current still hold.

@@ -6,7 +6,7 @@ use caremesh_storage::StorageError;
 use caremesh_storage::sync_host::StoreHost;
 use caremesh_sync::policy::{self, Agreements, Consent, Decision, Facts, Recipient};
 use caremesh_sync::{
-    DocId, DocMeta, NhsNumber, OdsCode, OrgKind, PublishedDocument, SignedHeads, SyncHost,
+    DocId, DocMeta, NhsNumber, OdsCode, OrgKind, PublishedDocument, Section, SignedHeads, SyncHost,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -354,6 +354,49 @@ pub fn inauthentic(world: &dyn Region) -> Vec<Violation> {
     found
 }
 
+/// As [`caremesh_storage::Store::resources_on_several_patients`], read from the items of the
+/// documents `host` holds rather than from its read model.
+fn resources_on_several_patients_in_documents(
+    host: &StoreHost,
+    publisher: Option<&OdsCode>,
+) -> Result<Vec<caremesh_storage::OnSeveralPatients>, StorageError> {
+    let mut patients_of: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for (doc, held) in held_documents(host)? {
+        let meta = &held.meta;
+        if publisher.is_some_and(|p| *p != meta.publisher)
+            || matches!(meta.section, Section::Sharing | Section::Audit)
+        {
+            continue;
+        }
+        let Some(stored) = host.store.document(doc)? else {
+            continue;
+        };
+        // A document that does not load is the authenticity check's to report.
+        let Ok(items) =
+            PublishedDocument::load(meta, &stored.snapshot).and_then(|document| document.items())
+        else {
+            continue;
+        };
+        for item in items.into_iter().filter(|item| !item.id.contains('#')) {
+            patients_of
+                .entry((meta.publisher.to_string(), item.id))
+                .or_default()
+                .insert(meta.patient.to_string());
+        }
+    }
+    Ok(patients_of
+        .into_iter()
+        .filter(|(_, patients)| patients.len() > 1)
+        .map(
+            |((publisher, item_id), patients)| caremesh_storage::OnSeveralPatients {
+                publisher,
+                item_id,
+                patients: patients.into_iter().collect(),
+            },
+        )
+        .collect())
+}
+
 /// Entries of one publisher held on two patients. At the publisher always (it moves an
 /// entry in one transaction); at every node once converged (mid-run a recipient may hold the
 /// new patient's document before the old one's, so `everywhere` is for the end).
@@ -365,7 +408,13 @@ pub fn on_two_patients(world: &dyn Region, everywhere: bool) -> Vec<Violation> {
         };
         let own = world.ods(node);
         let publisher = (!everywhere).then_some(own);
-        let problems = match host.store.resources_on_several_patients(publisher) {
+        // A hub keeps no read model of clinical items: what it holds is its documents.
+        let held = if world.kind(node) == OrgKind::Hub {
+            resources_on_several_patients_in_documents(host, publisher)
+        } else {
+            host.store.resources_on_several_patients(publisher)
+        };
+        let problems = match held {
             Ok(held) => held
                 .into_iter()
                 .map(|h| {

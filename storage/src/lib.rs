@@ -873,6 +873,15 @@ const DOCUMENT_COLUMNS: &str =
     "doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at";
 
 /// Items held per source and section, for `caremesh status` and /status.
+/// Whether a node of `kind` keeps the items of `section` in its read model. A hub serves no
+/// clinician a record: it keeps only what its own work reads (sharing records for its
+/// sharing decisions, access records for audit reports) and holds the rest as the signed
+/// documents it relays, which recipients read items from. Items cost a hub a JSON body and
+/// an indexed row for every item of every version it relays.
+pub fn read_model_keeps(kind: caremesh_sync::OrgKind, section: Section) -> bool {
+    kind != caremesh_sync::OrgKind::Hub || matches!(section, Section::Sharing | Section::Audit)
+}
+
 const ITEMS_BY_SOURCE_AND_SECTION: &str = "SELECT publisher, section, COUNT(*) FROM items \
      GROUP BY publisher, section ORDER BY publisher, section";
 /// A publisher's sharing record item about a patient: read for every policy decision.
@@ -1016,7 +1025,8 @@ impl WriteBatch<'_> {
         document_by_id(&self.tx, &self.path, id)
     }
 
-    /// Stores a document version and replaces its read-model rows with `items`, taking the
+    /// Stores a document version and replaces its read-model rows with `items` (none where
+    /// the node keeps no read model of its section: [`read_model_keeps`]), taking the
     /// next feed position. The caller has verified `signed` against the trust registry and
     /// checked that `snapshot` has exactly the signed heads.
     pub fn put_document(

@@ -158,12 +158,19 @@ impl FeedTail {
 /// [`CareLookup::caseload`]) and the consent other publishers recorded, so that a hub
 /// deciding one change for each of its hundreds of peers looks the patient up once. Other
 /// organisations' documents (sharing records included) reach this database only through
-/// [`StoreHost::commit`], which forgets every patient it touched. This node's own documents
-/// are written by ingest on other connections, so neither its consent records nor its own
-/// care are ever answered from here.
+/// [`StoreHost::commit`], which forgets a patient when what these facts are read from
+/// changed: a publisher's first document about them (the caseload) or a sharing record
+/// (consent; a purge follows only from one, and keeps the sharing record, so the caseload
+/// stays). Another version of a clinical document changes neither, so a hub relaying a
+/// stream of changes about a patient keeps what it knows. This node's own documents are
+/// written by ingest on other connections, so neither its consent records nor its own care
+/// are ever answered from here.
 #[derive(Default)]
 struct PatientFacts {
     by_patient: RefCell<HashMap<NhsNumber, KnownPatient>>,
+    /// Patients read from storage, for tests that the cache is kept.
+    #[cfg(test)]
+    reads: std::cell::Cell<u64>,
 }
 
 #[derive(Default)]
@@ -188,6 +195,8 @@ impl PatientFacts {
                 cache.clear();
             }
             let caseload = lookup.caseload(patient)?;
+            #[cfg(test)]
+            self.reads.set(self.reads.get() + 1);
             cache.insert(
                 patient.clone(),
                 KnownPatient {
@@ -559,6 +568,8 @@ impl SyncHost for StoreHost {
         let mut refusals = Vec::new();
         let mut purged = 0;
         let mut own_returned = false;
+        // Patients whose caseload or recorded consent this batch changes (see PatientFacts).
+        let mut facts_changed: Vec<&NhsNumber> = Vec::new();
         for (document, source) in documents.iter().zip(&sources) {
             let meta = &document.signed.meta;
             let direct = meta.publisher == *peer;
@@ -580,11 +591,19 @@ impl SyncHost for StoreHost {
                     .care()
                     .has_published_about(&meta.publisher, &meta.patient)
                     .map_err(host_error)?;
+            let items = if crate::read_model_keeps(this_node.kind, meta.section) {
+                &document.items[..]
+            } else {
+                &[]
+            };
             batch
-                .put_document(&document.signed, &document.snapshot, &document.items, now)
+                .put_document(&document.signed, &document.snapshot, items, now)
                 .map_err(host_error)?;
             if is_care {
                 batch.touch_received_source(source).map_err(host_error)?;
+            }
+            if new_relationship || meta.section == Section::Sharing {
+                facts_changed.push(&meta.patient);
             }
             let stated = stated_sharing(meta, &document.items);
             if let Some(statement) = stated.as_ref().and_then(|s| s.source.as_ref()) {
@@ -625,10 +644,14 @@ impl SyncHost for StoreHost {
                 .map_err(host_error)?;
         }
         let committed = batch.commit().map_err(host_error);
-        // Stored and purged documents change caseloads; forget even on failure, to be safe.
-        self.policy
-            .known
-            .forget(documents.iter().map(|d| &d.signed.meta.patient));
+        if committed.is_ok() {
+            self.policy.known.forget(facts_changed);
+        } else {
+            // What was rolled back may have been read into the cache: forget all it touched.
+            self.policy
+                .known
+                .forget(documents.iter().map(|d| &d.signed.meta.patient));
+        }
         committed?;
         self.own_documents_returned |= own_returned;
         if purged > 0 {
@@ -783,6 +806,7 @@ mod tests {
     }
 
     const PRACTICE_SECRET: [u8; 32] = [7; 32];
+    const OTHER_PRACTICE_SECRET: [u8; 32] = [6; 32];
 
     fn registry() -> Arc<VerifiedRegistry> {
         let organisation = |ods: &str, kind, secret: &[u8; 32]| caremesh_sync::Organisation {
@@ -795,9 +819,16 @@ mod tests {
             addresses: Vec::new(),
         };
         let mut registry = caremesh_sync::Registry::new("test");
+        registry.sharing.agreements = vec![policy::Agreement {
+            publisher: caremesh_sync::OrgKind::Gp,
+            recipients: vec![caremesh_sync::OrgKind::Gp],
+            classes: vec![caremesh_sync::DataClass::Coded],
+            except_sections: Vec::new(),
+        }];
         registry.organisations = vec![
             organisation("A81001", caremesh_sync::OrgKind::Gp, &PRACTICE_SECRET),
             organisation("Y00001", caremesh_sync::OrgKind::Hub, &[8; 32]),
+            organisation("B82002", caremesh_sync::OrgKind::Gp, &OTHER_PRACTICE_SECRET),
         ];
         let mut file = caremesh_sync::RegistryFile::unsigned(registry);
         file.sign(&[9; 32], 0).unwrap();
@@ -807,8 +838,19 @@ mod tests {
 
     /// A document the practice signed about one patient, as a session hands it over.
     fn received(section: Section, item_id: &str) -> VerifiedDocument {
+        received_from("A81001", PRACTICE_SECRET, section, item_id, None)
+    }
+
+    /// A document `publisher` signed about one patient; a sharing record states `consent`.
+    fn received_from(
+        publisher: &str,
+        secret: [u8; 32],
+        section: Section,
+        item_id: &str,
+        consent: Option<Consent>,
+    ) -> VerifiedDocument {
         let meta = DocMeta {
-            publisher: OdsCode::parse("A81001").unwrap(),
+            publisher: OdsCode::parse(publisher).unwrap(),
             patient: NhsNumber::parse("9912003888").unwrap(),
             section,
             class: DataClass::Coded,
@@ -822,9 +864,13 @@ mod tests {
             "test",
             item_id,
         );
+        let item = Item {
+            fields: consent.map(Consent::to_fields).unwrap_or_default(),
+            ..item
+        };
         let mut document = PublishedDocument::create(meta.clone(), &[1]);
         document.update(std::slice::from_ref(&item), &[], 1_700_000_000);
-        let key = caremesh_sync::PublisherKey::from_secret(PRACTICE_SECRET);
+        let key = caremesh_sync::PublisherKey::from_secret(secret);
         VerifiedDocument {
             signed: key.sign_heads(&meta, &document.heads()),
             snapshot: document.save(),
@@ -979,5 +1025,140 @@ mod tests {
             host.checkpoint(&practice).unwrap().map(|c| c.up_to),
             Some(2)
         );
+    }
+
+    /// A hub decides each change for each of its peers from facts it keeps per patient. A
+    /// further version of a clinical document changes none of them and must not send the hub
+    /// back to storage; a publisher's first document about a patient (a new caseload) and a
+    /// sharing record (consent) must, or the hub would decide from what is no longer true.
+    #[test]
+    fn the_patient_cache_forgets_a_patient_only_when_caseload_or_consent_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = StoreHost::new(
+            Store::open(&dir.path().join("hub.db")).unwrap(),
+            Box::new(FixedRegistry(registry())),
+            OdsCode::parse("Y00001").unwrap(),
+            Consent::SENT_BY_PUBLISHER,
+            Box::new(|| 1_700_000_100),
+        )
+        .unwrap();
+        let practice = OdsCode::parse("A81001").unwrap();
+        let other = OdsCode::parse("B82002").unwrap();
+        let mut up_to = 0;
+        let mut commit = |hub: &mut StoreHost, from: &OdsCode, document: VerifiedDocument| {
+            up_to += 1;
+            let checkpoint = Checkpoint {
+                feed: FeedId([3; 16]),
+                epoch: 0,
+                up_to,
+            };
+            let refused = hub.commit(from, vec![document], Some(checkpoint)).unwrap();
+            assert!(refused.is_empty(), "{refused:?}");
+        };
+        let consenting = Consent::SENT_BY_PUBLISHER;
+        let objecting = Consent {
+            objection: true,
+            ..consenting
+        };
+        let sharing = |consent| {
+            received_from(
+                "A81001",
+                PRACTICE_SECRET,
+                Section::Sharing,
+                "s",
+                Some(consent),
+            )
+        };
+        let from_other = |item_id| {
+            received_from(
+                "B82002",
+                OTHER_PRACTICE_SECRET,
+                Section::Problems,
+                item_id,
+                None,
+            )
+        };
+        let problem = received(Section::Problems, "p1");
+        let problem_meta = problem.signed.meta.clone();
+        commit(&mut hub, &practice, sharing(consenting));
+        commit(&mut hub, &practice, problem);
+        let to_other = Recipient {
+            ods: other.clone(),
+            kind: caremesh_sync::OrgKind::Gp,
+        };
+        let reads = |hub: &StoreHost| hub.policy.known.reads.get();
+
+        // The other practice does not care for the patient yet.
+        assert!(matches!(
+            hub.decide(&problem_meta, &to_other).unwrap(),
+            Decision::Withhold(policy::WithholdReason::NotInCaseload)
+        ));
+        assert_eq!(reads(&hub), 1);
+
+        // Its first document about the patient puts the patient on its caseload.
+        commit(&mut hub, &other, from_other("q1"));
+        let decided = hub.decide(&problem_meta, &to_other).unwrap();
+        assert_eq!(decided, Decision::Send);
+        assert_eq!(reads(&hub), 2, "a new relationship is read again");
+
+        // More clinical versions from either: the cache is kept.
+        commit(&mut hub, &practice, received(Section::Medications, "m1"));
+        commit(&mut hub, &other, from_other("q2"));
+        let decided = hub.decide(&problem_meta, &to_other).unwrap();
+        assert_eq!(decided, Decision::Send);
+        assert_eq!(reads(&hub), 2, "nothing policy reads changed");
+
+        // An objection in the practice's sharing record: read again, and withheld.
+        commit(&mut hub, &practice, sharing(objecting));
+        assert!(matches!(
+            hub.decide(&problem_meta, &to_other).unwrap(),
+            Decision::Withhold(policy::WithholdReason::Objection)
+        ));
+        assert_eq!(reads(&hub), 3);
+    }
+
+    /// A hub serves no record: of what it relays it keeps items only where its own work reads
+    /// them (sharing records for consent); any other node keeps every item for its view.
+    #[test]
+    fn a_hub_keeps_items_only_of_sharing_records_and_a_practice_keeps_all() {
+        let dir = tempfile::tempdir().unwrap();
+        for (own, keeps_clinical) in [("Y00001", false), ("B82002", true)] {
+            let mut host = StoreHost::new(
+                Store::open(&dir.path().join(format!("{own}.db"))).unwrap(),
+                Box::new(FixedRegistry(registry())),
+                OdsCode::parse(own).unwrap(),
+                Consent::SENT_BY_PUBLISHER,
+                Box::new(|| 1_700_000_100),
+            )
+            .unwrap();
+            let sharing = received_from(
+                "A81001",
+                PRACTICE_SECRET,
+                Section::Sharing,
+                "s",
+                Some(Consent::SENT_BY_PUBLISHER),
+            );
+            let problem = received(Section::Problems, "p1");
+            let ids = [sharing.signed.meta.id(), problem.signed.meta.id()];
+            let practice = OdsCode::parse("A81001").unwrap();
+            // The other practice cares for the patient: its own problem list about them.
+            let its_own = received_from(
+                "B82002",
+                OTHER_PRACTICE_SECRET,
+                Section::Problems,
+                "q1",
+                None,
+            );
+            let refused = host.commit(&practice, vec![its_own], None).unwrap();
+            assert!(refused.is_empty(), "{refused:?}");
+            let refused = host
+                .commit(&practice, vec![sharing, problem], None)
+                .unwrap();
+            assert!(refused.is_empty(), "{refused:?}");
+            assert!(host.held_heads(ids[1]).unwrap().is_some(), "{own} holds it");
+            let held = |doc| host.store.item_bodies(doc).unwrap().len();
+            assert_eq!(held(ids[0]), 1, "{own} keeps the sharing record's item");
+            assert_eq!(held(ids[1]), usize::from(keeps_clinical), "at {own}");
+        }
     }
 }
