@@ -700,6 +700,13 @@ impl SyncHost for StoreHost {
         Some(self.policy.trust.current().bytes().to_vec())
     }
 
+    fn reads_items(&self, meta: &DocMeta) -> bool {
+        // Not in the registry, this node stores nothing it receives anyway: read them.
+        self.policy.this_node().map_or(true, |this_node| {
+            crate::read_model_keeps(this_node.kind, meta.section)
+        })
+    }
+
     fn loaded_documents(&mut self) -> Option<&mut LoadedDocuments> {
         self.loaded.as_mut()
     }

@@ -184,6 +184,18 @@ impl PublishedDocument {
         true
     }
 
+    /// Writes `json` as item `key` unchecked, as a faulty or hostile publisher could.
+    #[cfg(test)]
+    pub(crate) fn put_raw_item(&mut self, key: &str, json: &str) {
+        let mut tx = self.doc.transaction();
+        let (_, items_obj) = tx
+            .get(ROOT, "items")
+            .expect("root is readable")
+            .expect("the document holds items");
+        tx.put(&items_obj, key, json).expect("items accept a put");
+        tx.commit();
+    }
+
     pub fn items(&self) -> Result<Vec<Item>, DocumentError> {
         let Some((_, items_obj)) = self.doc.get(ROOT, "items").ok().flatten() else {
             return Ok(Vec::new());

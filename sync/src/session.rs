@@ -128,6 +128,7 @@ fn keep_loaded(host: &mut impl SyncHost, document: PublishedDocument) {
 pub struct VerifiedDocument {
     pub signed: SignedHeads,
     pub snapshot: Vec<u8>,
+    /// Empty where the host does not read them ([`SyncHost::reads_items`]).
     pub items: Vec<Item>,
     /// When the publisher made its latest change (Unix seconds, as the publisher stamped it).
     pub published_at: Option<i64>,
@@ -234,6 +235,14 @@ pub trait SyncHost {
     /// A peer sent its registry; the host verifies it against the pinned authority and
     /// adopts it if newer. Returns whether it was adopted.
     fn offer_registry(&mut self, bytes: Vec<u8>) -> Result<bool, HostError>;
+    /// Whether this node reads the items of received documents of `meta`'s partition. A relay
+    /// that keeps none of them (a hub's clinical partitions) answers `false`: their items are
+    /// then neither parsed nor checked on receipt (every node that reads them checks them
+    /// when it receives them), and [`VerifiedDocument::items`] is empty. The signature and
+    /// the heads are checked all the same.
+    fn reads_items(&self, _meta: &DocMeta) -> bool {
+        true
+    }
     /// Recently used documents the host keeps loaded, if it keeps any (see [`crate::loaded`]).
     fn loaded_documents(&mut self) -> Option<&mut LoadedDocuments> {
         None
@@ -1027,9 +1036,13 @@ impl Session {
         if let Err(error) = document.matches(&signed) {
             return Ok(Err(error.to_string()));
         }
-        let items = match document.items() {
-            Ok(items) => items,
-            Err(error) => return Ok(Err(error.to_string())),
+        let items = if host.reads_items(meta) {
+            match document.items() {
+                Ok(items) => items,
+                Err(error) => return Ok(Err(error.to_string())),
+            }
+        } else {
+            Vec::new()
         };
         let verified = VerifiedDocument {
             signed,

@@ -26,6 +26,8 @@ struct MemoryHost {
     policy_unreadable: Option<crate::model::NhsNumber>,
     /// Documents kept loaded, as a hub keeps them (none unless a test asks).
     loaded: Option<crate::loaded::LoadedDocuments>,
+    /// Whether received documents' items are read ([`SyncHost::reads_items`]).
+    reads_items: bool,
 }
 
 impl MemoryHost {
@@ -44,6 +46,7 @@ impl MemoryHost {
             backfill: BTreeMap::new(),
             policy_unreadable: None,
             loaded: None,
+            reads_items: true,
         }
     }
 
@@ -207,6 +210,9 @@ impl SyncHost for MemoryHost {
     }
     fn loaded_documents(&mut self) -> Option<&mut crate::loaded::LoadedDocuments> {
         self.loaded.as_mut()
+    }
+    fn reads_items(&self, _meta: &DocMeta) -> bool {
+        self.reads_items
     }
 
     fn offer_registry(&mut self, _bytes: Vec<u8>) -> Result<bool, HostError> {
@@ -520,6 +526,48 @@ fn a_new_version_of_a_document_kept_loaded_is_not_loaded_again() {
         misses, misses_before,
         "the hub loaded the document again ({hits} hits)"
     );
+}
+
+/// Items are checked where they are read. A relay that reads none of a partition's (a hub's
+/// clinical partitions: `SyncHost::reads_items`) stores and passes on a correctly signed
+/// document whose item is malformed; a node that reads them refuses it on receipt, as a
+/// relay that reads them does. The signature and heads are checked at every hop.
+#[test]
+fn a_malformed_item_is_refused_where_items_are_read_and_passed_on_by_a_relay_that_reads_none() {
+    let key = gp_key();
+    let mut gp = MemoryHost::new(1, &[("A81001", &key)]);
+    let meta = meta_for("A81001", PATIENTS[0], Section::Allergies, DataClass::Coded);
+    let mut document = PublishedDocument::create(meta.clone(), b"publisher");
+    document.update(&[item_for(&meta, "good", "Penicillin allergy")], &[], 1);
+    document.put_raw_item("bad", "{not an item");
+    gp.put(
+        meta.clone(),
+        document.save(),
+        &key.sign_heads(&meta, &document.heads()),
+    );
+
+    let mut reading = hub();
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut reading));
+    link.run(&mut gp, &mut reading);
+    assert!(reading.docs.is_empty(), "a hub reading items refuses it");
+    assert_eq!(link.b.stats().rejected, 1);
+
+    let mut relay = hub();
+    relay.reads_items = false;
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut relay));
+    link.run(&mut gp, &mut relay);
+    assert_eq!(
+        relay.heads(meta.id()),
+        gp.heads(meta.id()),
+        "relayed as signed"
+    );
+    assert_eq!(link.b.stats().rejected, 0);
+
+    let mut downstream = MemoryHost::new(3, &[("A81001", &key)]);
+    let mut link = Link::open(("HUB01", &mut relay), ("B82002", &mut downstream));
+    link.run(&mut relay, &mut downstream);
+    assert!(downstream.docs.is_empty(), "the node reading it refuses it");
+    assert_eq!(link.b.stats().rejected, 1);
 }
 
 #[test]
