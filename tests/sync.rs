@@ -994,6 +994,51 @@ fn share_out_off_and_an_objection_keep_a_patients_data_at_the_publisher_but_send
     }
 }
 
+/// A hub keeps no read model of clinical items, so a record opened there would show none of
+/// what it relays (and notices of items "withheld" that it only never indexed). It opens no
+/// patient's record, in the view or on the command line, and says where to look instead; its
+/// auditors still see the audit pages.
+#[test]
+fn a_hub_opens_no_patient_record_and_says_where_to_open_it() {
+    let temp = tempfile::tempdir().unwrap();
+    let (hub, gp) = hub_and_gp(temp.path(), 2, 7);
+    let nhs = caseload(&gp, "A81001").remove(0);
+    let running_hub = RunningNode::start(&hub);
+    let _gp = RunningNode::start(&gp);
+    assert!(wait_for(SYNC_WAIT, || held_from(&hub, "A81001")
+        == shareable(&gp, "A81001")));
+
+    let url = launch_url(
+        &hub,
+        &running_hub.address,
+        &["--user", "C0001", "--name", "Dr Test", "--nhs", &nhs],
+    );
+    let refused = follow_launch(&url);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(
+        refused.body.contains("HUB01 is a hub") && refused.body.contains("care organisation"),
+        "{}",
+        refused.body
+    );
+    assert!(refused.header("set-cookie").is_none(), "no session opened");
+
+    let hub_dir = hub.to_str().unwrap();
+    let output = run(&[
+        "record", "--dir", hub_dir, "--nhs", &nhs, "--user", "Operator",
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("HUB01 is a hub"),
+        "{}",
+        stderr(&output)
+    );
+
+    // Its auditor still opens its audit pages.
+    let auditor = role_session(&hub, &running_hub.address, "auditor");
+    let (status, _) = http_get_as(&running_hub.address, "/audit", &auditor);
+    assert_eq!(status, 200);
+}
+
 #[test]
 fn items_dated_before_the_share_from_date_stay_at_the_publisher() {
     let temp = tempfile::tempdir().unwrap();

@@ -800,6 +800,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             database: home.database_path(),
             organisation: home.config.organisation.name.clone(),
             ods: home.config.organisation.ods.to_string(),
+            kind: home.config.organisation.kind,
             viewer: home.viewer("", None),
             break_glass_minutes: home.config.view.break_glass_minutes,
             launch: crate::launch::verifier(home).context(

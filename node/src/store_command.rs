@@ -243,6 +243,12 @@ fn record(
     out: &mut Printed,
 ) -> Result<u8> {
     let nhs = NhsNumber::parse(nhs)?;
+    // The same refusal as the view's (`LaunchRefused::NoRecordsAtHub`): a hub keeps no read
+    // model of clinical items, so a record assembled there would show none of them.
+    if home.config.organisation.kind == caremesh_sync::OrgKind::Hub {
+        let ods = home.config.organisation.ods.to_string();
+        anyhow::bail!(caremesh_view::launch::LaunchRefused::NoRecordsAtHub { ods });
+    }
     let now = clock::now_unix();
     // Under the registry in force: what a revoked key signed is not shown.
     let trust = home

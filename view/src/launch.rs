@@ -182,6 +182,10 @@ pub enum LaunchRefused {
     WrongOrganisation { expected: String, found: String },
     #[error("the launch token was used before; a launch token opens the record once")]
     Replayed,
+    #[error(
+        "{ods} is a hub: it relays records between organisations and keeps none to show; open the patient's record at a care organisation's node"
+    )]
+    NoRecordsAtHub { ods: String },
 }
 
 /// EdDSA over Ed25519 with the ed25519-dalek the rest of caremesh uses, so that one

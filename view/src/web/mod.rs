@@ -25,7 +25,7 @@ use caremesh_fhir::clock;
 use caremesh_storage::Store;
 use caremesh_storage::access::{LaunchSession, TokenUse};
 use caremesh_storage::audit::AuditEvent;
-use caremesh_sync::{NhsNumber, PublisherKey};
+use caremesh_sync::{NhsNumber, OrgKind, PublisherKey};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -94,6 +94,9 @@ pub struct ViewState {
     pub database: PathBuf,
     pub organisation: String,
     pub ods: String,
+    /// This organisation's kind. A hub keeps no read model of clinical items
+    /// (`caremesh_storage::read_model_keeps`), so it opens no patient's record.
+    pub kind: OrgKind,
     /// This organisation as viewer; each request fills in its user and the keys revoked in
     /// the registry then in force.
     pub viewer: Viewer,
@@ -458,6 +461,12 @@ async fn launch(State(state): State<Arc<ViewState>>, Query(query): Query<LaunchQ
         Ok(launch) => launch,
         Err(refused) => return refuse_launch(&state, None, &refused).await,
     };
+    if state.kind == OrgKind::Hub && launch.role == Role::Clinician {
+        let refused = LaunchRefused::NoRecordsAtHub {
+            ods: state.ods.clone(),
+        };
+        return refuse_launch(&state, Some(&launch), &refused).await;
+    }
     let secret = match crate::launch::random_hex(32) {
         Ok(secret) => secret,
         Err(error) => {
@@ -538,8 +547,13 @@ async fn refuse_launch(
     event.user_name = launch.user_name.clone();
     event.role = launch.role.as_str().into();
     event.purpose = launch.purpose.clone();
+    let status = match refused {
+        // The token is good: this node is the wrong place for what it asks.
+        LaunchRefused::NoRecordsAtHub { .. } => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNAUTHORIZED,
+    };
     state
-        .refuse(event, StatusCode::UNAUTHORIZED, &refused.to_string(), false)
+        .refuse(event, status, &refused.to_string(), false)
         .await
 }
 
