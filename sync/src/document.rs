@@ -257,11 +257,10 @@ impl PublishedDocument {
     /// Heads this document does not know are ignored: they say nothing about what the
     /// holder lacks from this document.
     pub fn changes_since(&self, have: &[[u8; 32]]) -> Vec<Vec<u8>> {
-        let have: Vec<ChangeHash> = have
-            .iter()
-            .map(|h| ChangeHash(*h))
-            .filter(|h| self.doc.get_change_by_hash(h).is_some())
-            .collect();
+        // Automerge's own walk ignores hashes it does not know (a test below holds it to
+        // that). Filtering them first with `get_change_by_hash` rebuilt each change from the
+        // op set only to see whether it existed: 3% of a hub's CPU under load.
+        let have: Vec<ChangeHash> = have.iter().map(|h| ChangeHash(*h)).collect();
         self.doc
             .get_changes(&have)
             .into_iter()
@@ -362,6 +361,27 @@ mod tests {
         peer.apply_chunks(&delta).unwrap(); // twice is harmless
         peer.matches(&signed).unwrap();
         assert_eq!(peer.items().unwrap().len(), 2);
+    }
+
+    /// A holder may name heads this copy does not know (a newer version from elsewhere):
+    /// they say nothing about what it lacks from this copy, and are ignored, on a copy just
+    /// loaded (as a hub serves) as on the publisher's.
+    #[test]
+    fn heads_the_document_does_not_know_are_ignored_when_computing_what_a_holder_lacks() {
+        let mut doc = PublishedDocument::create(meta(), b"actor");
+        doc.update(&[item("a/1", "x")], &[], 1);
+        let first_heads = doc.heads();
+        doc.update(&[item("a/2", "y")], &[], 2);
+        let loaded = PublishedDocument::load(&meta(), &doc.save()).unwrap();
+        let unknown = [0xab; 32];
+        for copy in [&doc, &loaded] {
+            assert_eq!(copy.changes_since(&[unknown]), copy.changes_since(&[]));
+            assert_eq!(copy.changes_since(&[]).len(), 2);
+            let with_unknown = copy.changes_since(&[first_heads[0], unknown]);
+            assert_eq!(with_unknown, copy.changes_since(&first_heads));
+            assert_eq!(with_unknown.len(), 1);
+            assert!(copy.changes_since(&copy.heads()).is_empty());
+        }
     }
 
     #[test]
