@@ -647,7 +647,7 @@ impl SyncHost for StoreHost {
         if committed.is_ok() {
             self.policy.known.forget(facts_changed);
         } else {
-            // What was rolled back may have been read into the cache: forget all it touched.
+            // Nothing of the batch stands: forget all it touched, to be safe.
             self.policy
                 .known
                 .forget(documents.iter().map(|d| &d.signed.meta.patient));
