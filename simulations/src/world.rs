@@ -932,8 +932,16 @@ impl World {
             }
             Err(error) => return Err(sim_error(error)),
         };
-        if self.wants(Invariant::NoLoss) {
-            self.check_acknowledged_survived(node, &driver);
+        if self.wants(Invariant::NoLoss)
+            && let Err(damage) = self.check_acknowledged_survived(node, &driver)
+        {
+            // Reading what it acknowledged found damage at rest: the node stops, as its own
+            // first read of its checkpoints would stop it. Not a loss: it says so and stays
+            // down until restored or rebuilt.
+            drop(driver);
+            self.stop_for_damage(node, damage);
+            self.end_crash_fault(node);
+            return Ok(());
         }
         let n = &mut self.nodes[node];
         n.driver = Some(driver);
@@ -1079,20 +1087,32 @@ impl World {
 
     /// After a crash, `node`'s checkpoint in each peer's feed is at or past what it
     /// acknowledged before: an acknowledged write the disk did not keep is a loss, even if
-    /// the peer can send it again (what the node published itself, nobody can).
-    fn check_acknowledged_survived(&mut self, node: usize, driver: &Driver) {
+    /// the peer can send it again (what the node published itself, nobody can). `Err`: a
+    /// checkpoint's page failed its checksum (damage at rest, which stops the node).
+    ///
+    /// Finding: a damaged read counted as a checkpoint at 0, so a node that would stop on
+    /// finding the damage was reported as having lost what it acknowledged.
+    fn check_acknowledged_survived(&mut self, node: usize, driver: &Driver) -> Result<(), String> {
         let mut found = Vec::new();
         for (&(puller, provider), &(epoch, up_to)) in
             self.acknowledged.range((node, 0)..(node + 1, 0))
         {
             debug_assert_eq!(puller, node);
-            let durable = driver
-                .host()
-                .store
-                .peer_checkpoint(&self.nodes[provider].ods)
-                .ok()
-                .flatten()
-                .map_or((0, 0), |c| (c.epoch, c.up_to));
+            let provider_ods = &self.nodes[provider].ods;
+            let durable = match driver.host().store.peer_checkpoint(provider_ods) {
+                Ok(checkpoint) => checkpoint.map_or((0, 0), |c| (c.epoch, c.up_to)),
+                Err(error) if error.is_damage() => return Err(error.to_string()),
+                Err(error) => {
+                    found.push(Violation {
+                        at_s: self.now_s(),
+                        node: self.nodes[node].ods.to_string(),
+                        doc: String::new(),
+                        rule: "no-loss".into(),
+                        detail: format!("its checkpoint in {provider_ods}'s feed could not be read after the crash: {error}"),
+                    });
+                    continue;
+                }
+            };
             if durable < (epoch, up_to) {
                 found.push(Violation {
                     at_s: self.now_s(),
@@ -1107,6 +1127,7 @@ impl World {
             }
         }
         self.record(found);
+        Ok(())
     }
 
     fn final_checks(&mut self) -> Result<(), crate::SimError> {
