@@ -142,6 +142,8 @@ wait_until() { # seconds, description, command...
   echo "   $what after $((SECONDS - started)) s"
 }
 holds_gp_data() { [[ " $(sources_of hsp "$shared") " == *" A81001 "* ]]; }
+# A hub opens no record (it keeps no read model of clinical items): what it holds is counted.
+hub_patients() { "$caremesh" status --dir "$work/hub" --json | json "d['stats']['patients']"; }
 
 step "over the lossy link the hospice gets the GP's record of the shared patient"
 wait_until 180 "the hospice holds GP data about $shared" holds_gp_data
@@ -153,13 +155,14 @@ table inet cut {
   chain out { type filter hook output priority 0; ip daddr 10.77.0.3 drop; }
 }
 NFT
+sleep 2 # what was in flight when the cut came is stored or dropped by now
+hub_before=$(hub_patients)
 "$caremesh" consent set --dir "$work/gp" --nhs "$shared" --objection on >/dev/null
 "$caremesh" generate --org HSP01 --patients 2 --seed 77 --out "$work/hsp-more" >/dev/null
 "$caremesh" ingest --dir "$work/hsp" "$work/hsp-more" >/dev/null
-new_patient=$(nhs_in "$work/hsp-more/$(ls "$work/hsp-more" | sort | head -1)")
 sleep 30
 holds_gp_data || { echo "the hospice lost the GP data while cut off: the test cannot tell a purge" >&2; exit 1; }
-[ -z "$(sources_of hub "$new_patient")" ] || { echo "the hub got hospice data through the partition" >&2; exit 1; }
+[ "$(hub_patients)" = "$hub_before" ] || { echo "the hub got hospice data through the partition" >&2; exit 1; }
 echo "   while cut off: the hospice still holds the GP's copies; the hub lacks the hospice's new patients"
 
 step "heal, with the loss still on"
@@ -170,7 +173,7 @@ purged() {
   [[ -n "$sources" && " $sources " != *" A81001 "* ]]
 }
 wait_until 300 "the objection purged the GP's copies at the hospice" purged
-hub_has_new() { [[ " $(sources_of hub "$new_patient") " == *" HSP01 "* ]]; }
+hub_has_new() { (( $(hub_patients) > hub_before )); }
 wait_until 300 "the hub holds the hospice's patients recorded during the partition" hub_has_new
 "$caremesh" verify --dir "$work/hsp" >/dev/null
 "$caremesh" verify --dir "$work/hub" >/dev/null
