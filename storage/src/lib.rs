@@ -872,7 +872,6 @@ fn wal_path(path: &Path) -> PathBuf {
 const DOCUMENT_COLUMNS: &str =
     "doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at";
 
-/// Items held per source and section, for `caremesh status` and /status.
 /// Whether a node of `kind` keeps the items of `section` in its read model. A hub serves no
 /// clinician a record: it keeps only what its own work reads (sharing records for its
 /// sharing decisions, access records for audit reports) and holds the rest as the signed
@@ -882,6 +881,7 @@ pub fn read_model_keeps(kind: caremesh_sync::OrgKind, section: Section) -> bool 
     kind != caremesh_sync::OrgKind::Hub || matches!(section, Section::Sharing | Section::Audit)
 }
 
+/// Items held per source and section, for `caremesh status` and /status.
 const ITEMS_BY_SOURCE_AND_SECTION: &str = "SELECT publisher, section, COUNT(*) FROM items \
      GROUP BY publisher, section ORDER BY publisher, section";
 /// A publisher's sharing record item about a patient: read for every policy decision.
