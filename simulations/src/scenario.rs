@@ -78,6 +78,12 @@ pub enum Bug {
     /// The node's store commits without syncing (`synchronous = OFF`, as the benchmarks'
     /// simulated nodes run), so a power cut takes back what it acknowledged.
     CommitWithoutSync,
+    /// The node, relaying, stores a new version whose hash chain does not end at the signed
+    /// heads.
+    RelayWithoutHeadsCheck,
+    /// The node sends holders of an older version well-formed changes that are not the ones
+    /// it holds (a peer altering what it relays).
+    ForgeChanges,
 }
 
 impl Bug {
@@ -89,6 +95,8 @@ impl Bug {
             Bug::ForwardWithheld => Some(PlantedBug::ForwardWithheld),
             Bug::AckWithoutStoring => Some(PlantedBug::AckWithoutStoring),
             Bug::AckAfterFailedCommit => Some(PlantedBug::AckAfterFailedCommit),
+            Bug::RelayWithoutHeadsCheck => Some(PlantedBug::RelayWithoutHeadsCheck),
+            Bug::ForgeChanges => Some(PlantedBug::ForgeChanges),
             Bug::PlaceWithoutMoving | Bug::CommitWithoutSync => None,
         }
     }

@@ -96,6 +96,46 @@ fn a_hub_acknowledging_what_it_did_not_store_is_caught() {
     assert!(report.violations.iter().any(|v| v.rule == "convergence"));
 }
 
+/// A GP that alters the changes it sends (well formed, other hashes) gets nothing of them
+/// stored at the hub, which relays without loading documents and checks their hash chain
+/// against the signed heads: everything held anywhere still loads to its signed heads. A hub
+/// with that check skipped stores what the GP sent, and the authenticity check catches it.
+#[test]
+fn changes_that_are_not_the_publishers_are_refused_by_the_relay_and_caught_without_its_check() {
+    let forging = format!("{SMALL}\n[[inject]]\nnode = \"GP000\"\nbug = \"forge-changes\"\n");
+    let report = run_text(&forging, 7);
+    let caught = |report: &crate::Report, rule: &str| {
+        report
+            .violations
+            .iter()
+            .filter(|v| v.rule == rule)
+            .map(|v| v.node.clone())
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    // Stored bytes that do not load to their signed heads: none anywhere.
+    assert!(
+        caught(&report, "authentic").is_empty(),
+        "{}",
+        report.render()
+    );
+    // The hub rejected what the GP sent (the simulator counts a rejection of an honest
+    // peer's document as a violation; here the peer is not honest).
+    assert!(
+        caught(&report, "authenticity").contains("HUB01"),
+        "{}",
+        report.render()
+    );
+
+    let unchecked =
+        format!("{forging}\n[[inject]]\nnode = \"HUB01\"\nbug = \"relay-without-heads-check\"\n");
+    let report = run_text(&unchecked, 7);
+    assert!(
+        caught(&report, "authentic").contains("HUB01"),
+        "{}",
+        report.render()
+    );
+}
+
 /// Half the changes re-send an earlier entry, mostly under another patient: each moves,
 /// and no node holds an entry on two patients. A publisher that does not move them is caught,
 /// at the publisher and at the hub that relays its documents.

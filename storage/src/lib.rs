@@ -171,7 +171,12 @@ type Result<T> = std::result::Result<T, StorageError>;
 pub struct StoredDocument {
     pub id: DocId,
     pub meta: DocMeta,
+    /// The document's bytes: a saved document, followed by the change chunks a relay
+    /// appended since (`appended`). Either way they load as the whole document.
     pub snapshot: Vec<u8>,
+    /// The encoded index of the appended changes ([`caremesh_sync::relay::AppendedChanges`]);
+    /// `None` where the document was saved whole.
+    pub appended: Option<Vec<u8>>,
     pub signed: Vec<u8>,
     pub seq: i64,
     pub updated_at: i64,
@@ -870,7 +875,7 @@ fn wal_path(path: &Path) -> PathBuf {
 }
 
 const DOCUMENT_COLUMNS: &str =
-    "doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at";
+    "doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended";
 
 /// Whether a node of `kind` keeps the items of `section` in its read model. A hub serves no
 /// clinician a record: it keeps only what its own work reads (sharing records for its
@@ -901,6 +906,7 @@ struct RawDocument {
     signed: Vec<u8>,
     seq: i64,
     updated_at: i64,
+    appended: Option<Vec<u8>>,
 }
 
 fn raw_document(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawDocument> {
@@ -914,6 +920,7 @@ fn raw_document(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawDocument> {
         signed: row.get(6)?,
         seq: row.get(7)?,
         updated_at: row.get(8)?,
+        appended: row.get(9)?,
     })
 }
 
@@ -944,6 +951,7 @@ impl RawDocument {
             id,
             meta,
             snapshot: self.snapshot,
+            appended: self.appended,
             signed: self.signed,
             seq: self.seq,
             updated_at: self.updated_at,
@@ -1025,14 +1033,39 @@ impl WriteBatch<'_> {
         document_by_id(&self.tx, &self.path, id)
     }
 
-    /// Stores a document version and replaces its read-model rows with `items` (none where
-    /// the node keeps no read model of its section: [`read_model_keeps`]), taking the
-    /// next feed position. The caller has verified `signed` against the trust registry and
-    /// checked that `snapshot` has exactly the signed heads.
+    /// Stores a document version saved whole and replaces its read-model rows with `items`
+    /// (none where the node keeps no read model of its section: [`read_model_keeps`]),
+    /// taking the next feed position. The caller has verified `signed` against the trust
+    /// registry and checked that `snapshot` has exactly the signed heads.
     pub fn put_document(
         &self,
         signed: &SignedHeads,
         snapshot: &[u8],
+        items: &[Item],
+        updated_at: i64,
+    ) -> Result<i64> {
+        self.put_version(signed, snapshot, None, items, updated_at)
+    }
+
+    /// Stores a version a relay authenticated by its hash chain: the held bytes with the
+    /// received changes appended, and their index. A relay keeps no items of such a
+    /// document. The caller has verified `signed` and checked that the appended changes give
+    /// exactly the signed heads ([`caremesh_sync::relay::extend`]).
+    pub fn put_appended(
+        &self,
+        signed: &SignedHeads,
+        stored: &[u8],
+        appended: &caremesh_sync::relay::AppendedChanges,
+        updated_at: i64,
+    ) -> Result<i64> {
+        self.put_version(signed, stored, Some(&appended.encode()), &[], updated_at)
+    }
+
+    fn put_version(
+        &self,
+        signed: &SignedHeads,
+        snapshot: &[u8],
+        appended: Option<&[u8]>,
         items: &[Item],
         updated_at: i64,
     ) -> Result<i64> {
@@ -1047,10 +1080,11 @@ impl WriteBatch<'_> {
             .map_err(self.err("allocate feed position"))?;
         self.tx
             .prepare_cached(
-                "INSERT INTO documents (doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                "INSERT INTO documents (doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT(doc_id) DO UPDATE SET snapshot = excluded.snapshot, \
-                 signed = excluded.signed, seq = excluded.seq, updated_at = excluded.updated_at",
+                 signed = excluded.signed, seq = excluded.seq, updated_at = excluded.updated_at, \
+                 appended = excluded.appended",
             )
             .and_then(|mut statement| {
                 statement.execute(params![
@@ -1062,7 +1096,8 @@ impl WriteBatch<'_> {
                     snapshot,
                     signed.encode(),
                     seq,
-                    updated_at
+                    updated_at,
+                    appended
                 ])
             })
             .map_err(self.err("store document"))?;

@@ -312,6 +312,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE sync_peers ADD COLUMN pull_again INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 17: what a relay appended to a document since it was saved whole. A hub stores a new
+    // version of a document it keeps no items of as the change bytes appended to the stored
+    // bytes (`snapshot` still loads as the whole document), and this index of the appended
+    // changes (`caremesh_sync::relay::AppendedChanges`) serves holders of older versions
+    // without loading it. NULL where the document was saved whole.
+    r#"
+    ALTER TABLE documents ADD COLUMN appended BLOB;
+    "#,
 ];
 
 #[cfg(test)]

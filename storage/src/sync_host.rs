@@ -538,6 +538,12 @@ impl SyncHost for StoreHost {
         Ok(stored.map(|stored| HeldDocument {
             meta: stored.meta,
             snapshot: stored.snapshot,
+            // An index that does not decode is not used: the bytes are then served as if
+            // saved whole, which they load as.
+            appended: stored
+                .appended
+                .as_deref()
+                .and_then(caremesh_sync::relay::AppendedChanges::decode),
             signed: stored.signed,
         }))
     }
@@ -596,9 +602,13 @@ impl SyncHost for StoreHost {
             } else {
                 &[]
             };
-            batch
-                .put_document(&document.signed, &document.snapshot, items, now)
-                .map_err(host_error)?;
+            match &document.appended {
+                Some(appended) => {
+                    batch.put_appended(&document.signed, &document.snapshot, appended, now)
+                }
+                None => batch.put_document(&document.signed, &document.snapshot, items, now),
+            }
+            .map_err(host_error)?;
             if is_care {
                 batch.touch_received_source(source).map_err(host_error)?;
             }
@@ -709,6 +719,10 @@ impl SyncHost for StoreHost {
 
     fn loaded_documents(&mut self) -> Option<&mut LoadedDocuments> {
         self.loaded.as_mut()
+    }
+
+    fn planted_bug(&self) -> Option<PlantedBug> {
+        self.planted
     }
 
     fn own_audit_checkpoint(&mut self) -> Result<Option<Vec<u8>>, HostError> {
@@ -881,6 +895,7 @@ mod tests {
         VerifiedDocument {
             signed: key.sign_heads(&meta, &document.heads()),
             snapshot: document.save(),
+            appended: None,
             items: vec![item],
             published_at: Some(1_700_000_000),
         }

@@ -15,12 +15,14 @@
 //! * [`wire`]: versioned postcard messages and length-prefixed framing.
 //! * [`session`]: the sync protocol state machine, one per connected peer.
 //! * [`loaded`]: recently used documents kept loaded for the sessions of one host.
+//! * [`relay`]: authenticating a new version by its hash chain and relaying it unbuilt.
 
 pub mod document;
 pub mod loaded;
 pub mod model;
 pub mod planted;
 pub mod policy;
+pub mod relay;
 pub mod rng;
 pub mod session;
 pub mod signing;

@@ -13,4 +13,25 @@ pub enum PlantedBug {
     /// The driver keeps its sessions open when a group commit fails, so they acknowledge
     /// what was rolled back.
     AckAfterFailedCommit,
+    /// A relay stores a new version whose hash chain does not end at the signed heads (it
+    /// skips the comparison): bytes that are not the publisher's.
+    RelayWithoutHeadsCheck,
+    /// The node sends holders of an older version changes that are not the ones it holds:
+    /// well-formed changes, each stamped a second later than the publisher stamped it, so
+    /// their hashes are not the ones the signed heads commit to (a peer that alters what it
+    /// relays).
+    ForgeChanges,
+}
+
+/// `change` as [`PlantedBug::ForgeChanges`] sends it: well formed, with a valid checksum,
+/// and another hash. Bytes that are not a change are sent as they are.
+pub fn forged(change: &[u8]) -> Vec<u8> {
+    match automerge::Change::try_from(change) {
+        Ok(change) => {
+            let mut expanded = change.decode();
+            expanded.time += 1;
+            automerge::Change::from(expanded).raw_bytes().to_vec()
+        }
+        Err(_) => change.to_vec(),
+    }
 }

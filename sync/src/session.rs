@@ -39,7 +39,9 @@
 use crate::document::PublishedDocument;
 use crate::loaded::LoadedDocuments;
 use crate::model::{DocId, DocMeta, Item, OdsCode};
+use crate::planted::PlantedBug;
 use crate::policy::{Decision, Recipient, WithholdReason};
+use crate::relay::{self, AppendedChanges};
 use crate::signing::SignedHeads;
 use crate::wire::{
     self, FeedId, FrameDecoder, MAX_FRAME_BYTES, MAX_OFFER_ENTRIES, Message, OfferEntry, WantEntry,
@@ -105,7 +107,11 @@ pub struct FeedEntry {
 #[derive(Debug, Clone)]
 pub struct HeldDocument {
     pub meta: DocMeta,
+    /// A saved document, followed by the changes a relay appended since (see
+    /// [`crate::relay`]); they load as the whole document either way.
     pub snapshot: Vec<u8>,
+    /// The index of the appended changes; `None` where the document was saved whole.
+    pub appended: Option<AppendedChanges>,
     pub signed: Vec<u8>,
 }
 
@@ -127,7 +133,12 @@ fn keep_loaded(host: &mut impl SyncHost, document: PublishedDocument) {
 #[derive(Debug, Clone)]
 pub struct VerifiedDocument {
     pub signed: SignedHeads,
+    /// The bytes to store: saved whole, or the held bytes with the received changes appended
+    /// (then `appended` indexes them).
     pub snapshot: Vec<u8>,
+    /// `Some` where a relay authenticated the version by its hash chain and appended it
+    /// ([`crate::relay`]): the host stores the index beside the bytes.
+    pub appended: Option<AppendedChanges>,
     /// Empty where the host does not read them ([`SyncHost::reads_items`]).
     pub items: Vec<Item>,
     /// When the publisher made its latest change (Unix seconds, as the publisher stamped it).
@@ -238,10 +249,16 @@ pub trait SyncHost {
     /// Whether this node reads the items of received documents of `meta`'s partition. A relay
     /// that keeps none of them (a hub's clinical partitions) answers `false`: their items are
     /// then neither parsed nor checked on receipt (every node that reads them checks them
-    /// when it receives them), and [`VerifiedDocument::items`] is empty. The signature and
-    /// the heads are checked all the same.
+    /// when it receives them), and [`VerifiedDocument::items`] is empty. A new version of
+    /// such a document is authenticated by its hash chain and appended, without loading
+    /// the document ([`crate::relay`]). The signature and the heads are checked all the
+    /// same.
     fn reads_items(&self, _meta: &DocMeta) -> bool {
         true
+    }
+    /// A bug planted in this host (the simulator's self-tests only; see [`PlantedBug`]).
+    fn planted_bug(&self) -> Option<PlantedBug> {
+        None
     }
     /// Recently used documents the host keeps loaded, if it keeps any (see [`crate::loaded`]).
     fn loaded_documents(&mut self) -> Option<&mut LoadedDocuments> {
@@ -885,6 +902,15 @@ impl Session {
         heads: &[[u8; 32]],
         host: &mut impl SyncHost,
     ) -> Result<bool, SessionError> {
+        if let Some(written) = self.writes.get(&doc)
+            && !host.reads_items(&written.signed.meta)
+        {
+            return Ok(relay::known(
+                written.appended.as_ref(),
+                &written.signed.heads,
+                heads,
+            ));
+        }
         if self.writes.contains_key(&doc) {
             return Ok(self
                 .base_document(doc, host)?
@@ -894,6 +920,15 @@ impl Session {
             return Ok(false);
         };
         let held_heads = held.signed_heads();
+        if !host.reads_items(&held.meta) {
+            // A relay does not load the document to place an offer: heads its index does not
+            // know are wanted, and the changes that answer settle it (a version it already
+            // holds is found on the full path, `verify_received`). Offers of older versions
+            // reach a hub only from a second hub.
+            return Ok(held_heads.is_some_and(|held_heads| {
+                relay::known(held.appended.as_ref(), &held_heads, heads)
+            }));
+        }
         if let Some(held_heads) = &held_heads
             && let Some(loaded) = host.loaded_documents().and_then(|l| l.get(doc, held_heads))
         {
@@ -948,7 +983,7 @@ impl Session {
         }
         let document = PublishedDocument::load(&held.meta, &held.snapshot).ok()?;
         let changes = document.changes_since(have);
-        if heads.is_some_and(|heads| heads == document.heads()) {
+        if heads.is_some_and(|heads| heads == document.heads()) && host.reads_items(&held.meta) {
             keep_loaded(host, document);
         }
         Some(changes)
@@ -1022,12 +1057,21 @@ impl Session {
         if let Err(error) = signed.verify(|publisher, key| host.is_publisher_key(publisher, key)) {
             return Ok(Err(error.to_string()));
         }
+        if !host.reads_items(meta)
+            && let Some(received) = self.relay_received(&signed, changes, host)?
+        {
+            return Ok(Ok(received));
+        }
         let mut document = match self.base_document(meta.id(), host)? {
             Some(document) => document,
             None => PublishedDocument::create(meta.clone(), &[0]),
         };
+        // A relay keeps loaded only what it reads: the rest it serves from appended bytes.
+        let keeps_loaded = host.reads_items(meta);
         if document.contains_all(&signed.heads) {
-            keep_loaded(host, document);
+            if keeps_loaded {
+                keep_loaded(host, document);
+            }
             return Ok(Ok(Received::AlreadyHeld));
         }
         if let Err(error) = document.apply_chunks(changes) {
@@ -1047,13 +1091,64 @@ impl Session {
         let verified = VerifiedDocument {
             signed,
             snapshot: document.save(),
+            appended: None,
             items,
             published_at: document.last_change_time(),
         };
         // Kept at the received version: if the commit refuses it or rolls back, the stored
         // heads differ and the entry is never used.
-        keep_loaded(host, document);
+        if keeps_loaded {
+            keep_loaded(host, document);
+        }
         Ok(Ok(Received::Newer(Box::new(verified))))
+    }
+
+    /// A relay's check of a new version by its hash chain against the signed heads (already
+    /// verified), without loading the document: `None` when it cannot decide that way (a
+    /// first copy, changes it declines, heads other than the signed heads), and the full path
+    /// decides, with the reason a full check gives for a rejection.
+    fn relay_received(
+        &mut self,
+        signed: &SignedHeads,
+        changes: &[Vec<u8>],
+        host: &mut impl SyncHost,
+    ) -> Result<Option<Received>, SessionError> {
+        let doc = signed.meta.id();
+        let (stored, appended, held_heads) = match self.writes.get(&doc) {
+            Some(written) => (
+                written.snapshot.clone(),
+                written.appended.clone(),
+                written.signed.heads.clone(),
+            ),
+            None => match host.document(doc)? {
+                Some(held) => match held.signed_heads() {
+                    Some(heads) => (held.snapshot, held.appended, heads),
+                    None => return Ok(None),
+                },
+                // A first copy is loaded and checked whole.
+                None => return Ok(None),
+            },
+        };
+        if relay::known(appended.as_ref(), &held_heads, &signed.heads) {
+            return Ok(Some(Received::AlreadyHeld));
+        }
+        let Ok(extension) = relay::extend(&stored, appended.as_ref(), &held_heads, changes) else {
+            return Ok(None);
+        };
+        let mut signed_heads = signed.heads.clone();
+        signed_heads.sort_unstable();
+        if extension.heads != signed_heads
+            && host.planted_bug() != Some(PlantedBug::RelayWithoutHeadsCheck)
+        {
+            return Ok(None);
+        }
+        Ok(Some(Received::Newer(Box::new(VerifiedDocument {
+            signed: signed.clone(),
+            snapshot: extension.stored,
+            appended: Some(extension.appended),
+            items: Vec::new(),
+            published_at: extension.published_at,
+        }))))
     }
 
     /// Marks a wanted document as answered in the earliest batch waiting for it.
@@ -1155,16 +1250,29 @@ impl Session {
         if host.decide(&held.meta, &self.peer)? != Decision::Send {
             return Ok(Some(Message::Missing { doc: want.doc }));
         }
-        // A first copy travels as the stored snapshot (Automerge's compressed form, already
-        // saved); a holder of an older version gets only the changes it lacks.
-        let changes = if want.have.is_empty() {
+        // A first copy travels as the stored bytes (Automerge's compressed form, already
+        // saved, and any changes a relay appended); a holder of an older version gets only
+        // the changes it lacks, from the appended changes' index where that can tell.
+        let mut changes = if want.have.is_empty() {
             vec![held.snapshot]
+        } else if let Some(changes) = held
+            .appended
+            .as_ref()
+            .and_then(|appended| relay::changes_after(&held.snapshot, appended, &want.have))
+        {
+            changes
         } else {
             match Self::changes_for(&held, &want.have, host) {
                 Some(changes) => changes,
                 None => return Ok(Some(Message::Missing { doc: want.doc })),
             }
         };
+        if host.planted_bug() == Some(PlantedBug::ForgeChanges) && !want.have.is_empty() {
+            changes = changes
+                .iter()
+                .map(|change| crate::planted::forged(change))
+                .collect();
+        }
         let size: usize = changes.iter().map(Vec::len).sum::<usize>() + held.signed.len();
         if size + 1024 > MAX_FRAME_BYTES {
             self.events.push_back(Event::Unsendable {

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::model::{DataClass, OrgKind, Section};
+use crate::planted::PlantedBug;
 use crate::policy;
 use crate::signing::PublisherKey;
 use crate::testing::{allergy, meta_for};
@@ -28,6 +29,7 @@ struct MemoryHost {
     loaded: Option<crate::loaded::LoadedDocuments>,
     /// Whether received documents' items are read ([`SyncHost::reads_items`]).
     reads_items: bool,
+    planted: Option<PlantedBug>,
 }
 
 impl MemoryHost {
@@ -47,6 +49,7 @@ impl MemoryHost {
             policy_unreadable: None,
             loaded: None,
             reads_items: true,
+            planted: None,
         }
     }
 
@@ -68,11 +71,22 @@ impl MemoryHost {
     }
 
     fn put(&mut self, meta: DocMeta, snapshot: Vec<u8>, signed: &SignedHeads) {
+        self.put_appended(meta, snapshot, None, signed);
+    }
+
+    fn put_appended(
+        &mut self,
+        meta: DocMeta,
+        snapshot: Vec<u8>,
+        appended: Option<AppendedChanges>,
+        signed: &SignedHeads,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let held = HeldDocument {
             meta: meta.clone(),
             snapshot,
+            appended,
             signed: signed.encode(),
         };
         self.docs.insert(meta.id(), (seq, held));
@@ -166,7 +180,7 @@ impl SyncHost for MemoryHost {
         self.commits += 1;
         for document in documents {
             let meta = document.signed.meta.clone();
-            self.put(meta, document.snapshot, &document.signed);
+            self.put_appended(meta, document.snapshot, document.appended, &document.signed);
         }
         if let Some(checkpoint) = checkpoint {
             self.checkpoints.insert(peer.clone(), checkpoint);
@@ -213,6 +227,10 @@ impl SyncHost for MemoryHost {
     }
     fn reads_items(&self, _meta: &DocMeta) -> bool {
         self.reads_items
+    }
+
+    fn planted_bug(&self) -> Option<PlantedBug> {
+        self.planted
     }
 
     fn offer_registry(&mut self, _bytes: Vec<u8>) -> Result<bool, HostError> {
@@ -568,6 +586,140 @@ fn a_malformed_item_is_refused_where_items_are_read_and_passed_on_by_a_relay_tha
     link.run(&mut relay, &mut downstream);
     assert!(downstream.docs.is_empty(), "the node reading it refuses it");
     assert_eq!(link.b.stats().rejected, 1);
+}
+
+/// Syncs `a` into `b` over a fresh link; returns the link for what crossed it.
+fn sync_once(a: (&str, &mut MemoryHost), b: (&str, &mut MemoryHost)) -> Link {
+    let mut link = Link::open((a.0, &mut *a.1), (b.0, &mut *b.1));
+    link.run(a.1, b.1);
+    link
+}
+
+/// A GP that published one version of `meta`'s document, and a hub that reads no items.
+fn a_gp_and_a_relay(meta: &DocMeta) -> (MemoryHost, MemoryHost) {
+    let key = gp_key();
+    let mut gp = MemoryHost::new(1, &[("A81001", &key)]);
+    gp.publish(&key, meta, &[item_for(meta, "a", "Penicillin allergy")], 1);
+    let mut relay = hub();
+    relay.reads_items = false;
+    (gp, relay)
+}
+
+/// The heads the stored bytes of `doc` at `host` load to, beside the heads it says it holds.
+fn loaded_and_signed_heads(host: &MemoryHost, doc: DocId) -> (Vec<[u8; 32]>, Vec<[u8; 32]>) {
+    let held = &host.docs[&doc].1;
+    let loaded = PublishedDocument::load(&held.meta, &held.snapshot).unwrap();
+    (loaded.heads(), host.heads(doc).unwrap())
+}
+
+/// A relay (a node that reads no items of the partition: a hub) stores a new version as
+/// the publisher's change bytes appended to what it holds, checked by their hash chain
+/// against the signed heads, and serves a holder of an older version those bytes without
+/// loading the document; a first copy from it loads whole at a reading node.
+#[test]
+fn a_relay_appends_new_versions_it_checked_by_hash_chain_and_serves_them_as_appended() {
+    let key = gp_key();
+    let meta = meta_for("A81001", PATIENTS[0], Section::Allergies, DataClass::Coded);
+    let doc = meta.id();
+    let (mut gp, mut relay) = a_gp_and_a_relay(&meta);
+    let mut reader = MemoryHost::new(3, &[("A81001", &key)]);
+    sync_once(("A81001", &mut gp), ("HUB01", &mut relay));
+    sync_once(("HUB01", &mut relay), ("B82002", &mut reader));
+    let first = relay.docs[&doc].1.clone();
+    assert!(
+        first.appended.is_none(),
+        "a first copy is checked and saved whole"
+    );
+
+    for version in 2..=3 {
+        let title = format!("Penicillin allergy, reaction {version}");
+        let before = gp.heads(doc).unwrap();
+        gp.publish(&key, &meta, &[item_for(&meta, "a", &title)], version);
+        let gp_doc = PublishedDocument::load(&meta, &gp.docs[&doc].1.snapshot).unwrap();
+        let change = gp_doc.changes_since(&before);
+
+        let link = sync_once(("A81001", &mut gp), ("HUB01", &mut relay));
+        assert_eq!(link.b.stats().rejected, 0);
+        let held = relay.docs[&doc].1.clone();
+        let appended = held.appended.clone().expect("appended, not saved whole");
+        assert_eq!(appended.changes.len(), version as usize - 1);
+        assert!(
+            held.snapshot.starts_with(&first.snapshot),
+            "the held bytes are kept"
+        );
+        assert!(
+            held.snapshot.ends_with(&change[0]),
+            "the publisher's change bytes"
+        );
+        let (loaded, signed) = loaded_and_signed_heads(&relay, doc);
+        assert_eq!(loaded, signed);
+        assert_eq!(signed, gp.heads(doc).unwrap());
+
+        // The reader, one version behind, gets exactly the publisher's change.
+        let link = sync_once(("HUB01", &mut relay), ("B82002", &mut reader));
+        let sent: Vec<&Vec<Vec<u8>>> = link
+            .frames_a_to_b
+            .iter()
+            .filter_map(|m| match m {
+                Message::Changes { changes, .. } => Some(changes),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![&change]);
+        assert_eq!(reader.heads(doc), gp.heads(doc));
+    }
+    // A new reader's first copy is the saved document and both appended changes, in one.
+    let mut late = MemoryHost::new(4, &[("A81001", &key)]);
+    sync_once(("HUB01", &mut relay), ("B82003", &mut late));
+    let (loaded, signed) = loaded_and_signed_heads(&late, doc);
+    assert_eq!((loaded, signed.clone()), (gp.heads(doc).unwrap(), signed));
+    let items = PublishedDocument::load(&meta, &late.docs[&doc].1.snapshot)
+        .unwrap()
+        .items()
+        .unwrap();
+    assert_eq!(items[0].title, "Penicillin allergy, reaction 3");
+}
+
+/// A peer that sends well-formed changes other than the publisher's (here each stamped a
+/// second later, so their hashes differ) is caught by the relay's heads check and nothing
+/// of it is stored; with that check skipped (a planted bug) the relay would store bytes that
+/// do not load to the signed heads, which is what the check is for.
+#[test]
+fn a_relay_refuses_changes_whose_hash_chain_does_not_end_at_the_signed_heads() {
+    let key = gp_key();
+    let meta = meta_for("A81001", PATIENTS[0], Section::Allergies, DataClass::Coded);
+    let doc = meta.id();
+    for skip_heads_check in [false, true] {
+        let (mut gp, mut relay) = a_gp_and_a_relay(&meta);
+        sync_once(("A81001", &mut gp), ("HUB01", &mut relay));
+        let held = relay.docs[&doc].1.snapshot.clone();
+
+        gp.publish(
+            &key,
+            &meta,
+            &[item_for(&meta, "a", "Amoxicillin allergy")],
+            2,
+        );
+        gp.planted = Some(PlantedBug::ForgeChanges);
+        if skip_heads_check {
+            relay.planted = Some(PlantedBug::RelayWithoutHeadsCheck);
+        }
+        let link = sync_once(("A81001", &mut gp), ("HUB01", &mut relay));
+        let (loaded, signed) = loaded_and_signed_heads(&relay, doc);
+        if skip_heads_check {
+            assert_eq!(
+                signed,
+                gp.heads(doc).unwrap(),
+                "stored under the signed heads"
+            );
+            assert_ne!(loaded, signed, "bytes that are not the publisher's");
+        } else {
+            assert_eq!(link.b.stats().rejected, 1);
+            assert_eq!(loaded, signed);
+            assert_eq!(relay.docs[&doc].1.snapshot, held, "nothing of it stored");
+            assert_ne!(signed, gp.heads(doc).unwrap());
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,430 @@
+//! Relaying a document without rebuilding it.
+//!
+//! A relay (a hub, for the partitions whose items it keeps none of: see
+//! [`crate::SyncHost::reads_items`]) needs only to know that what it stores and passes on is
+//! exactly what the publisher signed. Automerge names each change by the SHA-256 of its bytes,
+//! and that hash covers the change's dependencies, so the heads of a document commit to its
+//! whole history. A relay therefore authenticates a new version by its hash chain alone
+//! ([`extend`]): it hashes each received change, checks that each depends only on the heads it
+//! holds or on changes before it in the batch, and checks that the heads this gives are
+//! exactly the heads the publisher signed. It then appends the change bytes to the document's
+//! stored bytes (a saved document followed by change chunks is still one loadable document)
+//! and serves holders of an older version from those appended bytes ([`changes_after`]),
+//! without loading, applying or saving the document.
+//!
+//! What a relay does not check is whether the operations inside a correctly signed change
+//! are valid Automerge (a recipient that reads the items checks that when it applies them).
+//! Authenticity is unchanged: a change that is not byte for byte the publisher's has another
+//! hash, so the heads would not be the signed heads.
+//!
+//! Whatever this path cannot decide cheaply (a first copy, a change that depends on history
+//! older than the held heads, a compressed chunk, too many appended changes) is declined, and
+//! the caller takes the full path: load, apply, compare heads, save.
+
+use automerge::Change;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// After this many appended changes a new version takes the full path once, which saves the
+/// document whole again (compacting the appended chunks and dropping the index).
+pub const MAX_APPENDED_CHANGES: usize = 32;
+
+/// The first bytes of every Automerge chunk.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// The chunk type of an uncompressed change.
+const CHANGE_CHUNK: u8 = 1;
+
+/// What a relay appended to a document's stored bytes since they were last saved whole: the
+/// index that lets it serve holders of an older version without loading the document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendedChanges {
+    /// The heads of the saved document the changes follow.
+    pub base_heads: Vec<[u8; 32]>,
+    /// How many bytes of the stored bytes are the saved document.
+    pub base_len: u64,
+    /// The appended changes in the order they were stored (each after its dependencies).
+    pub changes: Vec<AppendedChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendedChange {
+    pub hash: [u8; 32],
+    pub deps: Vec<[u8; 32]>,
+    pub len: u64,
+}
+
+impl AppendedChanges {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("an index of appended changes always encodes")
+    }
+
+    /// `None` when the bytes do not decode: the stored bytes are then treated as saved whole,
+    /// which is true of what they load to (their heads are the signed heads).
+    pub fn decode(bytes: &[u8]) -> Option<AppendedChanges> {
+        postcard::from_bytes(bytes).ok()
+    }
+
+    /// Whether the appended changes lie inside `stored` (a damaged index is never used).
+    fn fits(&self, stored: &[u8]) -> bool {
+        let appended: u64 = self.changes.iter().map(|c| c.len).sum();
+        self.base_len.checked_add(appended) == Some(stored.len() as u64)
+    }
+}
+
+/// A new version that verified by its hash chain: what to store.
+#[derive(Debug)]
+pub struct Extension {
+    /// The held bytes followed by the received changes.
+    pub stored: Vec<u8>,
+    pub appended: AppendedChanges,
+    /// The heads the held heads and the received changes give.
+    pub heads: Vec<[u8; 32]>,
+    /// The latest time the publisher stamped on a received change.
+    pub published_at: Option<i64>,
+}
+
+/// Why a received version was not taken on the relay path: the caller takes the full path,
+/// which decides exactly (and rejects what is wrong with the reason a full check gives).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Declined {
+    /// A received chunk is not one uncompressed change chunk with a valid checksum.
+    NotAChange,
+    /// A change has no dependencies, depends on history older than the held heads, or is
+    /// already held or received twice.
+    OutsideTheHeldHeads,
+    /// The document has as many appended changes as it may; saving it whole compacts them.
+    Compact,
+}
+
+/// Extends the held document (`stored`, with `appended` if a relay appended to it, at
+/// `held_heads`) by `received` changes, checking their hash chain. The caller compares
+/// [`Extension::heads`] with the signed heads: only equal heads may be stored.
+pub fn extend(
+    stored: &[u8],
+    appended: Option<&AppendedChanges>,
+    held_heads: &[[u8; 32]],
+    received: &[Vec<u8>],
+) -> Result<Extension, Declined> {
+    let mut index = match appended {
+        Some(appended) if appended.fits(stored) => appended.clone(),
+        // Saved whole (or an index that does not fit its bytes): everything held is the base.
+        _ => AppendedChanges {
+            base_heads: held_heads.to_vec(),
+            base_len: stored.len() as u64,
+            changes: Vec::new(),
+        },
+    };
+    if index.changes.len() + received.len() > MAX_APPENDED_CHANGES {
+        return Err(Declined::Compact);
+    }
+    let mut heads: BTreeSet<[u8; 32]> = held_heads.iter().copied().collect();
+    let mut seen: BTreeSet<[u8; 32]> = heads.clone();
+    let mut bytes = stored.to_vec();
+    let mut published_at = None;
+    for chunk in received {
+        let change = change_chunk(chunk).ok_or(Declined::NotAChange)?;
+        let hash = change.hash().0;
+        let deps: Vec<[u8; 32]> = change.deps().iter().map(|d| d.0).collect();
+        // A change with no dependencies could be one the held history already has: only a
+        // change built on the held heads (or on one built on them) is certainly new.
+        if deps.is_empty() || !seen.insert(hash) {
+            return Err(Declined::OutsideTheHeldHeads);
+        }
+        for dep in &deps {
+            if !seen.contains(dep) {
+                return Err(Declined::OutsideTheHeldHeads);
+            }
+            heads.remove(dep);
+        }
+        heads.insert(hash);
+        published_at = published_at.max(Some(change.timestamp()));
+        bytes.extend_from_slice(chunk);
+        index.changes.push(AppendedChange {
+            hash,
+            deps,
+            len: chunk.len() as u64,
+        });
+    }
+    Ok(Extension {
+        stored: bytes,
+        appended: index,
+        heads: heads.into_iter().collect(),
+        published_at,
+    })
+}
+
+/// `chunk` as a change, if it is exactly one uncompressed change chunk whose checksum is the
+/// start of its hash (Automerge checks that when it loads; a relay must not pass on bytes a
+/// recipient would refuse).
+fn change_chunk(chunk: &[u8]) -> Option<Change> {
+    if chunk.len() < 9 || chunk[..4] != CHUNK_MAGIC || chunk[8] != CHANGE_CHUNK {
+        return None;
+    }
+    let change = Change::try_from(chunk).ok()?;
+    (chunk[4..8] == change.hash().0[..4]).then_some(change)
+}
+
+/// Whether the held document has every one of `heads`, as far as its index says without
+/// loading it: `false` means only "not known here", and the caller may ask for the changes.
+pub fn known(
+    appended: Option<&AppendedChanges>,
+    held_heads: &[[u8; 32]],
+    heads: &[[u8; 32]],
+) -> bool {
+    heads.iter().all(|head| {
+        held_heads.contains(head)
+            || appended.is_some_and(|a| {
+                a.base_heads.contains(head) || a.changes.iter().any(|c| c.hash == *head)
+            })
+    })
+}
+
+/// The appended changes a holder of `have` lacks, as raw change bytes in stored order, if the
+/// index can tell: every head it names is a base head or an appended change, and everything
+/// it holds covers the whole saved base. `None` otherwise (the caller loads the document).
+pub fn changes_after(
+    stored: &[u8],
+    appended: &AppendedChanges,
+    have: &[[u8; 32]],
+) -> Option<Vec<Vec<u8>>> {
+    if have.is_empty() || !appended.fits(stored) {
+        return None;
+    }
+    let position: BTreeMap<[u8; 32], usize> = appended
+        .changes
+        .iter()
+        .enumerate()
+        .map(|(at, change)| (change.hash, at))
+        .collect();
+    let mut held_by_them = vec![false; appended.changes.len()];
+    let mut base_reached = BTreeSet::new();
+    let mut walk: Vec<[u8; 32]> = have.to_vec();
+    while let Some(hash) = walk.pop() {
+        if let Some(&at) = position.get(&hash) {
+            if !held_by_them[at] {
+                held_by_them[at] = true;
+                walk.extend(appended.changes[at].deps.iter().copied());
+            }
+        } else if appended.base_heads.contains(&hash) {
+            base_reached.insert(hash);
+        } else {
+            // A head older than the base, or unknown here: only the whole history can tell.
+            return None;
+        }
+    }
+    if !appended.base_heads.iter().all(|h| base_reached.contains(h)) {
+        return None;
+    }
+    let mut start = appended.base_len as usize;
+    let mut lacking = Vec::new();
+    for (change, held) in appended.changes.iter().zip(held_by_them) {
+        let end = start + change.len as usize;
+        if !held {
+            lacking.push(stored[start..end].to_vec());
+        }
+        start = end;
+    }
+    Some(lacking)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PublishedDocument;
+    use crate::model::{DataClass, DocMeta, Section};
+    use crate::testing::{allergy, meta_for};
+
+    fn meta() -> DocMeta {
+        meta_for("A81001", "9912003888", Section::Allergies, DataClass::Coded)
+    }
+
+    /// A publisher's document after `versions` versions of one item each, saved whole after
+    /// the first, with the raw change of each later version.
+    fn published(versions: usize) -> (PublishedDocument, Vec<u8>, Vec<Vec<u8>>) {
+        let mut document = PublishedDocument::create(meta(), b"publisher");
+        document.update(&[allergy("a0", "Penicillin")], &[], 1_700_000_000);
+        let first = document.save();
+        let mut changes = Vec::new();
+        for version in 1..versions {
+            let before = document.heads();
+            let item = allergy(&format!("a{version}"), "Penicillin");
+            document.update(&[item], &[], 1_700_000_000 + version as i64);
+            let mut new = document.changes_since(&before);
+            assert_eq!(new.len(), 1);
+            changes.push(new.remove(0));
+        }
+        (document, first, changes)
+    }
+
+    fn heads_of(bytes: &[u8]) -> Vec<[u8; 32]> {
+        PublishedDocument::load(&meta(), bytes).unwrap().heads()
+    }
+
+    /// `first` extended by each of `changes` in turn, one version each: every extension.
+    fn extended_one_by_one(first: &[u8], changes: &[Vec<u8>]) -> Vec<Extension> {
+        let mut extensions: Vec<Extension> = Vec::new();
+        for change in changes {
+            let extension = match extensions.last() {
+                Some(last) => extend(
+                    &last.stored,
+                    Some(&last.appended),
+                    &last.heads,
+                    std::slice::from_ref(change),
+                ),
+                None => extend(first, None, &heads_of(first), std::slice::from_ref(change)),
+            };
+            extensions.push(extension.unwrap());
+        }
+        extensions
+    }
+
+    #[test]
+    fn appended_changes_load_to_the_publishers_heads_and_serve_each_holder_what_it_lacks() {
+        let (document, first, changes) = published(4);
+        let first_heads = heads_of(&first);
+        let extensions = extended_one_by_one(&first, &changes);
+        let mut heads_after = vec![first_heads.clone()];
+        for extension in &extensions {
+            assert_eq!(extension.heads, heads_of(&extension.stored));
+            heads_after.push(extension.heads.clone());
+        }
+        let last = extensions.last().unwrap();
+        let (stored, appended, heads) = (&last.stored, Some(last.appended.clone()), &last.heads);
+        assert_eq!(*heads, document.heads(), "the publisher's heads");
+        let appended = appended.unwrap();
+        assert_eq!(appended.base_heads, first_heads);
+        assert_eq!(appended.base_len, first.len() as u64);
+        // A holder of each earlier version gets exactly the changes after it.
+        for (version, have) in heads_after.iter().enumerate() {
+            let lacking = changes_after(stored, &appended, have).unwrap();
+            assert_eq!(
+                lacking,
+                changes[version..].to_vec(),
+                "holder of version {version}"
+            );
+        }
+        // A head the index does not know cannot be answered from it.
+        assert_eq!(changes_after(stored, &appended, &[[9; 32]]), None);
+        assert!(known(Some(&appended), heads, &heads_after[1]));
+        assert!(!known(Some(&appended), heads, &[[9; 32]]));
+    }
+
+    #[test]
+    fn a_change_whose_bytes_are_not_the_publishers_gives_other_heads_or_is_declined() {
+        let (document, first, changes) = published(2);
+        let held = heads_of(&first);
+        // The same change with another timestamp: well formed, checksum valid, another hash.
+        let mut forged = Change::from_bytes(changes[0].clone()).unwrap().decode();
+        forged.time += 1;
+        let forged = Change::from(forged).raw_bytes().to_vec();
+        let extension = extend(&first, None, &held, &[forged]).unwrap();
+        assert_ne!(extension.heads, document.heads());
+
+        // One byte altered, checksum left: not a valid chunk.
+        let mut flipped = changes[0].clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert_eq!(
+            extend(&first, None, &held, &[flipped]).unwrap_err(),
+            Declined::NotAChange
+        );
+        // A saved document is not a change: first copies take the full path.
+        assert_eq!(
+            extend(&first, None, &held, std::slice::from_ref(&first)).unwrap_err(),
+            Declined::NotAChange
+        );
+    }
+
+    #[test]
+    fn changes_older_than_the_held_heads_or_held_already_are_declined() {
+        let (_, first, changes) = published(3);
+        let held = heads_of(&first);
+        // The third version's change without the second: it depends on what is not held.
+        assert_eq!(
+            extend(&first, None, &held, &changes[1..]).unwrap_err(),
+            Declined::OutsideTheHeldHeads
+        );
+        // The second version's change twice.
+        let twice = vec![changes[0].clone(), changes[0].clone()];
+        assert_eq!(
+            extend(&first, None, &held, &twice).unwrap_err(),
+            Declined::OutsideTheHeldHeads
+        );
+        // The document's first change (no dependencies) could already be held.
+        let (whole, _, _) = published(1);
+        let root = whole.changes_since(&[]);
+        assert_eq!(
+            extend(&first, None, &held, &root).unwrap_err(),
+            Declined::OutsideTheHeldHeads
+        );
+    }
+
+    #[test]
+    fn a_document_with_as_many_appended_changes_as_it_may_is_compacted_by_the_full_path() {
+        let (_, first, changes) = published(MAX_APPENDED_CHANGES + 2);
+        let extensions = extended_one_by_one(&first, &changes[..MAX_APPENDED_CHANGES]);
+        let last = extensions.last().unwrap();
+        let (stored, appended, heads) = (&last.stored, Some(&last.appended), &last.heads);
+        assert_eq!(
+            extend(
+                stored,
+                appended,
+                heads,
+                &changes[MAX_APPENDED_CHANGES..MAX_APPENDED_CHANGES + 1]
+            )
+            .unwrap_err(),
+            Declined::Compact
+        );
+    }
+
+    /// Received chunks are untrusted bytes: every damaged variant of a genuine change is
+    /// declined or gives heads other than the publisher's, and nothing panics; an index read
+    /// back from a damaged column is never used to slice outside the stored bytes.
+    #[test]
+    fn damaged_changes_and_indexes_never_pass_as_the_publishers_and_never_panic() {
+        let (document, first, changes) = published(2);
+        let held = heads_of(&first);
+        let genuine = extend(&first, None, &held, &changes).unwrap();
+        assert_eq!(genuine.heads, document.heads());
+        let encoded = genuine.appended.encode();
+        let mut rng = crate::rng::Rng::new(19);
+        for _ in 0..3_000 {
+            let mut damaged = changes[0].clone();
+            for _ in 0..rng.range(1, 3) {
+                let at = rng.below(damaged.len() as u64) as usize;
+                damaged[at] ^= 1 << rng.below(8);
+            }
+            if rng.percent(20) {
+                damaged.truncate(rng.below(damaged.len() as u64) as usize);
+            }
+            if damaged == changes[0] {
+                continue; // the same bit flipped twice
+            }
+            if let Ok(extension) = extend(&first, None, &held, &[damaged]) {
+                assert_ne!(extension.heads, document.heads());
+            }
+            let mut index = encoded.clone();
+            let at = rng.below(index.len() as u64) as usize;
+            index[at] = rng.next_u64() as u8;
+            if let Some(index) = AppendedChanges::decode(&index) {
+                let _ = changes_after(&genuine.stored, &index, &held);
+                let _ = extend(&genuine.stored, Some(&index), &genuine.heads, &changes);
+            }
+        }
+    }
+
+    #[test]
+    fn an_index_that_does_not_fit_its_bytes_is_not_used() {
+        let (_, first, changes) = published(2);
+        let held = heads_of(&first);
+        let extension = extend(&first, None, &held, &changes).unwrap();
+        let mut damaged = extension.appended.clone();
+        damaged.base_len += 1;
+        assert_eq!(changes_after(&extension.stored, &damaged, &held), None);
+        assert_eq!(
+            AppendedChanges::decode(&extension.appended.encode()),
+            Some(extension.appended)
+        );
+        assert_eq!(AppendedChanges::decode(&[0xff; 3]), None);
+    }
+}
