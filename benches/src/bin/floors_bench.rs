@@ -1,5 +1,6 @@
 //! The floors of a hub's work per change (issue 19): what relaying one document version costs
-//! at the least, and the Automerge work a hub that rebuilds the document pays on top. Each is
+//! at the least (the signature, the hash chain, a durable append), and the Automerge work a
+//! hub pays on top where it rebuilds the document (sharing records, first copies). Each is
 //! CPU time per operation on this process's clock, over many repetitions, beside the others
 //! measured in the same run.
 //!
@@ -52,6 +53,38 @@ fn main() -> Result<()> {
             }
         },
     );
+    let held_heads = before.heads();
+    let extension = caremesh_sync::relay::extend(&snapshot, None, &held_heads, &changes)
+        .expect("the change extends the held heads");
+    assert_eq!(
+        extension.heads,
+        after.heads(),
+        "the chain ends at the new heads"
+    );
+    report(
+        "hash chain checked and appended (a hub's relay path)",
+        20_000,
+        || {
+            black_box(
+                caremesh_sync::relay::extend(&snapshot, None, &held_heads, &changes)
+                    .expect("extends"),
+            );
+        },
+    );
+    report(
+        "changes a holder lacks, from the appended index",
+        20_000,
+        || {
+            black_box(
+                caremesh_sync::relay::changes_after(
+                    &extension.stored,
+                    &extension.appended,
+                    &held_heads,
+                )
+                .expect("answered from the index"),
+            );
+        },
+    );
     let load = report("document loaded from its snapshot", 500, || {
         black_box(PublishedDocument::load(&meta, &snapshot).expect("loads"));
     });
@@ -75,6 +108,13 @@ fn main() -> Result<()> {
     report("document saved whole", 500, || {
         black_box(after.save());
     });
+    report(
+        "changes a holder lacks, from the loaded document",
+        2_000,
+        || {
+            black_box(after.changes_since(&held_heads));
+        },
+    );
     durable_append(&key, true)?;
     durable_append(&key, false)?;
     Ok(())
