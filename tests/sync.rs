@@ -1039,6 +1039,78 @@ fn a_hub_opens_no_patient_record_and_says_where_to_open_it() {
     assert_eq!(status, 200);
 }
 
+/// A new version of a clinical document reaches the hub as the GP's change, which the hub
+/// checks by its hash chain against the GP's signed heads and appends to what it holds,
+/// without rebuilding the document; the hospice, one version behind, gets exactly that
+/// change from it, and every copy still verifies (`caremesh verify` loads the hub's appended
+/// bytes as one document and compares them with the signed heads).
+#[test]
+fn new_versions_are_relayed_by_the_hub_as_appended_changes_and_every_copy_verifies() {
+    let temp = tempfile::tempdir().unwrap();
+    let (hub, gp, hospice, nhs) = gp_and_hospice(temp.path(), "Asthma", false);
+    let _hub = RunningNode::start(&hub);
+    let _gp = RunningNode::start(&gp);
+    let _hospice = RunningNode::start(&hospice);
+    let titles = |dir: &Path| -> Vec<String> {
+        items_of(dir, "A81001", Some(&nhs))
+            .into_iter()
+            .map(|item| item.title)
+            .collect()
+    };
+    assert!(wait_for(SYNC_WAIT, || titles(&hospice)
+        .contains(&"Asthma".to_string())));
+
+    for (id, problem) in [("problem-2", "Heart failure"), ("problem-3", "COPD")] {
+        let path = temp.path().join(format!("{id}.json"));
+        write_gp_condition(&path, id, problem, false);
+        let output = ingest(&gp, &[path.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(
+            wait_for(SYNC_WAIT, || titles(&hospice)
+                .contains(&problem.to_string())),
+            "{problem} reached the hospice: {:?}",
+            titles(&hospice)
+        );
+    }
+    // The hub holds the problems document as its first copy with the GP's two changes
+    // appended, under the GP's signed heads.
+    let signed_and_appended = |dir: &Path| -> Vec<(Vec<u8>, bool)> {
+        database(dir)
+            .prepare(
+                "SELECT signed, appended IS NOT NULL FROM documents \
+                 WHERE publisher = 'A81001' AND nhs = ?1 AND section = 'problems' \
+                 AND class = 'coded'",
+            )
+            .unwrap()
+            .query_map([&nhs], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let at_hub = signed_and_appended(&hub);
+    let at_gp = signed_and_appended(&gp);
+    assert_eq!(at_hub.len(), 1);
+    assert!(at_hub[0].1, "appended at the hub, not saved whole");
+    assert!(!at_gp[0].1, "the publisher saves its documents whole");
+    assert_eq!(
+        at_hub[0].0, at_gp[0].0,
+        "the GP's signed heads, relayed unchanged"
+    );
+    let appended: Vec<u8> = database(&hub)
+        .query_row(
+            "SELECT appended FROM documents WHERE publisher = 'A81001' AND nhs = ?1 \
+             AND section = 'problems' AND class = 'coded'",
+            [&nhs],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let index = caremesh_sync::relay::AppendedChanges::decode(&appended).unwrap();
+    assert_eq!(index.changes.len(), 2, "the GP's two changes");
+    for home in [&hub, &gp, &hospice] {
+        verify_ok(home);
+    }
+}
+
 #[test]
 fn items_dated_before_the_share_from_date_stay_at_the_publisher() {
     let temp = tempfile::tempdir().unwrap();
