@@ -1,4 +1,4 @@
-//! What the benchmark binaries (`sync-bench`, `load-bench`) share: a region of node homes
+//! What the benchmark binaries (`sync-bench`, `load-bench`, `hub-load`) share: a region of node homes
 //! around a hub with a signed trust registry, running a node as a child process, and reading
 //! figures off a process or a database. Not used by the node itself.
 
@@ -7,17 +7,21 @@ use caremesh::home::{Home, OrganisationConfig};
 use caremesh::trust::TrustState;
 use caremesh_engine::{Driver, DriverEvent, DriverOptions, Transmit};
 use caremesh_fhir::clock;
-use caremesh_fhir::synthetic::{GenerateOptions, generate};
+use caremesh_fhir::synthetic::{GenerateOptions, generate, test_nhs_number};
 use caremesh_ingest::{FileDisposition, Ingestor};
 use caremesh_storage::Store;
 use caremesh_storage::sync_host::StoreHost;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::trust::public_key_of;
+use caremesh_sync::{DocId, NhsNumber};
 use caremesh_sync::{
     Item, OdsCode, OrgKind, Organisation, PublishedDocument, RegistryFile, SignedHeads,
 };
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// The benchmarks' trust authority key: a fixed test key, never used outside benchmarks.
@@ -318,4 +322,279 @@ pub fn publish_problem(
     publication.place(batch, patient, &[id.to_string()], vec![item])?;
     publication.apply(batch, key, clock::now_unix())?;
     Ok(())
+}
+
+/// One published version not yet seen at its recipient.
+pub struct InFlight {
+    pub heads: Vec<[u8; 32]>,
+    pub published: Instant,
+    pub recipient: usize,
+}
+
+/// What the driver and the nodes' observers share.
+#[derive(Default)]
+pub struct Tracker {
+    pub in_flight: Mutex<HashMap<DocId, VecDeque<InFlight>>>,
+    /// Latencies in microseconds: since the start of the load, and since the last report.
+    pub latencies: Mutex<(Vec<u32>, Vec<u32>)>,
+    pub made: AtomicU64,
+    pub delivered: AtomicU64,
+}
+
+impl Tracker {
+    pub fn published(&self, doc: DocId, version: InFlight) {
+        self.made.fetch_add(1, Ordering::Relaxed);
+        let mut in_flight = self.in_flight.lock().expect("not poisoned");
+        in_flight.entry(doc).or_default().push_back(version);
+    }
+
+    /// `node` stored these versions: a version in flight to it arrived, and with it every
+    /// earlier version of the same document (a publisher's versions extend one another).
+    pub fn stored(&self, node: usize, documents: &[(DocId, Vec<[u8; 32]>)]) {
+        let now = Instant::now();
+        let mut arrived = Vec::new();
+        {
+            let mut in_flight = self.in_flight.lock().expect("not poisoned");
+            for (doc, heads) in documents {
+                let Some(versions) = in_flight.get_mut(doc) else {
+                    continue;
+                };
+                let Some(at) = versions
+                    .iter()
+                    .position(|v| v.recipient == node && v.heads == *heads)
+                else {
+                    continue;
+                };
+                for version in versions.drain(..=at) {
+                    arrived.push(now.duration_since(version.published).as_micros() as u32);
+                }
+                if versions.is_empty() {
+                    in_flight.remove(doc);
+                }
+            }
+        }
+        if arrived.is_empty() {
+            return;
+        }
+        self.delivered
+            .fetch_add(arrived.len() as u64, Ordering::Relaxed);
+        let mut latencies = self.latencies.lock().expect("not poisoned");
+        latencies.0.extend_from_slice(&arrived);
+        latencies.1.extend_from_slice(&arrived);
+    }
+
+    /// The columns of a progress report every 10 s (see [`Tracker::progress`]).
+    pub const PROGRESS_HEADER: &'static str =
+        "   t s      made    made/s   arrived   p50 ms   p99 ms   max ms hub cpu   hub MB";
+
+    /// One progress report: changes made (and their rate since `last_made`), arrived, the
+    /// latencies since the last report, the hub's CPU since the last report and its memory.
+    pub fn progress(&self, elapsed_s: f64, made: u64, last_made: u64, hub: &mut HubCpu) -> String {
+        let window = std::mem::take(&mut self.latencies.lock().expect("not poisoned").1);
+        let (p50, p99, max) = percentiles(window);
+        format!(
+            "{:>6.0} {:>9} {:>9.0} {:>9} {:>8.1} {:>8.1} {:>8.1} {:>6.0}% {:>8.0}",
+            elapsed_s,
+            made,
+            (made - last_made) as f64 / 10.0,
+            self.delivered.load(Ordering::Relaxed),
+            p50,
+            p99,
+            max,
+            hub.percent_since_last(),
+            rss_kib(hub.pid) as f64 / 1024.0,
+        )
+    }
+
+    pub fn pending(&self) -> usize {
+        let in_flight = self.in_flight.lock().expect("not poisoned");
+        in_flight.values().map(VecDeque::len).sum()
+    }
+}
+
+/// The patients node `index` of a ring of `count` shares with its previous and its next
+/// neighbour, `patients` with each.
+pub fn ring_patients(index: usize, count: usize, patients: u64) -> [Vec<NhsNumber>; 2] {
+    let shared = |pair: usize| -> Vec<NhsNumber> {
+        (0..patients)
+            .map(|k| test_nhs_number(7, pair as u64 * patients + k))
+            .collect()
+    };
+    [shared((index + count - 1) % count), shared(index)]
+}
+
+/// Latency percentiles in milliseconds: p50, p99, max.
+pub fn percentiles(mut micros: Vec<u32>) -> (f64, f64, f64) {
+    if micros.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    micros.sort_unstable();
+    let at = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+    (at(0.50), at(0.99), at(1.0))
+}
+
+/// CPU time of the hub process, from /proc (user + system).
+pub struct HubCpu {
+    pid: u32,
+    first: f64,
+    last: (f64, Instant),
+}
+
+impl HubCpu {
+    pub fn new(pid: u32) -> HubCpu {
+        let now = cpu_seconds(pid);
+        HubCpu {
+            pid,
+            first: now,
+            last: (now, Instant::now()),
+        }
+    }
+
+    pub fn percent_since_last(&mut self) -> f64 {
+        let now = (cpu_seconds(self.pid), Instant::now());
+        let wall = now.1.duration_since(self.last.1).as_secs_f64().max(1e-3);
+        let percent = 100.0 * (now.0 - self.last.0) / wall;
+        self.last = now;
+        percent
+    }
+
+    pub fn total_seconds(&self) -> f64 {
+        cpu_seconds(self.pid) - self.first
+    }
+}
+
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at state; utime and stime
+    // are fields 14 and 15 of the whole line.
+    let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// The shape of a load against a hub, shared by `load-bench` and `hub-load` so that their
+/// figures compare: a ring of nodes, each sharing patients with both neighbours.
+#[derive(clap::Args)]
+pub struct LoadShape {
+    /// Nodes dialling the hub (at least 3: each shares patients with both ring neighbours).
+    #[arg(long, default_value_t = 500)]
+    pub nodes: usize,
+    /// Changes a second, across all nodes.
+    #[arg(long, default_value_t = 3200.0)]
+    pub rate: f64,
+    /// How long the load runs, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub seconds: u64,
+    /// Patients each node shares with its next neighbour.
+    #[arg(long, default_value_t = 4)]
+    pub patients: u64,
+    /// Seed of the generator that picks where each change happens.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Seconds to wait after the load for the last changes to arrive.
+    #[arg(long, default_value_t = 120)]
+    pub drain: u64,
+}
+
+impl LoadShape {
+    pub fn check(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.nodes >= 3,
+            "--nodes must be at least 3 (a ring of neighbours)"
+        );
+        anyhow::ensure!(self.rate > 0.0, "--rate must be positive");
+        Ok(())
+    }
+}
+
+/// Checks `shape`, then runs `run` in a fresh work folder named after `name` and this
+/// process, removed afterwards unless `keep`.
+pub fn run_load(
+    name: &str,
+    shape: &LoadShape,
+    keep: bool,
+    run: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    shape.check()?;
+    let work = std::env::temp_dir().join(format!("caremesh-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    println!("work folder: {}", work.display());
+    let result = run(&work);
+    if !keep {
+        std::fs::remove_dir_all(&work).ok();
+    }
+    result
+}
+
+/// What a load run prints at its end, in the lines BENCHMARKS.md quotes.
+pub struct LoadSummary {
+    pub made: u64,
+    pub load_seconds: f64,
+    pub rate: f64,
+    pub late: u64,
+    pub latencies: Vec<u32>,
+    pub drained_after: f64,
+    pub pending: usize,
+    pub hub_cpu: f64,
+    pub hub_peak_kib: u64,
+    pub own_cpu: f64,
+}
+
+impl LoadSummary {
+    pub fn print(self) {
+        let made = self.made;
+        let delivered = self.latencies.len();
+        let (p50, p99, max) = percentiles(self.latencies);
+        println!();
+        println!(
+            "load: {made} changes in {:.1}s ({:.0}/s; {:.0}/s asked), {} publications late by over 1 s",
+            self.load_seconds,
+            made as f64 / self.load_seconds,
+            self.rate,
+            self.late
+        );
+        println!(
+            "arrived at the other node: {delivered} (p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms); still in flight after {:.1}s: {}",
+            self.drained_after, self.pending
+        );
+        println!(
+            "hub: {:.1} CPU seconds ({:.0}% of one core over the load), peak resident {:.0} MB; \
+             this process (nodes and driver): {:.1} CPU seconds ({:.0}%)",
+            self.hub_cpu,
+            100.0 * self.hub_cpu / self.load_seconds,
+            self.hub_peak_kib as f64 / 1024.0,
+            self.own_cpu,
+            100.0 * self.own_cpu / self.load_seconds,
+        );
+    }
+}
+
+/// The home of node `index` of a load's ring: a GP practice `G00001`, `G00002`, … in `work`.
+pub fn ring_node_home(work: &Path, index: usize) -> Result<Home> {
+    let ods = OdsCode::parse(&format!("G{:05}", index + 1))?;
+    let dir = work.join(ods.as_str().to_ascii_lowercase());
+    Ok(Home::init(
+        &dir,
+        OrganisationConfig {
+            ods: ods.clone(),
+            name: format!("Load Practice {ods}"),
+            kind: OrgKind::Gp,
+        },
+    )?)
+}
+
+/// A loopback address with a free UDP port, for a hub to listen on.
+pub fn free_hub_address() -> Result<std::net::SocketAddr> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }

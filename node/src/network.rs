@@ -461,7 +461,8 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     })
 }
 
-fn transport_config() -> Arc<quinn::TransportConfig> {
+/// The QUIC transport every sync connection uses (the load generator dials with it too).
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(KEEP_ALIVE));
     transport.max_idle_timeout(Some(

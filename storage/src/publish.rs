@@ -312,7 +312,7 @@ pub fn sharing_meta(publisher: &OdsCode, patient: &NhsNumber) -> DocMeta {
 
 /// The one item of a sharing record. Nothing in it changes unless the choice or the counts
 /// do, so re-ingesting writes nothing.
-fn sharing_item(publisher: &OdsCode, record: &SharingRecord) -> Item {
+pub fn sharing_item(publisher: &OdsCode, record: &SharingRecord) -> Item {
     Item {
         fields: record.to_fields(),
         ..Item::titled(

@@ -5,9 +5,9 @@
 //! exactly what the publisher signed. Automerge names each change by the SHA-256 of its bytes,
 //! and that hash covers the change's dependencies, so the heads of a document commit to its
 //! whole history. A relay therefore authenticates a new version by its hash chain alone
-//! ([`extend`]): it hashes each received change, checks that each depends only on the heads it
-//! holds or on changes before it in the batch, and checks that the heads this gives are
-//! exactly the heads the publisher signed. It then appends the change bytes to the document's
+//! ([`extend`]): it hashes each received change, checks that each depends only on changes it
+//! holds (its heads and the changes its index lists) or on changes before it in the batch, and
+//! checks that the heads this gives are exactly the heads the publisher signed. It then appends the change bytes to the document's
 //! stored bytes (a saved document followed by change chunks is still one loadable document)
 //! and serves holders of an older version from those appended bytes ([`changes_after`]),
 //! without loading, applying or saving the document.
@@ -17,9 +17,10 @@
 //! Authenticity is unchanged: a change that is not byte for byte the publisher's has another
 //! hash, so the heads would not be the signed heads.
 //!
+//! A received change the index lists as held is skipped (it is byte for byte the one held).
 //! Whatever this path cannot decide cheaply (a first copy, a change that depends on history
-//! older than the held heads, a compressed chunk, too many appended changes) is declined, and
-//! the caller takes the full path: load, apply, compare heads, save.
+//! older than what the index lists, a compressed chunk, too many appended changes) is
+//! declined, and the caller takes the full path: load, apply, compare heads, save.
 
 use automerge::Change;
 use serde::{Deserialize, Serialize};
@@ -89,8 +90,8 @@ pub struct Extension {
 pub enum Declined {
     /// A received chunk is not one uncompressed change chunk with a valid checksum.
     NotAChange,
-    /// A change has no dependencies, depends on history older than the held heads, or is
-    /// already held or received twice.
+    /// A change has no dependencies, or depends on history older than the held heads and the
+    /// changes the index lists.
     OutsideTheHeldHeads,
     /// The document has as many appended changes as it may; saving it whole compacts them.
     Compact,
@@ -114,28 +115,31 @@ pub fn extend(
             changes: Vec::new(),
         },
     };
-    if index.changes.len() + received.len() > MAX_APPENDED_CHANGES {
-        return Err(Declined::Compact);
-    }
     let mut heads: BTreeSet<[u8; 32]> = held_heads.iter().copied().collect();
-    let mut seen: BTreeSet<[u8; 32]> = heads.clone();
+    // Changes the index says are held. A received change among them is skipped: a change is
+    // named by the hash of its bytes, so it is byte for byte the one held (a peer that
+    // answered an older Want sends changes this node has since stored).
+    let mut known: BTreeSet<[u8; 32]> = heads.clone();
+    known.extend(index.base_heads.iter().copied());
+    known.extend(index.changes.iter().map(|change| change.hash));
     let mut bytes = stored.to_vec();
     let mut published_at = None;
     for chunk in received {
         let change = change_chunk(chunk).ok_or(Declined::NotAChange)?;
         let hash = change.hash().0;
+        if known.contains(&hash) {
+            continue;
+        }
         let deps: Vec<[u8; 32]> = change.deps().iter().map(|d| d.0).collect();
-        // A change with no dependencies could be one the held history already has: only a
-        // change built on the held heads (or on one built on them) is certainly new.
-        if deps.is_empty() || !seen.insert(hash) {
+        // Only a change built on what the index knows (or on one built on that) is certainly
+        // new: one with no dependencies, or on older history, could be held already.
+        if deps.is_empty() || !deps.iter().all(|dep| known.contains(dep)) {
             return Err(Declined::OutsideTheHeldHeads);
         }
         for dep in &deps {
-            if !seen.contains(dep) {
-                return Err(Declined::OutsideTheHeldHeads);
-            }
             heads.remove(dep);
         }
+        known.insert(hash);
         heads.insert(hash);
         published_at = published_at.max(Some(change.timestamp()));
         bytes.extend_from_slice(chunk);
@@ -144,6 +148,9 @@ pub fn extend(
             deps,
             len: chunk.len() as u64,
         });
+    }
+    if index.changes.len() > MAX_APPENDED_CHANGES {
+        return Err(Declined::Compact);
     }
     Ok(Extension {
         stored: bytes,
@@ -336,7 +343,7 @@ mod tests {
     }
 
     #[test]
-    fn changes_older_than_the_held_heads_or_held_already_are_declined() {
+    fn changes_older_than_the_held_heads_are_declined_and_held_ones_skipped() {
         let (_, first, changes) = published(3);
         let held = heads_of(&first);
         // The third version's change without the second: it depends on what is not held.
@@ -344,15 +351,23 @@ mod tests {
             extend(&first, None, &held, &changes[1..]).unwrap_err(),
             Declined::OutsideTheHeldHeads
         );
-        // The second version's change twice.
+        // A change already held (here: earlier in the batch, or appended before) is skipped,
+        // being byte for byte the one held.
         let twice = vec![changes[0].clone(), changes[0].clone()];
+        let once = extend(&first, None, &held, &twice).unwrap();
+        assert_eq!(once.appended.changes.len(), 1);
+        let again = extend(&once.stored, Some(&once.appended), &once.heads, &changes).unwrap();
         assert_eq!(
-            extend(&first, None, &held, &twice).unwrap_err(),
-            Declined::OutsideTheHeldHeads
+            again.appended.changes.len(),
+            2,
+            "only the third version's change added"
         );
-        // The document's first change (no dependencies) could already be held.
-        let (whole, _, _) = published(1);
-        let root = whole.changes_since(&[]);
+        assert_eq!(again.heads, heads_of(&again.stored));
+        // A first change (no dependencies) that is not the held one could still be somewhere
+        // in the held history: only a full check can tell.
+        let mut other = PublishedDocument::create(meta(), b"publisher");
+        other.update(&[allergy("b0", "Latex")], &[], 1_700_000_000);
+        let root = other.changes_since(&[]);
         assert_eq!(
             extend(&first, None, &held, &root).unwrap_err(),
             Declined::OutsideTheHeldHeads

@@ -23,111 +23,32 @@
 //! checks every node and the hub hold exactly the versions each publisher holds: nothing lost.
 
 use anyhow::{Context, Result, ensure};
-use caremesh::home::{Home, OrganisationConfig};
+use caremesh::home::Home;
 use caremesh::network::{StoredObserver, SyncService, SyncSettings};
-use caremesh_bench::{count, peak_rss_kib, publish_problem, region, rss_kib, run_node};
-use caremesh_fhir::synthetic::test_nhs_number;
+use caremesh_bench::{
+    HubCpu, InFlight, LoadShape, LoadSummary, Tracker, count, cpu_seconds, free_hub_address,
+    peak_rss_kib, publish_problem, region, ring_node_home, ring_patients, run_load, run_node,
+};
 use caremesh_storage::Store;
 use caremesh_sync::rng::Rng;
-use caremesh_sync::{DataClass, DocId, DocMeta, NhsNumber, OdsCode, OrgKind, Section};
-use std::collections::{HashMap, VecDeque};
+use caremesh_sync::{DataClass, DocId, DocMeta, NhsNumber, OdsCode, Section};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Load benchmark (see the header of this file).
 #[derive(clap::Parser)]
 struct Args {
-    /// Nodes dialling the hub (at least 3: each shares patients with both ring neighbours).
-    #[arg(long, default_value_t = 500)]
-    nodes: usize,
-    /// Changes a second, across all nodes.
-    #[arg(long, default_value_t = 3200.0)]
-    rate: f64,
-    /// How long the load runs, in seconds.
-    #[arg(long, default_value_t = 600)]
-    seconds: u64,
-    /// Patients each node shares with its next neighbour.
-    #[arg(long, default_value_t = 4)]
-    patients: u64,
-    /// Seed of the generator that picks where each change happens.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Seconds to wait after the load for the last changes to arrive.
-    #[arg(long, default_value_t = 120)]
-    drain: u64,
+    #[command(flatten)]
+    shape: LoadShape,
     /// Let the simulated nodes fsync (the hub always does, as configured for production).
     #[arg(long)]
     durable_nodes: bool,
     /// Keep the work folder (node homes, databases) afterwards.
     #[arg(long)]
     keep: bool,
-}
-
-/// One published version not yet seen at its recipient.
-struct InFlight {
-    heads: Vec<[u8; 32]>,
-    published: Instant,
-    recipient: usize,
-}
-
-/// What the driver and the nodes' observers share.
-#[derive(Default)]
-struct Tracker {
-    in_flight: Mutex<HashMap<DocId, VecDeque<InFlight>>>,
-    /// Latencies in microseconds: since the start of the load, and since the last report.
-    latencies: Mutex<(Vec<u32>, Vec<u32>)>,
-    made: AtomicU64,
-    delivered: AtomicU64,
-}
-
-impl Tracker {
-    fn published(&self, doc: DocId, version: InFlight) {
-        self.made.fetch_add(1, Ordering::Relaxed);
-        let mut in_flight = self.in_flight.lock().expect("not poisoned");
-        in_flight.entry(doc).or_default().push_back(version);
-    }
-
-    /// `node` stored these versions: a version in flight to it arrived, and with it every
-    /// earlier version of the same document (a publisher's versions extend one another).
-    fn stored(&self, node: usize, documents: &[(DocId, Vec<[u8; 32]>)]) {
-        let now = Instant::now();
-        let mut arrived = Vec::new();
-        {
-            let mut in_flight = self.in_flight.lock().expect("not poisoned");
-            for (doc, heads) in documents {
-                let Some(versions) = in_flight.get_mut(doc) else {
-                    continue;
-                };
-                let Some(at) = versions
-                    .iter()
-                    .position(|v| v.recipient == node && v.heads == *heads)
-                else {
-                    continue;
-                };
-                for version in versions.drain(..=at) {
-                    arrived.push(now.duration_since(version.published).as_micros() as u32);
-                }
-                if versions.is_empty() {
-                    in_flight.remove(doc);
-                }
-            }
-        }
-        if arrived.is_empty() {
-            return;
-        }
-        self.delivered
-            .fetch_add(arrived.len() as u64, Ordering::Relaxed);
-        let mut latencies = self.latencies.lock().expect("not poisoned");
-        latencies.0.extend_from_slice(&arrived);
-        latencies.1.extend_from_slice(&arrived);
-    }
-
-    fn pending(&self) -> usize {
-        let in_flight = self.in_flight.lock().expect("not poisoned");
-        in_flight.values().map(VecDeque::len).sum()
-    }
 }
 
 /// A simulated node: its home, the patients it shares with each neighbour, and the driver's
@@ -141,35 +62,22 @@ struct Node {
 
 fn main() -> Result<()> {
     let args: Args = clap::Parser::parse();
-    ensure!(
-        args.nodes >= 3,
-        "--nodes must be at least 3 (a ring of neighbours)"
-    );
-    ensure!(args.rate > 0.0, "--rate must be positive");
-    let work = std::env::temp_dir().join(format!("caremesh-load-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    println!("work folder: {}", work.display());
-    let result = run(&args, &work);
-    if !args.keep {
-        std::fs::remove_dir_all(&work).ok();
-    }
-    result
+    run_load("load-bench", &args.shape, args.keep, |work| {
+        run(&args, work)
+    })
 }
 
 fn run(args: &Args, work: &Path) -> Result<()> {
     let started = Instant::now();
-    let nodes = prepare_nodes(work, args.nodes, args.patients)?;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let nodes = prepare_nodes(work, args.shape.nodes, args.shape.patients)?;
     let dirs: Vec<PathBuf> = nodes.iter().map(|n| n.home.dir.clone()).collect();
-    let hub_dir = region(work, &dirs, "hub", Some(format!("127.0.0.1:{port}")))?;
+    let hub_dir = region(work, &dirs, "hub", Some(free_hub_address()?.to_string()))?;
     let per_node = count(&dirs[0].join("node.db"), "SELECT count(*) FROM documents")?;
     println!(
         "{} nodes, {} patients each ({} shared with each neighbour), {} documents each; prepared in {:.1}s",
-        args.nodes,
-        2 * args.patients,
-        args.patients,
+        args.shape.nodes,
+        2 * args.shape.patients,
+        args.shape.patients,
         per_node,
         started.elapsed().as_secs_f64()
     );
@@ -194,7 +102,7 @@ fn run(args: &Args, work: &Path) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let driver = {
         let (stop, tracker) = (stop.clone(), tracker.clone());
-        let (rate, seed, patients) = (args.rate, args.seed, args.patients);
+        let (rate, seed, patients) = (args.shape.rate, args.shape.seed, args.shape.patients);
         let nodes_dirs = dirs.clone();
         std::thread::Builder::new()
             .name("load-driver".into())
@@ -203,30 +111,23 @@ fn run(args: &Args, work: &Path) -> Result<()> {
     let load_started = Instant::now();
     let mut cpu = HubCpu::new(hub_pid);
     let own_cpu_before = cpu_seconds(std::process::id());
-    println!(
-        "{:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>8}",
-        "t s", "made", "made/s", "arrived", "p50 ms", "p99 ms", "max ms", "hub cpu", "hub MB"
-    );
+    println!("{}", Tracker::PROGRESS_HEADER);
     let mut last_made = 0;
-    while load_started.elapsed() < Duration::from_secs(args.seconds) {
+    while load_started.elapsed() < Duration::from_secs(args.shape.seconds) {
         std::thread::sleep(
-            Duration::from_secs(10)
-                .min(Duration::from_secs(args.seconds).saturating_sub(load_started.elapsed())),
+            Duration::from_secs(10).min(
+                Duration::from_secs(args.shape.seconds).saturating_sub(load_started.elapsed()),
+            ),
         );
         let made = tracker.made.load(Ordering::Relaxed);
-        let window = std::mem::take(&mut tracker.latencies.lock().expect("not poisoned").1);
-        let (p50, p99, max) = percentiles(window);
         println!(
-            "{:>6.0} {:>9} {:>9.0} {:>9} {:>8.1} {:>8.1} {:>8.1} {:>6.0}% {:>8.0}",
-            load_started.elapsed().as_secs_f64(),
-            made,
-            (made - last_made) as f64 / 10.0,
-            tracker.delivered.load(Ordering::Relaxed),
-            p50,
-            p99,
-            max,
-            cpu.percent_since_last(),
-            rss_kib(hub_pid) as f64 / 1024.0,
+            "{}",
+            tracker.progress(
+                load_started.elapsed().as_secs_f64(),
+                made,
+                last_made,
+                &mut cpu
+            )
         );
         last_made = made;
         if driver.is_finished() {
@@ -239,7 +140,7 @@ fn run(args: &Args, work: &Path) -> Result<()> {
     let hub_cpu = cpu.total_seconds();
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let drain_started = Instant::now();
-    while tracker.pending() > 0 && drain_started.elapsed() < Duration::from_secs(args.drain) {
+    while tracker.pending() > 0 && drain_started.elapsed() < Duration::from_secs(args.shape.drain) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let drained_after = drain_started.elapsed().as_secs_f64();
@@ -253,27 +154,19 @@ fn run(args: &Args, work: &Path) -> Result<()> {
     let _ = hub.kill();
     let _ = hub.wait();
 
-    let all = std::mem::take(&mut tracker.latencies.lock().expect("not poisoned").0);
-    let delivered = all.len();
-    let (p50, p99, max) = percentiles(all);
-    let made = tracker.made.load(Ordering::Relaxed);
-    println!();
-    println!(
-        "load: {made} changes in {load_seconds:.1}s ({:.0}/s; {:.0}/s asked), {} publications late by over 1 s",
-        made as f64 / load_seconds,
-        args.rate,
-        driven.late
-    );
-    println!(
-        "arrived at the other node: {delivered} (p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms); still in flight after {drained_after:.1}s: {pending}"
-    );
-    println!(
-        "hub: {hub_cpu:.1} CPU seconds ({:.0}% of one core over the load), peak resident {:.0} MB; \
-         this process (nodes and driver): {own_cpu:.1} CPU seconds ({:.0}%)",
-        100.0 * hub_cpu / load_seconds,
-        hub_peak as f64 / 1024.0,
-        100.0 * own_cpu / load_seconds,
-    );
+    LoadSummary {
+        made: tracker.made.load(Ordering::Relaxed),
+        load_seconds,
+        rate: args.shape.rate,
+        late: driven.late,
+        latencies: std::mem::take(&mut tracker.latencies.lock().expect("not poisoned").0),
+        drained_after,
+        pending,
+        hub_cpu,
+        hub_peak_kib: hub_peak,
+        own_cpu,
+    }
+    .print();
     let check = check_nothing_lost(&dirs, &hub_db)?;
     println!(
         "nothing lost: every node and the hub hold exactly what each publisher holds ({} copies checked)",
@@ -288,16 +181,8 @@ fn run(args: &Args, work: &Path) -> Result<()> {
 fn prepare_nodes(work: &Path, count: usize, patients: u64) -> Result<Vec<Node>> {
     let mut nodes = Vec::with_capacity(count);
     for index in 0..count {
-        let ods = OdsCode::parse(&format!("G{:05}", index + 1))?;
-        let dir = work.join(ods.as_str().to_ascii_lowercase());
-        let home = Home::init(
-            &dir,
-            OrganisationConfig {
-                ods: ods.clone(),
-                name: format!("Load Practice {ods}"),
-                kind: OrgKind::Gp,
-            },
-        )?;
+        let home = ring_node_home(work, index)?;
+        let ods = home.config.organisation.ods.clone();
         let node = Node {
             home,
             ods,
@@ -467,17 +352,6 @@ fn drive(
     Ok(Driven { late })
 }
 
-/// The patients node `index` of a ring of `count` shares with its previous and its next
-/// neighbour, `patients` with each.
-fn ring_patients(index: usize, count: usize, patients: u64) -> [Vec<NhsNumber>; 2] {
-    let shared = |pair: usize| -> Vec<NhsNumber> {
-        (0..patients)
-            .map(|k| test_nhs_number(7, pair as u64 * patients + k))
-            .collect()
-    };
-    [shared((index + count - 1) % count), shared(index)]
-}
-
 /// Signed heads of each document held, by publisher and document id.
 type HeldVersions = HashMap<(String, Vec<u8>), Vec<u8>>;
 
@@ -525,61 +399,4 @@ fn check_nothing_lost(dirs: &[PathBuf], hub_db: &Path) -> Result<usize> {
         }
     }
     Ok(compared)
-}
-
-/// Latency percentiles in milliseconds: p50, p99, max.
-fn percentiles(mut micros: Vec<u32>) -> (f64, f64, f64) {
-    if micros.is_empty() {
-        return (0.0, 0.0, 0.0);
-    }
-    micros.sort_unstable();
-    let at = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
-    (at(0.50), at(0.99), at(1.0))
-}
-
-/// CPU time of the hub process, from /proc (user + system).
-struct HubCpu {
-    pid: u32,
-    first: f64,
-    last: (f64, Instant),
-}
-
-impl HubCpu {
-    fn new(pid: u32) -> HubCpu {
-        let now = cpu_seconds(pid);
-        HubCpu {
-            pid,
-            first: now,
-            last: (now, Instant::now()),
-        }
-    }
-
-    fn percent_since_last(&mut self) -> f64 {
-        let now = (cpu_seconds(self.pid), Instant::now());
-        let wall = now.1.duration_since(self.last.1).as_secs_f64().max(1e-3);
-        let percent = 100.0 * (now.0 - self.last.0) / wall;
-        self.last = now;
-        percent
-    }
-
-    fn total_seconds(&self) -> f64 {
-        cpu_seconds(self.pid) - self.first
-    }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start at state; utime and stime
-    // are fields 14 and 15 of the whole line.
-    let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    ticks / 100.0
 }
