@@ -37,7 +37,7 @@ use caremesh_bench::{
 };
 use caremesh_storage::publish::{actor_for, sharing_item};
 use caremesh_sync::policy::{Consent, Decision, Recipient, SharingRecord};
-use caremesh_sync::relay::{AppendedChange, AppendedChanges, MAX_APPENDED_CHANGES};
+use caremesh_sync::relay::{AppendedChange, AppendedChanges};
 use caremesh_sync::rng::Rng;
 use caremesh_sync::session::{EpochEnd, offerable_from_feed};
 use caremesh_sync::{
@@ -45,7 +45,7 @@ use caremesh_sync::{
     NhsNumber, OdsCode, OrgKind, PublishedDocument, PublisherKey, Refusal, Section, Session,
     SignedHeads, SyncHost, VerifiedDocument,
 };
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -90,12 +90,10 @@ struct Change {
 /// A publisher's own document as its session serves it.
 struct Own {
     meta: Rc<DocMeta>,
-    /// The first version, saved whole: what a first copy is.
-    first: Vec<u8>,
-    /// The latest changes (at most [`MAX_APPENDED_CHANGES`]) with the heads before them,
-    /// served to a holder of an older version from their index, as a hub serves them.
-    recent: VecDeque<Version>,
-    base_heads: [u8; 32],
+    /// The first version saved whole, then every later version's change: a holder of any
+    /// version is served the changes it lacks from their index, as a hub serves them.
+    bytes: Vec<u8>,
+    index: AppendedChanges,
     heads: [u8; 32],
     signed: Rc<Vec<u8>>,
 }
@@ -156,9 +154,12 @@ impl ThinHost {
             doc,
             Own {
                 meta,
-                first,
-                recent: VecDeque::new(),
-                base_heads: heads,
+                index: AppendedChanges {
+                    base_heads: vec![heads],
+                    base_len: first.len() as u64,
+                    changes: Vec::new(),
+                },
+                bytes: first,
                 heads,
                 signed: Rc::new(signed),
             },
@@ -174,16 +175,11 @@ impl ThinHost {
             .get_mut(&doc)
             .expect("the first version was published");
         assert_eq!(own.heads, version.deps, "versions are published in order");
-        if own.recent.len() == MAX_APPENDED_CHANGES {
-            let oldest = own.recent.pop_front().expect("full, so not empty");
-            own.base_heads = oldest.hash;
-        }
-        own.recent.push_back(Version {
-            meta: version.meta.clone(),
-            change: version.change.clone(),
-            deps: version.deps,
+        own.bytes.extend_from_slice(&version.change);
+        own.index.changes.push(AppendedChange {
             hash: version.hash,
-            signed: version.signed.clone(),
+            deps: vec![version.deps],
+            len: version.change.len() as u64,
         });
         own.heads = version.hash;
         own.signed = version.signed.clone();
@@ -253,34 +249,10 @@ impl SyncHost for ThinHost {
     }
     fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError> {
         if let Some(own) = self.own.get(&doc) {
-            if own.recent.is_empty() {
-                return Ok(Some(HeldDocument {
-                    meta: (*own.meta).clone(),
-                    snapshot: own.first.clone(),
-                    appended: None,
-                    signed: (*own.signed).clone(),
-                }));
-            }
-            // The latest changes and their index, with nothing before them: enough for a
-            // holder of any of the last versions (the hub, which is at most a few behind).
-            let mut bytes = Vec::new();
-            let mut changes = Vec::with_capacity(own.recent.len());
-            for version in &own.recent {
-                bytes.extend_from_slice(&version.change);
-                changes.push(AppendedChange {
-                    hash: version.hash,
-                    deps: vec![version.deps],
-                    len: version.change.len() as u64,
-                });
-            }
             return Ok(Some(HeldDocument {
                 meta: (*own.meta).clone(),
-                snapshot: bytes,
-                appended: Some(AppendedChanges {
-                    base_heads: vec![own.base_heads],
-                    base_len: 0,
-                    changes,
-                }),
+                snapshot: own.bytes.clone(),
+                appended: (!own.index.changes.is_empty()).then(|| own.index.clone()),
                 signed: (*own.signed).clone(),
             }));
         }
