@@ -13,8 +13,8 @@
 //! and builds no document. What a node publishes was made and signed before the load, so
 //! publishing costs the generator nothing but handing the bytes to its session. What a node
 //! receives is checked by the session as a relay checks it (signature, and the hash chain
-//! against the signed heads) and kept as a relay keeps it (bytes appended, never loaded):
-//! nothing is materialised.
+//! against the signed heads) and kept as a relay keeps it (bytes appended; loaded only to
+//! compact them every 32 versions, as a hub does): its items are never read.
 //!
 //! The load matches `load-bench`: node i shares `--patients` patients with node i+1 (a ring),
 //! and a change is one new problem for one patient, a new version of the patient's problems
