@@ -535,16 +535,21 @@ impl SyncHost for StoreHost {
 
     fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError> {
         let stored = self.store.document(doc).map_err(host_error)?;
-        Ok(stored.map(|stored| HeldDocument {
-            meta: stored.meta,
-            snapshot: stored.snapshot,
-            // An index that does not decode is not used: the bytes are then served as if
-            // saved whole, which they load as.
-            appended: stored
+        Ok(stored.map(|stored| {
+            // An index that does not decode or fit its bytes is not used (`relay::known`
+            // would trust its hashes): the bytes are then served as if saved whole, which
+            // they load as.
+            let appended = stored
                 .appended
                 .as_deref()
-                .and_then(caremesh_sync::relay::AppendedChanges::decode),
-            signed: stored.signed,
+                .and_then(caremesh_sync::relay::AppendedChanges::decode)
+                .filter(|appended| appended.fits(&stored.snapshot));
+            HeldDocument {
+                meta: stored.meta,
+                snapshot: stored.snapshot,
+                appended,
+                signed: stored.signed,
+            }
         }))
     }
 

@@ -6,11 +6,12 @@
 //! and that hash covers the change's dependencies, so the heads of a document commit to its
 //! whole history. A relay therefore authenticates a new version by its hash chain alone
 //! ([`extend`]): it hashes each received change, checks that each depends only on changes it
-//! holds (its heads and the changes its index lists) or on changes before it in the batch, and
-//! checks that the heads this gives are exactly the heads the publisher signed. It then appends the change bytes to the document's
-//! stored bytes (a saved document followed by change chunks is still one loadable document)
-//! and serves holders of an older version from those appended bytes ([`changes_after`]),
-//! without loading, applying or saving the document.
+//! holds (its heads and the changes its index lists) or on changes before it in the batch,
+//! and checks that the heads this gives are exactly the heads the publisher signed. It then
+//! appends the change bytes to the document's stored bytes (a saved document followed by
+//! change chunks is still one loadable document) and serves holders of an older version from
+//! those appended bytes ([`changes_after`]), without loading, applying or saving the
+//! document.
 //!
 //! What a relay does not check is whether the operations inside a correctly signed change
 //! are valid Automerge (a recipient that reads the items checks that when it applies them).
@@ -65,8 +66,9 @@ impl AppendedChanges {
         postcard::from_bytes(bytes).ok()
     }
 
-    /// Whether the appended changes lie inside `stored` (a damaged index is never used).
-    fn fits(&self, stored: &[u8]) -> bool {
+    /// Whether the appended changes lie inside `stored`. An index that does not fit its bytes
+    /// (a damaged column) is never used.
+    pub fn fits(&self, stored: &[u8]) -> bool {
         let appended: u64 = self.changes.iter().map(|c| c.len).sum();
         self.base_len.checked_add(appended) == Some(stored.len() as u64)
     }

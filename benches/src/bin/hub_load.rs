@@ -68,7 +68,9 @@ struct Args {
 }
 
 /// A document version made and signed before the load: the change that makes it from the
-/// version before, and the publisher's signed heads.
+/// version before, and the publisher's signed heads. A clone is another handle on the same
+/// bytes.
+#[derive(Clone)]
 struct Version {
     meta: Rc<DocMeta>,
     change: Rc<Vec<u8>>,
@@ -141,6 +143,16 @@ struct ThinHost {
 }
 
 impl ThinHost {
+    /// Publishes what the driver handed this node.
+    fn take(&mut self, publish: Publish) {
+        match publish {
+            Publish::First(first) => {
+                self.publish_first(first.meta, first.bytes, first.heads, first.signed)
+            }
+            Publish::Next(version) => self.publish(&version),
+        }
+    }
+
     /// Publishes a first version saved whole (before the load).
     fn publish_first(
         &mut self,
@@ -754,7 +766,7 @@ async fn drive(
                 let doc = version.meta.id();
                 own_heads[change.node].insert(doc, version.hash);
                 if inboxes[change.node]
-                    .send(Publish::Next(version.clone_shallow()))
+                    .send(Publish::Next(version.clone()))
                     .is_err()
                 {
                     let ended = (&mut tasks[change.node]).await;
@@ -830,19 +842,6 @@ async fn drive(
     })
 }
 
-impl Version {
-    /// Another handle on the same bytes.
-    fn clone_shallow(&self) -> Version {
-        Version {
-            meta: self.meta.clone(),
-            change: self.change.clone(),
-            deps: self.deps,
-            hash: self.hash,
-            signed: self.signed.clone(),
-        }
-    }
-}
-
 /// One node: dials the hub, runs its session, publishes what it is handed. Returns the heads
 /// it holds of others' documents when told to stop.
 #[allow(clippy::too_many_arguments)]
@@ -907,18 +906,10 @@ async fn node_task(
             }
             publish = inbox.recv() => {
                 let Some(publish) = publish else { break };
-                match publish {
-                    Publish::First(first) => {
-                        host.publish_first(first.meta, first.bytes, first.heads, first.signed)
-                    }
-                    Publish::Next(version) => host.publish(&version),
-                }
+                host.take(publish);
                 // Take whatever else is waiting before the session looks at its feed.
                 while let Ok(publish) = inbox.try_recv() {
-                    match publish {
-                        Publish::First(first) => host.publish_first(first.meta, first.bytes, first.heads, first.signed),
-                        Publish::Next(version) => host.publish(&version),
-                    }
+                    host.take(publish);
                 }
                 session.feed_changed();
             }
