@@ -484,11 +484,18 @@ impl World {
             self.pump_node(node);
             return Ok(());
         }
+        let damage = driver.host().store.damage();
         let touched = match touched {
             Ok(touched) => touched,
             // The disk failed the commit: the change was not made, as ingest would report.
             Err(_) if n.disk.is_failing() => {
                 self.report.failed_writes += 1;
+                return Ok(());
+            }
+            // The write read a page damaged at rest: the node stops after its turn and says
+            // why, as it does when sync finds the damage.
+            Err(_) if damage.is_some() => {
+                self.stop_for_damage(node, damage.expect("matched"));
                 return Ok(());
             }
             Err(error) => return Err(error),

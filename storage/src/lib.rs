@@ -32,6 +32,7 @@ pub use peers::{
 pub use placements::{OnSeveralPatients, Placement};
 
 use caremesh_sync::policy::{Consent, SourceStatement};
+use caremesh_sync::relay::{AppendedChange, AppendedChanges};
 use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, Section, SignedHeads};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use simulated_disk::SimulatedDisk;
@@ -174,9 +175,10 @@ pub struct StoredDocument {
     /// The document's bytes: a saved document, followed by the change chunks a relay
     /// appended since (`appended`). Either way they load as the whole document.
     pub snapshot: Vec<u8>,
-    /// The encoded index of the appended changes ([`caremesh_sync::relay::AppendedChanges`]);
-    /// `None` where the document was saved whole.
-    pub appended: Option<Vec<u8>>,
+    /// The index of the appended changes, which are stored as rows of their own after the
+    /// saved document; `None` where the document was saved whole, or where a stored hash is
+    /// damaged (the bytes are then served as if saved whole, which they load as).
+    pub appended: Option<AppendedChanges>,
     pub signed: Vec<u8>,
     pub seq: i64,
     pub updated_at: i64,
@@ -613,7 +615,7 @@ impl Store {
         let mut documents = Vec::new();
         for row in rows {
             let raw = row.map_err(self.err("read documents"))?;
-            documents.push(raw.into_document(&self.path)?);
+            documents.push(raw.into_document(&self.conn, &self.path)?);
         }
         Ok(documents)
     }
@@ -832,12 +834,6 @@ impl Store {
             .map_err(self.err("configure"))
     }
 
-    /// Writes the WAL back into the main file and empties it; used before measuring or
-    /// copying the file, and after a purge so that no purged page survives in the WAL.
-    /// Returns `false` when a reader held an older snapshot and the WAL could not be emptied
-    /// yet (try again later).
-    /// SQLite's own check of the file: every page, index and constraint. Empty when the
-    /// database is sound; otherwise what SQLite found, at most 100 lines.
     /// What SQLite's integrity check finds wrong (up to 100 lines), and pages that failed
     /// their checksum on the way (the check reads every page): empty when the file is sound.
     pub fn integrity_problems(&self) -> Result<Vec<String>> {
@@ -851,7 +847,16 @@ impl Store {
             })
             .map_err(self.err("check integrity"));
         match checked {
-            Ok(lines) => Ok(lines.into_iter().filter(|line| line != "ok").collect()),
+            Ok(lines) => {
+                let mut problems: Vec<String> =
+                    lines.into_iter().filter(|line| line != "ok").collect();
+                // SQLite reports a page it could not read only by its error code: what the
+                // page checksums found says what that means first.
+                if let Some(damage) = self.damage().filter(|_| !problems.is_empty()) {
+                    problems.insert(0, damage);
+                }
+                Ok(problems)
+            }
             Err(error) if error.is_damage() => {
                 Ok(vec![self.damage().unwrap_or_else(|| error.to_string())])
             }
@@ -859,6 +864,10 @@ impl Store {
         }
     }
 
+    /// Writes the WAL back into the main file and empties it; used before measuring or
+    /// copying the file, and after a purge so that no purged page survives in the WAL.
+    /// Returns `false` when a reader held an older snapshot and the WAL could not be emptied
+    /// yet (try again later).
     pub fn checkpoint(&self) -> Result<bool> {
         let busy: i64 = self
             .conn
@@ -875,7 +884,7 @@ fn wal_path(path: &Path) -> PathBuf {
 }
 
 const DOCUMENT_COLUMNS: &str =
-    "doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended";
+    "doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended_base";
 
 /// Whether a node of `kind` keeps the items of `section` in its read model. A hub serves no
 /// clinician a record: it keeps only what its own work reads (sharing records for its
@@ -906,7 +915,7 @@ struct RawDocument {
     signed: Vec<u8>,
     seq: i64,
     updated_at: i64,
-    appended: Option<Vec<u8>>,
+    appended_base: Option<Vec<u8>>,
 }
 
 fn raw_document(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawDocument> {
@@ -920,12 +929,13 @@ fn raw_document(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawDocument> {
         signed: row.get(6)?,
         seq: row.get(7)?,
         updated_at: row.get(8)?,
-        appended: row.get(9)?,
+        appended_base: row.get(9)?,
     })
 }
 
 impl RawDocument {
-    fn into_document(self, path: &Path) -> Result<StoredDocument> {
+    /// The document, with the changes a relay appended to it read from their rows.
+    fn into_document(self, conn: &Connection, path: &Path) -> Result<StoredDocument> {
         let id = doc_id_from(&self.doc_id, path)?;
         let damaged = |what: String| StorageError::DamagedRow {
             path: path.to_path_buf(),
@@ -947,11 +957,16 @@ impl RawDocument {
                 .parse::<DataClass>()
                 .map_err(|e| damaged(format!("{e}")))?,
         };
+        let mut snapshot = self.snapshot;
+        let appended = match self.appended_base {
+            Some(base_heads) => appended_changes(conn, path, id, &base_heads, &mut snapshot)?,
+            None => None,
+        };
         Ok(StoredDocument {
             id,
             meta,
-            snapshot: self.snapshot,
-            appended: self.appended,
+            snapshot,
+            appended,
             signed: self.signed,
             seq: self.seq,
             updated_at: self.updated_at,
@@ -975,7 +990,58 @@ fn document_by_id(conn: &Connection, path: &Path, id: DocId) -> Result<Option<St
         ))
         .and_then(|mut statement| statement.query_row([&id.0[..]], raw_document).optional())
         .map_err(|source| StorageError::database(path.to_path_buf(), "read document", source))?;
-    raw.map(|raw| raw.into_document(path)).transpose()
+    raw.map(|raw| raw.into_document(conn, path)).transpose()
+}
+
+/// Appends to `snapshot` (a document's saved bytes) the changes a relay appended to it since,
+/// in order, and returns their index. The index is `None` where a stored hash is not 32
+/// bytes: a damaged index is never trusted ([`caremesh_sync::relay::known`] would believe
+/// it), and the bytes still load as the whole document.
+fn appended_changes(
+    conn: &Connection,
+    path: &Path,
+    id: DocId,
+    base_heads: &[u8],
+    snapshot: &mut Vec<u8>,
+) -> Result<Option<AppendedChanges>> {
+    let err = |source| StorageError::database(path.to_path_buf(), "read appended changes", source);
+    let mut index = AppendedChanges {
+        base_heads: hashes(base_heads).unwrap_or_default(),
+        base_len: snapshot.len() as u64,
+        changes: Vec::new(),
+    };
+    let mut intact = hashes(base_heads).is_some();
+    let mut statement = conn
+        .prepare_cached(
+            "SELECT hash, deps, bytes FROM appended_changes WHERE doc_id = ?1 ORDER BY position",
+        )
+        .map_err(err)?;
+    let mut rows = statement.query([&id.0[..]]).map_err(err)?;
+    while let Some(row) = rows.next().map_err(err)? {
+        let hash: Vec<u8> = row.get(0).map_err(err)?;
+        let deps: Vec<u8> = row.get(1).map_err(err)?;
+        let bytes = row.get_ref(2).and_then(|v| Ok(v.as_blob()?)).map_err(err)?;
+        match (<[u8; 32]>::try_from(&hash[..]), hashes(&deps)) {
+            (Ok(hash), Some(deps)) => index.changes.push(AppendedChange {
+                hash,
+                deps,
+                len: bytes.len() as u64,
+            }),
+            _ => intact = false,
+        }
+        snapshot.extend_from_slice(bytes);
+    }
+    Ok(intact.then_some(index))
+}
+
+/// `bytes` as 32-byte hashes, if that is what they are.
+fn hashes(bytes: &[u8]) -> Option<Vec<[u8; 32]>> {
+    bytes.len().is_multiple_of(32).then(|| {
+        bytes
+            .chunks_exact(32)
+            .map(|hash| hash.try_into().expect("chunks of 32"))
+            .collect()
+    })
 }
 
 fn patient_link(conn: &Connection, path: &Path, source_key: &str) -> Result<Option<NhsNumber>> {
@@ -1051,40 +1117,161 @@ impl WriteBatch<'_> {
     /// received changes appended, and their index. A relay keeps no items of such a
     /// document. The caller has verified `signed` and checked that the appended changes give
     /// exactly the signed heads ([`caremesh_sync::relay::extend`]).
+    ///
+    /// Where the stored document is the index's saved base with a prefix of its changes, only
+    /// the changes after that prefix are written, each a row of its own, and the document's
+    /// row is updated in place (the same size after the first append, so SQLite rewrites
+    /// only the pages that changed): a version costs its changes, not the document. Anything else (the base was
+    /// saved whole again since, or the rows are not the index's) stores base and changes
+    /// afresh.
     pub fn put_appended(
         &self,
         signed: &SignedHeads,
         stored: &[u8],
-        appended: &caremesh_sync::relay::AppendedChanges,
+        appended: &AppendedChanges,
         updated_at: i64,
     ) -> Result<i64> {
-        self.put_version(signed, stored, Some(&appended.encode()), &[], updated_at)
+        assert!(
+            appended.fits(stored),
+            "an index of appended changes must describe the bytes stored with it"
+        );
+        let id = signed.meta.id();
+        let base_len = usize::try_from(appended.base_len).expect("fits the stored bytes");
+        let base_heads = appended.base_heads.concat();
+        let already = self.appended_prefix(id, base_len, &base_heads, appended)?;
+        let seq = match already {
+            Some(_) => {
+                let seq = self.next_feed_position()?;
+                self.tx
+                    .prepare_cached(
+                        "UPDATE documents SET signed = ?2, seq = ?3, updated_at = ?4, \
+                         appended_base = ?5 WHERE doc_id = ?1",
+                    )
+                    .and_then(|mut statement| {
+                        statement.execute(params![
+                            &id.0[..],
+                            signed.encode(),
+                            seq,
+                            updated_at,
+                            &base_heads
+                        ])
+                    })
+                    .map_err(self.err("store document"))?;
+                seq
+            }
+            None => self.put_version(
+                signed,
+                &stored[..base_len],
+                Some(&base_heads),
+                &[],
+                updated_at,
+            )?,
+        };
+        let mut insert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO appended_changes (doc_id, position, hash, deps, bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(self.err("store appended change"))?;
+        let mut offset = base_len;
+        for (position, change) in appended.changes.iter().enumerate() {
+            let len = usize::try_from(change.len).expect("fits the stored bytes");
+            let bytes = &stored[offset..offset + len];
+            offset += len;
+            if already.is_some_and(|held| position < held) {
+                continue;
+            }
+            insert
+                .execute(params![
+                    &id.0[..],
+                    position as i64,
+                    &change.hash[..],
+                    change.deps.concat(),
+                    bytes
+                ])
+                .map_err(self.err("store appended change"))?;
+        }
+        Ok(seq)
     }
 
+    /// How many of `appended`'s changes are stored already, if the stored document is its
+    /// saved base (the same length, and the same base heads or none yet) followed by exactly
+    /// its first changes; `None` if it is anything else.
+    fn appended_prefix(
+        &self,
+        id: DocId,
+        base_len: usize,
+        base_heads: &[u8],
+        appended: &AppendedChanges,
+    ) -> Result<Option<usize>> {
+        let held = self
+            .tx
+            .prepare_cached(
+                "SELECT length(snapshot), appended_base FROM documents WHERE doc_id = ?1",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row([&id.0[..]], |row| {
+                        Ok((row.get::<_, i64>(0)?, row.get::<_, Option<Vec<u8>>>(1)?))
+                    })
+                    .optional()
+            })
+            .map_err(self.err("read document"))?;
+        let Some((held_len, held_base)) = held else {
+            return Ok(None);
+        };
+        if held_len != base_len as i64 || held_base.is_some_and(|held| held != base_heads) {
+            return Ok(None);
+        }
+        let held_hashes = self
+            .tx
+            .prepare_cached("SELECT hash FROM appended_changes WHERE doc_id = ?1 ORDER BY position")
+            .and_then(|mut statement| {
+                statement
+                    .query_map([&id.0[..]], |row| row.get::<_, Vec<u8>>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(self.err("read appended changes"))?;
+        let prefix = held_hashes.len() <= appended.changes.len()
+            && held_hashes
+                .iter()
+                .zip(&appended.changes)
+                .all(|(held, change)| held[..] == change.hash[..]);
+        Ok(prefix.then_some(held_hashes.len()))
+    }
+
+    /// The next position in this node's feed. From the counter, never MAX(seq) + 1: a purge of
+    /// the newest documents must not hand their positions out again, or a peer past them would
+    /// never be offered what took them.
+    fn next_feed_position(&self) -> Result<i64> {
+        self.tx
+            .prepare_cached("UPDATE feed_tip SET tip = tip + 1 RETURNING tip")
+            .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
+            .map_err(self.err("allocate feed position"))
+    }
+
+    /// Stores a document's row whole: `snapshot` as saved, and `appended_base` the heads of
+    /// the saved document that appended changes will follow (`None` when saved whole). Its
+    /// appended changes and read-model rows are replaced (by none, and by `items`).
     fn put_version(
         &self,
         signed: &SignedHeads,
         snapshot: &[u8],
-        appended: Option<&[u8]>,
+        appended_base: Option<&[u8]>,
         items: &[Item],
         updated_at: i64,
     ) -> Result<i64> {
         let meta = &signed.meta;
         let id = meta.id();
-        // From the counter, never MAX(seq) + 1: a purge of the newest documents must not hand
-        // their positions out again, or a peer past them would never be offered what took them.
-        let seq: i64 = self
-            .tx
-            .prepare_cached("UPDATE feed_tip SET tip = tip + 1 RETURNING tip")
-            .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
-            .map_err(self.err("allocate feed position"))?;
+        let seq = self.next_feed_position()?;
         self.tx
             .prepare_cached(
-                "INSERT INTO documents (doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended) \
+                "INSERT INTO documents (doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended_base) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT(doc_id) DO UPDATE SET snapshot = excluded.snapshot, \
                  signed = excluded.signed, seq = excluded.seq, updated_at = excluded.updated_at, \
-                 appended = excluded.appended",
+                 appended_base = excluded.appended_base",
             )
             .and_then(|mut statement| {
                 statement.execute(params![
@@ -1097,10 +1284,14 @@ impl WriteBatch<'_> {
                     signed.encode(),
                     seq,
                     updated_at,
-                    appended
+                    appended_base
                 ])
             })
             .map_err(self.err("store document"))?;
+        self.tx
+            .prepare_cached("DELETE FROM appended_changes WHERE doc_id = ?1")
+            .and_then(|mut statement| statement.execute([&id.0[..]]))
+            .map_err(self.err("replace appended changes"))?;
         self.tx
             .prepare_cached("DELETE FROM items WHERE doc_id = ?1")
             .and_then(|mut statement| statement.execute([&id.0[..]]))
@@ -1553,6 +1744,140 @@ mod tests {
             .unwrap();
         batch.commit().unwrap();
         seq
+    }
+
+    /// Finding (issue 19's 10-minute run): a relayed version rewrote the whole stored row, so
+    /// a growing document cost more to store with every version and a busy hub fell behind.
+    /// Appended changes are rows of their own: a version adds only its changes, the saved
+    /// base is never rewritten, and what is read back loads as the publisher's document.
+    #[test]
+    fn appended_versions_write_only_their_changes_and_read_back_as_the_whole_document() {
+        use caremesh_sync::relay;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
+        let key = PublisherKey::from_secret([9; 32]);
+        let mut doc = PublishedDocument::create(meta(), b"actor");
+        doc.update(&[item("a/0")], &[], 1);
+        let base = doc.save();
+        let batch = store.write().unwrap();
+        batch
+            .put_document(&key.sign_heads(&meta(), &doc.heads()), &base, &[], 1)
+            .unwrap();
+        batch.commit().unwrap();
+        let base_kept = |store: &Store| -> i64 {
+            store
+                .conn
+                .query_row(
+                    "SELECT count(*) FROM documents WHERE snapshot = ?1",
+                    [&base],
+                    |row| row.get(0),
+                )
+                .unwrap()
+        };
+        for version in 1..=4 {
+            let held = store.document(meta().id()).unwrap().unwrap();
+            let held_heads = SignedHeads::decode(&held.signed).unwrap().heads;
+            let before = doc.heads();
+            doc.update(&[item(&format!("a/{version}"))], &[], 1 + version);
+            let extension = relay::extend(
+                &held.snapshot,
+                held.appended.as_ref(),
+                &held_heads,
+                &doc.changes_since(&before),
+            )
+            .unwrap();
+            assert_eq!(extension.heads, doc.heads());
+            let changed_before = store.conn.total_changes();
+            let batch = store.write().unwrap();
+            batch
+                .put_appended(
+                    &key.sign_heads(&meta(), &doc.heads()),
+                    &extension.stored,
+                    &extension.appended,
+                    1 + version,
+                )
+                .unwrap();
+            batch.commit().unwrap();
+            assert_eq!(
+                store.conn.total_changes() - changed_before,
+                3,
+                "version {version}: the feed tip, the document's row and one change row"
+            );
+            let rows: i64 = store
+                .conn
+                .query_row("SELECT count(*) FROM appended_changes", [], |row| {
+                    row.get(0)
+                })
+                .unwrap();
+            assert_eq!(rows, version, "one row per appended change, none rewritten");
+            assert_eq!(base_kept(&store), 1, "the saved base is kept as it was");
+            let read = store.document(meta().id()).unwrap().unwrap();
+            assert_eq!(read.snapshot, extension.stored);
+            assert_eq!(read.appended.as_ref(), Some(&extension.appended));
+            let loaded = PublishedDocument::load(&meta(), &read.snapshot).unwrap();
+            assert_eq!(loaded.heads(), doc.heads(), "the stored bytes load whole");
+            assert_eq!(
+                store.documents_after(0, 10).unwrap()[0].snapshot,
+                read.snapshot
+            );
+        }
+        // An index whose base is not the stored base (here: the held bytes taken as saved
+        // whole, as when a stored hash is damaged) is stored afresh, base and changes, never
+        // mixed with the rows there.
+        let rows = |store: &Store| -> i64 {
+            store
+                .conn
+                .query_row("SELECT count(*) FROM appended_changes", [], |row| {
+                    row.get(0)
+                })
+                .unwrap()
+        };
+        let append_to_whole = |store: &mut Store, doc: &mut PublishedDocument, time: i64| {
+            let held = store.document(meta().id()).unwrap().unwrap();
+            let before = doc.heads();
+            doc.update(&[item(&format!("a/{time}"))], &[], time);
+            let extension =
+                relay::extend(&held.snapshot, None, &before, &doc.changes_since(&before)).unwrap();
+            let batch = store.write().unwrap();
+            let signed = key.sign_heads(&meta(), &doc.heads());
+            batch
+                .put_appended(&signed, &extension.stored, &extension.appended, time)
+                .unwrap();
+            batch.commit().unwrap();
+            extension
+        };
+        let afresh = append_to_whole(&mut store, &mut doc, 6);
+        assert_eq!(rows(&store), 1);
+        let read = store.document(meta().id()).unwrap().unwrap();
+        assert_eq!(read.snapshot, afresh.stored);
+        assert_eq!(read.appended.as_ref(), Some(&afresh.appended));
+        let loaded = PublishedDocument::load(&meta(), &read.snapshot).unwrap();
+        assert_eq!(loaded.heads(), doc.heads());
+        // A version saved whole replaces the rows; a purge takes them with the document.
+        let batch = store.write().unwrap();
+        batch
+            .put_document(&key.sign_heads(&meta(), &doc.heads()), &doc.save(), &[], 7)
+            .unwrap();
+        batch.commit().unwrap();
+        assert_eq!(rows(&store), 0);
+        assert!(
+            store
+                .document(meta().id())
+                .unwrap()
+                .unwrap()
+                .appended
+                .is_none()
+        );
+        append_to_whole(&mut store, &mut doc, 8);
+        assert_eq!(rows(&store), 1);
+        let batch = store.write().unwrap();
+        assert_eq!(batch.purge(&meta().publisher, &meta().patient).unwrap(), 1);
+        batch.commit().unwrap();
+        assert_eq!(
+            rows(&store),
+            0,
+            "a withdrawal leaves no appended change behind"
+        );
     }
 
     /// Finding: positions came from MAX(seq) + 1, so purging the newest documents (a

@@ -320,6 +320,26 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE documents ADD COLUMN appended BLOB;
     "#,
+    // 18: appended changes as rows of their own. Rewriting a document's row to append a
+    // change made every relayed version cost the whole document's bytes in writes, and the
+    // documents of a busy patient grow. `snapshot` now holds only what was saved whole, and
+    // each change a relay appended since is a row here, in order; a version writes only its
+    // changes. `appended_base` (formerly the whole index) holds the heads of the saved
+    // document the rows follow, 32 bytes each, NULL where nothing is appended. Indexes
+    // written by migration 17 are dropped: the bytes they indexed stay in `snapshot`, which
+    // still loads as the whole document, and count as saved whole.
+    r#"
+    CREATE TABLE appended_changes (
+        doc_id      BLOB NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE,
+        position    INTEGER NOT NULL,
+        hash        BLOB NOT NULL,
+        deps        BLOB NOT NULL,
+        bytes       BLOB NOT NULL,
+        PRIMARY KEY (doc_id, position)
+    ) STRICT, WITHOUT ROWID;
+    UPDATE documents SET appended = NULL WHERE appended IS NOT NULL;
+    ALTER TABLE documents RENAME COLUMN appended TO appended_base;
+    "#,
 ];
 
 #[cfg(test)]

@@ -535,21 +535,11 @@ impl SyncHost for StoreHost {
 
     fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError> {
         let stored = self.store.document(doc).map_err(host_error)?;
-        Ok(stored.map(|stored| {
-            // An index that does not decode or fit its bytes is not used (`relay::known`
-            // would trust its hashes): the bytes are then served as if saved whole, which
-            // they load as.
-            let appended = stored
-                .appended
-                .as_deref()
-                .and_then(caremesh_sync::relay::AppendedChanges::decode)
-                .filter(|appended| appended.fits(&stored.snapshot));
-            HeldDocument {
-                meta: stored.meta,
-                snapshot: stored.snapshot,
-                appended,
-                signed: stored.signed,
-            }
+        Ok(stored.map(|stored| HeldDocument {
+            meta: stored.meta,
+            snapshot: stored.snapshot,
+            appended: stored.appended,
+            signed: stored.signed,
         }))
     }
 
