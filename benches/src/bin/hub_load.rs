@@ -22,6 +22,9 @@
 //! node on the patient's caseload. Latency runs from the moment the version is handed to the
 //! publisher's session (its commit) to the moment the recipient's session commits it.
 //!
+//! A node whose dial fails or whose connection is lost dials again with backoff, as a node
+//! does (500 dials at once outrun a hub's handshakes on one core); the summary counts it.
+//!
 //! With `--pin` the hub runs on CPU 0 and the generator on CPU 1, so that each is measured on
 //! its own core. After the load and the drain it checks that every recipient and the hub
 //! hold exactly each publisher's last version of every document, and loads a sample of the
@@ -50,7 +53,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
@@ -729,6 +732,14 @@ async fn drive(
     }
     let connecting = Instant::now();
     while tracker.pending() + records.pending() > 0 {
+        // A node that gave up (or was refused something) says why now, not in ten minutes.
+        if let Some(node) = tasks.iter().position(|task| task.is_finished()) {
+            let ended = (&mut tasks[node]).await;
+            anyhow::bail!(
+                "node {node}'s task ended before the first versions arrived: {:?}",
+                ended.map(|result| result.map(|_| ()))
+            );
+        }
         ensure!(
             connecting.elapsed() < Duration::from_secs(600),
             "the first versions had not all arrived after 10 minutes ({} missing)",
@@ -737,8 +748,9 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(
-        "connected and converged after {:.1}s",
-        connecting.elapsed().as_secs_f64()
+        "connected and converged after {:.1}s ({} connections lost and dialled again)",
+        connecting.elapsed().as_secs_f64(),
+        REDIALS.load(Ordering::Relaxed)
     );
     tracker.made.store(0, Ordering::Relaxed);
     tracker.delivered.store(0, Ordering::Relaxed);
@@ -842,8 +854,21 @@ async fn drive(
     })
 }
 
-/// One node: dials the hub, runs its session, publishes what it is handed. Returns the heads
-/// it holds of others' documents when told to stop.
+/// Connections the generator's nodes lost and dialled again, over the whole run.
+static REDIALS: AtomicU64 = AtomicU64::new(0);
+
+/// Why the first connection was lost, for the summary: whether the hub closed it or it timed
+/// out says whose failure it was.
+static FIRST_LOSS: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// How many times a node dials again after losing its connection before it gives up.
+const MAX_REDIALS: u32 = 20;
+
+/// One node: dials the hub, runs its session, publishes what it is handed, and dials again
+/// (with backoff, as a node does) when its connection fails or is lost: under a burst of
+/// 500 handshakes a dial can time out, and a node that gave up would strand its documents
+/// and read as the hub's failure. Returns the heads it holds of others' documents when told
+/// to stop.
 #[allow(clippy::too_many_arguments)]
 async fn node_task(
     ods: OdsCode,
@@ -855,12 +880,78 @@ async fn node_task(
     mut shutdown: watch::Receiver<bool>,
     clock: Instant,
 ) -> Result<HashMap<DocId, Vec<[u8; 32]>>> {
+    let mut redials = 0;
+    loop {
+        let ended = connected(
+            &ods,
+            &mut host,
+            &endpoint,
+            &client,
+            hub,
+            &mut inbox,
+            &mut shutdown,
+            clock,
+        )
+        .await?;
+        let Ended::Lost(error) = ended else { break };
+        redials += 1;
+        if redials > MAX_REDIALS {
+            return Err(error.context(format!("{ods} gave up after {MAX_REDIALS} redials")));
+        }
+        REDIALS.fetch_add(1, Ordering::Relaxed);
+        FIRST_LOSS
+            .lock()
+            .expect("not poisoned")
+            .get_or_insert_with(|| format!("{error:#}"));
+        let backoff = Duration::from_millis(250 << redials.min(5));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    Ok(host
+        .received
+        .into_iter()
+        .map(|(doc, received)| (doc, received.signed.heads))
+        .collect())
+}
+
+/// How a node's connection ended: told to stop, or lost (dial it again).
+enum Ended {
+    Stopped,
+    Lost(anyhow::Error),
+}
+
+/// One connection of a node, until it is told to stop or the connection fails (`Lost`).
+/// A rejection or a session error is `Err`: the run is wrong, and dialling again would
+/// hide it.
+#[allow(clippy::too_many_arguments)]
+async fn connected(
+    ods: &OdsCode,
+    host: &mut ThinHost,
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    hub: SocketAddr,
+    inbox: &mut mpsc::UnboundedReceiver<Publish>,
+    shutdown: &mut watch::Receiver<bool>,
+    clock: Instant,
+) -> Result<Ended> {
     let now_ms = || clock.elapsed().as_millis() as u64;
-    let connection = endpoint
-        .connect_with(client, hub, "caremesh.invalid")?
-        .await
-        .with_context(|| format!("{ods} connecting to the hub"))?;
-    let (mut send, mut recv) = connection.open_bi().await?;
+    let dialled = async {
+        let connection = endpoint
+            .connect_with(client.clone(), hub, "caremesh.invalid")?
+            .await?;
+        let streams = connection.open_bi().await?;
+        Ok::<_, anyhow::Error>((connection, streams))
+    };
+    let (connection, (mut send, mut recv)) = match dialled.await {
+        Ok(dialled) => dialled,
+        Err(error) => {
+            return Ok(Ended::Lost(
+                error.context(format!("{ods} dialling the hub")),
+            ));
+        }
+    };
     let mut session = Session::new(
         ods.clone(),
         Recipient {
@@ -868,11 +959,15 @@ async fn node_task(
             kind: OrgKind::Hub,
         },
         now_ms(),
-        &mut host,
+        host,
     )?;
-    loop {
-        while let Some(frame) = session.poll_transmit(now_ms(), &mut host)? {
-            send.write_all(&frame).await?;
+    let ended = loop {
+        while let Some(frame) = session.poll_transmit(now_ms(), host)? {
+            if let Err(error) = send.write_all(&frame).await {
+                return Ok(Ended::Lost(
+                    anyhow::Error::new(error).context(format!("{ods} writing to the hub")),
+                ));
+            }
         }
         while let Some(event) = session.poll_event() {
             if let caremesh_sync::Event::Rejected {
@@ -899,13 +994,14 @@ async fn node_task(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             chunk = recv.read_chunk(64 * 1024, true) => {
-                match chunk.with_context(|| format!("{ods} reading from the hub"))? {
-                    Some(chunk) => session.handle_input(&chunk.bytes, now_ms(), &mut host)?,
-                    None => anyhow::bail!("{ods}: the hub closed the stream"),
+                match chunk {
+                    Ok(Some(chunk)) => session.handle_input(&chunk.bytes, now_ms(), host)?,
+                    Ok(None) => break Ended::Lost(anyhow::anyhow!("{ods}: the hub closed the stream")),
+                    Err(error) => break Ended::Lost(anyhow::Error::new(error).context(format!("{ods} reading from the hub"))),
                 }
             }
             publish = inbox.recv() => {
-                let Some(publish) = publish else { break };
+                let Some(publish) = publish else { break Ended::Stopped };
                 host.take(publish);
                 // Take whatever else is waiting before the session looks at its feed.
                 while let Ok(publish) = inbox.try_recv() {
@@ -914,15 +1010,11 @@ async fn node_task(
                 session.feed_changed();
             }
             _ = tokio::time::sleep_until(timeout.into()) => session.handle_timeout(now_ms())?,
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed() => break Ended::Stopped,
         }
-    }
+    };
     connection.close(0u32.into(), b"load over");
-    Ok(host
-        .received
-        .into_iter()
-        .map(|(doc, received)| (doc, received.signed.heads))
-        .collect())
+    Ok(ended)
 }
 
 fn report(args: &Args, outcome: &Outcome, hub_peak_kib: u64) -> Result<()> {
@@ -947,6 +1039,16 @@ fn report(args: &Args, outcome: &Outcome, hub_peak_kib: u64) -> Result<()> {
         "per change, over the load and the drain: hub {:.3} ms of CPU, generator {:.3} ms",
         per_change(outcome.hub_cpu_with_drain),
         per_change(outcome.own_cpu_with_drain)
+    );
+    println!(
+        "connections lost and dialled again: {}{}",
+        REDIALS.load(Ordering::Relaxed),
+        FIRST_LOSS
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .map(|why| format!(" (the first: {why})"))
+            .unwrap_or_default()
     );
     Ok(())
 }
