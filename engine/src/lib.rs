@@ -39,7 +39,7 @@ use caremesh_sync::planted::PlantedBug;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::{
     DocId, Event, KeyRefusal, OdsCode, Refusal, Session, SessionError, SessionStats,
-    SignedCheckpoint, VerifiedRegistry,
+    SignedCheckpoint, SyncHost, VerifiedRegistry,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -639,7 +639,7 @@ impl Driver {
 
     /// The feed grew: every session may have something new to offer.
     fn feed_grew(&mut self) {
-        if let Ok(tip) = self.host.store.feed_tip() {
+        if let Ok(tip) = self.host.feed_tip() {
             self.last_tip = tip;
         }
         for (ods, live) in &mut self.sessions {
@@ -649,7 +649,9 @@ impl Driver {
     }
 
     fn look_at_feed(&mut self) {
-        match self.host.store.feed_tip() {
+        // A local write (or another process) may have published around the host.
+        self.host.feed_may_have_grown();
+        match self.host.feed_tip() {
             Ok(tip) if tip != self.last_tip => self.feed_grew(),
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "could not read the local feed"),

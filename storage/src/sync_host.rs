@@ -53,6 +53,11 @@ pub struct StoreHost {
     /// truncated: compact again after the next commit.
     compaction_due: bool,
     tail: FeedTail,
+    /// The feed's tip as last read, while nothing this host knows of can have moved it: every
+    /// session asks for it on every turn, and a hub has hundreds. Forgotten by each commit
+    /// through this host, by [`StoreHost::forget_cached`], and by
+    /// [`StoreHost::feed_may_have_grown`] (a write around the host: a local publish).
+    known_tip: Option<u64>,
     loaded: Option<LoadedDocuments>,
     planted: Option<PlantedBug>,
     /// A commit stored this node's own documents about a patient it held none of, from a
@@ -371,6 +376,7 @@ impl StoreHost {
             clock,
             compaction_due: false,
             tail: FeedTail::starting_at(tip),
+            known_tip: None,
             loaded: None,
             planted: None,
             own_documents_returned: false,
@@ -410,8 +416,15 @@ impl StoreHost {
     /// consent), after a group commit failed and what the memory described was rolled back.
     pub fn forget_cached(&mut self) {
         self.policy.known = PatientFacts::default();
+        self.known_tip = None;
         let tip = self.store.feed_tip().unwrap_or(0);
         self.tail = FeedTail::starting_at(tip);
+    }
+
+    /// Something may have written to the feed without going through this host (a local
+    /// publish through [`StoreHost::store`]): the next [`SyncHost::feed_tip`] reads it again.
+    pub fn feed_may_have_grown(&mut self) {
+        self.known_tip = None;
     }
 
     /// Retries an emptying of the WAL that a reader held up after a purge.
@@ -480,8 +493,12 @@ impl SyncHost for StoreHost {
     }
 
     fn feed_tip(&mut self) -> Result<u64, HostError> {
+        if let Some(tip) = self.known_tip {
+            return Ok(tip);
+        }
         let tip = self.store.feed_tip().map_err(host_error)?;
         self.tail.extend(&self.store, tip)?;
+        self.known_tip = Some(tip);
         Ok(tip)
     }
 
@@ -554,6 +571,8 @@ impl SyncHost for StoreHost {
         }
         let now = (self.clock)();
         let this_node = self.policy.this_node()?;
+        // What this commit stores takes feed positions.
+        self.known_tip = None;
         // Sharing records first: a withdrawal in this batch refuses the late copies with it,
         // and consent given again admits the documents that follow it.
         documents.sort_by_key(|d| d.signed.meta.section != Section::Sharing);
