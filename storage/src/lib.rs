@@ -32,8 +32,10 @@ pub use peers::{
 pub use placements::{OnSeveralPatients, Placement};
 
 use caremesh_sync::policy::{Consent, SourceStatement};
-use caremesh_sync::relay::{AppendedChange, AppendedChanges};
-use caremesh_sync::{DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, Section, SignedHeads};
+use caremesh_sync::relay::{self, AppendedChange, AppendedChanges, Extension, HeldIndex};
+use caremesh_sync::{
+    DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, PublishedDocument, Section, SignedHeads,
+};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use simulated_disk::SimulatedDisk;
 use std::collections::BTreeMap;
@@ -601,6 +603,12 @@ impl Store {
         document_by_id(&self.conn, &self.path, id)
     }
 
+    /// What a relay needs of a held document to extend it by its hash chain, and its
+    /// partition, without reading its bytes (see [`caremesh_sync::SyncHost::held_index`]).
+    pub fn held_index(&self, id: DocId) -> Result<Option<(DocMeta, HeldIndex)>> {
+        held_index(&self.conn, &self.path, id)
+    }
+
     /// Documents in `seq` order after `after_seq`, at most `limit`: a page of the changes feed.
     pub fn documents_after(&self, after_seq: i64, limit: usize) -> Result<Vec<StoredDocument>> {
         let mut statement = self
@@ -937,29 +945,17 @@ impl RawDocument {
     /// The document, with the changes a relay appended to it read from their rows.
     fn into_document(self, conn: &Connection, path: &Path) -> Result<StoredDocument> {
         let id = doc_id_from(&self.doc_id, path)?;
-        let damaged = |what: String| StorageError::DamagedRow {
-            path: path.to_path_buf(),
-            doc: id.to_string(),
-            what,
-        };
-        let meta = DocMeta {
-            publisher: self
-                .publisher
-                .parse()
-                .map_err(|e| damaged(format!("{e}")))?,
-            patient: self.nhs.parse().map_err(|e| damaged(format!("{e}")))?,
-            section: self
-                .section
-                .parse::<Section>()
-                .map_err(|e| damaged(format!("{e}")))?,
-            class: self
-                .class
-                .parse::<DataClass>()
-                .map_err(|e| damaged(format!("{e}")))?,
-        };
+        let meta = meta_from(
+            [&self.publisher, &self.nhs, &self.section, &self.class],
+            id,
+            path,
+        )?;
         let mut snapshot = self.snapshot;
         let appended = match self.appended_base {
-            Some(base_heads) => appended_changes(conn, path, id, &base_heads, &mut snapshot)?,
+            Some(base_heads) => {
+                let base_len = snapshot.len() as u64;
+                appended_changes(conn, path, id, &base_heads, base_len, Some(&mut snapshot))?.0
+            }
             None => None,
         };
         Ok(StoredDocument {
@@ -972,6 +968,72 @@ impl RawDocument {
             updated_at: self.updated_at,
         })
     }
+}
+
+/// A document's partition from its columns: publisher, NHS number, section and class.
+fn meta_from(columns: [&str; 4], id: DocId, path: &Path) -> Result<DocMeta> {
+    let damaged = |what: String| StorageError::DamagedRow {
+        path: path.to_path_buf(),
+        doc: id.to_string(),
+        what,
+    };
+    let [publisher, nhs, section, class] = columns;
+    Ok(DocMeta {
+        publisher: publisher.parse().map_err(|e| damaged(format!("{e}")))?,
+        patient: nhs.parse().map_err(|e| damaged(format!("{e}")))?,
+        section: section
+            .parse::<Section>()
+            .map_err(|e| damaged(format!("{e}")))?,
+        class: class
+            .parse::<DataClass>()
+            .map_err(|e| damaged(format!("{e}")))?,
+    })
+}
+
+/// What a relay needs of a held document without its bytes ([`HeldIndex`]), with its
+/// partition: `None` when it is not held or its signed heads do not decode.
+fn held_index(conn: &Connection, path: &Path, id: DocId) -> Result<Option<(DocMeta, HeldIndex)>> {
+    let row = conn
+        .prepare_cached(
+            "SELECT publisher, nhs, section, class, length(snapshot), signed, appended_base \
+             FROM documents WHERE doc_id = ?1",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row([&id.0[..]], |row| {
+                    Ok((
+                        [
+                            row.get::<_, String>(0)?,
+                            row.get(1)?,
+                            row.get(2)?,
+                            row.get(3)?,
+                        ],
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, Vec<u8>>(5)?,
+                        row.get::<_, Option<Vec<u8>>>(6)?,
+                    ))
+                })
+                .optional()
+        })
+        .map_err(|source| StorageError::database(path.to_path_buf(), "read document", source))?;
+    let Some((columns, base_len, signed, appended_base)) = row else {
+        return Ok(None);
+    };
+    let meta = meta_from(columns.each_ref().map(String::as_str), id, path)?;
+    let Some(signed) = SignedHeads::decode(&signed) else {
+        return Ok(None);
+    };
+    let base_len = base_len as u64;
+    let (appended, appended_len) = match appended_base {
+        Some(base_heads) => appended_changes(conn, path, id, &base_heads, base_len, None)?,
+        None => (None, 0),
+    };
+    let index = HeldIndex {
+        heads: signed.heads,
+        stored_len: base_len + appended_len,
+        appended,
+    };
+    Ok(Some((meta, index)))
 }
 
 fn doc_id_from(bytes: &[u8], path: &Path) -> Result<DocId> {
@@ -993,45 +1055,60 @@ fn document_by_id(conn: &Connection, path: &Path, id: DocId) -> Result<Option<St
     raw.map(|raw| raw.into_document(conn, path)).transpose()
 }
 
-/// Appends to `snapshot` (a document's saved bytes) the changes a relay appended to it since,
-/// in order, and returns their index. The index is `None` where a stored hash is not 32
-/// bytes: a damaged index is never trusted ([`caremesh_sync::relay::known`] would believe
-/// it), and the bytes still load as the whole document.
+/// The index of the changes a relay appended to a document since its base (`base_len`
+/// bytes, at `base_heads`) was saved, and how many bytes they are; with `snapshot` (the
+/// base's bytes), the changes are appended to it in order. The index is `None` where a
+/// stored hash is not 32 bytes: a damaged index is never trusted
+/// ([`caremesh_sync::relay::known`] would believe it), and the bytes still load as the
+/// whole document.
 fn appended_changes(
     conn: &Connection,
     path: &Path,
     id: DocId,
     base_heads: &[u8],
-    snapshot: &mut Vec<u8>,
-) -> Result<Option<AppendedChanges>> {
+    base_len: u64,
+    mut snapshot: Option<&mut Vec<u8>>,
+) -> Result<(Option<AppendedChanges>, u64)> {
     let err = |source| StorageError::database(path.to_path_buf(), "read appended changes", source);
     let mut index = AppendedChanges {
         base_heads: hashes(base_heads).unwrap_or_default(),
-        base_len: snapshot.len() as u64,
+        base_len,
         changes: Vec::new(),
     };
     let mut intact = hashes(base_heads).is_some();
+    let mut appended_len = 0;
     let mut statement = conn
-        .prepare_cached(
-            "SELECT hash, deps, bytes FROM appended_changes WHERE doc_id = ?1 ORDER BY position",
-        )
+        .prepare_cached(if snapshot.is_some() {
+            "SELECT hash, deps, bytes FROM appended_changes WHERE doc_id = ?1 ORDER BY position"
+        } else {
+            "SELECT hash, deps, length(bytes) FROM appended_changes WHERE doc_id = ?1 \
+             ORDER BY position"
+        })
         .map_err(err)?;
     let mut rows = statement.query([&id.0[..]]).map_err(err)?;
     while let Some(row) = rows.next().map_err(err)? {
         let hash: Vec<u8> = row.get(0).map_err(err)?;
         let deps: Vec<u8> = row.get(1).map_err(err)?;
-        let bytes = row.get_ref(2).and_then(|v| Ok(v.as_blob()?)).map_err(err)?;
+        let len = match snapshot.as_deref_mut() {
+            Some(snapshot) => {
+                let bytes = row.get_ref(2).and_then(|v| Ok(v.as_blob()?)).map_err(err)?;
+                snapshot.extend_from_slice(bytes);
+                bytes.len() as u64
+            }
+            None => row.get::<_, i64>(2).map_err(err)? as u64,
+        };
+        appended_len += len;
         match (<[u8; 32]>::try_from(&hash[..]), hashes(&deps)) {
-            (Ok(hash), Some(deps)) => index.changes.push(AppendedChange {
-                hash,
-                deps,
-                len: bytes.len() as u64,
-            }),
+            (Ok(hash), Some(deps)) => index.changes.push(AppendedChange { hash, deps, len }),
             _ => intact = false,
         }
-        snapshot.extend_from_slice(bytes);
     }
-    Ok(intact.then_some(index))
+    Ok((intact.then_some(index), appended_len))
+}
+
+fn sorted(mut heads: Vec<[u8; 32]>) -> Vec<[u8; 32]> {
+    heads.sort_unstable();
+    heads
 }
 
 /// `bytes` as 32-byte hashes, if that is what they are.
@@ -1113,116 +1190,83 @@ impl WriteBatch<'_> {
         self.put_version(signed, snapshot, None, items, updated_at)
     }
 
-    /// Stores a version a relay authenticated by its hash chain: the held bytes with the
-    /// received changes appended, and their index. A relay keeps no items of such a
-    /// document. The caller has verified `signed` and checked that the appended changes give
-    /// exactly the signed heads ([`caremesh_sync::relay::extend`]).
+    /// Stores a version a relay authenticated by its hash chain
+    /// ([`caremesh_sync::relay::extend`]): the received changes appended to the held copy.
+    /// A relay keeps no items of such a document. The caller has verified `signed` and
+    /// checked that the extension gives exactly the signed heads.
     ///
-    /// Where the stored document is the index's saved base with a prefix of its changes, only
-    /// the changes after that prefix are written, each a row of its own, and the document's
-    /// row is updated in place (the same size after the first append, so SQLite rewrites
-    /// only the pages that changed): a version costs its changes, not the document. Anything else (the base was
-    /// saved whole again since, or the rows are not the index's) stores base and changes
-    /// afresh.
+    /// Where the held copy is still the one the extension was made from, only the new
+    /// changes are written, each a row of its own, and the document's row is updated in
+    /// place (the same size after the first append, so SQLite rewrites only the pages that
+    /// changed): a version costs its changes, not the document. Where it moved on since
+    /// (another session stored a version), the changes are appended to what is held if they
+    /// extend it to the signed heads, or loaded with it and saved whole if only that can
+    /// tell; a held copy that has the version already is kept as it is.
+    ///
+    /// Returns the version's feed position, or `None` where the held copy was kept.
     pub fn put_appended(
         &self,
         signed: &SignedHeads,
-        stored: &[u8],
-        appended: &AppendedChanges,
+        extension: &Extension,
         updated_at: i64,
-    ) -> Result<i64> {
+    ) -> Result<Option<i64>> {
+        let index = &extension.appended;
         assert!(
-            appended.fits(stored),
-            "an index of appended changes must describe the bytes stored with it"
+            extension.already_held <= index.changes.len(),
+            "an extension holds at most its index's changes"
+        );
+        let new_len: u64 = index.changes[extension.already_held..]
+            .iter()
+            .map(|change| change.len)
+            .sum();
+        assert_eq!(
+            new_len,
+            extension.new_bytes.len() as u64,
+            "the index's new changes must describe the bytes appended"
         );
         let id = signed.meta.id();
-        let base_len = usize::try_from(appended.base_len).expect("fits the stored bytes");
-        let base_heads = appended.base_heads.concat();
-        let already = self.appended_prefix(id, base_len, &base_heads, appended)?;
-        let seq = match already {
-            Some(_) => {
-                let seq = self.next_feed_position()?;
-                self.tx
-                    .prepare_cached(
-                        "UPDATE documents SET signed = ?2, seq = ?3, updated_at = ?4, \
-                         appended_base = ?5 WHERE doc_id = ?1",
-                    )
-                    .and_then(|mut statement| {
-                        statement.execute(params![
-                            &id.0[..],
-                            signed.encode(),
-                            seq,
-                            updated_at,
-                            &base_heads
-                        ])
-                    })
-                    .map_err(self.err("store document"))?;
-                seq
-            }
-            None => self.put_version(
-                signed,
-                &stored[..base_len],
-                Some(&base_heads),
-                &[],
-                updated_at,
-            )?,
-        };
-        let mut insert = self
-            .tx
-            .prepare_cached(
-                "INSERT INTO appended_changes (doc_id, position, hash, deps, bytes) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(self.err("store appended change"))?;
-        let mut offset = base_len;
-        for (position, change) in appended.changes.iter().enumerate() {
-            let len = usize::try_from(change.len).expect("fits the stored bytes");
-            let bytes = &stored[offset..offset + len];
-            offset += len;
-            if already.is_some_and(|held| position < held) {
-                continue;
-            }
-            insert
-                .execute(params![
-                    &id.0[..],
-                    position as i64,
-                    &change.hash[..],
-                    change.deps.concat(),
-                    bytes
-                ])
-                .map_err(self.err("store appended change"))?;
+        if self.holds_what_was_extended(id, extension)? {
+            return self.append_changes(signed, extension, updated_at).map(Some);
         }
-        Ok(seq)
+        self.append_to_what_is_held(signed, extension, updated_at)
     }
 
-    /// How many of `appended`'s changes are stored already, if the stored document is its
-    /// saved base (the same length, and the same base heads or none yet) followed by exactly
-    /// its first changes; `None` if it is anything else.
-    fn appended_prefix(
-        &self,
-        id: DocId,
-        base_len: usize,
-        base_heads: &[u8],
-        appended: &AppendedChanges,
-    ) -> Result<Option<usize>> {
+    /// Whether the stored document is exactly the copy `extension` extended: its saved base
+    /// (the same length and base heads, or the signed heads where it was saved whole)
+    /// followed by exactly the changes the extension counts as held.
+    fn holds_what_was_extended(&self, id: DocId, extension: &Extension) -> Result<bool> {
+        let index = &extension.appended;
         let held = self
             .tx
             .prepare_cached(
-                "SELECT length(snapshot), appended_base FROM documents WHERE doc_id = ?1",
+                "SELECT length(snapshot), appended_base, signed FROM documents WHERE doc_id = ?1",
             )
             .and_then(|mut statement| {
                 statement
                     .query_row([&id.0[..]], |row| {
-                        Ok((row.get::<_, i64>(0)?, row.get::<_, Option<Vec<u8>>>(1)?))
+                        Ok((
+                            row.get::<_, i64>(0)?,
+                            row.get::<_, Option<Vec<u8>>>(1)?,
+                            row.get::<_, Vec<u8>>(2)?,
+                        ))
                     })
                     .optional()
             })
             .map_err(self.err("read document"))?;
-        let Some((held_len, held_base)) = held else {
-            return Ok(None);
+        let Some((held_len, held_base, signed)) = held else {
+            return Ok(false);
         };
-        if held_len != base_len as i64 || held_base.is_some_and(|held| held != base_heads) {
-            return Ok(None);
+        if held_len as u64 != index.base_len {
+            return Ok(false);
+        }
+        let same_base = match held_base {
+            Some(held_base) => held_base == index.base_heads.concat(),
+            // Saved whole: the extension's base is the whole copy, at its signed heads.
+            None => SignedHeads::decode(&signed)
+                .is_some_and(|signed| sorted(signed.heads) == sorted(index.base_heads.clone())),
+        };
+        if !same_base {
+            return Ok(false);
         }
         let held_hashes = self
             .tx
@@ -1233,12 +1277,104 @@ impl WriteBatch<'_> {
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(self.err("read appended changes"))?;
-        let prefix = held_hashes.len() <= appended.changes.len()
+        Ok(held_hashes.len() == extension.already_held
             && held_hashes
                 .iter()
-                .zip(&appended.changes)
-                .all(|(held, change)| held[..] == change.hash[..]);
-        Ok(prefix.then_some(held_hashes.len()))
+                .zip(&index.changes)
+                .all(|(held, change)| held[..] == change.hash[..]))
+    }
+
+    /// Writes the extension's new changes after the held ones and moves the document's row to
+    /// the new version. The caller checked that the held copy is the one extended.
+    fn append_changes(
+        &self,
+        signed: &SignedHeads,
+        extension: &Extension,
+        updated_at: i64,
+    ) -> Result<i64> {
+        let id = signed.meta.id();
+        let seq = self.next_feed_position()?;
+        self.tx
+            .prepare_cached(
+                "UPDATE documents SET signed = ?2, seq = ?3, updated_at = ?4, \
+                 appended_base = ?5 WHERE doc_id = ?1",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    &id.0[..],
+                    signed.encode(),
+                    seq,
+                    updated_at,
+                    extension.appended.base_heads.concat()
+                ])
+            })
+            .map_err(self.err("store document"))?;
+        let mut insert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO appended_changes (doc_id, position, hash, deps, bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(self.err("store appended change"))?;
+        let mut start = 0;
+        let changes = extension.appended.changes.iter().enumerate();
+        for (position, change) in changes.skip(extension.already_held) {
+            let end = start + usize::try_from(change.len).expect("fits the new bytes");
+            insert
+                .execute(params![
+                    &id.0[..],
+                    position as i64,
+                    &change.hash[..],
+                    change.deps.concat(),
+                    &extension.new_bytes[start..end]
+                ])
+                .map_err(self.err("store appended change"))?;
+            start = end;
+        }
+        Ok(seq)
+    }
+
+    /// [`WriteBatch::put_appended`] where the held copy moved on since it was extended.
+    fn append_to_what_is_held(
+        &self,
+        signed: &SignedHeads,
+        extension: &Extension,
+        updated_at: i64,
+    ) -> Result<Option<i64>> {
+        let id = signed.meta.id();
+        let Some(held) = self.document(id)? else {
+            // Purged since (a withdrawal): there is nothing to append to.
+            return Ok(None);
+        };
+        let changes = extension.new_changes();
+        if let Some(index) = held.signed_heads().map(|signed| HeldIndex {
+            heads: signed.heads,
+            stored_len: held.snapshot.len() as u64,
+            appended: held.appended.clone(),
+        }) {
+            if relay::known(index.appended.as_ref(), &index.heads, &signed.heads) {
+                return Ok(None);
+            }
+            if let Ok(again) = relay::extend(&index, &changes)
+                && again.heads == sorted(signed.heads.clone())
+                && self.holds_what_was_extended(id, &again)?
+            {
+                return self.append_changes(signed, &again, updated_at).map(Some);
+            }
+        }
+        // Only the history can tell: what is held and the changes, loaded together.
+        let mut bytes = held.snapshot;
+        bytes.extend_from_slice(&extension.new_bytes);
+        let Ok(document) = PublishedDocument::load(&signed.meta, &bytes) else {
+            return Ok(None);
+        };
+        if sorted(document.heads()) != sorted(signed.heads.clone()) {
+            // The held copy has the version and more (or is not the signed history): kept.
+            tracing::debug!(doc = %id, "kept a held copy that moved past a relayed version");
+            return Ok(None);
+        }
+        self.put_version(signed, &document.save(), None, &[], updated_at)
+            .map(Some)
     }
 
     /// The next position in this node's feed. From the counter, never MAX(seq) + 1: a purge of
@@ -1746,24 +1882,92 @@ mod tests {
         seq
     }
 
+    /// A relay's view of the document held: stored as a relay stores it, read as a relay
+    /// reads it (no bytes), with what `store.document` reads beside it.
+    fn relay_copy(store: &Store) -> (HeldIndex, StoredDocument) {
+        let (read_meta, index) = store.held_index(meta().id()).unwrap().unwrap();
+        assert_eq!(read_meta, meta());
+        let whole = store.document(meta().id()).unwrap().unwrap();
+        assert_eq!(index.stored_len, whole.snapshot.len() as u64);
+        assert_eq!(index.appended, whole.appended);
+        assert_eq!(
+            index.heads,
+            SignedHeads::decode(&whole.signed).unwrap().heads
+        );
+        (index, whole)
+    }
+
+    /// Extends the relay's copy by the publisher's changes since `before`, as a session
+    /// does, checking that they give the publisher's heads.
+    fn extended(store: &Store, doc: &PublishedDocument, before: &[[u8; 32]]) -> Extension {
+        let (index, _) = relay_copy(store);
+        let extension = relay::extend(&index, &doc.changes_since(before)).unwrap();
+        assert_eq!(extension.heads, sorted(doc.heads()));
+        extension
+    }
+
+    fn appended_rows(store: &Store) -> i64 {
+        store
+            .conn
+            .query_row("SELECT count(*) FROM appended_changes", [], |row| {
+                row.get(0)
+            })
+            .unwrap()
+    }
+
+    fn put_appended(
+        store: &mut Store,
+        key: &PublisherKey,
+        heads: &[[u8; 32]],
+        extension: &Extension,
+        time: i64,
+    ) -> Option<i64> {
+        let batch = store.write().unwrap();
+        let seq = batch
+            .put_appended(&key.sign_heads(&meta(), heads), extension, time)
+            .unwrap();
+        batch.commit().unwrap();
+        seq
+    }
+
+    fn put_whole(store: &mut Store, key: &PublisherKey, doc: &PublishedDocument, time: i64) {
+        put_saved(store, key, &doc.heads(), &doc.save(), time);
+    }
+
+    fn put_saved(
+        store: &mut Store,
+        key: &PublisherKey,
+        heads: &[[u8; 32]],
+        saved: &[u8],
+        time: i64,
+    ) {
+        let batch = store.write().unwrap();
+        batch
+            .put_document(&key.sign_heads(&meta(), heads), saved, &[], time)
+            .unwrap();
+        batch.commit().unwrap();
+    }
+
+    /// The heads the stored bytes load to, and the heads stored as signed.
+    fn loaded_and_signed(store: &Store) -> (Vec<[u8; 32]>, Vec<[u8; 32]>) {
+        let (index, whole) = relay_copy(store);
+        let loaded = PublishedDocument::load(&meta(), &whole.snapshot).unwrap();
+        (sorted(loaded.heads()), sorted(index.heads))
+    }
+
     /// Finding (issue 19's 10-minute run): a relayed version rewrote the whole stored row, so
     /// a growing document cost more to store with every version and a busy hub fell behind.
     /// Appended changes are rows of their own: a version adds only its changes, the saved
     /// base is never rewritten, and what is read back loads as the publisher's document.
     #[test]
     fn appended_versions_write_only_their_changes_and_read_back_as_the_whole_document() {
-        use caremesh_sync::relay;
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("node.db")).unwrap();
         let key = PublisherKey::from_secret([9; 32]);
         let mut doc = PublishedDocument::create(meta(), b"actor");
         doc.update(&[item("a/0")], &[], 1);
         let base = doc.save();
-        let batch = store.write().unwrap();
-        batch
-            .put_document(&key.sign_heads(&meta(), &doc.heads()), &base, &[], 1)
-            .unwrap();
-        batch.commit().unwrap();
+        put_whole(&mut store, &key, &doc, 1);
         let base_kept = |store: &Store| -> i64 {
             store
                 .conn
@@ -1775,109 +1979,146 @@ mod tests {
                 .unwrap()
         };
         for version in 1..=4 {
-            let held = store.document(meta().id()).unwrap().unwrap();
-            let held_heads = SignedHeads::decode(&held.signed).unwrap().heads;
+            let (_, held) = relay_copy(&store);
             let before = doc.heads();
             doc.update(&[item(&format!("a/{version}"))], &[], 1 + version);
-            let extension = relay::extend(
-                &held.snapshot,
-                held.appended.as_ref(),
-                &held_heads,
-                &doc.changes_since(&before),
-            )
-            .unwrap();
-            assert_eq!(extension.heads, doc.heads());
+            let extension = extended(&store, &doc, &before);
             let changed_before = store.conn.total_changes();
-            let batch = store.write().unwrap();
-            batch
-                .put_appended(
-                    &key.sign_heads(&meta(), &doc.heads()),
-                    &extension.stored,
-                    &extension.appended,
-                    1 + version,
-                )
-                .unwrap();
-            batch.commit().unwrap();
+            assert!(
+                put_appended(&mut store, &key, &doc.heads(), &extension, 1 + version).is_some()
+            );
             assert_eq!(
                 store.conn.total_changes() - changed_before,
                 3,
                 "version {version}: the feed tip, the document's row and one change row"
             );
-            let rows: i64 = store
-                .conn
-                .query_row("SELECT count(*) FROM appended_changes", [], |row| {
-                    row.get(0)
-                })
-                .unwrap();
-            assert_eq!(rows, version, "one row per appended change, none rewritten");
+            assert_eq!(
+                appended_rows(&store),
+                version,
+                "one row per appended change, none rewritten"
+            );
             assert_eq!(base_kept(&store), 1, "the saved base is kept as it was");
-            let read = store.document(meta().id()).unwrap().unwrap();
-            assert_eq!(read.snapshot, extension.stored);
-            assert_eq!(read.appended.as_ref(), Some(&extension.appended));
-            let loaded = PublishedDocument::load(&meta(), &read.snapshot).unwrap();
-            assert_eq!(loaded.heads(), doc.heads(), "the stored bytes load whole");
+            let (index, read) = relay_copy(&store);
+            let mut expected = held.snapshot.clone();
+            expected.extend_from_slice(&extension.new_bytes);
+            assert_eq!(
+                read.snapshot, expected,
+                "the held bytes, then the new change"
+            );
+            assert_eq!(index.appended.as_ref(), Some(&extension.appended));
+            let (loaded, signed) = loaded_and_signed(&store);
+            assert_eq!(loaded, sorted(doc.heads()), "the stored bytes load whole");
+            assert_eq!(signed, loaded);
             assert_eq!(
                 store.documents_after(0, 10).unwrap()[0].snapshot,
                 read.snapshot
             );
         }
-        // An index whose base is not the stored base (here: the held bytes taken as saved
-        // whole, as when a stored hash is damaged) is stored afresh, base and changes, never
-        // mixed with the rows there.
-        let rows = |store: &Store| -> i64 {
-            store
-                .conn
-                .query_row("SELECT count(*) FROM appended_changes", [], |row| {
-                    row.get(0)
-                })
-                .unwrap()
-        };
-        let append_to_whole = |store: &mut Store, doc: &mut PublishedDocument, time: i64| {
-            let held = store.document(meta().id()).unwrap().unwrap();
-            let before = doc.heads();
-            doc.update(&[item(&format!("a/{time}"))], &[], time);
-            let extension =
-                relay::extend(&held.snapshot, None, &before, &doc.changes_since(&before)).unwrap();
-            let batch = store.write().unwrap();
-            let signed = key.sign_heads(&meta(), &doc.heads());
-            batch
-                .put_appended(&signed, &extension.stored, &extension.appended, time)
-                .unwrap();
-            batch.commit().unwrap();
-            extension
-        };
-        let afresh = append_to_whole(&mut store, &mut doc, 6);
-        assert_eq!(rows(&store), 1);
-        let read = store.document(meta().id()).unwrap().unwrap();
-        assert_eq!(read.snapshot, afresh.stored);
-        assert_eq!(read.appended.as_ref(), Some(&afresh.appended));
-        let loaded = PublishedDocument::load(&meta(), &read.snapshot).unwrap();
-        assert_eq!(loaded.heads(), doc.heads());
         // A version saved whole replaces the rows; a purge takes them with the document.
-        let batch = store.write().unwrap();
-        batch
-            .put_document(&key.sign_heads(&meta(), &doc.heads()), &doc.save(), &[], 7)
-            .unwrap();
-        batch.commit().unwrap();
-        assert_eq!(rows(&store), 0);
-        assert!(
-            store
-                .document(meta().id())
-                .unwrap()
-                .unwrap()
-                .appended
-                .is_none()
-        );
-        append_to_whole(&mut store, &mut doc, 8);
-        assert_eq!(rows(&store), 1);
+        put_whole(&mut store, &key, &doc, 7);
+        assert_eq!(appended_rows(&store), 0);
+        assert!(relay_copy(&store).0.appended.is_none());
+        let before = doc.heads();
+        doc.update(&[item("a/8")], &[], 8);
+        let extension = extended(&store, &doc, &before);
+        put_appended(&mut store, &key, &doc.heads(), &extension, 8);
+        assert_eq!(appended_rows(&store), 1);
         let batch = store.write().unwrap();
         assert_eq!(batch.purge(&meta().publisher, &meta().patient).unwrap(), 1);
         batch.commit().unwrap();
         assert_eq!(
-            rows(&store),
+            appended_rows(&store),
             0,
             "a withdrawal leaves no appended change behind"
         );
+        // Nothing held any more: nothing to append to, and nothing stored.
+        assert_eq!(
+            put_appended(&mut store, &key, &doc.heads(), &extension, 9),
+            None
+        );
+        assert!(store.document(meta().id()).unwrap().is_none());
+    }
+
+    /// A relayed version is stored after its session's batch completes, and another session
+    /// (the publisher directly, a second hub) may have stored a version of the document in
+    /// between. Whatever that was, the version stored is never older than either, and the
+    /// stored bytes always load to the stored signed heads.
+    #[test]
+    fn a_relayed_version_stored_after_the_held_copy_moved_on_is_never_stored_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
+        let key = PublisherKey::from_secret([9; 32]);
+        let mut doc = PublishedDocument::create(meta(), b"actor");
+        doc.update(&[item("a/0")], &[], 1);
+        put_whole(&mut store, &key, &doc, 1);
+        // Each version's heads and saved bytes; one change a version.
+        let mut versions = vec![(doc.heads(), doc.save())];
+        for version in 1..=4 {
+            doc.update(&[item(&format!("a/{version}"))], &[], 1 + version);
+            versions.push((doc.heads(), doc.save()));
+        }
+        let all_changes = doc.changes_since(&versions[0].0);
+        assert_eq!(all_changes.len(), 4);
+        let heads = |version: usize| sorted(versions[version].0.clone());
+        let changes_to = |version: usize| all_changes[..version].to_vec();
+        let whole = |store: &mut Store, version: usize, time: i64| {
+            put_saved(
+                store,
+                &key,
+                &versions[version].0,
+                &versions[version].1,
+                time,
+            )
+        };
+        let index_at_v0 = relay_copy(&store).0;
+
+        // 1. Another session appended a newer version (3) first: version 2 is kept out.
+        let late_v2 = relay::extend(&index_at_v0, &changes_to(2)).unwrap();
+        let v3 = relay::extend(&index_at_v0, &changes_to(3)).unwrap();
+        put_appended(&mut store, &key, &versions[3].0, &v3, 3).unwrap();
+        let seq = store.feed_tip().unwrap();
+        assert_eq!(
+            put_appended(&mut store, &key, &versions[2].0, &late_v2, 4),
+            None
+        );
+        assert_eq!(loaded_and_signed(&store), (heads(3), heads(3)));
+        assert_eq!(store.feed_tip().unwrap(), seq, "no feed position taken");
+        assert_eq!(appended_rows(&store), 3);
+
+        // 2. Another session saved an older version (1) whole: the changes extend it.
+        let mut store_b = Store::open(&dir.path().join("b.db")).unwrap();
+        whole(&mut store_b, 0, 1);
+        let late_v3 = relay::extend(&relay_copy(&store_b).0, &changes_to(3)).unwrap();
+        whole(&mut store_b, 1, 2);
+        assert!(put_appended(&mut store_b, &key, &versions[3].0, &late_v3, 3).is_some());
+        assert_eq!(loaded_and_signed(&store_b), (heads(3), heads(3)));
+        assert_eq!(appended_rows(&store_b), 2, "appended after the whole save");
+
+        // 3. Another session saved a newer version (4) whole: version 3 is kept out.
+        let mut store_d = Store::open(&dir.path().join("d.db")).unwrap();
+        whole(&mut store_d, 0, 1);
+        let late_v3 = relay::extend(&relay_copy(&store_d).0, &changes_to(3)).unwrap();
+        whole(&mut store_d, 4, 5);
+        assert_eq!(
+            put_appended(&mut store_d, &key, &versions[3].0, &late_v3, 6),
+            None
+        );
+        assert_eq!(loaded_and_signed(&store_d), (heads(4), heads(4)));
+
+        // 4. The held index is damaged (a stored hash not 32 bytes), so only the history can
+        //    tell: held bytes and changes are loaded together and saved whole.
+        let mut store_c = Store::open(&dir.path().join("c.db")).unwrap();
+        whole(&mut store_c, 0, 1);
+        let v1 = relay::extend(&relay_copy(&store_c).0, &changes_to(1)).unwrap();
+        put_appended(&mut store_c, &key, &versions[1].0, &v1, 2).unwrap();
+        let v2 = relay::extend(&relay_copy(&store_c).0, &changes_to(2)).unwrap();
+        store_c
+            .conn
+            .execute("UPDATE appended_changes SET hash = x'00'", [])
+            .unwrap();
+        assert!(put_appended(&mut store_c, &key, &versions[2].0, &v2, 3).is_some());
+        assert_eq!(loaded_and_signed(&store_c), (heads(2), heads(2)));
+        assert_eq!(appended_rows(&store_c), 0, "saved whole");
     }
 
     /// Finding: positions came from MAX(seq) + 1, so purging the newest documents (a

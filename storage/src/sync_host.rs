@@ -8,12 +8,13 @@ use crate::{CareLookup, FeedRow, PeerCheckpoint, SourceRow, StorageError, Store}
 use caremesh_sync::VerifiedRegistry;
 use caremesh_sync::planted::PlantedBug;
 use caremesh_sync::policy::{self, Consent, Decision, Facts, Recipient};
+use caremesh_sync::relay::HeldIndex;
 use caremesh_sync::session::EpochEnd;
 use caremesh_sync::wire::OfferEntry;
 use caremesh_sync::{
     Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, LoadedDocuments,
     NhsNumber, OdsCode, OfferPage, Refusal, Section, SignedCheckpoint, SignedHeads, SyncHost,
-    VerifiedDocument,
+    VerifiedBytes, VerifiedDocument,
 };
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -560,6 +561,10 @@ impl SyncHost for StoreHost {
         }))
     }
 
+    fn held_index(&mut self, doc: DocId) -> Result<Option<(DocMeta, HeldIndex)>, HostError> {
+        self.store.held_index(doc).map_err(host_error)
+    }
+
     fn commit(
         &mut self,
         peer: &OdsCode,
@@ -616,11 +621,13 @@ impl SyncHost for StoreHost {
             } else {
                 &[]
             };
-            match &document.appended {
-                Some(appended) => {
-                    batch.put_appended(&document.signed, &document.snapshot, appended, now)
-                }
-                None => batch.put_document(&document.signed, &document.snapshot, items, now),
+            match &document.bytes {
+                VerifiedBytes::Appended(extension) => batch
+                    .put_appended(&document.signed, extension, now)
+                    .map(|_| ()),
+                VerifiedBytes::Whole(snapshot) => batch
+                    .put_document(&document.signed, snapshot, items, now)
+                    .map(|_| ()),
             }
             .map_err(host_error)?;
             if is_care {
@@ -908,8 +915,7 @@ mod tests {
         let key = caremesh_sync::PublisherKey::from_secret(secret);
         VerifiedDocument {
             signed: key.sign_heads(&meta, &document.heads()),
-            snapshot: document.save(),
-            appended: None,
+            bytes: VerifiedBytes::Whole(document.save()),
             items: vec![item],
             published_at: Some(1_700_000_000),
         }

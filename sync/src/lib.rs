@@ -39,7 +39,7 @@ pub use model::{
 };
 pub use session::{
     Checkpoint, Event, FeedEntry, HeldDocument, HostError, OfferPage, Refusal, Session,
-    SessionError, SessionStats, SyncHost, VerifiedDocument,
+    SessionError, SessionStats, SyncHost, VerifiedBytes, VerifiedDocument,
 };
 pub use signing::{
     AuditCheckpoint, CheckpointError, PublisherKey, SignatureError, SignedCheckpoint, SignedHeads,

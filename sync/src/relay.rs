@@ -55,24 +55,65 @@ pub struct AppendedChange {
 }
 
 impl AppendedChanges {
-    /// Whether the appended changes lie inside `stored`. An index that does not fit its bytes
-    /// (a damaged column) is never used.
-    pub fn fits(&self, stored: &[u8]) -> bool {
-        let appended: u64 = self.changes.iter().map(|c| c.len).sum();
-        self.base_len.checked_add(appended) == Some(stored.len() as u64)
+    /// Whether the appended changes describe exactly `stored_len` stored bytes. An index that
+    /// does not fit its bytes (a damaged column) is never used.
+    pub fn fits(&self, stored_len: u64) -> bool {
+        self.changes
+            .iter()
+            .try_fold(self.base_len, |len, change| len.checked_add(change.len))
+            == Some(stored_len)
     }
 }
 
+/// What a relay needs of a held copy to extend it by its hash chain, without its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldIndex {
+    /// The heads its publisher signed.
+    pub heads: Vec<[u8; 32]>,
+    /// How many bytes are stored: the saved base and every appended change.
+    pub stored_len: u64,
+    /// The index of what was appended since the base was saved; `None` where the document was
+    /// saved whole (or its index is damaged: everything stored then counts as the base).
+    pub appended: Option<AppendedChanges>,
+}
+
 /// A new version that verified by its hash chain: what to store.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Extension {
-    /// The held bytes followed by the received changes.
-    pub stored: Vec<u8>,
+    /// The received changes the held copy lacks, one chunk after another, in the index's
+    /// order: all that is appended to the held bytes.
+    pub new_bytes: Vec<u8>,
+    /// The index once they are appended: its changes from [`Extension::already_held`] on
+    /// describe [`Extension::new_bytes`].
     pub appended: AppendedChanges,
+    /// How many of the index's changes the held copy has.
+    pub already_held: usize,
     /// The heads the held heads and the received changes give.
     pub heads: Vec<[u8; 32]>,
     /// The latest time the publisher stamped on a received change.
     pub published_at: Option<i64>,
+}
+
+impl Extension {
+    /// The new changes, each as its own chunk.
+    pub fn new_changes(&self) -> Vec<Vec<u8>> {
+        split_changes(&self.new_bytes, &self.appended.changes[self.already_held..])
+    }
+}
+
+/// `bytes` cut into the chunks `changes` describe, in order. The caller checked that their
+/// lengths add up to `bytes`.
+pub fn split_changes(bytes: &[u8], changes: &[AppendedChange]) -> Vec<Vec<u8>> {
+    let mut start = 0;
+    changes
+        .iter()
+        .map(|change| {
+            let end = start + change.len as usize;
+            let chunk = bytes[start..end].to_vec();
+            start = end;
+            chunk
+        })
+        .collect()
 }
 
 /// Why a received version was not taken on the relay path: the caller takes the full path,
@@ -88,32 +129,28 @@ pub enum Declined {
     Compact,
 }
 
-/// Extends the held document (`stored`, with `appended` if a relay appended to it, at
-/// `held_heads`) by `received` changes, checking their hash chain. The caller compares
-/// [`Extension::heads`] with the signed heads: only equal heads may be stored.
-pub fn extend(
-    stored: &[u8],
-    appended: Option<&AppendedChanges>,
-    held_heads: &[[u8; 32]],
-    received: &[Vec<u8>],
-) -> Result<Extension, Declined> {
-    let mut index = match appended {
-        Some(appended) if appended.fits(stored) => appended.clone(),
+/// Extends the held document (described by `held`, without its bytes) by `received`
+/// changes, checking their hash chain. The caller compares [`Extension::heads`] with the
+/// signed heads: only equal heads may be stored.
+pub fn extend(held: &HeldIndex, received: &[Vec<u8>]) -> Result<Extension, Declined> {
+    let mut index = match &held.appended {
+        Some(appended) if appended.fits(held.stored_len) => appended.clone(),
         // Saved whole (or an index that does not fit its bytes): everything held is the base.
         _ => AppendedChanges {
-            base_heads: held_heads.to_vec(),
-            base_len: stored.len() as u64,
+            base_heads: held.heads.clone(),
+            base_len: held.stored_len,
             changes: Vec::new(),
         },
     };
-    let mut heads: BTreeSet<[u8; 32]> = held_heads.iter().copied().collect();
+    let already_held = index.changes.len();
+    let mut heads: BTreeSet<[u8; 32]> = held.heads.iter().copied().collect();
     // Changes the index says are held. A received change among them is skipped: a change is
     // named by the hash of its bytes, so it is byte for byte the one held (a peer that
     // answered an older Want sends changes this node has since stored).
     let mut known: BTreeSet<[u8; 32]> = heads.clone();
     known.extend(index.base_heads.iter().copied());
     known.extend(index.changes.iter().map(|change| change.hash));
-    let mut bytes = stored.to_vec();
+    let mut new_bytes = Vec::new();
     let mut published_at = None;
     for chunk in received {
         let change = change_chunk(chunk).ok_or(Declined::NotAChange)?;
@@ -133,7 +170,7 @@ pub fn extend(
         known.insert(hash);
         heads.insert(hash);
         published_at = published_at.max(Some(change.timestamp()));
-        bytes.extend_from_slice(chunk);
+        new_bytes.extend_from_slice(chunk);
         index.changes.push(AppendedChange {
             hash,
             deps,
@@ -144,8 +181,9 @@ pub fn extend(
         return Err(Declined::Compact);
     }
     Ok(Extension {
-        stored: bytes,
+        new_bytes,
         appended: index,
+        already_held,
         heads: heads.into_iter().collect(),
         published_at,
     })
@@ -185,7 +223,7 @@ pub fn changes_after(
     appended: &AppendedChanges,
     have: &[[u8; 32]],
 ) -> Option<Vec<Vec<u8>>> {
-    if have.is_empty() || !appended.fits(stored) {
+    if have.is_empty() || !appended.fits(stored.len() as u64) {
         return None;
     }
     let position: BTreeMap<[u8; 32], usize> = appended
@@ -258,40 +296,79 @@ mod tests {
         PublishedDocument::load(&meta(), bytes).unwrap().heads()
     }
 
-    /// `first` extended by each of `changes` in turn, one version each: every extension.
-    fn extended_one_by_one(first: &[u8], changes: &[Vec<u8>]) -> Vec<Extension> {
-        let mut extensions: Vec<Extension> = Vec::new();
-        for change in changes {
-            let extension = match extensions.last() {
-                Some(last) => extend(
-                    &last.stored,
-                    Some(&last.appended),
-                    &last.heads,
-                    std::slice::from_ref(change),
-                ),
-                None => extend(first, None, &heads_of(first), std::slice::from_ref(change)),
-            };
-            extensions.push(extension.unwrap());
+    /// A held copy: its bytes, and what a relay knows of it without them.
+    #[derive(Clone)]
+    struct Held {
+        stored: Vec<u8>,
+        index: HeldIndex,
+    }
+
+    impl Held {
+        fn saved_whole(bytes: &[u8]) -> Held {
+            Held {
+                stored: bytes.to_vec(),
+                index: HeldIndex {
+                    heads: heads_of(bytes),
+                    stored_len: bytes.len() as u64,
+                    appended: None,
+                },
+            }
         }
-        extensions
+
+        /// The held copy once `extension` is stored, as storage stores it.
+        fn extended(&self, extension: &Extension) -> Held {
+            let mut stored = self.stored.clone();
+            stored.extend_from_slice(&extension.new_bytes);
+            Held {
+                index: HeldIndex {
+                    heads: extension.heads.clone(),
+                    stored_len: stored.len() as u64,
+                    appended: Some(extension.appended.clone()),
+                },
+                stored,
+            }
+        }
+
+        fn extend(&self, received: &[Vec<u8>]) -> Result<(Extension, Held), Declined> {
+            let extension = extend(&self.index, received)?;
+            let held = self.extended(&extension);
+            Ok((extension, held))
+        }
+    }
+
+    /// `first` extended by each of `changes` in turn, one version each: every copy held.
+    fn extended_one_by_one(first: &[u8], changes: &[Vec<u8>]) -> Vec<Held> {
+        let mut held = vec![Held::saved_whole(first)];
+        for change in changes {
+            let (extension, next) = held
+                .last()
+                .unwrap()
+                .extend(std::slice::from_ref(change))
+                .unwrap();
+            assert_eq!(extension.new_changes(), vec![change.clone()]);
+            held.push(next);
+        }
+        held.remove(0);
+        held
     }
 
     #[test]
     fn appended_changes_load_to_the_publishers_heads_and_serve_each_holder_what_it_lacks() {
         let (document, first, changes) = published(4);
         let first_heads = heads_of(&first);
-        let extensions = extended_one_by_one(&first, &changes);
+        let versions = extended_one_by_one(&first, &changes);
         let mut heads_after = vec![first_heads.clone()];
-        for extension in &extensions {
-            assert_eq!(extension.heads, heads_of(&extension.stored));
-            heads_after.push(extension.heads.clone());
+        for held in &versions {
+            assert_eq!(held.index.heads, heads_of(&held.stored));
+            heads_after.push(held.index.heads.clone());
         }
-        let last = extensions.last().unwrap();
-        let (stored, appended, heads) = (&last.stored, Some(last.appended.clone()), &last.heads);
+        let last = versions.last().unwrap();
+        let (stored, heads) = (&last.stored, &last.index.heads);
         assert_eq!(*heads, document.heads(), "the publisher's heads");
-        let appended = appended.unwrap();
+        let appended = last.index.appended.clone().unwrap();
         assert_eq!(appended.base_heads, first_heads);
         assert_eq!(appended.base_len, first.len() as u64);
+        assert!(appended.fits(stored.len() as u64));
         // A holder of each earlier version gets exactly the changes after it.
         for (version, have) in heads_after.iter().enumerate() {
             let lacking = changes_after(stored, &appended, have).unwrap();
@@ -310,12 +387,12 @@ mod tests {
     #[test]
     fn a_change_whose_bytes_are_not_the_publishers_gives_other_heads_or_is_declined() {
         let (document, first, changes) = published(2);
-        let held = heads_of(&first);
+        let held = Held::saved_whole(&first);
         // The same change with another timestamp: well formed, checksum valid, another hash.
         let mut forged = Change::from_bytes(changes[0].clone()).unwrap().decode();
         forged.time += 1;
         let forged = Change::from(forged).raw_bytes().to_vec();
-        let extension = extend(&first, None, &held, &[forged]).unwrap();
+        let extension = extend(&held.index, &[forged]).unwrap();
         assert_ne!(extension.heads, document.heads());
 
         // One byte altered, checksum left: not a valid chunk.
@@ -323,12 +400,12 @@ mod tests {
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         assert_eq!(
-            extend(&first, None, &held, &[flipped]).unwrap_err(),
+            extend(&held.index, &[flipped]).unwrap_err(),
             Declined::NotAChange
         );
         // A saved document is not a change: first copies take the full path.
         assert_eq!(
-            extend(&first, None, &held, std::slice::from_ref(&first)).unwrap_err(),
+            extend(&held.index, std::slice::from_ref(&first)).unwrap_err(),
             Declined::NotAChange
         );
     }
@@ -336,31 +413,34 @@ mod tests {
     #[test]
     fn changes_older_than_the_held_heads_are_declined_and_held_ones_skipped() {
         let (_, first, changes) = published(3);
-        let held = heads_of(&first);
+        let held = Held::saved_whole(&first);
         // The third version's change without the second: it depends on what is not held.
         assert_eq!(
-            extend(&first, None, &held, &changes[1..]).unwrap_err(),
+            extend(&held.index, &changes[1..]).unwrap_err(),
             Declined::OutsideTheHeldHeads
         );
         // A change already held (here: earlier in the batch, or appended before) is skipped,
         // being byte for byte the one held.
         let twice = vec![changes[0].clone(), changes[0].clone()];
-        let once = extend(&first, None, &held, &twice).unwrap();
+        let (once, held_once) = held.extend(&twice).unwrap();
         assert_eq!(once.appended.changes.len(), 1);
-        let again = extend(&once.stored, Some(&once.appended), &once.heads, &changes).unwrap();
+        assert_eq!(once.new_bytes, changes[0], "appended once");
+        let (again, held_again) = held_once.extend(&changes).unwrap();
         assert_eq!(
             again.appended.changes.len(),
             2,
             "only the third version's change added"
         );
-        assert_eq!(again.heads, heads_of(&again.stored));
+        assert_eq!(again.already_held, 1);
+        assert_eq!(again.new_bytes, changes[1]);
+        assert_eq!(again.heads, heads_of(&held_again.stored));
         // A first change (no dependencies) that is not the held one could still be somewhere
         // in the held history: only a full check can tell.
         let mut other = PublishedDocument::create(meta(), b"publisher");
         other.update(&[allergy("b0", "Latex")], &[], 1_700_000_000);
         let root = other.changes_since(&[]);
         assert_eq!(
-            extend(&first, None, &held, &root).unwrap_err(),
+            extend(&held.index, &root).unwrap_err(),
             Declined::OutsideTheHeldHeads
         );
     }
@@ -368,14 +448,11 @@ mod tests {
     #[test]
     fn a_document_with_as_many_appended_changes_as_it_may_is_compacted_by_the_full_path() {
         let (_, first, changes) = published(MAX_APPENDED_CHANGES + 2);
-        let extensions = extended_one_by_one(&first, &changes[..MAX_APPENDED_CHANGES]);
-        let last = extensions.last().unwrap();
-        let (stored, appended, heads) = (&last.stored, Some(&last.appended), &last.heads);
+        let versions = extended_one_by_one(&first, &changes[..MAX_APPENDED_CHANGES]);
+        let last = versions.last().unwrap();
         assert_eq!(
             extend(
-                stored,
-                appended,
-                heads,
+                &last.index,
                 &changes[MAX_APPENDED_CHANGES..MAX_APPENDED_CHANGES + 1]
             )
             .unwrap_err(),
@@ -389,8 +466,8 @@ mod tests {
     #[test]
     fn damaged_changes_and_indexes_never_pass_as_the_publishers_and_never_panic() {
         let (document, first, changes) = published(2);
-        let held = heads_of(&first);
-        let genuine = extend(&first, None, &held, &changes).unwrap();
+        let held = Held::saved_whole(&first);
+        let (genuine, genuine_held) = held.extend(&changes).unwrap();
         assert_eq!(genuine.heads, document.heads());
         let mut rng = crate::rng::Rng::new(19);
         for _ in 0..3_000 {
@@ -405,30 +482,58 @@ mod tests {
             if damaged == changes[0] {
                 continue; // the same bit flipped twice
             }
-            if let Ok(extension) = extend(&first, None, &held, &[damaged]) {
+            if let Ok(extension) = extend(&held.index, &[damaged]) {
                 assert_ne!(extension.heads, document.heads());
             }
             let mut index = genuine.appended.clone();
             let which = rng.below(index.changes.len() as u64) as usize;
             let change = &mut index.changes[which];
-            match rng.below(4) {
-                0 => index.base_len = rng.below(genuine.stored.len() as u64 + 64),
-                1 => change.len = rng.below(genuine.stored.len() as u64 + 64),
+            let stored_len = genuine_held.stored.len() as u64;
+            match rng.below(5) {
+                0 => index.base_len = rng.below(stored_len + 64),
+                1 => change.len = rng.below(stored_len + 64),
                 2 => change.hash[rng.below(32) as usize] ^= 1 << rng.below(8),
+                3 => change.len = u64::MAX - rng.below(64),
                 _ => change.deps.clear(),
             }
-            let _ = changes_after(&genuine.stored, &index, &held);
-            let _ = extend(&genuine.stored, Some(&index), &genuine.heads, &changes);
+            let _ = changes_after(&genuine_held.stored, &index, &held.index.heads);
+            let damaged_held = HeldIndex {
+                appended: Some(index),
+                ..genuine_held.index.clone()
+            };
+            if let Ok(extension) = extend(&damaged_held, &changes) {
+                assert!(
+                    extension
+                        .appended
+                        .fits(stored_len + extension.new_bytes.len() as u64)
+                );
+            }
         }
     }
 
     #[test]
     fn an_index_that_does_not_fit_its_bytes_is_not_used() {
         let (_, first, changes) = published(2);
-        let held = heads_of(&first);
-        let extension = extend(&first, None, &held, &changes).unwrap();
-        let mut damaged = extension.appended.clone();
+        let held = Held::saved_whole(&first);
+        let (_, extended) = held.extend(&changes).unwrap();
+        let mut damaged = extended.index.appended.clone().unwrap();
         damaged.base_len += 1;
-        assert_eq!(changes_after(&extension.stored, &damaged, &held), None);
+        assert_eq!(
+            changes_after(&extended.stored, &damaged, &held.index.heads),
+            None
+        );
+        // Extending from it takes everything held as the base instead.
+        let (_, again) = Held {
+            index: HeldIndex {
+                appended: Some(damaged),
+                ..extended.index.clone()
+            },
+            ..extended.clone()
+        }
+        .extend(&changes)
+        .unwrap();
+        let rebased = again.index.appended.unwrap();
+        assert_eq!(rebased.base_len, extended.stored.len() as u64);
+        assert!(rebased.changes.is_empty(), "every change is held already");
     }
 }

@@ -41,7 +41,7 @@ use crate::loaded::LoadedDocuments;
 use crate::model::{DocId, DocMeta, Item, OdsCode};
 use crate::planted::PlantedBug;
 use crate::policy::{Decision, Recipient, WithholdReason};
-use crate::relay::{self, AppendedChanges};
+use crate::relay::{self, AppendedChanges, Extension, HeldIndex};
 use crate::signing::SignedHeads;
 use crate::wire::{
     self, FeedId, FrameDecoder, MAX_FRAME_BYTES, MAX_OFFER_ENTRIES, Message, OfferEntry, WantEntry,
@@ -120,6 +120,15 @@ impl HeldDocument {
     pub fn signed_heads(&self) -> Option<Vec<[u8; 32]>> {
         SignedHeads::decode(&self.signed).map(|signed| signed.heads)
     }
+
+    /// What a relay knows of it without its bytes, if its signed heads decode.
+    pub fn index(&self) -> Option<HeldIndex> {
+        Some(HeldIndex {
+            heads: self.signed_heads()?,
+            stored_len: self.snapshot.len() as u64,
+            appended: self.appended.clone(),
+        })
+    }
 }
 
 /// Keeps `document` loaded at its current heads, if the host keeps documents loaded.
@@ -133,16 +142,24 @@ fn keep_loaded(host: &mut impl SyncHost, document: PublishedDocument) {
 #[derive(Debug, Clone)]
 pub struct VerifiedDocument {
     pub signed: SignedHeads,
-    /// The bytes to store: saved whole, or the held bytes with the received changes appended
-    /// (then `appended` indexes them).
-    pub snapshot: Vec<u8>,
-    /// `Some` where a relay authenticated the version by its hash chain and appended it
-    /// ([`crate::relay`]): the host stores the index beside the bytes.
-    pub appended: Option<AppendedChanges>,
+    pub bytes: VerifiedBytes,
     /// Empty where the host does not read them ([`SyncHost::reads_items`]).
     pub items: Vec<Item>,
     /// When the publisher made its latest change (Unix seconds, as the publisher stamped it).
     pub published_at: Option<i64>,
+}
+
+/// What of a verified version is stored.
+#[derive(Debug, Clone)]
+pub enum VerifiedBytes {
+    /// The document saved whole.
+    Whole(Vec<u8>),
+    /// The changes a relay authenticated by their hash chain ([`crate::relay`]), to append to
+    /// the held copy it extended. The held copy may have moved on by the time they are
+    /// stored (another session stored a version): the host then appends them to what it
+    /// holds if they extend it to the signed heads, and keeps what it holds if that has
+    /// them already.
+    Appended(Extension),
 }
 
 /// What a received version is to the receiver, once its signature verified.
@@ -221,6 +238,15 @@ pub trait SyncHost {
     /// The heads this node holds for `doc`, from its stored signed heads.
     fn held_heads(&mut self, doc: DocId) -> Result<Option<Vec<[u8; 32]>>, HostError>;
     fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError>;
+    /// The partition of the held copy of `doc` and what a relay needs of it to extend it by
+    /// its hash chain ([`HeldIndex`]), without reading its bytes; `None` when nothing is held
+    /// or its signed heads do not decode. A relay asks this for every version offered and
+    /// received, so a host should answer it without assembling the document.
+    fn held_index(&mut self, doc: DocId) -> Result<Option<(DocMeta, HeldIndex)>, HostError> {
+        Ok(self
+            .document(doc)?
+            .and_then(|held| Some((held.meta.clone(), held.index()?))))
+    }
     /// Stores verified documents received from `peer` and, when given, the puller's new
     /// checkpoint in its feed, in one transaction. The host decides again, as the recipient,
     /// on every document it did not publish and stores only what policy lets it hold: it
@@ -905,42 +931,44 @@ impl Session {
         if let Some(written) = self.writes.get(&doc)
             && !host.reads_items(&written.signed.meta)
         {
-            return Ok(relay::known(
-                written.appended.as_ref(),
-                &written.signed.heads,
-                heads,
-            ));
+            let appended = match &written.bytes {
+                VerifiedBytes::Appended(extension) => Some(&extension.appended),
+                VerifiedBytes::Whole(_) => None,
+            };
+            return Ok(relay::known(appended, &written.signed.heads, heads));
         }
         if self.writes.contains_key(&doc) {
             return Ok(self
                 .base_document(doc, host)?
                 .is_some_and(|document| document.contains_all(heads)));
         }
-        let Some(held) = host.document(doc)? else {
+        let Some((meta, index)) = host.held_index(doc)? else {
+            // Nothing held, or signed heads that do not decode: the full copy replaces it.
             return Ok(false);
         };
-        let held_heads = held.signed_heads();
-        if !host.reads_items(&held.meta) {
+        if !host.reads_items(&meta) {
             // A relay does not load the document to place an offer: heads its index does not
             // know are wanted, and the changes that answer settle it (a version it already
             // holds is found on the full path, `verify_received`). Offers of older versions
             // reach a hub only from a second hub.
-            return Ok(held_heads.is_some_and(|held_heads| {
-                relay::known(held.appended.as_ref(), &held_heads, heads)
-            }));
+            return Ok(relay::known(index.appended.as_ref(), &index.heads, heads));
         }
-        if let Some(held_heads) = &held_heads
-            && let Some(loaded) = host.loaded_documents().and_then(|l| l.get(doc, held_heads))
+        if let Some(loaded) = host
+            .loaded_documents()
+            .and_then(|l| l.get(doc, &index.heads))
         {
             return Ok(loaded.contains_all(heads));
         }
+        let Some(held) = host.document(doc)? else {
+            return Ok(false);
+        };
         // A stored document that no longer loads is treated as absent, as in
         // `base_document`.
         let Ok(document) = PublishedDocument::load(&held.meta, &held.snapshot) else {
             return Ok(false);
         };
         let contains = document.contains_all(heads);
-        if held_heads.is_some_and(|held_heads| held_heads == document.heads()) {
+        if index.heads == document.heads() {
             keep_loaded(host, document);
         }
         Ok(contains)
@@ -952,7 +980,14 @@ impl Session {
         host: &mut impl SyncHost,
     ) -> Result<Option<PublishedDocument>, SessionError> {
         if let Some(written) = self.writes.get(&doc) {
-            return Ok(PublishedDocument::load(&written.signed.meta, &written.snapshot).ok());
+            return Ok(match &written.bytes {
+                VerifiedBytes::Whole(snapshot) => {
+                    PublishedDocument::load(&written.signed.meta, snapshot).ok()
+                }
+                // Only the changes are at hand: `verify_received` stores them before it
+                // needs the whole document, and a copy short of them only wants more.
+                VerifiedBytes::Appended(_) => None,
+            });
         }
         let Some(held) = host.document(doc)? else {
             return Ok(None);
@@ -1057,6 +1092,15 @@ impl Session {
         if let Err(error) = signed.verify(|publisher, key| host.is_publisher_key(publisher, key)) {
             return Ok(Err(error.to_string()));
         }
+        if self
+            .writes
+            .get(&meta.id())
+            .is_some_and(|written| matches!(written.bytes, VerifiedBytes::Appended(_)))
+        {
+            // A second version of a document relayed earlier in this batch: the first is
+            // stored now, so that both paths below start from the held copy.
+            self.flush(None, host)?;
+        }
         if !host.reads_items(meta)
             && let Some(received) = self.relay_received(&signed, changes, host)?
         {
@@ -1090,8 +1134,7 @@ impl Session {
         };
         let verified = VerifiedDocument {
             signed,
-            snapshot: document.save(),
-            appended: None,
+            bytes: VerifiedBytes::Whole(document.save()),
             items,
             published_at: document.last_change_time(),
         };
@@ -1104,9 +1147,10 @@ impl Session {
     }
 
     /// A relay's check of a new version by its hash chain against the signed heads (already
-    /// verified), without loading the document: `None` when it cannot decide that way (a
-    /// first copy, changes it declines, heads other than the signed heads), and the full path
-    /// decides, with the reason a full check gives for a rejection.
+    /// verified), without loading the document or reading its bytes: `None` when it cannot
+    /// decide that way (a first copy, a copy saved whole earlier in this batch, changes it
+    /// declines, heads other than the signed heads), and the full path decides, with the
+    /// reason a full check gives for a rejection.
     fn relay_received(
         &mut self,
         signed: &SignedHeads,
@@ -1114,25 +1158,17 @@ impl Session {
         host: &mut impl SyncHost,
     ) -> Result<Option<Received>, SessionError> {
         let doc = signed.meta.id();
-        let (stored, appended, held_heads) = match self.writes.get(&doc) {
-            Some(written) => (
-                written.snapshot.clone(),
-                written.appended.clone(),
-                written.signed.heads.clone(),
-            ),
-            None => match host.document(doc)? {
-                Some(held) => match held.signed_heads() {
-                    Some(heads) => (held.snapshot, held.appended, heads),
-                    None => return Ok(None),
-                },
-                // A first copy is loaded and checked whole.
-                None => return Ok(None),
-            },
+        if self.writes.contains_key(&doc) {
+            return Ok(None);
+        }
+        // A first copy is loaded and checked whole.
+        let Some((_, held)) = host.held_index(doc)? else {
+            return Ok(None);
         };
-        if relay::known(appended.as_ref(), &held_heads, &signed.heads) {
+        if relay::known(held.appended.as_ref(), &held.heads, &signed.heads) {
             return Ok(Some(Received::AlreadyHeld));
         }
-        let Ok(extension) = relay::extend(&stored, appended.as_ref(), &held_heads, changes) else {
+        let Ok(extension) = relay::extend(&held, changes) else {
             return Ok(None);
         };
         let mut signed_heads = signed.heads.clone();
@@ -1142,12 +1178,12 @@ impl Session {
         {
             return Ok(None);
         }
+        let published_at = extension.published_at;
         Ok(Some(Received::Newer(Box::new(VerifiedDocument {
             signed: signed.clone(),
-            snapshot: extension.stored,
-            appended: Some(extension.appended),
+            bytes: VerifiedBytes::Appended(extension),
             items: Vec::new(),
-            published_at: extension.published_at,
+            published_at,
         }))))
     }
 

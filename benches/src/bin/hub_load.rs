@@ -40,13 +40,13 @@ use caremesh_bench::{
 };
 use caremesh_storage::publish::{actor_for, sharing_item};
 use caremesh_sync::policy::{Consent, Decision, Recipient, SharingRecord};
-use caremesh_sync::relay::{AppendedChange, AppendedChanges};
+use caremesh_sync::relay::{AppendedChange, AppendedChanges, HeldIndex};
 use caremesh_sync::rng::Rng;
 use caremesh_sync::session::{EpochEnd, offerable_from_feed};
 use caremesh_sync::{
     Checkpoint, DataClass, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item,
     NhsNumber, OdsCode, OrgKind, PublishedDocument, PublisherKey, Refusal, Section, Session,
-    SignedHeads, SyncHost, VerifiedDocument,
+    SignedHeads, SyncHost, VerifiedBytes, VerifiedDocument,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -275,6 +275,16 @@ impl SyncHost for ThinHost {
         // against it.
         Ok(self.received.get(&doc).map(Received::held))
     }
+    fn held_index(&mut self, doc: DocId) -> Result<Option<(DocMeta, HeldIndex)>, HostError> {
+        Ok(self.received.get(&doc).map(|held| {
+            let index = HeldIndex {
+                heads: held.signed.heads.clone(),
+                stored_len: held.snapshot.len() as u64,
+                appended: held.appended.clone(),
+            };
+            (held.meta.clone(), index)
+        }))
+    }
     fn commit(
         &mut self,
         _peer: &OdsCode,
@@ -286,15 +296,29 @@ impl SyncHost for ThinHost {
             .map(|d| (d.signed.meta.id(), d.signed.heads.clone()))
             .collect();
         for document in documents {
-            self.received.insert(
-                document.signed.meta.id(),
-                Received {
-                    meta: document.signed.meta.clone(),
-                    snapshot: document.snapshot,
-                    appended: document.appended,
-                    signed: document.signed,
-                },
-            );
+            let id = document.signed.meta.id();
+            let (snapshot, appended) = match document.bytes {
+                VerifiedBytes::Whole(snapshot) => (snapshot, None),
+                VerifiedBytes::Appended(extension) => {
+                    // One session writes here, and it stores a relayed version before it
+                    // takes another of the same document: what is held is what it extended.
+                    let mut snapshot = self
+                        .received
+                        .remove(&id)
+                        .map(|held| held.snapshot)
+                        .unwrap_or_default();
+                    snapshot.extend_from_slice(&extension.new_bytes);
+                    assert!(extension.appended.fits(snapshot.len() as u64));
+                    (snapshot, Some(extension.appended))
+                }
+            };
+            let received = Received {
+                meta: document.signed.meta.clone(),
+                snapshot,
+                appended,
+                signed: document.signed,
+            };
+            self.received.insert(id, received);
         }
         self.tracker.stored(self.index, &stored);
         self.records.stored(self.index, &stored);

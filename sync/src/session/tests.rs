@@ -180,7 +180,25 @@ impl SyncHost for MemoryHost {
         self.commits += 1;
         for document in documents {
             let meta = document.signed.meta.clone();
-            self.put_appended(meta, document.snapshot, document.appended, &document.signed);
+            match document.bytes {
+                VerifiedBytes::Whole(snapshot) => self.put(meta, snapshot, &document.signed),
+                VerifiedBytes::Appended(extension) => {
+                    // As storage does: the held bytes, then the new changes.
+                    let held = &self.docs[&meta.id()].1;
+                    assert_eq!(
+                        held.index().unwrap().stored_len,
+                        extension.appended.base_len
+                            + extension.appended.changes[..extension.already_held]
+                                .iter()
+                                .map(|c| c.len)
+                                .sum::<u64>(),
+                        "appended to the copy it extended"
+                    );
+                    let mut stored = held.snapshot.clone();
+                    stored.extend_from_slice(&extension.new_bytes);
+                    self.put_appended(meta, stored, Some(extension.appended), &document.signed);
+                }
+            }
         }
         if let Some(checkpoint) = checkpoint {
             self.checkpoints.insert(peer.clone(), checkpoint);
