@@ -21,6 +21,9 @@ const ITEMS: usize = 12;
 const VERSIONS: usize = 6;
 /// Rows in one group commit: a busy hub's turn.
 const GROUP: usize = 256;
+/// Changes appended to a relayed document: its size after about four minutes of
+/// `hub-load`'s 500-node load.
+const RELAYED: usize = 24;
 
 fn main() -> Result<()> {
     let key = PublisherKey::from_secret([7; 32]);
@@ -117,6 +120,53 @@ fn main() -> Result<()> {
     );
     durable_append(&key, true)?;
     durable_append(&key, false)?;
+    relay_reads(&key, &meta)?;
+    Ok(())
+}
+
+/// What a relay reads of the held copy per version it is offered and per version it
+/// receives, for a document with [`RELAYED`] changes appended since it was saved whole: the
+/// whole copy (base and every appended change's bytes, as it read before) or only its index.
+fn relay_reads(key: &PublisherKey, meta: &DocMeta) -> Result<()> {
+    let dir = tempfile::tempdir().context("a temporary folder")?;
+    let mut store = Store::open(&dir.path().join("relay.db"))?;
+    let mut document = PublishedDocument::create(meta.clone(), &[1]);
+    document.update(&items_for(meta, ITEMS, 0), &[], 1_700_000_000);
+    let batch = store.write()?;
+    batch.put_document(
+        &key.sign_heads(meta, &document.heads()),
+        &document.save(),
+        &[],
+        1,
+    )?;
+    batch.commit()?;
+    for version in 1..=RELAYED {
+        let before = document.heads();
+        let mut items = items_for(meta, ITEMS, 0);
+        items[version % ITEMS] = items_for(meta, ITEMS, version)[version % ITEMS].clone();
+        document.update(&items, &[], 1_700_000_000 + version as i64);
+        let (_, held) = store.held_index(meta.id())?.context("held")?;
+        let extension = caremesh_sync::relay::extend(&held, &document.changes_since(&before))
+            .map_err(|declined| anyhow::anyhow!("declined: {declined:?}"))?;
+        let batch = store.write()?;
+        batch.put_appended(&key.sign_heads(meta, &document.heads()), &extension, 1)?;
+        batch.commit()?;
+    }
+    let whole = report(
+        &format!("held copy read whole ({RELAYED} appended changes)"),
+        5_000,
+        || {
+            black_box(store.document(meta.id()).expect("reads"));
+        },
+    );
+    let index = report("  its index read instead (a relay's read)", 5_000, || {
+        black_box(store.held_index(meta.id()).expect("reads"));
+    });
+    println!(
+        "{:<52} {:>12.1}",
+        "  so a relay saves per version (two reads)",
+        (whole - index) * 2.0 * 1e6
+    );
     Ok(())
 }
 
