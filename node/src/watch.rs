@@ -375,8 +375,14 @@ mod tests {
         let settling_with = |path: &Path, seconds| {
             HashMap::from([(path.to_path_buf(), (2, at(seconds), Instant::now()))])
         };
-        assert!(waits_for_an_older_file(&newer, &settling_with(&older, 1_000)));
-        assert!(!waits_for_an_older_file(&older, &settling_with(&newer, 1_001)));
+        assert!(waits_for_an_older_file(
+            &newer,
+            &settling_with(&older, 1_000)
+        ));
+        assert!(!waits_for_an_older_file(
+            &older,
+            &settling_with(&newer, 1_001)
+        ));
         assert!(
             !waits_for_an_older_file(&newer, &settling_with(&newer, 1_001)),
             "never for itself"
