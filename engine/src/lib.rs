@@ -294,8 +294,8 @@ impl Driver {
     pub fn begin_turn(&mut self) {
         assert!(!self.in_turn, "turns do not nest");
         self.in_turn = true;
-        // Another process (`caremesh ingest`) may have published since the last turn: the
-        // sessions this turn wakes read the feed's tip afresh, once for all of them.
+        // Another connection (a benchmark's publisher) may have written since the last turn:
+        // the sessions this turn wakes read the feed's tip afresh, once for all of them.
         self.host.feed_may_have_grown();
         self.host.store.begin_group();
     }

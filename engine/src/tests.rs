@@ -202,12 +202,12 @@ fn what_one_driver_publishes_the_other_holds_and_reports_stored_after_its_turn()
     assert_eq!(held, expected);
 }
 
-/// `caremesh ingest` may write beside a running node, through a connection of its own: the
-/// node's sessions learn of it at their next turn, whatever they remember of the feed.
-/// (`load-bench`, whose publishers write so, found a feed tip kept in memory until the
-/// node's next commit through its host: nodes that only published that way offered late,
-/// or not at all. Here the GP also stores checkpoints from the hub, which hid that; the
-/// contract is what is checked.)
+/// A write to the database through a connection other than the node's (`load-bench`'s
+/// publishers write so; `caremesh ingest` hands its writes to a running node instead) is
+/// offered at the node's next turn, whatever the host remembers of the feed. (`load-bench`
+/// found a feed tip kept in memory until the node's next commit through its host: nodes
+/// that only published that way offered late, or not at all. Here the GP also stores
+/// checkpoints from the hub, which hid that; the contract is what is checked.)
 #[test]
 fn what_another_process_publishes_beside_a_running_node_is_offered_at_its_next_turn() {
     let dir = tempfile::tempdir().unwrap();
