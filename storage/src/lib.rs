@@ -1070,12 +1070,13 @@ fn appended_changes(
     mut snapshot: Option<&mut Vec<u8>>,
 ) -> Result<(Option<AppendedChanges>, u64)> {
     let err = |source| StorageError::database(path.to_path_buf(), "read appended changes", source);
+    let base_heads = hashes(base_heads);
+    let mut intact = base_heads.is_some();
     let mut index = AppendedChanges {
-        base_heads: hashes(base_heads).unwrap_or_default(),
+        base_heads: base_heads.unwrap_or_default(),
         base_len,
         changes: Vec::new(),
     };
-    let mut intact = hashes(base_heads).is_some();
     let mut appended_len = 0;
     let mut statement = conn
         .prepare_cached(if snapshot.is_some() {
