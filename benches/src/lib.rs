@@ -243,10 +243,12 @@ pub fn change_one_item(home: &Home, store: &mut Store) -> Result<()> {
     item.title = "Changed for the benchmark".into();
     assert!(document.update(&[item], &[], clock::now_unix()));
     let signed: SignedHeads = key.sign_heads(&stored.meta, &document.heads());
+    let built_on = stored.signed_heads().map(|held| held.heads);
     let batch = store.write()?;
     batch.put_document(
         &signed,
         &document.save(),
+        built_on.as_deref(),
         &document.items()?,
         clock::now_unix(),
     )?;

@@ -1180,15 +1180,73 @@ impl WriteBatch<'_> {
     /// Stores a document version saved whole and replaces its read-model rows with `items`
     /// (none where the node keeps no read model of its section: [`read_model_keeps`]),
     /// taking the next feed position. The caller has verified `signed` against the trust
-    /// registry and checked that `snapshot` has exactly the signed heads.
+    /// registry and checked that `snapshot` has exactly the signed heads. `built_on` names
+    /// the heads of the copy the version was made from (`None` where none was held).
+    ///
+    /// A session checks a version when it arrives and stores it when its batch completes;
+    /// another session (the publisher directly, a second hub) may store a version of the same
+    /// document in between. Where the held copy is no longer the one the version was made
+    /// from, the version is stored only if it has every change of what is held now; a held
+    /// copy that has the version already (or went another way) is kept, so an older version,
+    /// and an older sharing record's consent with it, never replaces a newer one.
+    ///
+    /// Returns the version's feed position, or `None` where the held copy was kept.
     pub fn put_document(
         &self,
         signed: &SignedHeads,
         snapshot: &[u8],
+        built_on: Option<&[[u8; 32]]>,
         items: &[Item],
         updated_at: i64,
-    ) -> Result<i64> {
+    ) -> Result<Option<i64>> {
+        let id = signed.meta.id();
+        let held = self.held_signed_heads(id)?;
+        let built_on_what_is_held = match (&held, built_on) {
+            (None, None) => true,
+            (Some(Some(held)), Some(built_on)) => sorted(held.clone()) == sorted(built_on.to_vec()),
+            _ => false,
+        };
+        if !built_on_what_is_held
+            && !Self::has_every_change_of(signed, snapshot, held.flatten().as_deref())
+        {
+            tracing::debug!(doc = %id, "kept a held copy that moved past a verified version");
+            return Ok(None);
+        }
         self.put_version(signed, snapshot, None, items, updated_at)
+            .map(Some)
+    }
+
+    /// The signed heads of the copy of `id` held: `None` where nothing is, `Some(None)` where
+    /// the stored signed heads do not decode.
+    fn held_signed_heads(&self, id: DocId) -> Result<Option<Option<Vec<[u8; 32]>>>> {
+        let signed = self
+            .tx
+            .prepare_cached("SELECT signed FROM documents WHERE doc_id = ?1")
+            .and_then(|mut statement| {
+                statement
+                    .query_row([&id.0[..]], |row| row.get::<_, Vec<u8>>(0))
+                    .optional()
+            })
+            .map_err(self.err("read document"))?;
+        Ok(signed.map(|signed| SignedHeads::decode(&signed).map(|signed| signed.heads)))
+    }
+
+    /// Whether the version `snapshot` (at `signed`'s heads) has every change of the held
+    /// copy's `held` heads and is not that copy: then it is newer. A held copy whose signed
+    /// heads do not decode is replaced.
+    fn has_every_change_of(
+        signed: &SignedHeads,
+        snapshot: &[u8],
+        held: Option<&[[u8; 32]]>,
+    ) -> bool {
+        let Some(held) = held else {
+            return true;
+        };
+        if sorted(held.to_vec()) == sorted(signed.heads.clone()) {
+            return false;
+        }
+        PublishedDocument::load(&signed.meta, snapshot)
+            .is_ok_and(|version| version.contains_all(held))
     }
 
     /// Stores a version a relay authenticated by its hash chain
@@ -1870,15 +1928,20 @@ mod tests {
         stored_as(store, &meta(), items, time)
     }
 
+    /// Stores `items` as the publisher's new version of `meta`'s document, made afresh where
+    /// the tests need no history: as a publisher does, it replaces the copy held.
     fn stored_as(store: &mut Store, meta: &DocMeta, items: &[Item], time: i64) -> i64 {
         let key = PublisherKey::from_secret([9; 32]);
         let mut doc = PublishedDocument::create(meta.clone(), b"actor");
         doc.update(items, &[], time);
         let signed = key.sign_heads(meta, &doc.heads());
         let batch = store.write().unwrap();
+        let held = batch.document(meta.id()).unwrap();
+        let built_on = held.and_then(|held| held.signed_heads()).map(|s| s.heads);
         let seq = batch
-            .put_document(&signed, &doc.save(), items, time)
-            .unwrap();
+            .put_document(&signed, &doc.save(), built_on.as_deref(), items, time)
+            .unwrap()
+            .expect("made from the copy held");
         batch.commit().unwrap();
         seq
     }
@@ -1944,7 +2007,7 @@ mod tests {
     ) {
         let batch = store.write().unwrap();
         batch
-            .put_document(&key.sign_heads(&meta(), heads), saved, &[], time)
+            .put_document(&key.sign_heads(&meta(), heads), saved, None, &[], time)
             .unwrap();
         batch.commit().unwrap();
     }
@@ -2016,6 +2079,7 @@ mod tests {
             );
         }
         // A version saved whole replaces the rows; a purge takes them with the document.
+        doc.update(&[item("a/7")], &[], 7);
         put_whole(&mut store, &key, &doc, 7);
         assert_eq!(appended_rows(&store), 0);
         assert!(relay_copy(&store).0.appended.is_none());
@@ -2120,6 +2184,93 @@ mod tests {
         assert!(put_appended(&mut store_c, &key, &versions[2].0, &v2, 3).is_some());
         assert_eq!(loaded_and_signed(&store_c), (heads(2), heads(2)));
         assert_eq!(appended_rows(&store_c), 0, "saved whole");
+    }
+
+    /// The same race on the full path (sharing records, first copies, every version at a
+    /// reading node): a version checked against one copy is stored after another session
+    /// stored a version of the document. The stored version is never older than either,
+    /// the stored bytes always load to the stored signed heads, and a version kept out
+    /// takes no feed position.
+    #[test]
+    fn a_whole_version_stored_after_the_held_copy_moved_on_is_never_stored_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = PublisherKey::from_secret([9; 32]);
+        let mut doc = PublishedDocument::create(meta(), b"actor");
+        let mut versions = Vec::new();
+        for version in 0..=3 {
+            doc.update(&[item(&format!("a/{version}"))], &[], 1 + version);
+            versions.push((doc.heads(), doc.save()));
+        }
+        let heads = |version: usize| sorted(versions[version].0.clone());
+        // Stores `version`, made from the copy at `built_on`; its feed position, if stored.
+        let put = |store: &mut Store, version: usize, built_on: Option<usize>| {
+            let batch = store.write().unwrap();
+            let signed = key.sign_heads(&meta(), &versions[version].0);
+            let built_on = built_on.map(|base| versions[base].0.clone());
+            let position = batch
+                .put_document(
+                    &signed,
+                    &versions[version].1,
+                    built_on.as_deref(),
+                    &[],
+                    version as i64,
+                )
+                .unwrap();
+            batch.commit().unwrap();
+            position
+        };
+        let open = |name: &str| Store::open(&dir.path().join(name)).unwrap();
+        struct Case {
+            held_before: Option<usize>,
+            /// What another session stored after the version was checked.
+            stored_between: usize,
+            version: usize,
+            built_on: Option<usize>,
+            stored: bool,
+            held_after: usize,
+        }
+        let case = |held_before, stored_between, version, built_on, stored, held_after| Case {
+            held_before,
+            stored_between,
+            version,
+            built_on,
+            stored,
+            held_after,
+        };
+        let cases = [
+            // The held copy is still the one the version was made from: stored.
+            case(Some(0), 0, 2, Some(0), true, 2),
+            // A newer version came in between: kept.
+            case(Some(0), 3, 2, Some(0), false, 3),
+            // An older version came in between: the version has all of it, stored.
+            case(Some(0), 1, 3, Some(0), true, 3),
+            // The same version came in between: kept, no second feed position.
+            case(Some(0), 2, 2, Some(0), false, 2),
+            // A first copy, and another session stored a newer one first: kept.
+            case(None, 3, 1, None, false, 3),
+            // A first copy, and another session stored an older one first: stored.
+            case(None, 0, 1, None, true, 1),
+        ];
+        for (number, case) in cases.into_iter().enumerate() {
+            let mut store = open(&format!("{number}.db"));
+            if let Some(before) = case.held_before {
+                put(&mut store, before, None).unwrap();
+            }
+            if case.held_before != Some(case.stored_between) {
+                put(&mut store, case.stored_between, case.held_before).unwrap();
+            }
+            let tip = store.feed_tip().unwrap();
+            let position = put(&mut store, case.version, case.built_on);
+            assert_eq!(position.is_some(), case.stored, "case {number}");
+            let expected_tip = if case.stored { tip + 1 } else { tip };
+            assert_eq!(store.feed_tip().unwrap(), expected_tip, "case {number}");
+            let after = heads(case.held_after);
+            assert_eq!(
+                loaded_and_signed(&store),
+                (after.clone(), after),
+                "case {number}"
+            );
+        }
     }
 
     /// Finding: positions came from MAX(seq) + 1, so purging the newest documents (a

@@ -215,7 +215,12 @@ fn write_documents(
     let actor = actor_for(key);
     let mut written = 0;
     for (meta, changes) in changes {
-        let mut document = match batch.document(meta.id())? {
+        let held = batch.document(meta.id())?;
+        let built_on = held
+            .as_ref()
+            .and_then(|held| held.signed_heads())
+            .map(|s| s.heads);
+        let mut document = match held {
             Some(stored) => {
                 let signed =
                     stored
@@ -243,7 +248,17 @@ fn write_documents(
             continue;
         }
         let signed = key.sign_heads(&meta, &document.heads());
-        batch.put_document(&signed, &document.save(), &document.items()?, now)?;
+        let position = batch.put_document(
+            &signed,
+            &document.save(),
+            built_on.as_deref(),
+            &document.items()?,
+            now,
+        )?;
+        assert!(
+            position.is_some(),
+            "a publisher's version is made from the copy its own batch read"
+        );
         written += 1;
     }
     Ok(written)

@@ -621,15 +621,21 @@ impl SyncHost for StoreHost {
             } else {
                 &[]
             };
-            match &document.bytes {
-                VerifiedBytes::Appended(extension) => batch
-                    .put_appended(&document.signed, extension, now)
-                    .map(|_| ()),
-                VerifiedBytes::Whole(snapshot) => batch
-                    .put_document(&document.signed, snapshot, items, now)
-                    .map(|_| ()),
+            let position = match &document.bytes {
+                VerifiedBytes::Appended(extension) => {
+                    batch.put_appended(&document.signed, extension, now)
+                }
+                VerifiedBytes::Whole { snapshot, built_on } => {
+                    batch.put_document(&document.signed, snapshot, built_on.as_deref(), items, now)
+                }
             }
             .map_err(host_error)?;
+            if position.is_none() {
+                // Another session stored this version or a newer one since it was checked:
+                // that commit did what the version brings (a newer sharing record's consent
+                // stands, not this one's).
+                continue;
+            }
             if is_care {
                 batch.touch_received_source(source).map_err(host_error)?;
             }
@@ -878,6 +884,18 @@ mod tests {
         Arc::new(VerifiedRegistry::from_bytes(file.to_json(), &authority).unwrap())
     }
 
+    /// `own`'s sync host over a store at `path`, trusting [`registry`], its clock stopped.
+    fn host_at(path: &std::path::Path, own: &str) -> StoreHost {
+        StoreHost::new(
+            Store::open(path).unwrap(),
+            Box::new(FixedRegistry(registry())),
+            OdsCode::parse(own).unwrap(),
+            Consent::SENT_BY_PUBLISHER,
+            Box::new(|| 1_700_000_100),
+        )
+        .unwrap()
+    }
+
     /// A document the practice signed about one patient, as a session hands it over.
     fn received(section: Section, item_id: &str) -> VerifiedDocument {
         received_from("A81001", PRACTICE_SECRET, section, item_id, None)
@@ -915,7 +933,10 @@ mod tests {
         let key = caremesh_sync::PublisherKey::from_secret(secret);
         VerifiedDocument {
             signed: key.sign_heads(&meta, &document.heads()),
-            bytes: VerifiedBytes::Whole(document.save()),
+            bytes: VerifiedBytes::Whole {
+                snapshot: document.save(),
+                built_on: None,
+            },
             items: vec![item],
             published_at: Some(1_700_000_000),
         }
@@ -1076,14 +1097,7 @@ mod tests {
     #[test]
     fn the_patient_cache_forgets_a_patient_only_when_caseload_or_consent_changed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut hub = StoreHost::new(
-            Store::open(&dir.path().join("hub.db")).unwrap(),
-            Box::new(FixedRegistry(registry())),
-            OdsCode::parse("Y00001").unwrap(),
-            Consent::SENT_BY_PUBLISHER,
-            Box::new(|| 1_700_000_100),
-        )
-        .unwrap();
+        let mut hub = host_at(&dir.path().join("hub.db"), "Y00001");
         let practice = OdsCode::parse("A81001").unwrap();
         let other = OdsCode::parse("B82002").unwrap();
         let mut up_to = 0;
@@ -1102,15 +1116,7 @@ mod tests {
             objection: true,
             ..consenting
         };
-        let sharing = |consent| {
-            received_from(
-                "A81001",
-                PRACTICE_SECRET,
-                Section::Sharing,
-                "s",
-                Some(consent),
-            )
-        };
+        let mut sharing = sharing_versions(&[consenting, objecting]).into_iter();
         let from_other = |item_id| {
             received_from(
                 "B82002",
@@ -1122,7 +1128,7 @@ mod tests {
         };
         let problem = received(Section::Problems, "p1");
         let problem_meta = problem.signed.meta.clone();
-        commit(&mut hub, &practice, sharing(consenting));
+        commit(&mut hub, &practice, sharing.next().unwrap());
         commit(&mut hub, &practice, problem);
         let to_other = Recipient {
             ods: other.clone(),
@@ -1151,12 +1157,107 @@ mod tests {
         assert_eq!(reads(&hub), 2, "nothing policy reads changed");
 
         // An objection in the practice's sharing record: read again, and withheld.
-        commit(&mut hub, &practice, sharing(objecting));
+        commit(&mut hub, &practice, sharing.next().unwrap());
         assert!(matches!(
             hub.decide(&problem_meta, &to_other).unwrap(),
             Decision::Withhold(policy::WithholdReason::Objection)
         ));
         assert_eq!(reads(&hub), 3);
+    }
+
+    /// Versions of the practice's sharing record about one patient, each made from the one
+    /// before, stating `consents` in turn.
+    fn sharing_versions(consents: &[Consent]) -> Vec<VerifiedDocument> {
+        let first = received_from(
+            "A81001",
+            PRACTICE_SECRET,
+            Section::Sharing,
+            "s",
+            Some(consents[0]),
+        );
+        let meta = first.signed.meta.clone();
+        let key = caremesh_sync::PublisherKey::from_secret(PRACTICE_SECRET);
+        let mut document = PublishedDocument::create(meta.clone(), &[1]);
+        let mut built_on = None;
+        let mut versions = Vec::new();
+        for (version, consent) in consents.iter().enumerate() {
+            let item = Item {
+                fields: consent.to_fields(),
+                ..first.items[0].clone()
+            };
+            let at = 1_700_000_000 + version as i64;
+            assert!(document.update(std::slice::from_ref(&item), &[], at));
+            versions.push(VerifiedDocument {
+                signed: key.sign_heads(&meta, &document.heads()),
+                bytes: VerifiedBytes::Whole {
+                    snapshot: document.save(),
+                    built_on: built_on.replace(document.heads()),
+                },
+                items: vec![item],
+                published_at: Some(at),
+            });
+        }
+        versions
+    }
+
+    /// Finding (review of issue 19's relay path): a version is checked when it arrives and
+    /// stored when its session's batch completes. An objection checked by one session and
+    /// stored after another session stored the record that lifts it replaced the newer record
+    /// and purged what the patient shares. Now the newer record stands, with what it allows.
+    #[test]
+    fn an_older_sharing_record_stored_after_a_newer_one_neither_replaces_it_nor_purges() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = host_at(&dir.path().join("hub.db"), "Y00001");
+        let practice = OdsCode::parse("A81001").unwrap();
+        let consenting = Consent::SENT_BY_PUBLISHER;
+        let objecting = Consent {
+            objection: true,
+            ..consenting
+        };
+        let mut versions = sharing_versions(&[consenting, objecting, consenting]).into_iter();
+        let (given, objection, lifted) = (
+            versions.next().unwrap(),
+            versions.next().unwrap(),
+            versions.next().unwrap(),
+        );
+        let problem = received(Section::Problems, "p1");
+        let problem_doc = problem.signed.meta.id();
+        let refused = hub.commit(&practice, vec![given, problem], None).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        // One session checked the objection against the first record; another stored the
+        // record lifting it (made from the objection) before that session's batch completed.
+        let lifted_heads = crate::sorted(lifted.signed.heads.clone());
+        let lifted = VerifiedDocument {
+            bytes: match lifted.bytes {
+                VerifiedBytes::Whole { snapshot, .. } => VerifiedBytes::Whole {
+                    snapshot,
+                    built_on: hub.held_heads(lifted.signed.meta.id()).unwrap(),
+                },
+                appended => appended,
+            },
+            ..lifted
+        };
+        let sharing_doc = lifted.signed.meta.id();
+        assert!(
+            hub.commit(&practice, vec![lifted], None)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            hub.commit(&practice, vec![objection], None)
+                .unwrap()
+                .is_empty()
+        );
+
+        assert_eq!(
+            hub.held_heads(sharing_doc).unwrap().map(crate::sorted),
+            Some(lifted_heads),
+            "the newer record stands"
+        );
+        assert!(
+            hub.held_heads(problem_doc).unwrap().is_some(),
+            "what the patient shares was not purged"
+        );
     }
 
     /// A hub serves no record: of what it relays it keeps items only where its own work reads
@@ -1165,14 +1266,7 @@ mod tests {
     fn a_hub_keeps_items_only_of_sharing_records_and_a_practice_keeps_all() {
         let dir = tempfile::tempdir().unwrap();
         for (own, keeps_clinical) in [("Y00001", false), ("B82002", true)] {
-            let mut host = StoreHost::new(
-                Store::open(&dir.path().join(format!("{own}.db"))).unwrap(),
-                Box::new(FixedRegistry(registry())),
-                OdsCode::parse(own).unwrap(),
-                Consent::SENT_BY_PUBLISHER,
-                Box::new(|| 1_700_000_100),
-            )
-            .unwrap();
+            let mut host = host_at(&dir.path().join(format!("{own}.db")), own);
             let sharing = received_from(
                 "A81001",
                 PRACTICE_SECRET,

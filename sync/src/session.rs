@@ -152,8 +152,13 @@ pub struct VerifiedDocument {
 /// What of a verified version is stored.
 #[derive(Debug, Clone)]
 pub enum VerifiedBytes {
-    /// The document saved whole.
-    Whole(Vec<u8>),
+    /// The document saved whole, with the heads of the copy it was made from (`None` where
+    /// none was held). The held copy may have moved on by the time it is stored: the host then
+    /// stores it only if it has every change of what is held.
+    Whole {
+        snapshot: Vec<u8>,
+        built_on: Option<Vec<[u8; 32]>>,
+    },
     /// The changes a relay authenticated by their hash chain ([`crate::relay`]), to append to
     /// the held copy it extended. The held copy may have moved on by the time they are
     /// stored (another session stored a version): the host then appends them to what it
@@ -933,7 +938,7 @@ impl Session {
         {
             let appended = match &written.bytes {
                 VerifiedBytes::Appended(extension) => Some(&extension.appended),
-                VerifiedBytes::Whole(_) => None,
+                VerifiedBytes::Whole { .. } => None,
             };
             return Ok(relay::known(appended, &written.signed.heads, heads));
         }
@@ -981,7 +986,7 @@ impl Session {
     ) -> Result<Option<PublishedDocument>, SessionError> {
         if let Some(written) = self.writes.get(&doc) {
             return Ok(match &written.bytes {
-                VerifiedBytes::Whole(snapshot) => {
+                VerifiedBytes::Whole { snapshot, .. } => {
                     PublishedDocument::load(&written.signed.meta, snapshot).ok()
                 }
                 // Only the changes are at hand: `verify_received` stores them before it
@@ -1106,10 +1111,24 @@ impl Session {
         {
             return Ok(Ok(received));
         }
-        let mut document = match self.base_document(meta.id(), host)? {
-            Some(document) => document,
-            None => PublishedDocument::create(meta.clone(), &[0]),
+        let base = self.base_document(meta.id(), host)?;
+        // What the version is made from, for the host to tell at commit whether another
+        // session stored a version in between (`VerifiedBytes::Whole`).
+        let built_on = match (self.writes.get(&meta.id()), &base) {
+            // From a version this batch has not stored yet, which this one replaces in the
+            // batch: the copy held is the one that version was made from.
+            (
+                Some(VerifiedDocument {
+                    bytes: VerifiedBytes::Whole { built_on, .. },
+                    ..
+                }),
+                _,
+            ) => built_on.clone(),
+            (_, Some(held)) => Some(held.heads()),
+            // Nothing held, or a held copy that does not load.
+            (_, None) => host.held_heads(meta.id())?,
         };
+        let mut document = base.unwrap_or_else(|| PublishedDocument::create(meta.clone(), &[0]));
         // A relay keeps loaded only what it reads: the rest it serves from appended bytes.
         let keeps_loaded = host.reads_items(meta);
         if document.contains_all(&signed.heads) {
@@ -1134,7 +1153,10 @@ impl Session {
         };
         let verified = VerifiedDocument {
             signed,
-            bytes: VerifiedBytes::Whole(document.save()),
+            bytes: VerifiedBytes::Whole {
+                snapshot: document.save(),
+                built_on,
+            },
             items,
             published_at: document.last_change_time(),
         };

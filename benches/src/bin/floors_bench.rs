@@ -136,6 +136,7 @@ fn relay_reads(key: &PublisherKey, meta: &DocMeta) -> Result<()> {
     batch.put_document(
         &key.sign_heads(meta, &document.heads()),
         &document.save(),
+        None,
         &[],
         1,
     )?;
@@ -196,7 +197,7 @@ fn durable_append(key: &PublisherKey, read_model: bool) -> Result<()> {
         for (signed, snapshot, items) in group {
             let batch = store.write()?;
             let items = if read_model { &items[..] } else { &[] };
-            batch.put_document(signed, snapshot, items, 1_700_000_000)?;
+            batch.put_document(signed, snapshot, None, items, 1_700_000_000)?;
             batch.commit()?;
         }
         store.end_group()?;

@@ -298,7 +298,7 @@ impl SyncHost for ThinHost {
         for document in documents {
             let id = document.signed.meta.id();
             let (snapshot, appended) = match document.bytes {
-                VerifiedBytes::Whole(snapshot) => (snapshot, None),
+                VerifiedBytes::Whole { snapshot, .. } => (snapshot, None),
                 VerifiedBytes::Appended(extension) => {
                     // One session writes here, and it stores a relayed version before it
                     // takes another of the same document: what is held is what it extended.

@@ -181,7 +181,7 @@ impl SyncHost for MemoryHost {
         for document in documents {
             let meta = document.signed.meta.clone();
             match document.bytes {
-                VerifiedBytes::Whole(snapshot) => self.put(meta, snapshot, &document.signed),
+                VerifiedBytes::Whole { snapshot, .. } => self.put(meta, snapshot, &document.signed),
                 VerifiedBytes::Appended(extension) => {
                     // As storage does: the held bytes, then the new changes.
                     let held = &self.docs[&meta.id()].1;
