@@ -202,6 +202,17 @@ fn what_one_driver_publishes_the_other_holds_and_reports_stored_after_its_turn()
     assert_eq!(held, expected);
 }
 
+/// [`region`] with a document published at the GP, both sides connected and one exchange
+/// made.
+fn connected_region(dir: &std::path::Path) -> (Node, Node) {
+    let (mut gp, mut hub) = region(dir);
+    publish(&mut gp, "asthma");
+    gp.driver.connect(0, 1, recipient(&hub), true);
+    hub.driver.connect(0, 1, recipient(&gp), false);
+    exchange(&mut gp, &mut hub, 10);
+    (gp, hub)
+}
+
 /// A write to the database through a connection other than the node's (`load-bench`'s
 /// publishers write so; `caremesh ingest` hands its writes to a running node instead) is
 /// offered at the node's next turn, whatever the host remembers of the feed. (`load-bench`
@@ -211,11 +222,7 @@ fn what_one_driver_publishes_the_other_holds_and_reports_stored_after_its_turn()
 #[test]
 fn what_another_process_publishes_beside_a_running_node_is_offered_at_its_next_turn() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut gp, mut hub) = region(dir.path());
-    publish(&mut gp, "asthma");
-    gp.driver.connect(0, 1, recipient(&hub), true);
-    hub.driver.connect(0, 1, recipient(&gp), false);
-    exchange(&mut gp, &mut hub, 10);
+    let (mut gp, mut hub) = connected_region(dir.path());
     let mut beside = Store::open(&dir.path().join("A81001.db")).unwrap();
     publish_into(&mut beside, &gp.ods, &gp.key, "asthma, resolved").unwrap();
     let expected = held_heads(&gp);
@@ -273,11 +280,7 @@ fn a_connection_without_room_is_held_back_until_retried() {
 #[test]
 fn an_idle_peers_status_row_is_rewritten_only_as_a_heartbeat() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut gp, mut hub) = region(dir.path());
-    publish(&mut gp, "asthma");
-    gp.driver.connect(0, 1, recipient(&hub), true);
-    hub.driver.connect(0, 1, recipient(&gp), false);
-    exchange(&mut gp, &mut hub, 10);
+    let (mut gp, hub) = connected_region(dir.path());
     let updated_at = |node: &Node, peer: &Node| {
         node.driver
             .host()

@@ -190,6 +190,11 @@ impl StoredDocument {
     pub fn signed_heads(&self) -> Option<SignedHeads> {
         SignedHeads::decode(&self.signed)
     }
+
+    /// What a relay knows of it without its bytes, if its signed heads decode.
+    pub fn index(&self) -> Option<HeldIndex> {
+        HeldIndex::of(&self.signed, &self.snapshot, self.appended.clone())
+    }
 }
 
 /// One item of the read model with the document it came from.
@@ -1406,11 +1411,7 @@ impl WriteBatch<'_> {
             return Ok(None);
         };
         let changes = extension.new_changes();
-        if let Some(index) = held.signed_heads().map(|signed| HeldIndex {
-            heads: signed.heads,
-            stored_len: held.snapshot.len() as u64,
-            appended: held.appended.clone(),
-        }) {
+        if let Some(index) = held.index() {
             if relay::known(index.appended.as_ref(), &index.heads, &signed.heads) {
                 return Ok(None);
             }

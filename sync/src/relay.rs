@@ -23,6 +23,7 @@
 //! older than what the index lists, a compressed chunk, too many appended changes) is
 //! declined, and the caller takes the full path: load, apply, compare heads, save.
 
+use crate::signing::SignedHeads;
 use automerge::Change;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -77,6 +78,19 @@ pub struct HeldIndex {
     pub appended: Option<AppendedChanges>,
 }
 
+impl HeldIndex {
+    /// The index of a held copy whose publisher signed `signed`, whose stored bytes (saved
+    /// base and appended changes) are `stored`, appended as `appended` says; `None` where the
+    /// signed heads do not decode.
+    pub fn of(signed: &[u8], stored: &[u8], appended: Option<AppendedChanges>) -> Option<Self> {
+        Some(HeldIndex {
+            heads: SignedHeads::decode(signed)?.heads,
+            stored_len: stored.len() as u64,
+            appended,
+        })
+    }
+}
+
 /// A new version that verified by its hash chain: what to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Extension {
@@ -103,7 +117,7 @@ impl Extension {
 
 /// `bytes` cut into the chunks `changes` describe, in order. The caller checked that their
 /// lengths add up to `bytes`.
-pub fn split_changes(bytes: &[u8], changes: &[AppendedChange]) -> Vec<Vec<u8>> {
+fn split_changes(bytes: &[u8], changes: &[AppendedChange]) -> Vec<Vec<u8>> {
     let mut start = 0;
     changes
         .iter()

@@ -123,11 +123,7 @@ impl HeldDocument {
 
     /// What a relay knows of it without its bytes, if its signed heads decode.
     pub fn index(&self) -> Option<HeldIndex> {
-        Some(HeldIndex {
-            heads: self.signed_heads()?,
-            stored_len: self.snapshot.len() as u64,
-            appended: self.appended.clone(),
-        })
+        HeldIndex::of(&self.signed, &self.snapshot, self.appended.clone())
     }
 }
 
