@@ -372,6 +372,10 @@ fn full_path(path: &Path) -> String {
         .into_owned()
 }
 
+/// Prepared statements a connection keeps: more than the store has (about 70 call sites
+/// prepare one), each a few KB.
+const STATEMENT_CACHE_CAPACITY: usize = 128;
+
 impl Store {
     /// Opens (creating if needed) the node database and brings its schema up to date.
     /// Each opening begins a feed epoch (see [`Store::begin_feed_epoch`]) with a random id.
@@ -494,6 +498,11 @@ impl Store {
                 true,
             )
             .map_err(self.err("configure"))?;
+        // Room for every statement the store prepares: with rusqlite's default of 16 a sync
+        // engine's turn cycled through more than that, so each was evicted before its next
+        // use and parsed again, 7% of a hub's CPU under load (BENCHMARKS.md).
+        self.conn
+            .set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         Ok(())
     }
 
@@ -2272,6 +2281,52 @@ mod tests {
                 "case {number}"
             );
         }
+    }
+
+    /// Finding (issue 19's profile): rusqlite keeps 16 prepared statements by default, and a
+    /// hub's turn used more, so each was parsed again on every use. The cache must hold every
+    /// statement the store prepares.
+    #[test]
+    fn the_statement_cache_holds_every_statement_the_store_prepares() {
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut prepared = 0;
+        for entry in std::fs::read_dir(&source).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                prepared += text.matches(".prepare_cached(").count();
+            }
+        }
+        assert!(prepared > 16, "the default would do: {prepared}");
+        assert!(
+            prepared <= STATEMENT_CACHE_CAPACITY,
+            "{prepared} statements prepared, room for {STATEMENT_CACHE_CAPACITY}"
+        );
+        // rusqlite does not say its capacity: count the statements the connection keeps
+        // prepared after more than the default were used and dropped.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("node.db")).unwrap();
+        let live = |store: &Store| {
+            let mut count = 0;
+            // SAFETY: the handle is the store's open connection, used on this thread only,
+            // and sqlite3_next_stmt only walks its list of prepared statements.
+            unsafe {
+                let db = store.conn.handle();
+                let mut statement = rusqlite::ffi::sqlite3_next_stmt(db, std::ptr::null_mut());
+                while !statement.is_null() {
+                    count += 1;
+                    statement = rusqlite::ffi::sqlite3_next_stmt(db, statement);
+                }
+            }
+            count
+        };
+        let before = live(&store);
+        for n in 0..prepared {
+            let mut statement = store.conn.prepare_cached(&format!("SELECT {n}")).unwrap();
+            let value: usize = statement.query_row([], |row| row.get(0)).unwrap();
+            assert_eq!(value, n);
+        }
+        assert_eq!(live(&store) - before, prepared, "every one kept prepared");
     }
 
     /// Finding: positions came from MAX(seq) + 1, so purging the newest documents (a
