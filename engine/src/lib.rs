@@ -640,14 +640,18 @@ impl Driver {
         self.events.pop_front()
     }
 
-    /// The feed grew: every session may have something new to offer.
+    /// The feed grew: the sessions of peers that could be sent something new look at once
+    /// ([`StoreHost::peers_to_wake`]); the others at their next feed check.
     fn feed_grew(&mut self) {
+        let wake = self.host.peers_to_wake(self.last_tip);
         if let Ok(tip) = self.host.feed_tip() {
             self.last_tip = tip;
         }
         for (ods, live) in &mut self.sessions {
-            live.session.feed_changed();
-            self.ready.insert(ods.clone());
+            if wake.includes(live.session.peer()) {
+                live.session.feed_changed();
+                self.ready.insert(ods.clone());
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use caremesh_sync::{
     VerifiedBytes, VerifiedDocument,
 };
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// Where the host reads the registry in force and hands a newer edition a peer offered.
@@ -272,13 +272,13 @@ impl PolicyContext {
     /// (deny unless allowed), and is logged.
     fn decide(
         &self,
+        registry: &VerifiedRegistry,
         lookup: &CareLookup<'_>,
         meta: &DocMeta,
         recipient: &Recipient,
         direct_from_publisher: bool,
         cached: bool,
     ) -> Result<Decision, HostError> {
-        let registry = self.trust.current();
         let agreements = &registry.registry().sharing;
         let decision = (|| {
             let cares = if cached {
@@ -413,6 +413,77 @@ impl StoreHost {
         self.policy.trust.current()
     }
 
+    /// Which sessions to wake for what the feed gained after `after`: only peers that policy
+    /// could let hold one of the new entries. A hub has hundreds of peers, and waking each
+    /// for every new version made each read and decide the entry: about 1,000 decisions
+    /// per change at 500 peers (BENCHMARKS.md). A peer not woken loses nothing: its session
+    /// reads the entries at its next feed check ([`caremesh_sync::session::FEED_CHECK_INTERVAL_MS`])
+    /// and decides each as always. So this decides nothing; it only says who need not hurry,
+    /// and where it cannot tell (the tail does not reach back, a fact cannot be read), it
+    /// wakes everyone.
+    pub fn peers_to_wake(&mut self, after: u64) -> PeersToWake {
+        let everyone = PeersToWake {
+            everyone: true,
+            ..PeersToWake::default()
+        };
+        let Ok(tip) = self.feed_tip() else {
+            return everyone;
+        };
+        let Some(entries) = self.tail.after(after, WAKE_SCAN_LIMIT) else {
+            return everyone;
+        };
+        let lookup = self.store.care();
+        let mut wake = PeersToWake {
+            registry: Some(self.policy.trust.current()),
+            ..PeersToWake::default()
+        };
+        let mut read_up_to = after;
+        for (seq, entry) in entries {
+            read_up_to = seq;
+            let Some(entry) = entry else {
+                continue;
+            };
+            let meta = &entry.meta;
+            // This node's own sharing record goes to every direct peer, caring or not, so
+            // that each side learns the other's caseload.
+            if meta.publisher == self.policy.own && meta.section == Section::Sharing {
+                return everyone;
+            }
+            let caseload = self.policy.known.with(&lookup, &meta.patient, |known, _| {
+                Ok(known.caseload.clone())
+            });
+            let Ok(caseload) = caseload else {
+                return everyone;
+            };
+            wake.named.insert(meta.publisher.clone());
+            wake.named.extend(caseload);
+        }
+        if read_up_to == after {
+            // Nothing new: nobody to wake.
+            return PeersToWake::default();
+        }
+        if read_up_to < tip {
+            // More new entries than one scan reads: not worth sparing anyone.
+            return everyone;
+        }
+        wake
+    }
+
+    /// [`SyncHost::decide`] under `registry`, the edition in force taken by the caller.
+    fn decide_under(
+        &self,
+        registry: &VerifiedRegistry,
+        meta: &DocMeta,
+        recipient: &Recipient,
+    ) -> Result<Decision, HostError> {
+        if self.planted == Some(PlantedBug::ForwardWithheld) {
+            return Ok(Decision::Send);
+        }
+        let direct = meta.publisher == self.policy.own;
+        self.policy
+            .decide(registry, &self.store.care(), meta, recipient, direct, true)
+    }
+
     /// Drops what is held in memory about storage (the feed tail, patients' caseloads and
     /// consent), after a group commit failed and what the memory described was rolled back.
     pub fn forget_cached(&mut self) {
@@ -461,6 +532,32 @@ impl StoreHost {
             data_as_of: published_at,
             expected_refresh_hours: None,
         }
+    }
+}
+
+/// New feed entries [`StoreHost::peers_to_wake`] reads before it wakes everyone instead.
+const WAKE_SCAN_LIMIT: usize = 4_096;
+
+/// The sessions to wake for new feed entries ([`StoreHost::peers_to_wake`]).
+#[derive(Default)]
+pub struct PeersToWake {
+    everyone: bool,
+    /// The entries' publishers and the organisations caring for their patients.
+    named: HashSet<OdsCode>,
+    /// The registry in force: a recipient its agreements let hold region-wide (a hub among
+    /// them) may hold any entry, whoever cares for the patient.
+    registry: Option<Arc<VerifiedRegistry>>,
+}
+
+impl PeersToWake {
+    /// Whether `peer` could be sent one of the new entries, so its session should look now.
+    pub fn includes(&self, peer: &Recipient) -> bool {
+        self.everyone
+            || self.named.contains(&peer.ods)
+            || self
+                .registry
+                .as_ref()
+                .is_some_and(|r| r.registry().sharing.holds_region_wide(peer.kind))
     }
 }
 
@@ -517,14 +614,17 @@ impl SyncHost for StoreHost {
         let Some(entries) = self.tail.after(after, limit) else {
             return caremesh_sync::session::offerable_from_feed(self, peer, after, limit);
         };
-        // From memory, building offer entries only for what this peer may hold.
+        // From memory, building offer entries only for what this peer may hold. The registry
+        // is taken once for the page: behind a lock, and a hub decides each new version for
+        // each of its peers.
+        let registry = self.policy.trust.current();
         let mut page = OfferPage::default();
         for (seq, entry) in entries {
             page.read_up_to = Some(seq);
             let Some(entry) = entry else {
                 continue;
             };
-            if self.decide(&entry.meta, peer)? == Decision::Send {
+            if self.decide_under(&registry, &entry.meta, peer)? == Decision::Send {
                 page.entries.push(OfferEntry {
                     doc: entry.meta.id(),
                     heads: entry.heads.clone(),
@@ -585,6 +685,7 @@ impl SyncHost for StoreHost {
             .iter()
             .map(|d| self.source_row(&d.signed.meta.publisher, d.published_at.unwrap_or(now)))
             .collect();
+        let registry = self.policy.trust.current();
         let batch = self.store.write().map_err(host_error)?;
         // Before any document: a relationship the first batch reveals must be able to queue
         // backfill for the peer that sent it (found by the simulator: the peer's row was only
@@ -600,7 +701,7 @@ impl SyncHost for StoreHost {
             let direct = meta.publisher == *peer;
             if let Decision::Withhold(reason) =
                 self.policy
-                    .decide(&batch.care(), meta, &this_node, direct, false)?
+                    .decide(&registry, &batch.care(), meta, &this_node, direct, false)?
             {
                 refusals.push(Refusal {
                     doc: meta.id(),
@@ -721,12 +822,7 @@ impl SyncHost for StoreHost {
     }
 
     fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Result<Decision, HostError> {
-        if self.planted == Some(PlantedBug::ForwardWithheld) {
-            return Ok(Decision::Send);
-        }
-        let direct = meta.publisher == self.policy.own;
-        self.policy
-            .decide(&self.store.care(), meta, recipient, direct, true)
+        self.decide_under(&self.policy.trust.current(), meta, recipient)
     }
 
     fn registry_version(&self) -> u64 {
@@ -1100,17 +1196,7 @@ mod tests {
         let mut hub = host_at(&dir.path().join("hub.db"), "Y00001");
         let practice = OdsCode::parse("A81001").unwrap();
         let other = OdsCode::parse("B82002").unwrap();
-        let mut up_to = 0;
-        let mut commit = |hub: &mut StoreHost, from: &OdsCode, document: VerifiedDocument| {
-            up_to += 1;
-            let checkpoint = Checkpoint {
-                feed: FeedId([3; 16]),
-                epoch: 0,
-                up_to,
-            };
-            let refused = hub.commit(from, vec![document], Some(checkpoint)).unwrap();
-            assert!(refused.is_empty(), "{refused:?}");
-        };
+        let mut commit = committer();
         let consenting = Consent::SENT_BY_PUBLISHER;
         let objecting = Consent {
             objection: true,
@@ -1163,6 +1249,95 @@ mod tests {
             Decision::Withhold(policy::WithholdReason::Objection)
         ));
         assert_eq!(reads(&hub), 3);
+    }
+
+    /// A hub wakes, for new feed entries, the sessions of their publishers, of those caring
+    /// for their patients and of region-wide holders (hubs); everyone where it cannot tell.
+    #[test]
+    fn new_entries_wake_only_peers_that_could_be_sent_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = host_at(&dir.path().join("hub.db"), "Y00001");
+        let recipient = |ods: &str, kind| Recipient {
+            ods: OdsCode::parse(ods).unwrap(),
+            kind,
+        };
+        let practice = recipient("A81001", caremesh_sync::OrgKind::Gp);
+        let other = recipient("B82002", caremesh_sync::OrgKind::Gp);
+        let stranger = recipient("C83003", caremesh_sync::OrgKind::Acute);
+        let other_hub = recipient("Y00002", caremesh_sync::OrgKind::Hub);
+        let mut commit_from = committer();
+        let mut commit = |hub: &mut StoreHost, from: &OdsCode, document: VerifiedDocument| {
+            let before = hub.feed_tip().unwrap();
+            commit_from(hub, from, document);
+            hub.peers_to_wake(before)
+        };
+        let woken = |wake: &PeersToWake| {
+            [&practice, &other, &stranger, &other_hub]
+                .into_iter()
+                .filter(|peer| wake.includes(peer))
+                .map(|peer| peer.ods.as_str().to_string())
+                .collect::<Vec<_>>()
+        };
+
+        // The practice's first documents: itself (its own, restorable) and hubs.
+        commit(
+            &mut hub,
+            &practice.ods,
+            sharing_versions(&[Consent::SENT_BY_PUBLISHER]).remove(0),
+        );
+        let wake = commit(&mut hub, &practice.ods, received(Section::Problems, "p1"));
+        assert_eq!(woken(&wake), ["A81001", "Y00002"]);
+
+        // The other practice's document about the same patient: it, and the practice that
+        // cares for the patient.
+        let from_other = received_from(
+            "B82002",
+            OTHER_PRACTICE_SECRET,
+            Section::Problems,
+            "q1",
+            None,
+        );
+        let wake = commit(&mut hub, &other.ods, from_other);
+        assert_eq!(woken(&wake), ["A81001", "B82002", "Y00002"]);
+        // And the practice's next version now wakes the other practice too.
+        let wake = commit(
+            &mut hub,
+            &practice.ods,
+            received(Section::Medications, "m1"),
+        );
+        assert_eq!(woken(&wake), ["A81001", "B82002", "Y00002"]);
+
+        // Positions the tail no longer covers (a host opened since): everyone.
+        let tip = hub.feed_tip().unwrap();
+        drop(hub);
+        let mut reopened = host_at(&dir.path().join("hub.db"), "Y00001");
+        assert_eq!(woken(&reopened.peers_to_wake(tip)).len(), 0, "nothing new");
+        assert_eq!(woken(&reopened.peers_to_wake(0)).len(), 4);
+
+        // A node's own sharing record goes to every direct peer.
+        let mut practice_host = host_at(&dir.path().join("practice.db"), "A81001");
+        let hub_ods = OdsCode::parse("Y00001").unwrap();
+        let own_sharing = sharing_versions(&[Consent::SENT_BY_PUBLISHER]).remove(0);
+        practice_host
+            .commit(&hub_ods, vec![own_sharing], None)
+            .unwrap();
+        assert_eq!(woken(&practice_host.peers_to_wake(0)).len(), 4);
+    }
+
+    /// Commits one document at a time from a peer, each with the peer's next checkpoint, and
+    /// asserts that nothing was refused.
+    fn committer() -> impl FnMut(&mut StoreHost, &OdsCode, VerifiedDocument) {
+        let mut up_to = 0;
+        move |host, from, document| {
+            up_to += 1;
+            let checkpoint = Checkpoint {
+                feed: FeedId([3; 16]),
+                epoch: 0,
+                up_to,
+            };
+            let refused = host.commit(from, vec![document], Some(checkpoint)).unwrap();
+            assert!(refused.is_empty(), "{refused:?}");
+        }
     }
 
     /// Versions of the practice's sharing record about one patient, each made from the one
