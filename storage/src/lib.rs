@@ -15,6 +15,7 @@
 pub mod access;
 pub mod audit;
 pub mod disk_space;
+mod feed_tail;
 mod migrations;
 pub mod page_checksums;
 mod peers;

@@ -4,6 +4,7 @@
 //! passes its registry file and the wall clock, a simulation its own registry and virtual
 //! time, so the same host runs in both.
 
+use crate::feed_tail::{FeedTail, Reach};
 use crate::{CareLookup, FeedRow, PeerCheckpoint, SourceRow, StorageError, Store};
 use caremesh_sync::VerifiedRegistry;
 use caremesh_sync::planted::PlantedBug;
@@ -17,7 +18,7 @@ use caremesh_sync::{
     VerifiedBytes, VerifiedDocument,
 };
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Where the host reads the registry in force and hands a newer edition a peer offered.
@@ -65,99 +66,6 @@ pub struct StoreHost {
     /// peer: it lost them, and every peer is marked to be pulled again. The driver takes it
     /// ([`StoreHost::take_own_documents_returned`]) to ask its caught-up sessions to do so.
     own_documents_returned: bool,
-}
-
-/// The newest part of the feed, in memory: a hub's sessions all read the same new entries,
-/// and each would otherwise read them from SQLite itself.
-#[derive(Default)]
-struct FeedTail {
-    /// Every position in (`from`, `to`] that held an entry when read, in order. An entry is
-    /// `None` once a later position holds a newer version of its document: the feed in
-    /// SQLite has only a document's newest position, and an offer must not name a document
-    /// twice.
-    entries: VecDeque<(u64, Option<FeedEntry>)>,
-    /// Where each document held here is, by position.
-    newest: HashMap<DocId, u64>,
-    from: u64,
-    to: u64,
-}
-
-/// Feed entries the tail keeps (a few MB).
-const FEED_TAIL_ENTRIES: usize = 16_384;
-/// Rows read from SQLite at a time when the tail catches up.
-const FEED_TAIL_READ: usize = 1_024;
-
-impl FeedTail {
-    fn starting_at(tip: u64) -> FeedTail {
-        FeedTail {
-            from: tip,
-            to: tip,
-            ..FeedTail::default()
-        }
-    }
-
-    /// Reads what the feed gained past `to`, up to `tip`, dropping the oldest entries over
-    /// the limit.
-    fn extend(&mut self, store: &Store, tip: u64) -> Result<(), HostError> {
-        while self.to < tip {
-            let rows = store
-                .feed_after(self.to, FEED_TAIL_READ)
-                .map_err(host_error)?;
-            let Some(last) = rows.last() else {
-                break;
-            };
-            let last = last.seq;
-            for row in rows {
-                let entry = feed_entry(row)?;
-                self.push(entry);
-            }
-            assert!(last > self.to, "the feed went backwards");
-            self.to = last;
-            while self.entries.len() > FEED_TAIL_ENTRIES {
-                let (seq, dropped) = self
-                    .entries
-                    .pop_front()
-                    .expect("over the limit, so not empty");
-                if let Some(entry) = dropped {
-                    self.newest.remove(&entry.meta.id());
-                }
-                self.from = seq;
-            }
-        }
-        debug_assert!(self.newest.len() <= self.entries.len());
-        Ok(())
-    }
-
-    fn push(&mut self, entry: FeedEntry) {
-        let seq = entry.seq;
-        if let Some(older) = self.newest.insert(entry.meta.id(), seq) {
-            let at = self.entries.partition_point(|(s, _)| *s < older);
-            if let Some((s, superseded)) = self.entries.get_mut(at) {
-                assert_eq!(*s, older, "the index names a position the tail holds");
-                *superseded = None;
-            }
-        }
-        self.entries.push_back((seq, Some(entry)));
-    }
-
-    /// Up to `limit` positions after `after` (with their entry, unless superseded), if the
-    /// tail covers that position.
-    fn after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Option<impl Iterator<Item = (u64, Option<&FeedEntry>)>> {
-        if after < self.from || after > self.to {
-            return None;
-        }
-        let start = self.entries.partition_point(|(seq, _)| *seq <= after);
-        Some(
-            self.entries
-                .range(start..)
-                .take(limit)
-                .map(|(seq, entry)| (*seq, entry.as_ref())),
-        )
-    }
 }
 
 /// What policy needs to know of recently decided patients: who cares for each (see
@@ -239,6 +147,14 @@ impl PatientFacts {
         })
     }
 
+    fn caseload(
+        &self,
+        lookup: &CareLookup<'_>,
+        patient: &NhsNumber,
+    ) -> StorageResult<Vec<OdsCode>> {
+        self.with(lookup, patient, |known, _| Ok(known.caseload.clone()))
+    }
+
     fn forget<'a>(&self, patients: impl IntoIterator<Item = &'a NhsNumber>) {
         let mut cache = self.by_patient.borrow_mut();
         for patient in patients {
@@ -259,8 +175,9 @@ struct PolicyContext {
 }
 
 type StorageResult<T> = Result<T, StorageError>;
+pub(crate) type HostResult<T> = Result<T, HostError>;
 
-fn host_error(error: StorageError) -> HostError {
+pub(crate) fn host_error(error: StorageError) -> HostError {
     HostError(error.to_string())
 }
 
@@ -324,6 +241,29 @@ impl PolicyContext {
                 meta.id()
             ))
         })
+    }
+
+    /// Who could be sent a document of this node's feed, before any fact but care is read
+    /// ([`policy::decided_without_facts`]): its publisher and those caring for its patient,
+    /// besides region-wide holders; everyone for this node's own sharing record (it goes to
+    /// every direct peer, so that each side learns the other's caseload) and where care
+    /// cannot be read.
+    fn reach(&self, lookup: &CareLookup<'_>, meta: &DocMeta) -> Reach {
+        if meta.publisher == self.own && meta.section == Section::Sharing {
+            return Reach::Everyone;
+        }
+        match self.known.caseload(lookup, &meta.patient) {
+            Ok(mut named) => {
+                if !named.contains(&meta.publisher) {
+                    named.push(meta.publisher.clone());
+                }
+                Reach::Named(named)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not read a patient's care: every peer reads the entry");
+                Reach::Everyone
+            }
+        }
     }
 
     /// This node as the recipient of what it receives.
@@ -429,44 +369,18 @@ impl StoreHost {
         let Ok(tip) = self.feed_tip() else {
             return everyone;
         };
-        let Some(entries) = self.tail.after(after, WAKE_SCAN_LIMIT) else {
+        let Some(named) = self.tail.reached_after(after, WAKE_SCAN_LIMIT) else {
             return everyone;
         };
-        let lookup = self.store.care();
-        let mut wake = PeersToWake {
-            registry: Some(self.policy.trust.current()),
-            ..PeersToWake::default()
-        };
-        let mut read_up_to = after;
-        for (seq, entry) in entries {
-            read_up_to = seq;
-            let Some(entry) = entry else {
-                continue;
-            };
-            let meta = &entry.meta;
-            // This node's own sharing record goes to every direct peer, caring or not, so
-            // that each side learns the other's caseload.
-            if meta.publisher == self.policy.own && meta.section == Section::Sharing {
-                return everyone;
-            }
-            let caseload = self.policy.known.with(&lookup, &meta.patient, |known, _| {
-                Ok(known.caseload.clone())
-            });
-            let Ok(caseload) = caseload else {
-                return everyone;
-            };
-            wake.named.insert(meta.publisher.clone());
-            wake.named.extend(caseload);
-        }
-        if read_up_to == after {
+        if after >= tip {
             // Nothing new: nobody to wake.
             return PeersToWake::default();
         }
-        if read_up_to < tip {
-            // More new entries than one scan reads: not worth sparing anyone.
-            return everyone;
+        PeersToWake {
+            everyone: false,
+            named,
+            registry: Some(self.policy.trust.current()),
         }
-        wake
     }
 
     /// [`SyncHost::decide`] under `registry`, the edition in force taken by the caller.
@@ -561,7 +475,7 @@ impl PeersToWake {
     }
 }
 
-fn feed_entry(row: FeedRow) -> Result<FeedEntry, HostError> {
+pub(crate) fn feed_entry(row: FeedRow) -> Result<FeedEntry, HostError> {
     let heads = SignedHeads::decode(&row.signed)
         .ok_or_else(|| {
             HostError(format!(
@@ -595,7 +509,10 @@ impl SyncHost for StoreHost {
             return Ok(tip);
         }
         let tip = self.store.feed_tip().map_err(host_error)?;
-        self.tail.extend(&self.store, tip)?;
+        let lookup = self.store.care();
+        let policy = &self.policy;
+        self.tail
+            .extend(&self.store, tip, |meta| policy.reach(&lookup, meta))?;
         self.known_tip = Some(tip);
         Ok(tip)
     }
@@ -611,13 +528,33 @@ impl SyncHost for StoreHost {
         after: u64,
         limit: usize,
     ) -> Result<OfferPage, HostError> {
+        // The registry is taken once for the page: behind a lock, and a hub decides each new
+        // version for each of its peers.
+        let registry = self.policy.trust.current();
+        // A peer that does not hold region-wide reads only the entries that name it (see
+        // `feed_tail`), and decides those in full. A planted forwarder reads all, so that the
+        // simulator still sees it send what it should not.
+        let reads_everything = registry.registry().sharing.holds_region_wide(peer.kind)
+            || self.planted == Some(PlantedBug::ForwardWithheld);
+        if !reads_everything && let Some(named) = self.tail.named_after(&peer.ods, after, limit) {
+            let mut page = OfferPage {
+                read_up_to: named.read_up_to,
+                ..OfferPage::default()
+            };
+            for entry in named.entries {
+                if self.decide_under(&registry, &entry.meta, peer)? == Decision::Send {
+                    page.entries.push(OfferEntry {
+                        doc: entry.meta.id(),
+                        heads: entry.heads.clone(),
+                    });
+                }
+            }
+            return Ok(page);
+        }
         let Some(entries) = self.tail.after(after, limit) else {
             return caremesh_sync::session::offerable_from_feed(self, peer, after, limit);
         };
-        // From memory, building offer entries only for what this peer may hold. The registry
-        // is taken once for the page: behind a lock, and a hub decides each new version for
-        // each of its peers.
-        let registry = self.policy.trust.current();
+        // From memory, building offer entries only for what this peer may hold.
         let mut page = OfferPage::default();
         for (seq, entry) in entries {
             page.read_up_to = Some(seq);
@@ -783,7 +720,20 @@ impl SyncHost for StoreHost {
         }
         let committed = batch.commit().map_err(host_error);
         if committed.is_ok() {
-            self.policy.known.forget(facts_changed);
+            self.policy.known.forget(facts_changed.iter().copied());
+            // Whoever now cares for these patients is named for what the tail holds about
+            // them (the feed tail's invariant).
+            let lookup = self.store.care();
+            for patient in facts_changed {
+                match self.policy.known.caseload(&lookup, patient) {
+                    Ok(carers) => self.tail.reach_grew(patient, &carers),
+                    Err(error) => {
+                        tracing::warn!(%error, "could not read a patient's care: the feed tail is read again");
+                        self.tail = FeedTail::starting_at(self.store.feed_tip().unwrap_or(0));
+                        break;
+                    }
+                }
+            }
         } else {
             // Nothing of the batch stands: forget all it touched, to be safe.
             self.policy
@@ -793,6 +743,9 @@ impl SyncHost for StoreHost {
         committed?;
         self.own_documents_returned |= own_returned;
         if purged > 0 {
+            // The purged documents' feed entries went with them: the tail must not offer them
+            // (found by the test that named reads offer what reading SQLite offers).
+            self.tail = FeedTail::starting_at(self.store.feed_tip().map_err(host_error)?);
             tracing::info!(%peer, documents = purged, "purged documents after a withdrawal of consent");
             self.compaction_due = true;
         }
@@ -905,49 +858,6 @@ impl SyncHost for StoreHost {
 mod tests {
     use super::*;
     use caremesh_sync::{DataClass, PublishedDocument};
-
-    fn entry(seq: u64, patient: &str) -> FeedEntry {
-        FeedEntry {
-            seq,
-            meta: DocMeta {
-                publisher: OdsCode::parse("A81001").unwrap(),
-                patient: NhsNumber::parse(patient).unwrap(),
-                section: Section::Problems,
-                class: DataClass::Coded,
-            },
-            heads: vec![[seq as u8; 32]],
-        }
-    }
-
-    #[test]
-    fn the_feed_tail_names_each_document_once_at_its_newest_position() {
-        let mut tail = FeedTail::starting_at(10);
-        for (seq, patient) in [
-            (11, "9912003888"),
-            (12, "9434765919"),
-            (13, "9912003888"),
-            (15, "9912003888"),
-        ] {
-            tail.push(entry(seq, patient));
-            tail.to = seq;
-        }
-        let read: Vec<(u64, Option<u64>)> = tail
-            .after(10, 100)
-            .unwrap()
-            .map(|(seq, entry)| (seq, entry.map(|e| e.heads[0][0] as u64)))
-            .collect();
-        assert_eq!(
-            read,
-            vec![(11, None), (12, Some(12)), (13, None), (15, Some(15))],
-            "superseded positions are read past, not offered"
-        );
-        assert_eq!(tail.after(12, 1).unwrap().count(), 1);
-        assert!(
-            tail.after(9, 10).is_none(),
-            "before the tail: read from SQLite"
-        );
-        assert!(tail.after(16, 10).is_none(), "past what the tail has read");
-    }
 
     const PRACTICE_SECRET: [u8; 32] = [7; 32];
     const OTHER_PRACTICE_SECRET: [u8; 32] = [6; 32];
@@ -1203,15 +1113,6 @@ mod tests {
             ..consenting
         };
         let mut sharing = sharing_versions(&[consenting, objecting]).into_iter();
-        let from_other = |item_id| {
-            received_from(
-                "B82002",
-                OTHER_PRACTICE_SECRET,
-                Section::Problems,
-                item_id,
-                None,
-            )
-        };
         let problem = received(Section::Problems, "p1");
         let problem_meta = problem.signed.meta.clone();
         commit(&mut hub, &practice, sharing.next().unwrap());
@@ -1257,10 +1158,6 @@ mod tests {
     fn new_entries_wake_only_peers_that_could_be_sent_them() {
         let dir = tempfile::tempdir().unwrap();
         let mut hub = host_at(&dir.path().join("hub.db"), "Y00001");
-        let recipient = |ods: &str, kind| Recipient {
-            ods: OdsCode::parse(ods).unwrap(),
-            kind,
-        };
         let practice = recipient("A81001", caremesh_sync::OrgKind::Gp);
         let other = recipient("B82002", caremesh_sync::OrgKind::Gp);
         let stranger = recipient("C83003", caremesh_sync::OrgKind::Acute);
@@ -1290,13 +1187,7 @@ mod tests {
 
         // The other practice's document about the same patient: it, and the practice that
         // cares for the patient.
-        let from_other = received_from(
-            "B82002",
-            OTHER_PRACTICE_SECRET,
-            Section::Problems,
-            "q1",
-            None,
-        );
+        let from_other = from_other("q1");
         let wake = commit(&mut hub, &other.ods, from_other);
         assert_eq!(woken(&wake), ["A81001", "B82002", "Y00002"]);
         // And the practice's next version now wakes the other practice too.
@@ -1322,6 +1213,105 @@ mod tests {
             .commit(&hub_ods, vec![own_sharing], None)
             .unwrap();
         assert_eq!(woken(&practice_host.peers_to_wake(0)).len(), 4);
+    }
+
+    /// What a session reading `peer`'s offers from position `after` to the end is offered,
+    /// page by page: through `offerable_after` (`reference`: every entry read from SQLite
+    /// and decided, as before the feed tail named its peers).
+    fn offered_from(
+        host: &mut StoreHost,
+        peer: &Recipient,
+        mut after: u64,
+        reference: bool,
+    ) -> Vec<OfferEntry> {
+        let mut offered = Vec::new();
+        loop {
+            let page = if reference {
+                caremesh_sync::session::offerable_from_feed(host, peer, after, 2)
+            } else {
+                host.offerable_after(peer, after, 2)
+            }
+            .unwrap();
+            offered.extend(page.entries);
+            match page.read_up_to {
+                Some(up_to) => {
+                    assert!(up_to > after);
+                    after = up_to;
+                }
+                None => return offered,
+            }
+        }
+    }
+
+    /// A peer reading only the feed entries that name it is offered exactly what deciding
+    /// every entry offers it, from every position, as care and consent change: above all an
+    /// organisation that comes to care for a patient after the entries about them were read
+    /// into the tail (mutation-checked: without `reach_grew` the second practice misses
+    /// them).
+    #[test]
+    fn reading_only_named_entries_offers_what_deciding_every_entry_offers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = host_at(&dir.path().join("hub.db"), "Y00001");
+        let peers = [
+            recipient("A81001", caremesh_sync::OrgKind::Gp),
+            recipient("B82002", caremesh_sync::OrgKind::Gp),
+            recipient("C83003", caremesh_sync::OrgKind::Gp),
+            recipient("Y00002", caremesh_sync::OrgKind::Hub),
+        ];
+        let (practice, other) = (peers[0].ods.clone(), peers[1].ods.clone());
+        let objecting = Consent {
+            objection: true,
+            ..Consent::SENT_BY_PUBLISHER
+        };
+        let mut sharing = sharing_versions(&[Consent::SENT_BY_PUBLISHER, objecting]).into_iter();
+        let steps = [
+            (practice.clone(), sharing.next().unwrap()),
+            (practice.clone(), received(Section::Problems, "p1")),
+            (other.clone(), from_other("q1")),
+            (practice.clone(), received(Section::Medications, "m1")),
+            (other.clone(), from_other("q2")),
+            (practice.clone(), sharing.next().unwrap()),
+        ];
+        let mut commit = committer();
+        let mut offered_to_other = 0;
+        for (step, (from, document)) in steps.into_iter().enumerate() {
+            commit(&mut hub, &from, document);
+            let tip = hub.feed_tip().unwrap();
+            for peer in &peers {
+                for after in 0..=tip {
+                    let named = offered_from(&mut hub, peer, after, false);
+                    let every = offered_from(&mut hub, peer, after, true);
+                    assert_eq!(named, every, "step {step}, {} from {after}", peer.ods);
+                    if peer.ods == other && after == 0 {
+                        offered_to_other = named.len();
+                    }
+                }
+            }
+            if step == 2 {
+                assert_eq!(
+                    offered_to_other, 3,
+                    "the practice's sharing record and problem, read before, and its own"
+                );
+            }
+        }
+    }
+
+    fn recipient(ods: &str, kind: caremesh_sync::OrgKind) -> Recipient {
+        Recipient {
+            ods: OdsCode::parse(ods).unwrap(),
+            kind,
+        }
+    }
+
+    /// A problem the other practice signed about the patient.
+    fn from_other(item_id: &str) -> VerifiedDocument {
+        received_from(
+            "B82002",
+            OTHER_PRACTICE_SECRET,
+            Section::Problems,
+            item_id,
+            None,
+        )
     }
 
     /// Commits one document at a time from a peer, each with the peer's next checkpoint, and
