@@ -353,14 +353,13 @@ impl StoreHost {
         self.policy.trust.current()
     }
 
-    /// Which sessions to wake for what the feed gained after `after`: only peers that policy
-    /// could let hold one of the new entries. A hub has hundreds of peers, and waking each
-    /// for every new version made each read and decide the entry: about 1,000 decisions
-    /// per change at 500 peers (BENCHMARKS.md). A peer not woken loses nothing: its session
-    /// reads the entries at its next feed check ([`caremesh_sync::session::FEED_CHECK_INTERVAL_MS`])
-    /// and decides each as always. So this decides nothing; it only says who need not hurry,
-    /// and where it cannot tell (the tail does not reach back, a fact cannot be read), it
-    /// wakes everyone.
+    /// Which sessions to wake for what the feed gained after `after`: the peers the new
+    /// entries name in the feed tail (their publishers and those caring for their patients)
+    /// and region-wide holders. A hub has hundreds of peers, and waking each for every new
+    /// version cost a poll of each. A peer not woken loses nothing: none of the new entries
+    /// names it, so there is nothing for it to read, and its session moves past them at its
+    /// next feed check ([`caremesh_sync::session::FEED_CHECK_INTERVAL_MS`]). Where the tail
+    /// cannot tell (it does not reach back, or an entry names everyone), every session wakes.
     pub fn peers_to_wake(&mut self, after: u64) -> PeersToWake {
         let everyone = PeersToWake {
             everyone: true,
