@@ -178,14 +178,20 @@ impl FeedTail {
         self.from = seq;
     }
 
+    /// Where position `seq` is, or would be, among the held entries (they are in feed order).
+    fn index_of(&self, seq: u64) -> usize {
+        self.entries.partition_point(|e| e.seq < seq)
+    }
+
     fn at_mut(&mut self, seq: u64) -> Option<&mut TailEntry> {
-        let at = self.entries.partition_point(|e| e.seq < seq);
+        let at = self.index_of(seq);
         self.entries.get_mut(at).filter(|e| e.seq == seq)
     }
 
     fn at(&self, seq: u64) -> Option<&TailEntry> {
-        let at = self.entries.partition_point(|e| e.seq < seq);
-        self.entries.get(at).filter(|e| e.seq == seq)
+        self.entries
+            .get(self.index_of(seq))
+            .filter(|e| e.seq == seq)
     }
 
     /// Whether the tail holds every position after `after` that the feed has read.
@@ -203,7 +209,7 @@ impl FeedTail {
         if !self.covers(after) {
             return None;
         }
-        let start = self.entries.partition_point(|e| e.seq <= after);
+        let start = self.index_of(after.saturating_add(1));
         Some(
             self.entries
                 .range(start..)
@@ -261,7 +267,7 @@ impl FeedTail {
         if !self.covers(after) {
             return None;
         }
-        let start = self.entries.partition_point(|e| e.seq <= after);
+        let start = self.index_of(after.saturating_add(1));
         let mut reached = HashSet::new();
         let mut last_read = after;
         for held in self.entries.range(start..).take(limit) {
@@ -285,7 +291,7 @@ impl FeedTail {
             return;
         };
         for &seq in positions {
-            let at = self.entries.partition_point(|e| e.seq < seq);
+            let at = self.index_of(seq);
             let held = &mut self.entries[at];
             assert_eq!(held.seq, seq, "the patient index names held positions");
             let Reach::Named(named) = &mut held.reach else {

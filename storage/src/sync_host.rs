@@ -402,8 +402,17 @@ impl StoreHost {
     pub fn forget_cached(&mut self) {
         self.policy.known = PatientFacts::default();
         self.known_tip = None;
-        let tip = self.store.feed_tip().unwrap_or(0);
-        self.tail = FeedTail::starting_at(tip);
+        // An unreadable tip leaves the tail to be read again from the start: nothing skipped.
+        self.restart_tail().ok();
+    }
+
+    /// Drops what the feed tail holds and starts it again at the feed's tip; sessions behind
+    /// that read from SQLite. If the tip cannot be read, the tail starts at the beginning of
+    /// the feed (and is read again as it is used) and the error is returned.
+    fn restart_tail(&mut self) -> Result<(), HostError> {
+        let tip = self.store.feed_tip().map_err(host_error);
+        self.tail = FeedTail::starting_at(*tip.as_ref().unwrap_or(&0));
+        tip.map(drop)
     }
 
     /// Something may have written to the feed without going through this host (a local
@@ -728,7 +737,7 @@ impl SyncHost for StoreHost {
                     Ok(carers) => self.tail.reach_grew(patient, &carers),
                     Err(error) => {
                         tracing::warn!(%error, "could not read a patient's care: the feed tail is read again");
-                        self.tail = FeedTail::starting_at(self.store.feed_tip().unwrap_or(0));
+                        self.restart_tail().ok();
                         break;
                     }
                 }
@@ -744,7 +753,7 @@ impl SyncHost for StoreHost {
         if purged > 0 {
             // The purged documents' feed entries went with them: the tail must not offer them
             // (found by the test that named reads offer what reading SQLite offers).
-            self.tail = FeedTail::starting_at(self.store.feed_tip().map_err(host_error)?);
+            self.restart_tail()?;
             tracing::info!(%peer, documents = purged, "purged documents after a withdrawal of consent");
             self.compaction_due = true;
         }
