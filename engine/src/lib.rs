@@ -22,9 +22,13 @@
 //! Invariants:
 //! - **Nothing is acknowledged before it is durable.** Received documents are written inside
 //!   the turn's group commit; frames (acknowledgements among them) are produced only between
-//!   turns ([`Driver::poll_transmit`] asserts it), so after the group committed. A group that
-//!   fails to commit closes every session, whose unsent acknowledgements go with them.
-//! - [`DriverEvent::Stored`] is reported only once the turn that stored it has committed.
+//!   turns ([`Driver::poll_transmit`] asserts it), so after the group committed. With
+//!   [`Driver::defer_syncs`] a commit does not wait for the disk: a frame produced after it
+//!   is held in the driver until the caller reports that commit durable
+//!   ([`Driver::poll_sync`], [`Driver::durable`]), and the engine goes on with the next turn
+//!   meanwhile. A group that fails to commit closes every session, whose unsent
+//!   acknowledgements go with them.
+//! - [`DriverEvent::Stored`] is reported only once the turn that stored it is durable.
 //! - At most one session per peer organisation: of two connections, the one dialled by the
 //!   lower ODS code survives; of two from the same dialler, the newer.
 //! - The driver is the store's only writer: the node's own writes come in through
@@ -59,6 +63,10 @@ pub type ConnId = u64;
 pub const FEED_PROMPT_MS: u64 = 20;
 /// How often peer status is written for `caremesh status` and /metrics, when it changed.
 pub const STATUS_FLUSH_MS: u64 = 1_000;
+/// Bytes of frames a connection may have held back waiting for a commit to be durable
+/// ([`Driver::defer_syncs`]) before its session produces no more: one sync's worth of a
+/// busy peer's acknowledgements and offers, bounded.
+pub const HELD_BYTES_PER_CONNECTION: usize = 256 * 1024;
 /// How often an unchanged status row is written all the same: it is the session's heartbeat,
 /// read as stale after `caremesh_storage::STATUS_STALE_AFTER_SECONDS` (10 s).
 pub const STATUS_HEARTBEAT_MS: u64 = 3_000;
@@ -158,6 +166,13 @@ pub struct Transmit {
     pub frame: Vec<u8>,
 }
 
+/// A connection's frames waiting for their commits to be durable.
+#[derive(Default)]
+struct HeldFrames {
+    frames: VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+}
+
 /// A connection's authenticated peer, as [`Driver::connect`] is given it.
 struct Peer {
     recipient: Recipient,
@@ -212,8 +227,24 @@ pub struct Driver {
     next_flush: u64,
     /// A turn is open: writes go into one group commit and no frame is produced.
     in_turn: bool,
-    /// Documents stored in the open turn, reported once it has committed.
+    /// Documents stored in the open turn, reported once it is durable.
     stored_in_turn: Vec<(OdsCode, Vec<HeldVersion>)>,
+    /// Group commits made, counting from 1; the highest of them known durable; the highest
+    /// handed to the caller to sync ([`Driver::poll_sync`]). Without [`Driver::defer_syncs`]
+    /// every commit is durable when it returns.
+    committed: u64,
+    durable: u64,
+    sync_asked: u64,
+    defer_syncs: bool,
+    /// Frames produced while a commit before them was not yet durable, in order per
+    /// connection, each with the commit it waits for. Never an empty queue.
+    held: BTreeMap<ConnId, HeldFrames>,
+    /// Connections whose first held frame may leave; and those of them that had no room
+    /// when last asked (asked again on [`Driver::retry_blocked`]).
+    releasable: BTreeSet<ConnId>,
+    release_blocked: BTreeSet<ConnId>,
+    /// Stored documents whose commit is not yet durable, with that commit.
+    stored_waiting: VecDeque<(u64, OdsCode, Vec<HeldVersion>)>,
     events: VecDeque<DriverEvent>,
     /// The caller's time at its last call, for timers set while handling it.
     now: u64,
@@ -243,6 +274,14 @@ impl Driver {
             next_flush: now + STATUS_FLUSH_MS,
             in_turn: false,
             stored_in_turn: Vec::new(),
+            committed: 0,
+            durable: 0,
+            sync_asked: 0,
+            defer_syncs: false,
+            held: BTreeMap::new(),
+            releasable: BTreeSet::new(),
+            release_blocked: BTreeSet::new(),
+            stored_waiting: VecDeque::new(),
             events: VecDeque::new(),
             now,
             planted: None,
@@ -305,26 +344,107 @@ impl Driver {
     pub fn end_turn(&mut self) {
         assert!(self.in_turn, "no turn to end");
         self.in_turn = false;
-        if let Err(error) = self.host.store.end_group() {
-            self.stored_in_turn.clear();
-            self.host.forget_cached();
-            if self.planted == Some(PlantedBug::AckAfterFailedCommit) {
+        let committed = match self.host.store.end_group() {
+            Ok(committed) => committed,
+            Err(error) => {
+                self.commit_failed(&error);
                 return;
             }
-            tracing::error!(%error, "a group commit failed; closing every sync session");
-            let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
-            for peer in peers {
-                self.close(&peer, "storage failed to commit", CloseCause::StorageFailed);
+        };
+        if committed {
+            self.committed += 1;
+            if !self.defer_syncs {
+                self.durable = self.committed;
+                self.mark_releasable();
             }
-            self.stop_if_damaged();
-            return;
         }
         for (peer, documents) in std::mem::take(&mut self.stored_in_turn) {
+            self.stored_waiting
+                .push_back((self.committed, peer, documents));
+        }
+        self.report_durable();
+        self.stop_if_damaged();
+        self.pull_again_where_marked();
+    }
+
+    /// A group commit failed: what the sessions believe stored was rolled back, so every
+    /// session is closed before it can acknowledge it.
+    fn commit_failed(&mut self, error: &StorageError) {
+        self.stored_in_turn.clear();
+        self.host.forget_cached();
+        if self.planted == Some(PlantedBug::AckAfterFailedCommit) {
+            return;
+        }
+        tracing::error!(%error, "a group commit failed; closing every sync session");
+        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+        for peer in peers {
+            self.close(&peer, "storage failed to commit", CloseCause::StorageFailed);
+        }
+        self.stop_if_damaged();
+    }
+
+    /// From now on a turn's commit does not wait for the disk ([`Store::defer_group_syncs`]):
+    /// the caller takes each commit to sync from [`Driver::poll_sync`], syncs it with the
+    /// store's [`caremesh_storage::WalSyncer`] (on another thread, while the driver goes on
+    /// with the next turn) and reports it with [`Driver::durable`]. Until then the frames
+    /// produced after it wait in the driver.
+    ///
+    /// [`Store::defer_group_syncs`]: caremesh_storage::Store::defer_group_syncs
+    pub fn defer_syncs(&mut self) {
+        self.host.store.defer_group_syncs();
+        self.defer_syncs = true;
+    }
+
+    /// A commit the caller should sync and then report with [`Driver::durable`], if one was
+    /// made since the last asked for. Syncing it makes every commit before it durable too.
+    pub fn poll_sync(&mut self) -> Option<u64> {
+        if self.committed > self.sync_asked {
+            self.sync_asked = self.committed;
+            return Some(self.committed);
+        }
+        None
+    }
+
+    /// Commit `commit` (from [`Driver::poll_sync`]) and every one before it are durable: the
+    /// frames produced after them may leave, and what they stored is reported.
+    pub fn durable(&mut self, commit: u64) {
+        assert!(
+            commit <= self.committed,
+            "only a commit made can be durable"
+        );
+        self.durable = self.durable.max(commit);
+        self.mark_releasable();
+        self.report_durable();
+        // Sessions held back for frames waiting on this commit may produce again.
+        self.retry_blocked();
+    }
+
+    /// The sync of a commit failed: the disk may not hold what the sessions believe stored.
+    /// Like damage, this stops the node: every session closes (its held frames with it).
+    pub fn sync_failed(&mut self, reason: &str) {
+        if self.damaged.is_some() {
+            return;
+        }
+        tracing::error!(%reason, "could not make a commit durable: closing every sync session and stopping, so that nothing is acknowledged that the disk may not hold");
+        let reason = format!("the disk did not sync a commit: {reason}");
+        self.damaged = Some(reason.clone());
+        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
+        for peer in peers {
+            self.close(&peer, "this node's disk failed", CloseCause::StorageFailed);
+        }
+        self.events.push_back(DriverEvent::Stopped { reason });
+    }
+
+    /// Reports what durable commits stored.
+    fn report_durable(&mut self) {
+        while let Some((commit, _, _)) = self.stored_waiting.front() {
+            if *commit > self.durable {
+                break;
+            }
+            let (_, peer, documents) = self.stored_waiting.pop_front().expect("front exists");
             self.events
                 .push_back(DriverEvent::Stored { peer, documents });
         }
-        self.stop_if_damaged();
-        self.pull_again_where_marked();
     }
 
     /// Restarts the pull of every caught-up session whose peer is marked to be pulled again
@@ -579,7 +699,8 @@ impl Driver {
 
     /// The next frame for a connection with room (`has_room`), or `None` when no session has
     /// anything to send where there is room. Only between turns: a frame produced inside a
-    /// turn could acknowledge what is not yet durable.
+    /// turn could acknowledge what is not yet durable; and a frame produced while the last
+    /// commit is not yet durable waits in the driver until it is (see [`Driver::durable`]).
     pub fn poll_transmit(
         &mut self,
         now: u64,
@@ -593,21 +714,37 @@ impl Driver {
         // Before anything is sent: a peer whose key the registry no longer trusts gets
         // nothing more, and what it sends is no longer read.
         self.enforce_registry();
+        if let Some(transmit) = self.release_held(&mut has_room) {
+            return Some(transmit);
+        }
         while let Some(ods) = self.ready.first().cloned() {
             let Some(live) = self.sessions.get_mut(&ods) else {
                 self.ready.remove(&ods);
                 continue;
             };
-            if !has_room(live.conn) {
+            let conn = live.conn;
+            let held_full = self
+                .held
+                .get(&conn)
+                .is_some_and(|held| held.bytes >= HELD_BYTES_PER_CONNECTION);
+            if held_full || !has_room(conn) {
                 self.ready.remove(&ods);
                 self.blocked.insert(ods);
                 continue;
             }
-            let conn = live.conn;
             let polled = live.session.poll_transmit(now, &mut self.host);
             match polled {
                 Ok(Some(frame)) => {
                     self.drain_session_events(&ods);
+                    // Behind a commit not yet durable, or behind frames that wait for one
+                    // (a connection's frames leave in the order they were produced).
+                    let must_wait = self.durable < self.committed || self.held.contains_key(&conn);
+                    if must_wait && self.planted != Some(PlantedBug::FramesBeforeDurable) {
+                        let held = self.held.entry(conn).or_default();
+                        held.bytes += frame.len();
+                        held.frames.push_back((self.committed, frame));
+                        continue;
+                    }
                     return Some(Transmit { conn, frame });
                 }
                 Ok(None) => {
@@ -625,14 +762,60 @@ impl Driver {
         None
     }
 
-    /// Whether a session is held back by a connection without room.
-    pub fn is_blocked(&self) -> bool {
-        !self.blocked.is_empty()
+    /// The first held frame whose commit is durable, of a connection with room.
+    fn release_held(&mut self, has_room: &mut impl FnMut(ConnId) -> bool) -> Option<Transmit> {
+        while let Some(conn) = self.releasable.pop_first() {
+            let Some(held) = self.held.get_mut(&conn) else {
+                continue;
+            };
+            if !has_room(conn) {
+                self.release_blocked.insert(conn);
+                continue;
+            }
+            let (commit, frame) = held.frames.pop_front().expect("held queues are not empty");
+            assert!(
+                commit <= self.durable,
+                "a frame leaves only after its commit is durable"
+            );
+            held.bytes -= frame.len();
+            match held.frames.front() {
+                None => {
+                    self.held.remove(&conn);
+                }
+                Some((next, _)) if *next <= self.durable => {
+                    self.releasable.insert(conn);
+                }
+                Some(_) => {}
+            }
+            return Some(Transmit { conn, frame });
+        }
+        None
     }
 
-    /// Connections may have room again: held-back sessions are asked again.
+    /// Connections whose first held frame's commit is now durable may send it.
+    fn mark_releasable(&mut self) {
+        let durable = self.durable;
+        for (conn, held) in &self.held {
+            if held
+                .frames
+                .front()
+                .is_some_and(|(commit, _)| *commit <= durable)
+            {
+                self.releasable.insert(*conn);
+            }
+        }
+    }
+
+    /// Whether a session, or a frame that may leave, is held back by a connection without
+    /// room.
+    pub fn is_blocked(&self) -> bool {
+        !self.blocked.is_empty() || !self.release_blocked.is_empty()
+    }
+
+    /// Connections may have room again: held-back sessions and frames are asked again.
     pub fn retry_blocked(&mut self) {
         self.ready.append(&mut self.blocked);
+        self.releasable.append(&mut self.release_blocked);
     }
 
     /// Something for the caller.
@@ -684,6 +867,10 @@ impl Driver {
         self.save_status(ods, Some(reason));
         if let Some(live) = self.sessions.remove(ods) {
             self.peers_by_conn.remove(&live.conn);
+            // Held frames wait for a commit that this session no longer needs durable.
+            self.held.remove(&live.conn);
+            self.releasable.remove(&live.conn);
+            self.release_blocked.remove(&live.conn);
             self.ready.remove(ods);
             self.blocked.remove(ods);
             self.events.push_back(DriverEvent::Close {

@@ -305,3 +305,80 @@ fn an_idle_peers_status_row_is_rewritten_only_as_a_heartbeat() {
         "written when it changed, then only every {STATUS_HEARTBEAT_MS} ms"
     );
 }
+
+/// Syncs `node`'s WAL and reports its latest commit durable, as the node's sync thread does.
+fn sync(node: &mut Node) {
+    if let Some(commit) = node.driver.poll_sync() {
+        node.driver.host().store.wal_syncer().sync().unwrap();
+        node.driver.durable(commit);
+    }
+}
+
+fn stored_events(node: &mut Node) -> Vec<HeldVersion> {
+    std::iter::from_fn(|| node.driver.poll_event())
+        .filter_map(|event| match event {
+            DriverEvent::Stored { documents, .. } => Some(documents),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// With deferred syncs a hub commits what it received without waiting for the disk, and
+/// neither acknowledges it nor reports it stored until the commit is synced; then both
+/// follow at once.
+#[test]
+fn with_deferred_syncs_nothing_is_acknowledged_or_reported_stored_before_the_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gp, mut hub) = region(dir.path());
+    hub.driver.defer_syncs();
+    publish(&mut gp, "asthma");
+    gp.driver.connect(0, 1, recipient(&hub), true);
+    hub.driver.connect(0, 1, recipient(&gp), false);
+    let mut expected = held_heads(&gp);
+    expected.sort();
+    let mut reported = Vec::new();
+    for round in 0.. {
+        assert!(round < 20, "the hub never stored the GP's documents");
+        exchange(&mut gp, &mut hub, 10);
+        let mut held = held_heads(&hub);
+        held.sort();
+        if held == expected {
+            break;
+        }
+        reported.extend(stored_events(&mut hub));
+        sync(&mut hub);
+    }
+    // Committed, not yet synced: nothing leaves and nothing is reported.
+    assert!(
+        hub.driver.poll_transmit(10, |_| true).is_none(),
+        "a frame left before its commit was durable"
+    );
+    let before_sync = stored_events(&mut hub);
+    assert!(
+        before_sync.is_empty(),
+        "reported stored before durable: {before_sync:?}"
+    );
+    sync(&mut hub);
+    let after_sync = stored_events(&mut hub);
+    assert!(!after_sync.is_empty(), "the last turn's documents reported");
+    reported.extend(after_sync);
+    reported.sort();
+    assert_eq!(
+        reported, expected,
+        "each version reported once, once durable"
+    );
+    let frame = hub
+        .driver
+        .poll_transmit(10, |_| true)
+        .expect("the held acknowledgement leaves once durable");
+    let mut decoder = caremesh_sync::wire::FrameDecoder::default();
+    decoder.push(&frame.frame);
+    assert!(
+        matches!(
+            decoder.next_message(),
+            Ok(Some(caremesh_sync::wire::Message::Ack { .. }))
+        ),
+        "the first frame to leave is the acknowledgement"
+    );
+}

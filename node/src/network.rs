@@ -381,8 +381,24 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                 let options = DriverOptions {
                     log_received_frames: wire_log.is_some(),
                 };
+                let mut driver = Driver::new(ods, host, options, 0);
+                driver.defer_syncs();
+                let (sync_requests, synced) =
+                    match spawn_wal_sync(driver.host().store.wal_syncer()) {
+                        Ok(channels) => channels,
+                        Err(error) => {
+                            tracing::error!(%error, "could not start the thread that syncs the database; the node stops");
+                            let _ = stopped_tx.send(Some(format!(
+                                "could not start the thread that syncs the database: {error}"
+                            )));
+                            return;
+                        }
+                    };
                 let engine = Engine {
-                    driver: Driver::new(ods, host, options, 0),
+                    driver,
+                    sync_requests,
+                    synced,
+                    syncing: true,
                     urgent,
                     started: Instant::now(),
                     outgoing: HashMap::new(),
@@ -720,9 +736,51 @@ async fn run_connection(
     let _ = context.engine.send(Command::Closed { conn, reason }).await;
 }
 
+/// What the WAL sync thread last did: synced every commit up to this one, or failed.
+#[derive(Debug, Clone)]
+enum SyncOutcome {
+    Durable(u64),
+    Failed(String),
+}
+
+/// Starts the thread that makes the engine's group commits durable ([`Driver::defer_syncs`]):
+/// it takes commits to sync, syncs the WAL once for all those asked for meanwhile (each was
+/// asked for after it committed, so the sync covers it), and says which are durable. The
+/// engine thread goes on with its next turn while the disk works. A failed sync is the
+/// thread's last: what the disk holds is then unknown, and the node stops.
+fn spawn_wal_sync(
+    syncer: caremesh_storage::WalSyncer,
+) -> std::io::Result<(std::sync::mpsc::Sender<u64>, watch::Receiver<SyncOutcome>)> {
+    let (requests, asked) = std::sync::mpsc::channel::<u64>();
+    let (done, synced) = watch::channel(SyncOutcome::Durable(0));
+    std::thread::Builder::new()
+        .name("sync-wal".into())
+        .spawn(move || {
+            while let Ok(mut commit) = asked.recv() {
+                while let Ok(later) = asked.try_recv() {
+                    commit = commit.max(later);
+                }
+                let outcome = match syncer.sync() {
+                    Ok(()) => SyncOutcome::Durable(commit),
+                    Err(error) => SyncOutcome::Failed(error.to_string()),
+                };
+                let failed = matches!(outcome, SyncOutcome::Failed(_));
+                if done.send(outcome).is_err() || failed {
+                    return;
+                }
+            }
+        })?;
+    Ok((requests, synced))
+}
+
 /// The engine thread: the IO around the [`Driver`], which decides everything.
 struct Engine {
     driver: Driver,
+    /// Commits for the WAL sync thread to make durable, and what it made durable; `syncing`
+    /// while that thread runs.
+    sync_requests: std::sync::mpsc::Sender<u64>,
+    synced: watch::Receiver<SyncOutcome>,
+    syncing: bool,
     urgent: Arc<UrgentLane>,
     started: Instant,
     /// Each live connection's queue towards its writer task.
@@ -747,6 +805,7 @@ impl Engine {
     ) {
         loop {
             self.pump();
+            self.ask_sync();
             let mut wake = self
                 .driver
                 .poll_timeout()
@@ -762,6 +821,22 @@ impl Engine {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
+                changed = self.synced.changed(), if self.syncing => match changed {
+                    Ok(()) => {
+                        let outcome = self.synced.borrow_and_update().clone();
+                        match outcome {
+                            SyncOutcome::Durable(commit) => self.driver.durable(commit),
+                            SyncOutcome::Failed(reason) => {
+                                self.syncing = false;
+                                self.driver.sync_failed(&reason);
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        self.syncing = false;
+                        self.driver.sync_failed("the thread that syncs the database stopped");
+                    }
+                },
                 _ = shutdown.changed() => break,
             }
             let now = self.now_ms();
@@ -770,7 +845,25 @@ impl Engine {
             self.handle_events();
         }
         self.driver.shut_down();
+        // The final status rows, and anything committed and not yet synced, reach the disk
+        // before the engine ends.
+        if let Err(error) = self.driver.host().store.wal_syncer().sync() {
+            tracing::error!(%error, "could not sync the database at shutdown; the last peer status written may be lost to a power cut");
+        }
         self.handle_events();
+    }
+
+    /// Hands the WAL sync thread the latest commit, if one was made since it was last asked.
+    fn ask_sync(&mut self) {
+        let Some(commit) = self.driver.poll_sync() else {
+            return;
+        };
+        if self.syncing && self.sync_requests.send(commit).is_err() {
+            self.syncing = false;
+            self.driver
+                .sync_failed("the thread that syncs the database stopped");
+            self.handle_events();
+        }
     }
 
     /// Handles `first` and whatever else is already queued (within bounds) as one turn whose
@@ -804,6 +897,8 @@ impl Engine {
             handled += 1;
         }
         self.driver.end_turn();
+        // The disk syncs this turn's commit while the engine goes on.
+        self.ask_sync();
         self.handle_events();
         self.write_urgent();
         if let Some(write) = local {

@@ -84,6 +84,9 @@ pub enum Bug {
     /// The node sends holders of an older version well-formed changes that are not the ones
     /// it holds (a peer altering what it relays).
     ForgeChanges,
+    /// The node's driver lets frames leave once a turn has committed, before the commit is
+    /// durable, so a power cut between commit and sync takes back what it acknowledged.
+    FramesBeforeDurable,
 }
 
 impl Bug {
@@ -97,6 +100,7 @@ impl Bug {
             Bug::AckAfterFailedCommit => Some(PlantedBug::AckAfterFailedCommit),
             Bug::RelayWithoutHeadsCheck => Some(PlantedBug::RelayWithoutHeadsCheck),
             Bug::ForgeChanges => Some(PlantedBug::ForgeChanges),
+            Bug::FramesBeforeDurable => Some(PlantedBug::FramesBeforeDurable),
             Bug::PlaceWithoutMoving | Bug::CommitWithoutSync => None,
         }
     }
@@ -260,7 +264,8 @@ pub enum FaultKind {
     /// The node's machine loses power and, if given, restarts later: its disk keeps what was
     /// synced, and of each write not yet synced, the write or the bytes it overwrote (torn
     /// writes). With `mid_write`, the power goes at one of its next few writes or syncs,
-    /// most often inside a commit, and the node stops there. With `corrupt`, one bit of a
+    /// most often inside a commit, and the node stops there. With `mid_sync`, the power
+    /// goes in the engine's next sync of its WAL after a group commit. With `corrupt`, one bit of a
     /// random page of its database flips while it is down (damage at rest): the node must
     /// go on as if nothing happened (a page it never reads) or stop and say why.
     Crash {
@@ -269,6 +274,8 @@ pub enum FaultKind {
         restart_after_s: Option<u64>,
         #[serde(default)]
         mid_write: bool,
+        #[serde(default)]
+        mid_sync: bool,
         #[serde(default)]
         corrupt: bool,
     },

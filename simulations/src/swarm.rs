@@ -58,6 +58,7 @@ pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
             FaultKind::Crash {
                 restart_after_s,
                 mid_write,
+                mid_sync,
                 corrupt,
                 ..
             } => {
@@ -65,6 +66,8 @@ pub fn randomise(scenario: &Scenario, seed: u64) -> Scenario {
                     *restart_after_s = Some(1 + rng.below(duration / 4 + 1));
                 }
                 *mid_write = rng.chance(0.5);
+                // Of the other half, half lose power in a sync of their WAL.
+                *mid_sync = !*mid_write && rng.chance(0.5);
                 *corrupt = restart_after_s.is_some() && rng.chance(0.25);
             }
             FaultKind::Disk {

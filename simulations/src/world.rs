@@ -113,6 +113,12 @@ enum Event {
         node: usize,
         life: u64,
     },
+    /// The node's sync of its WAL, asked for after `commit`, returned.
+    Synced {
+        node: usize,
+        life: u64,
+        commit: u64,
+    },
     IdleCheck {
         conn: u64,
     },
@@ -661,6 +667,7 @@ impl World {
             Event::Established { node, peer, life } => self.establish(node, peer, life),
             Event::Deliver { conn, to, frame } => self.deliver(conn, to, frame),
             Event::Timer { node, life } => self.timer(node, life),
+            Event::Synced { node, life, commit } => self.synced(node, life, commit),
             Event::IdleCheck { conn } => self.idle_check(conn),
             Event::Change { node, life } => {
                 if self.nodes[node].life != life || self.now() > self.scenario.duration_s * 1000 {
@@ -808,14 +815,21 @@ impl World {
                 node,
                 restart_after_s,
                 mid_write,
+                mid_sync,
                 ..
             } => {
                 let node = self.index_of(&node);
-                if mid_write && self.nodes[node].driver.is_some() {
-                    // The power goes at one of the node's next few writes or syncs, most
-                    // likely inside a commit; `pump_node` stops the node there.
-                    let operations = 1 + self.rng.below(MID_WRITE_OPERATIONS);
-                    power_loss::cut_power_after(&self.nodes[node].db, operations);
+                if (mid_write || mid_sync) && self.nodes[node].driver.is_some() {
+                    if mid_sync {
+                        // The power goes in the engine's next sync of its WAL: the group
+                        // commits it was to make durable are lost.
+                        power_loss::cut_power_at_next_wal_sync(&self.nodes[node].db);
+                    } else {
+                        // The power goes at one of the node's next few writes or syncs, most
+                        // likely inside a commit; `pump_node` stops the node there.
+                        let operations = 1 + self.rng.below(MID_WRITE_OPERATIONS);
+                        power_loss::cut_power_after(&self.nodes[node].db, operations);
+                    }
                     self.nodes[node].power_cut = Some((index, restart_after_s));
                     let life = self.nodes[node].life;
                     let due = self.now() + POWER_CUT_DUE_MS;
@@ -1260,6 +1274,8 @@ fn open_driver(
     host.keep_documents_loaded(SIMULATED_LOADED_DOCUMENTS);
     let local_ms = local_time(now_ms.load(Ordering::Relaxed), node.skew_ms);
     let mut driver = Driver::new(node.ods.clone(), host, DriverOptions::default(), local_ms);
+    // As production's engine: commits do not wait for the disk, frames wait for the sync.
+    driver.defer_syncs();
     if let Some(bug) = node.bug.and_then(crate::scenario::Bug::planted) {
         driver.plant(bug);
     }

@@ -10,7 +10,9 @@
 //! * A peer's checkpoint is written in the same transaction as the documents it covers, so a
 //!   crash can never leave a checkpoint ahead of what is stored.
 //! * The database runs in WAL mode with `synchronous=FULL`: a committed write survives a
-//!   kill -9 or a power cut.
+//!   kill -9 or a power cut. The one exception is a group commit on a store whose groups
+//!   defer their sync ([`Store::defer_group_syncs`], the sync engine's): it survives a kill -9
+//!   at once, and a power cut once a [`WalSyncer`] has synced the WAL after it.
 
 pub mod access;
 pub mod audit;
@@ -354,6 +356,22 @@ pub struct Store {
     full_path: String,
     /// Where a group commit stands (see [`Store::begin_group`]).
     group: std::cell::Cell<Group>,
+    /// How commits reach the disk.
+    syncing: std::cell::Cell<Syncing>,
+    /// Opened through the power-loss VFS: its syncs are the simulator's model of the disk.
+    simulated: bool,
+}
+
+/// How this connection's commits reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Syncing {
+    /// Every commit waits for the disk (`synchronous = FULL`).
+    Full,
+    /// Group commits return once the WAL is written (`synchronous = NORMAL`) and are made
+    /// durable by a [`WalSyncer`]; other commits wait for the disk.
+    GroupsDeferred,
+    /// Nothing waits for the disk (`synchronous = OFF`; see [`Store::without_fsync`]).
+    Off,
 }
 
 /// A group commit: none, asked for but nothing written yet (no transaction, no lock), or
@@ -363,6 +381,44 @@ enum Group {
     None,
     Pending,
     Open,
+}
+
+/// Makes a store's committed WAL frames durable (see [`Store::defer_group_syncs`]): every
+/// commit that returned before [`WalSyncer::sync`] was called is durable once it returns.
+/// Opens the WAL by its name, so any thread may hold one.
+#[derive(Debug, Clone)]
+pub struct WalSyncer {
+    wal: PathBuf,
+    disk: WalDisk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WalDisk {
+    /// `fdatasync` of the WAL file.
+    Real,
+    /// The power-loss VFS's model of the disk (the simulator).
+    Simulated,
+    /// The store's syncs are off ([`Store::without_fsync`]): nothing is synced.
+    NeverSynced,
+}
+
+impl WalSyncer {
+    /// Syncs the WAL. A WAL that is not there holds nothing unsynced: SQLite removes it only
+    /// after checkpointing it into the database, which it syncs.
+    pub fn sync(&self) -> std::io::Result<()> {
+        match self.disk {
+            WalDisk::Real => match std::fs::File::open(&self.wal) {
+                Ok(file) => file.sync_data(),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(error) => Err(error),
+            },
+            WalDisk::Simulated => {
+                power_loss::sync_wal(&self.wal);
+                Ok(())
+            }
+            WalDisk::NeverSynced => Ok(()),
+        }
+    }
 }
 
 /// `path` made absolute, with links resolved: the name SQLite gives the file.
@@ -429,6 +485,8 @@ impl Store {
             path: path.to_path_buf(),
             full_path: full_path(path),
             group: std::cell::Cell::new(Group::None),
+            syncing: std::cell::Cell::new(Syncing::Full),
+            simulated: vfs == page_checksums::SIMULATED_VFS_NAME,
         };
         store.configure(false)?;
         store.migrate()?;
@@ -450,6 +508,8 @@ impl Store {
             path: path.to_path_buf(),
             full_path: full_path(path),
             group: std::cell::Cell::new(Group::None),
+            syncing: std::cell::Cell::new(Syncing::Full),
+            simulated: false,
         };
         store.configure(true)?;
         let version = store.schema_version()?;
@@ -573,8 +633,15 @@ impl Store {
     /// write goes through here first, so that none lands outside the group.
     pub(crate) fn open_pending_group(&self) -> Result<()> {
         if self.group.get() == Group::Pending {
+            // SQLite takes the safety level only outside a transaction: set before, and set
+            // back once the group ends.
+            let begin = if self.syncing.get() == Syncing::GroupsDeferred {
+                "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE"
+            } else {
+                "BEGIN IMMEDIATE"
+            };
             self.conn
-                .execute_batch("BEGIN IMMEDIATE")
+                .execute_batch(begin)
                 .map_err(self.err("begin a group commit"))?;
             self.group.set(Group::Open);
         }
@@ -595,23 +662,55 @@ impl Store {
     }
 
     /// Commits the open group (see [`Store::begin_group`]); on failure rolls it back, and
-    /// nothing written since it began is kept.
-    pub fn end_group(&mut self) -> Result<()> {
+    /// nothing written since it began is kept. Says whether anything was committed: with
+    /// [`Store::defer_group_syncs`], that commit is durable only once the WAL is synced.
+    pub fn end_group(&mut self) -> Result<bool> {
         let group = self.group.replace(Group::None);
         assert_ne!(group, Group::None, "no group to end");
         if group == Group::Pending {
             // Nothing was written.
-            return Ok(());
+            return Ok(false);
         }
-        if let Err(source) = self.conn.execute_batch("COMMIT") {
+        let committed = self.conn.execute_batch("COMMIT");
+        if committed.is_err() {
             let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(StorageError::database(
-                self.path.clone(),
-                "commit a group",
-                source,
-            ));
         }
-        Ok(())
+        if self.syncing.get() == Syncing::GroupsDeferred {
+            // Every other commit waits for the disk, as before the group.
+            self.conn
+                .execute_batch("PRAGMA synchronous = FULL")
+                .map_err(self.err("end a group commit"))?;
+        }
+        committed.map_err(|source| {
+            StorageError::database(self.path.clone(), "commit a group", source)
+        })?;
+        Ok(true)
+    }
+
+    /// From now on a group commit ([`Store::end_group`]) returns once its WAL frames are
+    /// written, without waiting for the disk; the caller makes it durable with
+    /// [`Store::wal_syncer`] (from another thread if it likes) before it acts on it as
+    /// durable. SQLite keeps the database consistent after a power cut in this mode
+    /// (`synchronous = NORMAL` in WAL mode), losing only commits not yet synced; a kill -9
+    /// loses nothing, since the operating system holds the writes. Commits outside groups
+    /// still wait for the disk. A store whose syncs are off ([`Store::without_fsync`])
+    /// stays so.
+    pub fn defer_group_syncs(&self) {
+        if self.syncing.get() == Syncing::Full {
+            self.syncing.set(Syncing::GroupsDeferred);
+        }
+    }
+
+    /// What makes this store's commits durable from any thread (see
+    /// [`Store::defer_group_syncs`]).
+    pub fn wal_syncer(&self) -> WalSyncer {
+        let wal = PathBuf::from(format!("{}-wal", self.full_path));
+        let disk = match (self.syncing.get(), self.simulated) {
+            (Syncing::Off, _) => WalDisk::NeverSynced,
+            (_, true) => WalDisk::Simulated,
+            (_, false) => WalDisk::Real,
+        };
+        WalSyncer { wal, disk }
     }
 
     pub fn document(&self, id: DocId) -> Result<Option<StoredDocument>> {
@@ -845,7 +944,9 @@ impl Store {
     pub fn without_fsync(&self) -> Result<()> {
         self.conn
             .execute_batch("PRAGMA synchronous = OFF;")
-            .map_err(self.err("configure"))
+            .map_err(self.err("configure"))?;
+        self.syncing.set(Syncing::Off);
+        Ok(())
     }
 
     /// Lets this connection cache up to `mib` MiB of database pages (SQLite's default is

@@ -5,8 +5,9 @@
 //! store through it.
 //!
 //! The VFS forwards everything to SQLite's default VFS. A sync is made durable in the model
-//! only (the simulator needs no real fsync), so simulated stores run `synchronous = FULL`,
-//! as production does, at no cost. Used as: [`crate::Store::open_simulated`], then at a crash
+//! only (the simulator needs no real fsync), so simulated stores sync as production's do
+//! (`synchronous = FULL`, and the engine's deferred group syncs through [`sync_wal`]) at no
+//! cost. Used as: [`crate::Store::open_simulated`], then at a crash
 //! [`cut_power`] before the connection is dropped (nothing after the cut reaches the files,
 //! not even SQLite's checkpoint on close), then [`restore_after_power_loss`].
 
@@ -34,6 +35,8 @@ struct Unsynced {
     /// The power goes off at this many more writes, truncations or syncs of the database or
     /// its WAL (shared by both; kept on the database's entry).
     cut_after: Option<u64>,
+    /// The power goes off at the next [`sync_wal`] (kept on the database's entry).
+    cut_at_wal_sync: bool,
 }
 
 /// Files whose power is off now: while none is, [`power_is_off`] answers without looking a
@@ -87,6 +90,42 @@ pub fn power_is_off(db: &Path) -> bool {
     }
     let [database, _] = keys(db);
     files().get(&database).is_some_and(|file| file.off)
+}
+
+/// Cuts the power to the database at `db` in the next [`sync_wal`] of its WAL, which does
+/// not reach the disk: the commits it was to make durable are lost.
+pub fn cut_power_at_next_wal_sync(db: &Path) {
+    let [database, _] = keys(db);
+    if let Some(file) = files().get_mut(&database) {
+        file.cut_at_wal_sync = true;
+    }
+}
+
+/// Syncs the WAL named `wal` (its full path), as a thread other than SQLite's may
+/// (`fdatasync` on a descriptor of its own): every write made to it so far becomes durable in
+/// the model. Nothing while the power is off; it counts towards an armed cut
+/// ([`cut_power_after`]), which may strike in it, so that it does not reach the disk.
+pub fn sync_wal(wal: &Path) {
+    let key = wal.to_string_lossy();
+    let mut files = files();
+    let database = key.strip_suffix("-wal").unwrap_or(&key).to_string();
+    if let Some(entry) = files.get_mut(&database)
+        && std::mem::take(&mut entry.cut_at_wal_sync)
+    {
+        turn_off(entry);
+        if let Some(wal) = files.get_mut(key.as_ref()) {
+            turn_off(wal);
+        }
+        return;
+    }
+    if powered_off_by(&mut files, &key) {
+        return;
+    }
+    let Some(file) = files.get_mut(key.as_ref()) else {
+        return;
+    };
+    file.writes.clear();
+    file.synced_len = std::fs::metadata(wal).map_or(0, |meta| meta.len() as i64);
 }
 
 /// Counts one operation on the file `key` towards an armed cut; true once the power is off
@@ -572,5 +611,50 @@ mod tests {
         );
         assert_eq!(store.feed_epoch_end(2).unwrap(), EpochEnd::Current);
         assert_eq!(store.feed_epoch_end(77).unwrap(), EpochEnd::Unknown);
+    }
+
+    /// A group commit that defers its sync is lost to a power cut until the WAL is synced by
+    /// a [`crate::WalSyncer`], and kept once it is; commits outside groups still wait for the
+    /// disk.
+    #[test]
+    fn a_deferred_group_commit_is_durable_once_its_wal_is_synced() {
+        for sync_before_the_cut in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (db, mut store, before) = one_commit(dir.path());
+            store.defer_group_syncs();
+            store.begin_group();
+            crate::tests::stored(&mut store, &[crate::tests::item("a/2")], 2);
+            assert!(store.end_group().unwrap(), "the group wrote");
+            let committed = count(&store);
+            assert!(committed > before);
+            if sync_before_the_cut {
+                store.wal_syncer().sync().unwrap();
+            }
+            cut_power(&db);
+            let store = reopen_after_cut(&db, store, None);
+            let expected = if sync_before_the_cut {
+                committed
+            } else {
+                before
+            };
+            assert_eq!(count(&store), expected, "synced: {sync_before_the_cut}");
+        }
+        // Outside a group, a commit waits for the disk as before.
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mut store, before) = one_commit(dir.path());
+        store.defer_group_syncs();
+        store.begin_group();
+        crate::tests::stored(&mut store, &[crate::tests::item("a/2")], 2);
+        store.end_group().unwrap();
+        crate::tests::stored(&mut store, &[crate::tests::item("a/3")], 3);
+        let committed = count(&store);
+        assert!(committed > before);
+        cut_power(&db);
+        let store = reopen_after_cut(&db, store, None);
+        assert_eq!(
+            count(&store),
+            committed,
+            "the full commit synced the group's too"
+        );
     }
 }

@@ -21,6 +21,10 @@ pub enum PlantedBug {
     /// their hashes are not the ones the signed heads commit to (a peer that alters what it
     /// relays).
     ForgeChanges,
+    /// The driver lets frames leave as soon as a turn has committed, without waiting for the
+    /// commit to be durable (the engine's deferred sync): a power cut between the
+    /// commit and its sync takes back what was acknowledged.
+    FramesBeforeDurable,
 }
 
 /// `change` as [`PlantedBug::ForgeChanges`] sends it: well formed, with a valid checksum,

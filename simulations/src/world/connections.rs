@@ -13,6 +13,9 @@ use caremesh_sync::policy::Recipient;
 use caremesh_sync::wire::{FrameDecoder, Message};
 use std::collections::BTreeMap;
 
+/// The longest a simulated WAL sync takes, in ms (each takes 1 to this many, at random).
+const SYNC_MS_MAX: u64 = 10;
+
 /// Bytes a connection direction may have in flight before the driver is asked for more.
 const WINDOW_BYTES: u64 = 1 << 20;
 
@@ -161,6 +164,7 @@ impl World {
             frames.push(transmit);
         }
         let events: Vec<DriverEvent> = std::iter::from_fn(|| driver.poll_event()).collect();
+        let sync = driver.poll_sync();
         let timer = driver
             .poll_timeout()
             .map(|t| (t as i64 - skew).max(now as i64) as u64);
@@ -171,6 +175,13 @@ impl World {
                 let life = n.life;
                 self.schedule(at, Event::Timer { node, life });
             }
+        }
+        if let Some(commit) = sync {
+            // The WAL's sync takes the disk a little while, as production's durability
+            // thread's does: a power cut may come between the commit and its sync.
+            let at = now + 1 + self.rng.below(SYNC_MS_MAX);
+            let life = self.nodes[node].life;
+            self.schedule(at, Event::Synced { node, life, commit });
         }
         for transmit in frames {
             let side = self
@@ -238,9 +249,15 @@ impl World {
 
     pub(super) fn send(&mut self, conn: u64, side: usize, frame: Vec<u8>) {
         let now = self.now();
-        let Some(c) = self.conns.get(&conn) else {
+        if !self.conns.contains_key(&conn) {
             return;
-        };
+        }
+        // An acknowledgement counts from when it leaves its node: a crash after that must not
+        // take back what it covers, whether or not it has arrived.
+        if self.wants(Invariant::NoLoss) {
+            self.check_ack_durable(conn, 1 - side, &frame);
+        }
+        let c = &self.conns[&conn];
         let (from, to) = (c.ends[side], c.ends[1 - side]);
         self.report.frames += 1;
         self.report.bytes += frame.len() as u64;
@@ -328,9 +345,6 @@ impl World {
         {
             self.check_wire(recipient, &frame);
         }
-        if self.wants(Invariant::NoLoss) {
-            self.check_ack_durable(conn, to, &frame);
-        }
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -347,9 +361,10 @@ impl World {
         self.pump_node(sender);
     }
 
-    /// An acknowledgement must name only what its sender holds durably: the sender's
-    /// committed checkpoint in the recipient's feed is at or past it. Between turns the
-    /// store holds only committed state, so reading it here reads what a crash would leave.
+    /// An acknowledgement, as it leaves its sender, must name only what the sender holds: its
+    /// committed checkpoint in the recipient's feed is at or past it. Whether a crash leaves
+    /// it there is checked when the sender restarts, against the furthest acknowledgement
+    /// recorded here (`check_acknowledged_survived`).
     pub(super) fn check_ack_durable(&mut self, conn: u64, to: usize, frame: &[u8]) {
         let mut decoder = FrameDecoder::default();
         decoder.push(frame);
@@ -415,6 +430,27 @@ impl World {
             };
             self.record(vec![violation]);
         }
+    }
+
+    /// `node`'s sync of its WAL after `commit` returned, unless the node restarted since.
+    /// Once the sync reached the disk model, the commit is durable and the driver is told.
+    pub(super) fn synced(&mut self, node: usize, life: u64, commit: u64) {
+        let n = &mut self.nodes[node];
+        if n.life != life || caremesh_storage::power_loss::power_is_off(&n.db) {
+            return;
+        }
+        let Some(driver) = n.driver.as_mut() else {
+            return;
+        };
+        let synced = driver.host().store.wal_syncer().sync();
+        if !caremesh_storage::power_loss::power_is_off(&n.db) {
+            match synced {
+                Ok(()) => driver.durable(commit),
+                Err(error) => driver.sync_failed(&error.to_string()),
+            }
+        }
+        // A power cut that struck in the sync stops the node here.
+        self.pump_node(node);
     }
 
     /// `node`'s driver timer fired, unless it was rearmed since or the node restarted.
