@@ -634,15 +634,23 @@ impl Store {
     pub(crate) fn open_pending_group(&self) -> Result<()> {
         if self.group.get() == Group::Pending {
             // SQLite takes the safety level only outside a transaction: set before, and set
-            // back once the group ends.
-            let begin = if self.syncing.get() == Syncing::GroupsDeferred {
-                "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE"
-            } else {
-                "BEGIN IMMEDIATE"
-            };
-            self.conn
-                .execute_batch(begin)
-                .map_err(self.err("begin a group commit"))?;
+            // back once the group ends, or now if it could not begin.
+            let deferred = self.syncing.get() == Syncing::GroupsDeferred;
+            if deferred {
+                self.conn
+                    .execute_batch("PRAGMA synchronous = NORMAL")
+                    .map_err(self.err("begin a group commit"))?;
+            }
+            if let Err(source) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+                if deferred {
+                    let _ = self.conn.execute_batch("PRAGMA synchronous = FULL");
+                }
+                return Err(StorageError::database(
+                    self.path.clone(),
+                    "begin a group commit",
+                    source,
+                ));
+            }
             self.group.set(Group::Open);
         }
         Ok(())
