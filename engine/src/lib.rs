@@ -299,16 +299,26 @@ impl Driver {
             return;
         };
         tracing::error!(%reason, "the database is damaged: closing every sync session and stopping, so that nothing read from it is served or sent; keep the file for inspection, then restore it from a backup or rebuild the node from its peers");
+        self.stop(
+            reason,
+            "this node's database is damaged",
+            CloseCause::StorageDamaged,
+        );
+    }
+
+    /// Stops the node for `reason`: every session closes (`closing` says why to the peer),
+    /// none opens again, and the caller is told ([`DriverEvent::Stopped`]).
+    fn stop(&mut self, reason: String, closing: &str, cause: CloseCause) {
         self.damaged = Some(reason.clone());
+        self.close_every_session(closing, cause);
+        self.events.push_back(DriverEvent::Stopped { reason });
+    }
+
+    fn close_every_session(&mut self, reason: &str, cause: CloseCause) {
         let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
         for peer in peers {
-            self.close(
-                &peer,
-                "this node's database is damaged",
-                CloseCause::StorageDamaged,
-            );
+            self.close(&peer, reason, cause);
         }
-        self.events.push_back(DriverEvent::Stopped { reason });
     }
 
     /// Plants a bug (the simulator's self-tests only; see [`PlantedBug`]).
@@ -354,8 +364,8 @@ impl Driver {
         if committed {
             self.committed += 1;
             if !self.defer_syncs {
+                // Nothing is ever held without deferred syncs.
                 self.durable = self.committed;
-                self.mark_releasable();
             }
         }
         for (peer, documents) in std::mem::take(&mut self.stored_in_turn) {
@@ -376,10 +386,7 @@ impl Driver {
             return;
         }
         tracing::error!(%error, "a group commit failed; closing every sync session");
-        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
-        for peer in peers {
-            self.close(&peer, "storage failed to commit", CloseCause::StorageFailed);
-        }
+        self.close_every_session("storage failed to commit", CloseCause::StorageFailed);
         self.stop_if_damaged();
     }
 
@@ -426,13 +433,11 @@ impl Driver {
             return;
         }
         tracing::error!(%reason, "could not make a commit durable: closing every sync session and stopping, so that nothing is acknowledged that the disk may not hold");
-        let reason = format!("the disk did not sync a commit: {reason}");
-        self.damaged = Some(reason.clone());
-        let peers: Vec<OdsCode> = self.sessions.keys().cloned().collect();
-        for peer in peers {
-            self.close(&peer, "this node's disk failed", CloseCause::StorageFailed);
-        }
-        self.events.push_back(DriverEvent::Stopped { reason });
+        self.stop(
+            format!("the disk did not sync a commit: {reason}"),
+            "this node's disk failed",
+            CloseCause::StorageFailed,
+        );
     }
 
     /// Reports what durable commits stored.

@@ -736,6 +736,8 @@ async fn run_connection(
     let _ = context.engine.send(Command::Closed { conn, reason }).await;
 }
 
+const SYNC_THREAD_STOPPED: &str = "the thread that syncs the database stopped";
+
 /// What the WAL sync thread last did: synced every commit up to this one, or failed.
 #[derive(Debug, Clone)]
 enum SyncOutcome {
@@ -826,16 +828,10 @@ impl Engine {
                         let outcome = self.synced.borrow_and_update().clone();
                         match outcome {
                             SyncOutcome::Durable(commit) => self.driver.durable(commit),
-                            SyncOutcome::Failed(reason) => {
-                                self.syncing = false;
-                                self.driver.sync_failed(&reason);
-                            }
+                            SyncOutcome::Failed(reason) => self.sync_lost(&reason),
                         }
                     }
-                    Err(_) => {
-                        self.syncing = false;
-                        self.driver.sync_failed("the thread that syncs the database stopped");
-                    }
+                    Err(_) => self.sync_lost(SYNC_THREAD_STOPPED),
                 },
                 _ = shutdown.changed() => break,
             }
@@ -859,11 +855,16 @@ impl Engine {
             return;
         };
         if self.syncing && self.sync_requests.send(commit).is_err() {
-            self.syncing = false;
-            self.driver
-                .sync_failed("the thread that syncs the database stopped");
+            self.sync_lost(SYNC_THREAD_STOPPED);
             self.handle_events();
         }
+    }
+
+    /// The WAL sync thread failed or ended: nothing more can be made durable, so the driver
+    /// stops the node.
+    fn sync_lost(&mut self, reason: &str) {
+        self.syncing = false;
+        self.driver.sync_failed(reason);
     }
 
     /// Handles `first` and whatever else is already queued (within bounds) as one turn whose

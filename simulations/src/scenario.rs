@@ -265,9 +265,9 @@ pub enum FaultKind {
     /// synced, and of each write not yet synced, the write or the bytes it overwrote (torn
     /// writes). With `mid_write`, the power goes at one of its next few writes or syncs,
     /// most often inside a commit, and the node stops there. With `mid_sync`, the power
-    /// goes in the engine's next sync of its WAL after a group commit. With `corrupt`, one bit of a
-    /// random page of its database flips while it is down (damage at rest): the node must
-    /// go on as if nothing happened (a page it never reads) or stop and say why.
+    /// goes in the engine's next sync of its WAL after a group commit. With `corrupt`, one
+    /// bit of a random page of its database flips while it is down (damage at rest): the
+    /// node must go on as if nothing happened (a page it never reads) or stop and say why.
     Crash {
         node: String,
         #[serde(default)]

@@ -108,14 +108,11 @@ pub fn cut_power_at_next_wal_sync(db: &Path) {
 pub fn sync_wal(wal: &Path) {
     let key = wal.to_string_lossy();
     let mut files = files();
-    let database = key.strip_suffix("-wal").unwrap_or(&key).to_string();
-    if let Some(entry) = files.get_mut(&database)
+    let database = key.strip_suffix("-wal").unwrap_or(&key);
+    if let Some(entry) = files.get_mut(database)
         && std::mem::take(&mut entry.cut_at_wal_sync)
     {
-        turn_off(entry);
-        if let Some(wal) = files.get_mut(key.as_ref()) {
-            turn_off(wal);
-        }
+        turn_off_database(&mut files, database);
         return;
     }
     if powered_off_by(&mut files, &key) {
@@ -146,12 +143,17 @@ fn powered_off_by(files: &mut HashMap<String, Unsynced>, key: &str) -> bool {
         return false;
     }
     entry.cut_after = None;
-    turn_off(entry);
-    let wal = format!("{database}-wal");
-    if let Some(wal) = files.get_mut(&wal) {
-        turn_off(wal);
-    }
+    turn_off_database(files, database);
     true
+}
+
+/// Turns the power off for the database keyed `database` and its WAL.
+fn turn_off_database(files: &mut HashMap<String, Unsynced>, database: &str) {
+    for key in [database.to_string(), format!("{database}-wal")] {
+        if let Some(file) = files.get_mut(&key) {
+            turn_off(file);
+        }
+    }
 }
 
 fn turn_off(file: &mut Unsynced) {
