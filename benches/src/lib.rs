@@ -17,7 +17,7 @@ use caremesh_sync::{DocId, NhsNumber};
 use caremesh_sync::{
     Item, OdsCode, OrgKind, Organisation, PublishedDocument, RegistryFile, SignedHeads,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -138,13 +138,13 @@ pub fn exchange(gp: &mut Driver, hub: &mut Driver, now: u64) -> (u64, u64, u64, 
         for transmit in &outgoing {
             up += transmit.frame.len() as u64;
             frames += 1;
-            hub.receive(now, transmit.conn, &transmit.frame);
+            hub.receive(now, transmit.conn, transmit.read());
         }
         let back: Vec<Transmit> = std::iter::from_fn(|| hub.poll_transmit(now, |_| true)).collect();
         for transmit in &back {
             down += transmit.frame.len() as u64;
             frames += 1;
-            gp.receive(now, transmit.conn, &transmit.frame);
+            gp.receive(now, transmit.conn, transmit.read());
         }
         if outgoing.is_empty() && back.is_empty() {
             return (up, down, frames, flights);
@@ -466,20 +466,68 @@ impl HubCpu {
 }
 
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| parse_stat(&stat))
+        .map_or(0.0, |(_, seconds)| seconds)
+}
+
+/// CPU seconds each of a process's threads used so far, summed by thread name (the tokio
+/// runtime's workers share one name), with how many threads bear it.
+pub fn cpu_seconds_by_thread(pid: u32) -> BTreeMap<String, (f64, usize)> {
+    let mut by_name: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
     };
-    // Fields after the command name (which may hold spaces) start at state; utime and stime
-    // are fields 14 and 15 of the whole line.
-    let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-        return 0.0;
-    };
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        if let Some((name, seconds)) = parse_stat(&stat) {
+            let entry = by_name.entry(name).or_default();
+            entry.0 += seconds;
+            entry.1 += 1;
+        }
+    }
+    by_name
+}
+
+/// The command (or thread) name and utime + stime in seconds from a `/proc/…/stat` line.
+fn parse_stat(stat: &str) -> Option<(String, f64)> {
+    // The name sits in parentheses and may hold spaces; utime and stime are fields 14 and 15
+    // of the whole line, 12 and 13 after the name.
+    let (head, after) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_string();
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    ticks / 100.0
+        .get(11..13)?
+        .iter()
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    Some((name, ticks / 100.0))
+}
+
+/// What each thread name used between two [`cpu_seconds_by_thread`] readings, as one line:
+/// `sync-engine 41.2 s, tokio-runtime-w 12.0 s (2 threads), …`, busiest first.
+pub fn thread_cpu_line(
+    before: &BTreeMap<String, (f64, usize)>,
+    after: &BTreeMap<String, (f64, usize)>,
+) -> String {
+    let mut used: Vec<(&String, f64, usize)> = after
+        .iter()
+        .map(|(name, (seconds, threads))| {
+            let earlier = before.get(name).map_or(0.0, |(s, _)| *s);
+            (name, seconds - earlier, *threads)
+        })
+        .filter(|(_, seconds, _)| *seconds > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let parts: Vec<String> = used
+        .iter()
+        .map(|(name, seconds, threads)| match threads {
+            1 => format!("{name} {seconds:.1} s"),
+            n => format!("{name} {seconds:.1} s ({n} threads)"),
+        })
+        .collect();
+    parts.join(", ")
 }
 
 /// The shape of a load against a hub, shared by `load-bench` and `hub-load` so that their
@@ -599,4 +647,37 @@ pub fn free_hub_address() -> Result<std::net::SocketAddr> {
         .local_addr()?
         .port();
     Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_its_thread_name_and_cpu_even_with_spaces_and_parentheses() {
+        // utime 250 and stime 50 ticks: 3 s.
+        let line =
+            "4242 (tokio (runtime) w) S 1 4242 4242 0 -1 4194368 100 0 0 0 250 50 0 0 20 0 1 0";
+        assert_eq!(
+            parse_stat(line),
+            Some(("tokio (runtime) w".to_string(), 3.0))
+        );
+        assert_eq!(parse_stat("garbage"), None);
+        let before = BTreeMap::from([("sync-engine".to_string(), (1.0, 1))]);
+        let after = BTreeMap::from([
+            ("sync-engine".to_string(), (4.5, 1)),
+            ("tokio-runtime-w".to_string(), (1.25, 2)),
+            ("idle".to_string(), (0.0, 1)),
+        ]);
+        assert_eq!(
+            thread_cpu_line(&before, &after),
+            "sync-engine 3.5 s, tokio-runtime-w 1.2 s (2 threads)"
+        );
+    }
+
+    #[test]
+    fn this_process_threads_are_read_from_proc() {
+        let threads = cpu_seconds_by_thread(std::process::id());
+        assert!(threads.values().map(|(_, n)| n).sum::<usize>() >= 1);
+    }
 }

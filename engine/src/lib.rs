@@ -42,7 +42,7 @@ use caremesh_storage::{PeerStatus, StorageError};
 use caremesh_sync::planted::PlantedBug;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::{
-    DocId, Event, KeyRefusal, OdsCode, Refusal, Session, SessionError, SessionStats,
+    DocId, Event, KeyRefusal, OdsCode, ReadInput, Refusal, Session, SessionError, SessionStats,
     SignedCheckpoint, SyncHost, VerifiedRegistry,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -164,6 +164,14 @@ pub enum DriverEvent {
 pub struct Transmit {
     pub conn: ConnId,
     pub frame: Vec<u8>,
+}
+
+impl Transmit {
+    /// What the other end's reader makes of this frame. A transmit is whole frames, so a
+    /// caller that delivers transmits whole, in process, needs no reader of its own.
+    pub fn read(&self) -> ReadInput {
+        caremesh_sync::FrameReader::default().read(&self.frame)
+    }
 }
 
 /// A connection's frames waiting for their commits to be durable.
@@ -607,8 +615,10 @@ impl Driver {
         true
     }
 
-    /// Bytes from the peer on `conn`.
-    pub fn receive(&mut self, now: u64, conn: ConnId, bytes: &[u8]) {
+    /// What the reader of the connection `conn` made of the peer's bytes: the caller keeps a
+    /// [`caremesh_sync::FrameReader`] per connection and reads on whichever thread the bytes
+    /// arrive, so that decoding and signature arithmetic stay off the thread that runs this.
+    pub fn receive(&mut self, now: u64, conn: ConnId, input: ReadInput) {
         self.now = now;
         let Some(ods) = self.peers_by_conn.get(&conn).cloned() else {
             return;
@@ -618,7 +628,7 @@ impl Driver {
                 .sessions
                 .get_mut(&ods)
                 .expect("peers_by_conn names it");
-            let result = live.session.handle_input(bytes, now, &mut driver.host);
+            let result = live.session.handle_read(input, now, &mut driver.host);
             driver.ready.insert(ods.clone());
             driver.drain_session_events(&ods);
             if let Err(error) = result {

@@ -137,11 +137,11 @@ fn exchange(a: &mut Node, b: &mut Node, now: u64) -> usize {
     loop {
         let before = moved;
         while let Some(out) = a.driver.poll_transmit(now, |_| true) {
-            b.driver.receive(now, out.conn, &out.frame);
+            b.driver.receive(now, out.conn, out.read());
             moved += 1;
         }
         while let Some(out) = b.driver.poll_transmit(now, |_| true) {
-            a.driver.receive(now, out.conn, &out.frame);
+            a.driver.receive(now, out.conn, out.read());
             moved += 1;
         }
         if moved == before {

@@ -127,9 +127,11 @@ enum Command {
         outgoing: mpsc::Sender<Outgoing>,
         accepted: oneshot::Sender<bool>,
     },
+    /// What the connection's reader made of bytes from the peer: frames decoded, documents'
+    /// signatures checked, on the runtime's threads rather than the engine's.
     Input {
         conn: u64,
-        bytes: Vec<u8>,
+        input: caremesh_sync::ReadInput,
     },
     Closed {
         conn: u64,
@@ -712,12 +714,13 @@ async fn run_connection(
         }
     };
     let reader = async {
+        let mut frames = caremesh_sync::FrameReader::default();
         loop {
             match recv.read_chunk(READ_CHUNK, true).await {
                 Ok(Some(chunk)) => {
                     let input = Command::Input {
                         conn,
-                        bytes: chunk.bytes.to_vec(),
+                        input: frames.read(&chunk.bytes),
                     };
                     if context.engine.send(input).await.is_err() {
                         return "engine stopped".to_string();
@@ -945,7 +948,7 @@ impl Engine {
                 }
                 let _ = accepted.send(opened);
             }
-            Command::Input { conn, bytes } => self.driver.receive(now, conn, &bytes),
+            Command::Input { conn, input } => self.driver.receive(now, conn, input),
             Command::Closed { conn, reason } => {
                 self.outgoing.remove(&conn);
                 self.driver.disconnected(conn, &reason);

@@ -90,6 +90,8 @@ struct Conn {
     /// Frames sent while the link was blocked, released when it heals.
     held: [Vec<Vec<u8>>; 2],
     last_delivery_ms: u64,
+    /// Each end's reader of what arrives for it, as a node's connection task keeps one.
+    readers: [caremesh_sync::FrameReader; 2],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

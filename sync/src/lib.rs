@@ -13,6 +13,7 @@
 //! * [`rng`]: the seeded generator behind everything reproducible from a seed.
 //! * [`trust`]: the signed trust registry of organisations and their keys.
 //! * [`wire`]: versioned postcard messages and length-prefixed framing.
+//! * [`reader`]: a connection's frames decoded and their signatures checked where they arrive.
 //! * [`session`]: the sync protocol state machine, one per connected peer.
 //! * [`loaded`]: recently used documents kept loaded for the sessions of one host.
 //! * [`relay`]: authenticating a new version by its hash chain and relaying it unbuilt.
@@ -22,6 +23,7 @@ pub mod loaded;
 pub mod model;
 pub mod planted;
 pub mod policy;
+pub mod reader;
 pub mod relay;
 pub mod rng;
 pub mod session;
@@ -37,6 +39,7 @@ pub use model::{
     Coding, DataClass, DocId, DocMeta, ITEM_FORMAT, Item, ModelError, NhsNumber, OdsCode, OrgKind,
     Section, moved,
 };
+pub use reader::{FrameReader, ReadInput};
 pub use session::{
     Checkpoint, Event, FeedEntry, HeldDocument, HostError, OfferPage, Refusal, Session,
     SessionError, SessionStats, SyncHost, VerifiedBytes, VerifiedDocument,

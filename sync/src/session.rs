@@ -41,11 +41,11 @@ use crate::loaded::LoadedDocuments;
 use crate::model::{DocId, DocMeta, Item, OdsCode};
 use crate::planted::PlantedBug;
 use crate::policy::{Decision, Recipient, WithholdReason};
+use crate::reader::{CheckedHeads, FrameReader, ReadInput, ReadMessage};
 use crate::relay::{self, AppendedChanges, Extension, HeldIndex};
 use crate::signing::SignedHeads;
 use crate::wire::{
-    self, FeedId, FrameDecoder, MAX_FRAME_BYTES, MAX_OFFER_ENTRIES, Message, OfferEntry, WantEntry,
-    WireError,
+    self, FeedId, MAX_FRAME_BYTES, MAX_OFFER_ENTRIES, Message, OfferEntry, WantEntry, WireError,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -424,7 +424,9 @@ struct Serving {
 pub struct Session {
     local: OdsCode,
     peer: Recipient,
-    decoder: FrameDecoder,
+    /// For a caller that hands the session bytes ([`Session::handle_input`]) rather than
+    /// what its own reader made of them ([`Session::handle_read`]).
+    reader: FrameReader,
     control: VecDeque<Message>,
     hello_received: bool,
     /// The newest registry edition the peer is known to hold (from its Hello, or sent).
@@ -463,7 +465,7 @@ impl Session {
         let mut session = Session {
             local: local.clone(),
             peer,
-            decoder: FrameDecoder::default(),
+            reader: FrameReader::default(),
             control: VecDeque::new(),
             hello_received: false,
             peer_registry_version: 0,
@@ -522,19 +524,36 @@ impl Session {
         self.events.pop_front()
     }
 
-    /// Bytes from the peer. An error means the connection must be closed with its reason.
+    /// Bytes from the peer, read on the caller's thread. An error means the connection must
+    /// be closed with its reason. A session is fed either this way or by
+    /// [`Session::handle_read`], never both: each way keeps its own partial frame.
     pub fn handle_input(
         &mut self,
         bytes: &[u8],
         now: u64,
         host: &mut impl SyncHost,
     ) -> Result<(), SessionError> {
-        self.stats.bytes_received += bytes.len() as u64;
-        self.decoder.push(bytes);
-        while let Some(message) = self.decoder.next_message()? {
-            self.handle_message(message, now, host)?;
+        let input = self.reader.read(bytes);
+        self.handle_read(input, now, host)
+    }
+
+    /// What a [`FrameReader`] made of the peer's bytes, on whatever thread it ran. An error
+    /// means the connection must be closed with its reason; the messages before a frame that
+    /// did not decode are handled first, as they would have been had it never arrived.
+    pub fn handle_read(
+        &mut self,
+        input: ReadInput,
+        now: u64,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        self.stats.bytes_received += input.bytes as u64;
+        for read in input.messages {
+            self.handle_message(read, now, host)?;
         }
-        Ok(())
+        match input.error {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
     }
 
     /// The host's registry changed (installed by its operator, or adopted from another peer):
@@ -675,10 +694,11 @@ impl Session {
 
     fn handle_message(
         &mut self,
-        message: Message,
+        read: ReadMessage,
         now: u64,
         host: &mut impl SyncHost,
     ) -> Result<(), SessionError> {
+        let ReadMessage { message, heads } = read;
         if !self.hello_received && !matches!(message, Message::Hello { .. }) {
             return Err(SessionError::Protocol("first message was not Hello".into()));
         }
@@ -703,11 +723,7 @@ impl Session {
                 tip,
             } => self.on_offer(entries, up_to, tip, host),
             Message::Want { docs } => self.on_want(docs),
-            Message::Changes {
-                meta,
-                changes,
-                signed,
-            } => self.on_changes(meta, changes, signed, host),
+            Message::Changes { meta, changes, .. } => self.on_changes(meta, changes, heads, host),
             Message::Missing { doc } => {
                 self.resolve(doc)?;
                 self.advance(host)
@@ -1042,12 +1058,12 @@ impl Session {
         &mut self,
         meta: DocMeta,
         changes: Vec<Vec<u8>>,
-        signed: Vec<u8>,
+        heads: Option<CheckedHeads>,
         host: &mut impl SyncHost,
     ) -> Result<(), SessionError> {
         let doc = meta.id();
         self.resolve(doc)?;
-        match self.verify_received(&meta, &changes, &signed, host)? {
+        match self.verify_received(&meta, &changes, heads, host)? {
             Ok(Received::Newer(verified)) => {
                 self.writes.insert(doc, *verified);
                 self.stats.documents_received += 1;
@@ -1069,7 +1085,8 @@ impl Session {
     }
 
     /// Verifies a received document before anything of it is stored: the publisher's key is
-    /// in the registry, the signature holds, and the changes give exactly the signed heads.
+    /// in the registry, the signature holds (checked by the connection's reader, on the very
+    /// heads given here), and the changes give exactly the signed heads.
     /// The outer error is a local failure; the inner one is the rejection reason.
     ///
     /// A version this node already holds is not a rejection: another session (a second hub,
@@ -1081,16 +1098,21 @@ impl Session {
         &mut self,
         meta: &DocMeta,
         changes: &[Vec<u8>],
-        signed: &[u8],
+        heads: Option<CheckedHeads>,
         host: &mut impl SyncHost,
     ) -> Result<Result<Received, String>, SessionError> {
-        let Some(signed) = SignedHeads::decode(signed) else {
+        let Some(CheckedHeads {
+            heads: signed,
+            signature,
+        }) = heads
+        else {
             return Ok(Err("signed heads do not decode".into()));
         };
         if signed.meta != *meta {
             return Ok(Err("signed heads are for another document".into()));
         }
-        if let Err(error) = signed.verify(|publisher, key| host.is_publisher_key(publisher, key)) {
+        let trusted = signed.check_trusted(|publisher, key| host.is_publisher_key(publisher, key));
+        if let Err(error) = trusted.and(signature) {
             return Ok(Err(error.to_string()));
         }
         if self

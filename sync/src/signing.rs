@@ -178,19 +178,35 @@ impl SignedHeads {
         &self,
         is_trusted: impl FnOnce(&crate::OdsCode, &[u8; 32]) -> bool,
     ) -> Result<(), SignatureError> {
-        let doc = self.meta.id();
-        if !is_trusted(&self.meta.publisher, &self.key) {
-            return Err(SignatureError::UntrustedKey {
-                doc,
-                key: hex::encode(self.key),
-                publisher: self.meta.publisher.to_string(),
-            });
+        self.check_trusted(is_trusted)?;
+        self.check_signature()
+    }
+
+    /// That the signing key is one `is_trusted` accepts for the document's publisher. Only
+    /// with [`SignedHeads::check_signature`] does this authenticate anything.
+    pub fn check_trusted(
+        &self,
+        is_trusted: impl FnOnce(&crate::OdsCode, &[u8; 32]) -> bool,
+    ) -> Result<(), SignatureError> {
+        if is_trusted(&self.meta.publisher, &self.key) {
+            return Ok(());
         }
+        Err(SignatureError::UntrustedKey {
+            doc: self.meta.id(),
+            key: hex::encode(self.key),
+            publisher: self.meta.publisher.to_string(),
+        })
+    }
+
+    /// That the signature verifies with the key it names, whoever that key belongs to: pure
+    /// arithmetic, so it can run on any thread (a connection's reader does it before the
+    /// engine sees the frame, see [`crate::reader`]).
+    pub fn check_signature(&self) -> Result<(), SignatureError> {
         let key = VerifyingKey::from_bytes(&self.key).map_err(|_| SignatureError::MalformedKey)?;
         let signature = Signature::from_bytes(&self.signature);
         key.verify_strict(&heads_payload(&self.meta, &self.heads), &signature)
             .map_err(|_| SignatureError::BadSignature {
-                doc,
+                doc: self.meta.id(),
                 key: hex::encode(self.key),
             })
     }

@@ -35,8 +35,9 @@ use caremesh::home::Home;
 use caremesh::tls::NodeIdentity;
 use caremesh::trust::TrustState;
 use caremesh_bench::{
-    HubCpu, InFlight, LoadShape, LoadSummary, Tracker, cpu_seconds, free_hub_address, peak_rss_kib,
-    region, ring_node_home, ring_patients, run_load,
+    HubCpu, InFlight, LoadShape, LoadSummary, Tracker, cpu_seconds, cpu_seconds_by_thread,
+    free_hub_address, peak_rss_kib, region, ring_node_home, ring_patients, run_load,
+    thread_cpu_line,
 };
 use caremesh_storage::publish::{actor_for, sharing_item};
 use caremesh_sync::policy::{Consent, Decision, Recipient, SharingRecord};
@@ -659,6 +660,8 @@ struct Outcome {
     /// CPU seconds over the load, and over the load and the drain (all the work the load made).
     hub_cpu: f64,
     hub_cpu_with_drain: f64,
+    /// The hub's CPU over the load and the drain by thread ([`thread_cpu_line`]).
+    hub_threads: String,
     own_cpu: f64,
     own_cpu_with_drain: f64,
     latencies: Vec<u32>,
@@ -781,6 +784,7 @@ async fn drive(
     *tracker.latencies.lock().expect("not poisoned") = (Vec::new(), Vec::new());
 
     let mut cpu = HubCpu::new(hub_pid);
+    let hub_threads_before = cpu_seconds_by_thread(hub_pid);
     let own_cpu_before = cpu_seconds(std::process::id());
     println!("{} gen cpu", Tracker::PROGRESS_HEADER);
     let load_started = Instant::now();
@@ -852,6 +856,7 @@ async fn drive(
     }
     let drained_after = drain_started.elapsed().as_secs_f64();
     let hub_cpu_with_drain = cpu.total_seconds();
+    let hub_threads = thread_cpu_line(&hub_threads_before, &cpu_seconds_by_thread(hub_pid));
     let own_cpu_with_drain = cpu_seconds(std::process::id()) - own_cpu_before;
     let _ = shutdown_tx.send(true);
     let mut received_heads = vec![HashMap::new(); publishers.len()];
@@ -868,6 +873,7 @@ async fn drive(
         pending: tracker.pending() + records.pending(),
         hub_cpu,
         hub_cpu_with_drain,
+        hub_threads,
         own_cpu,
         own_cpu_with_drain,
         latencies,
@@ -1063,6 +1069,10 @@ fn report(args: &Args, outcome: &Outcome, hub_peak_kib: u64) -> Result<()> {
         "per change, over the load and the drain: hub {:.3} ms of CPU, generator {:.3} ms",
         per_change(outcome.hub_cpu_with_drain),
         per_change(outcome.own_cpu_with_drain)
+    );
+    println!(
+        "hub CPU by thread, over the load and the drain: {}",
+        outcome.hub_threads
     );
     println!(
         "connections lost and dialled again: {}{}",

@@ -75,6 +75,7 @@ impl World {
                 last_arrival_ms: [now, now],
                 held: [Vec::new(), Vec::new()],
                 last_delivery_ms: now,
+                readers: Default::default(),
             },
         );
         self.pairs.insert(pair, id);
@@ -351,11 +352,12 @@ impl World {
         c.in_flight[1 - to] -= frame.len() as u64;
         c.last_delivery_ms = now;
         let (node, sender) = (c.ends[to], c.ends[1 - to]);
+        let input = c.readers[to].read(&frame);
         let n = &mut self.nodes[node];
         let Some(driver) = n.driver.as_mut() else {
             return;
         };
-        driver.receive(local_time(now, n.skew_ms), conn, &frame);
+        driver.receive(local_time(now, n.skew_ms), conn, input);
         self.pump_node(node);
         // The sender's window has room again.
         self.pump_node(sender);

@@ -339,7 +339,7 @@ impl Link {
 }
 
 fn decode(frame: &[u8]) -> Message {
-    let mut decoder = FrameDecoder::default();
+    let mut decoder = wire::FrameDecoder::default();
     decoder.push(frame);
     decoder.next_message().unwrap().unwrap()
 }
