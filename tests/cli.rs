@@ -1552,3 +1552,150 @@ fn a_page_damaged_at_rest_stops_the_node_with_the_reason_instead_of_being_shown(
     assert!(!verify.status.success(), "{said}");
     assert!(said.contains("failed its checksum"), "{said}");
 }
+
+/// `caremesh record --fhir` over the UK Core examples: what goes in at ingest comes out as
+/// FHIR with the same clinical content, each resource with its publisher, every reference
+/// resolving inside the Bundle, and a Provenance naming the organisation.
+#[test]
+fn record_as_fhir_serves_the_publishers_resources_with_provenance_and_resolving_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("node");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let uk_core = real_data("uk-core");
+    let ingested = ingest(&home, &[uk_core.to_str().unwrap()]);
+    assert!(ingested.status.code().is_some(), "{}", stderr(&ingested));
+    // A fact with a note: the note travels as a free-text item of its own, and comes back
+    // on the resource for a viewer who is shown it.
+    let with_note = dir.path().join("asthma.json");
+    write_json(
+        &with_note,
+        &serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p9",
+                "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9912003888"}],
+                "name": [{"family": "SMITH", "given": ["Richard"]}], "birthDate": "1970-09-11"}},
+            {"resource": {"resourceType": "Condition", "id": "asthma-1", "subject": {"reference": "Patient/p9"},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "195967001", "display": "Asthma"}]},
+                "onsetDateTime": "2001-04-02", "note": [{"text": "Uses salbutamol before exercise."}]}}
+        ]}),
+    );
+    assert!(
+        ingest(&home, &[with_note.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let output = record_as_tests(&home, "9912003888", &["--fhir"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let bundle: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(bundle["resourceType"], "Bundle");
+    assert_eq!(bundle["type"], "searchset");
+    let entries = bundle["entry"].as_array().unwrap();
+    let resources: Vec<&serde_json::Value> = entries.iter().map(|e| &e["resource"]).collect();
+    let matches = entries
+        .iter()
+        .filter(|e| e["search"]["mode"] == "match")
+        .count();
+    assert_eq!(bundle["total"], matches);
+
+    // The patient first, under the NHS number.
+    assert_eq!(resources[0]["resourceType"], "Patient");
+    assert_eq!(resources[0]["id"], "9912003888");
+    assert_eq!(resources[0]["birthDate"], "1970-09-11");
+
+    // Every resource: a unique id, and its publisher and system in meta.source.
+    let ids: std::collections::BTreeSet<String> = resources
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(ids.len(), resources.len(), "ids are unique");
+    for resource in resources
+        .iter()
+        .filter(|r| r["resourceType"] != "Provenance")
+    {
+        assert_eq!(
+            resource["meta"]["source"],
+            "https://fhir.nhs.uk/Id/ods-organization-code/A81001#TestSystem",
+            "{resource}"
+        );
+    }
+    // Every reference resolves to a resource in the Bundle (or a contained one).
+    fn references<'a>(value: &'a serde_json::Value, found: &mut Vec<&'a str>) {
+        match value {
+            serde_json::Value::Object(object) => {
+                if let Some(serde_json::Value::String(target)) = object.get("reference") {
+                    found.push(target);
+                }
+                object.values().for_each(|v| references(v, found));
+            }
+            serde_json::Value::Array(values) => values.iter().for_each(|v| references(v, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    resources.iter().for_each(|r| references(r, &mut found));
+    assert!(found.len() > 50, "the examples reference each other");
+    for target in found.iter().filter(|t| !t.starts_with('#')) {
+        assert!(ids.contains(*target), "{target} does not resolve");
+    }
+
+    // The allergy's clinical content is the publisher's, field for field.
+    let source: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            uk_core.join("UKCore-AllergyIntolerance-Amoxicillin-Example.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let allergy = resources
+        .iter()
+        .find(|r| r["resourceType"] == "AllergyIntolerance" && r["code"] == source["code"])
+        .expect("the amoxicillin allergy is served");
+    for field in [
+        "clinicalStatus",
+        "verificationStatus",
+        "code",
+        "recordedDate",
+        "reaction",
+    ] {
+        assert_eq!(allergy[field], source[field], "{field}");
+    }
+    assert_eq!(allergy["patient"]["reference"], "Patient/9912003888");
+    assert_eq!(
+        allergy["recorder"],
+        serde_json::json!({ "type": "Practitioner" })
+    );
+
+    let asthma = resources
+        .iter()
+        .find(|r| r["id"] == "A81001-asthma-1")
+        .expect("the asthma is served");
+    assert_eq!(
+        asthma["note"],
+        serde_json::json!([{ "text": "Uses salbutamol before exercise." }])
+    );
+    assert_eq!(asthma["onsetDateTime"], "2001-04-02");
+
+    // One Provenance, naming the organisation and every resource it published.
+    let provenance: Vec<_> = entries
+        .iter()
+        .filter(|e| e["search"]["mode"] == "include")
+        .map(|e| &e["resource"])
+        .collect();
+    assert_eq!(provenance.len(), 1);
+    assert_eq!(provenance[0]["resourceType"], "Provenance");
+    assert_eq!(
+        provenance[0]["agent"][0]["who"]["identifier"]["value"],
+        "A81001"
+    );
+    assert_eq!(
+        provenance[0]["agent"][0]["who"]["display"],
+        "Banbury Road Surgery"
+    );
+    assert_eq!(provenance[0]["target"].as_array().unwrap().len(), matches);
+}

@@ -96,6 +96,11 @@ enum Command {
         user: String,
         #[arg(long)]
         json: bool,
+        /// Print the record as FHIR R4 resources (a `Patient/$everything` searchset Bundle,
+        /// each resource with its publisher in `meta.source`, and a Provenance per
+        /// publisher), as the FHIR API will serve it.
+        #[arg(long, conflicts_with = "json")]
+        fhir: bool,
     },
     /// Print what the node holds: patients, items by section and source, documents, size.
     Status {
@@ -311,7 +316,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             nhs,
             user,
             json,
-        } => crate::control::execute(&dir, StoreCommand::Record { nhs, user, json }),
+            fhir,
+        } => crate::control::execute(
+            &dir,
+            StoreCommand::Record {
+                nhs,
+                user,
+                json,
+                fhir,
+            },
+        ),
         Command::Status { dir, json } => status(&dir, json),
         Command::Verify { dir, json } => {
             let home = Home::open(&dir)?;

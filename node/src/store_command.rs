@@ -14,7 +14,7 @@ use caremesh_storage::audit::AuditEvent;
 use caremesh_sync::NhsNumber;
 use caremesh_sync::policy::Consent;
 use caremesh_view::audit_report::{self, ReportQuery};
-use caremesh_view::record;
+use caremesh_view::{fhir_api, record};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -32,6 +32,9 @@ pub enum StoreCommand {
         nhs: String,
         user: String,
         json: bool,
+        /// As FHIR R4: a `Patient/$everything` searchset Bundle.
+        #[serde(default)]
+        fhir: bool,
     },
     ConsentSet {
         nhs: NhsNumber,
@@ -93,8 +96,18 @@ impl StoreCommand {
                 };
                 ingest(home, store, asked, between_commits, out)
             }
-            StoreCommand::Record { nhs, user, json } => {
-                record(home, store, operator, &nhs, &user, json, out)
+            StoreCommand::Record {
+                nhs,
+                user,
+                json,
+                fhir,
+            } => {
+                let format = match (json, fhir) {
+                    (_, true) => RecordFormat::Fhir,
+                    (true, false) => RecordFormat::Json,
+                    (false, false) => RecordFormat::Text,
+                };
+                record(home, store, operator, (&nhs, &user), format, out)
             }
             StoreCommand::ConsentSet {
                 nhs,
@@ -233,13 +246,20 @@ fn ingest(
     Ok(if report.rejected.is_empty() { 0 } else { 2 })
 }
 
+/// How `caremesh record` prints the record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RecordFormat {
+    Text,
+    Json,
+    Fhir,
+}
+
 fn record(
     home: &Home,
     store: &mut Store,
     operator: &str,
-    nhs: &str,
-    user: &str,
-    json: bool,
+    (nhs, user): (&str, &str),
+    format: RecordFormat,
     out: &mut Printed,
 ) -> Result<u8> {
     let nhs = NhsNumber::parse(nhs)?;
@@ -272,10 +292,10 @@ fn record(
         sections,
         purpose: "node administration (CLI)".into(),
         outcome: "allowed".into(),
-        detail: if record.is_some() {
-            String::new()
-        } else {
-            "no record held".into()
+        detail: match (record.is_some(), format == RecordFormat::Fhir) {
+            (true, false) => String::new(),
+            (true, true) => "as FHIR".into(),
+            (false, _) => "no record held".into(),
         },
     };
     // As a view: recorded even on a full disk, from the reserve.
@@ -292,10 +312,15 @@ fn record(
         )?;
         return Ok(3);
     };
-    if json {
-        writeln!(out.stdout, "{}", serde_json::to_string_pretty(&record)?)?;
-    } else {
-        out.stdout.push_str(&record::render_text(&record));
+    match format {
+        RecordFormat::Text => out.stdout.push_str(&record::render_text(&record)),
+        RecordFormat::Json => {
+            writeln!(out.stdout, "{}", serde_json::to_string_pretty(&record)?)?;
+        }
+        RecordFormat::Fhir => {
+            let bundle = fhir_api::everything_bundle(&fhir_api::render(&record), None);
+            writeln!(out.stdout, "{}", serde_json::to_string_pretty(&bundle)?)?;
+        }
     }
     Ok(0)
 }

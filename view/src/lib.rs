@@ -1,6 +1,7 @@
 //! caremesh's record view: what a clinician, an auditor and an operator read from the node's
-//! local store. Record assembly (`record`, `identity`), in-context launch (`launch`), the
-//! HTTP view (`web`), audit reports (`audit_report`) and `/metrics` (`metrics`).
+//! local store. Record assembly (`record`, `identity`), the record as FHIR resources
+//! (`fhir_api`), in-context launch (`launch`), the HTTP view (`web`), audit reports
+//! (`audit_report`) and `/metrics` (`metrics`).
 //!
 //! Everything here reads through read-only store connections, so views never wait on sync
 //! or ingest; what the view writes goes through the node's one store writer, which the node
@@ -8,6 +9,7 @@
 //! or processes.
 
 pub mod audit_report;
+pub mod fhir_api;
 pub mod identity;
 pub mod launch;
 pub mod metrics;

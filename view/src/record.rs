@@ -48,6 +48,21 @@ pub struct Record {
     /// Organisations whose entries held here are not shown because the key that signed them
     /// was revoked, or their signature does not read.
     pub unverified_sources: Vec<UnverifiedSource>,
+    /// Each shown source's Patient resource, banner's source first, for the FHIR API. Not
+    /// part of the JSON API, whose banner and conflicts say what they hold.
+    #[serde(skip)]
+    pub patients: Vec<SourcedPatient>,
+}
+
+/// One organisation's Patient resource for this patient, as shown to this viewer.
+#[derive(Debug)]
+pub struct SourcedPatient {
+    pub ods: String,
+    pub system: String,
+    /// `Patient/id` at the publisher.
+    pub source_id: String,
+    pub resource: serde_json::Value,
+    pub confidentiality: Option<String>,
 }
 
 /// Entries of one organisation held here but not shown: nothing vouches for them any more.
@@ -233,6 +248,14 @@ pub struct ItemView {
     /// note is in no entry of its own; its text is a detail of the fact's reading.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note_of: Option<String>,
+    /// The source resource as its publisher holds it (normalised, without narrative), for
+    /// the FHIR API (`fhir_api`); `None` for notes and items without one. Not part of the
+    /// JSON API, which serves readings.
+    #[serde(skip)]
+    pub resource: Option<serde_json::Value>,
+    /// The publisher's confidentiality label (HL7 v3 Confidentiality), for the FHIR API.
+    #[serde(skip)]
+    pub confidentiality: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -338,7 +361,23 @@ pub fn assemble(
         .by_section
         .remove(&Section::Demographics)
         .unwrap_or_default();
+    let mut patients: Vec<SourcedPatient> = demographics
+        .iter()
+        .filter_map(|(publisher, item, _)| {
+            Some(SourcedPatient {
+                ods: publisher.clone(),
+                system: item.source_system.clone(),
+                source_id: item.source_id.clone(),
+                resource: item.resource.clone()?,
+                confidentiality: item.confidentiality.clone(),
+            })
+        })
+        .collect();
     let identified = identify_patient(demographics, &sources, viewer, now);
+    if let Some(banner) = &identified.demographics {
+        // Stable: the banner's source first, then as held.
+        patients.sort_by_key(|p| p.ods != banner.source_ods);
+    }
     let sections = Section::ALL
         .iter()
         .filter(|s| s.is_clinical() && **s != Section::Demographics)
@@ -378,6 +417,7 @@ pub fn assemble(
                 reason,
             })
             .collect(),
+        patients,
     }))
 }
 
@@ -599,6 +639,8 @@ fn item_view(
     }
     ItemView {
         note_of,
+        resource: item.resource,
+        confidentiality: item.confidentiality,
         code: item.code.as_ref().and_then(|c| c.code.clone()),
         title: item.title,
         detail: item.detail,
