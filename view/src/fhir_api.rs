@@ -156,8 +156,11 @@ pub fn meta_source(ods: &str, system: &str) -> String {
     format!("{ODS_SYSTEM}/{ods}#{system}")
 }
 
-/// Sets the logical id, `meta.source` and the confidentiality label.
+/// Sets the logical id, `meta.source` and the confidentiality label, and drops the
+/// `fhir_comments` some extracts carry (DSTU2's JSON comments, which R4 does not define and
+/// strict clients refuse; they are never clinical content).
 fn stamp(resource: &mut Value, id: &str, ods: &str, system: &str, confidentiality: Option<&str>) {
+    drop_comments(resource);
     let Some(object) = resource.as_object_mut() else {
         return;
     };
@@ -183,6 +186,17 @@ fn stamp(resource: &mut Value, id: &str, ods: &str, system: &str, confidentialit
         if !labelled {
             labels.push(json!({ "system": CONFIDENTIALITY_SYSTEM, "code": code }));
         }
+    }
+}
+
+fn drop_comments(value: &mut Value) {
+    match value {
+        Value::Object(object) => {
+            object.remove("fhir_comments");
+            object.values_mut().for_each(drop_comments);
+        }
+        Value::Array(values) => values.iter_mut().for_each(drop_comments),
+        _ => {}
     }
 }
 
@@ -471,14 +485,16 @@ mod tests {
     }
 
     #[test]
-    fn the_confidentiality_label_is_added_once_beside_the_publishers_own_labels() {
+    fn the_confidentiality_label_is_added_once_beside_the_publishers_own_and_comments_go() {
         let mut resource = json!({
             "resourceType": "Condition",
             "id": "c1",
             "meta": { "security": [{ "system": "urn:other", "code": "X" }] },
         });
+        resource["code"] = json!({ "fhir_comments": ["from DSTU2"], "text": "Asthma" });
         stamp(&mut resource, "A81001-c1", "A81001", "EMIS", Some("R"));
         stamp(&mut resource, "A81001-c1", "A81001", "EMIS", Some("R"));
+        assert_eq!(resource["code"], json!({ "text": "Asthma" }));
         assert_eq!(resource["id"], "A81001-c1");
         assert_eq!(
             resource["meta"]["source"],

@@ -1,0 +1,121 @@
+//! What `caremesh record --fhir` prints, read by a FHIR client nobody here wrote: SMART on
+//! FHIR's python `fhirclient` R4 models, parsing strictly. Every UK Core example and every
+//! Synthea patient in `../shared/data`, ingested through the real binary.
+//!
+//! The test sets up its own Python environment (a venv in cargo's test scratch folder, with
+//! the pinned, hash-checked packages of `tests/fhir_clients/requirements.txt`); where it
+//! cannot, it fails and names what to install.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use support::*;
+
+/// A Python with `fhirclient`'s models, set up once per target folder.
+fn python_with_fhirclient() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fhir-clients-venv");
+    let python = venv.join("bin/python");
+    let ready = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import fhirclient.models.bundle"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready(&python) {
+        return python;
+    }
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output();
+    assert!(
+        made.as_ref().is_ok_and(|o| o.status.success()),
+        "could not make a Python venv for the FHIR client test ({made:?}): install python3 with venv (Debian: apt-get install python3-venv)"
+    );
+    let requirements = repo_root().join("tests/fhir_clients/requirements.txt");
+    let installed = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--require-hashes",
+            "-r",
+        ])
+        .arg(&requirements)
+        .output()
+        .expect("pip runs");
+    assert!(
+        installed.status.success() && ready(&python),
+        "could not install the pinned fhirclient into {}: {}\nInstall it by hand with: python3 -m pip install --no-deps --require-hashes -r tests/fhir_clients/requirements.txt",
+        venv.display(),
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    python
+}
+
+#[test]
+fn every_uk_core_and_synthea_record_as_fhir_parses_strictly_in_smarts_python_models() {
+    let python = python_with_fhirclient();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("node");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let uk_core = real_data("uk-core");
+    let synthea = real_data("synthea-r4");
+    let index = synthea.join("nhs-numbers.csv");
+    // Some examples are refused by design (quarantined with a reason): the rest must parse.
+    ingest(&home, &[uk_core.to_str().unwrap()]);
+    let ingested = ingest(
+        &home,
+        &[
+            "--patient-index",
+            index.to_str().unwrap(),
+            synthea.to_str().unwrap(),
+        ],
+    );
+    assert!(ingested.status.success(), "{}", stderr(&ingested));
+
+    let mut patients = vec!["9912003888".to_string()];
+    let index_text = std::fs::read_to_string(&index).unwrap();
+    patients.extend(
+        index_text
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split(',').nth(2))
+            .map(str::to_string),
+    );
+    let mut bundles = Vec::new();
+    for nhs in &patients {
+        let output = record_as_tests(&home, nhs, &["--fhir"]);
+        if output.status.code() == Some(3) {
+            continue; // the small fixture copy holds one Synthea patient of the index
+        }
+        assert!(output.status.success(), "{nhs}: {}", stderr(&output));
+        let path = dir.path().join(format!("{nhs}.json"));
+        std::fs::write(&path, &output.stdout).unwrap();
+        bundles.push(path);
+    }
+    assert!(
+        bundles.len() >= 2,
+        "UK Core's patient and a Synthea patient"
+    );
+
+    let checked = Command::new(&python)
+        .arg(repo_root().join("tests/fhir_clients/strict_parse.py"))
+        .args(&bundles)
+        .output()
+        .expect("python runs");
+    let report = String::from_utf8_lossy(&checked.stdout);
+    eprintln!("{}", report.lines().last().unwrap_or_default());
+    assert!(
+        checked.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        report.contains(&format!("{} bundles", bundles.len())),
+        "{report}"
+    );
+}
