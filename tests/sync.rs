@@ -935,12 +935,65 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
                 .iter()
                 .any(|row| row["recorded_by"] == "RTH" && row["action"] == "view")
     });
+    // The hospital's record of the patient as FHIR, through the running node.
+    let acute_patient = acute_page.1.trim_start_matches("/patients/").to_string();
+    let as_fhir = record_as_tests(
+        &temp.path().join("region/acute"),
+        &acute_patient,
+        &["--fhir"],
+    );
     // Stop the region (SIGTERM lets the demo stop its nodes) before asserting.
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &demo.id().to_string()])
         .status();
     let _ = demo.wait();
     assert!(all_joined, "every page joins GP, hospital and hospice data");
+    assert!(as_fhir.status.success(), "{}", stderr(&as_fhir));
+    let bundle: serde_json::Value = serde_json::from_slice(&as_fhir.stdout).unwrap();
+    let resources: Vec<&serde_json::Value> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .collect();
+    let published_by = |ods: &str| -> Vec<&serde_json::Value> {
+        let source = format!("https://fhir.nhs.uk/Id/ods-organization-code/{ods}#");
+        resources
+            .iter()
+            .copied()
+            .filter(|r| {
+                r["meta"]["source"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with(&source)
+            })
+            .collect()
+    };
+    let from_gp = published_by("A81001");
+    assert!(
+        !from_gp.is_empty() && !published_by("RTH").is_empty(),
+        "the hospital's FHIR record holds the GP's resources beside its own, each named"
+    );
+    // The Oxfordshire rule reaches the FHIR output too: no GP narrative, no GP documents.
+    assert!(
+        from_gp
+            .iter()
+            .all(|r| r.get("note").is_none() && r["resourceType"] != "DocumentReference"),
+        "GP free text or documents in the hospital's FHIR record"
+    );
+    let provenance: Vec<&str> = resources
+        .iter()
+        .filter(|r| r["resourceType"] == "Provenance")
+        .map(|r| {
+            r["agent"][0]["who"]["identifier"]["value"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        provenance.contains(&"A81001") && provenance.contains(&"RTH"),
+        "a Provenance per publisher: {provenance:?}"
+    );
     assert!(hidden, "the break-glass example hides the GP's data");
     assert_eq!(glass_status, 303);
     assert_eq!(
