@@ -13,8 +13,9 @@
 //!   withhold free text and not the coded fact, so narrative travels as an item of its own);
 //! * references resolved to what this node serves: the patient to `Patient/{NHS number}`,
 //!   another shown resource of the same publisher to its logical id. Any other reference
-//!   keeps its display and identifier and loses its target, which this node does not serve
-//!   and which may be withheld (naming it would say that it exists);
+//!   to who or where keeps its display and type and loses its target, which this node does
+//!   not serve; any other is left saying only that it was, since its target may be
+//!   withheld (naming or describing it would say that it exists and what it is);
 //! * a Provenance resource per publisher, naming the organisation and listing its resources.
 //!
 //! The same fact from several organisations stays several resources: nothing is merged.
@@ -277,10 +278,18 @@ impl<'a> Targets<'a> {
                     } else if !target.starts_with('#') {
                         let kind = target.split('/').rev().nth(1).unwrap_or_default();
                         object.remove("reference");
-                        // Who and where stay typed (the type says no more than the field
-                        // does); a clinical resource not shown here is not even typed.
-                        if PARTICIPANT_TYPES.contains(&kind) && !object.contains_key("type") {
-                            object.insert("type".into(), Value::String(kind.to_string()));
+                        if PARTICIPANT_TYPES.contains(&kind) {
+                            // Who and where stay readable: the name and the type.
+                            if !object.contains_key("type") {
+                                object.insert("type".into(), Value::String(kind.to_string()));
+                            }
+                        } else {
+                            // A clinical resource not shown here may be withheld: what the
+                            // publisher wrote of it (its display, its identifier) goes with
+                            // its target, so that nothing of it is read through this one.
+                            object.remove("display");
+                            object.remove("identifier");
+                            object.remove("type");
                         }
                         if object.is_empty() {
                             // A reference must say something: that it was, not where.
@@ -456,7 +465,7 @@ mod tests {
             "encounter": { "reference": "Encounter/e1" },
             "asserter": { "reference": "Patient/p1" },
             "recorder": { "reference": "Practitioner/dr1", "display": "Dr A Smith" },
-            "evidence": [{ "detail": [{ "reference": "Observation/withheld" }] }],
+            "evidence": [{ "detail": [{ "reference": "Observation/withheld", "display": "HIV viral load" }] }],
             "contained": [],
             "stage": [{ "assessment": [{ "reference": "#local" }] }],
         });
@@ -472,7 +481,7 @@ mod tests {
         assert_eq!(
             resource["evidence"][0]["detail"][0],
             json!({ "display": "not held on this node" }),
-            "a resource not shown here is neither named nor typed"
+            "a resource not shown here is neither named, typed nor described"
         );
         assert_eq!(resource["stage"][0]["assessment"][0]["reference"], "#local");
         // Another publisher's identical ids are not this publisher's resources.
