@@ -60,62 +60,32 @@ pub fn render(record: &Record) -> FhirRecord {
     let nhs = record.nhs_number.as_str();
     let targets = Targets::of(record);
     let notes = notes_by_fact(record);
-    let mut resources = Vec::new();
-    let mut targets_by_publisher: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let mut patient = None;
-    for (index, sourced) in record.patients.iter().enumerate() {
-        let mut resource = sourced.resource.clone();
-        let id = if index == 0 {
-            nhs.to_string()
-        } else {
-            logical_id(&sourced.ods, &sourced.source_id)
-        };
-        stamp(
-            &mut resource,
-            &id,
-            &sourced.ods,
-            &sourced.system,
-            sourced.confidentiality.as_deref(),
-        );
-        targets.resolve(&mut resource, &sourced.ods);
-        targets_by_publisher
-            .entry(&sourced.ods)
-            .or_default()
-            .push(format!("Patient/{id}"));
-        if index == 0 {
-            patient = Some(resource);
-        } else {
-            resources.push(resource);
-        }
-    }
-    let mut patient = patient.unwrap_or_else(|| bare_patient(nhs));
+    let mut published = Published::default();
+    let mut patients = record.patients.iter();
+    let mut patient = match patients.next() {
+        Some(first) => published.add(&targets, first.into(), nhs.to_string()),
+        None => bare_patient(nhs),
+    };
     link_other_sources(&mut patient, &record.patients);
+    let mut resources: Vec<Value> = patients
+        .map(|other| {
+            let id = logical_id(&other.ods, &other.source_id);
+            published.add(&targets, other.into(), id)
+        })
+        .collect();
     for item in record.sections.iter().flat_map(|s| &s.items) {
-        let Some(source_resource) = &item.resource else {
+        let Some(shown) = Shown::of_item(item) else {
             continue;
         };
-        let ods = item.source.organisation.as_str();
-        let mut resource = source_resource.clone();
-        let id = logical_id(ods, &item.source.resource);
-        stamp(
-            &mut resource,
-            &id,
-            ods,
-            &item.source.system,
-            item.confidentiality.as_deref(),
-        );
-        targets.resolve(&mut resource, ods);
-        if let Some(note) = notes.get(&(ods, item.source.resource.as_str())) {
+        let id = logical_id(shown.ods, shown.source_id);
+        let mut resource = published.add(&targets, shown, id);
+        if let Some(note) = notes.get(&(shown.ods, shown.source_id)) {
             add_note(&mut resource, note);
         }
-        let resource_type = resource["resourceType"].as_str().unwrap_or("Resource");
-        targets_by_publisher
-            .entry(ods)
-            .or_default()
-            .push(format!("{resource_type}/{id}"));
         resources.push(resource);
     }
-    let provenance = targets_by_publisher
+    let provenance = published
+        .0
         .into_iter()
         .map(|(ods, targets)| provenance_of(ods, record, targets))
         .collect();
@@ -123,6 +93,66 @@ pub fn render(record: &Record) -> FhirRecord {
         patient,
         resources,
         provenance,
+    }
+}
+
+/// A shown resource with what the renderer needs to know of its source.
+#[derive(Clone, Copy)]
+struct Shown<'a> {
+    resource: &'a Value,
+    ods: &'a str,
+    system: &'a str,
+    /// `Type/id` at the publisher.
+    source_id: &'a str,
+    confidentiality: Option<&'a str>,
+}
+
+impl<'a> Shown<'a> {
+    fn of_item(item: &'a ItemView) -> Option<Shown<'a>> {
+        Some(Shown {
+            resource: item.resource.as_ref()?,
+            ods: &item.source.organisation,
+            system: &item.source.system,
+            source_id: &item.source.resource,
+            confidentiality: item.confidentiality.as_deref(),
+        })
+    }
+}
+
+impl<'a> From<&'a SourcedPatient> for Shown<'a> {
+    fn from(patient: &'a SourcedPatient) -> Shown<'a> {
+        Shown {
+            resource: &patient.resource,
+            ods: &patient.ods,
+            system: &patient.system,
+            source_id: &patient.source_id,
+            confidentiality: patient.confidentiality.as_deref(),
+        }
+    }
+}
+
+/// The resources rendered so far, as `Type/id` by publisher (for the Provenance).
+#[derive(Default)]
+struct Published<'a>(BTreeMap<&'a str, Vec<String>>);
+
+impl<'a> Published<'a> {
+    /// The resource as served under `id`: stamped with its source, its references resolved.
+    fn add(&mut self, targets: &Targets, shown: Shown<'a>, id: String) -> Value {
+        let mut resource = shown.resource.clone();
+        stamp(
+            &mut resource,
+            &id,
+            shown.ods,
+            shown.system,
+            shown.confidentiality,
+        );
+        targets.resolve(&mut resource, shown.ods);
+        let resource_type = resource["resourceType"].as_str().unwrap_or("Resource");
+        self.0
+            .entry(shown.ods)
+            .or_default()
+            .push(format!("{resource_type}/{id}"));
+        resource
     }
 }
 
