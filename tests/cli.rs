@@ -8,8 +8,21 @@ use support::*;
 #[test]
 fn every_command_has_help() {
     for command in [
-        "init", "ingest", "run", "record", "status", "verify", "generate", "demo", "consent",
-        "trust", "sim", "audit", "launch",
+        "init",
+        "ingest",
+        "run",
+        "record",
+        "status",
+        "verify",
+        "generate",
+        "demo",
+        "consent",
+        "trust",
+        "sim",
+        "audit",
+        "launch",
+        "api-client",
+        "api-token",
     ] {
         let output = run(&[command, "--help"]);
         assert!(output.status.success(), "{command} --help failed");
@@ -1590,6 +1603,13 @@ fn record_as_fhir_serves_the_publishers_resources_with_provenance_and_resolving_
     assert_eq!(bundle["resourceType"], "Bundle");
     assert_eq!(bundle["type"], "searchset");
     let entries = bundle["entry"].as_array().unwrap();
+    // The page's notices come last, as an OperationOutcome; the rest are the record.
+    let (outcomes, entries): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) = entries
+        .iter()
+        .partition(|e| e["search"]["mode"] == "outcome");
+    for outcome in &outcomes {
+        assert_eq!(outcome["resource"]["resourceType"], "OperationOutcome");
+    }
     let resources: Vec<&serde_json::Value> = entries.iter().map(|e| &e["resource"]).collect();
     let matches = entries
         .iter()

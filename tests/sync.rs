@@ -912,6 +912,42 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
             .unwrap_or(0)
             > 0
     });
+    // Through the FHIR API, the same rules: system access at the hospice is this
+    // organisation's, without the patient's Share In; a user's token sees that user's
+    // break-glass once they have given a reason, and system access still does not.
+    let hospice_home = temp.path().join("region/hospice");
+    let glass_patient = break_glass_page
+        .1
+        .trim_start_matches("/patients/")
+        .to_string();
+    let everything_path = format!("/fhir/Patient/{glass_patient}/$everything");
+    // (GP resources served, whether the Bundle says Share In hides some.)
+    let gp_resources_over_api = |token: &str| -> (usize, bool) {
+        let response = fhir_get(&break_glass_page.0, &everything_path, Some(token));
+        assert_eq!(response.status, 200, "{}", response.body);
+        (
+            response
+                .body
+                .matches("ods-organization-code/A81001#")
+                .count(),
+            response
+                .body
+                .contains("Share In is not recorded at this organisation"),
+        )
+    };
+    let system_token = api_token(&hospice_home, &["--client", "hospice-engine"]);
+    let user_token = api_token(
+        &hospice_home,
+        &[
+            "--client",
+            "hospice-engine",
+            "--user",
+            "demo-clinician",
+            "--name",
+            "Demo clinician at Sobell House Hospice",
+        ],
+    );
+    let gp_over_api_before = gp_resources_over_api(&system_token);
     let (address, path, cookie) = &break_glass_page;
     let (glass_status, _) = http_post_form_as(
         address,
@@ -920,6 +956,8 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
         cookie,
     );
     let opened = record(&break_glass_page);
+    let gp_over_api_for_user = gp_resources_over_api(&user_token);
+    let gp_over_api_for_system = gp_resources_over_api(&system_token);
     // The GP's auditor sees the hospital's view of GP data, which came through the hub.
     let (gp_address, _, auditor) = &gp_audit;
     let first_patient = gp_page.1.trim_start_matches("/patients/").to_string();
@@ -935,12 +973,16 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
                 .iter()
                 .any(|row| row["recorded_by"] == "RTH" && row["action"] == "view")
     });
-    // The hospital's record of the patient as FHIR, through the running node.
+    // The hospital's record of the patient through its FHIR API.
     let acute_patient = acute_page.1.trim_start_matches("/patients/").to_string();
-    let as_fhir = record_as_tests(
+    let acute_token = api_token(
         &temp.path().join("region/acute"),
-        &acute_patient,
-        &["--fhir"],
+        &["--client", "acute-engine"],
+    );
+    let as_fhir = fhir_get(
+        &acute_page.0,
+        &format!("/fhir/Patient/{acute_patient}/$everything"),
+        Some(&acute_token),
     );
     // Stop the region (SIGTERM lets the demo stop its nodes) before asserting.
     let _ = std::process::Command::new("kill")
@@ -948,8 +990,8 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
         .status();
     let _ = demo.wait();
     assert!(all_joined, "every page joins GP, hospital and hospice data");
-    assert!(as_fhir.status.success(), "{}", stderr(&as_fhir));
-    let bundle: serde_json::Value = serde_json::from_slice(&as_fhir.stdout).unwrap();
+    assert_eq!(as_fhir.status, 200, "{}", as_fhir.body);
+    let bundle: serde_json::Value = serde_json::from_str(&as_fhir.body).unwrap();
     let resources: Vec<&serde_json::Value> = bundle["entry"]
         .as_array()
         .unwrap()
@@ -981,6 +1023,22 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
             .all(|r| r.get("note").is_none() && r["resourceType"] != "DocumentReference"),
         "GP free text or documents in the hospital's FHIR record"
     );
+    // What the Oxfordshire rule withheld is said, as the page says it.
+    let outcome = resources
+        .iter()
+        .find(|r| r["resourceType"] == "OperationOutcome")
+        .expect("the hospital's Bundle carries the page's notices");
+    assert!(
+        outcome["issue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|issue| issue["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("withheld by sharing rules")),
+        "{outcome}"
+    );
     let provenance: Vec<&str> = resources
         .iter()
         .filter(|r| r["resourceType"] == "Provenance")
@@ -996,6 +1054,20 @@ fn the_demo_region_joins_one_patient_from_three_organisations_within_the_sharing
     );
     assert!(hidden, "the break-glass example hides the GP's data");
     assert_eq!(glass_status, 303);
+    assert_eq!(
+        gp_over_api_before,
+        (0, true),
+        "no Share In at the hospice: the GP's resources are not served, and the Bundle says so"
+    );
+    assert!(
+        gp_over_api_for_user.0 > 0 && !gp_over_api_for_user.1,
+        "the clinician's break-glass opens the GP's resources to their token"
+    );
+    assert_eq!(
+        gp_over_api_for_system,
+        (0, true),
+        "a break-glass is the clinician's alone, not the organisation's"
+    );
     assert_eq!(
         opened["break_glass"]["clinician"],
         "Demo clinician at Sobell House Hospice"

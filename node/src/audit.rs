@@ -92,6 +92,25 @@ pub fn verify(dir: &std::path::Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// An entry for what `operator` (the account that ran the CLI) did at this node, allowed;
+/// the caller adds the patient, what was shown and the detail.
+pub fn operator_event(home: &Home, operator: &str, action: &str, purpose: &str) -> AuditEvent {
+    AuditEvent {
+        at: clock::now_unix(),
+        user_id: operator.to_string(),
+        user_name: operator.to_string(),
+        role: "operator".into(),
+        organisation: home.config.organisation.ods.to_string(),
+        action: action.into(),
+        nhs: None,
+        sources: Vec::new(),
+        sections: Vec::new(),
+        purpose: purpose.into(),
+        outcome: "allowed".into(),
+        detail: String::new(),
+    }
+}
+
 /// The report `query` asks for, recorded in the trail as `operator`'s access: reading the
 /// trail is itself an access to patient data.
 pub fn report_as(
@@ -103,22 +122,13 @@ pub fn report_as(
     let own = home.config.organisation.ods.clone();
     let rows = report(store, &own, query).context("reading the audit trail")?;
     let event = AuditEvent {
-        at: clock::now_unix(),
-        user_id: operator.to_string(),
-        user_name: operator.to_string(),
-        role: "operator".into(),
-        organisation: own.to_string(),
-        action: "audit-report".into(),
         nhs: query.patient.as_ref().map(|n| n.to_string()),
-        sources: Vec::new(),
-        sections: Vec::new(),
-        purpose: "audit".into(),
-        outcome: "allowed".into(),
         detail: query
             .user
             .as_ref()
             .map(|u| format!("report on user {u}"))
             .unwrap_or_default(),
+        ..operator_event(home, operator, "audit-report", "audit")
     };
     // Written even on a full disk (from the reserve): the report is what a data protection
     // officer needs most when something has gone wrong.

@@ -175,6 +175,14 @@ enum Command {
         #[arg(long, hide = true)]
         issued_at: Option<i64>,
     },
+    /// Clients of the FHIR API: register (with their public key and scopes), list, remove.
+    ApiClient {
+        #[command(subcommand)]
+        command: crate::api_clients::ApiClientCommand,
+    },
+    /// Print an access token for the FHIR API on the last line, for a client acting for
+    /// itself or for a user, as `POST /oauth/token` would issue one. For demos and tests.
+    ApiToken(crate::api_clients::ApiTokenArgs),
     /// The audit trail: verify it has not been tampered with; reports per patient or user.
     Audit {
         #[command(subcommand)]
@@ -434,6 +442,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Consent { command } => consent(command),
         Command::Sim { args } => run_simulator(&args),
         Command::Audit { command } => audit(command),
+        Command::ApiClient { command } => api_client(command),
+        Command::ApiToken(args) => {
+            let dir = args.dir.clone();
+            crate::control::execute(&dir, StoreCommand::ApiToken(args.asked()?))
+        }
         Command::Launch {
             dir,
             user,
@@ -491,6 +504,38 @@ fn consent(command: ConsentCommand) -> Result<ExitCode> {
             },
         ),
         ConsentCommand::Show { dir, nhs } => (dir, StoreCommand::ConsentShow { nhs }),
+    };
+    crate::control::execute(&dir, command)
+}
+
+fn api_client(command: crate::api_clients::ApiClientCommand) -> Result<ExitCode> {
+    use crate::api_clients::{self, ApiClientCommand};
+    let (dir, command) = match command {
+        ApiClientCommand::Add {
+            dir,
+            id,
+            public_key,
+            scopes,
+        } => {
+            api_clients::check_client_id(&id)?;
+            let public_key = public_key
+                .as_deref()
+                .map(api_clients::read_public_key)
+                .transpose()?;
+            let scopes = api_clients::check_scopes(&scopes)?;
+            (
+                dir,
+                StoreCommand::ApiClientAdd {
+                    client_id: id,
+                    public_key,
+                    scopes,
+                },
+            )
+        }
+        ApiClientCommand::List { dir, json } => (dir, StoreCommand::ApiClientList { json }),
+        ApiClientCommand::Remove { dir, id } => {
+            (dir, StoreCommand::ApiClientRemove { client_id: id })
+        }
     };
     crate::control::execute(&dir, command)
 }

@@ -92,22 +92,13 @@ pub fn audit(
     action: &str,
     detail: &str,
 ) -> Result<()> {
-    let batch = store.write()?;
-    batch.append_audit(&caremesh_storage::audit::AuditEvent {
-        at: clock::now_unix(),
-        user_id: operator.to_string(),
-        user_name: operator.to_string(),
-        role: "operator".into(),
-        organisation: home.config.organisation.ods.to_string(),
-        action: action.into(),
+    store.append_audit(&caremesh_storage::audit::AuditEvent {
         nhs: Some(nhs.to_string()),
         sources: vec![home.config.organisation.ods.to_string()],
         sections: vec!["sharing".into()],
-        purpose: "sharing choices".into(),
-        outcome: "allowed".into(),
         detail: detail.to_string(),
+        ..crate::audit::operator_event(home, operator, action, "sharing choices")
     })?;
-    batch.commit()?;
     Ok(())
 }
 

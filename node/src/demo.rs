@@ -126,6 +126,7 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
     let no_share_in = no_share_in.filter(|n| !n.is_empty());
     let mut hospice_address = None;
     let mut gp_address = None;
+    let mut acute_address = None;
     let mut children = Vec::new();
     println!("demo region in {}", dir.display());
     for node in REGION {
@@ -135,6 +136,9 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
         }
         if node.kind == OrgKind::Gp {
             gp_address = Some(address.clone());
+        }
+        if node.kind == OrgKind::Acute {
+            acute_address = Some(address.clone());
         }
         let home = dir.join(node.folder);
         let page = if node.kind == OrgKind::Hub {
@@ -169,6 +173,12 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
         println!(
             "Audit at the GP (who saw its data, here and at the hospital and hospice): {}",
             demo_launch(&dir.join("gp"), gp_address, "auditor", None)?
+        );
+    }
+    if let Some(acute_address) = &acute_address {
+        println!(
+            "FHIR API at the hospital: TOKEN=$(caremesh api-token --dir {} --client demo-app | tail -n 1), then curl -H \"Authorization: Bearer $TOKEN\" 'http://{acute_address}/fhir/Patient/{first_patient}/$everything'",
+            dir.join("acute").display()
         );
     }
     println!(

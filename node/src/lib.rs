@@ -3,6 +3,7 @@
 //! IO lives here; the decisions it acts on come from `caremesh-sync` and `caremesh-engine`,
 //! storage from `caremesh-storage`.
 
+pub mod api_clients;
 pub mod audit;
 pub mod cli;
 pub mod consent;

@@ -4,6 +4,7 @@
 //! node ([`crate::control`]), which runs the same code on its one store writer. Either way
 //! what is printed and the exit code are the same.
 
+use crate::api_clients;
 use crate::audit;
 use crate::home::Home;
 use anyhow::{Context, Result, bail};
@@ -47,6 +48,19 @@ pub enum StoreCommand {
     },
     AuditCheckpoint,
     AuditReport(audit::ReportArgs),
+    ApiClientAdd {
+        client_id: String,
+        /// The JWK, checked by the CLI.
+        public_key: Option<String>,
+        scopes: String,
+    },
+    ApiClientList {
+        json: bool,
+    },
+    ApiClientRemove {
+        client_id: String,
+    },
+    ApiToken(crate::api_clients::TokenAsked),
 }
 
 /// What a command printed, on standard output and standard error.
@@ -66,6 +80,10 @@ impl StoreCommand {
             StoreCommand::ConsentShow { .. } => "consent show",
             StoreCommand::AuditCheckpoint => "audit checkpoint",
             StoreCommand::AuditReport(_) => "audit report",
+            StoreCommand::ApiClientAdd { .. } => "api-client add",
+            StoreCommand::ApiClientList { .. } => "api-client list",
+            StoreCommand::ApiClientRemove { .. } => "api-client remove",
+            StoreCommand::ApiToken(_) => "api-token",
         }
     }
 
@@ -165,6 +183,24 @@ impl StoreCommand {
                 out.stdout
                     .push_str(&audit_report::render(&report, asked.format));
                 Ok(0)
+            }
+            StoreCommand::ApiClientAdd {
+                client_id,
+                public_key,
+                scopes,
+            } => api_clients::add(
+                home,
+                store,
+                operator,
+                (client_id, public_key, scopes),
+                &mut out.stdout,
+            ),
+            StoreCommand::ApiClientList { json } => api_clients::list(store, json, &mut out.stdout),
+            StoreCommand::ApiClientRemove { client_id } => {
+                api_clients::remove(home, store, operator, &client_id, &mut out.stdout)
+            }
+            StoreCommand::ApiToken(asked) => {
+                api_clients::token(home, store, operator, asked, &mut out.stdout)
             }
         }
     }

@@ -15,6 +15,7 @@
 //!   at once, and a power cut once a [`WalSyncer`] has synced the WAL after it.
 
 pub mod access;
+pub mod api_access;
 pub mod audit;
 pub mod disk_space;
 mod feed_tail;

@@ -340,6 +340,34 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     UPDATE documents SET appended = NULL WHERE appended IS NOT NULL;
     ALTER TABLE documents RENAME COLUMN appended TO appended_base;
     "#,
+    // 19: the FHIR API's clients and the access tokens they were issued. A client is
+    // registered by an operator with the public key its client assertions are signed with
+    // (a JWK; NULL for a client that gets tokens only from `caremesh api-token`) and the
+    // scopes it may be granted. A token is kept as the SHA-256 of its secret, as a session
+    // is, and goes with its client.
+    r#"
+    CREATE TABLE api_clients (
+        client_id   TEXT PRIMARY KEY,
+        public_key  TEXT,
+        scopes      TEXT NOT NULL,
+        added_at    INTEGER NOT NULL,
+        added_by    TEXT NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE api_tokens (
+        secret_hash BLOB PRIMARY KEY,
+        client_id   TEXT NOT NULL REFERENCES api_clients(client_id) ON DELETE CASCADE,
+        scopes      TEXT NOT NULL,
+        user_id     TEXT,
+        user_name   TEXT,
+        role        TEXT,
+        nhs         TEXT,
+        purpose     TEXT NOT NULL,
+        issued_at   INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        CHECK (expires_at > issued_at)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX api_tokens_by_client ON api_tokens(client_id);
+    "#,
 ];
 
 #[cfg(test)]

@@ -261,6 +261,34 @@ pub fn http_request_with(
     }
 }
 
+/// A GET of the FHIR API presenting `token` as a Bearer token (none: no Authorization).
+pub fn fhir_get(address: &str, path: &str, token: Option<&str>) -> HttpResponse {
+    let authorization = token.map(|t| format!("Bearer {t}"));
+    let extra: Vec<(&str, &str)> = authorization
+        .iter()
+        .map(|a| ("Authorization", a.as_str()))
+        .collect();
+    http_request_with(address, "GET", path, None, None, &extra)
+}
+
+/// `caremesh api-token` for the node in `dir` with `extra` flags: the token (last line).
+pub fn api_token(dir: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["api-token", "--dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let output = run(&args);
+    assert!(
+        output.status.success(),
+        "api-token failed: {}",
+        stderr(&output)
+    );
+    stdout(&output)
+        .lines()
+        .last()
+        .expect("api-token prints the token on its last line")
+        .trim()
+        .to_string()
+}
+
 /// `caremesh launch` for the node in `dir`, as the clinical system would: the launch URL.
 pub fn launch_url(dir: &Path, address: &str, extra: &[&str]) -> String {
     let base = format!("http://{address}");

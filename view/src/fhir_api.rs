@@ -52,6 +52,107 @@ pub struct FhirRecord {
     pub resources: Vec<Value>,
     /// One Provenance per publisher whose resources are shown.
     pub provenance: Vec<Value>,
+    /// What the page says beside the record: what sharing rules withheld, what Share In
+    /// hides, break-glass, out-of-date and unverified sources, disagreements on who the
+    /// patient is, corrections, section warnings. A client that is not told would read
+    /// an absence as a fact.
+    pub notices: Vec<Notice>,
+}
+
+/// A notice the page shows beside the record, in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub severity: Severity,
+    pub text: String,
+}
+
+/// An OperationOutcome issue's severity: a warning must be read before the record is
+/// relied on; information says what the record does not hold and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Warning,
+    Information,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Information => "information",
+        }
+    }
+}
+
+/// The page's notices for `record`, in the page's order.
+pub fn notices(record: &Record) -> Vec<Notice> {
+    let warning = |text: String| Notice {
+        severity: Severity::Warning,
+        text,
+    };
+    let information = |text: String| Notice {
+        severity: Severity::Information,
+        text,
+    };
+    let mut notices = Vec::new();
+    for conflict in &record.demographic_conflicts {
+        let versions: Vec<String> = conflict
+            .versions
+            .iter()
+            .map(|(source, value)| format!("{source} says {value}"))
+            .collect();
+        notices.push(warning(format!(
+            "Sources disagree on the patient's {}: {}.",
+            conflict.field.to_lowercase(),
+            versions.join("; ")
+        )));
+    }
+    for correction in &record.corrections {
+        notices.push(information(correction.text.clone()));
+    }
+    if let Some(granted) = &record.break_glass {
+        notices.push(warning(format!(
+            "Emergency access (break-glass) by {} until {}: {}. What is shown only because of it is recorded and its organisations are told.",
+            granted.clinician,
+            caremesh_fhir::clock::rfc3339(granted.expires_at),
+            granted.reason
+        )));
+    } else if record.hidden_without_share_in > 0 {
+        notices.push(warning(format!(
+            "{} from other organisations not shown: the patient's Share In is not recorded at this organisation.",
+            crate::record::items_phrase(record.hidden_without_share_in)
+        )));
+    }
+    for source in record.sources.iter().filter(|s| s.stale) {
+        notices.push(warning(format!(
+            "Data from {} ({}) may be out of date: the newest is from {}; it is expected every {} hours.",
+            source.name,
+            source.ods,
+            source.data_as_of,
+            source.expected_refresh_hours.unwrap_or_default()
+        )));
+    }
+    for source in &record.unverified_sources {
+        notices.push(warning(source.notice()));
+    }
+    for source in &record.withheld_sources {
+        notices.push(information(format!(
+            "No data from {} ({}) is shown: {}.",
+            source.name, source.ods, source.reason
+        )));
+    }
+    for section in &record.sections {
+        for text in &section.warnings {
+            notices.push(warning(format!("{}: {text}", section.title)));
+        }
+        if section.withheld_by_sharing_rules > 0 {
+            notices.push(information(format!(
+                "{}: {} withheld by sharing rules.",
+                section.title,
+                crate::record::items_phrase(section.withheld_by_sharing_rules as usize)
+            )));
+        }
+    }
+    notices
 }
 
 /// Renders the viewer's record as FHIR resources. `record` holds only what the viewer may
@@ -93,6 +194,7 @@ pub fn render(record: &Record) -> FhirRecord {
         patient,
         resources,
         provenance,
+        notices: notices(record),
     }
 }
 
@@ -418,7 +520,8 @@ fn provenance_of(ods: &str, record: &Record, targets: Vec<String>) -> Value {
 }
 
 /// `Patient/$everything` as a searchset Bundle: the patient and every shown resource as
-/// matches, the Provenance resources as includes. `base` is the server's FHIR base URL, for
+/// matches, the Provenance resources as includes, and the page's notices as an
+/// OperationOutcome (search mode `outcome`). `base` is the server's FHIR base URL, for
 /// each entry's `fullUrl`; without one (the CLI) entries carry none.
 pub fn everything_bundle(fhir: &FhirRecord, base: Option<&str>) -> Value {
     let entry = |resource: &Value, mode: &str| {
@@ -436,6 +539,23 @@ pub fn everything_bundle(fhir: &FhirRecord, base: Option<&str>) -> Value {
     let mut entries: Vec<Value> = matches.map(|r| entry(r, "match")).collect();
     let total = entries.len();
     entries.extend(fhir.provenance.iter().map(|r| entry(r, "include")));
+    if !fhir.notices.is_empty() {
+        let issues: Vec<Value> = fhir
+            .notices
+            .iter()
+            .map(|notice| {
+                json!({
+                    "severity": notice.severity.as_str(),
+                    "code": "informational",
+                    "diagnostics": notice.text,
+                })
+            })
+            .collect();
+        entries.push(json!({
+            "resource": { "resourceType": "OperationOutcome", "issue": issues },
+            "search": { "mode": "outcome" },
+        }));
+    }
     json!({
         "resourceType": "Bundle",
         "type": "searchset",

@@ -8,6 +8,7 @@
 //! hands in as [`web::RunningNode`]. Nothing here knows the node's home, configuration file
 //! or processes.
 
+pub mod api_access;
 pub mod audit_report;
 pub mod fhir_api;
 pub mod identity;

@@ -35,6 +35,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 mod assets;
+pub mod fhir;
 pub mod listener;
 mod render;
 
@@ -183,6 +184,18 @@ pub fn router(state: Arc<ViewState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/assets/{*path}", get(assets::asset))
+        .route("/fhir/metadata", get(fhir::metadata))
+        .route("/fhir/Patient", get(fhir::patient_search))
+        .route("/fhir/Patient/{id}", get(fhir::patient_read))
+        .route(
+            "/fhir/Patient/{id}/$everything",
+            get(fhir::patient_everything),
+        )
+        .route("/oauth/token", post(fhir::token))
+        .route(
+            "/.well-known/smart-configuration",
+            get(fhir::smart_configuration),
+        )
         .layer(axum::middleware::map_response(protect))
         .with_state(state)
 }

@@ -1,0 +1,529 @@
+//! The FHIR API over a real node process and real sockets: tokens, reads, searches,
+//! `$everything`, refusals and their audit.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::path::Path;
+use support::*;
+
+const PATIENT: &str = "9912003888";
+const OTHER_PATIENT: &str = "9912003896";
+
+/// Two patients of a practice: one with an asthma diagnosis (with a note), a penicillin
+/// allergy and a salbutamol statement; the other with a diagnosis of their own.
+fn practice(dir: &Path) -> std::path::PathBuf {
+    let home = dir.join("node");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    let extract = dir.join("extract.json");
+    let patient = |id: &str, nhs: &str, family: &str| {
+        json!({"resource": {"resourceType": "Patient", "id": id,
+            "meta": {"lastUpdated": "2026-01-01T09:00:00Z"},
+            "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs}],
+            "name": [{"family": family, "given": ["Test"]}], "birthDate": "1970-09-11"}})
+    };
+    write_json(
+        &extract,
+        &json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            patient("p1", PATIENT, "SMITH"),
+            patient("p2", OTHER_PATIENT, "JONES"),
+            {"resource": {"resourceType": "Condition", "id": "asthma-1", "subject": {"reference": "Patient/p1"},
+                "meta": {"lastUpdated": "2026-03-01T09:00:00Z"},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "confirmed"}]},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "195967001", "display": "Asthma"}]},
+                "onsetDateTime": "2001-04-02", "note": [{"text": "Uses salbutamol before exercise."}]}},
+            {"resource": {"resourceType": "AllergyIntolerance", "id": "pen-1", "patient": {"reference": "Patient/p1"},
+                "meta": {"lastUpdated": "2025-06-01T09:00:00Z"},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}]},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "91936005", "display": "Allergy to penicillin"}]},
+                "reaction": [{"manifestation": [{"coding": [{"system": "http://snomed.info/sct", "code": "271807003", "display": "Rash"}]}], "severity": "moderate"}]}},
+            {"resource": {"resourceType": "MedicationStatement", "id": "salb-1", "subject": {"reference": "Patient/p1"},
+                "status": "active",
+                "medicationCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "320176004", "display": "Salbutamol 100micrograms/dose inhaler"}]},
+                "dosage": [{"text": "Two puffs when required, up to four times a day"}]}},
+            {"resource": {"resourceType": "Condition", "id": "htn-2", "subject": {"reference": "Patient/p2"},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertension"}]}}}
+        ]}),
+    );
+    let ingested = ingest(&home, &[extract.to_str().unwrap()]);
+    assert!(ingested.status.success(), "{}", stderr(&ingested));
+    home
+}
+
+fn json_body(response: &HttpResponse) -> Value {
+    serde_json::from_str(&response.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", response.body))
+}
+
+/// An OperationOutcome's first issue code, checking it is one.
+fn issue_code(response: &HttpResponse) -> String {
+    let body = json_body(response);
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    body["issue"][0]["code"].as_str().unwrap().to_string()
+}
+
+/// `caremesh audit report` with `filter`, as JSON rows.
+fn audit_rows(home: &Path, filter: &[&str]) -> Value {
+    let mut args = vec![
+        "audit",
+        "report",
+        "--dir",
+        home.to_str().unwrap(),
+        "--format",
+        "json",
+    ];
+    args.extend_from_slice(filter);
+    let report = run(&args);
+    assert!(report.status.success(), "{}", stderr(&report));
+    serde_json::from_slice(&report.stdout).unwrap()
+}
+
+fn resource_types(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["resourceType"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_token_reads_a_patient_searches_by_nhs_number_and_gets_everything_as_the_cli_renders_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = practice(dir.path());
+    let node = RunningNode::start(&home);
+    let address = node.address.as_str();
+
+    // The CapabilityStatement answers without a token, as FHIR JSON.
+    let metadata = fhir_get(address, "/fhir/metadata", None);
+    assert_eq!(metadata.status, 200);
+    assert!(
+        metadata
+            .header("content-type")
+            .unwrap()
+            .starts_with("application/fhir+json")
+    );
+    let capability = json_body(&metadata);
+    assert_eq!(capability["resourceType"], "CapabilityStatement");
+    assert_eq!(capability["fhirVersion"], "4.0.1");
+
+    // Nothing else does.
+    let anonymous = fhir_get(address, &format!("/fhir/Patient/{PATIENT}"), None);
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(issue_code(&anonymous), "login");
+    assert!(
+        anonymous
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    let made_up = fhir_get(
+        address,
+        &format!("/fhir/Patient/{PATIENT}"),
+        Some(&"a".repeat(64)),
+    );
+    assert_eq!(made_up.status, 401);
+
+    let token = api_token(&home, &["--client", "integration-engine"]);
+    let read = fhir_get(address, &format!("/fhir/Patient/{PATIENT}"), Some(&token));
+    assert_eq!(read.status, 200, "{}", read.body);
+    let patient = json_body(&read);
+    assert_eq!(patient["resourceType"], "Patient");
+    assert_eq!(patient["id"], PATIENT);
+    assert_eq!(patient["name"][0]["family"], "SMITH");
+    assert_eq!(
+        patient["meta"]["source"],
+        "https://fhir.nhs.uk/Id/ods-organization-code/A81001#TestSystem"
+    );
+
+    let search = fhir_get(
+        address,
+        &format!("/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|{PATIENT}"),
+        Some(&token),
+    );
+    assert_eq!(search.status, 200, "{}", search.body);
+    let bundle = json_body(&search);
+    assert_eq!(bundle["type"], "searchset");
+    assert_eq!(bundle["total"], 1);
+    assert_eq!(bundle["entry"][0]["resource"]["id"], PATIENT);
+    assert_eq!(
+        bundle["entry"][0]["fullUrl"],
+        format!("http://{address}/fhir/Patient/{PATIENT}")
+    );
+    // A patient not held is an empty searchset, and "not found" to a read.
+    let none = json_body(&fhir_get(
+        address,
+        "/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|9912003918",
+        Some(&token),
+    ));
+    assert_eq!(none["total"], 0);
+    let unheld = fhir_get(address, "/fhir/Patient/9912003918", Some(&token));
+    assert_eq!(unheld.status, 404);
+    assert_eq!(issue_code(&unheld), "not-found");
+
+    // $everything is the record as the CLI renders it, with each entry's fullUrl.
+    let everything = fhir_get(
+        address,
+        &format!("/fhir/Patient/{PATIENT}/$everything"),
+        Some(&token),
+    );
+    assert_eq!(everything.status, 200, "{}", everything.body);
+    let mut served = json_body(&everything);
+    for entry in served["entry"].as_array_mut().unwrap() {
+        let full_url = entry.as_object_mut().unwrap().remove("fullUrl").unwrap();
+        let resource = &entry["resource"];
+        assert_eq!(
+            full_url,
+            format!(
+                "http://{address}/fhir/{}/{}",
+                resource["resourceType"].as_str().unwrap(),
+                resource["id"].as_str().unwrap()
+            )
+        );
+    }
+    let cli = record_as_tests(&home, PATIENT, &["--fhir"]);
+    assert!(cli.status.success(), "{}", stderr(&cli));
+    let rendered: Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(served, rendered);
+    let types: std::collections::BTreeSet<String> = resource_types(&served).into_iter().collect();
+    for expected in [
+        "Patient",
+        "AllergyIntolerance",
+        "MedicationStatement",
+        "Condition",
+        "Provenance",
+    ] {
+        assert!(types.contains(expected), "{expected} in {types:?}");
+    }
+    let condition = served["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|r| r["resourceType"] == "Condition")
+        .unwrap();
+    assert_eq!(condition["id"], "A81001-asthma-1");
+    assert_eq!(
+        condition["subject"]["reference"],
+        format!("Patient/{PATIENT}")
+    );
+    assert_eq!(
+        condition["note"][0]["text"],
+        "Uses salbutamol before exercise."
+    );
+    assert!(
+        !everything.body.contains("Hypertension"),
+        "another patient's data is never in the record"
+    );
+
+    // _since keeps what the publisher changed at or after it (and what does not say when).
+    let since = json_body(&fhir_get(
+        address,
+        &format!("/fhir/Patient/{PATIENT}/$everything?_since=2026-02-01T00:00:00Z"),
+        Some(&token),
+    ));
+    let kept = resource_types(&since);
+    assert!(kept.contains(&"Condition".to_string()), "{kept:?}");
+    assert!(
+        !kept.contains(&"AllergyIntolerance".to_string()),
+        "updated in 2025: {kept:?}"
+    );
+    assert!(
+        kept.contains(&"MedicationStatement".to_string()),
+        "no lastUpdated, so kept: {kept:?}"
+    );
+
+    // Parameters the API does not support are errors, never ignored.
+    for (path, code) in [
+        (
+            format!("/fhir/Patient/{PATIENT}/$everything?_since=yesterday"),
+            "value",
+        ),
+        (
+            format!("/fhir/Patient/{PATIENT}/$everything?_type=Condition"),
+            "not-supported",
+        ),
+        ("/fhir/Patient?name=SMITH".to_string(), "not-supported"),
+        ("/fhir/Patient".to_string(), "required"),
+        (
+            format!("/fhir/Patient?identifier=http://example.org|{PATIENT}"),
+            "value",
+        ),
+        (
+            format!("/fhir/Patient/{PATIENT}?_format=xml"),
+            "not-supported",
+        ),
+    ] {
+        let refused = fhir_get(address, &path, Some(&token));
+        assert_eq!(refused.status, 400, "{path}: {}", refused.body);
+        assert_eq!(issue_code(&refused), code, "{path}");
+    }
+
+    // Every read is in the audit trail, naming the client.
+    let rows = audit_rows(&home, &["--patient", PATIENT]);
+    let fhir_rows: Vec<&Value> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"].as_str().unwrap_or("").starts_with("fhir-"))
+        .collect();
+    assert!(
+        fhir_rows.len() >= 4,
+        "read, search and two $everything: {rows:#}"
+    );
+    for row in fhir_rows {
+        assert_eq!(row["user_id"], "client:integration-engine", "{row}");
+        assert!(
+            row["detail"]
+                .as_str()
+                .unwrap()
+                .contains("client integration-engine"),
+            "{row}"
+        );
+    }
+}
+
+#[test]
+fn tokens_are_limited_by_scope_patient_role_and_client_and_refusals_look_like_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = practice(dir.path());
+    let node = RunningNode::start(&home);
+    let address = node.address.as_str();
+    let read = |path: &str, token: &str| fhir_get(address, path, Some(token));
+
+    // A token for one patient: any other is "not found", as if not held.
+    let one_patient = api_token(
+        &home,
+        &[
+            "--client",
+            "gp-app",
+            "--user",
+            "C0042",
+            "--name",
+            "Dr Ruth Ellis",
+            "--nhs",
+            PATIENT,
+        ],
+    );
+    assert_eq!(
+        read(&format!("/fhir/Patient/{PATIENT}"), &one_patient).status,
+        200
+    );
+    let other = read(&format!("/fhir/Patient/{OTHER_PATIENT}"), &one_patient);
+    assert_eq!(other.status, 404);
+    assert_eq!(
+        other.body,
+        read("/fhir/Patient/9912003918", &one_patient).body,
+        "a patient the token may not see reads as one not held"
+    );
+
+    // A user whose role does not read records.
+    let auditor = api_token(
+        &home,
+        &[
+            "--client",
+            "gp-app",
+            "--user",
+            "A0001",
+            "--name",
+            "Audit Officer",
+            "--role",
+            "auditor",
+        ],
+    );
+    let refused = read(&format!("/fhir/Patient/{PATIENT}"), &auditor);
+    assert_eq!(refused.status, 403);
+    assert_eq!(issue_code(&refused), "forbidden");
+
+    // A client registered for conditions only: no Patient reads; $everything drops what
+    // its scopes do not cover.
+    let added = run(&[
+        "api-client",
+        "add",
+        "--dir",
+        home.to_str().unwrap(),
+        "--id",
+        "conditions-only",
+        "--scope",
+        "system/Condition.rs system/Patient.rs",
+    ]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    let narrow = api_token(&home, &["--client", "conditions-only"]);
+    let everything = json_body(&read(
+        &format!("/fhir/Patient/{PATIENT}/$everything"),
+        &narrow,
+    ));
+    let types = resource_types(&everything);
+    assert!(types.contains(&"Condition".to_string()), "{types:?}");
+    assert!(
+        !types.contains(&"AllergyIntolerance".to_string()),
+        "{types:?}"
+    );
+    let condition_scope = api_token(
+        &home,
+        &[
+            "--client",
+            "conditions-only",
+            "--scope",
+            "system/Condition.rs",
+        ],
+    );
+    assert_eq!(
+        read(&format!("/fhir/Patient/{PATIENT}"), &condition_scope).status,
+        403
+    );
+    // Asking for more than the client holds grants nothing.
+    let wider = run(&[
+        "api-token",
+        "--dir",
+        home.to_str().unwrap(),
+        "--client",
+        "conditions-only",
+        "--scope",
+        "system/AllergyIntolerance.rs",
+    ]);
+    assert!(!wider.status.success());
+    assert!(
+        stderr(&wider).contains("grants none of"),
+        "{}",
+        stderr(&wider)
+    );
+
+    // Removing a client ends its tokens at once.
+    let removed = run(&[
+        "api-client",
+        "remove",
+        "--dir",
+        home.to_str().unwrap(),
+        "--id",
+        "conditions-only",
+    ]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    assert_eq!(
+        read(&format!("/fhir/Patient/{PATIENT}"), &narrow).status,
+        401
+    );
+
+    let listed = run(&["api-client", "list", "--dir", home.to_str().unwrap()]);
+    let listed = stdout(&listed);
+    assert!(listed.contains("gp-app"), "{listed}");
+    assert!(!listed.contains("conditions-only"), "{listed}");
+
+    // The refusals and the user's reads are in the audit trail under the user's name.
+    let rows = audit_rows(&home, &["--user", "C0042"]);
+    let rows = rows.as_array().unwrap();
+    assert!(
+        rows.iter().any(|r| r["action"] == "fhir-read"
+            && r["outcome"] == "refused"
+            && r["user_name"] == "Dr Ruth Ellis"),
+        "{rows:#?}"
+    );
+}
+
+/// SMART Backend Services: a client signs an assertion with its key and trades it for a
+/// token at `POST /oauth/token`; a replayed, forged or misdirected assertion is refused.
+#[test]
+fn a_backend_service_gets_a_token_with_a_signed_client_assertion() {
+    use caremesh_view::api_access::{AssertionClaims, ClientKey, sign_assertion};
+    let dir = tempfile::tempdir().unwrap();
+    let home = practice(dir.path());
+    let signing = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let jwk_file = dir.path().join("client.jwk");
+    std::fs::write(
+        &jwk_file,
+        ClientKey::ed25519_jwk(&signing.verifying_key().to_bytes()),
+    )
+    .unwrap();
+    let added = run(&[
+        "api-client",
+        "add",
+        "--dir",
+        home.to_str().unwrap(),
+        "--id",
+        "backend",
+        "--public-key",
+        jwk_file.to_str().unwrap(),
+        "--scope",
+        "system/*.rs",
+    ]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    let node = RunningNode::start(&home);
+    let address = node.address.as_str();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let assertion = |key: &ed25519_dalek::SigningKey, aud: &str, jti: &str| {
+        sign_assertion(
+            key,
+            AssertionClaims {
+                iss: "backend".into(),
+                sub: "backend".into(),
+                aud: aud.into(),
+                jti: jti.into(),
+            },
+            now,
+            240,
+        )
+    };
+    let token_url = format!("http://{address}/oauth/token");
+    let post = |assertion: &str, scope: &str| {
+        let form = format!(
+            "grant_type=client_credentials&scope={}&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={assertion}",
+            scope
+                .replace(' ', "+")
+                .replace('/', "%2F")
+                .replace('*', "%2A")
+        );
+        http_request(address, "POST", "/oauth/token", None, Some(&form))
+    };
+
+    let good = assertion(&signing, &token_url, "first");
+    let answer = post(&good, "system/*.rs openid");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let granted = json_body(&answer);
+    assert_eq!(granted["token_type"], "bearer");
+    assert_eq!(granted["scope"], "system/*.rs", "openid is not granted");
+    assert!(granted["expires_in"].as_i64().unwrap() > 0);
+    let token = granted["access_token"].as_str().unwrap();
+    let read = fhir_get(address, &format!("/fhir/Patient/{PATIENT}"), Some(token));
+    assert_eq!(read.status, 200, "{}", read.body);
+
+    let refused = |response: HttpResponse, expect: &str| {
+        assert_eq!(response.status, 401, "{}", response.body);
+        let body = json_body(&response);
+        assert_eq!(body["error"], "invalid_client");
+        assert!(
+            body["error_description"].as_str().unwrap().contains(expect),
+            "{body}"
+        );
+    };
+    refused(post(&good, "system/*.rs"), "used before");
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    refused(
+        post(&assertion(&stranger, &token_url, "forged"), "system/*.rs"),
+        "does not verify",
+    );
+    refused(
+        post(
+            &assertion(&signing, "https://other.example/oauth/token", "elsewhere"),
+            "system/*.rs",
+        ),
+        "not this token endpoint",
+    );
+    let user_scope = post(&assertion(&signing, &token_url, "user"), "user/*.rs");
+    assert_eq!(user_scope.status, 400);
+    assert_eq!(json_body(&user_scope)["error"], "invalid_scope");
+
+    // The token's issue is in the audit trail.
+    let rows = audit_rows(&home, &["--user", "client:backend"]);
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "api-token"),
+        "{rows:#}"
+    );
+}

@@ -1,0 +1,735 @@
+//! The FHIR R4 API at `/fhir`, and the token endpoint its clients use (`/oauth/token`).
+//!
+//! Every read is served from local storage, so the API answers offline as the page does.
+//! Access is by bearer token only (no cookies: a page of another site cannot read through a
+//! clinician's browser). What a token's holder sees of a patient is decided by
+//! `record::assemble`, as for the page: for a user, that user (their Share In at this
+//! organisation, their break-glass); for system access, this organisation. The token's
+//! scopes then decide which resource types it reads.
+//!
+//! A patient the caller may not see is "not found", as GP Connect answers: the answer never
+//! says whether the node holds them.
+
+use super::{RequestFailed, ViewState, blocking, secret_hash};
+use crate::api_access::{self, ClientKey, ScopeContext};
+use crate::fhir_api::{self, NHS_NUMBER_SYSTEM};
+use crate::launch::Role;
+use crate::record::{self, Record};
+use axum::extract::{Form, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use caremesh_fhir::clock;
+use caremesh_storage::Store;
+use caremesh_storage::access::TokenUse;
+use caremesh_storage::api_access::{ApiToken, ApiUser};
+use caremesh_storage::audit::AuditEvent;
+use caremesh_sync::{NhsNumber, OrgKind};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// A FHIR answer: the resource as `application/fhir+json`.
+fn fhir(status: StatusCode, resource: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+        resource.to_string(),
+    )
+        .into_response()
+}
+
+/// An OperationOutcome: `code` from FHIR's IssueType, `text` for the integrator.
+fn outcome(status: StatusCode, code: &str, text: &str) -> Response {
+    let severity = if status.is_server_error() {
+        "fatal"
+    } else {
+        "error"
+    };
+    let mut response = fhir(
+        status,
+        &json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{ "severity": severity, "code": code, "diagnostics": text }],
+        }),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"caremesh FHIR API\""),
+        );
+    }
+    response
+}
+
+fn not_found() -> Response {
+    outcome(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "No patient with that id or identifier is available to you on this node.",
+    )
+}
+
+/// The FHIR base URL as the client reached it, for `fullUrl`s and links.
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("localhost");
+    format!("http://{host}/fhir")
+}
+
+/// Who is calling: a token in force, and what it grants.
+struct Caller {
+    token: ApiToken,
+    scopes: Vec<api_access::Scope>,
+}
+
+impl Caller {
+    /// System access, or access for a user (or one patient, for a patient-limited token).
+    fn context(&self) -> ScopeContext {
+        if self.token.user.is_some() {
+            ScopeContext::User
+        } else {
+            ScopeContext::System
+        }
+    }
+
+    fn allows(&self, resource_type: &str, search: bool) -> bool {
+        api_access::allows(&self.scopes, self.context(), resource_type, search)
+            || (self.token.nhs.is_some()
+                && api_access::allows(&self.scopes, ScopeContext::Patient, resource_type, search))
+    }
+
+    /// The audit trail's who: the user, or the client as a system.
+    fn event(&self, state: &ViewState, action: &str, nhs: Option<&str>) -> AuditEvent {
+        let mut event = state.event(None, action, nhs);
+        let client = &self.token.client_id;
+        match &self.token.user {
+            Some(ApiUser { id, name, role }) => {
+                event.user_id = id.clone();
+                event.user_name = name.clone();
+                event.role = role.clone();
+            }
+            None => {
+                event.user_id = format!("client:{client}");
+                event.user_name = format!("system access by API client {client}");
+                event.role = "system".into();
+            }
+        }
+        event.purpose = self.token.purpose.clone();
+        event.detail = format!("via the FHIR API, client {client}");
+        event
+    }
+}
+
+/// The token the request presents, if it is one in force. Otherwise a 401 (counted as an
+/// anonymous refusal, as the page's are).
+async fn caller(
+    state: &Arc<ViewState>,
+    headers: &HeaderMap,
+    action: &str,
+) -> Result<Caller, Response> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|t| secret_hash(&t.to_ascii_lowercase()));
+    let token = match presented {
+        Some(hash) => {
+            let database = state.database.clone();
+            blocking(move || {
+                let store = Store::open_read_only(&database)?;
+                Ok(store.api_token(&hash, clock::now_unix())?)
+            })
+            .await?
+        }
+        None => None,
+    };
+    let Some(token) = token else {
+        state.count_anonymous(action);
+        return Err(outcome(
+            StatusCode::UNAUTHORIZED,
+            "login",
+            "Present an access token (Authorization: Bearer ...) from POST /oauth/token, or from `caremesh api-token` on the node. It may have expired.",
+        ));
+    };
+    let scopes = api_access::parse_scopes(&token.scopes).unwrap_or_default();
+    Ok(Caller { token, scopes })
+}
+
+/// Refuses what the token's scopes or the user's role do not allow, recorded when it names
+/// a patient.
+async fn check_allowed(
+    state: &Arc<ViewState>,
+    caller: &Caller,
+    resource_type: &str,
+    search: bool,
+    event: AuditEvent,
+) -> Result<(), Response> {
+    let refusal = if !caller.allows(resource_type, search) {
+        Some(format!(
+            "The token's scopes ({}) do not allow {} {resource_type}.",
+            caller.token.scopes,
+            if search { "searching" } else { "reading" }
+        ))
+    } else if let Some(user) = &caller.token.user
+        && user.role != Role::Clinician.as_str()
+    {
+        Some(format!(
+            "Patients' records are read by the clinician role; this token acts for a user with the {} role.",
+            user.role
+        ))
+    } else {
+        None
+    };
+    match refusal {
+        Some(text) => Err(refuse(state, event, StatusCode::FORBIDDEN, "forbidden", &text).await),
+        None => Ok(()),
+    }
+}
+
+async fn refuse(
+    state: &Arc<ViewState>,
+    mut event: AuditEvent,
+    status: StatusCode,
+    code: &str,
+    text: &str,
+) -> Response {
+    event.outcome = "refused".into();
+    event.detail = format!("{}; {text}", event.detail);
+    tracing::warn!(status = status.as_u16(), action = %event.action, "FHIR API access refused; see the audit trail");
+    if let Err(response) = state.audit(event).await {
+        return response;
+    }
+    outcome(status, code, text)
+}
+
+/// The patient's record as the caller may see it, audited; `None` is "not found" (not held,
+/// or not this token's patient).
+async fn caller_record(
+    state: &Arc<ViewState>,
+    caller: &Caller,
+    nhs: &NhsNumber,
+    mut event: AuditEvent,
+) -> Result<Option<Record>, Response> {
+    if state.kind == OrgKind::Hub {
+        return Ok(None);
+    }
+    if caller
+        .token
+        .nhs
+        .as_deref()
+        .is_some_and(|only| only != nhs.as_str())
+    {
+        event.outcome = "refused".into();
+        event.detail = format!("{}; the token is for another patient", event.detail);
+        state.audit(event).await?;
+        return Ok(None);
+    }
+    let database = state.database.clone();
+    let mut viewer = state.viewer.clone();
+    // A user sees what they may (their break-glass among it); system access sees what this
+    // organisation may, and no user's break-glass.
+    viewer.user_id = caller
+        .token
+        .user
+        .as_ref()
+        .map(|u| u.id.clone())
+        .unwrap_or_default();
+    viewer.revoked_signers = state.node.revoked_keys();
+    let patient = nhs.clone();
+    let record = blocking(move || {
+        let store = Store::open_read_only(&database)?;
+        Ok(record::assemble(
+            &store,
+            &patient,
+            &viewer,
+            clock::now_unix(),
+        )?)
+    })
+    .await?;
+    match &record {
+        Some(record) => {
+            (event.sources, event.sections) = record.shown();
+            if let Some(granted) = &record.break_glass {
+                event.purpose = format!("{} (emergency access)", event.purpose);
+                event.detail = format!("{}; break-glass: {}", event.detail, granted.reason);
+            }
+        }
+        None => event.detail = format!("{}; no record held", event.detail),
+    }
+    state.audit(event).await?;
+    Ok(record)
+}
+
+/// The query's parameters, each once at most; any other than `known` is an error (a
+/// search that ignored a parameter would answer a question it was not asked).
+fn parameters(query: &Option<String>, known: &[&str]) -> Result<Vec<(String, String)>, Response> {
+    let pairs: Vec<(String, String)> = query
+        .as_deref()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    for (name, _) in &pairs {
+        if !known.contains(&name.as_str()) {
+            let supported = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            return Err(outcome(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                &format!(
+                    "The parameter `{}` is not supported here (supported: {supported}); see /fhir/metadata.",
+                    clip(name, 64)
+                ),
+            ));
+        }
+        if pairs.iter().filter(|(other, _)| other == name).count() > 1 {
+            return Err(outcome(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                &format!(
+                    "The parameter `{}` is given more than once.",
+                    clip(name, 64)
+                ),
+            ));
+        }
+    }
+    Ok(pairs)
+}
+
+fn clip(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}
+
+fn parameter<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// `GET /fhir/metadata`: what this server does, and only that.
+pub async fn metadata(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Response {
+    let base = base_url(&headers);
+    fhir(StatusCode::OK, &capability_statement(&state, &base))
+}
+
+fn capability_statement(state: &ViewState, base: &str) -> Value {
+    let token_url = format!("{}/oauth/token", base.trim_end_matches("/fhir"));
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": clock::rfc3339(clock::now_unix()),
+        "publisher": state.organisation,
+        "kind": "instance",
+        "software": { "name": "caremesh", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": {
+            "description": format!("caremesh shared care record at {} ({}): read-only, served from this node's local store", state.organisation, state.ods),
+            "url": base,
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "Read-only. Each resource is its publisher's, named in meta.source; the same fact from several organisations is several resources. A patient the caller may not see is not found.",
+            "security": {
+                "cors": false,
+                "service": [{
+                    "coding": [{
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }],
+                }],
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{ "url": "token", "valueUri": token_url }],
+                }],
+                "description": "SMART Backend Services: POST a client_credentials grant with a private_key_jwt client assertion (EdDSA) to the token endpoint, then present the access token as a Bearer token.",
+            },
+            "resource": [{
+                "type": "Patient",
+                "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                "searchParam": [{
+                    "name": "identifier",
+                    "type": "token",
+                    "documentation": format!("{NHS_NUMBER_SYSTEM}|{{NHS number}}"),
+                }],
+                "operation": [{
+                    "name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                    "documentation": "The patient's record as the caller may see it; _since limits it to resources whose publisher's meta.lastUpdated is at or after the instant (resources without one are included)",
+                }],
+            }],
+        }],
+    })
+}
+
+/// `GET /.well-known/smart-configuration`: SMART's discovery document.
+pub async fn smart_configuration(headers: HeaderMap) -> Response {
+    let base = base_url(&headers);
+    let token_url = format!("{}/oauth/token", base.trim_end_matches("/fhir"));
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({
+            "token_endpoint": token_url,
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+            "scopes_supported": ["system/*.rs", "user/*.rs", "patient/*.rs"],
+            "capabilities": ["client-confidential-asymmetric", "permission-v2", "permission-v1"],
+        })
+        .to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /fhir/Patient/{id}`: the patient's Patient resource, by NHS number.
+pub async fn patient_read(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let result = async {
+        let caller = caller(&state, &headers, "fhir-read").await?;
+        parameters(&query, &[])?;
+        let Ok(nhs) = NhsNumber::parse(&id) else {
+            return Err(not_found());
+        };
+        let event = caller.event(&state, "fhir-read", Some(nhs.as_str()));
+        check_allowed(&state, &caller, "Patient", false, event.clone()).await?;
+        match caller_record(&state, &caller, &nhs, event).await? {
+            Some(record) => Ok(fhir(StatusCode::OK, &fhir_api::render(&record).patient)),
+            None => Err(not_found()),
+        }
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
+}
+
+/// `GET /fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|N`: a searchset of the
+/// patient, or of none.
+pub async fn patient_search(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let result = async {
+        let caller = caller(&state, &headers, "fhir-search").await?;
+        let pairs = parameters(&query, &["identifier", "_id"])?;
+        let nhs_text = match (parameter(&pairs, "identifier"), parameter(&pairs, "_id")) {
+            (Some(identifier), None) => match identifier.split_once('|') {
+                Some((NHS_NUMBER_SYSTEM, value)) => value.to_string(),
+                _ => {
+                    return Err(outcome(
+                        StatusCode::BAD_REQUEST,
+                        "value",
+                        &format!("Search patients by NHS number: identifier={NHS_NUMBER_SYSTEM}|{{NHS number}}."),
+                    ));
+                }
+            },
+            (None, Some(id)) => id.to_string(),
+            _ => {
+                return Err(outcome(
+                    StatusCode::BAD_REQUEST,
+                    "required",
+                    &format!("Search patients by one NHS number: identifier={NHS_NUMBER_SYSTEM}|{{NHS number}} or _id={{NHS number}}; listing every patient is not supported."),
+                ));
+            }
+        };
+        let nhs = NhsNumber::parse(&nhs_text).map_err(|error| {
+            outcome(StatusCode::BAD_REQUEST, "value", &format!("Not a valid NHS number: {error}"))
+        })?;
+        let event = caller.event(&state, "fhir-search", Some(nhs.as_str()));
+        check_allowed(&state, &caller, "Patient", true, event.clone()).await?;
+        let base = base_url(&headers);
+        let record = caller_record(&state, &caller, &nhs, event).await?;
+        let entries: Vec<Value> = record
+            .iter()
+            .map(|record| {
+                let patient = fhir_api::render(record).patient;
+                json!({
+                    "fullUrl": format!("{base}/Patient/{}", nhs.as_str()),
+                    "resource": patient,
+                    "search": { "mode": "match" },
+                })
+            })
+            .collect();
+        let self_link = format!(
+            "{base}/Patient?{}",
+            query.as_deref().unwrap_or_default()
+        );
+        Ok(fhir(
+            StatusCode::OK,
+            &json!({
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": entries.len(),
+                "link": [{ "relation": "self", "url": self_link }],
+                "entry": entries,
+            }),
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
+}
+
+/// `GET /fhir/Patient/{id}/$everything`: the record as the caller may see it, with a
+/// Provenance per publisher.
+pub async fn patient_everything(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let result = async {
+        let caller = caller(&state, &headers, "fhir-everything").await?;
+        let pairs = parameters(&query, &["_since"])?;
+        let since = match parameter(&pairs, "_since") {
+            Some(text) => Some(instant(text)?),
+            None => None,
+        };
+        let Ok(nhs) = NhsNumber::parse(&id) else {
+            return Err(not_found());
+        };
+        let event = caller.event(&state, "fhir-everything", Some(nhs.as_str()));
+        check_allowed(&state, &caller, "Patient", false, event.clone()).await?;
+        let Some(record) = caller_record(&state, &caller, &nhs, event).await? else {
+            return Err(not_found());
+        };
+        let mut rendered = fhir_api::render(&record);
+        rendered.resources.retain(|resource| {
+            caller.allows(resource["resourceType"].as_str().unwrap_or(""), true)
+        });
+        if let Some(since) = since {
+            rendered
+                .resources
+                .retain(|resource| updated_since(resource, since));
+        }
+        let base = base_url(&headers);
+        Ok(fhir(
+            StatusCode::OK,
+            &fhir_api::everything_bundle(&rendered, Some(&base)),
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
+}
+
+/// A FHIR instant (or a date-time with a zone) as Unix seconds.
+fn instant(text: &str) -> Result<i64, Response> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp())
+        .map_err(|_| {
+            outcome(
+                StatusCode::BAD_REQUEST,
+                "value",
+                &format!(
+                    "`_since` must be an instant with a time zone, as 2026-01-31T09:00:00Z; it was `{}`.",
+                    clip(text, 64)
+                ),
+            )
+        })
+}
+
+/// Whether the publisher last updated `resource` at or after `since`. One that does not say
+/// is kept: dropping it would hide what may be new.
+fn updated_since(resource: &Value, since: i64) -> bool {
+    resource["meta"]["lastUpdated"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_none_or(|t| t.timestamp() >= since)
+}
+
+#[derive(Deserialize)]
+pub struct TokenRequest {
+    #[serde(default)]
+    grant_type: String,
+    #[serde(default)]
+    scope: String,
+    #[serde(default)]
+    client_assertion_type: String,
+    #[serde(default)]
+    client_assertion: String,
+}
+
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// An OAuth 2.0 error response (RFC 6749 5.2).
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "error": error, "error_description": description }).to_string(),
+    )
+        .into_response()
+}
+
+/// `POST /oauth/token`: SMART Backend Services. A registered client trades a client
+/// assertion signed with its key for an access token with the scopes asked for that it
+/// holds.
+pub async fn token(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Form(request): Form<TokenRequest>,
+) -> Response {
+    if request.grant_type != "client_credentials" {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "this token endpoint grants client_credentials (SMART Backend Services) only",
+        );
+    }
+    if request.client_assertion_type != ASSERTION_TYPE {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!("client_assertion_type must be {ASSERTION_TYPE}"),
+        );
+    }
+    let invalid_client = |refused: api_access::AssertionRefused| {
+        state.count_anonymous("oauth-token");
+        oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            &refused.to_string(),
+        )
+    };
+    let client_id = match api_access::claimed_client(&request.client_assertion) {
+        Ok(id) => id,
+        Err(refused) => return invalid_client(refused),
+    };
+    let database = state.database.clone();
+    let looked_up = {
+        let client_id = client_id.clone();
+        blocking(move || {
+            let store = Store::open_read_only(&database)?;
+            Ok(store.api_client(&client_id)?)
+        })
+        .await
+    };
+    let client = match looked_up {
+        Ok(Some(client)) => client,
+        Ok(None) => return invalid_client(api_access::AssertionRefused::UnknownClient),
+        Err(response) => return response,
+    };
+    let Some(key_text) = &client.public_key else {
+        return invalid_client(api_access::AssertionRefused::NoKey(client_id));
+    };
+    let key = match ClientKey::from_jwk(key_text) {
+        Ok(key) => key,
+        Err(error) => {
+            tracing::error!(%error, "a registered API client's key does not read");
+            return super::internal_error();
+        }
+    };
+    let now = clock::now_unix();
+    let base = base_url(&headers);
+    let host_part = base.trim_start_matches("http://").trim_end_matches("/fhir");
+    let audiences = vec![
+        format!("https://{host_part}/oauth/token"),
+        format!("http://{host_part}/oauth/token"),
+    ];
+    let assertion = match api_access::verify_assertion(
+        &request.client_assertion,
+        &client_id,
+        &key,
+        &audiences,
+        now,
+    ) {
+        Ok(assertion) => assertion,
+        Err(refused) => return invalid_client(refused),
+    };
+    let held = api_access::parse_scopes(&client.scopes).unwrap_or_default();
+    // Backend Services is system access: a user's scopes need a user, which only
+    // `caremesh api-token` (the clinical system's operator) names for now.
+    let granted: Vec<_> = api_access::grant(&held, &request.scope)
+        .into_iter()
+        .filter(|scope| scope.context == ScopeContext::System)
+        .collect();
+    if granted.is_empty() {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            &format!(
+                "none of the scopes asked for ({}) is a system scope this client is registered for ({})",
+                clip(&request.scope, 200),
+                client.scopes
+            ),
+        );
+    }
+    let secret = match crate::launch::random_hex(32) {
+        Ok(secret) => secret,
+        Err(error) => {
+            tracing::error!(%error, "no randomness for an access token");
+            return super::internal_error();
+        }
+    };
+    let token = ApiToken {
+        client_id: client_id.clone(),
+        scopes: api_access::scopes_text(&granted),
+        user: None,
+        nhs: None,
+        purpose: "direct care".into(),
+        issued_at: now,
+        expires_at: now + api_access::TOKEN_SECONDS,
+    };
+    let mut event = state.event(None, "api-token", None);
+    event.user_id = format!("client:{client_id}");
+    event.user_name = format!("system access by API client {client_id}");
+    event.role = "system".into();
+    event.detail = format!("access token issued for {}", token.scopes);
+    let (hash, jti, jti_expires, issued) = (
+        secret_hash(&secret),
+        format!("client-assertion:{client_id}:{}", assertion.jti),
+        assertion.expires_at,
+        token.clone(),
+    );
+    let audited = state.clone();
+    let stored = state
+        .write(move |store| {
+            if store.use_launch_token(&jti, jti_expires, now)? == TokenUse::Replayed {
+                return Ok(false);
+            }
+            store.issue_api_token(&hash, &issued)?;
+            caremesh_storage::publish::record_access(
+                store,
+                &audited.key,
+                &audited.viewer.ods,
+                &event,
+            )
+            .map_err(RequestFailed::from)?;
+            Ok(true)
+        })
+        .await;
+    match stored {
+        Ok(true) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            json!({
+                "access_token": secret,
+                "token_type": "bearer",
+                "expires_in": api_access::TOKEN_SECONDS,
+                "scope": token.scopes,
+            })
+            .to_string(),
+        )
+            .into_response(),
+        Ok(false) => invalid_client(api_access::AssertionRefused::Replayed),
+        Err(response) => response,
+    }
+}
