@@ -12,28 +12,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use support::repo_root;
-
-/// Runs `program args` for set-up, and says what happened when it failed.
-fn set_up(what: &str, program: &str, args: &[&str], dir: &Path) -> Result<(), String> {
-    eprintln!("browser tests: {what}: {program} {}", args.join(" "));
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .output()
-        .map_err(|error| format!("{what}: could not run {program}: {error}"))?;
-    if output.status.success() {
-        return Ok(());
-    }
-    Err(format!(
-        "{what}: `{program} {}` failed ({}):\n{}{}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    ))
-}
+use support::{ensure_npm_packages, found, repo_root, set_up};
 
 fn is_root() -> bool {
     Command::new("id")
@@ -42,28 +21,12 @@ fn is_root() -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }
 
-fn found(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|out| out.status.success())
-}
-
 /// Installs the pinned npm packages and chromium if they are missing and it can; returns
 /// what is still missing, each with the command that installs it.
 fn install_what_is_missing(tests: &Path, chromium: &str) -> Vec<String> {
     let mut missing = Vec::new();
-    if !found("node") || !found("npm") {
-        missing.push("Node.js 20 or newer with npm (`apt-get install -y nodejs npm`)".into());
-    } else if !tests.join("node_modules/playwright-core").exists()
-        || !tests.join("node_modules/axe-core").exists()
-    {
-        let args = ["ci", "--no-audit", "--no-fund"];
-        if let Err(error) = set_up("installing the pinned npm packages", "npm", &args, tests) {
-            missing.push(format!(
-                "browser-tests/node_modules (run `npm ci --prefix browser-tests`): {error}"
-            ));
-        }
+    if let Err(error) = ensure_npm_packages(tests, &["playwright-core", "axe-core"]) {
+        missing.push(error);
     }
     if !Path::new(chromium).exists() {
         let installed = if is_root() && found("apt-get") {

@@ -22,6 +22,15 @@ fn practice(dir: &Path) -> std::path::PathBuf {
             "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs}],
             "name": [{"family": family, "given": ["Test"]}], "birthDate": "1970-09-11"}})
     };
+    // Systolic blood pressure, monthly: enough to page through.
+    let observation = |id: &str, at: &str, mmhg: u32| {
+        json!({"resource": {"resourceType": "Observation", "id": id, "status": "final",
+            "subject": {"reference": "Patient/p1"},
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "72313002", "display": "Systolic arterial pressure"}]},
+            "effectiveDateTime": at,
+            "valueQuantity": {"value": mmhg, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}})
+    };
     write_json(
         &extract,
         &json!({"resourceType": "Bundle", "type": "collection", "entry": [
@@ -42,6 +51,11 @@ fn practice(dir: &Path) -> std::path::PathBuf {
                 "status": "active",
                 "medicationCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "320176004", "display": "Salbutamol 100micrograms/dose inhaler"}]},
                 "dosage": [{"text": "Two puffs when required, up to four times a day"}]}},
+            observation("bp-1", "2026-01-05T09:00:00Z", 150),
+            observation("bp-2", "2026-02-05T09:00:00Z", 146),
+            observation("bp-3", "2026-03-05T09:00:00Z", 141),
+            observation("bp-4", "2026-04-05T09:00:00Z", 138),
+            observation("bp-5", "2026-05-05T09:00:00Z", 132),
             {"resource": {"resourceType": "Condition", "id": "htn-2", "subject": {"reference": "Patient/p2"},
                 "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
                 "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertension"}]}}}
@@ -283,6 +297,183 @@ fn a_token_reads_a_patient_searches_by_nhs_number_and_gets_everything_as_the_cli
             "{row}"
         );
     }
+}
+
+#[test]
+fn a_types_search_filters_sorts_and_pages_within_the_patients_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = practice(dir.path());
+    let node = RunningNode::start(&home);
+    let address = node.address.as_str();
+    let token = api_token(&home, &["--client", "integration-engine"]);
+    let search = |path: &str| {
+        let response = fhir_get(address, path, Some(&token));
+        assert_eq!(response.status, 200, "{path}: {}", response.body);
+        json_body(&response)
+    };
+    let ids = |bundle: &Value| -> Vec<String> {
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["search"]["mode"] == "match")
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // One type, one patient: never another type or another patient's.
+    let conditions = search(&format!("/fhir/Condition?patient={PATIENT}"));
+    assert_eq!(ids(&conditions), ["A81001-asthma-1"]);
+    assert_eq!(
+        ids(&search(&format!(
+            "/fhir/Condition?patient=Patient/{OTHER_PATIENT}"
+        ))),
+        ["A81001-htn-2"]
+    );
+    let allergies = search(&format!(
+        "/fhir/AllergyIntolerance?patient.identifier=https://fhir.nhs.uk/Id/nhs-number%7C{PATIENT}&clinical-status=active"
+    ));
+    assert_eq!(ids(&allergies), ["A81001-pen-1"]);
+    assert_eq!(
+        ids(&search(&format!(
+            "/fhir/Condition?patient={PATIENT}&code=http://snomed.info/sct%7C38341003"
+        ))),
+        Vec::<String>::new(),
+        "hypertension is the other patient's"
+    );
+    assert_eq!(
+        ids(&search(&format!(
+            "/fhir/Observation?patient={PATIENT}&date=ge2026-03-01&date=lt2026-05-01&category=vital-signs&_sort=date"
+        ))),
+        ["A81001-bp-3", "A81001-bp-4"]
+    );
+
+    // Pages, newest first, followed by their next links to the end.
+    let mut path = format!("/fhir/Observation?patient={PATIENT}&_count=2&_sort=-date");
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = search(&path);
+        assert_eq!(page["total"], 5);
+        pages += 1;
+        seen.extend(ids(&page));
+        let next = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+        match next {
+            Some(url) => {
+                path = url
+                    .strip_prefix(&format!("http://{address}"))
+                    .expect("next links are this server's")
+                    .to_string()
+            }
+            None => break,
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        seen,
+        ["bp-5", "bp-4", "bp-3", "bp-2", "bp-1"].map(|id| format!("A81001-{id}"))
+    );
+
+    // What a type does not have, or a search without a patient, is an error, not ignored.
+    for (path, status, code) in [
+        (
+            format!("/fhir/Observation?patient={PATIENT}&clinical-status=active"),
+            400,
+            "not-supported",
+        ),
+        (
+            format!("/fhir/Immunization?patient={PATIENT}&category=x"),
+            400,
+            "not-supported",
+        ),
+        (
+            "/fhir/Condition?code=195967001".to_string(),
+            400,
+            "required",
+        ),
+        (
+            format!("/fhir/Condition?patient={PATIENT}&date=last-week"),
+            400,
+            "value",
+        ),
+        (
+            format!("/fhir/Condition?patient={PATIENT}&_count=5000"),
+            400,
+            "value",
+        ),
+        ("/fhir/Condition?patient=12345".to_string(), 400, "value"),
+        (
+            format!("/fhir/Basic?patient={PATIENT}"),
+            404,
+            "not-supported",
+        ),
+    ] {
+        let refused = fhir_get(address, &path, Some(&token));
+        assert_eq!(refused.status, status, "{path}: {}", refused.body);
+        assert_eq!(issue_code(&refused), code, "{path}");
+    }
+
+    // A token for another patient finds nothing, as for a patient not held.
+    let other_only = api_token(
+        &home,
+        &["--client", "integration-engine", "--nhs", OTHER_PATIENT],
+    );
+    let none = fhir_get(
+        address,
+        &format!("/fhir/Condition?patient={PATIENT}"),
+        Some(&other_only),
+    );
+    assert_eq!(none.status, 200);
+    assert_eq!(json_body(&none)["total"], 0);
+
+    // Each search is an audit entry saying what it served.
+    let rows = audit_rows(&home, &["--patient", PATIENT]);
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "fhir-search"
+                && r["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("search Observation: 2 of 5 matches served")),
+        "{rows:#}"
+    );
+}
+
+/// fhir-kit-client (npm), a FHIR client nobody here wrote, reads the API: the
+/// CapabilityStatement, a patient search, a read, a type's search paged by following
+/// `next` links, `$everything`, and a refusal without a token.
+#[test]
+fn fhir_kit_client_searches_pages_and_reads_everything() {
+    let tests = repo_root().join("browser-tests");
+    if let Err(missing) = ensure_npm_packages(&tests, &["fhir-kit-client"]) {
+        panic!("fhir-kit-client could not be installed: {missing}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = practice(dir.path());
+    let node = RunningNode::start(&home);
+    let token = api_token(&home, &["--client", "fhir-kit-client"]);
+    let output = std::process::Command::new("node")
+        .arg(tests.join("fhir-kit-client.test.mjs"))
+        .args([&format!("http://{}/fhir", node.address), &token, PATIENT])
+        .output()
+        .expect("node runs");
+    assert!(
+        output.status.success(),
+        "fhir-kit-client: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["observations"], 5);
+    assert_eq!(summary["pages"], 3, "two a page, followed by the client");
 }
 
 #[test]

@@ -418,3 +418,51 @@ impl Drop for RunningNode {
         self.kill_hard();
     }
 }
+
+/// Runs `program args` for set-up, and says what happened when it failed.
+pub fn set_up(what: &str, program: &str, args: &[&str], dir: &Path) -> Result<(), String> {
+    eprintln!("test set-up: {what}: {program} {}", args.join(" "));
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .map_err(|error| format!("{what}: could not run {program}: {error}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: `{program} {}` failed ({}):\n{}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
+}
+
+/// Whether `program` is on the PATH.
+pub fn found(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// Installs the pinned npm packages of `browser-tests/` (`npm ci`, from its
+/// `package-lock.json`) unless every one of `packages` is there; the error says what to
+/// install by hand.
+pub fn ensure_npm_packages(tests: &Path, packages: &[&str]) -> Result<(), String> {
+    if !found("node") || !found("npm") {
+        return Err("Node.js 20 or newer with npm (`apt-get install -y nodejs npm`)".into());
+    }
+    if packages
+        .iter()
+        .all(|package| tests.join("node_modules").join(package).exists())
+    {
+        return Ok(());
+    }
+    let args = ["ci", "--no-audit", "--no-fund"];
+    set_up("installing the pinned npm packages", "npm", &args, tests).map_err(|error| {
+        format!("browser-tests/node_modules (run `npm ci --prefix browser-tests`): {error}")
+    })
+}

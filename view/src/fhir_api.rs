@@ -519,6 +519,25 @@ fn provenance_of(ods: &str, record: &Record, targets: Vec<String>) -> Value {
     })
 }
 
+/// The record's notices as an OperationOutcome, if it has any.
+pub fn notices_outcome(fhir: &FhirRecord) -> Option<Value> {
+    if fhir.notices.is_empty() {
+        return None;
+    }
+    let issues: Vec<Value> = fhir
+        .notices
+        .iter()
+        .map(|notice| {
+            json!({
+                "severity": notice.severity.as_str(),
+                "code": "informational",
+                "diagnostics": notice.text,
+            })
+        })
+        .collect();
+    Some(json!({ "resourceType": "OperationOutcome", "issue": issues }))
+}
+
 /// `Patient/$everything` as a searchset Bundle: the patient and every shown resource as
 /// matches, the Provenance resources as includes, and the page's notices as an
 /// OperationOutcome (search mode `outcome`). `base` is the server's FHIR base URL, for
@@ -539,22 +558,8 @@ pub fn everything_bundle(fhir: &FhirRecord, base: Option<&str>) -> Value {
     let mut entries: Vec<Value> = matches.map(|r| entry(r, "match")).collect();
     let total = entries.len();
     entries.extend(fhir.provenance.iter().map(|r| entry(r, "include")));
-    if !fhir.notices.is_empty() {
-        let issues: Vec<Value> = fhir
-            .notices
-            .iter()
-            .map(|notice| {
-                json!({
-                    "severity": notice.severity.as_str(),
-                    "code": "informational",
-                    "diagnostics": notice.text,
-                })
-            })
-            .collect();
-        entries.push(json!({
-            "resource": { "resourceType": "OperationOutcome", "issue": issues },
-            "search": { "mode": "outcome" },
-        }));
+    if let Some(outcome) = notices_outcome(fhir) {
+        entries.push(json!({ "resource": outcome, "search": { "mode": "outcome" } }));
     }
     json!({
         "resourceType": "Bundle",

@@ -11,6 +11,7 @@
 pub mod api_access;
 pub mod audit_report;
 pub mod fhir_api;
+pub mod fhir_search;
 pub mod identity;
 pub mod launch;
 pub mod metrics;

@@ -13,6 +13,7 @@
 use super::{RequestFailed, ViewState, blocking, secret_hash};
 use crate::api_access::{self, ClientKey, ScopeContext};
 use crate::fhir_api::{self, NHS_NUMBER_SYSTEM};
+use crate::fhir_search;
 use crate::launch::Role;
 use crate::record::{self, Record};
 use axum::extract::{Form, Path, RawQuery, State};
@@ -217,27 +218,56 @@ async fn refuse(
     outcome(status, code, text)
 }
 
-/// The patient's record as the caller may see it, audited; `None` is "not found" (not held,
-/// or not this token's patient).
+/// The patient's record as the caller may see it, not yet audited: only
+/// [`Unaudited::audited`] hands it out, once its access is in the audit trail.
+#[must_use = "the record is shown only once its access is audited"]
+struct Unaudited {
+    record: Option<Record>,
+    event: AuditEvent,
+}
+
+impl Unaudited {
+    /// The record to render from before the audit entry says what was shown.
+    fn peek(&self) -> Option<&Record> {
+        self.record.as_ref()
+    }
+
+    /// The record, once the access is in the audit trail, `detail` added to the entry.
+    async fn audited(
+        mut self,
+        state: &Arc<ViewState>,
+        detail: Option<String>,
+    ) -> Result<Option<Record>, Response> {
+        if let Some(detail) = detail {
+            self.event.detail = format!("{}; {detail}", self.event.detail);
+        }
+        state.audit(self.event).await?;
+        Ok(self.record)
+    }
+}
+
+/// The patient's record as the caller may see it; `None` is "not found" (not held, or not
+/// this token's patient).
 async fn caller_record(
     state: &Arc<ViewState>,
     caller: &Caller,
     nhs: &NhsNumber,
     mut event: AuditEvent,
-) -> Result<Option<Record>, Response> {
-    if state.kind == OrgKind::Hub {
-        return Ok(None);
-    }
-    if caller
+) -> Result<Unaudited, Response> {
+    let other_patient = caller
         .token
         .nhs
         .as_deref()
-        .is_some_and(|only| only != nhs.as_str())
-    {
-        event.outcome = "refused".into();
-        event.detail = format!("{}; the token is for another patient", event.detail);
-        state.audit(event).await?;
-        return Ok(None);
+        .is_some_and(|only| only != nhs.as_str());
+    if state.kind == OrgKind::Hub || other_patient {
+        if other_patient {
+            event.outcome = "refused".into();
+            event.detail = format!("{}; the token is for another patient", event.detail);
+        }
+        return Ok(Unaudited {
+            record: None,
+            event,
+        });
     }
     let database = state.database.clone();
     let mut viewer = state.viewer.clone();
@@ -271,17 +301,13 @@ async fn caller_record(
         }
         None => event.detail = format!("{}; no record held", event.detail),
     }
-    state.audit(event).await?;
-    Ok(record)
+    Ok(Unaudited { record, event })
 }
 
 /// The query's parameters, each once at most; any other than `known` is an error (a
 /// search that ignored a parameter would answer a question it was not asked).
 fn parameters(query: &Option<String>, known: &[&str]) -> Result<Vec<(String, String)>, Response> {
-    let pairs: Vec<(String, String)> = query
-        .as_deref()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
+    let pairs = query_pairs(query)?;
     for (name, _) in &pairs {
         if !known.contains(&name.as_str()) {
             let supported = if known.is_empty() {
@@ -308,6 +334,30 @@ fn parameters(query: &Option<String>, known: &[&str]) -> Result<Vec<(String, Str
                 ),
             ));
         }
+    }
+    Ok(pairs)
+}
+
+/// A query holds at most this many parameters.
+const MAX_PARAMETERS: usize = 32;
+
+/// The query's parameters, decoded, in order.
+fn query_pairs(query: &Option<String>) -> Result<Vec<(String, String)>, Response> {
+    let pairs: Vec<(String, String)> = query
+        .as_deref()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .take(MAX_PARAMETERS + 1)
+                .map(|(name, value)| (name.into_owned(), value.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if pairs.len() > MAX_PARAMETERS {
+        return Err(outcome(
+            StatusCode::BAD_REQUEST,
+            "too-costly",
+            &format!("A search takes at most {MAX_PARAMETERS} parameters."),
+        ));
     }
     Ok(pairs)
 }
@@ -361,7 +411,75 @@ fn capability_statement(state: &ViewState, base: &str) -> Value {
                 }],
                 "description": "SMART Backend Services: POST a client_credentials grant with a private_key_jwt client assertion (EdDSA) to the token endpoint, then present the access token as a Bearer token.",
             },
-            "resource": [{
+            "resource": std::iter::once(patient_capability()).chain(
+                fhir_search::SEARCHABLE_TYPES.iter().map(|t| type_capability(t))
+            ).collect::<Vec<Value>>(),
+        }],
+    })
+}
+
+/// What the API does with one type: search within a patient's record.
+fn type_capability(resource_type: &str) -> Value {
+    let parameter = |name: &str, kind: &str, documentation: String| json!({ "name": name, "type": kind, "documentation": documentation });
+    let mut parameters = vec![
+        parameter(
+            "patient",
+            "reference",
+            format!(
+                "Required: the patient's NHS number (also as Patient/N, or patient.identifier={NHS_NUMBER_SYSTEM}|N)"
+            ),
+        ),
+        parameter(
+            "code",
+            "token",
+            format!(
+                "Matches {}; code, system|code or system|, comma-separated for any of several",
+                fhir_search::code_documentation(resource_type)
+            ),
+        ),
+        parameter(
+            "date",
+            "date",
+            format!(
+                "Compares {} with FHIR's prefixes (eq, ne, gt, lt, ge, le); give it twice for a range",
+                fhir_search::date_documentation(resource_type)
+            ),
+        ),
+        parameter(
+            "_lastUpdated",
+            "date",
+            "Compares the publisher's meta.lastUpdated".into(),
+        ),
+        parameter(
+            "_count",
+            "number",
+            format!(
+                "Page size, 1 to {} ({} unless given); the next link pages on",
+                fhir_search::MAX_COUNT,
+                fhir_search::DEFAULT_COUNT
+            ),
+        ),
+    ];
+    let supported = fhir_search::supported_parameters(resource_type);
+    if supported.contains(&"category") {
+        parameters.push(parameter("category", "token", "Matches category".into()));
+    }
+    if supported.contains(&"clinical-status") {
+        parameters.push(parameter(
+            "clinical-status",
+            "token",
+            "Matches clinicalStatus".into(),
+        ));
+    }
+    json!({
+        "type": resource_type,
+        "interaction": [{ "code": "search-type", "documentation": "Within one patient's record; _sort=-date (or date) sorts by the date parameter's element" }],
+        "searchParam": parameters,
+    })
+}
+
+fn patient_capability() -> Value {
+    json!({
                 "type": "Patient",
                 "interaction": [{ "code": "read" }, { "code": "search-type" }],
                 "searchParam": [{
@@ -374,8 +492,6 @@ fn capability_statement(state: &ViewState, base: &str) -> Value {
                     "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
                     "documentation": "The patient's record as the caller may see it; _since limits it to resources whose publisher's meta.lastUpdated is at or after the instant (resources without one are included)",
                 }],
-            }],
-        }],
     })
 }
 
@@ -413,7 +529,8 @@ pub async fn patient_read(
         };
         let event = caller.event(&state, "fhir-read", Some(nhs.as_str()));
         check_allowed(&state, &caller, "Patient", false, event.clone()).await?;
-        match caller_record(&state, &caller, &nhs, event).await? {
+        let seen = caller_record(&state, &caller, &nhs, event).await?;
+        match seen.audited(&state, None).await? {
             Some(record) => Ok(fhir(StatusCode::OK, &fhir_api::render(&record).patient)),
             None => Err(not_found()),
         }
@@ -458,7 +575,8 @@ pub async fn patient_search(
         let event = caller.event(&state, "fhir-search", Some(nhs.as_str()));
         check_allowed(&state, &caller, "Patient", true, event.clone()).await?;
         let base = base_url(&headers);
-        let record = caller_record(&state, &caller, &nhs, event).await?;
+        let seen = caller_record(&state, &caller, &nhs, event).await?;
+        let record = seen.audited(&state, None).await?;
         let entries: Vec<Value> = record
             .iter()
             .map(|record| {
@@ -509,7 +627,8 @@ pub async fn patient_everything(
         };
         let event = caller.event(&state, "fhir-everything", Some(nhs.as_str()));
         check_allowed(&state, &caller, "Patient", false, event.clone()).await?;
-        let Some(record) = caller_record(&state, &caller, &nhs, event).await? else {
+        let seen = caller_record(&state, &caller, &nhs, event).await?;
+        let Some(record) = seen.audited(&state, None).await? else {
             return Err(not_found());
         };
         let mut rendered = fhir_api::render(&record);
@@ -554,6 +673,112 @@ fn updated_since(resource: &Value, since: i64) -> bool {
         .as_str()
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .is_none_or(|t| t.timestamp() >= since)
+}
+
+/// `GET /fhir/{type}?patient=…`: one type's resources in a patient's record as the caller
+/// may see it, filtered, sorted and paged (`_offset` in the `next` link). A patient the
+/// caller may not see gives an empty searchset, as one not held does.
+pub async fn type_search(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Path(resource_type): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let result = async {
+        let caller = caller(&state, &headers, "fhir-search").await?;
+        if !fhir_search::SEARCHABLE_TYPES.contains(&resource_type.as_str()) {
+            return Err(outcome(
+                StatusCode::NOT_FOUND,
+                "not-supported",
+                &format!(
+                    "`{}` is not a resource type this API serves (see /fhir/metadata).",
+                    clip(&resource_type, 64)
+                ),
+            ));
+        }
+        let pairs = query_pairs(&query)?;
+        let search = fhir_search::Search::parse(&resource_type, &pairs).map_err(|error| {
+            let code = match error {
+                fhir_search::SearchError::NoPatient => "required",
+                fhir_search::SearchError::Invalid { .. } => "value",
+                _ => "not-supported",
+            };
+            outcome(StatusCode::BAD_REQUEST, code, &format!("{error}."))
+        })?;
+        let nhs = NhsNumber::parse(&search.patient).map_err(|error| {
+            outcome(
+                StatusCode::BAD_REQUEST,
+                "value",
+                &format!("The patient must be given by NHS number: {error}."),
+            )
+        })?;
+        let event = caller.event(&state, "fhir-search", Some(nhs.as_str()));
+        check_allowed(&state, &caller, &resource_type, true, event.clone()).await?;
+        let seen = caller_record(&state, &caller, &nhs, event).await?;
+        let rendered = seen.peek().map(fhir_api::render);
+        let found: Vec<&Value> = rendered
+            .as_ref()
+            .map(|r| search.apply(&r.resources))
+            .unwrap_or_default();
+        let page: Vec<&Value> = found
+            .iter()
+            .skip(search.offset)
+            .take(search.count)
+            .copied()
+            .collect();
+        let served = format!(
+            "search {resource_type}: {} of {} matches served",
+            page.len(),
+            found.len()
+        );
+        seen.audited(&state, Some(served)).await?;
+        let base = base_url(&headers);
+        let link = |offset: usize| {
+            let mut query: Vec<(String, String)> = pairs
+                .iter()
+                .filter(|(name, _)| name != "_offset")
+                .cloned()
+                .collect();
+            query.push(("_offset".into(), offset.to_string()));
+            let encoded = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(query)
+                .finish();
+            format!("{base}/{resource_type}?{encoded}")
+        };
+        let mut links = vec![json!({ "relation": "self", "url": link(search.offset) })];
+        if search.offset + page.len() < found.len() {
+            links.push(json!({ "relation": "next", "url": link(search.offset + page.len()) }));
+        }
+        if search.offset > 0 {
+            let previous = search.offset.saturating_sub(search.count);
+            links.push(json!({ "relation": "previous", "url": link(previous) }));
+        }
+        let mut entries: Vec<Value> = page
+            .iter()
+            .map(|resource| {
+                json!({
+                    "fullUrl": format!("{base}/{resource_type}/{}", resource["id"].as_str().unwrap_or_default()),
+                    "resource": resource,
+                    "search": { "mode": "match" },
+                })
+            })
+            .collect();
+        if let Some(outcome) = rendered.as_ref().and_then(fhir_api::notices_outcome) {
+            entries.push(json!({ "resource": outcome, "search": { "mode": "outcome" } }));
+        }
+        Ok(fhir(
+            StatusCode::OK,
+            &json!({
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": found.len(),
+                "link": links,
+                "entry": entries,
+            }),
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
 }
 
 #[derive(Deserialize)]
