@@ -1,6 +1,6 @@
 // The FHIR API read by fhir-kit-client, a FHIR client nobody here wrote: the
 // CapabilityStatement, a patient search by NHS number, a read, one type's search paged by
-// the client following `next` links, and $everything. Run by tests/fhir_api.rs with the
+// the client following `next` links, $everything and $summary. Run by tests/fhir_api.rs with the
 // node's FHIR base URL, an access token and a patient's NHS number; it exits 1 on the first
 // difference, saying what it was.
 import assert from 'node:assert/strict';
@@ -70,6 +70,21 @@ for (const entry of everything.entry) {
   if (resource.resourceType !== 'OperationOutcome') {
     assert.equal(entry.fullUrl, `${baseUrl}/${resource.resourceType}/${resource.id}`);
   }
+}
+
+const summary = await client.operation({
+  name: '$summary',
+  resourceType: 'Patient',
+  id: nhs,
+  method: 'GET',
+});
+assert.equal(summary.type, 'document');
+assert.equal(summary.entry[0].resource.resourceType, 'Composition');
+const sectionCodes = summary.entry[0].resource.section
+  .map((s) => s.code?.coding?.[0]?.code)
+  .filter(Boolean);
+for (const required of ['48765-2', '10160-0', '11450-4']) {
+  assert.ok(sectionCodes.includes(required), `IPS section ${required} in ${sectionCodes}`);
 }
 
 // No token: refused, with an OperationOutcome the client hands back as the error.

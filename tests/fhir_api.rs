@@ -232,6 +232,40 @@ fn a_token_reads_a_patient_searches_by_nhs_number_and_gets_everything_as_the_cli
         "another patient's data is never in the record"
     );
 
+    // $summary: an International Patient Summary document with the three required
+    // sections, each listing the patient's own entries.
+    let summary = fhir_get(
+        address,
+        &format!("/fhir/Patient/{PATIENT}/$summary"),
+        Some(&token),
+    );
+    assert_eq!(summary.status, 200, "{}", summary.body);
+    let document = json_body(&summary);
+    assert_eq!(document["type"], "document");
+    let composition = &document["entry"][0]["resource"];
+    assert_eq!(composition["resourceType"], "Composition");
+    assert_eq!(
+        composition["subject"]["reference"],
+        format!("Patient/{PATIENT}")
+    );
+    let listed = |loinc: &str| -> Vec<String> {
+        composition["section"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["code"]["coding"][0]["code"] == loinc)
+            .unwrap_or_else(|| panic!("section {loinc} in {composition}"))["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["reference"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(listed("48765-2"), ["AllergyIntolerance/A81001-pen-1"]);
+    assert_eq!(listed("10160-0"), ["MedicationStatement/A81001-salb-1"]);
+    assert_eq!(listed("11450-4"), ["Condition/A81001-asthma-1"]);
+    assert_eq!(listed("30954-2").len(), 5, "the blood pressures");
+
     // _since keeps what the publisher changed at or after it (and what does not say when).
     let since = json_body(&fhir_get(
         address,

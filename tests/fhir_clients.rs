@@ -56,8 +56,11 @@ fn python_with_fhirclient() -> PathBuf {
     python
 }
 
+/// Every patient of the UK Core examples and the Synthea records, read through a running
+/// node's FHIR API (`$everything`, `$summary`, a search of each type held, and the
+/// CapabilityStatement), parses strictly in SMART's python R4 models.
 #[test]
-fn every_uk_core_and_synthea_record_as_fhir_parses_strictly_in_smarts_python_models() {
+fn every_uk_core_and_synthea_record_through_the_fhir_api_parses_strictly_in_smarts_python_models() {
     let python = python_with_fhirclient();
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("node");
@@ -76,6 +79,9 @@ fn every_uk_core_and_synthea_record_as_fhir_parses_strictly_in_smarts_python_mod
         ],
     );
     assert!(ingested.status.success(), "{}", stderr(&ingested));
+    let node = RunningNode::start(&home);
+    let token = api_token(&home, &["--client", "strict-parse"]);
+    let get = |path: &str| fhir_get(&node.address, path, Some(&token));
 
     let mut patients = vec!["9912003888".to_string()];
     let index_text = std::fs::read_to_string(&index).unwrap();
@@ -87,19 +93,54 @@ fn every_uk_core_and_synthea_record_as_fhir_parses_strictly_in_smarts_python_mod
             .map(str::to_string),
     );
     let mut bundles = Vec::new();
+    let mut keep = |name: String, body: &str| {
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, body).unwrap();
+        bundles.push(path);
+    };
+    let capability = get("/fhir/metadata");
+    assert_eq!(capability.status, 200);
+    keep(
+        "metadata".into(),
+        &format!(
+            "{{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[{{\"resource\":{}}}]}}",
+            capability.body
+        ),
+    );
+    let mut types_searched = std::collections::BTreeSet::new();
     for nhs in &patients {
-        let output = record_as_tests(&home, nhs, &["--fhir"]);
-        if output.status.code() == Some(3) {
+        let everything = get(&format!("/fhir/Patient/{nhs}/$everything"));
+        if everything.status == 404 {
             continue; // the small fixture copy holds one Synthea patient of the index
         }
-        assert!(output.status.success(), "{nhs}: {}", stderr(&output));
-        let path = dir.path().join(format!("{nhs}.json"));
-        std::fs::write(&path, &output.stdout).unwrap();
-        bundles.push(path);
+        assert_eq!(everything.status, 200, "{nhs}: {}", everything.body);
+        let summary = get(&format!("/fhir/Patient/{nhs}/$summary"));
+        assert_eq!(summary.status, 200, "{nhs}: {}", summary.body);
+        let held: serde_json::Value = serde_json::from_str(&everything.body).unwrap();
+        // A search of each type this patient's record holds, the first time it is seen.
+        for entry in held["entry"].as_array().unwrap() {
+            let kind = entry["resource"]["resourceType"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            if kind == "Patient" || kind == "Provenance" || kind == "OperationOutcome" {
+                continue;
+            }
+            if types_searched.insert(kind.clone()) {
+                let searched = get(&format!("/fhir/{kind}?patient={nhs}&_count=5"));
+                if searched.status == 404 {
+                    continue; // a type held but not searched (RelatedPerson, say)
+                }
+                assert_eq!(searched.status, 200, "{kind}: {}", searched.body);
+                keep(format!("{nhs}-{kind}"), &searched.body);
+            }
+        }
+        keep(format!("{nhs}-everything"), &everything.body);
+        keep(format!("{nhs}-summary"), &summary.body);
     }
     assert!(
-        bundles.len() >= 2,
-        "UK Core's patient and a Synthea patient"
+        bundles.len() >= 5,
+        "UK Core's patient and a Synthea patient, everything and summary"
     );
 
     let checked = Command::new(&python)

@@ -12,6 +12,7 @@ pub mod api_access;
 pub mod audit_report;
 pub mod fhir_api;
 pub mod fhir_search;
+pub mod fhir_summary;
 pub mod identity;
 pub mod launch;
 pub mod metrics;

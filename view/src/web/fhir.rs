@@ -14,6 +14,7 @@ use super::{RequestFailed, ViewState, blocking, secret_hash};
 use crate::api_access::{self, ClientKey, ScopeContext};
 use crate::fhir_api::{self, NHS_NUMBER_SYSTEM};
 use crate::fhir_search;
+use crate::fhir_summary;
 use crate::launch::Role;
 use crate::record::{self, Record};
 use axum::extract::{Form, Path, RawQuery, State};
@@ -101,6 +102,15 @@ impl Caller {
         } else {
             ScopeContext::System
         }
+    }
+
+    /// The record as FHIR, less the resource types the token's scopes do not read.
+    fn render(&self, record: &Record) -> fhir_api::FhirRecord {
+        let mut rendered = fhir_api::render(record);
+        rendered
+            .resources
+            .retain(|resource| self.allows(resource["resourceType"].as_str().unwrap_or(""), true));
+        rendered
     }
 
     fn allows(&self, resource_type: &str, search: bool) -> bool {
@@ -488,6 +498,10 @@ fn patient_capability() -> Value {
                     "documentation": format!("{NHS_NUMBER_SYSTEM}|{{NHS number}}"),
                 }],
                 "operation": [{
+                    "name": "summary",
+                    "definition": "http://hl7.org/fhir/uv/ips/OperationDefinition/summary",
+                    "documentation": "An International Patient Summary document: allergies, medicines and problems, and the rest as held; what each section leaves out, and the record's notices, are said in its narrative",
+                }, {
                     "name": "everything",
                     "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
                     "documentation": "The patient's record as the caller may see it; _since limits it to resources whose publisher's meta.lastUpdated is at or after the instant (resources without one are included)",
@@ -514,6 +528,36 @@ pub async fn smart_configuration(headers: HeaderMap) -> Response {
         .into_response()
 }
 
+/// A request about the patient in the path (`id`, an NHS number): the token checked, the
+/// query's parameters read by `read_query` (which refuses what it does not take), the
+/// scopes and role checked, and the record the caller may see, its access audited as
+/// `action`. A patient the caller may not see is "not found".
+async fn patient_request<T>(
+    state: &Arc<ViewState>,
+    headers: &HeaderMap,
+    (id, query): (&str, &Option<String>),
+    action: &str,
+    read_query: impl FnOnce(&Option<String>) -> Result<T, Response>,
+) -> Result<(Caller, Record, T), Response> {
+    let caller = caller(state, headers, action).await?;
+    let asked = read_query(query)?;
+    let Ok(nhs) = NhsNumber::parse(id) else {
+        return Err(not_found());
+    };
+    let event = caller.event(state, action, Some(nhs.as_str()));
+    check_allowed(state, &caller, "Patient", false, event.clone()).await?;
+    let seen = caller_record(state, &caller, &nhs, event).await?;
+    match seen.audited(state, None).await? {
+        Some(record) => Ok((caller, record, asked)),
+        None => Err(not_found()),
+    }
+}
+
+/// A query that takes no parameters.
+fn no_parameters(query: &Option<String>) -> Result<(), Response> {
+    parameters(query, &[]).map(drop)
+}
+
 /// `GET /fhir/Patient/{id}`: the patient's Patient resource, by NHS number.
 pub async fn patient_read(
     State(state): State<Arc<ViewState>>,
@@ -521,22 +565,11 @@ pub async fn patient_read(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let result = async {
-        let caller = caller(&state, &headers, "fhir-read").await?;
-        parameters(&query, &[])?;
-        let Ok(nhs) = NhsNumber::parse(&id) else {
-            return Err(not_found());
-        };
-        let event = caller.event(&state, "fhir-read", Some(nhs.as_str()));
-        check_allowed(&state, &caller, "Patient", false, event.clone()).await?;
-        let seen = caller_record(&state, &caller, &nhs, event).await?;
-        match seen.audited(&state, None).await? {
-            Some(record) => Ok(fhir(StatusCode::OK, &fhir_api::render(&record).patient)),
-            None => Err(not_found()),
-        }
+    let request = (id.as_str(), &query);
+    match patient_request(&state, &headers, request, "fhir-read", no_parameters).await {
+        Ok((_, record, ())) => fhir(StatusCode::OK, &fhir_api::render(&record).patient),
+        Err(response) => response,
     }
-    .await;
-    result.unwrap_or_else(|response| response)
 }
 
 /// `GET /fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|N`: a searchset of the
@@ -616,25 +649,14 @@ pub async fn patient_everything(
     RawQuery(query): RawQuery,
 ) -> Response {
     let result = async {
-        let caller = caller(&state, &headers, "fhir-everything").await?;
-        let pairs = parameters(&query, &["_since"])?;
-        let since = match parameter(&pairs, "_since") {
-            Some(text) => Some(instant(text)?),
-            None => None,
+        let read_since = |query: &Option<String>| {
+            let pairs = parameters(query, &["_since"])?;
+            parameter(&pairs, "_since").map(instant).transpose()
         };
-        let Ok(nhs) = NhsNumber::parse(&id) else {
-            return Err(not_found());
-        };
-        let event = caller.event(&state, "fhir-everything", Some(nhs.as_str()));
-        check_allowed(&state, &caller, "Patient", false, event.clone()).await?;
-        let seen = caller_record(&state, &caller, &nhs, event).await?;
-        let Some(record) = seen.audited(&state, None).await? else {
-            return Err(not_found());
-        };
-        let mut rendered = fhir_api::render(&record);
-        rendered.resources.retain(|resource| {
-            caller.allows(resource["resourceType"].as_str().unwrap_or(""), true)
-        });
+        let request = (id.as_str(), &query);
+        let (caller, record, since) =
+            patient_request(&state, &headers, request, "fhir-everything", read_since).await?;
+        let mut rendered = caller.render(&record);
         if let Some(since) = since {
             rendered
                 .resources
@@ -644,6 +666,33 @@ pub async fn patient_everything(
         Ok(fhir(
             StatusCode::OK,
             &fhir_api::everything_bundle(&rendered, Some(&base)),
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
+}
+
+/// `GET /fhir/Patient/{id}/$summary`: the record as an International Patient Summary
+/// document (see `fhir_summary`).
+pub async fn patient_summary(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let result = async {
+        let request = (id.as_str(), &query);
+        let (caller, record, ()) =
+            patient_request(&state, &headers, request, "fhir-summary", no_parameters).await?;
+        let rendered = caller.render(&record);
+        let made_at = fhir_summary::MadeAt {
+            ods: &state.ods,
+            name: &state.organisation,
+            at: &clock::rfc3339(clock::now_unix()),
+        };
+        Ok(fhir(
+            StatusCode::OK,
+            &fhir_summary::summary_bundle(&rendered, &made_at, &base_url(&headers)),
         ))
     }
     .await;

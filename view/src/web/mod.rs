@@ -192,6 +192,7 @@ pub fn router(state: Arc<ViewState>) -> Router {
             "/fhir/Patient/{id}/$everything",
             get(fhir::patient_everything),
         )
+        .route("/fhir/Patient/{id}/$summary", get(fhir::patient_summary))
         .route("/oauth/token", post(fhir::token))
         .route(
             "/.well-known/smart-configuration",
