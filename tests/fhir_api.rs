@@ -648,7 +648,9 @@ fn tokens_are_limited_by_scope_patient_role_and_client_and_refusals_look_like_no
 }
 
 /// SMART Backend Services: a client signs an assertion with its key and trades it for a
-/// token at `POST /oauth/token`; a replayed, forged or misdirected assertion is refused.
+/// token at `POST /oauth/token`; a replayed, forged or misdirected assertion is refused. A
+/// clinical system acting for a user presents the user's launch token as well, and gets a
+/// token for that user and patient; a replayed or forged launch token is refused.
 #[test]
 fn a_backend_service_gets_a_token_with_a_signed_client_assertion() {
     use caremesh_view::api_access::{AssertionClaims, ClientKey, sign_assertion};
@@ -671,7 +673,7 @@ fn a_backend_service_gets_a_token_with_a_signed_client_assertion() {
         "--public-key",
         jwk_file.to_str().unwrap(),
         "--scope",
-        "system/*.rs",
+        "system/*.rs user/*.rs",
     ]);
     assert!(added.status.success(), "{}", stderr(&added));
     let node = RunningNode::start(&home);
@@ -741,6 +743,60 @@ fn a_backend_service_gets_a_token_with_a_signed_client_assertion() {
     let user_scope = post(&assertion(&signing, &token_url, "user"), "user/*.rs");
     assert_eq!(user_scope.status, 400);
     assert_eq!(json_body(&user_scope)["error"], "invalid_scope");
+
+    // A clinical system acting for a signed-in user presents the user's launch token, as
+    // it would launch the page: a token for that user and the patient the launch names.
+    let launch_token = |nhs: &str| {
+        let url = launch_url(
+            &home,
+            address,
+            &["--user", "C0042", "--name", "Dr Ruth Ellis", "--nhs", nhs],
+        );
+        url.split_once("token=").unwrap().1.to_string()
+    };
+    let for_user = |client_assertion: &str, launch: &str| {
+        let form = format!(
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion={launch}&scope=user%2F%2A.rs&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={client_assertion}"
+        );
+        http_request(address, "POST", "/oauth/token", None, Some(&form))
+    };
+    let launch = launch_token(PATIENT);
+    let answer = for_user(&assertion(&signing, &token_url, "as-user"), &launch);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let user_token = json_body(&answer)["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(json_body(&answer)["scope"], "user/*.rs");
+    let own = fhir_get(
+        address,
+        &format!("/fhir/Patient/{PATIENT}"),
+        Some(&user_token),
+    );
+    assert_eq!(own.status, 200, "{}", own.body);
+    let other = fhir_get(
+        address,
+        &format!("/fhir/Patient/{OTHER_PATIENT}"),
+        Some(&user_token),
+    );
+    assert_eq!(other.status, 404, "the launch named one patient");
+    // A launch token opens once, here as on the page.
+    let replayed = for_user(&assertion(&signing, &token_url, "as-user-again"), &launch);
+    assert_eq!(replayed.status, 400, "{}", replayed.body);
+    assert_eq!(json_body(&replayed)["error"], "invalid_grant");
+    let mut forged = launch_token(PATIENT);
+    forged.replace_range(forged.len() - 4.., "AAAA");
+    let refused = for_user(&assertion(&signing, &token_url, "forged-launch"), &forged);
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let user_rows = audit_rows(&home, &["--user", "C0042"]);
+    assert!(
+        user_rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "fhir-read" && r["user_name"] == "Dr Ruth Ellis"),
+        "{user_rows:#}"
+    );
 
     // The token's issue is in the audit trail.
     let rows = audit_rows(&home, &["--user", "client:backend"]);

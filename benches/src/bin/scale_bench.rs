@@ -15,7 +15,9 @@
 //!    the practice's first patient are added to its store, then the record is assembled as
 //!    the view assembles it (read-only connection, read model, sharing decisions), first on
 //!    a quiet store, then while another connection commits a change every 5 ms with
-//!    `synchronous=FULL`, as sync does. p50, p99 and max over `--opens` opens.
+//!    `synchronous=FULL`, as sync does. p50, p99 and max over `--opens` opens. The same
+//!    for the FHIR API's `$everything` and `$summary` of that record: assembled, rendered as
+//!    FHIR, made a Bundle and serialised as the bytes sent.
 //! 2. Incremental sync after one change: bytes, frames and round trips (as `sync-bench`).
 //! 3. A hub holding the practice's documents: the database is copied into a hub home and a
 //!    real `caremesh run` started on it. Reported: time from spawning the process to its
@@ -33,6 +35,7 @@ use caremesh_storage::{SourceRow, Store};
 use caremesh_sync::policy::Consent;
 use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, PublisherKey, Section};
 use caremesh_view::record::{Viewer, assemble};
+use caremesh_view::{fhir_api, fhir_summary};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +58,9 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     opens: usize,
 }
+
+/// The FHIR base URL the API's answers name.
+const BASE: &str = "http://127.0.0.1:7802/fhir";
 
 fn main() -> Result<()> {
     let args: Args = clap::Parser::parse();
@@ -115,7 +121,7 @@ fn ten_sources(dir: &Path) -> Result<NhsNumber> {
         let mut publication = Publication::new(ods.clone(), Consent::SENT_BY_PUBLISHER);
         for (index, section) in sections.iter().enumerate() {
             let id = format!("Observation/scale-{org}-{index}");
-            let item = Item::titled(
+            let mut item = Item::titled(
                 &id,
                 *section,
                 DataClass::Coded,
@@ -124,6 +130,17 @@ fn ten_sources(dir: &Path) -> Result<NhsNumber> {
                 "scale-bench",
                 &id,
             );
+            // The resource a publisher sends, so that the FHIR API serves it.
+            item.resource = Some(serde_json::json!({
+                "resourceType": "Observation",
+                "id": format!("scale-{org}-{index}"),
+                "status": "final",
+                "subject": { "reference": format!("Patient/{}", patient.as_str()) },
+                "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "1000731000000107",
+                    "display": format!("Entry {index} from organisation {org}") }] },
+                "effectiveDateTime": "2026-03-01T09:00:00Z",
+                "valueQuantity": { "value": 4.1, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L" },
+            }));
             publication.place(&batch, &patient, std::slice::from_ref(&id), vec![item])?;
         }
         publication.apply(&batch, &key, clock::now_unix())?;
@@ -151,7 +168,10 @@ fn record_opens(dir: &Path, patient: &NhsNumber, opens: usize) -> Result<()> {
         .context("the ten-source patient has a record")?;
     let sources = record.sources.len();
     ensure!(sources >= 10, "the record has {sources} sources, not 10");
-    let quiet = time_opens(&reader, patient, &viewer, opens)?;
+    let fhir_resources = fhir_api::render(&record).resources.len();
+    let quiet = time_opens(&reader, patient, &viewer, opens, Serve::Page)?;
+    let everything = time_opens(&reader, patient, &viewer, opens, Serve::Everything)?;
+    let summary = time_opens(&reader, patient, &viewer, opens, Serve::Summary)?;
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -159,12 +179,23 @@ fn record_opens(dir: &Path, patient: &NhsNumber, opens: usize) -> Result<()> {
         std::thread::spawn(move || keep_writing(&dir, &stop, &writes))
     };
     std::thread::sleep(Duration::from_millis(200));
-    let busy = time_opens(&reader, patient, &viewer, opens)?;
+    let busy = time_opens(&reader, patient, &viewer, opens, Serve::Page)?;
+    let everything_busy = time_opens(&reader, patient, &viewer, opens, Serve::Everything)?;
+    let summary_busy = time_opens(&reader, patient, &viewer, opens, Serve::Summary)?;
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer does not panic")?;
-    println!("record open, {sources} sources ({opens} opens each):");
-    for (label, (p50, p99, max)) in [("quiet", quiet), ("while writing", busy)] {
-        println!("  {label:>14}: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms");
+    println!(
+        "record open, {sources} sources, {fhir_resources} FHIR resources ({opens} opens each):"
+    );
+    for (label, (p50, p99, max)) in [
+        ("page, quiet", quiet),
+        ("page, while writing", busy),
+        ("$everything, quiet", everything),
+        ("$everything, writing", everything_busy),
+        ("$summary, quiet", summary),
+        ("$summary, writing", summary_busy),
+    ] {
+        println!("  {label:>22}: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms");
     }
     println!(
         "  the writer committed {} changes meanwhile",
@@ -173,18 +204,46 @@ fn record_opens(dir: &Path, patient: &NhsNumber, opens: usize) -> Result<()> {
     Ok(())
 }
 
+/// What an open serves: the record the page renders, or the FHIR API's answer as the
+/// bytes it sends (rendered resources, the Bundle, its JSON).
+#[derive(Clone, Copy)]
+enum Serve {
+    Page,
+    Everything,
+    Summary,
+}
+
 fn time_opens(
     reader: &Store,
     patient: &NhsNumber,
     viewer: &Viewer,
     opens: usize,
+    serve: Serve,
 ) -> Result<(f64, f64, f64)> {
     let mut micros = Vec::with_capacity(opens);
+    let made_at = fhir_summary::MadeAt {
+        ods: "A81001",
+        name: "Scale Practice",
+        at: "2026-12-02T10:00:00Z",
+    };
     for _ in 0..opens {
         let started = Instant::now();
-        let record = assemble(reader, patient, viewer, clock::now_unix())?;
+        let record = assemble(reader, patient, viewer, clock::now_unix())?
+            .context("the ten-source patient has a record")?;
+        let bytes = match serve {
+            Serve::Page => 0,
+            Serve::Everything => {
+                let bundle = fhir_api::everything_bundle(&fhir_api::render(&record), Some(BASE));
+                serde_json::to_vec(&bundle)?.len()
+            }
+            Serve::Summary => {
+                let bundle =
+                    fhir_summary::summary_bundle(&fhir_api::render(&record), &made_at, BASE);
+                serde_json::to_vec(&bundle)?.len()
+            }
+        };
         micros.push(started.elapsed().as_micros() as u64);
-        ensure!(record.is_some());
+        std::hint::black_box(bytes);
     }
     micros.sort_unstable();
     let at = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;

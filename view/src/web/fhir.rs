@@ -419,7 +419,7 @@ fn capability_statement(state: &ViewState, base: &str) -> Value {
                     "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
                     "extension": [{ "url": "token", "valueUri": token_url }],
                 }],
-                "description": "SMART Backend Services: POST a client_credentials grant with a private_key_jwt client assertion (EdDSA) to the token endpoint, then present the access token as a Bearer token.",
+                "description": "SMART Backend Services: POST a client_credentials grant with a private_key_jwt client assertion (EdDSA) to the token endpoint, then present the access token as a Bearer token. For a signed-in user, the grant urn:ietf:params:oauth:grant-type:jwt-bearer with the user's launch token as the assertion.",
             },
             "resource": std::iter::once(patient_capability()).chain(
                 fhir_search::SEARCHABLE_TYPES.iter().map(|t| type_capability(t))
@@ -517,7 +517,7 @@ pub async fn smart_configuration(headers: HeaderMap) -> Response {
         [(header::CONTENT_TYPE, "application/json")],
         json!({
             "token_endpoint": token_url,
-            "grant_types_supported": ["client_credentials"],
+            "grant_types_supported": ["client_credentials", USER_GRANT],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
             "scopes_supported": ["system/*.rs", "user/*.rs", "patient/*.rs"],
@@ -840,9 +840,15 @@ pub struct TokenRequest {
     client_assertion_type: String,
     #[serde(default)]
     client_assertion: String,
+    /// For the user grant: the user's launch token, as the page takes it.
+    #[serde(default)]
+    assertion: String,
 }
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// RFC 7523's grant: a clinical system presents a signed-in user's launch token (the
+/// page's, signed with the clinical system's launch key) and gets a token for that user.
+pub const USER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// An OAuth 2.0 error response (RFC 6749 5.2).
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
@@ -854,40 +860,41 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
         .into_response()
 }
 
-/// `POST /oauth/token`: SMART Backend Services. A registered client trades a client
-/// assertion signed with its key for an access token with the scopes asked for that it
-/// holds.
-pub async fn token(
-    State(state): State<Arc<ViewState>>,
-    headers: HeaderMap,
-    Form(request): Form<TokenRequest>,
-) -> Response {
-    if request.grant_type != "client_credentials" {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
-            "this token endpoint grants client_credentials (SMART Backend Services) only",
-        );
-    }
+/// A client that proved itself with a client assertion signed by its registered key.
+struct AuthenticatedClient {
+    client: caremesh_storage::api_access::ApiClient,
+    /// The assertion's `jti`, to be marked used with the token's issue.
+    assertion_jti: String,
+    assertion_expires_at: i64,
+}
+
+/// An `invalid_client` answer, counted as an anonymous refusal (nobody proved who they are).
+fn invalid_client(state: &ViewState, refused: &api_access::AssertionRefused) -> Response {
+    state.count_anonymous("oauth-token");
+    oauth_error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+        &refused.to_string(),
+    )
+}
+
+/// Checks the request's client assertion against the key of the client it names.
+async fn authenticate_client(
+    state: &Arc<ViewState>,
+    headers: &HeaderMap,
+    request: &TokenRequest,
+    now: i64,
+) -> Result<AuthenticatedClient, Response> {
+    use api_access::AssertionRefused;
     if request.client_assertion_type != ASSERTION_TYPE {
-        return oauth_error(
+        return Err(oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             &format!("client_assertion_type must be {ASSERTION_TYPE}"),
-        );
+        ));
     }
-    let invalid_client = |refused: api_access::AssertionRefused| {
-        state.count_anonymous("oauth-token");
-        oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            &refused.to_string(),
-        )
-    };
-    let client_id = match api_access::claimed_client(&request.client_assertion) {
-        Ok(id) => id,
-        Err(refused) => return invalid_client(refused),
-    };
+    let refuse = |refused: AssertionRefused| invalid_client(state, &refused);
+    let client_id = api_access::claimed_client(&request.client_assertion).map_err(refuse)?;
     let database = state.database.clone();
     let looked_up = {
         let client_id = client_id.clone();
@@ -895,90 +902,187 @@ pub async fn token(
             let store = Store::open_read_only(&database)?;
             Ok(store.api_client(&client_id)?)
         })
-        .await
+        .await?
     };
-    let client = match looked_up {
-        Ok(Some(client)) => client,
-        Ok(None) => return invalid_client(api_access::AssertionRefused::UnknownClient),
-        Err(response) => return response,
-    };
-    let Some(key_text) = &client.public_key else {
-        return invalid_client(api_access::AssertionRefused::NoKey(client_id));
-    };
-    let key = match ClientKey::from_jwk(key_text) {
-        Ok(key) => key,
-        Err(error) => {
-            tracing::error!(%error, "a registered API client's key does not read");
-            return super::internal_error();
-        }
-    };
-    let now = clock::now_unix();
-    let base = base_url(&headers);
+    let client = looked_up.ok_or_else(|| refuse(AssertionRefused::UnknownClient))?;
+    let key_text = client
+        .public_key
+        .as_deref()
+        .ok_or_else(|| refuse(AssertionRefused::NoKey(client_id.clone())))?;
+    let key = ClientKey::from_jwk(key_text).map_err(|error| {
+        tracing::error!(%error, "a registered API client's key does not read");
+        super::internal_error()
+    })?;
+    let base = base_url(headers);
     let host_part = base.trim_start_matches("http://").trim_end_matches("/fhir");
     let audiences = vec![
         format!("https://{host_part}/oauth/token"),
         format!("http://{host_part}/oauth/token"),
     ];
-    let assertion = match api_access::verify_assertion(
-        &request.client_assertion,
-        &client_id,
-        &key,
-        &audiences,
-        now,
-    ) {
-        Ok(assertion) => assertion,
-        Err(refused) => return invalid_client(refused),
-    };
+    let assertion =
+        api_access::verify_assertion(&request.client_assertion, &client_id, &key, &audiences, now)
+            .map_err(refuse)?;
+    Ok(AuthenticatedClient {
+        client,
+        assertion_jti: assertion.jti,
+        assertion_expires_at: assertion.expires_at,
+    })
+}
+
+/// The scopes of `asked` the client holds, for system access or for a user (and their
+/// patient's scopes when the launch named one); `invalid_scope` when none is.
+fn granted_scopes(
+    client: &caremesh_storage::api_access::ApiClient,
+    asked: &str,
+    for_user: bool,
+    with_patient: bool,
+) -> Result<Vec<api_access::Scope>, Response> {
     let held = api_access::parse_scopes(&client.scopes).unwrap_or_default();
-    // Backend Services is system access: a user's scopes need a user, which only
-    // `caremesh api-token` (the clinical system's operator) names for now.
-    let granted: Vec<_> = api_access::grant(&held, &request.scope)
+    let granted: Vec<_> = api_access::grant(&held, asked)
         .into_iter()
-        .filter(|scope| scope.context == ScopeContext::System)
+        .filter(|scope| match scope.context {
+            ScopeContext::System => !for_user,
+            ScopeContext::User => for_user,
+            ScopeContext::Patient => for_user && with_patient,
+        })
         .collect();
     if granted.is_empty() {
-        return oauth_error(
+        let kind = if for_user { "user" } else { "system" };
+        return Err(oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_scope",
             &format!(
-                "none of the scopes asked for ({}) is a system scope this client is registered for ({})",
-                clip(&request.scope, 200),
+                "none of the scopes asked for ({}) is a {kind} scope this client is registered for ({})",
+                clip(asked, 200),
                 client.scopes
             ),
-        );
+        ));
     }
-    let secret = match crate::launch::random_hex(32) {
-        Ok(secret) => secret,
-        Err(error) => {
-            tracing::error!(%error, "no randomness for an access token");
-            return super::internal_error();
+    Ok(granted)
+}
+
+/// `POST /oauth/token`. A registered client authenticates with a client assertion signed
+/// with its key (SMART Backend Services) and gets an access token with the scopes asked
+/// for that it holds:
+///
+/// * `grant_type=client_credentials`: system access, for this organisation;
+/// * `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer` with `assertion` = a
+///   signed-in user's launch token, checked and used up exactly as the page's launch: a
+///   token for that user, their role, and the patient the launch names.
+pub async fn token(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Form(request): Form<TokenRequest>,
+) -> Response {
+    let for_user = match request.grant_type.as_str() {
+        "client_credentials" => false,
+        USER_GRANT => true,
+        _ => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                &format!(
+                    "this token endpoint grants client_credentials (system access) and {USER_GRANT} (a user's launch token as the assertion)"
+                ),
+            );
         }
     };
+    let now = clock::now_unix();
+    let result = async {
+        let authenticated = authenticate_client(&state, &headers, &request, now).await?;
+        let launch = if for_user {
+            let verified = state.launch.verify(
+                &request.assertion,
+                &state.launch_config,
+                &state.viewer.ods,
+                now,
+            );
+            Some(verified.map_err(|refused| {
+                oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    &refused.to_string(),
+                )
+            })?)
+        } else {
+            None
+        };
+        let with_patient = launch.as_ref().is_some_and(|l| l.nhs.is_some());
+        let granted = granted_scopes(
+            &authenticated.client,
+            &request.scope,
+            for_user,
+            with_patient,
+        )?;
+        issue_token(&state, authenticated, launch, granted, now).await
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
+}
+
+/// Issues the token: the client assertion's `jti` (and a user's launch token) marked used,
+/// the token kept, and its issue in the audit trail, in one write.
+async fn issue_token(
+    state: &Arc<ViewState>,
+    authenticated: AuthenticatedClient,
+    launch: Option<crate::launch::Launch>,
+    granted: Vec<api_access::Scope>,
+    now: i64,
+) -> Result<Response, Response> {
+    let client_id = authenticated.client.client_id.clone();
+    let secret = crate::launch::random_hex(32).map_err(|error| {
+        tracing::error!(%error, "no randomness for an access token");
+        super::internal_error()
+    })?;
     let token = ApiToken {
         client_id: client_id.clone(),
         scopes: api_access::scopes_text(&granted),
-        user: None,
-        nhs: None,
-        purpose: "direct care".into(),
+        user: launch.as_ref().map(|l| ApiUser {
+            id: l.user_id.clone(),
+            name: l.user_name.clone(),
+            role: l.role.as_str().to_string(),
+        }),
+        nhs: launch
+            .as_ref()
+            .and_then(|l| l.nhs.as_ref())
+            .map(|n| n.to_string()),
+        purpose: launch
+            .as_ref()
+            .map_or_else(|| "direct care".to_string(), |l| l.purpose.clone()),
         issued_at: now,
-        expires_at: now + api_access::TOKEN_SECONDS,
+        // Never beyond the launch's own session: a user token lasts as a page session would.
+        expires_at: now
+            + launch.as_ref().map_or(api_access::TOKEN_SECONDS, |_| {
+                api_access::TOKEN_SECONDS
+                    .min(i64::from(state.launch_config.session_minutes.max(1)) * 60)
+            }),
     };
-    let mut event = state.event(None, "api-token", None);
-    event.user_id = format!("client:{client_id}");
-    event.user_name = format!("system access by API client {client_id}");
-    event.role = "system".into();
-    event.detail = format!("access token issued for {}", token.scopes);
-    let (hash, jti, jti_expires, issued) = (
-        secret_hash(&secret),
-        format!("client-assertion:{client_id}:{}", assertion.jti),
-        assertion.expires_at,
-        token.clone(),
+    let caller = Caller {
+        token: token.clone(),
+        scopes: granted,
+    };
+    let mut event = caller.event(state, "api-token", token.nhs.as_deref());
+    event.detail = format!(
+        "access token issued to API client {client_id} for {}",
+        token.scopes
     );
-    let audited = state.clone();
+    let client_jti = format!(
+        "client-assertion:{client_id}:{}",
+        authenticated.assertion_jti
+    );
+    let client_jti_expires = authenticated.assertion_expires_at;
+    let launch_jti = launch.as_ref().map(|l| (l.token_id.clone(), l.expires_at));
+    let (hash, issued, audited) = (secret_hash(&secret), token.clone(), state.clone());
     let stored = state
         .write(move |store| {
-            if store.use_launch_token(&jti, jti_expires, now)? == TokenUse::Replayed {
-                return Ok(false);
+            // A client assertion is used up once presented, whatever follows.
+            if store.use_launch_token(&client_jti, client_jti_expires, now)? == TokenUse::Replayed {
+                return Ok(Issue::ClientAssertionReplayed);
+            }
+            if let Some((jti, expires_at)) = &launch_jti
+                && store.use_launch_token(jti, *expires_at, now)? == TokenUse::Replayed
+            {
+                return Ok(Issue::LaunchReplayed);
             }
             store.issue_api_token(&hash, &issued)?;
             caremesh_storage::publish::record_access(
@@ -988,22 +1092,36 @@ pub async fn token(
                 &event,
             )
             .map_err(RequestFailed::from)?;
-            Ok(true)
+            Ok(Issue::Issued)
         })
-        .await;
+        .await?;
     match stored {
-        Ok(true) => (
+        Issue::Issued => Ok((
             [(header::CONTENT_TYPE, "application/json")],
             json!({
                 "access_token": secret,
                 "token_type": "bearer",
-                "expires_in": api_access::TOKEN_SECONDS,
+                "expires_in": token.expires_at - now,
                 "scope": token.scopes,
             })
             .to_string(),
         )
-            .into_response(),
-        Ok(false) => invalid_client(api_access::AssertionRefused::Replayed),
-        Err(response) => response,
+            .into_response()),
+        Issue::ClientAssertionReplayed => Err(invalid_client(
+            state,
+            &api_access::AssertionRefused::Replayed,
+        )),
+        Issue::LaunchReplayed => Err(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            &crate::launch::LaunchRefused::Replayed.to_string(),
+        )),
     }
+}
+
+/// What became of a token's issue.
+enum Issue {
+    Issued,
+    ClientAssertionReplayed,
+    LaunchReplayed,
 }
