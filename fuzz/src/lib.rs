@@ -196,6 +196,81 @@ pub fn launch_token(data: &[u8]) {
     }
 }
 
+/// A FHIR API request as a client sends it: the first line a type's search
+/// (`Observation?patient=…&date=…`), the rest what a token request carries (scopes, a client
+/// assertion). Searches run over a fixed record; a client assertion is checked against a
+/// fixed client key.
+pub fn fhir_api_request(data: &[u8]) {
+    use caremesh_view::api_access;
+    use caremesh_view::fhir_search::{SEARCHABLE_TYPES, Search};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (target, rest) = text.split_once('\n').unwrap_or((text, ""));
+    let (resource_type, query) = target.split_once('?').unwrap_or((target, ""));
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .take(64)
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
+        .collect();
+    if SEARCHABLE_TYPES.contains(&resource_type)
+        && let Ok(search) = Search::parse(resource_type, &pairs)
+    {
+        let record = fhir_record();
+        let found = search.apply(&record);
+        assert!(found.len() <= record.len());
+        assert!(found.iter().all(|r| r["resourceType"] == resource_type));
+    }
+    if let Ok(scopes) = api_access::parse_scopes(rest) {
+        let granted = api_access::grant(&scopes, rest);
+        assert!(granted.iter().all(|g| scopes.iter().any(|s| s.covers(g))));
+    }
+    if let Ok(client) = api_access::claimed_client(rest.trim()) {
+        let verified = api_access::verify_assertion(
+            rest.trim(),
+            &client,
+            &fuzz_client_key(),
+            &[FUZZ_TOKEN_URL.to_string()],
+            NOW,
+        );
+        if let Ok(assertion) = verified {
+            // Only an assertion signed with the client's key gets here.
+            assert_eq!(assertion.client_id, "fuzz-client");
+        }
+    }
+}
+
+/// Where the fuzz targets' token endpoint is, as a client assertion's `aud` names it.
+pub const FUZZ_TOKEN_URL: &str = "http://127.0.0.1:7802/oauth/token";
+
+/// The fixed key of the fuzz targets' API client.
+pub fn fuzz_client_signing_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[0x5a; 32])
+}
+
+fn fuzz_client_key() -> caremesh_view::api_access::ClientKey {
+    caremesh_view::api_access::ClientKey::EdDsa(fuzz_client_signing_key().verifying_key())
+}
+
+/// A client assertion the fuzz client signs: the seed of the token requests.
+pub fn signed_client_assertion() -> String {
+    caremesh_view::api_access::sign_assertion(
+        &fuzz_client_signing_key(),
+        caremesh_view::api_access::AssertionClaims {
+            iss: "fuzz-client".into(),
+            sub: "fuzz-client".into(),
+            aud: FUZZ_TOKEN_URL.into(),
+            jti: "0123456789abcdef".into(),
+        },
+        NOW - 10,
+        240,
+    )
+}
+
+/// A record of several types, dates as dates, times and periods, for searches to run over.
+fn fhir_record() -> Vec<serde_json::Value> {
+    serde_json::from_str(include_str!("fhir_record.json")).expect("the fuzz record")
+}
+
 /// A launch token as the clinical system would sign it: the seed of the launch corpus.
 pub fn signed_launch_token(nhs: Option<&str>) -> String {
     let bench = practice();

@@ -18,6 +18,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("trust_registry", trust_registry),
     ("scenario", scenario),
     ("node_config", node_config),
+    ("fhir_api_request", fhir_api_request),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -149,6 +150,22 @@ fn write_seed_corpora() {
         "clinician-without-patient",
         signed_launch_token(None).as_bytes(),
     );
+    for (name, request) in [
+        (
+            "observations-in-a-date-range",
+            "Observation?patient=9912003888&date=ge2026-01-01&date=lt2026-05-01&category=vital-signs&_sort=-date&_count=2&_offset=1\nsystem/*.rs user/Condition.read patient/Observation.rs openid".to_string(),
+        ),
+        (
+            "active-conditions-by-code",
+            "Condition?patient.identifier=https://fhir.nhs.uk/Id/nhs-number%7C9912003888&clinical-status=active&code=http://snomed.info/sct%7C195967001,38341003&_lastUpdated=gt2026-02\nsystem/Condition.rs".to_string(),
+        ),
+        (
+            "encounters-with-a-client-assertion",
+            format!("Encounter?patient=Patient/9912003888&date=2026-01\n{}", signed_client_assertion()),
+        ),
+    ] {
+        write("fhir_api_request", name, request.as_bytes());
+    }
     write(
         "trust_registry",
         "two-organisations",
