@@ -54,6 +54,10 @@ struct Args {
     /// round, whose set-up syncs every document to a new hub first).
     #[arg(long)]
     hub_only: bool,
+    /// Measure only the record opens (and the FHIR API's answers), skipping the incremental
+    /// round and the hub.
+    #[arg(long)]
+    opens_only: bool,
     /// Record opens per measurement.
     #[arg(long, default_value_t = 2000)]
     opens: usize,
@@ -91,6 +95,9 @@ fn run(args: &Args, work: &Path) -> Result<()> {
         if !args.hub_only {
             let patient = ten_sources(&dir)?;
             record_opens(&dir, &patient, args.opens)?;
+            if args.opens_only {
+                continue;
+            }
             println!("incremental sync after one changed item:");
             println!(
                 "{:>10} {:>10} {:>12} {:>12} {:>8} {:>12}",
