@@ -876,7 +876,9 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             anonymous: Default::default(),
             metrics_token: home.metrics_token()?,
             drop_folder_paused: paused.clone(),
+            subscriptions_changed: Default::default(),
         });
+        let notifier = tokio::spawn(view::notifier::run(state.clone()));
         let summaries = tokio::spawn({
             let state = state.clone();
             async move {
@@ -932,6 +934,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             .await
             .context("serving the view");
         summaries.abort();
+        notifier.abort();
         checkpoints.abort();
         state.flush_anonymous().await;
         crate::audit::checkpoint_now(home, &writer).await;

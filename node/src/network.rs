@@ -32,7 +32,7 @@ use caremesh_sync::model::OrgKind;
 use caremesh_sync::policy::{Consent, Recipient};
 use caremesh_sync::{OdsCode, PublisherKey};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,6 +162,10 @@ pub struct EngineStopped;
 pub struct StoreWriter {
     engine: mpsc::Sender<Command>,
     urgent: Arc<UrgentLane>,
+    /// The feed position up to which everything is durable: what may be told to others
+    /// (the FHIR API's change notifications) without telling of a change a power cut could
+    /// take back.
+    durable_feed: watch::Receiver<u64>,
 }
 
 /// Writes someone is waiting for (a clinician's access record, a session): made before any
@@ -295,6 +299,10 @@ impl caremesh_view::web::RunningNode for NodeForView {
         })
     }
 
+    fn durable_feed(&self) -> watch::Receiver<u64> {
+        self.writer.durable_feed.clone()
+    }
+
     fn revoked_keys(&self) -> std::collections::BTreeMap<[u8; 32], OdsCode> {
         self.trust
             .as_ref()
@@ -366,6 +374,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     let urgent = Arc::new(UrgentLane::default());
     let connected: Arc<Mutex<HashSet<OdsCode>>> = Default::default();
     let (stopped_tx, stopped) = watch::channel(None);
+    let (durable_feed_tx, durable_feed) = watch::channel(0);
     let engine = {
         let ods = settings.ods.clone();
         let connected = connected.clone();
@@ -409,7 +418,11 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                     wire_log,
                     stored_observer,
                     stopped: stopped_tx,
+                    durable_feed: durable_feed_tx,
+                    commit_tips: VecDeque::new(),
                 };
+                // What the database held at opening is durable.
+                engine.feed_durable_to(engine.feed_tip());
                 runtime.block_on(engine.run(engine_rx, shutdown));
             })?
     };
@@ -417,6 +430,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
     let writer = StoreWriter {
         engine: engine_tx.clone(),
         urgent: urgent.clone(),
+        durable_feed,
     };
     let Some(trust) = settings.trust else {
         return Ok(SyncService {
@@ -796,6 +810,10 @@ struct Engine {
     stored_observer: Option<StoredObserver>,
     /// Told why the node must stop ([`DriverEvent::Stopped`]).
     stopped: watch::Sender<Option<String>>,
+    /// Told the feed position up to which everything is durable.
+    durable_feed: watch::Sender<u64>,
+    /// Each deferred commit not yet durable, with the feed's tip when it was made.
+    commit_tips: VecDeque<(u64, u64)>,
 }
 
 impl Engine {
@@ -830,7 +848,10 @@ impl Engine {
                     Ok(()) => {
                         let outcome = self.synced.borrow_and_update().clone();
                         match outcome {
-                            SyncOutcome::Durable(commit) => self.driver.durable(commit),
+                            SyncOutcome::Durable(commit) => {
+                                self.driver.durable(commit);
+                                self.feed_durable_through(commit);
+                            }
                             SyncOutcome::Failed(reason) => self.sync_lost(&reason),
                         }
                     }
@@ -857,10 +878,41 @@ impl Engine {
         let Some(commit) = self.driver.poll_sync() else {
             return;
         };
+        self.commit_tips.push_back((commit, self.feed_tip()));
         if self.syncing && self.sync_requests.send(commit).is_err() {
             self.sync_lost(SYNC_THREAD_STOPPED);
             self.handle_events();
         }
+    }
+
+    fn feed_tip(&self) -> u64 {
+        self.driver.host().store.feed_tip().unwrap_or_else(|error| {
+            tracing::error!(%error, "could not read the feed tip");
+            0
+        })
+    }
+
+    /// Commit `commit` and those before it are durable: so is the feed up to its tip.
+    fn feed_durable_through(&mut self, commit: u64) {
+        let mut tip = None;
+        while let Some(&(made, made_tip)) = self.commit_tips.front() {
+            if made > commit {
+                break;
+            }
+            tip = Some(made_tip);
+            self.commit_tips.pop_front();
+        }
+        if let Some(tip) = tip {
+            self.feed_durable_to(tip);
+        }
+    }
+
+    fn feed_durable_to(&self, tip: u64) {
+        self.durable_feed.send_if_modified(|held| {
+            let moved = tip > *held;
+            *held = (*held).max(tip);
+            moved
+        });
     }
 
     /// The WAL sync thread failed or ended: nothing more can be made durable, so the driver
@@ -928,6 +980,11 @@ impl Engine {
                 write(&mut host.store);
                 Ok(())
             });
+        // A local write commits at `synchronous = FULL`: its WAL sync also covered every
+        // deferred commit before it. With none waiting, the feed is durable to its tip.
+        if self.commit_tips.is_empty() {
+            self.feed_durable_to(self.feed_tip());
+        }
         self.handle_events();
     }
 

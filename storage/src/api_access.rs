@@ -94,7 +94,7 @@ impl Store {
         })
     }
 
-    /// Removes a client and ends its tokens. False if no client had that id.
+    /// Removes a client and ends its tokens and subscriptions. False if no client had that id.
     pub fn remove_api_client(&self, client_id: &str) -> Result<bool> {
         self.open_pending_group()?;
         // The foreign key cascades too; said here so that it does not rest on the pragma.
@@ -102,6 +102,16 @@ impl Store {
             .prepare_cached("DELETE FROM api_tokens WHERE client_id = ?1")
             .and_then(|mut statement| statement.execute([client_id]))
             .map_err(self.err("end an API client's tokens"))?;
+        for table in [
+            "DELETE FROM api_subscription_events WHERE subscription_id IN \
+             (SELECT id FROM api_subscriptions WHERE client_id = ?1)",
+            "DELETE FROM api_subscriptions WHERE client_id = ?1",
+        ] {
+            self.conn
+                .prepare_cached(table)
+                .and_then(|mut statement| statement.execute([client_id]))
+                .map_err(self.err("end an API client's subscriptions"))?;
+        }
         let removed = self
             .conn
             .prepare_cached("DELETE FROM api_clients WHERE client_id = ?1")

@@ -26,6 +26,7 @@ pub mod placements;
 pub mod power_loss;
 pub mod publish;
 pub mod simulated_disk;
+pub mod subscriptions;
 pub mod sync_host;
 mod vfs_shim;
 

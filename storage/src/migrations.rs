@@ -368,6 +368,47 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX api_tokens_by_client ON api_tokens(client_id);
     "#,
+    // 20: the FHIR API's change notifications (Subscriptions R5 Backport, rest-hook). A
+    // subscription belongs to the client (and user) that made it, with the scopes it was
+    // made under, and reads the changes feed from `cursor`; its events wait in
+    // `api_subscription_events`, numbered in order, until the endpoint takes them.
+    r#"
+    CREATE TABLE api_subscriptions (
+        id                  TEXT PRIMARY KEY,
+        client_id           TEXT NOT NULL REFERENCES api_clients(client_id) ON DELETE CASCADE,
+        scopes              TEXT NOT NULL,
+        user_id             TEXT,
+        user_name           TEXT,
+        role                TEXT,
+        token_nhs           TEXT,
+        purpose             TEXT NOT NULL,
+        nhs                 TEXT,
+        base_url            TEXT NOT NULL,
+        endpoint            TEXT NOT NULL,
+        headers             TEXT NOT NULL,
+        payload             TEXT NOT NULL CHECK (payload IN ('empty', 'id-only', 'full-resource')),
+        heartbeat_seconds   INTEGER,
+        status              TEXT NOT NULL CHECK (status IN ('requested', 'active', 'error', 'off')),
+        error               TEXT,
+        created_at_ms       INTEGER NOT NULL,
+        ends_at_ms          INTEGER,
+        cursor              INTEGER NOT NULL,
+        events              INTEGER NOT NULL DEFAULT 0,
+        failures            INTEGER NOT NULL DEFAULT 0,
+        due_at_ms           INTEGER NOT NULL,
+        last_sent_at_ms     INTEGER
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX api_subscriptions_by_client ON api_subscriptions(client_id);
+    CREATE TABLE api_subscription_events (
+        subscription_id     TEXT NOT NULL REFERENCES api_subscriptions(id) ON DELETE CASCADE,
+        event_number        INTEGER NOT NULL,
+        at_ms               INTEGER NOT NULL,
+        nhs                 TEXT NOT NULL,
+        publisher           TEXT NOT NULL,
+        section             TEXT NOT NULL,
+        PRIMARY KEY (subscription_id, event_number)
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 #[cfg(test)]

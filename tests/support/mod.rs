@@ -226,11 +226,16 @@ pub fn http_request_with(
             form.len()
         ));
     }
+    exchange(address, &head, form.unwrap_or(""))
+}
+
+/// Sends `head` (the request line and headers) and `body`, and reads the whole answer.
+fn exchange(address: &str, head: &str, body: &str) -> HttpResponse {
     let mut stream = TcpStream::connect(address).expect("connect to view");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    write!(stream, "{head}\r\n{}", form.unwrap_or("")).unwrap();
+    write!(stream, "{head}\r\n{body}").unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
     let text = String::from_utf8_lossy(&response).to_string();
@@ -259,6 +264,24 @@ pub fn http_request_with(
         headers,
         body,
     }
+}
+
+/// A request with `headers` and `body` as given (a JSON POST, a DELETE).
+pub fn http_request_raw(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    exchange(address, &head, body)
 }
 
 /// A GET of the FHIR API presenting `token` as a Bearer token (none: no Authorization).

@@ -261,6 +261,20 @@ impl<'a> Published<'a> {
 /// A resource's logical id on this node: `{ODS}-{publisher's id}` where that is a valid id,
 /// else the SHA-256 of the publisher and its `Type/id` in hex (64 characters), so that ids
 /// from different publishers never collide and a publisher's id is never cut short.
+/// A UUID (version 4 in form) derived from `name`: the same name always gives the same one,
+/// so that a resource made twice from the same facts has the same identity.
+pub fn name_based_uuid(name: &str) -> String {
+    let hex = hex::encode(&Sha256::digest(name.as_bytes())[..16]);
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}
+
 pub fn logical_id(ods: &str, source_id: &str) -> String {
     let own = source_id.split_once('/').map_or(source_id, |(_, id)| id);
     let candidate = format!("{ods}-{own}");

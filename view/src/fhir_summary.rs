@@ -366,17 +366,7 @@ pub fn summary_bundle(fhir: &FhirRecord, made_at: &MadeAt<'_>, base: &str) -> Va
 /// A UUID for the document, from the patient and the time: the same summary asked twice in
 /// one second is the same document.
 fn summary_id(nhs: &str, at: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let hash = Sha256::digest(format!("caremesh summary\0{nhs}\0{at}").as_bytes());
-    let hex = hex::encode(&hash[..16]);
-    format!(
-        "{}-{}-4{}-8{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[13..16],
-        &hex[17..20],
-        &hex[20..32]
-    )
+    crate::fhir_api::name_based_uuid(&format!("caremesh summary\0{nhs}\0{at}"))
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use std::sync::Arc;
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
 /// A FHIR answer: the resource as `application/fhir+json`.
-fn fhir(status: StatusCode, resource: &Value) -> Response {
+pub(super) fn fhir(status: StatusCode, resource: &Value) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
@@ -43,7 +43,7 @@ fn fhir(status: StatusCode, resource: &Value) -> Response {
 }
 
 /// An OperationOutcome: `code` from FHIR's IssueType, `text` for the integrator.
-fn outcome(status: StatusCode, code: &str, text: &str) -> Response {
+pub(super) fn outcome(status: StatusCode, code: &str, text: &str) -> Response {
     let severity = if status.is_server_error() {
         "fatal"
     } else {
@@ -65,7 +65,18 @@ fn outcome(status: StatusCode, code: &str, text: &str) -> Response {
     response
 }
 
-fn not_found() -> Response {
+/// A success that has no resource to return (an OperationOutcome of severity information).
+pub(super) fn outcome_information(text: &str) -> Response {
+    fhir(
+        StatusCode::OK,
+        &json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{ "severity": "information", "code": "informational", "diagnostics": text }],
+        }),
+    )
+}
+
+pub(super) fn not_found() -> Response {
     outcome(
         StatusCode::NOT_FOUND,
         "not-found",
@@ -74,7 +85,7 @@ fn not_found() -> Response {
 }
 
 /// The FHIR base URL as the client reached it, for `fullUrl`s and links.
-fn base_url(headers: &HeaderMap) -> String {
+pub(super) fn base_url(headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -89,9 +100,9 @@ fn base_url(headers: &HeaderMap) -> String {
 }
 
 /// Who is calling: a token in force, and what it grants.
-struct Caller {
-    token: ApiToken,
-    scopes: Vec<api_access::Scope>,
+pub(super) struct Caller {
+    pub(super) token: ApiToken,
+    pub(super) scopes: Vec<api_access::Scope>,
 }
 
 impl Caller {
@@ -105,7 +116,7 @@ impl Caller {
     }
 
     /// The record as FHIR, less the resource types the token's scopes do not read.
-    fn render(&self, record: &Record) -> fhir_api::FhirRecord {
+    pub(super) fn render(&self, record: &Record) -> fhir_api::FhirRecord {
         let mut rendered = fhir_api::render(record);
         rendered
             .resources
@@ -120,7 +131,7 @@ impl Caller {
     }
 
     /// The audit trail's who: the user, or the client as a system.
-    fn event(&self, state: &ViewState, action: &str, nhs: Option<&str>) -> AuditEvent {
+    pub(super) fn event(&self, state: &ViewState, action: &str, nhs: Option<&str>) -> AuditEvent {
         let mut event = state.event(None, action, nhs);
         let client = &self.token.client_id;
         match &self.token.user {
@@ -143,7 +154,7 @@ impl Caller {
 
 /// The token the request presents, if it is one in force. Otherwise a 401 (counted as an
 /// anonymous refusal, as the page's are).
-async fn caller(
+pub(super) async fn caller(
     state: &Arc<ViewState>,
     headers: &HeaderMap,
     action: &str,
@@ -183,7 +194,7 @@ async fn caller(
 
 /// Refuses what the token's scopes or the user's role do not allow, recorded when it names
 /// a patient.
-async fn check_allowed(
+pub(super) async fn check_allowed(
     state: &Arc<ViewState>,
     caller: &Caller,
     resource_type: &str,
@@ -231,19 +242,19 @@ async fn refuse(
 /// The patient's record as the caller may see it, not yet audited: only
 /// [`Unaudited::audited`] hands it out, once its access is in the audit trail.
 #[must_use = "the record is shown only once its access is audited"]
-struct Unaudited {
+pub(super) struct Unaudited {
     record: Option<Record>,
     event: AuditEvent,
 }
 
 impl Unaudited {
     /// The record to render from before the audit entry says what was shown.
-    fn peek(&self) -> Option<&Record> {
+    pub(super) fn peek(&self) -> Option<&Record> {
         self.record.as_ref()
     }
 
     /// The record, once the access is in the audit trail, `detail` added to the entry.
-    async fn audited(
+    pub(super) async fn audited(
         mut self,
         state: &Arc<ViewState>,
         detail: Option<String>,
@@ -256,9 +267,18 @@ impl Unaudited {
     }
 }
 
+/// Who sees a record for an API caller: a user sees what they may (their break-glass among
+/// it); system access sees what this organisation may, and no user's break-glass.
+pub(super) fn viewer_for(state: &ViewState, user: Option<&ApiUser>) -> record::Viewer {
+    let mut viewer = state.viewer.clone();
+    viewer.user_id = user.map(|u| u.id.clone()).unwrap_or_default();
+    viewer.revoked_signers = state.node.revoked_keys();
+    viewer
+}
+
 /// The patient's record as the caller may see it; `None` is "not found" (not held, or not
 /// this token's patient).
-async fn caller_record(
+pub(super) async fn caller_record(
     state: &Arc<ViewState>,
     caller: &Caller,
     nhs: &NhsNumber,
@@ -280,16 +300,7 @@ async fn caller_record(
         });
     }
     let database = state.database.clone();
-    let mut viewer = state.viewer.clone();
-    // A user sees what they may (their break-glass among it); system access sees what this
-    // organisation may, and no user's break-glass.
-    viewer.user_id = caller
-        .token
-        .user
-        .as_ref()
-        .map(|u| u.id.clone())
-        .unwrap_or_default();
-    viewer.revoked_signers = state.node.revoked_keys();
+    let viewer = viewer_for(state, caller.token.user.as_ref());
     let patient = nhs.clone();
     let record = blocking(move || {
         let store = Store::open_read_only(&database)?;

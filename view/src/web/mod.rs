@@ -37,7 +37,9 @@ use std::sync::Arc;
 mod assets;
 pub mod fhir;
 pub mod listener;
+pub mod notifier;
 mod render;
+mod subscriptions;
 
 pub use render::escape;
 use render::{ReportForm, page, problem_body};
@@ -56,6 +58,10 @@ pub trait RunningNode: Send + Sync + 'static {
         &self,
         write: LocalWrite,
     ) -> Pin<Box<dyn Future<Output = Result<(), WriterStopped>> + Send + '_>>;
+
+    /// The feed position up to which everything this node holds is durable; it changes as
+    /// the feed grows (the FHIR API's change notifications wait on it).
+    fn durable_feed(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// The signing keys revoked in the trust registry in force now, and whose they were;
     /// none while sync is off (no registry).
@@ -121,6 +127,8 @@ pub struct ViewState {
     /// The running node: its one store writer (the view writes only through it) and its
     /// trust registry.
     pub node: Arc<dyn RunningNode>,
+    /// Told when a subscription is made, so that the notifier greets its endpoint at once.
+    pub subscriptions_changed: tokio::sync::Notify,
 }
 
 /// Refused requests that carried no session (or a token whose signature failed): counted,
@@ -193,6 +201,15 @@ pub fn router(state: Arc<ViewState>) -> Router {
             get(fhir::patient_everything),
         )
         .route("/fhir/Patient/{id}/$summary", get(fhir::patient_summary))
+        .route("/fhir/Subscription", post(subscriptions::create))
+        .route(
+            "/fhir/Subscription/{id}",
+            get(subscriptions::read).delete(subscriptions::delete),
+        )
+        .route(
+            "/fhir/Subscription/{id}/$status",
+            get(subscriptions::status),
+        )
         .route("/oauth/token", post(fhir::token))
         .route(
             "/.well-known/smart-configuration",

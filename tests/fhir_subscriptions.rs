@@ -1,0 +1,540 @@
+//! The FHIR API's change notifications over real processes: a GP ingests a change, the hub
+//! relays it over QUIC, and the hospital's node posts a Subscriptions Backport notification
+//! to a client's endpoint (a real HTTP listener here), retrying what the endpoint refused.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+use support::region::Region;
+use support::*;
+
+const SYNC_WAIT: Duration = Duration::from_secs(60);
+const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition";
+const TOPIC: &str = "urn:caremesh:subscription-topic:patient-record";
+
+/// A notification as the endpoint received it.
+struct Received {
+    authorization: Option<String>,
+    content_type: Option<String>,
+    bundle: Value,
+}
+
+/// A client's rest-hook endpoint: takes each POST, answers 503 to the next `refuse` of them
+/// and 200 to the rest, and hands every one received (refused or not) to the test.
+struct Endpoint {
+    url: String,
+    refuse: Arc<AtomicUsize>,
+    received: mpsc::Receiver<Received>,
+}
+
+impl Endpoint {
+    fn start() -> Endpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let refuse = Arc::new(AtomicUsize::new(0));
+        let (sender, received) = mpsc::channel();
+        let refusing = refuse.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut headers = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+                    }
+                }
+                let header = |name: &str| {
+                    headers
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.clone())
+                };
+                let length: usize = header("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let refused = refusing
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                let status = if refused {
+                    "503 Service Unavailable"
+                } else {
+                    "200 OK"
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = sender.send(Received {
+                    authorization: header("authorization"),
+                    content_type: header("content-type"),
+                    bundle: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                });
+            }
+        });
+        Endpoint {
+            url,
+            refuse,
+            received,
+        }
+    }
+
+    fn next(&self, within: Duration) -> Option<Received> {
+        self.received.recv_timeout(within).ok()
+    }
+}
+
+/// The notification's status parameters (`Parameters`, entry 0) by name.
+fn status(bundle: &Value) -> Vec<(String, Value)> {
+    bundle["entry"][0]["resource"]["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_string(), p.clone()))
+        .collect()
+}
+
+fn status_value(bundle: &Value, name: &str, field: &str) -> Value {
+    status(bundle)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p[field].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn event_numbers(bundle: &Value) -> Vec<String> {
+    status(bundle)
+        .into_iter()
+        .filter(|(n, _)| n == "notification-event")
+        .map(|(_, p)| {
+            p["part"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|part| part["name"] == "event-number")
+                .unwrap()["valueString"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+fn post_json(address: &str, path: &str, token: &str, body: &Value) -> HttpResponse {
+    let body = body.to_string();
+    let authorization = format!("Bearer {token}");
+    http_request_raw(
+        address,
+        "POST",
+        path,
+        &[
+            ("Authorization", authorization.as_str()),
+            ("Content-Type", "application/fhir+json"),
+        ],
+        &body,
+    )
+}
+
+/// A new allergy for the GP's patient `nhs`, as the GP's next extract would carry it.
+fn gp_allergy_extract(gp: &Path, nhs: &str, out: &Path) {
+    let extract = gp.with_extension("extract-1");
+    let patient = std::fs::read_dir(&extract)
+        .unwrap()
+        .map(|file| {
+            serde_json::from_slice::<Value>(&std::fs::read(file.unwrap().path()).unwrap()).unwrap()
+        })
+        .flat_map(|bundle| bundle["entry"].as_array().unwrap().clone())
+        .map(|entry| entry["resource"].clone())
+        .find(|resource| {
+            resource["resourceType"] == "Patient" && resource.to_string().contains(nhs)
+        })
+        .expect("the GP's extract holds the patient");
+    let id = patient["id"].as_str().unwrap().to_string();
+    write_json(
+        out,
+        &json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"resource": patient},
+            {"resource": {"resourceType": "AllergyIntolerance", "id": "notified-allergy-1",
+                "patient": {"reference": format!("Patient/{id}")},
+                "meta": {"lastUpdated": "2026-11-30T09:00:00Z"},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}]},
+                "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "confirmed"}]},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "294505008", "display": "Allergy to amoxicillin"}]},
+                "recordedDate": "2026-11-30"}},
+        ]}),
+    );
+}
+
+#[test]
+fn a_change_ingested_at_the_gp_is_notified_by_the_hospital_node_and_retried_until_taken() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    let acute = region.registered("RTH01", "acute", false, &["HUB01"]);
+    region.publish(&[&hub, &gp, &acute]);
+    for (dir, org, patients) in [(&gp, "A81001", 6), (&acute, "RTH01", 2)] {
+        let extract = dir.with_extension("extract-1");
+        let output = run(&[
+            "generate",
+            "--org",
+            org,
+            "--patients",
+            &patients.to_string(),
+            "--seed",
+            "1",
+            "--out",
+            extract.to_str().unwrap(),
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let output = ingest(dir, &[extract.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    let _hub_process = RunningNode::start(&hub);
+    let _gp_process = RunningNode::start(&gp);
+    let acute_process = RunningNode::start(&acute);
+    let address = acute_process.address.clone();
+
+    // The hospital's patient, whose GP data it receives.
+    let patients = caseload(&acute);
+    let (nhs, no_share_in) = (patients[0].clone(), patients[1].clone());
+    let token = api_token(&acute, &["--client", "ward-system"]);
+    let gp_data_arrived = wait_for(SYNC_WAIT, || {
+        fhir_get(
+            &address,
+            &format!("/fhir/AllergyIntolerance?patient={nhs}"),
+            Some(&token),
+        )
+        .body
+        .contains("A81001")
+            || fhir_get(
+                &address,
+                &format!("/fhir/Patient/{nhs}/$everything"),
+                Some(&token),
+            )
+            .body
+            .contains("ods-organization-code/A81001")
+    });
+    assert!(gp_data_arrived, "the GP's data reaches the hospital first");
+
+    let endpoint = Endpoint::start();
+    let subscription = subscription_to(
+        &endpoint,
+        Some(&format!("Patient?_id={nhs}")),
+        "full-resource",
+    );
+    let made = post_json(&address, "/fhir/Subscription", &token, &subscription);
+    assert_eq!(made.status, 201, "{}", made.body);
+    let made: Value = serde_json::from_str(&made.body).unwrap();
+    let id = made["id"].as_str().unwrap().to_string();
+    assert_eq!(made["status"], "requested");
+    assert_eq!(
+        made["channel"]["header"][0], "Authorization: (not shown)",
+        "the client's credential is not shown again"
+    );
+
+    // The handshake, with the client's own header.
+    let handshake = endpoint.next(SYNC_WAIT).expect("a handshake");
+    assert_eq!(
+        status_value(&handshake.bundle, "type", "valueCode"),
+        "handshake"
+    );
+    assert_eq!(
+        handshake.authorization.as_deref(),
+        Some("Bearer hook-secret")
+    );
+    assert!(
+        handshake
+            .content_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("application/fhir+json")),
+        "{:?}",
+        handshake.content_type
+    );
+    assert_eq!(handshake.bundle["type"], "history");
+
+    // A second client follows every patient the hospital may see. The hospital's second
+    // patient has no Share In recorded there: the GP's data about them is held but not
+    // shown, so a change to it is no event for anyone here.
+    let everyone = Endpoint::start();
+    let made_for_everyone = post_json(
+        &address,
+        "/fhir/Subscription",
+        &token,
+        &subscription_to(&everyone, None, "id-only"),
+    );
+    assert_eq!(made_for_everyone.status, 201, "{}", made_for_everyone.body);
+    assert!(everyone.next(SYNC_WAIT).is_some(), "a handshake");
+    let output = run(&[
+        "consent",
+        "set",
+        "--dir",
+        acute.to_str().unwrap(),
+        "--nhs",
+        &no_share_in,
+        "--share-in",
+        "off",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // The GP records a new allergy for each; the hub relays them; the hospital's node tells
+    // the clients. The endpoint refuses the first notification: it comes again, nothing lost.
+    endpoint.refuse.store(1, Ordering::SeqCst);
+    let before = newest_from(&acute, "A81001", &no_share_in);
+    let change = temp.path().join("gp-change.json");
+    gp_allergy_extract(&gp, &nhs, &change);
+    let hidden_change = temp.path().join("gp-change-hidden.json");
+    gp_allergy_extract(&gp, &no_share_in, &hidden_change);
+    let output = ingest(
+        &gp,
+        &[change.to_str().unwrap(), hidden_change.to_str().unwrap()],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let mut notifications = Vec::new();
+    let took = wait_for(SYNC_WAIT, || {
+        while let Some(received) = endpoint.next(Duration::from_millis(200)) {
+            notifications.push(received.bundle);
+        }
+        notifications
+            .iter()
+            .filter(|b| b.to_string().contains("294505008"))
+            .count()
+            >= 2
+    });
+    assert!(
+        took,
+        "the allergy was notified, refused and notified again: {notifications:#?}"
+    );
+    let allergy_notifications: Vec<&Value> = notifications
+        .iter()
+        .filter(|b| b.to_string().contains("294505008"))
+        .collect();
+    let (refused, taken) = (allergy_notifications[0], allergy_notifications[1]);
+    assert_eq!(
+        event_numbers(refused),
+        event_numbers(taken),
+        "the retry carries the same events"
+    );
+    assert_eq!(
+        status_value(taken, "type", "valueCode"),
+        "event-notification"
+    );
+    assert_eq!(status_value(taken, "topic", "valueCanonical"), TOPIC);
+    let entries = taken["entry"].as_array().unwrap();
+    let allergy = entries
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|r| r["resourceType"] == "AllergyIntolerance" && r.to_string().contains("294505008"))
+        .expect("the allergy itself, in a full-resource notification");
+    assert!(
+        allergy["meta"]["source"]
+            .as_str()
+            .unwrap_or("")
+            .contains("A81001"),
+        "its publisher is named: {allergy}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["resource"]["resourceType"] == "Patient"),
+        "the focus patient is in the bundle"
+    );
+    let focus = status(taken)
+        .into_iter()
+        .find(|(n, _)| n == "notification-event")
+        .unwrap()
+        .1["part"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "focus")
+        .unwrap()["valueReference"]["reference"]
+        .clone();
+    assert!(
+        focus
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/Patient/{nhs}")),
+        "{focus}"
+    );
+
+    // The hidden patient's change reached the hospital, and was told to nobody.
+    assert!(
+        wait_for(SYNC_WAIT, || newest_from(&acute, "A81001", &no_share_in)
+            > before),
+        "the change about the patient without Share In reached the hospital"
+    );
+    let mut told_everyone = Vec::new();
+    let told_first = wait_for(SYNC_WAIT, || {
+        while let Some(received) = everyone.next(Duration::from_millis(200)) {
+            told_everyone.push(received.bundle.to_string());
+        }
+        told_everyone
+            .iter()
+            .any(|b| b.contains(&format!("/Patient/{nhs}")))
+    });
+    assert!(told_first, "{told_everyone:#?}");
+    std::thread::sleep(Duration::from_secs(3));
+    while let Some(received) = everyone.next(Duration::from_millis(200)) {
+        told_everyone.push(received.bundle.to_string());
+    }
+    assert!(
+        told_everyone.iter().all(|b| !b.contains(&no_share_in)),
+        "a change to data the client may not see is never told: {told_everyone:#?}"
+    );
+    // Nor is it an event without a patient: no sign of what was withheld.
+    for bundle in &told_everyone {
+        let bundle: Value = serde_json::from_str(bundle).unwrap();
+        for (name, event) in status(&bundle) {
+            if name == "notification-event" {
+                assert!(
+                    event["part"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|p| p["name"] == "focus"),
+                    "{bundle:#}"
+                );
+            }
+        }
+    }
+    assert!(
+        told_everyone.iter().all(|b| !b.contains("294505008")),
+        "an id-only notification carries no clinical content"
+    );
+
+    // $status says how many events there have been.
+    let answered = fhir_get(
+        &address,
+        &format!("/fhir/Subscription/{id}/$status"),
+        Some(&token),
+    );
+    assert_eq!(answered.status, 200, "{}", answered.body);
+    let answered: Value = serde_json::from_str(&answered.body).unwrap();
+    let since_start: u64 = answered["entry"][0]["resource"]["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "events-since-subscription-start")
+        .unwrap()["valueString"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(since_start >= 1, "{answered}");
+    // Another client does not see it.
+    let other = api_token(&acute, &["--client", "other-system"]);
+    assert_eq!(
+        fhir_get(&address, &format!("/fhir/Subscription/{id}"), Some(&other)).status,
+        404
+    );
+
+    // With nothing to tell, a heartbeat within its period.
+    let heartbeat = wait_for(Duration::from_secs(30), || {
+        endpoint
+            .next(Duration::from_millis(500))
+            .is_some_and(|r| status_value(&r.bundle, "type", "valueCode") == "heartbeat")
+    });
+    assert!(heartbeat, "a heartbeat");
+
+    // Every notification naming the patient is in the audit trail, as a read is.
+    let audit = run(&[
+        "audit",
+        "report",
+        "--dir",
+        acute.to_str().unwrap(),
+        "--patient",
+        &nhs,
+        "--format",
+        "json",
+    ]);
+    assert!(audit.status.success(), "{}", stderr(&audit));
+    assert!(stdout(&audit).contains("fhir-notify"), "{}", stdout(&audit));
+
+    // Ended: nothing more is sent.
+    let ended = http_request_raw(
+        &address,
+        "DELETE",
+        &format!("/fhir/Subscription/{id}"),
+        &[("Authorization", &format!("Bearer {token}"))],
+        "",
+    );
+    assert_eq!(ended.status, 200, "{}", ended.body);
+    while endpoint.next(Duration::from_millis(100)).is_some() {}
+    let again = temp.path().join("gp-change-2.json");
+    gp_allergy_extract(&gp, &nhs, &again);
+    let text = std::fs::read_to_string(&again)
+        .unwrap()
+        .replace("2026-11-30", "2026-12-01")
+        .replace("notified-allergy-1", "notified-allergy-2");
+    std::fs::write(&again, text).unwrap();
+    let output = ingest(&gp, &[again.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        endpoint.next(Duration::from_secs(8)).is_none(),
+        "an ended subscription is told nothing"
+    );
+}
+
+/// The hospital's patients (those it has published about).
+fn caseload(acute: &Path) -> Vec<String> {
+    let database = caremesh_storage::page_checksums::open_directly(&acute.join("node.db")).unwrap();
+    let mut statement = database
+        .prepare("SELECT DISTINCT nhs FROM documents WHERE publisher = 'RTH01' ORDER BY nhs")
+        .unwrap();
+    statement
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The newest feed position at `dir` of a document `publisher` published about `nhs`.
+fn newest_from(dir: &Path, publisher: &str, nhs: &str) -> i64 {
+    let database = caremesh_storage::page_checksums::open_directly(&dir.join("node.db")).unwrap();
+    database
+        .query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM documents WHERE publisher = ?1 AND nhs = ?2 \
+             AND section != 'sharing'",
+            [publisher, nhs],
+            |row| row.get(0),
+        )
+        .unwrap()
+}
+
+fn subscription_to(endpoint: &Endpoint, filter: Option<&str>, payload: &str) -> Value {
+    let mut subscription = json!({
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "Tell the ward system when the patient's shared record changes",
+        "criteria": TOPIC,
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint.url,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": format!("{BACKPORT}/backport-payload-content"), "valueCode": payload}]},
+            "header": ["Authorization: Bearer hook-secret"],
+            "extension": [{"url": format!("{BACKPORT}/backport-heartbeat-period"), "valueUnsignedInt": 10}],
+        },
+    });
+    if let Some(filter) = filter {
+        subscription["_criteria"] = json!({"extension": [{
+            "url": format!("{BACKPORT}/backport-filter-criteria"),
+            "valueString": filter,
+        }]});
+    }
+    subscription
+}
