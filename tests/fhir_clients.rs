@@ -11,6 +11,8 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+use support::notify::{Endpoint, post_json, subscription_to};
 use support::*;
 
 /// A Python with `fhirclient`'s models, set up once per target folder.
@@ -71,6 +73,29 @@ fn every_uk_core_and_synthea_record_through_the_fhir_api_parses_strictly_in_smar
     let index = synthea.join("nhs-numbers.csv");
     // Some examples are refused by design (quarantined with a reason): the rest must parse.
     ingest(&home, &[uk_core.to_str().unwrap()]);
+    let node = RunningNode::start(&home);
+    let token = api_token(&home, &["--client", "strict-parse"]);
+    let get = |path: &str| fhir_get(&node.address, path, Some(&token));
+    // Two subscriptions to every patient, told of the Synthea records as they arrive: one
+    // with whole resources, one with their ids.
+    let endpoints: Vec<(Endpoint, String)> = ["full-resource", "id-only"]
+        .iter()
+        .map(|payload| {
+            let endpoint = Endpoint::start();
+            let made = post_json(
+                &node.address,
+                "/fhir/Subscription",
+                &token,
+                &subscription_to(&endpoint, None, payload),
+            );
+            assert_eq!(made.status, 201, "{}", made.body);
+            assert!(
+                endpoint.next(Duration::from_secs(60)).is_some(),
+                "a handshake"
+            );
+            (endpoint, made.body)
+        })
+        .collect();
     let ingested = ingest(
         &home,
         &[
@@ -80,9 +105,6 @@ fn every_uk_core_and_synthea_record_through_the_fhir_api_parses_strictly_in_smar
         ],
     );
     assert!(ingested.status.success(), "{}", stderr(&ingested));
-    let node = RunningNode::start(&home);
-    let token = api_token(&home, &["--client", "strict-parse"]);
-    let get = |path: &str| fhir_get(&node.address, path, Some(&token));
 
     let mut patients = vec!["9912003888".to_string()];
     let index_text = std::fs::read_to_string(&index).unwrap();
@@ -139,6 +161,34 @@ fn every_uk_core_and_synthea_record_through_the_fhir_api_parses_strictly_in_smar
         keep(format!("{nhs}-everything"), &everything.body);
         keep(format!("{nhs}-summary"), &summary.body);
     }
+    // The notifications of the Synthea records, each Subscription and its $status.
+    for (n, (endpoint, made)) in endpoints.iter().enumerate() {
+        let mut notified = 0;
+        while let Some(received) =
+            endpoint.next(Duration::from_secs(if notified == 0 { 60 } else { 3 }))
+        {
+            notified += 1;
+            keep(
+                format!("notification-{n}-{notified}"),
+                &received.bundle.to_string(),
+            );
+        }
+        assert!(notified > 0, "the Synthea records were notified");
+        keep(
+            format!("subscription-{n}"),
+            &format!(
+                "{{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[{{\"resource\":{made}}}]}}"
+            ),
+        );
+        let id = serde_json::from_str::<serde_json::Value>(made).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let status = get(&format!("/fhir/Subscription/{id}/$status"));
+        assert_eq!(status.status, 200, "{}", status.body);
+        keep(format!("subscription-{n}-status"), &status.body);
+    }
+
     assert!(
         bundles.len() >= 5,
         "UK Core's patient and a Synthea patient, everything and summary"

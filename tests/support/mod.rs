@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: they run the real `caremesh` binary.
 #![allow(dead_code)]
 
+pub mod notify;
 pub mod region;
 
 use std::io::{Read, Write};

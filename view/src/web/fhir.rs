@@ -434,7 +434,7 @@ fn capability_statement(state: &ViewState, base: &str) -> Value {
             },
             "resource": std::iter::once(patient_capability()).chain(
                 fhir_search::SEARCHABLE_TYPES.iter().map(|t| type_capability(t))
-            ).collect::<Vec<Value>>(),
+            ).chain(std::iter::once(super::subscriptions::capability())).collect::<Vec<Value>>(),
         }],
     })
 }

@@ -329,6 +329,31 @@ pub fn resource(subscription: &Subscription, reason: Option<&str>) -> Value {
     resource
 }
 
+/// What the CapabilityStatement says of subscriptions.
+pub(super) fn capability() -> Value {
+    json!({
+        "type": "Subscription",
+        "supportedProfile": [format!("{BACKPORT}/backport-subscription")],
+        "extension": [{
+            "url": format!("{BACKPORT}/capabilitystatement-subscriptiontopic-canonical"),
+            "valueCanonical": TOPIC,
+        }],
+        "interaction": [{ "code": "create" }, { "code": "read" }, { "code": "delete" }],
+        "operation": [{
+            "name": "status",
+            "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status",
+        }],
+        "documentation": format!(
+            "Change notifications (Subscriptions R5 Backport, rest-hook, payloads empty, id-only \
+             and full-resource) on the topic {TOPIC}: a patient's record changed at this node, \
+             from any organisation. Filter Patient?_id=N for one patient; none for every \
+             patient the caller may see. Made with a token whose scopes read Patient; what a \
+             notification tells is decided for that token's client and user as their reads \
+             are. Endpoints are https, or http on this machine only."
+        ),
+    })
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
