@@ -146,14 +146,24 @@ async fn pass(
             })
             .await?;
     }
-    let live = read_live(state).await?;
+    let (state_for_read, database) = (state.clone(), state.database.clone());
+    let due = blocking(move || {
+        let store = Store::open_read_only(&database)?;
+        let mut assembled = Assembled::default();
+        let mut due = Vec::new();
+        for subscription in store.live_subscriptions()? {
+            if let Some(notification) =
+                due_notification(&store, &state_for_read, &mut assembled, &subscription, now)?
+            {
+                due.push((subscription, notification));
+            }
+        }
+        Ok(due)
+    })
+    .await?;
     let mut deliveries = tokio::task::JoinSet::new();
-    for subscription in &live {
-        let Some(due) = due_notification(state, subscription, now).await? else {
-            continue;
-        };
+    for (subscription, due) in due {
         let http = http.clone();
-        let subscription = subscription.clone();
         deliveries.spawn(async move {
             let outcome = post(&http, &subscription, &due.bundle).await;
             (subscription, due, outcome)
@@ -314,11 +324,14 @@ struct Due {
     disclosed: Vec<AuditEvent>,
 }
 
-async fn due_notification(
-    state: &Arc<ViewState>,
+/// What is due to post to a subscription's endpoint now, if anything.
+fn due_notification(
+    store: &Store,
+    state: &ViewState,
+    assembled: &mut Assembled,
     subscription: &Subscription,
     now: i64,
-) -> Result<Option<Due>, axum::response::Response> {
+) -> Result<Option<Due>, caremesh_storage::StorageError> {
     let retry_due = subscription.due_at_ms <= now;
     match subscription.status {
         SubscriptionStatus::Off => return Ok(None),
@@ -333,11 +346,7 @@ async fn due_notification(
         SubscriptionStatus::Error if !retry_due => return Ok(None),
         SubscriptionStatus::Active | SubscriptionStatus::Error => {}
     }
-    let (database, id) = (state.database.clone(), subscription.id.clone());
-    let waiting = blocking(move || {
-        Ok(Store::open_read_only(&database)?.waiting_events(&id, EVENTS_PER_NOTIFICATION)?)
-    })
-    .await?;
+    let waiting = store.waiting_events(&subscription.id, EVENTS_PER_NOTIFICATION)?;
     if waiting.is_empty() {
         let heartbeat_due = subscription.heartbeat_seconds.is_some() && retry_due;
         return Ok(heartbeat_due.then(|| Due {
@@ -346,31 +355,19 @@ async fn due_notification(
             disclosed: Vec::new(),
         }));
     }
-    let (state_for_read, database) = (state.clone(), state.database.clone());
-    let subscription = subscription.clone();
-    let due = blocking(move || {
-        let store = Store::open_read_only(&database)?;
-        Ok(event_notification(
-            &store,
-            &state_for_read,
-            &subscription,
-            &waiting,
-        )?)
-    })
-    .await?;
-    Ok(Some(due))
+    event_notification(store, state, assembled, subscription, &waiting).map(Some)
 }
 
 /// The notification of `waiting`, its content assembled now for the subscription's caller.
 fn event_notification(
     store: &Store,
     state: &ViewState,
+    assembled: &mut Assembled,
     subscription: &Subscription,
     waiting: &[SubscriptionEvent],
 ) -> Result<Due, caremesh_storage::StorageError> {
     let caller = caller_of(subscription);
     let base = &subscription.base_url;
-    let mut assembled = Assembled::default();
     let mut events = Vec::new();
     let mut entries: Vec<Value> = Vec::new();
     let mut listed = BTreeSet::new();
