@@ -564,17 +564,12 @@ fn tokens_are_limited_by_scope_patient_role_and_client_and_refusals_look_like_no
 
     // A client registered for conditions only: no Patient reads; $everything drops what
     // its scopes do not cover.
-    let added = run(&[
-        "api-client",
-        "add",
-        "--dir",
-        home.to_str().unwrap(),
-        "--id",
+    add_client(
+        &home,
         "conditions-only",
-        "--scope",
+        None,
         "system/Condition.rs system/Patient.rs",
-    ]);
-    assert!(added.status.success(), "{}", stderr(&added));
+    );
     let narrow = api_token(&home, &["--client", "conditions-only"]);
     let everything = json_body(&read(
         &format!("/fhir/Patient/{PATIENT}/$everything"),
@@ -647,6 +642,24 @@ fn tokens_are_limited_by_scope_patient_role_and_client_and_refusals_look_like_no
     );
 }
 
+/// Registers client `id` with `scopes` and, when given, the public key in the file `jwk`.
+fn add_client(home: &Path, id: &str, jwk: Option<&Path>, scopes: &str) {
+    let mut args = vec![
+        "api-client",
+        "add",
+        "--dir",
+        home.to_str().unwrap(),
+        "--id",
+        id,
+    ];
+    if let Some(jwk) = jwk {
+        args.extend(["--public-key", jwk.to_str().unwrap()]);
+    }
+    args.extend(["--scope", scopes]);
+    let added = run(&args);
+    assert!(added.status.success(), "{}", stderr(&added));
+}
+
 /// SMART Backend Services: a client signs an assertion with its key and trades it for a
 /// token at `POST /oauth/token`; a replayed, forged or misdirected assertion is refused. A
 /// clinical system acting for a user presents the user's launch token as well, and gets a
@@ -663,19 +676,7 @@ fn a_backend_service_gets_a_token_with_a_signed_client_assertion() {
         ClientKey::ed25519_jwk(&signing.verifying_key().to_bytes()),
     )
     .unwrap();
-    let added = run(&[
-        "api-client",
-        "add",
-        "--dir",
-        home.to_str().unwrap(),
-        "--id",
-        "backend",
-        "--public-key",
-        jwk_file.to_str().unwrap(),
-        "--scope",
-        "system/*.rs user/*.rs",
-    ]);
-    assert!(added.status.success(), "{}", stderr(&added));
+    add_client(&home, "backend", Some(&jwk_file), "system/*.rs user/*.rs");
     let node = RunningNode::start(&home);
     let address = node.address.as_str();
     let now = std::time::SystemTime::now()
@@ -717,6 +718,50 @@ fn a_backend_service_gets_a_token_with_a_signed_client_assertion() {
     let token = granted["access_token"].as_str().unwrap();
     let read = fhir_get(address, &format!("/fhir/Patient/{PATIENT}"), Some(token));
     assert_eq!(read.status, 200, "{}", read.body);
+
+    // An ES384 client (P-384), as SMART Backend Services asks servers to accept.
+    {
+        use caremesh_view::api_access::{Es384, sign_assertion_with};
+        use ring::signature::{ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+        let random = ring::rand::SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &random).unwrap();
+        let key =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref(), &random)
+                .unwrap();
+        let point = key.public_key().as_ref();
+        let b64 = |bytes: &[u8]| {
+            use base64ct::{Base64UrlUnpadded, Encoding};
+            Base64UrlUnpadded::encode_string(bytes)
+        };
+        let es_jwk = dir.path().join("es384.jwk");
+        std::fs::write(
+            &es_jwk,
+            json!({"kty": "EC", "crv": "P-384", "x": b64(&point[1..49]), "y": b64(&point[49..])})
+                .to_string(),
+        )
+        .unwrap();
+        add_client(
+            &home,
+            "backend-es384",
+            Some(&es_jwk),
+            "system/*.rs user/*.rs",
+        );
+        let es_assertion = sign_assertion_with(
+            Es384,
+            &key,
+            AssertionClaims {
+                iss: "backend-es384".into(),
+                sub: "backend-es384".into(),
+                aud: token_url.clone(),
+                jti: "es384-first".into(),
+            },
+            now,
+            240,
+        );
+        let answer = post(&es_assertion, "system/*.rs");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
 
     let refused = |response: HttpResponse, expect: &str| {
         assert_eq!(response.status, 401, "{}", response.body);

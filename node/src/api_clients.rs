@@ -31,7 +31,8 @@ pub enum ApiClientCommand {
         #[arg(long)]
         id: String,
         /// The public key its client assertions are signed with: a JWK or a JWK Set of one
-        /// key (EdDSA: kty OKP, crv Ed25519), or an Ed25519 public key in hex. Without one
+        /// key (RS384: kty RSA; ES384: kty EC, crv P-384; EdDSA: kty OKP, crv Ed25519), or an
+        /// Ed25519 public key in hex. Without one
         /// the client gets tokens only from `caremesh api-token`.
         #[arg(long)]
         public_key: Option<PathBuf>,

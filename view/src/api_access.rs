@@ -9,9 +9,11 @@
 //! organisation.
 
 use crate::launch::EdDsa;
-use jwt_compact::{AlgorithmExt, UntrustedToken};
+use jwt_compact::{Algorithm, AlgorithmExt, AlgorithmSignature, UntrustedToken};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
+use std::num::NonZeroUsize;
 
 /// Longest client assertion accepted, before any parsing.
 pub const ASSERTION_MAX_BYTES: usize = 8 * 1024;
@@ -165,11 +167,20 @@ pub fn scopes_text(scopes: &[Scope]) -> String {
         .join(" ")
 }
 
-/// A client's public key, as registered: a JWK (or a JWK Set holding one key).
+/// A client's public key, as registered: a JWK (or a JWK Set holding one key). SMART Backend
+/// Services asks a server to accept RS384 and ES384; EdDSA is accepted too.
 #[derive(Debug, Clone)]
 pub enum ClientKey {
     EdDsa(ed25519_dalek::VerifyingKey),
+    /// RS384: RSASSA-PKCS1-v1_5 with SHA-384, a modulus of 2048 to 8192 bits.
+    Rs384(ring::rsa::PublicKeyComponents<Vec<u8>>),
+    /// ES384: ECDSA on P-384 with SHA-384; the uncompressed point (0x04, x, y).
+    Es384(EcPoint),
 }
+
+/// An uncompressed P-384 point, as a JWK's `x` and `y` give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcPoint(pub Vec<u8>);
 
 /// Why a client's public key cannot be registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -177,11 +188,15 @@ pub enum ClientKeyError {
     #[error("the public key is not a JSON Web Key (or a JWK Set with one key): {0}")]
     NotAJwk(String),
     #[error(
-        "the key is a {0} key; this node checks EdDSA (kty OKP, crv Ed25519) client assertions"
+        "the key is a {0} key; this node checks RS384 (kty RSA), ES384 (kty EC, crv P-384) and EdDSA (kty OKP, crv Ed25519) client assertions"
     )]
     Unsupported(String),
     #[error("the key's `x` is not a base64url Ed25519 public key")]
     BadEd25519,
+    #[error("the key's `n` and `e` are not a base64url RSA public key of 2048 to 8192 bits")]
+    BadRsa,
+    #[error("the key's `x` and `y` are not base64url P-384 coordinates (48 bytes each)")]
+    BadP384,
 }
 
 #[derive(Deserialize)]
@@ -191,11 +206,115 @@ struct Jwk {
     crv: Option<String>,
     #[serde(default)]
     x: Option<String>,
+    #[serde(default)]
+    y: Option<String>,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    e: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct JwkSet {
     keys: Vec<serde_json::Value>,
+}
+
+fn base64url(text: Option<&String>) -> Option<Vec<u8>> {
+    use base64ct::{Base64UrlUnpadded, Encoding};
+    Base64UrlUnpadded::decode_vec(text?.trim_end_matches('=')).ok()
+}
+
+/// A JWS signature as its bytes (RS384's length is its key's; ES384's is 96).
+#[derive(Debug, Clone)]
+pub struct RawSignature(Vec<u8>);
+
+impl AlgorithmSignature for RawSignature {
+    const LENGTH: Option<NonZeroUsize> = None;
+
+    fn try_from_slice(slice: &[u8]) -> anyhow::Result<Self> {
+        Ok(RawSignature(slice.to_vec()))
+    }
+
+    fn as_bytes(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.0)
+    }
+}
+
+/// RS384 on ring (the node's one cryptography library beside ed25519-dalek).
+#[derive(Debug, Clone, Copy)]
+pub struct Rs384;
+
+impl Algorithm for Rs384 {
+    type SigningKey = ring::rsa::KeyPair;
+    type VerifyingKey = ring::rsa::PublicKeyComponents<Vec<u8>>;
+    type Signature = RawSignature;
+
+    fn name(&self) -> Cow<'static, str> {
+        Cow::Borrowed("RS384")
+    }
+
+    fn sign(&self, signing_key: &Self::SigningKey, message: &[u8]) -> Self::Signature {
+        let mut signature = vec![0; signing_key.public().modulus_len()];
+        signing_key
+            .sign(
+                &ring::signature::RSA_PKCS1_SHA384,
+                &ring::rand::SystemRandom::new(),
+                message,
+                &mut signature,
+            )
+            .expect("RSA signing fails only when the system has no randomness");
+        RawSignature(signature)
+    }
+
+    fn verify_signature(
+        &self,
+        signature: &Self::Signature,
+        verifying_key: &Self::VerifyingKey,
+        message: &[u8],
+    ) -> bool {
+        verifying_key
+            .verify(
+                &ring::signature::RSA_PKCS1_2048_8192_SHA384,
+                message,
+                &signature.0,
+            )
+            .is_ok()
+    }
+}
+
+/// ES384 on ring: the JWS form of the signature (r and s, 48 bytes each).
+#[derive(Debug, Clone, Copy)]
+pub struct Es384;
+
+impl Algorithm for Es384 {
+    type SigningKey = ring::signature::EcdsaKeyPair;
+    type VerifyingKey = EcPoint;
+    type Signature = RawSignature;
+
+    fn name(&self) -> Cow<'static, str> {
+        Cow::Borrowed("ES384")
+    }
+
+    fn sign(&self, signing_key: &Self::SigningKey, message: &[u8]) -> Self::Signature {
+        let signature = signing_key
+            .sign(&ring::rand::SystemRandom::new(), message)
+            .expect("ECDSA signing fails only when the system has no randomness");
+        RawSignature(signature.as_ref().to_vec())
+    }
+
+    fn verify_signature(
+        &self,
+        signature: &Self::Signature,
+        verifying_key: &Self::VerifyingKey,
+        message: &[u8],
+    ) -> bool {
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P384_SHA384_FIXED,
+            &verifying_key.0,
+        )
+        .verify(message, &signature.0)
+        .is_ok()
+    }
 }
 
 impl ClientKey {
@@ -232,6 +351,30 @@ impl ClientKey {
                     .map(ClientKey::EdDsa)
                     .map_err(|_| ClientKeyError::BadEd25519)
             }
+            ("RSA", _) => {
+                let (n, e) = (base64url(jwk.n.as_ref()), base64url(jwk.e.as_ref()));
+                match (n, e) {
+                    // 2048 to 8192 bits (a leading zero byte allowed), a short exponent.
+                    (Some(n), Some(e))
+                        if (256..=1025).contains(&n.len()) && (1..=8).contains(&e.len()) =>
+                    {
+                        Ok(ClientKey::Rs384(ring::rsa::PublicKeyComponents { n, e }))
+                    }
+                    _ => Err(ClientKeyError::BadRsa),
+                }
+            }
+            ("EC", Some("P-384")) => {
+                let (x, y) = (base64url(jwk.x.as_ref()), base64url(jwk.y.as_ref()));
+                match (x, y) {
+                    (Some(x), Some(y)) if x.len() == 48 && y.len() == 48 => {
+                        let mut point = vec![0x04];
+                        point.extend(x);
+                        point.extend(y);
+                        Ok(ClientKey::Es384(EcPoint(point)))
+                    }
+                    _ => Err(ClientKeyError::BadP384),
+                }
+            }
             (kty, crv) => Err(ClientKeyError::Unsupported(crv.map_or_else(
                 || clip(kty, 16),
                 |crv| format!("{} {}", clip(kty, 16), clip(crv, 16)),
@@ -253,6 +396,8 @@ impl ClientKey {
     fn algorithm(&self) -> &'static str {
         match self {
             ClientKey::EdDsa(_) => "EdDSA",
+            ClientKey::Rs384(_) => "RS384",
+            ClientKey::Es384(_) => "ES384",
         }
     }
 }
@@ -345,6 +490,8 @@ pub fn verify_assertion(
     }
     let validated = match key {
         ClientKey::EdDsa(key) => EdDsa.validator::<AssertionClaims>(key).validate(&untrusted),
+        ClientKey::Rs384(key) => Rs384.validator::<AssertionClaims>(key).validate(&untrusted),
+        ClientKey::Es384(key) => Es384.validator::<AssertionClaims>(key).validate(&untrusted),
     };
     let claims = validated
         .map_err(|error| match error {
@@ -385,9 +532,20 @@ pub fn verify_assertion(
     })
 }
 
-/// Signs a client assertion as a client would (tests, demos).
+/// Signs an EdDSA client assertion as a client would (tests, demos).
 pub fn sign_assertion(
     signing_key: &ed25519_dalek::SigningKey,
+    claims: AssertionClaims,
+    issued_at: i64,
+    valid_seconds: i64,
+) -> String {
+    sign_assertion_with(EdDsa, signing_key, claims, issued_at, valid_seconds)
+}
+
+/// Signs a client assertion with `algorithm` (EdDsa, Rs384, Es384) as a client would.
+pub fn sign_assertion_with<A: Algorithm>(
+    algorithm: A,
+    signing_key: &A::SigningKey,
     claims: AssertionClaims,
     issued_at: i64,
     valid_seconds: i64,
@@ -396,7 +554,7 @@ pub fn sign_assertion(
     let mut claims = jwt_compact::Claims::new(claims);
     claims.issued_at = DateTime::<Utc>::from_timestamp(issued_at, 0);
     claims.expiration = DateTime::<Utc>::from_timestamp(issued_at + valid_seconds, 0);
-    EdDsa
+    algorithm
         .token(
             &jwt_compact::Header::empty().with_token_type("JWT"),
             &claims,
@@ -512,15 +670,23 @@ mod tests {
 
     #[test]
     fn keys_are_read_from_a_jwk_or_a_set_of_one() {
-        let (_, key) = key_pair();
-        let ClientKey::EdDsa(public) = key;
-        let jwk = ClientKey::ed25519_jwk(&public.to_bytes());
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let jwk = ClientKey::ed25519_jwk(&signing.verifying_key().to_bytes());
         let set = format!("{{\"keys\":[{jwk}]}}");
         assert!(ClientKey::from_jwk(&set).is_ok());
         assert!(matches!(
-            ClientKey::from_jwk(r#"{"kty":"EC","crv":"P-384","x":"a","y":"b"}"#),
-            Err(ClientKeyError::Unsupported(kind)) if kind == "EC P-384"
+            ClientKey::from_jwk(r#"{"kty":"EC","crv":"P-256","x":"a","y":"b"}"#),
+            Err(ClientKeyError::Unsupported(kind)) if kind == "EC P-256"
         ));
+        assert_eq!(
+            ClientKey::from_jwk(r#"{"kty":"EC","crv":"P-384","x":"a","y":"b"}"#).unwrap_err(),
+            ClientKeyError::BadP384
+        );
+        assert_eq!(
+            ClientKey::from_jwk(r#"{"kty":"RSA","n":"AQAB","e":"AQAB"}"#).unwrap_err(),
+            ClientKeyError::BadRsa,
+            "a 24-bit modulus"
+        );
         assert!(matches!(
             ClientKey::from_jwk("not json"),
             Err(ClientKeyError::NotAJwk(_))
@@ -529,5 +695,85 @@ mod tests {
             ClientKey::from_jwk(&format!("{{\"keys\":[{jwk},{jwk}]}}")),
             Err(ClientKeyError::NotAJwk(_))
         ));
+    }
+
+    /// The JWK of a client's P-384 or RSA key, as the client would publish it.
+    fn jwk_of(public: &ClientKeyMaterial) -> String {
+        use base64ct::{Base64UrlUnpadded, Encoding};
+        let b64 = |bytes: &[u8]| Base64UrlUnpadded::encode_string(bytes);
+        match public {
+            ClientKeyMaterial::P384(point) => serde_json::json!({
+                "kty": "EC", "crv": "P-384", "x": b64(&point[1..49]), "y": b64(&point[49..]),
+            }),
+            ClientKeyMaterial::Rsa(n, e) => {
+                serde_json::json!({ "kty": "RSA", "n": b64(n), "e": b64(e) })
+            }
+        }
+        .to_string()
+    }
+
+    enum ClientKeyMaterial {
+        P384(Vec<u8>),
+        Rsa(Vec<u8>, Vec<u8>),
+    }
+
+    fn signed<A: Algorithm>(algorithm: A, key: &A::SigningKey, aud: &str) -> String {
+        sign_assertion_with(algorithm, key, claims(aud), 1_000, 120)
+    }
+
+    #[test]
+    fn rs384_and_es384_assertions_verify_with_the_clients_jwk_and_forgeries_do_not() {
+        let audiences = vec!["http://node.example/oauth/token".to_string()];
+        let random = ring::rand::SystemRandom::new();
+        let p384 = |random: &ring::rand::SystemRandom| {
+            let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+                &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+                random,
+            )
+            .unwrap();
+            ring::signature::EcdsaKeyPair::from_pkcs8(
+                &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+                pkcs8.as_ref(),
+                random,
+            )
+            .unwrap()
+        };
+        use ring::signature::KeyPair;
+        let ec = p384(&random);
+        let ec_key = ClientKey::from_jwk(&jwk_of(&ClientKeyMaterial::P384(
+            ec.public_key().as_ref().to_vec(),
+        )))
+        .unwrap();
+        let good = signed(Es384, &ec, &audiences[0]);
+        assert!(verify_assertion(&good, "app", &ec_key, &audiences, 1_010).is_ok());
+        let forged = signed(Es384, &p384(&random), &audiences[0]);
+        assert_eq!(
+            verify_assertion(&forged, "app", &ec_key, &audiences, 1_010),
+            Err(AssertionRefused::Forged)
+        );
+
+        // A test-only key, made for this test (`openssl genpkey -algorithm RSA -outform
+        // DER`, PKCS#1).
+        let rsa =
+            ring::rsa::KeyPair::from_der(include_bytes!("testdata/rs384-test-client.der")).unwrap();
+        let public = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(rsa.public());
+        let rsa_key =
+            ClientKey::from_jwk(&jwk_of(&ClientKeyMaterial::Rsa(public.n, public.e))).unwrap();
+        let good = signed(Rs384, &rsa, &audiences[0]);
+        assert!(verify_assertion(&good, "app", &rsa_key, &audiences, 1_010).is_ok());
+        // Signed with another algorithm than the key's: refused before the signature.
+        assert!(matches!(
+            verify_assertion(&good, "app", &ec_key, &audiences, 1_010),
+            Err(AssertionRefused::WrongAlgorithm { .. })
+        ));
+        // A signature bit changed.
+        let (head, signature) = good.rsplit_once('.').unwrap();
+        let mut bytes = signature.as_bytes().to_vec();
+        bytes[10] = if bytes[10] == b'A' { b'B' } else { b'A' };
+        let tampered = format!("{head}.{}", String::from_utf8(bytes).unwrap());
+        assert_eq!(
+            verify_assertion(&tampered, "app", &rsa_key, &audiences, 1_010),
+            Err(AssertionRefused::Forged)
+        );
     }
 }

@@ -430,7 +430,7 @@ fn capability_statement(state: &ViewState, base: &str) -> Value {
                     "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
                     "extension": [{ "url": "token", "valueUri": token_url }],
                 }],
-                "description": "SMART Backend Services: POST a client_credentials grant with a private_key_jwt client assertion (EdDSA) to the token endpoint, then present the access token as a Bearer token. For a signed-in user, the grant urn:ietf:params:oauth:grant-type:jwt-bearer with the user's launch token as the assertion.",
+                "description": "SMART Backend Services: POST a client_credentials grant with a private_key_jwt client assertion (RS384, ES384 or EdDSA) to the token endpoint, then present the access token as a Bearer token. For a signed-in user, the grant urn:ietf:params:oauth:grant-type:jwt-bearer with the user's launch token as the assertion.",
             },
             "resource": std::iter::once(patient_capability()).chain(
                 fhir_search::SEARCHABLE_TYPES.iter().map(|t| type_capability(t))
@@ -530,7 +530,7 @@ pub async fn smart_configuration(headers: HeaderMap) -> Response {
             "token_endpoint": token_url,
             "grant_types_supported": ["client_credentials", USER_GRANT],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384", "EdDSA"],
             "scopes_supported": ["system/*.rs", "user/*.rs", "patient/*.rs"],
             "capabilities": ["client-confidential-asymmetric", "permission-v2", "permission-v1"],
         })
