@@ -544,6 +544,42 @@ fn tokens_are_limited_by_scope_patient_role_and_client_and_refusals_look_like_no
         "a patient the token may not see reads as one not held"
     );
 
+    // One resource by the id the API gave it, as a client follows a fullUrl (or an id-only
+    // notification): served to a token that may see its patient, "not found" as if not
+    // held to one that may not.
+    let condition = read(
+        &format!("/fhir/Condition?patient={PATIENT}&code=195967001"),
+        &one_patient,
+    );
+    let condition = json_body(&condition)["entry"][0].clone();
+    let path = condition["fullUrl"]
+        .as_str()
+        .unwrap()
+        .split_once("/fhir/")
+        .map(|(_, path)| format!("/fhir/{path}"))
+        .unwrap();
+    assert_eq!(path, "/fhir/Condition/A81001-asthma-1");
+    let by_id = read(&path, &one_patient);
+    assert_eq!(by_id.status, 200, "{}", by_id.body);
+    assert_eq!(json_body(&by_id), condition["resource"]);
+    let other_token = api_token(&home, &["--client", "gp-app", "--nhs", OTHER_PATIENT]);
+    let hidden = read(&path, &other_token);
+    assert_eq!(hidden.status, 404, "{}", hidden.body);
+    assert_eq!(
+        hidden.body,
+        read("/fhir/Condition/A81001-no-such-condition", &other_token).body,
+        "a resource the token may not see reads as one not held"
+    );
+    assert_eq!(
+        read("/fhir/Condition/A81001-asthma-1", &one_patient).status,
+        200
+    );
+    assert_eq!(
+        read("/fhir/Observation/A81001-asthma-1", &one_patient).status,
+        404,
+        "the type is part of the id"
+    );
+
     // A user whose role does not read records.
     let auditor = api_token(
         &home,

@@ -318,6 +318,17 @@ fn a_change_ingested_at_the_gp_is_notified_by_the_hospital_node_and_retried_unti
         told_everyone.iter().all(|b| !b.contains("294505008")),
         "an id-only notification carries no clinical content"
     );
+    // What an id-only notification names, the client reads.
+    let named = told_everyone
+        .iter()
+        .find_map(|b| {
+            let at = b.find("/fhir/AllergyIntolerance/A81001-notified-allergy-1")?;
+            Some(b[at..].split('"').next()?.to_string())
+        })
+        .expect("the new allergy is named");
+    let read = fhir_get(&address, &named, Some(&token));
+    assert_eq!(read.status, 200, "{}", read.body);
+    assert!(read.body.contains("294505008"), "{}", read.body);
 
     // $status says how many events there have been.
     let answered = fhir_get(

@@ -752,6 +752,19 @@ impl Store {
         Ok(documents)
     }
 
+    /// The patient whose record holds `publisher`'s resource `reference` (`Type/id`), if
+    /// this node holds it (migration 21's index).
+    pub fn patient_of_resource(&self, publisher: &str, reference: &str) -> Result<Option<String>> {
+        self.conn
+            .prepare_cached("SELECT nhs FROM items WHERE publisher = ?1 AND item_id = ?2 LIMIT 1")
+            .and_then(|mut statement| {
+                statement
+                    .query_row(params![publisher, reference], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(self.err("find a resource's patient"))
+    }
+
     /// Every read-model item about one patient, newest first within each section.
     pub fn patient_items(&self, nhs: &NhsNumber) -> Result<Vec<StoredItem>> {
         let mut statement = self

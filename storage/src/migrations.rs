@@ -409,6 +409,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (subscription_id, event_number)
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 21: a publisher's resource found by its id alone, for the FHIR API's reads of one
+    // resource (`GET /fhir/{type}/{id}`), which name no patient.
+    r#"
+    CREATE INDEX items_by_resource ON items(publisher, item_id);
+    "#,
 ];
 
 #[cfg(test)]

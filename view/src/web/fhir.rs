@@ -494,7 +494,10 @@ fn type_capability(resource_type: &str) -> Value {
     }
     json!({
         "type": resource_type,
-        "interaction": [{ "code": "search-type", "documentation": "Within one patient's record; _sort=-date (or date) sorts by the date parameter's element" }],
+        "interaction": [
+            { "code": "read", "documentation": "By the logical id the API gives ({ODS}-{publisher's id}), as the caller may read it" },
+            { "code": "search-type", "documentation": "Within one patient's record; _sort=-date (or date) sorts by the date parameter's element" },
+        ],
         "searchParam": parameters,
     })
 }
@@ -562,6 +565,68 @@ async fn patient_request<T>(
         Some(record) => Ok((caller, record, asked)),
         None => Err(not_found()),
     }
+}
+
+/// `GET /fhir/{type}/{id}`: one resource of a patient's record, by the logical id the API
+/// gave it (`{ODS}-{publisher's id}`), as the caller may read it. What the caller may not
+/// see, like what is not held, is "not found".
+pub async fn resource_read(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+    Path((resource_type, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let result = async {
+        let caller = caller(&state, &headers, "fhir-read").await?;
+        no_parameters(&query)?;
+        if !fhir_search::SEARCHABLE_TYPES.contains(&resource_type.as_str()) {
+            return Err(outcome(
+                StatusCode::NOT_FOUND,
+                "not-supported",
+                &format!(
+                    "`{}` is not a resource type this API reads by id (see /fhir/metadata).",
+                    clip(&resource_type, 64)
+                ),
+            ));
+        }
+        let not_held = || {
+            outcome(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                &format!("No {resource_type} with that id is available to you on this node."),
+            )
+        };
+        // The logical id names its publisher (an ODS code has no '-') and the publisher's id.
+        let (ods, own) = id.split_once('-').ok_or_else(not_held)?;
+        let (database, reference) = (state.database.clone(), format!("{resource_type}/{own}"));
+        let publisher = ods.to_string();
+        let held = blocking(move || {
+            Ok(Store::open_read_only(&database)?.patient_of_resource(&publisher, &reference)?)
+        })
+        .await?;
+        let nhs = held
+            .and_then(|nhs| NhsNumber::parse(&nhs).ok())
+            .ok_or_else(not_held)?;
+        let event = caller.event(&state, "fhir-read", Some(nhs.as_str()));
+        check_allowed(&state, &caller, &resource_type, false, event.clone()).await?;
+        let seen = caller_record(&state, &caller, &nhs, event).await?;
+        let found = seen.peek().and_then(|record| {
+            fhir_api::render(record)
+                .resources
+                .into_iter()
+                .find(|r| r["resourceType"] == resource_type.as_str() && r["id"] == id.as_str())
+        });
+        let served = match &found {
+            Some(_) => format!("read {resource_type}/{id}"),
+            None => format!("read {resource_type}/{id}: not shown to this caller"),
+        };
+        seen.audited(&state, Some(served)).await?;
+        found
+            .map(|resource| fhir(StatusCode::OK, &resource))
+            .ok_or_else(not_held)
+    }
+    .await;
+    result.unwrap_or_else(|response| response)
 }
 
 /// A query that takes no parameters.

@@ -196,6 +196,7 @@ pub fn router(state: Arc<ViewState>) -> Router {
         .route("/fhir/Patient", get(fhir::patient_search))
         .route("/fhir/Patient/{id}", get(fhir::patient_read))
         .route("/fhir/{resource_type}", get(fhir::type_search))
+        .route("/fhir/{resource_type}/{id}", get(fhir::resource_read))
         .route(
             "/fhir/Patient/{id}/$everything",
             get(fhir::patient_everything),
