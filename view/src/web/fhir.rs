@@ -124,7 +124,7 @@ impl Caller {
         rendered
     }
 
-    fn allows(&self, resource_type: &str, search: bool) -> bool {
+    pub(super) fn allows(&self, resource_type: &str, search: bool) -> bool {
         api_access::allows(&self.scopes, self.context(), resource_type, search)
             || (self.token.nhs.is_some()
                 && api_access::allows(&self.scopes, ScopeContext::Patient, resource_type, search))

@@ -211,9 +211,23 @@ fn caller_of(subscription: &Subscription) -> Caller {
     }
 }
 
-/// Records assembled in one pass, by user (empty for system access) and patient.
+/// A record assembled in a pass, and its FHIR rendering once a notification needs it.
+struct Seen {
+    record: Record,
+    rendered: std::cell::OnceCell<fhir_api::FhirRecord>,
+}
+
+impl Seen {
+    fn rendered(&self) -> &fhir_api::FhirRecord {
+        self.rendered.get_or_init(|| fhir_api::render(&self.record))
+    }
+}
+
+/// Records assembled in one pass, by user (empty for system access) and patient: every
+/// subscription of the same caller to the same patient shares one assembly and one
+/// rendering.
 #[derive(Default)]
-struct Assembled(HashMap<(String, String), Option<Record>>);
+struct Assembled(HashMap<(String, String), Option<Seen>>);
 
 impl Assembled {
     fn get(
@@ -222,7 +236,7 @@ impl Assembled {
         state: &ViewState,
         subscription: &Subscription,
         nhs: &NhsNumber,
-    ) -> Result<Option<&Record>, caremesh_storage::StorageError> {
+    ) -> Result<Option<&Seen>, caremesh_storage::StorageError> {
         let user = subscription.user.as_ref();
         let key = (
             user.map(|u| u.id.clone()).unwrap_or_default(),
@@ -231,7 +245,11 @@ impl Assembled {
         if !self.0.contains_key(&key) {
             let viewer = fhir::viewer_for(state, user);
             let record = record::assemble(store, nhs, &viewer, clock::now_unix())?;
-            self.0.insert(key.clone(), record);
+            let seen = record.map(|record| Seen {
+                record,
+                rendered: std::cell::OnceCell::new(),
+            });
+            self.0.insert(key.clone(), seen);
         }
         Ok(self.0[&key].as_ref())
     }
@@ -294,11 +312,11 @@ fn file_events(
         }
         let mut events = Vec::new();
         for (nhs, publisher, section) in changes {
-            let Some(record) = assembled.get(store, state, subscription, &nhs)? else {
+            let Some(seen) = assembled.get(store, state, subscription, &nhs)? else {
                 continue;
             };
             // Only a change to data the caller sees: never a sign of what is withheld.
-            if record.sources.iter().any(|s| s.ods == publisher) {
+            if seen.record.sources.iter().any(|s| s.ods == publisher) {
                 events.push(NewEvent {
                     at_ms: now,
                     nhs: nhs.as_str().to_string(),
@@ -380,8 +398,8 @@ fn event_notification(
         let shown = match NhsNumber::parse(&event.nhs) {
             Ok(nhs) => assembled
                 .get(store, state, subscription, &nhs)?
-                .filter(|record| record.sources.iter().any(|s| s.ods == event.publisher))
-                .map(|record| changed_resources(&caller, record, &event.publisher, &event.section)),
+                .filter(|seen| seen.record.sources.iter().any(|s| s.ods == event.publisher))
+                .map(|seen| changed_resources(&caller, seen, &event.publisher, &event.section)),
             Err(_) => None,
         };
         if let (Some((patient, resources)), false) =
@@ -433,11 +451,11 @@ fn event_notification(
 /// record, as the caller's scopes read them.
 fn changed_resources(
     caller: &Caller,
-    record: &Record,
+    seen: &Seen,
     publisher: &str,
     section: &str,
 ) -> (Value, Vec<Value>) {
-    let rendered = caller.render(record);
+    let record = &seen.record;
     let ids: BTreeSet<String> = record
         .sections
         .iter()
@@ -453,12 +471,15 @@ fn changed_resources(
                 .map(|p| fhir_api::logical_id(&p.ods, &p.source_id)),
         )
         .collect();
+    let rendered = seen.rendered();
     let resources = rendered
         .resources
-        .into_iter()
+        .iter()
         .filter(|r| r["id"].as_str().is_some_and(|id| ids.contains(id)))
+        .filter(|r| caller.allows(r["resourceType"].as_str().unwrap_or(""), true))
+        .cloned()
         .collect();
-    (rendered.patient, resources)
+    (rendered.patient.clone(), resources)
 }
 
 fn full_url(base: &str, resource: &Value) -> String {
