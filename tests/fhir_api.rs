@@ -266,18 +266,28 @@ fn a_token_reads_a_patient_searches_by_nhs_number_and_gets_everything_as_the_cli
     assert_eq!(listed("11450-4"), ["Condition/A81001-asthma-1"]);
     assert_eq!(listed("30954-2").len(), 5, "the blood pressures");
 
-    // _since keeps what the publisher changed at or after it (and what does not say when).
-    let since = json_body(&fhir_get(
-        address,
-        &format!("/fhir/Patient/{PATIENT}/$everything?_since=2026-02-01T00:00:00Z"),
-        Some(&token),
-    ));
-    let kept = resource_types(&since);
-    assert!(kept.contains(&"Condition".to_string()), "{kept:?}");
+    // _since keeps what arrived at this node at or after it, what its publisher changed at
+    // or after it, and what does not say when.
+    let everything_since = |since: i64| {
+        let at = caremesh_fhir::clock::rfc3339(since);
+        resource_types(&json_body(&fhir_get(
+            address,
+            &format!("/fhir/Patient/{PATIENT}/$everything?_since={at}"),
+            Some(&token),
+        )))
+    };
+    let now = caremesh_fhir::clock::now_unix();
+    let kept = everything_since(now - 3_600);
+    assert!(
+        kept.contains(&"AllergyIntolerance".to_string()),
+        "updated by its publisher in 2025, but new here within the hour: {kept:?}"
+    );
+    let kept = everything_since(now + 3_600);
     assert!(
         !kept.contains(&"AllergyIntolerance".to_string()),
-        "updated in 2025: {kept:?}"
+        "neither new here nor updated since: {kept:?}"
     );
+    assert!(!kept.contains(&"Condition".to_string()), "{kept:?}");
     assert!(
         kept.contains(&"MedicationStatement".to_string()),
         "no lastUpdated, so kept: {kept:?}"

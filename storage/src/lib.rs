@@ -765,6 +765,26 @@ impl Store {
             .map_err(self.err("find a resource's patient"))
     }
 
+    /// When this node stored the version of each of the patient's items it holds (its
+    /// document's `updated_at`), by publisher and item id (`Type/id`): the newest per item.
+    pub fn items_stored_at(&self, nhs: &NhsNumber) -> Result<Vec<(String, String, i64)>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT i.publisher, i.item_id, MAX(d.updated_at) FROM items i \
+                 JOIN documents d ON d.doc_id = i.doc_id WHERE i.nhs = ?1 \
+                 GROUP BY i.publisher, i.item_id",
+            )
+            .map_err(self.err("read when items were stored"))?;
+        let rows = statement
+            .query_map([nhs.as_str()], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .map_err(self.err("read when items were stored"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err("read when items were stored"))
+    }
+
     /// Every read-model item about one patient, newest first within each section.
     pub fn patient_items(&self, nhs: &NhsNumber) -> Result<Vec<StoredItem>> {
         let mut statement = self

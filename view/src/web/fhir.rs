@@ -518,7 +518,7 @@ fn patient_capability() -> Value {
                 }, {
                     "name": "everything",
                     "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
-                    "documentation": "The patient's record as the caller may see it; _since limits it to resources whose publisher's meta.lastUpdated is at or after the instant (resources without one are included)",
+                    "documentation": "The patient's record as the caller may see it; _since limits it to resources that arrived at this node at or after the instant, or whose publisher's meta.lastUpdated is (resources without one are included; meta.lastUpdated stays the publisher's)",
                 }],
     })
 }
@@ -734,9 +734,24 @@ pub async fn patient_everything(
             patient_request(&state, &headers, request, "fhir-everything", read_since).await?;
         let mut rendered = caller.render(&record);
         if let Some(since) = since {
-            rendered
-                .resources
-                .retain(|resource| updated_since(resource, since));
+            // New here since then, or updated by its publisher since then: a version that
+            // arrived late from a node that was offline is new to the client all the same.
+            let nhs = NhsNumber::parse(&record.nhs_number).map_err(|_| not_found())?;
+            let database = state.database.clone();
+            let stored =
+                blocking(move || Ok(Store::open_read_only(&database)?.items_stored_at(&nhs)?))
+                    .await?;
+            let stored_at: std::collections::HashMap<String, i64> = stored
+                .into_iter()
+                .map(|(publisher, item_id, at)| (fhir_api::logical_id(&publisher, &item_id), at))
+                .collect();
+            rendered.resources.retain(|resource| {
+                let arrived = resource["id"]
+                    .as_str()
+                    .and_then(|id| stored_at.get(id))
+                    .is_some_and(|at| *at >= since);
+                arrived || updated_since(resource, since)
+            });
         }
         let base = base_url(&headers);
         Ok(fhir(

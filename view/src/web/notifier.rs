@@ -17,7 +17,8 @@
 //!
 //! A notification's content is assembled when it is sent, for its caller, with its scopes:
 //! what they may no longer see (consent withdrawn meanwhile) is not sent. Every notification
-//! naming a patient is an audit entry naming the client and user, as a read is.
+//! naming a patient is an audit entry naming the client and user, as a read is, written
+//! before the notification is posted.
 
 use super::fhir::{self, Caller};
 use super::subscriptions::{self, endpoint_origin};
@@ -161,6 +162,29 @@ async fn pass(
         Ok(due)
     })
     .await?;
+    // What a notification tells is in the audit trail before it leaves, as a page's view
+    // is before the page is sent: a post that then fails is recorded as an attempt, never a
+    // disclosure left out. Each attempt is an entry of its own.
+    let disclosed: Vec<AuditEvent> = due
+        .iter()
+        .flat_map(|(_, notification)| notification.disclosed.iter().cloned())
+        .collect();
+    if !disclosed.is_empty() {
+        let audited = state.clone();
+        state
+            .write(move |store| {
+                for event in &disclosed {
+                    caremesh_storage::publish::record_access(
+                        store,
+                        &audited.key,
+                        &audited.viewer.ods,
+                        event,
+                    )?;
+                }
+                Ok(())
+            })
+            .await?;
+    }
     let mut deliveries = tokio::task::JoinSet::new();
     for (subscription, due) in due {
         let http = http.clone();
@@ -431,7 +455,7 @@ fn event_notification(
             event.sources = sources.into_iter().collect();
             event.sections = sections.into_iter().collect();
             event.detail = format!(
-                "{}; change notification ({} payload) for subscription {} to {}",
+                "{}; change notification ({} payload) posted for subscription {} to {}",
                 event.detail,
                 subscription.payload.code(),
                 subscription.id,
@@ -571,14 +595,12 @@ fn backoff_ms(failures: u32) -> i64 {
     (1_000i64 << failures.min(20)).min(MAX_BACKOFF_MS)
 }
 
-/// Records every delivery of a pass, and the audit entries of those that went, in one
-/// write.
+/// Records every delivery of a pass in one write.
 async fn record_outcomes(
     state: &Arc<ViewState>,
     outcomes: Vec<(Subscription, Due, Result<(), String>)>,
 ) -> Result<(), axum::response::Response> {
     let now = now_ms();
-    let audited = state.clone();
     state
         .write(move |store| {
             for (subscription, due, outcome) in &outcomes {
@@ -599,16 +621,6 @@ async fn record_outcomes(
                     .heartbeat_seconds
                     .map(|seconds| now + i64::from(seconds) * 1000);
                 store.record_delivery(&subscription.id, &delivered, heartbeat)?;
-                if outcome.is_ok() {
-                    for event in &due.disclosed {
-                        caremesh_storage::publish::record_access(
-                            store,
-                            &audited.key,
-                            &audited.viewer.ods,
-                            event,
-                        )?;
-                    }
-                }
             }
             Ok(())
         })
