@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use support::notify::{Endpoint, TOPIC, post_json, subscription_to};
-use support::region::Region;
+use support::region::{Region, ingest_generated};
 use support::*;
 
 const SYNC_WAIT: Duration = Duration::from_secs(60);
@@ -88,23 +88,8 @@ fn a_change_ingested_at_the_gp_is_notified_by_the_hospital_node_and_retried_unti
     let gp = region.registered("A81001", "gp", false, &["HUB01"]);
     let acute = region.registered("RTH01", "acute", false, &["HUB01"]);
     region.publish(&[&hub, &gp, &acute]);
-    for (dir, org, patients) in [(&gp, "A81001", 6), (&acute, "RTH01", 2)] {
-        let extract = dir.with_extension("extract-1");
-        let output = run(&[
-            "generate",
-            "--org",
-            org,
-            "--patients",
-            &patients.to_string(),
-            "--seed",
-            "1",
-            "--out",
-            extract.to_str().unwrap(),
-        ]);
-        assert!(output.status.success(), "{}", stderr(&output));
-        let output = ingest(dir, &[extract.to_str().unwrap()]);
-        assert!(output.status.success(), "{}", stderr(&output));
-    }
+    ingest_generated(&gp, "A81001", 6, 1);
+    ingest_generated(&acute, "RTH01", 2, 1);
     let _hub_process = RunningNode::start(&hub);
     let _gp_process = RunningNode::start(&gp);
     let acute_process = RunningNode::start(&acute);

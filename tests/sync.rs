@@ -5,33 +5,10 @@ mod support;
 
 use std::path::Path;
 use std::time::Duration;
-use support::region::{Region, documents, peer, wait_for_documents};
+use support::region::{Region, documents, ingest_generated, peer, wait_for_documents};
 use support::*;
 
 const SYNC_WAIT: Duration = Duration::from_secs(60);
-
-fn generate(out: &Path, org: &str, patients: u64, seed: u64) {
-    let output = run(&[
-        "generate",
-        "--org",
-        org,
-        "--patients",
-        &patients.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-}
-
-/// Generates and ingests `patients` patients at `dir` (as its own organisation).
-fn ingest_generated(dir: &Path, org: &str, patients: u64, seed: u64) {
-    let extract = dir.with_extension(format!("extract-{seed}"));
-    generate(&extract, org, patients, seed);
-    let output = ingest(dir, &[extract.to_str().unwrap()]);
-    assert!(output.status.success(), "{}", stderr(&output));
-}
 
 /// `dir`'s database opened for writing, as an attacker or a failing disk would: only the
 /// tamper and fault tests use it; the others read through the store.

@@ -2,9 +2,14 @@
 //! so that everything else takes time as an argument.
 
 pub fn now_unix() -> i64 {
+    now_unix_ms().div_euclid(1000)
+}
+
+/// Milliseconds since 1970, for what is timed finer than a second (change notifications).
+pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 

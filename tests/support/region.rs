@@ -1,7 +1,7 @@
 //! A region of real nodes for sync tests: an authority, a signed registry, node homes with
 //! their own ports, all on 127.0.0.1.
 
-use super::{run, status_json, stdout, wait_for};
+use super::{ingest, run, status_json, stderr, stdout, wait_for};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -193,4 +193,28 @@ pub fn wait_for_documents(dir: &Path, count: i64, limit: Duration) {
         documents(dir),
         status_json(dir)
     );
+}
+
+/// `caremesh generate`: `patients` patients of `org` (seed `seed`) into `out`.
+pub fn generate(out: &Path, org: &str, patients: u64, seed: u64) {
+    let output = run(&[
+        "generate",
+        "--org",
+        org,
+        "--patients",
+        &patients.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+/// Generates and ingests `patients` patients at `dir` (as its own organisation).
+pub fn ingest_generated(dir: &Path, org: &str, patients: u64, seed: u64) {
+    let extract = dir.with_extension(format!("extract-{seed}"));
+    generate(&extract, org, patients, seed);
+    let output = ingest(dir, &[extract.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
 }

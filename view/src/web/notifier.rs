@@ -74,13 +74,6 @@ fn http_client() -> HttpClient {
     Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Runs until the node stops (its engine drops the durable-feed sender).
 pub async fn run(state: Arc<ViewState>) {
     let mut durable = state.node.durable_feed();
@@ -90,10 +83,10 @@ pub async fn run(state: Arc<ViewState>) {
         let next_due = match pass(&state, &http, tip).await {
             Ok(next_due) => next_due,
             // Logged where it failed; the pass is tried again shortly.
-            Err(_) => Some(now_ms() + 5_000),
+            Err(_) => Some(clock::now_unix_ms() + 5_000),
         };
         let wait = next_due.map_or(Duration::from_secs(3_600), |at| {
-            Duration::from_millis((at - now_ms()).clamp(0, 3_600_000) as u64)
+            Duration::from_millis((at - clock::now_unix_ms()).clamp(0, 3_600_000) as u64)
         });
         tokio::select! {
             changed = durable.changed() => if changed.is_err() { return },
@@ -109,7 +102,7 @@ async fn pass(
     http: &HttpClient,
     durable_tip: u64,
 ) -> Result<Option<i64>, axum::response::Response> {
-    let now = now_ms();
+    let now = clock::now_unix_ms();
     let live = read_live(state).await?;
     let (ended, live): (Vec<_>, Vec<_>) = live
         .into_iter()
@@ -130,13 +123,24 @@ async fn pass(
         .cloned()
         .collect();
     let mut more_to_read = false;
+    // Records assembled to decide what to file serve the notifications of the same pass.
+    let mut assembled = Assembled::default();
     if !behind.is_empty() {
         let (state_for_read, database) = (state.clone(), state.database.clone());
-        let Filed { events, read_to } = blocking(move || {
+        let (Filed { events, read_to }, reused) = blocking(move || {
             let store = Store::open_read_only(&database)?;
-            file_events(&store, &state_for_read, &behind, durable_tip, now)
+            let filed = file_events(
+                &store,
+                &state_for_read,
+                &mut assembled,
+                &behind,
+                durable_tip,
+                now,
+            )?;
+            Ok((filed, assembled))
         })
         .await?;
+        assembled = reused;
         more_to_read = read_to < durable_tip;
         state
             .write(move |store| {
@@ -150,7 +154,6 @@ async fn pass(
     let (state_for_read, database) = (state.clone(), state.database.clone());
     let due = blocking(move || {
         let store = Store::open_read_only(&database)?;
-        let mut assembled = Assembled::default();
         let mut due = Vec::new();
         for subscription in store.live_subscriptions()? {
             if let Some(notification) =
@@ -291,6 +294,7 @@ struct Filed {
 fn file_events(
     store: &Store,
     state: &ViewState,
+    assembled: &mut Assembled,
     behind: &[Subscription],
     durable_tip: u64,
     now: i64,
@@ -304,17 +308,9 @@ fn file_events(
             read_to = durable_tip;
             break;
         };
-        let past_durable = last.seq > durable_tip;
         read_to = last.seq.min(durable_tip);
         rows.extend(page.into_iter().filter(|row| row.seq <= durable_tip));
-        if past_durable {
-            break;
-        }
     }
-    if rows.len() < FEED_ROWS_PER_PASS && read_to < durable_tip {
-        read_to = durable_tip;
-    }
-    let mut assembled = Assembled::default();
     let mut filed = Vec::new();
     for subscription in behind {
         let mut changes = BTreeSet::new();
@@ -559,7 +555,7 @@ fn notification(
         "resourceType": "Bundle",
         "meta": { "profile": [format!("{}/backport-subscription-notification-r4", subscriptions::BACKPORT)] },
         "type": "history",
-        "timestamp": instant_ms(now_ms()),
+        "timestamp": instant_ms(clock::now_unix_ms()),
         "entry": std::iter::once(status_entry).chain(entries).collect::<Vec<_>>(),
     })
 }
@@ -600,7 +596,7 @@ async fn record_outcomes(
     state: &Arc<ViewState>,
     outcomes: Vec<(Subscription, Due, Result<(), String>)>,
 ) -> Result<(), axum::response::Response> {
-    let now = now_ms();
+    let now = clock::now_unix_ms();
     state
         .write(move |store| {
             for (subscription, due, outcome) in &outcomes {

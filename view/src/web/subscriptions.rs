@@ -354,13 +354,6 @@ pub(super) fn capability() -> Value {
     })
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// `POST /fhir/Subscription`.
 pub async fn create(
     State(state): State<Arc<ViewState>>,
@@ -385,7 +378,7 @@ async fn create_subscription(
             "This node is a hub: it holds no patient's record to notify changes of.",
         ));
     }
-    let now = now_ms();
+    let now = clock::now_unix_ms();
     let posted: Value = serde_json::from_slice(body).map_err(|error| {
         fhir::outcome(
             StatusCode::BAD_REQUEST,
