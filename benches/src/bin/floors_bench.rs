@@ -191,7 +191,7 @@ fn durable_append(key: &PublisherKey, read_model: bool) -> Result<()> {
             )
         })
         .collect();
-    let start = cpu_seconds();
+    let start = caremesh_bench::own_cpu_seconds();
     for group in versions.chunks(GROUP) {
         store.begin_group();
         for (signed, snapshot, items) in group {
@@ -202,7 +202,7 @@ fn durable_append(key: &PublisherKey, read_model: bool) -> Result<()> {
         }
         store.end_group()?;
     }
-    let per_row = (cpu_seconds() - start) / (GROUP * rounds) as f64;
+    let per_row = (caremesh_bench::own_cpu_seconds() - start) / (GROUP * rounds) as f64;
     println!(
         "{:<52} {:>12.1}",
         if read_model {
@@ -218,25 +218,13 @@ fn durable_append(key: &PublisherKey, read_model: bool) -> Result<()> {
 /// Runs `operation` `repetitions` times and prints (and returns) its CPU seconds per run.
 fn report(what: &str, repetitions: usize, mut operation: impl FnMut()) -> f64 {
     operation(); // warm
-    let start = cpu_seconds();
+    let start = caremesh_bench::own_cpu_seconds();
     for _ in 0..repetitions {
         operation();
     }
-    let per_op = (cpu_seconds() - start) / repetitions as f64;
+    let per_op = (caremesh_bench::own_cpu_seconds() - start) / repetitions as f64;
     println!("{what:<52} {:>12.1}", per_op * 1e6);
     per_op
-}
-
-/// This process's CPU time, user and system.
-fn cpu_seconds() -> f64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec for the call to fill.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
-    assert_eq!(status, 0, "the process CPU clock is readable");
-    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
 }
 
 fn meta_for(index: u64) -> DocMeta {
