@@ -20,6 +20,7 @@ pub mod audit;
 pub mod disk_space;
 mod feed_tail;
 mod migrations;
+mod own_versions;
 pub mod page_checksums;
 mod peers;
 pub mod placements;
@@ -362,6 +363,8 @@ pub struct Store {
     syncing: std::cell::Cell<Syncing>,
     /// Opened through the power-loss VFS: its syncs are the simulator's model of the disk.
     simulated: bool,
+    /// This node's own documents kept loaded between versions (see [`own_versions`]).
+    loaded: std::cell::RefCell<own_versions::LoadedOwnDocuments>,
 }
 
 /// How this connection's commits reach the disk.
@@ -489,6 +492,7 @@ impl Store {
             group: std::cell::Cell::new(Group::None),
             syncing: std::cell::Cell::new(Syncing::Full),
             simulated: vfs == page_checksums::SIMULATED_VFS_NAME,
+            loaded: Default::default(),
         };
         store.configure(false)?;
         store.migrate()?;
@@ -512,6 +516,7 @@ impl Store {
             group: std::cell::Cell::new(Group::None),
             syncing: std::cell::Cell::new(Syncing::Full),
             simulated: false,
+            loaded: Default::default(),
         };
         store.configure(true)?;
         let version = store.schema_version()?;
@@ -616,7 +621,11 @@ impl Store {
                     .map_err(fail)?,
             )
         };
-        Ok(WriteBatch { tx, path })
+        Ok(WriteBatch {
+            tx,
+            path,
+            loaded: &self.loaded,
+        })
     }
 
     /// Starts a group commit: writes until [`Store::end_group`] (write batches as savepoints,
@@ -767,13 +776,14 @@ impl Store {
 
     /// When this node stored the version of each of the patient's items it holds (its
     /// document's `updated_at`), by publisher and item id (`Type/id`): the newest per item.
+    /// Access records aside, as in [`Store::patient_items`].
     pub fn items_stored_at(&self, nhs: &NhsNumber) -> Result<Vec<(String, String, i64)>> {
         let mut statement = self
             .conn
             .prepare_cached(
                 "SELECT i.publisher, i.item_id, MAX(d.updated_at) FROM items i \
                  JOIN documents d ON d.doc_id = i.doc_id WHERE i.nhs = ?1 \
-                 GROUP BY i.publisher, i.item_id",
+                 AND i.section != 'audit' GROUP BY i.publisher, i.item_id",
             )
             .map_err(self.err("read when items were stored"))?;
         let rows = statement
@@ -785,12 +795,15 @@ impl Store {
             .map_err(self.err("read when items were stored"))
     }
 
-    /// Every read-model item about one patient, newest first within each section.
+    /// Every read-model item about one patient, newest first within each section: the
+    /// record and the publishers' sharing records, not access records. Those gain an item at
+    /// every view of the patient, so reading them here made each view of a much-viewed
+    /// patient slower than the last; they are read by [`Store::received_access_records`].
     pub fn patient_items(&self, nhs: &NhsNumber) -> Result<Vec<StoredItem>> {
         let mut statement = self
             .conn
             .prepare_cached(
-                "SELECT doc_id, publisher, body FROM items WHERE nhs = ?1 \
+                "SELECT doc_id, publisher, body FROM items WHERE nhs = ?1 AND section != 'audit' \
                  ORDER BY section, effective DESC, item_id",
             )
             .map_err(self.err("read items"))?;
@@ -1306,6 +1319,17 @@ fn patient_link(conn: &Connection, path: &Path, source_key: &str) -> Result<Opti
 pub struct WriteBatch<'a> {
     tx: BatchTransaction<'a>,
     path: PathBuf,
+    /// The store's own documents kept loaded, which this batch's writes use and refresh.
+    loaded: &'a std::cell::RefCell<own_versions::LoadedOwnDocuments>,
+}
+
+/// What storing a document version does to its read-model rows.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// Replaced by these items' rows (none where the node keeps no read model of them).
+    Replaced(&'a [Item]),
+    /// Left as they are: the caller amends them by what the version changed.
+    Kept,
 }
 
 /// A write batch is a transaction of its own, or a savepoint inside the store's open group
@@ -1336,6 +1360,11 @@ impl WriteBatch<'_> {
         document_by_id(&self.tx, &self.path, id)
     }
 
+    /// As [`Store::held_index`], seeing this batch's own writes.
+    pub fn held_index(&self, id: DocId) -> Result<Option<(DocMeta, HeldIndex)>> {
+        held_index(&self.tx, &self.path, id)
+    }
+
     /// Stores a document version saved whole and replaces its read-model rows with `items`
     /// (none where the node keeps no read model of its section: [`read_model_keeps`]),
     /// taking the next feed position. The caller has verified `signed` against the trust
@@ -1358,8 +1387,28 @@ impl WriteBatch<'_> {
         items: &[Item],
         updated_at: i64,
     ) -> Result<Option<i64>> {
+        self.put_document_with(
+            signed,
+            snapshot,
+            built_on,
+            Rows::Replaced(items),
+            updated_at,
+        )
+    }
+
+    /// [`WriteBatch::put_document`], with what becomes of the document's read-model rows.
+    fn put_document_with(
+        &self,
+        signed: &SignedHeads,
+        snapshot: &[u8],
+        built_on: Option<&[[u8; 32]]>,
+        rows: Rows<'_>,
+        updated_at: i64,
+    ) -> Result<Option<i64>> {
         let id = signed.meta.id();
-        let held = self.held_signed_heads(id)?;
+        let held = self
+            .held_signed_heads(id)?
+            .map(|signed| signed.map(|signed| signed.heads));
         let built_on_what_is_held = match (&held, built_on) {
             (None, None) => true,
             (Some(Some(held)), Some(built_on)) => sorted(held.clone()) == sorted(built_on.to_vec()),
@@ -1371,13 +1420,13 @@ impl WriteBatch<'_> {
             tracing::debug!(doc = %id, "kept a held copy that moved past a verified version");
             return Ok(None);
         }
-        self.put_version(signed, snapshot, None, items, updated_at)
+        self.put_version(signed, snapshot, None, rows, updated_at)
             .map(Some)
     }
 
     /// The signed heads of the copy of `id` held: `None` where nothing is, `Some(None)` where
     /// the stored signed heads do not decode.
-    fn held_signed_heads(&self, id: DocId) -> Result<Option<Option<Vec<[u8; 32]>>>> {
+    pub fn held_signed_heads(&self, id: DocId) -> Result<Option<Option<SignedHeads>>> {
         let signed = self
             .tx
             .prepare_cached("SELECT signed FROM documents WHERE doc_id = ?1")
@@ -1387,7 +1436,7 @@ impl WriteBatch<'_> {
                     .optional()
             })
             .map_err(self.err("read document"))?;
-        Ok(signed.map(|signed| SignedHeads::decode(&signed).map(|signed| signed.heads)))
+        Ok(signed.map(|signed| SignedHeads::decode(&signed)))
     }
 
     /// Whether the version `snapshot` (at `signed`'s heads) has every change of the held
@@ -1587,8 +1636,14 @@ impl WriteBatch<'_> {
             tracing::debug!(doc = %id, "kept a held copy that moved past a relayed version");
             return Ok(None);
         }
-        self.put_version(signed, &document.save(), None, &[], updated_at)
-            .map(Some)
+        self.put_version(
+            signed,
+            &document.save(),
+            None,
+            Rows::Replaced(&[]),
+            updated_at,
+        )
+        .map(Some)
     }
 
     /// The next position in this node's feed. From the counter, never MAX(seq) + 1: a purge of
@@ -1603,13 +1658,13 @@ impl WriteBatch<'_> {
 
     /// Stores a document's row whole: `snapshot` as saved, and `appended_base` the heads of
     /// the saved document that appended changes will follow (`None` when saved whole). Its
-    /// appended changes and read-model rows are replaced (by none, and by `items`).
+    /// appended changes are replaced by none, and its read-model rows as `rows` says.
     fn put_version(
         &self,
         signed: &SignedHeads,
         snapshot: &[u8],
         appended_base: Option<&[u8]>,
-        items: &[Item],
+        rows: Rows<'_>,
         updated_at: i64,
     ) -> Result<i64> {
         let meta = &signed.meta;
@@ -1642,15 +1697,27 @@ impl WriteBatch<'_> {
             .prepare_cached("DELETE FROM appended_changes WHERE doc_id = ?1")
             .and_then(|mut statement| statement.execute([&id.0[..]]))
             .map_err(self.err("replace appended changes"))?;
-        self.tx
-            .prepare_cached("DELETE FROM items WHERE doc_id = ?1")
-            .and_then(|mut statement| statement.execute([&id.0[..]]))
-            .map_err(self.err("replace read model"))?;
+        if let Rows::Replaced(items) = rows {
+            self.tx
+                .prepare_cached("DELETE FROM items WHERE doc_id = ?1")
+                .and_then(|mut statement| statement.execute([&id.0[..]]))
+                .map_err(self.err("replace read model"))?;
+            self.write_item_rows(meta, items)?;
+        }
+        Ok(seq)
+    }
+
+    /// Writes the read-model rows of `items` of the document `meta`, replacing rows of the
+    /// same items.
+    fn write_item_rows(&self, meta: &DocMeta, items: &[Item]) -> Result<()> {
+        let id = meta.id();
         let mut insert = self
             .tx
             .prepare_cached(
                 "INSERT INTO items (doc_id, item_id, nhs, publisher, section, class, effective, \
-                 body, summary_only) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 body, summary_only) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT(doc_id, item_id) DO UPDATE SET effective = excluded.effective, \
+                 body = excluded.body, summary_only = excluded.summary_only",
             )
             .map_err(self.err("update read model"))?;
         for item in items {
@@ -1671,7 +1738,7 @@ impl WriteBatch<'_> {
                 ])
                 .map_err(self.err("update read model"))?;
         }
-        Ok(seq)
+        Ok(())
     }
 
     /// As [`Store::care`], seeing this batch's own writes.

@@ -7,9 +7,10 @@
 use crate::audit::{AuditEvent, ChainedEvent};
 use crate::{StorageError, Store, WriteBatch};
 use caremesh_sync::policy::{Consent, SharingRecord, SourceStatement};
+use caremesh_sync::relay::{self, Declined, HeldIndex};
 use caremesh_sync::{
     DataClass, DocMeta, DocumentError, Item, NhsNumber, OdsCode, PublishedDocument, PublisherKey,
-    Section, SignatureError,
+    Section, SignatureError, SignedHeads,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -206,6 +207,10 @@ impl Publication {
     }
 }
 
+/// Writes a new signed version of each document `changes` touches whose content changes.
+/// A version is stored as its one change appended to the held copy, with the read model
+/// amended by the items written and removed (see `own_versions`); the document is saved
+/// whole when it is new or its appended changes reach their limit.
 fn write_documents(
     changes: BTreeMap<DocMeta, DocChanges>,
     batch: &WriteBatch<'_>,
@@ -215,53 +220,120 @@ fn write_documents(
     let actor = actor_for(key);
     let mut written = 0;
     for (meta, changes) in changes {
-        let held = batch.document(meta.id())?;
-        let built_on = held
-            .as_ref()
-            .and_then(|held| held.signed_heads())
-            .map(|s| s.heads);
-        let mut document = match held {
-            Some(stored) => {
-                let signed =
-                    stored
-                        .signed_heads()
-                        .ok_or_else(|| PublishError::MissingSignature {
-                            doc: meta.id().to_string(),
-                        })?;
-                signed.verify(|_, k| *k == key.public()).map_err(|source| {
-                    PublishError::StoredSignature {
-                        doc: meta.id().to_string(),
-                        source,
-                    }
-                })?;
-                let document =
-                    PublishedDocument::load_for_writing(&meta, &stored.snapshot, &actor)?;
-                document.matches(&signed)?;
-                document
-            }
+        let held = held_version(batch, &meta, key)?;
+        let mut document = match &held {
+            Some((signed, _)) => match batch.take_loaded(meta.id(), &signed.heads) {
+                Some(loaded) => loaded,
+                None => load_held(batch, &meta, signed, &actor)?,
+            },
             None if changes.upserts.is_empty() => continue,
             None => PublishedDocument::create(meta.clone(), &actor),
         };
         let upserts: Vec<Item> = changes.upserts.into_values().collect();
         let removes: Vec<String> = changes.removes.into_iter().collect();
-        if !document.update(&upserts, &removes, now) {
-            continue;
+        let changed = document.update(&upserts, &removes, now);
+        if changed {
+            let signed = key.sign_heads(&meta, &document.heads());
+            store_version(batch, &document, &signed, held, &upserts, &removes, now)?;
+            written += 1;
         }
-        let signed = key.sign_heads(&meta, &document.heads());
-        let position = batch.put_document(
-            &signed,
-            &document.save(),
-            built_on.as_deref(),
-            &document.items()?,
-            now,
-        )?;
-        assert!(
-            position.is_some(),
-            "a publisher's version is made from the copy its own batch read"
-        );
-        written += 1;
+        if meta.section == Section::Audit {
+            // Written at every view of the patient: kept loaded for the next one.
+            batch.keep_loaded(document);
+        }
     }
     Ok(written)
+}
+
+/// The signed heads and index of the publisher's held copy of `meta`, its signature checked
+/// against the publisher's own key; `None` where none is held.
+fn held_version(
+    batch: &WriteBatch<'_>,
+    meta: &DocMeta,
+    key: &PublisherKey,
+) -> Result<Option<(SignedHeads, HeldIndex)>, PublishError> {
+    let Some(signed) = batch.held_signed_heads(meta.id())? else {
+        return Ok(None);
+    };
+    let signed = signed.ok_or_else(|| PublishError::MissingSignature {
+        doc: meta.id().to_string(),
+    })?;
+    signed
+        .verify(|_, k| *k == key.public())
+        .map_err(|source| PublishError::StoredSignature {
+            doc: meta.id().to_string(),
+            source,
+        })?;
+    let (_, index) = batch
+        .held_index(meta.id())?
+        .expect("a held copy whose signed heads decode has an index");
+    Ok(Some((signed, index)))
+}
+
+/// Loads the held copy of `meta` to write on, checking it is the version its publisher
+/// signed.
+fn load_held(
+    batch: &WriteBatch<'_>,
+    meta: &DocMeta,
+    signed: &SignedHeads,
+    actor: &[u8],
+) -> Result<PublishedDocument, PublishError> {
+    let stored = batch
+        .document(meta.id())?
+        .expect("the held copy was read in this batch");
+    let document = PublishedDocument::load_for_writing(meta, &stored.snapshot, actor)?;
+    document.matches(signed)?;
+    Ok(document)
+}
+
+/// Stores `document`'s new version `signed`, made from `held` (if any) by writing `upserts`
+/// and removing `removes`: appended to the held copy, or saved whole where it is new or the
+/// held copy has as many appended changes as it may.
+fn store_version(
+    batch: &WriteBatch<'_>,
+    document: &PublishedDocument,
+    signed: &SignedHeads,
+    held: Option<(SignedHeads, HeldIndex)>,
+    upserts: &[Item],
+    removes: &[String],
+    now: i64,
+) -> Result<(), PublishError> {
+    if let Some((_, index)) = &held {
+        let change = document
+            .last_local_change()
+            .expect("an updated document has the change it made");
+        match relay::extend(index, &[change]) {
+            Ok(extension) => {
+                assert_eq!(
+                    extension.heads,
+                    crate::sorted(signed.heads.clone()),
+                    "one change on the held heads gives the new heads"
+                );
+                batch.append_own_version(signed, &extension, upserts, removes, now)?;
+                return Ok(());
+            }
+            Err(Declined::Compact) => {}
+            Err(declined) => {
+                unreachable!(
+                    "a publisher's own change on its held heads extends them: {declined:?}"
+                )
+            }
+        }
+    }
+    let built_on = held.map(|(signed, _)| signed.heads);
+    let position = batch.put_own_version(
+        signed,
+        &document.save(),
+        built_on.as_deref(),
+        upserts,
+        removes,
+        now,
+    )?;
+    assert!(
+        position.is_some(),
+        "a publisher's version is made from the copy its own batch read"
+    );
+    Ok(())
 }
 
 /// Appends `event` to the audit chain and, when it showed other organisations' data, adds it

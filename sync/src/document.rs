@@ -253,6 +253,15 @@ impl PublishedDocument {
         self.doc.save()
     }
 
+    /// The bytes of the change this writer made last ([`PublishedDocument::update`]): what a
+    /// new version adds to the copy it was made from, so it can be stored appended instead
+    /// of saving the whole document again.
+    pub fn last_local_change(&self) -> Option<Vec<u8>> {
+        self.doc
+            .get_last_local_change()
+            .map(|change| change.raw_bytes().to_vec())
+    }
+
     /// The changes a holder of `have` lacks, as raw change bytes.
     /// Heads this document does not know are ignored: they say nothing about what the
     /// holder lacks from this document.

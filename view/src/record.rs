@@ -308,12 +308,12 @@ pub fn assemble(
     viewer: &Viewer,
     now: i64,
 ) -> Result<Option<Record>, StorageError> {
-    // Sharing records are consent state for policy and access records are audit, not part
-    // of the clinical record: a node holding only those about a patient holds no record.
+    // Sharing records are consent state for policy (and access records, which the store
+    // does not return here, are audit), not part of the clinical record: a node holding only
+    // those about a patient holds no record.
     let (sharing, stored): (Vec<StoredItem>, Vec<StoredItem>) = store
         .patient_items(nhs)?
         .into_iter()
-        .filter(|s| s.item.section != Section::Audit)
         .partition(|s| s.item.section == Section::Sharing);
     if stored.is_empty() {
         return Ok(None);
