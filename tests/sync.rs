@@ -1175,7 +1175,7 @@ fn new_versions_are_relayed_by_the_hub_as_appended_changes_and_every_copy_verifi
         );
     }
     // The hub holds the problems document as its first copy with the GP's two changes
-    // appended, under the GP's signed heads.
+    // appended, under the GP's signed heads; the GP stored them appended as well.
     let signed_and_appended = |dir: &Path| -> Vec<(Vec<u8>, bool)> {
         database(dir)
             .prepare(
@@ -1193,21 +1193,27 @@ fn new_versions_are_relayed_by_the_hub_as_appended_changes_and_every_copy_verifi
     let at_gp = signed_and_appended(&gp);
     assert_eq!(at_hub.len(), 1);
     assert!(at_hub[0].1, "appended at the hub, not saved whole");
-    assert!(!at_gp[0].1, "the publisher saves its documents whole");
+    assert!(
+        at_gp[0].1,
+        "the publisher stores its own new versions appended too"
+    );
     assert_eq!(
         at_hub[0].0, at_gp[0].0,
         "the GP's signed heads, relayed unchanged"
     );
-    let appended: i64 = database(&hub)
-        .query_row(
-            "SELECT count(*) FROM appended_changes WHERE doc_id = (SELECT doc_id FROM documents \
-             WHERE publisher = 'A81001' AND nhs = ?1 AND section = 'problems' \
-             AND class = 'coded')",
-            [&nhs],
-            |row| row.get(0),
-        )
-        .unwrap();
-    assert_eq!(appended, 2, "the GP's two changes, a row each");
+    let appended = |dir: &Path| -> i64 {
+        database(dir)
+            .query_row(
+                "SELECT count(*) FROM appended_changes WHERE doc_id = (SELECT doc_id \
+                 FROM documents WHERE publisher = 'A81001' AND nhs = ?1 \
+                 AND section = 'problems' AND class = 'coded')",
+                [&nhs],
+                |row| row.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(appended(&hub), 2, "the GP's two changes, a row each");
+    assert_eq!(appended(&gp), 2, "as the GP stored them");
     for home in [&hub, &gp, &hospice] {
         verify_ok(home);
     }
