@@ -96,7 +96,7 @@ fn a_change_ingested_at_the_gp_is_notified_by_the_hospital_node_and_retried_unti
     let address = acute_process.address.clone();
 
     // The hospital's patient, whose GP data it receives.
-    let patients = caseload(&acute);
+    let patients = caseload(&acute, "RTH01");
     let (nhs, no_share_in) = (patients[0].clone(), patients[1].clone());
     let token = api_token(&acute, &["--client", "ward-system"]);
     let gp_data_arrived = wait_for(SYNC_WAIT, || {
@@ -388,14 +388,150 @@ fn a_change_ingested_at_the_gp_is_notified_by_the_hospital_node_and_retried_unti
     );
 }
 
-/// The hospital's patients (those it has published about).
-fn caseload(acute: &Path) -> Vec<String> {
-    let database = caremesh_storage::page_checksums::open_directly(&acute.join("node.db")).unwrap();
+/// Every notification the endpoint received until one carries `code` and was taken (the
+/// endpoint refuses while `refuse` is above zero), in order; `None` when none came in time.
+fn until_taken_with(endpoint: &Endpoint, code: &str) -> Option<Vec<Value>> {
+    let mut received = Vec::new();
+    let came = wait_for(SYNC_WAIT, || {
+        while let Some(notification) = endpoint.next(Duration::from_millis(200)) {
+            let taken = endpoint.refuse.load(Ordering::SeqCst) == 0
+                && notification.bundle.to_string().contains(code);
+            received.push(notification.bundle);
+            if taken {
+                return true;
+            }
+        }
+        false
+    });
+    came.then_some(received)
+}
+
+/// The durable delivery queue across crashes: a notification waiting for an endpoint that
+/// refuses it survives the node being killed (SIGKILL, no shutdown) and is delivered after
+/// the restart with the same event numbers; and a change committed while the node was down
+/// (ingested from the command line with no node running) is notified once it is back.
+#[test]
+fn notifications_waiting_or_not_yet_filed_survive_the_node_being_killed() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let gp = region.registered("A81001", "gp", false, &[]);
+    region.publish(&[&gp]);
+    ingest_generated(&gp, "A81001", 3, 1);
+    let nhs = caseload(&gp, "A81001")[0].clone();
+    let mut node = RunningNode::start(&gp);
+    let token = api_token(&gp, &["--client", "ward-system"]);
+    let endpoint = Endpoint::start();
+    let made = post_json(
+        &node.address,
+        "/fhir/Subscription",
+        &token,
+        &subscription_to(
+            &endpoint,
+            Some(&format!("Patient?_id={nhs}")),
+            "full-resource",
+        ),
+    );
+    assert_eq!(made.status, 201, "{}", made.body);
+    let handshake = endpoint.next(SYNC_WAIT).expect("a handshake");
+    assert_eq!(
+        status_value(&handshake.bundle, "type", "valueCode"),
+        "handshake"
+    );
+
+    // The endpoint is down; a change is filed and waits; the node is killed.
+    endpoint.refuse.store(usize::MAX, Ordering::SeqCst);
+    let change = temp.path().join("gp-change.json");
+    gp_allergy_extract(&gp, &nhs, &change);
+    let output = ingest(&gp, &[change.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let refused = wait_for(SYNC_WAIT, || {
+        endpoint
+            .next(Duration::from_millis(200))
+            .is_some_and(|n| n.bundle.to_string().contains("294505008"))
+    });
+    assert!(
+        refused,
+        "the change was posted (and refused) before the kill"
+    );
+    node.kill_hard();
+    let waiting = || {
+        let store = caremesh_storage::Store::open_read_only(&gp.join("node.db")).unwrap();
+        let id = store.live_subscriptions().unwrap()[0].id.clone();
+        store.waiting_events(&id, 50).unwrap()
+    };
+    let waiting_numbers = {
+        let waiting = waiting();
+        assert_eq!(waiting.len(), 1, "the refused event waits in the database");
+        waiting[0].event_number.to_string()
+    };
+
+    // Back up, and the endpoint with it: the waiting event is delivered as it was numbered.
+    endpoint.refuse.store(0, Ordering::SeqCst);
+    let node = RunningNode::start(&gp);
+    let received = until_taken_with(&endpoint, "294505008")
+        .expect("the waiting notification is delivered after the restart");
+    let taken = received.last().unwrap();
+    assert_eq!(event_numbers(taken), vec![waiting_numbers.clone()]);
+    // Delivery is at least once: wait for the node to record it before stopping it again.
+    assert!(wait_for(SYNC_WAIT, || waiting().is_empty()));
+    drop(node);
+
+    // A change committed while no node runs: filed and notified once the node is back.
+    let second = temp.path().join("gp-change-2.json");
+    gp_allergy_extract(&gp, &nhs, &second);
+    let text = std::fs::read_to_string(&second)
+        .unwrap()
+        .replace("notified-allergy-1", "notified-allergy-2")
+        .replace("294505008", "91936005")
+        .replace("Allergy to amoxicillin", "Allergy to penicillin");
+    std::fs::write(&second, text).unwrap();
+    let output = ingest(&gp, &[second.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let node = RunningNode::start(&gp);
+    let received = until_taken_with(&endpoint, "91936005")
+        .expect("the change made while the node was down is notified after it starts");
+    let taken = received.last().unwrap();
+    let next: u64 = waiting_numbers.parse::<u64>().unwrap() + 1;
+    assert_eq!(
+        event_numbers(taken),
+        vec![next.to_string()],
+        "numbered after the last event, none lost or told twice"
+    );
+    // The notification carries what changed: the new allergy, not the GP's earlier one
+    // in the same section (which the record still holds).
+    let allergies: Vec<String> = taken["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == "AllergyIntolerance")
+        .map(|r| {
+            r["code"]["coding"][0]["code"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(allergies, ["91936005"], "{taken:#}");
+    let everything = fhir_get(
+        &node.address,
+        &format!("/fhir/Patient/{nhs}/$everything"),
+        Some(&token),
+    );
+    assert!(
+        everything.body.contains("294505008") && everything.body.contains("91936005"),
+        "both allergies are in the record"
+    );
+}
+
+/// The patients `publisher` has published about, as `dir` holds them.
+fn caseload(dir: &Path, publisher: &str) -> Vec<String> {
+    let database = caremesh_storage::page_checksums::open_directly(&dir.join("node.db")).unwrap();
     let mut statement = database
-        .prepare("SELECT DISTINCT nhs FROM documents WHERE publisher = 'RTH01' ORDER BY nhs")
+        .prepare("SELECT DISTINCT nhs FROM documents WHERE publisher = ?1 ORDER BY nhs")
         .unwrap();
     statement
-        .query_map([], |row| row.get(0))
+        .query_map([publisher], |row| row.get(0))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap()

@@ -1698,26 +1698,63 @@ impl WriteBatch<'_> {
             .and_then(|mut statement| statement.execute([&id.0[..]]))
             .map_err(self.err("replace appended changes"))?;
         if let Rows::Replaced(items) = rows {
-            self.tx
-                .prepare_cached("DELETE FROM items WHERE doc_id = ?1")
-                .and_then(|mut statement| statement.execute([&id.0[..]]))
-                .map_err(self.err("replace read model"))?;
-            self.write_item_rows(meta, items)?;
+            self.replace_item_rows(meta, items, seq)?;
         }
         Ok(seq)
     }
 
+    /// Makes the read-model rows of the document `meta` exactly `items`, as of its version at
+    /// feed position `seq`: rows of items no longer held are deleted, the rest written.
+    fn replace_item_rows(&self, meta: &DocMeta, items: &[Item], seq: i64) -> Result<()> {
+        let id = meta.id();
+        let held: Vec<String> = self
+            .tx
+            .prepare_cached("SELECT item_id FROM items WHERE doc_id = ?1")
+            .and_then(|mut statement| {
+                statement
+                    .query_map([&id.0[..]], |row| row.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()
+            })
+            .map_err(self.err("replace read model"))?;
+        let kept: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        let gone: Vec<String> = held
+            .into_iter()
+            .filter(|item_id| !kept.contains(item_id.as_str()))
+            .collect();
+        self.delete_item_rows(meta, &gone)?;
+        self.write_item_rows(meta, items, seq)
+    }
+
+    /// Deletes the read-model rows of the items `item_ids` of the document `meta`.
+    fn delete_item_rows(&self, meta: &DocMeta, item_ids: &[String]) -> Result<()> {
+        let id = meta.id();
+        let mut delete = self
+            .tx
+            .prepare_cached("DELETE FROM items WHERE doc_id = ?1 AND item_id = ?2")
+            .map_err(self.err("update read model"))?;
+        for item_id in item_ids {
+            delete
+                .execute(params![&id.0[..], item_id])
+                .map_err(self.err("update read model"))?;
+        }
+        Ok(())
+    }
+
     /// Writes the read-model rows of `items` of the document `meta`, replacing rows of the
-    /// same items.
-    fn write_item_rows(&self, meta: &DocMeta, items: &[Item]) -> Result<()> {
+    /// same items, as of its version at feed position `seq`: a row whose body differs from
+    /// the one held (or that is new) records `seq` as the version that changed it.
+    fn write_item_rows(&self, meta: &DocMeta, items: &[Item], seq: i64) -> Result<()> {
         let id = meta.id();
         let mut insert = self
             .tx
             .prepare_cached(
                 "INSERT INTO items (doc_id, item_id, nhs, publisher, section, class, effective, \
-                 body, summary_only) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-                 ON CONFLICT(doc_id, item_id) DO UPDATE SET effective = excluded.effective, \
-                 body = excluded.body, summary_only = excluded.summary_only",
+                 body, summary_only, changed_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT(doc_id, item_id) DO UPDATE SET \
+                 changed_seq = CASE WHEN items.body = excluded.body THEN items.changed_seq \
+                 ELSE excluded.changed_seq END, \
+                 effective = excluded.effective, body = excluded.body, \
+                 summary_only = excluded.summary_only",
             )
             .map_err(self.err("update read model"))?;
         for item in items {
@@ -1734,7 +1771,8 @@ impl WriteBatch<'_> {
                     meta.class.as_str(),
                     item.effective.as_deref().or(item.recorded.as_deref()),
                     body,
-                    item.is_summary_only()
+                    item.is_summary_only(),
+                    seq
                 ])
                 .map_err(self.err("update read model"))?;
         }

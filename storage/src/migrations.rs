@@ -414,6 +414,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX items_by_resource ON items(publisher, item_id);
     "#,
+    // 22: what each version changed, so a change notification carries the resources that
+    // changed rather than all of their section. `items.changed_seq` is the feed position of
+    // the version that last wrote the item's row with a different body (0: before this
+    // migration); a subscription event keeps the subscription's cursor when it was filed
+    // (`after_seq`; NULL for events filed before, which tell the whole section).
+    r#"
+    ALTER TABLE items ADD COLUMN changed_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE api_subscription_events ADD COLUMN after_seq INTEGER;
+    "#,
 ];
 
 #[cfg(test)]

@@ -15,7 +15,6 @@
 use crate::{Result, Rows, WriteBatch};
 use caremesh_sync::relay::Extension;
 use caremesh_sync::{DocId, DocMeta, Item, PublishedDocument, SignedHeads};
-use rusqlite::params;
 use std::collections::VecDeque;
 
 /// Own documents loaded lately, each at the heads it was stored with. One is used again only
@@ -74,8 +73,8 @@ impl WriteBatch<'_> {
     ) -> Result<Option<i64>> {
         let position =
             self.put_document_with(signed, snapshot, built_on, Rows::Kept, updated_at)?;
-        if position.is_some() {
-            self.amend_read_model(&signed.meta, written, removed)?;
+        if let Some(position) = position {
+            self.amend_read_model(&signed.meta, written, removed, position)?;
         }
         Ok(position)
     }
@@ -97,7 +96,7 @@ impl WriteBatch<'_> {
             "an own version is appended to the copy its batch read"
         );
         let position = self.append_changes(signed, extension, updated_at)?;
-        self.amend_read_model(&signed.meta, written, removed)?;
+        self.amend_read_model(&signed.meta, written, removed, position)?;
         Ok(position)
     }
 
@@ -111,19 +110,17 @@ impl WriteBatch<'_> {
         self.loaded.borrow_mut().keep(document);
     }
 
-    /// Deletes the rows of `removed` items and writes the rows of `written` ones.
-    fn amend_read_model(&self, meta: &DocMeta, written: &[Item], removed: &[String]) -> Result<()> {
-        let id = meta.id();
-        let mut delete = self
-            .tx
-            .prepare_cached("DELETE FROM items WHERE doc_id = ?1 AND item_id = ?2")
-            .map_err(self.err("update read model"))?;
-        for item_id in removed {
-            delete
-                .execute(params![&id.0[..], item_id])
-                .map_err(self.err("update read model"))?;
-        }
-        self.write_item_rows(meta, written)
+    /// Deletes the rows of `removed` items and writes the rows of `written` ones, as of the
+    /// version at feed position `seq`.
+    fn amend_read_model(
+        &self,
+        meta: &DocMeta,
+        written: &[Item],
+        removed: &[String],
+        seq: i64,
+    ) -> Result<()> {
+        self.delete_item_rows(meta, removed)?;
+        self.write_item_rows(meta, written, seq)
     }
 }
 
@@ -288,7 +285,8 @@ mod tests {
         publish(&mut store, &["p1"], vec![problem("p1", "Asthma")], 1);
         publish(&mut store, &["p2"], vec![problem("p2", "Gout")], 2);
         publish(&mut store, &["p3"], vec![problem("p3", "Eczema")], 3);
-        // p1 is retitled, p2 no longer held.
+        let before_changes = store.feed_tip().unwrap();
+        // p1 is retitled, p2 no longer held, p3 placed again unchanged.
         publish(
             &mut store,
             &["p1"],
@@ -296,6 +294,20 @@ mod tests {
             4,
         );
         publish(&mut store, &["p2"], vec![], 5);
+        publish(&mut store, &["p3"], vec![problem("p3", "Eczema")], 6);
+        let changed = |after: u64| {
+            store
+                .changed_sources(patient().as_str(), "A81001", "problems", after)
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            changed(before_changes),
+            ["Condition/p1"],
+            "what changed since: not the item placed again as it was"
+        );
+        assert_eq!(changed(0), ["Condition/p1", "Condition/p3"]);
         let (items, rows) = stored_and_read_model(&store, &key, &meta);
         assert_eq!(rows, items);
         let ids: Vec<&str> = items.iter().map(|(id, _)| id.as_str()).collect();

@@ -122,16 +122,21 @@ pub struct SubscriptionEvent {
     /// The organisation whose data changed, and in which section.
     pub publisher: String,
     pub section: String,
+    /// The subscription's feed cursor when the event was filed: the resources it tells of
+    /// are those changed here after it ([`Store::changed_sources`]). `None` for an event
+    /// filed before versions recorded what they changed, which tells the whole section.
+    pub after_seq: Option<u64>,
 }
 
-/// A change to file for a subscription: when it became durable here, about whom, and whose
-/// data in which section changed.
+/// A change to file for a subscription: when it became durable here, about whom, whose data
+/// in which section changed, and after which feed position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
     pub at_ms: i64,
     pub nhs: String,
     pub publisher: String,
     pub section: String,
+    pub after_seq: u64,
 }
 
 /// At most this many subscriptions on one node: each reads the feed and may cost a record
@@ -323,8 +328,8 @@ impl Store {
             let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO api_subscription_events \
-                     (subscription_id, event_number, at_ms, nhs, publisher, section) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                     (subscription_id, event_number, at_ms, nhs, publisher, section, after_seq) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(fail)?;
             for event in events {
@@ -336,7 +341,8 @@ impl Store {
                         event.at_ms,
                         event.nhs,
                         event.publisher,
-                        event.section
+                        event.section,
+                        event.after_seq as i64
                     ])
                     .map_err(fail)?;
             }
@@ -360,7 +366,8 @@ impl Store {
         let mut statement = self
             .conn
             .prepare_cached(
-                "SELECT event_number, at_ms, nhs, publisher, section FROM api_subscription_events \
+                "SELECT event_number, at_ms, nhs, publisher, section, after_seq \
+                 FROM api_subscription_events \
                  WHERE subscription_id = ?1 ORDER BY event_number LIMIT ?2",
             )
             .map_err(self.err("read subscription events"))?;
@@ -372,11 +379,50 @@ impl Store {
                     nhs: row.get(2)?,
                     publisher: row.get(3)?,
                     section: row.get(4)?,
+                    after_seq: row.get::<_, Option<i64>>(5)?.map(|seq| seq as u64),
                 })
             })
             .map_err(self.err("read subscription events"))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(self.err("read subscription events"))
+    }
+
+    /// The resources (`Type/id`, as their publisher names them) of `publisher`'s `section`
+    /// of the patient's record whose items a version stored here after feed position
+    /// `after_seq` wrote with new content: what a change notification tells of.
+    pub fn changed_sources(
+        &self,
+        nhs: &str,
+        publisher: &str,
+        section: &str,
+        after_seq: u64,
+    ) -> Result<std::collections::BTreeSet<String>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT body FROM items WHERE nhs = ?1 AND section = ?2 AND publisher = ?3 \
+                 AND changed_seq > ?4",
+            )
+            .map_err(self.err("read changed items"))?;
+        let bodies = statement
+            .query_map(params![nhs, section, publisher, after_seq as i64], |row| {
+                row.get::<_, String>(0)
+            })
+            .map_err(self.err("read changed items"))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err("read changed items"))?;
+        bodies
+            .iter()
+            .map(|body| {
+                serde_json::from_str::<caremesh_sync::Item>(body)
+                    .map(|item| item.source_id)
+                    .map_err(|e| crate::StorageError::DamagedRow {
+                        path: self.path.clone(),
+                        doc: format!("items of {publisher} about a patient"),
+                        what: e.to_string(),
+                    })
+            })
+            .collect()
     }
 
     /// Records what a delivery came to. A success forgets the events it carried, makes the
@@ -480,6 +526,7 @@ mod tests {
             nhs: nhs.into(),
             publisher: "A81001".into(),
             section: "problems".into(),
+            after_seq: 7,
         }
     }
 
@@ -506,6 +553,7 @@ mod tests {
             waiting.iter().map(|e| e.event_number).collect::<Vec<_>>(),
             [1, 2, 3]
         );
+        assert_eq!(waiting[0].after_seq, Some(7), "kept as filed");
 
         store
             .record_delivery(

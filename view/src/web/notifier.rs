@@ -176,14 +176,18 @@ async fn pass(
         let audited = state.clone();
         state
             .write(move |store| {
+                // One transaction and one wait for the disk for the whole pass: a change to
+                // a patient followed by 500 subscriptions is 500 entries.
+                let batch = store.write()?;
                 for event in &disclosed {
-                    caremesh_storage::publish::record_access(
-                        store,
+                    caremesh_storage::publish::record_access_in(
+                        &batch,
                         &audited.key,
                         &audited.viewer.ods,
                         event,
                     )?;
                 }
+                batch.commit()?;
                 Ok(())
             })
             .await?;
@@ -314,6 +318,7 @@ fn file_events(
     let mut filed = Vec::new();
     for subscription in behind {
         let mut changes = BTreeSet::new();
+        // Rows after the subscription's cursor: the event tells of what changed after it.
         for row in rows.iter().filter(|row| row.seq > subscription.cursor) {
             let meta = &row.meta;
             let patient = meta.patient.as_str();
@@ -342,6 +347,7 @@ fn file_events(
                     nhs: nhs.as_str().to_string(),
                     publisher,
                     section,
+                    after_seq: subscription.cursor,
                 });
             }
         }
@@ -415,11 +421,17 @@ fn event_notification(
             json!({ "name": "event-number", "valueString": event.event_number.to_string() }),
             json!({ "name": "timestamp", "valueInstant": instant_ms(event.at_ms) }),
         ];
+        let changed = match event.after_seq {
+            Some(after) => {
+                Some(store.changed_sources(&event.nhs, &event.publisher, &event.section, after)?)
+            }
+            None => None,
+        };
         let shown = match NhsNumber::parse(&event.nhs) {
             Ok(nhs) => assembled
                 .get(store, state, subscription, &nhs)?
                 .filter(|seen| seen.record.sources.iter().any(|s| s.ods == event.publisher))
-                .map(|seen| changed_resources(&caller, seen, &event.publisher, &event.section)),
+                .map(|seen| changed_resources(&caller, seen, event, changed.as_ref())),
             Err(_) => None,
         };
         if let (Some((patient, resources)), false) =
@@ -467,14 +479,18 @@ fn event_notification(
     })
 }
 
-/// The patient's Patient resource and the resources of `publisher`'s `section` in the
-/// record, as the caller's scopes read them.
+/// The patient's Patient resource and the resources the event tells of, as the record shows
+/// them to the caller and its scopes read them: those of the event's publisher and section
+/// that changed here after the event's cursor (`changed`, by the publisher's `Type/id`), or
+/// all of that section where the event does not say what changed (filed before versions
+/// recorded it). A resource the caller may not see is not in the record, so not told of.
 fn changed_resources(
     caller: &Caller,
     seen: &Seen,
-    publisher: &str,
-    section: &str,
+    event: &SubscriptionEvent,
+    changed: Option<&BTreeSet<String>>,
 ) -> (Value, Vec<Value>) {
+    let (publisher, section) = (event.publisher.as_str(), event.section.as_str());
     let record = &seen.record;
     let ids: BTreeSet<String> = record
         .sections
@@ -482,12 +498,14 @@ fn changed_resources(
         .filter(|s| s.section.as_str() == section)
         .flat_map(|s| &s.items)
         .filter(|item| item.source.organisation == publisher)
+        .filter(|item| changed.is_none_or(|changed| changed.contains(&item.source.resource)))
         .map(|item| fhir_api::logical_id(&item.source.organisation, &item.source.resource))
         .chain(
             record
                 .patients
                 .iter()
                 .filter(|p| p.ods == publisher && section == "demographics")
+                .filter(|p| changed.is_none_or(|changed| changed.contains(&p.source_id)))
                 .map(|p| fhir_api::logical_id(&p.ods, &p.source_id)),
         )
         .collect();
