@@ -80,8 +80,10 @@ impl WriteBatch<'_> {
     }
 
     /// Stores a publisher's own new version as its change appended to the copy held, which
-    /// must be the copy `extension` extended (the caller read it in this batch), and amends
-    /// the read model by the items it wrote and removed.
+    /// the caller read in this batch, and amends the read model by the items it wrote and
+    /// removed. `None`, having written nothing, where the stored rows are not exactly what
+    /// `extension` extended (not expected, as the caller read them in this batch; a damaged
+    /// database could): the caller saves the version whole.
     pub fn append_own_version(
         &self,
         signed: &SignedHeads,
@@ -89,15 +91,13 @@ impl WriteBatch<'_> {
         written: &[Item],
         removed: &[String],
         updated_at: i64,
-    ) -> Result<i64> {
-        let id = signed.meta.id();
-        assert!(
-            self.holds_what_was_extended(id, extension)?,
-            "an own version is appended to the copy its batch read"
-        );
+    ) -> Result<Option<i64>> {
+        if !self.holds_what_was_extended(signed.meta.id(), extension)? {
+            return Ok(None);
+        }
         let position = self.append_changes(signed, extension, updated_at)?;
         self.amend_read_model(&signed.meta, written, removed, position)?;
-        Ok(position)
+        Ok(Some(position))
     }
 
     /// A loaded copy of the own document `id` at `heads`, if one is kept.

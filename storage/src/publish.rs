@@ -309,14 +309,21 @@ fn store_version(
                     crate::sorted(signed.heads.clone()),
                     "one change on the held heads gives the new heads"
                 );
-                batch.append_own_version(signed, &extension, upserts, removes, now)?;
-                return Ok(());
+                if batch
+                    .append_own_version(signed, &extension, upserts, removes, now)?
+                    .is_some()
+                {
+                    return Ok(());
+                }
+                // The stored rows are not what the index described: saved whole below,
+                // which replaces them.
+                tracing::warn!(doc = %signed.meta.id(), "a document's stored changes are not those its index read; saving it whole");
             }
             Err(Declined::Compact) => {}
             Err(declined) => {
-                unreachable!(
-                    "a publisher's own change on its held heads extends them: {declined:?}"
-                )
+                // Not expected for the publisher's own change on its held heads; saving the
+                // version whole is always correct.
+                tracing::warn!(doc = %signed.meta.id(), ?declined, "an own version could not be appended; saving it whole");
             }
         }
     }
