@@ -51,10 +51,12 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// CPU seconds and wall microseconds of each view, in order.
+/// CPU seconds and wall microseconds of each view, in order, and this process's resident
+/// memory growth over the views, store still open (what the node keeps loaded).
 struct Costs {
     cpu: Vec<f64>,
     wall_us: Vec<u32>,
+    resident_growth_kib: i64,
 }
 
 fn record_views(
@@ -69,7 +71,9 @@ fn record_views(
     let mut costs = Costs {
         cpu: Vec::with_capacity(views),
         wall_us: Vec::with_capacity(views),
+        resident_growth_kib: 0,
     };
+    let resident_before = caremesh_bench::rss_kib(std::process::id()) as i64;
     for view in 0..views {
         let event = AuditEvent {
             at: 1_790_000_000 + view as i64,
@@ -90,6 +94,8 @@ fn record_views(
         costs.cpu.push(caremesh_bench::own_cpu_seconds() - cpu);
         costs.wall_us.push(wall.elapsed().as_micros() as u32);
     }
+    costs.resident_growth_kib =
+        caremesh_bench::rss_kib(std::process::id()) as i64 - resident_before;
     Ok(costs)
 }
 
@@ -108,4 +114,8 @@ fn print_buckets(what: &str, costs: &Costs) {
             format!("{p50:.2} / {p99:.2} / {max:.2}")
         );
     }
+    println!(
+        "  resident memory grew by {:.1} MB over the views (the store still open)",
+        costs.resident_growth_kib as f64 / 1024.0
+    );
 }
