@@ -20,23 +20,14 @@ use std::collections::VecDeque;
 /// Own documents loaded lately, each at the heads it was stored with. One is used again only
 /// if the store still holds exactly those heads: a version rolled back, or replaced by a
 /// copy that came back from a peer, makes the entry stale, and it is loaded afresh.
+#[derive(Default)]
 pub(crate) struct LoadedOwnDocuments {
-    /// Least recently used first.
+    /// Least recently used first; at most [`LOADED_CAPACITY`].
     entries: VecDeque<(DocId, PublishedDocument)>,
-    capacity: usize,
 }
 
 /// Access records of this many patients stay loaded: the patients being viewed now.
 const LOADED_CAPACITY: usize = 32;
-
-impl Default for LoadedOwnDocuments {
-    fn default() -> Self {
-        LoadedOwnDocuments {
-            entries: VecDeque::new(),
-            capacity: LOADED_CAPACITY,
-        }
-    }
-}
 
 impl LoadedOwnDocuments {
     /// Takes the loaded document `id` out if it is at `heads` (the store's signed heads);
@@ -51,7 +42,7 @@ impl LoadedOwnDocuments {
     pub fn keep(&mut self, document: PublishedDocument) {
         let id = document.meta().id();
         self.entries.retain(|(held, _)| *held != id);
-        if self.entries.len() == self.capacity {
+        if self.entries.len() == LOADED_CAPACITY {
             self.entries.pop_front();
         }
         self.entries.push_back((id, document));
