@@ -12,7 +12,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::notify::{Endpoint, post_json, subscription_to};
+use support::notify::{Endpoint, allow, post_json, subscription_to};
 use support::*;
 
 /// A Python with `fhirclient`'s models, set up once per target folder.
@@ -78,10 +78,11 @@ fn every_uk_core_and_synthea_record_through_the_fhir_api_parses_strictly_in_smar
     let get = |path: &str| fhir_get(&node.address, path, Some(&token));
     // Two subscriptions to every patient, told of the Synthea records as they arrive: one
     // with whole resources, one with their ids.
-    let endpoints: Vec<(Endpoint, String)> = ["full-resource", "id-only"]
-        .iter()
-        .map(|payload| {
-            let endpoint = Endpoint::start();
+    let (whole, ids) = (Endpoint::start(), Endpoint::start());
+    allow(&home, "strict-parse", &[&whole, &ids]);
+    let endpoints: Vec<(Endpoint, String)> = [(whole, "full-resource"), (ids, "id-only")]
+        .into_iter()
+        .map(|(endpoint, payload)| {
             let made = post_json(
                 &node.address,
                 "/fhir/Subscription",

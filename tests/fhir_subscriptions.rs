@@ -5,10 +5,10 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use support::notify::{Endpoint, TOPIC, post_json, subscription_to};
+use support::notify::{Endpoint, TOPIC, allow, post_json, subscription_to};
 use support::region::{Region, ingest_generated};
 use support::*;
 
@@ -118,6 +118,8 @@ fn a_change_ingested_at_the_gp_is_notified_by_the_hospital_node_and_retried_unti
     assert!(gp_data_arrived, "the GP's data reaches the hospital first");
 
     let endpoint = Endpoint::start();
+    let everyone = Endpoint::start();
+    allow(&acute, "ward-system", &[&endpoint, &everyone]);
     let subscription = subscription_to(
         &endpoint,
         Some(&format!("Patient?_id={nhs}")),
@@ -156,7 +158,6 @@ fn a_change_ingested_at_the_gp_is_notified_by_the_hospital_node_and_retried_unti
     // A second client follows every patient the hospital may see. The hospital's second
     // patient has no Share In recorded there: the GP's data about them is held but not
     // shown, so a change to it is no event for anyone here.
-    let everyone = Endpoint::start();
     let made_for_everyone = post_json(
         &address,
         "/fhir/Subscription",
@@ -413,14 +414,11 @@ fn until_taken_with(endpoint: &Endpoint, code: &str) -> Option<Vec<Value>> {
 #[test]
 fn notifications_waiting_or_not_yet_filed_survive_the_node_being_killed() {
     let temp = tempfile::tempdir().unwrap();
-    let region = Region::new(temp.path());
-    let gp = region.registered("A81001", "gp", false, &[]);
-    region.publish(&[&gp]);
-    ingest_generated(&gp, "A81001", 3, 1);
-    let nhs = caseload(&gp, "A81001")[0].clone();
+    let (gp, nhs) = one_gp(temp.path());
     let mut node = RunningNode::start(&gp);
     let token = api_token(&gp, &["--client", "ward-system"]);
     let endpoint = Endpoint::start();
+    allow(&gp, "ward-system", &[&endpoint]);
     let made = post_json(
         &node.address,
         "/fhir/Subscription",
@@ -522,6 +520,156 @@ fn notifications_waiting_or_not_yet_filed_survive_the_node_being_killed() {
         everything.body.contains("294505008") && everything.body.contains("91936005"),
         "both allergies are in the record"
     );
+}
+
+/// Notifications carry patient data to whatever URL a subscription names, so a client is
+/// notified only at the origins its operator allowed: one allowed none may not subscribe,
+/// and is told how its operator allows one; once allowed, it may; and when its operator
+/// takes an origin back, the subscription there ends and is told nothing more, while the
+/// one at the origin still allowed goes on.
+#[test]
+fn a_client_is_notified_only_at_origins_its_operator_allowed() {
+    let temp = tempfile::tempdir().unwrap();
+    let (gp, nhs) = one_gp(temp.path());
+    let node = RunningNode::start(&gp);
+    let token = api_token(&gp, &["--client", "ward-system"]);
+    let (kept, taken_back) = (Endpoint::start(), Endpoint::start());
+    let subscribe = |endpoint: &Endpoint| {
+        post_json(
+            &node.address,
+            "/fhir/Subscription",
+            &token,
+            &subscription_to(endpoint, Some(&format!("Patient?_id={nhs}")), "id-only"),
+        )
+    };
+
+    let refused = subscribe(&kept);
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused.body.contains("OperationOutcome")
+            && refused.body.contains(kept.origin())
+            && refused.body.contains("--notify-to"),
+        "the refusal names the origin and how it is allowed: {}",
+        refused.body
+    );
+    assert!(
+        kept.next(Duration::from_secs(2)).is_none(),
+        "nothing was posted"
+    );
+
+    let said = allow(&gp, "ward-system", &[&kept, &taken_back]);
+    assert!(said.contains(kept.origin()), "{said}");
+    let mut ids = Vec::new();
+    for endpoint in [&kept, &taken_back] {
+        let made = subscribe(endpoint);
+        assert_eq!(made.status, 201, "{}", made.body);
+        let made: Value = serde_json::from_str(&made.body).unwrap();
+        ids.push(made["id"].as_str().unwrap().to_string());
+        assert!(endpoint.next(SYNC_WAIT).is_some(), "a handshake");
+    }
+    let listed = run(&["api-client", "list", "--dir", gp.to_str().unwrap()]);
+    assert!(
+        stdout(&listed).contains(taken_back.origin()),
+        "{}",
+        stdout(&listed)
+    );
+
+    let said = allow(&gp, "ward-system", &[&kept]);
+    assert!(
+        said.contains("1 subscription to another origin ended"),
+        "{said}"
+    );
+    let status_of = |id: &str| -> Value {
+        let read = fhir_get(
+            &node.address,
+            &format!("/fhir/Subscription/{id}"),
+            Some(&token),
+        );
+        assert_eq!(read.status, 200, "{}", read.body);
+        serde_json::from_str::<Value>(&read.body).unwrap()["status"].clone()
+    };
+    assert_eq!(status_of(&ids[1]), "off");
+    assert_ne!(status_of(&ids[0]), "off");
+
+    let change = temp.path().join("gp-change.json");
+    gp_allergy_extract(&gp, &nhs, &change);
+    let output = ingest(&gp, &[change.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        until_taken_with(&kept, "notified-allergy-1").is_some(),
+        "the origin still allowed is told of the change"
+    );
+    assert!(
+        taken_back.next(Duration::from_secs(5)).is_none(),
+        "the origin taken back is told nothing more"
+    );
+
+    // What an operator allows is checked and kept in one form.
+    let dir = gp.to_str().unwrap();
+    let plain = run(&[
+        "api-client",
+        "notify-to",
+        "--dir",
+        dir,
+        "--id",
+        "ward-system",
+        "http://ward.example.nhs.uk",
+    ]);
+    assert!(!plain.status.success());
+    assert!(
+        stderr(&plain).contains("plain http is only for this machine"),
+        "{}",
+        stderr(&plain)
+    );
+    let added = run(&[
+        "api-client",
+        "add",
+        "--dir",
+        dir,
+        "--id",
+        "standby-system",
+        "--notify-to",
+        "https://ward.example.nhs.uk:443/",
+        "--notify-to",
+        "HTTPS://Ward.Example.nhs.uk",
+    ]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    let listed = run(&["api-client", "list", "--dir", dir, "--json"]);
+    let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    let standby = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["client_id"] == "standby-system")
+        .unwrap();
+    assert_eq!(
+        standby["notify_origins"],
+        json!(["https://ward.example.nhs.uk"])
+    );
+    let path = run(&[
+        "api-client",
+        "notify-to",
+        "--dir",
+        dir,
+        "--id",
+        "standby-system",
+        "https://ward.example.nhs.uk/notify",
+    ]);
+    assert!(
+        stderr(&path).contains("give the origin only"),
+        "{}",
+        stderr(&path)
+    );
+}
+
+/// A GP's node in a region of its own, with three patients: its home and the first patient.
+fn one_gp(temp: &Path) -> (PathBuf, String) {
+    let region = Region::new(temp);
+    let gp = region.registered("A81001", "gp", false, &[]);
+    region.publish(&[&gp]);
+    ingest_generated(&gp, "A81001", 3, 1);
+    let nhs = caseload(&gp, "A81001")[0].clone();
+    (gp, nhs)
 }
 
 /// The patients `publisher` has published about, as `dir` holds them.

@@ -10,6 +10,7 @@ use caremesh_storage::api_access::{ApiClient, ApiToken, ApiUser, ClientRegistere
 use caremesh_sync::NhsNumber;
 use caremesh_view::api_access::{self, ClientKey, ScopeContext};
 use caremesh_view::launch::Role;
+use caremesh_view::notify_origins;
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -20,6 +21,8 @@ const ID_MAX_CHARS: usize = 128;
 const NAME_MAX_CHARS: usize = 200;
 /// A JWK is a few hundred bytes; a JWK Set of one, a little more.
 const PUBLIC_KEY_MAX_BYTES: u64 = 16 * 1024;
+/// A client posts to its own system, perhaps a standby: a handful of origins at most.
+const MAX_NOTIFY_ORIGINS: usize = 16;
 
 #[derive(Subcommand)]
 pub enum ApiClientCommand {
@@ -40,6 +43,23 @@ pub enum ApiClientCommand {
         /// user/*.rs; repeat, or give several separated by spaces.
         #[arg(long = "scope", default_value = api_access::DEFAULT_SCOPES)]
         scopes: Vec<String>,
+        /// An origin its change notifications may be posted to (https://host[:port], or
+        /// http://127.0.0.1:PORT for a listener on this machine); repeat for several.
+        /// Without one, the client may not subscribe.
+        #[arg(long = "notify-to", value_name = "ORIGIN")]
+        notify_to: Vec<String>,
+    },
+    /// Set the origins a client's change notifications may be posted to, keeping its key,
+    /// scopes and tokens; its subscriptions to any other origin end. None: it may not
+    /// subscribe.
+    NotifyTo {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        /// The origins, such as https://ward.example.nhs.uk or http://127.0.0.1:9999.
+        #[arg(value_name = "ORIGIN")]
+        origins: Vec<String>,
     },
     /// List the registered clients.
     List {
@@ -55,6 +75,17 @@ pub enum ApiClientCommand {
         #[arg(long)]
         id: String,
     },
+}
+
+/// A client as `caremesh api-client add` registers it, checked by the CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientAsked {
+    pub client_id: String,
+    /// The JWK.
+    pub public_key: Option<String>,
+    pub scopes: String,
+    /// Canonical origins.
+    pub notify_origins: Vec<String>,
 }
 
 /// What `caremesh api-token` asks for.
@@ -116,6 +147,30 @@ pub fn check_scopes(scopes: &[String]) -> Result<String> {
     Ok(api_access::scopes_text(&parsed))
 }
 
+/// The origins given, checked and put in canonical form, each once.
+pub fn check_origins(origins: &[String]) -> Result<Vec<String>> {
+    let mut checked: Vec<String> = Vec::new();
+    for origin in origins {
+        let origin = notify_origins::allowed_origin(origin.trim())
+            .map_err(|refused| anyhow::anyhow!("--notify-to {origin}: {refused}"))?;
+        if !checked.contains(&origin) {
+            checked.push(origin);
+        }
+    }
+    if checked.len() > MAX_NOTIFY_ORIGINS {
+        bail!("give a client at most {MAX_NOTIFY_ORIGINS} origins to be notified at");
+    }
+    Ok(checked)
+}
+
+fn origins_text(origins: &[String]) -> String {
+    if origins.is_empty() {
+        "none (it may not subscribe)".into()
+    } else {
+        origins.join(", ")
+    }
+}
+
 fn audit(
     home: &Home,
     store: &mut Store,
@@ -134,16 +189,22 @@ pub fn add(
     home: &Home,
     store: &mut Store,
     operator: &str,
-    client: (String, Option<String>, String),
+    client: ClientAsked,
     out: &mut String,
 ) -> Result<u8> {
-    let (client_id, public_key, scopes) = client;
+    let ClientAsked {
+        client_id,
+        public_key,
+        scopes,
+        notify_origins,
+    } = client;
     let registered = store.register_api_client(&ApiClient {
         client_id: client_id.clone(),
         public_key: public_key.clone(),
         scopes: scopes.clone(),
         added_at: clock::now_unix(),
         added_by: operator.to_string(),
+        notify_origins: notify_origins.clone(),
     })?;
     let key = if public_key.is_some() {
         "with a public key for client assertions"
@@ -152,16 +213,62 @@ pub fn add(
     };
     let done = match registered {
         ClientRegistered::Added => "registered",
-        ClientRegistered::Replaced => "replaced (its tokens ended)",
+        ClientRegistered::Replaced => "replaced (its tokens and subscriptions ended)",
     };
+    let origins = origins_text(&notify_origins);
     audit(
         home,
         store,
         operator,
         "api-client-add",
-        format!("client {client_id} {done} {key}, scopes {scopes}"),
+        format!("client {client_id} {done} {key}, scopes {scopes}, notified at {origins}"),
     )?;
-    writeln!(out, "client {client_id} {done} {key}; scopes: {scopes}")?;
+    writeln!(
+        out,
+        "client {client_id} {done} {key}; scopes: {scopes}; notifications to: {origins}"
+    )?;
+    Ok(0)
+}
+
+/// Sets the origins a client's notifications may go to, and ends its subscriptions to any
+/// other origin, in one group with its audit entry.
+pub fn notify_to(
+    home: &Home,
+    store: &mut Store,
+    operator: &str,
+    (client_id, origins): (String, Vec<String>),
+    out: &mut String,
+) -> Result<u8> {
+    if !store.set_api_client_notify_origins(&client_id, &origins)? {
+        bail!("no API client `{client_id}` is registered (see caremesh api-client list)");
+    }
+    let ending: Vec<String> = store
+        .live_subscriptions()?
+        .into_iter()
+        .filter(|s| s.client_id == client_id)
+        .filter(|s| !notify_origins::endpoint_allowed(&s.endpoint, &origins).unwrap_or(false))
+        .map(|s| s.id)
+        .collect();
+    for id in &ending {
+        store.end_subscription(
+            id,
+            Some("its endpoint's origin is no longer allowed for its client"),
+        )?;
+    }
+    let origins = origins_text(&origins);
+    let ended = match ending.len() {
+        0 => String::new(),
+        1 => "; 1 subscription to another origin ended".into(),
+        n => format!("; {n} subscriptions to other origins ended"),
+    };
+    audit(
+        home,
+        store,
+        operator,
+        "api-client-notify-to",
+        format!("client {client_id} notified at {origins}{ended}"),
+    )?;
+    writeln!(out, "client {client_id}: notifications to {origins}{ended}")?;
     Ok(0)
 }
 
@@ -198,7 +305,7 @@ pub fn list(store: &Store, json: bool, out: &mut String) -> Result<u8> {
     for client in clients {
         writeln!(
             out,
-            "{}  {}  scopes: {}  added {} by {}",
+            "{}  {}  scopes: {}  notifications to: {}  added {} by {}",
             client.client_id,
             if client.public_key.is_some() {
                 "key registered"
@@ -206,6 +313,7 @@ pub fn list(store: &Store, json: bool, out: &mut String) -> Result<u8> {
                 "no key"
             },
             client.scopes,
+            origins_text(&client.notify_origins),
             clock::rfc3339(client.added_at),
             client.added_by
         )?;
@@ -229,11 +337,12 @@ pub fn token(
                 home,
                 store,
                 operator,
-                (
-                    asked.client.clone(),
-                    None,
-                    api_access::DEFAULT_SCOPES.into(),
-                ),
+                ClientAsked {
+                    client_id: asked.client.clone(),
+                    public_key: None,
+                    scopes: api_access::DEFAULT_SCOPES.into(),
+                    notify_origins: Vec::new(),
+                },
                 out,
             )?;
             store

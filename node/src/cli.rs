@@ -516,19 +516,29 @@ fn api_client(command: crate::api_clients::ApiClientCommand) -> Result<ExitCode>
             id,
             public_key,
             scopes,
+            notify_to,
         } => {
             api_clients::check_client_id(&id)?;
             let public_key = public_key
                 .as_deref()
                 .map(api_clients::read_public_key)
                 .transpose()?;
-            let scopes = api_clients::check_scopes(&scopes)?;
+            let client = api_clients::ClientAsked {
+                client_id: id,
+                public_key,
+                scopes: api_clients::check_scopes(&scopes)?,
+                notify_origins: api_clients::check_origins(&notify_to)?,
+            };
+            (dir, StoreCommand::ApiClientAdd(client))
+        }
+        ApiClientCommand::NotifyTo { dir, id, origins } => {
+            api_clients::check_client_id(&id)?;
+            let origins = api_clients::check_origins(&origins)?;
             (
                 dir,
-                StoreCommand::ApiClientAdd {
+                StoreCommand::ApiClientNotifyTo {
                     client_id: id,
-                    public_key,
-                    scopes,
+                    origins,
                 },
             )
         }

@@ -48,11 +48,11 @@ pub enum StoreCommand {
     },
     AuditCheckpoint,
     AuditReport(audit::ReportArgs),
-    ApiClientAdd {
+    ApiClientAdd(crate::api_clients::ClientAsked),
+    ApiClientNotifyTo {
         client_id: String,
-        /// The JWK, checked by the CLI.
-        public_key: Option<String>,
-        scopes: String,
+        /// Canonical origins, checked by the CLI.
+        origins: Vec<String>,
     },
     ApiClientList {
         json: bool,
@@ -80,7 +80,8 @@ impl StoreCommand {
             StoreCommand::ConsentShow { .. } => "consent show",
             StoreCommand::AuditCheckpoint => "audit checkpoint",
             StoreCommand::AuditReport(_) => "audit report",
-            StoreCommand::ApiClientAdd { .. } => "api-client add",
+            StoreCommand::ApiClientAdd(_) => "api-client add",
+            StoreCommand::ApiClientNotifyTo { .. } => "api-client notify-to",
             StoreCommand::ApiClientList { .. } => "api-client list",
             StoreCommand::ApiClientRemove { .. } => "api-client remove",
             StoreCommand::ApiToken(_) => "api-token",
@@ -184,17 +185,12 @@ impl StoreCommand {
                     .push_str(&audit_report::render(&report, asked.format));
                 Ok(0)
             }
-            StoreCommand::ApiClientAdd {
-                client_id,
-                public_key,
-                scopes,
-            } => api_clients::add(
-                home,
-                store,
-                operator,
-                (client_id, public_key, scopes),
-                &mut out.stdout,
-            ),
+            StoreCommand::ApiClientAdd(client) => {
+                api_clients::add(home, store, operator, client, &mut out.stdout)
+            }
+            StoreCommand::ApiClientNotifyTo { client_id, origins } => {
+                api_clients::notify_to(home, store, operator, (client_id, origins), &mut out.stdout)
+            }
             StoreCommand::ApiClientList { json } => api_clients::list(store, json, &mut out.stdout),
             StoreCommand::ApiClientRemove { client_id } => {
                 api_clients::remove(home, store, operator, &client_id, &mut out.stdout)

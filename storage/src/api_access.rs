@@ -21,6 +21,9 @@ pub struct ApiClient {
     pub added_at: i64,
     /// Who registered it (the operator's account, or `api-token`).
     pub added_by: String,
+    /// The origins (`scheme://host[:port]`) its change notifications may be posted to; none,
+    /// and it may not subscribe. The view decides what an origin is and compares them.
+    pub notify_origins: Vec<String>,
 }
 
 /// An access token in force: for one client, optionally acting for one user, optionally for
@@ -54,7 +57,7 @@ pub enum ClientRegistered {
     Replaced,
 }
 
-const CLIENT_COLUMNS: &str = "client_id, public_key, scopes, added_at, added_by";
+const CLIENT_COLUMNS: &str = "client_id, public_key, scopes, added_at, added_by, notify_origins";
 
 fn row_to_client(row: &rusqlite::Row<'_>) -> rusqlite::Result<ApiClient> {
     Ok(ApiClient {
@@ -63,7 +66,23 @@ fn row_to_client(row: &rusqlite::Row<'_>) -> rusqlite::Result<ApiClient> {
         scopes: row.get(2)?,
         added_at: row.get(3)?,
         added_by: row.get(4)?,
+        notify_origins: origins_from_column(&row.get::<_, String>(5)?),
     })
+}
+
+/// Origins are kept space-separated: an origin has no spaces.
+fn origins_column(origins: &[String]) -> String {
+    assert!(
+        origins
+            .iter()
+            .all(|o| !o.is_empty() && !o.contains(char::is_whitespace)),
+        "an origin is one word"
+    );
+    origins.join(" ")
+}
+
+fn origins_from_column(column: &str) -> Vec<String> {
+    column.split_whitespace().map(str::to_string).collect()
 }
 
 impl Store {
@@ -75,7 +94,7 @@ impl Store {
         let replaced = self.remove_api_client(&client.client_id)?;
         self.conn
             .prepare_cached(&format!(
-                "INSERT INTO api_clients ({CLIENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
+                "INSERT INTO api_clients ({CLIENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
             ))
             .and_then(|mut statement| {
                 statement.execute(params![
@@ -83,7 +102,8 @@ impl Store {
                     client.public_key,
                     client.scopes,
                     client.added_at,
-                    client.added_by
+                    client.added_by,
+                    origins_column(&client.notify_origins)
                 ])
             })
             .map_err(self.err("register an API client"))?;
@@ -118,6 +138,26 @@ impl Store {
             .and_then(|mut statement| statement.execute([client_id]))
             .map_err(self.err("remove an API client"))?;
         Ok(removed == 1)
+    }
+
+    /// Replaces the origins a client's notifications may be posted to, leaving its key,
+    /// scopes and tokens as they are. False if no client had that id. Ending the
+    /// subscriptions to origins no longer allowed is the caller's, which knows what an
+    /// origin is.
+    pub fn set_api_client_notify_origins(
+        &self,
+        client_id: &str,
+        origins: &[String],
+    ) -> Result<bool> {
+        self.open_pending_group()?;
+        let changed = self
+            .conn
+            .prepare_cached("UPDATE api_clients SET notify_origins = ?2 WHERE client_id = ?1")
+            .and_then(|mut statement| {
+                statement.execute(params![client_id, origins_column(origins)])
+            })
+            .map_err(self.err("set an API client's notification origins"))?;
+        Ok(changed == 1)
     }
 
     pub fn api_client(&self, client_id: &str) -> Result<Option<ApiClient>> {
@@ -226,6 +266,7 @@ mod tests {
             scopes: scopes.into(),
             added_at: 1_000,
             added_by: "operator".into(),
+            notify_origins: Vec::new(),
         }
     }
 
@@ -281,6 +322,46 @@ mod tests {
         assert_eq!(store.api_token(&[3; 32], 1_100).unwrap(), None);
         assert!(!store.remove_api_client("app").unwrap());
         assert!(store.api_clients().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_clients_notification_origins_change_without_ending_its_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("node.db")).unwrap();
+        store
+            .register_api_client(&client("app", "system/*.rs"))
+            .unwrap();
+        store
+            .issue_api_token(&[1; 32], &token("app", 1_000, 1_300))
+            .unwrap();
+        let origins = vec![
+            "https://ward.example.nhs.uk".to_string(),
+            "http://127.0.0.1:9999".to_string(),
+        ];
+        assert!(
+            store
+                .set_api_client_notify_origins("app", &origins)
+                .unwrap()
+        );
+        assert_eq!(
+            store.api_client("app").unwrap().unwrap().notify_origins,
+            origins
+        );
+        assert!(store.api_token(&[1; 32], 1_100).unwrap().is_some());
+        assert!(store.set_api_client_notify_origins("app", &[]).unwrap());
+        assert!(
+            store
+                .api_client("app")
+                .unwrap()
+                .unwrap()
+                .notify_origins
+                .is_empty()
+        );
+        assert!(
+            !store
+                .set_api_client_notify_origins("nobody", &origins)
+                .unwrap()
+        );
     }
 
     #[test]

@@ -423,6 +423,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE items ADD COLUMN changed_seq INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE api_subscription_events ADD COLUMN after_seq INTEGER;
     "#,
+    // 23: the origins each API client's change notifications may be posted to (space-
+    // separated `scheme://host[:port]`); none, and it may not subscribe. A client keeps the
+    // origins of the subscriptions it holds, so that nothing in force stops at the upgrade;
+    // the view puts them in canonical form when it compares.
+    r#"
+    ALTER TABLE api_clients ADD COLUMN notify_origins TEXT NOT NULL DEFAULT '';
+    UPDATE api_clients SET notify_origins = COALESCE((
+        SELECT replace(group_concat(DISTINCT lower(substr(endpoint, 1,
+            instr(endpoint, '://') + 2 + CASE
+                WHEN instr(substr(endpoint, instr(endpoint, '://') + 3), '/') > 0
+                THEN instr(substr(endpoint, instr(endpoint, '://') + 3), '/') - 1
+                ELSE length(substr(endpoint, instr(endpoint, '://') + 3)) END))), ',', ' ')
+        FROM api_subscriptions s
+        WHERE s.client_id = api_clients.client_id AND s.status != 'off'), '');
+    "#,
 ];
 
 #[cfg(test)]
@@ -433,5 +448,58 @@ mod tests {
         for sql in super::MIGRATIONS {
             conn.execute_batch(sql).unwrap();
         }
+    }
+
+    /// Migration 23 allows each client the origins of the subscriptions it holds in force,
+    /// and no other: one that held none may not subscribe until its operator allows it.
+    #[test]
+    fn clients_keep_the_origins_of_their_live_subscriptions() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let (before, after) = super::MIGRATIONS.split_at(22);
+        for sql in before {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO api_clients VALUES ('ward', NULL, 'system/*.rs', 0, 'op'), \
+                                            ('quiet', NULL, 'system/*.rs', 0, 'op');",
+        )
+        .unwrap();
+        for (id, endpoint, status) in [
+            ("a", "https://Ward.example.nhs.uk/notify/1", "active"),
+            ("b", "https://ward.example.nhs.uk/notify/2", "error"),
+            ("c", "http://127.0.0.1:9999", "requested"),
+            ("d", "https://ended.example.org/x", "off"),
+        ] {
+            conn.execute(
+                "INSERT INTO api_subscriptions (id, client_id, scopes, purpose, base_url, \
+                 endpoint, headers, payload, status, created_at_ms, cursor, due_at_ms) \
+                 VALUES (?1, 'ward', 'system/*.rs', 'care', 'http://n/fhir', ?2, '[]', \
+                 'id-only', ?3, 0, 0, 0)",
+                rusqlite::params![id, endpoint, status],
+            )
+            .unwrap();
+        }
+        for sql in after {
+            conn.execute_batch(sql).unwrap();
+        }
+        let origins = |client: &str| -> Vec<String> {
+            let mut origins: Vec<String> = conn
+                .query_row(
+                    "SELECT notify_origins FROM api_clients WHERE client_id = ?1",
+                    [client],
+                    |row| row.get::<_, String>(0),
+                )
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            origins.sort();
+            origins
+        };
+        assert_eq!(
+            origins("ward"),
+            ["http://127.0.0.1:9999", "https://ward.example.nhs.uk"]
+        );
+        assert!(origins("quiet").is_empty());
     }
 }

@@ -515,6 +515,7 @@ mod tests {
                 scopes: "system/*.rs".into(),
                 added_at: 1,
                 added_by: "operator".into(),
+                notify_origins: vec!["https://ehr.example".into()],
             })
             .unwrap();
         (dir, store)

@@ -1,10 +1,11 @@
 //! A client's side of the FHIR API's change notifications: a rest-hook endpoint (a real
 //! HTTP listener) and the Subscription resources the tests post.
 
-use super::{HttpResponse, http_request_raw};
+use super::{HttpResponse, http_request_raw, run, stderr};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -85,9 +86,30 @@ impl Endpoint {
         }
     }
 
+    /// The endpoint's origin, as an operator allows it.
+    pub fn origin(&self) -> &str {
+        self.url.trim_end_matches("/hook")
+    }
+
     pub fn next(&self, within: Duration) -> Option<Received> {
         self.received.recv_timeout(within).ok()
     }
+}
+
+/// Allows `client` of the node in `dir` to be notified at `endpoints` and nowhere else, as
+/// its operator would (`caremesh api-client notify-to`): without it, the client may not
+/// subscribe. Prints what the command said.
+pub fn allow(dir: &Path, client: &str, endpoints: &[&Endpoint]) -> String {
+    let dir = dir.to_str().unwrap();
+    let mut args = vec!["api-client", "notify-to", "--dir", dir, "--id", client];
+    args.extend(endpoints.iter().map(|e| e.origin()));
+    let output = run(&args);
+    assert!(
+        output.status.success(),
+        "api-client notify-to failed: {}",
+        stderr(&output)
+    );
+    super::stdout(&output)
 }
 
 pub fn post_json(address: &str, path: &str, token: &str, body: &Value) -> HttpResponse {

@@ -16,5 +16,6 @@ pub mod fhir_summary;
 pub mod identity;
 pub mod launch;
 pub mod metrics;
+pub mod notify_origins;
 pub mod record;
 pub mod web;

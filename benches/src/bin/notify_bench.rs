@@ -382,6 +382,16 @@ fn main() -> Result<()> {
     .trim()
     .to_string();
     let (url, received) = endpoint()?;
+    // The operator allows the client its endpoint's origin, as an integrator's would.
+    caremesh(&[
+        "api-client",
+        "notify-to",
+        "--dir",
+        home.to_str().context("path")?,
+        "--id",
+        "notify-bench",
+        url.trim_end_matches("/hook"),
+    ])?;
     let mut early = HashMap::new();
     let mut number = 0;
     let mut phases = Vec::new();

@@ -16,6 +16,7 @@
 use super::fhir::{self, Caller};
 use super::{ViewState, blocking};
 use crate::fhir_api::NHS_NUMBER_SYSTEM;
+use crate::notify_origins;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -40,7 +41,6 @@ const MAX_HEARTBEAT_SECONDS: u32 = 86_400;
 const USER_SUBSCRIPTION_HOURS: i64 = 12;
 const MAX_HEADERS: usize = 8;
 const MAX_HEADER_CHARS: usize = 1_024;
-const MAX_ENDPOINT_CHARS: usize = 2_048;
 const MAX_REASON_CHARS: usize = 500;
 
 /// A refused subscription: the element that was wrong, and what to do.
@@ -210,41 +210,14 @@ fn patient_filter(filter: &str) -> Result<NhsNumber, Invalid> {
     NhsNumber::parse(value).map_err(|_| wrong())
 }
 
-/// An endpoint the node may post patient data to: https anywhere, plain http only to this
-/// machine (a clinical system's listener beside the node), never with credentials in it.
+/// An endpoint the node may post patient data to, whoever allowed its origin: https
+/// anywhere, plain http only to this machine, never with credentials in it (see
+/// [`notify_origins`]). Whether this client may be notified there is checked with its
+/// registration, in [`create`].
 fn check_endpoint(endpoint: &str) -> Result<(), Invalid> {
-    let wrong = |text: &str| invalid("Subscription.channel.endpoint", text);
-    if endpoint.len() > MAX_ENDPOINT_CHARS || endpoint.chars().any(|c| c.is_control()) {
-        return Err(wrong("the endpoint is not a usable URL"));
-    }
-    let uri: axum::http::Uri = endpoint
-        .parse()
-        .map_err(|_| wrong("the endpoint is not a URL"))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| wrong("the endpoint names no host"))?;
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(wrong(
-            "put credentials in channel.header, not in the endpoint's URL",
-        ));
-    }
-    match uri.scheme_str() {
-        Some("https") => Ok(()),
-        Some("http") if is_loopback(host) => Ok(()),
-        Some("http") => Err(wrong(
-            "plain http is only for an endpoint on this machine (127.0.0.1, [::1] or localhost): notifications carry patient data, so use https",
-        )),
-        _ => Err(wrong("the endpoint is an https URL")),
-    }
-}
-
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    notify_origins::origin_of(endpoint)
+        .map(|_| ())
+        .map_err(|refused| invalid("Subscription.channel.endpoint", refused.to_string()))
 }
 
 fn channel_headers(headers: &Value) -> Result<Vec<String>, Invalid> {
@@ -349,7 +322,8 @@ pub(super) fn capability() -> Value {
              from any organisation. Filter Patient?_id=N for one patient; none for every \
              patient the caller may see. Made with a token whose scopes read Patient; what a \
              notification tells is decided for that token's client and user as their reads \
-             are. Endpoints are https, or http on this machine only."
+             are. Endpoints are at an origin the node's operator allowed for the \
+             client, https, or http on this machine only."
         ),
     })
 }
@@ -420,7 +394,31 @@ async fn create_subscription(
         super::internal_error()
     })?;
     let database = state.database.clone();
-    let cursor = blocking(move || Ok(Store::open_read_only(&database)?.feed_tip()?)).await?;
+    let client_id = caller.token.client_id.clone();
+    let (client, cursor) = blocking(move || {
+        let store = Store::open_read_only(&database)?;
+        Ok((store.api_client(&client_id)?, store.feed_tip()?))
+    })
+    .await?;
+    // The token was checked against its client a moment ago; one removed since is refused
+    // here as its tokens are.
+    let allowed = client
+        .map(|client| client.notify_origins)
+        .unwrap_or_default();
+    if !notify_origins::endpoint_allowed(&requested.endpoint, &allowed).unwrap_or(false) {
+        let origin = endpoint_origin(&requested.endpoint);
+        return Err(fhir::outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+            &format!(
+                "Subscription.channel.endpoint: client {} may not be notified at {origin}. \
+                 Notifications carry patient data, so the node's operator allows each client \
+                 the origins it may be notified at: `caremesh api-client add --id {} \
+                 --notify-to {origin}` (with the client's key and scopes).",
+                caller.token.client_id, caller.token.client_id
+            ),
+        ));
+    }
     let subscription = new_subscription(
         &caller,
         id,
@@ -479,11 +477,7 @@ async fn create_subscription(
 
 /// Where an endpoint is, without its path (which may carry a client's own identifiers).
 pub(super) fn endpoint_origin(endpoint: &str) -> String {
-    endpoint
-        .parse::<axum::http::Uri>()
-        .ok()
-        .and_then(|uri| Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?)))
-        .unwrap_or_else(|| "an endpoint".into())
+    notify_origins::origin_of(endpoint).unwrap_or_else(|_| "an endpoint".into())
 }
 
 fn new_subscription(
