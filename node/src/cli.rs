@@ -49,9 +49,21 @@ enum Command {
         /// The clinical system the extracts come from (recorded on every item).
         #[arg(long, default_value = "unknown")]
         source_system: String,
-        /// Address the view listens on.
+        /// Address the view (and the FHIR API) listens on. Loopback (the default) serves plain
+        /// HTTP to a clinical system on this machine; any other address needs HTTPS.
         #[arg(long, default_value = "127.0.0.1:7800")]
         listen: String,
+        /// Serve the view over HTTPS with this certificate (PEM, then its intermediates),
+        /// such as the organisation's existing one; with --tls-private-key.
+        #[arg(long, requires = "tls_private_key")]
+        tls_certificate: Option<PathBuf>,
+        /// The certificate's private key (PEM; no access for other accounts).
+        #[arg(long, requires = "tls_certificate")]
+        tls_private_key: Option<PathBuf>,
+        /// Serve plain HTTP on a --listen address other machines can reach: only where
+        /// something else encrypts the link.
+        #[arg(long, conflicts_with = "tls_certificate")]
+        plain_http_beyond_loopback: bool,
         /// UDP address to accept sync peers on (hubs, and nodes taking direct peers).
         #[arg(long)]
         sync_listen: Option<String>,
@@ -261,9 +273,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kind,
             source_system,
             listen,
+            tls_certificate,
+            tls_private_key,
+            plain_http_beyond_loopback,
             sync_listen,
             peers,
         } => {
+            // The certificate is kept where the operator keeps it, named by its full path.
+            let absolute = |path: PathBuf| {
+                std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))
+            };
+            let view = crate::home::ViewConfig {
+                listen,
+                tls_certificate: tls_certificate.map(absolute).transpose()?,
+                tls_private_key: tls_private_key.map(absolute).transpose()?,
+                plain_http_beyond_loopback,
+                ..Default::default()
+            };
+            // Checked before the home is made: a refused choice leaves nothing behind.
+            let transport = crate::view_https::view_transport(&view, &dir, &view.listen)?;
             let mut home = Home::init(
                 &dir,
                 OrganisationConfig {
@@ -273,7 +301,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
             )?;
             home.config.ingest.source_system = source_system;
-            home.config.view.listen = listen;
+            home.config.view = view;
             home.config.sync.listen = sync_listen;
             home.config.sync.peers = peers;
             home.save_config()?;
@@ -284,6 +312,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 home.config.organisation.ods
             );
             println!("public key: {}", hex::encode(home.signing_key()?.public()));
+            let listen = &home.config.view.listen;
+            match &transport {
+                crate::view_https::ViewTransport::Https(certificate) => println!(
+                    "view: https://{listen}/ with the certificate in {}",
+                    certificate.files().certificate.display()
+                ),
+                crate::view_https::ViewTransport::Http
+                    if home.config.view.plain_http_beyond_loopback =>
+                {
+                    println!(
+                        "view: http://{listen}/ in plain HTTP beyond loopback, as asked: patient data is not encrypted on the way unless something else encrypts it"
+                    )
+                }
+                crate::view_https::ViewTransport::Http => println!(
+                    "view: http://{listen}/ on loopback only, for a clinical system on this machine; for other machines give --tls-certificate and --tls-private-key"
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Ingest {
@@ -459,7 +504,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             issued_at,
         } => {
             let home = Home::open(&dir)?;
-            let base = base.unwrap_or_else(|| format!("http://{}", home.config.view.listen));
+            let scheme = if home.config.view.tls_certificate.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let base = base.unwrap_or_else(|| format!("{scheme}://{}", home.config.view.listen));
             let valid_seconds = valid_seconds
                 .unwrap_or_else(|| i64::from(home.config.launch.max_token_minutes) * 60);
             let url = crate::launch::launch_url(
@@ -808,6 +858,8 @@ fn human_bytes(bytes: u64) -> String {
 /// Serves the view and watches the drop folder until interrupted. Prints the view's address
 /// on stdout (first line `listening on http://…`), and `show` after it when given.
 fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
+    // Before anything starts: a view that may not be served as configured is not served.
+    let transport = crate::view_https::view_transport(&home.config.view, &home.dir, listen)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -887,6 +939,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             metrics_token: home.metrics_token()?,
             drop_folder_paused: paused.clone(),
             subscriptions_changed: Default::default(),
+            https: matches!(transport, crate::view_https::ViewTransport::Https(_)),
         });
         let notifier = tokio::spawn(view::notifier::run(state.clone()));
         let summaries = tokio::spawn({
@@ -918,16 +971,23 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
             .await
             .with_context(|| format!("listening on {listen}"))?;
         let address = listener.local_addr()?;
-        println!("listening on http://{address}/");
+        let scheme = transport.scheme();
+        println!("listening on {scheme}://{address}/");
         if let Some(sync_address) = sync.local_addr {
             println!("sync listening on udp {sync_address}");
         }
         if let Some(path) = show {
-            println!("open http://{address}{path}");
+            println!("open {scheme}://{address}{path}");
         }
         use std::io::Write;
         std::io::stdout().flush()?;
         let listener = view::listener::BoundedListener::new(listener);
+        let listener = match &transport {
+            crate::view_https::ViewTransport::Http => listener,
+            crate::view_https::ViewTransport::Https(certificate) => {
+                listener.with_tls(view::tls::server_config(certificate.clone()))
+            }
+        };
         // Until asked to stop, or until the engine finds the database damaged: the view
         // must not go on showing what was read from it.
         let mut stopped = sync.stopped.clone();

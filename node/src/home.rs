@@ -210,6 +210,15 @@ pub struct ViewConfig {
     /// A file (mode 0600) holding the bearer token Prometheus presents to scrape `/metrics`;
     /// without it, only an admin session may read them.
     pub metrics_token: Option<PathBuf>,
+    /// HTTPS: the view's certificate (PEM, followed by its intermediates). With
+    /// `tls_private_key`, the view and the FHIR API are served over HTTPS only.
+    pub tls_certificate: Option<PathBuf>,
+    /// The certificate's private key (PEM), readable by no account but the node's and its
+    /// group. Read again, with the certificate, when either file changes.
+    pub tls_private_key: Option<PathBuf>,
+    /// Plain HTTP on an address other machines can reach. Refused unless set: only where
+    /// something else encrypts the link (a TLS proxy on a private network).
+    pub plain_http_beyond_loopback: bool,
 }
 
 impl Default for ViewConfig {
@@ -218,6 +227,9 @@ impl Default for ViewConfig {
             listen: "127.0.0.1:7800".into(),
             break_glass_minutes: 60,
             metrics_token: Some(PathBuf::from(METRICS_TOKEN_FILE)),
+            tls_certificate: None,
+            tls_private_key: None,
+            plain_http_beyond_loopback: false,
         }
     }
 }

@@ -19,4 +19,5 @@ pub mod tls;
 pub mod trust;
 pub mod trust_admin;
 pub mod verify;
+pub mod view_https;
 pub mod watch;

@@ -239,7 +239,12 @@ fn exchange(address: &str, head: &str, body: &str) -> HttpResponse {
     write!(stream, "{head}\r\n{body}").unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response).to_string();
+    parse_http_response(&response)
+}
+
+/// An HTTP/1.1 response as read off the wire (the connection closed after it).
+pub fn parse_http_response(response: &[u8]) -> HttpResponse {
+    let text = String::from_utf8_lossy(response).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
         .split_whitespace()
@@ -393,6 +398,8 @@ fn dechunk(body: &str) -> String {
 pub struct RunningNode {
     pub child: std::process::Child,
     pub address: String,
+    /// Serving HTTPS (the node said `listening on https://`).
+    pub https: bool,
 }
 
 impl RunningNode {
@@ -419,15 +426,23 @@ impl RunningNode {
         let mut reader = std::io::BufReader::new(stdout);
         let mut line = String::new();
         std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-        let address = line
-            .trim()
-            .strip_prefix("listening on http://")
+        let served = line.trim().strip_prefix("listening on ");
+        let https = served.is_some_and(|s| s.starts_with("https://"));
+        let address = served
+            .and_then(|s| {
+                s.strip_prefix("https://")
+                    .or_else(|| s.strip_prefix("http://"))
+            })
             .and_then(|a| a.strip_suffix('/'))
             .unwrap_or_else(|| panic!("unexpected first line from run: {line:?}"))
             .to_string();
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        RunningNode { child, address }
+        RunningNode {
+            child,
+            address,
+            https,
+        }
     }
 
     pub fn kill_hard(&mut self) {

@@ -85,7 +85,7 @@ pub(super) fn not_found() -> Response {
 }
 
 /// The FHIR base URL as the client reached it, for `fullUrl`s and links.
-pub(super) fn base_url(headers: &HeaderMap) -> String {
+pub(super) fn base_url(state: &ViewState, headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -96,7 +96,8 @@ pub(super) fn base_url(headers: &HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
         })
         .unwrap_or("localhost");
-    format!("http://{host}/fhir")
+    let scheme = if state.https { "https" } else { "http" };
+    format!("{scheme}://{host}/fhir")
 }
 
 /// Who is calling: a token in force, and what it grants.
@@ -396,7 +397,7 @@ fn parameter<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// `GET /fhir/metadata`: what this server does, and only that.
 pub async fn metadata(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Response {
-    let base = base_url(&headers);
+    let base = base_url(&state, &headers);
     fhir(StatusCode::OK, &capability_statement(&state, &base))
 }
 
@@ -524,8 +525,11 @@ fn patient_capability() -> Value {
 }
 
 /// `GET /.well-known/smart-configuration`: SMART's discovery document.
-pub async fn smart_configuration(headers: HeaderMap) -> Response {
-    let base = base_url(&headers);
+pub async fn smart_configuration(
+    State(state): State<Arc<ViewState>>,
+    headers: HeaderMap,
+) -> Response {
+    let base = base_url(&state, &headers);
     let token_url = format!("{}/oauth/token", base.trim_end_matches("/fhir"));
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -683,7 +687,7 @@ pub async fn patient_search(
         })?;
         let event = caller.event(&state, "fhir-search", Some(nhs.as_str()));
         check_allowed(&state, &caller, "Patient", true, event.clone()).await?;
-        let base = base_url(&headers);
+        let base = base_url(&state, &headers);
         let seen = caller_record(&state, &caller, &nhs, event).await?;
         let record = seen.audited(&state, None).await?;
         let entries: Vec<Value> = record
@@ -753,7 +757,7 @@ pub async fn patient_everything(
                 arrived || updated_since(resource, since)
             });
         }
-        let base = base_url(&headers);
+        let base = base_url(&state, &headers);
         Ok(fhir(
             StatusCode::OK,
             &fhir_api::everything_bundle(&rendered, Some(&base)),
@@ -783,7 +787,7 @@ pub async fn patient_summary(
         };
         Ok(fhir(
             StatusCode::OK,
-            &fhir_summary::summary_bundle(&rendered, &made_at, &base_url(&headers)),
+            &fhir_summary::summary_bundle(&rendered, &made_at, &base_url(&state, &headers)),
         ))
     }
     .await;
@@ -872,7 +876,7 @@ pub async fn type_search(
             found.len()
         );
         seen.audited(&state, Some(served)).await?;
-        let base = base_url(&headers);
+        let base = base_url(&state, &headers);
         let link = |offset: usize| {
             let mut query: Vec<(String, String)> = pairs
                 .iter()
@@ -1004,8 +1008,11 @@ async fn authenticate_client(
         tracing::error!(%error, "a registered API client's key does not read");
         super::internal_error()
     })?;
-    let base = base_url(headers);
-    let host_part = base.trim_start_matches("http://").trim_end_matches("/fhir");
+    let base = base_url(state, headers);
+    let host_part = base
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches("/fhir");
     let audiences = vec![
         format!("https://{host_part}/oauth/token"),
         format!("http://{host_part}/oauth/token"),

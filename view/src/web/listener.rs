@@ -2,6 +2,10 @@
 //! connection may send nothing, and how long a client may take to send one request. Without
 //! bounds, idle TCP connections held the node's file descriptors until `/health` stopped
 //! answering; and a client trickling a byte at a time would hold one for ever.
+//!
+//! With a certificate ([`BoundedListener::with_tls`]) every connection is HTTPS. The TLS
+//! handshake is the connection's first reads and writes, under the same bounds, on the
+//! connection's own task: accepting never waits for a client's handshake.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 /// Connections open at once, from everyone.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -31,15 +36,24 @@ pub struct BoundedListener {
     listener: TcpListener,
     total: Arc<Semaphore>,
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl BoundedListener {
+    /// Plain HTTP.
     pub fn new(listener: TcpListener) -> BoundedListener {
         BoundedListener {
             listener,
             total: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             per_address: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// HTTPS only, with `config` (see `tls::server_config`).
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> BoundedListener {
+        self.tls = Some(TlsAcceptor::from(config));
+        self
     }
 }
 
@@ -77,8 +91,97 @@ pub struct BoundedStream {
     _held: Held,
 }
 
+/// A connection to the view: plain, or TLS from its first byte.
+pub enum ViewStream {
+    Plain(BoundedStream),
+    Handshaking(Box<tokio_rustls::Accept<BoundedStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<BoundedStream>>),
+    /// The handshake failed; the connection is closed.
+    Failed,
+}
+
+impl ViewStream {
+    /// Drives the TLS handshake, if one is under way, to its end.
+    fn poll_handshake(&mut self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let ViewStream::Handshaking(accepting) = self else {
+            return Poll::Ready(Ok(()));
+        };
+        match Pin::new(accepting.as_mut()).poll(context) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(stream)) => {
+                *self = ViewStream::Tls(Box::new(stream));
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => {
+                // Plain HTTP sent to the HTTPS port, scanners, clients that distrust the
+                // certificate: the client's own concern, so not a warning here.
+                tracing::debug!(%error, "a view connection's TLS handshake failed");
+                *self = ViewStream::Failed;
+                Poll::Ready(Err(error))
+            }
+        }
+    }
+
+    fn failed() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "the connection's TLS handshake failed",
+        )
+    }
+}
+
+impl AsyncRead for ViewStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_handshake(context))?;
+        match self.get_mut() {
+            ViewStream::Plain(stream) => Pin::new(stream).poll_read(context, buffer),
+            ViewStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(context, buffer),
+            ViewStream::Handshaking(_) | ViewStream::Failed => Poll::Ready(Err(Self::failed())),
+        }
+    }
+}
+
+impl AsyncWrite for ViewStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_handshake(context))?;
+        match self.get_mut() {
+            ViewStream::Plain(stream) => Pin::new(stream).poll_write(context, data),
+            ViewStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(context, data),
+            ViewStream::Handshaking(_) | ViewStream::Failed => Poll::Ready(Err(Self::failed())),
+        }
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_handshake(context))?;
+        match self.get_mut() {
+            ViewStream::Plain(stream) => Pin::new(stream).poll_flush(context),
+            ViewStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(context),
+            ViewStream::Handshaking(_) | ViewStream::Failed => Poll::Ready(Err(Self::failed())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ViewStream::Plain(stream) => Pin::new(stream).poll_shutdown(context),
+            ViewStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(context),
+            ViewStream::Handshaking(_) | ViewStream::Failed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
 impl axum::serve::Listener for BoundedListener {
-    type Io = BoundedStream;
+    type Io = ViewStream;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -124,6 +227,10 @@ impl axum::serve::Listener for BoundedListener {
                 idle: Box::pin(tokio::time::sleep(IDLE)),
                 request_deadline: None,
                 _held: held,
+            };
+            let stream = match &self.tls {
+                None => ViewStream::Plain(stream),
+                Some(acceptor) => ViewStream::Handshaking(Box::new(acceptor.accept(stream))),
             };
             return (stream, address);
         }

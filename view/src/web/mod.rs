@@ -40,6 +40,7 @@ pub mod listener;
 pub mod notifier;
 mod render;
 mod subscriptions;
+pub mod tls;
 
 pub use render::escape;
 use render::{ReportForm, page, problem_body};
@@ -129,6 +130,9 @@ pub struct ViewState {
     pub node: Arc<dyn RunningNode>,
     /// Told when a subscription is made, so that the notifier greets its endpoint at once.
     pub subscriptions_changed: tokio::sync::Notify,
+    /// Served over HTTPS: the session cookie is `Secure`, browsers are told to keep to
+    /// HTTPS (HSTS), and the FHIR API's URLs are `https://`.
+    pub https: bool,
 }
 
 /// Refused requests that carried no session (or a token whose signature failed): counted,
@@ -216,13 +220,23 @@ pub fn router(state: Arc<ViewState>) -> Router {
             "/.well-known/smart-configuration",
             get(fhir::smart_configuration),
         )
-        .layer(axum::middleware::map_response(protect))
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            protect,
+        ))
         .with_state(state)
 }
 
-/// Patient data must not be cached, framed or sniffed.
-async fn protect(mut response: Response) -> Response {
+/// Patient data must not be cached, framed or sniffed; over HTTPS, browsers must not come
+/// back over plain HTTP.
+async fn protect(State(state): State<Arc<ViewState>>, mut response: Response) -> Response {
     let headers = response.headers_mut();
+    if state.https {
+        headers.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -544,9 +558,11 @@ async fn launch(State(state): State<Arc<ViewState>>, Query(query): Query<LaunchQ
         (Role::Auditor, _) => "/audit".into(),
         _ => "/status".into(),
     };
+    // Secure over HTTPS: the browser then never sends the session over plain HTTP.
     let cookie = format!(
-        "{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}",
-        i64::from(state.launch_config.session_minutes.max(1)) * 60
+        "{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}{}",
+        i64::from(state.launch_config.session_minutes.max(1)) * 60,
+        if state.https { "; Secure" } else { "" }
     );
     let mut response = Redirect::to(&landing).into_response();
     if let Ok(value) = HeaderValue::from_str(&cookie) {

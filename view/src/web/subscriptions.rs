@@ -423,7 +423,7 @@ async fn create_subscription(
         &caller,
         id,
         &requested,
-        fhir::base_url(headers),
+        fhir::base_url(state, headers),
         cursor,
         now,
     );
