@@ -1789,3 +1789,115 @@ fn node_free_bytes(path: &Path) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// The operator reads what ingest rejected and why, and releases it once its cause is fixed:
+/// a condition that came before its patient goes in once the patient is ingested, and its
+/// reason goes with it. A file still wrong goes back with its new reasons. Reading and
+/// releasing are audited; names that are not quarantined files are refused.
+#[test]
+fn a_quarantined_file_is_read_and_released_once_its_cause_is_fixed() {
+    let dir = node("A81001", "gp");
+    let files = tempfile::tempdir().unwrap();
+    let early = files.path().join("condition-before-patient.json");
+    write_json(&early, &condition("2024-01-01T00:00:00Z", "Asthma", None));
+    let output = ingest(&home(&dir), &[early.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let node_home = home(&dir);
+    let quarantine = |args: &[&str]| {
+        let mut all = vec!["quarantine", args[0], "--dir", node_home.to_str().unwrap()];
+        all.extend_from_slice(&args[1..]);
+        run(&all)
+    };
+
+    let listed = quarantine(&["list", "--json"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["name"], "condition-before-patient.json");
+    assert_eq!(listed[0]["problems"], 1);
+    assert!(
+        listed[0]["first_problem"]
+            .as_str()
+            .unwrap()
+            .contains("ingest the Patient first"),
+        "{listed}"
+    );
+
+    let shown = quarantine(&["show", "condition-before-patient.json"]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let text = stdout(&shown);
+    assert!(
+        text.contains("ingest the Patient first"),
+        "the reason: {text}"
+    );
+    assert!(text.contains("\"Asthma\""), "then the file: {text}");
+    for outside in [
+        "../caremesh.toml",
+        "..",
+        "condition-before-patient.json.reason.txt",
+        "absent.json",
+    ] {
+        let refused = quarantine(&["show", outside]);
+        assert!(!refused.status.success(), "{outside} was shown");
+        assert!(
+            stderr(&refused).contains("caremesh quarantine list"),
+            "{}",
+            stderr(&refused)
+        );
+    }
+
+    // Released before its cause is fixed: back with its reasons, under a new name.
+    let again = quarantine(&["release", "condition-before-patient.json"]);
+    assert_eq!(again.status.code(), Some(2), "{}", stdout(&again));
+    let listed = quarantine(&["list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 1, "{listed}");
+    assert!(
+        names[0].ends_with("-condition-before-patient.json"),
+        "{names:?}"
+    );
+    assert_eq!(listed[0]["problems"], 1, "its new reason is beside it");
+    let renamed = names[0].to_string();
+
+    // The patient arrives; the condition is released into the record.
+    ingest_ok(&home(&dir), &[&patient_file(files.path())]);
+    let released = quarantine(&["release", &renamed]);
+    assert!(
+        released.status.success(),
+        "{}\n{}",
+        stdout(&released),
+        stderr(&released)
+    );
+    assert_eq!(problems(&home(&dir)), vec!["Asthma".to_string()]);
+    let left: Vec<_> = std::fs::read_dir(home(&dir).join("quarantine"))
+        .unwrap()
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the file and its reason left quarantine: {left:?}"
+    );
+    assert!(home(&dir).join("processed").join(&renamed).exists());
+    assert!(stdout(&quarantine(&["list"])).contains("quarantine/ is empty"));
+
+    let trail = run(&[
+        "audit",
+        "report",
+        "--dir",
+        home(&dir).to_str().unwrap(),
+        "--from",
+        "2000-01-01",
+        "--to",
+        "2100-01-01",
+        "--format",
+        "csv",
+    ]);
+    let trail = stdout(&trail);
+    assert!(trail.contains("quarantine-read"), "{trail}");
+    assert_eq!(trail.matches("quarantine-release").count(), 2, "{trail}");
+}

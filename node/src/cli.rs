@@ -187,6 +187,11 @@ enum Command {
         #[arg(long, hide = true)]
         issued_at: Option<i64>,
     },
+    /// Files ingest rejected: list them, read one with its reasons, or ingest one again.
+    Quarantine {
+        #[command(subcommand)]
+        command: crate::quarantine::QuarantineCommand,
+    },
     /// Clients of the FHIR API: register (with their public key and scopes), list, remove.
     ApiClient {
         #[command(subcommand)]
@@ -488,6 +493,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sim { args } => run_simulator(&args),
         Command::Audit { command } => audit(command),
         Command::ApiClient { command } => api_client(command),
+        Command::Quarantine { command } => quarantine(command),
         Command::ApiToken(args) => {
             let dir = args.dir.clone();
             crate::control::execute(&dir, StoreCommand::ApiToken(args.asked()?))
@@ -554,6 +560,35 @@ fn consent(command: ConsentCommand) -> Result<ExitCode> {
             },
         ),
         ConsentCommand::Show { dir, nhs } => (dir, StoreCommand::ConsentShow { nhs }),
+    };
+    crate::control::execute(&dir, command)
+}
+
+fn quarantine(command: crate::quarantine::QuarantineCommand) -> Result<ExitCode> {
+    use crate::quarantine::QuarantineCommand;
+    let (dir, command) = match command {
+        QuarantineCommand::List { dir, json } => (dir, StoreCommand::QuarantineList { json }),
+        QuarantineCommand::Show { dir, name } => (dir, StoreCommand::QuarantineShow { name }),
+        QuarantineCommand::Release {
+            dir,
+            name,
+            patient_index,
+        } => {
+            // The node, if it runs, reads the index: nothing is resolved against its folder.
+            let patient_index = patient_index
+                .map(|path| {
+                    std::path::absolute(&path)
+                        .with_context(|| format!("resolving {}", path.display()))
+                })
+                .transpose()?;
+            (
+                dir,
+                StoreCommand::QuarantineRelease {
+                    name,
+                    patient_index,
+                },
+            )
+        }
     };
     crate::control::execute(&dir, command)
 }

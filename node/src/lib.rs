@@ -14,6 +14,7 @@ pub mod home;
 pub mod launch;
 pub mod network;
 pub mod process;
+pub mod quarantine;
 pub mod store_command;
 pub mod tls;
 pub mod trust;

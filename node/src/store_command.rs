@@ -7,6 +7,7 @@
 use crate::api_clients;
 use crate::audit;
 use crate::home::Home;
+use crate::quarantine;
 use anyhow::{Context, Result, bail};
 use caremesh_fhir::clock;
 use caremesh_ingest::{FileDisposition, Ingestor};
@@ -61,6 +62,16 @@ pub enum StoreCommand {
         client_id: String,
     },
     ApiToken(crate::api_clients::TokenAsked),
+    QuarantineList {
+        json: bool,
+    },
+    QuarantineShow {
+        name: String,
+    },
+    QuarantineRelease {
+        name: String,
+        patient_index: Option<PathBuf>,
+    },
 }
 
 /// What a command printed, on standard output and standard error.
@@ -85,6 +96,9 @@ impl StoreCommand {
             StoreCommand::ApiClientList { .. } => "api-client list",
             StoreCommand::ApiClientRemove { .. } => "api-client remove",
             StoreCommand::ApiToken(_) => "api-token",
+            StoreCommand::QuarantineList { .. } => "quarantine list",
+            StoreCommand::QuarantineShow { .. } => "quarantine show",
+            StoreCommand::QuarantineRelease { .. } => "quarantine release",
         }
     }
 
@@ -197,6 +211,32 @@ impl StoreCommand {
             }
             StoreCommand::ApiToken(asked) => {
                 api_clients::token(home, store, operator, asked, &mut out.stdout)
+            }
+            StoreCommand::QuarantineList { json } => {
+                let files = quarantine::list(home)?;
+                quarantine::print_list(&files, json, &mut out.stdout)?;
+                Ok(0)
+            }
+            StoreCommand::QuarantineShow { name } => {
+                quarantine::show(home, store, operator, &name, &mut out.stdout)
+            }
+            StoreCommand::QuarantineRelease {
+                name,
+                patient_index,
+            } => {
+                let path = quarantine::quarantined_file(home, &name)?;
+                quarantine::record(home, store, operator, "quarantine-release", &name)?;
+                let asked = IngestAsked {
+                    paths: vec![path.clone()],
+                    patient_index,
+                    move_files: true,
+                    json: false,
+                };
+                let code = ingest(home, store, asked, between_commits, out)?;
+                if let Some(note) = quarantine::after_release(&path)? {
+                    writeln!(out.stderr, "{note}")?;
+                }
+                Ok(code)
             }
         }
     }
