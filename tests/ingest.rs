@@ -1901,3 +1901,96 @@ fn a_quarantined_file_is_read_and_released_once_its_cause_is_fixed() {
     assert!(trail.contains("quarantine-read"), "{trail}");
     assert_eq!(trail.matches("quarantine-release").count(), 2, "{trail}");
 }
+
+/// `[ingest] keep_processed_days` in `home`'s configuration.
+fn keep_processed_days(home: &Path, days: u32) {
+    let config = home.join("caremesh.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.contains("keep_processed_days = 7\n"),
+        "init writes the default: {text}"
+    );
+    let text = text.replacen(
+        "keep_processed_days = 7\n",
+        &format!("keep_processed_days = {days}\n"),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+}
+
+fn processed_names(home: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(home.join("processed"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Raw extracts are patient data in plain text: a file that went in whole leaves processed/
+/// once its ingest is older than `keep_processed_days` (a week by default, 0 straight
+/// away), from the command line and from the drop folder. A file the ingest log does not
+/// name is never removed (it is how `caremesh verify` finds an ingest the database lost),
+/// and quarantined files stay for the operator.
+#[test]
+fn processed_extracts_are_kept_only_as_long_as_the_setting_says() {
+    let dir = node("A81001", "gp");
+    let home = home(&dir);
+    let files = tempfile::tempdir().unwrap();
+    let patient = patient_file(files.path());
+    let asthma = files.path().join("asthma.json");
+    write_json(&asthma, &condition("2024-01-01T00:00:00Z", "Asthma", None));
+    let ingest_moving = |path: &Path| {
+        let output = ingest(&home, &["--move", path.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    };
+
+    // A week by default: kept.
+    ingest_moving(&patient);
+    assert_eq!(processed_names(&home), vec!["patient.json"]);
+    // Planted: a file the log does not name.
+    std::fs::write(home.join("processed/unlogged.json"), "{}").unwrap();
+
+    // Eight days later (the log's time moved back), the next ingest's sweep removes it.
+    caremesh_storage::page_checksums::open_directly(&home.join("node.db"))
+        .unwrap()
+        .execute("UPDATE ingests SET at = at - 8 * 24 * 3600", [])
+        .unwrap();
+    ingest_moving(&asthma);
+    assert_eq!(
+        processed_names(&home),
+        vec!["asthma.json", "unlogged.json"],
+        "the week-old extract went; the new one and the unlogged one stay"
+    );
+    assert_eq!(
+        problems(&home),
+        vec!["Asthma".to_string()],
+        "the record keeps what it gave"
+    );
+
+    // 0: gone straight after its ingest, from the drop folder too; a rejected file stays in
+    // quarantine.
+    keep_processed_days(&home, 0);
+    let node = RunningNode::start(&home);
+    let hypertension = files.path().join("hypertension.json");
+    let mut condition = condition("2024-02-01T00:00:00Z", "Hypertension", None);
+    condition["id"] = json!("c2");
+    write_json(&hypertension, &condition);
+    let orphan = files.path().join("orphan.json");
+    let mut orphaned = condition.clone();
+    orphaned["id"] = json!("c3");
+    orphaned["subject"] = json!({"reference": "Patient/unknown"});
+    write_json(&orphan, &orphaned);
+    drop_by_rename(&home, &hypertension);
+    drop_by_rename(&home, &orphan);
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            problems(&home).contains(&"Hypertension".to_string())
+                && home.join("quarantine/orphan.json").exists()
+                && processed_names(&home) == vec!["unlogged.json"]
+        }),
+        "processed/ holds {:?}",
+        processed_names(&home)
+    );
+    drop(node);
+}

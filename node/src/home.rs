@@ -168,6 +168,10 @@ pub struct OrganisationConfig {
     pub kind: OrgKind,
 }
 
+/// A week: long enough to find and repair an ingest a crash took back (`caremesh verify`
+/// names such files at the next start), short enough that a lost disk gives up little.
+pub const DEFAULT_KEEP_PROCESSED_DAYS: u32 = 7;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 #[serde(deny_unknown_fields)]
@@ -184,6 +188,9 @@ pub struct IngestConfig {
     pub patient_index: Option<PathBuf>,
     /// TOML file with a `codes` list of SNOMED CT codes that make an item sensitive.
     pub sensitive_codes: Option<PathBuf>,
+    /// Days a file that went in whole stays in processed/ (raw extracts are patient data in
+    /// plain text); 0 removes it straight after its ingest. See `retention.rs`.
+    pub keep_processed_days: u32,
 }
 
 impl Default for IngestConfig {
@@ -195,6 +202,7 @@ impl Default for IngestConfig {
             drop_folder: PathBuf::from("drop"),
             patient_index: None,
             sensitive_codes: None,
+            keep_processed_days: DEFAULT_KEEP_PROCESSED_DAYS,
         }
     }
 }
@@ -516,6 +524,12 @@ impl NodeConfig {
             1,
             24 * 366,
         )?;
+        within(
+            "ingest.keep_processed_days",
+            self.ingest.keep_processed_days,
+            0,
+            3660,
+        )?;
         if !matches!(self.ingest.feed.as_str(), "live" | "batch") {
             return Err(format!(
                 "ingest.feed = {:?} is not a feed caremesh knows: give \"live\" or \"batch\"",
@@ -741,6 +755,7 @@ mod tests {
             ("[launch]\nmax_token_minutes = 100000", "give 1 to 60"),
             ("[launch]\nsession_minutes = 0", "give 1 to 720"),
             ("[view]\nbreak_glass_minutes = 0", "give 1 to 1440"),
+            ("[ingest]\nkeep_processed_days = 100000", "give 0 to 3660"),
             (
                 "[ingest]\nfeed = \"streaming\"",
                 "give \"live\" or \"batch\"",

@@ -15,6 +15,7 @@ pub mod launch;
 pub mod network;
 pub mod process;
 pub mod quarantine;
+pub mod retention;
 pub mod store_command;
 pub mod tls;
 pub mod trust;

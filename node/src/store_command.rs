@@ -300,6 +300,10 @@ fn ingest(
             return Err(stopped.into());
         }
     };
+    drop(ingestor);
+    if move_files {
+        crate::retention::sweep_processed(home, store, clock::now_unix())?;
+    }
     // Of the process that ingested: this command's, or the running node's it was handed to.
     let peak_memory_kb = peak_memory_kb();
     if json {

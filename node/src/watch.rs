@@ -68,7 +68,21 @@ pub fn watch_drop_folder(
     let mut left_in_place: Vec<LeftInPlace> = Vec::new();
     let mut blocked: Option<String> = None;
     let mut next_scan = Instant::now();
+    let mut next_sweep = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if Instant::now() >= next_sweep {
+            next_sweep = Instant::now() + crate::retention::SWEEP_EVERY;
+            let swept = home.clone();
+            if let Err(error) = writer.write_blocking(move |store| {
+                Ok(crate::retention::sweep_processed(
+                    &swept,
+                    store,
+                    clock::now_unix(),
+                )?)
+            }) {
+                tracing::warn!(error = %format!("{error:#}"), "could not look for processed files past their time");
+            }
+        }
         let mut ready = Vec::new();
         match events.recv_timeout(Duration::from_millis(200)) {
             Ok(Ok(event)) => {
@@ -309,6 +323,7 @@ fn settled_files(
 fn ingest_ready(home: &Home, writer: &StoreWriter, files: &[PathBuf]) -> anyhow::Result<()> {
     // Read here (the key, the registry, the sensitive codes), not on the engine thread.
     let (settings, files) = (home.ingest_settings()?, files.to_vec());
+    let home_for_sweep = home.clone();
     let between_commits = writer.between_commits();
     let report = writer.write_blocking(move |store| {
         let mut ingestor = Ingestor::new(
@@ -319,7 +334,7 @@ fn ingest_ready(home: &Home, writer: &StoreWriter, files: &[PathBuf]) -> anyhow:
             clock::now_unix(),
         )?
         .pausing_between_commits(between_commits);
-        ingestor.ingest_paths(&files).map_err(|stopped| {
+        let report = ingestor.ingest_paths(&files).map_err(|stopped| {
             // Counts only, as below: what went in before the stop stays in (and was moved
             // away).
             tracing::warn!(
@@ -327,7 +342,10 @@ fn ingest_ready(home: &Home, writer: &StoreWriter, files: &[PathBuf]) -> anyhow:
                 "drop folder ingest stopped part way; the files before the stop went in"
             );
             anyhow::Error::from(stopped.error)
-        })
+        })?;
+        drop(ingestor);
+        crate::retention::sweep_processed(&home_for_sweep, store, clock::now_unix())?;
+        Ok(report)
     })?;
     // Counts only: file names and reasons may carry identifiers, and go to quarantine instead.
     tracing::info!(

@@ -982,6 +982,19 @@ impl Store {
     }
 
     /// Every file the ingest log names: the path it was read from, and where it was kept.
+    /// Where the ingest log kept files under processed/ by ingests at or before `at_or_before` (unix
+    /// seconds), as it names them (`processed/NAME`).
+    pub fn kept_in_processed_at_or_before(&self, at_or_before: i64) -> Result<Vec<String>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT kept_as FROM ingests WHERE kept_as LIKE 'processed/%' AND at <= ?1")
+            .map_err(self.err("read the ingest log"))?;
+        statement
+            .query_map([at_or_before], |row| row.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(self.err("read the ingest log"))
+    }
+
     pub fn ingested_files(&self) -> Result<Vec<(String, Option<String>)>> {
         let mut statement = self
             .conn
