@@ -16,6 +16,7 @@
 
 pub mod access;
 pub mod api_access;
+pub mod at_rest;
 pub mod audit;
 pub mod disk_space;
 mod feed_tail;
@@ -83,6 +84,24 @@ pub enum StorageError {
     )]
     Randomness {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "database {path} is encrypted, and no data key was given: give the node its key (`[storage] data_key_file` in caremesh.toml); nothing was changed"
+    )]
+    Encrypted { path: PathBuf },
+    #[error(
+        "database {path} does not open with the data key given: it was encrypted with another key (or its first page is damaged); give the key it was made with, or if it is that key restore the database from a backup; nothing was changed"
+    )]
+    WrongKey { path: PathBuf },
+    #[error(
+        "database {path} is not encrypted, and a data key was given: it was made without one; nothing was changed"
+    )]
+    NotEncrypted { path: PathBuf },
+    #[error("database {path}: cannot read it: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
 }
@@ -427,6 +446,45 @@ impl WalSyncer {
 }
 
 /// `path` made absolute, with links resolved: the name SQLite gives the file.
+/// Refuses, before SQLite touches the file, to open an encrypted database without its key or
+/// to give a key to one in plain text (SQLCipher would take the plaintext file as encrypted
+/// under the wrong key).
+fn check_file_kind(path: &Path, key: Option<&at_rest::DataKey>) -> Result<()> {
+    let kind = at_rest::file_kind(path).map_err(|source| StorageError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match (kind, key) {
+        (at_rest::FileKind::Encrypted, None) => Err(StorageError::Encrypted {
+            path: path.to_path_buf(),
+        }),
+        (at_rest::FileKind::Plaintext, Some(_)) => Err(StorageError::NotEncrypted {
+            path: path.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn lacks_checksums(path: &Path) -> Result<bool> {
+    page_checksums::lacks_checksums(path).map_err(|source| StorageError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Gives an encrypted database's connection its key; a wrong key is told apart from damage.
+fn unlock(conn: &Connection, path: &Path, key: &at_rest::DataKey) -> Result<()> {
+    at_rest::unlock(conn, key).map_err(|source| {
+        if source.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
+            StorageError::WrongKey {
+                path: path.to_path_buf(),
+            }
+        } else {
+            StorageError::database(path.to_path_buf(), "unlock", source)
+        }
+    })
+}
+
 fn full_path(path: &Path) -> String {
     std::fs::canonicalize(path)
         .unwrap_or_else(|_| path.to_path_buf())
@@ -442,12 +500,18 @@ impl Store {
     /// Opens (creating if needed) the node database and brings its schema up to date.
     /// Each opening begins a feed epoch (see [`Store::begin_feed_epoch`]) with a random id.
     pub fn open(path: &Path) -> Result<Store> {
+        Store::open_database(&at_rest::Database::plain(path))
+    }
+
+    /// [`Store::open`] of `database`, with its key when it is encrypted.
+    pub(crate) fn open_database(database: &at_rest::Database) -> Result<Store> {
+        let path = database.path();
         let epoch = getrandom::u64().map_err(|source| StorageError::Randomness {
             path: path.to_path_buf(),
             source: std::io::Error::other(source.to_string()),
         })?;
         page_checksums::register();
-        Store::open_through(path, page_checksums::VFS_NAME, epoch)
+        Store::open_through(path, page_checksums::VFS_NAME, database.key(), epoch)
     }
 
     /// [`Store::open`] for a simulated node: through the power-loss VFS
@@ -456,11 +520,24 @@ impl Store {
     /// names the feed epoch, so that a seed replays exactly.
     pub fn open_simulated(path: &Path, epoch: u64) -> Result<Store> {
         page_checksums::register_simulated();
-        Store::open_through(path, page_checksums::SIMULATED_VFS_NAME, epoch)
+        Store::open_through(path, page_checksums::SIMULATED_VFS_NAME, None, epoch)
     }
 
-    /// Opens through `vfs`, a [`page_checksums`] VFS: every page is checked when read.
-    fn open_through(path: &Path, vfs: &str, epoch: u64) -> Result<Store> {
+    /// Opens through `vfs`, a [`page_checksums`] VFS: every page is checked when read. With
+    /// a key, through SQLite's own VFS, SQLCipher checking every page (see [`at_rest`]).
+    fn open_through(
+        path: &Path,
+        vfs: &str,
+        key: Option<&at_rest::DataKey>,
+        epoch: u64,
+    ) -> Result<Store> {
+        check_file_kind(path, key)?;
+        if key.is_none() && lacks_checksums(path)? {
+            page_checksums::rewrite_with_checksums(path, vfs).map_err(|source| {
+                StorageError::database(path.to_path_buf(), "rewrite with page checksums", source)
+            })?;
+            tracing::info!(path = %path.display(), "rewrote the database once to give every page a checksum");
+        }
         // Created readable by its owner only; SQLite gives its WAL and shared-memory files the
         // database file's permissions.
         if !path.exists() {
@@ -475,15 +552,20 @@ impl Store {
                     source,
                 })?;
         }
-        let conn = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), vfs)
-            .map_err(|source| StorageError::database(path.to_path_buf(), "open", source))?;
-        // Before anything is written: a new database is created with room for checksums;
-        // one from before them is rewritten once.
-        let rewritten = page_checksums::reserve_checksum_bytes(&conn).map_err(|source| {
-            StorageError::database(path.to_path_buf(), "reserve page checksums", source)
-        })?;
-        if rewritten {
-            tracing::info!(path = %path.display(), "rewrote the database once to give every page a checksum");
+        let conn = match key {
+            None => Connection::open_with_flags_and_vfs(path, OpenFlags::default(), vfs),
+            Some(_) => Connection::open_with_flags(path, OpenFlags::default()),
+        }
+        .map_err(|source| StorageError::database(path.to_path_buf(), "open", source))?;
+        match key {
+            Some(key) => unlock(&conn, path, key)?,
+            None => {
+                // Before anything is written: a new database is created with room for
+                // checksums (one from before them was rewritten above).
+                page_checksums::reserve_checksum_bytes(&conn).map_err(|source| {
+                    StorageError::database(path.to_path_buf(), "reserve page checksums", source)
+                })?;
+            }
         }
         let mut store = Store {
             conn,
@@ -502,13 +584,26 @@ impl Store {
 
     /// Opens an existing database for reading only (the view's connections).
     pub fn open_read_only(path: &Path) -> Result<Store> {
-        page_checksums::register();
-        let conn = Connection::open_with_flags_and_vfs(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            page_checksums::VFS_NAME,
-        )
+        Store::open_database_read_only(&at_rest::Database::plain(path))
+    }
+
+    /// [`Store::open_read_only`] of `database`, with its key when it is encrypted.
+    pub(crate) fn open_database_read_only(database: &at_rest::Database) -> Result<Store> {
+        let path = database.path();
+        let key = database.key();
+        check_file_kind(path, key)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = match key {
+            None => {
+                page_checksums::register();
+                Connection::open_with_flags_and_vfs(path, flags, page_checksums::VFS_NAME)
+            }
+            Some(_) => Connection::open_with_flags(path, flags),
+        }
         .map_err(|source| StorageError::database(path.to_path_buf(), "open read-only", source))?;
+        if let Some(key) = key {
+            unlock(&conn, path, key)?;
+        }
         let store = Store {
             conn,
             path: path.to_path_buf(),
@@ -933,7 +1028,19 @@ impl Store {
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(self.err("count summary-only items"))?;
-        let page_bytes = count("PRAGMA page_count")? * count("PRAGMA page_size")?;
+        // SQLCipher answers `page_size` on an encrypted database as text (its
+        // `cipher_page_size`); SQLite as an integer.
+        let page_size: i64 = self
+            .conn
+            .query_row("PRAGMA page_size", [], |row| {
+                Ok(match row.get::<_, rusqlite::types::Value>(0)? {
+                    rusqlite::types::Value::Integer(size) => size,
+                    rusqlite::types::Value::Text(size) => size.parse().unwrap_or(0),
+                    _ => 0,
+                })
+            })
+            .map_err(self.err("read the page size"))?;
+        let page_bytes = count("PRAGMA page_count")? * page_size;
         let wal_bytes = std::fs::metadata(wal_path(&self.path))
             .map(|m| m.len())
             .unwrap_or(0);

@@ -408,8 +408,9 @@ pub fn open_directly(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
 }
 
 /// Reserves [`RESERVED_BYTES`] per page on `conn`'s main database, so that this VFS writes
-/// and verifies checksums: at once for a new database, by a rewrite (VACUUM) for one with
-/// pages. Returns whether the database was rewritten.
+/// and verifies checksums. Only a database without pages can be given them this way: one
+/// with pages made before checksums is rewritten by [`rewrite_with_checksums`] before it is
+/// opened. Returns whether the bytes were reserved now.
 pub(crate) fn reserve_checksum_bytes(conn: &rusqlite::Connection) -> rusqlite::Result<bool> {
     let control = |value: c_int| -> rusqlite::Result<c_int> {
         let mut value = value;
@@ -432,13 +433,138 @@ pub(crate) fn reserve_checksum_bytes(conn: &rusqlite::Connection) -> rusqlite::R
     if control(-1)? == RESERVED_BYTES {
         return Ok(false);
     }
-    control(RESERVED_BYTES)?;
     let pages: i64 = conn.query_row("PRAGMA page_count", [], |row| row.get(0))?;
-    if pages == 0 {
-        return Ok(false);
+    if pages > 0 {
+        return Err(rusqlite::Error::SqliteFailure(
+            ffi::Error::new(ffi::SQLITE_MISUSE),
+            Some(
+                "a database with pages gets its checksums by a rewrite, before it is opened".into(),
+            ),
+        ));
     }
-    conn.execute_batch("VACUUM")?;
+    control(RESERVED_BYTES)?;
     Ok(true)
+}
+
+/// Whether the plaintext database at `path` has pages but no room for checksums: made
+/// before them.
+pub(crate) fn lacks_checksums(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut header = [0u8; 100];
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(error),
+    };
+    let mut read = 0;
+    while read < header.len() {
+        match file.read(&mut header[read..])? {
+            0 => return Ok(false),
+            n => read += n,
+        }
+    }
+    Ok(header.starts_with(b"SQLite format 3\0") && c_int::from(header[20]) != RESERVED_BYTES)
+}
+
+/// Rewrites the database at `path` (made before checksums) with room for them, through `vfs`,
+/// keeping its data and schema version. SQLCipher, which builds this SQLite, will not VACUUM
+/// a plaintext database into one with reserved bytes (it takes reserved bytes for an
+/// encrypted database's and asks for a key), so the rewrite is an export: a new file with
+/// the bytes reserved, the old one attached as plaintext (`KEY ''`), `sqlcipher_export`
+/// copying schema and rows, then the new file renamed over the old. A crash before the
+/// rename leaves the old database as it was (and the half-made file is made again); after
+/// it, the new one.
+pub(crate) fn rewrite_with_checksums(path: &Path, vfs: &str) -> rusqlite::Result<()> {
+    let mut fresh_path = path.as_os_str().to_owned();
+    fresh_path.push(".with-checksums");
+    let fresh_path = std::path::PathBuf::from(fresh_path);
+    let io = |error: std::io::Error| {
+        rusqlite::Error::SqliteFailure(
+            ffi::Error::new(ffi::SQLITE_IOERR),
+            Some(format!("rewriting the database with checksums: {error}")),
+        )
+    };
+    for stale in [&fresh_path, &journal_of(&fresh_path)] {
+        match std::fs::remove_file(stale) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io(error)),
+        }
+    }
+    let version: i64 = {
+        let old = rusqlite::Connection::open_with_flags_and_vfs(
+            path,
+            rusqlite::OpenFlags::default(),
+            vfs,
+        )?;
+        // Everything into the file, so that the WAL left behind holds nothing.
+        old.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        old.query_row("PRAGMA user_version", [], |row| row.get(0))?
+    };
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&fresh_path)
+            .map_err(io)?;
+        let fresh = rusqlite::Connection::open_with_flags_and_vfs(
+            &fresh_path,
+            rusqlite::OpenFlags::default(),
+            vfs,
+        )?;
+        fresh.execute_batch("PRAGMA synchronous = FULL;")?;
+        reserve_checksum_bytes(&fresh)?;
+        let old_path = path
+            .to_str()
+            .ok_or_else(|| rusqlite::Error::InvalidPath(path.to_path_buf()))?;
+        fresh.execute("ATTACH DATABASE ?1 AS old KEY ''", [old_path])?;
+        fresh.query_row("SELECT sqlcipher_export('main', 'old')", [], |_| Ok(()))?;
+        fresh.execute_batch("DETACH DATABASE old;")?;
+        fresh.pragma_update(None, "user_version", version)?;
+    }
+    std::fs::File::open(&fresh_path)
+        .and_then(|file| file.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&fresh_path, path).map_err(io)?;
+    // The old database's WAL was emptied above; its index describes a file that is gone.
+    for stale in [wal_of(path), shm_of(path)] {
+        match std::fs::remove_file(&stale) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io(error)),
+        }
+    }
+    if let Some(folder) = path.parent() {
+        let folder = if folder.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            folder
+        };
+        std::fs::File::open(folder)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    std::path::PathBuf::from(name)
+}
+
+fn journal_of(path: &Path) -> std::path::PathBuf {
+    with_suffix(path, "-journal")
+}
+
+fn wal_of(path: &Path) -> std::path::PathBuf {
+    with_suffix(path, "-wal")
+}
+
+fn shm_of(path: &Path) -> std::path::PathBuf {
+    with_suffix(path, "-shm")
 }
 
 #[cfg(test)]
@@ -513,17 +639,28 @@ mod tests {
             )
             .unwrap();
         }
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 7;")
+            .unwrap();
+        let version_before = 7;
         register();
+        assert!(lacks_checksums(&db).unwrap());
+        rewrite_with_checksums(&db, VFS_NAME).unwrap();
+        assert!(!lacks_checksums(&db).unwrap(), "once");
         let conn = rusqlite::Connection::open_with_flags_and_vfs(
             &db,
             rusqlite::OpenFlags::default(),
             VFS_NAME,
         )
         .unwrap();
-        assert!(reserve_checksum_bytes(&conn).unwrap(), "rewritten");
-        assert!(!reserve_checksum_bytes(&conn).unwrap(), "once");
+        assert!(!reserve_checksum_bytes(&conn).unwrap(), "already reserved");
         let kept: String = conn.query_row("SELECT x FROM t", [], |r| r.get(0)).unwrap();
         assert_eq!(kept, "kept");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, version_before, "the schema version is kept");
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
             .unwrap();
         drop(conn);

@@ -1,0 +1,293 @@
+//! Encryption at rest: a node's database, its write-ahead log and SQLite's temporary files
+//! encrypted with SQLCipher (AES-256 in CBC mode per page, each page authenticated with
+//! HMAC-SHA512 under a key derived from the data key and the file's random salt).
+//!
+//! The data key is 256 random bits given to SQLCipher raw (`x'…'`), so opening a connection
+//! costs no passphrase derivation: the view opens one per request. Where the key comes from
+//! (a file outside the home, systemd credentials, a passphrase) is the node's concern.
+//!
+//! An encrypted database is opened through SQLite's own VFS, not through
+//! [`crate::page_checksums`]: SQLCipher already checks every page it reads against its
+//! HMAC, which a flipped bit fails as surely as a checksum (the read fails as corrupt, and
+//! is recorded as damage as any other), and the page header byte the checksum VFS reads to
+//! know whether a file carries checksums is ciphertext in an encrypted file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The first 16 bytes of every plaintext SQLite database file. An encrypted one starts with
+/// its random salt instead.
+const PLAINTEXT_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// A 256-bit data key. Never printed; zeroed when dropped.
+pub struct DataKey([u8; 32]);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataKeyError {
+    #[error("a data key is 64 hexadecimal digits (256 bits); this one is not")]
+    Format,
+    #[error("the system's random source failed ({0}); check /dev/urandom and getrandom(2)")]
+    Randomness(String),
+}
+
+impl DataKey {
+    /// A new random key.
+    pub fn generate() -> Result<DataKey, DataKeyError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|error| DataKeyError::Randomness(error.to_string()))?;
+        Ok(DataKey(bytes))
+    }
+
+    /// Reads a key from its hexadecimal text (surrounding white space ignored).
+    pub fn from_hex(text: &str) -> Result<DataKey, DataKeyError> {
+        let text = text.trim();
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).map_err(|_| DataKeyError::Format)?;
+        Ok(DataKey(bytes))
+    }
+
+    /// The key as hexadecimal text, for writing to its file.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// The value of `PRAGMA key`: the raw key, so SQLCipher derives no key from a passphrase.
+    pub(crate) fn pragma_value(&self) -> String {
+        format!("x'{}'", hex::encode_upper(self.0))
+    }
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("DataKey(…)")
+    }
+}
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        for byte in &mut self.0 {
+            // SAFETY: a valid, aligned, exclusive reference to a byte of this key; volatile so
+            // that the zeroing of memory about to be freed is not optimised away.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
+/// A node's database: where it is and, when it is encrypted, its key. Every connection to
+/// it is opened through this, so none is opened without the key.
+#[derive(Debug, Clone)]
+pub struct Database {
+    path: PathBuf,
+    key: Option<Arc<DataKey>>,
+}
+
+impl Database {
+    /// A database in plain text (tests, benchmarks and the simulator, and homes made
+    /// without a data key).
+    pub fn plain(path: impl Into<PathBuf>) -> Database {
+        Database {
+            path: path.into(),
+            key: None,
+        }
+    }
+
+    /// A database encrypted with `key` (made encrypted if it does not exist yet).
+    pub fn encrypted(path: impl Into<PathBuf>, key: Arc<DataKey>) -> Database {
+        Database {
+            path: path.into(),
+            key: Some(key),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn key(&self) -> Option<&DataKey> {
+        self.key.as_deref()
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Opens (creating if needed) for writing; see [`crate::Store::open`].
+    pub fn open(&self) -> crate::Result<crate::Store> {
+        crate::Store::open_database(self)
+    }
+
+    /// Opens an existing database for reading only; see [`crate::Store::open_read_only`].
+    pub fn open_read_only(&self) -> crate::Result<crate::Store> {
+        crate::Store::open_database_read_only(self)
+    }
+}
+
+/// What the first bytes of an existing database file say it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileKind {
+    /// Absent or empty: made as asked.
+    New,
+    Plaintext,
+    /// Not plaintext SQLite: encrypted (or not a database at all).
+    Encrypted,
+}
+
+pub(crate) fn file_kind(path: &Path) -> std::io::Result<FileKind> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(FileKind::New),
+        Err(error) => return Err(error),
+    };
+    let mut head = [0u8; 16];
+    let mut read = 0;
+    while read < head.len() {
+        match file.read(&mut head[read..])? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    Ok(match read {
+        0 => FileKind::New,
+        16 if &head == PLAINTEXT_MAGIC => FileKind::Plaintext,
+        _ => FileKind::Encrypted,
+    })
+}
+
+/// Gives `conn` its key and checks that it opens the file: the first statement on a
+/// connection whose key is wrong fails with "file is not a database".
+pub(crate) fn unlock(conn: &rusqlite::Connection, key: &DataKey) -> Result<(), rusqlite::Error> {
+    // SQLCipher would print each failed page check to standard error; the failure reaches
+    // the caller as an error, which says what to do.
+    conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
+    conn.pragma_update(None, "key", key.pragma_value())?;
+    // SQLCipher 4's default settings otherwise (page size, HMAC-SHA512, key derivation), so
+    // that the `sqlcipher` shell opens the file with the key alone.
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StorageError;
+
+    fn files_hold(dir: &Path, marker: &[u8]) -> Vec<String> {
+        let mut holding = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            if bytes.windows(marker.len()).any(|window| window == marker) {
+                holding.push(path.display().to_string());
+            }
+        }
+        holding
+    }
+
+    #[test]
+    fn an_encrypted_database_and_its_wal_hold_no_plaintext_and_open_only_with_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let key = Arc::new(DataKey::generate().unwrap());
+        let database = Database::encrypted(&path, key.clone());
+        let marker = "MARKER-AT-REST-7c1e";
+        {
+            let store = database.open().unwrap();
+            // Held open: the WAL is not checkpointed away before the files are searched.
+            store
+                .conn
+                .execute(
+                    "INSERT INTO ingests (at, file, outcome, summary) VALUES (1, ?1, 'accepted', '{}')",
+                    [marker],
+                )
+                .unwrap();
+            assert!(
+                dir.path().join("node.db-wal").exists(),
+                "the test would not see the WAL"
+            );
+            assert_eq!(
+                files_hold(dir.path(), marker.as_bytes()),
+                Vec::<String>::new()
+            );
+            let reader = database.open_read_only().unwrap();
+            assert_eq!(reader.ingested_files().unwrap()[0].0, marker);
+        }
+        assert_eq!(file_kind(&path).unwrap(), FileKind::Encrypted);
+        assert_eq!(
+            files_hold(dir.path(), marker.as_bytes()),
+            Vec::<String>::new()
+        );
+
+        // The same bytes under a plain name say what they are, and a wrong key changes
+        // nothing.
+        let before = std::fs::read(&path).unwrap();
+        let error = Database::plain(&path).open().err().unwrap();
+        assert!(matches!(error, StorageError::Encrypted { .. }), "{error}");
+        let wrong = Database::encrypted(&path, Arc::new(DataKey::generate().unwrap()));
+        let error = wrong.open().err().unwrap();
+        assert!(matches!(error, StorageError::WrongKey { .. }), "{error}");
+        let error = wrong.open_read_only().err().unwrap();
+        assert!(matches!(error, StorageError::WrongKey { .. }), "{error}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "nothing was written");
+        let reopened = database.open().unwrap();
+        assert_eq!(reopened.ingested_files().unwrap()[0].0, marker);
+        assert!(reopened.stats().unwrap().database_bytes > 0);
+        assert_eq!(reopened.integrity_problems().unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_plaintext_database_given_a_key_is_refused_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        drop(Database::plain(&path).open().unwrap());
+        let before = std::fs::read(&path).unwrap();
+        let key = Arc::new(DataKey::generate().unwrap());
+        let error = Database::encrypted(&path, key).open().err().unwrap();
+        assert!(
+            matches!(error, StorageError::NotEncrypted { .. }),
+            "{error}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn a_page_changed_on_disk_is_refused_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let key = Arc::new(DataKey::generate().unwrap());
+        let database = Database::encrypted(&path, key);
+        {
+            let store = database.open().unwrap();
+            for n in 0..2_000 {
+                store
+                    .conn
+                    .execute(
+                        "INSERT INTO ingests (at, file, outcome, summary) VALUES (?1, 'f', 'accepted', '{}')",
+                        [n],
+                    )
+                    .unwrap();
+            }
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096;
+        let pages = bytes.len() / page;
+        assert!(pages > 4);
+        // A byte inside the last page, where the ingest log's newest rows are.
+        bytes[(pages - 1) * page + 200] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+        let error = database
+            .open_read_only()
+            .and_then(|store| store.ingested_files().map(|_| ()))
+            .expect_err("a changed page is not read as data");
+        assert!(error.is_damage(), "{error}");
+    }
+
+    #[test]
+    fn a_key_is_64_hex_digits_and_never_printed() {
+        let key = DataKey::generate().unwrap();
+        let text = key.to_hex();
+        assert_eq!(text.len(), 64);
+        assert_eq!(DataKey::from_hex(&format!("{text}\n")).unwrap().0, key.0);
+        assert!(DataKey::from_hex("abc").is_err());
+        assert!(!format!("{key:?}").contains(&text[..8]));
+    }
+}
