@@ -64,6 +64,10 @@ enum Command {
         /// something else encrypts the link.
         #[arg(long, conflicts_with = "tls_certificate")]
         plain_http_beyond_loopback: bool,
+        /// Encrypt the database with the data key in this file, outside the home (made, mode
+        /// 0600, when absent). Keep it apart from the disk the home is on: see the README.
+        #[arg(long)]
+        data_key_file: Option<PathBuf>,
         /// UDP address to accept sync peers on (hubs, and nodes taking direct peers).
         #[arg(long)]
         sync_listen: Option<String>,
@@ -281,6 +285,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tls_certificate,
             tls_private_key,
             plain_http_beyond_loopback,
+            data_key_file,
             sync_listen,
             peers,
         } => {
@@ -297,13 +302,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             // Checked before the home is made: a refused choice leaves nothing behind.
             let transport = crate::view_https::view_transport(&view, &dir, &view.listen)?;
-            let mut home = Home::init(
+            let (storage, made_key) = match data_key_file {
+                Some(path) => {
+                    let path = absolute(path)?;
+                    let (_, made) = crate::home::data_key_for_init(&path, &dir)?;
+                    let storage = crate::home::StorageConfig {
+                        data_key_file: Some(path),
+                        ..Default::default()
+                    };
+                    (storage, Some(made))
+                }
+                None => (crate::home::StorageConfig::default(), None),
+            };
+            let mut home = Home::init_with(
                 &dir,
                 OrganisationConfig {
                     ods: org,
                     name,
                     kind,
                 },
+                storage,
             )?;
             home.config.ingest.source_system = source_system;
             home.config.view = view;
@@ -317,6 +335,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 home.config.organisation.ods
             );
             println!("public key: {}", hex::encode(home.signing_key()?.public()));
+            match (&home.config.storage.data_key_file, made_key) {
+                (Some(path), Some(true)) => println!(
+                    "database: encrypted with a new data key written to {} (mode 0600): keep a copy apart from this machine; without it the database cannot be read",
+                    path.display()
+                ),
+                (Some(path), _) => println!(
+                    "database: encrypted with the data key in {}",
+                    path.display()
+                ),
+                (None, _) => {
+                    println!("database: not encrypted (give --data-key-file to encrypt it)")
+                }
+            }
             let listen = &home.config.view.listen;
             match &transport {
                 crate::view_https::ViewTransport::Https(certificate) => println!(
@@ -647,6 +678,16 @@ fn audit(command: AuditCommand) -> Result<ExitCode> {
     }
 }
 
+/// How the database is kept at rest, for `caremesh status`.
+fn encryption_of(home: &Home) -> String {
+    let storage = &home.config.storage;
+    match (&storage.data_key_credential, &storage.data_key_file) {
+        (Some(name), _) => format!("encrypted (data key: systemd credential {name})"),
+        (None, Some(path)) => format!("encrypted (data key: {})", home.resolve(path).display()),
+        (None, None) => "not encrypted (no data key: see `caremesh init --data-key-file`)".into(),
+    }
+}
+
 fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     let home = Home::open(dir)?;
     let store = home.open_store()?;
@@ -676,6 +717,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
                 "organisation": home.config.organisation,
                 "stats": stats,
                 "drop_folder": drop_folder,
+                "encryption": encryption_of(&home),
                 "disk": disk,
                 "audit": audit,
                 "sources": sources,
@@ -694,7 +736,11 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     println!("patients:  {}", stats.patients);
     println!("documents: {}", stats.documents);
     println!("items:     {}", stats.items);
-    println!("database:  {:.1} MB", stats.database_bytes as f64 / 1e6);
+    println!(
+        "database:  {:.1} MB, {}",
+        stats.database_bytes as f64 / 1e6,
+        encryption_of(&home)
+    );
     println!(
         "disk:      {:.1} MB free{}",
         disk.free_bytes as f64 / 1e6,
@@ -953,7 +999,7 @@ fn serve(home: &Home, listen: &str, show: Option<&str>) -> Result<ExitCode> {
     };
     let result = runtime.block_on(async {
         let state = Arc::new(ViewState {
-            database: home.database_path(),
+            database: home.database()?,
             organisation: home.config.organisation.name.clone(),
             ods: home.config.organisation.ods.to_string(),
             kind: home.config.organisation.kind,

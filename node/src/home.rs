@@ -13,12 +13,14 @@
 
 use caremesh_fhir::SensitiveCodes;
 use caremesh_storage::Store;
+use caremesh_storage::at_rest::{DataKey, Database};
 use caremesh_sync::{OdsCode, OrgKind, PublisherKey};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const CONFIG_FILE: &str = "caremesh.toml";
 pub const KEY_FILE: &str = "keys/signing.key";
@@ -72,6 +74,24 @@ pub enum HomeError {
     InUse { path: PathBuf, holder: String },
     #[error("{path} does not hold a 32-byte hex ed25519 key")]
     KeyFormat { path: PathBuf },
+    #[error(
+        "the database is encrypted with the data key in {path}, which is not there: mount or restore that file (`[storage] data_key_file` in caremesh.toml). Nothing was changed; a node never makes a new database over an encrypted one"
+    )]
+    DataKeyMissing { path: PathBuf },
+    #[error(
+        "{path} is readable by other accounts (mode {mode:o}); the data key must be mode 0600: run `chmod 600 {path}`"
+    )]
+    DataKeyPermissions { path: PathBuf, mode: u32 },
+    #[error("{path} does not hold a data key (64 hexadecimal digits)")]
+    DataKeyFormat { path: PathBuf },
+    #[error(
+        "the data key is the systemd credential {name}, but the node was not started with it ($CREDENTIALS_DIRECTORY is not set): start it from its unit, with `LoadCredentialEncrypted={name}:/etc/credstore.encrypted/{name}`"
+    )]
+    NoCredentials { name: String },
+    #[error(
+        "the data key file must be outside the node home ({path} is inside {home}), so that the key does not travel with the data: give a path such as /etc/caremesh/data.key"
+    )]
+    DataKeyInHome { path: PathBuf, home: PathBuf },
     #[error(transparent)]
     Storage(#[from] caremesh_storage::StorageError),
 }
@@ -97,6 +117,21 @@ pub struct NodeConfig {
     pub sharing: SharingConfig,
     #[serde(default)]
     pub launch: LaunchConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Encryption at rest (see `caremesh_storage::at_rest`): where the data key comes from. With
+/// neither, the database is plain text.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// A file outside the home, mode 0600, holding the data key (64 hexadecimal digits).
+    pub data_key_file: Option<PathBuf>,
+    /// The data key as the systemd credential of this name (`$CREDENTIALS_DIRECTORY/NAME`),
+    /// which `systemd-creds encrypt` can bind to the machine's TPM.
+    pub data_key_credential: Option<String>,
 }
 
 /// This organisation's sharing defaults: what holds for a patient until a choice is recorded
@@ -267,20 +302,24 @@ impl Home {
         }
     }
 
-    /// Makes a new node home. Refuses to touch a folder that already holds one.
+    /// Makes a new node home, its database in plain text. Refuses to touch a folder that
+    /// already holds one.
     pub fn init(dir: &Path, organisation: OrganisationConfig) -> Result<Home, HomeError> {
+        Home::init_with(dir, organisation, StorageConfig::default())
+    }
+
+    /// [`Home::init`] with the database encrypted as `storage` says (its key must be there).
+    pub fn init_with(
+        dir: &Path,
+        organisation: OrganisationConfig,
+        storage: StorageConfig,
+    ) -> Result<Home, HomeError> {
         if dir.join(CONFIG_FILE).exists() {
             return Err(HomeError::AlreadyExists(dir.to_path_buf()));
         }
         // Patient data lives here: only the node's own account may enter.
         for sub in ["", "keys", "drop", "processed", "quarantine"] {
-            let path = dir.join(sub);
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&path)
-                .map_err(io(&path))?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).map_err(io(&path))?;
+            private_folder(&dir.join(sub))?;
         }
         let config = NodeConfig {
             organisation,
@@ -289,6 +328,7 @@ impl Home {
             sync: SyncConfig::default(),
             sharing: SharingConfig::default(),
             launch: LaunchConfig::default(),
+            storage,
         };
         let key = generate_key()?;
         write_secret(&dir.join(KEY_FILE), &hex::encode(key.secret()))?;
@@ -370,7 +410,30 @@ impl Home {
     }
 
     pub fn open_store(&self) -> Result<Store, HomeError> {
-        Ok(Store::open(&self.database_path())?)
+        Ok(self.database()?.open()?)
+    }
+
+    /// The node's database, with its data key when `[storage]` names one.
+    pub fn database(&self) -> Result<Database, HomeError> {
+        Ok(match self.data_key()? {
+            Some(key) => Database::encrypted(self.database_path(), key),
+            None => Database::plain(self.database_path()),
+        })
+    }
+
+    /// The data key, from the systemd credential or the key file `[storage]` names.
+    pub fn data_key(&self) -> Result<Option<Arc<DataKey>>, HomeError> {
+        let storage = &self.config.storage;
+        if let Some(name) = &storage.data_key_credential {
+            let folder = std::env::var_os("CREDENTIALS_DIRECTORY")
+                .ok_or_else(|| HomeError::NoCredentials { name: name.clone() })?;
+            let path = Path::new(&folder).join(name);
+            return read_data_key(&path).map(|key| Some(Arc::new(key)));
+        }
+        match &storage.data_key_file {
+            Some(path) => read_data_key(&self.resolve(path)).map(|key| Some(Arc::new(key))),
+            None => Ok(None),
+        }
     }
 
     pub fn registry_path(&self) -> PathBuf {
@@ -695,6 +758,16 @@ pub fn open_lock_file(path: &Path) -> Result<fs::File, HomeError> {
 }
 
 /// Makes a file the node wrote readable by its owner only.
+/// Makes the folder `path` (and its parents), only its owner's to enter.
+pub fn private_folder(path: &Path) -> Result<(), HomeError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io(path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io(path))
+}
+
 pub fn make_private(path: &Path) -> Result<(), HomeError> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io(path))
 }
@@ -709,6 +782,66 @@ pub fn check_private(path: &Path) -> Result<(), HomeError> {
         });
     }
     Ok(())
+}
+
+/// Reads a data key file: present, private to its owner, 64 hexadecimal digits.
+pub fn read_data_key(path: &Path) -> Result<DataKey, HomeError> {
+    let metadata = match fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(HomeError::DataKeyMissing {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(error) => return Err(io(path)(error)),
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(HomeError::DataKeyPermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    // A key file is 65 bytes; anything much larger is the wrong file.
+    if metadata.len() > 1024 {
+        return Err(HomeError::DataKeyFormat {
+            path: path.to_path_buf(),
+        });
+    }
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    DataKey::from_hex(&text).map_err(|_| HomeError::DataKeyFormat {
+        path: path.to_path_buf(),
+    })
+}
+
+/// For `caremesh init --data-key-file`: the key in `path` if the file exists, else a new
+/// random key written there (mode 0600, never over another file). Refuses a path inside
+/// the home `home_dir` is to be.
+pub fn data_key_for_init(path: &Path, home_dir: &Path) -> Result<(DataKey, bool), HomeError> {
+    let home = std::path::absolute(home_dir).map_err(io(home_dir))?;
+    let absolute = std::path::absolute(path).map_err(io(path))?;
+    if absolute.starts_with(&home) {
+        return Err(HomeError::DataKeyInHome {
+            path: absolute,
+            home,
+        });
+    }
+    if absolute.exists() {
+        return Ok((read_data_key(&absolute)?, false));
+    }
+    let key = DataKey::generate().map_err(|error| HomeError::Io {
+        path: absolute.clone(),
+        source: std::io::Error::other(error.to_string()),
+    })?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&absolute)
+        .map_err(io(&absolute))?;
+    writeln!(file, "{}", key.to_hex()).map_err(io(&absolute))?;
+    file.sync_all().map_err(io(&absolute))?;
+    Ok((key, true))
 }
 
 pub fn load_secret_key(path: &Path) -> Result<PublisherKey, HomeError> {

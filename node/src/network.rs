@@ -74,7 +74,8 @@ pub struct SyncSettings {
     pub trust: Option<TrustState>,
     pub listen: Option<String>,
     pub peers: Vec<OdsCode>,
-    pub database: PathBuf,
+    /// The node's database, with its data key when it is encrypted.
+    pub database: caremesh_storage::at_rest::Database,
     /// This organisation's consent defaults, for its patients without a recorded choice.
     pub consent_defaults: Consent,
     /// Append a line per received frame here (diagnostics and leak tests; no patient data).
@@ -98,7 +99,7 @@ impl SyncSettings {
             trust,
             listen: home.config.sync.listen.clone(),
             peers: home.config.sync.peers.clone(),
-            database: home.database_path(),
+            database: home.database()?,
             consent_defaults: home.config.sharing.defaults(),
             wire_log: home.config.sync.wire_log.as_ref().map(|p| home.dir.join(p)),
             stored_observer: None,
@@ -338,7 +339,7 @@ impl SyncService {
 /// current tokio runtime.
 pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> Result<SyncService> {
     let counters = Arc::new(SyncCounters::default());
-    let store = Store::open(&settings.database)?;
+    let store = settings.database.open()?;
     if !settings.durable {
         store.without_fsync()?;
     }

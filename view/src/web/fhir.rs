@@ -21,7 +21,6 @@ use axum::extract::{Form, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use caremesh_fhir::clock;
-use caremesh_storage::Store;
 use caremesh_storage::access::TokenUse;
 use caremesh_storage::api_access::{ApiToken, ApiUser};
 use caremesh_storage::audit::AuditEvent;
@@ -174,7 +173,7 @@ pub(super) async fn caller(
         Some(hash) => {
             let database = state.database.clone();
             blocking(move || {
-                let store = Store::open_read_only(&database)?;
+                let store = database.open_read_only()?;
                 Ok(store.api_token(&hash, clock::now_unix())?)
             })
             .await?
@@ -304,7 +303,7 @@ pub(super) async fn caller_record(
     let viewer = viewer_for(state, caller.token.user.as_ref());
     let patient = nhs.clone();
     let record = blocking(move || {
-        let store = Store::open_read_only(&database)?;
+        let store = database.open_read_only()?;
         Ok(record::assemble(
             &store,
             &patient,
@@ -605,7 +604,9 @@ pub async fn resource_read(
         let (database, reference) = (state.database.clone(), format!("{resource_type}/{own}"));
         let publisher = ods.to_string();
         let held = blocking(move || {
-            Ok(Store::open_read_only(&database)?.patient_of_resource(&publisher, &reference)?)
+            Ok(database
+                .open_read_only()?
+                .patient_of_resource(&publisher, &reference)?)
         })
         .await?;
         let nhs = held
@@ -743,8 +744,7 @@ pub async fn patient_everything(
             let nhs = NhsNumber::parse(&record.nhs_number).map_err(|_| not_found())?;
             let database = state.database.clone();
             let stored =
-                blocking(move || Ok(Store::open_read_only(&database)?.items_stored_at(&nhs)?))
-                    .await?;
+                blocking(move || Ok(database.open_read_only()?.items_stored_at(&nhs)?)).await?;
             let stored_at: std::collections::HashMap<String, i64> = stored
                 .into_iter()
                 .map(|(publisher, item_id, at)| (fhir_api::logical_id(&publisher, &item_id), at))
@@ -994,7 +994,7 @@ async fn authenticate_client(
     let looked_up = {
         let client_id = client_id.clone();
         blocking(move || {
-            let store = Store::open_read_only(&database)?;
+            let store = database.open_read_only()?;
             Ok(store.api_client(&client_id)?)
         })
         .await?

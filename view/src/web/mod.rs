@@ -30,7 +30,6 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -99,7 +98,8 @@ impl RequestFailed {
 }
 
 pub struct ViewState {
-    pub database: PathBuf,
+    /// The node's database, with its key when it is encrypted.
+    pub database: caremesh_storage::at_rest::Database,
     pub organisation: String,
     pub ods: String,
     /// This organisation's kind. A hub keeps no read model of clinical items
@@ -354,6 +354,7 @@ impl ViewState {
     /// The node home: the folder holding the database.
     fn home_dir(&self) -> &std::path::Path {
         self.database
+            .path()
             .parent()
             .unwrap_or_else(|| std::path::Path::new("."))
     }
@@ -437,7 +438,7 @@ async fn current_session(
     };
     let database = state.database.clone();
     blocking(move || {
-        let store = Store::open_read_only(&database)?;
+        let store = database.open_read_only()?;
         Ok(store.session(&secret_hash(&secret), clock::now_unix())?)
     })
     .await
@@ -627,7 +628,7 @@ async fn view_record(
     let patient = nhs.clone();
     let names = state.names.clone();
     let (record, offline) = blocking(move || {
-        let store = Store::open_read_only(&database)?;
+        let store = database.open_read_only()?;
         let now = clock::now_unix();
         let record = record::assemble(&store, &patient, &viewer, now)?;
         if api {
@@ -969,7 +970,7 @@ async fn run_report(
         query.clone(),
     );
     let rows = blocking(move || {
-        let store = Store::open_read_only(&database)?;
+        let store = database.open_read_only()?;
         Ok(crate::audit_report::report(&store, &own, &report_query)?)
     })
     .await?;
@@ -1053,7 +1054,7 @@ async fn status(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Resp
         authorise(&state, &headers, Role::Admin, None, "status", true).await?;
         let database = state.database.clone();
         let (stats, peers) = blocking(move || {
-            let store = Store::open_read_only(&database)?;
+            let store = database.open_read_only()?;
             Ok((store.stats()?, store.current_peer_statuses()?))
         })
         .await?;
@@ -1103,7 +1104,7 @@ async fn metrics(State(state): State<Arc<ViewState>>, headers: HeaderMap) -> Res
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .is_some();
     let rendered = blocking(move || {
-        let store = Store::open_read_only(&database)?;
+        let store = database.open_read_only()?;
         let local = crate::metrics::Local {
             home_dir: &home_dir,
             drop_folder_paused,
@@ -1130,7 +1131,7 @@ async fn health(State(state): State<Arc<ViewState>>) -> Response {
     let database = state.database.clone();
     // One indexed read: proof the database opens and answers, at any size. (It counted
     // every row once, which took minutes at a million documents.)
-    let readable = blocking(move || Ok(Store::open_read_only(&database)?.feed_tip()?)).await;
+    let readable = blocking(move || Ok(database.open_read_only()?.feed_tip()?)).await;
     let paused = state
         .drop_folder_paused
         .lock()

@@ -128,7 +128,7 @@ async fn pass(
     if !behind.is_empty() {
         let (state_for_read, database) = (state.clone(), state.database.clone());
         let (Filed { events, read_to }, reused) = blocking(move || {
-            let store = Store::open_read_only(&database)?;
+            let store = database.open_read_only()?;
             let filed = file_events(
                 &store,
                 &state_for_read,
@@ -153,7 +153,7 @@ async fn pass(
     }
     let (state_for_read, database) = (state.clone(), state.database.clone());
     let due = blocking(move || {
-        let store = Store::open_read_only(&database)?;
+        let store = database.open_read_only()?;
         let mut due = Vec::new();
         for subscription in store.live_subscriptions()? {
             if let Some(notification) =
@@ -223,7 +223,7 @@ async fn pass(
 
 async fn read_live(state: &Arc<ViewState>) -> Result<Vec<Subscription>, axum::response::Response> {
     let database = state.database.clone();
-    blocking(move || Ok(Store::open_read_only(&database)?.live_subscriptions()?)).await
+    blocking(move || Ok(database.open_read_only()?.live_subscriptions()?)).await
 }
 
 /// The caller a subscription acts for, as its reads would.

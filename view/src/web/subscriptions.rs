@@ -22,7 +22,6 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use caremesh_fhir::clock;
-use caremesh_storage::Store;
 use caremesh_storage::subscriptions::{PayloadContent, Subscription, SubscriptionStatus};
 use caremesh_sync::{NhsNumber, OrgKind};
 use serde_json::{Value, json};
@@ -396,7 +395,7 @@ async fn create_subscription(
     let database = state.database.clone();
     let client_id = caller.token.client_id.clone();
     let (client, cursor) = blocking(move || {
-        let store = Store::open_read_only(&database)?;
+        let store = database.open_read_only()?;
         Ok((store.api_client(&client_id)?, store.feed_tip()?))
     })
     .await?;
@@ -523,7 +522,7 @@ async fn own_subscription(
 ) -> Result<(Caller, Subscription), Response> {
     let caller = fhir::caller(state, headers, action).await?;
     let database = state.database.clone();
-    let held = blocking(move || Ok(Store::open_read_only(&database)?.subscription(&id)?)).await?;
+    let held = blocking(move || Ok(database.open_read_only()?.subscription(&id)?)).await?;
     match held {
         Some(subscription)
             if subscription.client_id == caller.token.client_id

@@ -1,0 +1,316 @@
+//! Encryption at rest, end to end through the real binary: a home made with a data key holds
+//! no patient's name, NHS number or clinical note in any file, while the node runs and
+//! after; a wrong or missing key is refused by name and nothing is overwritten.
+
+mod support;
+
+use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::*;
+
+const NHS: &str = "9912003888";
+const FAMILY: &str = "ZYGMUNTOWICZ";
+const NOTE: &str = "MARKER-NOTE-cellulitis-left-shin-4c1d";
+const CELLULITIS: (&str, &str, &str) = ("c1", "128045006", "Cellulitis");
+
+fn init_encrypted(home: &Path, key: &Path) -> std::process::Output {
+    run(&[
+        "init",
+        "--dir",
+        home.to_str().unwrap(),
+        "--org",
+        "A81001",
+        "--name",
+        "Banbury Road Surgery",
+        "--kind",
+        "gp",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-key-file",
+        key.to_str().unwrap(),
+    ])
+}
+
+/// The patient and one condition, `(id, SNOMED CT code, display)`, with the note.
+fn extract(path: &Path, (condition_id, code, display): (&str, &str, &str)) {
+    write_json(
+        path,
+        &json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p1",
+                "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": NHS}],
+                "name": [{"family": FAMILY, "given": ["Test"]}], "birthDate": "1950-02-03"}},
+            {"resource": {"resourceType": "Condition", "id": condition_id,
+                "subject": {"reference": "Patient/p1"},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]},
+                "note": [{"text": NOTE}],
+                "onsetDateTime": "2026-11-01"}}
+        ]}),
+    );
+}
+
+/// Every file under `dir` whose name or content holds one of the markers.
+fn files_holding(dir: &Path, markers: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                folders.push(path);
+                continue;
+            }
+            if !kind.is_file() {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            for marker in markers {
+                let named = path.to_string_lossy().contains(marker);
+                let held = bytes
+                    .windows(marker.len())
+                    .any(|window| window == marker.as_bytes());
+                if named || held {
+                    found.push(format!("{} ({marker})", path.display()));
+                }
+            }
+        }
+    }
+    found
+}
+
+fn set_keep_processed_days(home: &Path, days: u32) {
+    let config = home.join("caremesh.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("keep_processed_days = 7\n"), "{text}");
+    std::fs::write(
+        &config,
+        text.replacen(
+            "keep_processed_days = 7\n",
+            &format!("keep_processed_days = {days}\n"),
+            1,
+        ),
+    )
+    .unwrap();
+}
+
+fn bytes_of(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn an_encrypted_home_holds_no_patient_data_in_plain_text_and_needs_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys-kept-apart");
+    std::fs::create_dir(&keys).unwrap();
+    let key = keys.join("data.key");
+    let home = dir.path().join("node");
+    let made = init_encrypted(&home, &key);
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert!(
+        stdout(&made).contains("database: encrypted with a new data key written to"),
+        "init says how the database is kept: {}",
+        stdout(&made)
+    );
+    let key_file = std::fs::metadata(&key).unwrap();
+    assert_eq!(key_file.permissions().mode() & 0o777, 0o600);
+    assert_eq!(key_file.len(), 65, "64 hexadecimal digits and a newline");
+    // Raw extracts are plain text: this home keeps none once ingested.
+    set_keep_processed_days(&home, 0);
+
+    // Ingested from the command line and, with the node running, from the drop folder.
+    let first = dir.path().join("first.json");
+    extract(&first, CELLULITIS);
+    let output = ingest(&home, &["--move", first.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let node = RunningNode::start(&home);
+    let second = dir.path().join("second.json");
+    extract(&second, ("c2", "38341003", "Hypertension"));
+    std::fs::rename(&second, home.join("drop/second.json")).unwrap();
+    let both_in = || {
+        record_json(&home, NHS).is_some_and(|record| record.to_string().contains("Hypertension"))
+            && std::fs::read_dir(home.join("drop"))
+                .unwrap()
+                .next()
+                .is_none()
+    };
+    assert!(wait_for(Duration::from_secs(60), both_in));
+    let record = record_json(&home, NHS).unwrap();
+    assert!(
+        record.to_string().contains(NOTE),
+        "the record reads its note back through the key"
+    );
+    let status = run(&["status", "--dir", home.to_str().unwrap()]);
+    assert!(
+        stdout(&status).contains(&format!("encrypted (data key: {})", key.display())),
+        "{}{}",
+        stdout(&status),
+        stderr(&status)
+    );
+    let markers = [NHS, FAMILY, NOTE];
+    assert!(
+        home.join("node.db-wal").exists(),
+        "the test would not search a WAL"
+    );
+    assert_eq!(
+        files_holding(&home, &markers),
+        Vec::<String>::new(),
+        "while the node runs"
+    );
+    drop(node);
+    assert_eq!(
+        files_holding(&home, &markers),
+        Vec::<String>::new(),
+        "after"
+    );
+    // The test would see plain text: the extracts it wrote hold every marker.
+    extract(&first, CELLULITIS);
+    assert_eq!(files_holding(dir.path(), &markers).len(), 3);
+    std::fs::remove_file(&first).unwrap();
+
+    // Every signature and page checks out through the key.
+    let verified = run(&["verify", "--dir", home.to_str().unwrap()]);
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        stdout(&verified),
+        stderr(&verified)
+    );
+
+    // A wrong key: refused by name, nothing written. (First the killed node's WAL is
+    // checkpointed by a clean open and close with the right key: the last connection to
+    // close checkpoints it, whatever its key, since the frames are copied as they are.)
+    assert!(record_json(&home, NHS).is_some());
+    assert!(!home.join("node.db-wal").exists());
+    let database = home.join("node.db");
+    let before = bytes_of(&database);
+    let right = std::fs::read_to_string(&key).unwrap();
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let refused = record_as_tests(&home, NHS, &[]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("does not open with the data key given"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(bytes_of(&database) == before, "node.db changed");
+
+    // No key: the node does not start, and makes no new database over the encrypted one.
+    std::fs::remove_file(&key).unwrap();
+    let refused = run(&[
+        "run",
+        "--dir",
+        home.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("which is not there"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(bytes_of(&database) == before, "node.db changed");
+
+    // A configuration that names no key: the database says it is encrypted.
+    let config = home.join("caremesh.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|line| !line.starts_with("data_key_file"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(&config, without).unwrap();
+    let refused = record_as_tests(&home, NHS, &[]);
+    assert!(
+        stderr(&refused).contains("is encrypted, and no data key was given"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(bytes_of(&database) == before, "node.db changed");
+
+    // The right key back: the record opens.
+    std::fs::write(&config, &text).unwrap();
+    std::fs::write(&key, &right).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(record_json(&home, NHS).is_some());
+
+    // The key as a systemd credential: read from $CREDENTIALS_DIRECTORY, and asked for by
+    // name when the node was not started with it.
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::rename(&key, credentials.join("caremesh-data-key")).unwrap();
+    let with_credential: String = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("data_key_file") {
+                "data_key_credential = \"caremesh-data-key\"\n".to_string()
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&config, with_credential).unwrap();
+    let record = |credentials: Option<&Path>| {
+        let mut command = caremesh();
+        match credentials {
+            Some(folder) => command.env("CREDENTIALS_DIRECTORY", folder),
+            None => command.env_remove("CREDENTIALS_DIRECTORY"),
+        };
+        command
+            .args(["record", "--dir", home.to_str().unwrap(), "--nhs", NHS])
+            .args(["--user", "Integration test", "--json"])
+            .output()
+            .unwrap()
+    };
+    let read = record(Some(&credentials));
+    assert!(read.status.success(), "{}", stderr(&read));
+    assert!(stdout(&read).contains(NOTE));
+    let refused = record(None);
+    assert!(
+        stderr(&refused).contains("LoadCredentialEncrypted=caremesh-data-key"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+#[test]
+fn the_data_key_is_kept_outside_the_home_and_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("node");
+    let inside: PathBuf = home.join("data.key");
+    let refused = init_encrypted(&home, &inside);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("must be outside the node home"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!home.exists(), "nothing was made");
+
+    let shared = dir.path().join("shared.key");
+    std::fs::write(&shared, format!("{}\n", "cd".repeat(32))).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = init_encrypted(&home, &shared);
+    assert!(
+        stderr(&refused).contains("chmod 600"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!home.exists(), "nothing was made");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let made = init_encrypted(&home, &shared);
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert!(
+        stdout(&made).contains("database: encrypted with the data key in"),
+        "an existing key is used, not replaced: {}",
+        stdout(&made)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&shared).unwrap(),
+        format!("{}\n", "cd".repeat(32))
+    );
+}
