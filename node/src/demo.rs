@@ -129,6 +129,10 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
     let mut acute_address = None;
     let mut children = Vec::new();
     println!("demo region in {}", dir.display());
+    println!(
+        "  each node's database is encrypted; the demo keeps the data keys in {} (a real node keeps its key apart from its disk)",
+        dir.join(DEMO_DATA_KEYS).display()
+    );
     for node in REGION {
         let (child, address) = start(&dir.join(node.folder))?;
         if node.kind == OrgKind::Hospice {
@@ -235,6 +239,9 @@ pub fn run(dir: Option<PathBuf>, patients: u64, port: u16) -> Result<ExitCode> {
 /// Makes the node homes, the authority and registry, and ingests each organisation's
 /// extract. Returns the NHS number of a patient known to every care organisation, and of a
 /// hospice patient whose Share In is off there (the break-glass example), if it has two.
+/// Where the demo keeps its nodes' data keys, in its own folder.
+const DEMO_DATA_KEYS: &str = "data-keys";
+
 fn set_up(dir: &Path, patients: u64, port: u16) -> Result<(String, Option<String>)> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
@@ -243,12 +250,23 @@ fn set_up(dir: &Path, patients: u64, port: u16) -> Result<(String, Option<String
     let mut homes = Vec::new();
     for node in REGION {
         let home_dir = dir.join(node.folder);
-        let mut home = Home::init(
+        // Encrypted at rest, as a node on a laptop should be. The demo keeps the keys in its
+        // own folder, beside (not inside) each home; a real node keeps its key apart from
+        // the machine's disk (README, "Encryption at rest").
+        let keys = dir.join(DEMO_DATA_KEYS);
+        crate::home::private_folder(&keys)?;
+        let key = keys.join(format!("{}.key", node.folder));
+        crate::home::data_key_for_init(&key, &home_dir)?;
+        let mut home = Home::init_with(
             &home_dir,
             OrganisationConfig {
                 ods: OdsCode::parse(node.ods)?,
                 name: node.name.into(),
                 kind: node.kind,
+            },
+            crate::home::StorageConfig {
+                data_key_file: Some(std::path::absolute(&key)?),
+                ..Default::default()
             },
         )?;
         let sync_address = format!("127.0.0.1:{}", port + 100 + node.port_offset);
