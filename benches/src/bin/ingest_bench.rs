@@ -48,7 +48,8 @@ fn main() -> Result<()> {
         let input = args.input.as_deref().context("--input")?;
         let work = args.work.as_deref().context("--work")?;
         let result = match mode.as_str() {
-            "caremesh" => measure_caremesh(input, args.index.as_deref(), work)?,
+            "caremesh" => measure_caremesh(input, args.index.as_deref(), work, false)?,
+            "caremesh-encrypted" => measure_caremesh(input, args.index.as_deref(), work, true)?,
             "baseline" => measure_baseline(input, work)?,
             other => bail!("unknown mode {other}"),
         };
@@ -96,11 +97,11 @@ fn main() -> Result<()> {
 
     println!();
     println!(
-        "| workload | store | resources | seconds | resources/s | peak RSS MB | documents | database MB |"
+        "| workload | store | resources | seconds | CPU seconds | resources/s | peak RSS MB | documents | database MB |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for (name, input, index) in &workloads {
-        for mode in ["baseline", "caremesh"] {
+        for mode in ["baseline", "caremesh", "caremesh-encrypted"] {
             let run_dir = work.join(format!("{mode}-{}", name.len()));
             let _ = std::fs::remove_dir_all(&run_dir);
             let mut command = Command::new(std::env::current_exe()?);
@@ -125,7 +126,8 @@ fn main() -> Result<()> {
             let resources = result["resources"].as_f64().unwrap_or(0.0);
             let seconds = result["seconds"].as_f64().unwrap_or(0.0);
             println!(
-                "| {name} | {mode} | {resources:.0} | {seconds:.2} | {:.0} | {:.1} | {} | {:.1} |",
+                "| {name} | {mode} | {resources:.0} | {seconds:.2} | {:.2} | {:.0} | {:.1} | {} | {:.1} |",
+                result["cpu_seconds"].as_f64().unwrap_or(0.0),
                 resources / seconds,
                 result["peak_kb"].as_f64().unwrap_or(0.0) / 1024.0,
                 result["documents"],
@@ -161,17 +163,32 @@ fn database_bytes(path: &Path) -> u64 {
         .sum()
 }
 
-fn measure_caremesh(input: &Path, index: Option<&Path>, work: &Path) -> Result<Value> {
-    let home = Home::init(
+/// caremesh's ingest into a new home; `encrypted`: its database encrypted with a data key
+/// (SQLCipher), the key file beside the home as `caremesh init --data-key-file` keeps it.
+fn measure_caremesh(
+    input: &Path,
+    index: Option<&Path>,
+    work: &Path,
+    encrypted: bool,
+) -> Result<Value> {
+    let mut storage = caremesh::home::StorageConfig::default();
+    if encrypted {
+        let key = work.with_extension("data-key");
+        caremesh::home::data_key_for_init(&key, work)?;
+        storage.data_key_file = Some(key);
+    }
+    let home = Home::init_with(
         work,
         OrganisationConfig {
             ods: OdsCode::parse("A81001")?,
             name: "Benchmark Practice".into(),
             kind: OrgKind::Gp,
         },
+        storage,
     )?;
     let mut store = home.open_store()?;
     let started = Instant::now();
+    let cpu_started = caremesh_bench::cpu_seconds(std::process::id());
     let settings = home.ingest_settings()?;
     let report = Ingestor::new(
         &settings,
@@ -182,6 +199,7 @@ fn measure_caremesh(input: &Path, index: Option<&Path>, work: &Path) -> Result<V
     )?
     .ingest_paths(&[input.to_path_buf()])?;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = caremesh_bench::cpu_seconds(std::process::id()) - cpu_started;
     if !report.rejected.is_empty() {
         bail!(
             "benchmark input had rejections: {:?}",
@@ -192,6 +210,7 @@ fn measure_caremesh(input: &Path, index: Option<&Path>, work: &Path) -> Result<V
     Ok(serde_json::json!({
         "resources": report.resources_read(),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "peak_kb": peak_kb(),
         "documents": stats.documents,
         "database_bytes": database_bytes(&home.database_path()),
@@ -212,6 +231,7 @@ fn measure_baseline(input: &Path, work: &Path) -> Result<Value> {
     files.retain(|f| f.extension().is_some_and(|e| e == "json"));
     files.sort();
     let started = Instant::now();
+    let cpu_started = caremesh_bench::cpu_seconds(std::process::id());
     let mut resources = 0usize;
     let mut documents = 0usize;
     for file in files {
@@ -258,9 +278,11 @@ fn measure_baseline(input: &Path, work: &Path) -> Result<Value> {
         tx.commit()?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = caremesh_bench::cpu_seconds(std::process::id()) - cpu_started;
     Ok(serde_json::json!({
         "resources": resources,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "peak_kb": peak_kb(),
         "documents": documents,
         "database_bytes": database_bytes(&db),
