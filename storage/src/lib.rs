@@ -445,7 +445,6 @@ impl WalSyncer {
     }
 }
 
-/// `path` made absolute, with links resolved: the name SQLite gives the file.
 /// Refuses, before SQLite touches the file, to open an encrypted database without its key or
 /// to give a key to one in plain text (SQLCipher would take the plaintext file as encrypted
 /// under the wrong key).
@@ -485,6 +484,7 @@ fn unlock(conn: &Connection, path: &Path, key: &at_rest::DataKey) -> Result<()> 
     })
 }
 
+/// `path` made absolute, with links resolved: the name SQLite gives the file.
 fn full_path(path: &Path) -> String {
     std::fs::canonicalize(path)
         .unwrap_or_else(|_| path.to_path_buf())
