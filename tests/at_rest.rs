@@ -314,3 +314,60 @@ fn the_data_key_is_kept_outside_the_home_and_private() {
         format!("{}\n", "cd".repeat(32))
     );
 }
+
+/// A home made without a data key is encrypted in place, with the node stopped: the record
+/// is kept, the plaintext leaves the home, the key is recorded, and it is done once.
+#[test]
+fn a_plaintext_home_is_encrypted_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("node");
+    init_node(&home, "A81001", "Banbury Road Surgery", "gp");
+    set_keep_processed_days(&home, 0);
+    let first = dir.path().join("first.json");
+    extract(&first, CELLULITIS);
+    let output = ingest(&home, &["--move", first.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let markers = [NHS, FAMILY, NOTE];
+    assert!(
+        !files_holding(&home, &markers).is_empty(),
+        "the test would see plain text"
+    );
+    let key = dir.path().join("data.key");
+    let encrypt = || {
+        run(&[
+            "encrypt",
+            "--dir",
+            home.to_str().unwrap(),
+            "--data-key-file",
+            key.to_str().unwrap(),
+        ])
+    };
+
+    // Not while the node runs.
+    let node = RunningNode::start(&home);
+    let refused = encrypt();
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("another caremesh node"),
+        "{}",
+        stderr(&refused)
+    );
+    drop(node);
+
+    let done = encrypt();
+    assert!(done.status.success(), "{}", stderr(&done));
+    assert!(stdout(&done).contains("database encrypted with a new data key in"));
+    assert_eq!(files_holding(&home, &markers), Vec::<String>::new());
+    let record = record_json(&home, NHS).expect("the record is kept");
+    assert!(record.to_string().contains(NOTE));
+    let status = run(&["status", "--dir", home.to_str().unwrap()]);
+    assert!(stdout(&status).contains("encrypted (data key: "));
+    let again = encrypt();
+    assert!(
+        stderr(&again).contains("is already encrypted"),
+        "{}",
+        stderr(&again)
+    );
+    let trail = audit_trail_csv(&home);
+    assert!(trail.contains("encrypt-database"), "{trail}");
+}

@@ -1885,19 +1885,7 @@ fn a_quarantined_file_is_read_and_released_once_its_cause_is_fixed() {
     assert!(home(&dir).join("processed").join(&renamed).exists());
     assert!(stdout(&quarantine(&["list"])).contains("quarantine/ is empty"));
 
-    let trail = run(&[
-        "audit",
-        "report",
-        "--dir",
-        home(&dir).to_str().unwrap(),
-        "--from",
-        "2000-01-01",
-        "--to",
-        "2100-01-01",
-        "--format",
-        "csv",
-    ]);
-    let trail = stdout(&trail);
+    let trail = audit_trail_csv(&home(&dir));
     assert!(trail.contains("quarantine-read"), "{trail}");
     assert_eq!(trail.matches("quarantine-release").count(), 2, "{trail}");
 }

@@ -191,6 +191,15 @@ enum Command {
         #[arg(long, hide = true)]
         issued_at: Option<i64>,
     },
+    /// Encrypt the database of a home made without a data key, in place, with the node
+    /// stopped: exported into a new encrypted file that replaces it.
+    Encrypt {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The data key's file, outside the home (made, mode 0600, when absent).
+        #[arg(long)]
+        data_key_file: PathBuf,
+    },
     /// Files ingest rejected: list them, read one with its reasons, or ingest one again.
     Quarantine {
         #[command(subcommand)]
@@ -525,6 +534,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Audit { command } => audit(command),
         Command::ApiClient { command } => api_client(command),
         Command::Quarantine { command } => quarantine(command),
+        Command::Encrypt { dir, data_key_file } => encrypt(&dir, &data_key_file),
         Command::ApiToken(args) => {
             let dir = args.dir.clone();
             crate::control::execute(&dir, StoreCommand::ApiToken(args.asked()?))
@@ -593,6 +603,57 @@ fn consent(command: ConsentCommand) -> Result<ExitCode> {
         ConsentCommand::Show { dir, nhs } => (dir, StoreCommand::ConsentShow { nhs }),
     };
     crate::control::execute(&dir, command)
+}
+
+/// `caremesh encrypt`: a plaintext home's database encrypted in place, and the key recorded.
+fn encrypt(dir: &Path, data_key_file: &Path) -> Result<ExitCode> {
+    let mut home = Home::open(dir)?;
+    if home.config.storage.data_key_file.is_some()
+        || home.config.storage.data_key_credential.is_some()
+    {
+        anyhow::bail!(
+            "{} is already encrypted ({}); nothing was changed",
+            dir.display(),
+            encryption_of(&home)
+        );
+    }
+    // Nothing else may have the database open while it is replaced.
+    let _running = home.lock_for_running()?;
+    let _writing = crate::control::lock_for_node(&home)?;
+    let path = std::path::absolute(data_key_file)
+        .with_context(|| format!("resolving {}", data_key_file.display()))?;
+    let (key, made) = crate::home::data_key_for_init(&path, &home.dir)?;
+    caremesh_storage::at_rest::encrypt_in_place(&home.database_path(), &key)?;
+    home.config.storage.data_key_file = Some(path.clone());
+    home.save_config()?;
+    let mut store = home.open_store()?;
+    store.append_audit(&caremesh_storage::audit::AuditEvent {
+        detail: format!("database encrypted with the data key in {}", path.display()),
+        ..crate::audit::operator_event(
+            &home,
+            &crate::process::operator(),
+            "encrypt-database",
+            "data at rest",
+        )
+    })?;
+    println!(
+        "database encrypted with {} data key in {} (mode 0600): keep a copy apart from this machine; without it the database cannot be read",
+        if made { "a new" } else { "the" },
+        path.display()
+    );
+    println!(
+        "the plaintext database is gone from the home, but its blocks may stay on the disk until overwritten: a home on a laptop is best made encrypted (`caremesh init --data-key-file`)"
+    );
+    let kept = std::fs::read_dir(home.processed_dir())
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    if kept > 0 {
+        println!(
+            "processed/ keeps {kept} extract(s) in plain text for {} day(s) after their ingest ([ingest] keep_processed_days)",
+            home.config.ingest.keep_processed_days
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn quarantine(command: crate::quarantine::QuarantineCommand) -> Result<ExitCode> {

@@ -46,6 +46,11 @@ impl DataKey {
         Ok(DataKey(bytes))
     }
 
+    /// Another copy of the key (each copy is zeroed when dropped).
+    pub fn copy(&self) -> DataKey {
+        DataKey(self.0)
+    }
+
     /// The key as hexadecimal text, for writing to its file.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
@@ -122,6 +127,50 @@ impl Database {
     }
 }
 
+/// Encrypts the plaintext database at `path` with `key`, in place: exported into a new
+/// encrypted file beside it, which is then renamed over it (see
+/// `page_checksums::replace_database`). Nothing else may have the database open. A
+/// database already encrypted with `key` (a run a crash cut short after the rename) is left
+/// as it is. Returns whether it was encrypted now.
+pub fn encrypt_in_place(path: &Path, key: &DataKey) -> crate::Result<bool> {
+    let failed = |source| crate::StorageError::database(path.to_path_buf(), "encrypt", source);
+    match file_kind(path).map_err(|source| crate::StorageError::Read {
+        path: path.to_path_buf(),
+        source,
+    })? {
+        FileKind::Encrypted => {
+            // Opens only with this key: a wrong one is refused by name.
+            drop(Database::encrypted(path, Arc::new(key.copy())).open_read_only()?);
+            return Ok(false);
+        }
+        FileKind::New => {
+            return Err(crate::StorageError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "there is no database to encrypt",
+                ),
+            });
+        }
+        FileKind::Plaintext => {}
+    }
+    crate::page_checksums::register();
+    let vfs = crate::page_checksums::VFS_NAME;
+    let fresh_path =
+        crate::page_checksums::fresh_file_beside(path, ".encrypting").map_err(failed)?;
+    let version = crate::page_checksums::checkpoint_for_export(path, vfs).map_err(failed)?;
+    {
+        let fresh = rusqlite::Connection::open(&fresh_path).map_err(failed)?;
+        unlock(&fresh, key).map_err(failed)?;
+        fresh
+            .execute_batch("PRAGMA synchronous = FULL;")
+            .map_err(failed)?;
+        crate::page_checksums::export_from_plaintext(&fresh, path, version).map_err(failed)?;
+    }
+    crate::page_checksums::replace_database(path, &fresh_path).map_err(failed)?;
+    Ok(true)
+}
+
 /// What the first bytes of an existing database file say it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FileKind {
@@ -171,6 +220,17 @@ mod tests {
     use super::*;
     use crate::StorageError;
 
+    /// An ingest-log row naming `file`: a row whose text the tests look for on disk.
+    fn log_a_file_named(store: &crate::Store, file: &str) {
+        store
+            .conn
+            .execute(
+                "INSERT INTO ingests (at, file, outcome, summary) VALUES (1, ?1, 'accepted', '{}')",
+                [file],
+            )
+            .unwrap();
+    }
+
     fn files_hold(dir: &Path, marker: &[u8]) -> Vec<String> {
         let mut holding = Vec::new();
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -193,13 +253,7 @@ mod tests {
         {
             let store = database.open().unwrap();
             // Held open: the WAL is not checkpointed away before the files are searched.
-            store
-                .conn
-                .execute(
-                    "INSERT INTO ingests (at, file, outcome, summary) VALUES (1, ?1, 'accepted', '{}')",
-                    [marker],
-                )
-                .unwrap();
+            log_a_file_named(&store, marker);
             assert!(
                 dir.path().join("node.db-wal").exists(),
                 "the test would not see the WAL"
@@ -279,6 +333,35 @@ mod tests {
             .and_then(|store| store.ingested_files().map(|_| ()))
             .expect_err("a changed page is not read as data");
         assert!(error.is_damage(), "{error}");
+    }
+
+    #[test]
+    fn a_plaintext_database_is_encrypted_in_place_keeping_its_rows_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let marker = "MARKER-ENCRYPT-IN-PLACE-91d2";
+        let version = {
+            let store = Database::plain(&path).open().unwrap();
+            log_a_file_named(&store, marker);
+            store.schema_version().unwrap()
+        };
+        assert_eq!(files_hold(dir.path(), marker.as_bytes()).len(), 1);
+        let key = Arc::new(DataKey::generate().unwrap());
+        assert!(encrypt_in_place(&path, &key).unwrap(), "encrypted now");
+        assert_eq!(file_kind(&path).unwrap(), FileKind::Encrypted);
+        assert_eq!(
+            files_hold(dir.path(), marker.as_bytes()),
+            Vec::<String>::new(),
+            "no plaintext copy is left in the folder"
+        );
+        let store = Database::encrypted(&path, key.clone()).open().unwrap();
+        assert_eq!(store.ingested_files().unwrap()[0].0, marker);
+        assert_eq!(store.schema_version().unwrap(), version);
+        drop(store);
+        assert!(!encrypt_in_place(&path, &key).unwrap(), "once");
+        let other = DataKey::generate().unwrap();
+        let error = encrypt_in_place(&path, &other).unwrap_err();
+        assert!(matches!(error, StorageError::WrongKey { .. }), "{error}");
     }
 
     #[test]

@@ -475,40 +475,9 @@ pub(crate) fn lacks_checksums(path: &Path) -> std::io::Result<bool> {
 /// rename leaves the old database as it was (and the half-made file is made again); after
 /// it, the new one.
 pub(crate) fn rewrite_with_checksums(path: &Path, vfs: &str) -> rusqlite::Result<()> {
-    let mut fresh_path = path.as_os_str().to_owned();
-    fresh_path.push(".with-checksums");
-    let fresh_path = std::path::PathBuf::from(fresh_path);
-    let io = |error: std::io::Error| {
-        rusqlite::Error::SqliteFailure(
-            ffi::Error::new(ffi::SQLITE_IOERR),
-            Some(format!("rewriting the database with checksums: {error}")),
-        )
-    };
-    for stale in [&fresh_path, &journal_of(&fresh_path)] {
-        match std::fs::remove_file(stale) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(io(error)),
-        }
-    }
-    let version: i64 = {
-        let old = rusqlite::Connection::open_with_flags_and_vfs(
-            path,
-            rusqlite::OpenFlags::default(),
-            vfs,
-        )?;
-        // Everything into the file, so that the WAL left behind holds nothing.
-        old.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-        old.query_row("PRAGMA user_version", [], |row| row.get(0))?
-    };
+    let fresh_path = fresh_file_beside(path, ".with-checksums")?;
+    let version = checkpoint_for_export(path, vfs)?;
     {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&fresh_path)
-            .map_err(io)?;
         let fresh = rusqlite::Connection::open_with_flags_and_vfs(
             &fresh_path,
             rusqlite::OpenFlags::default(),
@@ -516,24 +485,77 @@ pub(crate) fn rewrite_with_checksums(path: &Path, vfs: &str) -> rusqlite::Result
         )?;
         fresh.execute_batch("PRAGMA synchronous = FULL;")?;
         reserve_checksum_bytes(&fresh)?;
-        let old_path = path
-            .to_str()
-            .ok_or_else(|| rusqlite::Error::InvalidPath(path.to_path_buf()))?;
-        fresh.execute("ATTACH DATABASE ?1 AS old KEY ''", [old_path])?;
-        fresh.query_row("SELECT sqlcipher_export('main', 'old')", [], |_| Ok(()))?;
-        fresh.execute_batch("DETACH DATABASE old;")?;
-        fresh.pragma_update(None, "user_version", version)?;
+        export_from_plaintext(&fresh, path, version)?;
     }
-    std::fs::File::open(&fresh_path)
+    replace_database(path, &fresh_path)
+}
+
+fn rewrite_failed(error: std::io::Error) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        ffi::Error::new(ffi::SQLITE_IOERR),
+        Some(format!("rewriting the database: {error}")),
+    )
+}
+
+/// A new, empty file (mode 0600) beside the database at `path`, named with `suffix`, for a
+/// rewrite to export into; one left by a rewrite a crash cut short is replaced.
+pub(crate) fn fresh_file_beside(path: &Path, suffix: &str) -> rusqlite::Result<std::path::PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fresh_path = with_suffix(path, suffix);
+    for stale in [&fresh_path, &journal_of(&fresh_path)] {
+        match std::fs::remove_file(stale) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(rewrite_failed(error)),
+        }
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&fresh_path)
+        .map_err(rewrite_failed)?;
+    Ok(fresh_path)
+}
+
+/// Moves everything in the plaintext database's WAL into its file (so that the WAL left
+/// behind holds nothing) and returns its schema version.
+pub(crate) fn checkpoint_for_export(path: &Path, vfs: &str) -> rusqlite::Result<i64> {
+    let old =
+        rusqlite::Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), vfs)?;
+    old.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    old.query_row("PRAGMA user_version", [], |row| row.get(0))
+}
+
+/// Copies the plaintext database at `old` (attached with `KEY ''`: no codec) into `fresh`'s
+/// main database, schema and rows, and gives it schema `version`.
+pub(crate) fn export_from_plaintext(
+    fresh: &rusqlite::Connection,
+    old: &Path,
+    version: i64,
+) -> rusqlite::Result<()> {
+    let old_path = old
+        .to_str()
+        .ok_or_else(|| rusqlite::Error::InvalidPath(old.to_path_buf()))?;
+    fresh.execute("ATTACH DATABASE ?1 AS old KEY ''", [old_path])?;
+    fresh.query_row("SELECT sqlcipher_export('main', 'old')", [], |_| Ok(()))?;
+    fresh.execute_batch("DETACH DATABASE old;")?;
+    fresh.pragma_update(None, "user_version", version)
+}
+
+/// Puts the synced `fresh` file in place of the database at `path`: renamed over it, the
+/// old database's emptied WAL and its index removed, the folder synced. A crash before the
+/// rename leaves the old database; after it, the new one.
+pub(crate) fn replace_database(path: &Path, fresh: &Path) -> rusqlite::Result<()> {
+    std::fs::File::open(fresh)
         .and_then(|file| file.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&fresh_path, path).map_err(io)?;
-    // The old database's WAL was emptied above; its index describes a file that is gone.
+        .map_err(rewrite_failed)?;
+    std::fs::rename(fresh, path).map_err(rewrite_failed)?;
     for stale in [wal_of(path), shm_of(path)] {
         match std::fs::remove_file(&stale) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(io(error)),
+            Err(error) => return Err(rewrite_failed(error)),
         }
     }
     if let Some(folder) = path.parent() {
@@ -544,7 +566,7 @@ pub(crate) fn rewrite_with_checksums(path: &Path, vfs: &str) -> rusqlite::Result
         };
         std::fs::File::open(folder)
             .and_then(|dir| dir.sync_all())
-            .map_err(io)?;
+            .map_err(rewrite_failed)?;
     }
     Ok(())
 }

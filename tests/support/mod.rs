@@ -125,6 +125,24 @@ pub fn status_json(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// The whole audit trail of the node in `dir`, as `caremesh audit report` writes it in CSV.
+pub fn audit_trail_csv(dir: &Path) -> String {
+    let output = run(&[
+        "audit",
+        "report",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--from",
+        "2000-01-01",
+        "--to",
+        "2100-01-01",
+        "--format",
+        "csv",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    stdout(&output)
+}
+
 pub fn write_json(path: &Path, value: &serde_json::Value) {
     std::fs::write(path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
 }
