@@ -51,6 +51,42 @@ fn extract(path: &Path, (condition_id, code, display): (&str, &str, &str)) {
     );
 }
 
+/// A trust's local number for the patient (the NHS number inside it, so that a reason naming
+/// it holds a marker), and the patient index that maps it.
+const MRN_SYSTEM: &str = "https://trust.example.nhs.uk/Id/mrn";
+const MRN: &str = "MRN-9912003888";
+
+/// A condition, with the note, for the patient known only by the trust's number: quarantined
+/// until the patient index maps it.
+fn mrn_condition(path: &Path) {
+    write_json(
+        path,
+        &json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"resource": {"resourceType": "Condition", "id": "c3",
+                "subject": {"identifier": {"system": MRN_SYSTEM, "value": MRN}},
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "195967001", "display": "Asthma"}]},
+                "note": [{"text": NOTE}],
+                "onsetDateTime": "2026-11-02"}}
+        ]}),
+    );
+}
+
+/// Whether the file at `path` starts as a sealed file does.
+fn is_sealed(path: &Path) -> bool {
+    bytes_of(path).starts_with(b"caremesh-sealed1")
+}
+
+/// The regular files in `folder`, by name.
+fn names_in(folder: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(folder)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Every file under `dir` whose name or content holds one of the markers.
 fn files_holding(dir: &Path, markers: &[&str]) -> Vec<String> {
     let mut found = Vec::new();
@@ -82,21 +118,6 @@ fn files_holding(dir: &Path, markers: &[&str]) -> Vec<String> {
     found
 }
 
-fn set_keep_processed_days(home: &Path, days: u32) {
-    let config = home.join("caremesh.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains("keep_processed_days = 7\n"), "{text}");
-    std::fs::write(
-        &config,
-        text.replacen(
-            "keep_processed_days = 7\n",
-            &format!("keep_processed_days = {days}\n"),
-            1,
-        ),
-    )
-    .unwrap();
-}
-
 fn bytes_of(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
@@ -118,8 +139,6 @@ fn an_encrypted_home_holds_no_patient_data_in_plain_text_and_needs_its_key() {
     let key_file = std::fs::metadata(&key).unwrap();
     assert_eq!(key_file.permissions().mode() & 0o777, 0o600);
     assert_eq!(key_file.len(), 65, "64 hexadecimal digits and a newline");
-    // Raw extracts are plain text: this home keeps none once ingested.
-    set_keep_processed_days(&home, 0);
 
     // Ingested from the command line and, with the node running, from the drop folder.
     let first = dir.path().join("first.json");
@@ -138,7 +157,59 @@ fn an_encrypted_home_holds_no_patient_data_in_plain_text_and_needs_its_key() {
                 .is_none()
     };
     assert!(wait_for(Duration::from_secs(60), both_in));
+
+    // A condition for a patient known only by the trust's number: quarantined, its reason
+    // naming that number; read and released through the key once the index maps it.
+    let by_mrn = dir.path().join("by-mrn.json");
+    mrn_condition(&by_mrn);
+    std::fs::rename(&by_mrn, home.join("drop/by-mrn.json")).unwrap();
+    let quarantined = home.join("quarantine/by-mrn.json");
+    assert!(wait_for(Duration::from_secs(60), || quarantined.exists()));
+    let quarantine = |args: &[&str]| {
+        let mut all = vec!["quarantine", args[0], "--dir", home.to_str().unwrap()];
+        all.extend_from_slice(&args[1..]);
+        run(&all)
+    };
+    let listed = quarantine(&["list"]);
+    assert!(
+        stdout(&listed).contains(&format!("{MRN} is not in the patient index")),
+        "{}{}",
+        stdout(&listed),
+        stderr(&listed)
+    );
+    let shown = quarantine(&["show", "by-mrn.json"]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(stdout(&shown).contains(NOTE), "{}", stdout(&shown));
+    assert!(is_sealed(&quarantined));
+    assert!(is_sealed(&home.join("quarantine/by-mrn.json.reason.txt")));
+    let index = dir.path().join("patient-index.csv");
+    std::fs::write(&index, format!("{MRN_SYSTEM},{MRN},{NHS}\n")).unwrap();
+    let released = quarantine(&[
+        "release",
+        "by-mrn.json",
+        "--patient-index",
+        index.to_str().unwrap(),
+    ]);
+    assert!(
+        released.status.success(),
+        "{}{}",
+        stdout(&released),
+        stderr(&released)
+    );
+    assert_eq!(names_in(&home.join("quarantine")), Vec::<String>::new());
+    std::fs::remove_file(&index).unwrap();
+
+    // Every extract is kept, sealed, for its days in processed/.
+    let processed = home.join("processed");
+    assert_eq!(
+        names_in(&processed),
+        ["by-mrn.json", "first.json", "second.json"]
+    );
+    for name in names_in(&processed) {
+        assert!(is_sealed(&processed.join(&name)), "{name}");
+    }
     let record = record_json(&home, NHS).unwrap();
+    assert!(record.to_string().contains("Asthma"), "{record}");
     assert!(
         record.to_string().contains(NOTE),
         "the record reads its note back through the key"
@@ -322,16 +393,24 @@ fn a_plaintext_home_is_encrypted_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("node");
     init_node(&home, "A81001", "Banbury Road Surgery", "gp");
-    set_keep_processed_days(&home, 0);
     let first = dir.path().join("first.json");
     extract(&first, CELLULITIS);
     let output = ingest(&home, &["--move", first.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
+    let by_mrn = dir.path().join("by-mrn.json");
+    mrn_condition(&by_mrn);
+    let output = ingest(&home, &["--move", by_mrn.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     let markers = [NHS, FAMILY, NOTE];
-    assert!(
-        !files_holding(&home, &markers).is_empty(),
-        "the test would see plain text"
-    );
+    let plain = files_holding(&home, &markers).join("\n");
+    for kept in [
+        "node.db",
+        "processed/first.json",
+        "quarantine/by-mrn.json",
+        "quarantine/by-mrn.json.reason.txt",
+    ] {
+        assert!(plain.contains(kept), "the test would see {kept}: {plain}");
+    }
     let key = dir.path().join("data.key");
     let encrypt = || {
         run(&[
@@ -357,7 +436,25 @@ fn a_plaintext_home_is_encrypted_in_place() {
     let done = encrypt();
     assert!(done.status.success(), "{}", stderr(&done));
     assert!(stdout(&done).contains("database encrypted with a new data key in"));
+    assert!(
+        stdout(&done).contains("3 file(s) kept in processed/ and quarantine/ encrypted"),
+        "{}",
+        stdout(&done)
+    );
     assert_eq!(files_holding(&home, &markers), Vec::<String>::new());
+    let shown = run(&[
+        "quarantine",
+        "show",
+        "--dir",
+        home.to_str().unwrap(),
+        "by-mrn.json",
+    ]);
+    assert!(stdout(&shown).contains(NOTE), "{}", stderr(&shown));
+    assert!(
+        stdout(&shown).contains(MRN),
+        "the reason: {}",
+        stdout(&shown)
+    );
     let record = record_json(&home, NHS).expect("the record is kept");
     assert!(record.to_string().contains(NOTE));
     let status = run(&["status", "--dir", home.to_str().unwrap()]);

@@ -18,17 +18,20 @@ use caremesh_fhir::{
     CodeableConcept, MappingContext, NHS_NUMBER_SYSTEM, PatientRef, ReferenceLookup, Resource,
     SensitiveCodes,
 };
+use caremesh_storage::at_rest::DataKey;
 use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::publish::{Publication, PublishError};
+use caremesh_storage::sealed::{self, SealError};
 use caremesh_storage::{IngestRow, Placement, SourceRow, StorageError, Store, WriteBatch};
 use caremesh_sync::policy::{Agreements, Consent};
 use caremesh_sync::{DataClass, Item, NhsNumber, OdsCode, OrgKind, PublisherKey, Section, moved};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A single JSON document larger than this is refused: send it as NDJSON instead.
 pub const MAX_JSON_FILE_BYTES: u64 = 128 * 1024 * 1024;
@@ -56,6 +59,9 @@ pub enum IngestError {
         #[source]
         source: std::io::Error,
     },
+    /// A file the node kept sealed, released from quarantine/, that does not open.
+    #[error(transparent)]
+    Sealed(#[from] SealError),
 }
 
 /// An ingest that stopped part way: what went in before `file` (each file is one
@@ -335,6 +341,10 @@ pub struct IngestSettings {
     pub home_dir: PathBuf,
     pub processed_dir: PathBuf,
     pub quarantine_dir: PathBuf,
+    /// The node's data key, when its home is encrypted: the files kept in processed/ and
+    /// quarantine/ are sealed with it (`caremesh_storage::sealed`), and sealed files (a
+    /// quarantined one released) are read through it.
+    pub data_key: Option<Arc<DataKey>>,
 }
 
 /// Everything ingest decides with, apart from the store it writes to.
@@ -555,7 +565,7 @@ impl<'a> Ingestor<'a> {
                 "file is {size} bytes, over the {MAX_JSON_FILE_BYTES}-byte limit for one JSON document; export it as NDJSON instead"
             )));
         }
-        let bytes = fs::read(path).map_err(io(path))?;
+        let bytes = sealed::read_kept(self.rules.data_key(), path, MAX_JSON_FILE_BYTES)?;
         let value: Value = match fhir::strict_json::from_slice(&bytes) {
             Ok(value) => value,
             Err(error) => {
@@ -583,7 +593,7 @@ impl<'a> Ingestor<'a> {
 
     fn ingest_ndjson(&mut self, path: &Path) -> Result<IngestReport, IngestError> {
         let file_name = path.display().to_string();
-        let file = File::open(path).map_err(io(path))?;
+        let file = sealed::open_kept(self.rules.data_key(), path)?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut report = IngestReport::default();
         let mut chunk = Vec::new();
@@ -593,7 +603,7 @@ impl<'a> Ingestor<'a> {
         loop {
             line.clear();
             let outcome = read_line_limited(&mut reader, &mut line, MAX_NDJSON_LINE_BYTES)
-                .map_err(io(path))?;
+                .map_err(|error| sealed::unwrap_seal_error(path, error))?;
             if outcome == LineRead::End {
                 break;
             }
@@ -1250,10 +1260,16 @@ impl IngestRules<'_> {
         report: &mut IngestReport,
     ) -> Result<(), IngestError> {
         let rejected = !report.rejected.is_empty();
+        let sealing = self.data_key().is_some() && !sealed::is_sealed(path)?;
         match self.disposition {
             FileDisposition::LeaveInPlace => {
-                fs::copy(path, target).map_err(io(target))?;
-                private(target)?;
+                sealed::keep_copy(self.data_key(), path, target)?;
+            }
+            FileDisposition::Move if sealing => {
+                // Sealed and synced beside the target first: a crash before the original
+                // is removed leaves it to be ingested again, which changes nothing.
+                sealed::keep_copy(self.data_key(), path, target)?;
+                fs::remove_file(path).map_err(io(path))?;
             }
             FileDisposition::Move => {
                 // The error names where the file was going: that is what needs fixing.
@@ -1289,8 +1305,15 @@ impl IngestRules<'_> {
         let mut reason_path = target.as_os_str().to_owned();
         reason_path.push(".reason.txt");
         let reason_path = PathBuf::from(reason_path);
-        fs::write(&reason_path, text).map_err(io(&reason_path))?;
-        private(&reason_path)
+        // Reasons name identifiers and values from the file: kept as the file is.
+        sealed::keep(self.data_key(), &reason_path, |out| {
+            out.write_all(text.as_bytes())
+        })?;
+        Ok(())
+    }
+
+    fn data_key(&self) -> Option<&DataKey> {
+        self.settings.data_key.as_deref()
     }
 }
 

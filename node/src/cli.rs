@@ -624,6 +624,9 @@ fn encrypt(dir: &Path, data_key_file: &Path) -> Result<ExitCode> {
         .with_context(|| format!("resolving {}", data_key_file.display()))?;
     let (key, made) = crate::home::data_key_for_init(&path, &home.dir)?;
     caremesh_storage::at_rest::encrypt_in_place(&home.database_path(), &key)?;
+    // Before the configuration names the key: a run cut short is run again, and seals
+    // what it had not.
+    let sealed = seal_kept_files(&home, &key)?;
     home.config.storage.data_key_file = Some(path.clone());
     home.save_config()?;
     let mut store = home.open_store()?;
@@ -644,16 +647,35 @@ fn encrypt(dir: &Path, data_key_file: &Path) -> Result<ExitCode> {
     println!(
         "the plaintext database is gone from the home, but its blocks may stay on the disk until overwritten: a home on a laptop is best made encrypted (`caremesh init --data-key-file`)"
     );
-    let kept = std::fs::read_dir(home.processed_dir())
-        .map(|entries| entries.count())
-        .unwrap_or(0);
-    if kept > 0 {
+    if sealed > 0 {
         println!(
-            "processed/ keeps {kept} extract(s) in plain text for {} day(s) after their ingest ([ingest] keep_processed_days)",
-            home.config.ingest.keep_processed_days
+            "{sealed} file(s) kept in processed/ and quarantine/ encrypted with it (their plaintext blocks, too, may stay on the disk until overwritten)"
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Seals, in place, every plain file in processed/ and quarantine/ (extracts and reasons).
+/// Returns how many it sealed.
+fn seal_kept_files(home: &Home, key: &caremesh_storage::at_rest::DataKey) -> Result<usize> {
+    use caremesh_storage::sealed;
+    let mut count = 0;
+    for folder in [home.processed_dir(), home.quarantine_dir()] {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", folder.display()))?;
+            let path = entry.path();
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            if hidden || !entry.file_type()?.is_file() || sealed::is_sealed(&path)? {
+                continue;
+            }
+            sealed::keep_copy(Some(key), &path, &path)?;
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 fn quarantine(command: crate::quarantine::QuarantineCommand) -> Result<ExitCode> {

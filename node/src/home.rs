@@ -485,6 +485,7 @@ impl Home {
             home_dir: self.dir.clone(),
             processed_dir: self.processed_dir(),
             quarantine_dir: self.quarantine_dir(),
+            data_key: self.data_key()?,
         })
     }
 

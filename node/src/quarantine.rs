@@ -7,7 +7,9 @@ use crate::audit;
 use crate::home::Home;
 use anyhow::{Context, Result, bail};
 use caremesh_storage::Store;
+use caremesh_storage::at_rest::DataKey;
 use caremesh_storage::audit::AuditEvent;
+use caremesh_storage::sealed;
 use clap::Subcommand;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -15,6 +17,9 @@ use std::path::{Path, PathBuf};
 
 /// What ingest writes beside each quarantined file.
 const REASON_SUFFIX: &str = ".reason.txt";
+/// The most of a quarantined file `show` prints: the limit ingest puts on one JSON
+/// document. (An NDJSON file over it is for `release`, not for reading on a terminal.)
+const MAX_SHOWN_BYTES: u64 = caremesh_ingest::MAX_JSON_FILE_BYTES;
 
 #[derive(Subcommand)]
 pub enum QuarantineCommand {
@@ -60,6 +65,7 @@ pub struct Quarantined {
 /// The quarantined files, oldest first.
 pub fn list(home: &Home) -> Result<Vec<Quarantined>> {
     let folder = home.quarantine_dir();
+    let data_key = home.data_key()?;
     let mut found = Vec::new();
     let entries =
         std::fs::read_dir(&folder).with_context(|| format!("reading {}", folder.display()))?;
@@ -67,11 +73,12 @@ pub fn list(home: &Home) -> Result<Vec<Quarantined>> {
         let entry = entry.with_context(|| format!("reading {}", folder.display()))?;
         let name = entry.file_name().to_string_lossy().to_string();
         let metadata = entry.metadata()?;
-        // Only regular files (a link is never followed) that are not reasons.
-        if name.ends_with(REASON_SUFFIX) || !entry.file_type()?.is_file() {
+        // Only regular files (a link is never followed) that are not reasons, nor hidden (a
+        // file being written).
+        if name.ends_with(REASON_SUFFIX) || name.starts_with('.') || !entry.file_type()?.is_file() {
             continue;
         }
-        let problems = problems(&reason_path(&entry.path()));
+        let problems = problems(data_key.as_deref(), &reason_path(&entry.path()));
         found.push((
             metadata.modified().ok(),
             Quarantined {
@@ -120,6 +127,7 @@ pub fn quarantined_file(home: &Home, name: &str) -> Result<PathBuf> {
         && name != ".."
         && !name.contains('/')
         && !name.contains('\0')
+        && !name.starts_with('.')
         && !name.ends_with(REASON_SUFFIX);
     if !plain {
         bail!(
@@ -149,11 +157,12 @@ pub fn show(
     out: &mut String,
 ) -> Result<u8> {
     let path = quarantined_file(home, name)?;
-    let content = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let data_key = home.data_key()?;
+    let content = sealed::read_kept(data_key.as_deref(), &path, MAX_SHOWN_BYTES)?;
     record(home, store, operator, "quarantine-read", name)?;
-    match std::fs::read_to_string(reason_path(&path)) {
-        Ok(reason) => out.push_str(&reason),
-        Err(_) => writeln!(out, "(no reason was recorded beside this file)")?,
+    match reason_text(data_key.as_deref(), &reason_path(&path)) {
+        Some(reason) => out.push_str(&reason),
+        None => writeln!(out, "(no reason was recorded beside this file)")?,
     }
     writeln!(out, "\n--- quarantine/{name} ({} bytes) ---", content.len())?;
     out.push_str(&String::from_utf8_lossy(&content));
@@ -201,9 +210,15 @@ fn reason_path(path: &Path) -> PathBuf {
     PathBuf::from(reason)
 }
 
+/// The text of a reason file, sealed or plain; none if it is missing or unreadable.
+fn reason_text(data_key: Option<&DataKey>, reason: &Path) -> Option<String> {
+    let bytes = sealed::read_kept(data_key, reason, MAX_SHOWN_BYTES).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// The problems a reason file lists (its `- ` lines).
-fn problems(reason: &Path) -> Vec<String> {
-    std::fs::read_to_string(reason)
+fn problems(data_key: Option<&DataKey>, reason: &Path) -> Vec<String> {
+    reason_text(data_key, reason)
         .map(|text| {
             text.lines()
                 .filter_map(|line| line.strip_prefix("- "))

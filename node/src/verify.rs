@@ -188,7 +188,11 @@ pub fn unrecorded_files(home_dir: &Path, store: &Store) -> Result<Vec<String>, S
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            if name.ends_with(".reason.txt") || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            // A hidden name is a file being written (`sealed::partial_path`) or a probe.
+            if name.ends_with(".reason.txt")
+                || name.starts_with('.')
+                || !entry.file_type().is_ok_and(|t| t.is_file())
+            {
                 continue;
             }
             let relative = format!("{folder}/{name}");

@@ -359,7 +359,7 @@ fn ingest_ready(home: &Home, writer: &StoreWriter, files: &[PathBuf]) -> anyhow:
     if report.files_rejected > 0 {
         tracing::warn!(
             rejected = report.files_rejected,
-            "files quarantined; see quarantine/*.reason.txt"
+            "files quarantined; `caremesh quarantine list` says why"
         );
     }
     Ok(())

@@ -56,6 +56,11 @@ impl DataKey {
         hex::encode(self.0)
     }
 
+    /// The key's bytes, for deriving the keys of sealed files (`crate::sealed`).
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The value of `PRAGMA key`: the raw key, so SQLCipher derives no key from a passphrase.
     pub(crate) fn pragma_value(&self) -> String {
         format!("x'{}'", hex::encode_upper(self.0))

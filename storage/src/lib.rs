@@ -27,6 +27,7 @@ mod peers;
 pub mod placements;
 pub mod power_loss;
 pub mod publish;
+pub mod sealed;
 pub mod simulated_disk;
 pub mod subscriptions;
 pub mod sync_host;

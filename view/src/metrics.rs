@@ -251,7 +251,11 @@ fn quarantined_files(folder: &std::path::Path) -> usize {
         .map(|entries| {
             entries
                 .flatten()
-                .filter(|entry| !entry.file_name().to_string_lossy().ends_with(".reason.txt"))
+                .filter(|entry| {
+                    // Neither reasons nor hidden files (one being written, a probe).
+                    let name = entry.file_name().to_string_lossy().to_string();
+                    !name.ends_with(".reason.txt") && !name.starts_with('.')
+                })
                 .count()
         })
         .unwrap_or(0)
