@@ -16,6 +16,16 @@ fn database(dir: &Path) -> rusqlite::Connection {
     caremesh_storage::page_checksums::open_directly(&dir.join("node.db")).unwrap()
 }
 
+/// `dir`'s store on a read-only connection, through its data key when its home has one.
+fn read_only_store(dir: &Path) -> caremesh_storage::Store {
+    caremesh::home::Home::open(dir)
+        .unwrap()
+        .database()
+        .unwrap()
+        .open_read_only()
+        .unwrap()
+}
+
 /// Classes the shipped agreements share between direct-care organisations; acute trusts
 /// receive only coded GP data (the Oxfordshire rule). Sensitive and private items stay.
 const DIRECT_CARE: &[&str] = &["coded", "free-text", "document"];
@@ -24,7 +34,7 @@ const CODED: &[&str] = &["coded"];
 /// The documents `dir` holds (publisher, patient, section, class), read as sync reads them:
 /// through the store's own feed, on a read-only connection beside the running node.
 fn held_documents(dir: &Path) -> Vec<caremesh_sync::DocMeta> {
-    let store = caremesh_storage::Store::open_read_only(&dir.join("node.db")).unwrap();
+    let store = read_only_store(dir);
     store
         .feed_after(0, usize::MAX >> 1)
         .unwrap()
@@ -64,7 +74,7 @@ fn items_of(dir: &Path, publisher: &str, patient: Option<&str>) -> Vec<caremesh_
         Some(nhs) => vec![nhs.to_string()],
         None => caseload(dir, publisher),
     };
-    let store = caremesh_storage::Store::open_read_only(&dir.join("node.db")).unwrap();
+    let store = read_only_store(dir);
     patients
         .iter()
         .flat_map(|nhs| {
@@ -79,7 +89,7 @@ fn items_of(dir: &Path, publisher: &str, patient: Option<&str>) -> Vec<caremesh_
 /// The items of every document of `publisher` that `dir` holds, read from the signed
 /// documents themselves: what a hub, which keeps no read model of clinical items, relays.
 fn items_in_documents(dir: &Path, publisher: &str) -> Vec<caremesh_sync::Item> {
-    let store = caremesh_storage::Store::open_read_only(&dir.join("node.db")).unwrap();
+    let store = read_only_store(dir);
     store
         .feed_after(0, usize::MAX >> 1)
         .unwrap()
@@ -1369,9 +1379,141 @@ fn gp_and_hospice_in(region: &Region, problem: &str, private: bool) -> GpAndHosp
 #[test]
 fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_and_consent_again_backfills()
  {
+    objection_purges_and_consent_backfills(Homes::Plain);
+}
+
+/// As above with every home encrypted at rest: the marker is never in plain text in any file
+/// of any home, and after the purge it is gone from what the hospice's key decrypts too
+/// (every row of its database, every file it keeps), while it was there before.
+#[test]
+fn an_objection_purges_held_copies_from_encrypted_homes_too() {
+    objection_purges_and_consent_backfills(Homes::Encrypted);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Homes {
+    Plain,
+    Encrypted,
+}
+
+/// Whether `marker` is in `dir`'s data: in plain text in its database files for a plain
+/// home; for an encrypted one, in what its data key decrypts (every value of every row of
+/// its database, every file kept in processed/ and quarantine/), after checking that no file
+/// anywhere in the home holds it in plain text.
+fn holds(dir: &Path, marker: &str, homes: Homes) -> bool {
+    match homes {
+        Homes::Plain => on_disk(dir, marker),
+        Homes::Encrypted => {
+            assert_eq!(
+                files_in_plain_text_holding(dir, marker),
+                Vec::<String>::new(),
+                "plain text in an encrypted home"
+            );
+            decrypted_holds(dir, marker)
+        }
+    }
+}
+
+/// Every file under `dir` whose bytes hold `marker`.
+fn files_in_plain_text_holding(dir: &Path, marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap().flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                folders.push(entry.path());
+            } else if kind.is_file()
+                && std::fs::read(entry.path()).is_ok_and(|bytes| contains(&bytes, marker))
+            {
+                found.push(entry.path().display().to_string());
+            }
+        }
+    }
+    found
+}
+
+fn contains(bytes: &[u8], marker: &str) -> bool {
+    bytes
+        .windows(marker.len())
+        .any(|window| window == marker.as_bytes())
+}
+
+/// Whether `marker` is in anything `dir`'s data key decrypts: a value of any row of any
+/// table of its database (read on a read-only connection beside the running node), or a
+/// file it keeps.
+fn decrypted_holds(dir: &Path, marker: &str) -> bool {
+    let home = caremesh::home::Home::open(dir).unwrap();
+    let key = home.data_key().unwrap().expect("an encrypted home");
+    let connection = rusqlite::Connection::open_with_flags(
+        home.database_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    connection
+        .execute_batch(&format!("PRAGMA key = \"x'{}'\";", key.to_hex()))
+        .unwrap();
+    let tables: Vec<String> = connection
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(tables.len() > 5, "the key opened the database: {tables:?}");
+    let in_rows = tables.iter().any(|table| {
+        let mut statement = connection
+            .prepare(&format!("SELECT * FROM \"{table}\""))
+            .unwrap();
+        let columns = statement.column_count();
+        let mut rows = statement.query([]).unwrap();
+        while let Some(row) = rows.next().unwrap() {
+            for column in 0..columns {
+                let held = match row.get_ref(column).unwrap() {
+                    rusqlite::types::ValueRef::Text(bytes)
+                    | rusqlite::types::ValueRef::Blob(bytes) => contains(bytes, marker),
+                    _ => false,
+                };
+                if held {
+                    return true;
+                }
+            }
+        }
+        false
+    });
+    let in_kept_files = [home.processed_dir(), home.quarantine_dir()]
+        .iter()
+        .flat_map(|folder| std::fs::read_dir(folder).unwrap().flatten())
+        .any(|entry| {
+            let bytes =
+                caremesh_storage::sealed::read_kept(Some(&key), &entry.path(), 1 << 30).unwrap();
+            contains(&bytes, marker)
+        });
+    in_rows || in_kept_files
+}
+
+fn objection_purges_and_consent_backfills(homes: Homes) {
     let temp = tempfile::tempdir().unwrap();
     let marker = "PURGE-MARKER-5f1c9a0e";
     let (hub, gp, hospice, nhs) = gp_and_hospice(temp.path(), marker, false);
+    if homes == Homes::Encrypted {
+        let keys = temp.path().join("data-keys");
+        std::fs::create_dir(&keys).unwrap();
+        for home in [&hub, &gp, &hospice] {
+            let key = keys.join(home.file_name().unwrap());
+            let encrypted = run(&[
+                "encrypt",
+                "--dir",
+                home.to_str().unwrap(),
+                "--data-key-file",
+                key.to_str().unwrap(),
+            ]);
+            assert!(encrypted.status.success(), "{}", stderr(&encrypted));
+        }
+    }
+    let holds = |dir: &Path| holds(dir, marker, homes);
     let about_p0 = documents_of(&gp, "A81001", DIRECT_CARE, Some(std::slice::from_ref(&nhs)));
 
     let _hub_process = RunningNode::start(&hub);
@@ -1388,7 +1530,7 @@ fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_an
             .any(|item| item.title.contains(marker))
     };
     assert!(relayed(&hub), "the test would not see a leak");
-    assert!(on_disk(&hospice, marker), "the test would not see a leak");
+    assert!(holds(&hospice), "the test would not see a leak");
 
     // The hospice goes offline; the patient objects at the GP meanwhile.
     hospice_process.kill_hard();
@@ -1397,22 +1539,22 @@ fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_an
     assert!(
         wait_for(SYNC_WAIT, || gp_sections(&hub, &nhs) == only_sharing
             && !relayed(&hub)
-            && !on_disk(&hub, marker)),
+            && !holds(&hub)),
         "the hub still holds {:?} (marker in its documents: {}, on disk: {})",
         gp_sections(&hub, &nhs),
         relayed(&hub),
-        on_disk(&hub, marker)
+        holds(&hub)
     );
-    assert!(on_disk(&gp, marker), "the GP keeps its own record");
+    assert!(holds(&gp), "the GP keeps its own record");
 
     // Back online, the hospice gets the notice and purges; its late copies are refused.
     let _hospice_process = RunningNode::start(&hospice);
     assert!(
         wait_for(SYNC_WAIT, || gp_sections(&hospice, &nhs) == only_sharing
-            && !on_disk(&hospice, marker)),
+            && !holds(&hospice)),
         "the hospice still holds {:?} (marker on disk: {})",
         gp_sections(&hospice, &nhs),
-        on_disk(&hospice, marker)
+        holds(&hospice)
     );
     assert_eq!(gp_sections(&hub, &nhs), only_sharing, "nothing came back");
     verify_ok(&hospice);
@@ -1424,7 +1566,7 @@ fn an_objection_purges_held_copies_from_disk_also_at_a_recipient_offline_then_an
         "the hospice holds {} of {about_p0} GP documents",
         documents_of(&hospice, "A81001", DIRECT_CARE, None)
     );
-    assert!(on_disk(&hospice, marker));
+    assert!(holds(&hospice));
     verify_ok(&hub);
 }
 
