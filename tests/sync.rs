@@ -2244,3 +2244,167 @@ fn leak_matrix_every_sharing_rule_keeps_its_items_off_the_recipients_wire_and_di
         "the markers are searchable where they are held"
     );
 }
+
+/// A GP laptop is backed up while its node runs and syncs, changes after the backup reach
+/// the hub, and the laptop is lost. The backup, restored on a new machine (another folder)
+/// with the data key kept apart, is the same node: it resumes sync with the hub, gets back
+/// from it what changed after the backup, and sends the hub none of what it holds. The
+/// backup holds nothing in plain text, and making it is audited.
+#[test]
+fn a_backup_made_while_the_node_runs_restores_elsewhere_and_resumes_sync() {
+    let temp = tempfile::tempdir().unwrap();
+    let region = Region::new(temp.path());
+    let hub = region.registered("HUB01", "hub", true, &[]);
+    let gp = region.registered("A81001", "gp", false, &["HUB01"]);
+    region.publish(&[&hub, &gp]);
+    ingest_generated(&gp, "A81001", 20, 1);
+    let key = temp.path().join("kept-apart/gp-data.key");
+    std::fs::create_dir(key.parent().unwrap()).unwrap();
+    let encrypted = run(&[
+        "encrypt",
+        "--dir",
+        gp.to_str().unwrap(),
+        "--data-key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(encrypted.status.success(), "{}", stderr(&encrypted));
+    let nhs = caseload(&gp, "A81001").remove(0);
+
+    let _hub_process = RunningNode::start(&hub);
+    let mut gp_process = RunningNode::start(&gp);
+    let hub_holds_all = |expected: i64| {
+        wait_for(SYNC_WAIT, || {
+            documents_of(&hub, "A81001", DIRECT_CARE, None) == expected
+        })
+    };
+    assert!(hub_holds_all(shareable(&gp, "A81001")));
+
+    let backup = temp.path().join("offsite/gp.backup");
+    std::fs::create_dir(backup.parent().unwrap()).unwrap();
+    let made = run(&[
+        "backup",
+        "--dir",
+        gp.to_str().unwrap(),
+        "--out",
+        backup.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let bytes = std::fs::read(&backup).unwrap();
+    for marker in [nhs.as_str(), "A81001-S1-P0", "-----BEGIN"] {
+        assert!(
+            !contains(&bytes, marker),
+            "{marker} in plain text in the backup"
+        );
+    }
+    assert!(
+        audit_trail_csv(&gp).contains("\"operator\",\"backup\""),
+        "the backup is audited"
+    );
+
+    // After the backup: a new problem at the GP reaches the hub. Then the laptop is lost.
+    let marker = "AFTER-BACKUP-MARKER-8e21";
+    let condition = temp.path().join("after-backup.json");
+    write_gp_condition(&condition, "after-backup", marker, false);
+    let output = ingest(&gp, &[condition.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let shareable_now = shareable(&gp, "A81001");
+    assert!(hub_holds_all(shareable_now));
+    gp_process.kill_hard();
+
+    // Restored on a new machine, with the key kept apart.
+    let restored = temp.path().join("new-machine/gp");
+    let output = run(&[
+        "restore",
+        "--from",
+        backup.to_str().unwrap(),
+        "--dir",
+        restored.to_str().unwrap(),
+        "--data-key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("restored"), "{}", stdout(&output));
+    assert!(
+        !record_json(&restored, &nhs)
+            .unwrap()
+            .to_string()
+            .contains(marker),
+        "the backup was made before the problem"
+    );
+    let sent_at_restore = peer(&restored, "HUB01").unwrap()["documents_sent"]
+        .as_i64()
+        .unwrap();
+    let _restored_process = RunningNode::start(&restored);
+    assert!(
+        wait_for(SYNC_WAIT, || record_json(&restored, &nhs)
+            .is_some_and(|record| record.to_string().contains(marker))),
+        "what changed after the backup comes back from the hub"
+    );
+    assert!(wait_for(SYNC_WAIT, || documents_of(
+        &restored,
+        "A81001",
+        DIRECT_CARE,
+        None
+    ) == shareable_now));
+    // Caught up, its status saved: what it sent the hub in its sessions since the restore.
+    let caught_up = || {
+        peer(&restored, "HUB01").is_some_and(|status| {
+            !status["last_sync_at"].is_null() && status["peer_acked"] == status["local_tip"]
+        })
+    };
+    assert!(
+        wait_for(SYNC_WAIT, caught_up),
+        "{:?}",
+        peer(&restored, "HUB01")
+    );
+    let sent = peer(&restored, "HUB01").unwrap()["documents_sent"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        sent - sent_at_restore <= 2,
+        "the restored node sent {} documents the hub held ({shareable_now} shareable)",
+        sent - sent_at_restore
+    );
+    assert_eq!(
+        documents_of(&hub, "A81001", DIRECT_CARE, None),
+        shareable_now
+    );
+    verify_ok(&restored);
+
+    // Nothing is restored over a node, nor with another key.
+    let again = run(&[
+        "restore",
+        "--from",
+        backup.to_str().unwrap(),
+        "--dir",
+        restored.to_str().unwrap(),
+        "--data-key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&again).contains("is not empty"),
+        "{}",
+        stderr(&again)
+    );
+    let other_key = temp.path().join("kept-apart/other.key");
+    std::fs::write(&other_key, format!("{}\n", "cd".repeat(32))).unwrap();
+    std::fs::set_permissions(
+        &other_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let wrong = run(&[
+        "restore",
+        "--from",
+        backup.to_str().unwrap(),
+        "--dir",
+        temp.path().join("elsewhere").to_str().unwrap(),
+        "--data-key-file",
+        other_key.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&wrong).contains("different data key"),
+        "{}",
+        stderr(&wrong)
+    );
+}

@@ -200,6 +200,34 @@ enum Command {
         #[arg(long)]
         data_key_file: PathBuf,
     },
+    /// Back up the node, while it runs, into one file encrypted with its data key: the
+    /// database (SQLite's online backup), configuration, keys, registry and quarantine.
+    Backup {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The backup file to write (never over an existing file, never inside the home).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Bring a node back from its backup into a new folder, on this or another machine.
+    Restore {
+        /// The backup file `caremesh backup` wrote.
+        #[arg(long)]
+        from: PathBuf,
+        /// The new home: absent or empty.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The data key's file (the node's key, which the backup was encrypted with).
+        #[arg(
+            long,
+            conflicts_with = "data_key_credential",
+            required_unless_present = "data_key_credential"
+        )]
+        data_key_file: Option<PathBuf>,
+        /// Or the systemd credential that holds it.
+        #[arg(long)]
+        data_key_credential: Option<String>,
+    },
     /// Files ingest rejected: list them, read one with its reasons, or ingest one again.
     Quarantine {
         #[command(subcommand)]
@@ -535,6 +563,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::ApiClient { command } => api_client(command),
         Command::Quarantine { command } => quarantine(command),
         Command::Encrypt { dir, data_key_file } => encrypt(&dir, &data_key_file),
+        Command::Backup { dir, out } => backup(&dir, &out),
+        Command::Restore {
+            from,
+            dir,
+            data_key_file,
+            data_key_credential,
+        } => {
+            let key = match (data_key_file, data_key_credential) {
+                (Some(path), _) => crate::backup::KeySource::File(path),
+                (None, Some(name)) => crate::backup::KeySource::Credential(name),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            restore(&from, &dir, key)
+        }
         Command::ApiToken(args) => {
             let dir = args.dir.clone();
             crate::control::execute(&dir, StoreCommand::ApiToken(args.asked()?))
@@ -652,6 +694,49 @@ fn encrypt(dir: &Path, data_key_file: &Path) -> Result<ExitCode> {
             "{sealed} file(s) kept in processed/ and quarantine/ encrypted with it (their plaintext blocks, too, may stay on the disk until overwritten)"
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `caremesh backup`: made here, on a read-only connection beside a running node (which
+/// goes on writing meanwhile); recorded in the audit trail through the node when it runs.
+fn backup(dir: &Path, out: &Path) -> Result<ExitCode> {
+    let home = Home::open(dir)?;
+    let manifest = crate::backup::make(&home, out)?;
+    let written = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    crate::control::execute(
+        dir,
+        StoreCommand::BackupMade {
+            out: std::path::absolute(out)?,
+            bytes: written,
+        },
+    )?;
+    println!(
+        "backed up {} ({}) into {} ({written} bytes; database {} bytes, {} other file(s)), encrypted with the data key: keep the key apart from the backup; both are needed to restore",
+        manifest.name,
+        manifest.organisation,
+        out.display(),
+        manifest.database_bytes,
+        manifest.files.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `caremesh restore`.
+fn restore(from: &Path, dir: &Path, key: crate::backup::KeySource) -> Result<ExitCode> {
+    let restored = crate::backup::restore(from, dir, key)?;
+    println!(
+        "restored {} ({}) into {} from the backup made at {}: {} patient(s), {} document(s)",
+        restored.manifest.name,
+        restored.manifest.organisation,
+        dir.display(),
+        restored.manifest.made_at,
+        restored.patients,
+        restored.documents
+    );
+    println!(
+        "`caremesh run --dir {}` resumes sync: peers send back what changed since the backup, and take from this node only what they do not hold",
+        dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

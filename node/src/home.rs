@@ -134,6 +134,23 @@ pub struct StorageConfig {
     pub data_key_credential: Option<String>,
 }
 
+impl StorageConfig {
+    /// The data key, from the systemd credential or the key file named (relative paths in
+    /// `home_dir`); none when neither is.
+    pub fn data_key(&self, home_dir: &Path) -> Result<Option<Arc<DataKey>>, HomeError> {
+        if let Some(name) = &self.data_key_credential {
+            let folder = std::env::var_os("CREDENTIALS_DIRECTORY")
+                .ok_or_else(|| HomeError::NoCredentials { name: name.clone() })?;
+            let path = Path::new(&folder).join(name);
+            return read_data_key(&path).map(|key| Some(Arc::new(key)));
+        }
+        match &self.data_key_file {
+            Some(path) => read_data_key(&home_dir.join(path)).map(|key| Some(Arc::new(key))),
+            None => Ok(None),
+        }
+    }
+}
+
 /// This organisation's sharing defaults: what holds for a patient until a choice is recorded
 /// (from a FHIR Consent in the extract, or `caremesh consent set`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -423,17 +440,7 @@ impl Home {
 
     /// The data key, from the systemd credential or the key file `[storage]` names.
     pub fn data_key(&self) -> Result<Option<Arc<DataKey>>, HomeError> {
-        let storage = &self.config.storage;
-        if let Some(name) = &storage.data_key_credential {
-            let folder = std::env::var_os("CREDENTIALS_DIRECTORY")
-                .ok_or_else(|| HomeError::NoCredentials { name: name.clone() })?;
-            let path = Path::new(&folder).join(name);
-            return read_data_key(&path).map(|key| Some(Arc::new(key)));
-        }
-        match &storage.data_key_file {
-            Some(path) => read_data_key(&self.resolve(path)).map(|key| Some(Arc::new(key))),
-            None => Ok(None),
-        }
+        self.config.storage.data_key(&self.dir)
     }
 
     pub fn registry_path(&self) -> PathBuf {

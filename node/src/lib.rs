@@ -5,6 +5,7 @@
 
 pub mod api_clients;
 pub mod audit;
+pub mod backup;
 pub mod cli;
 pub mod consent;
 pub mod control;

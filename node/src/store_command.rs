@@ -72,6 +72,11 @@ pub enum StoreCommand {
         name: String,
         patient_index: Option<PathBuf>,
     },
+    /// `caremesh backup` wrote `out`: recorded in the audit trail (a copy of every record).
+    BackupMade {
+        out: PathBuf,
+        bytes: u64,
+    },
 }
 
 /// What a command printed, on standard output and standard error.
@@ -99,6 +104,7 @@ impl StoreCommand {
             StoreCommand::QuarantineList { .. } => "quarantine list",
             StoreCommand::QuarantineShow { .. } => "quarantine show",
             StoreCommand::QuarantineRelease { .. } => "quarantine release",
+            StoreCommand::BackupMade { .. } => "backup",
         }
     }
 
@@ -237,6 +243,13 @@ impl StoreCommand {
                     writeln!(out.stderr, "{note}")?;
                 }
                 Ok(code)
+            }
+            StoreCommand::BackupMade { out, bytes } => {
+                store.append_audit(&caremesh_storage::audit::AuditEvent {
+                    detail: format!("{} ({bytes} bytes)", out.display()),
+                    ..crate::audit::operator_event(home, operator, "backup", "data at rest")
+                })?;
+                Ok(0)
             }
         }
     }

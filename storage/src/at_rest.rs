@@ -176,6 +176,73 @@ pub fn encrypt_in_place(path: &Path, key: &DataKey) -> crate::Result<bool> {
     Ok(true)
 }
 
+/// Copies the database `source` reads into a new file at `target`, encrypted with `key`:
+/// SQLite's online backup in one step, so the copy is the database as one read transaction
+/// saw it (a running node's writers go on meanwhile: in WAL mode a reader blocks no
+/// writer), then checked with `PRAGMA quick_check` and synced. `target` must not exist.
+pub fn back_up(source: &crate::Store, target: &Path, key: &DataKey) -> crate::Result<()> {
+    let failed = |source| crate::StorageError::database(target.to_path_buf(), "back up", source);
+    if target.exists() {
+        return Err(crate::StorageError::Read {
+            path: target.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a backup is never written over an existing file",
+            ),
+        });
+    }
+    {
+        let mut copy = rusqlite::Connection::open(target).map_err(failed)?;
+        unlock(&copy, key).map_err(failed)?;
+        {
+            let backup = rusqlite::backup::Backup::new(&source.conn, &mut copy).map_err(failed)?;
+            // -1: every page in one step, one read transaction: never restarted by a write.
+            // Busy only while another connection holds a lock a reader must wait for.
+            let mut tries = 0;
+            loop {
+                match backup.step(-1).map_err(failed)? {
+                    rusqlite::backup::StepResult::Done => break,
+                    _ if tries < 200 => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    _ => {
+                        return Err(crate::StorageError::Read {
+                            path: target.to_path_buf(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::WouldBlock,
+                                "the database stayed locked for 10 s; try the backup again",
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        let check: String = copy
+            .query_row("PRAGMA quick_check", [], |row| row.get(0))
+            .map_err(failed)?;
+        if check != "ok" {
+            return Err(crate::StorageError::Read {
+                path: target.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("the copy fails its check ({check}); the backup was not made"),
+                ),
+            });
+        }
+        // The copy's journal is deleted as its last transaction ends: one file.
+        copy.execute_batch("PRAGMA journal_mode = DELETE;")
+            .map_err(failed)?;
+    }
+    std::fs::File::open(target)
+        .and_then(|file| file.sync_all())
+        .map_err(|source| crate::StorageError::Read {
+            path: target.to_path_buf(),
+            source,
+        })?;
+    Ok(())
+}
+
 /// What the first bytes of an existing database file say it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FileKind {
