@@ -2331,6 +2331,19 @@ fn a_backup_made_while_the_node_runs_restores_elsewhere_and_resumes_sync() {
             .contains(marker),
         "the backup was made before the problem"
     );
+    // Until it has taken back what it published after the backup, it publishes nothing new:
+    // a version written now would number its change as one the hub holds with other content.
+    let later = temp.path().join("after-restore.json");
+    write_gp_condition(&later, "after-restore", "AFTER-RESTORE-MARKER-51c0", false);
+    let refused = ingest(&restored, &[later.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("publishes nothing new (restored from a backup made at"),
+        "{}",
+        stderr(&refused)
+    );
+    let hold = |dir: &Path| status_json(dir)["publishing_hold"].clone();
+    assert_eq!(hold(&restored)["held"], true, "{}", hold(&restored));
     let sent_at_restore = peer(&restored, "HUB01").unwrap()["documents_sent"]
         .as_i64()
         .unwrap();
@@ -2370,6 +2383,21 @@ fn a_backup_made_while_the_node_runs_restores_elsewhere_and_resumes_sync() {
         shareable_now
     );
     verify_ok(&restored);
+
+    // Caught up with its one peer, it publishes again: the refused problem goes in and on.
+    assert!(
+        wait_for(SYNC_WAIT, || hold(&restored).is_null()),
+        "{}",
+        hold(&restored)
+    );
+    let output = ingest(&restored, &[later.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        wait_for(SYNC_WAIT, || items_in_documents(&hub, "A81001")
+            .iter()
+            .any(|item| item.title.contains("AFTER-RESTORE-MARKER-51c0"))),
+        "the problem ingested after the hold reaches the hub"
+    );
 
     // Nothing is restored over a node, nor with another key.
     let again = run(&[

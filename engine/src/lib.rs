@@ -228,6 +228,11 @@ pub struct Driver {
     pull_again_candidates: BTreeSet<OdsCode>,
     /// Whether the warning that this node lost documents of its own was given.
     told_own_documents_returned: bool,
+    /// Peers this process has caught up with: a hold on publishing (a restored node's) ends
+    /// once every peer this node syncs with is among them.
+    caught_up_with: BTreeSet<OdsCode>,
+    /// Whether this process found no hold on publishing left to end.
+    no_publishing_hold: bool,
     /// The local feed tip last told to the sessions.
     last_tip: u64,
     /// When to tell the sessions of documents stored from peers (see [`FEED_PROMPT_MS`]).
@@ -278,6 +283,8 @@ impl Driver {
             audit_checkpoint_seen: 0,
             pull_again_candidates: BTreeSet::new(),
             told_own_documents_returned: false,
+            caught_up_with: BTreeSet::new(),
+            no_publishing_hold: false,
             last_tip,
             next_flush: now + STATUS_FLUSH_MS,
             in_turn: false,
@@ -383,6 +390,52 @@ impl Driver {
         self.report_durable();
         self.stop_if_damaged();
         self.pull_again_where_marked();
+        self.release_publishing_when_caught_up();
+    }
+
+    /// Ends a hold on publishing (`caremesh_storage::publishing_hold`) once this node has
+    /// caught up with every peer it syncs with: by then each has given back what it held of
+    /// this node's own documents.
+    fn release_publishing_when_caught_up(&mut self) {
+        if self.no_publishing_hold || self.caught_up_with.is_empty() {
+            return;
+        }
+        let released = (|| -> Result<Option<Vec<String>>, StorageError> {
+            let Some(hold) = self.host.store.publishing_hold()? else {
+                return Ok(None);
+            };
+            if !hold.held {
+                return Ok(None);
+            }
+            let peers: Vec<String> = self
+                .host
+                .store
+                .peer_statuses()?
+                .into_iter()
+                .map(|status| status.peer)
+                .collect();
+            let waiting = peers
+                .iter()
+                .any(|peer| !self.caught_up_with.iter().any(|done| done.as_str() == peer));
+            if waiting {
+                return Ok(Some(Vec::new()));
+            }
+            let batch = self.host.store.write()?;
+            batch.release_publishing()?;
+            batch.commit()?;
+            Ok(Some(peers))
+        })();
+        match released {
+            Ok(None) => self.no_publishing_hold = true,
+            Ok(Some(peers)) if peers.is_empty() => {}
+            Ok(Some(peers)) => {
+                self.no_publishing_hold = true;
+                tracing::info!(peers = %peers.join(","), "caught up with every peer after a restore or rebuild: publishing resumes");
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not read or end the hold on publishing; tried again when a peer next catches up")
+            }
+        }
     }
 
     /// A group commit failed: what the sessions believe stored was rolled back, so every
@@ -946,6 +999,7 @@ impl Driver {
                 Event::CaughtUp => {
                     live.last_sync_at = Some(self.host.now_unix());
                     self.pull_again_candidates.insert(ods.clone());
+                    self.caught_up_with.insert(ods.clone());
                 }
                 Event::PeerAcked { .. } => {}
                 Event::PeerWasAhead { had, resumed_after } => {

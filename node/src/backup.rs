@@ -243,6 +243,16 @@ pub fn restore(from: &Path, dir: &Path, key: KeySource) -> Result<Restored> {
     // refused before anything says the restore worked.
     let mut store = home.open_store()?;
     let stats = store.stats()?;
+    if home.config.organisation.kind != caremesh_sync::OrgKind::Hub {
+        // Its peers hold what it published after the backup: it takes that back before it
+        // publishes anything new (`caremesh_storage::publishing_hold`).
+        let batch = store.write()?;
+        batch.hold_publishing(
+            caremesh_fhir::clock::now_unix(),
+            &format!("restored from a backup made at {}", manifest.made_at),
+        )?;
+        batch.commit()?;
+    }
     store.append_audit(&caremesh_storage::audit::AuditEvent {
         detail: format!(
             "restored from a backup made at {} by caremesh {}",

@@ -228,6 +228,12 @@ enum Command {
         #[arg(long)]
         data_key_credential: Option<String>,
     },
+    /// End a restored or rebuilt node's hold on publishing before it has caught up with every
+    /// peer (one gone for good): audited.
+    ResumePublishing {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Files ingest rejected: list them, read one with its reasons, or ingest one again.
     Quarantine {
         #[command(subcommand)]
@@ -434,6 +440,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let _running = home.lock_for_running()?;
             // The node is its store's one writer while it runs (see control.rs).
             let _writing = crate::control::lock_for_node(&home)?;
+            hold_publishing_if_rebuilt(&home)?;
             let listen = listen.unwrap_or_else(|| home.config.view.listen.clone());
             serve(&home, &listen, None)
         }
@@ -564,6 +571,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Quarantine { command } => quarantine(command),
         Command::Encrypt { dir, data_key_file } => encrypt(&dir, &data_key_file),
         Command::Backup { dir, out } => backup(&dir, &out),
+        Command::ResumePublishing { dir } => {
+            crate::control::execute(&dir, StoreCommand::ResumePublishing)
+        }
         Command::Restore {
             from,
             dir,
@@ -695,6 +705,30 @@ fn encrypt(dir: &Path, data_key_file: &Path) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A node started without its database (`caremesh init` makes one) is being rebuilt from its
+/// peers: it holds publishing until it has taken back from them what it had published, as a
+/// restored node does (`caremesh_storage::publishing_hold`). A hub publishes nothing.
+fn hold_publishing_if_rebuilt(home: &Home) -> Result<()> {
+    if home.database_path().exists() || home.config.organisation.kind == caremesh_sync::OrgKind::Hub
+    {
+        return Ok(());
+    }
+    let mut store = home.open_store()?;
+    let batch = store.write()?;
+    batch.hold_publishing(
+        clock::now_unix(),
+        &format!(
+            "rebuilt from its peers, its database missing at start on {}",
+            clock::rfc3339(clock::now_unix())
+        ),
+    )?;
+    batch.commit()?;
+    tracing::warn!(
+        "no database at start: this node is rebuilt from its peers, and publishes nothing new until it has caught up with each of them"
+    );
+    Ok(())
 }
 
 /// `caremesh backup`: made here, on a read-only connection beside a running node (which
@@ -868,6 +902,7 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     let unsendable = store.unsendable_documents()?;
     let disk = crate::disk::status(&home.dir);
     let audit = audit_status(&store)?;
+    let hold = store.publishing_hold()?;
     if json {
         let peers: Vec<serde_json::Value> = peers
             .iter()
@@ -886,6 +921,11 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
                 "stats": stats,
                 "drop_folder": drop_folder,
                 "encryption": encryption_of(&home),
+                "publishing_hold": hold.as_ref().map(|hold| serde_json::json!({
+                    "since": clock::rfc3339(hold.since),
+                    "reason": hold.reason,
+                    "held": hold.held,
+                })),
                 "disk": disk,
                 "audit": audit,
                 "sources": sources,
@@ -949,6 +989,12 @@ fn status(dir: &Path, json: bool) -> Result<ExitCode> {
     );
     if let Err(reason) = crate::watch::outlets_usable(&home) {
         println!("  PAUSED: {reason}");
+    }
+    if let Some(hold) = hold.as_ref().filter(|hold| hold.held) {
+        println!(
+            "  PUBLISHING HELD ({}): nothing new is published until this node has caught up with each of its peers; `caremesh resume-publishing` ends the hold if a peer is gone for good",
+            hold.reason
+        );
     }
     for entry in &drop_folder.left_in_place {
         println!("  {}: {}", entry.name, entry.reason);

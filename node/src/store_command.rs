@@ -77,6 +77,8 @@ pub enum StoreCommand {
         out: PathBuf,
         bytes: u64,
     },
+    /// End a hold on publishing before every peer has been caught up with.
+    ResumePublishing,
 }
 
 /// What a command printed, on standard output and standard error.
@@ -105,6 +107,7 @@ impl StoreCommand {
             StoreCommand::QuarantineShow { .. } => "quarantine show",
             StoreCommand::QuarantineRelease { .. } => "quarantine release",
             StoreCommand::BackupMade { .. } => "backup",
+            StoreCommand::ResumePublishing => "resume-publishing",
         }
     }
 
@@ -244,6 +247,7 @@ impl StoreCommand {
                 }
                 Ok(code)
             }
+            StoreCommand::ResumePublishing => resume_publishing(home, store, operator, out),
             StoreCommand::BackupMade { out, bytes } => {
                 store.append_audit(&caremesh_storage::audit::AuditEvent {
                     detail: format!("{} ({bytes} bytes)", out.display()),
@@ -253,6 +257,36 @@ impl StoreCommand {
             }
         }
     }
+}
+
+/// `caremesh resume-publishing`: the operator ends a hold on publishing (audited), and the
+/// access records it deferred are published.
+fn resume_publishing(
+    home: &Home,
+    store: &mut Store,
+    operator: &str,
+    out: &mut Printed,
+) -> Result<u8> {
+    let Some(hold) = store.publishing_hold()?.filter(|hold| hold.held) else {
+        writeln!(out.stdout, "publishing is not held; nothing to do")?;
+        return Ok(0);
+    };
+    let batch = store.write()?;
+    batch.release_publishing()?;
+    batch.commit()?;
+    store.append_audit(&caremesh_storage::audit::AuditEvent {
+        detail: format!(
+            "hold ended before every peer was caught up with ({})",
+            hold.reason
+        ),
+        ..crate::audit::operator_event(home, operator, "resume-publishing", "data at rest")
+    })?;
+    let written = caremesh_storage::publish::publish_after_hold(store, &home.signing_key()?)?;
+    writeln!(
+        out.stdout,
+        "publishing resumed ({written} access record version(s) published). A document whose newer versions only an unreached peer holds will not merge with what this node writes now: reach every peer first where you can"
+    )?;
+    Ok(0)
 }
 
 /// What runs between an ingest's commits in a running node.

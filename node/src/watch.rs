@@ -69,6 +69,8 @@ pub fn watch_drop_folder(
     let mut blocked: Option<String> = None;
     let mut next_scan = Instant::now();
     let mut next_sweep = Instant::now();
+    // A hold on publishing (a restored node's) to watch until it is released.
+    let mut hold_to_watch = true;
     while !stop.load(Ordering::Relaxed) {
         if Instant::now() >= next_sweep {
             next_sweep = Instant::now() + crate::retention::SWEEP_EVERY;
@@ -96,6 +98,9 @@ pub fn watch_drop_folder(
         }
         if Instant::now() >= next_scan {
             next_scan = Instant::now() + SCAN_EVERY;
+            if hold_to_watch {
+                hold_to_watch = publish_after_hold(&home, writer);
+            }
             put_back_reserve(&home);
             ready.extend(settled_files(&drop_dir, &mut settling));
             let left = survey(&drop_dir).left_in_place;
@@ -133,8 +138,9 @@ pub fn watch_drop_folder(
         }
         // A file is taken only if it can be put away after: ingesting one that cannot be
         // moved would ingest it again on every scan.
-        let usable =
-            outlets_usable(&home).and_then(|()| match crate::disk::ingest_blocked(&home.dir) {
+        let usable = outlets_usable(&home)
+            .and_then(|()| publishing_not_held(writer))
+            .and_then(|()| match crate::disk::ingest_blocked(&home.dir) {
                 Some(reason) => Err(format!(
                     "{reason}; files wait in drop/ until space is freed"
                 )),
@@ -317,6 +323,53 @@ fn settled_files(
     }
     settling.retain(|path, _| present.contains(path));
     ready
+}
+
+/// Whether ingest may publish: not while a restored node has not yet taken back its own
+/// documents from its peers (`caremesh_storage::publishing_hold`).
+fn publishing_not_held(writer: &StoreWriter) -> Result<(), String> {
+    let hold = writer
+        .write_blocking(|store| Ok(store.publishing_hold()?))
+        .map_err(|error| format!("could not read the hold on publishing: {error:#}"))?;
+    match hold {
+        Some(hold) if hold.held => Err(format!(
+            "publishing is held ({}) until this node has caught up with each of its peers; files wait in drop/",
+            hold.reason
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Publishes what a released hold on publishing deferred. Returns whether there is still a
+/// hold to watch.
+fn publish_after_hold(home: &Home, writer: &StoreWriter) -> bool {
+    let key = match home.signing_key() {
+        Ok(key) => key,
+        Err(error) => {
+            tracing::error!(%error, "could not read the signing key to publish after a hold");
+            return true;
+        }
+    };
+    let outcome = writer.write_blocking(move |store| {
+        let held = store.publishing_hold()?;
+        let written = caremesh_storage::publish::publish_after_hold(store, &key)?;
+        Ok((held, written))
+    });
+    match outcome {
+        Ok((None, _)) => false,
+        Ok((Some(hold), _)) if hold.held => true,
+        Ok((Some(_), written)) => {
+            tracing::info!(
+                documents_written = written,
+                "published the access records recorded while publishing was held"
+            );
+            false
+        }
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "could not publish the access records recorded while publishing was held; tried again shortly");
+            true
+        }
+    }
 }
 
 /// Ingests `files` on the engine thread, the store's one writer.

@@ -362,40 +362,48 @@ impl Store {
 
     /// The events after position `after`, in chain order.
     pub fn audit_events_after(&self, after: i64) -> Result<Vec<ChainedEvent>> {
-        let mut statement = self
-            .conn
-            .prepare(
-                "SELECT seq, body, prev_hash, hash FROM audit_events WHERE seq > ?1 ORDER BY seq",
-            )
-            .map_err(self.err("read the audit trail"))?;
-        let rows = statement
-            .query_map([after], |row| {
-                Ok((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, Vec<u8>>(2)?,
-                    row.get::<_, Vec<u8>>(3)?,
-                ))
-            })
-            .map_err(self.err("read the audit trail"))?;
-        let mut events = Vec::new();
-        for row in rows {
-            let (seq, body, prev_hash, hash) = row.map_err(self.err("read the audit trail"))?;
-            let event: AuditEvent =
-                serde_json::from_str(&body).map_err(|e| crate::StorageError::DamagedRow {
-                    path: self.path.clone(),
-                    doc: format!("audit entry {seq}"),
-                    what: e.to_string(),
-                })?;
-            events.push(ChainedEvent {
-                seq,
-                event,
-                prev_hash: hash_from(prev_hash),
-                hash: hash_from(hash),
-            });
-        }
-        Ok(events)
+        events_after(&self.conn, &self.path, after)
     }
+}
+
+/// The events after position `after`, in chain order.
+pub(crate) fn events_after(
+    conn: &rusqlite::Connection,
+    path: &std::path::Path,
+    after: i64,
+) -> Result<Vec<ChainedEvent>> {
+    let failed =
+        |source| crate::StorageError::database(path.to_path_buf(), "read the audit trail", source);
+    let mut statement = conn
+        .prepare("SELECT seq, body, prev_hash, hash FROM audit_events WHERE seq > ?1 ORDER BY seq")
+        .map_err(failed)?;
+    let rows = statement
+        .query_map([after], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+                row.get::<_, Vec<u8>>(3)?,
+            ))
+        })
+        .map_err(failed)?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (seq, body, prev_hash, hash) = row.map_err(failed)?;
+        let event: AuditEvent =
+            serde_json::from_str(&body).map_err(|e| crate::StorageError::DamagedRow {
+                path: path.to_path_buf(),
+                doc: format!("audit entry {seq}"),
+                what: e.to_string(),
+            })?;
+        events.push(ChainedEvent {
+            seq,
+            event,
+            prev_hash: hash_from(prev_hash),
+            hash: hash_from(hash),
+        });
+    }
+    Ok(events)
 }
 
 /// Checks the chain in the order stored: numbering without gaps from 1, each entry linked to
@@ -430,25 +438,31 @@ pub fn verify_chain_after(
     Ok(())
 }
 
+/// A clinician at A81001 viewing a patient's medications from two sources, for tests.
+#[cfg(test)]
+pub(crate) fn sample_view(at: i64, user_id: &str) -> AuditEvent {
+    AuditEvent {
+        at,
+        user_id: user_id.into(),
+        user_name: "Dr Test".into(),
+        role: "clinician".into(),
+        organisation: "A81001".into(),
+        action: "view".into(),
+        nhs: Some("9912003888".into()),
+        sources: vec!["A81001".into(), "RTH".into()],
+        sections: vec!["medications".into()],
+        purpose: "direct care".into(),
+        outcome: "allowed".into(),
+        detail: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn event(n: i64) -> AuditEvent {
-        AuditEvent {
-            at: 1_795_305_600 + n,
-            user_id: format!("u{n}"),
-            user_name: "Dr Test".into(),
-            role: "clinician".into(),
-            organisation: "A81001".into(),
-            action: "view".into(),
-            nhs: Some("9912003888".into()),
-            sources: vec!["A81001".into(), "RTH".into()],
-            sections: vec!["medications".into()],
-            purpose: "direct care".into(),
-            outcome: "allowed".into(),
-            detail: String::new(),
-        }
+        sample_view(1_795_305_600 + n, &format!("u{n}"))
     }
 
     /// A store with five chained events, and its database path for tampering with SQL.

@@ -27,6 +27,7 @@ mod peers;
 pub mod placements;
 pub mod power_loss;
 pub mod publish;
+pub mod publishing_hold;
 pub mod sealed;
 pub mod simulated_disk;
 pub mod subscriptions;

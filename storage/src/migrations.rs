@@ -438,6 +438,20 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         FROM api_subscriptions s
         WHERE s.client_id = api_clients.client_id AND s.status != 'off'), '');
     "#,
+    // 24: a hold on publishing this node's own documents, while a node restored from a
+    // backup (or rebuilt) has not yet taken back from its peers what it published after the
+    // backup: a version written meanwhile would reuse change numbers its peers hold with
+    // other content, and never merge (`publishing_hold`). `held` is 0 once released and the
+    // access records viewed meanwhile (audit entries after `audit_after`) wait to be published.
+    r#"
+    CREATE TABLE publishing_hold (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        since INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        held INTEGER NOT NULL,
+        audit_after INTEGER NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 #[cfg(test)]

@@ -30,6 +30,10 @@ pub enum PublishError {
     },
     #[error("stored document {doc} has no readable signed heads; run `caremesh verify`")]
     MissingSignature { doc: String },
+    #[error(
+        "this node publishes nothing new ({reason}) until it has taken back from each of its peers what it published before: nothing was written. It resumes by itself once caught up with every peer (`caremesh status` shows the hold); files in the drop folder wait, and what was refused can be given again then"
+    )]
+    Held { reason: String },
 }
 
 #[derive(Default)]
@@ -217,6 +221,21 @@ fn write_documents(
     key: &PublisherKey,
     now: i64,
 ) -> Result<usize, PublishError> {
+    match batch.publishing_hold()? {
+        Some(hold) if hold.held => {
+            if changes.keys().any(|meta| meta.section != Section::Audit) {
+                return Err(PublishError::Held {
+                    reason: hold.reason,
+                });
+            }
+            // An access record waits: the audit chain holds the access already.
+            return Ok(0);
+        }
+        Some(hold) => {
+            publish_deferred_access_records(batch, key, hold.audit_after)?;
+        }
+        None => {}
+    }
     let actor = actor_for(key);
     let mut written = 0;
     for (meta, changes) in changes {
@@ -380,18 +399,74 @@ pub fn record_access_in(
             .as_deref()
             .and_then(|n| NhsNumber::parse(n).ok())
             .expect("an event that showed data names a valid patient");
-        let meta = DocMeta {
-            publisher: publisher.clone(),
-            patient,
-            section: Section::Audit,
-            class: DataClass::Coded,
-        };
-        let item = event.to_access_item(chained.seq, &chained.hash);
-        let mut changes = DocChanges::default();
-        changes.upserts.insert(item.id.clone(), item);
-        write_documents(BTreeMap::from([(meta, changes)]), batch, key, event.at)?;
+        publish_access_record(batch, key, publisher.clone(), patient, &chained)?;
     }
     Ok(chained)
+}
+
+/// Writes the access record of one chained audit entry into the patient's audit document
+/// of `publisher`, so the patient's own GP learns who saw the record. Returns the versions
+/// written (none while publishing is held: the record waits for the release).
+fn publish_access_record(
+    batch: &WriteBatch<'_>,
+    key: &PublisherKey,
+    publisher: OdsCode,
+    patient: NhsNumber,
+    chained: &ChainedEvent,
+) -> Result<usize, PublishError> {
+    let meta = DocMeta {
+        publisher,
+        patient,
+        section: Section::Audit,
+        class: DataClass::Coded,
+    };
+    let item = chained.event.to_access_item(chained.seq, &chained.hash);
+    let mut changes = DocChanges::default();
+    changes.upserts.insert(item.id.clone(), item);
+    write_documents(
+        BTreeMap::from([(meta, changes)]),
+        batch,
+        key,
+        chained.event.at,
+    )
+}
+
+/// Once a hold on publishing is released: publishes the access records recorded while it
+/// held, in one transaction. Returns how many document versions it wrote (none while held,
+/// or with no hold).
+pub fn publish_after_hold(store: &mut Store, key: &PublisherKey) -> Result<usize, PublishError> {
+    let batch = store.write()?;
+    let written = match batch.publishing_hold()? {
+        Some(hold) if !hold.held => publish_deferred_access_records(&batch, key, hold.audit_after)?,
+        _ => 0,
+    };
+    batch.commit()?;
+    Ok(written)
+}
+
+/// Publishes the access records of audit entries after `audit_after` (those recorded while
+/// publishing was held) and forgets the released hold.
+fn publish_deferred_access_records(
+    batch: &WriteBatch<'_>,
+    key: &PublisherKey,
+    audit_after: i64,
+) -> Result<usize, PublishError> {
+    batch.forget_publishing_hold()?;
+    let mut written = 0;
+    for chained in batch.audit_events_after(audit_after)? {
+        let event = &chained.event;
+        let Ok(publisher) = OdsCode::parse(&event.organisation) else {
+            continue;
+        };
+        if !event.showed_others_data() {
+            continue;
+        }
+        let Some(patient) = event.nhs.as_deref().and_then(|n| NhsNumber::parse(n).ok()) else {
+            continue;
+        };
+        written += publish_access_record(batch, key, publisher, patient, &chained)?;
+    }
+    Ok(written)
 }
 
 /// Where a publisher's sharing record for a patient lives.
