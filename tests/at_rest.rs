@@ -442,14 +442,7 @@ fn a_plaintext_home_is_encrypted_in_place() {
         stdout(&done)
     );
     assert_eq!(files_holding(&home, &markers), Vec::<String>::new());
-    let shown = run(&[
-        "quarantine",
-        "show",
-        "--dir",
-        home.to_str().unwrap(),
-        "by-mrn.json",
-    ]);
-    assert!(stdout(&shown).contains(NOTE), "{}", stderr(&shown));
+    let shown = assert_quarantined_note_shows(&home);
     assert!(
         stdout(&shown).contains(MRN),
         "the reason: {}",
@@ -467,4 +460,275 @@ fn a_plaintext_home_is_encrypted_in_place() {
     );
     let trail = audit_trail_csv(&home);
     assert!(trail.contains("encrypt-database"), "{trail}");
+}
+
+/// Whether the key in `key_file` opens the database of `home` (SQLCipher itself, not caremesh).
+fn key_opens(home: &Path, key_file: &Path) -> bool {
+    let key = std::fs::read_to_string(key_file).unwrap();
+    let connection = rusqlite::Connection::open_with_flags(
+        home.join("node.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    connection
+        .execute_batch(&format!(
+            "PRAGMA cipher_log_level = NONE; PRAGMA key = \"x'{}'\";",
+            key.trim()
+        ))
+        .unwrap();
+    connection
+        .query_row("SELECT count(*) FROM documents", [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .is_ok_and(|documents| documents > 0)
+}
+
+/// Whether every kept file in processed/ and quarantine/ reads through the key in
+/// `key_file` alone.
+fn kept_files_open_with(home: &Path, key_file: &Path) -> bool {
+    use caremesh_storage::at_rest::{DataKey, DataKeys};
+    let key = DataKey::from_hex(&std::fs::read_to_string(key_file).unwrap()).unwrap();
+    let keys = DataKeys::new(std::sync::Arc::new(key));
+    ["processed", "quarantine"].iter().all(|folder| {
+        names_in(&home.join(folder)).iter().all(|name| {
+            caremesh_storage::sealed::read_kept(Some(&keys), &home.join(folder).join(name), 1 << 30)
+                .is_ok()
+        })
+    })
+}
+
+/// `caremesh quarantine show` of the file quarantined for want of the patient index: read,
+/// note and all, through the key. Returns the output.
+fn assert_quarantined_note_shows(home: &Path) -> std::process::Output {
+    let shown = run(&[
+        "quarantine",
+        "show",
+        "--dir",
+        home.to_str().unwrap(),
+        "by-mrn.json",
+    ]);
+    assert!(stdout(&shown).contains(NOTE), "{}", stderr(&shown));
+    shown
+}
+
+fn rekey_to(home: &Path, new_key_file: &Path) -> std::process::Output {
+    run(&[
+        "rekey",
+        "--dir",
+        home.to_str().unwrap(),
+        "--new-data-key-file",
+        new_key_file.to_str().unwrap(),
+    ])
+}
+
+/// A home with key `old`: 200 generated patients and the marker patient ingested, and one
+/// file quarantined (its reason sealed beside it).
+fn encrypted_home_with_kept_files(dir: &Path, home: &Path, old: &Path) {
+    let output = init_encrypted(home, old);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let generated = dir.join("generated");
+    let output = run(&[
+        "generate",
+        "--org",
+        "A81001",
+        "--patients",
+        "200",
+        "--seed",
+        "3",
+        "--out",
+        generated.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let first = dir.join("first.json");
+    extract(&first, CELLULITIS);
+    let by_mrn = dir.join("by-mrn.json");
+    mrn_condition(&by_mrn);
+    for path in [&generated, &first, &by_mrn] {
+        let output = ingest(home, &["--move", path.to_str().unwrap()]);
+        assert!(output.status.code().is_some(), "{}", stderr(&output));
+    }
+    assert!(home.join("quarantine/by-mrn.json").exists());
+    assert!(names_in(&home.join("processed")).len() > 1);
+}
+
+/// `caremesh rekey` on a running node: the view answers every read throughout, the running
+/// node goes on ingesting after it, and afterwards the database and every kept file open
+/// with the new key alone, not the old one, with no patient data in plain text anywhere.
+#[test]
+fn the_data_key_changes_while_the_node_serves_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (old, new) = (dir.path().join("old.key"), dir.path().join("new.key"));
+    encrypted_home_with_kept_files(dir.path(), &home, &old);
+    let node = RunningNode::start(&home);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, address) = (stop.clone(), node.address.clone());
+        std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                answers.push(http_get(&address, "/health"));
+            }
+            answers
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let rekeyed = rekey_to(&home, &new);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = reader.join().unwrap();
+    assert!(
+        rekeyed.status.success(),
+        "{}{}",
+        stdout(&rekeyed),
+        stderr(&rekeyed)
+    );
+    assert!(
+        stdout(&rekeyed).contains(&format!(
+            "data key changed to the key file {}",
+            new.display()
+        )),
+        "{}",
+        stdout(&rekeyed)
+    );
+    assert!(
+        stdout(&rekeyed).contains("re-encrypted"),
+        "{}",
+        stdout(&rekeyed)
+    );
+    assert!(
+        answers.len() > 2,
+        "the reader read throughout: {}",
+        answers.len()
+    );
+    for (status, body) in &answers {
+        assert_eq!(
+            *status, 200,
+            "a read failed during the change of key: {body}"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&new).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // The running node writes on under the new key.
+    let later = dir.path().join("later.json");
+    extract(&later, ("c2", "38341003", "Hypertension"));
+    let output = ingest(&home, &[later.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let config = std::fs::read_to_string(home.join("caremesh.toml")).unwrap();
+    assert!(config.contains(new.to_str().unwrap()), "{config}");
+    assert!(!config.contains("previous_data_key"), "{config}");
+    let trail = audit_trail_csv(&home);
+    assert!(trail.contains(",\"rekey\","), "{trail}");
+    drop(node);
+
+    assert!(key_opens(&home, &new));
+    assert!(!key_opens(&home, &old), "the old key opens nothing");
+    assert!(kept_files_open_with(&home, &new));
+    for folder in ["processed", "quarantine"] {
+        for name in names_in(&home.join(folder)) {
+            assert!(
+                !kept_files_open_with(&home, &old),
+                "{folder}/{name} still opens with the old key"
+            );
+        }
+    }
+    assert_eq!(
+        files_holding(&home, &[NHS, FAMILY, NOTE]),
+        Vec::<String>::new()
+    );
+    let record = record_json(&home, NHS).unwrap().to_string();
+    assert!(
+        record.contains("Hypertension") && record.contains(NOTE),
+        "{record}"
+    );
+    assert_quarantined_note_shows(&home);
+
+    // The same key again changes nothing; nor does a change to a key file inside the home.
+    let again = rekey_to(&home, &new);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("is the data key already"),
+        "{}",
+        stderr(&again)
+    );
+    let inside = run(&[
+        "rekey",
+        "--dir",
+        home.to_str().unwrap(),
+        "--new-data-key-file",
+        home.join("data.key").to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&inside).contains("must be outside the node home"),
+        "{}",
+        stderr(&inside)
+    );
+    assert!(key_opens(&home, &new));
+}
+
+/// A change of key cut short after the configuration named the new key and before the
+/// database was rewritten (the state a crash there leaves): every command still reads
+/// through the previous key, and the node finishes the change when it starts.
+#[test]
+fn a_change_of_key_cut_short_is_finished_when_the_node_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (old, new) = (dir.path().join("old.key"), dir.path().join("new.key"));
+    encrypted_home_with_kept_files(dir.path(), &home, &old);
+    std::fs::write(
+        &new,
+        format!(
+            "{}\n",
+            caremesh_storage::at_rest::DataKey::generate()
+                .unwrap()
+                .to_hex()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config_path = home.join("caremesh.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let old_line = format!("data_key_file = \"{}\"", old.display());
+    assert!(config.contains(&old_line), "{config}");
+    std::fs::write(
+        &config_path,
+        config.replace(
+            &old_line,
+            &format!(
+                "data_key_file = \"{}\"\nprevious_data_key_file = \"{}\"",
+                new.display(),
+                old.display()
+            ),
+        ),
+    )
+    .unwrap();
+
+    assert!(
+        record_json(&home, NHS).is_some(),
+        "read through the previous key"
+    );
+    assert_quarantined_note_shows(&home);
+    assert!(key_opens(&home, &old) && !key_opens(&home, &new));
+    let status = run(&["status", "--dir", home.to_str().unwrap()]);
+    assert!(
+        stdout(&status).contains("a change of key from the key file"),
+        "{}{}",
+        stdout(&status),
+        stderr(&status)
+    );
+
+    let node = RunningNode::start(&home);
+    let (status, body) = http_get(&node.address, "/health");
+    assert_eq!(status, 200, "{body}");
+    drop(node);
+    assert!(key_opens(&home, &new) && !key_opens(&home, &old));
+    assert!(kept_files_open_with(&home, &new));
+    assert!(!kept_files_open_with(&home, &old));
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(!config.contains("previous_data_key"), "{config}");
+    assert!(record_json(&home, NHS).is_some());
 }

@@ -1446,7 +1446,8 @@ fn contains(bytes: &[u8], marker: &str) -> bool {
 /// file it keeps.
 fn decrypted_holds(dir: &Path, marker: &str) -> bool {
     let home = caremesh::home::Home::open(dir).unwrap();
-    let key = home.data_key().unwrap().expect("an encrypted home");
+    let keys = home.data_keys().unwrap().expect("an encrypted home");
+    let key = keys.current().clone();
     let connection = rusqlite::Connection::open_with_flags(
         home.database_path(),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -1488,7 +1489,7 @@ fn decrypted_holds(dir: &Path, marker: &str) -> bool {
         .flat_map(|folder| std::fs::read_dir(folder).unwrap().flatten())
         .any(|entry| {
             let bytes =
-                caremesh_storage::sealed::read_kept(Some(&key), &entry.path(), 1 << 30).unwrap();
+                caremesh_storage::sealed::read_kept(Some(&keys), &entry.path(), 1 << 30).unwrap();
             contains(&bytes, marker)
         });
     in_rows || in_kept_files

@@ -18,7 +18,7 @@ use caremesh_fhir::{
     CodeableConcept, MappingContext, NHS_NUMBER_SYSTEM, PatientRef, ReferenceLookup, Resource,
     SensitiveCodes,
 };
-use caremesh_storage::at_rest::DataKey;
+use caremesh_storage::at_rest::{DataKey, DataKeys};
 use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::publish::{Publication, PublishError};
 use caremesh_storage::sealed::{self, SealError};
@@ -31,7 +31,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// A single JSON document larger than this is refused: send it as NDJSON instead.
 pub const MAX_JSON_FILE_BYTES: u64 = 128 * 1024 * 1024;
@@ -341,10 +340,10 @@ pub struct IngestSettings {
     pub home_dir: PathBuf,
     pub processed_dir: PathBuf,
     pub quarantine_dir: PathBuf,
-    /// The node's data key, when its home is encrypted: the files kept in processed/ and
-    /// quarantine/ are sealed with it (`caremesh_storage::sealed`), and sealed files (a
-    /// quarantined one released) are read through it.
-    pub data_key: Option<Arc<DataKey>>,
+    /// The node's data keys, when its home is encrypted: the files kept in processed/ and
+    /// quarantine/ are sealed with the current one (`caremesh_storage::sealed`), and sealed
+    /// files (a quarantined one released) are read through either, during a change of key.
+    pub data_key: Option<DataKeys>,
 }
 
 /// Everything ingest decides with, apart from the store it writes to.
@@ -565,7 +564,7 @@ impl<'a> Ingestor<'a> {
                 "file is {size} bytes, over the {MAX_JSON_FILE_BYTES}-byte limit for one JSON document; export it as NDJSON instead"
             )));
         }
-        let bytes = sealed::read_kept(self.rules.data_key(), path, MAX_JSON_FILE_BYTES)?;
+        let bytes = sealed::read_kept(self.rules.data_keys(), path, MAX_JSON_FILE_BYTES)?;
         let value: Value = match fhir::strict_json::from_slice(&bytes) {
             Ok(value) => value,
             Err(error) => {
@@ -593,7 +592,7 @@ impl<'a> Ingestor<'a> {
 
     fn ingest_ndjson(&mut self, path: &Path) -> Result<IngestReport, IngestError> {
         let file_name = path.display().to_string();
-        let file = sealed::open_kept(self.rules.data_key(), path)?;
+        let file = sealed::open_kept(self.rules.data_keys(), path)?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut report = IngestReport::default();
         let mut chunk = Vec::new();
@@ -1312,8 +1311,17 @@ impl IngestRules<'_> {
         Ok(())
     }
 
+    /// The key files are sealed with.
     fn data_key(&self) -> Option<&DataKey> {
-        self.settings.data_key.as_deref()
+        self.settings
+            .data_key
+            .as_ref()
+            .map(|keys| &**keys.current())
+    }
+
+    /// The keys sealed files are read through.
+    fn data_keys(&self) -> Option<&DataKeys> {
+        self.settings.data_key.as_ref()
     }
 }
 

@@ -13,9 +13,9 @@
 //!
 //! The data key is not in the backup: keep it apart from it. Restoring needs both.
 
-use crate::home::{self, CONFIG_FILE, DATABASE_FILE, Home};
+use crate::home::{self, CONFIG_FILE, DATABASE_FILE, Home, KeySource};
 use anyhow::{Context, Result, bail};
-use caremesh_storage::at_rest::{self, DataKey};
+use caremesh_storage::at_rest::{self, DataKeys};
 use caremesh_storage::sealed;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -183,12 +183,6 @@ fn files_to_keep(home_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(kept)
 }
 
-/// Where a restored node's data key comes from.
-pub enum KeySource {
-    File(PathBuf),
-    Credential(String),
-}
-
 /// What `restore` brought back.
 pub struct Restored {
     pub manifest: Manifest,
@@ -207,21 +201,15 @@ pub fn restore(from: &Path, dir: &Path, key: KeySource) -> Result<Restored> {
             dir.display()
         );
     }
-    let storage = match &key {
-        KeySource::File(path) => home::StorageConfig {
-            data_key_file: Some(
-                std::path::absolute(path)
-                    .with_context(|| format!("resolving {}", path.display()))?,
-            ),
-            data_key_credential: None,
-        },
-        KeySource::Credential(name) => home::StorageConfig {
-            data_key_file: None,
-            data_key_credential: Some(name.clone()),
-        },
+    let key = match key {
+        KeySource::File(path) => KeySource::File(
+            std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))?,
+        ),
+        credential => credential,
     };
-    let data_key = storage.data_key(dir)?.expect("a key source was given");
-    let manifest = unpack(from, dir, &data_key)?;
+    let data_keys = DataKeys::new(std::sync::Arc::new(key.read(dir)?));
+    let storage = home::StorageConfig::from_source(Some(key));
+    let manifest = unpack(from, dir, &data_keys)?;
     let mut home = Home::open(dir).with_context(|| {
         format!(
             "the backup's {CONFIG_FILE} does not load; the backup may come from a newer caremesh"
@@ -235,6 +223,7 @@ pub fn restore(from: &Path, dir: &Path, key: KeySource) -> Result<Restored> {
         );
     }
     home.config.storage = storage;
+    home.forget_database();
     home.save_config()?;
     for folder in ["drop", "processed", "quarantine"] {
         home::private_folder(&dir.join(folder))?;
@@ -274,14 +263,14 @@ pub fn restore(from: &Path, dir: &Path, key: KeySource) -> Result<Restored> {
 
 /// Unpacks the sealed archive `from` into `dir`, refusing any entry that is not a plain
 /// relative path to a regular file. Returns the manifest.
-fn unpack(from: &Path, dir: &Path, data_key: &DataKey) -> Result<Manifest> {
+fn unpack(from: &Path, dir: &Path, data_keys: &DataKeys) -> Result<Manifest> {
     if !sealed::is_sealed(from)? {
         bail!(
             "{} is not a caremesh backup (backups are encrypted with the node's data key)",
             from.display()
         );
     }
-    let reader = sealed::open_kept(Some(data_key), from)?;
+    let reader = sealed::open_kept(Some(data_keys), from)?;
     home::private_folder(dir)?;
     let mut archive = tar::Archive::new(reader);
     let mut manifest: Option<Manifest> = None;

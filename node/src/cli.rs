@@ -234,6 +234,22 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Change the data key: the database re-encrypted and every kept file sealed again
+    /// under a new key, while the node goes on serving reads (handed to the running node).
+    Rekey {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new key's file, outside the home (made, mode 0600, when absent).
+        #[arg(
+            long,
+            conflicts_with = "new_data_key_credential",
+            required_unless_present = "new_data_key_credential"
+        )]
+        new_data_key_file: Option<PathBuf>,
+        /// Or the systemd credential that holds the new key (given to the node's unit).
+        #[arg(long)]
+        new_data_key_credential: Option<String>,
+    },
     /// Files ingest rejected: list them, read one with its reasons, or ingest one again.
     Quarantine {
         #[command(subcommand)]
@@ -440,6 +456,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let _running = home.lock_for_running()?;
             // The node is its store's one writer while it runs (see control.rs).
             let _writing = crate::control::lock_for_node(&home)?;
+            crate::rekey::finish_unfinished_change(&home)?;
             hold_publishing_if_rebuilt(&home)?;
             let listen = listen.unwrap_or_else(|| home.config.view.listen.clone());
             serve(&home, &listen, None)
@@ -571,6 +588,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Quarantine { command } => quarantine(command),
         Command::Encrypt { dir, data_key_file } => encrypt(&dir, &data_key_file),
         Command::Backup { dir, out } => backup(&dir, &out),
+        Command::Rekey {
+            dir,
+            new_data_key_file,
+            new_data_key_credential,
+        } => {
+            let new = match (new_data_key_file, new_data_key_credential) {
+                // Absolute: the running node resolves nothing against this directory.
+                (Some(path), _) => crate::home::KeySource::File(
+                    std::path::absolute(&path)
+                        .with_context(|| format!("resolving {}", path.display()))?,
+                ),
+                (None, Some(name)) => crate::home::KeySource::Credential(name),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            crate::control::execute(&dir, StoreCommand::Rekey { new })
+        }
         Command::ResumePublishing { dir } => {
             crate::control::execute(&dir, StoreCommand::ResumePublishing)
         }
@@ -581,8 +614,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             data_key_credential,
         } => {
             let key = match (data_key_file, data_key_credential) {
-                (Some(path), _) => crate::backup::KeySource::File(path),
-                (None, Some(name)) => crate::backup::KeySource::Credential(name),
+                (Some(path), _) => crate::home::KeySource::File(path),
+                (None, Some(name)) => crate::home::KeySource::Credential(name),
                 (None, None) => unreachable!("clap requires one"),
             };
             restore(&from, &dir, key)
@@ -678,8 +711,10 @@ fn encrypt(dir: &Path, data_key_file: &Path) -> Result<ExitCode> {
     caremesh_storage::at_rest::encrypt_in_place(&home.database_path(), &key)?;
     // Before the configuration names the key: a run cut short is run again, and seals
     // what it had not.
-    let sealed = seal_kept_files(&home, &key)?;
+    let key = caremesh_storage::at_rest::DataKeys::new(Arc::new(key));
+    let sealed = crate::rekey::reseal_kept_files(&home, &key)?;
     home.config.storage.data_key_file = Some(path.clone());
+    home.forget_database();
     home.save_config()?;
     let mut store = home.open_store()?;
     store.append_audit(&caremesh_storage::audit::AuditEvent {
@@ -756,7 +791,7 @@ fn backup(dir: &Path, out: &Path) -> Result<ExitCode> {
 }
 
 /// `caremesh restore`.
-fn restore(from: &Path, dir: &Path, key: crate::backup::KeySource) -> Result<ExitCode> {
+fn restore(from: &Path, dir: &Path, key: crate::home::KeySource) -> Result<ExitCode> {
     let restored = crate::backup::restore(from, dir, key)?;
     println!(
         "restored {} ({}) into {} from the backup made at {}: {} patient(s), {} document(s)",
@@ -772,29 +807,6 @@ fn restore(from: &Path, dir: &Path, key: crate::backup::KeySource) -> Result<Exi
         dir.display()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// Seals, in place, every plain file in processed/ and quarantine/ (extracts and reasons).
-/// Returns how many it sealed.
-fn seal_kept_files(home: &Home, key: &caremesh_storage::at_rest::DataKey) -> Result<usize> {
-    use caremesh_storage::sealed;
-    let mut count = 0;
-    for folder in [home.processed_dir(), home.quarantine_dir()] {
-        let Ok(entries) = std::fs::read_dir(&folder) else {
-            continue;
-        };
-        for entry in entries {
-            let entry = entry.with_context(|| format!("reading {}", folder.display()))?;
-            let path = entry.path();
-            let hidden = entry.file_name().to_string_lossy().starts_with('.');
-            if hidden || !entry.file_type()?.is_file() || sealed::is_sealed(&path)? {
-                continue;
-            }
-            sealed::keep_copy(Some(key), &path, &path)?;
-            count += 1;
-        }
-    }
-    Ok(count)
 }
 
 fn quarantine(command: crate::quarantine::QuarantineCommand) -> Result<ExitCode> {
@@ -883,10 +895,18 @@ fn audit(command: AuditCommand) -> Result<ExitCode> {
 /// How the database is kept at rest, for `caremesh status`.
 fn encryption_of(home: &Home) -> String {
     let storage = &home.config.storage;
-    match (&storage.data_key_credential, &storage.data_key_file) {
+    let encrypted = match (&storage.data_key_credential, &storage.data_key_file) {
         (Some(name), _) => format!("encrypted (data key: systemd credential {name})"),
         (None, Some(path)) => format!("encrypted (data key: {})", home.resolve(path).display()),
-        (None, None) => "not encrypted (no data key: see `caremesh init --data-key-file`)".into(),
+        (None, None) => {
+            return "not encrypted (no data key: see `caremesh init --data-key-file`)".into();
+        }
+    };
+    match storage.previous_source() {
+        Some(previous) => format!(
+            "{encrypted}; a change of key from {previous} is unfinished: the node finishes it when it starts"
+        ),
+        None => encrypted,
     }
 }
 

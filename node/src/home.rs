@@ -13,14 +13,14 @@
 
 use caremesh_fhir::SensitiveCodes;
 use caremesh_storage::Store;
-use caremesh_storage::at_rest::{DataKey, Database};
+use caremesh_storage::at_rest::{DataKey, DataKeys, Database};
 use caremesh_sync::{OdsCode, OrgKind, PublisherKey};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub const CONFIG_FILE: &str = "caremesh.toml";
 pub const KEY_FILE: &str = "keys/signing.key";
@@ -132,22 +132,114 @@ pub struct StorageConfig {
     /// The data key as the systemd credential of this name (`$CREDENTIALS_DIRECTORY/NAME`),
     /// which `systemd-creds encrypt` can bind to the machine's TPM.
     pub data_key_credential: Option<String>,
+    /// While a change of key (`caremesh rekey`) is unfinished: the file of the key it
+    /// replaces. The node finishes the change when it starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_data_key_file: Option<PathBuf>,
+    /// The same, for a key that was a systemd credential.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_data_key_credential: Option<String>,
+}
+
+/// Where a data key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeySource {
+    /// A file outside the home (absolute, or relative to the home).
+    File(PathBuf),
+    /// A systemd credential of this name.
+    Credential(String),
+}
+
+impl KeySource {
+    /// Reads the key (`home_dir` resolves a relative file).
+    pub fn read(&self, home_dir: &Path) -> Result<DataKey, HomeError> {
+        match self {
+            KeySource::Credential(name) => {
+                let folder = std::env::var_os("CREDENTIALS_DIRECTORY")
+                    .ok_or_else(|| HomeError::NoCredentials { name: name.clone() })?;
+                read_data_key(&Path::new(&folder).join(name))
+            }
+            KeySource::File(path) => read_data_key(&home_dir.join(path)),
+        }
+    }
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::File(path) => write!(formatter, "the key file {}", path.display()),
+            KeySource::Credential(name) => write!(formatter, "the systemd credential {name}"),
+        }
+    }
 }
 
 impl StorageConfig {
+    /// Keys from `source` (none for a plaintext home).
+    pub fn from_source(source: Option<KeySource>) -> StorageConfig {
+        let mut config = StorageConfig::default();
+        config.set_source(source);
+        config
+    }
+
+    /// Where the data key comes from: the systemd credential if named, else the file.
+    pub fn source(&self) -> Option<KeySource> {
+        match (&self.data_key_credential, &self.data_key_file) {
+            (Some(name), _) => Some(KeySource::Credential(name.clone())),
+            (None, Some(path)) => Some(KeySource::File(path.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Where the key a change of key replaces comes from, while one is unfinished.
+    pub fn previous_source(&self) -> Option<KeySource> {
+        match (
+            &self.previous_data_key_credential,
+            &self.previous_data_key_file,
+        ) {
+            (Some(name), _) => Some(KeySource::Credential(name.clone())),
+            (None, Some(path)) => Some(KeySource::File(path.clone())),
+            (None, None) => None,
+        }
+    }
+
+    pub fn set_source(&mut self, source: Option<KeySource>) {
+        (self.data_key_file, self.data_key_credential) = split(source);
+    }
+
+    pub fn set_previous_source(&mut self, source: Option<KeySource>) {
+        (
+            self.previous_data_key_file,
+            self.previous_data_key_credential,
+        ) = split(source);
+    }
+
     /// The data key, from the systemd credential or the key file named (relative paths in
-    /// `home_dir`); none when neither is.
-    pub fn data_key(&self, home_dir: &Path) -> Result<Option<Arc<DataKey>>, HomeError> {
-        if let Some(name) = &self.data_key_credential {
-            let folder = std::env::var_os("CREDENTIALS_DIRECTORY")
-                .ok_or_else(|| HomeError::NoCredentials { name: name.clone() })?;
-            let path = Path::new(&folder).join(name);
-            return read_data_key(&path).map(|key| Some(Arc::new(key)));
+    /// `home_dir`), and while a change of key is unfinished the key it replaces; none when
+    /// no key is named. A previous key that cannot be read is passed over with a warning:
+    /// the database opens without it once the change has reached it.
+    pub fn data_keys(&self, home_dir: &Path) -> Result<Option<DataKeys>, HomeError> {
+        let Some(source) = self.source() else {
+            return Ok(None);
+        };
+        let current = Arc::new(source.read(home_dir)?);
+        let Some(previous) = self.previous_source() else {
+            return Ok(Some(DataKeys::new(current)));
+        };
+        match previous.read(home_dir) {
+            Ok(previous) => Ok(Some(DataKeys::changing(current, Arc::new(previous)))),
+            Err(error) => {
+                tracing::warn!(%error, "a change of data key is unfinished and the key it replaces cannot be read; going on with the new key alone");
+                Ok(Some(DataKeys::new(current)))
+            }
         }
-        match &self.data_key_file {
-            Some(path) => read_data_key(&home_dir.join(path)).map(|key| Some(Arc::new(key))),
-            None => Ok(None),
-        }
+    }
+}
+
+fn split(source: Option<KeySource>) -> (Option<PathBuf>, Option<String>) {
+    match source {
+        Some(KeySource::File(path)) => (Some(path), None),
+        Some(KeySource::Credential(name)) => (None, Some(name)),
+        None => (None, None),
     }
 }
 
@@ -298,6 +390,9 @@ impl Default for ViewConfig {
 pub struct Home {
     pub dir: PathBuf,
     pub config: NodeConfig,
+    /// The database with its keys, made at first use and shared by every clone of this
+    /// home, so that a change of key reaches every connection the process opens after it.
+    database: Arc<Mutex<Option<Database>>>,
 }
 
 impl Home {
@@ -372,6 +467,7 @@ impl Home {
         let home = Home {
             dir: dir.to_path_buf(),
             config,
+            database: Default::default(),
         };
         home.save_config()?;
         home.open_store()?;
@@ -391,6 +487,7 @@ impl Home {
         Ok(Home {
             dir: dir.to_path_buf(),
             config,
+            database: Default::default(),
         })
     }
 
@@ -398,7 +495,23 @@ impl Home {
         let path = self.dir.join(CONFIG_FILE);
         let text = toml::to_string_pretty(&self.config).expect("config always serialises");
         let header = "# caremesh node configuration. Paths are relative to this folder.\n\n";
-        fs::write(&path, format!("{header}{text}")).map_err(io(&path))?;
+        // Through a hidden file, synced and renamed: a crash leaves the old configuration or
+        // the new one, never half of one (a change of key depends on it).
+        let partial = self.dir.join(format!(".{CONFIG_FILE}.partial"));
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .map_err(io(&partial))?;
+        file.write_all(format!("{header}{text}").as_bytes())
+            .map_err(io(&partial))?;
+        file.sync_all().map_err(io(&partial))?;
+        fs::rename(&partial, &path).map_err(io(&path))?;
+        fs::File::open(&self.dir)
+            .and_then(|folder| folder.sync_all())
+            .map_err(io(&self.dir))?;
         make_private(&path)
     }
 
@@ -430,17 +543,41 @@ impl Home {
         Ok(self.database()?.open()?)
     }
 
-    /// The node's database, with its data key when `[storage]` names one.
+    /// The node's database, with its data keys when `[storage]` names one: read from their
+    /// source at first use, then the same for every clone of this home.
     pub fn database(&self) -> Result<Database, HomeError> {
-        Ok(match self.data_key()? {
-            Some(key) => Database::encrypted(self.database_path(), key),
+        let mut cached = self
+            .database
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(database) = &*cached {
+            return Ok(database.clone());
+        }
+        let database = match self.config.storage.data_keys(&self.dir)? {
+            Some(keys) => Database::with_keys(self.database_path(), keys),
             None => Database::plain(self.database_path()),
-        })
+        };
+        *cached = Some(database.clone());
+        Ok(database)
     }
 
-    /// The data key, from the systemd credential or the key file `[storage]` names.
+    /// Forgets the database made at first use: `[storage]` changed (the home was encrypted,
+    /// or restored with its key), so the next use reads the keys afresh.
+    pub fn forget_database(&self) {
+        *self
+            .database
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// The data keys in force: the current one and, during a change of key, the previous.
+    pub fn data_keys(&self) -> Result<Option<DataKeys>, HomeError> {
+        Ok(self.database()?.keys())
+    }
+
+    /// The data key everything new is written with.
     pub fn data_key(&self) -> Result<Option<Arc<DataKey>>, HomeError> {
-        self.config.storage.data_key(&self.dir)
+        Ok(self.database()?.key())
     }
 
     pub fn registry_path(&self) -> PathBuf {
@@ -492,7 +629,7 @@ impl Home {
             home_dir: self.dir.clone(),
             processed_dir: self.processed_dir(),
             quarantine_dir: self.quarantine_dir(),
-            data_key: self.data_key()?,
+            data_key: self.data_keys()?,
         })
     }
 

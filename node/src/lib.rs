@@ -16,6 +16,7 @@ pub mod launch;
 pub mod network;
 pub mod process;
 pub mod quarantine;
+pub mod rekey;
 pub mod retention;
 pub mod store_command;
 pub mod tls;

@@ -7,7 +7,7 @@ use crate::audit;
 use crate::home::Home;
 use anyhow::{Context, Result, bail};
 use caremesh_storage::Store;
-use caremesh_storage::at_rest::DataKey;
+use caremesh_storage::at_rest::DataKeys;
 use caremesh_storage::audit::AuditEvent;
 use caremesh_storage::sealed;
 use clap::Subcommand;
@@ -65,7 +65,7 @@ pub struct Quarantined {
 /// The quarantined files, oldest first.
 pub fn list(home: &Home) -> Result<Vec<Quarantined>> {
     let folder = home.quarantine_dir();
-    let data_key = home.data_key()?;
+    let data_keys = home.data_keys()?;
     let mut found = Vec::new();
     let entries =
         std::fs::read_dir(&folder).with_context(|| format!("reading {}", folder.display()))?;
@@ -78,7 +78,7 @@ pub fn list(home: &Home) -> Result<Vec<Quarantined>> {
         if name.ends_with(REASON_SUFFIX) || name.starts_with('.') || !entry.file_type()?.is_file() {
             continue;
         }
-        let problems = problems(data_key.as_deref(), &reason_path(&entry.path()));
+        let problems = problems(data_keys.as_ref(), &reason_path(&entry.path()));
         found.push((
             metadata.modified().ok(),
             Quarantined {
@@ -157,10 +157,10 @@ pub fn show(
     out: &mut String,
 ) -> Result<u8> {
     let path = quarantined_file(home, name)?;
-    let data_key = home.data_key()?;
-    let content = sealed::read_kept(data_key.as_deref(), &path, MAX_SHOWN_BYTES)?;
+    let data_keys = home.data_keys()?;
+    let content = sealed::read_kept(data_keys.as_ref(), &path, MAX_SHOWN_BYTES)?;
     record(home, store, operator, "quarantine-read", name)?;
-    match reason_text(data_key.as_deref(), &reason_path(&path)) {
+    match reason_text(data_keys.as_ref(), &reason_path(&path)) {
         Some(reason) => out.push_str(&reason),
         None => writeln!(out, "(no reason was recorded beside this file)")?,
     }
@@ -211,14 +211,14 @@ fn reason_path(path: &Path) -> PathBuf {
 }
 
 /// The text of a reason file, sealed or plain; none if it is missing or unreadable.
-fn reason_text(data_key: Option<&DataKey>, reason: &Path) -> Option<String> {
-    let bytes = sealed::read_kept(data_key, reason, MAX_SHOWN_BYTES).ok()?;
+fn reason_text(data_keys: Option<&DataKeys>, reason: &Path) -> Option<String> {
+    let bytes = sealed::read_kept(data_keys, reason, MAX_SHOWN_BYTES).ok()?;
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// The problems a reason file lists (its `- ` lines).
-fn problems(data_key: Option<&DataKey>, reason: &Path) -> Vec<String> {
-    reason_text(data_key, reason)
+fn problems(data_keys: Option<&DataKeys>, reason: &Path) -> Vec<String> {
+    reason_text(data_keys, reason)
         .map(|text| {
             text.lines()
                 .filter_map(|line| line.strip_prefix("- "))

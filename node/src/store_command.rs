@@ -79,6 +79,10 @@ pub enum StoreCommand {
     },
     /// End a hold on publishing before every peer has been caught up with.
     ResumePublishing,
+    /// Change the data key to the one `new` gives (see [`crate::rekey`]).
+    Rekey {
+        new: crate::home::KeySource,
+    },
 }
 
 /// What a command printed, on standard output and standard error.
@@ -108,6 +112,7 @@ impl StoreCommand {
             StoreCommand::QuarantineRelease { .. } => "quarantine release",
             StoreCommand::BackupMade { .. } => "backup",
             StoreCommand::ResumePublishing => "resume-publishing",
+            StoreCommand::Rekey { .. } => "rekey",
         }
     }
 
@@ -248,6 +253,7 @@ impl StoreCommand {
                 Ok(code)
             }
             StoreCommand::ResumePublishing => resume_publishing(home, store, operator, out),
+            StoreCommand::Rekey { new } => rekey(home, store, operator, &new, out),
             StoreCommand::BackupMade { out, bytes } => {
                 store.append_audit(&caremesh_storage::audit::AuditEvent {
                     detail: format!("{} ({bytes} bytes)", out.display()),
@@ -286,6 +292,48 @@ fn resume_publishing(
         out.stdout,
         "publishing resumed ({written} access record version(s) published). A document whose newer versions only an unreached peer holds will not merge with what this node writes now: reach every peer first where you can"
     )?;
+    Ok(0)
+}
+
+fn rekey(
+    home: &Home,
+    store: &mut Store,
+    operator: &str,
+    new: &crate::home::KeySource,
+    out: &mut Printed,
+) -> Result<u8> {
+    let old = home.config.storage.source();
+    let done = crate::rekey::change_data_key(home, store, new)?;
+    store.append_audit(&caremesh_storage::audit::AuditEvent {
+        detail: format!(
+            "data key changed to {new}: database {}, {} kept file(s) sealed again",
+            if done.database_rewritten {
+                "re-encrypted"
+            } else {
+                "already under it"
+            },
+            done.files_resealed
+        ),
+        ..crate::audit::operator_event(home, operator, "rekey", "data at rest")
+    })?;
+    writeln!(
+        out.stdout,
+        "data key changed to {new} in {:.1} s: the database ({:.1} MB) {} and {} kept file(s) sealed again",
+        done.seconds,
+        done.database_bytes as f64 / 1e6,
+        if done.database_rewritten {
+            "re-encrypted"
+        } else {
+            "was under it already"
+        },
+        done.files_resealed
+    )?;
+    if let Some(old) = old.filter(|old| old != new) {
+        writeln!(
+            out.stdout,
+            "{old} opens nothing in this home now; backups made before this change are encrypted with it: keep it for as long as you keep them, then destroy it"
+        )?;
+    }
     Ok(0)
 }
 

@@ -13,7 +13,7 @@
 //! know whether a file carries checksums is ciphertext in an encrypted file.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// The first 16 bytes of every plaintext SQLite database file. An encrypted one starts with
 /// its random salt instead.
@@ -56,14 +56,81 @@ impl DataKey {
         hex::encode(self.0)
     }
 
-    /// The key's bytes, for deriving the keys of sealed files (`crate::sealed`).
-    pub(crate) fn bytes(&self) -> &[u8; 32] {
+    /// A key of these bytes (derived from a passphrase by the node).
+    pub fn from_bytes(bytes: [u8; 32]) -> DataKey {
+        DataKey(bytes)
+    }
+
+    /// The key's bytes, for deriving other keys from it (sealed files' keys, a check).
+    pub fn bytes(&self) -> &[u8; 32] {
         &self.0
     }
 
     /// The value of `PRAGMA key`: the raw key, so SQLCipher derives no key from a passphrase.
     pub(crate) fn pragma_value(&self) -> String {
         format!("x'{}'", hex::encode_upper(self.0))
+    }
+}
+
+impl DataKey {
+    /// Whether `other` is the same key, compared in constant time.
+    pub fn same_as(&self, other: &DataKey) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |differs, (a, b)| differs | (a ^ b))
+            == 0
+    }
+}
+
+/// The data key and, while a change of key (`caremesh rekey`) is unfinished, the key it
+/// replaces: what a database or a sealed file may be encrypted with. Reading tries the
+/// current key first; writing uses only the current key.
+#[derive(Clone)]
+pub struct DataKeys {
+    current: Arc<DataKey>,
+    previous: Option<Arc<DataKey>>,
+}
+
+impl DataKeys {
+    /// One key, no change of key under way.
+    pub fn new(current: Arc<DataKey>) -> DataKeys {
+        DataKeys {
+            current,
+            previous: None,
+        }
+    }
+
+    /// A change of key under way from `previous` to `current`.
+    pub fn changing(current: Arc<DataKey>, previous: Arc<DataKey>) -> DataKeys {
+        DataKeys {
+            current,
+            previous: Some(previous),
+        }
+    }
+
+    /// The key everything is written with.
+    pub fn current(&self) -> &Arc<DataKey> {
+        &self.current
+    }
+
+    /// The key being replaced, while a change of key is under way.
+    pub fn previous(&self) -> Option<&Arc<DataKey>> {
+        self.previous.as_ref()
+    }
+
+    /// The keys to try, in order: the current one, then the previous one.
+    pub fn in_order(&self) -> impl Iterator<Item = &Arc<DataKey>> {
+        std::iter::once(&self.current).chain(self.previous.iter())
+    }
+}
+
+impl std::fmt::Debug for DataKeys {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("DataKeys")
+            .field("changing", &self.previous.is_some())
+            .finish()
     }
 }
 
@@ -83,12 +150,14 @@ impl Drop for DataKey {
     }
 }
 
-/// A node's database: where it is and, when it is encrypted, its key. Every connection to
-/// it is opened through this, so none is opened without the key.
+/// A node's database: where it is and, when it is encrypted, its keys. Every connection to
+/// it is opened through this, so none is opened without the key. Clones share their keys:
+/// a change of key ([`Database::set_keys`]) reaches every connection opened after it,
+/// whichever clone opens it (the view's per-request readers among them).
 #[derive(Debug, Clone)]
 pub struct Database {
     path: PathBuf,
-    key: Option<Arc<DataKey>>,
+    keys: Option<Arc<RwLock<DataKeys>>>,
 }
 
 impl Database {
@@ -97,15 +166,21 @@ impl Database {
     pub fn plain(path: impl Into<PathBuf>) -> Database {
         Database {
             path: path.into(),
-            key: None,
+            keys: None,
         }
     }
 
     /// A database encrypted with `key` (made encrypted if it does not exist yet).
     pub fn encrypted(path: impl Into<PathBuf>, key: Arc<DataKey>) -> Database {
+        Database::with_keys(path, DataKeys::new(key))
+    }
+
+    /// A database encrypted with the current key of `keys`, or while a change of key is
+    /// unfinished with the previous one.
+    pub fn with_keys(path: impl Into<PathBuf>, keys: DataKeys) -> Database {
         Database {
             path: path.into(),
-            key: Some(key),
+            keys: Some(Arc::new(RwLock::new(keys))),
         }
     }
 
@@ -113,12 +188,34 @@ impl Database {
         &self.path
     }
 
-    pub fn key(&self) -> Option<&DataKey> {
-        self.key.as_deref()
+    /// The current key, when the database is encrypted.
+    pub fn key(&self) -> Option<Arc<DataKey>> {
+        self.keys().map(|keys| keys.current().clone())
+    }
+
+    /// The keys in force now, when the database is encrypted.
+    pub fn keys(&self) -> Option<DataKeys> {
+        self.keys.as_ref().map(|keys| {
+            keys.read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
+    }
+
+    /// Puts `keys` in force for every clone of this database: connections opened from now
+    /// on try them. Panics on a plaintext database, which has no keys to change.
+    pub fn set_keys(&self, keys: DataKeys) {
+        let cell = self
+            .keys
+            .as_ref()
+            .expect("only an encrypted database changes its keys");
+        *cell
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
     }
 
     pub fn is_encrypted(&self) -> bool {
-        self.key.is_some()
+        self.keys.is_some()
     }
 
     /// Opens (creating if needed) for writing; see [`crate::Store::open`].
@@ -129,6 +226,56 @@ impl Database {
     /// Opens an existing database for reading only; see [`crate::Store::open_read_only`].
     pub fn open_read_only(&self) -> crate::Result<crate::Store> {
         crate::Store::open_database_read_only(self)
+    }
+}
+
+/// Opens with each key of `keys` in turn until one is right: a database part-way through a
+/// change of key is still under the previous one. Every other error is returned at once.
+pub(crate) fn open_with_any<T>(
+    keys: &DataKeys,
+    mut open: impl FnMut(&Arc<DataKey>) -> crate::Result<T>,
+) -> crate::Result<T> {
+    let mut wrong = None;
+    for key in keys.in_order() {
+        match open(key) {
+            Err(error @ crate::StorageError::WrongKey { .. }) => wrong = Some(error),
+            other => return other,
+        }
+    }
+    Err(wrong.expect("there is always a current key"))
+}
+
+impl crate::Store {
+    /// Re-encrypts the whole database under `new`: SQLCipher's `PRAGMA rekey` rewrites
+    /// every page in one write transaction, so a crash leaves the database wholly under one
+    /// key or the other. A reader already in a read transaction goes on reading its snapshot
+    /// under the old key; a connection opened after the commit needs the new one, so put
+    /// both in force ([`Database::set_keys`]) before calling this. Every page is then in the
+    /// WAL until a checkpoint copies it back, which this asks for at once (a reader still on
+    /// an old snapshot can hold part of it back until the next). Returns `false` when the
+    /// database is already under `new`.
+    pub fn rekey(&mut self, new: &Arc<DataKey>) -> crate::Result<bool> {
+        assert!(
+            !self.in_group(),
+            "a change of key commits a transaction of its own"
+        );
+        let failed = |source| crate::StorageError::database(self.path.clone(), "rekey", source);
+        let Some(current) = &self.key else {
+            return Err(crate::StorageError::NotEncrypted {
+                path: self.path.clone(),
+            });
+        };
+        if current.same_as(new) {
+            return Ok(false);
+        }
+        self.conn
+            .pragma_update(None, "rekey", new.pragma_value())
+            .map_err(failed)?;
+        self.key = Some(new.clone());
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(failed)?;
+        Ok(true)
     }
 }
 
@@ -278,12 +425,22 @@ pub(crate) fn file_kind(path: &Path) -> std::io::Result<FileKind> {
 /// Gives `conn` its key and checks that it opens the file: the first statement on a
 /// connection whose key is wrong fails with "file is not a database".
 pub(crate) fn unlock(conn: &rusqlite::Connection, key: &DataKey) -> Result<(), rusqlite::Error> {
+    give_key(conn, key)?;
+    check_key(conn)
+}
+
+/// Gives `conn` its key, reading nothing yet.
+pub(crate) fn give_key(conn: &rusqlite::Connection, key: &DataKey) -> Result<(), rusqlite::Error> {
     // SQLCipher would print each failed page check to standard error; the failure reaches
     // the caller as an error, which says what to do.
     conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
-    conn.pragma_update(None, "key", key.pragma_value())?;
     // SQLCipher 4's default settings otherwise (page size, HMAC-SHA512, key derivation), so
     // that the `sqlcipher` shell opens the file with the key alone.
+    conn.pragma_update(None, "key", key.pragma_value())
+}
+
+/// The first read on a keyed connection: "file is not a database" when its key is wrong.
+pub(crate) fn check_key(conn: &rusqlite::Connection) -> Result<(), rusqlite::Error> {
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
 }
 
@@ -444,5 +601,54 @@ mod tests {
         assert_eq!(DataKey::from_hex(&format!("{text}\n")).unwrap().0, key.0);
         assert!(DataKey::from_hex("abc").is_err());
         assert!(!format!("{key:?}").contains(&text[..8]));
+    }
+
+    /// A change of key on the writer while readers read: a reader in a read transaction
+    /// from before keeps its snapshot under the old key; a connection opened with both keys
+    /// in force reads under whichever the database is under; afterwards the new key alone
+    /// opens it, the old one is refused, and nothing written before or after is lost.
+    #[test]
+    fn rekey_moves_the_database_to_the_new_key_while_readers_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let old = Arc::new(DataKey::generate().unwrap());
+        let new = Arc::new(DataKey::generate().unwrap());
+        let database = Database::encrypted(&path, old.clone());
+        let mut writer = database.open().unwrap();
+        for n in 0..500 {
+            log_a_file_named(&writer, &format!("before-{n}"));
+        }
+        let during = database.clone();
+        during.set_keys(DataKeys::changing(new.clone(), old.clone()));
+        // A reader reads one snapshot for its life (see `Store::open_read_only`).
+        let reader = during.open_read_only().unwrap();
+        assert_eq!(reader.ingested_files().unwrap().len(), 500);
+
+        assert!(writer.rekey(&new).unwrap(), "rewritten");
+        assert!(!writer.rekey(&new).unwrap(), "already under the new key");
+        log_a_file_named(&writer, "after");
+        // The snapshot from before the change, under the old key, reads on.
+        assert_eq!(reader.ingested_files().unwrap().len(), 500);
+        drop(reader);
+        // Every clone sees the keys put in force: this one opens under the new key now.
+        assert_eq!(
+            database
+                .open_read_only()
+                .unwrap()
+                .ingested_files()
+                .unwrap()
+                .len(),
+            501
+        );
+        drop(writer);
+
+        let only_new = Database::encrypted(&path, new.clone());
+        let reopened = only_new.open().unwrap();
+        assert_eq!(reopened.ingested_files().unwrap().len(), 501);
+        assert_eq!(reopened.integrity_problems().unwrap(), Vec::<String>::new());
+        drop(reopened);
+        let only_old = Database::encrypted(&path, old);
+        let error = only_old.open_read_only().err().unwrap();
+        assert!(matches!(error, StorageError::WrongKey { .. }), "{error}");
     }
 }

@@ -49,6 +49,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use simulated_disk::SimulatedDisk;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -386,6 +387,8 @@ pub struct Store {
     simulated: bool,
     /// This node's own documents kept loaded between versions (see [`own_versions`]).
     loaded: std::cell::RefCell<own_versions::LoadedOwnDocuments>,
+    /// The key this connection was unlocked with, when the database is encrypted.
+    key: Option<Arc<at_rest::DataKey>>,
 }
 
 /// How this connection's commits reach the disk.
@@ -475,7 +478,12 @@ fn lacks_checksums(path: &Path) -> Result<bool> {
 
 /// Gives an encrypted database's connection its key; a wrong key is told apart from damage.
 fn unlock(conn: &Connection, path: &Path, key: &at_rest::DataKey) -> Result<()> {
-    at_rest::unlock(conn, key).map_err(|source| {
+    at_rest::unlock(conn, key).map_err(unlock_error(path))
+}
+
+/// An error of a keyed connection's first read: a wrong key named as such.
+fn unlock_error(path: &Path) -> impl FnOnce(rusqlite::Error) -> StorageError + '_ {
+    move |source| {
         if source.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
             StorageError::WrongKey {
                 path: path.to_path_buf(),
@@ -483,7 +491,7 @@ fn unlock(conn: &Connection, path: &Path, key: &at_rest::DataKey) -> Result<()> 
         } else {
             StorageError::database(path.to_path_buf(), "unlock", source)
         }
-    })
+    }
 }
 
 /// `path` made absolute, with links resolved: the name SQLite gives the file.
@@ -513,7 +521,12 @@ impl Store {
             source: std::io::Error::other(source.to_string()),
         })?;
         page_checksums::register();
-        Store::open_through(path, page_checksums::VFS_NAME, database.key(), epoch)
+        match database.keys() {
+            None => Store::open_through(path, page_checksums::VFS_NAME, None, epoch),
+            Some(keys) => at_rest::open_with_any(&keys, |key| {
+                Store::open_through(path, page_checksums::VFS_NAME, Some(key), epoch)
+            }),
+        }
     }
 
     /// [`Store::open`] for a simulated node: through the power-loss VFS
@@ -530,10 +543,10 @@ impl Store {
     fn open_through(
         path: &Path,
         vfs: &str,
-        key: Option<&at_rest::DataKey>,
+        key: Option<&Arc<at_rest::DataKey>>,
         epoch: u64,
     ) -> Result<Store> {
-        check_file_kind(path, key)?;
+        check_file_kind(path, key.map(|key| &**key))?;
         if key.is_none() && lacks_checksums(path)? {
             page_checksums::rewrite_with_checksums(path, vfs).map_err(|source| {
                 StorageError::database(path.to_path_buf(), "rewrite with page checksums", source)
@@ -577,6 +590,7 @@ impl Store {
             syncing: std::cell::Cell::new(Syncing::Full),
             simulated: vfs == page_checksums::SIMULATED_VFS_NAME,
             loaded: Default::default(),
+            key: key.cloned(),
         };
         store.configure(false)?;
         store.migrate()?;
@@ -584,16 +598,25 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens an existing database for reading only (the view's connections).
+    /// Opens an existing database for reading only (the view's connections). A plaintext
+    /// database's reader sees each commit as it lands; an encrypted one's reads one snapshot
+    /// for its life, so that a change of key cannot pass under it: open one per request.
     pub fn open_read_only(path: &Path) -> Result<Store> {
         Store::open_database_read_only(&at_rest::Database::plain(path))
     }
 
     /// [`Store::open_read_only`] of `database`, with its key when it is encrypted.
     pub(crate) fn open_database_read_only(database: &at_rest::Database) -> Result<Store> {
-        let path = database.path();
-        let key = database.key();
-        check_file_kind(path, key)?;
+        match database.keys() {
+            None => Store::open_read_only_with(database.path(), None),
+            Some(keys) => at_rest::open_with_any(&keys, |key| {
+                Store::open_read_only_with(database.path(), Some(key))
+            }),
+        }
+    }
+
+    fn open_read_only_with(path: &Path, key: Option<&Arc<at_rest::DataKey>>) -> Result<Store> {
+        check_file_kind(path, key.map(|key| &**key))?;
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = match key {
             None => {
@@ -604,7 +627,15 @@ impl Store {
         }
         .map_err(|source| StorageError::database(path.to_path_buf(), "open read-only", source))?;
         if let Some(key) = key {
-            unlock(&conn, path, key)?;
+            // An encrypted database is read as one snapshot for the connection's life, begun
+            // before its first read: a change of key ([`Store::rekey`]) that commits while
+            // it reads leaves its pages under the key it opened with. (Between two reads
+            // outside a transaction the pages could change key under it.) Connections are
+            // opened per request, so the snapshot holds the WAL back no longer than one.
+            let keyed = at_rest::give_key(&conn, key)
+                .and_then(|()| conn.execute_batch("BEGIN"))
+                .and_then(|()| at_rest::check_key(&conn));
+            keyed.map_err(unlock_error(path))?;
         }
         let store = Store {
             conn,
@@ -614,6 +645,7 @@ impl Store {
             syncing: std::cell::Cell::new(Syncing::Full),
             simulated: false,
             loaded: Default::default(),
+            key: key.cloned(),
         };
         store.configure(true)?;
         let version = store.schema_version()?;

@@ -21,7 +21,7 @@
 //! Files are read and written a chunk at a time: an extract of any size is sealed in bounded
 //! memory, and read back as a stream by ingest (a quarantined file released).
 
-use crate::at_rest::DataKey;
+use crate::at_rest::{DataKey, DataKeys};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::hkdf;
 use std::fs::File;
@@ -200,8 +200,9 @@ pub struct SealedReader<R: BufRead> {
 }
 
 impl<R: BufRead> SealedReader<R> {
-    /// Reads and checks the header of the sealed file `path` from `input`.
-    fn new(data_key: &DataKey, mut input: R, path: &Path) -> Result<SealedReader<R>, SealError> {
+    /// Reads and checks the header of the sealed file `path` from `input`, and opens it with
+    /// whichever of `keys` it was sealed with.
+    fn new(keys: &DataKeys, mut input: R, path: &Path) -> Result<SealedReader<R>, SealError> {
         let mut header = [0u8; HEADER_BYTES];
         input.read_exact(&mut header).map_err(|error| {
             if error.kind() == io::ErrorKind::UnexpectedEof {
@@ -219,16 +220,11 @@ impl<R: BufRead> SealedReader<R> {
                 path: path.to_path_buf(),
             });
         }
-        // Compared without an early exit: the time taken says nothing of where they differ.
-        let differences = check
-            .iter()
-            .zip(key_check(data_key, salt))
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if differences != 0 {
+        let Some(data_key) = keys.in_order().find(|key| sealed_with(key, salt, check)) else {
             return Err(SealError::WrongKey {
                 path: path.to_path_buf(),
             });
-        }
+        };
         Ok(SealedReader {
             input,
             key: file_key(data_key, salt),
@@ -290,9 +286,41 @@ impl<R: BufRead> Read for SealedReader<R> {
     }
 }
 
+/// Whether a file whose header holds `salt` and `check` was sealed with `data_key`.
+fn sealed_with(data_key: &DataKey, salt: &[u8], check: &[u8]) -> bool {
+    // Compared without an early exit: the time taken says nothing of where they differ.
+    check
+        .iter()
+        .zip(key_check(data_key, salt))
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// Seals the kept file `path` again with the current key of `keys` unless it is sealed with
+/// it already (after a change of key, or for a file kept before the home was encrypted).
+/// Returns whether it was rewritten; like [`keep`], `path` is only ever whole.
+pub fn reseal(keys: &DataKeys, path: &Path) -> Result<bool, SealError> {
+    if is_sealed(path)? {
+        let mut header = [0u8; HEADER_BYTES];
+        File::open(path)
+            .and_then(|mut file| file.read_exact(&mut header))
+            .map_err(SealError::io(path))?;
+        let salt = &header[MAGIC.len()..MAGIC.len() + SALT_BYTES];
+        let check = &header[MAGIC.len() + SALT_BYTES..];
+        if sealed_with(keys.current(), salt, check) {
+            return Ok(false);
+        }
+    }
+    let mut input = open_kept(Some(keys), path)?;
+    keep(Some(keys.current()), path, |out| {
+        io::copy(&mut input, out).map(drop)
+    })?;
+    Ok(true)
+}
+
 /// Opens a file the node kept for reading its plaintext: a sealed one through `data_key`, a
 /// plain one (kept before the home was encrypted, or in a home without a key) as it is.
-pub fn open_kept(data_key: Option<&DataKey>, path: &Path) -> Result<Box<dyn Read>, SealError> {
+pub fn open_kept(data_key: Option<&DataKeys>, path: &Path) -> Result<Box<dyn Read>, SealError> {
     let sealed = is_sealed(path)?;
     let file = File::open(path).map_err(SealError::io(path))?;
     let input = BufReader::with_capacity(CHUNK_BYTES + TAG_BYTES, file);
@@ -309,7 +337,7 @@ pub fn open_kept(data_key: Option<&DataKey>, path: &Path) -> Result<Box<dyn Read
 
 /// The plaintext of a file the node kept, whole, up to `limit` bytes (more is an error).
 pub fn read_kept(
-    data_key: Option<&DataKey>,
+    data_key: Option<&DataKeys>,
     path: &Path,
     limit: u64,
 ) -> Result<Vec<u8>, SealError> {
@@ -421,7 +449,8 @@ mod tests {
 
     fn opened(key: &DataKey, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
         let path = Path::new("test");
-        let mut reader = SealedReader::new(key, sealed, path)?;
+        let keys = DataKeys::new(std::sync::Arc::new(key.copy()));
+        let mut reader = SealedReader::new(&keys, sealed, path)?;
         let mut plain = Vec::new();
         reader
             .read_to_end(&mut plain)
@@ -522,6 +551,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let key = DataKey::generate().unwrap();
+        let keys = DataKeys::new(std::sync::Arc::new(key.copy()));
         let source = dir.path().join("extract.json");
         std::fs::write(&source, b"{\"family\": \"ZYGMUNTOWICZ\"}").unwrap();
         let target = dir.path().join("kept.json");
@@ -531,24 +561,63 @@ mod tests {
         let mode = std::fs::metadata(&target).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(
-            read_kept(Some(&key), &target, 1 << 20).unwrap(),
+            read_kept(Some(&keys), &target, 1 << 20).unwrap(),
             std::fs::read(&source).unwrap()
         );
         assert!(matches!(
             read_kept(None, &target, 1 << 20),
             Err(SealError::NoKey { .. })
         ));
-        assert!(read_kept(Some(&key), &target, 5).is_err(), "over the limit");
+        assert!(
+            read_kept(Some(&keys), &target, 5).is_err(),
+            "over the limit"
+        );
         // A sealed file copied is not sealed twice; a plain one reads as it is.
         let again = dir.path().join("again.json");
         keep_copy(Some(&key), &target, &again).unwrap();
         assert_eq!(
-            read_kept(Some(&key), &again, 1 << 20).unwrap(),
+            read_kept(Some(&keys), &again, 1 << 20).unwrap(),
             std::fs::read(&source).unwrap()
         );
         assert_eq!(
-            read_kept(Some(&key), &source, 1 << 20).unwrap(),
+            read_kept(Some(&keys), &source, 1 << 20).unwrap(),
             std::fs::read(&source).unwrap()
         );
+    }
+
+    /// After a change of key every kept file is sealed again with the new key, read through
+    /// either key meanwhile, and left alone once it is; the old key alone then opens none.
+    #[test]
+    fn reseal_moves_a_kept_file_to_the_new_key_once() {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let old = Arc::new(DataKey::generate().unwrap());
+        let new = Arc::new(DataKey::generate().unwrap());
+        let kept = dir.path().join("kept.json");
+        let plain = dir.path().join("plain.json");
+        let text = b"{\"family\": \"ZYGMUNTOWICZ\"}";
+        keep(Some(&old), &kept, |out| out.write_all(text)).unwrap();
+        std::fs::write(&plain, text).unwrap();
+        let changing = DataKeys::changing(new.clone(), old.clone());
+        assert_eq!(read_kept(Some(&changing), &kept, 1024).unwrap(), text);
+        assert!(reseal(&changing, &kept).unwrap());
+        assert!(
+            reseal(&changing, &plain).unwrap(),
+            "a plain file is sealed too"
+        );
+        assert!(
+            !reseal(&changing, &kept).unwrap(),
+            "already under the new key"
+        );
+        let only_new = DataKeys::new(new);
+        let only_old = DataKeys::new(old);
+        for path in [&kept, &plain] {
+            assert!(is_sealed(path).unwrap());
+            assert_eq!(read_kept(Some(&only_new), path, 1024).unwrap(), text);
+            assert!(matches!(
+                read_kept(Some(&only_old), path, 1024),
+                Err(SealError::WrongKey { .. })
+            ));
+        }
     }
 }
