@@ -15,8 +15,10 @@ const FAMILY: &str = "ZYGMUNTOWICZ";
 const NOTE: &str = "MARKER-NOTE-cellulitis-left-shin-4c1d";
 const CELLULITIS: (&str, &str, &str) = ("c1", "128045006", "Cellulitis");
 
-fn init_encrypted(home: &Path, key: &Path) -> std::process::Output {
-    run(&[
+/// `caremesh init` of the practice at `home` with `key_args` (how its data is keyed), given
+/// `input` on standard input.
+fn init_practice(home: &Path, key_args: &[&str], input: &str) -> std::process::Output {
+    let mut args = vec![
         "init",
         "--dir",
         home.to_str().unwrap(),
@@ -28,9 +30,13 @@ fn init_encrypted(home: &Path, key: &Path) -> std::process::Output {
         "gp",
         "--listen",
         "127.0.0.1:0",
-        "--data-key-file",
-        key.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(key_args);
+    run_with_input(&args, input)
+}
+
+fn init_encrypted(home: &Path, key: &Path) -> std::process::Output {
+    init_practice(home, &["--data-key-file", key.to_str().unwrap()], "")
 }
 
 /// The patient and one condition, `(id, SNOMED CT code, display)`, with the note.
@@ -731,4 +737,150 @@ fn a_change_of_key_cut_short_is_finished_when_the_node_starts() {
     let config = std::fs::read_to_string(&config_path).unwrap();
     assert!(!config.contains("previous_data_key"), "{config}");
     assert!(record_json(&home, NHS).is_some());
+}
+
+/// `caremesh ARGS` given `input` on standard input (where a passphrase is read from when
+/// there is no terminal).
+fn run_with_input(args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = caremesh()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A home whose data key comes from a passphrase: no key on the disk, the passphrase asked
+/// for by each command that opens the data (here on standard input), a wrong or missing one
+/// refused by name, a short one refused at `init` with nothing left behind; the key changed
+/// to a key file and back to a new passphrase with `rekey`.
+#[test]
+fn a_home_keyed_by_a_passphrase_asks_for_it_and_refuses_a_wrong_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let home_arg = home.to_str().unwrap();
+    const PASSPHRASE: &str = "a lantern by the canal at dusk\n";
+    let init = |dir: &Path, input: &str| init_practice(dir, &["--data-key-passphrase"], input);
+    let short = dir.path().join("short");
+    let refused = init(&short, "too short\n");
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("at least 12 characters"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!short.join("caremesh.toml").exists(), "nothing left behind");
+
+    let made = init(&home, PASSPHRASE);
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert!(
+        stdout(&made).contains("derived from your passphrase"),
+        "{}",
+        stdout(&made)
+    );
+    let salt = home.join("keys/data-key.salt");
+    assert_eq!(
+        std::fs::metadata(&salt).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let first = dir.path().join("first.json");
+    extract(&first, CELLULITIS);
+    let ingested = run_with_input(
+        &["ingest", "--dir", home_arg, first.to_str().unwrap()],
+        PASSPHRASE,
+    );
+    assert!(ingested.status.success(), "{}", stderr(&ingested));
+    let record = |input: &str| {
+        run_with_input(
+            &[
+                "record", "--dir", home_arg, "--nhs", NHS, "--user", "Test", "--json",
+            ],
+            input,
+        )
+    };
+    let read = record(PASSPHRASE);
+    assert!(stdout(&read).contains(NOTE), "{}", stderr(&read));
+    let wrong = record("a lantern by the canal at dawn\n");
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("that passphrase does not give this home's data key"),
+        "{}",
+        stderr(&wrong)
+    );
+    let none = run(&["record", "--dir", home_arg, "--nhs", NHS, "--user", "Test"]);
+    assert!(!none.status.success());
+    assert!(stderr(&none).contains("no terminal"), "{}", stderr(&none));
+    let status = run_with_input(&["status", "--dir", home_arg], PASSPHRASE);
+    assert!(
+        stdout(&status).contains("from a passphrase, its salt in keys/data-key.salt"),
+        "{}{}",
+        stdout(&status),
+        stderr(&status)
+    );
+    assert_eq!(
+        files_holding(&home, &[NHS, FAMILY, NOTE]),
+        Vec::<String>::new()
+    );
+    // The node asks at its start too, and serves.
+    let mut node = caremesh()
+        .args(["run", "--dir", home_arg, "--listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = node.stdin.take().unwrap();
+        stdin.write_all(PASSPHRASE.as_bytes()).unwrap();
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(node.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .and_then(|rest| rest.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    assert_eq!(http_get(&address, "/health").0, 200);
+    let _ = node.kill();
+    let _ = node.wait();
+
+    // To a key file: then no passphrase is asked for.
+    let file_key = dir.path().join("file.key");
+    let to_file = run_with_input(
+        &[
+            "rekey",
+            "--dir",
+            home_arg,
+            "--new-data-key-file",
+            file_key.to_str().unwrap(),
+        ],
+        PASSPHRASE,
+    );
+    assert!(to_file.status.success(), "{}", stderr(&to_file));
+    assert!(stdout(&record("")).contains(NOTE));
+    assert!(!salt.exists(), "the old passphrase's salt is gone");
+    // And to a new passphrase: the old one opens nothing.
+    const NEW_PASSPHRASE: &str = "seven herons over the water meadow\n";
+    let to_passphrase = run_with_input(
+        &["rekey", "--dir", home_arg, "--new-data-key-passphrase"],
+        NEW_PASSPHRASE,
+    );
+    assert!(to_passphrase.status.success(), "{}", stderr(&to_passphrase));
+    assert!(stdout(&record(NEW_PASSPHRASE)).contains(NOTE));
+    assert!(!record(PASSPHRASE).status.success());
+    assert!(!key_opens(&home, &file_key));
 }

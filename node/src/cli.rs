@@ -2,7 +2,7 @@
 
 use crate::audit::AuditCommand;
 use crate::consent::{ConsentCommand, Switch};
-use crate::home::{Home, OrganisationConfig};
+use crate::home::{Home, KeySource, OrganisationConfig, StorageConfig};
 use crate::store_command::StoreCommand;
 use crate::verify;
 use anyhow::{Context, Result};
@@ -68,6 +68,12 @@ enum Command {
         /// 0600, when absent). Keep it apart from the disk the home is on: see the README.
         #[arg(long)]
         data_key_file: Option<PathBuf>,
+        /// Or encrypt it with a key derived from a passphrase, asked for now (twice) and
+        /// whenever a command opens the data without the running node: for a node run by
+        /// hand, where no key file can be kept apart. At a terminal without echo, else the
+        /// first line of standard input.
+        #[arg(long, conflicts_with = "data_key_file")]
+        data_key_passphrase: bool,
         /// UDP address to accept sync peers on (hubs, and nodes taking direct peers).
         #[arg(long)]
         sync_listen: Option<String>,
@@ -242,13 +248,16 @@ enum Command {
         /// The new key's file, outside the home (made, mode 0600, when absent).
         #[arg(
             long,
-            conflicts_with = "new_data_key_credential",
-            required_unless_present = "new_data_key_credential"
+            conflicts_with_all = ["new_data_key_credential", "new_data_key_passphrase"],
+            required_unless_present_any = ["new_data_key_credential", "new_data_key_passphrase"]
         )]
         new_data_key_file: Option<PathBuf>,
         /// Or the systemd credential that holds the new key (given to the node's unit).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "new_data_key_passphrase")]
         new_data_key_credential: Option<String>,
+        /// Or a key derived from a new passphrase, asked for now (see `init`).
+        #[arg(long)]
+        new_data_key_passphrase: bool,
     },
     /// Files ingest rejected: list them, read one with its reasons, or ingest one again.
     Quarantine {
@@ -345,6 +354,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tls_private_key,
             plain_http_beyond_loopback,
             data_key_file,
+            data_key_passphrase,
             sync_listen,
             peers,
         } => {
@@ -371,6 +381,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     };
                     (storage, Some(made))
                 }
+                None if data_key_passphrase => {
+                    let salt = PathBuf::from(crate::passphrase::SALT_FILE);
+                    crate::passphrase::make(&dir.join(&salt))?;
+                    let source = crate::home::KeySource::Passphrase(salt);
+                    (StorageConfig::from_source(Some(source)), None)
+                }
                 None => (crate::home::StorageConfig::default(), None),
             };
             let mut home = Home::init_with(
@@ -395,6 +411,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             println!("public key: {}", hex::encode(home.signing_key()?.public()));
             match (&home.config.storage.data_key_file, made_key) {
+                _ if home.config.storage.data_key_passphrase.is_some() => println!(
+                    "database: encrypted with a key derived from your passphrase (PBKDF2-HMAC-SHA256, {} rounds; its salt in {}): every command that opens the data without the running node asks for it, and without it nobody can read the data; `caremesh rekey` changes it",
+                    crate::passphrase::ITERATIONS,
+                    crate::passphrase::SALT_FILE
+                ),
                 (Some(path), Some(true)) => println!(
                     "database: encrypted with a new data key written to {} (mode 0600): keep a copy apart from this machine; without it the database cannot be read",
                     path.display()
@@ -592,7 +613,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             new_data_key_file,
             new_data_key_credential,
+            new_data_key_passphrase,
         } => {
+            let mut given_key = None;
             let new = match (new_data_key_file, new_data_key_credential) {
                 // Absolute: the running node resolves nothing against this directory.
                 (Some(path), _) => crate::home::KeySource::File(
@@ -600,9 +623,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .with_context(|| format!("resolving {}", path.display()))?,
                 ),
                 (None, Some(name)) => crate::home::KeySource::Credential(name),
-                (None, None) => unreachable!("clap requires one"),
+                (None, None) => {
+                    assert!(new_data_key_passphrase, "clap requires one");
+                    // Asked here, at the operator's terminal; the running node has none.
+                    let salt = crate::passphrase::new_salt_file_name();
+                    let key = crate::passphrase::make(&dir.join(&salt))?;
+                    given_key = Some(key.to_hex());
+                    crate::home::KeySource::Passphrase(salt)
+                }
             };
-            crate::control::execute(&dir, StoreCommand::Rekey { new })
+            crate::control::execute(&dir, StoreCommand::Rekey { new, given_key })
         }
         Command::ResumePublishing { dir } => {
             crate::control::execute(&dir, StoreCommand::ResumePublishing)
@@ -895,10 +925,18 @@ fn audit(command: AuditCommand) -> Result<ExitCode> {
 /// How the database is kept at rest, for `caremesh status`.
 fn encryption_of(home: &Home) -> String {
     let storage = &home.config.storage;
-    let encrypted = match (&storage.data_key_credential, &storage.data_key_file) {
-        (Some(name), _) => format!("encrypted (data key: systemd credential {name})"),
-        (None, Some(path)) => format!("encrypted (data key: {})", home.resolve(path).display()),
-        (None, None) => {
+    let encrypted = match storage.source() {
+        Some(KeySource::Credential(name)) => {
+            format!("encrypted (data key: systemd credential {name})")
+        }
+        Some(KeySource::File(path)) => {
+            format!("encrypted (data key: {})", home.resolve(&path).display())
+        }
+        Some(KeySource::Passphrase(salt)) => format!(
+            "encrypted (data key: from a passphrase, its salt in {})",
+            salt.display()
+        ),
+        None => {
             return "not encrypted (no data key: see `caremesh init --data-key-file`)".into();
         }
     };

@@ -92,6 +92,12 @@ pub enum HomeError {
         "the data key file must be outside the node home ({path} is inside {home}), so that the key does not travel with the data: give a path such as /etc/caremesh/data.key"
     )]
     DataKeyInHome { path: PathBuf, home: PathBuf },
+    #[error("the data key's passphrase (salt in {salt}): {reason}")]
+    Passphrase { salt: PathBuf, reason: String },
+    #[error(
+        "that passphrase does not give this home's data key (checked against {salt}); nothing was opened: try again"
+    )]
+    WrongPassphrase { salt: PathBuf },
     #[error(transparent)]
     Storage(#[from] caremesh_storage::StorageError),
 }
@@ -139,6 +145,13 @@ pub struct StorageConfig {
     /// The same, for a key that was a systemd credential.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_data_key_credential: Option<String>,
+    /// The data key derived from a passphrase asked for at the terminal, with its salt and
+    /// check in this file of the home (`crate::passphrase`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_key_passphrase: Option<PathBuf>,
+    /// The same, for a key that came from a passphrase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_data_key_passphrase: Option<PathBuf>,
 }
 
 /// Where a data key comes from.
@@ -148,6 +161,8 @@ pub enum KeySource {
     File(PathBuf),
     /// A systemd credential of this name.
     Credential(String),
+    /// A passphrase asked for at the terminal, with its salt in this file of the home.
+    Passphrase(PathBuf),
 }
 
 impl KeySource {
@@ -160,6 +175,7 @@ impl KeySource {
                 read_data_key(&Path::new(&folder).join(name))
             }
             KeySource::File(path) => read_data_key(&home_dir.join(path)),
+            KeySource::Passphrase(salt) => crate::passphrase::data_key(&home_dir.join(salt)),
         }
     }
 }
@@ -169,6 +185,9 @@ impl std::fmt::Display for KeySource {
         match self {
             KeySource::File(path) => write!(formatter, "the key file {}", path.display()),
             KeySource::Credential(name) => write!(formatter, "the systemd credential {name}"),
+            KeySource::Passphrase(salt) => {
+                write!(formatter, "a passphrase (its salt in {})", salt.display())
+            }
         }
     }
 }
@@ -183,33 +202,35 @@ impl StorageConfig {
 
     /// Where the data key comes from: the systemd credential if named, else the file.
     pub fn source(&self) -> Option<KeySource> {
-        match (&self.data_key_credential, &self.data_key_file) {
-            (Some(name), _) => Some(KeySource::Credential(name.clone())),
-            (None, Some(path)) => Some(KeySource::File(path.clone())),
-            (None, None) => None,
-        }
+        joined(
+            &self.data_key_file,
+            &self.data_key_credential,
+            &self.data_key_passphrase,
+        )
     }
 
     /// Where the key a change of key replaces comes from, while one is unfinished.
     pub fn previous_source(&self) -> Option<KeySource> {
-        match (
-            &self.previous_data_key_credential,
+        joined(
             &self.previous_data_key_file,
-        ) {
-            (Some(name), _) => Some(KeySource::Credential(name.clone())),
-            (None, Some(path)) => Some(KeySource::File(path.clone())),
-            (None, None) => None,
-        }
+            &self.previous_data_key_credential,
+            &self.previous_data_key_passphrase,
+        )
     }
 
     pub fn set_source(&mut self, source: Option<KeySource>) {
-        (self.data_key_file, self.data_key_credential) = split(source);
+        (
+            self.data_key_file,
+            self.data_key_credential,
+            self.data_key_passphrase,
+        ) = split(source);
     }
 
     pub fn set_previous_source(&mut self, source: Option<KeySource>) {
         (
             self.previous_data_key_file,
             self.previous_data_key_credential,
+            self.previous_data_key_passphrase,
         ) = split(source);
     }
 
@@ -235,11 +256,30 @@ impl StorageConfig {
     }
 }
 
-fn split(source: Option<KeySource>) -> (Option<PathBuf>, Option<String>) {
+/// A key source from its three settings: a credential before a file before a passphrase
+/// (a configuration caremesh writes names one).
+fn joined(
+    file: &Option<PathBuf>,
+    credential: &Option<String>,
+    passphrase: &Option<PathBuf>,
+) -> Option<KeySource> {
+    match (credential, file, passphrase) {
+        (Some(name), _, _) => Some(KeySource::Credential(name.clone())),
+        (None, Some(path), _) => Some(KeySource::File(path.clone())),
+        (None, None, Some(salt)) => Some(KeySource::Passphrase(salt.clone())),
+        (None, None, None) => None,
+    }
+}
+
+/// The three settings (file, credential, passphrase) that name `source`.
+type KeySettings = (Option<PathBuf>, Option<String>, Option<PathBuf>);
+
+fn split(source: Option<KeySource>) -> KeySettings {
     match source {
-        Some(KeySource::File(path)) => (Some(path), None),
-        Some(KeySource::Credential(name)) => (None, Some(name)),
-        None => (None, None),
+        Some(KeySource::File(path)) => (Some(path), None, None),
+        Some(KeySource::Credential(name)) => (None, Some(name), None),
+        Some(KeySource::Passphrase(salt)) => (None, None, Some(salt)),
+        None => (None, None, None),
     }
 }
 

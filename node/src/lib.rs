@@ -14,6 +14,7 @@ pub mod disk;
 pub mod home;
 pub mod launch;
 pub mod network;
+pub mod passphrase;
 pub mod process;
 pub mod quarantine;
 pub mod rekey;

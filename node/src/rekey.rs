@@ -41,7 +41,13 @@ pub struct Rekeyed {
 
 /// Changes the data key of `home` to the one `new` gives, on `store`, the home's writer.
 /// Given the source of the key already in use while a change is unfinished, finishes it.
-pub fn change_data_key(home: &Home, store: &mut Store, new: &KeySource) -> Result<Rekeyed> {
+/// `given_key` is the key a CLI derived from a new passphrase (see [`read_new_key`]).
+pub fn change_data_key(
+    home: &Home,
+    store: &mut Store,
+    new: &KeySource,
+    given_key: Option<&str>,
+) -> Result<Rekeyed> {
     let started = std::time::Instant::now();
     let database = home.database()?;
     let Some(keys) = database.keys() else {
@@ -76,7 +82,7 @@ pub fn change_data_key(home: &Home, store: &mut Store, new: &KeySource) -> Resul
                 home.dir.display()
             );
         }
-        let new_key = read_new_key(new, &home.dir)?;
+        let new_key = read_new_key(new, given_key, &home.dir)?;
         if new_key.same_as(keys.current()) {
             bail!("{new} holds the data key already in use; nothing was changed");
         }
@@ -102,9 +108,16 @@ pub fn change_data_key(home: &Home, store: &mut Store, new: &KeySource) -> Resul
         .context("re-encrypting the database under the new data key")?;
     let files_resealed = reseal_kept_files(home, &changing)?;
 
+    let replaced = on_disk.config.storage.previous_source();
     on_disk.config.storage.set_previous_source(None);
     on_disk.save_config()?;
     database.set_keys(DataKeys::new(new_key));
+    // The old passphrase's salt opens nothing now (backups made before hold their own copy).
+    if let Some(KeySource::Passphrase(salt)) = replaced
+        && KeySource::Passphrase(salt.clone()) != *new
+    {
+        let _ = std::fs::remove_file(home.dir.join(salt));
+    }
     Ok(Rekeyed {
         database_rewritten,
         database_bytes,
@@ -122,7 +135,7 @@ pub fn finish_unfinished_change(home: &Home) -> Result<Option<Rekeyed>> {
     }
     let current = storage.source().expect("an encrypted home names its key");
     let mut store = home.open_store()?;
-    let done = change_data_key(home, &mut store, &current)?;
+    let done = change_data_key(home, &mut store, &current, None)?;
     tracing::warn!(
         files_resealed = done.files_resealed,
         database_rewritten = done.database_rewritten,
@@ -154,11 +167,16 @@ pub fn reseal_kept_files(home: &Home, keys: &DataKeys) -> Result<usize> {
     Ok(count)
 }
 
-/// The new key: a key file is made (mode 0600, outside the home) when it does not exist.
-fn read_new_key(new: &KeySource, home_dir: &Path) -> Result<DataKey> {
-    Ok(match new {
-        KeySource::File(path) => crate::home::data_key_for_init(path, home_dir)?.0,
-        KeySource::Credential(_) => new.read(home_dir)?,
+/// The new key: a key file is made (mode 0600, outside the home) when it does not exist; a
+/// key from a passphrase is the one the CLI derived, if the salt file checks it (the node
+/// has no terminal to ask on).
+fn read_new_key(new: &KeySource, given_key: Option<&str>, home_dir: &Path) -> Result<DataKey> {
+    Ok(match (new, given_key) {
+        (KeySource::File(path), _) => crate::home::data_key_for_init(path, home_dir)?.0,
+        (KeySource::Passphrase(salt), Some(hex)) => {
+            crate::passphrase::given_key(&home_dir.join(salt), hex)?
+        }
+        _ => new.read(home_dir)?,
     })
 }
 

@@ -82,6 +82,9 @@ pub enum StoreCommand {
     /// Change the data key to the one `new` gives (see [`crate::rekey`]).
     Rekey {
         new: crate::home::KeySource,
+        /// For a key from a passphrase: the key the CLI derived from what the operator
+        /// typed (hexadecimal), checked against the salt file's check before it is used.
+        given_key: Option<String>,
     },
 }
 
@@ -253,7 +256,9 @@ impl StoreCommand {
                 Ok(code)
             }
             StoreCommand::ResumePublishing => resume_publishing(home, store, operator, out),
-            StoreCommand::Rekey { new } => rekey(home, store, operator, &new, out),
+            StoreCommand::Rekey { new, given_key } => {
+                rekey(home, store, operator, (&new, given_key.as_deref()), out)
+            }
             StoreCommand::BackupMade { out, bytes } => {
                 store.append_audit(&caremesh_storage::audit::AuditEvent {
                     detail: format!("{} ({bytes} bytes)", out.display()),
@@ -299,11 +304,11 @@ fn rekey(
     home: &Home,
     store: &mut Store,
     operator: &str,
-    new: &crate::home::KeySource,
+    (new, given_key): (&crate::home::KeySource, Option<&str>),
     out: &mut Printed,
 ) -> Result<u8> {
     let old = home.config.storage.source();
-    let done = crate::rekey::change_data_key(home, store, new)?;
+    let done = crate::rekey::change_data_key(home, store, new, given_key)?;
     store.append_audit(&caremesh_storage::audit::AuditEvent {
         detail: format!(
             "data key changed to {new}: database {}, {} kept file(s) sealed again",
