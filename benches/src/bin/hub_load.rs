@@ -69,6 +69,9 @@ struct Args {
     /// Keep the work folder (homes, the hub's database) afterwards.
     #[arg(long)]
     keep: bool,
+    /// The hub's database encrypted at rest (SQLCipher, a data key file in the work folder).
+    #[arg(long)]
+    encrypted_hub: bool,
 }
 
 /// A document version made and signed before the load: the change that makes it from the
@@ -385,6 +388,17 @@ fn run(args: &Args, work: &Path) -> Result<()> {
     let (publishers, dirs) = prepare_publishers(work, args)?;
     let hub_address = free_hub_address()?;
     let hub_dir = region(work, &dirs, "hub", Some(hub_address.to_string()))?;
+    if args.encrypted_hub {
+        encrypt_home(&hub_dir, &work.join("hub-data.key"))?;
+    }
+    println!(
+        "hub database: {}",
+        if args.encrypted_hub {
+            "encrypted"
+        } else {
+            "plain"
+        }
+    );
     let trust = Home::open(&dirs[0])?
         .trust()?
         .context("the generated nodes have a registry")?;
@@ -429,7 +443,7 @@ fn run(args: &Args, work: &Path) -> Result<()> {
     let _ = hub.wait();
     let outcome = outcome?;
     report(args, &outcome, hub_peak)?;
-    let checked = check_nothing_lost(&outcome, &hub_dir.join("node.db"))?;
+    let checked = check_nothing_lost(&outcome, &Home::open(&hub_dir)?.database()?)?;
     println!(
         "nothing lost: every recipient and the hub hold exactly what each publisher holds ({} copies checked; {} of the hub's documents loaded and their heads compared)",
         checked.0, checked.1
@@ -614,6 +628,24 @@ fn version_of(
     })
 }
 
+/// `caremesh encrypt` of the (new, stopped) home at `dir`, its data key made at `key_file`.
+fn encrypt_home(dir: &Path, key_file: &Path) -> Result<()> {
+    let output = std::process::Command::new(caremesh_bench::caremesh_binary()?)
+        .args(["encrypt", "--dir"])
+        .arg(dir)
+        .arg("--data-key-file")
+        .arg(key_file)
+        .env("CAREMESH_LOG", "warn")
+        .output()
+        .context("running caremesh encrypt")?;
+    ensure!(
+        output.status.success(),
+        "caremesh encrypt failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 fn spawn_hub(hub_dir: &Path, pin: bool) -> Result<std::process::Child> {
     let binary = caremesh_bench::caremesh_binary()?;
     let mut command = if pin {
@@ -684,12 +716,22 @@ async fn drive(
     let tracker = Arc::new(Tracker::default());
     let records = Arc::new(Tracker::default());
     let registry = trust.current();
-    let keys: Rc<HashMap<OdsCode, [u8; 32]>> = Rc::new(
-        publishers
-            .iter()
-            .map(|p| (p.ods.clone(), p.key.public()))
-            .collect(),
-    );
+    let mut keys: HashMap<OdsCode, [u8; 32]> = publishers
+        .iter()
+        .map(|p| (p.ods.clone(), p.key.public()))
+        .collect();
+    // The hub's key as the registry gives it: the hub signs the audit checkpoints it sends
+    // (an encrypted hub's trail records its encryption), which the sessions check.
+    let hub_key = registry
+        .registry()
+        .organisations
+        .iter()
+        .find(|organisation| organisation.ods == hub_ods())
+        .and_then(|hub| hub.keys.first())
+        .and_then(|key| <[u8; 32]>::try_from(hex::decode(key).ok()?).ok())
+        .context("the registry names the hub's key")?;
+    keys.insert(hub_ods(), hub_key);
+    let keys = Rc::new(keys);
     let registry_bytes = Rc::new(registry.bytes().to_vec());
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -1089,8 +1131,11 @@ fn report(args: &Args, outcome: &Outcome, hub_peak_kib: u64) -> Result<()> {
 
 /// Every document's last version is held by its recipient and by the hub; a sample of the
 /// hub's stored documents load to their signed heads. Returns (copies compared, loaded).
-fn check_nothing_lost(outcome: &Outcome, hub_db: &Path) -> Result<(usize, usize)> {
-    let store = caremesh_storage::Store::open_read_only(hub_db)?;
+fn check_nothing_lost(
+    outcome: &Outcome,
+    hub_db: &caremesh_storage::at_rest::Database,
+) -> Result<(usize, usize)> {
+    let store = hub_db.open_read_only()?;
     let mut compared = 0;
     let mut loaded = 0;
     for (node, own) in outcome.own_heads.iter().enumerate() {
