@@ -759,6 +759,13 @@ fn run_with_input(args: &[&str], input: &str) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
+/// `caremesh COMMAND --dir HOME REST…`, given `input` on standard input.
+fn run_on(home: &Path, command: &str, rest: &[&str], input: &str) -> std::process::Output {
+    let mut args = vec![command, "--dir", home.to_str().unwrap()];
+    args.extend_from_slice(rest);
+    run_with_input(&args, input)
+}
+
 /// A home whose data key comes from a passphrase: no key on the disk, the passphrase asked
 /// for by each command that opens the data (here on standard input), a wrong or missing one
 /// refused by name, a short one refused at `init` with nothing left behind; the key changed
@@ -858,16 +865,67 @@ fn a_home_keyed_by_a_passphrase_asks_for_it_and_refuses_a_wrong_one() {
     let _ = node.kill();
     let _ = node.wait();
 
+    // Backed up with the salt beside the backup, and restored elsewhere with the passphrase.
+    let backup = dir.path().join("practice.backup");
+    let backed_up = run_on(
+        &home,
+        "backup",
+        &["--out", backup.to_str().unwrap()],
+        PASSPHRASE,
+    );
+    assert!(backed_up.status.success(), "{}", stderr(&backed_up));
+    assert!(dir.path().join("practice.backup.salt").exists());
+    let elsewhere = dir.path().join("elsewhere");
+    let restore = |input: &str| {
+        run_with_input(
+            &[
+                "restore",
+                "--from",
+                backup.to_str().unwrap(),
+                "--dir",
+                elsewhere.to_str().unwrap(),
+                "--data-key-passphrase",
+            ],
+            input,
+        )
+    };
+    let refused = restore("a lantern by the canal at dawn\n");
+    assert!(
+        stderr(&refused).contains("does not give this home's data key"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(
+        !elsewhere.exists(),
+        "nothing restored with a wrong passphrase"
+    );
+    let restored = restore(PASSPHRASE);
+    assert!(restored.status.success(), "{}", stderr(&restored));
+    let read_elsewhere = run_with_input(
+        &[
+            "record",
+            "--dir",
+            elsewhere.to_str().unwrap(),
+            "--nhs",
+            NHS,
+            "--user",
+            "Test",
+            "--json",
+        ],
+        PASSPHRASE,
+    );
+    assert!(
+        stdout(&read_elsewhere).contains(NOTE),
+        "{}",
+        stderr(&read_elsewhere)
+    );
+
     // To a key file: then no passphrase is asked for.
     let file_key = dir.path().join("file.key");
-    let to_file = run_with_input(
-        &[
-            "rekey",
-            "--dir",
-            home_arg,
-            "--new-data-key-file",
-            file_key.to_str().unwrap(),
-        ],
+    let to_file = run_on(
+        &home,
+        "rekey",
+        &["--new-data-key-file", file_key.to_str().unwrap()],
         PASSPHRASE,
     );
     assert!(to_file.status.success(), "{}", stderr(&to_file));

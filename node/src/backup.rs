@@ -117,7 +117,23 @@ pub fn make(home: &Home, out: &Path) -> Result<Manifest> {
         archive.finish()
     })
     .with_context(|| format!("writing the backup {}", out.display()))?;
+    if let Some(KeySource::Passphrase(salt)) = home.config.storage.source() {
+        // No secret: the salt and check a restore derives the key with from the passphrase.
+        let beside = salt_beside(&out);
+        let text = std::fs::read(home.dir.join(&salt))
+            .with_context(|| format!("reading the passphrase's salt {}", salt.display()))?;
+        sealed::keep(None, &beside, |sink| sink.write_all(&text))
+            .with_context(|| format!("writing {}", beside.display()))?;
+    }
     Ok(manifest)
+}
+
+/// Beside the backup of a home keyed by a passphrase: the passphrase's salt file, which
+/// `caremesh restore --data-key-passphrase` derives the key with. Not a secret.
+pub fn salt_beside(backup: &Path) -> PathBuf {
+    let mut name = backup.as_os_str().to_owned();
+    name.push(".salt");
+    PathBuf::from(name)
 }
 
 /// One file in the archive: owner read and write only, whatever it was at home.
@@ -207,8 +223,13 @@ pub fn restore(from: &Path, dir: &Path, key: KeySource) -> Result<Restored> {
         ),
         credential => credential,
     };
-    let data_keys = DataKeys::new(std::sync::Arc::new(key.read(dir)?));
-    let storage = home::StorageConfig::from_source(Some(key));
+    let data_key = key.read(dir)?;
+    let data_keys = DataKeys::new(std::sync::Arc::new(data_key.copy()));
+    // A passphrase's salt is in the backup, as the configuration names it: both stay.
+    let storage = match &key {
+        KeySource::Passphrase(_) => None,
+        _ => Some(home::StorageConfig::from_source(Some(key))),
+    };
     let manifest = unpack(from, dir, &data_keys)?;
     let mut home = Home::open(dir).with_context(|| {
         format!(
@@ -222,7 +243,20 @@ pub fn restore(from: &Path, dir: &Path, key: KeySource) -> Result<Restored> {
             home.config.organisation.ods
         );
     }
-    home.config.storage = storage;
+    match storage {
+        Some(storage) => home.config.storage = storage,
+        None => {
+            let Some(KeySource::Passphrase(salt)) = home.config.storage.source() else {
+                bail!(
+                    "the backed-up node was not keyed by a passphrase: restore it with --data-key-file or --data-key-credential"
+                );
+            };
+            // Checked against the restored salt file, and kept for this process's opens.
+            let salt = dir.join(salt);
+            crate::passphrase::given_key(&salt, &data_key.to_hex())?;
+            crate::passphrase::remember(&salt, &data_key);
+        }
+    }
     home.forget_database();
     home.save_config()?;
     for folder in ["drop", "processed", "quarantine"] {

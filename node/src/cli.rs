@@ -226,13 +226,17 @@ enum Command {
         /// The data key's file (the node's key, which the backup was encrypted with).
         #[arg(
             long,
-            conflicts_with = "data_key_credential",
-            required_unless_present = "data_key_credential"
+            conflicts_with_all = ["data_key_credential", "data_key_passphrase"],
+            required_unless_present_any = ["data_key_credential", "data_key_passphrase"]
         )]
         data_key_file: Option<PathBuf>,
         /// Or the systemd credential that holds it.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "data_key_passphrase")]
         data_key_credential: Option<String>,
+        /// Or the passphrase of a node keyed by one (asked for; the key is derived with the
+        /// salt file `backup` wrote beside the backup, FILE.salt).
+        #[arg(long)]
+        data_key_passphrase: bool,
     },
     /// End a restored or rebuilt node's hold on publishing before it has caught up with every
     /// peer (one gone for good): audited.
@@ -642,11 +646,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             data_key_file,
             data_key_credential,
+            data_key_passphrase,
         } => {
             let key = match (data_key_file, data_key_credential) {
-                (Some(path), _) => crate::home::KeySource::File(path),
-                (None, Some(name)) => crate::home::KeySource::Credential(name),
-                (None, None) => unreachable!("clap requires one"),
+                (Some(path), _) => KeySource::File(path),
+                (None, Some(name)) => KeySource::Credential(name),
+                (None, None) => {
+                    assert!(data_key_passphrase, "clap requires one");
+                    let salt = std::path::absolute(crate::backup::salt_beside(&from))?;
+                    KeySource::Passphrase(salt)
+                }
             };
             restore(&from, &dir, key)
         }
@@ -817,6 +826,12 @@ fn backup(dir: &Path, out: &Path) -> Result<ExitCode> {
         manifest.database_bytes,
         manifest.files.len()
     );
+    if let Some(KeySource::Passphrase(_)) = home.config.storage.source() {
+        println!(
+            "the key is derived from the passphrase with the salt in {}: keep that file with the backup (it is no secret); restore asks for the passphrase",
+            crate::backup::salt_beside(out).display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

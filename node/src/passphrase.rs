@@ -161,7 +161,8 @@ fn derived(salt_file: &Path) -> Option<DataKey> {
         .map(|(_, key)| key.copy())
 }
 
-fn remember(salt_file: &Path, key: &DataKey) {
+/// Keeps `key` as the one `salt_file` gives, for this process's other opens.
+pub fn remember(salt_file: &Path, key: &DataKey) {
     if let Ok(name) = std::path::absolute(salt_file) {
         DERIVED
             .lock()
