@@ -51,6 +51,9 @@ pub const MAX_BACKOFF_MS: i64 = 600_000;
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Feed positions read in one pass; the rest wait for the next, at once.
 const FEED_ROWS_PER_PASS: usize = 4_096;
+/// With no live subscription the notifier looks again this often, besides when one is made
+/// through the API (which wakes it at once).
+const IDLE_RECHECK: Duration = Duration::from_secs(60);
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -81,7 +84,19 @@ pub async fn run(state: Arc<ViewState>) {
     loop {
         let tip = *durable.borrow_and_update();
         let next_due = match pass(&state, &http, tip).await {
-            Ok(next_due) => next_due,
+            Ok(AfterPass::Due(next_due)) => next_due,
+            Ok(AfterPass::NoSubscriptions) => {
+                // Nothing follows the feed, so its moving is no reason to look (a hub's feed
+                // moves hundreds of times a second, and a pass opens connections).
+                loop {
+                    tokio::select! {
+                        changed = durable.changed() => if changed.is_err() { return },
+                        () = state.subscriptions_changed.notified() => break,
+                        () = tokio::time::sleep(IDLE_RECHECK) => break,
+                    }
+                }
+                continue;
+            }
             // Logged where it failed; the pass is tried again shortly.
             Err(_) => Some(clock::now_unix_ms() + 5_000),
         };
@@ -96,14 +111,25 @@ pub async fn run(state: Arc<ViewState>) {
     }
 }
 
-/// One pass; says when the next is due, if anything is waiting on time.
+/// What a pass leaves for the next.
+enum AfterPass {
+    /// No subscription is live: nothing to do until one is made.
+    NoSubscriptions,
+    /// When the next pass is due, if anything is waiting on time.
+    Due(Option<i64>),
+}
+
+/// One pass; says when the next is due.
 async fn pass(
     state: &Arc<ViewState>,
     http: &HttpClient,
     durable_tip: u64,
-) -> Result<Option<i64>, axum::response::Response> {
+) -> Result<AfterPass, axum::response::Response> {
     let now = clock::now_unix_ms();
     let live = read_live(state).await?;
+    if live.is_empty() {
+        return Ok(AfterPass::NoSubscriptions);
+    }
     let (ended, live): (Vec<_>, Vec<_>) = live
         .into_iter()
         .partition(|s| s.ends_at_ms.is_some_and(|end| end <= now));
@@ -211,14 +237,15 @@ async fn pass(
         record_outcomes(state, outcomes).await?;
     }
     if more_to_read {
-        return Ok(Some(now));
+        return Ok(AfterPass::Due(Some(now)));
     }
     let live = read_live(state).await?;
-    Ok(live
-        .iter()
-        .filter(|s| s.due_at_ms < i64::MAX)
-        .map(|s| s.due_at_ms)
-        .min())
+    Ok(AfterPass::Due(
+        live.iter()
+            .filter(|s| s.due_at_ms < i64::MAX)
+            .map(|s| s.due_at_ms)
+            .min(),
+    ))
 }
 
 async fn read_live(state: &Arc<ViewState>) -> Result<Vec<Subscription>, axum::response::Response> {
