@@ -367,6 +367,14 @@ fn the_data_key_is_kept_outside_the_home_and_private() {
         stderr(&refused)
     );
     assert!(!home.exists(), "nothing was made");
+    let nowhere = dir.path().join("no-such-folder").join("data.key");
+    let refused = init_encrypted(&home, &nowhere);
+    assert!(
+        stderr(&refused).contains("does not exist: make it, for this account only"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!home.exists(), "nothing was made");
 
     let shared = dir.path().join("shared.key");
     std::fs::write(&shared, format!("{}\n", "cd".repeat(32))).unwrap();
@@ -918,6 +926,15 @@ fn a_home_keyed_by_a_passphrase_asks_for_it_and_refuses_a_wrong_one() {
         stdout(&read_elsewhere).contains(NOTE),
         "{}",
         stderr(&read_elsewhere)
+    );
+
+    // A node that syncs with nobody holds nothing back after a restore: no peer holds what
+    // it published after the backup.
+    let restored_status = run_on(&elsewhere, "status", &[], PASSPHRASE);
+    assert!(
+        !stdout(&restored_status).contains("PUBLISHING HELD"),
+        "{}",
+        stdout(&restored_status)
     );
 
     // To a key file: then no passphrase is asked for.

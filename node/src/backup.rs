@@ -266,7 +266,7 @@ pub fn restore(from: &Path, dir: &Path, key: KeySource) -> Result<Restored> {
     // refused before anything says the restore worked.
     let mut store = home.open_store()?;
     let stats = store.stats()?;
-    if home.config.organisation.kind != caremesh_sync::OrgKind::Hub {
+    if home.holds_publishing_when_restored() {
         // Its peers hold what it published after the backup: it takes that back before it
         // publishes anything new (`caremesh_storage::publishing_hold`).
         let batch = store.write()?;

@@ -785,8 +785,7 @@ fn encrypt(dir: &Path, data_key_file: &Path) -> Result<ExitCode> {
 /// peers: it holds publishing until it has taken back from them what it had published, as a
 /// restored node does (`caremesh_storage::publishing_hold`). A hub publishes nothing.
 fn hold_publishing_if_rebuilt(home: &Home) -> Result<()> {
-    if home.database_path().exists() || home.config.organisation.kind == caremesh_sync::OrgKind::Hub
-    {
+    if home.database_path().exists() || !home.holds_publishing_when_restored() {
         return Ok(());
     }
     let mut store = home.open_store()?;

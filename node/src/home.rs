@@ -92,6 +92,10 @@ pub enum HomeError {
         "the data key file must be outside the node home ({path} is inside {home}), so that the key does not travel with the data: give a path such as /etc/caremesh/data.key"
     )]
     DataKeyInHome { path: PathBuf, home: PathBuf },
+    #[error(
+        "the folder {folder} for the data key file does not exist: make it, for this account only (`install -d -m 700 {folder}`), and run the command again; nothing was made"
+    )]
+    DataKeyFolderMissing { folder: PathBuf },
     #[error("the data key's passphrase (salt in {salt}): {reason}")]
     Passphrase { salt: PathBuf, reason: String },
     #[error(
@@ -610,6 +614,15 @@ impl Home {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
+    /// Whether a node restored or rebuilt here must hold publishing until it has caught up
+    /// with its peers (`caremesh_storage::publishing_hold`): only one that syncs (a trust
+    /// authority is configured: without one nothing it published ever left it), and not a
+    /// hub, which publishes nothing.
+    pub fn holds_publishing_when_restored(&self) -> bool {
+        self.config.sync.authority.is_some()
+            && self.config.organisation.kind != caremesh_sync::OrgKind::Hub
+    }
+
     /// The data keys in force: the current one and, during a change of key, the previous.
     pub fn data_keys(&self) -> Result<Option<DataKeys>, HomeError> {
         Ok(self.database()?.keys())
@@ -1013,6 +1026,13 @@ pub fn data_key_for_init(path: &Path, home_dir: &Path) -> Result<(DataKey, bool)
     }
     if absolute.exists() {
         return Ok((read_data_key(&absolute)?, false));
+    }
+    if let Some(folder) = absolute.parent()
+        && !folder.is_dir()
+    {
+        return Err(HomeError::DataKeyFolderMissing {
+            folder: folder.to_path_buf(),
+        });
     }
     let key = DataKey::generate().map_err(|error| HomeError::Io {
         path: absolute.clone(),
