@@ -18,7 +18,9 @@ cpu() { # command... -> "user+sys wall" of the command
 }
 measure() { # label binary run
   home="$dir/$1-$3"
-  "$2" init --dir "$home" --org A81001 --name "Bench Practice" --kind gp > /dev/null
+  # Builds since encryption became the default must be told to keep plain text.
+  plain=$("$2" init --help | grep -o -- --unencrypted || true)
+  "$2" init --dir "$home" --org A81001 --name "Bench Practice" --kind gp $plain > /dev/null
   ingest=$(cpu "$2" ingest --dir "$home" "$dir/extract")
   verify=$(cpu "$2" verify --dir "$home")
   size=$(du -k "$home/node.db" | cut -f1)

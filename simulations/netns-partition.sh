@@ -84,12 +84,14 @@ step "a region: authority, registry, three node homes"
 "$caremesh" trust authority --out "$work/authority.key" >"$work/authority.txt"
 authority=$(sed -n 's/^authority public key: //p' "$work/authority.txt")
 "$caremesh" trust new --registry "$work/registry.json" --region "Namespace test" >/dev/null
+# Each database encrypted, its key file outside its home, as an operator would keep them.
+install -d -m 700 "$work/keys"
 "$caremesh" init --dir "$work/hub" --org HUB01 --name "Hub" --kind hub \
-  --sync-listen 10.77.0.1:7900 --listen 127.0.0.1:7800 >/dev/null
+  --sync-listen 10.77.0.1:7900 --listen 127.0.0.1:7800 --data-key-file "$work/keys/hub.key" >/dev/null
 "$caremesh" init --dir "$work/gp" --org A81001 --name "Practice" --kind gp \
-  --peer HUB01 --listen 127.0.0.1:7800 >/dev/null
+  --peer HUB01 --listen 127.0.0.1:7800 --data-key-file "$work/keys/gp.key" >/dev/null
 "$caremesh" init --dir "$work/hsp" --org HSP01 --name "Hospice" --kind hospice \
-  --peer HUB01 --listen 127.0.0.1:7800 >/dev/null
+  --peer HUB01 --listen 127.0.0.1:7800 --data-key-file "$work/keys/hsp.key" >/dev/null
 for node in hub gp hsp; do
   "$caremesh" trust add --registry "$work/registry.json" --node "$work/$node" >/dev/null
 done

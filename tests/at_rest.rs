@@ -15,9 +15,8 @@ const FAMILY: &str = "ZYGMUNTOWICZ";
 const NOTE: &str = "MARKER-NOTE-cellulitis-left-shin-4c1d";
 const CELLULITIS: (&str, &str, &str) = ("c1", "128045006", "Cellulitis");
 
-/// `caremesh init` of the practice at `home` with `key_args` (how its data is keyed), given
-/// `input` on standard input.
-fn init_practice(home: &Path, key_args: &[&str], input: &str) -> std::process::Output {
+/// The arguments of `caremesh init` of the practice at `home`, keyed as `key_args` say.
+fn practice_init_args<'a>(home: &'a Path, key_args: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "init",
         "--dir",
@@ -32,7 +31,13 @@ fn init_practice(home: &Path, key_args: &[&str], input: &str) -> std::process::O
         "127.0.0.1:0",
     ];
     args.extend_from_slice(key_args);
-    run_with_input(&args, input)
+    args
+}
+
+/// `caremesh init` of the practice at `home` with `key_args` (how its data is keyed), given
+/// `input` on standard input.
+fn init_practice(home: &Path, key_args: &[&str], input: &str) -> std::process::Output {
+    run_with_input(&practice_init_args(home, key_args), input)
 }
 
 fn init_encrypted(home: &Path, key: &Path) -> std::process::Output {
@@ -352,6 +357,101 @@ fn an_encrypted_home_holds_no_patient_data_in_plain_text_and_needs_its_key() {
         "{}",
         stderr(&refused)
     );
+}
+
+/// Whether `file` is a plaintext SQLite database (its header is readable).
+fn plaintext_sqlite(file: &Path) -> bool {
+    bytes_of(file).starts_with(b"SQLite format 3\0")
+}
+
+#[test]
+fn a_home_is_encrypted_unless_the_operator_says_by_name_that_it_need_not_be() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // No choice made: refused, naming every choice, and nothing made.
+    let home = dir.path().join("node");
+    let refused = init_practice(&home, &[], "");
+    assert!(!refused.status.success());
+    for choice in [
+        "--data-key-file",
+        "--data-key-credential",
+        "--data-key-passphrase",
+        "--unencrypted",
+    ] {
+        assert!(
+            stderr(&refused).contains(choice),
+            "names {choice}: {}",
+            stderr(&refused)
+        );
+    }
+    assert!(!home.exists(), "nothing was made");
+
+    // A systemd credential: missing, refused by name with nothing made; given, the database
+    // is encrypted with it and a command without it is told how to supply it.
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    let credential = credentials.join("caremesh-data-key");
+    std::fs::write(&credential, format!("{}\n", "5e".repeat(32))).unwrap();
+    std::fs::set_permissions(&credential, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let with_credentials = |args: &[&str], folder: Option<&Path>| {
+        let mut command = caremesh();
+        match folder {
+            Some(folder) => command.env("CREDENTIALS_DIRECTORY", folder),
+            None => command.env_remove("CREDENTIALS_DIRECTORY"),
+        };
+        command.args(args).output().unwrap()
+    };
+    let home_arg = home.to_str().unwrap();
+    let init = practice_init_args(&home, &["--data-key-credential", "caremesh-data-key"]);
+    let refused = with_credentials(&init, None);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("LoadCredentialEncrypted=caremesh-data-key"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!home.exists(), "nothing was made");
+    let made = with_credentials(&init, Some(&credentials));
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert!(
+        stdout(&made)
+            .contains("encrypted with the data key in the systemd credential caremesh-data-key"),
+        "{}",
+        stdout(&made)
+    );
+    let database = home.join("node.db");
+    assert!(database.exists() && !plaintext_sqlite(&database));
+    let extract_file = dir.path().join("extract.json");
+    extract(&extract_file, CELLULITIS);
+    let ingested = with_credentials(
+        &["ingest", "--dir", home_arg, extract_file.to_str().unwrap()],
+        Some(&credentials),
+    );
+    assert!(ingested.status.success(), "{}", stderr(&ingested));
+    let status = with_credentials(&["status", "--dir", home_arg], Some(&credentials));
+    assert!(status.status.success(), "{}", stderr(&status));
+    let without = with_credentials(&["status", "--dir", home_arg], None);
+    assert!(!without.status.success());
+    assert!(
+        stderr(&without).contains("LoadCredentialEncrypted=caremesh-data-key"),
+        "{}",
+        stderr(&without)
+    );
+    assert_eq!(
+        files_holding(&home, &[NHS, FAMILY, NOTE]),
+        Vec::<String>::new()
+    );
+
+    // Plain text only when asked for by name, and init says so.
+    let plain = dir.path().join("plain");
+    let made = init_practice(&plain, &["--unencrypted"], "");
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert!(
+        stdout(&made).contains("not encrypted, as asked (--unencrypted)"),
+        "{}",
+        stdout(&made)
+    );
+    assert!(plaintext_sqlite(&plain.join("node.db")));
 }
 
 #[test]

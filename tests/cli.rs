@@ -46,6 +46,7 @@ fn init_refuses_to_overwrite_and_rejects_unknown_kinds() {
         "Other",
         "--kind",
         "acute",
+        "--unencrypted",
     ]);
     assert!(!again.status.success());
     assert!(

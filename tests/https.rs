@@ -132,6 +132,7 @@ fn init_listening(home: &Path, listen: &str, extra: &[&str]) -> std::process::Ou
         "gp",
         "--listen",
         listen,
+        "--unencrypted",
     ];
     args.extend_from_slice(extra);
     run(&args)

@@ -72,8 +72,19 @@ enum Command {
         /// whenever a command opens the data without the running node: for a node run by
         /// hand, where no key file can be kept apart. At a terminal without echo, else the
         /// first line of standard input.
-        #[arg(long, conflicts_with = "data_key_file")]
+        #[arg(long, conflicts_with_all = ["data_key_file", "data_key_credential"])]
         data_key_passphrase: bool,
+        /// Or encrypt it with the data key in this systemd credential (run init under
+        /// `systemd-run --pipe -p LoadCredentialEncrypted=NAME:...`): see the README.
+        #[arg(long, conflicts_with = "data_key_file")]
+        data_key_credential: Option<String>,
+        /// Or keep the database in plain text: only where the disk itself is encrypted and
+        /// never leaves the building (a server's encrypted volume), never on a laptop.
+        #[arg(
+            long,
+            conflicts_with_all = ["data_key_file", "data_key_credential", "data_key_passphrase"]
+        )]
+        unencrypted: bool,
         /// UDP address to accept sync peers on (hubs, and nodes taking direct peers).
         #[arg(long)]
         sync_listen: Option<String>,
@@ -359,9 +370,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             plain_http_beyond_loopback,
             data_key_file,
             data_key_passphrase,
+            data_key_credential,
+            unencrypted,
             sync_listen,
             peers,
         } => {
+            // Patient data is encrypted unless the operator says, by name, that it need not be.
+            if data_key_file.is_none()
+                && data_key_credential.is_none()
+                && !data_key_passphrase
+                && !unencrypted
+            {
+                anyhow::bail!(
+                    "say how the node's data is to be encrypted at rest, and run init again (nothing was made): \
+                     --data-key-file PATH (a key file outside the home, made when absent), \
+                     --data-key-credential NAME (a systemd credential, which can be bound to the TPM), \
+                     --data-key-passphrase (asked for now, for a node run by hand), \
+                     or --unencrypted (plain text, only on a disk that is encrypted itself)"
+                );
+            }
             // The certificate is kept where the operator keeps it, named by its full path.
             let absolute = |path: PathBuf| {
                 std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))
@@ -384,6 +411,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         ..Default::default()
                     };
                     (storage, Some(made))
+                }
+                None if data_key_credential.is_some() => {
+                    let source = crate::home::KeySource::Credential(
+                        data_key_credential.expect("checked by the guard"),
+                    );
+                    // Read before the home is made, so that a missing credential leaves nothing.
+                    source.read(&dir)?;
+                    (StorageConfig::from_source(Some(source)), None)
                 }
                 None if data_key_passphrase => {
                     let salt = PathBuf::from(crate::passphrase::SALT_FILE);
@@ -428,9 +463,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "database: encrypted with the data key in {}",
                     path.display()
                 ),
-                (None, _) => {
-                    println!("database: not encrypted (give --data-key-file to encrypt it)")
-                }
+                _ if let Some(name) = &home.config.storage.data_key_credential => println!(
+                    "database: encrypted with the data key in the systemd credential {name}: start the node from a unit that loads it (`LoadCredentialEncrypted={name}:...`)"
+                ),
+                (None, _) => println!(
+                    "database: not encrypted, as asked (--unencrypted): only on a disk that is encrypted itself; `caremesh encrypt` encrypts it later"
+                ),
             }
             let listen = &home.config.view.listen;
             match &transport {

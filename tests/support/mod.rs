@@ -65,6 +65,8 @@ pub fn init_node(dir: &Path, ods: &str, name: &str, kind: &str) {
         kind,
         "--source-system",
         "TestSystem",
+        // Plain text so that tests can read the database directly; tests/at_rest.rs keys it.
+        "--unencrypted",
     ]);
     assert!(output.status.success(), "init failed: {}", stderr(&output));
 }

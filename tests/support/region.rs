@@ -76,6 +76,9 @@ impl Region {
             kind.into(),
             "--listen".into(),
             "127.0.0.1:0".into(),
+            // Plain text so that tests can read the database directly; tests/at_rest.rs
+            // runs a region encrypted.
+            "--unencrypted".into(),
         ];
         if listen {
             args.push("--sync-listen".into());

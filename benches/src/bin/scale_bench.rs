@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo build --release -p caremesh --bins
-//! caremesh init --dir /path/gp --org A81001 --name "Scale Practice" --kind gp
+//! caremesh init --dir /path/gp --org A81001 --name "Scale Practice" --kind gp --unencrypted
 //! caremesh generate --org A81001 --patients 100000 --out /path/extract
 //! caremesh ingest --dir /path/gp /path/extract          # about 1,000,000 documents
 //! ./target/release/scale-bench --practice /path/gp
