@@ -119,6 +119,16 @@ impl DataKeys {
         self.previous.as_ref()
     }
 
+    /// Whether both hold the same keys.
+    pub fn same_as(&self, other: &DataKeys) -> bool {
+        let previous_same = match (&self.previous, &other.previous) {
+            (Some(mine), Some(theirs)) => mine.same_as(theirs),
+            (None, None) => true,
+            _ => false,
+        };
+        self.current.same_as(&other.current) && previous_same
+    }
+
     /// The keys to try, in order: the current one, then the previous one.
     pub fn in_order(&self) -> impl Iterator<Item = &Arc<DataKey>> {
         std::iter::once(&self.current).chain(self.previous.iter())
@@ -229,20 +239,35 @@ impl Database {
     }
 }
 
-/// Opens with each key of `keys` in turn until one is right: a database part-way through a
-/// change of key is still under the previous one. Every other error is returned at once.
+/// Opens with each key in force for `database` in turn until one is right: a database
+/// part-way through a change of key is still under the previous one. Every other error is
+/// returned at once. Where every key was wrong while a change of key was under way, or the
+/// keys changed meanwhile, it tries again with the keys in force then: the change may have
+/// committed between reading the keys and reading the first page (a reader that took the old
+/// key alone just before the change began would otherwise fail, as would one that tried the
+/// new key just before the commit and the old one just after).
 pub(crate) fn open_with_any<T>(
-    keys: &DataKeys,
+    database: &Database,
     mut open: impl FnMut(&Arc<DataKey>) -> crate::Result<T>,
 ) -> crate::Result<T> {
-    let mut wrong = None;
-    for key in keys.in_order() {
-        match open(key) {
-            Err(error @ crate::StorageError::WrongKey { .. }) => wrong = Some(error),
-            other => return other,
+    const ROUNDS: usize = 4;
+    let mut keys = database.keys().expect("an encrypted database has keys");
+    for round in 1..=ROUNDS {
+        let mut wrong = None;
+        for key in keys.in_order() {
+            match open(key) {
+                Err(error @ crate::StorageError::WrongKey { .. }) => wrong = Some(error),
+                other => return other,
+            }
         }
+        let wrong = wrong.expect("there is always a current key");
+        let now = database.keys().expect("an encrypted database has keys");
+        if round == ROUNDS || (now.same_as(&keys) && now.previous().is_none()) {
+            return Err(wrong);
+        }
+        keys = now;
     }
-    Err(wrong.expect("there is always a current key"))
+    unreachable!("the last round returns")
 }
 
 impl crate::Store {
@@ -650,5 +675,45 @@ mod tests {
         let only_old = Database::encrypted(&path, old);
         let error = only_old.open_read_only().err().unwrap();
         assert!(matches!(error, StorageError::WrongKey { .. }), "{error}");
+    }
+
+    /// The race a node's test caught under load: a reader took the keys in force (the old
+    /// one alone) just before a change of key began, and read the first page just after it
+    /// committed. It tries again with the keys in force then, and opens.
+    #[test]
+    fn a_reader_that_took_the_keys_before_a_change_committed_opens_with_the_keys_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let old = Arc::new(DataKey::generate().unwrap());
+        let new = Arc::new(DataKey::generate().unwrap());
+        let database = Database::encrypted(&path, old.clone());
+        let mut writer = database.open().unwrap();
+        log_a_file_named(&writer, "before");
+        let mut tried = Vec::new();
+        let reader = open_with_any(&database, |key| {
+            if tried.is_empty() {
+                // Between reading the keys and reading the first page, the change runs.
+                database.set_keys(DataKeys::changing(new.clone(), old.clone()));
+                assert!(writer.rekey(&new).unwrap());
+                database.set_keys(DataKeys::new(new.clone()));
+            }
+            tried.push(key.same_as(&new));
+            crate::Store::open_read_only_with(&path, Some(key))
+        })
+        .unwrap();
+        assert_eq!(reader.ingested_files().unwrap().len(), 1);
+        assert_eq!(tried, vec![false, true], "the old key, then the new one");
+
+        // A key that is simply wrong is refused after one round.
+        let wrong = Database::encrypted(&path, Arc::new(DataKey::generate().unwrap()));
+        let mut attempts = 0;
+        let error = open_with_any(&wrong, |key| {
+            attempts += 1;
+            crate::Store::open_read_only_with(&path, Some(key))
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(error, StorageError::WrongKey { .. }), "{error}");
+        assert_eq!(attempts, 1);
     }
 }

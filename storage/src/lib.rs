@@ -523,7 +523,7 @@ impl Store {
         page_checksums::register();
         match database.keys() {
             None => Store::open_through(path, page_checksums::VFS_NAME, None, epoch),
-            Some(keys) => at_rest::open_with_any(&keys, |key| {
+            Some(_) => at_rest::open_with_any(database, |key| {
                 Store::open_through(path, page_checksums::VFS_NAME, Some(key), epoch)
             }),
         }
@@ -609,7 +609,7 @@ impl Store {
     pub(crate) fn open_database_read_only(database: &at_rest::Database) -> Result<Store> {
         match database.keys() {
             None => Store::open_read_only_with(database.path(), None),
-            Some(keys) => at_rest::open_with_any(&keys, |key| {
+            Some(_) => at_rest::open_with_any(database, |key| {
                 Store::open_read_only_with(database.path(), Some(key))
             }),
         }
