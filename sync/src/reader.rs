@@ -38,7 +38,7 @@ pub struct ReadInput {
 #[derive(Debug)]
 pub(crate) struct ReadMessage {
     pub(crate) message: Message,
-    /// For [`Message::Changes`]: its signed heads, decoded and checked against their own key;
+    /// For [`Message::Changes`] and [`Message::Pushed`]: its signed heads, decoded and checked against their own key;
     /// `None` when they do not decode.
     pub(crate) heads: Option<CheckedHeads>,
 }
@@ -67,7 +67,9 @@ impl FrameReader {
             match self.decoder.next_message() {
                 Ok(Some(message)) => {
                     let heads = match &message {
-                        Message::Changes { signed, .. } => check_heads(signed),
+                        Message::Changes { signed, .. } | Message::Pushed { signed, .. } => {
+                            check_heads(signed)
+                        }
                         _ => None,
                     };
                     input.messages.push(ReadMessage { message, heads });

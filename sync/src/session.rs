@@ -57,6 +57,13 @@ pub const OFFER_BATCH: usize = 256;
 pub const MAX_QUEUED_WANTS: usize = MAX_OFFER_ENTRIES * MAX_OUTSTANDING_OFFERS;
 /// Received documents held before they are written in one transaction.
 pub const WRITE_BATCH: usize = 128;
+/// A provider remembers, per peer, the heads it believes that peer holds of at most this many
+/// documents (those whose changes it sent last), to push their next versions; beyond it, a
+/// document's next version is offered and wanted as before. 500 peers of a hub: about 25 MB.
+pub const PUSH_KNOWN_DOCUMENTS: usize = 512;
+/// Changes of at most this many bytes are pushed ahead of their offer; more wait for a Want,
+/// so that a peer that holds them already (through another hub) is not sent them twice.
+pub const PUSH_MAX_BYTES: usize = 64 * 1024;
 /// A peer must say Hello within this many milliseconds of the connection opening.
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
 /// How often a caught-up provider looks for new entries in its feed if not told sooner.
@@ -375,6 +382,11 @@ pub struct SessionStats {
     pub already_held: u64,
     /// Received documents that verified but that policy does not let this node hold.
     pub refused: u64,
+    /// Versions sent ahead of their offer ([`Message::Pushed`]).
+    pub documents_pushed: u64,
+    /// Pushed versions received onto another copy than the one they were made from, and left
+    /// for the offer that follows to ask for.
+    pub pushes_not_taken: u64,
     /// Our checkpoint in the peer's feed.
     pub pulled_up_to: u64,
     /// The peer's feed tip as last reported.
@@ -419,6 +431,13 @@ struct Serving {
     /// the feed position, so it goes alone (nothing else outstanding): its ack is then
     /// unambiguous, and only an acked backfill leaves the queue.
     backfill_in_flight: Option<Vec<DocId>>,
+    /// The heads the peer holds, or will once what is in flight is taken, of documents whose
+    /// changes were sent or pushed to it in this session: the base its next version is
+    /// pushed onto ([`Message::Pushed`]). An offer the peer did not want says only that it
+    /// holds at least the heads offered, so it is not remembered. A belief, not a fact: a
+    /// peer that holds something else (a newer version from another path) leaves the push and
+    /// the offer that follows decides as before.
+    peer_holds: std::collections::HashMap<DocId, Vec<[u8; 32]>>,
 }
 
 pub struct Session {
@@ -444,6 +463,8 @@ pub struct Session {
     at_peer_tip: bool,
     batches: VecDeque<Batch>,
     writes: BTreeMap<DocId, VerifiedDocument>,
+    /// Pushed versions received since the last offer: no more than an offer may name.
+    pushed_since_offer: usize,
     /// Provider side.
     serving: Option<Serving>,
     wanted: VecDeque<WantEntry>,
@@ -477,6 +498,7 @@ impl Session {
             at_peer_tip: false,
             batches: VecDeque::new(),
             writes: BTreeMap::new(),
+            pushed_since_offer: 0,
             serving: None,
             wanted: VecDeque::new(),
             stats: SessionStats {
@@ -748,6 +770,12 @@ impl Session {
             }
             Message::AuditCheckpoint { signed } => self.on_audit_checkpoint(signed, host),
             Message::AuditWitness { signed } => self.on_audit_witness(signed, host),
+            Message::Pushed {
+                base,
+                meta,
+                changes,
+                ..
+            } => self.on_pushed(base, meta, changes, heads, host),
         }
     }
 
@@ -825,6 +853,7 @@ impl Session {
             next_announce_at: now,
             next_check_at: now,
             backfill_in_flight: None,
+            peer_holds: Default::default(),
         });
         Ok(())
     }
@@ -887,6 +916,7 @@ impl Session {
         }
         self.stats.peer_tip = tip;
         self.at_peer_tip = false;
+        self.pushed_since_offer = 0;
         let mut wants = Vec::new();
         let mut pending = BTreeSet::new();
         for entry in entries {
@@ -1063,7 +1093,21 @@ impl Session {
     ) -> Result<(), SessionError> {
         let doc = meta.id();
         self.resolve(doc)?;
-        match self.verify_received(&meta, &changes, heads, host)? {
+        self.take_received(&meta, &changes, heads, host)?;
+        self.advance(host)
+    }
+
+    /// Verifies a received version and keeps it for the batch's write, or counts and reports
+    /// why not; writes the batch when it is full.
+    fn take_received(
+        &mut self,
+        meta: &DocMeta,
+        changes: &[Vec<u8>],
+        heads: Option<CheckedHeads>,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        let doc = meta.id();
+        match self.verify_received(meta, changes, heads, host)? {
             Ok(Received::Newer(verified)) => {
                 self.writes.insert(doc, *verified);
                 self.stats.documents_received += 1;
@@ -1081,7 +1125,41 @@ impl Session {
         if self.writes.len() >= WRITE_BATCH {
             self.flush(None, host)?;
         }
-        self.advance(host)
+        Ok(())
+    }
+
+    /// A version pushed ahead of its offer. Taken, checked exactly as wanted changes are, only
+    /// onto a copy held at exactly `base` and not already changed in this batch; otherwise
+    /// left, and the offer that follows wants it as it would have without the push.
+    fn on_pushed(
+        &mut self,
+        base: Vec<[u8; 32]>,
+        meta: DocMeta,
+        changes: Vec<Vec<u8>>,
+        heads: Option<CheckedHeads>,
+        host: &mut impl SyncHost,
+    ) -> Result<(), SessionError> {
+        if !self.resumed {
+            return Err(SessionError::Protocol("Pushed before Resume".into()));
+        }
+        self.pushed_since_offer += 1;
+        if self.pushed_since_offer > MAX_OFFER_ENTRIES {
+            return Err(SessionError::Protocol(format!(
+                "more than {MAX_OFFER_ENTRIES} versions pushed before an offer"
+            )));
+        }
+        let doc = meta.id();
+        // A copy written in this batch is a version the pusher did not build on (it pushes
+        // a document's versions one offer at a time, each onto the last it sent).
+        let onto_held = !base.is_empty()
+            && !self.writes.contains_key(&doc)
+            && host.held_heads(doc)?.is_some_and(|held| held == base);
+        if !onto_held {
+            self.stats.pushes_not_taken += 1;
+            return Ok(());
+        }
+        self.take_received(&meta, &changes, heads, host)?;
+        Ok(())
     }
 
     /// Verifies a received document before anything of it is stored: the publisher's key is
@@ -1320,35 +1398,22 @@ impl Session {
         let Some(want) = self.wanted.pop_front() else {
             return Ok(None);
         };
-        let Some(held) = host.document(want.doc)? else {
+        let Some(mut held) = host.document(want.doc)? else {
             return Ok(Some(Message::Missing { doc: want.doc }));
         };
         if host.decide(&held.meta, &self.peer)? != Decision::Send {
             return Ok(Some(Message::Missing { doc: want.doc }));
         }
         // A first copy travels as the stored bytes (Automerge's compressed form, already
-        // saved, and any changes a relay appended); a holder of an older version gets only
-        // the changes it lacks, from the appended changes' index where that can tell.
-        let mut changes = if want.have.is_empty() {
-            vec![held.snapshot]
-        } else if let Some(changes) = held
-            .appended
-            .as_ref()
-            .and_then(|appended| relay::changes_after(&held.snapshot, appended, &want.have))
-        {
-            changes
+        // saved, and any changes a relay appended).
+        let changes = if want.have.is_empty() {
+            vec![std::mem::take(&mut held.snapshot)]
         } else {
-            match Self::changes_for(&held, &want.have, host) {
+            match Self::changes_to_send(&held, &want.have, host) {
                 Some(changes) => changes,
                 None => return Ok(Some(Message::Missing { doc: want.doc })),
             }
         };
-        if host.planted_bug() == Some(PlantedBug::ForgeChanges) && !want.have.is_empty() {
-            changes = changes
-                .iter()
-                .map(|change| crate::planted::forged(change))
-                .collect();
-        }
         let size: usize = changes.iter().map(Vec::len).sum::<usize>() + held.signed.len();
         if size + 1024 > MAX_FRAME_BYTES {
             self.events.push_back(Event::Unsendable {
@@ -1358,11 +1423,83 @@ impl Session {
             return Ok(Some(Message::Missing { doc: want.doc }));
         }
         self.stats.documents_sent += 1;
+        if let (Some(serving), Some(heads)) = (&mut self.serving, held.signed_heads()) {
+            remember_peer_holds(&mut serving.peer_holds, want.doc, heads);
+        }
         Ok(Some(Message::Changes {
             meta: held.meta,
             changes,
             signed: held.signed,
         }))
+    }
+
+    /// The changes a holder of `have` (not empty: a first copy travels as the stored bytes)
+    /// lacks of `held`, from the appended changes' index where that can tell. None when the
+    /// stored copy does not load.
+    fn changes_to_send(
+        held: &HeldDocument,
+        have: &[[u8; 32]],
+        host: &mut impl SyncHost,
+    ) -> Option<Vec<Vec<u8>>> {
+        debug_assert!(!have.is_empty(), "a first copy is the stored bytes");
+        let changes = if let Some(changes) = held
+            .appended
+            .as_ref()
+            .and_then(|appended| relay::changes_after(&held.snapshot, appended, have))
+        {
+            changes
+        } else {
+            Self::changes_for(held, have, host)?
+        };
+        if host.planted_bug() == Some(PlantedBug::ForgeChanges) {
+            return Some(
+                changes
+                    .iter()
+                    .map(|change| crate::planted::forged(change))
+                    .collect(),
+            );
+        }
+        Some(changes)
+    }
+
+    /// Versions of `entries` to push ahead of their offer: those of documents whose heads
+    /// the peer is believed to hold, whose changes since are small. Each entry is one the
+    /// decision function let this peer be offered.
+    fn pushes_for(
+        peer_holds: &std::collections::HashMap<DocId, Vec<[u8; 32]>>,
+        entries: &[OfferEntry],
+        host: &mut impl SyncHost,
+    ) -> Result<Vec<Message>, SessionError> {
+        let mut pushes = Vec::new();
+        for entry in entries {
+            let Some(base) = peer_holds.get(&entry.doc) else {
+                continue;
+            };
+            if *base == entry.heads {
+                continue;
+            }
+            let Some(held) = host.document(entry.doc)? else {
+                continue;
+            };
+            // The version offered, not a newer one stored since: the offer names these heads.
+            if held.signed_heads().as_deref() != Some(entry.heads.as_slice()) {
+                continue;
+            }
+            let Some(changes) = Self::changes_to_send(&held, base, host) else {
+                continue;
+            };
+            let size: usize = changes.iter().map(Vec::len).sum();
+            if changes.is_empty() || size > PUSH_MAX_BYTES {
+                continue;
+            }
+            pushes.push(Message::Pushed {
+                base: base.clone(),
+                meta: held.meta,
+                changes,
+                signed: held.signed,
+            });
+        }
+        Ok(pushes)
     }
 
     /// The next offer from our feed, if the peer has room for one and the feed has more.
@@ -1397,11 +1534,30 @@ impl Session {
             }
             serving.announced = Some(up_to);
             serving.outstanding.push_back(up_to);
-            return Ok(Some(Message::Offer {
+            let pushes = Self::pushes_for(&serving.peer_holds, &entries, host)?;
+            for push in &pushes {
+                if let Message::Pushed { meta, .. } = push {
+                    let entry = entries.iter().find(|e| e.doc == meta.id());
+                    let heads = entry.expect("pushed from an entry").heads.clone();
+                    remember_peer_holds(&mut serving.peer_holds, meta.id(), heads);
+                }
+            }
+            self.stats.documents_pushed += pushes.len() as u64;
+            let offer = Message::Offer {
                 entries,
                 up_to,
                 tip: tip.max(up_to),
-            }));
+            };
+            if pushes.is_empty() {
+                return Ok(Some(offer));
+            }
+            // The pushes go first, then the offer that names them, before anything queued
+            // after this call.
+            let mut ahead = VecDeque::from(pushes);
+            ahead.push_back(offer);
+            ahead.append(&mut self.control);
+            self.control = ahead;
+            return Ok(self.control.pop_front());
         }
         // Many entries, none for this peer: let the caller serve other sessions, and come
         // back at once.
@@ -1463,6 +1619,21 @@ impl Session {
     pub fn local(&self) -> &OdsCode {
         &self.local
     }
+}
+
+/// Records that the peer holds (or will, once what is in flight is taken) `heads` of `doc`.
+fn remember_peer_holds(
+    peer_holds: &mut std::collections::HashMap<DocId, Vec<[u8; 32]>>,
+    doc: DocId,
+    heads: Vec<[u8; 32]>,
+) {
+    if peer_holds.len() >= PUSH_KNOWN_DOCUMENTS
+        && !peer_holds.contains_key(&doc)
+        && let Some(&forgotten) = peer_holds.keys().next()
+    {
+        peer_holds.remove(&forgotten);
+    }
+    peer_holds.insert(doc, heads);
 }
 
 /// Where to serve a puller from: its position `since` while our feed still holds it; where

@@ -9,7 +9,8 @@ use crate::model::{DocId, DocMeta, OdsCode};
 use serde::{Deserialize, Serialize};
 
 /// The envelope version this build speaks. A peer speaking another is refused with a reason.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// 4 added [`Message::Pushed`].
+pub const PROTOCOL_VERSION: u8 = 4;
 
 /// The QUIC ALPN identifier of this protocol.
 pub const ALPN: &[u8] = b"caremesh/1";
@@ -109,6 +110,16 @@ pub enum Message {
     AuditWitness {
         signed: Vec<Vec<u8>>,
     },
+    /// A new version's changes sent ahead of the offer that names it, to a peer the provider
+    /// believes holds the document at `base`: as [`Message::Changes`] would bring them for a
+    /// Want naming `base`, without the round trip of the Want. The puller takes them only onto
+    /// a copy held at exactly `base`, and otherwise lets the offer that follows ask as usual.
+    Pushed {
+        base: Vec<[u8; 32]>,
+        meta: DocMeta,
+        changes: Vec<Vec<u8>>,
+        signed: Vec<u8>,
+    },
 }
 
 impl Message {
@@ -127,6 +138,7 @@ impl Message {
             Message::Registry { .. } => "registry",
             Message::AuditCheckpoint { .. } => "audit-checkpoint",
             Message::AuditWitness { .. } => "audit-witness",
+            Message::Pushed { .. } => "pushed",
         }
     }
 
@@ -135,7 +147,7 @@ impl Message {
         match self {
             Message::Offer { entries, .. } => entries.iter().map(|e| e.doc).collect(),
             Message::Want { docs } => docs.iter().map(|w| w.doc).collect(),
-            Message::Changes { meta, .. } => vec![meta.id()],
+            Message::Changes { meta, .. } | Message::Pushed { meta, .. } => vec![meta.id()],
             Message::Missing { doc } => vec![*doc],
             _ => Vec::new(),
         }

@@ -416,8 +416,9 @@ impl World {
     pub(super) fn check_wire(&mut self, recipient: usize, frame: &[u8]) {
         let mut decoder = FrameDecoder::default();
         decoder.push(frame);
-        let Ok(Some(Message::Changes { meta, .. })) = decoder.next_message() else {
-            return;
+        let meta = match decoder.next_message() {
+            Ok(Some(Message::Changes { meta, .. } | Message::Pushed { meta, .. })) => meta,
+            _ => return,
         };
         if let Some(reason) = check::forbidden_on_wire(self, recipient, &meta) {
             let violation = Violation {

@@ -344,11 +344,16 @@ fn decode(frame: &[u8]) -> Message {
     decoder.next_message().unwrap().unwrap()
 }
 
+/// Documents sent: wanted, or pushed ahead of their offer.
 fn changes_sent(frames: &[Message]) -> usize {
     frames
         .iter()
-        .filter(|m| matches!(m, Message::Changes { .. }))
+        .filter(|m| matches!(m, Message::Changes { .. } | Message::Pushed { .. }))
         .count()
+}
+
+fn count_of(frames: &[Message], kind: &str) -> usize {
+    frames.iter().filter(|m| m.kind() == kind).count()
 }
 
 fn wire_bytes(frames: &[Message]) -> usize {
@@ -1191,4 +1196,116 @@ fn a_version_stored_through_another_session_while_wanted_is_kept_not_rejected() 
         "newer copy kept"
     );
     assert_eq!(via_hub.b.stats().pending_in(), 0, "the Want was resolved");
+}
+
+/// Within a session, the provider knows what the peer holds of the documents it offered:
+/// the next version goes with its offer, and the Want's round trip is gone. What crosses
+/// is what a Want would have brought.
+#[test]
+fn a_new_version_of_a_document_the_peer_holds_travels_ahead_of_its_offer() {
+    let key = gp_key();
+    for relays in [true, false] {
+        let meta = meta_for("A81001", PATIENTS[0], Section::Allergies, DataClass::Coded);
+        let doc = meta.id();
+        let (mut gp, mut hub) = a_gp_and_a_relay(&meta);
+        hub.reads_items = !relays;
+        let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+        link.run(&mut gp, &mut hub);
+        for version in 2..=4 {
+            let (before_ab, before_ba) = (link.frames_a_to_b.len(), link.frames_b_to_a.len());
+            let item = item_for(
+                &meta,
+                "a",
+                &format!("Penicillin allergy, reaction {version}"),
+            );
+            gp.publish(&key, &meta, &[item], version);
+            link.a.feed_changed();
+            link.run(&mut gp, &mut hub);
+            let (round_ab, round_ba) = (
+                &link.frames_a_to_b[before_ab..],
+                &link.frames_b_to_a[before_ba..],
+            );
+            assert_eq!(count_of(round_ab, "pushed"), 1, "version {version}");
+            assert_eq!(count_of(round_ab, "changes"), 0, "version {version}");
+            assert_eq!(count_of(round_ba, "want"), 0, "no Want: {round_ba:?}");
+            assert_eq!(hub.heads(doc), gp.heads(doc), "version {version}");
+            let (loaded, signed) = loaded_and_signed_heads(&hub, doc);
+            assert_eq!(loaded, signed, "the bytes held load to the signed heads");
+        }
+        assert_eq!(link.a.stats().documents_pushed, 3);
+        assert_eq!(link.b.stats().documents_received, 4);
+        assert_eq!(link.b.stats().pushes_not_taken, 0);
+    }
+}
+
+/// A push made for a copy the peer no longer holds (here it lost the document) is left: the
+/// offer that follows wants it, and the whole document comes as it would have.
+#[test]
+fn a_version_pushed_onto_a_copy_the_peer_does_not_hold_is_left_and_wanted() {
+    let key = gp_key();
+    let meta = meta_for("A81001", PATIENTS[0], Section::Allergies, DataClass::Coded);
+    let doc = meta.id();
+    let (mut gp, mut hub) = a_gp_and_a_relay(&meta);
+    let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut hub));
+    link.run(&mut gp, &mut hub);
+    hub.docs.remove(&doc);
+    let before_ba = link.frames_b_to_a.len();
+    gp.publish(
+        &key,
+        &meta,
+        &[item_for(&meta, "a", "Amoxicillin allergy")],
+        2,
+    );
+    link.a.feed_changed();
+    link.run(&mut gp, &mut hub);
+    assert_eq!(link.b.stats().pushes_not_taken, 1);
+    assert_eq!(link.b.stats().rejected, 0, "not a rejection");
+    let wants: Vec<&Message> = link.frames_b_to_a[before_ba..]
+        .iter()
+        .filter(|m| m.kind() == "want")
+        .collect();
+    assert!(
+        matches!(wants.as_slice(), [Message::Want { docs }] if docs[0].have.is_empty()),
+        "{wants:?}"
+    );
+    assert_eq!(hub.heads(doc), gp.heads(doc));
+}
+
+/// A pushed version is checked as wanted changes are: changes that do not hash to the
+/// signed heads are rejected at a relay and nothing of them is stored; with the relay's heads
+/// check skipped (a planted bug) they would be stored, which is what the check is for.
+#[test]
+fn a_pushed_version_whose_changes_do_not_give_the_signed_heads_is_rejected() {
+    let key = gp_key();
+    let meta = meta_for("A81001", PATIENTS[0], Section::Allergies, DataClass::Coded);
+    let doc = meta.id();
+    for skip_heads_check in [false, true] {
+        let (mut gp, mut relay) = a_gp_and_a_relay(&meta);
+        let mut link = Link::open(("A81001", &mut gp), ("HUB01", &mut relay));
+        link.run(&mut gp, &mut relay);
+        let held = relay.docs[&doc].1.snapshot.clone();
+        gp.publish(
+            &key,
+            &meta,
+            &[item_for(&meta, "a", "Amoxicillin allergy")],
+            2,
+        );
+        gp.planted = Some(PlantedBug::ForgeChanges);
+        if skip_heads_check {
+            relay.planted = Some(PlantedBug::RelayWithoutHeadsCheck);
+        }
+        link.a.feed_changed();
+        link.run(&mut gp, &mut relay);
+        assert_eq!(link.a.stats().documents_pushed, 1);
+        let (loaded, signed) = loaded_and_signed_heads(&relay, doc);
+        if skip_heads_check {
+            assert_eq!(signed, gp.heads(doc).unwrap());
+            assert_ne!(loaded, signed, "bytes that are not the publisher's");
+        } else {
+            // The push, then the changes the offer that followed it wanted.
+            assert_eq!(link.b.stats().rejected, 2);
+            assert_eq!(relay.docs[&doc].1.snapshot, held, "nothing of it stored");
+            assert_eq!(loaded, signed);
+        }
+    }
 }
