@@ -53,6 +53,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// this long (see `Engine::handle_turn`).
 const GROUP_COMMANDS: usize = 256;
 const GROUP_WINDOW: Duration = Duration::from_millis(20);
+/// The engine begins a turn at most this long after the last one ended. A turn costs the
+/// same whatever it carries (a transaction, a commit and its WAL pages, the feed tip read
+/// again, a sync), and a busy hub receives a frame every few hundred microseconds: waiting
+/// for the commands of a few milliseconds to arrive makes one turn of many. A quiet node
+/// is not delayed: a command that comes later than this after the last turn begins one at
+/// once. Frames waiting on a commit's durability are released meanwhile.
+const TURN_PACE: Duration = Duration::from_millis(5);
 /// SQLite page cache of the engine's connection.
 const ENGINE_CACHE_MIB: u32 = 64;
 /// Documents kept loaded by a hub's engine and by any other node's: a hub stores a change
@@ -421,6 +428,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                     stopped: stopped_tx,
                     durable_feed: durable_feed_tx,
                     commit_tips: VecDeque::new(),
+                    next_turn_at: Instant::now(),
                 };
                 // What the database held at opening is durable.
                 engine.feed_durable_to(engine.feed_tip());
@@ -815,6 +823,7 @@ struct Engine {
     durable_feed: watch::Sender<u64>,
     /// Each deferred commit not yet durable, with the feed's tip when it was made.
     commit_tips: VecDeque<(u64, u64)>,
+    next_turn_at: Instant,
 }
 
 impl Engine {
@@ -839,8 +848,10 @@ impl Engine {
                 // A writer task frees room without telling the engine: look again soon.
                 wake = wake.min(Instant::now() + Duration::from_millis(5));
             }
+            let paced = Instant::now() < self.next_turn_at;
             tokio::select! {
-                command = commands.recv() => match command {
+                _ = tokio::time::sleep_until(self.next_turn_at.into()), if paced => {}
+                command = commands.recv(), if !paced => match command {
                     Some(command) => self.handle_turn(command, &mut commands),
                     None => break,
                 },
@@ -861,7 +872,12 @@ impl Engine {
                 _ = shutdown.changed() => break,
             }
             let now = self.now_ms();
-            self.driver.handle_timeout(now);
+            // Only when a timer is due, as the simulator calls it: each call is a turn of
+            // its own (a transaction, every session's timer looked at), and this loop wakes
+            // for every turn, sync and frame released.
+            if self.driver.poll_timeout().is_some_and(|at| at <= now) {
+                self.driver.handle_timeout(now);
+            }
             self.driver.retry_blocked();
             self.handle_events();
         }
@@ -954,6 +970,7 @@ impl Engine {
             handled += 1;
         }
         self.driver.end_turn();
+        self.next_turn_at = Instant::now() + TURN_PACE;
         // The disk syncs this turn's commit while the engine goes on.
         self.ask_sync();
         self.handle_events();
