@@ -823,6 +823,7 @@ struct Engine {
     durable_feed: watch::Sender<u64>,
     /// Each deferred commit not yet durable, with the feed's tip when it was made.
     commit_tips: VecDeque<(u64, u64)>,
+    /// When the next turn may begin: `TURN_PACE` after the last one ended.
     next_turn_at: Instant,
 }
 
@@ -848,9 +849,12 @@ impl Engine {
                 // A writer task frees room without telling the engine: look again soon.
                 wake = wake.min(Instant::now() + Duration::from_millis(5));
             }
+            // Within the pace the commands wait for the next turn (see `TURN_PACE`).
             let paced = Instant::now() < self.next_turn_at;
+            if paced {
+                wake = wake.min(self.next_turn_at);
+            }
             tokio::select! {
-                _ = tokio::time::sleep_until(self.next_turn_at.into()), if paced => {}
                 command = commands.recv(), if !paced => match command {
                     Some(command) => self.handle_turn(command, &mut commands),
                     None => break,
