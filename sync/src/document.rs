@@ -11,6 +11,7 @@
 //! CRDT merging inside an item buys nothing, and one op per item keeps changes small.
 
 use crate::model::{DocMeta, Item};
+use crate::register::ItemRegister;
 use crate::signing::SignedHeads;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, ChangeHash, ObjType, ROOT, ReadDoc};
@@ -43,6 +44,41 @@ pub enum DocumentError {
     BadChange { doc: String, reason: String },
 }
 
+/// Runs `decode` over Automerge on bytes from outside, a panic counting as a refusal.
+/// Automerge 0.12 asserts its own invariants on some inputs it should refuse with an error (a
+/// change from an actor whose sequence does not follow, a list insertion into a map, an
+/// operation on an object that does not exist: found by [`crate::register`]'s differential
+/// tests). Any peer can send such a change beside a publisher's genuine signed heads, and a
+/// node must not stop for it. The Automerge state `decode` worked on is dropped with the
+/// error by every caller, so what a panic left half-done is never used.
+pub(crate) fn refusing_panics<T>(decode: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(format!("Automerge could not apply it ({what})"))
+    })
+}
+
+/// Item `key` of a document of partition `meta`, from its JSON: it must parse, and be filed in
+/// the partition it is in.
+pub(crate) fn parse_item(meta: &DocMeta, key: &str, json: &str) -> Result<Item, DocumentError> {
+    let bad_item = |reason: String| DocumentError::BadItem {
+        doc: meta.id().to_string(),
+        item: key.to_string(),
+        reason,
+    };
+    let item: Item = serde_json::from_str(json).map_err(|e| bad_item(e.to_string()))?;
+    if item.section != meta.section || item.class != meta.class {
+        return Err(bad_item(
+            "filed in a partition it does not belong to".into(),
+        ));
+    }
+    Ok(item)
+}
+
 pub struct PublishedDocument {
     meta: DocMeta,
     doc: Automerge,
@@ -58,10 +94,11 @@ impl PublishedDocument {
 
     /// Loads stored bytes, checking that they decode and declare the partition expected.
     pub fn load(meta: &DocMeta, bytes: &[u8]) -> Result<Self, DocumentError> {
-        let doc = Automerge::load(bytes).map_err(|error| DocumentError::Corrupt {
-            doc: meta.id().to_string(),
-            reason: error.to_string(),
-        })?;
+        let doc = refusing_panics(|| Automerge::load(bytes).map_err(|error| error.to_string()))
+            .map_err(|reason| DocumentError::Corrupt {
+                doc: meta.id().to_string(),
+                reason,
+            })?;
         let loaded = PublishedDocument {
             meta: meta.clone(),
             doc,
@@ -215,15 +252,15 @@ impl PublishedDocument {
             let json = value
                 .as_str()
                 .ok_or_else(|| bad_item("not a string".into()))?;
-            let item: Item = serde_json::from_str(json).map_err(|e| bad_item(e.to_string()))?;
-            if item.section != self.meta.section || item.class != self.meta.class {
-                return Err(bad_item(
-                    "filed in a partition it does not belong to".into(),
-                ));
-            }
-            items.push(item);
+            items.push(parse_item(&self.meta, &key, json)?);
         }
         Ok(items)
+    }
+
+    /// What a new version read from its changes alone needs of this one
+    /// ([`ItemRegister`]), where its history allows that.
+    pub fn item_register(&self) -> Option<ItemRegister> {
+        ItemRegister::of(&self.doc)
     }
 
     pub fn heads(&self) -> Vec<[u8; 32]> {
@@ -280,15 +317,20 @@ impl PublishedDocument {
     /// Applies chunks received from elsewhere: raw changes or a whole saved document (the
     /// compressed form a first copy travels in). What results must still match the
     /// publisher's signed heads before anything is stored; that check is the caller's.
+    /// After an error the document is in no known state: the caller drops it.
     pub fn apply_chunks(&mut self, chunks: &[Vec<u8>]) -> Result<(), DocumentError> {
-        for chunk in chunks {
-            self.doc
-                .load_incremental(chunk)
-                .map_err(|e| DocumentError::BadChange {
-                    doc: self.meta.id().to_string(),
-                    reason: e.to_string(),
-                })?;
-        }
+        let doc = &mut self.doc;
+        refusing_panics(|| {
+            chunks.iter().try_for_each(|chunk| {
+                doc.load_incremental(chunk)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .map_err(|reason| DocumentError::BadChange {
+            doc: self.meta.id().to_string(),
+            reason,
+        })?;
         self.check_declared_partition()
     }
 

@@ -17,6 +17,7 @@
 //! * [`session`]: the sync protocol state machine, one per connected peer.
 //! * [`loaded`]: recently used documents kept loaded for the sessions of one host.
 //! * [`relay`]: authenticating a new version by its hash chain and relaying it unbuilt.
+//! * [`register`]: reading a new version's items from its changes alone.
 
 pub mod document;
 pub mod loaded;
@@ -24,6 +25,7 @@ pub mod model;
 pub mod planted;
 pub mod policy;
 pub mod reader;
+pub mod register;
 pub mod relay;
 pub mod rng;
 pub mod session;

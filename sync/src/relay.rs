@@ -206,7 +206,7 @@ pub fn extend(held: &HeldIndex, received: &[Vec<u8>]) -> Result<Extension, Decli
 /// `chunk` as a change, if it is exactly one uncompressed change chunk whose checksum is the
 /// start of its hash (Automerge checks that when it loads; a relay must not pass on bytes a
 /// recipient would refuse).
-fn change_chunk(chunk: &[u8]) -> Option<Change> {
+pub(crate) fn change_chunk(chunk: &[u8]) -> Option<Change> {
     if chunk.len() < 9 || chunk[..4] != CHUNK_MAGIC || chunk[8] != CHANGE_CHUNK {
         return None;
     }
