@@ -250,6 +250,7 @@ pub fn change_one_item(home: &Home, store: &mut Store) -> Result<()> {
         &document.save(),
         built_on.as_deref(),
         &document.items()?,
+        None,
         clock::now_unix(),
     )?;
     batch.commit()?;

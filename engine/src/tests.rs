@@ -382,3 +382,120 @@ fn with_deferred_syncs_nothing_is_acknowledged_or_reported_stored_before_the_syn
         "the first frame to leave is the acknowledgement"
     );
 }
+
+/// Publishes `count` problems for the tests' patient as `node`, with `consent` recorded for
+/// them: the sharing record's counts (and consent) change with each new count.
+fn publish_problems(node: &mut Node, count: usize, consent: Consent) {
+    let Node {
+        ods, key, driver, ..
+    } = node;
+    driver
+        .write_local(|host| -> Result<(), String> {
+            let patient = NhsNumber::parse("9990000018").unwrap();
+            let mut publication = Publication::new(ods.clone(), Consent::SENT_BY_PUBLISHER);
+            publication.set_consent(&patient, consent);
+            let batch = host.store.write().map_err(|e| e.to_string())?;
+            for n in 1..=count {
+                let id = format!("Observation/{n}");
+                let item = Item::titled(
+                    &id,
+                    Section::Problems,
+                    DataClass::Coded,
+                    "Observation",
+                    "asthma",
+                    "test",
+                    &id,
+                );
+                publication
+                    .place(&batch, &patient, std::slice::from_ref(&id), vec![item])
+                    .map_err(|e| e.to_string())?;
+            }
+            publication
+                .apply(&batch, key, EPOCH_S)
+                .map_err(|e| e.to_string())?;
+            batch.commit().map_err(|e| e.to_string())
+        })
+        .unwrap();
+}
+
+/// `node`'s read-model items about the tests' patient published by `publisher`, in one
+/// section.
+fn items_held(node: &Node, publisher: &OdsCode, section: Section) -> Vec<Item> {
+    let patient = NhsNumber::parse("9990000018").unwrap();
+    let mut items: Vec<Item> = (node.driver.host().store.patient_items(&patient).unwrap())
+        .into_iter()
+        .filter(|stored| stored.publisher == *publisher && stored.item.section == section)
+        .map(|stored| stored.item)
+        .collect();
+    items.sort_by(|a, b| a.id.cmp(&b.id));
+    items
+}
+
+/// That `hub` stored its newest version of the sharing record `sharing` from `gp` appended
+/// (as only a version read from its changes alone is, of a document it reads), with a
+/// register at that version, and reads it as `gp` wrote it.
+fn assert_read_from_changes(hub: &Node, gp: &Node, sharing: DocId, version: &str) {
+    let (_, index) = hub
+        .driver
+        .host()
+        .store
+        .held_index(sharing)
+        .unwrap()
+        .unwrap();
+    assert!(
+        index.appended.is_some(),
+        "{version}: the hub stored the new version's changes appended"
+    );
+    let register = index.register.expect("a register at the stored version");
+    assert_eq!(vec![register.head], index.heads);
+    assert_eq!(
+        items_held(hub, &gp.ods, Section::Sharing),
+        items_held(gp, &gp.ods, Section::Sharing),
+        "{version}: the hub reads the GP's sharing record as the GP wrote it"
+    );
+}
+
+/// A hub reads each new version of a GP's sharing record from its changes alone
+/// (`caremesh_sync::register`): it stores the changes appended, with a register at the new
+/// version. What it reads must be what the GP wrote, so its read model's sharing item is the
+/// GP's own at every version, and a withdrawal read that way still purges.
+#[test]
+fn a_hub_reads_new_versions_of_a_sharing_record_from_their_changes_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gp, mut hub) = connected_region(dir.path());
+    let patient = NhsNumber::parse("9990000018").unwrap();
+    let sharing = caremesh_storage::publish::sharing_meta(&gp.ods, &patient).id();
+    for (count, at) in [(2, 20), (3, 30), (4, 40)] {
+        publish_problems(&mut gp, count, Consent::SENT_BY_PUBLISHER);
+        exchange(&mut gp, &mut hub, at);
+        assert_read_from_changes(&hub, &gp, sharing, &format!("version {count}"));
+    }
+    let problems = |node: &Node| items_held(node, &gp.ods, Section::Problems).len();
+    assert!(problems(&hub) == 0, "a hub keeps no read model of problems");
+    let held_problems = |hub: &Node| {
+        hub.driver
+            .host()
+            .store
+            .feed_after(0, 1_000)
+            .unwrap()
+            .into_iter()
+            .filter(|row| row.meta.section == Section::Problems)
+            .count()
+    };
+    assert_eq!(held_problems(&hub), 1, "the hub holds the GP's problems");
+
+    // The patient objects: the sharing record's next version, read from its changes, is the
+    // purge notice.
+    let objecting = Consent {
+        objection: true,
+        ..Consent::SENT_BY_PUBLISHER
+    };
+    publish_problems(&mut gp, 4, objecting);
+    exchange(&mut gp, &mut hub, 50);
+    assert_read_from_changes(&hub, &gp, sharing, "the objection");
+    assert_eq!(
+        held_problems(&hub),
+        0,
+        "the objection purged the GP's problems"
+    );
+}

@@ -41,6 +41,7 @@ pub use peers::{
 pub use placements::{OnSeveralPatients, Placement};
 
 use caremesh_sync::policy::{Consent, SourceStatement};
+use caremesh_sync::register::ItemRegister;
 use caremesh_sync::relay::{self, AppendedChange, AppendedChanges, Extension, HeldIndex};
 use caremesh_sync::{
     DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, PublishedDocument, Section, SignedHeads,
@@ -1321,8 +1322,8 @@ fn meta_from(columns: [&str; 4], id: DocId, path: &Path) -> Result<DocMeta> {
 fn held_index(conn: &Connection, path: &Path, id: DocId) -> Result<Option<(DocMeta, HeldIndex)>> {
     let row = conn
         .prepare_cached(
-            "SELECT publisher, nhs, section, class, length(snapshot), signed, appended_base \
-             FROM documents WHERE doc_id = ?1",
+            "SELECT publisher, nhs, section, class, length(snapshot), signed, appended_base, \
+             item_register FROM documents WHERE doc_id = ?1",
         )
         .and_then(|mut statement| {
             statement
@@ -1337,12 +1338,13 @@ fn held_index(conn: &Connection, path: &Path, id: DocId) -> Result<Option<(DocMe
                         row.get::<_, i64>(4)?,
                         row.get::<_, Vec<u8>>(5)?,
                         row.get::<_, Option<Vec<u8>>>(6)?,
+                        row.get::<_, Option<Vec<u8>>>(7)?,
                     ))
                 })
                 .optional()
         })
         .map_err(|source| StorageError::database(path.to_path_buf(), "read document", source))?;
-    let Some((columns, base_len, signed, appended_base)) = row else {
+    let Some((columns, base_len, signed, appended_base, register)) = row else {
         return Ok(None);
     };
     let meta = meta_from(columns.each_ref().map(String::as_str), id, path)?;
@@ -1358,7 +1360,9 @@ fn held_index(conn: &Connection, path: &Path, id: DocId) -> Result<Option<(DocMe
         heads: signed.heads,
         stored_len: base_len + appended_len,
         appended,
-    };
+        register: None,
+    }
+    .with_register(register.as_deref().and_then(ItemRegister::decode));
     Ok(Some((meta, index)))
 }
 
@@ -1539,6 +1543,7 @@ impl WriteBatch<'_> {
         snapshot: &[u8],
         built_on: Option<&[[u8; 32]]>,
         items: &[Item],
+        register: Option<&ItemRegister>,
         updated_at: i64,
     ) -> Result<Option<i64>> {
         self.put_document_with(
@@ -1546,6 +1551,7 @@ impl WriteBatch<'_> {
             snapshot,
             built_on,
             Rows::Replaced(items),
+            register,
             updated_at,
         )
     }
@@ -1557,6 +1563,7 @@ impl WriteBatch<'_> {
         snapshot: &[u8],
         built_on: Option<&[[u8; 32]]>,
         rows: Rows<'_>,
+        register: Option<&ItemRegister>,
         updated_at: i64,
     ) -> Result<Option<i64>> {
         let id = signed.meta.id();
@@ -1574,7 +1581,7 @@ impl WriteBatch<'_> {
             tracing::debug!(doc = %id, "kept a held copy that moved past a verified version");
             return Ok(None);
         }
-        self.put_version(signed, snapshot, None, rows, updated_at)
+        self.put_version(signed, snapshot, None, rows, register, updated_at)
             .map(Some)
     }
 
@@ -1613,8 +1620,11 @@ impl WriteBatch<'_> {
 
     /// Stores a version a relay authenticated by its hash chain
     /// ([`caremesh_sync::relay::extend`]): the received changes appended to the held copy.
-    /// A relay keeps no items of such a document. The caller has verified `signed` and
-    /// checked that the extension gives exactly the signed heads.
+    /// The caller has verified `signed` and checked that the extension gives exactly the
+    /// signed heads. A relay keeps no items of such a document (`items` is `None`: its
+    /// read-model rows are left as they are); a node that reads them read them from the
+    /// changes and the held copy's register ([`caremesh_sync::register`]), and `items` are
+    /// then the version's read-model rows and `register` its new register.
     ///
     /// Where the held copy is still the one the extension was made from, only the new
     /// changes are written, each a row of its own, and the document's row is updated in
@@ -1629,8 +1639,11 @@ impl WriteBatch<'_> {
         &self,
         signed: &SignedHeads,
         extension: &Extension,
+        items: Option<&[Item]>,
+        register: Option<&ItemRegister>,
         updated_at: i64,
     ) -> Result<Option<i64>> {
+        let rows = items.map_or(Rows::Kept, Rows::Replaced);
         let index = &extension.appended;
         assert!(
             extension.already_held <= index.changes.len(),
@@ -1647,9 +1660,11 @@ impl WriteBatch<'_> {
         );
         let id = signed.meta.id();
         if self.holds_what_was_extended(id, extension)? {
-            return self.append_changes(signed, extension, updated_at).map(Some);
+            return self
+                .append_changes(signed, extension, rows, register, updated_at)
+                .map(Some);
         }
-        self.append_to_what_is_held(signed, extension, updated_at)
+        self.append_to_what_is_held(signed, extension, rows, register, updated_at)
     }
 
     /// Whether the stored document is exactly the copy `extension` extended: its saved base
@@ -1706,11 +1721,14 @@ impl WriteBatch<'_> {
     }
 
     /// Writes the extension's new changes after the held ones and moves the document's row to
-    /// the new version. The caller checked that the held copy is the one extended.
+    /// the new version, its read-model rows as `rows` says and its register to `register`.
+    /// The caller checked that the held copy is the one extended.
     fn append_changes(
         &self,
         signed: &SignedHeads,
         extension: &Extension,
+        rows: Rows<'_>,
+        register: Option<&ItemRegister>,
         updated_at: i64,
     ) -> Result<i64> {
         let id = signed.meta.id();
@@ -1718,7 +1736,7 @@ impl WriteBatch<'_> {
         self.tx
             .prepare_cached(
                 "UPDATE documents SET signed = ?2, seq = ?3, updated_at = ?4, \
-                 appended_base = ?5 WHERE doc_id = ?1",
+                 appended_base = ?5, item_register = ?6 WHERE doc_id = ?1",
             )
             .and_then(|mut statement| {
                 statement.execute(params![
@@ -1726,7 +1744,8 @@ impl WriteBatch<'_> {
                     signed.encode(),
                     seq,
                     updated_at,
-                    extension.appended.base_heads.concat()
+                    extension.appended.base_heads.concat(),
+                    register.map(ItemRegister::encode)
                 ])
             })
             .map_err(self.err("store document"))?;
@@ -1752,6 +1771,9 @@ impl WriteBatch<'_> {
                 .map_err(self.err("store appended change"))?;
             start = end;
         }
+        if let Rows::Replaced(items) = rows {
+            self.replace_item_rows(&signed.meta, items, seq)?;
+        }
         Ok(seq)
     }
 
@@ -1760,6 +1782,8 @@ impl WriteBatch<'_> {
         &self,
         signed: &SignedHeads,
         extension: &Extension,
+        rows: Rows<'_>,
+        register: Option<&ItemRegister>,
         updated_at: i64,
     ) -> Result<Option<i64>> {
         let id = signed.meta.id();
@@ -1776,7 +1800,9 @@ impl WriteBatch<'_> {
                 && again.heads == sorted(signed.heads.clone())
                 && self.holds_what_was_extended(id, &again)?
             {
-                return self.append_changes(signed, &again, updated_at).map(Some);
+                return self
+                    .append_changes(signed, &again, rows, register, updated_at)
+                    .map(Some);
             }
         }
         // Only the history can tell: what is held and the changes, loaded together.
@@ -1790,14 +1816,14 @@ impl WriteBatch<'_> {
             tracing::debug!(doc = %id, "kept a held copy that moved past a relayed version");
             return Ok(None);
         }
-        self.put_version(
-            signed,
-            &document.save(),
-            None,
-            Rows::Replaced(&[]),
-            updated_at,
-        )
-        .map(Some)
+        // The same signed heads are the same history: the items and register read from the
+        // changes are this version's.
+        let rows = match rows {
+            Rows::Kept => Rows::Replaced(&[]),
+            replaced => replaced,
+        };
+        self.put_version(signed, &document.save(), None, rows, register, updated_at)
+            .map(Some)
     }
 
     /// The next position in this node's feed. From the counter, never MAX(seq) + 1: a purge of
@@ -1819,6 +1845,7 @@ impl WriteBatch<'_> {
         snapshot: &[u8],
         appended_base: Option<&[u8]>,
         rows: Rows<'_>,
+        register: Option<&ItemRegister>,
         updated_at: i64,
     ) -> Result<i64> {
         let meta = &signed.meta;
@@ -1826,11 +1853,11 @@ impl WriteBatch<'_> {
         let seq = self.next_feed_position()?;
         self.tx
             .prepare_cached(
-                "INSERT INTO documents (doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended_base) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                "INSERT INTO documents (doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended_base, item_register) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
                  ON CONFLICT(doc_id) DO UPDATE SET snapshot = excluded.snapshot, \
                  signed = excluded.signed, seq = excluded.seq, updated_at = excluded.updated_at, \
-                 appended_base = excluded.appended_base",
+                 appended_base = excluded.appended_base, item_register = excluded.item_register",
             )
             .and_then(|mut statement| {
                 statement.execute(params![
@@ -1843,7 +1870,8 @@ impl WriteBatch<'_> {
                     signed.encode(),
                     seq,
                     updated_at,
-                    appended_base
+                    appended_base,
+                    register.map(ItemRegister::encode)
                 ])
             })
             .map_err(self.err("store document"))?;
@@ -2353,7 +2381,7 @@ mod tests {
         let held = batch.document(meta.id()).unwrap();
         let built_on = held.and_then(|held| held.signed_heads()).map(|s| s.heads);
         let seq = batch
-            .put_document(&signed, &doc.save(), built_on.as_deref(), items, time)
+            .put_document(&signed, &doc.save(), built_on.as_deref(), items, None, time)
             .unwrap()
             .expect("made from the copy held");
         batch.commit().unwrap();
@@ -2402,7 +2430,7 @@ mod tests {
     ) -> Option<i64> {
         let batch = store.write().unwrap();
         let seq = batch
-            .put_appended(&key.sign_heads(&meta(), heads), extension, time)
+            .put_appended(&key.sign_heads(&meta(), heads), extension, None, None, time)
             .unwrap();
         batch.commit().unwrap();
         seq
@@ -2421,7 +2449,14 @@ mod tests {
     ) {
         let batch = store.write().unwrap();
         batch
-            .put_document(&key.sign_heads(&meta(), heads), saved, None, &[], time)
+            .put_document(
+                &key.sign_heads(&meta(), heads),
+                saved,
+                None,
+                &[],
+                None,
+                time,
+            )
             .unwrap();
         batch.commit().unwrap();
     }
@@ -2627,6 +2662,7 @@ mod tests {
                     &versions[version].1,
                     built_on.as_deref(),
                     &[],
+                    None,
                     version as i64,
                 )
                 .unwrap();

@@ -452,6 +452,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         audit_after INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 25: what a document's items map is at its stored version, for a node that reads items
+    // to read a new version from its changes alone (`caremesh_sync::register`): postcard
+    // bytes, NULL where the version is not registered (it then takes the full path). A
+    // register is used only when it names the stored signed heads, so a write that does not
+    // know it can never make it describe the wrong version.
+    r#"
+    ALTER TABLE documents ADD COLUMN item_register BLOB;
+    "#,
 ];
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ impl WriteBatch<'_> {
         updated_at: i64,
     ) -> Result<Option<i64>> {
         let position =
-            self.put_document_with(signed, snapshot, built_on, Rows::Kept, updated_at)?;
+            self.put_document_with(signed, snapshot, built_on, Rows::Kept, None, updated_at)?;
         if let Some(position) = position {
             self.amend_read_model(&signed.meta, written, removed, position)?;
         }
@@ -86,7 +86,7 @@ impl WriteBatch<'_> {
         if !self.holds_what_was_extended(signed.meta.id(), extension)? {
             return Ok(None);
         }
-        let position = self.append_changes(signed, extension, updated_at)?;
+        let position = self.append_changes(signed, extension, Rows::Kept, None, updated_at)?;
         self.amend_read_model(&signed.meta, written, removed, position)?;
         Ok(Some(position))
     }

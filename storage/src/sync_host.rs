@@ -668,12 +668,22 @@ impl SyncHost for StoreHost {
                 &[]
             };
             let position = match &document.bytes {
-                VerifiedBytes::Appended(extension) => {
-                    batch.put_appended(&document.signed, extension, now)
-                }
-                VerifiedBytes::Whole { snapshot, built_on } => {
-                    batch.put_document(&document.signed, snapshot, built_on.as_deref(), items, now)
-                }
+                VerifiedBytes::Appended(extension) => batch.put_appended(
+                    &document.signed,
+                    extension,
+                    // Read from its changes where this node reads the items.
+                    document.register.is_some().then_some(items),
+                    document.register.as_ref(),
+                    now,
+                ),
+                VerifiedBytes::Whole { snapshot, built_on } => batch.put_document(
+                    &document.signed,
+                    snapshot,
+                    built_on.as_deref(),
+                    items,
+                    document.register.as_ref(),
+                    now,
+                ),
             }
             .map_err(host_error)?;
             if position.is_none() {
@@ -953,6 +963,7 @@ mod tests {
             },
             items: vec![item],
             published_at: Some(1_700_000_000),
+            register: document.item_register(),
         }
     }
 
@@ -1368,6 +1379,7 @@ mod tests {
                 },
                 items: vec![item],
                 published_at: Some(at),
+                register: document.item_register(),
             });
         }
         versions

@@ -23,6 +23,7 @@
 //! older than what the index lists, a compressed chunk, too many appended changes) is
 //! declined, and the caller takes the full path: load, apply, compare heads, save.
 
+use crate::register::ItemRegister;
 use crate::signing::SignedHeads;
 use automerge::Change;
 use std::collections::{BTreeMap, BTreeSet};
@@ -76,6 +77,10 @@ pub struct HeldIndex {
     /// The index of what was appended since the base was saved; `None` where the document was
     /// saved whole (or its index is damaged: everything stored then counts as the base).
     pub appended: Option<AppendedChanges>,
+    /// What its items map is, for a node that reads items to read a new version from its
+    /// changes alone; `None` where not registered. Only ever one whose head is the held
+    /// version's only head ([`HeldIndex::with_register`]).
+    pub register: Option<ItemRegister>,
 }
 
 impl HeldIndex {
@@ -87,7 +92,15 @@ impl HeldIndex {
             heads: SignedHeads::decode(signed)?.heads,
             stored_len: stored.len() as u64,
             appended,
+            register: None,
         })
+    }
+
+    /// This index with `register`, if it describes the held version (one head, the signed
+    /// one): a register written beside an older version is never used.
+    pub fn with_register(mut self, register: Option<ItemRegister>) -> Self {
+        self.register = register.filter(|register| self.heads == [register.head]);
+        self
     }
 }
 
@@ -325,6 +338,7 @@ mod tests {
                     heads: heads_of(bytes),
                     stored_len: bytes.len() as u64,
                     appended: None,
+                    register: None,
                 },
             }
         }
@@ -338,6 +352,7 @@ mod tests {
                     heads: extension.heads.clone(),
                     stored_len: stored.len() as u64,
                     appended: Some(extension.appended.clone()),
+                    register: None,
                 },
                 stored,
             }

@@ -42,6 +42,7 @@ use crate::model::{DocId, DocMeta, Item, OdsCode};
 use crate::planted::PlantedBug;
 use crate::policy::{Decision, Recipient, WithholdReason};
 use crate::reader::{CheckedHeads, FrameReader, ReadInput, ReadMessage};
+use crate::register::ItemRegister;
 use crate::relay::{self, AppendedChanges, Extension, HeldIndex};
 use crate::signing::SignedHeads;
 use crate::wire::{
@@ -150,6 +151,10 @@ pub struct VerifiedDocument {
     pub items: Vec<Item>,
     /// When the publisher made its latest change (Unix seconds, as the publisher stamped it).
     pub published_at: Option<i64>,
+    /// What its items map is at this version, for the next version to be read from its
+    /// changes alone ([`crate::register`]); `None` where the host does not read its items or
+    /// the version does not register.
+    pub register: Option<ItemRegister>,
 }
 
 /// What of a verified version is stored.
@@ -975,16 +980,14 @@ impl Session {
         heads: &[[u8; 32]],
         host: &mut impl SyncHost,
     ) -> Result<bool, SessionError> {
-        if let Some(written) = self.writes.get(&doc)
-            && !host.reads_items(&written.signed.meta)
-        {
+        if let Some(written) = self.writes.get(&doc) {
             let appended = match &written.bytes {
                 VerifiedBytes::Appended(extension) => Some(&extension.appended),
                 VerifiedBytes::Whole { .. } => None,
             };
-            return Ok(relay::known(appended, &written.signed.heads, heads));
-        }
-        if self.writes.contains_key(&doc) {
+            if appended.is_some() || !host.reads_items(&written.signed.meta) {
+                return Ok(relay::known(appended, &written.signed.heads, heads));
+            }
             return Ok(self
                 .base_document(doc, host)?
                 .is_some_and(|document| document.contains_all(heads)));
@@ -993,11 +996,12 @@ impl Session {
             // Nothing held, or signed heads that do not decode: the full copy replaces it.
             return Ok(false);
         };
-        if !host.reads_items(&meta) {
+        if !host.reads_items(&meta) || index.register.is_some() {
             // A relay does not load the document to place an offer: heads its index does not
             // know are wanted, and the changes that answer settle it (a version it already
             // holds is found on the full path, `verify_received`). Offers of older versions
-            // reach a hub only from a second hub.
+            // reach a hub only from a second hub. Nor does a node that reads the document's
+            // items, where it can read the next version from its changes alone.
             return Ok(relay::known(index.appended.as_ref(), &index.heads, heads));
         }
         if let Some(loaded) = host
@@ -1202,9 +1206,7 @@ impl Session {
             // stored now, so that both paths below start from the held copy.
             self.flush(None, host)?;
         }
-        if !host.reads_items(meta)
-            && let Some(received) = self.relay_received(&signed, changes, host)?
-        {
+        if let Some(received) = self.relay_received(&signed, changes, host)? {
             return Ok(Ok(received));
         }
         let base = self.base_document(meta.id(), host)?;
@@ -1239,13 +1241,13 @@ impl Session {
         if let Err(error) = document.matches(&signed) {
             return Ok(Err(error.to_string()));
         }
-        let items = if host.reads_items(meta) {
+        let (items, register) = if host.reads_items(meta) {
             match document.items() {
-                Ok(items) => items,
+                Ok(items) => (items, document.item_register()),
                 Err(error) => return Ok(Err(error.to_string())),
             }
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         let verified = VerifiedDocument {
             signed,
@@ -1255,6 +1257,7 @@ impl Session {
             },
             items,
             published_at: document.last_change_time(),
+            register,
         };
         // Kept at the received version: if the commit refuses it or rolls back, the stored
         // heads differ and the entry is never used.
@@ -1264,11 +1267,14 @@ impl Session {
         Ok(Ok(Received::Newer(Box::new(verified))))
     }
 
-    /// A relay's check of a new version by its hash chain against the signed heads (already
+    /// A check of a new version by its hash chain against the signed heads (already
     /// verified), without loading the document or reading its bytes: `None` when it cannot
     /// decide that way (a first copy, a copy saved whole earlier in this batch, changes it
     /// declines, heads other than the signed heads), and the full path decides, with the
-    /// reason a full check gives for a rejection.
+    /// reason a full check gives for a rejection. A node that reads the document's items
+    /// reads them from the changes and the held copy's register ([`crate::register`]), and
+    /// takes the full path where it has no register or the changes are not plainly the
+    /// publisher's next puts and deletes.
     fn relay_received(
         &mut self,
         signed: &SignedHeads,
@@ -1283,6 +1289,10 @@ impl Session {
         let Some((_, held)) = host.held_index(doc)? else {
             return Ok(None);
         };
+        let reads_items = host.reads_items(&signed.meta);
+        if reads_items && held.register.is_none() {
+            return Ok(None);
+        }
         if relay::known(held.appended.as_ref(), &held.heads, &signed.heads) {
             return Ok(Some(Received::AlreadyHeld));
         }
@@ -1296,12 +1306,29 @@ impl Session {
         {
             return Ok(None);
         }
+        let (items, register) = if reads_items {
+            let Some(register) = held
+                .register
+                .as_ref()
+                .and_then(|register| register.extend(&extension.new_changes()))
+            else {
+                return Ok(None);
+            };
+            // Items that do not read are rejected by the full path, with its reason.
+            let Ok(items) = register.items(&signed.meta) else {
+                return Ok(None);
+            };
+            (items, Some(register))
+        } else {
+            (Vec::new(), None)
+        };
         let published_at = extension.published_at;
         Ok(Some(Received::Newer(Box::new(VerifiedDocument {
             signed: signed.clone(),
             bytes: VerifiedBytes::Appended(extension),
-            items: Vec::new(),
+            items,
             published_at,
+            register,
         }))))
     }
 

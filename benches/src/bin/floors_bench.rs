@@ -61,6 +61,7 @@ fn main() -> Result<()> {
         heads: held_heads.clone(),
         stored_len: snapshot.len() as u64,
         appended: None,
+        register: None,
     };
     let extension =
         caremesh_sync::relay::extend(&held, &changes).expect("the change extends the held heads");
@@ -138,6 +139,7 @@ fn relay_reads(key: &PublisherKey, meta: &DocMeta) -> Result<()> {
         &document.save(),
         None,
         &[],
+        None,
         1,
     )?;
     batch.commit()?;
@@ -150,7 +152,13 @@ fn relay_reads(key: &PublisherKey, meta: &DocMeta) -> Result<()> {
         let extension = caremesh_sync::relay::extend(&held, &document.changes_since(&before))
             .map_err(|declined| anyhow::anyhow!("declined: {declined:?}"))?;
         let batch = store.write()?;
-        batch.put_appended(&key.sign_heads(meta, &document.heads()), &extension, 1)?;
+        batch.put_appended(
+            &key.sign_heads(meta, &document.heads()),
+            &extension,
+            None,
+            None,
+            1,
+        )?;
         batch.commit()?;
     }
     let whole = report(
@@ -197,7 +205,7 @@ fn durable_append(key: &PublisherKey, read_model: bool) -> Result<()> {
         for (signed, snapshot, items) in group {
             let batch = store.write()?;
             let items = if read_model { &items[..] } else { &[] };
-            batch.put_document(signed, snapshot, None, items, 1_700_000_000)?;
+            batch.put_document(signed, snapshot, None, items, None, 1_700_000_000)?;
             batch.commit()?;
         }
         store.end_group()?;

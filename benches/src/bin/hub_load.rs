@@ -285,6 +285,7 @@ impl SyncHost for ThinHost {
                 heads: held.signed.heads.clone(),
                 stored_len: held.snapshot.len() as u64,
                 appended: held.appended.clone(),
+                register: None,
             };
             (held.meta.clone(), index)
         }))
