@@ -552,7 +552,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (*publisher == own && *key == own_key)
                     || trust.as_ref().is_some_and(|trust| {
                         // A retired key's signatures made while it was current still hold.
-                        trust.current().registry().signed_for(publisher, key)
+                        trust.current().signed_for(publisher, key)
                     })
             })?;
             report.unrecorded_files = verify::unrecorded_files(&home.dir, &store)?;
@@ -1205,7 +1205,7 @@ fn revoked_key(trust: Option<&crate::trust::TrustState>, key: Option<&str>) -> b
     };
     caremesh_sync::trust::parse_key("key", key).is_ok_and(|key| {
         matches!(
-            trust.current().registry().standing(&key),
+            trust.current().standing(&key),
             caremesh_sync::KeyStanding::Revoked(_)
         )
     })

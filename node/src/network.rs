@@ -570,7 +570,7 @@ fn authenticated_peer(
         .ok()?;
     let key = tls::certificate_key(certificates.first()?)?;
     let registry = trust.current();
-    let org = registry.registry().current_holder(&key, None).ok()?;
+    let org = registry.current_holder(&key, None).ok()?;
     Some((
         Recipient {
             ods: org.ods.clone(),
@@ -662,7 +662,6 @@ fn jitter() -> f64 {
 async fn dial(endpoint: &quinn::Endpoint, context: &Arc<Shared>, peer: &OdsCode) -> Result<()> {
     let registry = context.trust.current();
     let organisation = registry
-        .registry()
         .organisation(peer)
         .with_context(|| format!("{peer} is not in the trust registry"))?;
     let address = organisation

@@ -223,10 +223,7 @@ impl PolicyContext {
                 None => Consent::SENT_BY_PUBLISHER,
             };
             let facts = Facts {
-                publisher_kind: registry
-                    .registry()
-                    .organisation(&meta.publisher)
-                    .map(|o| o.kind),
+                publisher_kind: registry.organisation(&meta.publisher).map(|o| o.kind),
                 consent,
                 recipient_cares_for_patient: cares,
                 direct_from_publisher,
@@ -269,7 +266,7 @@ impl PolicyContext {
     /// This node as the recipient of what it receives.
     fn this_node(&self) -> Result<Recipient, HostError> {
         let registry = self.trust.current();
-        let organisation = registry.registry().organisation(&self.own).ok_or_else(|| {
+        let organisation = registry.organisation(&self.own).ok_or_else(|| {
             HostError(format!(
                 "this node's organisation {} is not in the trust registry; add it with `caremesh trust add`",
                 self.own
@@ -440,7 +437,7 @@ impl StoreHost {
     /// The sources panel row for a publisher whose documents arrived by sync.
     fn source_row(&self, publisher: &OdsCode, published_at: i64) -> SourceRow {
         let registry = self.policy.trust.current();
-        let organisation = registry.registry().organisation(publisher);
+        let organisation = registry.organisation(publisher);
         SourceRow {
             publisher: publisher.to_string(),
             name: organisation
@@ -785,11 +782,7 @@ impl SyncHost for StoreHost {
     }
 
     fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
-        self.policy
-            .trust
-            .current()
-            .registry()
-            .is_publisher_key(publisher, key)
+        self.policy.trust.current().is_publisher_key(publisher, key)
     }
 
     fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Result<Decision, HostError> {
