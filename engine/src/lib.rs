@@ -1192,7 +1192,7 @@ pub fn untrusted(
     ods: &OdsCode,
     key: &[u8; 32],
 ) -> Option<&'static str> {
-    let refusal = registry.current_holder(key, Some(ods)).err()?;
+    let refusal = registry.standing(key).holder(Some(ods)).err()?;
     Some(match refusal {
         KeyRefusal::OtherOrganisation(_) => {
             "the trust registry now lists this key for another organisation"

@@ -552,7 +552,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (*publisher == own && *key == own_key)
                     || trust.as_ref().is_some_and(|trust| {
                         // A retired key's signatures made while it was current still hold.
-                        trust.current().signed_for(publisher, key)
+                        trust.current().standing(key).signed_for(publisher)
                     })
             })?;
             report.unrecorded_files = verify::unrecorded_files(&home.dir, &store)?;

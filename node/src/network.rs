@@ -570,7 +570,7 @@ fn authenticated_peer(
         .ok()?;
     let key = tls::certificate_key(certificates.first()?)?;
     let registry = trust.current();
-    let org = registry.current_holder(&key, None).ok()?;
+    let org = registry.standing(&key).holder(None).ok()?;
     Some((
         Recipient {
             ods: org.ods.clone(),

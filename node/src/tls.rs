@@ -106,7 +106,7 @@ impl PinnedKeys {
             return Err(refuse("certificate does not carry an Ed25519 key"));
         };
         let registry = self.trust.current();
-        match registry.current_holder(&key, self.expected.as_ref()) {
+        match registry.standing(&key).holder(self.expected.as_ref()) {
             Ok(_) => Ok(()),
             Err(KeyRefusal::OtherOrganisation(org)) => Err(refuse(&format!(
                 "peer key belongs to {}, not {}",

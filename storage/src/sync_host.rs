@@ -782,7 +782,12 @@ impl SyncHost for StoreHost {
     }
 
     fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
-        self.policy.trust.current().is_publisher_key(publisher, key)
+        self.policy
+            .trust
+            .current()
+            .standing(key)
+            .holder(Some(publisher))
+            .is_ok()
     }
 
     fn decide(&self, meta: &DocMeta, recipient: &Recipient) -> Result<Decision, HostError> {

@@ -121,8 +121,9 @@ pub enum KeyStanding<'a> {
 }
 
 impl<'a> KeyStanding<'a> {
-    /// The organisation a key so standing stands for now (of `expected`, when given).
-    fn holder(self, expected: Option<&OdsCode>) -> Result<&'a Organisation, KeyRefusal<'a>> {
+    /// The organisation a key so standing stands for now (of `expected`, when given): see
+    /// [`Registry::current_holder`].
+    pub fn holder(self, expected: Option<&OdsCode>) -> Result<&'a Organisation, KeyRefusal<'a>> {
         match self {
             KeyStanding::Trusted(org) if expected.is_none_or(|ods| *ods == org.ods) => Ok(org),
             KeyStanding::Trusted(org) => Err(KeyRefusal::OtherOrganisation(org)),
@@ -134,7 +135,7 @@ impl<'a> KeyStanding<'a> {
 
     /// Whether what a key so standing signed for `publisher` while it held the key is still
     /// trusted: a current or retired key of the publisher's, not a revoked one.
-    fn signed_for(self, publisher: &OdsCode) -> bool {
+    pub fn signed_for(self, publisher: &OdsCode) -> bool {
         match self {
             KeyStanding::Trusted(org) | KeyStanding::Retired(org) => org.ods == *publisher,
             KeyStanding::Revoked(_) | KeyStanding::Unknown => false,
@@ -451,25 +452,6 @@ impl VerifiedRegistry {
         }
     }
 
-    /// [`Registry::current_holder`], looked up.
-    pub fn current_holder(
-        &self,
-        key: &[u8; 32],
-        expected: Option<&OdsCode>,
-    ) -> Result<&Organisation, KeyRefusal<'_>> {
-        self.standing(key).holder(expected)
-    }
-
-    /// [`Registry::is_publisher_key`], looked up.
-    pub fn is_publisher_key(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
-        self.current_holder(key, Some(publisher)).is_ok()
-    }
-
-    /// [`Registry::signed_for`], looked up.
-    pub fn signed_for(&self, publisher: &OdsCode, key: &[u8; 32]) -> bool {
-        self.standing(key).signed_for(publisher)
-    }
-
     pub fn version(&self) -> u64 {
         self.file.registry.version
     }
@@ -558,11 +540,11 @@ mod tests {
             known += usize::from(verified.standing(key) != KeyStanding::Unknown);
             for org in &scanned.organisations {
                 assert_eq!(
-                    verified.is_publisher_key(&org.ods, key),
+                    verified.standing(key).holder(Some(&org.ods)).is_ok(),
                     scanned.is_publisher_key(&org.ods, key)
                 );
                 assert_eq!(
-                    verified.signed_for(&org.ods, key),
+                    verified.standing(key).signed_for(&org.ods),
                     scanned.signed_for(&org.ods, key)
                 );
             }
