@@ -47,7 +47,7 @@ use caremesh_sync::session::{EpochEnd, offerable_from_feed};
 use caremesh_sync::{
     Checkpoint, DataClass, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item,
     NhsNumber, OdsCode, OrgKind, PublishedDocument, PublisherKey, Refusal, Section, Session,
-    SignedHeads, SyncHost, VerifiedBytes, VerifiedDocument,
+    SessionError, SignedHeads, SyncHost, VerifiedBytes, VerifiedDocument,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -1082,7 +1082,15 @@ async fn connected(
                 }
                 session.feed_changed();
             }
-            _ = tokio::time::sleep_until(timeout.into()) => session.handle_timeout(now_ms())?,
+            _ = tokio::time::sleep_until(timeout.into()) => match session.handle_timeout(now_ms()) {
+                // No Hello in time from a hub answering a burst of 500 handshakes: a node
+                // dials again, and so does this one.
+                Err(SessionError::HelloTimeout) => {
+                    let error = anyhow::Error::new(SessionError::HelloTimeout);
+                    break Ended::Lost(error.context(format!("{ods} waiting for the hub's Hello")));
+                }
+                other => other?,
+            },
             _ = shutdown.changed() => break Ended::Stopped,
         }
     };
