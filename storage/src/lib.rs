@@ -44,7 +44,8 @@ use caremesh_sync::policy::{Consent, SourceStatement};
 use caremesh_sync::register::ItemRegister;
 use caremesh_sync::relay::{self, AppendedChange, AppendedChanges, Extension, HeldIndex};
 use caremesh_sync::{
-    DataClass, DocId, DocMeta, Item, NhsNumber, OdsCode, PublishedDocument, Section, SignedHeads,
+    DataClass, DocId, DocMeta, HeldChanges, Item, NhsNumber, OdsCode, PublishedDocument, Section,
+    SignedHeads,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use simulated_disk::SimulatedDisk;
@@ -873,6 +874,13 @@ impl Store {
         held_index(&self.conn, &self.path, id)
     }
 
+    /// What a holder of `have` lacks of the held copy of `id`, told from the changes appended
+    /// to it alone (each its own row), without reading the bytes saved whole: what a hub
+    /// sends a peer for each new version of a document it relays.
+    pub fn changes_after(&self, id: DocId, have: &[[u8; 32]]) -> Result<HeldChanges> {
+        changes_after(&self.conn, &self.path, id, have)
+    }
+
     /// Documents in `seq` order after `after_seq`, at most `limit`: a page of the changes feed.
     pub fn documents_after(&self, after_seq: i64, limit: usize) -> Result<Vec<StoredDocument>> {
         let mut statement = self
@@ -1330,12 +1338,7 @@ fn held_index(conn: &Connection, path: &Path, id: DocId) -> Result<Option<(DocMe
             statement
                 .query_row([&id.0[..]], |row| {
                     Ok((
-                        [
-                            row.get::<_, String>(0)?,
-                            row.get(1)?,
-                            row.get(2)?,
-                            row.get(3)?,
-                        ],
+                        partition_columns(row)?,
                         row.get::<_, i64>(4)?,
                         row.get::<_, Vec<u8>>(5)?,
                         row.get::<_, Option<Vec<u8>>>(6)?,
@@ -1384,6 +1387,99 @@ fn document_by_id(conn: &Connection, path: &Path, id: DocId) -> Result<Option<St
         .and_then(|mut statement| statement.query_row([&id.0[..]], raw_document).optional())
         .map_err(|source| StorageError::database(path.to_path_buf(), "read document", source))?;
     raw.map(|raw| raw.into_document(conn, path)).transpose()
+}
+
+/// A document row's partition (publisher, nhs, section, class), its first four columns.
+fn partition_columns(row: &rusqlite::Row) -> rusqlite::Result<[String; 4]> {
+    Ok([row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?])
+}
+
+/// [`Store::changes_after`].
+fn changes_after(
+    conn: &Connection,
+    path: &Path,
+    id: DocId,
+    have: &[[u8; 32]],
+) -> Result<HeldChanges> {
+    let err = |source| StorageError::database(path.to_path_buf(), "read appended changes", source);
+    let row = conn
+        .prepare_cached(
+            "SELECT publisher, nhs, section, class, signed, appended_base FROM documents \
+             WHERE doc_id = ?1",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row([&id.0[..]], |row| {
+                    Ok((
+                        partition_columns(row)?,
+                        row.get::<_, Vec<u8>>(4)?,
+                        row.get::<_, Option<Vec<u8>>>(5)?,
+                    ))
+                })
+                .optional()
+        })
+        .map_err(err)?;
+    let Some((columns, signed, appended_base)) = row else {
+        return Ok(HeldChanges::NotHeld);
+    };
+    let meta = meta_from(columns.each_ref().map(String::as_str), id, path)?;
+    let Some(heads) = SignedHeads::decode(&signed).map(|signed| sorted(signed.heads)) else {
+        return Ok(HeldChanges::Unknown);
+    };
+    let mut have_sorted = have.to_vec();
+    have_sorted.sort_unstable();
+    have_sorted.dedup();
+    if have_sorted == heads {
+        return Ok(HeldChanges::Lacking {
+            meta,
+            signed,
+            changes: Vec::new(),
+        });
+    }
+    let Some(base_heads) = appended_base.as_deref().and_then(hashes) else {
+        // Saved whole (or a damaged base): only the document can tell.
+        return Ok(HeldChanges::Unknown);
+    };
+    let mut index = AppendedChanges {
+        base_heads,
+        base_len: 0,
+        changes: Vec::new(),
+    };
+    let mut bytes = Vec::new();
+    let mut statement = conn
+        .prepare_cached(
+            "SELECT hash, deps, bytes FROM appended_changes WHERE doc_id = ?1 ORDER BY position",
+        )
+        .map_err(err)?;
+    let mut rows = statement.query([&id.0[..]]).map_err(err)?;
+    while let Some(row) = rows.next().map_err(err)? {
+        let hash = row.get_ref(0).and_then(|v| Ok(v.as_blob()?)).map_err(err)?;
+        let deps = row.get_ref(1).and_then(|v| Ok(v.as_blob()?)).map_err(err)?;
+        let change: Vec<u8> = row.get(2).map_err(err)?;
+        let (Ok(hash), Some(deps)) = (<[u8; 32]>::try_from(hash), hashes(deps)) else {
+            // A damaged index is never trusted (see `appended_changes`).
+            return Ok(HeldChanges::Unknown);
+        };
+        index.changes.push(AppendedChange {
+            hash,
+            deps,
+            len: change.len() as u64,
+        });
+        bytes.push(change);
+    }
+    let Some(lacked) = relay::lacked_by(&index, have) else {
+        return Ok(HeldChanges::Unknown);
+    };
+    let changes = bytes
+        .into_iter()
+        .zip(lacked)
+        .filter_map(|(change, lacked)| lacked.then_some(change))
+        .collect();
+    Ok(HeldChanges::Lacking {
+        meta,
+        signed,
+        changes,
+    })
 }
 
 /// The index of the changes a relay appended to a document since its base (`base_len`
@@ -2570,6 +2666,106 @@ mod tests {
             None
         );
         assert!(store.document(meta().id()).unwrap().is_none());
+    }
+
+    /// A hub sends each new version of a relayed document from the changes it appended, not
+    /// from the document read whole (issue 19: reading the saved bytes for every push was a
+    /// tenth of a saturated hub's engine thread). What it sends a holder of each earlier
+    /// version is exactly what the whole document says that holder lacks, and brings the
+    /// holder to the publisher's heads; where only the whole document can tell (a head from
+    /// before the base, a copy saved whole, a damaged index) it says so.
+    #[test]
+    fn changes_after_sends_each_holder_what_the_whole_document_says_it_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("node.db")).unwrap();
+        let key = PublisherKey::from_secret([9; 32]);
+        let mut doc = PublishedDocument::create(meta(), b"actor");
+        doc.update(&[item("a/0")], &[], 1);
+        let before_base = doc.heads();
+        doc.update(&[item("a/1")], &[], 2);
+        put_whole(&mut store, &key, &doc, 2);
+        // Each version as a holder of it would have it.
+        let mut versions = vec![doc.save()];
+        for version in 2..=6 {
+            let before = doc.heads();
+            doc.update(
+                &[item(&format!("a/{version}"))],
+                &[format!("a/{}", version - 1)],
+                1 + version,
+            );
+            let extension = extended(&store, &doc, &before);
+            put_appended(&mut store, &key, &doc.heads(), &extension, 1 + version).unwrap();
+            versions.push(doc.save());
+        }
+        let id = meta().id();
+        let whole = store.document(id).unwrap().unwrap();
+        let appended = whole.appended.clone().expect("appended, not saved whole");
+        let holder = |at: usize| PublishedDocument::load(&meta(), &versions[at]).unwrap();
+        for at in 0..versions.len() {
+            let mut theirs = holder(at);
+            let have = theirs.heads();
+            let HeldChanges::Lacking {
+                meta: read_meta,
+                signed,
+                changes,
+            } = store.changes_after(id, &have).unwrap()
+            else {
+                panic!("version {at}: the appended changes can tell");
+            };
+            assert_eq!(read_meta, meta());
+            assert_eq!(signed, whole.signed);
+            assert_eq!(
+                Some(&changes),
+                relay::changes_after(&whole.snapshot, &appended, &have).as_ref(),
+                "version {at}: what the whole document says is lacking"
+            );
+            assert_eq!(changes.len(), versions.len() - 1 - at);
+            theirs.apply_chunks(&changes).unwrap();
+            assert_eq!(sorted(theirs.heads()), sorted(doc.heads()), "version {at}");
+        }
+        assert_eq!(
+            store.changes_after(id, &before_base).unwrap(),
+            HeldChanges::Unknown,
+            "a head from before the saved base"
+        );
+        assert_eq!(
+            store.changes_after(id, &[[7; 32]]).unwrap(),
+            HeldChanges::Unknown,
+            "a head never held"
+        );
+        let other = DocMeta {
+            section: Section::Medications,
+            ..meta()
+        };
+        assert_eq!(
+            store.changes_after(other.id(), &doc.heads()).unwrap(),
+            HeldChanges::NotHeld
+        );
+
+        store
+            .conn
+            .execute(
+                "UPDATE appended_changes SET deps = x'00' WHERE position = 1",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            store.changes_after(id, &holder(0).heads()).unwrap(),
+            HeldChanges::Unknown,
+            "a damaged index is never trusted"
+        );
+
+        // Saved whole: a holder of the signed heads lacks nothing; any other needs the
+        // document.
+        put_whole(&mut store, &key, &doc, 9);
+        assert!(matches!(
+            store.changes_after(id, &doc.heads()).unwrap(),
+            HeldChanges::Lacking { changes, .. } if changes.is_empty()
+        ));
+        assert_eq!(
+            store.changes_after(id, &holder(0).heads()).unwrap(),
+            HeldChanges::Unknown
+        );
     }
 
     /// A relayed version is stored after its session's batch completes, and another session

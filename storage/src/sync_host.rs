@@ -13,9 +13,9 @@ use caremesh_sync::relay::HeldIndex;
 use caremesh_sync::session::EpochEnd;
 use caremesh_sync::wire::OfferEntry;
 use caremesh_sync::{
-    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item, LoadedDocuments,
-    NhsNumber, OdsCode, OfferPage, Refusal, Section, SignedCheckpoint, SignedHeads, SyncHost,
-    VerifiedBytes, VerifiedDocument,
+    Checkpoint, DocId, DocMeta, FeedEntry, FeedId, HeldChanges, HeldDocument, HostError, Item,
+    LoadedDocuments, NhsNumber, OdsCode, OfferPage, Refusal, Section, SignedCheckpoint,
+    SignedHeads, SyncHost, VerifiedBytes, VerifiedDocument,
 };
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -605,6 +605,10 @@ impl SyncHost for StoreHost {
 
     fn held_index(&mut self, doc: DocId) -> Result<Option<(DocMeta, HeldIndex)>, HostError> {
         self.store.held_index(doc).map_err(host_error)
+    }
+
+    fn changes_after(&mut self, doc: DocId, have: &[[u8; 32]]) -> Result<HeldChanges, HostError> {
+        self.store.changes_after(doc, have).map_err(host_error)
     }
 
     fn commit(

@@ -135,6 +135,38 @@ impl HeldDocument {
     }
 }
 
+/// What a holder of some heads lacks of a held document, as a host tells it from the changes
+/// it appended to the document, without the bytes saved whole ([`SyncHost::changes_after`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeldChanges {
+    /// Nothing is held.
+    NotHeld,
+    /// The held copy's partition and signed heads, and the changes the holder lacks in the
+    /// order they were stored (none where it holds exactly the signed heads).
+    Lacking {
+        meta: DocMeta,
+        signed: Vec<u8>,
+        changes: Vec<Vec<u8>>,
+    },
+    /// Only the whole document can tell: a head older than what was appended, a document
+    /// saved whole, or a damaged index.
+    Unknown,
+}
+
+/// What goes to a peer of a held document: its partition, signed heads and the changes (or,
+/// for a first copy, the stored bytes).
+struct HeldToSend {
+    meta: DocMeta,
+    signed: Vec<u8>,
+    changes: Vec<Vec<u8>>,
+}
+
+impl HeldToSend {
+    fn signed_heads(&self) -> Option<Vec<[u8; 32]>> {
+        SignedHeads::decode(&self.signed).map(|signed| signed.heads)
+    }
+}
+
 /// Keeps `document` loaded at its current heads, if the host keeps documents loaded.
 fn keep_loaded(host: &mut impl SyncHost, document: PublishedDocument) {
     if let Some(loaded) = host.loaded_documents() {
@@ -259,6 +291,14 @@ pub trait SyncHost {
         Ok(self
             .document(doc)?
             .and_then(|held| Some((held.meta.clone(), held.index()?))))
+    }
+    /// What a holder of `have` (not empty) lacks of the held copy of `doc`, where the host can
+    /// tell it from the changes appended since the document was saved whole
+    /// ([`relay::lacked_by`]) without reading the document; [`HeldChanges::Unknown`] sends the
+    /// session to [`SyncHost::document`]. A hub answers this for every version it pushes or
+    /// is asked for.
+    fn changes_after(&mut self, _doc: DocId, _have: &[[u8; 32]]) -> Result<HeldChanges, HostError> {
+        Ok(HeldChanges::Unknown)
     }
     /// Stores verified documents received from `peer` and, when given, the puller's new
     /// checkpoint in its feed, in one transaction. The host decides again, as the recipient,
@@ -1425,23 +1465,13 @@ impl Session {
         let Some(want) = self.wanted.pop_front() else {
             return Ok(None);
         };
-        let Some(mut held) = host.document(want.doc)? else {
+        let Some(held) = Self::held_to_send(want.doc, &want.have, host)? else {
             return Ok(Some(Message::Missing { doc: want.doc }));
         };
         if host.decide(&held.meta, &self.peer)? != Decision::Send {
             return Ok(Some(Message::Missing { doc: want.doc }));
         }
-        // A first copy travels as the stored bytes (Automerge's compressed form, already
-        // saved, and any changes a relay appended).
-        let changes = if want.have.is_empty() {
-            vec![std::mem::take(&mut held.snapshot)]
-        } else {
-            match Self::changes_to_send(&held, &want.have, host) {
-                Some(changes) => changes,
-                None => return Ok(Some(Message::Missing { doc: want.doc })),
-            }
-        };
-        let size: usize = changes.iter().map(Vec::len).sum::<usize>() + held.signed.len();
+        let size: usize = held.changes.iter().map(Vec::len).sum::<usize>() + held.signed.len();
         if size + 1024 > MAX_FRAME_BYTES {
             self.events.push_back(Event::Unsendable {
                 doc: want.doc,
@@ -1455,38 +1485,79 @@ impl Session {
         }
         Ok(Some(Message::Changes {
             meta: held.meta,
-            changes,
+            changes: held.changes,
             signed: held.signed,
         }))
     }
 
-    /// The changes a holder of `have` (not empty: a first copy travels as the stored bytes)
-    /// lacks of `held`, from the appended changes' index where that can tell. None when the
-    /// stored copy does not load.
-    fn changes_to_send(
+    /// What a holder of `have` lacks of the held copy of `doc`; for a first copy (`have`
+    /// empty) the stored bytes (Automerge's compressed form, already saved, and any changes
+    /// a relay appended). Asks the host to tell it from the appended changes first, and reads
+    /// the whole document only where that cannot. `None` where nothing is held or the stored
+    /// copy does not load.
+    fn held_to_send(
+        doc: DocId,
+        have: &[[u8; 32]],
+        host: &mut impl SyncHost,
+    ) -> Result<Option<HeldToSend>, SessionError> {
+        if have.is_empty() {
+            return Ok(host.document(doc)?.map(|held| HeldToSend {
+                meta: held.meta,
+                signed: held.signed,
+                changes: vec![held.snapshot],
+            }));
+        }
+        let mut to_send = match host.changes_after(doc, have)? {
+            HeldChanges::NotHeld => return Ok(None),
+            HeldChanges::Lacking {
+                meta,
+                signed,
+                changes,
+            } => HeldToSend {
+                meta,
+                signed,
+                changes,
+            },
+            HeldChanges::Unknown => {
+                let Some(held) = host.document(doc)? else {
+                    return Ok(None);
+                };
+                let Some(changes) = Self::changes_from_document(&held, have, host) else {
+                    return Ok(None);
+                };
+                HeldToSend {
+                    meta: held.meta,
+                    signed: held.signed,
+                    changes,
+                }
+            }
+        };
+        if host.planted_bug() == Some(PlantedBug::ForgeChanges) {
+            to_send.changes = to_send
+                .changes
+                .iter()
+                .map(|c| crate::planted::forged(c))
+                .collect();
+        }
+        Ok(Some(to_send))
+    }
+
+    /// The changes a holder of `have` (not empty) lacks of `held`, from the appended
+    /// changes' index where that can tell. None when the stored copy does not load.
+    fn changes_from_document(
         held: &HeldDocument,
         have: &[[u8; 32]],
         host: &mut impl SyncHost,
     ) -> Option<Vec<Vec<u8>>> {
         debug_assert!(!have.is_empty(), "a first copy is the stored bytes");
-        let changes = if let Some(changes) = held
+        if let Some(changes) = held
             .appended
             .as_ref()
             .and_then(|appended| relay::changes_after(&held.snapshot, appended, have))
         {
-            changes
-        } else {
-            Self::changes_for(held, have, host)?
-        };
-        if host.planted_bug() == Some(PlantedBug::ForgeChanges) {
-            return Some(
-                changes
-                    .iter()
-                    .map(|change| crate::planted::forged(change))
-                    .collect(),
-            );
+            return Some(changes);
         }
-        Some(changes)
+        Self::changes_for(held, have, host)
     }
 
     /// Versions of `entries` to push ahead of their offer: those of documents whose heads
@@ -1505,24 +1576,21 @@ impl Session {
             if *base == entry.heads {
                 continue;
             }
-            let Some(held) = host.document(entry.doc)? else {
+            let Some(held) = Self::held_to_send(entry.doc, base, host)? else {
                 continue;
             };
             // The version offered, not a newer one stored since: the offer names these heads.
             if held.signed_heads().as_deref() != Some(entry.heads.as_slice()) {
                 continue;
             }
-            let Some(changes) = Self::changes_to_send(&held, base, host) else {
-                continue;
-            };
-            let size: usize = changes.iter().map(Vec::len).sum();
-            if changes.is_empty() || size > PUSH_MAX_BYTES {
+            let size: usize = held.changes.iter().map(Vec::len).sum();
+            if held.changes.is_empty() || size > PUSH_MAX_BYTES {
                 continue;
             }
             pushes.push(Message::Pushed {
                 base: base.clone(),
                 meta: held.meta,
-                changes,
+                changes: held.changes,
                 signed: held.signed,
             });
         }
