@@ -14,13 +14,15 @@
 //! moment of storing, so a registry change between reading and storing still counts.
 //! A [`CheckedHeads`] can only be made here: its fields are private to this crate.
 
-use crate::signing::{SignatureError, SignedHeads};
+use crate::signing::{SignatureError, SignedHeads, VerifyingKeys};
 use crate::wire::{FrameDecoder, Message, WireError};
 
 /// One connection's reader: feed it the bytes in the order they arrived.
 #[derive(Default)]
 pub struct FrameReader {
     decoder: FrameDecoder,
+    /// The keys of the signed heads read so far, decompressed.
+    keys: VerifyingKeys,
     /// The stream failed to decode: nothing after the failure means anything.
     failed: bool,
 }
@@ -68,7 +70,7 @@ impl FrameReader {
                 Ok(Some(message)) => {
                     let heads = match &message {
                         Message::Changes { signed, .. } | Message::Pushed { signed, .. } => {
-                            check_heads(signed)
+                            check_heads(signed, &mut self.keys)
                         }
                         _ => None,
                     };
@@ -98,9 +100,9 @@ impl ReadInput {
     }
 }
 
-fn check_heads(signed: &[u8]) -> Option<CheckedHeads> {
+fn check_heads(signed: &[u8], keys: &mut VerifyingKeys) -> Option<CheckedHeads> {
     let heads = SignedHeads::decode(signed)?;
-    let signature = heads.check_signature();
+    let signature = heads.check_signature_with(keys);
     Some(CheckedHeads { heads, signature })
 }
 

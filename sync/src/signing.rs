@@ -202,7 +202,13 @@ impl SignedHeads {
     /// arithmetic, so it can run on any thread (a connection's reader does it before the
     /// engine sees the frame, see [`crate::reader`]).
     pub fn check_signature(&self) -> Result<(), SignatureError> {
-        let key = VerifyingKey::from_bytes(&self.key).map_err(|_| SignatureError::MalformedKey)?;
+        self.check_signature_with(&mut VerifyingKeys::default())
+    }
+
+    /// [`SignedHeads::check_signature`], with the key taken from `keys` where it was
+    /// decompressed before.
+    pub fn check_signature_with(&self, keys: &mut VerifyingKeys) -> Result<(), SignatureError> {
+        let key = keys.get(&self.key).ok_or(SignatureError::MalformedKey)?;
         let signature = Signature::from_bytes(&self.signature);
         key.verify_strict(&heads_payload(&self.meta, &self.heads), &signature)
             .map_err(|_| SignatureError::BadSignature {
@@ -224,6 +230,33 @@ impl SignedHeads {
 }
 
 const SIGNED_HEADS_VERSION: u8 = 1;
+
+/// Publisher keys decompressed once for many signatures. Decompressing a key (a square root
+/// in the field) is a fifth of an Ed25519 verification, and a connection's reader sees the
+/// same few keys again and again: a node's documents are all signed with its key.
+#[derive(Debug, Default)]
+pub struct VerifyingKeys {
+    keys: std::collections::HashMap<[u8; 32], VerifyingKey>,
+}
+
+impl VerifyingKeys {
+    /// Keys kept at most; past this the set starts again (the keys a hub's connection to a
+    /// node sees are the region's publishers, hundreds).
+    const MAX_KEYS: usize = 1024;
+
+    /// `key` decompressed, `None` where it is not a point on the curve.
+    pub fn get(&mut self, key: &[u8; 32]) -> Option<VerifyingKey> {
+        if let Some(decompressed) = self.keys.get(key) {
+            return Some(*decompressed);
+        }
+        let decompressed = VerifyingKey::from_bytes(key).ok()?;
+        if self.keys.len() >= Self::MAX_KEYS {
+            self.keys.clear();
+        }
+        self.keys.insert(*key, decompressed);
+        Some(decompressed)
+    }
+}
 
 fn heads_payload(meta: &DocMeta, heads: &[[u8; 32]]) -> Vec<u8> {
     debug_assert!(heads.is_sorted(), "heads are signed in sorted order");
@@ -268,6 +301,57 @@ mod tests {
         let decoded = SignedHeads::decode(&signed.encode()).unwrap();
         assert_eq!(decoded, signed);
         decoded.verify(|_, k| *k == key.public()).unwrap();
+    }
+
+    /// A reader checks signatures with keys it decompressed before: the answers are the
+    /// ones each check gives alone, for signatures by several keys in turn, forged ones, one
+    /// naming another publisher's key and one naming a key that is not a point; and the set
+    /// stays bounded.
+    #[test]
+    fn signatures_checked_with_keys_kept_decompressed_give_the_same_answers() {
+        let alice = PublisherKey::from_secret([7; 32]);
+        let bob = PublisherKey::from_secret([8; 32]);
+        let mut forged = alice.sign_heads(&meta(), &[[1; 32]]);
+        forged.heads = vec![[2; 32]];
+        let mut other_key = alice.sign_heads(&meta(), &[[1; 32]]);
+        other_key.key = bob.public();
+        let mut not_a_point = alice.sign_heads(&meta(), &[[1; 32]]);
+        // About half of all y coordinates have no point on the curve.
+        not_a_point.key = (2u8..)
+            .map(|y| {
+                let mut key = [0; 32];
+                key[0] = y;
+                key
+            })
+            .find(|key| VerifyingKey::from_bytes(key).is_err())
+            .unwrap();
+        let cases = [
+            alice.sign_heads(&meta(), &[[1; 32]]),
+            bob.sign_heads(&meta(), &[[3; 32]]),
+            forged,
+            other_key,
+            not_a_point,
+            alice.sign_heads(&meta(), &[[4; 32]]),
+        ];
+        let mut keys = VerifyingKeys::default();
+        for round in 0..3 {
+            for (at, signed) in cases.iter().enumerate() {
+                assert_eq!(
+                    signed.check_signature_with(&mut keys),
+                    signed.check_signature(),
+                    "round {round}, case {at}"
+                );
+            }
+        }
+        assert!(cases[0].check_signature_with(&mut keys).is_ok());
+        assert!(cases[2].check_signature_with(&mut keys).is_err());
+        assert_eq!(keys.keys.len(), 2, "the two keys that are points");
+        for secret in 0..VerifyingKeys::MAX_KEYS + 5 {
+            let mut seed = [0; 32];
+            seed[..8].copy_from_slice(&(secret as u64).to_le_bytes());
+            keys.get(&PublisherKey::from_secret(seed).public()).unwrap();
+        }
+        assert!(keys.keys.len() <= VerifyingKeys::MAX_KEYS);
     }
 
     #[test]
