@@ -38,7 +38,7 @@
 //!   with; checked before any frame is produced.
 
 use caremesh_storage::sync_host::StoreHost;
-use caremesh_storage::{Checkpointer, PeerStatus, StorageError};
+use caremesh_storage::{PeerStatus, StorageError};
 use caremesh_sync::planted::PlantedBug;
 use caremesh_sync::policy::Recipient;
 use caremesh_sync::{
@@ -461,15 +461,6 @@ impl Driver {
     pub fn defer_syncs(&mut self) {
         self.host.store.defer_group_syncs();
         self.defer_syncs = true;
-    }
-
-    /// Hands the store's WAL checkpoints to a [`Checkpointer`] for the caller to run on
-    /// another thread (see [`Store::checkpoint_elsewhere`]); `None` where the store keeps
-    /// them.
-    ///
-    /// [`Store::checkpoint_elsewhere`]: caremesh_storage::Store::checkpoint_elsewhere
-    pub fn checkpoint_elsewhere(&mut self) -> Result<Option<Checkpointer>, StorageError> {
-        self.host.store.checkpoint_elsewhere()
     }
 
     /// A commit the caller should sync and then report with [`Driver::durable`], if one was

@@ -402,12 +402,8 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
                 };
                 let mut driver = Driver::new(ods, host, options, 0);
                 driver.defer_syncs();
-                let checkpointer = driver.checkpoint_elsewhere().unwrap_or_else(|error| {
-                    tracing::warn!(%error, "could not open a connection for WAL checkpoints; the sync engine checkpoints itself");
-                    None
-                });
                 let (sync_requests, synced) =
-                    match spawn_wal_sync(driver.host().store.wal_syncer(), checkpointer) {
+                    match spawn_wal_sync(driver.host().store.wal_syncer()) {
                         Ok(channels) => channels,
                         Err(error) => {
                             tracing::error!(%error, "could not start the thread that syncs the database; the node stops");
@@ -778,13 +774,9 @@ enum SyncOutcome {
 /// it takes commits to sync, syncs the WAL once for all those asked for meanwhile (each was
 /// asked for after it committed, so the sync covers it), and says which are durable. The
 /// engine thread goes on with its next turn while the disk works. A failed sync is the
-/// thread's last: what the disk holds is then unknown, and the node stops. With a
-/// `checkpointer` ([`Driver::checkpoint_elsewhere`]) it also copies the WAL back into the
-/// database once due, after a sync, so the engine thread does not; a failed checkpoint is
-/// logged and left to the next (the engine's connection checkpoints at its backstop).
+/// thread's last: what the disk holds is then unknown, and the node stops.
 fn spawn_wal_sync(
     syncer: caremesh_storage::WalSyncer,
-    checkpointer: Option<caremesh_storage::Checkpointer>,
 ) -> std::io::Result<(std::sync::mpsc::Sender<u64>, watch::Receiver<SyncOutcome>)> {
     let (requests, asked) = std::sync::mpsc::channel::<u64>();
     let (done, synced) = watch::channel(SyncOutcome::Durable(0));
@@ -802,11 +794,6 @@ fn spawn_wal_sync(
                 let failed = matches!(outcome, SyncOutcome::Failed(_));
                 if done.send(outcome).is_err() || failed {
                     return;
-                }
-                if let Some(checkpointer) = &checkpointer
-                    && let Err(error) = checkpointer.checkpoint_if_due()
-                {
-                    tracing::warn!(%error, "a WAL checkpoint failed; the next is tried after the next sync");
                 }
             }
         })?;

@@ -18,7 +18,6 @@ pub mod access;
 pub mod api_access;
 pub mod at_rest;
 pub mod audit;
-mod checkpoints;
 pub mod disk_space;
 mod feed_tail;
 mod migrations;
@@ -36,7 +35,6 @@ pub mod sync_host;
 mod vfs_shim;
 
 pub use access::BreakGlass;
-pub use checkpoints::{BACKSTOP_FRAMES, CHECKPOINT_FRAMES, Checkpointer};
 pub use peers::{
     FeedRow, KEPT_FEED_EPOCHS, PeerCheckpoint, PeerStatus, RejectedChange, UnsendableDocument,
 };
