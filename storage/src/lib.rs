@@ -44,8 +44,8 @@ use caremesh_sync::policy::{Consent, SourceStatement};
 use caremesh_sync::register::ItemRegister;
 use caremesh_sync::relay::{self, AppendedChange, AppendedChanges, Extension, HeldIndex};
 use caremesh_sync::{
-    DataClass, DocId, DocMeta, HeldChanges, Item, NhsNumber, OdsCode, PublishedDocument, Section,
-    SignedHeads,
+    ChangesToSend, DataClass, DocId, DocMeta, HeldChanges, Item, NhsNumber, OdsCode,
+    PublishedDocument, Section, SignedHeads,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use simulated_disk::SimulatedDisk;
@@ -1430,56 +1430,28 @@ fn changes_after(
     have_sorted.sort_unstable();
     have_sorted.dedup();
     if have_sorted == heads {
-        return Ok(HeldChanges::Lacking {
+        return Ok(HeldChanges::Lacking(ChangesToSend {
             meta,
             signed,
             changes: Vec::new(),
-        });
+        }));
     }
-    let Some(base_heads) = appended_base.as_deref().and_then(hashes) else {
-        // Saved whole (or a damaged base): only the document can tell.
+    let Some(base_heads) = appended_base else {
+        // Saved whole: only the document can tell.
         return Ok(HeldChanges::Unknown);
     };
-    let mut index = AppendedChanges {
-        base_heads,
-        base_len: 0,
-        changes: Vec::new(),
-    };
-    let mut bytes = Vec::new();
-    let mut statement = conn
-        .prepare_cached(
-            "SELECT hash, deps, bytes FROM appended_changes WHERE doc_id = ?1 ORDER BY position",
-        )
-        .map_err(err)?;
-    let mut rows = statement.query([&id.0[..]]).map_err(err)?;
-    while let Some(row) = rows.next().map_err(err)? {
-        let hash = row.get_ref(0).and_then(|v| Ok(v.as_blob()?)).map_err(err)?;
-        let deps = row.get_ref(1).and_then(|v| Ok(v.as_blob()?)).map_err(err)?;
-        let change: Vec<u8> = row.get(2).map_err(err)?;
-        let (Ok(hash), Some(deps)) = (<[u8; 32]>::try_from(hash), hashes(deps)) else {
-            // A damaged index is never trusted (see `appended_changes`).
-            return Ok(HeldChanges::Unknown);
-        };
-        index.changes.push(AppendedChange {
-            hash,
-            deps,
-            len: change.len() as u64,
-        });
-        bytes.push(change);
-    }
-    let Some(lacked) = relay::lacked_by(&index, have) else {
+    // The appended changes alone, one after another, as the index's base of no bytes.
+    let mut appended_bytes = Vec::new();
+    let (index, _) = appended_changes(conn, path, id, &base_heads, 0, Some(&mut appended_bytes))?;
+    let Some(changes) = index.and_then(|index| relay::changes_after(&appended_bytes, &index, have))
+    else {
         return Ok(HeldChanges::Unknown);
     };
-    let changes = bytes
-        .into_iter()
-        .zip(lacked)
-        .filter_map(|(change, lacked)| lacked.then_some(change))
-        .collect();
-    Ok(HeldChanges::Lacking {
+    Ok(HeldChanges::Lacking(ChangesToSend {
         meta,
         signed,
         changes,
-    })
+    }))
 }
 
 /// The index of the changes a relay appended to a document since its base (`base_len`
@@ -2704,11 +2676,11 @@ mod tests {
         for at in 0..versions.len() {
             let mut theirs = holder(at);
             let have = theirs.heads();
-            let HeldChanges::Lacking {
+            let HeldChanges::Lacking(ChangesToSend {
                 meta: read_meta,
                 signed,
                 changes,
-            } = store.changes_after(id, &have).unwrap()
+            }) = store.changes_after(id, &have).unwrap()
             else {
                 panic!("version {at}: the appended changes can tell");
             };
@@ -2760,7 +2732,7 @@ mod tests {
         put_whole(&mut store, &key, &doc, 9);
         assert!(matches!(
             store.changes_after(id, &doc.heads()).unwrap(),
-            HeldChanges::Lacking { changes, .. } if changes.is_empty()
+            HeldChanges::Lacking(ChangesToSend { changes, .. }) if changes.is_empty()
         ));
         assert_eq!(
             store.changes_after(id, &holder(0).heads()).unwrap(),

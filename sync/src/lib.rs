@@ -43,8 +43,8 @@ pub use model::{
 };
 pub use reader::{FrameReader, ReadInput};
 pub use session::{
-    Checkpoint, Event, FeedEntry, HeldChanges, HeldDocument, HostError, OfferPage, Refusal,
-    Session, SessionError, SessionStats, SyncHost, VerifiedBytes, VerifiedDocument,
+    ChangesToSend, Checkpoint, Event, FeedEntry, HeldChanges, HeldDocument, HostError, OfferPage,
+    Refusal, Session, SessionError, SessionStats, SyncHost, VerifiedBytes, VerifiedDocument,
 };
 pub use signing::{
     AuditCheckpoint, CheckpointError, PublisherKey, SignatureError, SignedCheckpoint, SignedHeads,

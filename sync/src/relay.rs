@@ -250,27 +250,7 @@ pub fn changes_after(
     appended: &AppendedChanges,
     have: &[[u8; 32]],
 ) -> Option<Vec<Vec<u8>>> {
-    if !appended.fits(stored.len() as u64) {
-        return None;
-    }
-    let lacked = lacked_by(appended, have)?;
-    let mut start = appended.base_len as usize;
-    let mut lacking = Vec::new();
-    for (change, lacked) in appended.changes.iter().zip(lacked) {
-        let end = start + change.len as usize;
-        if lacked {
-            lacking.push(stored[start..end].to_vec());
-        }
-        start = end;
-    }
-    Some(lacking)
-}
-
-/// Which of the appended changes (by their place in the index) a holder of `have` lacks, if
-/// the index can tell (as [`changes_after`] says); what a host that keeps each appended
-/// change apart reads to send only those.
-pub fn lacked_by(appended: &AppendedChanges, have: &[[u8; 32]]) -> Option<Vec<bool>> {
-    if have.is_empty() {
+    if have.is_empty() || !appended.fits(stored.len() as u64) {
         return None;
     }
     let position: BTreeMap<[u8; 32], usize> = appended
@@ -298,7 +278,16 @@ pub fn lacked_by(appended: &AppendedChanges, have: &[[u8; 32]]) -> Option<Vec<bo
     if !appended.base_heads.iter().all(|h| base_reached.contains(h)) {
         return None;
     }
-    Some(held_by_them.into_iter().map(|held| !held).collect())
+    let mut start = appended.base_len as usize;
+    let mut lacking = Vec::new();
+    for (change, held) in appended.changes.iter().zip(held_by_them) {
+        let end = start + change.len as usize;
+        if !held {
+            lacking.push(stored[start..end].to_vec());
+        }
+        start = end;
+    }
+    Some(lacking)
 }
 
 #[cfg(test)]

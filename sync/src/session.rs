@@ -141,27 +141,23 @@ impl HeldDocument {
 pub enum HeldChanges {
     /// Nothing is held.
     NotHeld,
-    /// The held copy's partition and signed heads, and the changes the holder lacks in the
-    /// order they were stored (none where it holds exactly the signed heads).
-    Lacking {
-        meta: DocMeta,
-        signed: Vec<u8>,
-        changes: Vec<Vec<u8>>,
-    },
+    /// What the holder lacks (no changes where it holds exactly the signed heads).
+    Lacking(ChangesToSend),
     /// Only the whole document can tell: a head older than what was appended, a document
     /// saved whole, or a damaged index.
     Unknown,
 }
 
-/// What goes to a peer of a held document: its partition, signed heads and the changes (or,
-/// for a first copy, the stored bytes).
-struct HeldToSend {
-    meta: DocMeta,
-    signed: Vec<u8>,
-    changes: Vec<Vec<u8>>,
+/// What goes to a peer of a held document: its partition, signed heads and the changes it
+/// lacks in the order they were stored (or, for a first copy, the stored bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangesToSend {
+    pub meta: DocMeta,
+    pub signed: Vec<u8>,
+    pub changes: Vec<Vec<u8>>,
 }
 
-impl HeldToSend {
+impl ChangesToSend {
     fn signed_heads(&self) -> Option<Vec<[u8; 32]>> {
         SignedHeads::decode(&self.signed).map(|signed| signed.heads)
     }
@@ -294,7 +290,7 @@ pub trait SyncHost {
     }
     /// What a holder of `have` (not empty) lacks of the held copy of `doc`, where the host can
     /// tell it from the changes appended since the document was saved whole
-    /// ([`relay::lacked_by`]) without reading the document; [`HeldChanges::Unknown`] sends the
+    /// ([`relay::changes_after`]) without reading the document; [`HeldChanges::Unknown`] sends the
     /// session to [`SyncHost::document`]. A hub answers this for every version it pushes or
     /// is asked for.
     fn changes_after(&mut self, _doc: DocId, _have: &[[u8; 32]]) -> Result<HeldChanges, HostError> {
@@ -1499,9 +1495,9 @@ impl Session {
         doc: DocId,
         have: &[[u8; 32]],
         host: &mut impl SyncHost,
-    ) -> Result<Option<HeldToSend>, SessionError> {
+    ) -> Result<Option<ChangesToSend>, SessionError> {
         if have.is_empty() {
-            return Ok(host.document(doc)?.map(|held| HeldToSend {
+            return Ok(host.document(doc)?.map(|held| ChangesToSend {
                 meta: held.meta,
                 signed: held.signed,
                 changes: vec![held.snapshot],
@@ -1509,15 +1505,7 @@ impl Session {
         }
         let mut to_send = match host.changes_after(doc, have)? {
             HeldChanges::NotHeld => return Ok(None),
-            HeldChanges::Lacking {
-                meta,
-                signed,
-                changes,
-            } => HeldToSend {
-                meta,
-                signed,
-                changes,
-            },
+            HeldChanges::Lacking(to_send) => to_send,
             HeldChanges::Unknown => {
                 let Some(held) = host.document(doc)? else {
                     return Ok(None);
@@ -1525,7 +1513,7 @@ impl Session {
                 let Some(changes) = Self::changes_from_document(&held, have, host) else {
                     return Ok(None);
                 };
-                HeldToSend {
+                ChangesToSend {
                     meta: held.meta,
                     signed: held.signed,
                     changes,

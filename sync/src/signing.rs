@@ -232,8 +232,8 @@ impl SignedHeads {
 const SIGNED_HEADS_VERSION: u8 = 1;
 
 /// Publisher keys decompressed once for many signatures. Decompressing a key (a square root
-/// in the field) is a fifth of an Ed25519 verification, and a connection's reader sees the
-/// same few keys again and again: a node's documents are all signed with its key.
+/// in the field) is about a tenth of an Ed25519 verification, and a connection's reader sees
+/// the same few keys again and again: a node's documents are all signed with its key.
 #[derive(Debug, Default)]
 pub struct VerifyingKeys {
     keys: std::collections::HashMap<[u8; 32], VerifyingKey>,
