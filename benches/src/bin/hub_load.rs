@@ -72,6 +72,10 @@ struct Args {
     /// The hub's database encrypted at rest (SQLCipher, a data key file in the work folder).
     #[arg(long)]
     encrypted_hub: bool,
+    /// KiB of earlier problems' text each patient's problems document starts with, so that
+    /// the hub holds documents the size of a real record's sections (0: a few hundred bytes).
+    #[arg(long, default_value_t = 0)]
+    history_kib: u64,
 }
 
 /// A document version made and signed before the load: the change that makes it from the
@@ -417,6 +421,16 @@ fn run(args: &Args, work: &Path) -> Result<()> {
         changes.len(),
         making.elapsed().as_secs_f64()
     );
+    let mut first_sizes: Vec<usize> = firsts
+        .iter()
+        .filter(|first| first.meta.section == Section::Problems)
+        .map(|first| first.bytes.len())
+        .collect();
+    first_sizes.sort_unstable();
+    println!(
+        "first copies of problems documents: {} bytes saved at the median",
+        first_sizes.get(first_sizes.len() / 2).copied().unwrap_or(0)
+    );
 
     let mut hub = spawn_hub(&hub_dir, args.pin)?;
     let hub_pid = hub.id();
@@ -492,6 +506,7 @@ struct First {
 fn make_changes(publishers: &[Publisher], args: &Args) -> Result<(Vec<First>, Vec<Change>)> {
     let count = publishers.len();
     let mut firsts = Vec::new();
+    let mut history_words = Rng::new(args.shape.seed ^ 0x4849_5354);
     let mut making: Vec<HashMap<NhsNumber, Making>> = Vec::with_capacity(count);
     for (index, publisher) in publishers.iter().enumerate() {
         let mut documents = HashMap::new();
@@ -499,7 +514,8 @@ fn make_changes(publishers: &[Publisher], args: &Args) -> Result<(Vec<First>, Ve
             let recipient = neighbour(index, side, count);
             for patient in patients {
                 let mut made = Making::new(publisher, patient);
-                let (problems, sharing) = made.next(publisher, 0)?;
+                let history = earlier_problems(&mut history_words, args.history_kib * 1024);
+                let (problems, sharing) = made.next(publisher, 0, history)?;
                 for (version, document) in [(problems, &made.problems), (sharing, &made.sharing)] {
                     firsts.push(First {
                         node: index,
@@ -527,7 +543,7 @@ fn make_changes(publishers: &[Publisher], args: &Args) -> Result<(Vec<First>, Ve
         let made = making[node]
             .get_mut(patient)
             .expect("every patient of the node has documents");
-        let (problems, sharing) = made.next(publisher, serial)?;
+        let (problems, sharing) = made.next(publisher, serial, Vec::new())?;
         changes.push(Change {
             node,
             versions: [problems, sharing],
@@ -563,9 +579,15 @@ impl Making {
         }
     }
 
-    /// One new problem, as ingest publishes it: the next version of the problems document
-    /// and of the sharing record (whose item counts it changes).
-    fn next(&mut self, publisher: &Publisher, serial: u64) -> Result<(Version, Version)> {
+    /// One new problem, as ingest publishes it, with `earlier` problems beside it: the next
+    /// version of the problems document and of the sharing record (whose item counts it
+    /// changes).
+    fn next(
+        &mut self,
+        publisher: &Publisher,
+        serial: u64,
+        mut earlier: Vec<Item>,
+    ) -> Result<(Version, Version)> {
         let id = format!("Condition/load-{serial}-{}", self.items);
         let item = Item::titled(
             &id,
@@ -576,13 +598,14 @@ impl Making {
             "benchmark",
             &id,
         );
-        self.items += 1;
+        self.items += 1 + earlier.len() as u64;
+        earlier.push(item);
         let time = 1_800_000_000 + serial as i64;
         let problems = version_of(
             &mut self.problems,
             &self.problems_meta,
             &publisher.key,
-            &[item],
+            &earlier,
             time,
         )?;
         let record = SharingRecord::new(
@@ -598,6 +621,86 @@ impl Making {
         )?;
         Ok((problems, sharing))
     }
+}
+
+/// Earlier problems of about `bytes` of text in all, each a title and a few hundred bytes of
+/// detail: words drawn from a clinical vocabulary, so that they compress about as a record's
+/// text does, not as repeated bytes would.
+fn earlier_problems(words: &mut Rng, bytes: u64) -> Vec<Item> {
+    const VOCABULARY: [&str; 48] = [
+        "patient",
+        "reports",
+        "intermittent",
+        "chest",
+        "pain",
+        "on",
+        "exertion",
+        "no",
+        "history",
+        "of",
+        "diabetes",
+        "hypertension",
+        "reviewed",
+        "in",
+        "clinic",
+        "blood",
+        "pressure",
+        "stable",
+        "plan",
+        "continue",
+        "current",
+        "medication",
+        "follow",
+        "up",
+        "weeks",
+        "referred",
+        "to",
+        "cardiology",
+        "asthma",
+        "well",
+        "controlled",
+        "inhaler",
+        "technique",
+        "checked",
+        "advised",
+        "smoking",
+        "cessation",
+        "renal",
+        "function",
+        "normal",
+        "left",
+        "knee",
+        "osteoarthritis",
+        "physiotherapy",
+        "and",
+        "the",
+        "with",
+        "mg",
+    ];
+    const DETAIL_BYTES: usize = 480;
+    let mut items = Vec::new();
+    let mut written = 0;
+    while written < bytes {
+        let mut detail = String::with_capacity(DETAIL_BYTES + 16);
+        while detail.len() < DETAIL_BYTES {
+            detail.push_str(VOCABULARY[words.below(VOCABULARY.len() as u64) as usize]);
+            detail.push(' ');
+        }
+        let id = format!("Condition/history-{}", items.len());
+        let mut item = Item::titled(
+            &id,
+            Section::Problems,
+            DataClass::Coded,
+            "Condition",
+            &format!("Earlier problem {}", items.len()),
+            "benchmark",
+            &id,
+        );
+        written += (detail.len() + id.len() * 2 + 24) as u64;
+        item.detail = Some(detail);
+        items.push(item);
+    }
+    items
 }
 
 /// Writes `items` into `document` and returns the version that makes: the change and the
