@@ -694,3 +694,83 @@ mod tests {
         assert!(threads.values().map(|(_, n)| n).sum::<usize>() >= 1);
     }
 }
+
+/// Earlier problems of about `bytes` of text in all, each a title and a few hundred bytes of
+/// detail: words drawn from a clinical vocabulary, so that they compress about as a record's
+/// text does, not as repeated bytes would.
+pub fn earlier_problems(words: &mut caremesh_sync::rng::Rng, bytes: u64) -> Vec<Item> {
+    const VOCABULARY: [&str; 48] = [
+        "patient",
+        "reports",
+        "intermittent",
+        "chest",
+        "pain",
+        "on",
+        "exertion",
+        "no",
+        "history",
+        "of",
+        "diabetes",
+        "hypertension",
+        "reviewed",
+        "in",
+        "clinic",
+        "blood",
+        "pressure",
+        "stable",
+        "plan",
+        "continue",
+        "current",
+        "medication",
+        "follow",
+        "up",
+        "weeks",
+        "referred",
+        "to",
+        "cardiology",
+        "asthma",
+        "well",
+        "controlled",
+        "inhaler",
+        "technique",
+        "checked",
+        "advised",
+        "smoking",
+        "cessation",
+        "renal",
+        "function",
+        "normal",
+        "left",
+        "knee",
+        "osteoarthritis",
+        "physiotherapy",
+        "and",
+        "the",
+        "with",
+        "mg",
+    ];
+    const DETAIL_BYTES: usize = 480;
+    let mut items = Vec::new();
+    let mut written = 0;
+    while written < bytes {
+        let mut detail = String::with_capacity(DETAIL_BYTES + 16);
+        while detail.len() < DETAIL_BYTES {
+            detail.push_str(VOCABULARY[words.below(VOCABULARY.len() as u64) as usize]);
+            detail.push(' ');
+        }
+        let id = format!("Condition/history-{}", items.len());
+        let mut item = Item::titled(
+            &id,
+            caremesh_sync::Section::Problems,
+            caremesh_sync::DataClass::Coded,
+            "Condition",
+            &format!("Earlier problem {}", items.len()),
+            "benchmark",
+            &id,
+        );
+        written += (detail.len() + id.len() * 2 + 24) as u64;
+        item.detail = Some(detail);
+        items.push(item);
+    }
+    items
+}

@@ -122,6 +122,86 @@ fn main() -> Result<()> {
     durable_append(&key, true)?;
     durable_append(&key, false)?;
     relay_reads(&key, &meta)?;
+    for history_kib in [0, 16, 64, 256] {
+        relayed_versions_stored(&key, history_kib)?;
+    }
+    Ok(())
+}
+
+/// A relayed version stored as a hub stores it: the held copy's index read, the received
+/// change checked by its hash chain and appended in a group commit of [`GROUP`] with fsync,
+/// for documents that start with `history_kib` KiB of earlier problems' text
+/// ([`caremesh_bench::earlier_problems`]). What a version costs should not grow with what
+/// its document saved whole.
+fn relayed_versions_stored(key: &PublisherKey, history_kib: u64) -> Result<()> {
+    const ROUNDS: usize = 8;
+    let dir = tempfile::tempdir().context("a temporary folder")?;
+    let mut store = Store::open(&dir.path().join("relayed.db"))?;
+    let mut words = caremesh_sync::rng::Rng::new(history_kib + 1);
+    let mut documents = Vec::with_capacity(GROUP);
+    let mut saved = Vec::with_capacity(GROUP);
+    store.begin_group();
+    for index in 0..GROUP {
+        let meta = meta_for(index as u64 + 1);
+        let mut document = PublishedDocument::create(meta.clone(), &[1]);
+        let mut items = caremesh_bench::earlier_problems(&mut words, history_kib * 1024);
+        items.extend(items_for(&meta, 1, 0));
+        document.update(&items, &[], 1_700_000_000);
+        let bytes = document.save();
+        let batch = store.write()?;
+        batch.put_document(
+            &key.sign_heads(&meta, &document.heads()),
+            &bytes,
+            None,
+            &[],
+            None,
+            1,
+        )?;
+        batch.commit()?;
+        saved.push(bytes.len());
+        documents.push((meta, document));
+    }
+    store.end_group()?;
+    saved.sort_unstable();
+    // Each version one new problem, made and signed before the clock starts.
+    let mut versions = Vec::with_capacity(GROUP * ROUNDS);
+    for round in 1..=ROUNDS {
+        for (meta, document) in &mut documents {
+            let before = document.heads();
+            let item = items_for(meta, 1, round).remove(0);
+            let mut item = item.clone();
+            item.id = format!("problem-new-{round}");
+            document.update(&[item], &[], 1_700_000_000 + round as i64);
+            versions.push((
+                key.sign_heads(meta, &document.heads()),
+                document.changes_since(&before),
+            ));
+        }
+    }
+    let start = caremesh_bench::own_cpu_seconds();
+    for group in versions.chunks(GROUP) {
+        store.begin_group();
+        for (signed, changes) in group {
+            let (_, held) = store.held_index(signed.meta.id())?.context("held")?;
+            let extension = caremesh_sync::relay::extend(&held, changes)
+                .map_err(|declined| anyhow::anyhow!("declined: {declined:?}"))?;
+            let batch = store.write()?;
+            batch
+                .put_appended(signed, &extension, None, None, 1)?
+                .context("appended")?;
+            batch.commit()?;
+        }
+        store.end_group()?;
+    }
+    let per_version = (caremesh_bench::own_cpu_seconds() - start) / versions.len() as f64;
+    println!(
+        "{:<52} {:>12.1}",
+        format!(
+            "relayed version stored, {} B saved (median)",
+            saved[saved.len() / 2]
+        ),
+        per_version * 1e6
+    );
     Ok(())
 }
 
