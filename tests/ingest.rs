@@ -1159,11 +1159,15 @@ fn kill_9_during_a_large_ingest_leaves_a_consistent_database() {
     assert_eq!(report_json(&third)["documents_written"], 0);
 }
 
-fn flip_byte(db: &Path, column: &str) {
+/// Flips a bit in the middle of `column` of the first document's row of `table`.
+fn flip_byte(db: &Path, table: &str, column: &str) {
     let conn = caremesh_storage::page_checksums::open_directly(db).unwrap();
     let (rowid, mut bytes): (i64, Vec<u8>) = conn
         .query_row(
-            &format!("SELECT rowid, {column} FROM documents ORDER BY seq LIMIT 1"),
+            &format!(
+                "SELECT rowid, {column} FROM {table} \
+                 WHERE doc_id = (SELECT doc_id FROM documents ORDER BY seq LIMIT 1)"
+            ),
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -1171,7 +1175,7 @@ fn flip_byte(db: &Path, column: &str) {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x04;
     conn.execute(
-        &format!("UPDATE documents SET {column} = ?1 WHERE rowid = ?2"),
+        &format!("UPDATE {table} SET {column} = ?1 WHERE rowid = ?2"),
         rusqlite::params![bytes, rowid],
     )
     .unwrap();
@@ -1237,11 +1241,11 @@ fn verify_needs_only_the_public_key() {
 
 #[test]
 fn verify_reports_one_flipped_byte_in_stored_data() {
-    for column in ["snapshot", "signed"] {
+    for (table, column) in [("document_snapshots", "snapshot"), ("documents", "signed")] {
         let (dir, _files) = node_with_asthma();
         let clean = run_verify(&dir);
         assert!(clean.status.success(), "{}", stdout(&clean));
-        flip_byte(&home(&dir).join("node.db"), column);
+        flip_byte(&home(&dir).join("node.db"), table, column);
         let output = run_verify(&dir);
         assert_eq!(
             output.status.code(),
@@ -1251,6 +1255,33 @@ fn verify_reports_one_flipped_byte_in_stored_data() {
         );
         assert!(stdout(&output).contains("TAMPERED"), "{}", stdout(&output));
     }
+}
+
+/// A document's saved bytes live in a table of their own: a row that lost them (damage, a
+/// hand edit) is reported with its document, never passed over as if it were not held.
+#[test]
+fn verify_reports_a_document_whose_saved_bytes_are_missing() {
+    let (dir, _files) = node_with_asthma();
+    let conn =
+        caremesh_storage::page_checksums::open_directly(&home(&dir).join("node.db")).unwrap();
+    let (doc_id, section): (Vec<u8>, String) = conn
+        .query_row(
+            "SELECT doc_id, section FROM documents WHERE section = 'problems'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    conn.execute(
+        "DELETE FROM document_snapshots WHERE doc_id = ?1",
+        [&doc_id],
+    )
+    .unwrap();
+    drop(conn);
+    let output = run_verify(&dir);
+    assert_eq!(output.status.code(), Some(4), "{}", stdout(&output));
+    let text = stdout(&output);
+    assert!(text.contains("TAMPERED"), "{text}");
+    assert!(text.contains(&section), "{text}");
 }
 
 #[test]

@@ -498,7 +498,7 @@ fn a_document_too_large_to_send_is_an_error_in_status_metrics_and_the_log() {
     // A document grown past the frame limit (its snapshot padded, as no ingest would make it).
     let conn = database(&gp);
     conn.execute(
-        "UPDATE documents SET snapshot = CAST(snapshot || zeroblob(17000000) AS BLOB) \
+        "UPDATE document_snapshots SET snapshot = CAST(snapshot || zeroblob(17000000) AS BLOB) \
          WHERE doc_id = (SELECT doc_id FROM documents WHERE section = 'problems' LIMIT 1)",
         [],
     )

@@ -886,7 +886,8 @@ impl Store {
         let mut statement = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                "SELECT {DOCUMENT_COLUMNS} FROM {DOCUMENTS_WITH_SNAPSHOTS} WHERE d.seq > ?1 \
+                 ORDER BY d.seq LIMIT ?2"
             ))
             .map_err(self.err("read documents"))?;
         let rows = statement
@@ -1227,8 +1228,14 @@ fn wal_path(path: &Path) -> PathBuf {
     PathBuf::from(wal)
 }
 
-const DOCUMENT_COLUMNS: &str =
-    "doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended_base";
+/// A document's row joined to its saved bytes, as `d` and `s`, for [`DOCUMENT_COLUMNS`].
+/// A row whose saved bytes are missing (damage) is read with none, so that it loads as
+/// damaged (`caremesh verify` names it) rather than vanishing from every read.
+const DOCUMENTS_WITH_SNAPSHOTS: &str =
+    "documents d LEFT JOIN document_snapshots s ON s.doc_id = d.doc_id";
+/// The columns [`raw_document`] reads, from [`DOCUMENTS_WITH_SNAPSHOTS`].
+const DOCUMENT_COLUMNS: &str = "d.doc_id, d.publisher, d.nhs, d.section, d.class, \
+     COALESCE(s.snapshot, x''), d.signed, d.seq, d.updated_at, d.appended_base";
 
 /// Whether a node of `kind` keeps the items of `section` in its read model. A hub serves no
 /// clinician a record: it keeps only what its own work reads (sharing records for its
@@ -1331,8 +1338,10 @@ fn meta_from(columns: [&str; 4], id: DocId, path: &Path) -> Result<DocMeta> {
 fn held_index(conn: &Connection, path: &Path, id: DocId) -> Result<Option<(DocMeta, HeldIndex)>> {
     let row = conn
         .prepare_cached(
-            "SELECT publisher, nhs, section, class, length(snapshot), signed, appended_base, \
-             item_register FROM documents WHERE doc_id = ?1",
+            "SELECT d.publisher, d.nhs, d.section, d.class, COALESCE(length(s.snapshot), 0), \
+             d.signed, d.appended_base, d.item_register \
+             FROM documents d LEFT JOIN document_snapshots s ON s.doc_id = d.doc_id \
+             WHERE d.doc_id = ?1",
         )
         .and_then(|mut statement| {
             statement
@@ -1382,7 +1391,7 @@ fn doc_id_from(bytes: &[u8], path: &Path) -> Result<DocId> {
 fn document_by_id(conn: &Connection, path: &Path, id: DocId) -> Result<Option<StoredDocument>> {
     let raw = conn
         .prepare_cached(&format!(
-            "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE doc_id = ?1"
+            "SELECT {DOCUMENT_COLUMNS} FROM {DOCUMENTS_WITH_SNAPSHOTS} WHERE d.doc_id = ?1"
         ))
         .and_then(|mut statement| statement.query_row([&id.0[..]], raw_document).optional())
         .map_err(|source| StorageError::database(path.to_path_buf(), "read document", source))?;
@@ -1748,7 +1757,9 @@ impl WriteBatch<'_> {
         let held = self
             .tx
             .prepare_cached(
-                "SELECT length(snapshot), appended_base, signed FROM documents WHERE doc_id = ?1",
+                "SELECT COALESCE(length(s.snapshot), 0), d.appended_base, d.signed \
+                 FROM documents d LEFT JOIN document_snapshots s ON s.doc_id = d.doc_id \
+                 WHERE d.doc_id = ?1",
             )
             .and_then(|mut statement| {
                 statement
@@ -1940,9 +1951,9 @@ impl WriteBatch<'_> {
         let seq = self.next_feed_position()?;
         self.tx
             .prepare_cached(
-                "INSERT INTO documents (doc_id, publisher, nhs, section, class, snapshot, signed, seq, updated_at, appended_base, item_register) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
-                 ON CONFLICT(doc_id) DO UPDATE SET snapshot = excluded.snapshot, \
+                "INSERT INTO documents (doc_id, publisher, nhs, section, class, signed, seq, updated_at, appended_base, item_register) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT(doc_id) DO UPDATE SET \
                  signed = excluded.signed, seq = excluded.seq, updated_at = excluded.updated_at, \
                  appended_base = excluded.appended_base, item_register = excluded.item_register",
             )
@@ -1953,7 +1964,6 @@ impl WriteBatch<'_> {
                     meta.patient.as_str(),
                     meta.section.as_str(),
                     meta.class.as_str(),
-                    snapshot,
                     signed.encode(),
                     seq,
                     updated_at,
@@ -1961,6 +1971,13 @@ impl WriteBatch<'_> {
                     register.map(ItemRegister::encode)
                 ])
             })
+            .map_err(self.err("store document"))?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO document_snapshots (doc_id, snapshot) VALUES (?1, ?2) \
+                 ON CONFLICT(doc_id) DO UPDATE SET snapshot = excluded.snapshot",
+            )
+            .and_then(|mut statement| statement.execute(params![&id.0[..], snapshot]))
             .map_err(self.err("store document"))?;
         self.tx
             .prepare_cached("DELETE FROM appended_changes WHERE doc_id = ?1")
@@ -2572,7 +2589,7 @@ mod tests {
             store
                 .conn
                 .query_row(
-                    "SELECT count(*) FROM documents WHERE snapshot = ?1",
+                    "SELECT count(*) FROM document_snapshots WHERE snapshot = ?1",
                     [&base],
                     |row| row.get(0),
                 )

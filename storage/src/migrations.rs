@@ -460,6 +460,20 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE documents ADD COLUMN item_register BLOB;
     "#,
+    // 26: what a document saved whole, in a table of its own. In the documents row the saved
+    // bytes sat before `signed`, `seq`, `updated_at`, `appended_base` and `item_register`, so
+    // every read of those passed them and every version a relay appended (which updates only
+    // those) rewrote them: for a record's sections of kilobytes, their overflow pages. Kept
+    // apart, a version costs the same whatever the size of the document it extends. Copying
+    // at upgrade reads and writes every document once.
+    r#"
+    CREATE TABLE document_snapshots (
+        doc_id      BLOB PRIMARY KEY REFERENCES documents(doc_id) ON DELETE CASCADE,
+        snapshot    BLOB NOT NULL
+    ) STRICT;
+    INSERT INTO document_snapshots (doc_id, snapshot) SELECT doc_id, snapshot FROM documents;
+    ALTER TABLE documents DROP COLUMN snapshot;
+    "#,
 ];
 
 #[cfg(test)]
@@ -470,6 +484,56 @@ mod tests {
         for sql in super::MIGRATIONS {
             conn.execute_batch(sql).unwrap();
         }
+    }
+
+    /// Migration 26 moves each document's saved bytes to a table of their own, byte for byte,
+    /// and a document deleted afterwards (a purge) takes its saved bytes with it.
+    #[test]
+    fn saved_documents_move_to_their_own_table_whole() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch("PRAGMA foreign_keys = ON;").unwrap();
+        let (before, after) = super::MIGRATIONS.split_at(25);
+        for sql in before {
+            conn.execute_batch(sql).unwrap();
+        }
+        let large: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for (id, snapshot, seq) in [([1u8; 16], &b"small"[..], 1), ([2; 16], &large[..], 2)] {
+            conn.execute(
+                "INSERT INTO documents (doc_id, publisher, nhs, section, class, snapshot, \
+                 signed, seq, updated_at) VALUES (?1, 'A81001', '9000000009', 'problems', \
+                 'coded', ?2, x'00', ?3, 0)",
+                rusqlite::params![&id[..], snapshot, seq],
+            )
+            .unwrap();
+        }
+        for sql in after {
+            conn.execute_batch(sql).unwrap();
+        }
+        let saved = |id: [u8; 16]| -> Option<Vec<u8>> {
+            conn.query_row(
+                "SELECT snapshot FROM document_snapshots WHERE doc_id = ?1",
+                [&id[..]],
+                |row| row.get(0),
+            )
+            .ok()
+        };
+        assert_eq!(saved([1; 16]).as_deref(), Some(&b"small"[..]));
+        assert_eq!(saved([2; 16]), Some(large));
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('documents')")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !columns.iter().any(|name| name == "snapshot"),
+            "{columns:?}"
+        );
+        conn.execute("DELETE FROM documents WHERE seq = 2", [])
+            .unwrap();
+        assert_eq!(saved([2; 16]), None);
+        assert_eq!(saved([1; 16]).as_deref(), Some(&b"small"[..]));
     }
 
     /// Migration 23 allows each client the origins of the subscriptions it holds in force,

@@ -452,7 +452,8 @@ impl Store {
             .prepare_cached(
                 "SELECT u.doc_id, u.peer, u.bytes, u.first_at, u.last_at \
                  FROM unsendable_documents u JOIN documents d ON d.doc_id = u.doc_id \
-                 WHERE length(d.snapshot) + length(d.signed) + 1024 > ?1 \
+                 JOIN document_snapshots s ON s.doc_id = u.doc_id \
+                 WHERE length(s.snapshot) + length(d.signed) + 1024 > ?1 \
                  ORDER BY u.last_at DESC",
             )
             .map_err(self.err("read unsendable documents"))?;

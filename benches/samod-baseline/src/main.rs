@@ -152,7 +152,7 @@ fn shareable_snapshots(db: &Path) -> Result<Vec<Vec<u8>>> {
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("opening {}", db.display()))?;
     let mut statement =
-        conn.prepare("SELECT snapshot FROM documents WHERE class IN ('coded', 'free-text', 'document') ORDER BY seq")?;
+        conn.prepare("SELECT s.snapshot FROM documents d JOIN document_snapshots s ON s.doc_id = d.doc_id WHERE d.class IN ('coded', 'free-text', 'document') ORDER BY d.seq")?;
     let rows = statement.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -319,7 +319,9 @@ fn cold_sync(work: &Path, gp: &Path) -> Result<()> {
     )?;
     let saved_bytes = count(
         &gp_db,
-        "SELECT sum(length(snapshot) + length(signed)) FROM documents WHERE class IN ('coded', 'free-text', 'document')",
+        "SELECT sum(length(s.snapshot) + length(d.signed)) FROM documents d \
+         JOIN document_snapshots s ON s.doc_id = d.doc_id \
+         WHERE d.class IN ('coded', 'free-text', 'document')",
     )?;
     let mut hub_process = run_node(&hub)?;
     let started = Instant::now();
