@@ -287,18 +287,6 @@ impl Store {
         Ok(feed)
     }
 
-    /// The signed heads stored for a document, without loading its snapshot.
-    pub fn held_signed(&self, doc: DocId) -> Result<Option<Vec<u8>>> {
-        self.conn
-            .prepare_cached("SELECT signed FROM documents WHERE doc_id = ?1")
-            .and_then(|mut statement| {
-                statement
-                    .query_row([&doc.0[..]], |row| row.get(0))
-                    .optional()
-            })
-            .map_err(self.err("read signed heads"))
-    }
-
     /// Our checkpoint in `peer`'s feed.
     pub fn peer_checkpoint(&self, peer: &OdsCode) -> Result<Option<PeerCheckpoint>> {
         let row: Option<(Option<Vec<u8>>, i64, u64)> = self

@@ -586,11 +586,8 @@ impl SyncHost for StoreHost {
     }
 
     fn held_heads(&mut self, doc: DocId) -> Result<Option<Vec<[u8; 32]>>, HostError> {
-        let signed = self.store.held_signed(doc).map_err(host_error)?;
         // Unreadable signed heads count as not held: a verified copy from the peer replaces it.
-        Ok(signed
-            .and_then(|bytes| SignedHeads::decode(&bytes))
-            .map(|s| s.heads))
+        self.store.held_heads(doc).map_err(host_error)
     }
 
     fn document(&mut self, doc: DocId) -> Result<Option<HeldDocument>, HostError> {

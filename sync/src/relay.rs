@@ -250,7 +250,29 @@ pub fn changes_after(
     appended: &AppendedChanges,
     have: &[[u8; 32]],
 ) -> Option<Vec<Vec<u8>>> {
-    if have.is_empty() || !appended.fits(stored.len() as u64) {
+    if !appended.fits(stored.len() as u64) {
+        return None;
+    }
+    let lacking = lacking_positions(appended, have)?;
+    let mut starts = Vec::with_capacity(appended.changes.len());
+    let mut start = appended.base_len as usize;
+    for change in &appended.changes {
+        starts.push(start);
+        start += change.len as usize;
+    }
+    Some(
+        lacking
+            .into_iter()
+            .map(|at| stored[starts[at]..starts[at] + appended.changes[at].len as usize].to_vec())
+            .collect(),
+    )
+}
+
+/// Which of the appended changes (their positions in `appended`, in order) a holder of
+/// `have` lacks, told from the index alone; `None` where it cannot tell (as
+/// [`changes_after`]).
+pub fn lacking_positions(appended: &AppendedChanges, have: &[[u8; 32]]) -> Option<Vec<usize>> {
+    if have.is_empty() {
         return None;
     }
     let position: BTreeMap<[u8; 32], usize> = appended
@@ -278,16 +300,14 @@ pub fn changes_after(
     if !appended.base_heads.iter().all(|h| base_reached.contains(h)) {
         return None;
     }
-    let mut start = appended.base_len as usize;
-    let mut lacking = Vec::new();
-    for (change, held) in appended.changes.iter().zip(held_by_them) {
-        let end = start + change.len as usize;
-        if !held {
-            lacking.push(stored[start..end].to_vec());
-        }
-        start = end;
-    }
-    Some(lacking)
+    Some(
+        held_by_them
+            .iter()
+            .enumerate()
+            .filter(|(_, held)| !**held)
+            .map(|(at, _)| at)
+            .collect(),
+    )
 }
 
 #[cfg(test)]
