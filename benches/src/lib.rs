@@ -662,39 +662,6 @@ pub fn own_cpu_seconds() -> f64 {
     now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stat_line_gives_its_thread_name_and_cpu_even_with_spaces_and_parentheses() {
-        // utime 250 and stime 50 ticks: 3 s.
-        let line =
-            "4242 (tokio (runtime) w) S 1 4242 4242 0 -1 4194368 100 0 0 0 250 50 0 0 20 0 1 0";
-        assert_eq!(
-            parse_stat(line),
-            Some(("tokio (runtime) w".to_string(), 3.0))
-        );
-        assert_eq!(parse_stat("garbage"), None);
-        let before = BTreeMap::from([("sync-engine".to_string(), (1.0, 1))]);
-        let after = BTreeMap::from([
-            ("sync-engine".to_string(), (4.5, 1)),
-            ("tokio-runtime-w".to_string(), (1.25, 2)),
-            ("idle".to_string(), (0.0, 1)),
-        ]);
-        assert_eq!(
-            thread_cpu_line(&before, &after),
-            "sync-engine 3.5 s, tokio-runtime-w 1.2 s (2 threads)"
-        );
-    }
-
-    #[test]
-    fn this_process_threads_are_read_from_proc() {
-        let threads = cpu_seconds_by_thread(std::process::id());
-        assert!(threads.values().map(|(_, n)| n).sum::<usize>() >= 1);
-    }
-}
-
 /// Earlier problems of about `bytes` of text in all, each a title and a few hundred bytes of
 /// detail: words drawn from a clinical vocabulary, so that they compress about as a record's
 /// text does, not as repeated bytes would.
@@ -773,4 +740,37 @@ pub fn earlier_problems(words: &mut caremesh_sync::rng::Rng, bytes: u64) -> Vec<
         items.push(item);
     }
     items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_its_thread_name_and_cpu_even_with_spaces_and_parentheses() {
+        // utime 250 and stime 50 ticks: 3 s.
+        let line =
+            "4242 (tokio (runtime) w) S 1 4242 4242 0 -1 4194368 100 0 0 0 250 50 0 0 20 0 1 0";
+        assert_eq!(
+            parse_stat(line),
+            Some(("tokio (runtime) w".to_string(), 3.0))
+        );
+        assert_eq!(parse_stat("garbage"), None);
+        let before = BTreeMap::from([("sync-engine".to_string(), (1.0, 1))]);
+        let after = BTreeMap::from([
+            ("sync-engine".to_string(), (4.5, 1)),
+            ("tokio-runtime-w".to_string(), (1.25, 2)),
+            ("idle".to_string(), (0.0, 1)),
+        ]);
+        assert_eq!(
+            thread_cpu_line(&before, &after),
+            "sync-engine 3.5 s, tokio-runtime-w 1.2 s (2 threads)"
+        );
+    }
+
+    #[test]
+    fn this_process_threads_are_read_from_proc() {
+        let threads = cpu_seconds_by_thread(std::process::id());
+        assert!(threads.values().map(|(_, n)| n).sum::<usize>() >= 1);
+    }
 }

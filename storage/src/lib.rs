@@ -2602,7 +2602,7 @@ mod tests {
             let held = store.held_index(id).unwrap();
             let batch = store.write().unwrap();
             match held {
-                Some((_, index)) if choice % 3 != 0 => {
+                Some((_, index)) if !choice.is_multiple_of(3) => {
                     let extension = relay::extend(&index, &docs[at].changes_since(&before));
                     if let Ok(extension) = extension {
                         batch
