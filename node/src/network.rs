@@ -461,7 +461,7 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
             .with_context(|| format!("[sync] listen `{listen}` is not an IP:port address"))?,
         None => "0.0.0.0:0".parse().expect("valid address"),
     };
-    let endpoint = quinn::Endpoint::server(server, bind)
+    let endpoint = sync_endpoint(Some(server), bind)
         .with_context(|| format!("binding the sync endpoint on UDP {bind}"))?;
     let local_addr = settings.listen.as_ref().and(endpoint.local_addr().ok());
 
@@ -500,6 +500,56 @@ pub async fn start(settings: SyncSettings, shutdown: watch::Receiver<bool>) -> R
         stopped,
         engine,
     })
+}
+
+/// The kernel buffers asked for on the sync socket, each way. All of a node's peers share its
+/// one UDP socket, and Linux's default receive buffer (about 208 KiB) is a few hundred
+/// datagrams: a hub whose runtime is busy for a few milliseconds while hundreds of peers send
+/// drops the rest. QUIC sends them again, but each loss shrinks the sender's window and
+/// backs its timers off, and at 500 peers and 2,000 changes a second so many were lost that
+/// connections timed out and were dialled again (BENCHMARKS.md, eighteenth sitting).
+pub const SYNC_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A QUIC endpoint on [`sync_socket`]`(bind)`. `server` is `None` for an endpoint that only
+/// dials (the load generator's).
+pub fn sync_endpoint(
+    server: Option<quinn::ServerConfig>,
+    bind: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    let (socket, _) = sync_socket(bind)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+}
+
+/// What the kernel granted a socket, in bytes each way.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketBuffers {
+    pub receive: usize,
+    pub send: usize,
+}
+
+/// A UDP socket bound to `bind`, with [`SYNC_SOCKET_BUFFER`] asked for each way. The kernel
+/// grants at most `net.core.rmem_max` and `net.core.wmem_max`; less than asked is logged, as
+/// the node works and only drops sooner under load.
+pub fn sync_socket(bind: SocketAddr) -> std::io::Result<(std::net::UdpSocket, SocketBuffers)> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // Failing to grow a buffer leaves the default, which is what the node ran with before.
+    let _ = state.set_recv_buffer_size((&socket).into(), SYNC_SOCKET_BUFFER);
+    let _ = state.set_send_buffer_size((&socket).into(), SYNC_SOCKET_BUFFER);
+    let granted = SocketBuffers {
+        receive: state.recv_buffer_size((&socket).into())?,
+        send: state.send_buffer_size((&socket).into())?,
+    };
+    if granted.receive < SYNC_SOCKET_BUFFER || granted.send < SYNC_SOCKET_BUFFER {
+        tracing::info!(
+            receive_kib = granted.receive / 1024,
+            send_kib = granted.send / 1024,
+            asked_kib = SYNC_SOCKET_BUFFER / 1024,
+            "the sync socket's kernel buffers are smaller than asked for, so a busy hub drops datagrams sooner; raise net.core.rmem_max and net.core.wmem_max to grant them"
+        );
+    }
+    Ok((socket, granted))
 }
 
 /// The QUIC transport every sync connection uses (the load generator dials with it too).
@@ -1109,5 +1159,43 @@ impl Engine {
             tracing::error!(%error, "could not write the wire log; it stops here");
             self.wire_log = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_limit(name: &str) -> Option<usize> {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The sync socket gets the larger buffers wherever the kernel allows them. Where its
+    /// limits are the defaults (as on a stock Linux), a socket left alone and one asked for
+    /// more look alike, and the test shows only that asking is not an error.
+    #[test]
+    fn the_sync_socket_asks_the_kernel_for_large_buffers() {
+        let (socket, granted) = sync_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(socket.local_addr().unwrap().port() > 0);
+        let (Some(rmem_max), Some(wmem_max)) = (kernel_limit("rmem_max"), kernel_limit("wmem_max"))
+        else {
+            return;
+        };
+        // Linux grants up to its limit and reports twice what it granted (the doubling
+        // covers its bookkeeping), so at least the smaller of the two is held.
+        assert!(
+            granted.receive >= SYNC_SOCKET_BUFFER.min(rmem_max),
+            "receive buffer {} with net.core.rmem_max {rmem_max}",
+            granted.receive
+        );
+        assert!(
+            granted.send >= SYNC_SOCKET_BUFFER.min(wmem_max),
+            "send buffer {} with net.core.wmem_max {wmem_max}",
+            granted.send
+        );
     }
 }

@@ -758,7 +758,7 @@ async fn drive(
     keys.insert(hub_ods(), hub_key);
     let keys = Rc::new(keys);
     let registry_bytes = Rc::new(registry.bytes().to_vec());
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let endpoint = caremesh::network::sync_endpoint(None, "127.0.0.1:0".parse()?)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut inboxes = Vec::with_capacity(publishers.len());
     let mut tasks = Vec::with_capacity(publishers.len());
