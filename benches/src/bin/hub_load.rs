@@ -43,7 +43,7 @@ use caremesh_storage::publish::{actor_for, sharing_item};
 use caremesh_sync::policy::{Consent, Decision, Recipient, SharingRecord};
 use caremesh_sync::relay::{AppendedChange, AppendedChanges, HeldIndex};
 use caremesh_sync::rng::Rng;
-use caremesh_sync::session::{EpochEnd, offerable_from_feed};
+use caremesh_sync::session::{ChangesToSend, EpochEnd, HeldChanges, offerable_from_feed};
 use caremesh_sync::{
     Checkpoint, DataClass, DocId, DocMeta, FeedEntry, FeedId, HeldDocument, HostError, Item,
     NhsNumber, OdsCode, OrgKind, PublishedDocument, PublisherKey, Refusal, Section, Session,
@@ -109,6 +109,14 @@ struct Own {
     index: AppendedChanges,
     heads: [u8; 32],
     signed: Rc<Vec<u8>>,
+    /// Each later version's change, shared with the version made before the load.
+    changes: Vec<Rc<Vec<u8>>>,
+    /// How many of `changes` a holder of each version's head has (the first version's: none).
+    /// A publisher's history is a line, so a holder of one head lacks exactly the changes
+    /// after it: served in time independent of how long the history is, as a real node
+    /// serves from its stored index, and not by copying the whole history for each version
+    /// asked (which made the generator's cost grow through a ten-minute run).
+    held_through: HashMap<[u8; 32], usize>,
 }
 
 /// A document received from the hub, as a relay stores it: bytes never loaded (a saved first
@@ -185,6 +193,8 @@ impl ThinHost {
                 bytes: first,
                 heads,
                 signed: Rc::new(signed),
+                changes: Vec::new(),
+                held_through: HashMap::from([(heads, 0)]),
             },
         );
         self.advance_feed(doc);
@@ -206,6 +216,8 @@ impl ThinHost {
         });
         own.heads = version.hash;
         own.signed = version.signed.clone();
+        own.changes.push(version.change.clone());
+        own.held_through.insert(version.hash, own.changes.len());
         self.advance_feed(doc);
     }
 
@@ -282,6 +294,25 @@ impl SyncHost for ThinHost {
         // Received: as a relay holds it. The session checks the next version's hash chain
         // against it.
         Ok(self.received.get(&doc).map(Received::held))
+    }
+    fn changes_after(&mut self, doc: DocId, have: &[[u8; 32]]) -> Result<HeldChanges, HostError> {
+        let Some(own) = self.own.get(&doc) else {
+            return Ok(HeldChanges::Unknown);
+        };
+        let Some(&held) = (match have {
+            [head] => own.held_through.get(head),
+            _ => None,
+        }) else {
+            return Ok(HeldChanges::Unknown);
+        };
+        Ok(HeldChanges::Lacking(ChangesToSend {
+            meta: (*own.meta).clone(),
+            signed: (*own.signed).clone(),
+            changes: own.changes[held..]
+                .iter()
+                .map(|change| change.to_vec())
+                .collect(),
+        }))
     }
     fn held_index(&mut self, doc: DocId) -> Result<Option<(DocMeta, HeldIndex)>, HostError> {
         Ok(self.received.get(&doc).map(|held| {
