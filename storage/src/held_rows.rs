@@ -11,15 +11,20 @@
 //! writer, this connection (the home's write lock), and:
 //! - every write of a document's row or appended changes forgets its entry (`put_version`,
 //!   `append_changes`), and a purge forgets all;
+//! - a write batch notes the row as it wrote it ([`HeldRow::as_written`]), reads its own
+//!   notes first, and keeps them only once it commits: a batch dropped, or whose commit
+//!   fails, keeps nothing of what it wrote. A relay pushes each version right after storing
+//!   it, and so reads the row it just wrote without going to the database;
 //! - only reads outside a write batch keep what they read; a batch uses what is kept and
 //!   otherwise reads its own transaction without keeping it, since its writes may yet roll
 //!   back;
-//! - a group commit that fails forgets all, since reads between its batches saw its writes.
+//! - a group commit that fails forgets all, since reads between its batches, and the rows
+//!   its batches kept as they committed, saw its writes.
 //!
 //! A store opened read-only keeps nothing: another connection writes what it reads.
 
-use crate::{Result, StorageError, appended_changes, meta_from, partition_columns};
-use caremesh_sync::relay::AppendedChanges;
+use crate::{Result, StorageError, appended_changes, hashes, meta_from, partition_columns};
+use caremesh_sync::relay::{AppendedChange, AppendedChanges};
 use caremesh_sync::{DocId, DocMeta, SignedHeads};
 use rusqlite::{Connection, OptionalExtension};
 use std::path::Path;
@@ -51,6 +56,65 @@ pub(crate) struct HeldRow {
     pub register: Option<Vec<u8>>,
 }
 
+impl HeldRow {
+    /// The row as a write leaves it, which is what reading it back gives: `signed` and
+    /// `register` as encoded into their columns, a base of `base_len` bytes saved whole, and
+    /// after it, where `appended_base` names the base's heads, the index of every appended
+    /// change in position order (`changes`: none where the version was saved whole).
+    pub fn as_written(
+        meta: DocMeta,
+        signed: Vec<u8>,
+        base_len: u64,
+        appended_base: Option<Vec<u8>>,
+        changes: Vec<AppendedChange>,
+        register: Option<Vec<u8>>,
+    ) -> HeldRow {
+        assert!(
+            appended_base.is_some() || changes.is_empty(),
+            "changes are appended only after a base named by its heads"
+        );
+        let appended_len = changes.iter().map(|change| change.len).sum();
+        let appended =
+            appended_base
+                .as_deref()
+                .and_then(hashes)
+                .map(|base_heads| AppendedChanges {
+                    base_heads,
+                    base_len,
+                    changes,
+                });
+        HeldRow::with_heads_of(
+            meta,
+            signed,
+            base_len,
+            appended_base,
+            (appended, appended_len),
+            register,
+        )
+    }
+
+    /// A row whose heads are those `signed` (as stored) names.
+    fn with_heads_of(
+        meta: DocMeta,
+        signed: Vec<u8>,
+        base_len: u64,
+        appended_base: Option<Vec<u8>>,
+        (appended, appended_len): (Option<AppendedChanges>, u64),
+        register: Option<Vec<u8>>,
+    ) -> HeldRow {
+        HeldRow {
+            meta,
+            heads: SignedHeads::decode(&signed).map(|signed| signed.heads),
+            signed,
+            base_len,
+            appended_base,
+            appended,
+            appended_len,
+            register,
+        }
+    }
+}
+
 /// Reads the row of `id` from `conn` (the store's connection, or a batch's transaction).
 pub(crate) fn read(conn: &Connection, path: &Path, id: DocId) -> Result<Option<HeldRow>> {
     let row = conn
@@ -79,20 +143,18 @@ pub(crate) fn read(conn: &Connection, path: &Path, id: DocId) -> Result<Option<H
     };
     let meta = meta_from(columns.each_ref().map(String::as_str), id, path)?;
     let base_len = base_len as u64;
-    let (appended, appended_len) = match &appended_base {
+    let appended = match &appended_base {
         Some(base_heads) => appended_changes(conn, path, id, base_heads, base_len, None)?,
         None => (None, 0),
     };
-    Ok(Some(HeldRow {
+    Ok(Some(HeldRow::with_heads_of(
         meta,
-        heads: SignedHeads::decode(&signed).map(|signed| signed.heads),
         signed,
         base_len,
         appended_base,
         appended,
-        appended_len,
         register,
-    }))
+    )))
 }
 
 /// The rows kept, least recently used first out.

@@ -762,6 +762,7 @@ impl Store {
             path,
             loaded: &self.loaded,
             held_rows: &self.held_rows,
+            written: std::cell::RefCell::new(Vec::new()),
             feed_tip: std::cell::Cell::new(None),
         })
     }
@@ -1550,6 +1551,9 @@ pub struct WriteBatch<'a> {
     loaded: &'a std::cell::RefCell<own_versions::LoadedOwnDocuments>,
     /// The store's kept rows of held documents, which this batch's writes forget.
     held_rows: &'a std::cell::RefCell<held_rows::HeldRows>,
+    /// The rows this batch wrote, as it wrote them, oldest first: read first by the batch
+    /// itself, and kept once it commits ([`held_rows`]).
+    written: std::cell::RefCell<Vec<(DocId, std::sync::Arc<held_rows::HeldRow>)>>,
     /// The last feed position this batch handed out, once it has handed one out: the next is
     /// counted from it and written with a plain UPDATE. Nothing else in a batch moves the
     /// tip, and a batch that rolls back takes its tip with it.
@@ -1598,9 +1602,18 @@ impl WriteBatch<'_> {
         Ok(self.held_row(id)?.and_then(|row| held_index_of(&row)))
     }
 
-    /// The row of `id` a relay reads ([`held_rows`]): kept, or read from this batch's
-    /// transaction and not kept, since the batch may yet roll back what it read.
+    /// The row of `id` a relay reads ([`held_rows`]): as this batch wrote it, kept, or read
+    /// from this batch's transaction and not kept, since the batch may yet roll back what it
+    /// read.
     fn held_row(&self, id: DocId) -> Result<Option<std::sync::Arc<held_rows::HeldRow>>> {
+        if let Some((_, row)) = self
+            .written
+            .borrow()
+            .iter()
+            .find(|(written, _)| *written == id)
+        {
+            return Ok(Some(row.clone()));
+        }
         if let Some(row) = self.held_rows.borrow_mut().get(id) {
             return Ok(Some(row));
         }
@@ -1736,32 +1749,36 @@ impl WriteBatch<'_> {
             "the index's new changes must describe the bytes appended"
         );
         let id = signed.meta.id();
-        if self.holds_what_was_extended(id, extension)? {
+        if let Some(held) = self.held_as_extended(id, extension)? {
             return self
-                .append_changes(signed, extension, rows, register, updated_at)
+                .append_changes(&held, signed, extension, rows, register, updated_at)
                 .map(Some);
         }
         self.append_to_what_is_held(signed, extension, rows, register, updated_at)
     }
 
-    /// Whether the stored document is exactly the copy `extension` extended: its saved base
-    /// (the same length and base heads, or the signed heads where it was saved whole)
-    /// followed by exactly the changes the extension counts as held.
-    fn holds_what_was_extended(&self, id: DocId, extension: &Extension) -> Result<bool> {
+    /// The stored document's row where it is exactly the copy `extension` extended: its
+    /// saved base (the same length and base heads, or the signed heads where it was saved
+    /// whole) followed by exactly the changes the extension counts as held.
+    fn held_as_extended(
+        &self,
+        id: DocId,
+        extension: &Extension,
+    ) -> Result<Option<std::sync::Arc<held_rows::HeldRow>>> {
         let index = &extension.appended;
         let Some(held) = self.held_row(id)? else {
-            return Ok(false);
+            return Ok(None);
         };
         if held.base_len != index.base_len {
-            return Ok(false);
+            return Ok(None);
         }
         let held_changes = match &held.appended_base {
             Some(held_base) if *held_base == index.base_heads.concat() => match &held.appended {
                 Some(appended) => &appended.changes[..],
                 // A damaged index is never trusted.
-                None => return Ok(false),
+                None => return Ok(None),
             },
-            Some(_) => return Ok(false),
+            Some(_) => return Ok(None),
             // Saved whole: the extension's base is the whole copy, at its signed heads.
             None if held
                 .heads
@@ -1770,20 +1787,39 @@ impl WriteBatch<'_> {
             {
                 &[]
             }
-            None => return Ok(false),
+            None => return Ok(None),
         };
-        Ok(held_changes.len() == extension.already_held
+        let extended = held_changes.len() == extension.already_held
             && held_changes
                 .iter()
                 .zip(&index.changes)
-                .all(|(held, change)| held.hash == change.hash))
+                .all(|(held, change)| held.hash == change.hash);
+        Ok(extended.then_some(held))
+    }
+
+    /// Forgets what is kept, and what this batch noted, of `id`'s row: it is being written.
+    fn forget_row(&self, id: DocId) {
+        self.held_rows.borrow_mut().forget(id);
+        self.written
+            .borrow_mut()
+            .retain(|(written, _)| *written != id);
+    }
+
+    /// Notes `row` as what this batch wrote of `id`: read by the batch from now on, and kept
+    /// once the batch commits.
+    fn note_written(&self, id: DocId, row: held_rows::HeldRow) {
+        debug_assert_eq!(row.meta.id(), id, "a row is noted under its own document");
+        let mut written = self.written.borrow_mut();
+        written.retain(|(written, _)| *written != id);
+        written.push((id, std::sync::Arc::new(row)));
     }
 
     /// Writes the extension's new changes after the held ones and moves the document's row to
     /// the new version, its read-model rows as `rows` says and its register to `register`.
-    /// The caller checked that the held copy is the one extended.
+    /// The caller checked that `held`, the held copy's row, is the one extended.
     fn append_changes(
         &self,
+        held: &held_rows::HeldRow,
         signed: &SignedHeads,
         extension: &Extension,
         rows: Rows<'_>,
@@ -1791,7 +1827,10 @@ impl WriteBatch<'_> {
         updated_at: i64,
     ) -> Result<i64> {
         let id = signed.meta.id();
-        self.held_rows.borrow_mut().forget(id);
+        self.forget_row(id);
+        let signed_encoded = signed.encode();
+        let register_encoded = register.map(ItemRegister::encode);
+        let appended_base = extension.appended.base_heads.concat();
         let seq = self.next_feed_position()?;
         self.tx
             .prepare_cached(
@@ -1801,11 +1840,11 @@ impl WriteBatch<'_> {
             .and_then(|mut statement| {
                 statement.execute(params![
                     &id.0[..],
-                    signed.encode(),
+                    &signed_encoded,
                     seq,
                     updated_at,
-                    extension.appended.base_heads.concat(),
-                    register.map(ItemRegister::encode)
+                    &appended_base,
+                    &register_encoded
                 ])
             })
             .map_err(self.err("store document"))?;
@@ -1831,9 +1870,29 @@ impl WriteBatch<'_> {
                 .map_err(self.err("store appended change"))?;
             start = end;
         }
+        drop(insert);
         if let Rows::Replaced(items) = rows {
             self.replace_item_rows(&signed.meta, items, seq)?;
         }
+        // The changes held were checked to be the extension's first; the rest were written.
+        let held_changes = held.appended.as_ref().map_or(&[][..], |a| &a.changes[..]);
+        debug_assert_eq!(held_changes.len(), extension.already_held);
+        let changes = held_changes
+            .iter()
+            .chain(&extension.appended.changes[extension.already_held..])
+            .cloned()
+            .collect();
+        self.note_written(
+            id,
+            held_rows::HeldRow::as_written(
+                held.meta.clone(),
+                signed_encoded,
+                held.base_len,
+                Some(appended_base),
+                changes,
+                register_encoded,
+            ),
+        );
         Ok(seq)
     }
 
@@ -1858,10 +1917,10 @@ impl WriteBatch<'_> {
             }
             if let Ok(again) = relay::extend(&index, &changes)
                 && again.heads == sorted(signed.heads.clone())
-                && self.holds_what_was_extended(id, &again)?
+                && let Some(held) = self.held_as_extended(id, &again)?
             {
                 return self
-                    .append_changes(signed, &again, rows, register, updated_at)
+                    .append_changes(&held, signed, &again, rows, register, updated_at)
                     .map(Some);
             }
         }
@@ -1924,7 +1983,9 @@ impl WriteBatch<'_> {
     ) -> Result<i64> {
         let meta = &signed.meta;
         let id = meta.id();
-        self.held_rows.borrow_mut().forget(id);
+        self.forget_row(id);
+        let signed_encoded = signed.encode();
+        let register_encoded = register.map(ItemRegister::encode);
         let seq = self.next_feed_position()?;
         self.tx
             .prepare_cached(
@@ -1941,11 +2002,11 @@ impl WriteBatch<'_> {
                     meta.patient.as_str(),
                     meta.section.as_str(),
                     meta.class.as_str(),
-                    signed.encode(),
+                    &signed_encoded,
                     seq,
                     updated_at,
                     appended_base,
-                    register.map(ItemRegister::encode)
+                    &register_encoded
                 ])
             })
             .map_err(self.err("store document"))?;
@@ -1963,6 +2024,17 @@ impl WriteBatch<'_> {
         if let Rows::Replaced(items) = rows {
             self.replace_item_rows(meta, items, seq)?;
         }
+        self.note_written(
+            id,
+            held_rows::HeldRow::as_written(
+                meta.clone(),
+                signed_encoded,
+                snapshot.len() as u64,
+                appended_base.map(<[u8]>::to_vec),
+                Vec::new(),
+                register_encoded,
+            ),
+        );
         Ok(seq)
     }
 
@@ -2087,6 +2159,7 @@ impl WriteBatch<'_> {
     /// Returns how many documents were dropped.
     pub fn purge(&self, publisher: &OdsCode, nhs: &NhsNumber) -> Result<usize> {
         self.held_rows.borrow_mut().forget_all();
+        self.written.borrow_mut().clear();
         self.tx
             .prepare_cached(
                 "DELETE FROM documents WHERE publisher = ?1 AND nhs = ?2 \
@@ -2301,7 +2374,14 @@ impl WriteBatch<'_> {
             BatchTransaction::Own(tx) => tx.commit(),
             BatchTransaction::InGroup(savepoint) => savepoint.commit(),
         }
-        .map_err(|source| StorageError::database(path, "commit", source))
+        .map_err(|source| StorageError::database(path, "commit", source))?;
+        // Within a group these are kept before the group commits: one that fails forgets
+        // every kept row.
+        let mut kept = self.held_rows.borrow_mut();
+        for (id, row) in self.written.into_inner() {
+            kept.keep(id, row);
+        }
+        Ok(())
     }
 }
 
@@ -2557,10 +2637,12 @@ mod tests {
         (sorted(loaded.heads()), sorted(index.heads))
     }
 
-    /// The rows a relay reads are kept between versions ([`held_rows`]). Whatever happens to
-    /// the documents (relayed versions stored, versions saved whole, purges, batches that roll
-    /// back, group commits that fail), what is read through the kept rows is what the
-    /// database says, and what a holder is sent is what the whole document gives.
+    /// The rows a relay reads are kept between versions ([`held_rows`]), and a committed
+    /// write keeps the row as it wrote it, so that the push after it reads no row back.
+    /// Whatever happens to the documents (relayed versions stored, versions saved whole,
+    /// purges, batches that roll back, group commits that fail), what is read through the
+    /// kept rows is what the database says, and what a holder is sent is what the whole
+    /// document gives.
     #[test]
     fn kept_rows_read_as_the_database_says_through_writes_purges_and_rollbacks() {
         let dir = tempfile::tempdir().unwrap();
@@ -2584,6 +2666,7 @@ mod tests {
         // Every version each has published, saved.
         let mut published: Vec<Vec<Vec<u8>>> = vec![Vec::new(); docs.len()];
         let mut rng = caremesh_sync::rng::Rng::new(11);
+        let (mut appended_and_kept, mut saved_and_kept) = (0, 0);
         for step in 0..240u64 {
             let at = rng.below(docs.len() as u64) as usize;
             let meta = &metas[at];
@@ -2601,21 +2684,26 @@ mod tests {
             }
             let held = store.held_index(id).unwrap();
             let batch = store.write().unwrap();
-            match held {
+            // Whether a version was written, and whether as changes appended.
+            let (written, appended) = match held {
                 Some((_, index)) if !choice.is_multiple_of(3) => {
                     let extension = relay::extend(&index, &docs[at].changes_since(&before));
-                    if let Ok(extension) = extension {
+                    let written = extension.is_ok_and(|extension| {
                         batch
                             .put_appended(&signed, &extension, None, None, 1)
-                            .unwrap();
-                    }
+                            .unwrap()
+                            .is_some()
+                    });
+                    (written, written)
                 }
                 _ => {
-                    batch
+                    let written = batch
                         .put_document(&signed, &docs[at].save(), None, &[], None, 1)
-                        .unwrap();
+                        .unwrap()
+                        .is_some();
+                    (written, false)
                 }
-            }
+            };
             // As a second version of the document in the same batch would: read what the
             // batch wrote, which may yet roll back.
             batch.held_index(id).unwrap();
@@ -2627,11 +2715,23 @@ mod tests {
             } else {
                 batch.commit().unwrap();
             }
+            let mut committed = written && choice != 1 && choice != 2;
             if in_group {
                 store.held_index(id).unwrap();
                 disk.set_full(choice == 9);
-                let _ = store.end_group();
+                committed &= store.end_group().is_ok();
                 disk.set_full(false);
+            }
+            // What was written and committed is kept as written, before anything reads it.
+            if committed {
+                let kept = store.held_rows.borrow_mut().get(id);
+                let kept = kept.expect("a committed write keeps its row");
+                assert_eq!(kept.appended.is_some(), appended, "step {step}");
+                if appended {
+                    appended_and_kept += 1;
+                } else {
+                    saved_and_kept += 1;
+                }
             }
             for (meta, doc_versions) in metas.iter().zip(&published) {
                 let id = meta.id();
@@ -2672,6 +2772,11 @@ mod tests {
         }
         assert!(disk.failed_commits() > 0, "some group commits failed");
         assert!(store.held_rows.borrow().len() > 0, "rows were kept");
+        assert!(
+            appended_and_kept > 20,
+            "{appended_and_kept} appended rows kept"
+        );
+        assert!(saved_and_kept > 20, "{saved_and_kept} saved rows kept");
     }
 
     /// Finding (issue 19's 10-minute run): a relayed version rewrote the whole stored row, so

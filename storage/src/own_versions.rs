@@ -83,10 +83,11 @@ impl WriteBatch<'_> {
         removed: &[String],
         updated_at: i64,
     ) -> Result<Option<i64>> {
-        if !self.holds_what_was_extended(signed.meta.id(), extension)? {
+        let Some(held) = self.held_as_extended(signed.meta.id(), extension)? else {
             return Ok(None);
-        }
-        let position = self.append_changes(signed, extension, Rows::Kept, None, updated_at)?;
+        };
+        let position =
+            self.append_changes(&held, signed, extension, Rows::Kept, None, updated_at)?;
         self.amend_read_model(&signed.meta, written, removed, position)?;
         Ok(Some(position))
     }
