@@ -7,8 +7,8 @@
 //! extended?) and when it is pushed to a recipient (what does the holder lack?). At
 //! saturation that was a fifth of the engine thread (BENCHMARKS.md, seventeenth sitting).
 //!
-//! An entry is exactly what the store's own connection would read, because the store has one
-//! writer, this connection (the home's write lock), and:
+//! An entry is exactly what the store's own connection would read, because SQLite lets one
+//! connection write at a time, and:
 //! - every write of a document's row or appended changes forgets its entry (`put_version`,
 //!   `append_changes`), and a purge forgets all;
 //! - a write batch notes the row as it wrote it ([`HeldRow::as_written`]), reads its own
@@ -20,6 +20,12 @@
 //!   back;
 //! - a group commit that fails forgets all, since reads between its batches, and the rows
 //!   its batches kept as they committed, saw its writes.
+//!
+//! Another connection may still write beside the node (a node's own documents, published by
+//! a process beside it: `load-bench`'s publishers). SQLite's `data_version` moves whenever
+//! another connection commits, so every read outside a write and every write batch first
+//! checks it and forgets all if it moved ([`HeldRows::forget_if_written_elsewhere`]); while
+//! a write transaction holds the lock, no other connection commits.
 //!
 //! A store opened read-only keeps nothing: another connection writes what it reads.
 
@@ -160,6 +166,8 @@ pub(crate) fn read(conn: &Connection, path: &Path, id: DocId) -> Result<Option<H
 /// The rows kept, least recently used first out.
 pub(crate) struct HeldRows {
     kept: Option<hashlink::LruCache<DocId, Arc<HeldRow>>>,
+    /// The database's `data_version` when the rows kept were last known to be current.
+    data_version: Option<i64>,
 }
 
 impl HeldRows {
@@ -167,7 +175,26 @@ impl HeldRows {
     pub fn new(capacity: usize) -> HeldRows {
         HeldRows {
             kept: (capacity > 0).then(|| hashlink::LruCache::new(capacity)),
+            data_version: None,
         }
+    }
+
+    /// Forgets every row if another connection committed to the database since the last
+    /// look (`conn` is this store's connection, or its open transaction).
+    pub fn forget_if_written_elsewhere(&mut self, conn: &Connection, path: &Path) -> Result<()> {
+        if self.kept.is_none() {
+            return Ok(());
+        }
+        let now: i64 = conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
+            .map_err(|source| {
+                StorageError::database(path.to_path_buf(), "read the data version", source)
+            })?;
+        if self.data_version.replace(now) != Some(now) {
+            self.forget_all();
+        }
+        Ok(())
     }
 
     pub fn get(&mut self, id: DocId) -> Option<Arc<HeldRow>> {

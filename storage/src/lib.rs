@@ -757,6 +757,10 @@ impl Store {
                     .map_err(fail)?,
             )
         };
+        // The write lock is held from here: nothing else commits until the batch ends.
+        self.held_rows
+            .borrow_mut()
+            .forget_if_written_elsewhere(&tx, &self.path)?;
         Ok(WriteBatch {
             tx,
             path,
@@ -901,9 +905,12 @@ impl Store {
 
     /// The row of `id` a relay reads ([`held_rows`]): kept, or read and kept.
     fn held_row(&self, id: DocId) -> Result<Option<std::sync::Arc<held_rows::HeldRow>>> {
-        if let Some(row) = self.held_rows.borrow_mut().get(id) {
+        let mut kept = self.held_rows.borrow_mut();
+        kept.forget_if_written_elsewhere(&self.conn, &self.path)?;
+        if let Some(row) = kept.get(id) {
             return Ok(Some(row));
         }
+        drop(kept);
         let Some(row) = held_rows::read(&self.conn, &self.path, id)? else {
             return Ok(None);
         };
@@ -2777,6 +2784,36 @@ mod tests {
             "{appended_and_kept} appended rows kept"
         );
         assert!(saved_and_kept > 20, "{saved_and_kept} saved rows kept");
+    }
+
+    /// Finding (CI, once a committed write kept its row): a node's own documents may be
+    /// published by another process beside it, and a row this store kept named the version
+    /// before, so the node never offered the new one. What another connection commits is
+    /// read, by reads outside a write and by a write batch alike.
+    #[test]
+    fn kept_rows_give_way_to_what_another_connection_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut store = Store::open(&path).unwrap();
+        let mut beside = Store::open(&path).unwrap();
+        let key = PublisherKey::from_secret([9; 32]);
+        let id = meta().id();
+        let mut doc = PublishedDocument::create(meta(), b"actor");
+        doc.update(&[item("a/0")], &[], 1);
+        put_whole(&mut store, &key, &doc, 1);
+        assert_eq!(store.held_heads(id).unwrap(), Some(doc.heads()));
+        doc.update(&[item("a/1")], &[], 2);
+        put_whole(&mut beside, &key, &doc, 2);
+        assert_eq!(
+            store.held_heads(id).unwrap(),
+            Some(doc.heads()),
+            "read outside a write"
+        );
+        doc.update(&[item("a/2")], &[], 3);
+        put_whole(&mut beside, &key, &doc, 3);
+        let batch = store.write().unwrap();
+        let (_, index) = batch.held_index(id).unwrap().unwrap();
+        assert_eq!(index.heads, doc.heads(), "read by a write batch");
     }
 
     /// Finding (issue 19's 10-minute run): a relayed version rewrote the whole stored row, so
