@@ -26,7 +26,6 @@
 use crate::register::ItemRegister;
 use crate::signing::SignedHeads;
 use automerge::Change;
-use std::collections::{BTreeMap, BTreeSet};
 
 /// After this many appended changes a new version takes the full path once, which saves the
 /// document whole again (compacting the appended chunks and dropping the index).
@@ -57,6 +56,15 @@ pub struct AppendedChange {
 }
 
 impl AppendedChanges {
+    /// Whether `hash` is one of `held_heads`, a head of the saved base or an appended
+    /// change. Searched from the newest change: a publisher's next change depends on its
+    /// last. (A linear search: the index holds at most [`MAX_APPENDED_CHANGES`].)
+    fn knows(&self, held_heads: &[[u8; 32]], hash: &[u8; 32]) -> bool {
+        held_heads.contains(hash)
+            || self.base_heads.contains(hash)
+            || self.changes.iter().rev().any(|change| change.hash == *hash)
+    }
+
     /// Whether the appended changes describe exactly `stored_len` stored bytes. An index that
     /// does not fit its bytes (a damaged column) is never used.
     pub fn fits(&self, stored_len: u64) -> bool {
@@ -170,32 +178,26 @@ pub fn extend(held: &HeldIndex, received: &[Vec<u8>]) -> Result<Extension, Decli
         },
     };
     let already_held = index.changes.len();
-    let mut heads: BTreeSet<[u8; 32]> = held.heads.iter().copied().collect();
-    // Changes the index says are held. A received change among them is skipped: a change is
-    // named by the hash of its bytes, so it is byte for byte the one held (a peer that
-    // answered an older Want sends changes this node has since stored).
-    let mut known: BTreeSet<[u8; 32]> = heads.clone();
-    known.extend(index.base_heads.iter().copied());
-    known.extend(index.changes.iter().map(|change| change.hash));
+    let mut heads: Vec<[u8; 32]> = held.heads.clone();
     let mut new_bytes = Vec::new();
     let mut published_at = None;
     for chunk in received {
         let change = change_chunk(chunk).ok_or(Declined::NotAChange)?;
         let hash = change.hash().0;
-        if known.contains(&hash) {
+        // A received change the index knows is skipped: a change is named by the hash of
+        // its bytes, so it is byte for byte the one held (a peer that answered an older Want
+        // sends changes this node has since stored).
+        if index.knows(&held.heads, &hash) {
             continue;
         }
         let deps: Vec<[u8; 32]> = change.deps().iter().map(|d| d.0).collect();
         // Only a change built on what the index knows (or on one built on that) is certainly
         // new: one with no dependencies, or on older history, could be held already.
-        if deps.is_empty() || !deps.iter().all(|dep| known.contains(dep)) {
+        if deps.is_empty() || !deps.iter().all(|dep| index.knows(&held.heads, dep)) {
             return Err(Declined::OutsideTheHeldHeads);
         }
-        for dep in &deps {
-            heads.remove(dep);
-        }
-        known.insert(hash);
-        heads.insert(hash);
+        heads.retain(|head| !deps.contains(head));
+        heads.push(hash);
         published_at = published_at.max(Some(change.timestamp()));
         new_bytes.extend_from_slice(chunk);
         index.changes.push(AppendedChange {
@@ -204,6 +206,8 @@ pub fn extend(held: &HeldIndex, received: &[Vec<u8>]) -> Result<Extension, Decli
             len: chunk.len() as u64,
         });
     }
+    heads.sort_unstable();
+    heads.dedup();
     if index.changes.len() > MAX_APPENDED_CHANGES {
         return Err(Declined::Compact);
     }
@@ -211,7 +215,7 @@ pub fn extend(held: &HeldIndex, received: &[Vec<u8>]) -> Result<Extension, Decli
         new_bytes,
         appended: index,
         already_held,
-        heads: heads.into_iter().collect(),
+        heads,
         published_at,
     })
 }
@@ -275,29 +279,40 @@ pub fn lacking_positions(appended: &AppendedChanges, have: &[[u8; 32]]) -> Optio
     if have.is_empty() {
         return None;
     }
-    let position: BTreeMap<[u8; 32], usize> = appended
-        .changes
-        .iter()
-        .enumerate()
-        .map(|(at, change)| (change.hash, at))
-        .collect();
-    let mut held_by_them = vec![false; appended.changes.len()];
-    let mut base_reached = BTreeSet::new();
-    let mut walk: Vec<[u8; 32]> = have.to_vec();
-    while let Some(hash) = walk.pop() {
-        if let Some(&at) = position.get(&hash) {
-            if !held_by_them[at] {
-                held_by_them[at] = true;
-                walk.extend(appended.changes[at].deps.iter().copied());
-            }
-        } else if appended.base_heads.contains(&hash) {
-            base_reached.insert(hash);
+    let changes = &appended.changes;
+    let mut held_by_them = vec![false; changes.len()];
+    let mut base_reached = vec![false; appended.base_heads.len()];
+    // Marks `hash` held by them: an appended change stored before position `before`, or a
+    // head of the saved base. `false` for a head older than the base, or unknown here: only
+    // the whole history can tell.
+    let mut mark = |hash: &[u8; 32], before: usize, held_by_them: &mut [bool]| {
+        if let Some(at) = changes[..before].iter().rposition(|c| c.hash == *hash) {
+            held_by_them[at] = true;
+        } else if let Some(at) = appended.base_heads.iter().position(|h| h == hash) {
+            base_reached[at] = true;
         } else {
-            // A head older than the base, or unknown here: only the whole history can tell.
+            return false;
+        }
+        true
+    };
+    for hash in have {
+        if !mark(hash, changes.len(), &mut held_by_them) {
             return None;
         }
     }
-    if !appended.base_heads.iter().all(|h| base_reached.contains(h)) {
+    // Each change is stored after its dependencies, so walking back from the newest marks
+    // every change a held one depends on before it is itself looked at (and a dependency
+    // is found a step back on a publisher's line of changes).
+    for at in (0..changes.len()).rev() {
+        if held_by_them[at] {
+            for dep in &changes[at].deps {
+                if !mark(dep, at, &mut held_by_them) {
+                    return None;
+                }
+            }
+        }
+    }
+    if !base_reached.iter().all(|reached| *reached) {
         return None;
     }
     Some(
@@ -431,6 +446,85 @@ mod tests {
         assert_eq!(changes_after(stored, &appended, &[[9; 32]]), None);
         assert!(known(Some(&appended), heads, &heads_after[1]));
         assert!(!known(Some(&appended), heads, &[[9; 32]]));
+    }
+
+    /// A document with more than one writer has a history that branches and merges. Built
+    /// up a change at a time, as a relay receives it, its index tells the holder of any
+    /// version, of any one change or of any two, exactly what Automerge says they lack.
+    #[test]
+    fn holders_anywhere_in_a_branching_history_are_told_exactly_what_they_lack() {
+        use automerge::transaction::Transactable;
+        use automerge::{ActorId, AutoCommit, ChangeHash, ROOT};
+        let hashes = |heads: Vec<ChangeHash>| -> Vec<[u8; 32]> {
+            heads.into_iter().map(|head| head.0).collect()
+        };
+        let mut rng = crate::rng::Rng::new(23);
+        for _ in 0..30 {
+            let mut a = AutoCommit::new().with_actor(ActorId::from(&b"writer-a"[..]));
+            a.put(ROOT, "n", 0).unwrap();
+            a.commit();
+            let first = a.save();
+            let base_heads = a.get_heads();
+            let mut b = a.fork().with_actor(ActorId::from(&b"writer-b"[..]));
+            for step in 1..=20 {
+                let writer = if rng.percent(50) { &mut a } else { &mut b };
+                writer.put(ROOT, "n", step).unwrap();
+                writer.commit();
+                if rng.percent(25) {
+                    a.merge(&mut b).unwrap();
+                }
+                if rng.percent(25) {
+                    b.merge(&mut a).unwrap();
+                }
+            }
+            a.merge(&mut b).unwrap();
+            // In causal order, one version a change.
+            let changes: Vec<Vec<u8>> = (a.get_changes(&base_heads).iter())
+                .map(|change| change.raw_bytes().to_vec())
+                .collect();
+            let mut stored = first.clone();
+            let mut held = HeldIndex {
+                heads: hashes(base_heads.clone()),
+                stored_len: stored.len() as u64,
+                appended: None,
+                register: None,
+            };
+            let mut versions = vec![held.heads.clone()];
+            for change in &changes {
+                let extension = extend(&held, std::slice::from_ref(change)).unwrap();
+                stored.extend_from_slice(&extension.new_bytes);
+                held = HeldIndex {
+                    heads: extension.heads,
+                    stored_len: stored.len() as u64,
+                    appended: Some(extension.appended),
+                    register: None,
+                };
+                versions.push(held.heads.clone());
+            }
+            assert_eq!(held.heads, hashes(a.get_heads()));
+            let appended = held.appended.unwrap();
+            let mut full = AutoCommit::load(&stored).unwrap();
+            let change_hashes: Vec<[u8; 32]> = (appended.changes.iter())
+                .map(|change| change.hash)
+                .collect();
+            let mut holders = versions;
+            for _ in 0..10 {
+                let one = change_hashes[rng.below(change_hashes.len() as u64) as usize];
+                let two = change_hashes[rng.below(change_hashes.len() as u64) as usize];
+                holders.push(vec![one]);
+                holders.push(vec![one, two]);
+            }
+            for have in holders {
+                let have_hashes: Vec<ChangeHash> = have.iter().map(|h| ChangeHash(*h)).collect();
+                let mut expected: Vec<Vec<u8>> = (full.get_changes(&have_hashes).iter())
+                    .map(|change| change.raw_bytes().to_vec())
+                    .collect();
+                let mut lacking = changes_after(&stored, &appended, &have).unwrap();
+                expected.sort();
+                lacking.sort();
+                assert_eq!(lacking, expected, "a holder of {have:02x?}");
+            }
+        }
     }
 
     #[test]

@@ -119,6 +119,7 @@ fn main() -> Result<()> {
             black_box(after.changes_since(&held_heads));
         },
     );
+    relay_index(&meta);
     durable_append(&key, true)?;
     durable_append(&key, false)?;
     relay_reads(&key, &meta)?;
@@ -203,6 +204,68 @@ fn relayed_versions_stored(key: &PublisherKey, history_kib: u64) -> Result<()> {
         per_version * 1e6
     );
     Ok(())
+}
+
+/// What a relay does with the index of a document with [`RELAYED`] changes appended since it
+/// was saved whole: extend it by the next change, and tell holders what they lack (one
+/// version behind, the common case; and at the saved base).
+fn relay_index(meta: &DocMeta) {
+    use caremesh_sync::relay::{HeldIndex, changes_after, extend};
+    let mut document = PublishedDocument::create(meta.clone(), &[1]);
+    document.update(&items_for(meta, ITEMS, 0), &[], 1_700_000_000);
+    let base_heads = document.heads();
+    let mut stored = document.save();
+    let mut held = HeldIndex {
+        heads: base_heads.clone(),
+        stored_len: stored.len() as u64,
+        appended: None,
+        register: None,
+    };
+    let mut heads_before = Vec::new();
+    let mut next = Vec::new();
+    for version in 1..=RELAYED + 1 {
+        let before = document.heads();
+        let mut items = items_for(meta, ITEMS, 0);
+        items[version % ITEMS] = items_for(meta, ITEMS, version)[version % ITEMS].clone();
+        document.update(&items, &[], 1_700_000_000 + version as i64);
+        let changes = document.changes_since(&before);
+        if version > RELAYED {
+            next = changes;
+            break;
+        }
+        let extension = extend(&held, &changes).expect("the change extends the held heads");
+        stored.extend_from_slice(&extension.new_bytes);
+        heads_before.push(before);
+        held = HeldIndex {
+            heads: extension.heads,
+            stored_len: stored.len() as u64,
+            appended: Some(extension.appended),
+            register: None,
+        };
+    }
+    let appended = held.appended.clone().expect("changes appended");
+    report(
+        &format!("hash chain checked, {RELAYED} changes appended before"),
+        20_000,
+        || {
+            black_box(extend(&held, &next).expect("extends"));
+        },
+    );
+    let one_behind = heads_before.last().expect("versions made");
+    report(
+        &format!("what a holder one version behind lacks, of {RELAYED}"),
+        20_000,
+        || {
+            black_box(changes_after(&stored, &appended, one_behind).expect("from the index"));
+        },
+    );
+    report(
+        &format!("what a holder of the saved base lacks, of {RELAYED}"),
+        20_000,
+        || {
+            black_box(changes_after(&stored, &appended, &base_heads).expect("from the index"));
+        },
+    );
 }
 
 /// What a relay reads of the held copy per version it is offered and per version it
