@@ -238,11 +238,9 @@ pub fn known(
     held_heads: &[[u8; 32]],
     heads: &[[u8; 32]],
 ) -> bool {
-    heads.iter().all(|head| {
-        held_heads.contains(head)
-            || appended.is_some_and(|a| {
-                a.base_heads.contains(head) || a.changes.iter().any(|c| c.hash == *head)
-            })
+    heads.iter().all(|head| match appended {
+        Some(appended) => appended.knows(held_heads, head),
+        None => held_heads.contains(head),
     })
 }
 

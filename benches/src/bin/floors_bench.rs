@@ -221,18 +221,17 @@ fn relay_index(meta: &DocMeta) {
         appended: None,
         register: None,
     };
-    let mut heads_before = Vec::new();
-    let mut next = Vec::new();
-    for version in 1..=RELAYED + 1 {
+    // Each version changes one item; the changes of version `version`.
+    let mut next_version = |version: usize| {
         let before = document.heads();
         let mut items = items_for(meta, ITEMS, 0);
         items[version % ITEMS] = items_for(meta, ITEMS, version)[version % ITEMS].clone();
         document.update(&items, &[], 1_700_000_000 + version as i64);
-        let changes = document.changes_since(&before);
-        if version > RELAYED {
-            next = changes;
-            break;
-        }
+        (document.changes_since(&before), before)
+    };
+    let mut heads_before = Vec::new();
+    for version in 1..=RELAYED {
+        let (changes, before) = next_version(version);
         let extension = extend(&held, &changes).expect("the change extends the held heads");
         stored.extend_from_slice(&extension.new_bytes);
         heads_before.push(before);
@@ -243,6 +242,7 @@ fn relay_index(meta: &DocMeta) {
             register: None,
         };
     }
+    let (next, _) = next_version(RELAYED + 1);
     let appended = held.appended.clone().expect("changes appended");
     report(
         &format!("hash chain checked, {RELAYED} changes appended before"),
